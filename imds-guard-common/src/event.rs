@@ -1,0 +1,62 @@
+//! The record the kernel writes to the `EVENTS` ring buffer for every denied or audited attempt.
+
+/// The attempt was allowed (never in an event; used in counters and by `explain`).
+pub const VERDICT_ALLOW: u8 = 0;
+/// The attempt was refused with `EPERM`.
+pub const VERDICT_DENY: u8 = 1;
+/// The attempt was allowed but reported.
+pub const VERDICT_AUDIT: u8 = 2;
+
+/// `cgroup/connect4`.
+pub const HOOK_CONNECT4: u8 = 1;
+/// `cgroup/connect6`.
+pub const HOOK_CONNECT6: u8 = 2;
+/// `cgroup/sendmsg4`.
+pub const HOOK_SENDMSG4: u8 = 3;
+/// `cgroup/sendmsg6`.
+pub const HOOK_SENDMSG6: u8 = 4;
+
+/// `AF_INET`.
+pub const FAMILY_INET: u8 = 2;
+/// `AF_INET6`.
+pub const FAMILY_INET6: u8 = 10;
+
+/// Length of [`Event::comm`], the kernel's `TASK_COMM_LEN`.
+pub const COMM_LEN: usize = 16;
+
+/// One denied or audited attempt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_boot_ns()`: nanoseconds since boot, `CLOCK_BOOTTIME`.
+    pub boot_ns: u64,
+    /// cgroup v2 id of the task.
+    pub cgroup_id: u64,
+    /// Thread id (the kernel's pid).
+    pub pid: u32,
+    /// Process id (the kernel's tgid).
+    pub tgid: u32,
+    /// Real uid of the task, in the initial user namespace.
+    pub uid: u32,
+    /// Real primary gid of the task, in the initial user namespace.
+    pub gid: u32,
+    /// Rule that decided the verdict, or `policy::RULE_DEFAULT`.
+    pub rule: u32,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `FAMILY_*`: the socket's address family (`AF_INET6` for `::ffff:a.b.c.d`).
+    pub family: u8,
+    /// IP protocol of the socket: 6 (TCP), 17 (UDP), or another `IPPROTO_*`.
+    pub protocol: u8,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Explicit padding, always 0.
+    pub _pad: [u8; 6],
+    /// Destination address, network byte order: IPv4 in the first 4 bytes, the rest 0.
+    pub addr: [u8; 16],
+    /// `comm` of the thread, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 80);

@@ -1,0 +1,11 @@
+//! The contract between imds-guard's kernel programs and its agent.
+//!
+//! Everything here crosses the user/kernel boundary, so it is `#[repr(C)]`, `Copy`, built from
+//! fixed-width integers and arrays, with padding written out and sizes asserted at compile time.
+//! Enumerations are `u32`/`u8` constants; the agent turns them into Rust enums with `TryFrom`.
+#![no_std]
+
+pub mod event;
+pub mod imds;
+pub mod maps;
+pub mod policy;

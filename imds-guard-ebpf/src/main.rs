@@ -1,0 +1,50 @@
+//! imds-guard's kernel programs: one entry point per attach point, each judging connects and
+//! unconnected datagrams to protected addresses for the current task.
+//!
+//! Return values are the cgroup sock_addr contract: 1 lets the syscall proceed, 0 fails it with
+//! `EPERM` at once (so an SDK fails fast instead of timing out).
+#![no_std]
+#![no_main]
+
+mod maps;
+mod report;
+mod verdict;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use imds_guard_common::event::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+
+/// `connect()` on IPv4 TCP, UDP and ICMP sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    verdict::judge_v4(&ctx, HOOK_CONNECT4)
+}
+
+/// `connect()` on IPv6 sockets, including `::ffff:a.b.c.d` on dual-stack sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    verdict::judge_v6(&ctx, HOOK_CONNECT6)
+}
+
+/// `sendto()`/`sendmsg()` with a destination on unconnected IPv4 UDP sockets.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    verdict::judge_v4(&ctx, HOOK_SENDMSG4)
+}
+
+/// `sendto()`/`sendmsg()` with a destination on unconnected IPv6 UDP sockets.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict::judge_v6(&ctx, HOOK_SENDMSG6)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves there is no reachable panic; this only satisfies the linker.
+    loop {}
+}
+
+/// The kernel refuses GPL-only helpers to programs without a GPL-compatible license.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,53 @@
+//! Every map the programs use. Names come from `imds_guard_common::maps`, which the agent uses
+//! to find them; layouts are documented in `imds_guard_common::policy`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use imds_guard_common::{
+    event::Event,
+    maps::{
+        ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
+        PROTECTED_MAX_ENTRIES,
+    },
+    policy::{CgroupKey, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
+};
+
+/// Protected IPv4 destinations → mask of the generations protecting them.
+#[map(name = "PROTECTED_V4")]
+pub static PROTECTED_V4: HashMap<ProtectedV4Key, u32> =
+    HashMap::with_max_entries(PROTECTED_MAX_ENTRIES, 0);
+
+/// Protected IPv6 destinations → mask of the generations protecting them.
+#[map(name = "PROTECTED_V6")]
+pub static PROTECTED_V6: HashMap<ProtectedV6Key, u32> =
+    HashMap::with_max_entries(PROTECTED_MAX_ENTRIES, 0);
+
+/// The policy generation in force, at index 0.
+#[map(name = "GENERATION")]
+pub static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Mode and sizes of each generation's policy.
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(2, 0);
+
+/// Cgroups that select a rule set for themselves and their descendants.
+#[map(name = "CGROUP_RULESETS")]
+pub static CGROUP_RULESETS: HashMap<CgroupKey, u32> =
+    HashMap::with_max_entries(CGROUP_RULESETS_MAX_ENTRIES, 0);
+
+/// Allow rules by (generation, rule set, uid/gid/any).
+#[map(name = "ALLOW")]
+pub static ALLOW: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(ALLOW_MAX_ENTRIES, 0);
+
+/// Denied and audited attempts, for the agent.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Per-CPU counters, indexed by `imds_guard_common::maps::COUNTER_*`.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Compile-time proof that the event fits a ring-buffer record the verifier accepts.
+const _: () = assert!(core::mem::size_of::<Event>() % 8 == 0);

@@ -1,0 +1,67 @@
+//! Counters and events: what the agent learns about each judged attempt.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+};
+use imds_guard_common::{
+    event::{COMM_LEN, Event},
+    maps::COUNTER_EVENTS_LOST,
+};
+
+use crate::maps::{COUNTERS, EVENTS};
+
+/// What the verdict code knows about an attempt; the rest is read here.
+pub struct Attempt {
+    pub verdict: u8,
+    pub rule: u32,
+    pub hook: u8,
+    pub family: u8,
+    pub port: u16,
+    pub protocol: u8,
+    pub uid: u32,
+    pub gid: u32,
+    pub addr: [u8; 16],
+}
+
+/// Adds one to the current CPU's counter `index`.
+pub fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; the program cannot migrate while it runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Writes one event; when the ring buffer is full the loss is counted, and the verdict stands.
+pub fn event(attempt: &Attempt) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(COUNTER_EVENTS_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "splitting a u64 into halves"
+    )]
+    let (pid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    entry.write(Event {
+        // SAFETY: a helper without arguments (Linux 5.8+).
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        // SAFETY: a helper without arguments (Linux 4.18+).
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid,
+        tgid,
+        uid: attempt.uid,
+        gid: attempt.gid,
+        rule: attempt.rule,
+        verdict: attempt.verdict,
+        hook: attempt.hook,
+        family: attempt.family,
+        protocol: attempt.protocol,
+        port: attempt.port,
+        _pad: [0; 6],
+        addr: attempt.addr,
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    });
+    entry.submit(0);
+}

@@ -1,0 +1,319 @@
+//! The cgroup v2 hierarchy: where it is mounted, naming cgroups in either of the two forms users
+//! write (`/system.slice/x.service` as in `/proc/PID/cgroup`, or the directory under the mount),
+//! and turning cgroup ids back into paths for events.
+
+use std::{
+    fs,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
+    path::{Component, Path, PathBuf},
+};
+
+use crate::error::{Error, Origin, Result};
+
+/// The cgroup v2 hierarchy, found from `/proc/self/mountinfo`.
+#[derive(Debug)]
+pub struct Hierarchy {
+    mount: PathBuf,
+    /// Opened once for `open_by_handle_at`; `None` when the mount cannot be opened.
+    mount_fd: Option<OwnedFd>,
+}
+
+/// A cgroup that exists, resolved from a user's spelling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    /// The path as in `/proc/PID/cgroup`: `/` for the root, `/a/b` below it.
+    pub path: String,
+    /// The directory under the cgroup2 mount.
+    pub dir: PathBuf,
+    /// The cgroup id: the inode number of its directory, as `bpf_get_current_cgroup_id()` says.
+    pub id: u64,
+    /// Depth below the root (the root is level 0).
+    pub level: u32,
+}
+
+/// `FILEID_KERNFS` from `include/linux/exportfs.h`: a cgroup's file handle is its 64-bit id.
+const FILEID_KERNFS: i32 = 0xfe;
+
+impl Hierarchy {
+    /// Finds the cgroup2 mount of this process's mount namespace.
+    ///
+    /// # Errors
+    /// [`Error::ReadProc`] when mountinfo is unreadable, [`Error::NoCgroup2`] without a mount.
+    pub fn discover() -> Result<Self> {
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::ReadProc {
+                path: "/proc/self/mountinfo",
+                source,
+            })?;
+        let mount = cgroup2_mount(&mountinfo).ok_or(Error::NoCgroup2)?;
+        Ok(Self::at(mount))
+    }
+
+    /// A hierarchy mounted at `mount` (tests and tools that already know it).
+    #[must_use]
+    pub fn at(mount: PathBuf) -> Self {
+        let mount_fd = fs::File::open(&mount).ok().map(OwnedFd::from);
+        Self { mount, mount_fd }
+    }
+
+    /// The mount point.
+    #[must_use]
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Resolves a cgroup given as `/a/b` (as in `/proc/PID/cgroup`) or as its directory under
+    /// the mount, and checks that it exists.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for a malformed path, [`Error::CgroupNotFound`] when it does
+    /// not exist, [`Error::InspectCgroup`] when it cannot be inspected.
+    pub fn resolve(&self, origin: &Origin, given: &str) -> Result<Cgroup> {
+        let path = self
+            .hierarchy_path(given)
+            .map_err(|message| Error::InvalidSetting {
+                origin: origin.clone(),
+                message,
+            })?;
+        let dir = self.dir_of(&path);
+        let metadata = match fs::metadata(&dir) {
+            Ok(metadata) if metadata.is_dir() => metadata,
+            Ok(_) => {
+                return Err(Error::CgroupNotFound {
+                    origin: origin.clone(),
+                    given: given.to_owned(),
+                    dir,
+                });
+            }
+            Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::CgroupNotFound {
+                    origin: origin.clone(),
+                    given: given.to_owned(),
+                    dir,
+                });
+            }
+            Err(source) => return Err(Error::InspectCgroup { dir, source }),
+        };
+        let level = u32::try_from(path.split('/').filter(|part| !part.is_empty()).count())
+            .unwrap_or(u32::MAX);
+        Ok(Cgroup {
+            path,
+            dir,
+            id: metadata.ino(),
+            level,
+        })
+    }
+
+    /// The directory of a hierarchy path (`/a/b` → `<mount>/a/b`).
+    #[must_use]
+    pub fn dir_of(&self, path: &str) -> PathBuf {
+        self.mount.join(path.trim_start_matches('/'))
+    }
+
+    /// Normalises either spelling to the hierarchy path (`/`, `/a/b`), without touching the
+    /// filesystem. A path under the mount point is taken as a directory; anything else as a
+    /// hierarchy path.
+    ///
+    /// # Errors
+    /// A message naming the value when it is relative, has `.`/`..` parts or is empty.
+    pub fn hierarchy_path(&self, given: &str) -> Result<String, String> {
+        let given_path = Path::new(given);
+        if !given_path.is_absolute() {
+            return Err(format!(
+                "cgroup {given:?} must be absolute: write it as in /proc/PID/cgroup \
+                 (e.g. /system.slice/amazon-ssm-agent.service) or as its directory under {}",
+                self.mount.display()
+            ));
+        }
+        let relative = given_path.strip_prefix(&self.mount).unwrap_or(given_path);
+        let mut parts = Vec::new();
+        for component in relative.components() {
+            match component {
+                Component::RootDir => {}
+                Component::Normal(part) => parts.push(part.to_string_lossy().into_owned()),
+                Component::CurDir | Component::ParentDir | Component::Prefix(_) => {
+                    return Err(format!(
+                        "cgroup {given:?} may not contain `.` or `..` components"
+                    ));
+                }
+            }
+        }
+        Ok(format!("/{}", parts.join("/")))
+    }
+
+    /// The hierarchy path of the cgroup with this id, if it still exists.
+    ///
+    /// Uses `open_by_handle_at` with the id as a kernfs file handle, so it costs two syscalls
+    /// whatever the size of the tree (and needs `CAP_DAC_READ_SEARCH`).
+    #[must_use]
+    pub fn path_of(&self, id: u64) -> Option<String> {
+        #[repr(C)]
+        struct KernfsHandle {
+            handle_bytes: u32,
+            handle_type: i32,
+            id: [u8; 8],
+        }
+        let mount_fd = self.mount_fd.as_ref()?;
+        let mut handle = KernfsHandle {
+            handle_bytes: 8,
+            handle_type: FILEID_KERNFS,
+            id: id.to_ne_bytes(),
+        };
+        // SAFETY: `handle` is a valid `struct file_handle` with 8 bytes of payload, alive for
+        // the call; the returned descriptor is owned by us.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                mount_fd.as_raw_fd(),
+                (&raw mut handle).cast::<libc::file_handle>(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just returned by the kernel and is not owned elsewhere.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dir = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+        let relative = dir.strip_prefix(&self.mount).ok()?;
+        Some(format!("/{}", relative.to_string_lossy()))
+    }
+}
+
+/// The mount point of the first cgroup2 filesystem in a mountinfo text.
+#[must_use]
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // id parent major:minor root mountpoint options [optional...] - fstype source super
+        let (before, after) = line.split_once(" - ")?;
+        let fstype = after.split(' ').next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mountpoint = before.split(' ').nth(4)?;
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_octal(
+            mountpoint,
+        ))))
+    })
+}
+
+/// Undoes mountinfo's `\040`-style escapes of space, tab, newline and backslash.
+fn unescape_octal(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value = bytes[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+            out.push(u8::try_from(value).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The hierarchy path of `pid`'s cgroup v2, from `/proc/PID/cgroup` (the `0::` line).
+///
+/// # Errors
+/// The I/O error reading the file, or `InvalidData` without a v2 entry.
+pub fn cgroup_of_pid(pid: u32) -> std::io::Result<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no cgroup v2 line"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+22 1 0:21 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+25 22 0:23 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:25 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        assert_eq!(
+            cgroup2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_mount() {
+        let v1_only = "27 25 0:25 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw\n";
+        assert_eq!(cgroup2_mount(v1_only), None);
+    }
+
+    #[test]
+    fn optional_fields_and_escapes() {
+        let line = "30 1 0:26 / /mnt/my\\040cg rw master:1 shared:2 - cgroup2 none rw\n";
+        assert_eq!(cgroup2_mount(line), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn both_spellings_give_the_hierarchy_path() {
+        let h = Hierarchy::at(PathBuf::from("/sys/fs/cgroup/unified"));
+        let expect = Ok("/system.slice/ssm.service".to_owned());
+        assert_eq!(h.hierarchy_path("/system.slice/ssm.service"), expect);
+        assert_eq!(
+            h.hierarchy_path("/sys/fs/cgroup/unified/system.slice/ssm.service"),
+            expect
+        );
+        assert_eq!(h.hierarchy_path("/system.slice//ssm.service/"), expect);
+        assert_eq!(
+            h.hierarchy_path("/sys/fs/cgroup/unified"),
+            Ok("/".to_owned())
+        );
+        assert_eq!(h.hierarchy_path("/"), Ok("/".to_owned()));
+    }
+
+    #[test]
+    fn rejects_relative_and_dot_dot() {
+        let h = Hierarchy::at(PathBuf::from("/sys/fs/cgroup"));
+        assert!(
+            h.hierarchy_path("system.slice")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(h.hierarchy_path("/a/../b").unwrap_err().contains(".."));
+    }
+
+    #[test]
+    fn dir_of_joins_under_mount() {
+        let h = Hierarchy::at(PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(h.dir_of("/"), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(h.dir_of("/a/b"), PathBuf::from("/sys/fs/cgroup/a/b"));
+    }
+
+    #[test]
+    fn resolve_reports_missing_cgroup_with_origin() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("present")).unwrap();
+        let h = Hierarchy::at(root.path().to_owned());
+        let found = h.resolve(&"--cgroup".into(), "/present").unwrap();
+        assert_eq!(found.path, "/present");
+        assert_eq!(found.level, 1);
+        let err = h.resolve(&"--cgroup".into(), "/absent").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("--cgroup: cgroup \"/absent\" does not exist"),
+            "{text}"
+        );
+    }
+}

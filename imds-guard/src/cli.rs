@@ -1,0 +1,114 @@
+//! The command line. Option names are a contract: scripts and units depend on them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Mode, Overrides};
+
+/// Keeps the EC2 instance metadata service for the workloads that need it.
+#[derive(Debug, Parser)]
+#[command(name = "imds-guard", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the programs, enforce the policy and print one JSON line per denied (or audited)
+    /// attempt on stdout until SIGTERM or SIGINT.
+    Run(RunArgs),
+}
+
+/// `imds-guard run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Config file (TOML). Default: /etc/imds-guard/imds-guard.toml when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// enforce: refuse with EPERM and report; audit: allow and report.
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Cgroup to attach to, as in /proc/PID/cgroup or as its directory (default: the root).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+    /// Allow tasks with this uid (repeatable; adds to the config's list, which holds 0 by default).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Allow tasks with this primary gid (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID")]
+    pub allow_gid: Vec<u32>,
+    /// Allow tasks in this cgroup and every cgroup below it (repeatable).
+    #[arg(long = "allow-cgroup", value_name = "PATH")]
+    pub allow_cgroup: Vec<String>,
+}
+
+impl RunArgs {
+    /// The settings these options add to the config file's.
+    #[must_use]
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            mode: self.mode,
+            cgroup: self.cgroup.clone(),
+            allow_uid: self.allow_uid.clone(),
+            allow_gid: self.allow_gid.clone(),
+            allow_cgroup: self.allow_cgroup.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_options_parse() {
+        let cli = Cli::try_parse_from([
+            "imds-guard",
+            "run",
+            "--mode",
+            "audit",
+            "--cgroup",
+            "/w",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+            "--allow-gid",
+            "50",
+            "--allow-cgroup",
+            "/system.slice/a.service",
+            "--config",
+            "/tmp/c.toml",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        let overrides = args.overrides();
+        assert_eq!(overrides.mode, Some(Mode::Audit));
+        assert_eq!(overrides.cgroup.as_deref(), Some("/w"));
+        assert_eq!(overrides.allow_uid, [1000, 1001]);
+        assert_eq!(overrides.allow_gid, [50]);
+        assert_eq!(overrides.allow_cgroup, ["/system.slice/a.service"]);
+        assert_eq!(args.config, Some(PathBuf::from("/tmp/c.toml")));
+    }
+
+    #[test]
+    fn uid_must_be_a_number() {
+        let err = Cli::try_parse_from(["imds-guard", "run", "--allow-uid", "bob"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("invalid value 'bob' for '--allow-uid <UID>'"),
+            "{text}"
+        );
+    }
+}

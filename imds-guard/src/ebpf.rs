@@ -1,0 +1,397 @@
+//! The kernel side as the agent sees it: checks that the programs can run here, loads the
+//! embedded object, writes a policy into its maps, attaches and detaches the programs.
+
+use std::{fs::File, os::fd::AsFd as _};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType},
+};
+use imds_guard_common::{
+    maps::{
+        ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
+        COUNTER_EVENTS_LOST, COUNTERS, EVENTS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
+    },
+    policy::{CgroupKey, RuleKey, RuleValue, Settings},
+};
+use tracing::debug;
+
+use crate::{
+    cgroups::Cgroup,
+    error::{Error, Result},
+    policy::MapEntries,
+};
+
+/// The kernel object built by `build.rs` from `imds-guard-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
+
+/// The programs in the object, named after their attach points.
+pub const PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Totals of the per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Attempts to protected addresses that a rule allowed.
+    pub allowed: u64,
+    /// Attempts refused.
+    pub denied: u64,
+    /// Attempts allowed and reported.
+    pub audited: u64,
+    /// Events that did not fit in the ring buffer.
+    pub events_lost: u64,
+}
+
+/// Checks, before anything is loaded, that this process and kernel can run the programs.
+///
+/// # Errors
+/// [`Error::MissingCapabilities`] or [`Error::KernelFeature`], naming what is missing.
+pub fn preflight() -> Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| Error::ReadProc {
+            path: "/proc/self/status",
+            source,
+        })?;
+    let effective = effective_capabilities(&status).unwrap_or(0);
+    if let Some(missing) = missing_capabilities(effective) {
+        return Err(Error::MissingCapabilities { missing });
+    }
+    raise_memlock_limit();
+    probe(
+        "cgroup sock_addr programs",
+        "Linux 4.17+ with CONFIG_CGROUP_BPF=y",
+        aya::sys::is_program_supported(ProgramType::CgroupSockAddr).map_err(|err| err.to_string()),
+    )?;
+    probe(
+        "BPF ring buffers",
+        "Linux 5.8+",
+        aya::sys::is_map_supported(aya::maps::MapType::RingBuf).map_err(|err| err.to_string()),
+    )
+}
+
+fn probe(
+    feature: &'static str,
+    needs: &'static str,
+    result: std::result::Result<bool, String>,
+) -> Result<()> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::KernelFeature { feature, needs }),
+        Err(message) => Err(Error::ProbeFeature { feature, message }),
+    }
+}
+
+/// The `CapEff` mask from a `/proc/PID/status` text.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The capabilities missing from `effective` to load and attach cgroup programs, by name.
+fn missing_capabilities(effective: u64) -> Option<String> {
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+        return None;
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    Some(missing.join(" and "))
+}
+
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones ignore it.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(err) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        debug!("could not raise RLIMIT_MEMLOCK ({err}); fine on Linux 5.11+");
+    }
+}
+
+/// The loaded object: maps created, programs verified, nothing attached yet.
+pub struct Kernel {
+    ebpf: Ebpf,
+    /// Attached programs and their links, to detach explicitly.
+    attached: Vec<(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    )>,
+}
+
+impl Kernel {
+    /// Loads the embedded object and runs every program through the verifier.
+    ///
+    /// # Errors
+    /// [`Error::LoadObject`], [`Error::MissingInObject`] or [`Error::LoadProgram`] (with the
+    /// verifier log).
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| Error::LoadObject { source })?;
+        for name in imds_guard_common::maps::ALL {
+            if ebpf.map(name).is_none() {
+                return Err(Error::MissingInObject { kind: "map", name });
+            }
+        }
+        for name in PROGRAMS {
+            let program = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| Error::LoadProgram {
+                program: name,
+                source,
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Writes `entries` as generation `generation` and puts that generation in force.
+    ///
+    /// The rules go in first and the generation switch last, so no program ever sees a
+    /// half-written generation.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`] or [`Error::WriteMap`].
+    pub fn install(&mut self, entries: &MapEntries, generation: u32) -> Result<()> {
+        let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
+        for (key, value) in &entries.allow {
+            allow
+                .insert(key, value, 0)
+                .map_err(|source| Error::WriteMap {
+                    map: ALLOW,
+                    what: format!("{key:?}"),
+                    source,
+                })?;
+        }
+        let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
+        for (key, ruleset) in &entries.cgroup_rulesets {
+            cgroups
+                .insert(key, ruleset, 0)
+                .map_err(|source| Error::WriteMap {
+                    map: CGROUP_RULESETS,
+                    what: format!("{key:?}"),
+                    source,
+                })?;
+        }
+        let mut settings: Array<_, Settings> = self.map_mut(SETTINGS)?;
+        settings
+            .set(generation, entries.settings, 0)
+            .map_err(|source| Error::WriteMap {
+                map: SETTINGS,
+                what: format!("{:?}", entries.settings),
+                source,
+            })?;
+        let mask = 1u32 << generation;
+        let mut v4: HashMap<_, u32, u32> = self.map_mut(PROTECTED_V4)?;
+        for key in &entries.protected_v4 {
+            let current = v4.get(key, 0).unwrap_or(0);
+            v4.insert(key, current | mask, 0)
+                .map_err(|source| Error::WriteMap {
+                    map: PROTECTED_V4,
+                    what: format!("{:?}", std::net::Ipv4Addr::from(key.to_ne_bytes())),
+                    source,
+                })?;
+        }
+        let mut v6: HashMap<_, [u32; 4], u32> = self.map_mut(PROTECTED_V6)?;
+        for key in &entries.protected_v6 {
+            let current = v6.get(key, 0).unwrap_or(0);
+            v6.insert(key, current | mask, 0)
+                .map_err(|source| Error::WriteMap {
+                    map: PROTECTED_V6,
+                    what: format!("{key:x?}"),
+                    source,
+                })?;
+        }
+        let mut active: Array<_, u32> = self.map_mut(GENERATION)?;
+        active
+            .set(0, generation, 0)
+            .map_err(|source| Error::WriteMap {
+                map: GENERATION,
+                what: format!("generation {generation}"),
+                source,
+            })
+    }
+
+    /// Attaches every program to `cgroup` so that other programs can run beside them but never
+    /// replace them: a delegated subtree can add its own programs, and ours still run.
+    ///
+    /// # Errors
+    /// [`Error::Attach`]; programs attached before the failure stay attached until this value
+    /// is dropped or [`Kernel::detach`] is called.
+    pub fn attach(&mut self, cgroup: &Cgroup) -> Result<()> {
+        let file = File::open(&cgroup.dir).map_err(|source| Error::InspectCgroup {
+            dir: cgroup.dir.clone(),
+            source,
+        })?;
+        let mode = multi_attach_mode();
+        for name in PROGRAMS {
+            let link = program_mut(&mut self.ebpf, name)?
+                .attach(file.as_fd(), mode)
+                .map_err(|source| Error::Attach {
+                    program: name,
+                    cgroup: cgroup.dir.clone(),
+                    source,
+                })?;
+            self.attached.push((name, link));
+        }
+        Ok(())
+    }
+
+    /// Detaches every attached program.
+    ///
+    /// # Errors
+    /// [`Error::Detach`] for the first program that could not be detached (the others are
+    /// still tried).
+    pub fn detach(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for (name, link) in std::mem::take(&mut self.attached) {
+            let result = program_mut(&mut self.ebpf, name).and_then(|program| {
+                program.detach(link).map_err(|source| Error::Detach {
+                    program: name,
+                    source,
+                })
+            });
+            if let Err(err) = result {
+                first_error.get_or_insert(err);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Takes the event ring buffer out of the object, for the event loop.
+    ///
+    /// # Errors
+    /// [`Error::MissingInObject`] when already taken, [`Error::OpenMap`].
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(EVENTS).ok_or(Error::MissingInObject {
+            kind: "map",
+            name: EVENTS,
+        })?;
+        RingBuf::try_from(map).map_err(|source| Error::OpenMap {
+            map: EVENTS,
+            source,
+        })
+    }
+
+    /// Sums the per-CPU counters.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`] or [`Error::ReadMap`].
+    pub fn counters(&self) -> Result<Counters> {
+        let map = self.ebpf.map(COUNTERS).ok_or(Error::MissingInObject {
+            kind: "map",
+            name: COUNTERS,
+        })?;
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| Error::OpenMap {
+                map: COUNTERS,
+                source,
+            })?;
+        let total = |index: u32| {
+            counters
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .map_err(|source| Error::ReadMap {
+                    map: COUNTERS,
+                    source,
+                })
+        };
+        Ok(Counters {
+            allowed: total(COUNTER_ALLOWED)?,
+            denied: total(COUNTER_DENIED)?,
+            audited: total(COUNTER_AUDITED)?,
+            events_lost: total(COUNTER_EVENTS_LOST)?,
+        })
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingInObject { kind: "map", name })?;
+        T::try_from(map).map_err(|source| Error::OpenMap { map: name, source })
+    }
+}
+
+/// The attach mode that gives `BPF_F_ALLOW_MULTI` semantics.
+///
+/// From Linux 5.7 aya attaches with `bpf_link_create`, whose links are always multi-attach and
+/// which refuses any flag (`EINVAL`): that is aya's `Single` (flags 0). Before 5.7 it uses
+/// `bpf_prog_attach`, where multi-attach must be asked for.
+fn multi_attach_mode() -> CgroupAttachMode {
+    use aya::util::KernelVersion;
+    // The same test aya makes, where an unreadable version counts as old.
+    let links =
+        KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(5, 7, 0));
+    if links {
+        CgroupAttachMode::Single
+    } else {
+        CgroupAttachMode::AllowMultiple
+    }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingInObject {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| Error::LoadProgram {
+            program: name,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_from_status() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_capabilities("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn which_capabilities_are_missing() {
+        assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), None);
+        assert_eq!(
+            missing_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)),
+            None
+        );
+        assert_eq!(
+            missing_capabilities(1 << CAP_BPF).as_deref(),
+            Some("CAP_NET_ADMIN")
+        );
+        assert_eq!(
+            missing_capabilities(0).as_deref(),
+            Some("CAP_BPF and CAP_NET_ADMIN")
+        );
+    }
+
+    /// The names the agent uses exist in the embedded object, with the expected types.
+    #[test]
+    fn object_has_every_map_and_program() {
+        let object = aya_obj::Object::parse(OBJECT).expect("embedded object parses");
+        for name in imds_guard_common::maps::ALL {
+            assert!(
+                object.maps.contains_key(name),
+                "map {name} missing from the object"
+            );
+        }
+        for name in PROGRAMS {
+            assert!(object.programs.contains_key(name), "program {name} missing");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Events: raw ring-buffer records decoded ([`decode`]) and turned into the JSON lines the agent
+//! prints ([`Record`]).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use imds_guard_common::event::{
+    COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
+    HOOK_SENDMSG6, VERDICT_AUDIT, VERDICT_DENY,
+};
+use serde::Serialize;
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The record is shorter than an [`Event`].
+    #[error("record of {0} bytes is shorter than an event ({size} bytes)", size = size_of::<Event>())]
+    Short(usize),
+    /// A field holds a value the agent does not know.
+    #[error("record has unknown {field} {value}")]
+    Unknown {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u8,
+    },
+}
+
+/// The verdict an event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Refused with `EPERM`.
+    Deny,
+    /// Allowed and reported.
+    Audit,
+}
+
+/// The address family of the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `AF_INET`.
+    Ipv4,
+    /// `AF_INET6`.
+    Ipv6,
+}
+
+/// The hook that judged the attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// `cgroup/connect4`.
+    Connect4,
+    /// `cgroup/connect6`.
+    Connect6,
+    /// `cgroup/sendmsg4`.
+    Sendmsg4,
+    /// `cgroup/sendmsg6`.
+    Sendmsg6,
+}
+
+/// A decoded event, with kernel constants turned into types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// The raw record.
+    pub raw: Event,
+    /// Its verdict.
+    pub verdict: Verdict,
+    /// Its hook.
+    pub hook: Hook,
+    /// Its family.
+    pub family: Family,
+    /// The destination.
+    pub dst: IpAddr,
+}
+
+/// Decodes one ring-buffer record.
+///
+/// # Errors
+/// When it is too short or holds unknown constants.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    if bytes.len() < size_of::<Event>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: `Event` is `repr(C)` plain integers (every bit pattern is valid) and the length
+    // was checked; `read_unaligned` copes with any alignment of the ring buffer record.
+    let raw = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
+    let verdict = match raw.verdict {
+        VERDICT_DENY => Verdict::Deny,
+        VERDICT_AUDIT => Verdict::Audit,
+        value => {
+            return Err(DecodeError::Unknown {
+                field: "verdict",
+                value,
+            });
+        }
+    };
+    let hook = match raw.hook {
+        HOOK_CONNECT4 => Hook::Connect4,
+        HOOK_CONNECT6 => Hook::Connect6,
+        HOOK_SENDMSG4 => Hook::Sendmsg4,
+        HOOK_SENDMSG6 => Hook::Sendmsg6,
+        value => {
+            return Err(DecodeError::Unknown {
+                field: "hook",
+                value,
+            });
+        }
+    };
+    let (family, dst) = match raw.family {
+        FAMILY_INET => {
+            let [a, b, c, d, ..] = raw.addr;
+            (Family::Ipv4, IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+        }
+        FAMILY_INET6 => (Family::Ipv6, IpAddr::V6(Ipv6Addr::from(raw.addr))),
+        value => {
+            return Err(DecodeError::Unknown {
+                field: "family",
+                value,
+            });
+        }
+    };
+    Ok(Decoded {
+        raw,
+        verdict,
+        hook,
+        family,
+        dst,
+    })
+}
+
+/// One line of the event stream (`imds-guard run`'s stdout).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// When, RFC 3339 in UTC.
+    pub time: String,
+    /// `deny` or `audit`.
+    pub verdict: Verdict,
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// Real primary gid.
+    pub gid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// cgroup path as in `/proc/PID/cgroup`; `null` when the cgroup is already gone.
+    pub cgroup: Option<String>,
+    /// `ipv4` or `ipv6`.
+    pub family: Family,
+    /// `tcp`, `udp`, or the protocol number.
+    pub protocol: String,
+    /// Destination address.
+    pub dst: String,
+    /// Destination port.
+    pub port: u16,
+    /// The rule that decided, or `default` (the global mode).
+    pub rule: String,
+    /// The hook that judged the attempt.
+    pub hook: Hook,
+}
+
+impl Record {
+    /// Builds the line for an event. `boot_to_unix_ns` converts `CLOCK_BOOTTIME` to Unix time.
+    #[must_use]
+    pub fn new(event: &Decoded, boot_to_unix_ns: i128, cgroup: Option<String>, rule: &str) -> Self {
+        let raw = &event.raw;
+        let unix_ns = i128::from(raw.boot_ns) + boot_to_unix_ns;
+        let time = jiff::Timestamp::from_nanosecond(unix_ns)
+            .map_or_else(|_| unix_ns.to_string(), |t| t.to_string());
+        Self {
+            time,
+            verdict: event.verdict,
+            pid: raw.pid,
+            tgid: raw.tgid,
+            uid: raw.uid,
+            gid: raw.gid,
+            comm: comm_text(&raw.comm),
+            cgroup_id: raw.cgroup_id,
+            cgroup,
+            family: event.family,
+            protocol: match raw.protocol {
+                6 => "tcp".into(),
+                17 => "udp".into(),
+                other => other.to_string(),
+            },
+            dst: event.dst.to_string(),
+            port: raw.port,
+            rule: rule.to_owned(),
+            hook: event.hook,
+        }
+    }
+}
+
+/// The thread name up to its first NUL, with invalid UTF-8 replaced.
+fn comm_text(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Nanoseconds to add to a `CLOCK_BOOTTIME` reading to get Unix time, sampled now.
+///
+/// # Errors
+/// When a clock cannot be read.
+pub fn boot_to_unix_ns() -> nix::Result<i128> {
+    use nix::time::{ClockId, clock_gettime};
+    let nanos = |t: nix::sys::time::TimeSpec| {
+        i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+    };
+    let real = nanos(clock_gettime(ClockId::CLOCK_REALTIME)?);
+    let boot = nanos(clock_gettime(ClockId::CLOCK_BOOTTIME)?);
+    Ok(real - boot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Event {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"curl");
+        Event {
+            boot_ns: 1_500_000_000,
+            cgroup_id: 4242,
+            pid: 10,
+            tgid: 9,
+            uid: 1000,
+            gid: 1001,
+            rule: 0,
+            verdict: VERDICT_DENY,
+            hook: HOOK_CONNECT4,
+            family: FAMILY_INET,
+            protocol: 6,
+            port: 80,
+            _pad: [0; 6],
+            addr: [169, 254, 169, 254, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm,
+        }
+    }
+
+    fn bytes(event: &Event) -> Vec<u8> {
+        // SAFETY: reading a plain repr(C) value's bytes.
+        unsafe { std::slice::from_raw_parts((&raw const *event).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_and_renders_every_field() {
+        let decoded = decode(&bytes(&event())).unwrap();
+        // 1970-01-01T00:00:01.5Z is boot_ns with a zero offset.
+        let record = Record::new(&decoded, 0, Some("/work".into()), "default");
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "time": "1970-01-01T00:00:01.5Z", "verdict": "deny", "pid": 10, "tgid": 9,
+                "uid": 1000, "gid": 1001, "comm": "curl", "cgroup_id": 4242, "cgroup": "/work",
+                "family": "ipv4", "protocol": "tcp", "dst": "169.254.169.254", "port": 80,
+                "rule": "default", "hook": "connect4"
+            })
+        );
+    }
+
+    #[test]
+    fn ipv6_and_mapped_addresses() {
+        let mut raw = event();
+        raw.family = FAMILY_INET6;
+        raw.hook = HOOK_SENDMSG6;
+        raw.verdict = VERDICT_AUDIT;
+        raw.protocol = 17;
+        raw.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 169, 254];
+        let decoded = decode(&bytes(&raw)).unwrap();
+        let record = Record::new(&decoded, 0, None, "uid 0");
+        assert_eq!(record.dst, "::ffff:169.254.169.254");
+        assert_eq!(record.protocol, "udp");
+        assert_eq!(record.verdict, Verdict::Audit);
+        assert_eq!(record.hook, Hook::Sendmsg6);
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        assert_eq!(decode(&[0; 12]), Err(DecodeError::Short(12)));
+        let mut raw = event();
+        raw.verdict = 9;
+        assert_eq!(
+            decode(&bytes(&raw)),
+            Err(DecodeError::Unknown {
+                field: "verdict",
+                value: 9
+            })
+        );
+    }
+
+    #[test]
+    fn comm_without_nul_and_with_bad_utf8() {
+        assert_eq!(comm_text(b"0123456789abcdef"), "0123456789abcdef");
+        let mut comm = [0u8; COMM_LEN];
+        comm[0] = 0xff;
+        assert_eq!(comm_text(&comm), "\u{fffd}");
+    }
+}

@@ -1,0 +1,13 @@
+//! imds-guard: only the workloads you name reach the EC2 instance metadata service.
+//!
+//! The data flows one way: [`config`] → [`policy`] → [`ebpf`] maps → kernel verdicts →
+//! [`events`] → JSON lines, driven by [`agent`].
+
+pub mod agent;
+pub mod cgroups;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod error;
+pub mod events;
+pub mod policy;

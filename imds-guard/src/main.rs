@@ -1,0 +1,27 @@
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use imds_guard::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Human logs go to stderr (journald keeps them); stdout carries only events.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_env("IMDS_GUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let result = match &cli.command {
+        Command::Run(args) => imds_guard::agent::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("imds-guard: error: {}", imds_guard::error::report(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
