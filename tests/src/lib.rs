@@ -1,1 +1,83 @@
+//! The harness for imds-guard's privileged end-to-end tests and demo.
+//!
+//! Everything a test touches it creates itself and removes on drop: a network namespace with
+//! the IMDS addresses on its loopback and a mock IMDS ([`Sandbox`]), cgroups under the cgroup2
+//! mount ([`TestCgroup`]), the agent process ([`Agent`]) and client processes ([`Client`]).
+//! Nothing is attached to the host's root cgroup and no packet leaves the namespace.
 
+mod agent;
+mod cgroup;
+mod client;
+mod sandbox;
+
+pub use agent::{Agent, agent_binary, run_to_end};
+pub use cgroup::TestCgroup;
+pub use client::{Client, Outcome};
+pub use sandbox::{IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox};
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name no other test (in this process or another) uses: `imdsg-<tag>-<pid>-<n>`.
+#[must_use]
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "imdsg-{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether privileged tests can run here. Without root they are skipped, except under
+/// `CI=true`, where that is a failure: CI must never pass by skipping them.
+///
+/// # Panics
+/// Under `CI=true` when not root.
+#[must_use]
+pub fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "privileged end-to-end tests need root, and CI=true forbids skipping them"
+    );
+    eprintln!("skipped: privileged end-to-end tests need root (run `sudo cargo xtask test`)");
+    false
+}
+
+/// Checks `event` has each `(key, value)`; on mismatch, panics with a field-by-field diff.
+///
+/// # Panics
+/// When a field differs.
+pub fn assert_fields(event: &serde_json::Value, expected: &[(&str, serde_json::Value)]) {
+    let diff: Vec<String> = expected
+        .iter()
+        .filter(|(key, value)| &event[*key] != value)
+        .map(|(key, value)| format!("  {key}: expected {value}, got {}", event[*key]))
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "event differs:\n{}\nevent: {event}",
+        diff.join("\n")
+    );
+}
+
+/// Checks an event's `time` lies between `after` and `before`.
+///
+/// # Panics
+/// When it is missing, malformed or outside the window.
+pub fn assert_time_within(
+    event: &serde_json::Value,
+    after: jiff::Timestamp,
+    before: jiff::Timestamp,
+) {
+    let time: jiff::Timestamp = event["time"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("event has no RFC 3339 time: {event}"));
+    assert!(
+        after <= time && time <= before,
+        "event time {time} not within [{after}, {before}]"
+    );
+}

@@ -1,0 +1,270 @@
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    os::unix::net::UnixDatagram,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::Value;
+
+/// How long the agent may take to report readiness.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a test waits for an expected event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent binary under test: `$IMDS_GUARD_BIN`, or the `imds-guard` that
+/// `cargo build -p imds-guard` put in this test's target directory.
+///
+/// # Panics
+/// When it does not exist.
+#[must_use]
+pub fn agent_binary() -> PathBuf {
+    target_binary("imds-guard", "IMDS_GUARD_BIN")
+}
+
+/// A binary of this workspace: `$env_var` if set, else `name` in the first ancestor directory
+/// of the running executable that has it (`target/<profile>/` for `target/<profile>/deps/t`).
+///
+/// # Panics
+/// When it does not exist.
+#[must_use]
+pub fn target_binary(name: &str, env_var: &str) -> PathBuf {
+    let path = std::env::var_os(env_var).map_or_else(
+        || {
+            let exe = std::env::current_exe().expect("current exe");
+            exe.ancestors()
+                .skip(1)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+                .unwrap_or_else(|| PathBuf::from(name))
+        },
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{name} not found: run the tests with `cargo xtask test`, or build it first with \
+         `cargo build --workspace` (or set {env_var})",
+    );
+    path
+}
+
+/// A running `imds-guard run`, started with the given arguments; ready (programs attached)
+/// once `start` returns. Its stdout events are collected as JSON values. Dropping it sends
+/// SIGTERM (SIGKILL if it does not stop) to that one PID.
+pub struct Agent {
+    child: Child,
+    events: Arc<(Mutex<Vec<Value>>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+    _notify_dir: TempDir,
+}
+
+impl Agent {
+    /// Starts the agent and waits for `READY=1` on its `NOTIFY_SOCKET`.
+    ///
+    /// # Panics
+    /// When it exits or stays silent instead; the panic shows its stderr.
+    #[must_use]
+    pub fn start(args: &[&str]) -> Self {
+        let notify_dir = TempDir::new();
+        let socket_path = notify_dir.0.join("notify");
+        let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut child = Command::new(agent_binary())
+            .arg("run")
+            .args(args)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("IMDS_GUARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn imds-guard");
+
+        let events = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let sink = Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|err| panic!("agent printed a non-JSON line ({err}): {line}"));
+                sink.0.lock().expect("events").push(value);
+                sink.1.notify_all();
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr");
+        let log = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .expect("stderr")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+
+        let mut agent = Self {
+            child,
+            events,
+            stderr,
+            _notify_dir: notify_dir,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut buf = [0u8; 256];
+        loop {
+            if let Ok(n) = socket.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            {
+                return agent;
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "imds-guard exited ({status}) before READY=1:\n{}",
+                    agent.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "imds-guard not ready in time:\n{}",
+                agent.stderr()
+            );
+        }
+    }
+
+    /// What the agent wrote to stderr so far.
+    #[must_use]
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr").clone()
+    }
+
+    /// Every event received so far.
+    #[must_use]
+    pub fn events(&self) -> Vec<Value> {
+        self.events.0.lock().expect("events").clone()
+    }
+
+    /// Events from process `pid`.
+    #[must_use]
+    pub fn events_of(&self, pid: u32) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["tgid"] == pid)
+            .collect()
+    }
+
+    /// Waits until `count` events from process `pid` have arrived and returns them.
+    ///
+    /// # Panics
+    /// When they do not arrive in time; the panic lists what did arrive.
+    #[must_use]
+    pub fn wait_events_of(&self, pid: u32, count: usize) -> Vec<Value> {
+        let (lock, arrived) = &*self.events;
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let mut events = lock.lock().expect("events");
+        loop {
+            let mine: Vec<Value> = events
+                .iter()
+                .filter(|e| e["tgid"] == pid)
+                .cloned()
+                .collect();
+            if mine.len() >= count {
+                return mine;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "expected {count} event(s) from pid {pid}, got {}; all events:\n{}\nagent stderr:\n{}",
+                mine.len(),
+                events
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                self.stderr()
+            );
+            events = arrived.wait_timeout(events, left).expect("events").0;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the agent to exit.
+    ///
+    /// # Panics
+    /// When it does not exit within 10 s.
+    pub fn stop(&mut self) -> ExitStatus {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait agent") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("imds-guard ignored SIGTERM:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            for _ in 0..500 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A private temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(crate::unique_name("tmp"));
+        std::fs::create_dir(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `imds-guard` with `args` to completion (for commands expected to fail at once).
+///
+/// # Panics
+/// When it cannot be started.
+#[must_use]
+pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(agent_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run imds-guard");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,114 @@
+//! A client that behaves like a workload: it enters a network namespace and a cgroup, becomes
+//! the given uid/gid, then talks to an address. It prints one JSON line: its pid and what
+//! happened (`{"pid":..,"ok":true,"body":".."}` or `{"pid":..,"ok":false,"errno":1,..}`).
+//!
+//! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N (imds|tcp|udp) ADDR PORT
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use nix::{
+    sched::{CloneFlags, setns},
+    unistd::{Gid, Uid, setgid, setgroups, setuid},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut options = std::collections::HashMap::new();
+    let mut rest = Vec::new();
+    let mut iter = args.into_iter();
+    while let Some(arg) = iter.next() {
+        if let Some(name) = arg.strip_prefix("--") {
+            options.insert(name.to_owned(), iter.next().expect("option value"));
+        } else {
+            rest.push(arg);
+        }
+    }
+    let [action, addr, port] = rest.as_slice() else {
+        panic!("usage: imds-client --netns F --cgroup D --uid N --gid N (imds|tcp|udp) ADDR PORT");
+    };
+    let addr = SocketAddr::new(
+        addr.parse::<IpAddr>().expect("address"),
+        port.parse().expect("port"),
+    );
+
+    let netns = std::fs::File::open(&options["netns"]).expect("open netns");
+    setns(netns, CloneFlags::CLONE_NEWNET).expect("setns");
+    std::fs::write(format!("{}/cgroup.procs", options["cgroup"]), "0").expect("join cgroup");
+    let gid = Gid::from_raw(options["gid"].parse().expect("gid"));
+    setgroups(&[]).expect("setgroups");
+    setgid(gid).expect("setgid");
+    setuid(Uid::from_raw(options["uid"].parse().expect("uid"))).expect("setuid");
+
+    let result = match action.as_str() {
+        "imds" => imds_v2(addr),
+        "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
+        "udp" => udp_echo(addr),
+        other => panic!("unknown action {other}"),
+    };
+    let line = match result {
+        Ok(body) => serde_json::json!({ "pid": std::process::id(), "ok": true, "body": body }),
+        Err(err) => serde_json::json!({
+            "pid": std::process::id(), "ok": false, "errno": err.raw_os_error(),
+            "error": err.to_string(),
+        }),
+    };
+    println!("{line}");
+}
+
+/// The IMDSv2 flow: a session token, then a metadata read with it.
+fn imds_v2(addr: SocketAddr) -> io::Result<String> {
+    let token = http(
+        addr,
+        "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
+    )?;
+    http(
+        addr,
+        &format!(
+            "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"
+        ),
+    )
+}
+
+/// One request on a fresh connection; the body of a 200 response, or an error.
+fn http(addr: SocketAddr, head: &str) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        stream,
+        "{head}Host: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (status, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(body.to_owned())
+    } else {
+        Err(io::Error::other(format!(
+            "HTTP error: {}",
+            status.lines().next().unwrap_or("")
+        )))
+    }
+}
+
+/// An unconnected datagram (`sendto`) and its echo.
+fn udp_echo(addr: SocketAddr) -> io::Result<String> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("bind");
+    let socket = UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send_to(b"ping", addr)?;
+    let mut buf = [0u8; 64];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -1,0 +1,114 @@
+use std::{net::IpAddr, process::Command};
+
+use serde_json::Value;
+
+use crate::{Sandbox, TestCgroup};
+
+/// A workload identity and place: who connects, from which cgroup.
+pub struct Client<'a> {
+    sandbox: &'a Sandbox,
+    cgroup: &'a TestCgroup,
+    uid: u32,
+    gid: u32,
+}
+
+/// What a client saw.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The client's pid (and tgid: it is single-threaded).
+    pub pid: u32,
+    /// The errno of the failed call, `None` on success.
+    pub errno: Option<i32>,
+    /// The response body on success; the error text on failure.
+    pub detail: String,
+}
+
+impl Outcome {
+    /// Succeeded with `body`.
+    ///
+    /// # Panics
+    /// Otherwise.
+    pub fn assert_ok(&self, body: &str) {
+        assert_eq!(
+            (self.errno, self.detail.as_str()),
+            (None, body),
+            "expected success: {self:?}"
+        );
+    }
+
+    /// Failed with `errno`.
+    ///
+    /// # Panics
+    /// Otherwise.
+    pub fn assert_errno(&self, errno: i32) {
+        assert_eq!(self.errno, Some(errno), "expected errno {errno}: {self:?}");
+    }
+}
+
+impl<'a> Client<'a> {
+    /// A client running as `uid`/`gid` in `cgroup`, inside `sandbox`'s network namespace.
+    #[must_use]
+    pub fn new(sandbox: &'a Sandbox, cgroup: &'a TestCgroup, uid: u32, gid: u32) -> Self {
+        Self {
+            sandbox,
+            cgroup,
+            uid,
+            gid,
+        }
+    }
+
+    /// The IMDSv2 flow (token, then instance id) against `addr:port`.
+    #[must_use]
+    pub fn imds(&self, addr: impl Into<IpAddr>, port: u16) -> Outcome {
+        self.run("imds", addr.into(), port)
+    }
+
+    /// A TCP connect to `addr:port`, then close.
+    #[must_use]
+    pub fn tcp(&self, addr: impl Into<IpAddr>, port: u16) -> Outcome {
+        self.run("tcp", addr.into(), port)
+    }
+
+    /// An unconnected UDP `sendto` to `addr:port` and its echo.
+    #[must_use]
+    pub fn udp(&self, addr: impl Into<IpAddr>, port: u16) -> Outcome {
+        self.run("udp", addr.into(), port)
+    }
+
+    fn run(&self, action: &str, addr: IpAddr, port: u16) -> Outcome {
+        let out = Command::new(crate::agent::target_binary(
+            "imds-client",
+            "IMDS_CLIENT_BIN",
+        ))
+        .args(["--netns", &self.sandbox.netns.to_string_lossy()])
+        .args(["--cgroup", &self.cgroup.dir.to_string_lossy()])
+        .args([
+            "--uid",
+            &self.uid.to_string(),
+            "--gid",
+            &self.gid.to_string(),
+        ])
+        .args([action, &addr.to_string(), &port.to_string()])
+        .output()
+        .expect("run imds-client");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "imds-client failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: Value = serde_json::from_str(stdout.trim()).expect("imds-client output");
+        Outcome {
+            pid: u32::try_from(line["pid"].as_u64().expect("pid")).expect("pid"),
+            errno: line["errno"]
+                .as_i64()
+                .map(|e| i32::try_from(e).expect("errno")),
+            detail: line["body"]
+                .as_str()
+                .or(line["error"].as_str())
+                .unwrap_or("")
+                .to_owned(),
+        }
+    }
+}

@@ -1,0 +1,194 @@
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// `169.254.169.254`.
+pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// `fd00:ec2::254`.
+pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+/// What the mock IMDS answers for `/latest/meta-data/instance-id`.
+pub const MOCK_INSTANCE_ID: &str = "i-0123456789abcdef0";
+/// The session token the mock hands out.
+const MOCK_TOKEN: &str = "AQAEAmockTokenForImdsGuardTests==";
+
+/// A network namespace of our own with the IMDS addresses on its loopback and a mock IMDS
+/// listening on every address there: TCP ports 80 and 8080 (HTTP, IMDSv2 token flow) and UDP
+/// port 53 (echo). Dropping it stops the mock and deletes the namespace.
+pub struct Sandbox {
+    /// The namespace's name (`ip netns`).
+    pub name: String,
+    /// Its file, for `setns`.
+    pub netns: PathBuf,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl Sandbox {
+    /// Creates the namespace and starts the mock.
+    ///
+    /// # Panics
+    /// When `ip` fails or a port cannot be bound.
+    #[must_use]
+    pub fn new() -> Self {
+        let name = crate::unique_name("ns");
+        ip(&["netns", "add", &name]);
+        let mut sandbox = Self {
+            netns: PathBuf::from("/run/netns").join(&name),
+            name,
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        sandbox.ip_in(&["link", "set", "lo", "up"]);
+        sandbox.ip_in(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+        sandbox.ip_in(&["addr", "add", "fd00:ec2::254/128", "dev", "lo", "nodad"]);
+        for port in [80, 8080] {
+            let listener = sandbox.in_netns(|| TcpListener::bind(("::", port)));
+            listener.set_nonblocking(true).expect("nonblocking");
+            let stop = Arc::clone(&sandbox.stop);
+            sandbox
+                .servers
+                .push(std::thread::spawn(move || serve_http(&listener, &stop)));
+        }
+        let socket = sandbox.in_netns(|| UdpSocket::bind(("::", 53)));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let stop = Arc::clone(&sandbox.stop);
+        sandbox
+            .servers
+            .push(std::thread::spawn(move || serve_udp_echo(&socket, &stop)));
+        sandbox
+    }
+
+    fn ip_in(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Runs `make` with this thread inside the namespace, so the sockets it creates live there.
+    fn in_netns<T>(&self, make: impl FnOnce() -> std::io::Result<T> + Send) -> T
+    where
+        T: Send,
+    {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let netns = std::fs::File::open(&self.netns).expect("open netns");
+                    setns(netns, CloneFlags::CLONE_NEWNET).expect("setns");
+                    make().expect("socket in the sandbox")
+                })
+                .join()
+                .expect("sandbox thread")
+        })
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for server in self.servers.drain(..) {
+            let _ = server.join();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(status.success(), "ip {} failed: {status}", args.join(" "));
+}
+
+fn serve_http(listener: &TcpListener, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = respond(stream);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// IMDSv2: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token.
+fn respond(stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut reader = BufReader::new(&stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body) = match (method, path) {
+        ("PUT", "/latest/api/token")
+            if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
+        {
+            ("200 OK", MOCK_TOKEN)
+        }
+        ("PUT", "/latest/api/token") => ("400 Bad Request", ""),
+        ("GET", path) if path.starts_with("/latest/") => {
+            if header("x-aws-ec2-metadata-token") == Some(MOCK_TOKEN) {
+                ("200 OK", MOCK_INSTANCE_ID)
+            } else {
+                ("401 Unauthorized", "")
+            }
+        }
+        _ => ("404 Not Found", ""),
+    };
+    let mut stream = &stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn serve_udp_echo(socket: &UdpSocket, stop: &AtomicBool) {
+    let mut buf = [0u8; 512];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    }
+}
