@@ -27,6 +27,10 @@ pub const COMM_LEN: usize = 16;
 /// One denied or audited attempt.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed by both sides, never read"
+)]
 pub struct Event {
     /// `bpf_ktime_get_boot_ns()`: nanoseconds since boot, `CLOCK_BOOTTIME`.
     pub boot_ns: u64,

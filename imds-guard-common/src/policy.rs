@@ -61,6 +61,10 @@ const _: () = assert!(core::mem::size_of::<Settings>() == 8);
 /// Key of `CGROUP_RULESETS`. The value is the rule set id (`u32`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed by both sides, never read"
+)]
 pub struct CgroupKey {
     /// Policy generation, 0 or 1.
     pub generation: u32,

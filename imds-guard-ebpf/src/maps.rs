@@ -50,4 +50,4 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 /// Compile-time proof that the event fits a ring-buffer record the verifier accepts.
-const _: () = assert!(core::mem::size_of::<Event>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<Event>().is_multiple_of(8));

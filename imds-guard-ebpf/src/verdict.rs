@@ -30,7 +30,7 @@ pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
     // Fast path: an unprotected destination costs this one lookup.
     // SAFETY: the value is a plain u32 that is only read.
-    let Some(&generations) = (unsafe { PROTECTED_V4.get(&ip4) }) else {
+    let Some(&generations) = (unsafe { PROTECTED_V4.get(ip4) }) else {
         return PROCEED;
     };
     let mut addr = [0u8; 16];
@@ -55,10 +55,10 @@ pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     let protected = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
         // SAFETY: plain u32 values, only read.
-        unsafe { PROTECTED_V4.get(&words[3]) }
+        unsafe { PROTECTED_V4.get(words[3]) }
     } else {
         // SAFETY: as above.
-        unsafe { PROTECTED_V6.get(&words) }
+        unsafe { PROTECTED_V6.get(words) }
     };
     let Some(&generations) = protected else {
         return PROCEED;
@@ -152,7 +152,7 @@ fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
             id,
         };
         // SAFETY: plain values, only read.
-        if let Some(rule) = unsafe { ALLOW.get(&key) } {
+        if let Some(rule) = unsafe { ALLOW.get(key) } {
             if rule.flags & RULE_FLAG_AUDIT == 0 {
                 return (VERDICT_ALLOW, rule.rule);
             }
@@ -174,7 +174,7 @@ fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
 ///
 /// Walks from the root down and stops below the task's own cgroup (where the helper returns 0),
 /// so the cost follows the task's depth, not [`MAX_CGROUP_LEVEL`].
-/// `bpf_get_current_ancestor_cgroup_id` is available to sock_addr programs since Linux 5.7.
+/// `bpf_get_current_ancestor_cgroup_id` is available to `sock_addr` programs since Linux 5.7.
 fn nearest_ruleset(generation: u32) -> u32 {
     let mut ruleset = RULESET_DEFAULT;
     for level in 0..=MAX_CGROUP_LEVEL {
@@ -193,7 +193,7 @@ fn nearest_ruleset(generation: u32) -> u32 {
             cgroup_id,
         };
         // SAFETY: plain values, only read.
-        if let Some(&found) = unsafe { CGROUP_RULESETS.get(&key) } {
+        if let Some(&found) = unsafe { CGROUP_RULESETS.get(key) } {
             ruleset = found;
         }
     }

@@ -197,31 +197,27 @@ impl Config {
         };
 
         let mut protect = Vec::new();
-        match raw.protect {
-            Some(entries) => {
-                if entries.is_empty() {
-                    return Err(Error::InvalidSetting {
-                        origin: format!("{}: protect", display_path.display()),
-                        message: "protect is empty: nothing would be protected \
-                                  (remove the key to protect the IMDS addresses)"
-                            .into(),
-                    });
-                }
-                for entry in entries {
-                    let origin = at(entry.span());
-                    let addresses = protect_entry(entry.get_ref()).map_err(|message| {
-                        Error::InvalidSetting {
-                            origin: origin.clone(),
-                            message,
-                        }
+        if let Some(entries) = raw.protect {
+            if entries.is_empty() {
+                return Err(Error::InvalidSetting {
+                    origin: format!("{}: protect", display_path.display()),
+                    message: "protect is empty: nothing would be protected \
+                              (remove the key to protect the IMDS addresses)"
+                        .into(),
+                });
+            }
+            for entry in entries {
+                let origin = at(entry.span());
+                let addresses =
+                    protect_entry(entry.get_ref()).map_err(|message| Error::InvalidSetting {
+                        origin: origin.clone(),
+                        message,
                     })?;
-                    add_unique_in_file(&mut protect, addresses, &origin)?;
-                }
+                add_unique_in_file(&mut protect, addresses, &origin)?;
             }
-            None => {
-                let defaults = protect_entry("imds").unwrap_or_default();
-                add_unique_in_file(&mut protect, defaults, &"default".into())?;
-            }
+        } else {
+            let defaults = protect_entry("imds").unwrap_or_default();
+            add_unique_in_file(&mut protect, defaults, &"default".into())?;
         }
 
         let mut allow = Vec::new();
@@ -229,29 +225,29 @@ impl Config {
             Some(uids) => spanned(uids, &at),
             None => vec![(0, "default".into())],
         };
-        let cli_uids = overrides
+        let uid_options = overrides
             .allow_uid
             .iter()
             .map(|&uid| (uid, "--allow-uid".into()));
-        push_rules(&mut allow, uids, cli_uids, Match::Uid)?;
+        push_rules(&mut allow, uids, uid_options, Match::Uid)?;
         let gids = raw
             .allow_gid
             .map(|gids| spanned(gids, &at))
             .unwrap_or_default();
-        let cli_gids = overrides
+        let gid_options = overrides
             .allow_gid
             .iter()
             .map(|&gid| (gid, "--allow-gid".into()));
-        push_rules(&mut allow, gids, cli_gids, Match::Gid)?;
+        push_rules(&mut allow, gids, gid_options, Match::Gid)?;
         let cgroups = raw
             .allow_cgroup
             .map(|cgroups| spanned(cgroups, &at))
             .unwrap_or_default();
-        let cli_cgroups = overrides
+        let cgroup_options = overrides
             .allow_cgroup
             .iter()
             .map(|cgroup| (cgroup.clone(), "--allow-cgroup".into()));
-        push_rules(&mut allow, cgroups, cli_cgroups, Match::Cgroup)?;
+        push_rules(&mut allow, cgroups, cgroup_options, Match::Cgroup)?;
 
         Ok(Self {
             file: file.map(Path::to_owned),

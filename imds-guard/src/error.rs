@@ -174,29 +174,6 @@ pub enum Error {
     },
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn report_adds_causes_missing_from_the_message() {
-        let source = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
-            call: "bpf_link_create",
-            io_error: io::Error::from_raw_os_error(libc::EINVAL),
-        });
-        let err = Error::Attach {
-            program: "connect4",
-            cgroup: PathBuf::from("/cg/x"),
-            source,
-        };
-        assert_eq!(
-            report(&err),
-            "attaching program connect4 to cgroup /cg/x failed: `bpf_link_create` failed: \
-             Invalid argument (os error 22)"
-        );
-    }
-}
-
 fn verifier_hint(source: &aya::programs::ProgramError) -> &'static str {
     if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
         "\n(the verifier log above says which instruction it refused; a kernel older than \
@@ -227,3 +204,26 @@ pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// Shorthand used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_adds_causes_missing_from_the_message() {
+        let source = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+        let err = Error::Attach {
+            program: "connect4",
+            cgroup: PathBuf::from("/cg/x"),
+            source,
+        };
+        assert_eq!(
+            report(&err),
+            "attaching program connect4 to cgroup /cg/x failed: `bpf_link_create` failed: \
+             Invalid argument (os error 22)"
+        );
+    }
+}

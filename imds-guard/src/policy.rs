@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use imds_guard_common::policy::{
     CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE,
-    RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
+    RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
 };
 
 use crate::{
@@ -108,7 +108,7 @@ impl Policy {
         })
     }
 
-    /// The name of rule `id` as events show it (`default` for [`RULE_DEFAULT`]).
+    /// The name of rule `id` as events show it (`default` for [`imds_guard_common::policy::RULE_DEFAULT`]).
     #[must_use]
     pub fn rule_name(&self, id: u32) -> &str {
         id.checked_sub(1)
@@ -199,7 +199,6 @@ impl Policy {
             },
             cgroup_entries: u32::try_from(entries.cgroup_rulesets.len()).unwrap_or(u32::MAX),
         };
-        debug_assert!(RULE_DEFAULT == 0, "rule ids start at 1");
         entries
     }
 }

@@ -143,12 +143,18 @@ impl Agent {
     }
 
     /// What the agent wrote to stderr so far.
+    ///
+    /// # Panics
+    /// When the stderr reader thread panicked.
     #[must_use]
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr").clone()
     }
 
     /// Every event received so far.
+    ///
+    /// # Panics
+    /// When the stdout reader thread panicked (the agent printed a non-JSON line).
     #[must_use]
     pub fn events(&self) -> Vec<Value> {
         self.events.0.lock().expect("events").clone()

@@ -57,7 +57,7 @@ impl<'a> Client<'a> {
         }
     }
 
-    /// The IMDSv2 flow (token, then instance id) against `addr:port`.
+    /// The `IMDSv2` flow (token, then instance id) against `addr:port`.
     #[must_use]
     pub fn imds(&self, addr: impl Into<IpAddr>, port: u16) -> Outcome {
         self.run("imds", addr.into(), port)

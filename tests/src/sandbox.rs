@@ -23,7 +23,7 @@ pub const MOCK_INSTANCE_ID: &str = "i-0123456789abcdef0";
 const MOCK_TOKEN: &str = "AQAEAmockTokenForImdsGuardTests==";
 
 /// A network namespace of our own with the IMDS addresses on its loopback and a mock IMDS
-/// listening on every address there: TCP ports 80 and 8080 (HTTP, IMDSv2 token flow) and UDP
+/// listening on every address there: TCP ports 80 and 8080 (HTTP, `IMDSv2` token flow) and UDP
 /// port 53 (echo). Dropping it stops the mock and deletes the namespace.
 pub struct Sandbox {
     /// The namespace's name (`ip netns`).
@@ -125,7 +125,7 @@ fn serve_http(listener: &TcpListener, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let _ = respond(stream);
+                let _ = respond(&stream);
             }
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -135,11 +135,11 @@ fn serve_http(listener: &TcpListener, stop: &AtomicBool) {
     }
 }
 
-/// IMDSv2: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token.
-fn respond(stream: TcpStream) -> std::io::Result<()> {
+/// `IMDSv2`: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token.
+fn respond(stream: &TcpStream) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut headers = Vec::new();
@@ -176,7 +176,7 @@ fn respond(stream: TcpStream) -> std::io::Result<()> {
         }
         _ => ("404 Not Found", ""),
     };
-    let mut stream = &stream;
+    let mut stream = stream;
     write!(
         stream,
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -1,1 +1,158 @@
-fn main() {}
+//! `cargo xtask <task>`: the commands a newcomer and CI run.
+
+mod bootstrap;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the kernel programs needs (Debian, as root), or say what to run.
+    Bootstrap,
+    /// Build target/release/imds-guard, a single binary with the kernel programs inside.
+    Build,
+    /// Run every test: unit tests and the privileged end-to-end tests (as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show what imds-guard does, in a sandbox of its own (as root).
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Bootstrap => bootstrap::ensure(),
+        Task::Build => {
+            bootstrap::ensure()?;
+            cargo(&["build", "--release", "--package", "imds-guard"])?;
+            println!("built target/release/imds-guard");
+            Ok(())
+        }
+        Task::Test { args } => {
+            bootstrap::ensure()?;
+            bootstrap::ensure_test_tools()?;
+            if !is_root() {
+                eprintln!(
+                    "warning: not root: the privileged end-to-end tests will be skipped \
+                     (run `cargo xtask test` as root for all of them)"
+                );
+            }
+            // The end-to-end tests run the agent and client binaries: build them first.
+            cargo(&["build", "--workspace", "--bins"])?;
+            let mut test = vec!["test", "--workspace"];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            cargo_test(&test)
+        }
+        Task::Demo => {
+            if !is_root() {
+                bail!(
+                    "the demo loads BPF programs and makes a network namespace: run `cargo xtask demo` as root"
+                );
+            }
+            bootstrap::ensure()?;
+            bootstrap::ensure_test_tools()?;
+            cargo(&["build", "--release", "--workspace", "--bins"])?;
+            cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "imds-guard-tests",
+                "--bin",
+                "imds-guard-demo",
+            ])
+        }
+    }
+}
+
+/// Runs the cargo that runs us, failing on a non-zero exit.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line totalling every
+/// test binary's results (cargo's own last lines are often empty doc-test runs).
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::BufRead as _;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// `(passed, failed)` from a libtest summary line.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |label: &str| {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(label)?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+fn is_root() -> bool {
+    // `id -u` keeps xtask free of libc bindings; it is in coreutils everywhere.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_libtest_summaries() {
+        let line = "test result: ok. 33 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        assert_eq!(super::parse_test_result(line), Some((33, 0)));
+        let line =
+            "test result: FAILED. 2 passed; 13 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(super::parse_test_result(line), Some((2, 13)));
+        assert_eq!(super::parse_test_result("running 15 tests"), None);
+    }
+}

@@ -61,7 +61,7 @@ fn main() {
     println!("{line}");
 }
 
-/// The IMDSv2 flow: a session token, then a metadata read with it.
+/// The `IMDSv2` flow: a session token, then a metadata read with it.
 fn imds_v2(addr: SocketAddr) -> io::Result<String> {
     let token = http(
         addr,

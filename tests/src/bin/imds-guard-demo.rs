@@ -1,0 +1,67 @@
+//! `cargo xtask demo`: imds-guard at work in a sandbox of its own, in a few seconds.
+//!
+//! A network namespace with a mock IMDS on 169.254.169.254 and `fd00:ec2::254`, a cgroup of its
+//! own, the agent attached there with the default policy (enforce, allow uid 0), one request as
+//! root and one as an unprivileged uid. Everything is removed on the way out.
+
+use std::time::Instant;
+
+use imds_guard_tests::{Agent, Client, IMDS_V4, IMDS_V6, Sandbox, TestCgroup, agent_binary};
+
+const NOBODY: u32 = 65534;
+
+fn main() {
+    let sandbox = Sandbox::new();
+    let cgroup = TestCgroup::new("demo");
+    println!(
+        "sandbox: network namespace {} with a mock IMDS, cgroup {}",
+        sandbox.name, cgroup.path
+    );
+    println!(
+        "\n$ {} run --cgroup {}",
+        agent_binary().display(),
+        cgroup.path
+    );
+    let started = Instant::now();
+    let mut agent = Agent::start(&["--cgroup", &cgroup.path]);
+    println!(
+        "  enforcing after {} ms (default policy: enforce, allow uid 0)",
+        started.elapsed().as_millis()
+    );
+
+    println!("\n1. root asks IMDS for a token, then the instance id (IMDSv2):");
+    let started = Instant::now();
+    let root = Client::new(&sandbox, &cgroup, 0, 0).imds(IMDS_V4, 80);
+    match root.errno {
+        None => println!(
+            "   allowed: {:?} ({} ms)",
+            root.detail,
+            started.elapsed().as_millis()
+        ),
+        Some(_) => println!("   unexpectedly refused: {}", root.detail),
+    }
+
+    for (step, addr) in [(2, std::net::IpAddr::from(IMDS_V4)), (3, IMDS_V6.into())] {
+        println!("\n{step}. uid {NOBODY} (nobody) tries the same at {addr}:");
+        let started = Instant::now();
+        let denied = Client::new(&sandbox, &cgroup, NOBODY, NOBODY).imds(addr, 80);
+        let elapsed = started.elapsed().as_millis();
+        match denied.errno {
+            Some(libc::EPERM) => println!(
+                "   denied at once: {} ({elapsed} ms, no timeout)",
+                denied.detail
+            ),
+            _ => println!("   unexpected outcome: {denied:?}"),
+        }
+        for event in agent.wait_events_of(denied.pid, 1) {
+            println!("   event: {event}");
+        }
+    }
+
+    println!("\nstopping the agent (SIGTERM): programs detached, sandbox removed");
+    let status = agent.stop();
+    if !status.success() {
+        eprintln!("agent exited with {status}:\n{}", agent.stderr());
+        std::process::exit(1);
+    }
+}
