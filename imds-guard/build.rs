@@ -49,8 +49,13 @@ fn main() -> anyhow::Result<()> {
 
     let toolchain = choose_toolchain()?;
     // aya-ebpf uses `asm_experimental_arch`; allow unstable features for that crate alone.
+    // aya-build relays every line the nested cargo prints as a build warning: keep it to
+    // what matters (errors and real warnings still show).
     // SAFETY: build scripts are single-threaded.
-    unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+    unsafe {
+        env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
+        env::set_var("CARGO_TERM_QUIET", "true");
+    }
     let package = aya_build::Package {
         name: "imds-guard-ebpf",
         root_dir: "../imds-guard-ebpf",

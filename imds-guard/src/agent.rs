@@ -24,6 +24,8 @@ use crate::{
 
 /// Cgroup paths remembered for events; cleared when it grows past this many entries.
 const CGROUP_CACHE_ENTRIES: usize = 4096;
+/// How often the agent checks the kernel's lost-event counter.
+const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 
 /// Runs the agent until SIGTERM or SIGINT.
 ///
@@ -83,10 +85,14 @@ async fn serve(
         warn!("could not notify systemd of readiness: {err}");
     }
 
+    let mut loss_check =
+        tokio::time::interval(std::time::Duration::from_secs(LOSS_CHECK_INTERVAL_SECS));
+    let mut lost_so_far = 0;
     let outcome = loop {
         tokio::select! {
             _ = sigterm.recv() => break Ok("SIGTERM"),
             _ = sigint.recv() => break Ok("SIGINT"),
+            _ = loss_check.tick() => warn_of_new_losses(&kernel, &mut lost_so_far),
             ready = ring.readable_mut() => match ready {
                 Ok(mut guard) => {
                     reporter.drain(guard.get_inner_mut());
@@ -114,6 +120,22 @@ async fn serve(
     detached?;
     info!("stopped on {signal}");
     Ok(())
+}
+
+/// Events the kernel could not queue are counted there; say so as soon as the count grows.
+fn warn_of_new_losses(kernel: &Kernel, lost_so_far: &mut u64) {
+    match kernel.counters() {
+        Ok(counters) if counters.events_lost > *lost_so_far => {
+            warn!(
+                events_lost = counters.events_lost,
+                "{} events did not fit in the ring buffer (verdicts stood; reports are missing)",
+                counters.events_lost - *lost_so_far
+            );
+            *lost_so_far = counters.events_lost;
+        }
+        Ok(_) => {}
+        Err(err) => warn!("cannot read the counters: {err}"),
+    }
 }
 
 /// Turns ring-buffer records into JSON lines on stdout.

@@ -208,8 +208,16 @@ impl Agent {
     /// # Panics
     /// When it does not exit within 10 s.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with(Signal::SIGTERM)
+    }
+
+    /// Sends `signal` and waits for the agent to exit.
+    ///
+    /// # Panics
+    /// When it does not exit within 10 s.
+    pub fn stop_with(&mut self, signal: Signal) -> ExitStatus {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, signal);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait agent") {
@@ -217,7 +225,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("imds-guard ignored SIGTERM:\n{}", self.stderr());
+                panic!("imds-guard ignored {signal}:\n{}", self.stderr());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -258,13 +266,23 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs `imds-guard` with `args` to completion (for commands expected to fail at once).
+/// Runs `imds-guard` with `args` to completion (for commands expected to fail at once),
+/// behind `wrapper` (e.g. `setpriv ...`) when it is not empty.
 ///
 /// # Panics
 /// When it cannot be started.
 #[must_use]
-pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(agent_binary())
+pub fn run_to_end(wrapper: &[&str], args: &[&str]) -> (ExitStatus, String) {
+    let agent = agent_binary();
+    let mut command = match wrapper {
+        [] => Command::new(&agent),
+        [program, wrapper_args @ ..] => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(&agent);
+            command
+        }
+    };
+    let out = command
         .args(args)
         .stdin(Stdio::null())
         .output()

@@ -5,6 +5,7 @@ use imds_guard_tests::{
     Agent, Client, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup, assert_fields,
     assert_time_within, privileged, run_to_end,
 };
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 const EPERM: i32 = libc::EPERM;
@@ -327,23 +328,22 @@ fn config_file_sets_the_policy_and_options_add_to_it() {
 }
 
 #[test]
-fn sigterm_detaches_and_exits_zero() {
+fn sigterm_and_sigint_detach_and_exit_zero() {
     let Some((sandbox, attach)) = setup() else {
         return;
     };
-    let mut agent = Agent::start(&["--cgroup", &attach.path]);
-    Client::new(&sandbox, &attach, USER, USER)
-        .imds(IMDS_V4, 80)
-        .assert_errno(EPERM);
-    let status = agent.stop();
-    assert!(
-        status.success(),
-        "exit status {status}:\n{}",
-        agent.stderr()
-    );
-    Client::new(&sandbox, &attach, USER, USER)
-        .imds(IMDS_V4, 80)
-        .assert_ok(MOCK_INSTANCE_ID);
+    let client = Client::new(&sandbox, &attach, USER, USER);
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut agent = Agent::start(&["--cgroup", &attach.path]);
+        client.imds(IMDS_V4, 80).assert_errno(EPERM);
+        let status = agent.stop_with(signal);
+        assert!(
+            status.success(),
+            "{signal}: exit status {status}:\n{}",
+            agent.stderr()
+        );
+        client.imds(IMDS_V4, 80).assert_ok(MOCK_INSTANCE_ID);
+    }
 }
 
 #[test]
@@ -356,28 +356,45 @@ fn bad_input_is_refused_and_nothing_is_attached() {
     std::fs::write(&config, "mode = \"enforce\"\nalow_uid = [1000]\n").expect("write config");
     let config_arg = config.to_string_lossy().into_owned();
     let missing = format!("{}/absent", attach.path);
-    let cases: [(Vec<&str>, String); 4] = [
+    let unprivileged = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+    ];
+    let cases: [(&[&str], Vec<&str>, String); 5] = [
         (
+            &[],
             vec!["--cgroup", &attach.path, "--allow-cgroup", &missing],
             format!("--allow-cgroup: cgroup \"{missing}\" does not exist"),
         ),
         (
+            &[],
             vec!["--cgroup", &missing],
             format!("--cgroup: cgroup \"{missing}\" does not exist"),
         ),
         (
+            &[],
             vec!["--cgroup", &attach.path, "--allow-uid", "bob"],
             "invalid value 'bob' for '--allow-uid <UID>'".into(),
         ),
         (
+            &[],
             vec!["--cgroup", &attach.path, "--config", &config_arg],
             format!("{config_arg}:2:1: unknown field `alow_uid`"),
         ),
+        (
+            &unprivileged,
+            vec!["--cgroup", &attach.path],
+            "lacks CAP_BPF and CAP_NET_ADMIN: run it as root".into(),
+        ),
     ];
-    for (args, expected) in cases {
+    for (wrapper, args, expected) in cases {
         let mut all = vec!["run"];
         all.extend(args.iter().copied());
-        let (status, stderr) = run_to_end(&all);
+        let (status, stderr) = run_to_end(wrapper, &all);
         assert!(!status.success(), "{args:?} was accepted");
         assert!(
             stderr.contains(&expected),
