@@ -56,6 +56,7 @@ pub fn target_binary(name: &str, env_var: &str) -> PathBuf {
 /// SIGTERM (SIGKILL if it does not stop) to that one PID.
 pub struct Agent {
     child: Child,
+    stdout_reader: Option<std::thread::JoinHandle<()>>,
     events: Arc<(Mutex<Vec<Value>>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     _notify_dir: TempDir,
@@ -88,7 +89,7 @@ impl Agent {
         let events = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let stdout = child.stdout.take().expect("stdout");
         let sink = Arc::clone(&events);
-        std::thread::spawn(move || {
+        let stdout_reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let value: Value = serde_json::from_str(&line)
@@ -114,6 +115,7 @@ impl Agent {
 
         let mut agent = Self {
             child,
+            stdout_reader: Some(stdout_reader),
             events,
             stderr,
             _notify_dir: notify_dir,
@@ -211,7 +213,16 @@ impl Agent {
         self.stop_with(Signal::SIGTERM)
     }
 
-    /// Sends `signal` and waits for the agent to exit.
+    /// Sends `signal` to the agent without waiting (`SIGSTOP`/`SIGCONT` to freeze and thaw it).
+    ///
+    /// # Panics
+    /// When the signal cannot be sent (the agent is gone).
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
+    /// Sends `signal` and waits for the agent to exit and for its last events to be read.
     ///
     /// # Panics
     /// When it does not exit within 10 s.
@@ -221,6 +232,9 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait agent") {
+                if let Some(reader) = self.stdout_reader.take() {
+                    reader.join().expect("stdout reader");
+                }
                 return status;
             }
             if Instant::now() > deadline {

@@ -10,6 +10,7 @@ pub struct Client<'a> {
     cgroup: &'a TestCgroup,
     uid: u32,
     gid: u32,
+    repeat: u32,
 }
 
 /// What a client saw.
@@ -21,6 +22,8 @@ pub struct Outcome {
     pub errno: Option<i32>,
     /// The response body on success; the error text on failure.
     pub detail: String,
+    /// How many attempts failed with `EPERM` (see [`Client::repeat`]).
+    pub eperm: u32,
 }
 
 impl Outcome {
@@ -54,7 +57,16 @@ impl<'a> Client<'a> {
             cgroup,
             uid,
             gid,
+            repeat: 1,
         }
+    }
+
+    /// Makes each action run `times` times in the one process; [`Outcome`] reports the last
+    /// attempt and counts the `EPERM`s.
+    #[must_use]
+    pub fn repeat(mut self, times: u32) -> Self {
+        self.repeat = times;
+        self
     }
 
     /// The `IMDSv2` flow (token, then instance id) against `addr:port`.
@@ -88,6 +100,7 @@ impl<'a> Client<'a> {
             "--gid",
             &self.gid.to_string(),
         ])
+        .args(["--repeat", &self.repeat.to_string()])
         .args([action, &addr.to_string(), &port.to_string()])
         .output()
         .expect("run imds-client");
@@ -104,6 +117,7 @@ impl<'a> Client<'a> {
             errno: line["errno"]
                 .as_i64()
                 .map(|e| i32::try_from(e).expect("errno")),
+            eperm: u32::try_from(line["eperm"].as_u64().expect("eperm")).expect("eperm"),
             detail: line["body"]
                 .as_str()
                 .or(line["error"].as_str())

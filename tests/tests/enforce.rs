@@ -407,3 +407,51 @@ fn bad_input_is_refused_and_nothing_is_attached() {
     }
     let _ = std::fs::remove_file(&config);
 }
+
+#[test]
+fn ring_buffer_overflow_is_counted_never_lost_silently() {
+    const ATTEMPTS: u32 = 20_000; // more than the 1 MiB ring holds (about 11,900 events)
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let mut agent = Agent::start(&["--cgroup", &attach.path]);
+    // A frozen agent drains nothing, so the ring fills up.
+    agent.signal(Signal::SIGSTOP);
+    let flood = Client::new(&sandbox, &attach, USER, USER)
+        .repeat(ATTEMPTS)
+        .tcp(IMDS_V4, 80);
+    agent.signal(Signal::SIGCONT);
+    assert_eq!(
+        flood.eperm, ATTEMPTS,
+        "every attempt is denied, full ring or not"
+    );
+    let status = agent.stop();
+    assert!(status.success(), "{}", agent.stderr());
+
+    let reported = u64::try_from(agent.events_of(flood.pid).len()).expect("count");
+    let stderr = agent.stderr();
+    let counter = |name: &str| -> u64 {
+        let detached = stderr
+            .lines()
+            .find(|l| l.contains("detached"))
+            .expect("detached line");
+        let value = detached.split(&format!("{name}=")).nth(1).expect(name);
+        value
+            .split_whitespace()
+            .next()
+            .expect(name)
+            .parse()
+            .expect(name)
+    };
+    assert_eq!(counter("denied"), u64::from(ATTEMPTS), "{stderr}");
+    let lost = counter("events_lost");
+    assert!(
+        lost > 0,
+        "the ring never overflowed; the test proves nothing: {stderr}"
+    );
+    assert_eq!(
+        reported + lost,
+        u64::from(ATTEMPTS),
+        "reported {reported} + lost {lost}"
+    );
+}

@@ -2,7 +2,10 @@
 //! the given uid/gid, then talks to an address. It prints one JSON line: its pid and what
 //! happened (`{"pid":..,"ok":true,"body":".."}` or `{"pid":..,"ok":false,"errno":1,..}`).
 //!
-//! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N (imds|tcp|udp) ADDR PORT
+//! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N [--repeat N] (imds|tcp|udp) ADDR PORT
+//!
+//! With `--repeat N` the action runs N times and the line also counts the failures with
+//! `EPERM` (`"eperm": k`).
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -45,17 +48,39 @@ fn main() {
     setgid(gid).expect("setgid");
     setuid(Uid::from_raw(options["uid"].parse().expect("uid"))).expect("setuid");
 
-    let result = match action.as_str() {
+    let act = || match action.as_str() {
         "imds" => imds_v2(addr),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
         "udp" => udp_echo(addr),
         other => panic!("unknown action {other}"),
     };
+    let repeat: u32 = options
+        .get("repeat")
+        .map_or(1, |n| n.parse().expect("repeat"));
+    let mut eperm = 0u32;
+    let mut result = act();
+    for _ in 1..repeat {
+        if result
+            .as_ref()
+            .is_err_and(|err| err.raw_os_error() == Some(libc::EPERM))
+        {
+            eperm += 1;
+        }
+        result = act();
+    }
+    if result
+        .as_ref()
+        .is_err_and(|err| err.raw_os_error() == Some(libc::EPERM))
+    {
+        eperm += 1;
+    }
     let line = match result {
-        Ok(body) => serde_json::json!({ "pid": std::process::id(), "ok": true, "body": body }),
+        Ok(body) => {
+            serde_json::json!({ "pid": std::process::id(), "ok": true, "body": body, "eperm": eperm })
+        }
         Err(err) => serde_json::json!({
             "pid": std::process::id(), "ok": false, "errno": err.raw_os_error(),
-            "error": err.to_string(),
+            "error": err.to_string(), "eperm": eperm,
         }),
     };
     println!("{line}");
