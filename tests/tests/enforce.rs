@@ -115,7 +115,7 @@ fn allowed_cgroup_and_its_children_get_through() {
     let agent_cgroup = attach.child("ssm-agent");
     let child = agent_cgroup.child("worker");
     let other = attach.child("webapp");
-    // One spelling as in /proc/PID/cgroup, the test of the other in `resolves_full_paths`.
+    // Written as in /proc/PID/cgroup; `cgroups_given_as_directories_resolve` covers the other form.
     let _agent = Agent::start(&[
         "--cgroup",
         &attach.path,
