@@ -56,8 +56,11 @@ pub struct Event {
     pub protocol: u8,
     /// Destination port, host byte order.
     pub port: u16,
+    /// Policy generation (0 or 1) that judged the attempt, so `rule` names the right rule
+    /// across a policy switch.
+    pub generation: u8,
     /// Explicit padding, always 0.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 5],
     /// Destination address, network byte order: IPv4 in the first 4 bytes, the rest 0.
     pub addr: [u8; 16],
     /// `comm` of the thread, NUL-padded.

@@ -15,6 +15,7 @@ use crate::maps::{COUNTERS, EVENTS};
 pub struct Attempt {
     pub verdict: u8,
     pub rule: u32,
+    pub generation: u8,
     pub hook: u8,
     pub family: u8,
     pub port: u16,
@@ -59,7 +60,8 @@ pub fn event(attempt: &Attempt) {
         family: attempt.family,
         protocol: attempt.protocol,
         port: attempt.port,
-        _pad: [0; 6],
+        generation: attempt.generation,
+        _pad: [0; 5],
         addr: attempt.addr,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     });

@@ -104,6 +104,8 @@ fn judge_protected(
     report::event(&Attempt {
         verdict,
         rule,
+        // `generation` was masked with `& 1` above, so this cannot truncate.
+        generation: generation as u8,
         hook,
         family,
         // Truncation intended: the port is the low 16 bits, in network byte order.

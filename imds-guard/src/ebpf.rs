@@ -15,12 +15,12 @@ use imds_guard_common::{
     },
     policy::{CgroupKey, RuleKey, RuleValue, Settings},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     cgroups::Cgroup,
     error::{Error, Result},
-    policy::MapEntries,
+    policy::{MapEntries, Policy},
 };
 
 /// The kernel object built by `build.rs` from `imds-guard-ebpf`.
@@ -151,14 +151,55 @@ impl Kernel {
         })
     }
 
-    /// Writes `entries` as generation `generation` and puts that generation in force.
-    ///
-    /// The rules go in first and the generation switch last, so no program ever sees a
-    /// half-written generation.
+    /// Installs the first policy, as generation 0, before the programs are attached.
     ///
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::WriteMap`].
-    pub fn install(&mut self, entries: &MapEntries, generation: u32) -> Result<()> {
+    pub fn install(&mut self, policy: &Policy) -> Result<()> {
+        self.write_generation(&policy.compile(0), 0)?;
+        self.activate(0)
+    }
+
+    /// Replaces the policy in force with `policy`, so that no attempt is ever judged by a mix
+    /// of the two: the new policy is written as the inactive generation, put in force with one
+    /// 32-bit store, and the old generation is removed only once no program can still be
+    /// reading it. Returns the generation now in force.
+    ///
+    /// On failure the old policy stays in force, and what was written of the new one is removed.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
+    pub fn switch_to(&mut self, policy: &Policy) -> Result<u32> {
+        let old = self.active_generation()?;
+        let new = old ^ 1;
+        // Leftovers of an earlier switch that failed half-way.
+        self.clear_generation(new)?;
+        if let Err(err) = self.write_generation(&policy.compile(new), new) {
+            if let Err(cleanup) = self.clear_generation(new) {
+                warn!("removing the half-written policy failed: {cleanup}");
+            }
+            return Err(err);
+        }
+        self.activate(new)?;
+        wait_for_running_programs();
+        self.clear_generation(old)?;
+        Ok(new)
+    }
+
+    /// The generation in force.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`] or [`Error::ReadMap`].
+    pub fn active_generation(&mut self) -> Result<u32> {
+        let active: Array<_, u32> = self.map_mut(GENERATION)?;
+        active.get(&0, 0).map_err(|source| Error::ReadMap {
+            map: GENERATION,
+            source,
+        })
+    }
+
+    /// Writes every entry of one generation; the generation in force is not touched.
+    fn write_generation(&mut self, entries: &MapEntries, generation: u32) -> Result<()> {
         let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
         for (key, value) in &entries.allow {
             allow
@@ -187,27 +228,32 @@ impl Kernel {
                 what: format!("{:?}", entries.settings),
                 source,
             })?;
-        let mask = 1u32 << generation;
+        let bit = 1u32 << generation;
         let mut v4: HashMap<_, u32, u32> = self.map_mut(PROTECTED_V4)?;
         for key in &entries.protected_v4 {
-            let current = v4.get(key, 0).unwrap_or(0);
-            v4.insert(key, current | mask, 0)
+            let mask = v4.get(key, 0).unwrap_or(0);
+            v4.insert(key, mask | bit, 0)
                 .map_err(|source| Error::WriteMap {
                     map: PROTECTED_V4,
-                    what: format!("{:?}", std::net::Ipv4Addr::from(key.to_ne_bytes())),
+                    what: std::net::Ipv4Addr::from(key.to_ne_bytes()).to_string(),
                     source,
                 })?;
         }
         let mut v6: HashMap<_, [u32; 4], u32> = self.map_mut(PROTECTED_V6)?;
         for key in &entries.protected_v6 {
-            let current = v6.get(key, 0).unwrap_or(0);
-            v6.insert(key, current | mask, 0)
+            let mask = v6.get(key, 0).unwrap_or(0);
+            v6.insert(key, mask | bit, 0)
                 .map_err(|source| Error::WriteMap {
                     map: PROTECTED_V6,
                     what: format!("{key:x?}"),
                     source,
                 })?;
         }
+        Ok(())
+    }
+
+    /// Puts `generation` in force: one aligned 32-bit store the programs read once per attempt.
+    fn activate(&mut self, generation: u32) -> Result<()> {
         let mut active: Array<_, u32> = self.map_mut(GENERATION)?;
         active
             .set(0, generation, 0)
@@ -216,6 +262,42 @@ impl Kernel {
                 what: format!("generation {generation}"),
                 source,
             })
+    }
+
+    /// Removes every entry of `generation` (which must not be in force).
+    fn clear_generation(&mut self, generation: u32) -> Result<()> {
+        let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
+        let keys = collect_keys(allow.keys(), ALLOW)?;
+        for key in keys.iter().filter(|key| key.generation == generation) {
+            remove(allow.remove(key), ALLOW, key)?;
+        }
+        let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
+        let keys = collect_keys(cgroups.keys(), CGROUP_RULESETS)?;
+        for key in keys.iter().filter(|key| key.generation == generation) {
+            remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
+        }
+        let bit = 1u32 << generation;
+        let mut v4: HashMap<_, u32, u32> = self.map_mut(PROTECTED_V4)?;
+        for key in collect_keys(v4.keys(), PROTECTED_V4)? {
+            let mask = v4.get(&key, 0).unwrap_or(0);
+            let written = if mask & !bit == 0 {
+                v4.remove(&key)
+            } else {
+                v4.insert(key, mask & !bit, 0)
+            };
+            remove(written, PROTECTED_V4, &key)?;
+        }
+        let mut v6: HashMap<_, [u32; 4], u32> = self.map_mut(PROTECTED_V6)?;
+        for key in collect_keys(v6.keys(), PROTECTED_V6)? {
+            let mask = v6.get(&key, 0).unwrap_or(0);
+            let written = if mask & !bit == 0 {
+                v6.remove(&key)
+            } else {
+                v6.insert(key, mask & !bit, 0)
+            };
+            remove(written, PROTECTED_V6, &key)?;
+        }
+        Ok(())
     }
 
     /// Attaches every program to `cgroup` so that other programs can run beside them but never
@@ -336,6 +418,44 @@ fn multi_attach_mode() -> CgroupAttachMode {
         CgroupAttachMode::Single
     } else {
         CgroupAttachMode::AllowMultiple
+    }
+}
+
+fn collect_keys<K>(
+    keys: impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>,
+    map: &'static str,
+) -> Result<Vec<K>> {
+    keys.collect::<std::result::Result<_, _>>()
+        .map_err(|source| Error::ReadMap { map, source })
+}
+
+fn remove<K: std::fmt::Debug>(
+    result: std::result::Result<(), aya::maps::MapError>,
+    map: &'static str,
+    key: &K,
+) -> Result<()> {
+    result.map_err(|source| Error::WriteMap {
+        map,
+        what: format!("removal of {key:?}"),
+        source,
+    })
+}
+
+/// Returns once every program that might have read the previous generation has finished.
+///
+/// cgroup programs run inside an RCU read-side section, and `membarrier(MEMBARRIER_CMD_GLOBAL)`
+/// waits for an RCU grace period (`synchronize_rcu`). Where membarrier is refused (`nohz_full`
+/// kernels), a pause thousands of times longer than a program run stands in.
+fn wait_for_running_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        debug!(
+            "membarrier refused ({}); pausing instead",
+            std::io::Error::last_os_error()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

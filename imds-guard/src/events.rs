@@ -236,7 +236,8 @@ mod tests {
             family: FAMILY_INET,
             protocol: 6,
             port: 80,
-            _pad: [0; 6],
+            generation: 0,
+            _pad: [0; 5],
             addr: [169, 254, 169, 254, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             comm,
         }

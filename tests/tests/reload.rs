@@ -1,0 +1,186 @@
+//! Live reload (SIGHUP) on the real kernel: the policy changes with no gap and no mix.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use imds_guard_tests::{
+    Agent, Client, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, privileged, unique_name,
+};
+use nix::sys::signal::Signal;
+
+const EPERM: i32 = libc::EPERM;
+const ALLOWED: u32 = 1000;
+const DENIED: u32 = 1001;
+const LATE: u32 = 1002;
+
+/// A config file removed on drop; rewritten atomically (rename) so a reload never reads half.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(text: &str) -> Self {
+        let file = Self(std::env::temp_dir().join(format!("{}.toml", unique_name("cfg"))));
+        file.write(text);
+        file
+    }
+
+    fn write(&self, text: &str) {
+        let staging = self.0.with_extension("tmp");
+        std::fs::write(&staging, text).expect("write config");
+        std::fs::rename(&staging, &self.0).expect("rename config");
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sets the flag when dropped, also while unwinding.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Sends SIGHUP and waits until the agent logged `count` outcomes containing `marker`.
+fn reload_and_wait(agent: &Agent, marker: &str, count: usize) {
+    agent.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.stderr().matches(marker).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} #{count}:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn reload_under_fire_gives_no_wrong_verdict() {
+    const RELOADS: usize = 60;
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let other = attach.child("other");
+    // Both policies allow ALLOWED and deny DENIED; everything else about them differs: mode of
+    // nothing else, extra rules, extra protected addresses, a cgroup rule (so rule sets and
+    // the ancestor walk change too).
+    let policy_a = format!("cgroup = \"{}\"\nallow_uid = [0, {ALLOWED}]\n", attach.path);
+    let policy_b = format!(
+        "cgroup = \"{}\"\nallow_uid = [{ALLOWED}, 0, 4000]\nallow_gid = [3000]\n\
+         allow_cgroup = [\"{}\"]\nprotect = [\"imds\", \"ecs-credentials\", \"10.9.8.7\"]\n",
+        attach.path, other.path
+    );
+    let config = ConfigFile::new(&policy_a);
+    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+
+    let done = AtomicBool::new(false);
+    let (allowed_rounds, denied_rounds) = std::thread::scope(|scope| {
+        let allowed = scope.spawn(|| {
+            let mut rounds = 0;
+            while !done.load(Ordering::Relaxed) {
+                let outcome = Client::new(&sandbox, &attach, ALLOWED, ALLOWED)
+                    .repeat(20)
+                    .tcp(IMDS_V4, 80);
+                assert_eq!(
+                    (outcome.eperm, outcome.errno),
+                    (0, None),
+                    "allowed uid refused"
+                );
+                rounds += 1;
+            }
+            rounds
+        });
+        let denied = scope.spawn(|| {
+            // Paced: every denial is an event the harness keeps, so this one must not flood.
+            let mut rounds = 0;
+            while !done.load(Ordering::Relaxed) {
+                let outcome = Client::new(&sandbox, &attach, DENIED, DENIED)
+                    .repeat(50)
+                    .tcp(IMDS_V4, 80);
+                assert_eq!(outcome.eperm, 50, "denied uid got through");
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            rounds
+        });
+        // Stops the probers however this loop ends, so a failure cannot hang the scope.
+        let stop = StopOnDrop(&done);
+        for round in 1..=RELOADS {
+            config.write(if round % 2 == 1 { &policy_b } else { &policy_a });
+            reload_and_wait(&agent, "policy reloaded", round);
+            // Pacing, not timing: give both probers connects under this policy too.
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        drop(stop);
+        (
+            allowed.join().expect("allowed prober"),
+            denied.join().expect("denied prober"),
+        )
+    });
+    eprintln!(
+        "{RELOADS} reloads under {allowed_rounds} + {denied_rounds} rounds of connects: \
+         no wrong verdict"
+    );
+    assert!(
+        allowed_rounds > 1 && denied_rounds > 1,
+        "the probers did not overlap the reloads"
+    );
+}
+
+#[test]
+fn invalid_config_at_reload_keeps_the_policy_in_force() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let valid = format!("cgroup = \"{}\"\nallow_uid = [0, {ALLOWED}]\n", attach.path);
+    let config = ConfigFile::new(&valid);
+    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+
+    config.write(&format!(
+        "cgroup = \"{}\"\nallow_uid = [0, {LATE}]\nalow_gid = [1]\n",
+        attach.path
+    ));
+    reload_and_wait(&agent, "reload refused", 1);
+    let expected = format!("{}:3:1: unknown field `alow_gid`", config.path().display());
+    assert!(agent.stderr().contains(&expected), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("failed_reloads=1"),
+        "{}",
+        agent.stderr()
+    );
+    // Nothing of the refused file applies: ALLOWED still in, LATE still out.
+    Client::new(&sandbox, &attach, ALLOWED, ALLOWED)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    Client::new(&sandbox, &attach, LATE, LATE)
+        .imds(IMDS_V4, 80)
+        .assert_errno(EPERM);
+
+    // A valid file then takes effect at the next reload.
+    config.write(&format!(
+        "cgroup = \"{}\"\nallow_uid = [0, {LATE}]\n",
+        attach.path
+    ));
+    reload_and_wait(&agent, "policy reloaded", 1);
+    Client::new(&sandbox, &attach, LATE, LATE)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    let refused = Client::new(&sandbox, &attach, ALLOWED, ALLOWED).imds(IMDS_V4, 80);
+    refused.assert_errno(EPERM);
+    let events = agent.wait_events_of(refused.pid, 1);
+    assert_eq!(events[0]["rule"], "default");
+}
