@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::{
     cgroups::Hierarchy,
     cli::RunArgs,
-    config::Config,
+    config::{Config, Setting},
     ebpf::{self, Kernel},
     error::{Error, Result},
     events::{self, Record},
@@ -65,19 +65,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .map_err(|source| Error::Runtime { source })?;
     let running = Running {
         args,
-        config,
-        hierarchy,
+        attach: config.attach,
         failed_reloads: 0,
     };
-    runtime.block_on(serve(kernel, events, policy, running))
+    runtime.block_on(serve(kernel, events, policy, &hierarchy, running))
 }
 
 /// What the agent needs to re-read its settings while it runs.
 struct Running<'a> {
     args: &'a RunArgs,
-    /// The settings in force (their attach point cannot change without a restart).
-    config: Config,
-    hierarchy: Hierarchy,
+    /// Where the programs are attached: a reload cannot move them.
+    attach: Setting<String>,
     failed_reloads: u64,
 }
 
@@ -85,10 +83,10 @@ impl Running<'_> {
     /// Re-reads and validates the settings; on success the kernel switches to the new policy
     /// (see [`Kernel::switch_to`]) and its generation is returned with it. On any failure the
     /// policy in force stays, and the failure is logged and counted.
-    fn reload(&mut self, kernel: &mut Kernel) -> Option<(u32, Policy)> {
+    fn reload(&mut self, kernel: &mut Kernel, hierarchy: &Hierarchy) -> Option<(u32, Policy)> {
         let result = Config::load(self.args.config.as_deref(), &self.args.overrides())
             .and_then(|config| {
-                let policy = Policy::resolve(&config, &self.hierarchy)?;
+                let policy = Policy::resolve(&config, hierarchy)?;
                 Ok((config, policy))
             })
             .and_then(|(config, policy)| {
@@ -97,17 +95,13 @@ impl Running<'_> {
             });
         match result {
             Ok((config, generation, policy)) => {
-                if config.attach.value != self.config.attach.value {
+                if config.attach.value != self.attach.value {
                     warn!(
                         "the attach point stays {} until a restart ({} asks for {})",
-                        self.config.attach.value, config.attach.origin, config.attach.value
+                        self.attach.value, config.attach.origin, config.attach.value
                     );
                 }
                 info!(generation, mode = %policy.mode, rules = policy.rules.len(), "policy reloaded");
-                self.config = Config {
-                    attach: self.config.attach.clone(),
-                    ..config
-                };
                 Some((generation, policy))
             }
             Err(err) => {
@@ -128,6 +122,7 @@ async fn serve(
     mut kernel: Kernel,
     events: RingBuf<MapData>,
     policy: Policy,
+    hierarchy: &Hierarchy,
     mut running: Running<'_>,
 ) -> Result<()> {
     let listen = |kind| signal(kind).map_err(|source| Error::Runtime { source });
@@ -142,7 +137,7 @@ async fn serve(
                 source: err.into_parts().1,
             }
         })?;
-    let mut reporter = Reporter::new(policy, &running.hierarchy);
+    let mut reporter = Reporter::new(policy, hierarchy);
 
     // Programs attached, policy in the maps: only now may systemd start what depends on us.
     if let Err(err) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
@@ -161,7 +156,7 @@ async fn serve(
                 // Report what the current policies judged before a generation slot is reused:
                 // one batch holds everything already in the ring, so this needs no loop.
                 let _ = reporter.drain(ring.get_mut());
-                if let Some((generation, policy)) = running.reload(&mut kernel) {
+                if let Some((generation, policy)) = running.reload(&mut kernel, hierarchy) {
                     reporter.set_policy(generation, policy);
                 }
             }
@@ -218,19 +213,19 @@ fn warn_of_new_losses(kernel: &Kernel, lost_so_far: &mut u64) {
 }
 
 /// Turns ring-buffer records into JSON lines on stdout.
-struct Reporter {
+struct Reporter<'a> {
     /// The policy of each generation, to name the rule that decided an event.
     policies: [Option<Policy>; 2],
-    hierarchy: Hierarchy,
+    hierarchy: &'a Hierarchy,
     cgroup_paths: HashMap<u64, Option<String>>,
     stdout_failed: bool,
 }
 
-impl Reporter {
-    fn new(policy: Policy, hierarchy: &Hierarchy) -> Self {
+impl<'a> Reporter<'a> {
+    fn new(policy: Policy, hierarchy: &'a Hierarchy) -> Self {
         Self {
             policies: [Some(policy), None],
-            hierarchy: Hierarchy::at(hierarchy.mount().to_owned()),
+            hierarchy,
             cgroup_paths: HashMap::new(),
             stdout_failed: false,
         }
