@@ -87,6 +87,13 @@ impl<'a> Client<'a> {
         self.run("udp", addr.into(), port)
     }
 
+    /// One of the client's other routes to `addr:port` (see `imds-client --help`), e.g.
+    /// `fastopen-sendto` or `sendmmsg`.
+    #[must_use]
+    pub fn route(&self, route: &str, addr: impl Into<IpAddr>, port: u16) -> Outcome {
+        self.run(route, addr.into(), port)
+    }
+
     fn run(&self, action: &str, addr: IpAddr, port: u16) -> Outcome {
         let out = Command::new(crate::agent::target_binary(
             "imds-client",

@@ -2,10 +2,15 @@
 //! the given uid/gid, then talks to an address. It prints one JSON line: its pid and what
 //! happened (`{"pid":..,"ok":true,"body":".."}` or `{"pid":..,"ok":false,"errno":1,..}`).
 //!
-//! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N [--repeat N] (imds|tcp|udp) ADDR PORT
+//! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N [--repeat N] ACTION ADDR PORT
+//!
+//! ACTION: imds, tcp, udp, or one of the routes in `routes.rs`: nonblocking-connect,
+//! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg.
 //!
 //! With `--repeat N` the action runs N times and the line also counts the failures with
 //! `EPERM` (`"eperm": k`).
+
+mod routes;
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -52,6 +57,11 @@ fn main() {
         "imds" => imds_v2(addr),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
         "udp" => udp_echo(addr),
+        "nonblocking-connect" => routes::nonblocking_connect(addr),
+        "fastopen-sendto" => routes::fastopen_sendto(addr),
+        "fastopen-connect" => routes::fastopen_connect(addr),
+        "connected-udp" => routes::connected_udp(addr),
+        "sendmmsg" => routes::sendmmsg(addr),
         other => panic!("unknown action {other}"),
     };
     let repeat: u32 = options
