@@ -229,26 +229,18 @@ impl Kernel {
                 source,
             })?;
         let bit = 1u32 << generation;
-        let mut v4: HashMap<_, u32, u32> = self.map_mut(PROTECTED_V4)?;
-        for key in &entries.protected_v4 {
-            let mask = v4.get(key, 0).unwrap_or(0);
-            v4.insert(key, mask | bit, 0)
-                .map_err(|source| Error::WriteMap {
-                    map: PROTECTED_V4,
-                    what: std::net::Ipv4Addr::from(key.to_ne_bytes()).to_string(),
-                    source,
-                })?;
-        }
-        let mut v6: HashMap<_, [u32; 4], u32> = self.map_mut(PROTECTED_V6)?;
-        for key in &entries.protected_v6 {
-            let mask = v6.get(key, 0).unwrap_or(0);
-            v6.insert(key, mask | bit, 0)
-                .map_err(|source| Error::WriteMap {
-                    map: PROTECTED_V6,
-                    what: format!("{key:x?}"),
-                    source,
-                })?;
-        }
+        set_bit(
+            &mut self.map_mut(PROTECTED_V4)?,
+            PROTECTED_V4,
+            &entries.protected_v4,
+            bit,
+        )?;
+        set_bit(
+            &mut self.map_mut(PROTECTED_V6)?,
+            PROTECTED_V6,
+            &entries.protected_v6,
+            bit,
+        )?;
         Ok(())
     }
 
@@ -277,26 +269,8 @@ impl Kernel {
             remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
         }
         let bit = 1u32 << generation;
-        let mut v4: HashMap<_, u32, u32> = self.map_mut(PROTECTED_V4)?;
-        for key in collect_keys(v4.keys(), PROTECTED_V4)? {
-            let mask = v4.get(&key, 0).unwrap_or(0);
-            let written = if mask & !bit == 0 {
-                v4.remove(&key)
-            } else {
-                v4.insert(key, mask & !bit, 0)
-            };
-            remove(written, PROTECTED_V4, &key)?;
-        }
-        let mut v6: HashMap<_, [u32; 4], u32> = self.map_mut(PROTECTED_V6)?;
-        for key in collect_keys(v6.keys(), PROTECTED_V6)? {
-            let mask = v6.get(&key, 0).unwrap_or(0);
-            let written = if mask & !bit == 0 {
-                v6.remove(&key)
-            } else {
-                v6.insert(key, mask & !bit, 0)
-            };
-            remove(written, PROTECTED_V6, &key)?;
-        }
+        clear_bit::<u32>(&mut self.map_mut(PROTECTED_V4)?, PROTECTED_V4, bit)?;
+        clear_bit::<[u32; 4]>(&mut self.map_mut(PROTECTED_V6)?, PROTECTED_V6, bit)?;
         Ok(())
     }
 
@@ -419,6 +393,44 @@ fn multi_attach_mode() -> CgroupAttachMode {
     } else {
         CgroupAttachMode::AllowMultiple
     }
+}
+
+/// Marks `keys` (protected addresses) as protected in the generation of `bit`.
+fn set_bit<K: aya::Pod + std::fmt::Debug>(
+    map: &mut HashMap<&mut MapData, K, u32>,
+    name: &'static str,
+    keys: &[K],
+    bit: u32,
+) -> Result<()> {
+    for key in keys {
+        let mask = map.get(key, 0).unwrap_or(0);
+        map.insert(key, mask | bit, 0)
+            .map_err(|source| Error::WriteMap {
+                map: name,
+                what: format!("protected address {key:x?}"),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Unmarks every protected address for the generation of `bit`, removing those no generation
+/// protects any more.
+fn clear_bit<K: aya::Pod + std::fmt::Debug>(
+    map: &mut HashMap<&mut MapData, K, u32>,
+    name: &'static str,
+    bit: u32,
+) -> Result<()> {
+    for key in collect_keys(map.keys(), name)? {
+        let mask = map.get(&key, 0).unwrap_or(0);
+        let written = if mask & !bit == 0 {
+            map.remove(&key)
+        } else {
+            map.insert(key, mask & !bit, 0)
+        };
+        remove(written, name, &key)?;
+    }
+    Ok(())
 }
 
 fn collect_keys<K>(
