@@ -165,24 +165,30 @@ impl Kernel {
     /// 32-bit store, and the old generation is removed only once no program can still be
     /// reading it. Returns the generation now in force.
     ///
-    /// On failure the old policy stays in force, and what was written of the new one is removed.
+    /// An error means the old policy is still in force (what was written of the new one is
+    /// removed); `Ok` means the new one is, even if removing the old one then failed: its
+    /// leftovers are only logged, and the next switch clears them before reusing the slot.
     ///
     /// # Errors
     /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
     pub fn switch_to(&mut self, policy: &Policy) -> Result<u32> {
         let old = self.active_generation()?;
         let new = old ^ 1;
-        // Leftovers of an earlier switch that failed half-way.
+        // Leftovers of an earlier switch whose clean-up failed.
         self.clear_generation(new)?;
-        if let Err(err) = self.write_generation(&policy.compile(new), new) {
+        let written = self
+            .write_generation(&policy.compile(new), new)
+            .and_then(|()| self.activate(new));
+        if let Err(err) = written {
             if let Err(cleanup) = self.clear_generation(new) {
-                warn!("removing the half-written policy failed: {cleanup}");
+                warn!("removing the unused new policy failed: {cleanup}");
             }
             return Err(err);
         }
-        self.activate(new)?;
         wait_for_running_programs();
-        self.clear_generation(old)?;
+        if let Err(err) = self.clear_generation(old) {
+            warn!("the new policy is in force, but removing the old one failed: {err}");
+        }
         Ok(new)
     }
 
