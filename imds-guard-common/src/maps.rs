@@ -44,6 +44,8 @@ pub const COUNTER_EVENTS_LOST: u32 = 3;
 /// Number of counters in [`COUNTERS`].
 pub const COUNTER_COUNT: u32 = 4;
 
+/// `BPF_F_NO_PREALLOC`: the policy maps take memory per entry in use, not for their capacity.
+pub const MAP_FLAGS_NO_PREALLOC: u32 = 1;
 /// Capacity of [`CGROUP_RULESETS`] (both generations together).
 pub const CGROUP_RULESETS_MAX_ENTRIES: u32 = 65_536;
 /// Capacity of [`ALLOW`] (both generations together).

@@ -5,6 +5,7 @@
 //!    an entry in `CGROUP_RULESETS` selects one; with none, [`RULESET_DEFAULT`] applies;
 //! 2. the *rules* of that set: an `ALLOW` entry for the task's uid, for its gid, or one that
 //!    allows any task ([`KIND_ANY`]), keyed by ([`RuleKey`]) generation, rule set, kind and id;
+//!    of those found, the one with the lowest rule id (the first in the config file) decides;
 //! 3. the global *mode* when no rule matched: deny in enforce mode, report in audit mode.
 //!
 //! Cgroup rules are therefore compiled into rule sets holding every rule that applies inside
@@ -52,9 +53,10 @@ pub type ProtectedV6Key = [u32; 4];
 pub struct Settings {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
-    /// Number of `CGROUP_RULESETS` entries of this generation: with none, the hook skips the
-    /// ancestor walk.
-    pub cgroup_entries: u32,
+    /// Non-zero when rules of this generation have cgroup conditions, so `CGROUP_RULESETS` may
+    /// hold entries of it (cgroups come and go while it is in force); zero lets the hook skip
+    /// the ancestor walk.
+    pub cgroup_rules: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 8);
 

@@ -9,7 +9,7 @@ use imds_guard_common::{
     event::Event,
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
-        PROTECTED_MAX_ENTRIES,
+        MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES,
     },
     policy::{CgroupKey, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
 };
@@ -35,11 +35,12 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(2, 0);
 /// Cgroups that select a rule set for themselves and their descendants.
 #[map(name = "CGROUP_RULESETS")]
 pub static CGROUP_RULESETS: HashMap<CgroupKey, u32> =
-    HashMap::with_max_entries(CGROUP_RULESETS_MAX_ENTRIES, 0);
+    HashMap::with_max_entries(CGROUP_RULESETS_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC);
 
 /// Allow rules by (generation, rule set, uid/gid/any).
 #[map(name = "ALLOW")]
-pub static ALLOW: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(ALLOW_MAX_ENTRIES, 0);
+pub static ALLOW: HashMap<RuleKey, RuleValue> =
+    HashMap::with_max_entries(ALLOW_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC);
 
 /// Denied and audited attempts, for the agent.
 #[map(name = "EVENTS")]

@@ -9,7 +9,7 @@ use imds_guard_common::{
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
     policy::{
         CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, RULE_DEFAULT,
-        RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, Settings,
+        RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
     },
 };
 
@@ -132,20 +132,21 @@ fn judge_protected(
 
 /// Returns the verdict and the deciding rule for a task with `uid`/`gid` in the current cgroup.
 ///
-/// A rule that allows outright wins over one that allows with a report; with no matching rule
-/// the generation's mode decides. If the settings cannot be read (they always can: the agent
-/// writes them before attaching), the task is judged as in enforce mode: fail closed.
+/// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
+/// id decides: the first in the config file, as the agent's `explain` says. With none, the
+/// generation's mode decides. If the settings cannot be read (they always can: the agent writes
+/// them before attaching), the task is judged as in enforce mode: fail closed.
 fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
     let settings = SETTINGS
         .get(generation)
         .copied()
         .unwrap_or(Settings::default());
-    let ruleset = if settings.cgroup_entries == 0 {
+    let ruleset = if settings.cgroup_rules == 0 {
         RULESET_DEFAULT
     } else {
         nearest_ruleset(generation)
     };
-    let mut audited_by = RULE_DEFAULT;
+    let mut first: Option<RuleValue> = None;
     for (kind, id) in [(KIND_UID, uid), (KIND_GID, gid), (KIND_ANY, 0)] {
         let key = RuleKey {
             generation,
@@ -154,21 +155,17 @@ fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
             id,
         };
         // SAFETY: plain values, only read.
-        if let Some(rule) = unsafe { ALLOW.get(key) } {
-            if rule.flags & RULE_FLAG_AUDIT == 0 {
-                return (VERDICT_ALLOW, rule.rule);
-            }
-            if audited_by == RULE_DEFAULT {
-                audited_by = rule.rule;
-            }
+        if let Some(&found) = unsafe { ALLOW.get(key) }
+            && first.is_none_or(|first| found.rule < first.rule)
+        {
+            first = Some(found);
         }
     }
-    if audited_by != RULE_DEFAULT {
-        (VERDICT_AUDIT, audited_by)
-    } else if settings.mode == MODE_AUDIT {
-        (VERDICT_AUDIT, RULE_DEFAULT)
-    } else {
-        (VERDICT_DENY, RULE_DEFAULT)
+    match first {
+        Some(rule) if rule.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, rule.rule),
+        Some(rule) => (VERDICT_AUDIT, rule.rule),
+        None if settings.mode == MODE_AUDIT => (VERDICT_AUDIT, RULE_DEFAULT),
+        None => (VERDICT_DENY, RULE_DEFAULT),
     }
 }
 

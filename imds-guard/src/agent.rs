@@ -7,20 +7,24 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use imds_guard_common::maps::EVENTS_RING_BYTES;
+use imds_guard_common::policy::MAX_CGROUP_LEVEL;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cgroups::Hierarchy,
     cli::RunArgs,
+    compile::{CgroupDir, Compiled},
     config::{Config, Setting},
     ebpf::{self, Kernel},
     error::{Error, Result},
     events::{self, Record},
+    pidfile::PidFile,
     policy::Policy,
+    tree::{Changes, Watcher},
 };
 
 /// Cgroup paths remembered for events; cleared when it grows past this many entries.
@@ -32,6 +36,8 @@ const DRAIN_BATCH_RECORDS: usize =
     (EVENTS_RING_BYTES as usize).div_ceil(size_of::<imds_guard_common::event::Event>() + 8);
 /// How often the agent checks the kernel's lost-event counter.
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
+/// How often the whole cgroup tree is scanned, in case a change notification was missed.
+const RESYNC_INTERVAL_SECS: u64 = 30;
 
 /// Runs the agent until SIGTERM or SIGINT.
 ///
@@ -46,16 +52,23 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let attach = hierarchy.resolve(&config.attach.origin, &config.attach.value)?;
     let policy = Policy::resolve(&config, &hierarchy)?;
     ebpf::preflight()?;
+    let pid_file = PidFile::lock(&args.pid_file)?;
 
+    let mut watcher = Watcher::new().map_err(|source| Error::WatchCgroups { source })?;
+    let dirs = watcher.scan(&hierarchy, &attach.path);
+    let (compiled, too_deep) = Compiled::new(policy, 0, &attach.path, &dirs);
+    warn_too_deep(&too_deep);
     let mut kernel = Kernel::load()?;
-    kernel.install(&policy)?;
+    kernel.install(&compiled)?;
     let events = kernel.take_events()?;
     kernel.attach(&attach)?;
     info!(
         cgroup = %attach.path,
-        mode = %policy.mode,
-        rules = policy.rules.len(),
-        protected = ?policy.protect,
+        mode = %compiled.policy.mode,
+        rules = compiled.policy.rules.len(),
+        protected = ?compiled.policy.protect,
+        cgroup_entries = compiled.cgroup_entries(),
+        watched_cgroups = watcher.watched(),
         "imds-guard is enforcing"
     );
 
@@ -63,46 +76,68 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|source| Error::Runtime { source })?;
-    let running = Running {
+    let agent = Agent {
         args,
-        attach: config.attach,
+        attach_setting: config.attach,
+        attach: attach.path,
+        hierarchy,
+        kernel,
+        compiled,
         failed_reloads: 0,
+        maps_uncertain: false,
+        switched: false,
     };
-    runtime.block_on(serve(kernel, events, policy, &hierarchy, running))
+    runtime.block_on(serve(agent, events, watcher, pid_file))
 }
 
-/// What the agent needs to re-read its settings while it runs.
-struct Running<'a> {
+/// The running agent: the kernel side, the policy compiled for the cgroups that exist, and
+/// what it needs to follow the cgroup tree and re-read its settings.
+struct Agent<'a> {
     args: &'a RunArgs,
-    /// Where the programs are attached: a reload cannot move them.
-    attach: Setting<String>,
+    /// Where the programs are attached, as set: a reload cannot move them.
+    attach_setting: Setting<String>,
+    /// The attach point's path.
+    attach: String,
+    hierarchy: Hierarchy,
+    kernel: Kernel,
+    /// The generation in force.
+    compiled: Compiled,
     failed_reloads: u64,
+    /// An incremental update failed part-way: the maps must be rewritten whole.
+    maps_uncertain: bool,
+    /// A new generation is in force since the reporter last learnt its policy.
+    switched: bool,
 }
 
-impl Running<'_> {
+impl Agent<'_> {
     /// Re-reads and validates the settings; on success the kernel switches to the new policy
-    /// (see [`Kernel::switch_to`]) and its generation is returned with it. On any failure the
-    /// policy in force stays, and the failure is logged and counted.
-    fn reload(&mut self, kernel: &mut Kernel, hierarchy: &Hierarchy) -> Option<(u32, Policy)> {
+    /// (see [`Kernel::switch_to`]). On any failure the policy in force stays, and the failure
+    /// is logged and counted.
+    fn reload(&mut self, watcher: &mut Watcher) {
         let result = Config::load(self.args.config.as_deref(), &self.args.overrides())
             .and_then(|config| {
-                let policy = Policy::resolve(&config, hierarchy)?;
+                let policy = Policy::resolve(&config, &self.hierarchy)?;
                 Ok((config, policy))
             })
             .and_then(|(config, policy)| {
-                let generation = kernel.switch_to(&policy)?;
-                Ok((config, generation, policy))
+                self.switch(watcher, policy)?;
+                Ok(config)
             });
         match result {
-            Ok((config, generation, policy)) => {
-                if config.attach.value != self.attach.value {
+            Ok(config) => {
+                if config.attach.value != self.attach_setting.value {
                     warn!(
                         "the attach point stays {} until a restart ({} asks for {})",
-                        self.attach.value, config.attach.origin, config.attach.value
+                        self.attach_setting.value, config.attach.origin, config.attach.value
                     );
                 }
-                info!(generation, mode = %policy.mode, rules = policy.rules.len(), "policy reloaded");
-                Some((generation, policy))
+                info!(
+                    generation = self.compiled.generation(),
+                    mode = %self.compiled.policy.mode,
+                    rules = self.compiled.policy.rules.len(),
+                    cgroup_entries = self.compiled.cgroup_entries(),
+                    "policy reloaded"
+                );
             }
             Err(err) => {
                 self.failed_reloads += 1;
@@ -111,19 +146,104 @@ impl Running<'_> {
                     "reload refused, the policy in force stays: {}",
                     crate::error::report(&err)
                 );
-                None
             }
+        }
+    }
+
+    /// Compiles `policy` for the cgroups that exist now as the inactive generation and
+    /// switches to it.
+    fn switch(&mut self, watcher: &mut Watcher, policy: Policy) -> Result<()> {
+        let generation = self.kernel.inactive_generation()?;
+        let dirs = watcher.scan(&self.hierarchy, &self.attach);
+        let (compiled, too_deep) = Compiled::new(policy, generation, &self.attach, &dirs);
+        self.kernel.switch_to(&compiled)?;
+        warn_too_deep(&too_deep);
+        self.compiled = compiled;
+        self.maps_uncertain = false;
+        self.switched = true;
+        Ok(())
+    }
+
+    /// Brings the entries of cgroups created, removed or renamed up to date.
+    fn follow(&mut self, watcher: &mut Watcher, changes: &Changes) {
+        if changes.overflow {
+            warn!("cgroup change notifications were dropped by the kernel: rescanning");
+            self.resync(watcher);
+            return;
+        }
+        for path in &changes.paths {
+            let found = watcher.scan(&self.hierarchy, path);
+            warn_too_deep(&self.compiled.sync(path, &found));
+        }
+        let delta = self.compiled.take_delta();
+        if !delta.is_empty() {
+            debug!(
+                paths = ?changes.paths,
+                cgroup_entries = self.compiled.cgroup_entries(),
+                rulesets = self.compiled.rulesets(),
+                "cgroups changed"
+            );
+            self.apply(&delta);
+        }
+    }
+
+    /// The safety net: a full scan, which finds nothing to change unless a notification was
+    /// missed (or the maps must be rewritten after a failed update).
+    fn resync(&mut self, watcher: &mut Watcher) {
+        if self.maps_uncertain {
+            let policy = self.compiled.policy.clone();
+            match self.switch(watcher, policy) {
+                Ok(()) => info!("policy maps rewritten whole after a failed update"),
+                Err(err) => error!(
+                    "rewriting the policy maps failed (retrying at the next scan): {}",
+                    crate::error::report(&err)
+                ),
+            }
+            return;
+        }
+        let found = watcher.scan(&self.hierarchy, &self.attach);
+        warn_too_deep(&self.compiled.sync(&self.attach, &found));
+        let delta = self.compiled.take_delta();
+        if !delta.is_empty() {
+            warn!(
+                added_or_changed = delta.cgroup_upsert.len(),
+                removed = delta.cgroup_remove.len(),
+                "the periodic cgroup scan found changes no notification reported"
+            );
+            self.apply(&delta);
+        }
+    }
+
+    fn apply(&mut self, delta: &crate::compile::Delta) {
+        if let Err(err) = self.kernel.apply(delta) {
+            self.maps_uncertain = true;
+            error!(
+                "updating the policy maps for changed cgroups failed; rewriting them at the \
+                 next scan: {}",
+                crate::error::report(&err)
+            );
         }
     }
 }
 
-/// Reports events until a signal, then detaches, drains what is left and reports counters.
+fn warn_too_deep(dirs: &[CgroupDir]) {
+    for dir in dirs {
+        warn!(
+            cgroup = %dir.path,
+            "a rule matches this cgroup, but it is {} levels deep and the kernel looks at most \
+             {MAX_CGROUP_LEVEL}: tasks in it get the rules of its nearest ancestor that has some",
+            dir.level()
+        );
+    }
+}
+
+/// Reports events and follows the cgroup tree until a signal, then detaches, drains what is
+/// left and reports counters.
 async fn serve(
-    mut kernel: Kernel,
+    mut agent: Agent<'_>,
     events: RingBuf<MapData>,
-    policy: Policy,
-    hierarchy: &Hierarchy,
-    mut running: Running<'_>,
+    watcher: Watcher,
+    mut pid_file: PidFile,
 ) -> Result<()> {
     let listen = |kind| signal(kind).map_err(|source| Error::Runtime { source });
     let mut sigterm = listen(SignalKind::terminate())?;
@@ -137,8 +257,19 @@ async fn serve(
                 source: err.into_parts().1,
             }
         })?;
-    let mut reporter = Reporter::new(policy, hierarchy);
+    // SAFETY: the watcher owns its inotify descriptor, which stays open and unchanged until
+    // the `AsyncFd` (and the watcher inside it) is dropped.
+    let mut watcher = unsafe { AsyncFd::register_with_interest(watcher, Interest::READABLE) }
+        .map_err(|err| Error::WatchCgroups {
+            source: err.into_parts().1,
+        })?;
+    let mut reporter = Reporter::new(
+        agent.compiled.policy.clone(),
+        Hierarchy::at(agent.hierarchy.mount().to_owned()),
+    );
 
+    // SIGHUP is handled from here on: `imds-guard reload` may find us now.
+    pid_file.publish()?;
     // Programs attached, policy in the maps: only now may systemd start what depends on us.
     if let Err(err) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!("could not notify systemd of readiness: {err}");
@@ -146,20 +277,38 @@ async fn serve(
 
     let mut loss_check =
         tokio::time::interval(std::time::Duration::from_secs(LOSS_CHECK_INTERVAL_SECS));
+    let mut resync = tokio::time::interval(std::time::Duration::from_secs(RESYNC_INTERVAL_SECS));
+    resync.reset();
     let mut lost_so_far = 0;
     let outcome = loop {
         tokio::select! {
             _ = sigterm.recv() => break Ok("SIGTERM"),
             _ = sigint.recv() => break Ok("SIGINT"),
-            _ = loss_check.tick() => warn_of_new_losses(&kernel, &mut lost_so_far),
+            _ = loss_check.tick() => warn_of_new_losses(&agent.kernel, &mut lost_so_far),
+            _ = resync.tick() => {
+                if agent.maps_uncertain {
+                    // A rewrite reuses a generation slot: see SIGHUP.
+                    let _ = reporter.drain(ring.get_mut());
+                }
+                agent.resync(watcher.get_mut());
+            }
             _ = sighup.recv() => {
                 // Report what the current policies judged before a generation slot is reused:
                 // one batch holds everything already in the ring, so this needs no loop.
                 let _ = reporter.drain(ring.get_mut());
-                if let Some((generation, policy)) = running.reload(&mut kernel, hierarchy) {
-                    reporter.set_policy(generation, policy);
-                }
+                agent.reload(watcher.get_mut());
             }
+            ready = watcher.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    let changes = guard.get_inner_mut().changed();
+                    guard.clear_ready();
+                    match changes {
+                        Ok(changes) => agent.follow(guard.get_inner_mut(), &changes),
+                        Err(source) => break Err(Error::WatchCgroups { source }),
+                    }
+                }
+                Err(source) => break Err(Error::WatchCgroups { source }),
+            },
             ready = ring.readable_mut() => match ready {
                 Ok(mut guard) => {
                     if reporter.drain(guard.get_inner_mut()) {
@@ -174,18 +323,22 @@ async fn serve(
                 Err(source) => break Err(Error::Events { source }),
             },
         }
+        if std::mem::take(&mut agent.switched) {
+            reporter.set_policy(agent.compiled.generation(), agent.compiled.policy.clone());
+        }
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let detached = kernel.detach();
+    let detached = agent.kernel.detach();
     // Events raised before the programs were detached are still in the ring: report them all
     // (none can arrive any more, so this ends).
     while !reporter.drain(ring.get_mut()) {}
-    match kernel.counters() {
+    match agent.kernel.counters() {
         Ok(counters) => info!(
             allowed = counters.allowed,
             denied = counters.denied,
             audited = counters.audited,
             events_lost = counters.events_lost,
+            failed_reloads = agent.failed_reloads,
             "detached"
         ),
         Err(err) => warn!("detached; counters unreadable: {err}"),
@@ -213,16 +366,17 @@ fn warn_of_new_losses(kernel: &Kernel, lost_so_far: &mut u64) {
 }
 
 /// Turns ring-buffer records into JSON lines on stdout.
-struct Reporter<'a> {
+struct Reporter {
     /// The policy of each generation, to name the rule that decided an event.
     policies: [Option<Policy>; 2],
-    hierarchy: &'a Hierarchy,
+    /// Its own handle on the hierarchy, to name cgroups from their ids.
+    hierarchy: Hierarchy,
     cgroup_paths: HashMap<u64, Option<String>>,
     stdout_failed: bool,
 }
 
-impl<'a> Reporter<'a> {
-    fn new(policy: Policy, hierarchy: &'a Hierarchy) -> Self {
+impl Reporter {
+    fn new(policy: Policy, hierarchy: Hierarchy) -> Self {
         Self {
             policies: [Some(policy), None],
             hierarchy,

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Mode, Overrides};
+use crate::{
+    config::{Mode, Overrides},
+    pidfile::DEFAULT_PID_FILE,
+};
 
 /// Keeps the EC2 instance metadata service for the workloads that need it.
 #[derive(Debug, Parser)]
@@ -21,6 +24,14 @@ pub enum Command {
     /// Attach the programs, enforce the policy and print one JSON line per denied (or audited)
     /// attempt on stdout until SIGTERM or SIGINT.
     Run(RunArgs),
+    /// Make the running agent re-read its config (SIGHUP), once the config it would read has
+    /// been checked: an invalid one is reported here and not sent.
+    Reload(ReloadArgs),
+    /// Validate a config file; print the effective policy, names resolved, and the cgroups each
+    /// rule matches now. Exit 1 with `file:line:col: message` on error.
+    CheckConfig(CheckConfigArgs),
+    /// Say which verdict a workload would get now for an IMDS connect, and which rule decides.
+    Explain(ExplainArgs),
 }
 
 /// `imds-guard run`.
@@ -44,6 +55,52 @@ pub struct RunArgs {
     /// Allow tasks in this cgroup and every cgroup below it (repeatable).
     #[arg(long = "allow-cgroup", value_name = "PATH")]
     pub allow_cgroup: Vec<String>,
+    /// Pid file, held locked while the agent runs (one agent per file); `reload` reads it.
+    #[arg(long = "pid-file", value_name = "FILE", default_value = DEFAULT_PID_FILE)]
+    pub pid_file: PathBuf,
+}
+
+/// `imds-guard reload`.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The running agent's pid file.
+    #[arg(long = "pid-file", value_name = "FILE", default_value = DEFAULT_PID_FILE)]
+    pub pid_file: PathBuf,
+}
+
+/// `imds-guard check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The config file (default: /etc/imds-guard/imds-guard.toml, or the built-in defaults
+    /// when it does not exist).
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+}
+
+/// `imds-guard explain`.
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("workload")
+        .required(true)
+        .multiple(true)
+        .args(["pid", "uid", "gid", "cgroup"])
+))]
+pub struct ExplainArgs {
+    /// Config file (TOML). Default: /etc/imds-guard/imds-guard.toml when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A running process: its uid, gid and cgroup.
+    #[arg(long, conflicts_with_all = ["uid", "gid", "cgroup"])]
+    pub pid: Option<u32>,
+    /// A uid or user name (without it, rules on uids do not match).
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<String>,
+    /// A gid or group name (default: the primary group of --uid's user, when it has one).
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<String>,
+    /// A cgroup, as in /proc/PID/cgroup or as its directory (default: the root).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
 }
 
 impl RunArgs {
@@ -92,7 +149,9 @@ mod tests {
             "/tmp/c.toml",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run: {:?}", cli.command);
+        };
         let overrides = args.overrides();
         assert_eq!(overrides.mode, Some(Mode::Audit));
         assert_eq!(overrides.cgroup.as_deref(), Some("/w"));
@@ -100,6 +159,32 @@ mod tests {
         assert_eq!(overrides.allow_gid, [50]);
         assert_eq!(overrides.allow_cgroup, ["/system.slice/a.service"]);
         assert_eq!(args.config, Some(PathBuf::from("/tmp/c.toml")));
+        assert_eq!(args.pid_file, PathBuf::from(DEFAULT_PID_FILE));
+    }
+
+    #[test]
+    fn explain_needs_a_workload_and_pid_stands_alone() {
+        let err = Cli::try_parse_from(["imds-guard", "explain"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err =
+            Cli::try_parse_from(["imds-guard", "explain", "--pid", "1", "--uid", "0"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let cli = Cli::try_parse_from([
+            "imds-guard",
+            "explain",
+            "--uid",
+            "cwagent",
+            "--cgroup",
+            "/a",
+        ])
+        .unwrap();
+        let Command::Explain(args) = cli.command else {
+            panic!("not explain");
+        };
+        assert_eq!(
+            (args.uid.as_deref(), args.cgroup.as_deref()),
+            (Some("cwagent"), Some("/a"))
+        );
     }
 
     #[test]

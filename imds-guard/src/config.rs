@@ -50,6 +50,7 @@ struct RawConfig {
     allow_uid: Option<Vec<Spanned<u32>>>,
     allow_gid: Option<Vec<Spanned<u32>>>,
     allow_cgroup: Option<Vec<Spanned<String>>>,
+    allow: Option<Vec<Spanned<RawRule>>>,
 }
 
 /// Settings given on the command line; they add to the file's lists and override its mode.
@@ -76,34 +77,182 @@ pub struct Setting<T> {
     pub origin: Origin,
 }
 
-/// What an allow rule matches.
+/// A uid or gid as written: a number, or a user or group name looked up when the policy is
+/// resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Match {
-    /// Tasks with this uid.
-    Uid(u32),
-    /// Tasks with this primary gid.
-    Gid(u32),
-    /// Tasks in this cgroup or below it, as given by the user (resolved later).
-    Cgroup(String),
+pub enum Principal {
+    /// A numeric id.
+    Id(u32),
+    /// A name from the user or group database.
+    Name(String),
 }
 
-impl fmt::Display for Match {
+impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Uid(uid) => write!(f, "uid {uid}"),
-            Self::Gid(gid) => write!(f, "gid {gid}"),
-            Self::Cgroup(path) => write!(f, "cgroup {path}"),
+            Self::Id(id) => write!(f, "{id}"),
+            Self::Name(name) => f.write_str(name),
         }
     }
 }
 
-/// One allow rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl<'de> Deserialize<'de> for Principal {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Principal;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number (0 to 4294967295) or a name")
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Principal, E> {
+                u32::try_from(value)
+                    .map(Principal::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(value), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Principal, E> {
+                u32::try_from(value)
+                    .map(Principal::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(value), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Principal, E> {
+                if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c == ':') {
+                    return Err(E::invalid_value(serde::de::Unexpected::Str(value), &self));
+                }
+                Ok(value
+                    .parse()
+                    .map_or_else(|_| Principal::Name(value.to_owned()), Principal::Id))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// One string or an array of them, each with its position when the file gives one.
+#[derive(Debug)]
+enum Strings {
+    One(String),
+    Many(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for Strings {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Strings;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Strings, E> {
+                Ok(Strings::One(value.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Strings, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Strings::Many(items))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// One `[[allow]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    uid: Option<Spanned<Principal>>,
+    gid: Option<Spanned<Principal>>,
+    cgroup: Option<Spanned<Strings>>,
+    unit: Option<Spanned<Strings>>,
+    not_cgroup: Option<Spanned<Strings>>,
+    mode: Option<Spanned<Mode>>,
+}
+
+/// One allow rule: every condition it has must hold for a task to match it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
-    /// What it matches.
-    pub matches: Match,
+    /// The name events and `explain` use; `None` for the description of its conditions.
+    pub name: Option<String>,
+    /// The task's uid.
+    pub uid: Option<Principal>,
+    /// The task's primary gid.
+    pub gid: Option<Principal>,
+    /// The task is in a cgroup matching one of these paths or glob patterns, or below one.
+    pub cgroup: Vec<Setting<String>>,
+    /// The task is in the cgroup of one of these systemd units (glob patterns allowed), or
+    /// below it, wherever the unit lives in the tree.
+    pub unit: Vec<Setting<String>>,
+    /// The task is in none of the cgroups matching these, nor below one.
+    pub not_cgroup: Vec<Setting<String>>,
+    /// `allow_cgroup` and `--allow-cgroup`: the cgroup must exist when the policy is resolved.
+    pub cgroup_must_exist: bool,
+    /// Staged: a matching attempt is allowed but reported.
+    pub audit: bool,
     /// Where it was written.
     pub origin: Origin,
+}
+
+impl Rule {
+    fn uid(uid: u32, origin: Origin) -> Self {
+        Self {
+            uid: Some(Principal::Id(uid)),
+            origin,
+            ..Self::default()
+        }
+    }
+
+    fn gid(gid: u32, origin: Origin) -> Self {
+        Self {
+            gid: Some(Principal::Id(gid)),
+            origin,
+            ..Self::default()
+        }
+    }
+
+    fn cgroup(path: String, origin: Origin) -> Self {
+        Self {
+            cgroup: vec![Setting {
+                value: path,
+                origin: origin.clone(),
+            }],
+            cgroup_must_exist: true,
+            origin,
+            ..Self::default()
+        }
+    }
+
+    /// Its conditions, as `uid 0, not cgroup /system.slice/docker-*.scope`.
+    #[must_use]
+    pub fn conditions(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(uid) = &self.uid {
+            parts.push(format!("uid {uid}"));
+        }
+        if let Some(gid) = &self.gid {
+            parts.push(format!("gid {gid}"));
+        }
+        let mut list = |label: &str, items: &[Setting<String>]| {
+            if !items.is_empty() {
+                let values: Vec<&str> = items.iter().map(|item| item.value.as_str()).collect();
+                parts.push(format!("{label} {}", values.join(" | ")));
+            }
+        };
+        list("cgroup", &self.cgroup);
+        list("unit", &self.unit);
+        list("not cgroup", &self.not_cgroup);
+        parts.join(", ")
+    }
+
+    /// The name events use: the rule's `name`, or its conditions.
+    #[must_use]
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.conditions())
+    }
 }
 
 /// Validated settings: everything the policy needs, nothing resolved against the host yet.
@@ -117,7 +266,7 @@ pub struct Config {
     pub attach: Setting<String>,
     /// Protected destinations (any port), de-duplicated, IPv4-mapped IPv6 written as IPv4.
     pub protect: Vec<Setting<IpAddr>>,
-    /// Allow rules, in the order written: uids, gids, cgroups.
+    /// Allow rules in the order written (options last): the first that matches decides.
     pub allow: Vec<Rule>,
 }
 
@@ -160,7 +309,7 @@ impl Config {
     /// As for [`Config::load`].
     pub fn from_toml(file: Option<&Path>, text: &str, overrides: &Overrides) -> Result<Self> {
         let display_path = file.map_or_else(|| PathBuf::from("<config>"), Path::to_owned);
-        let raw: RawConfig = toml::from_str(text).map_err(|err| {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|err| {
             let (line, column) = err
                 .span()
                 .map_or((1, 1), |span| line_column(text, span.start));
@@ -176,6 +325,7 @@ impl Config {
             format!("{}:{line}:{column}", display_path.display())
         };
 
+        let allow = rules(&mut raw, overrides, &at)?;
         let mode = overrides
             .mode
             .or(raw.mode.map(Spanned::into_inner))
@@ -219,35 +369,6 @@ impl Config {
             let defaults = protect_entry("imds").unwrap_or_default();
             add_unique_in_file(&mut protect, defaults, &"default".into())?;
         }
-
-        let mut allow = Vec::new();
-        let uids = match raw.allow_uid {
-            Some(uids) => spanned(uids, &at),
-            None => vec![(0, "default".into())],
-        };
-        let uid_options = overrides
-            .allow_uid
-            .iter()
-            .map(|&uid| (uid, "--allow-uid".into()));
-        push_rules(&mut allow, uids, uid_options, Match::Uid)?;
-        let gids = raw
-            .allow_gid
-            .map(|gids| spanned(gids, &at))
-            .unwrap_or_default();
-        let gid_options = overrides
-            .allow_gid
-            .iter()
-            .map(|&gid| (gid, "--allow-gid".into()));
-        push_rules(&mut allow, gids, gid_options, Match::Gid)?;
-        let cgroups = raw
-            .allow_cgroup
-            .map(|cgroups| spanned(cgroups, &at))
-            .unwrap_or_default();
-        let cgroup_options = overrides
-            .allow_cgroup
-            .iter()
-            .map(|cgroup| (cgroup.clone(), "--allow-cgroup".into()));
-        push_rules(&mut allow, cgroups, cgroup_options, Match::Cgroup)?;
 
         Ok(Self {
             file: file.map(Path::to_owned),
@@ -311,44 +432,215 @@ fn add_unique_in_file(
     Ok(())
 }
 
-fn spanned<T>(values: Vec<Spanned<T>>, at: &impl Fn(Range<usize>) -> String) -> Vec<(T, Origin)> {
-    values
-        .into_iter()
-        .map(|value| {
-            let origin = at(value.span());
-            (value.into_inner(), origin)
-        })
-        .collect()
-}
+/// The allow rules: the file's in the order written, then the options'. The first that
+/// matches an attempt decides it.
+fn rules(
+    raw: &mut RawConfig,
+    overrides: &Overrides,
+    at: &impl Fn(Range<usize>) -> String,
+) -> Result<Vec<Rule>> {
+    let defines_rules = raw.allow_uid.is_some()
+        || raw.allow_gid.is_some()
+        || raw.allow_cgroup.is_some()
+        || raw.allow.is_some();
+    let mut written: Vec<(usize, Rule)> = Vec::new();
+    for uid in raw.allow_uid.take().unwrap_or_default() {
+        let origin = at(uid.span());
+        written.push((uid.span().start, Rule::uid(uid.into_inner(), origin)));
+    }
+    for gid in raw.allow_gid.take().unwrap_or_default() {
+        let origin = at(gid.span());
+        written.push((gid.span().start, Rule::gid(gid.into_inner(), origin)));
+    }
+    for cgroup in raw.allow_cgroup.take().unwrap_or_default() {
+        let origin = at(cgroup.span());
+        written.push((
+            cgroup.span().start,
+            Rule::cgroup(cgroup.into_inner(), origin),
+        ));
+    }
+    for table in raw.allow.take().unwrap_or_default() {
+        let start = table.span().start;
+        let origin = at(table.span());
+        written.push((start, rule_from_table(table.into_inner(), origin, at)?));
+    }
+    written.sort_by_key(|(start, _)| *start);
 
-/// Appends the file's values (a repeated value there is an error) and then the command line's
-/// (which may repeat the file's: they add, so a repeat is a no-op).
-fn push_rules<T: PartialEq + fmt::Display>(
-    allow: &mut Vec<Rule>,
-    from_file: Vec<(T, Origin)>,
-    from_cli: impl Iterator<Item = (T, Origin)>,
-    to_match: impl Fn(T) -> Match,
-) -> Result<()> {
-    for (value, origin) in from_file {
-        let matches = to_match(value);
-        if let Some(earlier) = allow.iter().find(|rule| rule.matches == matches) {
+    let mut allow = Vec::new();
+    if !defines_rules {
+        allow.push(Rule::uid(0, "default".into()));
+    }
+    for (_, rule) in written {
+        if let Some(name) = &rule.name
+            && let Some(earlier) = allow
+                .iter()
+                .find(|other: &&Rule| other.name.as_ref() == Some(name))
+        {
             return Err(Error::InvalidSetting {
-                origin,
+                origin: rule.origin,
                 message: format!(
-                    "duplicate rule: {matches} is already allowed at {}",
+                    "duplicate rule name {name:?}: the rule at {} has it",
                     earlier.origin
                 ),
             });
         }
-        allow.push(Rule { matches, origin });
+        allow.push(rule);
     }
-    for (value, origin) in from_cli {
-        let matches = to_match(value);
-        if !allow.iter().any(|rule| rule.matches == matches) {
-            allow.push(Rule { matches, origin });
+    // Options add to the file's rules; one the file already has changes nothing.
+    let options = (overrides.allow_uid.iter())
+        .map(|&uid| Rule::uid(uid, "--allow-uid".into()))
+        .chain((overrides.allow_gid.iter()).map(|&gid| Rule::gid(gid, "--allow-gid".into())))
+        .chain(
+            (overrides.allow_cgroup.iter())
+                .map(|cgroup| Rule::cgroup(cgroup.clone(), "--allow-cgroup".into())),
+        );
+    for rule in options {
+        if !allow
+            .iter()
+            .any(|other| other.conditions() == rule.conditions() && !other.audit)
+        {
+            allow.push(rule);
         }
     }
-    Ok(())
+    Ok(allow)
+}
+
+/// Systemd unit types that have a cgroup of their own.
+const UNIT_TYPES_WITH_CGROUP: [&str; 6] =
+    [".service", ".scope", ".slice", ".socket", ".mount", ".swap"];
+
+/// Validates one `[[allow]]` table.
+fn rule_from_table(
+    raw: RawRule,
+    origin: Origin,
+    at: &impl Fn(Range<usize>) -> String,
+) -> Result<Rule> {
+    let invalid = |origin: String, message: String| Error::InvalidSetting { origin, message };
+    let name = match raw.name {
+        Some(name) => {
+            let name_origin = at(name.span());
+            let name = name.into_inner();
+            if name.trim().is_empty() || name == "default" {
+                return Err(invalid(
+                    name_origin,
+                    format!(
+                        "rule name {name:?} cannot be used: names must be non-empty and \
+                         \"default\" names the global mode in events"
+                    ),
+                ));
+            }
+            Some(name)
+        }
+        None => None,
+    };
+    let list =
+        |key: &str, value: Option<Spanned<Strings>>, check: fn(&str) -> Result<(), String>| {
+            let Some(value) = value else {
+                return Ok(Vec::new());
+            };
+            let whole = at(value.span());
+            let items = match value.into_inner() {
+                Strings::One(text) => vec![Setting {
+                    value: text,
+                    origin: whole.clone(),
+                }],
+                Strings::Many(items) => items
+                    .into_iter()
+                    .map(|item| Setting {
+                        origin: at(item.span()),
+                        value: item.into_inner(),
+                    })
+                    .collect(),
+            };
+            if items.is_empty() {
+                return Err(invalid(
+                    whole,
+                    format!("{key} is empty: remove the key or give at least one value"),
+                ));
+            }
+            for item in &items {
+                check(&item.value).map_err(|message| invalid(item.origin.clone(), message))?;
+            }
+            Ok(items)
+        };
+    let rule = Rule {
+        name,
+        uid: raw.uid.map(Spanned::into_inner),
+        gid: raw.gid.clone().map(Spanned::into_inner),
+        cgroup: list("cgroup", raw.cgroup, check_cgroup_pattern)?,
+        unit: list("unit", raw.unit, check_unit_pattern)?,
+        not_cgroup: list("not_cgroup", raw.not_cgroup, check_cgroup_pattern)?,
+        cgroup_must_exist: false,
+        audit: raw.mode.is_some_and(|mode| *mode.get_ref() == Mode::Audit),
+        origin,
+    };
+    if let (Some(_), Some(gid)) = (&rule.uid, &raw.gid) {
+        return Err(invalid(
+            at(gid.span()),
+            "a rule matches a uid or a gid, not both: the uid already names one user \
+             (write two rules to allow either)"
+                .into(),
+        ));
+    }
+    if rule.uid.is_none()
+        && rule.gid.is_none()
+        && rule.cgroup.is_empty()
+        && rule.unit.is_empty()
+        && rule.not_cgroup.is_empty()
+    {
+        return Err(invalid(
+            rule.origin,
+            "this rule would match every task: give it at least one of uid, gid, cgroup, \
+             unit, not_cgroup (to let everyone through, use mode = \"audit\")"
+                .into(),
+        ));
+    }
+    Ok(rule)
+}
+
+/// A cgroup path or glob pattern: absolute, without `.`/`..` or empty parts, valid glob syntax.
+fn check_cgroup_pattern(text: &str) -> Result<(), String> {
+    if !text.starts_with('/') {
+        return Err(format!(
+            "cgroup {text:?} must be absolute, as in /proc/PID/cgroup \
+             (e.g. /system.slice/docker-*.scope)"
+        ));
+    }
+    if text != "/"
+        && text[1..]
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!("cgroup {text:?} has an empty, `.` or `..` part"));
+    }
+    check_glob(text)
+}
+
+/// A systemd unit name or a glob pattern of them, with a type that has a cgroup.
+fn check_unit_pattern(text: &str) -> Result<(), String> {
+    if text.contains('/') {
+        return Err(format!(
+            "unit {text:?} is a path: give the unit's name (e.g. amazon-ssm-agent.service), \
+             or use cgroup for a path"
+        ));
+    }
+    if !UNIT_TYPES_WITH_CGROUP
+        .iter()
+        .any(|suffix| text.len() > suffix.len() && text.ends_with(suffix))
+    {
+        return Err(format!(
+            "unit {text:?} must end with the unit's type, one of {} (other unit types have \
+             no cgroup)",
+            UNIT_TYPES_WITH_CGROUP.join(" ")
+        ));
+    }
+    check_glob(text)
+}
+
+fn check_glob(text: &str) -> Result<(), String> {
+    crate::policy::compile_glob(text)
+        .map(drop)
+        .map_err(|err| format!("{text:?} is not a valid glob pattern: {}", err.kind()))
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -362,13 +654,25 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{cgroups::Hierarchy, policy::Policy};
 
     fn parse(text: &str) -> Result<Config> {
         Config::from_toml(Some(Path::new("/etc/g.toml")), text, &Overrides::default())
     }
 
-    fn err(text: &str) -> String {
-        parse(text).unwrap_err().to_string()
+    /// Config and policy resolution, as `check-config` does them, against a fake cgroup2 mount
+    /// holding `/exists`.
+    fn check(text: &str) -> Result<Policy> {
+        let mount = tempfile::tempdir().unwrap();
+        std::fs::create_dir(mount.path().join("exists")).unwrap();
+        let hierarchy = Hierarchy::at(mount.path().to_owned());
+        Policy::resolve(&parse(text)?, &hierarchy)
+    }
+
+    fn descriptions(config: &Config) -> Vec<String> {
+        (config.allow.iter())
+            .map(|rule| format!("{} @ {}", rule.display_name(), rule.origin))
+            .collect()
     }
 
     #[test]
@@ -378,42 +682,47 @@ mod tests {
         assert_eq!(config.attach.value, "/");
         let protect: Vec<String> = config.protect.iter().map(|p| p.value.to_string()).collect();
         assert_eq!(protect, ["169.254.169.254", "fd00:ec2::254"]);
-        assert_eq!(
-            config.allow,
-            [Rule {
-                matches: Match::Uid(0),
-                origin: "default".into()
-            }]
-        );
+        assert_eq!(descriptions(&config), ["uid 0 @ default"]);
     }
 
     #[test]
-    fn file_keys_are_read_with_positions() {
+    fn file_keys_are_read_with_positions_in_file_order() {
         let config = parse(
             "mode = \"audit\"\ncgroup = \"/workloads\"\nallow_uid = [1000]\n\
-             allow_gid = [50]\nallow_cgroup = [\"/system.slice/ssm.service\"]\n",
+             allow_gid = [50]\nallow_cgroup = [\"/system.slice/ssm.service\"]\n\
+             [[allow]]\nname = \"cw\"\nuid = \"cwagent\"\nunit = \"amazon-cloudwatch-agent.service\"\n\
+             [[allow]]\nuid = 0\nnot_cgroup = [\"/system.slice/docker-*.scope\", \"/kubepods.slice/**\"]\n\
+             mode = \"audit\"\n",
         )
         .unwrap();
         assert_eq!(config.mode, Mode::Audit);
         assert_eq!(config.attach.value, "/workloads");
         assert_eq!(config.attach.origin, "/etc/g.toml:2:10");
-        let rules: Vec<String> = config
-            .allow
-            .iter()
-            .map(|r| format!("{} @ {}", r.matches, r.origin))
-            .collect();
         assert_eq!(
-            rules,
+            descriptions(&config),
             [
                 "uid 1000 @ /etc/g.toml:3:14",
                 "gid 50 @ /etc/g.toml:4:14",
                 "cgroup /system.slice/ssm.service @ /etc/g.toml:5:17",
+                "cw @ /etc/g.toml:6:1",
+                "uid 0, not cgroup /system.slice/docker-*.scope | /kubepods.slice/** @ /etc/g.toml:10:1",
             ]
+        );
+        let last = &config.allow[4];
+        assert!(last.audit);
+        assert_eq!(last.not_cgroup[1].origin, "/etc/g.toml:12:47");
+        assert_eq!(config.allow[3].uid, Some(Principal::Name("cwagent".into())));
+        assert_eq!(
+            config.allow[3].unit[0],
+            Setting {
+                value: "amazon-cloudwatch-agent.service".into(),
+                origin: "/etc/g.toml:9:8".into()
+            }
         );
     }
 
     #[test]
-    fn options_add_to_lists_and_override_mode() {
+    fn options_add_to_rules_and_override_mode() {
         let overrides = Overrides {
             mode: Some(Mode::Enforce),
             cgroup: Some("/other".into()),
@@ -431,22 +740,29 @@ mod tests {
                 origin: "--cgroup".into()
             }
         );
-        let matches: Vec<Match> = config.allow.into_iter().map(|r| r.matches).collect();
         assert_eq!(
-            matches,
+            descriptions(&config),
             [
-                Match::Uid(0),
-                Match::Uid(1000),
-                Match::Gid(7),
-                Match::Cgroup("/a".into())
+                "uid 0 @ <config>:2:14",
+                "uid 1000 @ --allow-uid",
+                "gid 7 @ --allow-gid",
+                "cgroup /a @ --allow-cgroup"
             ]
         );
     }
 
     #[test]
-    fn empty_allow_uid_removes_root() {
-        let config = parse("allow_uid = []\n").unwrap();
-        assert!(config.allow.is_empty());
+    fn any_rule_in_the_file_replaces_the_default_root_rule() {
+        assert!(parse("allow_uid = []\n").unwrap().allow.is_empty());
+        let config = parse("[[allow]]\ngid = 50\n").unwrap();
+        assert_eq!(descriptions(&config), ["gid 50 @ /etc/g.toml:1:1"]);
+    }
+
+    #[test]
+    fn names_and_numbers_as_strings() {
+        let config = parse("[[allow]]\nuid = \"1000\"\n[[allow]]\ngid = \"adm\"\n").unwrap();
+        assert_eq!(config.allow[0].uid, Some(Principal::Id(1000)));
+        assert_eq!(config.allow[1].gid, Some(Principal::Name("adm".into())));
     }
 
     #[test]
@@ -461,63 +777,208 @@ mod tests {
         assert_eq!(protect, ["169.254.170.23", "fd00:ec2::23"]);
     }
 
+    /// Configs that must be refused, and the start of the error each must give.
+    const INVALID_CONFIGS: &[(&str, &str)] = &[
+        // Unknown keys: top level and in a rule.
+        (
+            "alow_uid = [1]\n",
+            "/etc/g.toml:1:1: unknown field `alow_uid`",
+        ),
+        (
+            "[[allow]]\nuid = 0\nnot_cgroups = \"/x\"\n",
+            "/etc/g.toml:3:1: unknown field `not_cgroups`",
+        ),
+        // Wrong types and values.
+        (
+            "mode = \"block\"\n",
+            "/etc/g.toml:1:8: unknown variant `block`, expected `enforce` or `audit`",
+        ),
+        (
+            "allow_uid = [\"root\"]\n",
+            "/etc/g.toml:1:14: invalid type: string \"root\", expected u32",
+        ),
+        (
+            "allow_uid = [-1]\n",
+            "/etc/g.toml:1:14: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            "allow_uid = 5\n",
+            "/etc/g.toml:1:13: invalid type: integer `5`, expected a sequence",
+        ),
+        ("mode = \n", "/etc/g.toml:1:8: "),
+        (
+            "[[allow]]\nuid = 4294967296\n",
+            "/etc/g.toml:2:7: invalid value: integer `4294967296`, expected a number (0 to 4294967295) or a name",
+        ),
+        (
+            "[[allow]]\nuid = true\n",
+            "/etc/g.toml:2:7: invalid type: boolean `true`, expected a number",
+        ),
+        (
+            "[[allow]]\ngid = \"wheel group\"\n",
+            "/etc/g.toml:2:7: invalid value: string \"wheel group\", expected a number",
+        ),
+        (
+            "[[allow]]\ncgroup = 5\n",
+            "/etc/g.toml:2:10: invalid type: integer `5`, expected a string or an array of strings",
+        ),
+        (
+            "[[allow]]\ncgroup = \"/x\"\nmode = \"allow\"\n",
+            "/etc/g.toml:3:8: unknown variant `allow`, expected `enforce` or `audit`",
+        ),
+        (
+            "allow = 1\n",
+            "/etc/g.toml:1:9: invalid type: integer `1`, expected a sequence",
+        ),
+        // Addresses.
+        (
+            "protect = [\"imdz\"]\n",
+            "/etc/g.toml:1:12: \"imdz\" is neither a preset",
+        ),
+        (
+            "protect = [\"0xa9fea9fe\"]\n",
+            "/etc/g.toml:1:12: \"0xa9fea9fe\" is neither a preset",
+        ),
+        (
+            "protect = [\"0.0.0.0\"]\n",
+            "/etc/g.toml:1:12: \"0.0.0.0\" cannot be protected",
+        ),
+        (
+            "protect = [\"ff02::1\"]\n",
+            "/etc/g.toml:1:12: \"ff02::1\" cannot be protected",
+        ),
+        (
+            "protect = [\"imds\", \"169.254.169.254\"]\n",
+            "/etc/g.toml:1:20: 169.254.169.254 is already protected by /etc/g.toml:1:12",
+        ),
+        ("protect = []\n", "/etc/g.toml: protect: protect is empty"),
+        // Cgroup and unit patterns.
+        (
+            "[[allow]]\ncgroup = \"/system.slice/[docker\"\n",
+            "/etc/g.toml:2:10: \"/system.slice/[docker\" is not a valid glob pattern: unclosed character class",
+        ),
+        (
+            "[[allow]]\nuid = 0\nnot_cgroup = [\"/a\", \"system.slice\"]\n",
+            "/etc/g.toml:3:21: cgroup \"system.slice\" must be absolute",
+        ),
+        (
+            "[[allow]]\ncgroup = \"/a/../b\"\n",
+            "/etc/g.toml:2:10: cgroup \"/a/../b\" has an empty, `.` or `..` part",
+        ),
+        (
+            "[[allow]]\ncgroup = []\n",
+            "/etc/g.toml:2:10: cgroup is empty",
+        ),
+        (
+            "[[allow]]\nunit = \"amazon-ssm-agent\"\n",
+            "/etc/g.toml:2:8: unit \"amazon-ssm-agent\" must end with the unit's type",
+        ),
+        (
+            "[[allow]]\nunit = \"multi-user.target\"\n",
+            "/etc/g.toml:2:8: unit \"multi-user.target\" must end with the unit's type",
+        ),
+        (
+            "[[allow]]\nunit = \"/system.slice/a.service\"\n",
+            "/etc/g.toml:2:8: unit \"/system.slice/a.service\" is a path",
+        ),
+        // Rules that cannot mean what they say.
+        (
+            "[[allow]]\nname = \"nobody at all\"\n",
+            "/etc/g.toml:1:1: this rule would match every task",
+        ),
+        (
+            "[[allow]]\nuid = 0\ngid = 0\n",
+            "/etc/g.toml:3:7: a rule matches a uid or a gid, not both",
+        ),
+        (
+            "[[allow]]\nname = \"a\"\nuid = 1\n[[allow]]\nname = \"a\"\nuid = 2\n",
+            "/etc/g.toml:4:1: duplicate rule name \"a\": the rule at /etc/g.toml:1:1 has it",
+        ),
+        (
+            "[[allow]]\nname = \"default\"\nuid = 1\n",
+            "/etc/g.toml:2:8: rule name \"default\" cannot be used",
+        ),
+        // Resolved against the host.
+        (
+            "allow_uid = [1, 1]\n",
+            "/etc/g.toml:1:17: duplicate rule: the rule at /etc/g.toml:1:14 (uid 1) already has these conditions",
+        ),
+        (
+            "[[allow]]\nuid = 0\n[[allow]]\nuid = \"root\"\n",
+            "/etc/g.toml:3:1: duplicate rule: the rule at /etc/g.toml:1:1 (uid 0)",
+        ),
+        (
+            "[[allow]]\nuid = \"no-such-user-imdsg\"\n",
+            "/etc/g.toml:1:1: unknown user \"no-such-user-imdsg\": not in the user database",
+        ),
+        (
+            "[[allow]]\ngid = \"no-such-group-imdsg\"\n",
+            "/etc/g.toml:1:1: unknown group \"no-such-group-imdsg\": not in the group database",
+        ),
+        (
+            "allow_cgroup = [\"/missing\"]\n",
+            "/etc/g.toml:1:17: cgroup \"/missing\" does not exist",
+        ),
+    ];
+
     #[test]
     fn invalid_configs_name_file_line_column_and_value() {
-        let cases: &[(&str, &str)] = &[
-            (
-                "alow_uid = [1]\n",
-                "/etc/g.toml:1:1: unknown field `alow_uid`",
-            ),
-            (
-                "mode = \"block\"\n",
-                "/etc/g.toml:1:8: unknown variant `block`, expected `enforce` or `audit`",
-            ),
-            (
-                "allow_uid = [\"root\"]\n",
-                "/etc/g.toml:1:14: invalid type: string \"root\", expected u32",
-            ),
-            (
-                "allow_uid = [-1]\n",
-                "/etc/g.toml:1:14: invalid value: integer `-1`, expected u32",
-            ),
-            (
-                "allow_uid = [4294967296]\n",
-                "/etc/g.toml:1:14: invalid value: integer `4294967296`, expected u32",
-            ),
-            (
-                "allow_uid = 5\n",
-                "/etc/g.toml:1:13: invalid type: integer `5`, expected a sequence",
-            ),
-            ("mode = \n", "/etc/g.toml:1:8: "),
-            (
-                "allow_uid = [1, 1]\n",
-                "/etc/g.toml:1:17: duplicate rule: uid 1 is already allowed at /etc/g.toml:1:14",
-            ),
-            (
-                "protect = [\"imdz\"]\n",
-                "/etc/g.toml:1:12: \"imdz\" is neither a preset",
-            ),
-            (
-                "protect = [\"0xa9fea9fe\"]\n",
-                "/etc/g.toml:1:12: \"0xa9fea9fe\" is neither a preset",
-            ),
-            (
-                "protect = [\"0.0.0.0\"]\n",
-                "/etc/g.toml:1:12: \"0.0.0.0\" cannot be protected",
-            ),
-            (
-                "protect = [\"imds\", \"169.254.169.254\"]\n",
-                "/etc/g.toml:1:20: 169.254.169.254 is already protected by /etc/g.toml:1:12",
-            ),
-            ("protect = []\n", "/etc/g.toml: protect: protect is empty"),
-        ];
-        for (text, expected) in cases {
-            let message = err(text);
+        assert!(INVALID_CONFIGS.len() >= 20);
+        for (text, expected) in INVALID_CONFIGS {
+            let message = check(text).unwrap_err().to_string();
             assert!(
                 message.starts_with(expected),
                 "config {text:?}\n  got:      {message}\n  expected: {expected}…"
             );
         }
+    }
+
+    #[test]
+    fn a_rule_may_name_a_cgroup_that_does_not_exist_yet() {
+        let policy = check("[[allow]]\ncgroup = \"/system.slice/later.service\"\n").unwrap();
+        assert_eq!(policy.rules.len(), 1);
+        assert!(check("allow_cgroup = [\"/exists\"]\n").is_ok());
+    }
+
+    const EXAMPLE: &str = include_str!("../../packaging/imds-guard.toml");
+
+    #[test]
+    fn the_shipped_example_is_valid_and_keeps_container_root_out() {
+        let policy = check(EXAMPLE).unwrap();
+        let path = "/etc/imds-guard/imds-guard.toml";
+        let config = Config::from_toml(Some(Path::new(path)), EXAMPLE, &Overrides::default())
+            .unwrap();
+        assert_eq!(config.mode, Mode::Enforce);
+        assert_eq!(policy.rules.len(), 1);
+        let outside = |cgroup: &str| policy.rules_in(&policy.matched_within(cgroup));
+        assert_eq!(outside("/system.slice/amazon-ssm-agent.service"), [1]);
+        assert!(outside("/system.slice/docker-0123.scope").is_empty());
+        assert!(outside("/kubepods.slice/kubepods-pod1.slice/cri-containerd-2.scope").is_empty());
+        assert!(outside("/docker/0123").is_empty());
+    }
+
+    #[test]
+    fn the_shipped_examples_commented_rules_parse() {
+        // Uncomment every `# [[allow]]` block, as an operator would.
+        let mut text = String::new();
+        let mut in_block = false;
+        for line in EXAMPLE.lines() {
+            in_block = (in_block && line.starts_with("# ")) || line == "# [[allow]]";
+            text.push_str(if in_block { &line[2..] } else { line });
+            text.push('\n');
+        }
+        let config = parse(&text).unwrap();
+        let names: Vec<String> = config.allow.iter().map(Rule::display_name).collect();
+        assert_eq!(
+            names,
+            [
+                "host root",
+                "cloudwatch-agent",
+                "ec2-instance-connect",
+                "aws agents",
+                "staged: web"
+            ]
+        );
     }
 
     #[test]

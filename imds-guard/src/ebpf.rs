@@ -19,8 +19,8 @@ use tracing::{debug, warn};
 
 use crate::{
     cgroups::Cgroup,
+    compile::{Compiled, Delta, MapEntries},
     error::{Error, Result},
-    policy::{MapEntries, Policy},
 };
 
 /// The kernel object built by `build.rs` from `imds-guard-ebpf`.
@@ -151,33 +151,49 @@ impl Kernel {
         })
     }
 
-    /// Installs the first policy, as generation 0, before the programs are attached.
+    /// Installs the first policy before the programs are attached: `compiled` (which must be
+    /// generation 0) is written and put in force.
     ///
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::WriteMap`].
-    pub fn install(&mut self, policy: &Policy) -> Result<()> {
-        self.write_generation(&policy.compile(0), 0)?;
-        self.activate(0)
+    pub fn install(&mut self, compiled: &Compiled) -> Result<()> {
+        self.write_generation(&compiled.entries(), compiled.generation())?;
+        self.activate(compiled.generation())
     }
 
-    /// Replaces the policy in force with `policy`, so that no attempt is ever judged by a mix
-    /// of the two: the new policy is written as the inactive generation, put in force with one
-    /// 32-bit store, and the old generation is removed only once no program can still be
-    /// reading it. Returns the generation now in force.
+    /// The generation a new policy must be compiled as: the one not in force.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`] or [`Error::ReadMap`].
+    pub fn inactive_generation(&mut self) -> Result<u32> {
+        Ok(self.active_generation()? ^ 1)
+    }
+
+    /// Replaces the policy in force with `compiled` (compiled as
+    /// [`Kernel::inactive_generation`]), so that no attempt is ever judged by a mix of the two:
+    /// the new policy is written as the inactive generation, put in force with one 32-bit store,
+    /// and the old generation is removed only once no program can still be reading it.
     ///
     /// An error means the old policy is still in force (what was written of the new one is
     /// removed); `Ok` means the new one is, even if removing the old one then failed: its
     /// leftovers are only logged, and the next switch clears them before reusing the slot.
     ///
     /// # Errors
-    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
-    pub fn switch_to(&mut self, policy: &Policy) -> Result<u32> {
+    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`]; [`Error::InvalidSetting`]
+    /// when `compiled` is not of the inactive generation.
+    pub fn switch_to(&mut self, compiled: &Compiled) -> Result<()> {
         let old = self.active_generation()?;
-        let new = old ^ 1;
+        let new = compiled.generation();
+        if new != old ^ 1 {
+            return Err(Error::InvalidSetting {
+                origin: "reload".into(),
+                message: format!("policy compiled as generation {new}, but {new} is in force"),
+            });
+        }
         // Leftovers of an earlier switch whose clean-up failed.
         self.clear_generation(new)?;
         let written = self
-            .write_generation(&policy.compile(new), new)
+            .write_generation(&compiled.entries(), new)
             .and_then(|()| self.activate(new));
         if let Err(err) = written {
             if let Err(cleanup) = self.clear_generation(new) {
@@ -189,7 +205,49 @@ impl Kernel {
         if let Err(err) = self.clear_generation(old) {
             warn!("the new policy is in force, but removing the old one failed: {err}");
         }
-        Ok(new)
+        Ok(())
+    }
+
+    /// Applies changes to the generation in force, each entry a single atomic update, in the
+    /// order [`Delta`] gives: new rule sets before the cgroups that use them, and the `ALLOW`
+    /// entries of retired rule sets only after a grace period, when no program that read a
+    /// removed cgroup entry can still be looking them up.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`] or [`Error::WriteMap`] (a full map, typically); the entries already
+    /// written stay, and the caller must rewrite the generation to be sure of the maps again.
+    pub fn apply(&mut self, delta: &Delta) -> Result<()> {
+        let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
+        for (key, value) in &delta.allow_insert {
+            allow
+                .insert(key, value, 0)
+                .map_err(|source| Error::WriteMap {
+                    map: ALLOW,
+                    what: format!("{key:?}"),
+                    source,
+                })?;
+        }
+        let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
+        for (key, ruleset) in &delta.cgroup_upsert {
+            cgroups
+                .insert(key, ruleset, 0)
+                .map_err(|source| Error::WriteMap {
+                    map: CGROUP_RULESETS,
+                    what: format!("{key:?}"),
+                    source,
+                })?;
+        }
+        for key in &delta.cgroup_remove {
+            remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
+        }
+        if !delta.allow_remove.is_empty() {
+            wait_for_running_programs();
+            let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
+            for key in &delta.allow_remove {
+                remove(allow.remove(key), ALLOW, key)?;
+            }
+        }
+        Ok(())
     }
 
     /// The generation in force.

@@ -167,6 +167,56 @@ pub enum Error {
         source: io::Error,
     },
     /// The async runtime or signal handlers could not be set up.
+    /// The cgroup tree cannot be watched for changes.
+    #[error("cannot watch the cgroup tree for changes (inotify): {source}")]
+    WatchCgroups {
+        /// Why.
+        source: io::Error,
+    },
+    /// The pid file could not be created, locked, read or written.
+    #[error("{}: cannot use the pid file: {source}", path.display())]
+    PidFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another agent holds the pid file.
+    #[error(
+        "{}: another imds-guard agent is running (pid {pid}): stop it first, or give this one \
+         its own --pid-file",
+        path.display()
+    )]
+    AlreadyRunning {
+        /// The pid file.
+        path: PathBuf,
+        /// What the file says.
+        pid: String,
+    },
+    /// No agent holds the pid file.
+    #[error("{}: no imds-guard agent is running ({why})", path.display())]
+    NotRunning {
+        /// The pid file.
+        path: PathBuf,
+        /// What was found instead.
+        why: String,
+    },
+    /// A signal could not be sent to the agent.
+    #[error("cannot signal the imds-guard agent (pid {pid}): {source}")]
+    Signal {
+        /// The agent's pid.
+        pid: i32,
+        /// Why.
+        source: nix::errno::Errno,
+    },
+    /// A process named on the command line could not be inspected.
+    #[error("cannot inspect process {pid}: {source}")]
+    InspectProcess {
+        /// The process.
+        pid: u32,
+        /// Why.
+        source: io::Error,
+    },
     #[error("setting up the runtime failed: {source}")]
     Runtime {
         /// Why.

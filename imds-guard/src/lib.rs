@@ -6,8 +6,12 @@
 pub mod agent;
 pub mod cgroups;
 pub mod cli;
+pub mod commands;
+pub mod compile;
 pub mod config;
 pub mod ebpf;
 pub mod error;
 pub mod events;
+pub mod pidfile;
 pub mod policy;
+pub mod tree;

@@ -16,9 +16,17 @@ fn main() -> ExitCode {
         .init();
     let result = match &cli.command {
         Command::Run(args) => imds_guard::agent::run(args),
+        Command::Reload(args) => imds_guard::commands::reload(args),
+        Command::CheckConfig(args) => imds_guard::commands::check_config(args),
+        Command::Explain(args) => imds_guard::commands::explain(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // check-config speaks like a compiler: `file:line:col: message`, nothing before it.
+        Err(err) if matches!(cli.command, Command::CheckConfig(_)) => {
+            eprintln!("{}", imds_guard::error::report(&err));
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("imds-guard: error: {}", imds_guard::error::report(&err));
             ExitCode::FAILURE

@@ -1,45 +1,82 @@
-//! The policy: settings resolved against this host ([`Policy::resolve`]) and compiled into the
-//! entries of the kernel maps ([`Policy::compile`], pure).
+//! The policy: settings resolved against this host ([`Policy::resolve`]: user and group names
+//! looked up, cgroup patterns compiled), and which rules apply to a task in a given cgroup
+//! ([`Policy::rules_in`]). What the kernel maps hold for it is [`crate::compile`]'s business.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use imds_guard_common::policy::{
-    CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE,
-    RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
-};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use imds_guard_common::policy::MAX_CGROUP_LEVEL;
 
 use crate::{
-    cgroups::{Cgroup, Hierarchy},
-    config::{Config, Match, Mode},
+    cgroups::Hierarchy,
+    config::{Config, Mode, Principal, Rule, Setting},
     error::{Error, Origin, Result},
 };
 
-/// An allow rule with its cgroup resolved.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An allow rule, resolved.
+#[derive(Clone, Debug)]
 pub struct PolicyRule {
-    /// Name used in events.
+    /// Name used in events: the config's `name`, or the rule's conditions.
     pub name: String,
     /// Where it was written.
     pub origin: Origin,
-    /// What it matches.
-    pub matches: Matcher,
+    /// Its conditions as written, e.g. `uid cwagent, unit amazon-cloudwatch-agent.service`.
+    pub conditions: String,
+    /// The task's uid must be this.
+    pub uid: Option<u32>,
+    /// The task's primary gid must be this.
+    pub gid: Option<u32>,
+    /// The task must be in (or below) a cgroup matching one of these patterns (indices into
+    /// [`Policy::patterns`]); empty: no such condition.
+    pub cgroup: Vec<usize>,
+    /// The task must be in (or below) the cgroup of one of these units (pattern indices).
+    pub unit: Vec<usize>,
+    /// The task must be in (or below) none of these (pattern indices).
+    pub not_cgroup: Vec<usize>,
     /// Allows, but reports (a staged rule).
     pub audit: bool,
 }
 
-/// What a rule matches, resolved.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Matcher {
-    /// Tasks with this uid.
-    Uid(u32),
-    /// Tasks with this primary gid.
-    Gid(u32),
-    /// Tasks in this cgroup or below.
-    Cgroup(Cgroup),
+impl PolicyRule {
+    /// Whether the rule applies to tasks in a cgroup whose own path or ancestors' paths match
+    /// exactly the patterns in `matched` (uid and gid aside).
+    #[must_use]
+    pub fn applies_in(&self, matched: &BTreeSet<usize>) -> bool {
+        let any = |patterns: &[usize]| patterns.iter().any(|p| matched.contains(p));
+        (self.cgroup.is_empty() || any(&self.cgroup))
+            && (self.unit.is_empty() || any(&self.unit))
+            && !any(&self.not_cgroup)
+    }
+
+    /// Whether the rule's decision depends on the task's cgroup.
+    #[must_use]
+    pub fn has_cgroup_conditions(&self) -> bool {
+        !(self.cgroup.is_empty() && self.unit.is_empty() && self.not_cgroup.is_empty())
+    }
 }
 
-/// The policy in force: mode, protected addresses and rules. Rule `i` has id `i + 1`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A cgroup condition: a path pattern, or a unit name pattern matched against the last part of
+/// the path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pattern {
+    /// `cgroup`/`not_cgroup`: the whole path (`*` stops at `/`, `**` does not).
+    Path(String),
+    /// `unit`: the cgroup's own name, wherever it is in the tree.
+    Unit(String),
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(path) => write!(f, "cgroup {path}"),
+            Self::Unit(unit) => write!(f, "unit {unit}"),
+        }
+    }
+}
+
+/// The policy in force: mode, protected addresses and rules. Rule `i` has id `i + 1`; of the
+/// rules matching an attempt, the one with the lowest id decides.
+#[derive(Clone, Debug)]
 pub struct Policy {
     /// Global mode.
     pub mode: Mode,
@@ -47,334 +84,357 @@ pub struct Policy {
     pub protect: Vec<IpAddr>,
     /// Allow rules.
     pub rules: Vec<PolicyRule>,
-}
-
-/// Everything one generation of the policy puts into the kernel maps.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapEntries {
-    /// `SETTINGS[generation]`.
-    pub settings: Settings,
-    /// Keys of `PROTECTED_V4`.
-    pub protected_v4: Vec<u32>,
-    /// Keys of `PROTECTED_V6`.
-    pub protected_v6: Vec<[u32; 4]>,
-    /// `CGROUP_RULESETS` entries.
-    pub cgroup_rulesets: Vec<(CgroupKey, u32)>,
-    /// `ALLOW` entries.
-    pub allow: Vec<(RuleKey, RuleValue)>,
+    /// Every distinct cgroup condition of the rules.
+    pub patterns: Vec<Pattern>,
+    /// The [`Pattern::Path`] patterns, as a set; `path_ids[i]` is the index of its `i`th.
+    paths: GlobSet,
+    path_ids: Vec<usize>,
+    /// The [`Pattern::Unit`] patterns, likewise.
+    units: GlobSet,
+    unit_ids: Vec<usize>,
 }
 
 impl Policy {
-    /// Resolves the config's cgroups on this host.
+    /// Resolves the config on this host: names to ids, cgroup spellings to hierarchy paths,
+    /// patterns to matchers.
     ///
     /// # Errors
-    /// When a cgroup does not exist or lies deeper than the kernel looks
-    /// ([`MAX_CGROUP_LEVEL`]).
+    /// [`Error::InvalidSetting`] for an unknown user or group, a bad pattern, or a rule that
+    /// repeats an earlier one; [`Error::CgroupNotFound`] for an `allow_cgroup` that does not
+    /// exist.
     pub fn resolve(config: &Config, hierarchy: &Hierarchy) -> Result<Self> {
-        let rules = config
-            .allow
-            .iter()
-            .map(|rule| {
-                let matches = match &rule.matches {
-                    Match::Uid(uid) => Matcher::Uid(*uid),
-                    Match::Gid(gid) => Matcher::Gid(*gid),
-                    Match::Cgroup(given) => {
-                        let cgroup = hierarchy.resolve(&rule.origin, given)?;
-                        if cgroup.level > MAX_CGROUP_LEVEL {
-                            return Err(Error::InvalidSetting {
-                                origin: rule.origin.clone(),
-                                message: format!(
-                                    "cgroup {} is {} levels deep; imds-guard looks at most \
-                                     {MAX_CGROUP_LEVEL} levels deep",
-                                    cgroup.path, cgroup.level
-                                ),
-                            });
-                        }
-                        Matcher::Cgroup(cgroup)
-                    }
-                };
-                Ok(PolicyRule {
-                    name: rule.matches.to_string(),
-                    origin: rule.origin.clone(),
-                    matches,
-                    audit: false,
+        let mut patterns: Vec<Pattern> = Vec::new();
+        let mut index_of = |pattern: Pattern| {
+            patterns
+                .iter()
+                .position(|p| *p == pattern)
+                .unwrap_or_else(|| {
+                    patterns.push(pattern);
+                    patterns.len() - 1
                 })
-            })
-            .collect::<Result<_>>()?;
+        };
+        let mut rules: Vec<PolicyRule> = Vec::new();
+        for rule in &config.allow {
+            let path_patterns = |items: &[Setting<String>]| {
+                items
+                    .iter()
+                    .map(|item| path_pattern(hierarchy, rule, item))
+                    .collect::<Result<Vec<_>>>()
+            };
+            let cgroup = path_patterns(&rule.cgroup)?;
+            let not_cgroup = path_patterns(&rule.not_cgroup)?;
+            let resolved = PolicyRule {
+                name: rule.display_name(),
+                origin: rule.origin.clone(),
+                conditions: rule.conditions(),
+                uid: rule
+                    .uid
+                    .as_ref()
+                    .map(|uid| resolve_uid(uid, &rule.origin))
+                    .transpose()?,
+                gid: rule
+                    .gid
+                    .as_ref()
+                    .map(|gid| resolve_gid(gid, &rule.origin))
+                    .transpose()?,
+                cgroup: cgroup.into_iter().map(&mut index_of).collect(),
+                unit: (rule.unit.iter())
+                    .map(|unit| index_of(Pattern::Unit(unit.value.clone())))
+                    .collect(),
+                not_cgroup: not_cgroup.into_iter().map(&mut index_of).collect(),
+                audit: rule.audit,
+            };
+            if let Some(earlier) = rules.iter().find(|other| same_conditions(other, &resolved)) {
+                if resolved.origin.starts_with("--") {
+                    // An option repeating the file's rule adds nothing.
+                    continue;
+                }
+                return Err(Error::InvalidSetting {
+                    origin: resolved.origin,
+                    message: format!(
+                        "duplicate rule: the rule at {} ({}) already has these conditions",
+                        earlier.origin, earlier.name
+                    ),
+                });
+            }
+            rules.push(resolved);
+        }
+
+        let (paths, path_ids) = glob_set(&patterns, |p| match p {
+            Pattern::Path(path) => Some(path),
+            Pattern::Unit(_) => None,
+        });
+        let (units, unit_ids) = glob_set(&patterns, |p| match p {
+            Pattern::Unit(unit) => Some(unit),
+            Pattern::Path(_) => None,
+        });
         Ok(Self {
             mode: config.mode,
             protect: config.protect.iter().map(|setting| setting.value).collect(),
             rules,
+            patterns,
+            paths,
+            path_ids,
+            units,
+            unit_ids,
         })
     }
 
-    /// The name of rule `id` as events show it (`default` for [`imds_guard_common::policy::RULE_DEFAULT`]).
+    /// The name of rule `id` as events show it (`default` for
+    /// [`imds_guard_common::policy::RULE_DEFAULT`]).
     #[must_use]
     pub fn rule_name(&self, id: u32) -> &str {
-        id.checked_sub(1)
-            .and_then(|index| self.rules.get(usize::try_from(index).ok()?))
-            .map_or("default", |rule| rule.name.as_str())
+        self.rule(id).map_or("default", |rule| rule.name.as_str())
     }
 
-    /// The map entries of this policy as generation `generation`.
-    ///
-    /// Each distinct rule cgroup gets a rule set holding the rules that apply inside it: its
-    /// own cgroup rules, those of rule cgroups above it, and every uid/gid rule. Tasks in no
-    /// rule cgroup use [`RULESET_DEFAULT`], which holds the uid/gid rules.
+    /// Rule `id` (1-based).
     #[must_use]
-    pub fn compile(&self, generation: u32) -> MapEntries {
-        let mut entries = MapEntries::default();
-        for address in &self.protect {
-            match address {
-                IpAddr::V4(v4) => entries.protected_v4.push(u32::from_ne_bytes(v4.octets())),
-                IpAddr::V6(v6) => entries.protected_v6.push(v6_key(v6.octets())),
-            }
-        }
+    pub fn rule(&self, id: u32) -> Option<&PolicyRule> {
+        let index = usize::try_from(id.checked_sub(1)?).ok()?;
+        self.rules.get(index)
+    }
 
-        // Distinct rule cgroups, shallowest first, each with its rule set id.
-        let mut cgroups: Vec<&Cgroup> = self
-            .rules
-            .iter()
-            .filter_map(|rule| match &rule.matches {
-                Matcher::Cgroup(cgroup) => Some(cgroup),
-                _ => None,
-            })
+    /// Whether any rule looks at the task's cgroup (else the kernel skips the ancestor walk).
+    #[must_use]
+    pub fn has_cgroup_conditions(&self) -> bool {
+        !self.patterns.is_empty()
+    }
+
+    /// The patterns that the cgroup at `path` (`/`, `/a/b`) matches itself.
+    #[must_use]
+    pub fn matched_by(&self, path: &str) -> BTreeSet<usize> {
+        let mut matched: BTreeSet<usize> = (self.paths.matches(path).into_iter())
+            .map(|i| self.path_ids[i])
             .collect();
-        cgroups.sort_by(|a, b| (a.level, &a.path).cmp(&(b.level, &b.path)));
-        cgroups.dedup_by_key(|cgroup| cgroup.id);
-
-        let mut allow: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
-        let mut add = |ruleset: u32, kind: u32, id: u32, rule: u32, audit: bool| {
-            let key = RuleKey {
-                generation,
-                ruleset,
-                kind,
-                id,
-            };
-            let value = RuleValue {
-                rule,
-                flags: if audit { RULE_FLAG_AUDIT } else { 0 },
-            };
-            // Of two rules for one key, one that allows outright wins over a staged one.
-            allow
-                .entry(key)
-                .and_modify(|existing| {
-                    if existing.flags & RULE_FLAG_AUDIT != 0 && !audit {
-                        *existing = value;
-                    }
-                })
-                .or_insert(value);
-        };
-
-        let rulesets = std::iter::once((RULESET_DEFAULT, None))
-            .chain((1u32..).zip(cgroups.iter().copied().map(Some)));
-        for (ruleset, cgroup) in rulesets {
-            for (rule_id, rule) in (1u32..).zip(&self.rules) {
-                match &rule.matches {
-                    Matcher::Uid(uid) => add(ruleset, KIND_UID, *uid, rule_id, rule.audit),
-                    Matcher::Gid(gid) => add(ruleset, KIND_GID, *gid, rule_id, rule.audit),
-                    Matcher::Cgroup(rule_cgroup) => {
-                        if cgroup.is_some_and(|inside| is_within(inside, rule_cgroup)) {
-                            add(ruleset, KIND_ANY, 0, rule_id, rule.audit);
-                        }
-                    }
-                }
-            }
-            if let Some(cgroup) = cgroup {
-                entries.cgroup_rulesets.push((
-                    CgroupKey {
-                        generation,
-                        _pad: 0,
-                        cgroup_id: cgroup.id,
-                    },
-                    ruleset,
-                ));
-            }
+        let name = path.rsplit('/').next().unwrap_or_default();
+        if !name.is_empty() {
+            matched.extend(
+                self.units
+                    .matches(name)
+                    .into_iter()
+                    .map(|i| self.unit_ids[i]),
+            );
         }
-        entries.allow = allow.into_iter().collect();
-        entries.settings = Settings {
-            mode: match self.mode {
-                Mode::Enforce => MODE_ENFORCE,
-                Mode::Audit => MODE_AUDIT,
-            },
-            cgroup_entries: u32::try_from(entries.cgroup_rulesets.len()).unwrap_or(u32::MAX),
-        };
-        entries
+        matched
+    }
+
+    /// The patterns that `path` or one of its ancestors matches: what decides which rules
+    /// apply to the tasks in it.
+    #[must_use]
+    pub fn matched_within(&self, path: &str) -> BTreeSet<usize> {
+        let mut matched = self.matched_by("/");
+        let mut prefix = String::new();
+        for part in path.split('/').filter(|part| !part.is_empty()) {
+            prefix.push('/');
+            prefix.push_str(part);
+            matched.extend(self.matched_by(&prefix));
+        }
+        matched
+    }
+
+    /// Ids of the rules that apply in a cgroup within which `matched` holds, in order.
+    #[must_use]
+    pub fn rules_in(&self, matched: &BTreeSet<usize>) -> Vec<u32> {
+        (1u32..)
+            .zip(&self.rules)
+            .filter(|(_, rule)| rule.applies_in(matched))
+            .map(|(id, _)| id)
+            .collect()
     }
 }
 
-/// `PROTECTED_V6` key of an address: four native words of its network-order bytes.
-#[must_use]
-pub fn v6_key(octets: [u8; 16]) -> [u32; 4] {
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([
-            octets[i * 4],
-            octets[i * 4 + 1],
-            octets[i * 4 + 2],
-            octets[i * 4 + 3],
-        ])
-    })
+/// A `cgroup`/`not_cgroup` value as a hierarchy path pattern; `allow_cgroup` values must exist.
+fn path_pattern(hierarchy: &Hierarchy, rule: &Rule, item: &Setting<String>) -> Result<Pattern> {
+    let invalid = |message| Error::InvalidSetting {
+        origin: item.origin.clone(),
+        message,
+    };
+    let path = hierarchy.hierarchy_path(&item.value).map_err(invalid)?;
+    if rule.cgroup_must_exist {
+        let cgroup = hierarchy.resolve(&item.origin, &item.value)?;
+        if cgroup.level > MAX_CGROUP_LEVEL {
+            return Err(invalid(format!(
+                "cgroup {} is {} levels deep; imds-guard looks at most {MAX_CGROUP_LEVEL} \
+                 levels deep",
+                cgroup.path, cgroup.level
+            )));
+        }
+        return Ok(Pattern::Path(globset::escape(&cgroup.path)));
+    }
+    Ok(Pattern::Path(path))
 }
 
-/// Whether `inner` is `outer` or lies below it.
-fn is_within(inner: &Cgroup, outer: &Cgroup) -> bool {
-    inner.id == outer.id
-        || outer.path == "/"
-        || inner
-            .path
-            .strip_prefix(&outer.path)
-            .is_some_and(|rest| rest.starts_with('/'))
+fn glob_set(
+    patterns: &[Pattern],
+    select: impl Fn(&Pattern) -> Option<&String>,
+) -> (GlobSet, Vec<usize>) {
+    let mut builder = GlobSetBuilder::new();
+    let mut ids = Vec::new();
+    for (index, pattern) in patterns.iter().enumerate() {
+        if let Some(text) = select(pattern) {
+            // Checked when the config was read; a pattern that still fails cannot match.
+            if let Ok(glob) = compile_glob(text) {
+                builder.add(glob);
+                ids.push(index);
+            }
+        }
+    }
+    (builder.build().unwrap_or_else(|_| GlobSet::empty()), ids)
+}
+
+/// A glob in which `*` and `?` stop at `/` and `**` crosses it, as in shells.
+///
+/// # Errors
+/// The parser's complaint.
+pub fn compile_glob(text: &str) -> std::result::Result<Glob, globset::Error> {
+    GlobBuilder::new(text)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+}
+
+fn same_conditions(a: &PolicyRule, b: &PolicyRule) -> bool {
+    let set = |patterns: &[usize]| patterns.iter().copied().collect::<BTreeSet<_>>();
+    a.uid == b.uid
+        && a.gid == b.gid
+        && set(&a.cgroup) == set(&b.cgroup)
+        && set(&a.unit) == set(&b.unit)
+        && set(&a.not_cgroup) == set(&b.not_cgroup)
+        && a.audit == b.audit
+}
+
+fn resolve_uid(uid: &Principal, origin: &Origin) -> Result<u32> {
+    match uid {
+        Principal::Id(id) => Ok(*id),
+        Principal::Name(name) => match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => Ok(user.uid.as_raw()),
+            Ok(None) => Err(Error::InvalidSetting {
+                origin: origin.clone(),
+                message: format!(
+                    "unknown user {name:?}: not in the user database (`getent passwd {name}`)"
+                ),
+            }),
+            Err(err) => Err(Error::InvalidSetting {
+                origin: origin.clone(),
+                message: format!("cannot look up user {name:?}: {err}"),
+            }),
+        },
+    }
+}
+
+fn resolve_gid(gid: &Principal, origin: &Origin) -> Result<u32> {
+    match gid {
+        Principal::Id(id) => Ok(*id),
+        Principal::Name(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(group.gid.as_raw()),
+            Ok(None) => Err(Error::InvalidSetting {
+                origin: origin.clone(),
+                message: format!(
+                    "unknown group {name:?}: not in the group database (`getent group {name}`)"
+                ),
+            }),
+            Err(err) => Err(Error::InvalidSetting {
+                origin: origin.clone(),
+                message: format!("cannot look up group {name:?}: {err}"),
+            }),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, path::PathBuf};
+    use std::path::Path;
 
     use super::*;
+    use crate::config::Overrides;
 
-    fn cgroup(path: &str, id: u64) -> Cgroup {
-        Cgroup {
-            path: path.into(),
-            dir: PathBuf::from("/cg").join(path.trim_start_matches('/')),
-            id,
-            level: u32::try_from(path.split('/').filter(|p| !p.is_empty()).count()).unwrap(),
-        }
+    fn policy(text: &str) -> Policy {
+        let hierarchy = Hierarchy::at("/nonexistent-cgroup-mount".into());
+        let config =
+            Config::from_toml(Some(Path::new("/g.toml")), text, &Overrides::default()).unwrap();
+        Policy::resolve(&config, &hierarchy).unwrap()
     }
 
-    fn rule(matches: Matcher) -> PolicyRule {
-        PolicyRule {
-            name: format!("{matches:?}"),
-            origin: "test".into(),
-            matches,
-            audit: false,
-        }
-    }
-
-    fn policy(rules: Vec<PolicyRule>) -> Policy {
-        Policy {
-            mode: Mode::Enforce,
-            protect: vec![IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))],
-            rules,
-        }
-    }
-
-    fn key(generation: u32, ruleset: u32, kind: u32, id: u32) -> RuleKey {
-        RuleKey {
-            generation,
-            ruleset,
-            kind,
-            id,
-        }
-    }
-
-    fn value(rule: u32) -> RuleValue {
-        RuleValue { rule, flags: 0 }
+    fn rules_at(policy: &Policy, path: &str) -> Vec<u32> {
+        policy.rules_in(&policy.matched_within(path))
     }
 
     #[test]
-    fn uid_and_gid_rules_go_to_the_default_rule_set() {
-        let entries = policy(vec![rule(Matcher::Uid(0)), rule(Matcher::Gid(50))]).compile(1);
-        assert_eq!(
-            entries.allow,
-            [
-                (key(1, 0, KIND_UID, 0), value(1)),
-                (key(1, 0, KIND_GID, 50), value(2))
-            ]
+    fn globs_stop_at_slashes_and_double_stars_do_not() {
+        let p = policy(
+            "[[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\n\
+             [[allow]]\ncgroup = \"/kubepods.slice/**\"\n",
         );
-        assert!(entries.cgroup_rulesets.is_empty());
+        assert_eq!(rules_at(&p, "/system.slice/docker-ab12.scope"), [1]);
+        assert_eq!(rules_at(&p, "/system.slice/docker-ab12.scope/init"), [1]);
         assert_eq!(
-            entries.settings,
-            Settings {
-                mode: MODE_ENFORCE,
-                cgroup_entries: 0
-            }
+            rules_at(&p, "/system.slice/docker.service"),
+            Vec::<u32>::new()
         );
         assert_eq!(
-            entries.protected_v4,
-            [u32::from_ne_bytes([169, 254, 169, 254])]
+            rules_at(&p, "/system.slice/x/docker-1.scope"),
+            Vec::<u32>::new()
         );
+        assert_eq!(rules_at(&p, "/kubepods.slice/a/b"), [2]);
+        assert_eq!(rules_at(&p, "/kubepods.slice"), Vec::<u32>::new());
     }
 
     #[test]
-    fn cgroup_rules_get_rule_sets_that_keep_the_global_rules() {
-        let entries = policy(vec![
-            rule(Matcher::Uid(0)),
-            rule(Matcher::Cgroup(cgroup("/system.slice/ssm.service", 77))),
-        ])
-        .compile(0);
+    fn units_match_their_cgroup_anywhere() {
+        let p = policy("[[allow]]\nunit = \"amazon-ssm-agent.service\"\nuid = 0\n");
+        assert_eq!(rules_at(&p, "/system.slice/amazon-ssm-agent.service"), [1]);
         assert_eq!(
-            entries.cgroup_rulesets,
-            [(
-                CgroupKey {
-                    generation: 0,
-                    _pad: 0,
-                    cgroup_id: 77
-                },
-                1
-            )]
+            rules_at(
+                &p,
+                "/user.slice/user-1.slice/user@1.service/app.slice/amazon-ssm-agent.service/sub"
+            ),
+            [1]
         );
         assert_eq!(
-            entries.allow,
-            [
-                (key(0, 0, KIND_UID, 0), value(1)),
-                (key(0, 1, KIND_UID, 0), value(1)),
-                (key(0, 1, KIND_ANY, 0), value(2)),
-            ]
+            rules_at(&p, "/system.slice/amazon-ssm-agent.service2"),
+            Vec::<u32>::new()
         );
-        assert_eq!(entries.settings.cgroup_entries, 1);
+        assert_eq!(p.rules[0].uid, Some(0));
     }
 
     #[test]
-    fn nested_rule_cgroups_inherit_their_ancestors_rules() {
-        let mut staged = rule(Matcher::Cgroup(cgroup("/a/b", 2)));
-        staged.audit = true;
-        let entries = policy(vec![rule(Matcher::Cgroup(cgroup("/a", 1))), staged]).compile(0);
-        // /a/b is inside /a, so /a's outright allow beats /a/b's staged one there.
+    fn not_cgroup_takes_containers_out_of_root() {
+        let p = policy(
+            "[[allow]]\nname = \"host root\"\nuid = 0\n\
+             not_cgroup = [\"/system.slice/docker-*.scope\", \"/kubepods.slice/**\"]\n",
+        );
+        assert_eq!(rules_at(&p, "/"), [1]);
+        assert_eq!(rules_at(&p, "/system.slice/sshd.service"), [1]);
         assert_eq!(
-            entries.allow,
-            [
-                (key(0, 1, KIND_ANY, 0), value(1)),
-                (key(0, 2, KIND_ANY, 0), value(1))
-            ]
+            rules_at(&p, "/system.slice/docker-1.scope"),
+            Vec::<u32>::new()
         );
+        assert_eq!(rules_at(&p, "/kubepods.slice/pod/ctr"), Vec::<u32>::new());
+        assert_eq!(p.rule_name(1), "host root");
     }
 
     #[test]
-    fn sibling_prefixes_are_not_ancestors() {
-        assert!(!is_within(&cgroup("/ab", 2), &cgroup("/a", 1)));
-        assert!(is_within(&cgroup("/a/b", 2), &cgroup("/a", 1)));
-        assert!(is_within(&cgroup("/a", 1), &cgroup("/", 9)));
-    }
-
-    #[test]
-    fn same_cgroup_twice_is_one_rule_set() {
-        let entries = policy(vec![
-            rule(Matcher::Cgroup(cgroup("/a", 1))),
-            rule(Matcher::Cgroup(cgroup("/a", 1))),
-        ])
-        .compile(0);
-        assert_eq!(entries.cgroup_rulesets.len(), 1);
-        assert_eq!(entries.allow, [(key(0, 1, KIND_ANY, 0), value(1))]);
-    }
-
-    #[test]
-    fn audit_mode_and_v6_keys() {
-        let mut p = policy(vec![]);
-        p.mode = Mode::Audit;
-        p.protect.push("fd00:ec2::254".parse().unwrap());
-        let entries = p.compile(0);
-        assert_eq!(entries.settings.mode, MODE_AUDIT);
-        let expected = v6_key([
-            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
-        ]);
-        assert_eq!(entries.protected_v6, [expected]);
-    }
-
-    #[test]
-    fn rule_names() {
-        let p = policy(vec![rule(Matcher::Uid(0))]);
+    fn conditions_combine_and_unnamed_rules_are_named_by_them() {
+        let p = policy("[[allow]]\nuid = 7\nunit = \"a.service\"\ncgroup = \"/system.slice/**\"\n");
+        assert_eq!(rules_at(&p, "/system.slice/a.service"), [1]);
+        assert_eq!(rules_at(&p, "/other.slice/a.service"), Vec::<u32>::new());
+        assert_eq!(
+            p.rule_name(1),
+            "uid 7, cgroup /system.slice/**, unit a.service"
+        );
         assert_eq!(p.rule_name(0), "default");
-        assert_eq!(p.rule_name(1), "Uid(0)");
-        assert_eq!(p.rule_name(9), "default");
+        assert_eq!(p.rule_name(2), "default");
+    }
+
+    #[test]
+    fn names_resolve_from_the_host_databases() {
+        let p = policy("[[allow]]\nuid = \"root\"\n[[allow]]\ngid = \"root\"\n");
+        assert_eq!((p.rules[0].uid, p.rules[1].gid), (Some(0), Some(0)));
+    }
+
+    #[test]
+    fn cgroup_free_policies_skip_the_walk() {
+        assert!(!policy("allow_uid = [0]\n").has_cgroup_conditions());
+        assert!(policy("[[allow]]\nnot_cgroup = \"/x\"\n").has_cgroup_conditions());
     }
 }

@@ -1,0 +1,712 @@
+//! Policy × the cgroups that exist → the entries of one generation in the kernel maps: all at
+//! once for a new policy ([`Compiled::new`]), then kept current as cgroups come and go
+//! ([`Compiled::sync`] and [`Compiled::take_delta`]). Pure: the caller scans and writes.
+//!
+//! A cgroup gets a `CGROUP_RULESETS` entry when its own path matches one of the policy's cgroup
+//! conditions (or when it is the attach point and one of its ancestors does). Its rule set holds
+//! the rules that apply given every condition matched by it or an ancestor; a cgroup without an
+//! entry inherits its nearest ancestor's, which is the same set because nothing in between
+//! matched. Cgroups with the same applicable rules share one rule set, so the `ALLOW` map grows
+//! with the number of distinct situations, not with the number of containers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use imds_guard_common::{
+    event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+    policy::{
+        CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE,
+        RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
+    },
+};
+
+use crate::{config::Mode, policy::Policy};
+
+/// A cgroup directory found under the attach point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupDir {
+    /// Its id (the inode number of the directory).
+    pub id: u64,
+    /// Its path as in `/proc/PID/cgroup`.
+    pub path: String,
+}
+
+impl CgroupDir {
+    /// Depth below the root (the root is level 0).
+    #[must_use]
+    pub fn level(&self) -> u32 {
+        u32::try_from(self.path.split('/').filter(|part| !part.is_empty()).count())
+            .unwrap_or(u32::MAX)
+    }
+}
+
+/// Everything one generation of the policy puts into the kernel maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapEntries {
+    /// `SETTINGS[generation]`.
+    pub settings: Settings,
+    /// Keys of `PROTECTED_V4`.
+    pub protected_v4: Vec<u32>,
+    /// Keys of `PROTECTED_V6`.
+    pub protected_v6: Vec<[u32; 4]>,
+    /// `CGROUP_RULESETS` entries.
+    pub cgroup_rulesets: Vec<(CgroupKey, u32)>,
+    /// `ALLOW` entries.
+    pub allow: Vec<(RuleKey, RuleValue)>,
+}
+
+/// Changes to the generation in force, in the order they must be made: new rule sets before the
+/// cgroup entries that point to them, and retired rule sets only after those entries are gone
+/// and no program can still be reading them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// `ALLOW` entries of new rule sets.
+    pub allow_insert: Vec<(RuleKey, RuleValue)>,
+    /// `CGROUP_RULESETS` entries to add or change.
+    pub cgroup_upsert: Vec<(CgroupKey, u32)>,
+    /// `CGROUP_RULESETS` entries to remove.
+    pub cgroup_remove: Vec<CgroupKey>,
+    /// `ALLOW` entries of rule sets no cgroup uses any more.
+    pub allow_remove: Vec<RuleKey>,
+}
+
+impl Delta {
+    /// Whether there is nothing to change.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.allow_insert.is_empty()
+            && self.cgroup_upsert.is_empty()
+            && self.cgroup_remove.is_empty()
+            && self.allow_remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Ruleset {
+    /// Ids of the rules in it.
+    rules: Vec<u32>,
+    /// Cgroup entries pointing to it.
+    users: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Assigned {
+    path: String,
+    ruleset: u32,
+}
+
+/// One generation of a policy and the cgroup entries it has now.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// The policy.
+    pub policy: Policy,
+    generation: u32,
+    /// The attach point's path: tasks elsewhere are not judged.
+    attach: String,
+    rulesets: BTreeMap<u32, Ruleset>,
+    ruleset_of_rules: HashMap<Vec<u32>, u32>,
+    next_ruleset: u32,
+    cgroups: BTreeMap<u64, Assigned>,
+    /// Cgroup ids changed since the last delta, with their entry before the first change.
+    dirty: BTreeMap<u64, Option<u32>>,
+    /// Rule sets created since the last delta.
+    new_rulesets: BTreeSet<u32>,
+    /// Matching cgroups deeper than the kernel looks, reported once each.
+    too_deep: BTreeSet<u64>,
+}
+
+impl Compiled {
+    /// Compiles `policy` as `generation` for the cgroups in `dirs` (the attach point `attach`
+    /// and everything below it). Also returns the matching cgroups too deep for the kernel.
+    #[must_use]
+    pub fn new(
+        policy: Policy,
+        generation: u32,
+        attach: &str,
+        dirs: &[CgroupDir],
+    ) -> (Self, Vec<CgroupDir>) {
+        let default_rules = policy.rules_in(&BTreeSet::new());
+        let mut compiled = Self {
+            policy,
+            generation,
+            attach: attach.to_owned(),
+            rulesets: BTreeMap::from([(
+                RULESET_DEFAULT,
+                Ruleset {
+                    rules: default_rules.clone(),
+                    users: 0,
+                },
+            )]),
+            ruleset_of_rules: HashMap::from([(default_rules, RULESET_DEFAULT)]),
+            next_ruleset: RULESET_DEFAULT + 1,
+            cgroups: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+            new_rulesets: BTreeSet::new(),
+            too_deep: BTreeSet::new(),
+        };
+        let too_deep = compiled.sync(attach, dirs);
+        compiled.dirty.clear();
+        compiled.new_rulesets.clear();
+        (compiled, too_deep)
+    }
+
+    /// The generation these entries belong to.
+    #[must_use]
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Number of cgroups with an entry.
+    #[must_use]
+    pub fn cgroup_entries(&self) -> usize {
+        self.cgroups.len()
+    }
+
+    /// Number of rule sets, the default one included.
+    #[must_use]
+    pub fn rulesets(&self) -> usize {
+        self.rulesets.len()
+    }
+
+    /// Every entry, for writing the generation whole.
+    #[must_use]
+    pub fn entries(&self) -> MapEntries {
+        let mut entries = MapEntries {
+            settings: Settings {
+                mode: match self.policy.mode {
+                    Mode::Enforce => MODE_ENFORCE,
+                    Mode::Audit => MODE_AUDIT,
+                },
+                cgroup_rules: u32::from(self.policy.has_cgroup_conditions()),
+            },
+            ..MapEntries::default()
+        };
+        for address in &self.policy.protect {
+            match address {
+                std::net::IpAddr::V4(v4) => {
+                    entries.protected_v4.push(u32::from_ne_bytes(v4.octets()));
+                }
+                std::net::IpAddr::V6(v6) => entries.protected_v6.push(v6_key(v6.octets())),
+            }
+        }
+        entries.cgroup_rulesets = (self.cgroups.iter())
+            .map(|(&id, assigned)| (self.cgroup_key(id), assigned.ruleset))
+            .collect();
+        for (&id, ruleset) in &self.rulesets {
+            entries.allow.extend(self.allow_entries(id, &ruleset.rules));
+        }
+        entries
+    }
+
+    /// Makes the entries of the cgroups at and below `under` those that `found` (the cgroups
+    /// that exist there now) calls for. Changes accumulate until [`Compiled::take_delta`].
+    /// Returns the matching cgroups newly found too deep for the kernel to look at.
+    pub fn sync(&mut self, under: &str, found: &[CgroupDir]) -> Vec<CgroupDir> {
+        let present: BTreeSet<u64> = found.iter().map(|dir| dir.id).collect();
+        let gone: Vec<u64> = (self.cgroups.iter())
+            .filter(|(id, assigned)| is_within(&assigned.path, under) && !present.contains(id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.unassign(id);
+        }
+        let mut too_deep = Vec::new();
+        for dir in found {
+            match self.wanted_rules(dir) {
+                Wanted::Rules(rules) => self.assign(dir, rules),
+                Wanted::Nothing => self.unassign(dir.id),
+                Wanted::TooDeep => {
+                    self.unassign(dir.id);
+                    if self.too_deep.insert(dir.id) {
+                        too_deep.push(dir.clone());
+                    }
+                }
+            }
+        }
+        too_deep
+    }
+
+    /// The map changes that the syncs since the last call add up to.
+    pub fn take_delta(&mut self) -> Delta {
+        let mut delta = Delta::default();
+        for (id, before) in std::mem::take(&mut self.dirty) {
+            let now = self.cgroups.get(&id).map(|assigned| assigned.ruleset);
+            match now {
+                _ if now == before => {}
+                Some(ruleset) => delta.cgroup_upsert.push((self.cgroup_key(id), ruleset)),
+                None => delta.cgroup_remove.push(self.cgroup_key(id)),
+            }
+        }
+        let new_rulesets = std::mem::take(&mut self.new_rulesets);
+        let retired: Vec<u32> = (self.rulesets.iter())
+            .filter(|(id, ruleset)| **id != RULESET_DEFAULT && ruleset.users == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in retired {
+            if let Some(ruleset) = self.rulesets.remove(&id) {
+                self.ruleset_of_rules.remove(&ruleset.rules);
+                if !new_rulesets.contains(&id) {
+                    delta.allow_remove.extend(
+                        (self.allow_entries(id, &ruleset.rules).into_iter()).map(|(key, _)| key),
+                    );
+                }
+            }
+        }
+        for id in new_rulesets {
+            if let Some(ruleset) = self.rulesets.get(&id) {
+                delta
+                    .allow_insert
+                    .extend(self.allow_entries(id, &ruleset.rules));
+            }
+        }
+        delta
+    }
+
+    fn wanted_rules(&self, dir: &CgroupDir) -> Wanted {
+        if !self.policy.has_cgroup_conditions() || !is_within(&dir.path, &self.attach) {
+            return Wanted::Nothing;
+        }
+        let own = !self.policy.matched_by(&dir.path).is_empty();
+        let within = self.policy.matched_within(&dir.path);
+        // The attach point stands for its ancestors, whose entries the kernel never sees.
+        let inherits = dir.path == self.attach && !within.is_empty();
+        if !(own || inherits) {
+            return Wanted::Nothing;
+        }
+        if dir.level() > MAX_CGROUP_LEVEL {
+            return Wanted::TooDeep;
+        }
+        Wanted::Rules(self.policy.rules_in(&within))
+    }
+
+    fn assign(&mut self, dir: &CgroupDir, rules: Vec<u32>) {
+        let ruleset = if let Some(&id) = self.ruleset_of_rules.get(&rules) {
+            id
+        } else {
+            let id = self.next_ruleset;
+            self.next_ruleset += 1;
+            self.ruleset_of_rules.insert(rules.clone(), id);
+            self.rulesets.insert(id, Ruleset { rules, users: 0 });
+            self.new_rulesets.insert(id);
+            id
+        };
+        let wanted = Assigned {
+            path: dir.path.clone(),
+            ruleset,
+        };
+        if self.cgroups.get(&dir.id) == Some(&wanted) {
+            return;
+        }
+        self.unassign(dir.id);
+        self.dirty.entry(dir.id).or_insert(None);
+        if let Some(used) = self.rulesets.get_mut(&ruleset) {
+            used.users += 1;
+        }
+        self.cgroups.insert(dir.id, wanted);
+    }
+
+    fn unassign(&mut self, id: u64) {
+        if let Some(assigned) = self.cgroups.remove(&id) {
+            self.dirty.entry(id).or_insert(Some(assigned.ruleset));
+            if let Some(used) = self.rulesets.get_mut(&assigned.ruleset) {
+                used.users = used.users.saturating_sub(1);
+            }
+        }
+    }
+
+    fn cgroup_key(&self, cgroup_id: u64) -> CgroupKey {
+        CgroupKey {
+            generation: self.generation,
+            _pad: 0,
+            cgroup_id,
+        }
+    }
+
+    /// A rule set's `ALLOW` entries: per key (uid, gid or any), its first rule.
+    fn allow_entries(&self, ruleset: u32, rules: &[u32]) -> Vec<(RuleKey, RuleValue)> {
+        let mut entries: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
+        for &id in rules {
+            let Some(rule) = self.policy.rule(id) else {
+                continue;
+            };
+            let (kind, key_id) = match (rule.uid, rule.gid) {
+                (Some(uid), _) => (KIND_UID, uid),
+                (None, Some(gid)) => (KIND_GID, gid),
+                (None, None) => (KIND_ANY, 0),
+            };
+            let key = RuleKey {
+                generation: self.generation,
+                ruleset,
+                kind,
+                id: key_id,
+            };
+            entries.entry(key).or_insert(RuleValue {
+                rule: id,
+                flags: if rule.audit { RULE_FLAG_AUDIT } else { 0 },
+            });
+        }
+        entries.into_iter().collect()
+    }
+}
+
+enum Wanted {
+    Nothing,
+    Rules(Vec<u32>),
+    TooDeep,
+}
+
+/// Whether the cgroup `path` is `under` or below it.
+#[must_use]
+pub fn is_within(path: &str, under: &str) -> bool {
+    under == "/"
+        || path == under
+        || path
+            .strip_prefix(under)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// `PROTECTED_V6` key of an address: four native words of its network-order bytes.
+#[must_use]
+pub fn v6_key(octets: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([
+            octets[i * 4],
+            octets[i * 4 + 1],
+            octets[i * 4 + 2],
+            octets[i * 4 + 3],
+        ])
+    })
+}
+
+/// A verdict as the kernel would reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// The deciding rule, or [`RULE_DEFAULT`].
+    pub rule: u32,
+    /// The rule set used.
+    pub ruleset: u32,
+}
+
+/// The kernel's decision (`imds-guard-ebpf/src/verdict.rs`), on map entries: for `explain`
+/// and for testing that what is compiled means what the policy says. `ancestors` are the ids of
+/// the task's cgroup and its ancestors, root first. `None` for a uid or gid matches no rule that
+/// names one.
+#[must_use]
+pub fn judge(
+    entries: &MapEntries,
+    generation: u32,
+    ancestors: &[u64],
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Judgement {
+    let cgroups: HashMap<CgroupKey, u32> = entries.cgroup_rulesets.iter().copied().collect();
+    let allow: HashMap<RuleKey, RuleValue> = entries.allow.iter().copied().collect();
+    let mut ruleset = RULESET_DEFAULT;
+    if entries.settings.cgroup_rules != 0 {
+        for &cgroup_id in ancestors.iter().take(MAX_CGROUP_LEVEL as usize + 1) {
+            let key = CgroupKey {
+                generation,
+                _pad: 0,
+                cgroup_id,
+            };
+            if let Some(&found) = cgroups.get(&key) {
+                ruleset = found;
+            }
+        }
+    }
+    let lookups = [
+        uid.map(|uid| (KIND_UID, uid)),
+        gid.map(|gid| (KIND_GID, gid)),
+        Some((KIND_ANY, 0)),
+    ];
+    let first = lookups
+        .into_iter()
+        .flatten()
+        .filter_map(|(kind, id)| {
+            allow.get(&RuleKey {
+                generation,
+                ruleset,
+                kind,
+                id,
+            })
+        })
+        .min_by_key(|value| value.rule);
+    let (verdict, rule) = match first {
+        Some(value) if value.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, value.rule),
+        Some(value) => (VERDICT_AUDIT, value.rule),
+        None if entries.settings.mode == MODE_AUDIT => (VERDICT_AUDIT, RULE_DEFAULT),
+        None => (VERDICT_DENY, RULE_DEFAULT),
+    };
+    Judgement {
+        verdict,
+        rule,
+        ruleset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        cgroups::Hierarchy,
+        config::{Config, Overrides},
+    };
+
+    fn policy(text: &str) -> Policy {
+        let config =
+            Config::from_toml(Some(Path::new("/g.toml")), text, &Overrides::default()).unwrap();
+        Policy::resolve(&config, &Hierarchy::at("/nonexistent".into())).unwrap()
+    }
+
+    fn dir(id: u64, path: &str) -> CgroupDir {
+        CgroupDir {
+            id,
+            path: path.into(),
+        }
+    }
+
+    /// A small host: ids are the position in this list.
+    const TREE: [&str; 8] = [
+        "/",
+        "/system.slice",
+        "/system.slice/amazon-ssm-agent.service",
+        "/system.slice/docker-aa.scope",
+        "/system.slice/docker-aa.scope/init",
+        "/kubepods.slice",
+        "/kubepods.slice/pod1",
+        "/user.slice",
+    ];
+
+    fn tree() -> Vec<CgroupDir> {
+        (0u64..).zip(TREE).map(|(id, path)| dir(id, path)).collect()
+    }
+
+    /// Ids of `path` and its ancestors in [`TREE`], root first.
+    fn ancestors(path: &str) -> Vec<u64> {
+        (0u64..)
+            .zip(TREE)
+            .filter(|(_, p)| is_within(path, p))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn verdict_at<'a>(compiled: &'a Compiled, path: &str, uid: u32) -> (u8, &'a str) {
+        let judgement = judge(
+            &compiled.entries(),
+            compiled.generation(),
+            &ancestors(path),
+            Some(uid),
+            Some(uid),
+        );
+        (judgement.verdict, compiled.policy.rule_name(judgement.rule))
+    }
+
+    const HOST_ROOT_AND_AGENTS: &str = "\
+        [[allow]]\nname = \"ssm\"\nunit = \"amazon-ssm-agent.service\"\nuid = 0\n\
+        [[allow]]\nname = \"host root\"\nuid = 0\n\
+        not_cgroup = [\"/system.slice/docker-*.scope\", \"/kubepods.slice/**\"]\n\
+        [[allow]]\nname = \"staged pods\"\ncgroup = \"/kubepods.slice/**\"\nmode = \"audit\"\n";
+
+    #[test]
+    fn the_compiled_maps_decide_as_the_policy_says() {
+        let compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 1, "/", &tree()).0;
+        let allow = VERDICT_ALLOW;
+        assert_eq!(
+            verdict_at(&compiled, "/system.slice/amazon-ssm-agent.service", 0),
+            (allow, "ssm")
+        );
+        assert_eq!(
+            verdict_at(&compiled, "/user.slice", 0),
+            (allow, "host root")
+        );
+        assert_eq!(
+            verdict_at(&compiled, "/user.slice", 1000),
+            (VERDICT_DENY, "default")
+        );
+        assert_eq!(
+            verdict_at(&compiled, "/system.slice/docker-aa.scope/init", 0),
+            (VERDICT_DENY, "default")
+        );
+        assert_eq!(
+            verdict_at(&compiled, "/kubepods.slice/pod1", 0),
+            (VERDICT_AUDIT, "staged pods")
+        );
+        // /kubepods.slice itself is not matched by /kubepods.slice/**.
+        assert_eq!(
+            verdict_at(&compiled, "/kubepods.slice", 0),
+            (allow, "host root")
+        );
+    }
+
+    #[test]
+    fn only_matching_cgroups_get_entries_and_rule_sets_are_shared() {
+        let mut dirs = tree();
+        dirs.push(dir(100, "/system.slice/docker-bb.scope"));
+        let compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 0, "/", &dirs).0;
+        let entries = compiled.entries();
+        let ids: Vec<u64> = entries
+            .cgroup_rulesets
+            .iter()
+            .map(|(k, _)| k.cgroup_id)
+            .collect();
+        assert_eq!(ids, [2, 3, 6, 100]);
+        // Both containers share one rule set; ssm, pods and the default have their own.
+        assert_eq!(entries.cgroup_rulesets[1].1, entries.cgroup_rulesets[3].1);
+        assert_eq!(compiled.rulesets(), 4);
+        assert_eq!(entries.settings.cgroup_rules, 1);
+    }
+
+    #[test]
+    fn first_rule_per_key_wins_and_uid_rules_need_no_walk() {
+        let compiled = Compiled::new(
+            policy(
+                "[[allow]]\nuid = 5\nmode = \"audit\"\n[[allow]]\nuid = 5\n[[allow]]\ngid = 9\n",
+            ),
+            0,
+            "/",
+            &tree(),
+        )
+        .0;
+        let entries = compiled.entries();
+        assert_eq!(entries.settings.cgroup_rules, 0);
+        assert!(entries.cgroup_rulesets.is_empty());
+        let allow: Vec<(u32, u32, u32, u32)> = (entries.allow.iter())
+            .map(|(k, v)| (k.kind, k.id, v.rule, v.flags))
+            .collect();
+        assert_eq!(
+            allow,
+            [(KIND_UID, 5, 1, RULE_FLAG_AUDIT), (KIND_GID, 9, 3, 0)]
+        );
+        // uid 5 with gid 9: rule 1 comes first.
+        let j = judge(&entries, 0, &[0], Some(5), Some(9));
+        assert_eq!((j.verdict, j.rule), (VERDICT_AUDIT, 1));
+    }
+
+    #[test]
+    fn cgroups_coming_and_going_give_minimal_deltas() {
+        let mut compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 1, "/", &tree()).0;
+        let before = compiled.cgroup_entries();
+        // A new container: one entry, its rule set exists already.
+        compiled.sync(
+            "/system.slice/docker-cc.scope",
+            &[dir(200, "/system.slice/docker-cc.scope")],
+        );
+        let delta = compiled.take_delta();
+        assert_eq!(delta.cgroup_upsert.len(), 1);
+        assert!(delta.allow_insert.is_empty() && delta.cgroup_remove.is_empty());
+        assert_eq!(compiled.cgroup_entries(), before + 1);
+        // It goes away: its entry goes with it.
+        compiled.sync("/system.slice/docker-cc.scope", &[]);
+        let delta = compiled.take_delta();
+        assert_eq!(delta.cgroup_remove, [compiled.cgroup_key(200)]);
+        assert!(
+            delta.allow_remove.is_empty(),
+            "docker-aa still uses the rule set"
+        );
+        assert_eq!(compiled.cgroup_entries(), before);
+        // Created and removed between two deltas: nothing to do.
+        compiled.sync(
+            "/system.slice/docker-dd.scope",
+            &[dir(300, "/system.slice/docker-dd.scope")],
+        );
+        compiled.sync("/system.slice/docker-dd.scope", &[]);
+        assert!(compiled.take_delta().is_empty());
+        // A resync that finds nothing changed changes nothing.
+        compiled.sync("/", &tree());
+        assert!(compiled.take_delta().is_empty());
+    }
+
+    #[test]
+    fn unused_rule_sets_are_retired_and_new_ones_written_first() {
+        let mut compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 0, "/", &tree()).0;
+        let ssm = compiled.cgroups[&2].ruleset;
+        // The unit restarts: old id gone, new id, same rule set, which is never retired.
+        compiled.sync(
+            "/system.slice/amazon-ssm-agent.service",
+            &[dir(400, "/system.slice/amazon-ssm-agent.service")],
+        );
+        let delta = compiled.take_delta();
+        assert_eq!(delta.cgroup_upsert, [(compiled.cgroup_key(400), ssm)]);
+        assert_eq!(delta.cgroup_remove, [compiled.cgroup_key(2)]);
+        assert!(delta.allow_insert.is_empty() && delta.allow_remove.is_empty());
+        // The unit stops: its rule set is retired.
+        compiled.sync("/system.slice/amazon-ssm-agent.service", &[]);
+        let delta = compiled.take_delta();
+        assert!(!delta.allow_remove.is_empty());
+        assert!(delta.allow_remove.iter().all(|key| key.ruleset == ssm));
+        // It starts again: a fresh rule set, written with the entry.
+        compiled.sync(
+            "/system.slice/amazon-ssm-agent.service",
+            &[dir(401, "/system.slice/amazon-ssm-agent.service")],
+        );
+        let delta = compiled.take_delta();
+        // Rules 1 and 2 both allow uid 0 there: one entry, for rule 1.
+        assert_eq!(delta.allow_insert.len(), 1, "{delta:?}");
+        assert_eq!(delta.allow_insert[0].1.rule, 1);
+        let fresh = delta.cgroup_upsert[0].1;
+        assert!(
+            fresh != ssm
+                && delta
+                    .allow_insert
+                    .iter()
+                    .all(|(key, _)| key.ruleset == fresh)
+        );
+    }
+
+    #[test]
+    fn the_attach_point_carries_what_its_ancestors_match() {
+        let compiled = Compiled::new(
+            policy("[[allow]]\nuid = 0\nnot_cgroup = \"/system.slice/**\"\n"),
+            0,
+            "/system.slice/docker-aa.scope",
+            &[
+                dir(3, "/system.slice/docker-aa.scope"),
+                dir(4, "/system.slice/docker-aa.scope/init"),
+            ],
+        )
+        .0;
+        assert_eq!(compiled.cgroup_entries(), 2);
+        let (verdict, _) = verdict_at(&compiled, "/system.slice/docker-aa.scope", 0);
+        assert_eq!(verdict, VERDICT_DENY);
+    }
+
+    #[test]
+    fn too_deep_cgroups_are_reported_once() {
+        let deep = format!("/k{}", "/x".repeat(40));
+        let mut compiled = Compiled::new(policy("[[allow]]\ncgroup = \"/k/**\"\n"), 0, "/", &[]).0;
+        assert_eq!(compiled.sync(&deep, &[dir(9, &deep)]).len(), 1);
+        assert!(compiled.sync(&deep, &[dir(9, &deep)]).is_empty());
+        assert_eq!(compiled.cgroup_entries(), 0);
+    }
+
+    #[test]
+    fn audit_mode_and_v6_keys() {
+        let compiled = Compiled::new(
+            policy("mode = \"audit\"\nprotect = [\"imds\"]\n"),
+            0,
+            "/",
+            &[],
+        )
+        .0;
+        let entries = compiled.entries();
+        assert_eq!(entries.settings.mode, MODE_AUDIT);
+        let expected = v6_key([
+            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+        ]);
+        assert_eq!(entries.protected_v6, [expected]);
+        assert_eq!(
+            entries.protected_v4,
+            [u32::from_ne_bytes([169, 254, 169, 254])]
+        );
+    }
+
+    #[test]
+    fn sibling_prefixes_are_not_within() {
+        assert!(!is_within("/ab", "/a"));
+        assert!(is_within("/a/b", "/a"));
+        assert!(is_within("/a", "/"));
+    }
+}
