@@ -7,6 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use imds_guard_common::{
+    maps,
+    policy::{CgroupKey, RuleKey, RuleValue},
+};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 
@@ -59,6 +63,7 @@ pub struct Agent {
     stdout_reader: Option<std::thread::JoinHandle<()>>,
     events: Arc<(Mutex<Vec<Value>>, Condvar)>,
     stderr: Arc<Mutex<String>>,
+    pid_file: PathBuf,
     _notify_dir: TempDir,
 }
 
@@ -75,9 +80,13 @@ impl Agent {
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
-        let mut child = Command::new(agent_binary())
-            .arg("run")
-            .args(args)
+        let pid_file = notify_dir.0.join("agent.pid");
+        let mut command = Command::new(agent_binary());
+        command.arg("run").args(args);
+        if !args.contains(&"--pid-file") {
+            command.arg("--pid-file").arg(&pid_file);
+        }
+        let mut child = command
             .env("NOTIFY_SOCKET", &socket_path)
             .env("IMDS_GUARD_LOG", "info")
             .stdin(Stdio::null())
@@ -118,6 +127,7 @@ impl Agent {
             stdout_reader: Some(stdout_reader),
             events,
             stderr,
+            pid_file,
             _notify_dir: notify_dir,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -142,6 +152,68 @@ impl Agent {
                 agent.stderr()
             );
         }
+    }
+
+    /// Its process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pid file it was started with (unless the test gave its own).
+    #[must_use]
+    pub fn pid_file(&self) -> &std::path::Path {
+        &self.pid_file
+    }
+
+    /// Number of entries in this agent's map `name`, read from the kernel: the map is found
+    /// among the agent's open descriptors (`/proc/PID/fdinfo` gives each map's id).
+    ///
+    /// # Panics
+    /// When the agent has no such map or it cannot be read.
+    #[must_use]
+    pub fn map_entries(&self, name: &str) -> usize {
+        let pid = self.pid();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("agent fdinfo");
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let Some(id) = info
+                .lines()
+                .find_map(|line| line.strip_prefix("map_id:"))
+                .and_then(|id| id.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(data) = aya::maps::MapData::from_id(id) else {
+                continue;
+            };
+            if data
+                .info()
+                .ok()
+                .as_ref()
+                .and_then(|i| i.name_as_str().map(str::to_owned))
+                != Some(name.to_owned())
+            {
+                continue;
+            }
+            let map = aya::maps::Map::from_map_data(data).expect("map");
+            return match name {
+                maps::CGROUP_RULESETS => {
+                    let map: aya::maps::HashMap<_, CgroupKey, u32> =
+                        map.try_into().expect("CGROUP_RULESETS layout");
+                    map.keys().count()
+                }
+                maps::ALLOW => {
+                    let map: aya::maps::HashMap<_, RuleKey, RuleValue> =
+                        map.try_into().expect("ALLOW layout");
+                    map.keys().count()
+                }
+                other => panic!("counting entries of {other} is not supported"),
+            };
+        }
+        panic!("agent {pid} has no map named {name}");
     }
 
     /// What the agent wrote to stderr so far.
@@ -305,4 +377,17 @@ pub fn run_to_end(wrapper: &[&str], args: &[&str]) -> (ExitStatus, String) {
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `imds-guard ARGS...` (a command other than `run`) to the end and returns what it did.
+///
+/// # Panics
+/// When it cannot be started.
+#[must_use]
+pub fn imds_guard(args: &[&str]) -> std::process::Output {
+    Command::new(agent_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run imds-guard")
 }

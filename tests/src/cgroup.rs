@@ -41,6 +41,24 @@ impl TestCgroup {
         Self::create(self.dir.join(name), format!("{}/{name}", self.path), false)
     }
 
+    /// Moves process `pid` (all its threads) into this cgroup.
+    ///
+    /// # Panics
+    /// When the kernel refuses.
+    pub fn adopt(&self, pid: u32) {
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|err| panic!("move {pid} to {}: {err}", self.path));
+    }
+
+    /// Removes this (empty) cgroup now, as systemd does when a unit stops.
+    ///
+    /// # Panics
+    /// When it cannot be removed.
+    pub fn remove(self) {
+        assert!(!self.owner, "the top-level cgroup removes itself on drop");
+        fs::remove_dir(&self.dir).unwrap_or_else(|err| panic!("rmdir {}: {err}", self.path));
+    }
+
     fn create(dir: PathBuf, path: String, owner: bool) -> Self {
         fs::create_dir(&dir).unwrap_or_else(|err| panic!("mkdir {}: {err}", dir.display()));
         let id = fs::metadata(&dir).expect("stat cgroup").ino();

@@ -1,13 +1,12 @@
 //! Live reload (SIGHUP) on the real kernel: the policy changes with no gap and no mix.
 
 use std::{
-    path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use imds_guard_tests::{
-    Agent, Client, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, privileged, unique_name,
+    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, privileged,
 };
 use nix::sys::signal::Signal;
 
@@ -15,33 +14,6 @@ const EPERM: i32 = libc::EPERM;
 const ALLOWED: u32 = 1000;
 const DENIED: u32 = 1001;
 const LATE: u32 = 1002;
-
-/// A config file removed on drop; rewritten atomically (rename) so a reload never reads half.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(text: &str) -> Self {
-        let file = Self(std::env::temp_dir().join(format!("{}.toml", unique_name("cfg"))));
-        file.write(text);
-        file
-    }
-
-    fn write(&self, text: &str) {
-        let staging = self.0.with_extension("tmp");
-        std::fs::write(&staging, text).expect("write config");
-        std::fs::rename(&staging, &self.0).expect("rename config");
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// Sets the flag when dropped, also while unwinding.
 struct StopOnDrop<'a>(&'a AtomicBool);
@@ -79,15 +51,18 @@ fn reload_under_fire_gives_no_wrong_verdict() {
     // the ancestor walk change too).
     let policy_a = format!("cgroup = \"{}\"\nallow_uid = [0, {ALLOWED}]\n", attach.path);
     let policy_b = format!(
-        "cgroup = \"{}\"\nallow_uid = [{ALLOWED}, 0, 4000]\nallow_gid = [3000]\n\
-         allow_cgroup = [\"{}\"]\nprotect = [\"imds\", \"ecs-credentials\", \"10.9.8.7\"]\n",
+        "cgroup = \"{0}\"\nprotect = [\"imds\", \"ecs-credentials\", \"10.9.8.7\"]\n\
+         [[allow]]\nname = \"prober\"\nuid = {ALLOWED}\nnot_cgroup = \"{0}/other*\"\n\
+         [[allow]]\nname = \"staged other\"\ncgroup = \"{1}\"\nmode = \"audit\"\n\
+         [[allow]]\ngid = 3000\n\
+         [[allow]]\nuid = 0\nnot_cgroup = \"{0}/ctr-*\"\n",
         attach.path, other.path
     );
     let config = ConfigFile::new(&policy_a);
     let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
 
     let done = AtomicBool::new(false);
-    let (allowed_rounds, denied_rounds) = std::thread::scope(|scope| {
+    let (allowed_rounds, denied_rounds, containers) = std::thread::scope(|scope| {
         let allowed = scope.spawn(|| {
             let mut rounds = 0;
             while !done.load(Ordering::Relaxed) {
@@ -116,6 +91,17 @@ fn reload_under_fire_gives_no_wrong_verdict() {
             }
             rounds
         });
+        // Containers come and go meanwhile: the agent follows them between switches.
+        let churn = scope.spawn(|| {
+            let mut made = 0;
+            while !done.load(Ordering::Relaxed) {
+                let container = attach.child(&format!("ctr-{made}"));
+                std::thread::sleep(Duration::from_millis(3));
+                container.remove();
+                made += 1;
+            }
+            made
+        });
         // Stops the probers however this loop ends, so a failure cannot hang the scope.
         let stop = StopOnDrop(&done);
         for round in 1..=RELOADS {
@@ -128,11 +114,12 @@ fn reload_under_fire_gives_no_wrong_verdict() {
         (
             allowed.join().expect("allowed prober"),
             denied.join().expect("denied prober"),
+            churn.join().expect("cgroup churn"),
         )
     });
     eprintln!(
-        "{RELOADS} reloads under {allowed_rounds} + {denied_rounds} rounds of connects: \
-         no wrong verdict"
+        "{RELOADS} reloads under {allowed_rounds} + {denied_rounds} rounds of connects and \
+         {containers} containers made and removed: no wrong verdict"
     );
     assert!(
         allowed_rounds > 1 && denied_rounds > 1,
