@@ -164,7 +164,7 @@ impl Agent<'_> {
         Ok(())
     }
 
-    /// Brings the entries of cgroups created, removed or renamed up to date.
+    /// Brings the entries of cgroups created or removed up to date.
     fn follow(&mut self, watcher: &mut Watcher, changes: &Changes) {
         if changes.overflow {
             warn!("cgroup change notifications were dropped by the kernel: rescanning");

@@ -620,6 +620,45 @@ mod tests {
     }
 
     #[test]
+    fn a_full_scan_repairs_whatever_notifications_missed() {
+        let mut compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 0, "/", &tree()).0;
+        // Missed: docker-aa went away, docker-bb and a new ssm cgroup came.
+        let mut now: Vec<CgroupDir> = tree()
+            .into_iter()
+            .filter(|dir| !dir.path.starts_with("/system.slice/docker-aa.scope"))
+            .filter(|dir| dir.id != 2)
+            .collect();
+        now.push(dir(500, "/system.slice/docker-bb.scope"));
+        now.push(dir(501, "/system.slice/amazon-ssm-agent.service"));
+        compiled.sync("/", &now);
+        let delta = compiled.take_delta();
+        let upserted: Vec<u64> = delta
+            .cgroup_upsert
+            .iter()
+            .map(|(k, _)| k.cgroup_id)
+            .collect();
+        let removed: Vec<u64> = delta.cgroup_remove.iter().map(|k| k.cgroup_id).collect();
+        assert_eq!((upserted, removed), (vec![500, 501], vec![2, 3]));
+        // The result is what compiling from scratch gives.
+        let fresh = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 0, "/", &now).0;
+        for path in [
+            "/system.slice/docker-bb.scope",
+            "/system.slice/amazon-ssm-agent.service",
+        ] {
+            let ids: Vec<u64> = now
+                .iter()
+                .filter(|d| is_within(path, &d.path))
+                .map(|d| d.id)
+                .collect();
+            let judged = |c: &Compiled| {
+                let j = judge(&c.entries(), 0, &ids, Some(0), Some(0));
+                (j.verdict, j.rule)
+            };
+            assert_eq!(judged(&compiled), judged(&fresh), "{path}");
+        }
+    }
+
+    #[test]
     fn unused_rule_sets_are_retired_and_new_ones_written_first() {
         let mut compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 0, "/", &tree()).0;
         let ssm = compiled.cgroups[&2].ruleset;

@@ -946,8 +946,8 @@ mod tests {
     fn the_shipped_example_is_valid_and_keeps_container_root_out() {
         let policy = check(EXAMPLE).unwrap();
         let path = "/etc/imds-guard/imds-guard.toml";
-        let config = Config::from_toml(Some(Path::new(path)), EXAMPLE, &Overrides::default())
-            .unwrap();
+        let config =
+            Config::from_toml(Some(Path::new(path)), EXAMPLE, &Overrides::default()).unwrap();
         assert_eq!(config.mode, Mode::Enforce);
         assert_eq!(policy.rules.len(), 1);
         let outside = |cgroup: &str| policy.rules_in(&policy.matched_within(cgroup));

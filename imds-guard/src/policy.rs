@@ -282,14 +282,15 @@ fn glob_set(
     (builder.build().unwrap_or_else(|_| GlobSet::empty()), ids)
 }
 
-/// A glob in which `*` and `?` stop at `/` and `**` crosses it, as in shells.
+/// A glob in which `*` and `?` stop at `/` and `**` crosses it, as in shells. A backslash is an
+/// ordinary character: systemd escapes unit names with it (`dev-disk-by\x2dlabel.device`).
 ///
 /// # Errors
 /// The parser's complaint.
 pub fn compile_glob(text: &str) -> std::result::Result<Glob, globset::Error> {
     GlobBuilder::new(text)
         .literal_separator(true)
-        .backslash_escape(true)
+        .backslash_escape(false)
         .build()
 }
 
@@ -424,6 +425,26 @@ mod tests {
         );
         assert_eq!(p.rule_name(0), "default");
         assert_eq!(p.rule_name(2), "default");
+    }
+
+    #[test]
+    fn systemd_escapes_are_literal_and_exact_paths_are_escaped() {
+        let p = policy("[[allow]]\nunit = 'systemd-fsck@dev-disk-by\\x2dlabel-ROOT.service'\n");
+        assert_eq!(
+            rules_at(
+                &p,
+                "/system.slice/system-systemd\\x2dfsck.slice/systemd-fsck@dev-disk-by\\x2dlabel-ROOT.service"
+            ),
+            [1]
+        );
+        let mount = tempfile::tempdir().unwrap();
+        std::fs::create_dir(mount.path().join("a[1]*")).unwrap();
+        let config =
+            Config::from_toml(None, "allow_cgroup = [\"/a[1]*\"]\n", &Overrides::default())
+                .unwrap();
+        let p = Policy::resolve(&config, &Hierarchy::at(mount.path().to_owned())).unwrap();
+        assert_eq!(rules_at(&p, "/a[1]*"), [1]);
+        assert_eq!(rules_at(&p, "/a1x"), Vec::<u32>::new());
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Following the cgroup tree below the attach point: a scan lists the cgroups that exist
-//! ([`Watcher::scan`]), and inotify says where directories were created, removed or renamed
+//! ([`Watcher::scan`]), and inotify says where directories were created or removed
 //! ([`Watcher::changed`]), so that rules on cgroups that come and go take effect at once.
 //!
-//! `mkdir`/`rmdir`/`rename` on cgroupfs go through the VFS, which reports them to inotify like on
-//! any filesystem. Inotify watches one directory each, so every directory is watched, each one
-//! before it is listed: a child created between the two is then either listed or reported. If
-//! the kernel drops events (queue overflow) or a watch cannot be added, the caller's periodic
-//! full scan puts things right.
+//! `mkdir`/`rmdir` on cgroupfs go through the VFS, which reports them to inotify like on any
+//! filesystem; cgroup v2 refuses `rename` (EPERM), so a cgroup's path never changes.
+//! Inotify watches one directory each, so every directory is watched, each one before it is
+//! listed: a child created between the two is then either listed or reported. If the kernel
+//! drops events (queue overflow) or a watch cannot be added, the caller's periodic full scan
+//! puts things right.
 
 use std::{
     collections::HashMap,
@@ -30,7 +31,7 @@ use crate::{cgroups::Hierarchy, compile::CgroupDir};
 /// What one read of the inotify queue says.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// Cgroup paths created, removed or renamed (from or to), none below another.
+    /// Cgroup paths created or removed, none below another.
     pub paths: Vec<String>,
     /// The kernel dropped events: only a full scan is reliable now.
     pub overflow: bool,
@@ -81,12 +82,10 @@ impl Watcher {
     fn watch(&mut self, dir: &Path, path: &str) {
         let flags = AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_ONLYDIR
             | AddWatchFlags::IN_DONT_FOLLOW;
         match self.inotify.add_watch(dir, flags) {
-            // The same directory gives the same watch: a renamed one gets its new path here.
+            // The same directory gives the same watch again (the periodic scan re-adds them all).
             Ok(watch) => {
                 self.watches.insert(watch, path.to_owned());
             }
@@ -127,12 +126,9 @@ impl Watcher {
                     self.watches.remove(&event.wd);
                     continue;
                 }
-                let moved_or_made = AddWatchFlags::IN_CREATE
-                    | AddWatchFlags::IN_DELETE
-                    | AddWatchFlags::IN_MOVED_FROM
-                    | AddWatchFlags::IN_MOVED_TO;
+                let made_or_removed = AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE;
                 if !event.mask.contains(AddWatchFlags::IN_ISDIR)
-                    || !event.mask.intersects(moved_or_made)
+                    || !event.mask.intersects(made_or_removed)
                 {
                     continue;
                 }
