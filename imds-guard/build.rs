@@ -10,7 +10,8 @@
 //! Both need `bpf-linker`. `cargo xtask bootstrap` installs whatever is missing; when neither
 //! route works the build fails with the commands to run.
 //!
-//! `IMDS_GUARD_EBPF_OBJECT=/path/to/object` embeds a prebuilt object instead.
+//! `IMDS_GUARD_EBPF_OBJECT=/path/to/object` embeds a prebuilt object instead;
+//! `IMDS_GUARD_EBPF_FEATURES=a,b` builds the programs with those cargo features.
 
 use std::{env, fs, path::PathBuf, process::Command};
 
@@ -56,9 +57,14 @@ fn main() -> anyhow::Result<()> {
         env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
         env::set_var("CARGO_TERM_QUIET", "true");
     }
+    // `cargo xtask test` builds a second agent whose program differs, to test upgrades.
+    println!("cargo:rerun-if-env-changed=IMDS_GUARD_EBPF_FEATURES");
+    let features = env::var("IMDS_GUARD_EBPF_FEATURES").unwrap_or_default();
+    let features: Vec<&str> = features.split(',').filter(|f| !f.is_empty()).collect();
     let package = aya_build::Package {
         name: "imds-guard-ebpf",
         root_dir: "../imds-guard-ebpf",
+        features: &features,
         ..Default::default()
     };
     aya_build::build_ebpf([package], toolchain)

@@ -5,6 +5,7 @@
 //! Enumerations are `u32`/`u8` constants; the agent turns them into Rust enums with `TryFrom`.
 #![no_std]
 
+pub mod agent;
 pub mod event;
 pub mod imds;
 pub mod maps;

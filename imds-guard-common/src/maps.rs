@@ -16,9 +16,15 @@ pub const ALLOW: &str = "ALLOW";
 pub const EVENTS: &str = "EVENTS";
 /// Per-CPU `u64` counters indexed by the `COUNTER_*` constants below.
 pub const COUNTERS: &str = "COUNTERS";
+/// Per-CPU `u64` counts of attempts to protected addresses by deciding rule, indexed by
+/// [`rule_counter_index`].
+pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+/// What the agent last said about itself: a one-entry array of [`crate::agent::AgentInfo`],
+/// written by the agent only, so that `status` can tell without it.
+pub const AGENT: &str = "AGENT";
 
 /// Every map name, so the agent can check the embedded object has each of them.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 10] = [
     PROTECTED_V4,
     PROTECTED_V6,
     GENERATION,
@@ -27,7 +33,27 @@ pub const ALL: [&str; 8] = [
     ALLOW,
     EVENTS,
     COUNTERS,
+    RULE_COUNTERS,
+    AGENT,
 ];
+
+/// Version of the maps' layout (names, key and value types). The maps are pinned in a directory
+/// named after it, so that an agent whose layout differs never reads another's maps: an upgrade
+/// that changes the layout fills new maps and then switches the programs over.
+pub const MAPS_LAYOUT_VERSION: u32 = 1;
+
+/// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
+/// the attempts no rule decided.
+pub const MAX_RULES: u32 = 1024;
+/// Entries of [`RULE_COUNTERS`]: one slot per rule id (0 for no rule), per generation.
+pub const RULE_COUNTER_SLOTS: u32 = 2 * (MAX_RULES + 1);
+
+/// Index in [`RULE_COUNTERS`] of `rule` (0 for no rule) of `generation`.
+#[must_use]
+pub const fn rule_counter_index(generation: u32, rule: u32) -> u32 {
+    let rule = if rule > MAX_RULES { MAX_RULES } else { rule };
+    (generation & 1) * (MAX_RULES + 1) + rule
+}
 
 /// Ring buffer size in bytes (a power of two and a multiple of the page size): room for about
 /// 11,900 events of 88 bytes (80 + the 8-byte record header) before the agent must drain.

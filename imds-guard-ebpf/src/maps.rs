@@ -6,10 +6,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use imds_guard_common::{
+    agent::AgentInfo,
     event::Event,
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
-        MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES,
+        MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
     },
     policy::{CgroupKey, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
 };
@@ -49,6 +50,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// Per-CPU counters, indexed by `imds_guard_common::maps::COUNTER_*`.
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Attempts to protected addresses by deciding rule, per generation (see
+/// `imds_guard_common::maps::rule_counter_index`).
+#[map(name = "RULE_COUNTERS")]
+pub static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RULE_COUNTER_SLOTS, 0);
+
+/// The agent's record of itself; the programs never touch it.
+#[map(name = "AGENT")]
+pub static AGENT: Array<AgentInfo> = Array::with_max_entries(1, 0);
 
 /// Compile-time proof that the event fits a ring-buffer record the verifier accepts.
 const _: () = assert!(core::mem::size_of::<Event>().is_multiple_of(8));

@@ -6,10 +6,18 @@ use aya_ebpf::helpers::{
 };
 use imds_guard_common::{
     event::{COMM_LEN, Event},
-    maps::COUNTER_EVENTS_LOST,
+    maps::{COUNTER_EVENTS_LOST, rule_counter_index},
 };
 
-use crate::maps::{COUNTERS, EVENTS};
+use crate::maps::{COUNTERS, EVENTS, RULE_COUNTERS};
+
+/// 1 in the build the upgrade tests switch to (feature `upgrade-test-variant`), else 0: the one
+/// difference between the two programs, in a padding byte the agent ignores.
+const BUILD_VARIANT: u8 = if cfg!(feature = "upgrade-test-variant") {
+    1
+} else {
+    0
+};
 
 /// What the verdict code knows about an attempt; the rest is read here.
 pub struct Attempt {
@@ -28,6 +36,14 @@ pub struct Attempt {
 /// Adds one to the current CPU's counter `index`.
 pub fn count(index: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; the program cannot migrate while it runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Adds one to the current CPU's count of attempts decided by `rule` of `generation`.
+pub fn count_rule(generation: u32, rule: u32) {
+    if let Some(counter) = RULE_COUNTERS.get_ptr_mut(rule_counter_index(generation, rule)) {
         // SAFETY: a per-CPU slot; the program cannot migrate while it runs.
         unsafe { *counter += 1 };
     }
@@ -61,7 +77,7 @@ pub fn event(attempt: &Attempt) {
         protocol: attempt.protocol,
         port: attempt.port,
         generation: attempt.generation,
-        _pad: [0; 5],
+        _pad: [0, 0, 0, 0, BUILD_VARIANT],
         addr: attempt.addr,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     });

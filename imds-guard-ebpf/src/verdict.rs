@@ -91,6 +91,7 @@ fn judge_protected(
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     let (verdict, rule) = decide(generation, uid, gid);
+    report::count_rule(generation, rule);
     report::count(match verdict {
         VERDICT_ALLOW => COUNTER_ALLOWED,
         VERDICT_AUDIT => COUNTER_AUDITED,

@@ -1,13 +1,17 @@
 //! `imds-guard run`: settings → policy → maps → attached programs, then events until a signal.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     io::{self, Write as _},
 };
 
 use aya::maps::{MapData, RingBuf};
 use imds_guard_common::maps::EVENTS_RING_BYTES;
-use imds_guard_common::policy::MAX_CGROUP_LEVEL;
+use imds_guard_common::{
+    agent::{AgentInfo, VERSION_LEN},
+    policy::{MAX_CGROUP_LEVEL, RULE_DEFAULT},
+};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -23,6 +27,7 @@ use crate::{
     error::{Error, Result},
     events::{self, Record},
     pidfile::PidFile,
+    pins::PinDir,
     policy::Policy,
     tree::{Changes, Watcher},
 };
@@ -38,6 +43,8 @@ const DRAIN_BATCH_RECORDS: usize =
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 /// How often the whole cgroup tree is scanned, in case a change notification was missed.
 const RESYNC_INTERVAL_SECS: u64 = 30;
+/// How often the agent records that it is alive (for `status`).
+pub const HEARTBEAT_INTERVAL_SECS: u64 = 5;
 
 /// Runs the agent until SIGTERM or SIGINT.
 ///
@@ -53,15 +60,38 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let policy = Policy::resolve(&config, &hierarchy)?;
     ebpf::preflight()?;
     let pid_file = PidFile::lock(&args.pid_file)?;
+    let pins = PinDir::new(&args.pin_dir);
+    pins.prepare()?;
 
     let mut watcher = Watcher::new().map_err(|source| Error::WatchCgroups { source })?;
+    let mut kernel = Kernel::load(&pins)?;
+    // Events raised while no agent ran wait in the pinned ring: report them before a new
+    // policy reuses their generation's slot (their rules are named by number).
+    let mut events = kernel.take_events()?;
+    let mut reporter = Reporter::new(Hierarchy::at(hierarchy.mount().to_owned()));
+    let earlier = reporter.drain_all(&mut events);
+    if earlier > 0 {
+        info!(
+            events = earlier,
+            "reported the events raised while no agent ran"
+        );
+    }
+    let generation = if kernel.adopted() {
+        kernel.inactive_generation()?
+    } else {
+        0
+    };
     let dirs = watcher.scan(&hierarchy, &attach.path);
-    let (compiled, too_deep) = Compiled::new(policy, 0, &attach.path, &dirs);
+    let (compiled, too_deep) = Compiled::new(policy, generation, &attach.path, &dirs);
     warn_too_deep(&too_deep);
-    let mut kernel = Kernel::load()?;
-    kernel.install(&compiled)?;
-    let events = kernel.take_events()?;
-    kernel.attach(&attach)?;
+    if kernel.adopted() {
+        // The previous agent's policy is in force: switch from it, as a reload does.
+        kernel.switch_to(&compiled)?;
+    } else {
+        kernel.install(&compiled)?;
+    }
+    reporter.set_policy(generation, compiled.policy.clone());
+    let links = kernel.attach(&attach)?;
     info!(
         cgroup = %attach.path,
         mode = %compiled.policy.mode,
@@ -69,6 +99,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         protected = ?compiled.policy.protect,
         cgroup_entries = compiled.cgroup_entries(),
         watched_cgroups = watcher.watched(),
+        pins = %pins.root().display(),
+        links_created = links.created,
+        links_updated = links.updated,
+        links_moved = links.moved,
+        adopted = kernel.adopted(),
         "imds-guard is enforcing"
     );
 
@@ -84,10 +119,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel,
         compiled,
         failed_reloads: 0,
+        reloads: 0,
         maps_uncertain: false,
         switched: false,
+        started_ns: boot_time_ns(),
     };
-    runtime.block_on(serve(agent, events, watcher, pid_file))
+    runtime.block_on(serve(agent, reporter, events, watcher, pid_file))
 }
 
 /// The running agent: the kernel side, the policy compiled for the cgroups that exist, and
@@ -102,7 +139,10 @@ struct Agent<'a> {
     kernel: Kernel,
     /// The generation in force.
     compiled: Compiled,
-    failed_reloads: u64,
+    failed_reloads: u32,
+    reloads: u32,
+    /// When it started (`CLOCK_BOOTTIME` ns).
+    started_ns: u64,
     /// An incremental update failed part-way: the maps must be rewritten whole.
     maps_uncertain: bool,
     /// A new generation is in force since the reporter last learnt its policy.
@@ -131,6 +171,7 @@ impl Agent<'_> {
                         self.attach_setting.value, config.attach.origin, config.attach.value
                     );
                 }
+                self.reloads += 1;
                 info!(
                     generation = self.compiled.generation(),
                     mode = %self.compiled.policy.mode,
@@ -214,6 +255,28 @@ impl Agent<'_> {
         }
     }
 
+    /// Records the agent's state in the pinned `AGENT` map, for `status`.
+    fn record(&mut self, running: bool) {
+        let mut version = [0u8; VERSION_LEN];
+        let text = env!("CARGO_PKG_VERSION").as_bytes();
+        let len = text.len().min(VERSION_LEN);
+        version[..len].copy_from_slice(&text[..len]);
+        let info = AgentInfo {
+            version,
+            started_ns: self.started_ns,
+            heartbeat_ns: boot_time_ns(),
+            pid: if running { std::process::id() } else { 0 },
+            reloads: self.reloads,
+            failed_reloads: self.failed_reloads,
+            rules: u32::try_from(self.compiled.policy.rules.len()).unwrap_or(u32::MAX),
+            cgroup_entries: u32::try_from(self.compiled.cgroup_entries()).unwrap_or(u32::MAX),
+            maps_uncertain: u32::from(self.maps_uncertain),
+        };
+        if let Err(err) = self.kernel.set_agent_info(&info) {
+            warn!("cannot record the agent's state for `status`: {err}");
+        }
+    }
+
     fn apply(&mut self, delta: &crate::compile::Delta) {
         if let Err(err) = self.kernel.apply(delta) {
             self.maps_uncertain = true;
@@ -237,10 +300,19 @@ fn warn_too_deep(dirs: &[CgroupDir]) {
     }
 }
 
-/// Reports events and follows the cgroup tree until a signal, then detaches, drains what is
-/// left and reports counters.
+/// `CLOCK_BOOTTIME` now, in nanoseconds (the clock of the kernel's event times).
+fn boot_time_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
+        u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(time.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// Reports events and follows the cgroup tree until a signal, then drains what is left and
+/// reports counters. The programs stay attached: enforcement outlives the agent.
 async fn serve(
     mut agent: Agent<'_>,
+    mut reporter: Reporter,
     events: RingBuf<MapData>,
     watcher: Watcher,
     mut pid_file: PidFile,
@@ -263,11 +335,7 @@ async fn serve(
         .map_err(|err| Error::WatchCgroups {
             source: err.into_parts().1,
         })?;
-    let mut reporter = Reporter::new(
-        agent.compiled.policy.clone(),
-        Hierarchy::at(agent.hierarchy.mount().to_owned()),
-    );
-
+    agent.record(true);
     // SIGHUP is handled from here on: `imds-guard reload` may find us now.
     pid_file.publish()?;
     // Programs attached, policy in the maps: only now may systemd start what depends on us.
@@ -279,12 +347,15 @@ async fn serve(
         tokio::time::interval(std::time::Duration::from_secs(LOSS_CHECK_INTERVAL_SECS));
     let mut resync = tokio::time::interval(std::time::Duration::from_secs(RESYNC_INTERVAL_SECS));
     resync.reset();
+    let mut heartbeat =
+        tokio::time::interval(std::time::Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
     let mut lost_so_far = 0;
     let outcome = loop {
         tokio::select! {
             _ = sigterm.recv() => break Ok("SIGTERM"),
             _ = sigint.recv() => break Ok("SIGINT"),
             _ = loss_check.tick() => warn_of_new_losses(&agent.kernel, &mut lost_so_far),
+            _ = heartbeat.tick() => agent.record(true),
             _ = resync.tick() => {
                 if agent.maps_uncertain {
                     // A rewrite reuses a generation slot: see SIGHUP.
@@ -328,23 +399,23 @@ async fn serve(
         }
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let detached = agent.kernel.detach();
-    // Events raised before the programs were detached are still in the ring: report them all
-    // (none can arrive any more, so this ends).
-    while !reporter.drain(ring.get_mut()) {}
+    // Every event raised so far is in the ring: report them all before going.
+    let _ = reporter.drain_all(ring.get_mut());
+    agent.record(false);
     match agent.kernel.counters() {
         Ok(counters) => info!(
             allowed = counters.allowed,
             denied = counters.denied,
             audited = counters.audited,
             events_lost = counters.events_lost,
+            reloads = agent.reloads,
             failed_reloads = agent.failed_reloads,
-            "detached"
+            "stopped; enforcement stays in force with the last policy (`imds-guard detach` \
+             removes it)"
         ),
-        Err(err) => warn!("detached; counters unreadable: {err}"),
+        Err(err) => warn!("stopped; counters unreadable: {err}"),
     }
     let signal = outcome?;
-    detached?;
     info!("stopped on {signal}");
     Ok(())
 }
@@ -373,15 +444,19 @@ struct Reporter {
     hierarchy: Hierarchy,
     cgroup_paths: HashMap<u64, Option<String>>,
     stdout_failed: bool,
+    /// Events reported so far.
+    reported: u64,
 }
 
 impl Reporter {
-    fn new(policy: Policy, hierarchy: Hierarchy) -> Self {
+    /// A reporter that knows no policy yet: events name rules by number until it does.
+    fn new(hierarchy: Hierarchy) -> Self {
         Self {
-            policies: [Some(policy), None],
+            policies: [None, None],
             hierarchy,
             cgroup_paths: HashMap::new(),
             stdout_failed: false,
+            reported: 0,
         }
     }
 
@@ -389,10 +464,20 @@ impl Reporter {
         self.policies[usize::from(generation != 0)] = Some(policy);
     }
 
-    fn rule_name(&self, generation: u8, rule: u32) -> &str {
-        self.policies[usize::from(generation != 0)]
-            .as_ref()
-            .map_or("default", |policy| policy.rule_name(rule))
+    fn rule_name(&self, generation: u8, rule: u32) -> Cow<'_, str> {
+        match &self.policies[usize::from(generation != 0)] {
+            Some(policy) => Cow::Borrowed(policy.rule_name(rule)),
+            None if rule == RULE_DEFAULT => Cow::Borrowed("default"),
+            // Judged before this agent started, by a policy it never saw.
+            None => Cow::Owned(format!("rule {rule} of an earlier policy")),
+        }
+    }
+
+    /// Reports everything in the ring; returns how many events that was.
+    fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> u64 {
+        let before = self.reported;
+        while !self.drain(ring) {}
+        self.reported - before
     }
 
     /// Reports the records in the ring, at most [`DRAIN_BATCH_RECORDS`], then flushes stdout
@@ -420,7 +505,8 @@ impl Reporter {
             drop(item);
             let cgroup = self.cgroup_path(event.raw.cgroup_id);
             let rule = self.rule_name(event.raw.generation, event.raw.rule);
-            let record = Record::new(&event, offset, cgroup, rule);
+            let record = Record::new(&event, offset, cgroup, &rule);
+            self.reported += 1;
             let written = serde_json::to_writer(&mut out, &record)
                 .map_err(io::Error::from)
                 .and_then(|()| out.write_all(b"\n"));

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     config::{Mode, Overrides},
     pidfile::DEFAULT_PID_FILE,
+    pins::DEFAULT_PIN_DIR,
 };
 
 /// Keeps the EC2 instance metadata service for the workloads that need it.
@@ -32,6 +33,37 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Say which verdict a workload would get now for an IMDS connect, and which rule decides.
     Explain(ExplainArgs),
+    /// Show whether enforcement is in force, the policy, counters, and the agent's health
+    /// (read from the pins: works whether or not the agent runs). Exit 3 when not enforcing.
+    Status(StatusArgs),
+    /// Turn enforcement off: detach the programs and remove the pins (the agent must be
+    /// stopped first). Stopping the agent alone leaves enforcement in force.
+    Detach(DetachArgs),
+}
+
+/// `imds-guard status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The pin directory the agent uses.
+    #[arg(long = "pin-dir", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// The agent's pid file.
+    #[arg(long = "pid-file", value_name = "FILE", default_value = DEFAULT_PID_FILE)]
+    pub pid_file: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `imds-guard detach`.
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The pin directory the agent uses.
+    #[arg(long = "pin-dir", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// The agent's pid file (a running agent must be stopped first).
+    #[arg(long = "pid-file", value_name = "FILE", default_value = DEFAULT_PID_FILE)]
+    pub pid_file: PathBuf,
 }
 
 /// `imds-guard run`.
@@ -58,6 +90,10 @@ pub struct RunArgs {
     /// Pid file, held locked while the agent runs (one agent per file); `reload` reads it.
     #[arg(long = "pid-file", value_name = "FILE", default_value = DEFAULT_PID_FILE)]
     pub pid_file: PathBuf,
+    /// Where the program links and maps are pinned (on a bpf filesystem, mounted if needed),
+    /// so that enforcement outlives the agent.
+    #[arg(long = "pin-dir", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
 }
 
 /// `imds-guard reload`.

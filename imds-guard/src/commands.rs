@@ -18,13 +18,14 @@ use nix::{
 
 use crate::{
     cgroups::{self, Cgroup, Hierarchy},
-    cli::{CheckConfigArgs, Cli, Command, ExplainArgs, ReloadArgs},
+    cli::{CheckConfigArgs, Cli, Command, DetachArgs, ExplainArgs, ReloadArgs, StatusArgs},
     compile::{self, CgroupDir, Compiled},
     config::{Config, Mode, Overrides, Principal},
     error::{Error, Result},
     pidfile,
+    pins::PinDir,
     policy::{Pattern, Policy, PolicyRule},
-    tree,
+    status, tree,
 };
 
 /// How many matching cgroups `check-config` lists per rule before summing up the rest.
@@ -446,4 +447,56 @@ fn why_not(
 /// A cgroup's id, or 0 (no entry can match) when it cannot be read.
 fn dir_id(hierarchy: &Hierarchy, path: &str) -> u64 {
     fs::metadata(hierarchy.dir_of(path)).map_or(0, |metadata| metadata.ino())
+}
+
+/// `imds-guard status`: prints the status; returns whether enforcement is in force.
+///
+/// # Errors
+/// When the status cannot be written out as JSON.
+pub fn status(args: &StatusArgs) -> Result<bool> {
+    let hierarchy = Hierarchy::discover().ok();
+    let status = status::read(&args.pin_dir, &args.pid_file, hierarchy.as_ref());
+    if args.json {
+        let text = serde_json::to_string_pretty(&status).map_err(|err| Error::InvalidSetting {
+            origin: "--json".into(),
+            message: err.to_string(),
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", status::describe(&status));
+    }
+    Ok(status.enforcing)
+}
+
+/// `imds-guard detach`: detaches every pinned link and removes the pins.
+///
+/// # Errors
+/// [`Error::AlreadyRunning`] while an agent runs (it would put enforcement back), or the
+/// first pin that could not be removed.
+pub fn detach(args: &DetachArgs) -> Result<()> {
+    if let Ok(pid) = pidfile::running_agent(&args.pid_file) {
+        return Err(Error::AlreadyRunning {
+            path: args.pid_file.clone(),
+            pid: format!("{pid}; stop it first, e.g. `systemctl stop imds-guard`"),
+        });
+    }
+    let pins = PinDir::new(&args.pin_dir);
+    if !pins.root().exists() {
+        println!(
+            "nothing to detach: {} does not exist",
+            pins.root().display()
+        );
+        return Ok(());
+    }
+    let detached = pins.remove_all()?;
+    println!(
+        "detached {} and removed {}: IMDS is no longer guarded",
+        if detached.is_empty() {
+            "nothing".to_owned()
+        } else {
+            detached.join(", ")
+        },
+        pins.root().display()
+    );
+    Ok(())
 }

@@ -4,23 +4,26 @@
 use std::{fs::File, os::fd::AsFd as _};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType, links::FdLink},
 };
 use imds_guard_common::{
+    agent::AgentInfo,
     maps::{
-        ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTERS, EVENTS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
+        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
+        COUNTER_EVENTS_LOST, COUNTERS, EVENTS, GENERATION, MAX_RULES, PROTECTED_V4, PROTECTED_V6,
+        RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
     policy::{CgroupKey, RuleKey, RuleValue, Settings},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cgroups::Cgroup,
     compile::{Compiled, Delta, MapEntries},
     error::{Error, Result},
+    pins::{self, PinDir},
 };
 
 /// The kernel object built by `build.rs` from `imds-guard-ebpf`.
@@ -115,24 +118,43 @@ fn raise_memlock_limit() {
     }
 }
 
-/// The loaded object: maps created, programs verified, nothing attached yet.
+/// The loaded object: maps created or adopted from the pins, programs verified.
 pub struct Kernel {
     ebpf: Ebpf,
-    /// Attached programs and their links, to detach explicitly.
-    attached: Vec<(
-        &'static str,
-        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
-    )>,
+    pins: PinDir,
+    /// The maps were pinned already: a policy may be in force, and programs reading them.
+    adopted: bool,
+}
+
+/// What [`Kernel::attach`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Links created (and pinned).
+    pub created: usize,
+    /// Pinned links switched to the new program in place.
+    pub updated: usize,
+    /// Pinned links on another cgroup, replaced by new ones.
+    pub moved: usize,
 }
 
 impl Kernel {
-    /// Loads the embedded object and runs every program through the verifier.
+    /// Loads the embedded object with its maps pinned in `pins` (reusing those already pinned
+    /// there) and runs every program through the verifier.
     ///
     /// # Errors
+    /// [`Error::PinnedMapMismatch`] when pinned maps differ from this build's,
     /// [`Error::LoadObject`], [`Error::MissingInObject`] or [`Error::LoadProgram`] (with the
     /// verifier log).
-    pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| Error::LoadObject { source })?;
+    pub fn load(pins: &PinDir) -> Result<Self> {
+        check_pinned_layouts(pins)?;
+        let adopted = pins.map(GENERATION).exists();
+        let mut loader = EbpfLoader::new();
+        for name in imds_guard_common::maps::ALL {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|source| Error::LoadObject { source })?;
         for name in imds_guard_common::maps::ALL {
             if ebpf.map(name).is_none() {
                 return Err(Error::MissingInObject { kind: "map", name });
@@ -147,8 +169,16 @@ impl Kernel {
         }
         Ok(Self {
             ebpf,
-            attached: Vec::new(),
+            pins: pins.clone(),
+            adopted,
         })
+    }
+
+    /// Whether the maps were adopted from an earlier agent: then a policy is (or may be) in
+    /// force, and the first policy must be switched to, not installed.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// Installs the first policy before the programs are attached: `compiled` (which must be
@@ -157,6 +187,7 @@ impl Kernel {
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::WriteMap`].
     pub fn install(&mut self, compiled: &Compiled) -> Result<()> {
+        self.zero_rule_counts(compiled.generation())?;
         self.write_generation(&compiled.entries(), compiled.generation())?;
         self.activate(compiled.generation())
     }
@@ -192,6 +223,7 @@ impl Kernel {
         }
         // Leftovers of an earlier switch whose clean-up failed.
         self.clear_generation(new)?;
+        self.zero_rule_counts(new)?;
         let written = self
             .write_generation(&compiled.entries(), new)
             .and_then(|()| self.activate(new));
@@ -338,50 +370,164 @@ impl Kernel {
         Ok(())
     }
 
-    /// Attaches every program to `cgroup` so that other programs can run beside them but never
-    /// replace them: a delegated subtree can add its own programs, and ours still run.
+    /// Makes every program judge the tasks of `cgroup`, through links pinned in the pin
+    /// directory so that they outlive this process. A link already pinned there for the same
+    /// cgroup is switched to the new program in place (`BPF_LINK_UPDATE`: every attempt is
+    /// judged by the old program or the new one, never by none). A pinned link on another
+    /// cgroup (the attach point changed, or its cgroup is gone) is replaced: the new link is
+    /// attached before the old one is detached.
+    ///
+    /// Links are multi-attach: a delegated subtree can add its own programs, and ours still run.
     ///
     /// # Errors
-    /// [`Error::Attach`]; programs attached before the failure stay attached until this value
-    /// is dropped or [`Kernel::detach`] is called.
-    pub fn attach(&mut self, cgroup: &Cgroup) -> Result<()> {
+    /// [`Error::Attach`] or [`Error::Link`]; links attached before the failure stay.
+    pub fn attach(&mut self, cgroup: &Cgroup) -> Result<Attached> {
+        let mut attached = Attached::default();
+        for name in PROGRAMS {
+            let pin = self.pins.link(name);
+            let link_error = |action: &'static str| {
+                move |source| Error::Link {
+                    program: name,
+                    action,
+                    source,
+                }
+            };
+            let Some(old) =
+                pins::open_pinned(&pin).map_err(link_error("opening the pinned link"))?
+            else {
+                let link = self.new_link(name, cgroup)?;
+                link.pin(&pin).map_err(|source| Error::Link {
+                    program: name,
+                    action: "pinning the link",
+                    source: std::io::Error::other(source),
+                })?;
+                attached.created += 1;
+                continue;
+            };
+            let state = pins::link_info(old.as_fd_borrowed())
+                .map_err(link_error("reading the pinned link"))?;
+            if state.cgroup_id == cgroup.id {
+                let program = program_mut(&mut self.ebpf, name)?.fd().map_err(|source| {
+                    Error::LoadProgram {
+                        program: name,
+                        source,
+                    }
+                })?;
+                pins::link_update(old.as_fd_borrowed(), program.as_fd())
+                    .map_err(link_error("switching the pinned link to the new program"))?;
+                attached.updated += 1;
+                continue;
+            }
+            let staging = pin.with_extension("new");
+            let _ = std::fs::remove_file(&staging);
+            let link = self.new_link(name, cgroup)?;
+            link.pin(&staging).map_err(|source| Error::Link {
+                program: name,
+                action: "pinning the new link",
+                source: std::io::Error::other(source),
+            })?;
+            if let Err(err) = pins::link_detach(old.as_fd_borrowed()) {
+                // Its cgroup is gone already: nothing to detach.
+                debug!(program = name, "old link not detached: {err}");
+            }
+            std::fs::rename(&staging, &pin).map_err(link_error("replacing the pinned link"))?;
+            attached.moved += 1;
+        }
+        for dir in self.pins.other_map_dirs() {
+            // Maps of another layout: no program of ours reads them any more.
+            let removed = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .try_for_each(|entry| std::fs::remove_file(entry.path()))
+                .and_then(|()| std::fs::remove_dir(&dir));
+            match removed {
+                Ok(()) => info!(dir = %dir.display(), "removed the maps of another layout"),
+                Err(err) => warn!("cannot remove the old maps in {}: {err}", dir.display()),
+            }
+        }
+        Ok(attached)
+    }
+
+    fn new_link(&mut self, name: &'static str, cgroup: &Cgroup) -> Result<FdLink> {
         let file = File::open(&cgroup.dir).map_err(|source| Error::InspectCgroup {
             dir: cgroup.dir.clone(),
             source,
         })?;
-        let mode = multi_attach_mode();
-        for name in PROGRAMS {
-            let link = program_mut(&mut self.ebpf, name)?
-                .attach(file.as_fd(), mode)
-                .map_err(|source| Error::Attach {
-                    program: name,
-                    cgroup: cgroup.dir.clone(),
-                    source,
-                })?;
-            self.attached.push((name, link));
-        }
-        Ok(())
+        let attach_error = |source| Error::Attach {
+            program: name,
+            cgroup: cgroup.dir.clone(),
+            source,
+        };
+        let program = program_mut(&mut self.ebpf, name)?;
+        let id = program
+            .attach(file.as_fd(), multi_attach_mode())
+            .map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        FdLink::try_from(link).map_err(|source| Error::Link {
+            program: name,
+            action: "making the link pinnable (needs Linux 5.7+)",
+            source: std::io::Error::other(source),
+        })
     }
 
-    /// Detaches every attached program.
+    /// Writes what the agent says about itself.
     ///
     /// # Errors
-    /// [`Error::Detach`] for the first program that could not be detached (the others are
-    /// still tried).
-    pub fn detach(&mut self) -> Result<()> {
-        let mut first_error = None;
-        for (name, link) in std::mem::take(&mut self.attached) {
-            let result = program_mut(&mut self.ebpf, name).and_then(|program| {
-                program.detach(link).map_err(|source| Error::Detach {
-                    program: name,
-                    source,
+    /// [`Error::OpenMap`] or [`Error::WriteMap`].
+    pub fn set_agent_info(&mut self, info: &AgentInfo) -> Result<()> {
+        let mut map: Array<_, AgentInfo> = self.map_mut(AGENT)?;
+        map.set(0, info, 0).map_err(|source| Error::WriteMap {
+            map: AGENT,
+            what: "the agent's record".into(),
+            source,
+        })
+    }
+
+    /// Attempts decided by each rule of `generation` (index 0: by no rule), summed over CPUs.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`] or [`Error::ReadMap`].
+    pub fn rule_counts(&mut self, generation: u32, rules: u32) -> Result<Vec<u64>> {
+        let map: PerCpuArray<_, u64> = self.map_mut(RULE_COUNTERS)?;
+        (0..=rules.min(MAX_RULES))
+            .map(|rule| {
+                map.get(&rule_counter_index(generation, rule), 0)
+                    .map(|values| values.iter().sum())
+                    .map_err(|source| Error::ReadMap {
+                        map: RULE_COUNTERS,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    fn zero_rule_counts(&mut self, generation: u32) -> Result<()> {
+        let mut map: PerCpuArray<_, u64> = self.map_mut(RULE_COUNTERS)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::WriteMap {
+            map: RULE_COUNTERS,
+            what: "zeroes (counting CPUs)".into(),
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: source,
+            }),
+        })?;
+        for rule in 0..=MAX_RULES {
+            let written = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(|io_error| {
+                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-cpu values",
+                        io_error,
+                    })
                 })
-            });
-            if let Err(err) = result {
-                first_error.get_or_insert(err);
-            }
+                .and_then(|zeroes| map.set(rule_counter_index(generation, rule), zeroes, 0));
+            written.map_err(|source| Error::WriteMap {
+                map: RULE_COUNTERS,
+                what: format!("zero count of rule {rule}"),
+                source,
+            })?;
         }
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Takes the event ring buffer out of the object, for the event loop.
@@ -440,6 +586,44 @@ impl Kernel {
             .ok_or(Error::MissingInObject { kind: "map", name })?;
         T::try_from(map).map_err(|source| Error::OpenMap { map: name, source })
     }
+}
+
+/// Refuses pinned maps whose type or sizes differ from this build's: they belong to a build
+/// that changed the layout without changing `MAPS_LAYOUT_VERSION`, and reading them would be
+/// reading garbage.
+fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|source| Error::LoadObject {
+        source: aya::EbpfError::ParseError(source),
+    })?;
+    for name in imds_guard_common::maps::ALL {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(expected) = object.maps.get(name) else {
+            return Err(Error::MissingInObject { kind: "map", name });
+        };
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|source| Error::OpenMap { map: name, source })?;
+        let layout = |key: u32, value: u32, entries: u32| format!("{key}/{value}/{entries}");
+        let (have, want) = (
+            layout(pinned.key_size(), pinned.value_size(), pinned.max_entries()),
+            layout(
+                expected.key_size(),
+                expected.value_size(),
+                expected.max_entries(),
+            ),
+        );
+        if have != want {
+            return Err(Error::PinnedMapMismatch {
+                map: name,
+                path,
+                pinned: have,
+                expected: want,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The attach mode that gives `BPF_F_ALLOW_MULTI` semantics.

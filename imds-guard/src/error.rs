@@ -167,6 +167,43 @@ pub enum Error {
         source: io::Error,
     },
     /// The async runtime or signal handlers could not be set up.
+    /// The pin directory cannot be prepared or cleaned.
+    #[error("pin directory {}: {what} failed: {source}", dir.display())]
+    PinDir {
+        /// The pin directory.
+        dir: PathBuf,
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// A program link could not be created, adopted or replaced.
+    #[error("program {program}: {action} failed: {source}")]
+    Link {
+        /// The program.
+        program: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// A pinned map has another layout than this build's.
+    #[error(
+        "pinned map {map} ({}) has layout {pinned} (key/value/entries) where this build expects \
+         {expected}: it belongs to an incompatible build; `imds-guard detach` removes it \
+         (enforcement stops until the next start)",
+        path.display()
+    )]
+    PinnedMapMismatch {
+        /// The map.
+        map: &'static str,
+        /// Its pin.
+        path: PathBuf,
+        /// The pinned map's layout.
+        pinned: String,
+        /// This build's.
+        expected: String,
+    },
     /// The cgroup tree cannot be watched for changes.
     #[error("cannot watch the cgroup tree for changes (inotify): {source}")]
     WatchCgroups {

@@ -13,5 +13,7 @@ pub mod ebpf;
 pub mod error;
 pub mod events;
 pub mod pidfile;
+pub mod pins;
 pub mod policy;
+pub mod status;
 pub mod tree;

@@ -19,6 +19,13 @@ fn main() -> ExitCode {
         Command::Reload(args) => imds_guard::commands::reload(args),
         Command::CheckConfig(args) => imds_guard::commands::check_config(args),
         Command::Explain(args) => imds_guard::commands::explain(args),
+        Command::Detach(args) => imds_guard::commands::detach(args),
+        Command::Status(args) => match imds_guard::commands::status(args) {
+            Ok(true) => Ok(()),
+            // Like `systemctl status`: 3 when the service is not doing its job.
+            Ok(false) => return ExitCode::from(3),
+            Err(err) => Err(err),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

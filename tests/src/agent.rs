@@ -65,6 +65,8 @@ pub struct Agent {
     stderr: Arc<Mutex<String>>,
     pid_file: PathBuf,
     _notify_dir: TempDir,
+    /// Dropped after the agent has stopped (fields drop after `Drop::drop`).
+    _pins: Option<crate::Pins>,
 }
 
 impl Agent {
@@ -74,6 +76,15 @@ impl Agent {
     /// When it exits or stays silent instead; the panic shows its stderr.
     #[must_use]
     pub fn start(args: &[&str]) -> Self {
+        Self::start_binary(&agent_binary(), args)
+    }
+
+    /// As [`Agent::start`], with another build of the agent (an upgrade).
+    ///
+    /// # Panics
+    /// As [`Agent::start`].
+    #[must_use]
+    pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
         let notify_dir = TempDir::new();
         let socket_path = notify_dir.0.join("notify");
         let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
@@ -81,10 +92,16 @@ impl Agent {
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
         let pid_file = notify_dir.0.join("agent.pid");
-        let mut command = Command::new(agent_binary());
+        let mut command = Command::new(binary);
         command.arg("run").args(args);
         if !args.contains(&"--pid-file") {
             command.arg("--pid-file").arg(&pid_file);
+        }
+        // Enforcement outlives the agent: unless the test manages the pins, they are this
+        // agent's, removed after it stops.
+        let pins = (!args.contains(&"--pin-dir")).then(crate::Pins::new);
+        if let Some(pins) = &pins {
+            command.arg("--pin-dir").arg(pins.dir());
         }
         let mut child = command
             .env("NOTIFY_SOCKET", &socket_path)
@@ -129,6 +146,7 @@ impl Agent {
             stderr,
             pid_file,
             _notify_dir: notify_dir,
+            _pins: pins,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut buf = [0u8; 256];
@@ -214,6 +232,22 @@ impl Agent {
             };
         }
         panic!("agent {pid} has no map named {name}");
+    }
+
+    /// Waits until the agent's log holds `text` (logs arrive on their own thread).
+    ///
+    /// # Panics
+    /// When it does not within 10 s.
+    pub fn wait_log(&self, text: &str) {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never logged {text:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// What the agent wrote to stderr so far.

@@ -9,12 +9,16 @@ mod agent;
 mod cgroup;
 mod client;
 mod config;
+mod pins;
+mod prober;
 mod sandbox;
 
-pub use agent::{Agent, agent_binary, imds_guard, run_to_end};
+pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary};
 pub use cgroup::TestCgroup;
 pub use client::{Client, Outcome};
 pub use config::ConfigFile;
+pub use pins::Pins;
+pub use prober::{StopOnDrop, probe};
 pub use sandbox::{IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox};
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -2,8 +2,8 @@
 //! uids/gids in real cgroups, connecting inside a network namespace of their own to a mock IMDS.
 
 use imds_guard_tests::{
-    Agent, Client, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup, assert_fields,
-    assert_time_within, privileged, run_to_end,
+    Agent, Client, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Pins, Sandbox, TestCgroup, assert_fields,
+    assert_time_within, imds_guard, privileged, run_to_end,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -328,13 +328,14 @@ fn config_file_sets_the_policy_and_options_add_to_it() {
 }
 
 #[test]
-fn sigterm_and_sigint_detach_and_exit_zero() {
+fn sigterm_and_sigint_exit_zero_and_enforcement_stays_until_detach() {
     let Some((sandbox, attach)) = setup() else {
         return;
     };
     let client = Client::new(&sandbox, &attach, USER, USER);
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        let mut agent = Agent::start(&["--cgroup", &attach.path]);
+        let pins = Pins::new();
+        let mut agent = Agent::start(&["--cgroup", &attach.path, "--pin-dir", &pins.arg()]);
         client.imds(IMDS_V4, 80).assert_errno(EPERM);
         let status = agent.stop_with(signal);
         assert!(
@@ -342,7 +343,27 @@ fn sigterm_and_sigint_detach_and_exit_zero() {
             "{signal}: exit status {status}:\n{}",
             agent.stderr()
         );
+        assert!(
+            agent.stderr().contains("enforcement stays in force"),
+            "{}",
+            agent.stderr()
+        );
+        // No agent, and still no way through.
+        client.imds(IMDS_V4, 80).assert_errno(EPERM);
+        let out = imds_guard(&[
+            "detach",
+            "--pin-dir",
+            &pins.arg(),
+            "--pid-file",
+            &agent.pid_file().to_string_lossy(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         client.imds(IMDS_V4, 80).assert_ok(MOCK_INSTANCE_ID);
+        assert!(!pins.dir().exists(), "pins left: {:?}", pins.listing());
     }
 }
 
@@ -431,11 +452,11 @@ fn ring_buffer_overflow_is_counted_never_lost_silently() {
     let reported = u64::try_from(agent.events_of(flood.pid).len()).expect("count");
     let stderr = agent.stderr();
     let counter = |name: &str| -> u64 {
-        let detached = stderr
+        let stopped = stderr
             .lines()
-            .find(|l| l.contains("detached"))
-            .expect("detached line");
-        let value = detached.split(&format!("{name}=")).nth(1).expect(name);
+            .find(|l| l.contains("enforcement stays in force"))
+            .expect("the agent's last counters");
+        let value = stopped.split(&format!("{name}=")).nth(1).expect(name);
         value
             .split_whitespace()
             .next()

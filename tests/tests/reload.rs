@@ -6,7 +6,8 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, privileged,
+    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, StopOnDrop, TestCgroup,
+    privileged, probe,
 };
 use nix::sys::signal::Signal;
 
@@ -14,15 +15,6 @@ const EPERM: i32 = libc::EPERM;
 const ALLOWED: u32 = 1000;
 const DENIED: u32 = 1001;
 const LATE: u32 = 1002;
-
-/// Sets the flag when dropped, also while unwinding.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
 
 /// Sends SIGHUP and waits until the agent logged `count` outcomes containing `marker`.
 fn reload_and_wait(agent: &Agent, marker: &str, count: usize) {
@@ -63,34 +55,8 @@ fn reload_under_fire_gives_no_wrong_verdict() {
 
     let done = AtomicBool::new(false);
     let (allowed_rounds, denied_rounds, containers) = std::thread::scope(|scope| {
-        let allowed = scope.spawn(|| {
-            let mut rounds = 0;
-            while !done.load(Ordering::Relaxed) {
-                let outcome = Client::new(&sandbox, &attach, ALLOWED, ALLOWED)
-                    .repeat(20)
-                    .tcp(IMDS_V4, 80);
-                assert_eq!(
-                    (outcome.eperm, outcome.errno),
-                    (0, None),
-                    "allowed uid refused"
-                );
-                rounds += 1;
-            }
-            rounds
-        });
-        let denied = scope.spawn(|| {
-            // Paced: every denial is an event the harness keeps, so this one must not flood.
-            let mut rounds = 0;
-            while !done.load(Ordering::Relaxed) {
-                let outcome = Client::new(&sandbox, &attach, DENIED, DENIED)
-                    .repeat(50)
-                    .tcp(IMDS_V4, 80);
-                assert_eq!(outcome.eperm, 50, "denied uid got through");
-                rounds += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            rounds
-        });
+        let allowed = scope.spawn(|| probe(&done, &sandbox, &attach, ALLOWED, true, 20));
+        let denied = scope.spawn(|| probe(&done, &sandbox, &attach, DENIED, false, 50));
         // Containers come and go meanwhile: the agent follows them between switches.
         let churn = scope.spawn(|| {
             let mut made = 0;

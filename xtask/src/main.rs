@@ -50,6 +50,7 @@ fn main() -> Result<()> {
             }
             // The end-to-end tests run the agent and client binaries: build them first.
             cargo(&["build", "--workspace", "--bins"])?;
+            build_upgrade_variant()?;
             let mut test = vec!["test", "--workspace"];
             if !args.is_empty() {
                 test.push("--");
@@ -77,6 +78,33 @@ fn main() -> Result<()> {
             ])
         }
     }
+}
+
+/// Builds a second agent whose kernel program differs (feature `upgrade-test-variant` of
+/// `imds-guard-ebpf`) as `target/debug/imds-guard-upgrade-variant`: the lifecycle tests upgrade
+/// a running enforcement to it. Its own target directory keeps both builds incremental.
+fn build_upgrade_variant() -> Result<()> {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives in the workspace")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), std::path::PathBuf::from);
+    let variant_target = target.join("upgrade-variant");
+    let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo_bin)
+        .args(["build", "--package", "imds-guard", "--target-dir"])
+        .arg(&variant_target)
+        .env("IMDS_GUARD_EBPF_FEATURES", "upgrade-test-variant")
+        .status()
+        .context("building the upgrade test variant")?;
+    if !status.success() {
+        bail!("building the upgrade test variant failed ({status})");
+    }
+    let built = variant_target.join("debug/imds-guard");
+    let destination = target.join("debug/imds-guard-upgrade-variant");
+    std::fs::copy(&built, &destination)
+        .with_context(|| format!("copying {} to {}", built.display(), destination.display()))?;
+    Ok(())
 }
 
 /// Runs the cargo that runs us, failing on a non-zero exit.

@@ -1,0 +1,51 @@
+//! What the agent records about itself in the pinned `AGENT` map.
+
+/// Bytes of the agent's version text (NUL-padded).
+pub const VERSION_LEN: usize = 32;
+
+/// The agent's own state, for `status` when the agent is not there to ask. Times are
+/// `CLOCK_BOOTTIME` nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Version of the agent that installed the programs and policy in force (`0.1.0`).
+    pub version: [u8; VERSION_LEN],
+    /// When that agent started.
+    pub started_ns: u64,
+    /// Its last sign of life (written every few seconds while it runs).
+    pub heartbeat_ns: u64,
+    /// Its pid; 0 once it has stopped cleanly.
+    pub pid: u32,
+    /// Policy reloads that took effect since it started.
+    pub reloads: u32,
+    /// Reloads refused since it started.
+    pub failed_reloads: u32,
+    /// Rules in the policy in force.
+    pub rules: u32,
+    /// Cgroups with an entry in the policy in force.
+    pub cgroup_entries: u32,
+    /// Non-zero while the maps may differ from the policy (an update failed; the agent
+    /// rewrites them at its next scan).
+    pub maps_uncertain: u32,
+}
+const _: () = assert!(core::mem::size_of::<AgentInfo>() == 72);
+
+impl Default for AgentInfo {
+    fn default() -> Self {
+        Self {
+            version: [0; VERSION_LEN],
+            started_ns: 0,
+            heartbeat_ns: 0,
+            pid: 0,
+            reloads: 0,
+            failed_reloads: 0,
+            rules: 0,
+            cgroup_entries: 0,
+            maps_uncertain: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain `#[repr(C)]` integers and bytes without padding; every bit pattern is valid.
+unsafe impl aya::Pod for AgentInfo {}

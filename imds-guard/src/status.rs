@@ -1,0 +1,334 @@
+//! `imds-guard status`: what the kernel enforces and whether an agent looks after it, read from
+//! the pins, so it works whether or not the agent runs.
+
+use std::{fmt::Write as _, net::IpAddr, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use imds_guard_common::{
+    agent::AgentInfo,
+    maps::{
+        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
+        COUNTER_EVENTS_LOST, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
+    },
+    policy::{CgroupKey, MODE_AUDIT, RuleKey, RuleValue, Settings},
+};
+use serde::Serialize;
+
+use crate::{
+    agent::HEARTBEAT_INTERVAL_SECS,
+    cgroups::Hierarchy,
+    ebpf::{Counters, PROGRAMS},
+    pidfile,
+    pins::{self, PinDir, ProgramState},
+};
+
+/// Everything `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Every program is attached through its pinned link.
+    pub enforcing: bool,
+    /// The pin directory read.
+    pub pin_dir: String,
+    /// The programs, by hook.
+    pub programs: Vec<Hook>,
+    /// The policy in force, when the maps are pinned.
+    pub policy: Option<PolicySummary>,
+    /// Totals since the maps were created.
+    pub counters: Option<Counters>,
+    /// The agent.
+    pub agent: AgentStatus,
+}
+
+/// One hook's pinned link.
+#[derive(Debug, Serialize)]
+pub struct Hook {
+    /// `connect4` and so on.
+    pub hook: &'static str,
+    /// Whether its link is pinned and on a live cgroup.
+    pub attached: bool,
+    /// The cgroup's id.
+    pub cgroup_id: Option<u64>,
+    /// The cgroup's path.
+    pub cgroup: Option<String>,
+    /// The program the link runs.
+    pub program: Option<ProgramState>,
+}
+
+/// The policy in force, as the maps hold it.
+#[derive(Debug, Serialize)]
+pub struct PolicySummary {
+    /// The generation in force.
+    pub generation: u32,
+    /// `enforce` or `audit`.
+    pub mode: &'static str,
+    /// Protected addresses.
+    pub protected: Vec<IpAddr>,
+    /// Rules, as the agent that installed the policy counted them.
+    pub rules: u32,
+    /// `ALLOW` entries of the generation.
+    pub allow_entries: usize,
+    /// `CGROUP_RULESETS` entries of the generation.
+    pub cgroup_entries: usize,
+}
+
+/// The agent, from its pid file and what it recorded in the pins.
+#[derive(Debug, Default, Serialize)]
+pub struct AgentStatus {
+    /// An agent holds the pid file.
+    pub running: bool,
+    /// Its pid.
+    pub pid: Option<i32>,
+    /// Running, heard from recently, and its maps match its policy.
+    pub healthy: bool,
+    /// Version of the agent that installed the policy in force.
+    pub version: Option<String>,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_secs: Option<u64>,
+    /// Reloads taken since it started.
+    pub reloads: Option<u32>,
+    /// Reloads refused since it started.
+    pub failed_reloads: Option<u32>,
+    /// Why it is not healthy, if it is not.
+    pub problem: Option<String>,
+}
+
+/// Reads the pins in `pin_dir` and the pid file.
+#[must_use]
+pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> Status {
+    let pins = PinDir::new(pin_dir);
+    let programs: Vec<Hook> = PROGRAMS
+        .iter()
+        .map(|&hook| {
+            let link = pins::open_pinned(&pins.link(hook)).ok().flatten();
+            let state = link.and_then(|link| pins::link_info(link.as_fd_borrowed()).ok());
+            Hook {
+                hook,
+                attached: state.is_some_and(|state| state.cgroup_id != 0),
+                cgroup_id: state.map(|state| state.cgroup_id),
+                cgroup: state.and_then(|state| hierarchy?.path_of(state.cgroup_id)),
+                program: state.and_then(|state| pins::program_state(state.program_id).ok()),
+            }
+        })
+        .collect();
+    let enforcing = programs.iter().all(|hook| hook.attached);
+    let maps = PinnedMaps { pins: &pins };
+    let info = maps.agent_info();
+    Status {
+        enforcing,
+        pin_dir: pin_dir.display().to_string(),
+        programs,
+        policy: maps.policy(info.as_ref()),
+        counters: maps.counters(),
+        agent: agent_status(pid_file, info.as_ref()),
+    }
+}
+
+fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
+    let running = pidfile::running_agent(pid_file);
+    let mut status = AgentStatus {
+        running: running.is_ok(),
+        pid: running.as_ref().ok().copied(),
+        ..AgentStatus::default()
+    };
+    if let Some(info) = info {
+        let end = info
+            .version
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(info.version.len());
+        status.version = Some(String::from_utf8_lossy(&info.version[..end]).into_owned());
+        let now = boot_time_ns();
+        status.heartbeat_age_secs = Some(now.saturating_sub(info.heartbeat_ns) / 1_000_000_000);
+        status.reloads = Some(info.reloads);
+        status.failed_reloads = Some(info.failed_reloads);
+    }
+    let fresh = status
+        .heartbeat_age_secs
+        .is_some_and(|age| age <= 3 * HEARTBEAT_INTERVAL_SECS);
+    status.problem = match (&running, info) {
+        (Err(err), _) => Some(err.to_string()),
+        (Ok(_), None) => Some("it has not recorded its state in the pins".into()),
+        (Ok(_), Some(_)) if !fresh => Some(format!(
+            "no heartbeat for {} s (expected every {HEARTBEAT_INTERVAL_SECS} s)",
+            status.heartbeat_age_secs.unwrap_or_default()
+        )),
+        (Ok(_), Some(info)) if info.maps_uncertain != 0 => {
+            Some("an update of the maps failed; it rewrites them at its next scan".into())
+        }
+        _ => None,
+    };
+    status.healthy = status.problem.is_none();
+    status
+}
+
+fn boot_time_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
+        u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(time.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// The pinned maps, opened one at a time.
+struct PinnedMaps<'a> {
+    pins: &'a PinDir,
+}
+
+impl PinnedMaps<'_> {
+    fn open(&self, name: &str) -> Option<Map> {
+        let data = MapData::from_pin(self.pins.map(name)).ok()?;
+        Map::from_map_data(data).ok()
+    }
+
+    fn agent_info(&self) -> Option<AgentInfo> {
+        let map: Array<_, AgentInfo> = self.open(AGENT)?.try_into().ok()?;
+        map.get(&0, 0).ok().filter(|info| info.started_ns != 0)
+    }
+
+    fn policy(&self, info: Option<&AgentInfo>) -> Option<PolicySummary> {
+        let generation_map: Array<_, u32> = self.open(GENERATION)?.try_into().ok()?;
+        let generation = generation_map.get(&0, 0).ok()?;
+        let settings_map: Array<_, Settings> = self.open(SETTINGS)?.try_into().ok()?;
+        let settings = settings_map.get(&generation, 0).ok()?;
+        let bit = 1u32 << generation;
+        let mut protected = Vec::new();
+        let v4: HashMap<_, u32, u32> = self.open(PROTECTED_V4)?.try_into().ok()?;
+        for (key, mask) in v4.iter().flatten() {
+            if mask & bit != 0 {
+                protected.push(IpAddr::from(key.to_ne_bytes()));
+            }
+        }
+        let v6: HashMap<_, [u32; 4], u32> = self.open(PROTECTED_V6)?.try_into().ok()?;
+        for (key, mask) in v6.iter().flatten() {
+            if mask & bit != 0 {
+                let mut octets = [0u8; 16];
+                for (i, word) in key.iter().enumerate() {
+                    octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+                }
+                protected.push(IpAddr::from(octets));
+            }
+        }
+        protected.sort();
+        let allow: HashMap<_, RuleKey, RuleValue> = self.open(ALLOW)?.try_into().ok()?;
+        let cgroups: HashMap<_, CgroupKey, u32> = self.open(CGROUP_RULESETS)?.try_into().ok()?;
+        Some(PolicySummary {
+            generation,
+            mode: if settings.mode == MODE_AUDIT {
+                "audit"
+            } else {
+                "enforce"
+            },
+            protected,
+            rules: info.map_or(0, |info| info.rules),
+            allow_entries: allow
+                .keys()
+                .flatten()
+                .filter(|k| k.generation == generation)
+                .count(),
+            cgroup_entries: (cgroups.keys().flatten())
+                .filter(|k| k.generation == generation)
+                .count(),
+        })
+    }
+
+    fn counters(&self) -> Option<Counters> {
+        let map: PerCpuArray<_, u64> = self.open(COUNTERS)?.try_into().ok()?;
+        let total = |index: u32| map.get(&index, 0).ok().map(|values| values.iter().sum());
+        Some(Counters {
+            allowed: total(COUNTER_ALLOWED)?,
+            denied: total(COUNTER_DENIED)?,
+            audited: total(COUNTER_AUDITED)?,
+            events_lost: total(COUNTER_EVENTS_LOST)?,
+        })
+    }
+}
+
+/// The status as text for people.
+#[must_use]
+pub fn describe(status: &Status) -> String {
+    let mut out = String::new();
+    let attached: Vec<&Hook> = status
+        .programs
+        .iter()
+        .filter(|hook| hook.attached)
+        .collect();
+    if status.enforcing {
+        let cgroup = attached
+            .first()
+            .and_then(|hook| hook.cgroup.clone())
+            .unwrap_or_else(|| "?".into());
+        let _ = writeln!(
+            out,
+            "enforcement: in force on cgroup {cgroup} (pins in {})",
+            status.pin_dir
+        );
+    } else if attached.is_empty() {
+        let _ = writeln!(
+            out,
+            "enforcement: off (no program attached through {})",
+            status.pin_dir
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "enforcement: PARTIAL: {} of {} programs attached (pins in {})",
+            attached.len(),
+            status.programs.len(),
+            status.pin_dir
+        );
+    }
+    for hook in &status.programs {
+        match (&hook.program, hook.attached) {
+            (Some(program), true) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<9} program {} (tag {})",
+                    hook.hook, program.id, program.tag
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "  {:<9} not attached", hook.hook);
+            }
+        }
+    }
+    if let Some(policy) = &status.policy {
+        let protected: Vec<String> = policy.protected.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "mode: {}", policy.mode);
+        let _ = writeln!(
+            out,
+            "policy: generation {}, {} rules ({} allow entries), {} cgroup entries; protects {}",
+            policy.generation,
+            policy.rules,
+            policy.allow_entries,
+            policy.cgroup_entries,
+            protected.join(", ")
+        );
+    }
+    if let Some(counters) = &status.counters {
+        let _ = writeln!(
+            out,
+            "counters: allowed {}, denied {}, audited {}, events lost {}",
+            counters.allowed, counters.denied, counters.audited, counters.events_lost
+        );
+    }
+    let agent = &status.agent;
+    let state = match (agent.running, agent.healthy) {
+        (true, true) => format!("running (pid {}), healthy", agent.pid.unwrap_or_default()),
+        (true, false) => format!(
+            "running (pid {}), UNHEALTHY: {}",
+            agent.pid.unwrap_or_default(),
+            agent.problem.clone().unwrap_or_default()
+        ),
+        (false, _) => format!("not running: {}", agent.problem.clone().unwrap_or_default()),
+    };
+    let _ = writeln!(out, "agent: {state}");
+    if let Some(version) = &agent.version {
+        let _ = writeln!(
+            out,
+            "  version {version}; last heartbeat {} s ago; {} reloads, {} refused",
+            agent.heartbeat_age_secs.unwrap_or_default(),
+            agent.reloads.unwrap_or_default(),
+            agent.failed_reloads.unwrap_or_default()
+        );
+    }
+    out
+}

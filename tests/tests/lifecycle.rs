@@ -1,0 +1,275 @@
+//! A production service's lifecycle on the real kernel: enforcement pinned on a bpf filesystem
+//! survives kill -9, restart and upgrade with not one wrong verdict; `status` tells what is in
+//! force with or without an agent; `detach` alone turns it off.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::AtomicBool,
+    time::{Duration, Instant},
+};
+
+use imds_guard_tests::{
+    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Pins, Sandbox, StopOnDrop, TestCgroup,
+    assert_fields, imds_guard, privileged, probe,
+};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const EPERM: i32 = libc::EPERM;
+const ALLOWED: u32 = 1000;
+const DENIED: u32 = 1001;
+
+/// The second build `cargo xtask test` makes, whose kernel program differs.
+fn upgrade_binary() -> PathBuf {
+    imds_guard_tests::target_binary("imds-guard-upgrade-variant", "IMDS_GUARD_VARIANT_BIN")
+}
+
+/// `status --json` and its exit code.
+fn status(pins: &Pins, pid_file: &str) -> (Option<i32>, Value) {
+    let out = imds_guard(&[
+        "status",
+        "--json",
+        "--pin-dir",
+        &pins.arg(),
+        "--pid-file",
+        pid_file,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(&text).unwrap_or_else(|err| {
+        panic!(
+            "status --json: {err}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), value)
+}
+
+fn program_tags(status: &Value) -> Vec<String> {
+    status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .map(|hook| hook["program"]["tag"].as_str().expect("tag").to_owned())
+        .collect()
+}
+
+/// Lets the probers run a while under the current arrangement.
+fn pause() {
+    std::thread::sleep(Duration::from_millis(150));
+}
+
+#[test]
+fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
+    if !privileged() {
+        return;
+    }
+    let upgrade = upgrade_binary();
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let pins = Pins::new();
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{}\"\nallow_uid = [0, {ALLOWED}]\n",
+        attach.path
+    ));
+    let (config_arg, pins_arg) = (config.arg(), pins.arg());
+    let args = [
+        "--config",
+        config_arg.as_str(),
+        "--pin-dir",
+        pins_arg.as_str(),
+    ];
+    let done = AtomicBool::new(false);
+    let (allowed_rounds, denied_rounds) = std::thread::scope(|scope| {
+        let stop = StopOnDrop(&done);
+        let mut first = Agent::start(&args);
+        let allowed = scope.spawn(|| probe(&done, &sandbox, &attach, ALLOWED, true, 20));
+        let denied = scope.spawn(|| probe(&done, &sandbox, &attach, DENIED, false, 20));
+        pause();
+        let pid_file = first.pid_file().to_string_lossy().into_owned();
+        let (_, before) = status(&pins, &pid_file);
+
+        // kill -9: nothing is detached, the last policy stays in force.
+        first.stop_with(Signal::SIGKILL);
+        pause();
+        let while_down = Client::new(&sandbox, &attach, DENIED, DENIED).tcp(IMDS_V4, 80);
+        assert_eq!(while_down.errno, Some(EPERM), "no agent, and a hole");
+        let (code, down) = status(&pins, &pid_file);
+        assert_eq!(code, Some(0), "{down}");
+        assert_eq!(down["agent"]["running"], json!(false), "{down}");
+
+        // Restart, same build: the pinned state is adopted, and the event raised while no
+        // agent ran is reported now.
+        let mut second = Agent::start(&args);
+        second.wait_log("links_updated=4");
+        second.wait_log("adopted=true");
+        let events = second.wait_events_of(while_down.pid, 1);
+        assert_fields(
+            &events[0],
+            &[
+                ("verdict", json!("deny")),
+                ("uid", json!(DENIED)),
+                ("rule", json!("default")),
+            ],
+        );
+        pause();
+        assert!(second.stop().success(), "{}", second.stderr());
+        pause();
+
+        // Upgrade: another build, whose program differs, takes over the same links.
+        let third = Agent::start_binary(&upgrade, &args);
+        third.wait_log("links_updated=4");
+        let third_pid_file = third.pid_file().to_string_lossy().into_owned();
+        let (_, after) = status(&pins, &third_pid_file);
+        let (old_tags, new_tags) = (program_tags(&before), program_tags(&after));
+        assert!(
+            old_tags.iter().zip(&new_tags).all(|(old, new)| old != new),
+            "the upgrade did not change the programs: {old_tags:?} → {new_tags:?}"
+        );
+        assert_eq!(after["agent"]["healthy"], json!(true), "{after}");
+        pause();
+        drop(stop);
+        (
+            allowed.join().expect("allowed prober"),
+            denied.join().expect("denied prober"),
+        )
+    });
+    eprintln!(
+        "kill -9, restart and upgrade under {allowed_rounds} + {denied_rounds} rounds of 20 \
+         connects: no wrong verdict"
+    );
+    assert!(
+        allowed_rounds > 5 && denied_rounds > 5,
+        "the probers barely ran"
+    );
+}
+
+#[test]
+fn status_with_an_agent_without_one_and_with_nothing() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let pins = Pins::new();
+    let nobody = format!("{}/none.pid", std::env::temp_dir().display());
+
+    // Nothing pinned: not enforcing, exit 3.
+    let (code, nothing) = status(&pins, &nobody);
+    assert_eq!(code, Some(3), "{nothing}");
+    assert_eq!(nothing["enforcing"], json!(false));
+    assert_eq!(nothing["agent"]["running"], json!(false));
+    assert_eq!(nothing["policy"], Value::Null);
+
+    let mut agent = Agent::start(&[
+        "--cgroup",
+        &attach.path,
+        "--pin-dir",
+        &pins.arg(),
+        "--mode",
+        "audit",
+    ]);
+    let pid_file = agent.pid_file().to_string_lossy().into_owned();
+    let audited = Client::new(&sandbox, &attach, DENIED, DENIED).imds(IMDS_V4, 80);
+    audited.assert_ok(MOCK_INSTANCE_ID);
+    let (code, running) = status(&pins, &pid_file);
+    assert_eq!(code, Some(0), "{running}");
+    assert_eq!(running["enforcing"], json!(true));
+    for hook in running["programs"].as_array().expect("programs") {
+        assert_eq!(hook["cgroup"], json!(attach.path), "{hook}");
+        assert_eq!(hook["attached"], json!(true), "{hook}");
+    }
+    assert_eq!(running["policy"]["mode"], json!("audit"));
+    assert_eq!(
+        running["policy"]["protected"],
+        json!(["169.254.169.254", "fd00:ec2::254"])
+    );
+    assert_eq!(running["policy"]["rules"], json!(1));
+    assert_eq!(running["counters"]["audited"], json!(2), "{running}");
+    assert_eq!(running["agent"]["running"], json!(true));
+    assert_eq!(running["agent"]["pid"], json!(agent.pid()));
+    assert_eq!(running["agent"]["healthy"], json!(true), "{running}");
+    assert_eq!(
+        running["agent"]["version"],
+        json!(env!("CARGO_PKG_VERSION"))
+    );
+    let text = imds_guard(&["status", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("enforcement: in force on cgroup {}", attach.path)),
+        "{text}"
+    );
+    assert!(
+        text.contains("counters: allowed 0, denied 0, audited 2"),
+        "{text}"
+    );
+
+    // Stopped: still enforcing, and the agent is reported gone.
+    assert!(agent.stop().success());
+    let (code, stopped) = status(&pins, &pid_file);
+    assert_eq!(code, Some(0));
+    assert_eq!(stopped["enforcing"], json!(true));
+    assert_eq!(stopped["agent"]["running"], json!(false));
+    assert_eq!(stopped["agent"]["healthy"], json!(false));
+    assert_eq!(stopped["counters"]["audited"], json!(2));
+}
+
+#[test]
+fn detach_removes_the_pins_and_the_programs() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let pins = Pins::new();
+    let mut agent = Agent::start(&["--cgroup", &attach.path, "--pin-dir", &pins.arg()]);
+    let pid_file = agent.pid_file().to_string_lossy().into_owned();
+    let (_, running) = status(&pins, &pid_file);
+    let program_ids: Vec<u32> = running["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .map(|hook| u32::try_from(hook["program"]["id"].as_u64().expect("id")).expect("id"))
+        .collect();
+    assert_eq!(program_ids.len(), 4);
+
+    // Refused while the agent runs: it would only put enforcement back.
+    let refused = imds_guard(&["detach", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("another imds-guard agent is running"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(agent.stop().success());
+    Client::new(&sandbox, &attach, DENIED, DENIED)
+        .tcp(IMDS_V4, 80)
+        .assert_errno(EPERM);
+
+    let out = imds_guard(&["detach", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("detached connect4, connect6, sendmsg4, sendmsg6"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!pins.dir().exists(), "pins left: {:?}", pins.listing());
+    Client::new(&sandbox, &attach, DENIED, DENIED)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // The kernel frees the programs once nothing holds them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while program_ids
+        .iter()
+        .any(|&id| imds_guard::pins::program_state(id).is_ok())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "programs {program_ids:?} still loaded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _) = status(&pins, &pid_file);
+    assert_eq!(code, Some(3));
+}
