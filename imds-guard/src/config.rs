@@ -948,7 +948,11 @@ mod tests {
         let path = "/etc/imds-guard/imds-guard.toml";
         let config =
             Config::from_toml(Some(Path::new(path)), EXAMPLE, &Overrides::default()).unwrap();
-        assert_eq!(config.mode, Mode::Enforce);
+        assert_eq!(
+            config.mode,
+            Mode::Audit,
+            "the packages install in audit mode"
+        );
         assert_eq!(policy.rules.len(), 1);
         let outside = |cgroup: &str| policy.rules_in(&policy.matched_within(cgroup));
         assert_eq!(outside("/system.slice/amazon-ssm-agent.service"), [1]);

@@ -16,7 +16,7 @@ use nix::{
 use crate::error::{Error, Result};
 
 /// Where the agent writes its pid when `--pid-file` is not given.
-pub const DEFAULT_PID_FILE: &str = "/run/imds-guard.pid";
+pub const DEFAULT_PID_FILE: &str = "/run/imds-guard/imds-guard.pid";
 
 /// A pid file this process holds locked; removed when dropped.
 #[derive(Debug)]
@@ -36,6 +36,9 @@ impl PidFile {
             path: path.to_owned(),
             source,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_error)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)

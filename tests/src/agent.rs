@@ -85,6 +85,15 @@ impl Agent {
     /// As [`Agent::start`].
     #[must_use]
     pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
+        Self::start_wrapped(&[], binary, args)
+    }
+
+    /// As [`Agent::start_binary`], run through `wrapper` (e.g. `setpriv ...` or `strace ...`).
+    ///
+    /// # Panics
+    /// As [`Agent::start`].
+    #[must_use]
+    pub fn start_wrapped(wrapper: &[&str], binary: &std::path::Path, args: &[&str]) -> Self {
         let notify_dir = TempDir::new();
         let socket_path = notify_dir.0.join("notify");
         let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
@@ -92,7 +101,14 @@ impl Agent {
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
         let pid_file = notify_dir.0.join("agent.pid");
-        let mut command = Command::new(binary);
+        let mut command = match wrapper {
+            [] => Command::new(binary),
+            [program, rest @ ..] => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+        };
         command.arg("run").args(args);
         if !args.contains(&"--pid-file") {
             command.arg("--pid-file").arg(&pid_file);

@@ -70,14 +70,55 @@ pub fn ensure() -> Result<()> {
 }
 
 /// The end-to-end tests and the demo need `ip` (iproute2) for network namespaces.
+/// Commands the end-to-end tests run, and the Debian package of each.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("strace", "strace"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
+    ("dpkg-deb", "dpkg"),
+    ("rpm", "rpm"),
+];
+
+/// Installs the commands the end-to-end tests need (Debian, as root), or says what to run.
 pub fn ensure_test_tools() -> Result<()> {
-    if which("ip").is_some() {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(command, _)| which(command).is_none())
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
     if Path::new("/etc/debian_version").exists() && crate::is_root() {
-        return run(Command::new("apt-get").args(["install", "-y", "iproute2"]));
+        eprintln!("xtask: installing {}", missing.join(" "));
+        return run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"));
     }
-    bail!("the end-to-end tests need `ip` from iproute2: apt-get install -y iproute2")
+    bail!(
+        "the end-to-end tests need: apt-get install -y {}",
+        missing.join(" ")
+    )
+}
+
+/// The cargo subcommands that build the packages, at the versions the packaging was made with.
+const PACKAGING_TOOLS: &[(&str, &str)] = &[
+    ("cargo-deb", "cargo-deb@3.8.0"),
+    ("cargo-generate-rpm", "cargo-generate-rpm@0.21.1"),
+];
+
+/// Installs `cargo-deb` and `cargo-generate-rpm` from crates.io when missing.
+pub fn ensure_packaging_tools() -> Result<()> {
+    for &(command, spec) in PACKAGING_TOOLS {
+        if which(command).is_none() {
+            eprintln!("xtask: installing {spec} (once)");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            run(Command::new(cargo).args(["install", "--locked", spec]))?;
+        }
+    }
+    Ok(())
 }
 
 fn install_debian_packages() -> Result<()> {

@@ -28,6 +28,8 @@ enum Task {
     },
     /// Show what imds-guard does, in a sandbox of its own (as root).
     Demo,
+    /// Build the .deb and .rpm packages into target/packages/.
+    Package,
 }
 
 fn main() -> Result<()> {
@@ -51,12 +53,21 @@ fn main() -> Result<()> {
             // The end-to-end tests run the agent and client binaries: build them first.
             cargo(&["build", "--workspace", "--bins"])?;
             build_upgrade_variant()?;
+            // The packaging tests read the packages.
+            package()?;
             let mut test = vec!["test", "--workspace"];
             if !args.is_empty() {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));
             }
             cargo_test(&test)
+        }
+        Task::Package => {
+            bootstrap::ensure()?;
+            for built in package()? {
+                println!("built {}", built.display());
+            }
+            Ok(())
         }
         Task::Demo => {
             if !is_root() {
@@ -80,15 +91,62 @@ fn main() -> Result<()> {
     }
 }
 
+/// The workspace's target directory.
+fn target_dir() -> Result<std::path::PathBuf> {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives in the workspace")?;
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), std::path::PathBuf::from))
+}
+
+/// Builds target/release/imds-guard and packs it, with the systemd unit, the default config
+/// and the README, into a .deb (cargo-deb) and an .rpm (cargo-generate-rpm) in
+/// target/packages/. Returns their paths.
+fn package() -> Result<Vec<std::path::PathBuf>> {
+    bootstrap::ensure_packaging_tools()?;
+    cargo(&["build", "--release", "--package", "imds-guard"])?;
+    let out = target_dir()?.join("packages");
+    if out.exists() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out_arg = out.to_string_lossy().into_owned();
+    cargo(&[
+        "deb",
+        "--package",
+        "imds-guard",
+        "--no-build",
+        "--quiet",
+        "--output",
+        &out_arg,
+    ])?;
+    cargo(&[
+        "generate-rpm",
+        "--package",
+        "imds-guard",
+        "--output",
+        &out_arg,
+    ])?;
+    let mut built: Vec<std::path::PathBuf> = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    built.sort();
+    if built.len() != 2 {
+        bail!(
+            "expected a .deb and an .rpm in {}, found {built:?}",
+            out.display()
+        );
+    }
+    Ok(built)
+}
+
 /// Builds a second agent whose kernel program differs (feature `upgrade-test-variant` of
 /// `imds-guard-ebpf`) as `target/debug/imds-guard-upgrade-variant`: the lifecycle tests upgrade
 /// a running enforcement to it. Its own target directory keeps both builds incremental.
 fn build_upgrade_variant() -> Result<()> {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives in the workspace")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), std::path::PathBuf::from);
+    let target = target_dir()?;
     let variant_target = target.join("upgrade-variant");
     let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo_bin)
