@@ -26,6 +26,7 @@ use crate::{
     ebpf::{self, Kernel},
     error::{Error, Result},
     events::{self, Record},
+    metrics::{self, Metrics},
     pidfile::PidFile,
     pins::PinDir,
     policy::Policy,
@@ -59,6 +60,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let attach = hierarchy.resolve(&config.attach.origin, &config.attach.value)?;
     let policy = Policy::resolve(&config, &hierarchy)?;
     ebpf::preflight()?;
+    let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     let pid_file = PidFile::lock(&args.pid_file)?;
     let pins = PinDir::new(&args.pin_dir);
     pins.prepare()?;
@@ -91,6 +93,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel.install(&compiled)?;
     }
     reporter.set_policy(generation, compiled.policy.clone());
+    let mut metrics = Metrics::new(kernel.counters()?);
+    metrics.start_generation(&mut kernel, generation, compiled.policy.rules.len());
     let links = kernel.attach(&attach)?;
     info!(
         cgroup = %attach.path,
@@ -123,8 +127,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
         maps_uncertain: false,
         switched: false,
         started_ns: boot_time_ns(),
+        metrics,
     };
-    runtime.block_on(serve(agent, reporter, events, watcher, pid_file))
+    runtime.block_on(serve(
+        agent,
+        reporter,
+        events,
+        watcher,
+        pid_file,
+        metrics_listener,
+    ))
 }
 
 /// The running agent: the kernel side, the policy compiled for the cgroups that exist, and
@@ -147,6 +159,7 @@ struct Agent<'a> {
     maps_uncertain: bool,
     /// A new generation is in force since the reporter last learnt its policy.
     switched: bool,
+    metrics: Metrics,
 }
 
 impl Agent<'_> {
@@ -199,6 +212,17 @@ impl Agent<'_> {
         let (compiled, too_deep) = Compiled::new(policy, generation, &self.attach, &dirs);
         self.kernel.switch_to(&compiled)?;
         warn_too_deep(&too_deep);
+        // The old generation is final now (no program can still count in it).
+        self.metrics.fold_generation(
+            &mut self.kernel,
+            self.compiled.generation(),
+            &self.compiled.policy,
+        );
+        self.metrics.start_generation(
+            &mut self.kernel,
+            compiled.generation(),
+            compiled.policy.rules.len(),
+        );
         self.compiled = compiled;
         self.maps_uncertain = false;
         self.switched = true;
@@ -316,7 +340,13 @@ async fn serve(
     events: RingBuf<MapData>,
     watcher: Watcher,
     mut pid_file: PidFile,
+    metrics_listener: Option<std::net::TcpListener>,
 ) -> Result<()> {
+    let (scrape_sender, mut scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(8);
+    let metrics_on = metrics_listener.is_some();
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(metrics::serve(listener, scrape_sender));
+    }
     let listen = |kind| signal(kind).map_err(|source| Error::Runtime { source });
     let mut sigterm = listen(SignalKind::terminate())?;
     let mut sigint = listen(SignalKind::interrupt())?;
@@ -356,6 +386,15 @@ async fn serve(
             _ = sigint.recv() => break Ok("SIGINT"),
             _ = loss_check.tick() => warn_of_new_losses(&agent.kernel, &mut lost_so_far),
             _ = heartbeat.tick() => agent.record(true),
+            Some(scrape) = scrapes.recv(), if metrics_on => {
+                agent.metrics.update(
+                    &mut agent.kernel,
+                    &agent.compiled,
+                    reporter.reported,
+                    (agent.reloads, agent.failed_reloads),
+                );
+                let _ = scrape.send(agent.metrics.encode());
+            }
             _ = resync.tick() => {
                 if agent.maps_uncertain {
                     // A rewrite reuses a generation slot: see SIGHUP.
@@ -398,9 +437,18 @@ async fn serve(
             reporter.set_policy(agent.compiled.generation(), agent.compiled.policy.clone());
         }
     };
+    finish(&mut agent, &mut reporter, ring.get_mut());
+    let signal = outcome?;
+    info!("stopped on {signal}");
+    Ok(())
+}
+
+/// Stopping: reports the events still queued and records that the agent is gone. The programs
+/// stay attached.
+fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<MapData>) {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // Every event raised so far is in the ring: report them all before going.
-    let _ = reporter.drain_all(ring.get_mut());
+    let _ = reporter.drain_all(ring);
     agent.record(false);
     match agent.kernel.counters() {
         Ok(counters) => info!(
@@ -415,9 +463,6 @@ async fn serve(
         ),
         Err(err) => warn!("stopped; counters unreadable: {err}"),
     }
-    let signal = outcome?;
-    info!("stopped on {signal}");
-    Ok(())
 }
 
 /// Events the kernel could not queue are counted there; say so as soon as the count grows.

@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// so that enforcement outlives the agent.
     #[arg(long = "pin-dir", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default), e.g.
+    /// 127.0.0.1:9179.
+    #[arg(long = "metrics-addr", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `imds-guard reload`.

@@ -204,6 +204,14 @@ pub enum Error {
         /// This build's.
         expected: String,
     },
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
     /// The cgroup tree cannot be watched for changes.
     #[error("cannot watch the cgroup tree for changes (inotify): {source}")]
     WatchCgroups {

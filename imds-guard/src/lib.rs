@@ -12,6 +12,7 @@ pub mod config;
 pub mod ebpf;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod pidfile;
 pub mod pins;
 pub mod policy;

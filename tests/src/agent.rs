@@ -418,8 +418,19 @@ pub fn run_to_end(wrapper: &[&str], args: &[&str]) -> (ExitStatus, String) {
             command
         }
     };
+    command.args(args);
+    // An agent that starts when the test expected a refusal must still leave nothing behind:
+    // it gets pins and a pid file of its own, removed when this returns.
+    let pins = (args.first() == Some(&"run")).then(crate::Pins::new);
+    if let Some(pins) = &pins {
+        if !args.contains(&"--pin-dir") {
+            command.arg("--pin-dir").arg(pins.dir());
+        }
+        if !args.contains(&"--pid-file") {
+            command.arg("--pid-file").arg(pins.pid_file());
+        }
+    }
     let out = command
-        .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("run imds-guard");

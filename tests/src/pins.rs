@@ -32,6 +32,12 @@ impl Pins {
         &self.dir
     }
 
+    /// A pid file beside the pins (not on the bpf filesystem), removed with them.
+    #[must_use]
+    pub fn pid_file(&self) -> PathBuf {
+        self.base.join("agent.pid")
+    }
+
     /// `--pin-dir` as an argument.
     #[must_use]
     pub fn arg(&self) -> String {

@@ -1,0 +1,314 @@
+//! Prometheus metrics (`--metrics-addr`, off by default), encoded by `prometheus-client` and
+//! served over HTTP by `hyper`.
+//!
+//! The numbers come from the kernel's per-CPU counters, read by the agent's loop when a scrape
+//! asks (so the reply is as fresh as the kernel): the HTTP task sends the request over a channel
+//! and the loop answers with the encoded text. Counters count since this agent started. Label
+//! values are bounded: verdicts are three, and rule names come from the config (at most
+//! `MAX_RULES`, plus `default`).
+
+use std::net::SocketAddr;
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use imds_guard_common::policy::RULE_DEFAULT;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::{
+    compile::Compiled,
+    config::Mode,
+    ebpf::{Counters, Kernel},
+    error::{Error, Result},
+    policy::Policy,
+};
+
+/// A scrape waiting for the loop to answer with the encoded metrics.
+pub type Scrape = oneshot::Sender<String>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: String,
+    verdict: &'static str,
+}
+
+/// The agent's metrics and what the kernel's counters said last.
+pub struct Metrics {
+    registry: Registry,
+    attempts: Family<VerdictLabels, Counter>,
+    by_rule: Family<RuleLabels, Counter>,
+    events_lost: Counter,
+    events_reported: Counter,
+    reloads: Counter,
+    failed_reloads: Counter,
+    rules: Gauge,
+    cgroup_entries: Gauge,
+    rulesets: Gauge,
+    protected: Gauge,
+    /// Kernel totals at the last update.
+    seen: Counters,
+    /// Per-rule counts of each generation at the last update.
+    seen_by_rule: [Vec<u64>; 2],
+    reported_seen: u64,
+    reloads_seen: (u32, u32),
+}
+
+impl Metrics {
+    /// Metrics that count from the kernel's totals now.
+    #[must_use]
+    pub fn new(start: Counters) -> Self {
+        let mut registry = Registry::with_prefix("imds_guard");
+        let attempts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "attempts",
+            "Connects and datagrams to protected addresses, by verdict",
+            attempts.clone(),
+        );
+        let by_rule = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "rule_attempts",
+            "Connects and datagrams to protected addresses, by deciding rule (default: none)",
+            by_rule.clone(),
+        );
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let counter = Counter::default();
+            registry.register(name, help, counter.clone());
+            counter
+        };
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        Self {
+            events_lost: counter(
+                &mut registry,
+                "events_lost",
+                "Denied or audited attempts whose event did not fit in the ring buffer",
+            ),
+            events_reported: counter(&mut registry, "events_reported", "Events written out"),
+            reloads: counter(&mut registry, "reloads", "Policy reloads that took effect"),
+            failed_reloads: counter(
+                &mut registry,
+                "reloads_failed",
+                "Policy reloads refused (the policy in force stayed)",
+            ),
+            rules: gauge(
+                &mut registry,
+                "policy_rules",
+                "Rules in the policy in force",
+            ),
+            cgroup_entries: gauge(
+                &mut registry,
+                "policy_cgroup_entries",
+                "Cgroups with an entry in the policy in force",
+            ),
+            rulesets: gauge(
+                &mut registry,
+                "policy_rulesets",
+                "Distinct rule sets in the policy in force",
+            ),
+            protected: gauge(
+                &mut registry,
+                "policy_protected_addresses",
+                "Protected destination addresses",
+            ),
+            registry,
+            attempts,
+            by_rule,
+            seen: start,
+            seen_by_rule: [Vec::new(), Vec::new()],
+            reported_seen: 0,
+            reloads_seen: (0, 0),
+        }
+    }
+
+    /// Forgets what a generation counted before this agent wrote it (an adopted generation,
+    /// or one about to be reused): only its counts from now on are added.
+    pub fn start_generation(&mut self, kernel: &mut Kernel, generation: u32, rules: usize) {
+        let rules = u32::try_from(rules).unwrap_or(u32::MAX);
+        self.seen_by_rule[usize::from(generation != 0)] =
+            kernel.rule_counts(generation, rules).unwrap_or_default();
+    }
+
+    /// Adds what the kernel counted since the last update for `generation`, under the names
+    /// of its `policy`.
+    pub fn fold_generation(&mut self, kernel: &mut Kernel, generation: u32, policy: &Policy) {
+        let rules = u32::try_from(policy.rules.len()).unwrap_or(u32::MAX);
+        let Ok(counts) = kernel.rule_counts(generation, rules) else {
+            return;
+        };
+        let seen = &mut self.seen_by_rule[usize::from(generation != 0)];
+        for (id, &count) in (0u32..).zip(&counts) {
+            let before = seen.get(id as usize).copied().unwrap_or(0);
+            if count > before {
+                self.by_rule
+                    .get_or_create(&RuleLabels {
+                        rule: policy.rule_name(id).to_owned(),
+                        verdict: rule_verdict(policy, id),
+                    })
+                    .inc_by(count - before);
+            }
+        }
+        *seen = counts;
+    }
+
+    /// Brings every metric up to the kernel and the agent now.
+    pub fn update(
+        &mut self,
+        kernel: &mut Kernel,
+        compiled: &Compiled,
+        reported: u64,
+        reloads: (u32, u32),
+    ) {
+        if let Ok(now) = kernel.counters() {
+            let add = |verdict, now: u64, before: u64| {
+                self.attempts
+                    .get_or_create(&VerdictLabels { verdict })
+                    .inc_by(now.saturating_sub(before));
+            };
+            add("allow", now.allowed, self.seen.allowed);
+            add("deny", now.denied, self.seen.denied);
+            add("audit", now.audited, self.seen.audited);
+            self.events_lost
+                .inc_by(now.events_lost.saturating_sub(self.seen.events_lost));
+            self.seen = now;
+        }
+        self.fold_generation(kernel, compiled.generation(), &compiled.policy);
+        self.events_reported
+            .inc_by(reported.saturating_sub(self.reported_seen));
+        self.reported_seen = reported;
+        self.reloads
+            .inc_by(u64::from(reloads.0.saturating_sub(self.reloads_seen.0)));
+        self.failed_reloads
+            .inc_by(u64::from(reloads.1.saturating_sub(self.reloads_seen.1)));
+        self.reloads_seen = reloads;
+        let gauge = |gauge: &Gauge, value: usize| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        gauge(&self.rules, compiled.policy.rules.len());
+        gauge(&self.cgroup_entries, compiled.cgroup_entries());
+        gauge(&self.rulesets, compiled.rulesets());
+        gauge(&self.protected, compiled.policy.protect.len());
+    }
+
+    /// The metrics in the `OpenMetrics` text format.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = encode(&mut text, &self.registry) {
+            warn!("encoding the metrics failed: {err}");
+        }
+        text
+    }
+}
+
+/// The verdict rule `id` of `policy` gives.
+fn rule_verdict(policy: &Policy, id: u32) -> &'static str {
+    match policy.rule(id) {
+        Some(rule) if rule.audit => "audit",
+        Some(_) => "allow",
+        None if id == RULE_DEFAULT && policy.mode == Mode::Enforce => "deny",
+        None => "audit",
+    }
+}
+
+/// Binds the metrics address now, so that a bad one fails before anything is attached.
+///
+/// # Errors
+/// [`Error::Metrics`] when the address cannot be bound.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| Error::Metrics { addr, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Metrics { addr, source })?;
+    Ok(listener)
+}
+
+/// Serves `GET /metrics` on `listener`, asking the agent's loop for each reply.
+pub async fn serve(listener: std::net::TcpListener, scrapes: mpsc::Sender<Scrape>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            warn!("metrics disabled: {err}");
+            return;
+        }
+    };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                debug!("metrics accept failed: {err}");
+                continue;
+            }
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let scrapes = scrapes.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&request, &scrapes).await) }
+            });
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, "metrics connection: {err}");
+            }
+        });
+    }
+}
+
+async fn respond(
+    request: &Request<hyper::body::Incoming>,
+    scrapes: &mpsc::Sender<Scrape>,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    if request.method() != hyper::Method::GET || request.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try GET /metrics\n".into(),
+        );
+    }
+    let (sender, receiver) = oneshot::channel();
+    if scrapes.send(sender).await.is_err() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "stopping\n".into(),
+        );
+    }
+    match receiver.await {
+        Ok(text) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "stopping\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,149 @@
+//! Prometheus metrics from a real agent: counts by verdict and by rule match what the kernel
+//! judged, survive a reload, and the endpoint fails early on a bad address.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+};
+
+use imds_guard_tests::{
+    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, privileged,
+    run_to_end,
+};
+use nix::sys::signal::Signal;
+
+const EPERM: i32 = libc::EPERM;
+const PROBER: u32 = 1000;
+const STRANGER: u32 = 1001;
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `GET path` on loopback: status line and body.
+fn get(port: u16, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The value of the sample line `name{labels}` (or `name`), 0 when absent.
+fn sample(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |value| value.trim().parse().expect("a number"))
+}
+
+#[test]
+fn metrics_count_by_verdict_and_rule_across_a_reload() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let staged = attach.child("staged");
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n\
+         [[allow]]\nname = \"prober\"\nuid = {PROBER}\n\
+         [[allow]]\nname = \"staged\"\ncgroup = \"{1}\"\nmode = \"audit\"\n",
+        attach.path, staged.path
+    ));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&["--config", &config.arg(), "--metrics-addr", &addr]);
+
+    Client::new(&sandbox, &attach, PROBER, PROBER)
+        .repeat(3)
+        .tcp(IMDS_V4, 80)
+        .assert_ok("");
+    Client::new(&sandbox, &attach, STRANGER, STRANGER)
+        .tcp(IMDS_V4, 80)
+        .assert_errno(EPERM);
+    Client::new(&sandbox, &staged, STRANGER, STRANGER)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+
+    let (status, metrics) = get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{metrics}");
+    for (series, value) in [
+        ("imds_guard_attempts_total{verdict=\"allow\"}", 3),
+        ("imds_guard_attempts_total{verdict=\"deny\"}", 1),
+        ("imds_guard_attempts_total{verdict=\"audit\"}", 2),
+        (
+            "imds_guard_rule_attempts_total{rule=\"prober\",verdict=\"allow\"}",
+            3,
+        ),
+        (
+            "imds_guard_rule_attempts_total{rule=\"default\",verdict=\"deny\"}",
+            1,
+        ),
+        (
+            "imds_guard_rule_attempts_total{rule=\"staged\",verdict=\"audit\"}",
+            2,
+        ),
+        ("imds_guard_policy_rules", 2),
+        ("imds_guard_policy_protected_addresses", 2),
+        ("imds_guard_reloads_total", 0),
+    ] {
+        assert_eq!(sample(&metrics, series), value, "{series} in:\n{metrics}");
+    }
+
+    // A reload switches generations: what the old one counted is kept, the new one adds.
+    agent.signal(Signal::SIGHUP);
+    agent.wait_log("policy reloaded");
+    Client::new(&sandbox, &attach, PROBER, PROBER)
+        .tcp(IMDS_V4, 80)
+        .assert_ok("");
+    let (_, metrics) = get(port, "/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "imds_guard_rule_attempts_total{rule=\"prober\",verdict=\"allow\"}"
+        ),
+        4,
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "imds_guard_reloads_total"), 1, "{metrics}");
+    assert!(
+        sample(&metrics, "imds_guard_events_reported_total") >= 3,
+        "{metrics}"
+    );
+    let (status, _) = get(port, "/other");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
+
+#[test]
+fn an_address_in_use_fails_before_anything_is_attached() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (status, stderr) = run_to_end(
+        &[],
+        &["run", "--cgroup", &attach.path, "--metrics-addr", &addr],
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("cannot serve metrics on {addr}")),
+        "{stderr}"
+    );
+    Client::new(&sandbox, &attach, STRANGER, STRANGER)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+}
