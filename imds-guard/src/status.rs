@@ -146,7 +146,12 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
         .heartbeat_age_secs
         .is_some_and(|age| age <= 3 * HEARTBEAT_INTERVAL_SECS);
     status.problem = match (&running, info) {
-        (Err(err), _) => Some(err.to_string()),
+        (Err(_), Some(info)) if info.pid == 0 => Some("it stopped cleanly".into()),
+        (Err(_), Some(info)) => Some(format!(
+            "the last agent (pid {}) ended without stopping cleanly (killed or crashed)",
+            info.pid
+        )),
+        (Err(err), None) => Some(err.to_string()),
         (Ok(_), None) => Some("it has not recorded its state in the pins".into()),
         (Ok(_), Some(_)) if !fresh => Some(format!(
             "no heartbeat for {} s (expected every {HEARTBEAT_INTERVAL_SECS} s)",

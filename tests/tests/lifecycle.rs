@@ -95,6 +95,12 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
         let (code, down) = status(&pins, &pid_file);
         assert_eq!(code, Some(0), "{down}");
         assert_eq!(down["agent"]["running"], json!(false), "{down}");
+        assert!(
+            down["agent"]["problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("ended without stopping cleanly")),
+            "{down}"
+        );
 
         // Restart, same build: the pinned state is adopted, and the event raised while no
         // agent ran is reported now.
@@ -208,6 +214,7 @@ fn status_with_an_agent_without_one_and_with_nothing() {
     assert_eq!(stopped["enforcing"], json!(true));
     assert_eq!(stopped["agent"]["running"], json!(false));
     assert_eq!(stopped["agent"]["healthy"], json!(false));
+    assert_eq!(stopped["agent"]["problem"], json!("it stopped cleanly"));
     assert_eq!(stopped["counters"]["audited"], json!(2));
 }
 
