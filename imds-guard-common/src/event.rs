@@ -15,6 +15,9 @@ pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 /// `cgroup/sendmsg6`.
 pub const HOOK_SENDMSG6: u8 = 4;
+/// `cgroup_skb/egress`: a packet from a raw socket (no task: pid, tgid and comm are 0; the uid
+/// is the socket owner's; the gid is unknown, `u32::MAX`).
+pub const HOOK_EGRESS: u8 = 5;
 
 /// `AF_INET`.
 pub const FAMILY_INET: u8 = 2;

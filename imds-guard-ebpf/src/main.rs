@@ -1,8 +1,9 @@
 //! imds-guard's kernel programs: one entry point per attach point, each judging connects and
-//! unconnected datagrams to protected addresses for the current task.
+//! unconnected datagrams to protected addresses for the current task, and packets that raw
+//! sockets send there.
 //!
-//! Return values are the cgroup `sock_addr` contract: 1 lets the syscall proceed, 0 fails it with
-//! `EPERM` at once (so an SDK fails fast instead of timing out).
+//! Return values are the cgroup contract: 1 lets the syscall (or packet) proceed, 0 fails it
+//! with `EPERM` at once (so an SDK fails fast instead of timing out) or drops the packet.
 //!
 //! On the host (`cargo clippy --workspace`, `cargo build --workspace`) the crate builds as an
 //! ordinary binary that only says where the programs belong, so the whole workspace lints.
@@ -14,10 +15,14 @@
 )]
 
 mod maps;
+mod packet;
 mod report;
 mod verdict;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_skb, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext},
+};
 use imds_guard_common::event::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
 /// `connect()` on IPv4 TCP, UDP and ICMP sockets.
@@ -42,6 +47,12 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     verdict::judge_v6(&ctx, HOOK_SENDMSG6)
+}
+
+/// Every outgoing packet; judges those of raw sockets, which bypass the hooks above.
+#[cgroup_skb(egress)]
+pub fn egress(ctx: SkBuffContext) -> i32 {
+    packet::judge_egress(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -33,6 +33,28 @@ pub struct Attempt {
     pub addr: [u8; 16],
 }
 
+/// Who made an attempt, as far as the hook can tell.
+pub struct Identity {
+    /// Thread id (low half) and process id (high half); 0 when no task is known.
+    pub pid_tgid: u64,
+    /// The thread's name; zeroes when no task is known.
+    pub comm: [u8; COMM_LEN],
+    /// The cgroup the attempt is charged to.
+    pub cgroup_id: u64,
+}
+
+impl Identity {
+    /// The task making the system call (socket address hooks run in its context).
+    pub fn current_task() -> Self {
+        Self {
+            pid_tgid: bpf_get_current_pid_tgid(),
+            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+            // SAFETY: a helper without arguments (Linux 4.18+).
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        }
+    }
+}
+
 /// Adds one to the current CPU's counter `index`.
 pub fn count(index: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(index) {
@@ -50,12 +72,12 @@ pub fn count_rule(generation: u32, rule: u32) {
 }
 
 /// Writes one event; when the ring buffer is full the loss is counted, and the verdict stands.
-pub fn event(attempt: &Attempt) {
+pub fn event(attempt: &Attempt, identity: &Identity) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(COUNTER_EVENTS_LOST);
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = identity.pid_tgid;
     #[expect(
         clippy::cast_possible_truncation,
         reason = "splitting a u64 into halves"
@@ -64,8 +86,7 @@ pub fn event(attempt: &Attempt) {
     entry.write(Event {
         // SAFETY: a helper without arguments (Linux 5.8+).
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        // SAFETY: a helper without arguments (Linux 4.18+).
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id: identity.cgroup_id,
         pid,
         tgid,
         uid: attempt.uid,
@@ -79,7 +100,7 @@ pub fn event(attempt: &Attempt) {
         generation: attempt.generation,
         _pad: [0, 0, 0, 0, BUILD_VARIANT],
         addr: attempt.addr,
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        comm: identity.comm,
     });
     entry.submit(0);
 }

@@ -78,11 +78,10 @@ fn judge_protected(
     generations: u32,
     addr: [u8; 16],
 ) -> i32 {
-    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
-    if generations & (1 << generation) == 0 {
+    let Some(generation) = generation_in_force(generations) else {
         // Protected only by the other generation (a policy switch removed it).
         return PROCEED;
-    }
+    };
     let uid_gid = bpf_get_current_uid_gid();
     // Truncation intended: the low half is the uid, the high half the gid.
     #[expect(
@@ -90,40 +89,40 @@ fn judge_protected(
         reason = "splitting a u64 into halves"
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    let (verdict, rule) = decide(generation, uid, gid);
-    report::count_rule(generation, rule);
-    report::count(match verdict {
-        VERDICT_ALLOW => COUNTER_ALLOWED,
-        VERDICT_AUDIT => COUNTER_AUDITED,
-        _ => COUNTER_DENIED,
-    });
+    // SAFETY: a helper without pointer arguments (Linux 5.7+ for sock_addr programs).
+    let ancestor = |level: i32| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+    let (verdict, rule) = decide(generation, uid, Some(gid), ancestor);
+    count(generation, verdict, rule);
     if verdict == VERDICT_ALLOW {
         return PROCEED;
     }
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
-    report::event(&Attempt {
-        verdict,
-        rule,
-        // `generation` was masked with `& 1` above, so this cannot truncate.
-        generation: generation as u8,
-        hook,
-        family,
-        // Truncation intended: the port is the low 16 bits, in network byte order.
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "the port is the low 16 bits"
-        )]
-        port: u16::from_be(port as u16),
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "IPPROTO_* values fit in a byte"
-        )]
-        protocol: protocol as u8,
-        uid,
-        gid,
-        addr,
-    });
+    report::event(
+        &Attempt {
+            verdict,
+            rule,
+            // `generation` is 0 or 1, so this cannot truncate.
+            generation: u8::from(generation != 0),
+            hook,
+            family,
+            // Truncation intended: the port is the low 16 bits, in network byte order.
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "the port is the low 16 bits"
+            )]
+            port: u16::from_be(port as u16),
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "IPPROTO_* values fit in a byte"
+            )]
+            protocol: protocol as u8,
+            uid,
+            gid,
+            addr,
+        },
+        &report::Identity::current_task(),
+    );
     if verdict == VERDICT_DENY {
         REJECT
     } else {
@@ -131,13 +130,36 @@ fn judge_protected(
     }
 }
 
-/// Returns the verdict and the deciding rule for a task with `uid`/`gid` in the current cgroup.
+/// The generation in force, if the address is protected in it (`generations` is the address's
+/// mask of generations).
+pub fn generation_in_force(generations: u32) -> Option<u32> {
+    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    (generations & (1 << generation) != 0).then_some(generation)
+}
+
+/// Counts a judged attempt by verdict and by rule.
+pub fn count(generation: u32, verdict: u8, rule: u32) {
+    report::count_rule(generation, rule);
+    report::count(match verdict {
+        VERDICT_ALLOW => COUNTER_ALLOWED,
+        VERDICT_AUDIT => COUNTER_AUDITED,
+        _ => COUNTER_DENIED,
+    });
+}
+
+/// Returns the verdict and the deciding rule for `uid`/`gid` (no gid: gid rules cannot match)
+/// in the cgroup whose ancestors `ancestor(level)` gives (0 below the cgroup itself).
 ///
 /// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
 /// id decides: the first in the config file, as the agent's `explain` says. With none, the
 /// generation's mode decides. If the settings cannot be read (they always can: the agent writes
 /// them before attaching), the task is judged as in enforce mode: fail closed.
-fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
+pub fn decide(
+    generation: u32,
+    uid: u32,
+    gid: Option<u32>,
+    ancestor: impl Fn(i32) -> u64,
+) -> (u8, u32) {
     let settings = SETTINGS
         .get(generation)
         .copied()
@@ -145,10 +167,17 @@ fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
     let ruleset = if settings.cgroup_rules == 0 {
         RULESET_DEFAULT
     } else {
-        nearest_ruleset(generation)
+        nearest_ruleset(generation, ancestor)
     };
     let mut first: Option<RuleValue> = None;
-    for (kind, id) in [(KIND_UID, uid), (KIND_GID, gid), (KIND_ANY, 0)] {
+    for (kind, id, asked) in [
+        (KIND_UID, uid, true),
+        (KIND_GID, gid.unwrap_or(0), gid.is_some()),
+        (KIND_ANY, 0, true),
+    ] {
+        if !asked {
+            continue;
+        }
         let key = RuleKey {
             generation,
             ruleset,
@@ -172,18 +201,16 @@ fn decide(generation: u32, uid: u32, gid: u32) -> (u8, u32) {
 
 /// The rule set of the nearest cgroup, from the task's own up to the root, that has one.
 ///
-/// Walks from the root down and stops below the task's own cgroup (where the helper returns 0),
-/// so the cost follows the task's depth, not [`MAX_CGROUP_LEVEL`].
-/// `bpf_get_current_ancestor_cgroup_id` is available to `sock_addr` programs since Linux 5.7.
-fn nearest_ruleset(generation: u32) -> u32 {
+/// Walks from the root down and stops below the cgroup itself (where `ancestor` returns 0), so
+/// the cost follows its depth, not [`MAX_CGROUP_LEVEL`].
+fn nearest_ruleset(generation: u32, ancestor: impl Fn(i32) -> u64) -> u32 {
     let mut ruleset = RULESET_DEFAULT;
     for level in 0..=MAX_CGROUP_LEVEL {
-        // SAFETY: a helper without pointer arguments.
         #[expect(
             clippy::cast_possible_wrap,
             reason = "levels are at most MAX_CGROUP_LEVEL"
         )]
-        let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let cgroup_id = ancestor(level as i32);
         if cgroup_id == 0 {
             break;
         }

@@ -6,7 +6,10 @@ use std::{fs::File, os::fd::AsFd as _};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramType, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramType,
+        links::FdLink,
+    },
 };
 use imds_guard_common::{
     agent::AgentInfo,
@@ -30,7 +33,16 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
 
 /// The programs in the object, named after their attach points.
-pub const PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+pub const PROGRAMS: [&str; 5] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    PACKET_PROGRAM,
+];
+
+/// The `cgroup_skb/egress` program (raw sockets); the others are `cgroup/sock_addr` programs.
+const PACKET_PROGRAM: &str = "egress";
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
@@ -161,8 +173,12 @@ impl Kernel {
             }
         }
         for name in PROGRAMS {
-            let program = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| Error::LoadProgram {
+            let verified = if name == PACKET_PROGRAM {
+                packet_program_mut(&mut ebpf, name)?.load()
+            } else {
+                program_mut(&mut ebpf, name)?.load()
+            };
+            verified.map_err(|source| Error::LoadProgram {
                 program: name,
                 source,
             })?;
@@ -407,12 +423,18 @@ impl Kernel {
             let state = pins::link_info(old.as_fd_borrowed())
                 .map_err(link_error("reading the pinned link"))?;
             if state.cgroup_id == cgroup.id {
-                let program = program_mut(&mut self.ebpf, name)?.fd().map_err(|source| {
-                    Error::LoadProgram {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(Error::MissingInObject {
+                        kind: "program",
+                        name,
+                    })?
+                    .fd()
+                    .map_err(|source| Error::LoadProgram {
                         program: name,
                         source,
-                    }
-                })?;
+                    })?;
                 pins::link_update(old.as_fd_borrowed(), program.as_fd())
                     .map_err(link_error("switching the pinned link to the new program"))?;
                 attached.updated += 1;
@@ -459,16 +481,29 @@ impl Kernel {
             cgroup: cgroup.dir.clone(),
             source,
         };
+        let pinnable = |source: aya::programs::links::LinkError| Error::Link {
+            program: name,
+            action: "making the link pinnable (needs Linux 5.7+)",
+            source: std::io::Error::other(source),
+        };
+        if name == PACKET_PROGRAM {
+            let program = packet_program_mut(&mut self.ebpf, name)?;
+            let id = program
+                .attach(
+                    file.as_fd(),
+                    CgroupSkbAttachType::Egress,
+                    multi_attach_mode(),
+                )
+                .map_err(attach_error)?;
+            let link = program.take_link(id).map_err(attach_error)?;
+            return FdLink::try_from(link).map_err(pinnable);
+        }
         let program = program_mut(&mut self.ebpf, name)?;
         let id = program
             .attach(file.as_fd(), multi_attach_mode())
             .map_err(attach_error)?;
         let link = program.take_link(id).map_err(attach_error)?;
-        FdLink::try_from(link).map_err(|source| Error::Link {
-            program: name,
-            action: "making the link pinnable (needs Linux 5.7+)",
-            source: std::io::Error::other(source),
-        })
+        FdLink::try_from(link).map_err(pinnable)
     }
 
     /// Writes what the agent says about itself.
@@ -720,6 +755,19 @@ fn wait_for_running_programs() {
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingInObject {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| Error::LoadProgram {
+            program: name,
+            source,
+        })
+}
+
+fn packet_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb> {
     ebpf.program_mut(name)
         .ok_or(Error::MissingInObject {
             kind: "program",

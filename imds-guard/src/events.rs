@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use imds_guard_common::event::{
-    COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
-    HOOK_SENDMSG6, VERDICT_AUDIT, VERDICT_DENY,
+    COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, VERDICT_AUDIT, VERDICT_DENY,
 };
 use serde::Serialize;
 
@@ -57,6 +57,8 @@ pub enum Hook {
     Sendmsg4,
     /// `cgroup/sendmsg6`.
     Sendmsg6,
+    /// `cgroup_skb/egress`: a packet a raw socket sent.
+    Egress,
 }
 
 /// A decoded event, with kernel constants turned into types.
@@ -100,6 +102,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         HOOK_CONNECT6 => Hook::Connect6,
         HOOK_SENDMSG4 => Hook::Sendmsg4,
         HOOK_SENDMSG6 => Hook::Sendmsg6,
+        HOOK_EGRESS => Hook::Egress,
         value => {
             return Err(DecodeError::Unknown {
                 field: "hook",
@@ -136,16 +139,16 @@ pub struct Record {
     pub time: String,
     /// `deny` or `audit`.
     pub verdict: Verdict,
-    /// Thread id.
-    pub pid: u32,
-    /// Process id.
-    pub tgid: u32,
-    /// Real uid.
+    /// Thread id; `null` for a packet (`hook` `egress`), which no task is known to send.
+    pub pid: Option<u32>,
+    /// Process id; `null` for a packet.
+    pub tgid: Option<u32>,
+    /// Real uid (for a packet: the socket owner's).
     pub uid: u32,
-    /// Real primary gid.
-    pub gid: u32,
-    /// Thread name.
-    pub comm: String,
+    /// Real primary gid; `null` for a packet.
+    pub gid: Option<u32>,
+    /// Thread name; `null` for a packet.
+    pub comm: Option<String>,
     /// cgroup v2 id.
     pub cgroup_id: u64,
     /// cgroup path as in `/proc/PID/cgroup`; `null` when the cgroup is already gone.
@@ -169,17 +172,19 @@ impl Record {
     #[must_use]
     pub fn new(event: &Decoded, boot_to_unix_ns: i128, cgroup: Option<String>, rule: &str) -> Self {
         let raw = &event.raw;
+        // Socket address hooks run in the task's context; the packet hook knows no task.
+        let task = event.hook != Hook::Egress;
         let unix_ns = i128::from(raw.boot_ns) + boot_to_unix_ns;
         let time = jiff::Timestamp::from_nanosecond(unix_ns)
             .map_or_else(|_| unix_ns.to_string(), |t| t.to_string());
         Self {
             time,
             verdict: event.verdict,
-            pid: raw.pid,
-            tgid: raw.tgid,
+            pid: task.then_some(raw.pid),
+            tgid: task.then_some(raw.tgid),
             uid: raw.uid,
-            gid: raw.gid,
-            comm: comm_text(&raw.comm),
+            gid: task.then_some(raw.gid),
+            comm: task.then(|| comm_text(&raw.comm)),
             cgroup_id: raw.cgroup_id,
             cgroup,
             family: event.family,

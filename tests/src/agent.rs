@@ -66,7 +66,7 @@ pub struct Agent {
     pid_file: PathBuf,
     _notify_dir: TempDir,
     /// Dropped after the agent has stopped (fields drop after `Drop::drop`).
-    _pins: Option<crate::Pins>,
+    pins: Option<crate::Pins>,
 }
 
 impl Agent {
@@ -162,7 +162,7 @@ impl Agent {
             stderr,
             pid_file,
             _notify_dir: notify_dir,
-            _pins: pins,
+            pins,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut buf = [0u8; 256];
@@ -172,6 +172,9 @@ impl Agent {
                     .lines()
                     .any(|l| l == "READY=1")
             {
+                if std::env::var_os("IMDS_GUARD_TEST_AGENT_OFF").is_some() {
+                    switch_enforcement_off(&agent, args);
+                }
                 return agent;
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
@@ -366,6 +369,27 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// `IMDS_GUARD_TEST_AGENT_OFF=1`: every agent the tests start is left running, but its
+/// programs are detached at once, to show that the tests fail without the protection.
+fn switch_enforcement_off(agent: &Agent, args: &[&str]) {
+    let pin_dir = args
+        .iter()
+        .position(|arg| *arg == "--pin-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .or_else(|| agent.pins.as_ref().map(|pins| pins.dir().to_owned()))
+        .expect("the agent's pin directory");
+    for entry in std::fs::read_dir(pin_dir.join("links"))
+        .expect("links")
+        .flatten()
+    {
+        if let Ok(Some(link)) = imds_guard::pins::open_pinned(&entry.path()) {
+            imds_guard::pins::link_detach(link.as_fd_borrowed()).expect("detach");
+        }
+    }
+    eprintln!("IMDS_GUARD_TEST_AGENT_OFF: the agent runs, its programs are detached");
 }
 
 impl Drop for Agent {

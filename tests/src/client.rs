@@ -11,6 +11,8 @@ pub struct Client<'a> {
     uid: u32,
     gid: u32,
     repeat: u32,
+    /// Extra `--option value` pairs (`--drop-to`, `--hosts`, `--move-to`).
+    options: Vec<(&'static str, String)>,
 }
 
 /// What a client saw.
@@ -24,6 +26,8 @@ pub struct Outcome {
     pub detail: String,
     /// How many attempts failed with `EPERM` (see [`Client::repeat`]).
     pub eperm: u32,
+    /// With [`Client::move_to`]: whether the move into the other cgroup succeeded.
+    pub moved: Option<bool>,
 }
 
 impl Outcome {
@@ -58,7 +62,38 @@ impl<'a> Client<'a> {
             uid,
             gid,
             repeat: 1,
+            options: Vec::new(),
         }
+    }
+
+    /// For the forking routes: the child drops to `uid` (and the same gid) before it acts.
+    #[must_use]
+    pub fn drop_to(mut self, uid: u32) -> Self {
+        self.options.push(("--drop-to", uid.to_string()));
+        self
+    }
+
+    /// Resolves names through `hosts` in place of /etc/hosts.
+    #[must_use]
+    pub fn hosts(mut self, hosts: &std::path::Path) -> Self {
+        self.options
+            .push(("--hosts", hosts.to_string_lossy().into_owned()));
+        self
+    }
+
+    /// After becoming its uid, the client tries to move itself into the cgroup at `dir`
+    /// ([`Outcome::moved`] says whether the kernel let it).
+    #[must_use]
+    pub fn move_to(mut self, dir: &std::path::Path) -> Self {
+        self.options
+            .push(("--move-to", dir.to_string_lossy().into_owned()));
+        self
+    }
+
+    /// `route` to `host`, written as the C library resolves it (`2852039166`, a name).
+    #[must_use]
+    pub fn route_to_host(&self, route: &str, host: &str, port: u16) -> Outcome {
+        self.run_text(route, host, port)
     }
 
     /// Makes each action run `times` times in the one process; [`Outcome`] reports the last
@@ -95,22 +130,31 @@ impl<'a> Client<'a> {
     }
 
     fn run(&self, action: &str, addr: IpAddr, port: u16) -> Outcome {
-        let out = Command::new(crate::agent::target_binary(
+        self.run_text(action, &addr.to_string(), port)
+    }
+
+    fn run_text(&self, action: &str, host: &str, port: u16) -> Outcome {
+        let mut command = Command::new(crate::agent::target_binary(
             "imds-client",
             "IMDS_CLIENT_BIN",
-        ))
-        .args(["--netns", &self.sandbox.netns.to_string_lossy()])
-        .args(["--cgroup", &self.cgroup.dir.to_string_lossy()])
-        .args([
-            "--uid",
-            &self.uid.to_string(),
-            "--gid",
-            &self.gid.to_string(),
-        ])
-        .args(["--repeat", &self.repeat.to_string()])
-        .args([action, &addr.to_string(), &port.to_string()])
-        .output()
-        .expect("run imds-client");
+        ));
+        command
+            .args(["--netns", &self.sandbox.netns.to_string_lossy()])
+            .args(["--cgroup", &self.cgroup.dir.to_string_lossy()])
+            .args([
+                "--uid",
+                &self.uid.to_string(),
+                "--gid",
+                &self.gid.to_string(),
+            ])
+            .args(["--repeat", &self.repeat.to_string()]);
+        for (option, value) in &self.options {
+            command.arg(option).arg(value);
+        }
+        let out = command
+            .args([action, host, &port.to_string()])
+            .output()
+            .expect("run imds-client");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -125,6 +169,7 @@ impl<'a> Client<'a> {
                 .as_i64()
                 .map(|e| i32::try_from(e).expect("errno")),
             eperm: u32::try_from(line["eperm"].as_u64().expect("eperm")).expect("eperm"),
+            moved: line["moved"].as_bool(),
             detail: line["body"]
                 .as_str()
                 .or(line["error"].as_str())

@@ -58,6 +58,42 @@ const ROUTES: &[Route] = &[
         port: 53,
         attempts: 2,
     },
+    Route {
+        name: "io-uring-connect",
+        protocol: "tcp",
+        hooks: ["connect4", "connect6"],
+        port: 80,
+        attempts: 1,
+    },
+    // The same from an io-wq worker thread: io_uring runs it outside the submitting task.
+    Route {
+        name: "io-uring-connect-async",
+        protocol: "tcp",
+        hooks: ["connect4", "connect6"],
+        port: 80,
+        attempts: 1,
+    },
+    Route {
+        name: "io-uring-sendmsg",
+        protocol: "udp",
+        hooks: ["sendmsg4", "sendmsg6"],
+        port: 53,
+        attempts: 1,
+    },
+    Route {
+        name: "thread-connect",
+        protocol: "tcp",
+        hooks: ["connect4", "connect6"],
+        port: 80,
+        attempts: 1,
+    },
+    Route {
+        name: "child-connect",
+        protocol: "tcp",
+        hooks: ["connect4", "connect6"],
+        port: 80,
+        attempts: 1,
+    },
 ];
 
 fn run_routes(mode: &str) {

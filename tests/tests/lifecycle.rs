@@ -105,7 +105,7 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
         // Restart, same build: the pinned state is adopted, and the event raised while no
         // agent ran is reported now.
         let mut second = Agent::start(&args);
-        second.wait_log("links_updated=4");
+        second.wait_log("links_updated=5");
         second.wait_log("adopted=true");
         let events = second.wait_events_of(while_down.pid, 1);
         assert_fields(
@@ -122,7 +122,7 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
 
         // Upgrade: another build, whose program differs, takes over the same links.
         let third = Agent::start_binary(&upgrade, &args);
-        third.wait_log("links_updated=4");
+        third.wait_log("links_updated=5");
         let third_pid_file = third.pid_file().to_string_lossy().into_owned();
         let (_, after) = status(&pins, &third_pid_file);
         let (old_tags, new_tags) = (program_tags(&before), program_tags(&after));
@@ -234,7 +234,7 @@ fn detach_removes_the_pins_and_the_programs() {
         .iter()
         .map(|hook| u32::try_from(hook["program"]["id"].as_u64().expect("id")).expect("id"))
         .collect();
-    assert_eq!(program_ids.len(), 4);
+    assert_eq!(program_ids.len(), 5);
 
     // Refused while the agent runs: it would only put enforcement back.
     let refused = imds_guard(&["detach", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
@@ -257,7 +257,7 @@ fn detach_removes_the_pins_and_the_programs() {
     );
     assert!(
         String::from_utf8_lossy(&out.stdout)
-            .contains("detached connect4, connect6, sendmsg4, sendmsg6"),
+            .contains("detached connect4, connect6, sendmsg4, sendmsg6, egress"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -5,7 +5,15 @@
 //! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N [--repeat N] ACTION ADDR PORT
 //!
 //! ACTION: imds, tcp, udp, or one of the routes in `routes.rs`: nonblocking-connect,
-//! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg.
+//! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
+//! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
+//! passed-socket, passed-connection.
+//!
+//! ADDR may be written in any form the C library resolves (`2852039166`, a host name);
+//! `--hosts FILE` puts FILE in place of /etc/hosts for this process; `--drop-to UID` makes the
+//! forked child of `child-connect`, `passed-socket` and `passed-connection` drop to UID (and the
+//! same gid) before it acts; `--move-to DIR` makes the client, once it is its uid, try to move
+//! itself into the cgroup DIR (`"moved"` in the line says whether it could).
 //!
 //! With `--repeat N` the action runs N times and the line also counts the failures with
 //! `EPERM` (`"eperm": k`).
@@ -37,23 +45,19 @@ fn main() {
             rest.push(arg);
         }
     }
-    let [action, addr, port] = rest.as_slice() else {
+    let [action, host, port] = rest.as_slice() else {
         panic!("usage: imds-client --netns F --cgroup D --uid N --gid N (imds|tcp|udp) ADDR PORT");
     };
-    let addr = SocketAddr::new(
-        addr.parse::<IpAddr>().expect("address"),
-        port.parse().expect("port"),
-    );
+    let port: u16 = port.parse().expect("port");
 
-    let netns = std::fs::File::open(&options["netns"]).expect("open netns");
-    setns(netns, CloneFlags::CLONE_NEWNET).expect("setns");
-    std::fs::write(format!("{}/cgroup.procs", options["cgroup"]), "0").expect("join cgroup");
-    let gid = Gid::from_raw(options["gid"].parse().expect("gid"));
-    setgroups(&[]).expect("setgroups");
-    setgid(gid).expect("setgid");
-    setuid(Uid::from_raw(options["uid"].parse().expect("uid"))).expect("setuid");
+    let (addr, moved) = become_workload(&options, host, port);
+    let drop_to: Option<(u32, u32)> = options.get("drop-to").map(|id| {
+        let id = id.parse().expect("drop-to");
+        (id, id)
+    });
+    let mut child_pid = None;
 
-    let act = || match action.as_str() {
+    let mut act = || match action.as_str() {
         "imds" => imds_v2(addr),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
         "udp" => udp_echo(addr),
@@ -62,6 +66,24 @@ fn main() {
         "fastopen-connect" => routes::fastopen_connect(addr),
         "connected-udp" => routes::connected_udp(addr),
         "sendmmsg" => routes::sendmmsg(addr),
+        "io-uring-connect" => routes::io_uring_connect(addr, false),
+        "io-uring-connect-async" => routes::io_uring_connect(addr, true),
+        "io-uring-sendmsg" => routes::io_uring_sendmsg(addr),
+        "thread-connect" => routes::thread_connect(addr),
+        "raw-udp" => routes::raw_udp(addr),
+        "raw-syn" => routes::raw_syn(addr),
+        "child-connect" | "passed-socket" | "passed-connection" => {
+            let (pid, result) = match action.as_str() {
+                "child-connect" => routes::child_connect(addr, drop_to),
+                other => routes::passed_socket(
+                    addr,
+                    other == "passed-connection",
+                    drop_to.expect("--drop-to"),
+                ),
+            };
+            child_pid.replace(pid);
+            result
+        }
         other => panic!("unknown action {other}"),
     };
     let repeat: u32 = options
@@ -84,16 +106,70 @@ fn main() {
     {
         eperm += 1;
     }
+    // The process that made the attempt: a forked child's, for the routes that fork.
+    let pid = child_pid.unwrap_or_else(std::process::id);
     let line = match result {
-        Ok(body) => {
-            serde_json::json!({ "pid": std::process::id(), "ok": true, "body": body, "eperm": eperm })
-        }
+        Ok(body) => serde_json::json!({
+            "pid": pid, "ok": true, "body": body, "eperm": eperm, "moved": moved,
+        }),
         Err(err) => serde_json::json!({
-            "pid": std::process::id(), "ok": false, "errno": err.raw_os_error(),
-            "error": err.to_string(), "eperm": eperm,
+            "pid": pid, "ok": false, "errno": err.raw_os_error(),
+            "error": err.to_string(), "eperm": eperm, "moved": moved,
         }),
     };
     println!("{line}");
+}
+
+/// Enters the network namespace and cgroup, puts the hosts file in place, resolves the
+/// address, becomes the uid/gid and, if asked, tries to move to another cgroup. Returns the
+/// address and whether that move succeeded.
+fn become_workload(
+    options: &std::collections::HashMap<String, String>,
+    host: &str,
+    port: u16,
+) -> (SocketAddr, Option<bool>) {
+    let netns = std::fs::File::open(&options["netns"]).expect("open netns");
+    setns(netns, CloneFlags::CLONE_NEWNET).expect("setns");
+    std::fs::write(format!("{}/cgroup.procs", options["cgroup"]), "0").expect("join cgroup");
+    if let Some(hosts) = options.get("hosts") {
+        // A private /etc/hosts: the name resolves through the C library like any other.
+        use nix::mount::{MsFlags, mount};
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS).expect("unshare mounts");
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .expect("private mounts");
+        mount(
+            Some(hosts.as_str()),
+            "/etc/hosts",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind /etc/hosts");
+    }
+    // Any spelling the C library accepts: `169.254.169.254`, `2852039166`, `0xa9fea9fe`,
+    // `169.254.43518`, or a host name.
+    let addr: SocketAddr = match host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port),
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .expect("resolve")
+            .next()
+            .expect("an address"),
+    };
+    let gid = Gid::from_raw(options["gid"].parse().expect("gid"));
+    setgroups(&[]).expect("setgroups");
+    setgid(gid).expect("setgid");
+    setuid(Uid::from_raw(options["uid"].parse().expect("uid"))).expect("setuid");
+    // As the workload: try to move into another cgroup (a delegated subtree lets its owner).
+    let moved = options
+        .get("move-to")
+        .map(|dir| std::fs::write(format!("{dir}/cgroup.procs"), "0").is_ok());
+    (addr, moved)
 }
 
 /// The `IMDSv2` flow: a session token, then a metadata read with it.

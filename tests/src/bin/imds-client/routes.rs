@@ -79,3 +79,346 @@ pub fn sendmmsg(addr: SocketAddr) -> io::Result<String> {
     }
     Ok(format!("sent {sent}"))
 }
+
+/// `IORING_OP_CONNECT`: the connect is made by `io_uring`, inline or (`force_async`) by an io-wq
+/// worker thread.
+pub fn io_uring_connect(addr: SocketAddr, force_async: bool) -> io::Result<String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let target = SockAddr::from(addr);
+    let mut entry = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(socket.as_raw_fd()),
+        target.as_ptr().cast(),
+        target.len(),
+    )
+    .build();
+    if force_async {
+        entry = entry.flags(io_uring::squeue::Flags::ASYNC);
+    }
+    complete(&entry).map(|_| "connected".into())
+}
+
+/// `IORING_OP_SENDMSG`: an unconnected datagram sent by `io_uring`.
+pub fn io_uring_sendmsg(addr: SocketAddr) -> io::Result<String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let target = SockAddr::from(addr);
+    let mut payload = *b"ping";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message header.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_name = target.as_ptr().cast_mut().cast();
+    message.msg_namelen = target.len();
+    message.msg_iov = &raw mut iov;
+    message.msg_iovlen = 1;
+    let entry =
+        io_uring::opcode::SendMsg::new(io_uring::types::Fd(socket.as_raw_fd()), &raw const message)
+            .build();
+    complete(&entry).map(|sent| format!("sent {sent}"))
+}
+
+/// Submits one entry and waits for its completion; its result, or the errno it carries.
+fn complete(entry: &io_uring::squeue::Entry) -> io::Result<i32> {
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: everything the entry points at outlives the wait below.
+    unsafe { ring.submission().push(entry) }.map_err(io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let result = ring
+        .completion()
+        .next()
+        .ok_or_else(|| io::Error::other("no completion"))?
+        .result();
+    if result < 0 {
+        Err(io::Error::from_raw_os_error(-result))
+    } else {
+        Ok(result)
+    }
+}
+
+/// A TCP connect from a second thread of this process.
+pub fn thread_connect(addr: SocketAddr) -> io::Result<String> {
+    std::thread::spawn(move || tcp(addr))
+        .join()
+        .map_err(|_| io::Error::other("thread panicked"))?
+}
+
+/// A TCP connect from a forked child; returns the child's pid with what it got.
+pub fn child_connect(addr: SocketAddr, drop_to: Option<(u32, u32)>) -> (u32, io::Result<String>) {
+    // SAFETY: the child only makes system calls before `_exit`.
+    match unsafe { libc::fork() } {
+        0 => {
+            if let Some((uid, gid)) = drop_to {
+                // SAFETY: plain system calls in the child.
+                let dropped = unsafe {
+                    libc::setresgid(gid, gid, gid) == 0 && libc::setresuid(uid, uid, uid) == 0
+                };
+                if !dropped {
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(254) };
+                }
+            }
+            let code = match tcp(addr) {
+                Ok(_) => 0,
+                Err(err) => err.raw_os_error().unwrap_or(255),
+            };
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) };
+        }
+        -1 => (0, Err(io::Error::last_os_error())),
+        child => {
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, &raw mut status, 0) };
+            let pid = u32::try_from(child).unwrap_or(0);
+            let code = libc::WEXITSTATUS(status);
+            (
+                pid,
+                if code == 0 {
+                    Ok("connected".into())
+                } else {
+                    Err(io::Error::from_raw_os_error(code))
+                },
+            )
+        }
+    }
+}
+
+fn tcp(addr: SocketAddr) -> io::Result<String> {
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+        .map(|_| "connected".into())
+}
+
+/// A UDP datagram written whole by a raw socket (`SOCK_RAW`, `IPPROTO_UDP`: the kernel writes
+/// the IP header, we write the UDP header), from the port of an ordinary UDP socket that then
+/// reads the echo. Needs `CAP_NET_RAW`.
+pub fn raw_udp(addr: SocketAddr) -> io::Result<String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(io::Error::other)?;
+    let receiver = std::net::UdpSocket::bind(local)?;
+    receiver.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let source_port = receiver.local_addr()?.port();
+    let raw = Socket::new(Domain::for_address(addr), Type::RAW, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // IPv6 requires the UDP checksum: let the kernel compute it (offset 6 in our header).
+        let offset: libc::c_int = 6;
+        // SAFETY: a valid fd and a c_int option value.
+        let result = unsafe {
+            libc::setsockopt(
+                raw.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_CHECKSUM,
+                (&raw const offset).cast(),
+                libc::socklen_t::try_from(size_of::<libc::c_int>()).map_err(io::Error::other)?,
+            )
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let payload = b"ping";
+    let length = u16::try_from(8 + payload.len()).map_err(io::Error::other)?;
+    let mut datagram = Vec::with_capacity(usize::from(length));
+    datagram.extend_from_slice(&source_port.to_be_bytes());
+    datagram.extend_from_slice(&addr.port().to_be_bytes());
+    datagram.extend_from_slice(&length.to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]); // no checksum (IPv4), or the kernel's (IPv6)
+    datagram.extend_from_slice(payload);
+    let mut target = addr;
+    target.set_port(0); // raw sockets take the port from the header
+    raw.send_to(&datagram, &target.into())?;
+    let mut buf = [0u8; 64];
+    let (n, _) = receiver.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A TCP SYN written by hand on a raw IPv4 socket with `IP_HDRINCL` (we write the IP header
+/// too); the reply is read from a raw TCP socket. Succeeds when a SYN-ACK from `addr` comes
+/// back. Needs `CAP_NET_RAW`.
+pub fn raw_syn(addr: SocketAddr) -> io::Result<String> {
+    let SocketAddr::V4(v4) = addr else {
+        return Err(io::Error::other("raw-syn writes IPv4 headers"));
+    };
+    let listener = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+    listener.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let sender = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    let source = std::net::Ipv4Addr::LOCALHOST;
+    let source_port: u16 = 40_000 + u16::try_from(std::process::id() % 20_000).unwrap_or(0);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&source_port.to_be_bytes());
+    tcp[2..4].copy_from_slice(&v4.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4; // header length: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&source.octets());
+    pseudo.extend_from_slice(&v4.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let segment_checksum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&segment_checksum.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64; // TTL
+    ip[9] = 6; // TCP
+    ip[12..16].copy_from_slice(&source.octets());
+    ip[16..20].copy_from_slice(&v4.ip().octets());
+    let header_checksum = checksum(&ip);
+    ip[10..12].copy_from_slice(&header_checksum.to_be_bytes());
+    let packet: Vec<u8> = ip.iter().chain(&tcp).copied().collect();
+    sender.send_to(&packet, &SocketAddr::new(addr.ip(), 0).into())?;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 128];
+    loop {
+        let n = listener.recv(&mut buf)?;
+        // SAFETY: `recv` initialised the first `n` bytes.
+        let bytes: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let header = usize::from(bytes.first().copied().unwrap_or(0) & 0x0f) * 4;
+        let Some(segment) = bytes.get(header..header + 14) else {
+            continue;
+        };
+        let (from_port, to_port) = (
+            u16::from_be_bytes([segment[0], segment[1]]),
+            u16::from_be_bytes([segment[2], segment[3]]),
+        );
+        if from_port == v4.port() && to_port == source_port && segment[13] & 0x12 == 0x12 {
+            return Ok("syn-ack".into());
+        }
+    }
+}
+
+/// The Internet checksum of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(0)
+}
+
+/// `SCM_RIGHTS`: this process (allowed) makes a TCP socket, connected first or not, and passes it
+/// to a forked child that dropped to `drop_to`; the child connects it (or, if it came
+/// connected, sends a request on it). Returns the child's pid and what it got.
+pub fn passed_socket(
+    addr: SocketAddr,
+    connected: bool,
+    drop_to: (u32, u32),
+) -> (u32, io::Result<String>) {
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+        sendmsg, socketpair,
+    };
+
+    let Ok((ours, theirs)) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) else {
+        return (0, Err(io::Error::last_os_error()));
+    };
+    // SAFETY: the child only makes system calls before `_exit`.
+    match unsafe { libc::fork() } {
+        0 => {
+            drop(ours);
+            let (uid, gid) = drop_to;
+            // SAFETY: plain system calls in the child.
+            if unsafe { libc::setresgid(gid, gid, gid) != 0 || libc::setresuid(uid, uid, uid) != 0 }
+            {
+                // SAFETY: as above.
+                unsafe { libc::_exit(254) };
+            }
+            let mut byte = [0u8; 1];
+            let mut iov = [io::IoSliceMut::new(&mut byte)];
+            let mut space = nix::cmsg_space!(std::os::fd::RawFd);
+            let received = recvmsg::<()>(
+                std::os::fd::AsRawFd::as_raw_fd(&theirs),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::empty(),
+            );
+            let fd = received.ok().and_then(|message| {
+                message.cmsgs().ok()?.find_map(|cmsg| match cmsg {
+                    ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                    _ => None,
+                })
+            });
+            let Some(fd) = fd else {
+                // SAFETY: as above.
+                unsafe { libc::_exit(253) };
+            };
+            // SAFETY: the kernel just gave us this descriptor.
+            let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let result = if connected {
+                socket.send(REQUEST).map(drop)
+            } else {
+                socket.connect(&addr.into())
+            };
+            let code = match result {
+                Ok(()) => 0,
+                Err(err) => err.raw_os_error().unwrap_or(255),
+            };
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) };
+        }
+        -1 => (0, Err(io::Error::last_os_error())),
+        child => {
+            drop(theirs);
+            let pid = u32::try_from(child).unwrap_or(0);
+            let sent = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                .and_then(|socket| {
+                    if connected {
+                        socket.connect(&addr.into())?;
+                    }
+                    let fds = [std::os::fd::AsRawFd::as_raw_fd(&socket)];
+                    sendmsg::<()>(
+                        std::os::fd::AsRawFd::as_raw_fd(&ours.as_fd()),
+                        &[io::IoSlice::new(b"x")],
+                        &[ControlMessage::ScmRights(&fds)],
+                        MsgFlags::empty(),
+                        None,
+                    )
+                    .map_err(io::Error::from)?;
+                    Ok(socket)
+                });
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, &raw mut status, 0) };
+            if let Err(err) = sent {
+                return (pid, Err(err));
+            }
+            let code = libc::WEXITSTATUS(status);
+            (
+                pid,
+                if code == 0 {
+                    Ok(if connected {
+                        "sent on the passed connection"
+                    } else {
+                        "connected"
+                    }
+                    .into())
+                } else {
+                    Err(io::Error::from_raw_os_error(code))
+                },
+            )
+        }
+    }
+}
