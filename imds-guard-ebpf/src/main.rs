@@ -55,6 +55,13 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     packet::judge_egress(&ctx)
 }
 
+/// Allows everything and does nothing: `cargo xtask bench` attaches it beside `connect4` to
+/// measure what the kernel's run-time statistics themselves cost. The agent never loads it.
+#[cgroup_sock_addr(connect4)]
+pub fn bench_noop4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

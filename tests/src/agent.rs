@@ -302,8 +302,17 @@ impl Agent {
     /// When they do not arrive in time; the panic lists what did arrive.
     #[must_use]
     pub fn wait_events_of(&self, pid: u32, count: usize) -> Vec<Value> {
+        self.wait_events_of_within(pid, count, EVENT_TIMEOUT)
+    }
+
+    /// As [`Agent::wait_events_of`], waiting up to `timeout` (a flood takes a while to report).
+    ///
+    /// # Panics
+    /// As [`Agent::wait_events_of`].
+    #[must_use]
+    pub fn wait_events_of_within(&self, pid: u32, count: usize, timeout: Duration) -> Vec<Value> {
         let (lock, arrived) = &*self.events;
-        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let mut events = lock.lock().expect("events");
         loop {
             let mine: Vec<Value> = events

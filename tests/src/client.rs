@@ -28,6 +28,23 @@ pub struct Outcome {
     pub eperm: u32,
     /// With [`Client::move_to`]: whether the move into the other cgroup succeeded.
     pub moved: Option<bool>,
+    /// With [`Client::timings`]: how long the attempts took.
+    pub timings: Option<Timings>,
+}
+
+/// Durations of repeated attempts, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// Attempts timed.
+    pub n: u64,
+    /// 10th percentile.
+    pub p10_ns: u64,
+    /// Median.
+    pub median_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// Wall time of all attempts (timed or not, warm-up excluded).
+    pub elapsed_ns: u64,
 }
 
 impl Outcome {
@@ -87,6 +104,14 @@ impl<'a> Client<'a> {
     pub fn move_to(mut self, dir: &std::path::Path) -> Self {
         self.options
             .push(("--move-to", dir.to_string_lossy().into_owned()));
+        self
+    }
+
+    /// Times each repeated attempt after `warmup` untimed ones ([`Outcome::timings`]).
+    #[must_use]
+    pub fn timings(mut self, warmup: u32) -> Self {
+        self.options.push(("--timings", "yes".into()));
+        self.options.push(("--warmup", warmup.to_string()));
         self
     }
 
@@ -170,6 +195,13 @@ impl<'a> Client<'a> {
                 .map(|e| i32::try_from(e).expect("errno")),
             eperm: u32::try_from(line["eperm"].as_u64().expect("eperm")).expect("eperm"),
             moved: line["moved"].as_bool(),
+            timings: line.get("timings").filter(|t| !t.is_null()).map(|t| Timings {
+                n: t["n"].as_u64().unwrap_or(0),
+                p10_ns: t["p10_ns"].as_u64().unwrap_or(0),
+                median_ns: t["median_ns"].as_u64().unwrap_or(0),
+                p90_ns: t["p90_ns"].as_u64().unwrap_or(0),
+                elapsed_ns: t["elapsed_ns"].as_u64().unwrap_or(0),
+            }),
             detail: line["body"]
                 .as_str()
                 .or(line["error"].as_str())

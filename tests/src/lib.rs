@@ -15,7 +15,7 @@ mod sandbox;
 
 pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary};
 pub use cgroup::TestCgroup;
-pub use client::{Client, Outcome};
+pub use client::{Client, Outcome, Timings};
 pub use config::ConfigFile;
 pub use pins::Pins;
 pub use prober::{StopOnDrop, probe};

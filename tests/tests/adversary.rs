@@ -207,13 +207,11 @@ fn other_spellings_and_names_of_the_address_are_the_address() {
     if !privileged() {
         return;
     }
-    let hosts =
-        std::env::temp_dir().join(format!("{}.hosts", imds_guard_tests::unique_name("hosts")));
-    std::fs::write(
-        &hosts,
+    // A temporary file, removed on drop.
+    let hosts_file = ConfigFile::new(
         "127.0.0.1 localhost\n169.254.169.254 metadata.internal\nfd00:ec2::254 metadata6.internal\n",
-    )
-    .expect("hosts file");
+    );
+    let hosts = hosts_file.path();
     for mode in MODES {
         let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
         let config = config(&attach, mode, "");
@@ -229,14 +227,14 @@ fn other_spellings_and_names_of_the_address_are_the_address() {
         ] {
             let spelling = spelling.trim_matches(|c| c == '[' || c == ']');
             let root = Client::new(&sandbox, &attach, 0, 0)
-                .hosts(&hosts)
+                .hosts(hosts)
                 .route_to_host("tcp", spelling, 80);
             assert_eq!(
                 root.errno, None,
                 "{spelling} does not reach the mock IMDS: {root:?}"
             );
             let outcome = Client::new(&sandbox, &attach, USER, USER)
-                .hosts(&hosts)
+                .hosts(hosts)
                 .route_to_host("tcp", spelling, 80);
             assert_judged(mode, &outcome, &format!("{mode}: {spelling}"));
             let events = agent.wait_events_of(outcome.pid, 1);
@@ -247,7 +245,6 @@ fn other_spellings_and_names_of_the_address_are_the_address() {
             );
         }
     }
-    let _ = std::fs::remove_file(&hosts);
 }
 
 #[test]

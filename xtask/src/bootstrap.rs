@@ -103,6 +103,20 @@ pub fn ensure_test_tools() -> Result<()> {
     )
 }
 
+/// Installs iptables (the benchmarks' comparison, used only in their own network namespace).
+pub fn ensure_bench_tools() -> Result<()> {
+    if which("iptables-restore").is_some() && which("ip6tables-restore").is_some() {
+        return Ok(());
+    }
+    if Path::new("/etc/debian_version").exists() && crate::is_root() {
+        eprintln!("xtask: installing iptables (its rules go only in the benchmark's namespace)");
+        return run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "iptables"])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+    }
+    bail!("the benchmarks compare against iptables: apt-get install -y iptables")
+}
+
 /// The cargo subcommands that build the packages, at the versions the packaging was made with.
 const PACKAGING_TOOLS: &[(&str, &str)] = &[
     ("cargo-deb", "cargo-deb@3.8.0"),

@@ -30,6 +30,9 @@ enum Task {
     Demo,
     /// Build the .deb and .rpm packages into target/packages/.
     Package,
+    /// Measure imds-guard against no firewall and iptables, in a sandbox (as root); prints the
+    /// tables BENCHMARKS.md holds.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -68,6 +71,24 @@ fn main() -> Result<()> {
                 println!("built {}", built.display());
             }
             Ok(())
+        }
+        Task::Bench => {
+            if !is_root() {
+                bail!("the benchmarks load BPF programs and make a network namespace: run `cargo xtask bench` as root");
+            }
+            bootstrap::ensure()?;
+            bootstrap::ensure_test_tools()?;
+            bootstrap::ensure_bench_tools()?;
+            cargo(&["build", "--release", "--workspace", "--bins"])?;
+            cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "imds-guard-tests",
+                "--bin",
+                "imds-guard-bench",
+            ])
         }
         Task::Demo => {
             if !is_root() {

@@ -7,7 +7,10 @@
 //! ACTION: imds, tcp, udp, or one of the routes in `routes.rs`: nonblocking-connect,
 //! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
-//! passed-socket, passed-connection.
+//! passed-socket, passed-connection, connect-close and bulk-send (for the benchmarks).
+//!
+//! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
+//! repeated attempts.
 //!
 //! ADDR may be written in any form the C library resolves (`2852039166`, a host name);
 //! `--hosts FILE` puts FILE in place of /etc/hosts for this process; `--drop-to UID` makes the
@@ -72,6 +75,8 @@ fn main() {
         "thread-connect" => routes::thread_connect(addr),
         "raw-udp" => routes::raw_udp(addr),
         "raw-syn" => routes::raw_syn(addr),
+        "connect-close" => routes::connect_close(addr),
+        "bulk-send" => routes::bulk_send(addr),
         "child-connect" | "passed-socket" | "passed-connection" => {
             let (pid, result) = match action.as_str() {
                 "child-connect" => routes::child_connect(addr, drop_to),
@@ -89,6 +94,14 @@ fn main() {
     let repeat: u32 = options
         .get("repeat")
         .map_or(1, |n| n.parse().expect("repeat"));
+    // `--timings`: time every attempt after `--warmup` untimed ones, for the benchmarks.
+    let timed = options.contains_key("timings");
+    let warmup: u32 = options.get("warmup").map_or(0, |n| n.parse().expect("warmup"));
+    for _ in 0..warmup {
+        let _ = act();
+    }
+    let mut durations_ns: Vec<u64> = Vec::with_capacity(if timed { repeat as usize } else { 0 });
+    let started = std::time::Instant::now();
     let mut eperm = 0u32;
     let mut result = act();
     for _ in 1..repeat {
@@ -98,8 +111,15 @@ fn main() {
         {
             eperm += 1;
         }
-        result = act();
+        if timed {
+            let start = std::time::Instant::now();
+            result = act();
+            durations_ns.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        } else {
+            result = act();
+        }
     }
+    let elapsed_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     if result
         .as_ref()
         .is_err_and(|err| err.raw_os_error() == Some(libc::EPERM))
@@ -117,6 +137,24 @@ fn main() {
             "error": err.to_string(), "eperm": eperm, "moved": moved,
         }),
     };
+    let mut line = line;
+    if timed {
+        durations_ns.sort_unstable();
+        let at = |q: f64| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "an index into the sorted samples"
+            )]
+            let index = ((durations_ns.len().saturating_sub(1)) as f64 * q).round() as usize;
+            durations_ns.get(index).copied().unwrap_or(0)
+        };
+        line["timings"] = serde_json::json!({
+            "n": durations_ns.len(), "p10_ns": at(0.1), "median_ns": at(0.5), "p90_ns": at(0.9),
+            "elapsed_ns": elapsed_ns,
+        });
+    }
     println!("{line}");
 }
 

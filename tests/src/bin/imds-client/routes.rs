@@ -422,3 +422,36 @@ pub fn passed_socket(
         }
     }
 }
+
+/// A blocking `connect()` then an abortive `close()` (`SO_LINGER` 0: a RST, so that tens of
+/// thousands of connects leave no `TIME_WAIT` behind to collide with): the unit of the connect
+/// benchmarks.
+pub fn connect_close(addr: SocketAddr) -> io::Result<String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.connect(&addr.into())?;
+    socket.set_linger(Some(std::time::Duration::ZERO))?;
+    Ok(String::new())
+}
+
+/// Bytes `bulk-send` writes.
+const BULK_BYTES: usize = 1 << 30;
+
+/// Writes 1 GiB on one connection as fast as it goes: the established-flow benchmark. Returns
+/// the throughput in Gbit/s.
+pub fn bulk_send(addr: SocketAddr) -> io::Result<String> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = std::time::Instant::now();
+    let mut sent = 0;
+    while sent < BULK_BYTES {
+        stream.write_all(&chunk)?;
+        sent += chunk.len();
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut sink = [0u8; 1];
+    let _ = io::Read::read(&mut stream, &mut sink);
+    #[expect(clippy::cast_precision_loss, reason = "a rate for people")]
+    let gbits = (sent * 8) as f64 / start.elapsed().as_secs_f64() / 1e9;
+    Ok(format!("{gbits:.3}"))
+}
