@@ -31,7 +31,8 @@ use crate::{
 
 /// The kernel object built by `build.rs` from `imds-guard-ebpf` (public for the benchmarks,
 /// which attach its `bench_noop4` baseline program).
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
 
 /// The programs in the object, named after their attach points.
 pub const PROGRAMS: [&str; 5] = [

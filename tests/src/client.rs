@@ -195,13 +195,16 @@ impl<'a> Client<'a> {
                 .map(|e| i32::try_from(e).expect("errno")),
             eperm: u32::try_from(line["eperm"].as_u64().expect("eperm")).expect("eperm"),
             moved: line["moved"].as_bool(),
-            timings: line.get("timings").filter(|t| !t.is_null()).map(|t| Timings {
-                n: t["n"].as_u64().unwrap_or(0),
-                p10_ns: t["p10_ns"].as_u64().unwrap_or(0),
-                median_ns: t["median_ns"].as_u64().unwrap_or(0),
-                p90_ns: t["p90_ns"].as_u64().unwrap_or(0),
-                elapsed_ns: t["elapsed_ns"].as_u64().unwrap_or(0),
-            }),
+            timings: line
+                .get("timings")
+                .filter(|t| !t.is_null())
+                .map(|t| Timings {
+                    n: t["n"].as_u64().unwrap_or(0),
+                    p10_ns: t["p10_ns"].as_u64().unwrap_or(0),
+                    median_ns: t["median_ns"].as_u64().unwrap_or(0),
+                    p90_ns: t["p90_ns"].as_u64().unwrap_or(0),
+                    elapsed_ns: t["elapsed_ns"].as_u64().unwrap_or(0),
+                }),
             detail: line["body"]
                 .as_str()
                 .or(line["error"].as_str())

@@ -74,7 +74,9 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             if !is_root() {
-                bail!("the benchmarks load BPF programs and make a network namespace: run `cargo xtask bench` as root");
+                bail!(
+                    "the benchmarks load BPF programs and make a network namespace: run `cargo xtask bench` as root"
+                );
             }
             bootstrap::ensure()?;
             bootstrap::ensure_test_tools()?;

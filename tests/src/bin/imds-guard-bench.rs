@@ -18,9 +18,7 @@ use std::{
 };
 
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramInfo};
-use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, Timings,
-};
+use imds_guard_tests::{Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, Timings};
 
 /// Connects per measurement, after `WARMUP` untimed ones.
 const CONNECTS: u32 = 20_000;
@@ -55,7 +53,10 @@ fn main() {
         nix::sys::signal::SaFlags::SA_RESTART,
         nix::sys::signal::SigSet::empty(),
     );
-    for signal in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { nix::sys::signal::sigaction(signal, &action) }.expect("signal handler");
     }
@@ -92,7 +93,10 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|line| line.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|line| {
+            line.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     format!(
         "Machine: Linux {}, {} CPUs ({cpu}). {CONNECTS} timed connects per measurement after \
@@ -158,7 +162,13 @@ fn listen(port: u16) -> TcpListener {
 }
 
 /// `connect()`+`close()` timings from `cgroup` as `uid` to `addr`, median of `RUNS` runs.
-fn connects(sandbox: &Sandbox, cgroup: &TestCgroup, uid: u32, addr: SocketAddr, count: u32) -> Timings {
+fn connects(
+    sandbox: &Sandbox,
+    cgroup: &TestCgroup,
+    uid: u32,
+    addr: SocketAddr,
+    count: u32,
+) -> Timings {
     let mut runs: Vec<Timings> = (0..RUNS)
         .map(|_| {
             check_abort();
@@ -198,7 +208,12 @@ fn ratio(value: u64, base: u64) -> String {
 }
 
 fn spread(t: &Timings) -> String {
-    format!("{} ({}–{})", micros(t.median_ns), micros(t.p10_ns), micros(t.p90_ns))
+    format!(
+        "{} ({}–{})",
+        micros(t.median_ns),
+        micros(t.p10_ns),
+        micros(t.p90_ns)
+    )
 }
 
 fn agent(attach: &TestCgroup, pins: &Pins, extra: &str) -> (Agent, ConfigFile) {
@@ -225,7 +240,11 @@ fn enable_stats() -> std::os::fd::OwnedFd {
             size_of::<EnableStats>(),
         )
     };
-    assert!(fd >= 0, "BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a new descriptor the kernel just returned.
     unsafe { std::os::fd::FromRawFd::from_raw_fd(i32::try_from(fd).expect("fd")) }
 }
@@ -259,7 +278,12 @@ fn program_id(pins: &Pins, hook: &str) -> u32 {
 
 /// 0. Nanoseconds per program run, from the kernel's statistics, minus what a program that does
 /// nothing costs under the same statistics.
-fn kernel_costs(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload: &TestCgroup) {
+fn kernel_costs(
+    report: &mut String,
+    sandbox: &Sandbox,
+    attach: &TestCgroup,
+    workload: &TestCgroup,
+) {
     let pins = Pins::new();
     let (_agent, _config) = agent(attach, &pins, "");
     let mut ebpf = aya::Ebpf::load(imds_guard::ebpf::OBJECT).expect("object");
@@ -270,7 +294,9 @@ fn kernel_costs(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, wor
         .expect("type");
     noop.load().expect("load noop");
     let cgroup = std::fs::File::open(&attach.dir).expect("cgroup");
-    let _link = noop.attach(&cgroup, CgroupAttachMode::Single).expect("attach noop");
+    let _link = noop
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .expect("attach noop");
     let noop_id = noop.info().expect("noop info").id();
     let ours = program_id(&pins, "connect4");
     let _stats = enable_stats();
@@ -286,14 +312,20 @@ fn kernel_costs(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, wor
          (`bench_noop4`, attached beside it) under the same statistics.\n\n\
          | destination | connect4 | no-op program | connect4 − no-op | target |\n|---|---|---|---|---|"
     );
-    for ((name, uid, addr), target) in cases.into_iter().zip(["≤ 30 ns", "≤ 150 ns", "≤ 1 µs"]) {
+    for ((name, uid, addr), target) in cases.into_iter().zip(["≤ 30 ns", "≤ 150 ns", "≤ 1 µs"])
+    {
         let (ours_before, noop_before) = (run_stats(ours), run_stats(noop_id));
         let _ = connects(sandbox, workload, uid, addr, CONNECTS);
         let (ours_after, noop_after) = (run_stats(ours), run_stats(noop_id));
         let per_run = |after: (u64, u64), before: (u64, u64)| {
-            (after.0 - before.0).checked_div(after.1 - before.1).unwrap_or(0)
+            (after.0 - before.0)
+                .checked_div(after.1 - before.1)
+                .unwrap_or(0)
         };
-        let (mine, baseline) = (per_run(ours_after, ours_before), per_run(noop_after, noop_before));
+        let (mine, baseline) = (
+            per_run(ours_after, ours_before),
+            per_run(noop_after, noop_before),
+        );
         let _ = writeln!(
             report,
             "| {name} | {mine} ns | {baseline} ns | {} ns | {target} |",
@@ -313,7 +345,10 @@ fn iptables(sandbox: &Sandbox, rules: &str, rules6: &str) {
             .expect("iptables-restore (cargo xtask bench installs iptables)");
         std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), text.as_bytes())
             .expect("rules");
-        assert!(child.wait().expect("wait").success(), "{program} refused the rules");
+        assert!(
+            child.wait().expect("wait").success(),
+            "{program} refused the rules"
+        );
     }
 }
 
@@ -326,7 +361,10 @@ fn iptables_owner_rules(allowed_uids: &[u32]) -> (String, String) {
         let mut text = String::from("*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTPUT ACCEPT\n");
         let _ = writeln!(text, "-A OUTPUT -d {dst} -m owner --uid-owner 0 -j ACCEPT");
         for uid in allowed_uids.iter().filter(|&&uid| uid != 0) {
-            let _ = writeln!(text, "-A OUTPUT -d {dst} -m owner --uid-owner {uid} -j ACCEPT");
+            let _ = writeln!(
+                text,
+                "-A OUTPUT -d {dst} -m owner --uid-owner {uid} -j ACCEPT"
+            );
         }
         let _ = writeln!(
             text,
@@ -343,19 +381,42 @@ fn iptables_flush(sandbox: &Sandbox) {
 }
 
 /// 1. A loopback connect()+close(), and a denied IMDS connect.
-fn connect_costs(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload: &TestCgroup) {
+fn connect_costs(
+    report: &mut String,
+    sandbox: &Sandbox,
+    attach: &TestCgroup,
+    workload: &TestCgroup,
+) {
     let none = connects(sandbox, workload, USER, loopback(), CONNECTS);
-    let none6 = connects(sandbox, workload, USER, sink("::1".parse().expect("::1")), CONNECTS);
+    let none6 = connects(
+        sandbox,
+        workload,
+        USER,
+        sink("::1".parse().expect("::1")),
+        CONNECTS,
+    );
     let pins = Pins::new();
     let (agent, config) = agent(attach, &pins, "");
     let ours = connects(sandbox, workload, USER, loopback(), CONNECTS);
-    let ours6 = connects(sandbox, workload, USER, sink("::1".parse().expect("::1")), CONNECTS);
+    let ours6 = connects(
+        sandbox,
+        workload,
+        USER,
+        sink("::1".parse().expect("::1")),
+        CONNECTS,
+    );
     let denied = connects(sandbox, workload, USER, sink(IMDS_V4.into()), CONNECTS);
     drop((agent, config, pins));
     let (rules, rules6) = iptables_owner_rules(&[0]);
     iptables(sandbox, &rules, &rules6);
     let theirs = connects(sandbox, workload, USER, loopback(), CONNECTS);
-    let theirs6 = connects(sandbox, workload, USER, sink("::1".parse().expect("::1")), CONNECTS);
+    let theirs6 = connects(
+        sandbox,
+        workload,
+        USER,
+        sink("::1".parse().expect("::1")),
+        CONNECTS,
+    );
     let started = Instant::now();
     let dropped = Client::new(sandbox, workload, USER, USER).tcp(IMDS_V4, SINK_PORT);
     let waited = started.elapsed();
@@ -408,8 +469,16 @@ fn scaling(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload
     let count = CONNECTS / 4;
     let mut base: Option<[u64; 5]> = None;
     for n in RULE_COUNTS {
-        let uids: Vec<u32> = (0..n.div_ceil(2)).map(|i| 10_000 + u32::try_from(i).expect("n")).collect();
-        let mut extra = format!("allow_uid = [{}]\n", uids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        let uids: Vec<u32> = (0..n.div_ceil(2))
+            .map(|i| 10_000 + u32::try_from(i).expect("n"))
+            .collect();
+        let mut extra = format!(
+            "allow_uid = [{}]\n",
+            uids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for i in 0..n / 2 {
             let _ = writeln!(extra, "[[allow]]\ncgroup = \"{}/svc-{i}\"", attach.path);
         }
@@ -422,7 +491,9 @@ fn scaling(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload
             connects(sandbox, workload, USER, sink(IMDS_V4.into()), count),
         ];
         drop((agent, config, pins));
-        let iptables_uids: Vec<u32> = (0..n).map(|i| 10_000 + u32::try_from(i).expect("n")).collect();
+        let iptables_uids: Vec<u32> = (0..n)
+            .map(|i| 10_000 + u32::try_from(i).expect("n"))
+            .collect();
         let (rules, rules6) = iptables_owner_rules(&iptables_uids);
         iptables(sandbox, &rules, &rules6);
         let theirs_match = *iptables_uids.last().expect("a uid");
@@ -440,7 +511,15 @@ fn scaling(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload
         ];
         let base = *base.get_or_insert(medians);
         let cell = |i: usize| format!("{} ({})", micros(medians[i]), ratio(medians[i], base[i]));
-        let _ = writeln!(report, "| {n} | {} | {} | {} | {} | {} |", cell(0), cell(1), cell(2), cell(3), cell(4));
+        let _ = writeln!(
+            report,
+            "| {n} | {} | {} | {} | {} | {} |",
+            cell(0),
+            cell(1),
+            cell(2),
+            cell(3),
+            cell(4)
+        );
     }
     report.push('\n');
 }
@@ -451,8 +530,11 @@ fn throughput(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workl
         let mut rates: Vec<f64> = (0..RUNS)
             .map(|_| {
                 check_abort();
-                let outcome = Client::new(sandbox, workload, USER, USER)
-                    .route("bulk-send", Ipv4Addr::LOCALHOST, BULK_PORT);
+                let outcome = Client::new(sandbox, workload, USER, USER).route(
+                    "bulk-send",
+                    Ipv4Addr::LOCALHOST,
+                    BULK_PORT,
+                );
                 outcome.detail.parse().expect("Gbit/s")
             })
             .collect();
@@ -473,7 +555,9 @@ fn throughput(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workl
     iptables(sandbox, &rules, &rules6);
     let theirs = run();
     iptables_flush(sandbox);
-    let per_packet = (after.0 - before.0).checked_div(after.1 - before.1).unwrap_or(0);
+    let per_packet = (after.0 - before.0)
+        .checked_div(after.1 - before.1)
+        .unwrap_or(0);
     let _ = writeln!(
         report,
         "## 3. Established flow: 1 GiB over loopback TCP\n\n\
@@ -508,7 +592,10 @@ fn pipeline(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workloa
     let reported = agent.events_of(outcome.pid).len();
     let (_, status) = {
         let out = imds_guard_tests::imds_guard(&["status", "--json", "--pin-dir", &pins.arg()]);
-        ((), serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status"))
+        (
+            (),
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status"),
+        )
     };
     let lost = status["counters"]["events_lost"].as_u64().unwrap_or(0);
     assert!(agent.stop().success());
@@ -532,10 +619,20 @@ fn pipeline(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workloa
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
     // utime and stime: fields 14 and 15, i.e. 11 and 12 after the comm.
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {

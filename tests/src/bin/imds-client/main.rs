@@ -96,7 +96,9 @@ fn main() {
         .map_or(1, |n| n.parse().expect("repeat"));
     // `--timings`: time every attempt after `--warmup` untimed ones, for the benchmarks.
     let timed = options.contains_key("timings");
-    let warmup: u32 = options.get("warmup").map_or(0, |n| n.parse().expect("warmup"));
+    let warmup: u32 = options
+        .get("warmup")
+        .map_or(0, |n| n.parse().expect("warmup"));
     for _ in 0..warmup {
         let _ = act();
     }
