@@ -34,6 +34,10 @@ const RULE_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 /// namespace, cgroup, agent and pin is removed by its guard.
 static ABORT: AtomicBool = AtomicBool::new(false);
 
+extern "C" fn interrupted(_: libc::c_int) {
+    ABORT.store(true, Ordering::Relaxed);
+}
+
 fn check_abort() {
     assert!(!ABORT.load(Ordering::Relaxed), "interrupted: cleaning up");
 }
@@ -45,9 +49,6 @@ fn main() {
     );
     // A handler, not a blocked mask: the clients this starts must keep default signal handling
     // (exec resets handlers but keeps the mask).
-    extern "C" fn interrupted(_: libc::c_int) {
-        ABORT.store(true, Ordering::Relaxed);
-    }
     let action = nix::sys::signal::SigAction::new(
         nix::sys::signal::SigHandler::Handler(interrupted),
         nix::sys::signal::SaFlags::SA_RESTART,
@@ -276,8 +277,8 @@ fn program_id(pins: &Pins, hook: &str) -> u32 {
     u32::try_from(id).expect("id")
 }
 
-/// 0. Nanoseconds per program run, from the kernel's statistics, minus what a program that does
-/// nothing costs under the same statistics.
+/// Table 0: nanoseconds per program run, from the kernel's statistics, minus what a program
+/// that does nothing costs under the same statistics.
 fn kernel_costs(
     report: &mut String,
     sandbox: &Sandbox,
@@ -380,7 +381,7 @@ fn iptables_flush(sandbox: &Sandbox) {
     iptables(sandbox, empty, empty);
 }
 
-/// 1. A loopback connect()+close(), and a denied IMDS connect.
+/// Table 1: a loopback `connect()` + `close()`, and a denied IMDS connect.
 fn connect_costs(
     report: &mut String,
     sandbox: &Sandbox,
@@ -455,7 +456,7 @@ fn connect_costs(
     );
 }
 
-/// 2. Policies of growing size.
+/// Table 2: policies of growing size.
 fn scaling(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload: &TestCgroup) {
     let _ = writeln!(
         report,
@@ -524,7 +525,7 @@ fn scaling(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload
     report.push('\n');
 }
 
-/// 3. An established flow: 1 GiB over loopback.
+/// Table 3: an established flow, 1 GiB over loopback.
 fn throughput(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload: &TestCgroup) {
     let run = || {
         let mut rates: Vec<f64> = (0..RUNS)
@@ -573,7 +574,7 @@ fn throughput(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workl
     );
 }
 
-/// 4. Denied connects as fast as one client makes them: all reported or counted?
+/// Table 4: denied connects as fast as one client makes them; all reported or counted?
 fn pipeline(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload: &TestCgroup) {
     const FLOOD: u32 = 100_000;
     let pins = Pins::new();
@@ -586,17 +587,12 @@ fn pipeline(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workloa
     let elapsed = Duration::from_nanos(outcome.timings.expect("timings").elapsed_ns);
     // Every event is out once a later one is (the ring is FIFO).
     let marker = Client::new(sandbox, workload, USER, USER).tcp(IMDS_V4, 80);
-    let _ = agent.wait_events_of_within(marker.pid, 1, Duration::from_secs(300));
+    let _ = agent.wait_events_of_within(marker.pid, 1, Duration::from_mins(5));
     let cpu_after = cpu_ticks(agent.pid());
     let peak_kib = status_kib(agent.pid(), "VmHWM:");
     let reported = agent.events_of(outcome.pid).len();
-    let (_, status) = {
-        let out = imds_guard_tests::imds_guard(&["status", "--json", "--pin-dir", &pins.arg()]);
-        (
-            (),
-            serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status"),
-        )
-    };
+    let out = imds_guard_tests::imds_guard(&["status", "--json", "--pin-dir", &pins.arg()]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
     let lost = status["counters"]["events_lost"].as_u64().unwrap_or(0);
     assert!(agent.stop().success());
     drop((config, pins));
@@ -645,7 +641,7 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// 5. Start to enforcement, and memory at rest.
+/// Table 5: start to enforcement, and memory at rest.
 fn footprint(report: &mut String, attach: &TestCgroup) {
     let mut starts = Vec::new();
     let mut rss = Vec::new();

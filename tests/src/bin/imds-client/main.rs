@@ -99,35 +99,12 @@ fn main() {
     let warmup: u32 = options
         .get("warmup")
         .map_or(0, |n| n.parse().expect("warmup"));
-    for _ in 0..warmup {
-        let _ = act();
-    }
-    let mut durations_ns: Vec<u64> = Vec::with_capacity(if timed { repeat as usize } else { 0 });
-    let started = std::time::Instant::now();
-    let mut eperm = 0u32;
-    let mut result = act();
-    for _ in 1..repeat {
-        if result
-            .as_ref()
-            .is_err_and(|err| err.raw_os_error() == Some(libc::EPERM))
-        {
-            eperm += 1;
-        }
-        if timed {
-            let start = std::time::Instant::now();
-            result = act();
-            durations_ns.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        } else {
-            result = act();
-        }
-    }
-    let elapsed_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    if result
-        .as_ref()
-        .is_err_and(|err| err.raw_os_error() == Some(libc::EPERM))
-    {
-        eperm += 1;
-    }
+    let Repeated {
+        result,
+        eperm,
+        mut durations_ns,
+        elapsed_ns,
+    } = repeated(&mut act, repeat, timed, warmup);
     // The process that made the attempt: a forked child's, for the routes that fork.
     let pid = child_pid.unwrap_or_else(std::process::id);
     let line = match result {
@@ -158,6 +135,59 @@ fn main() {
         });
     }
     println!("{line}");
+}
+
+/// What repeating an action gave.
+struct Repeated {
+    /// The last attempt's result.
+    result: io::Result<String>,
+    /// Attempts that failed with `EPERM`.
+    eperm: u32,
+    /// Durations of the timed attempts.
+    durations_ns: Vec<u64>,
+    /// Wall time of all attempts after the warm-up.
+    elapsed_ns: u64,
+}
+
+/// Runs `act` `warmup` times untimed, then `repeat` times, timing each after the first when
+/// `timed`.
+fn repeated(
+    act: &mut dyn FnMut() -> io::Result<String>,
+    repeat: u32,
+    timed: bool,
+    warmup: u32,
+) -> Repeated {
+    let is_eperm = |result: &io::Result<String>| {
+        result
+            .as_ref()
+            .is_err_and(|err| err.raw_os_error() == Some(libc::EPERM))
+    };
+    for _ in 0..warmup {
+        let _ = act();
+    }
+    let mut durations_ns: Vec<u64> = Vec::with_capacity(if timed { repeat as usize } else { 0 });
+    let started = std::time::Instant::now();
+    let mut eperm = 0u32;
+    let mut result = act();
+    for _ in 1..repeat {
+        if is_eperm(&result) {
+            eperm += 1;
+        }
+        let start = std::time::Instant::now();
+        result = act();
+        if timed {
+            durations_ns.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    if is_eperm(&result) {
+        eperm += 1;
+    }
+    Repeated {
+        result,
+        eperm,
+        durations_ns,
+        elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+    }
 }
 
 /// Enters the network namespace and cgroup, puts the hosts file in place, resolves the
