@@ -267,26 +267,9 @@ impl Kernel {
     /// [`Error::OpenMap`] or [`Error::WriteMap`] (a full map, typically); the entries already
     /// written stay, and the caller must rewrite the generation to be sure of the maps again.
     pub fn apply(&mut self, delta: &Delta) -> Result<()> {
-        let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
-        for (key, value) in &delta.allow_insert {
-            allow
-                .insert(key, value, 0)
-                .map_err(|source| Error::WriteMap {
-                    map: ALLOW,
-                    what: format!("{key:?}"),
-                    source,
-                })?;
-        }
+        insert_all(&mut self.map_mut(ALLOW)?, ALLOW, &delta.allow_insert)?;
         let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
-        for (key, ruleset) in &delta.cgroup_upsert {
-            cgroups
-                .insert(key, ruleset, 0)
-                .map_err(|source| Error::WriteMap {
-                    map: CGROUP_RULESETS,
-                    what: format!("{key:?}"),
-                    source,
-                })?;
-        }
+        insert_all(&mut cgroups, CGROUP_RULESETS, &delta.cgroup_upsert)?;
         for key in &delta.cgroup_remove {
             remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
         }
@@ -314,26 +297,12 @@ impl Kernel {
 
     /// Writes every entry of one generation; the generation in force is not touched.
     fn write_generation(&mut self, entries: &MapEntries, generation: u32) -> Result<()> {
-        let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
-        for (key, value) in &entries.allow {
-            allow
-                .insert(key, value, 0)
-                .map_err(|source| Error::WriteMap {
-                    map: ALLOW,
-                    what: format!("{key:?}"),
-                    source,
-                })?;
-        }
-        let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
-        for (key, ruleset) in &entries.cgroup_rulesets {
-            cgroups
-                .insert(key, ruleset, 0)
-                .map_err(|source| Error::WriteMap {
-                    map: CGROUP_RULESETS,
-                    what: format!("{key:?}"),
-                    source,
-                })?;
-        }
+        insert_all(&mut self.map_mut(ALLOW)?, ALLOW, &entries.allow)?;
+        insert_all(
+            &mut self.map_mut(CGROUP_RULESETS)?,
+            CGROUP_RULESETS,
+            &entries.cgroup_rulesets,
+        )?;
         let mut settings: Array<_, Settings> = self.map_mut(SETTINGS)?;
         settings
             .set(generation, entries.settings, 0)
@@ -678,6 +647,23 @@ fn multi_attach_mode() -> CgroupAttachMode {
     } else {
         CgroupAttachMode::AllowMultiple
     }
+}
+
+/// Inserts (or replaces) every entry; stops at the first the kernel refuses.
+fn insert_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<()> {
+    for (key, value) in entries {
+        map.insert(key, value, 0)
+            .map_err(|source| Error::WriteMap {
+                map: name,
+                what: format!("{key:?}"),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Marks `keys` (protected addresses) as protected in the generation of `bit`.

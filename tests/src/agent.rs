@@ -258,14 +258,22 @@ impl Agent {
     /// # Panics
     /// When it does not within 10 s.
     pub fn wait_log(&self, text: &str) {
+        self.wait_log_count(text, 1);
+    }
+
+    /// Waits until the agent's log holds `text` `count` times.
+    ///
+    /// # Panics
+    /// When it does not within 10 s.
+    pub fn wait_log_count(&self, text: &str, count: usize) {
         let deadline = Instant::now() + EVENT_TIMEOUT;
-        while !self.stderr().contains(text) {
+        while self.stderr().matches(text).count() < count {
             assert!(
                 Instant::now() < deadline,
-                "the agent never logged {text:?}:\n{}",
+                "the agent did not log {text:?} {count} times:\n{}",
                 self.stderr()
             );
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

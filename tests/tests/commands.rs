@@ -4,7 +4,7 @@
 use std::{
     os::unix::process::CommandExt as _,
     process::{Child, Command},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use imds_guard_tests::{
@@ -195,19 +195,6 @@ fn explain_agrees_with_the_kernel() {
     );
 }
 
-/// Waits until the agent's log has `count` lines containing `marker`.
-fn wait_for_log(agent: &Agent, marker: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.stderr().matches(marker).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "no {marker:?} #{count}:\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn reload_command_checks_the_config_then_signals_the_agent() {
     if !privileged() {
@@ -236,7 +223,7 @@ fn reload_command_checks_the_config_then_signals_the_agent() {
         "{}",
         stdout(&output)
     );
-    wait_for_log(&agent, "policy reloaded", 1);
+    agent.wait_log("policy reloaded");
     Client::new(&sandbox, &attach, LATE, LATE)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);

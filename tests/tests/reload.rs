@@ -2,7 +2,7 @@
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use imds_guard_tests::{
@@ -19,15 +19,7 @@ const LATE: u32 = 1002;
 /// Sends SIGHUP and waits until the agent logged `count` outcomes containing `marker`.
 fn reload_and_wait(agent: &Agent, marker: &str, count: usize) {
     agent.signal(Signal::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.stderr().matches(marker).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "no {marker:?} #{count}:\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    agent.wait_log_count(marker, count);
 }
 
 #[test]
