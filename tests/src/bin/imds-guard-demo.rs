@@ -6,24 +6,35 @@
 
 use std::time::Instant;
 
-use imds_guard_tests::{Agent, Client, IMDS_V4, IMDS_V6, Sandbox, TestCgroup, agent_binary};
+use imds_guard_tests::{Agent, Client, IMDS_V4, IMDS_V6, Pins, Sandbox, TestCgroup, agent_binary};
 
 const NOBODY: u32 = 65534;
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let sandbox = Sandbox::new();
     let cgroup = TestCgroup::new("demo");
     println!(
         "sandbox: network namespace {} with a mock IMDS, cgroup {}",
         sandbox.name, cgroup.path
     );
+    // Pins and pid file of the demo's own, so nothing clashes with a real installation.
+    let pins = Pins::new();
+    let pid_file = pins.pid_file().to_string_lossy().into_owned();
     println!(
-        "\n$ {} run --cgroup {}",
+        "\n$ {} run --cgroup {} --pin-dir {} --pid-file {pid_file}",
         agent_binary().display(),
-        cgroup.path
+        cgroup.path,
+        pins.arg()
     );
     let started = Instant::now();
-    let mut agent = Agent::start(&["--cgroup", &cgroup.path]);
+    let mut agent = Agent::start(&[
+        "--cgroup",
+        &cgroup.path,
+        "--pin-dir",
+        &pins.arg(),
+        "--pid-file",
+        &pid_file,
+    ]);
     println!(
         "  enforcing after {} ms (default policy: enforce, allow uid 0)",
         started.elapsed().as_millis()
@@ -58,10 +69,16 @@ fn main() {
         }
     }
 
-    println!("\nstopping the agent (SIGTERM): programs detached, sandbox removed");
+    println!(
+        "\nstopping the agent (SIGTERM): enforcement stays pinned in the kernel; the demo then \
+         runs `imds-guard detach --pin-dir {}` and removes its sandbox",
+        pins.arg()
+    );
     let status = agent.stop();
     if !status.success() {
         eprintln!("agent exited with {status}:\n{}", agent.stderr());
-        std::process::exit(1);
+        return std::process::ExitCode::FAILURE;
     }
+    // Returning drops the guards: `Pins` detaches and unmounts, the sandbox and cgroup go.
+    std::process::ExitCode::SUCCESS
 }
