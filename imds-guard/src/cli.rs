@@ -39,6 +39,32 @@ pub enum Command {
     /// Turn enforcement off: detach the programs and remove the pins (the agent must be
     /// stopped first). Stopping the agent alone leaves enforcement in force.
     Detach(DetachArgs),
+    /// Who touched IMDS, from an event stream (`run`'s stdout, or `journalctl -u imds-guard
+    /// -o cat`); or a policy that lets through what audit mode saw.
+    Report(ReportArgs),
+}
+
+/// `imds-guard report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// JSON-lines events (default or `-`: standard input).
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// `table` for people, `json` for tools.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+    /// Print a config whose rules would let through the workloads audit mode saw.
+    #[arg(long = "suggest-policy")]
+    pub suggest_policy: bool,
+}
+
+/// Output of `imds-guard report`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// A table.
+    Table,
+    /// One JSON array of workloads.
+    Json,
 }
 
 /// `imds-guard status`.

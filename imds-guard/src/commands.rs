@@ -18,7 +18,10 @@ use nix::{
 
 use crate::{
     cgroups::{self, Cgroup, Hierarchy},
-    cli::{CheckConfigArgs, Cli, Command, DetachArgs, ExplainArgs, ReloadArgs, StatusArgs},
+    cli::{
+        CheckConfigArgs, Cli, Command, DetachArgs, ExplainArgs, ReloadArgs, ReportArgs,
+        ReportFormat, StatusArgs,
+    },
     compile::{self, CgroupDir, Compiled},
     config::{Config, Mode, Overrides, Principal},
     error::{Error, Result},
@@ -498,5 +501,26 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
         },
         pins.root().display()
     );
+    Ok(())
+}
+
+/// `imds-guard report`: who touched IMDS, or (`--suggest-policy`) a policy for them.
+///
+/// # Errors
+/// [`Error::Report`] for an unreadable file or a line that is not an event.
+pub fn report(args: &ReportArgs) -> Result<()> {
+    let (input, source) = crate::report::open(args.file.as_deref())?;
+    let workloads = crate::report::workloads(input, &source)?;
+    if args.suggest_policy {
+        print!("{}", crate::report::suggest_policy(&workloads));
+    } else if args.format == ReportFormat::Json {
+        let text = serde_json::to_string_pretty(&workloads).map_err(|err| Error::Report {
+            at: source,
+            message: err.to_string(),
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", crate::report::table(&workloads));
+    }
     Ok(())
 }

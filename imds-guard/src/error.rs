@@ -212,6 +212,14 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
+    /// An event stream could not be read.
+    #[error("{at}: {message}")]
+    Report {
+        /// The file (and line).
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The cgroup tree cannot be watched for changes.
     #[error("cannot watch the cgroup tree for changes (inotify): {source}")]
     WatchCgroups {

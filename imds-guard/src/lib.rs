@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod pidfile;
 pub mod pins;
 pub mod policy;
+pub mod report;
 pub mod status;
 pub mod tree;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => imds_guard::commands::check_config(args),
         Command::Explain(args) => imds_guard::commands::explain(args),
         Command::Detach(args) => imds_guard::commands::detach(args),
+        Command::Report(args) => imds_guard::commands::report(args),
         Command::Status(args) => match imds_guard::commands::status(args) {
             Ok(true) => Ok(()),
             // Like `systemctl status`: 3 when the service is not doing its job.
