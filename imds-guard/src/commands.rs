@@ -289,18 +289,10 @@ fn workload(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
         None => (None, None),
     };
     let gid = match &args.gid {
-        Some(text) => Some(match principal(text) {
-            Principal::Id(gid) => gid,
-            Principal::Name(name) => match Group::from_name(&name) {
-                Ok(Some(group)) => group.gid.as_raw(),
-                _ => {
-                    return Err(Error::InvalidSetting {
-                        origin: "--gid".into(),
-                        message: format!("unknown group {name:?}: not in the group database"),
-                    });
-                }
-            },
-        }),
+        Some(text) => Some(crate::policy::resolve_gid(
+            &principal(text),
+            &"--gid".to_owned(),
+        )?),
         None => user_gid,
     };
     let cgroup = match &args.cgroup {

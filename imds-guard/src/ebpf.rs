@@ -176,9 +176,9 @@ impl Kernel {
         }
         for name in PROGRAMS {
             let verified = if name == PACKET_PROGRAM {
-                packet_program_mut(&mut ebpf, name)?.load()
+                program_mut::<CgroupSkb>(&mut ebpf, name)?.load()
             } else {
-                program_mut(&mut ebpf, name)?.load()
+                program_mut::<CgroupSockAddr>(&mut ebpf, name)?.load()
             };
             verified.map_err(|source| Error::LoadProgram {
                 program: name,
@@ -458,7 +458,7 @@ impl Kernel {
             source: std::io::Error::other(source),
         };
         if name == PACKET_PROGRAM {
-            let program = packet_program_mut(&mut self.ebpf, name)?;
+            let program: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
             let id = program
                 .attach(
                     file.as_fd(),
@@ -469,7 +469,7 @@ impl Kernel {
             let link = program.take_link(id).map_err(attach_error)?;
             return FdLink::try_from(link).map_err(pinnable);
         }
-        let program = program_mut(&mut self.ebpf, name)?;
+        let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
         let id = program
             .attach(file.as_fd(), multi_attach_mode())
             .map_err(attach_error)?;
@@ -742,20 +742,11 @@ fn wait_for_running_programs() {
     }
 }
 
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingInObject {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| Error::LoadProgram {
-            program: name,
-            source,
-        })
-}
-
-fn packet_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb> {
+/// Program `name` of the object, as its type (`CgroupSockAddr`, `CgroupSkb`).
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(Error::MissingInObject {
             kind: "program",

@@ -305,39 +305,41 @@ fn same_conditions(a: &PolicyRule, b: &PolicyRule) -> bool {
 }
 
 fn resolve_uid(uid: &Principal, origin: &Origin) -> Result<u32> {
-    match uid {
-        Principal::Id(id) => Ok(*id),
-        Principal::Name(name) => match nix::unistd::User::from_name(name) {
-            Ok(Some(user)) => Ok(user.uid.as_raw()),
-            Ok(None) => Err(Error::InvalidSetting {
-                origin: origin.clone(),
-                message: format!(
-                    "unknown user {name:?}: not in the user database (`getent passwd {name}`)"
-                ),
-            }),
-            Err(err) => Err(Error::InvalidSetting {
-                origin: origin.clone(),
-                message: format!("cannot look up user {name:?}: {err}"),
-            }),
-        },
-    }
+    resolve(uid, origin, "user", "getent passwd", |name| {
+        nix::unistd::User::from_name(name).map(|user| user.map(|user| user.uid.as_raw()))
+    })
 }
 
-fn resolve_gid(gid: &Principal, origin: &Origin) -> Result<u32> {
-    match gid {
+/// A gid as written: a number, or a group name looked up in the group database.
+///
+/// # Errors
+/// [`Error::InvalidSetting`] for an unknown group.
+pub(crate) fn resolve_gid(gid: &Principal, origin: &Origin) -> Result<u32> {
+    resolve(gid, origin, "group", "getent group", |name| {
+        nix::unistd::Group::from_name(name).map(|group| group.map(|group| group.gid.as_raw()))
+    })
+}
+
+/// A numeric id as it is, a name through `lookup` (the user or group database).
+fn resolve(
+    principal: &Principal,
+    origin: &Origin,
+    what: &str,
+    command: &str,
+    lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32> {
+    let invalid = |message| Error::InvalidSetting {
+        origin: origin.clone(),
+        message,
+    };
+    match principal {
         Principal::Id(id) => Ok(*id),
-        Principal::Name(name) => match nix::unistd::Group::from_name(name) {
-            Ok(Some(group)) => Ok(group.gid.as_raw()),
-            Ok(None) => Err(Error::InvalidSetting {
-                origin: origin.clone(),
-                message: format!(
-                    "unknown group {name:?}: not in the group database (`getent group {name}`)"
-                ),
-            }),
-            Err(err) => Err(Error::InvalidSetting {
-                origin: origin.clone(),
-                message: format!("cannot look up group {name:?}: {err}"),
-            }),
+        Principal::Name(name) => match lookup(name) {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(invalid(format!(
+                "unknown {what} {name:?}: not in the {what} database (`{command} {name}`)"
+            ))),
+            Err(err) => Err(invalid(format!("cannot look up {what} {name:?}: {err}"))),
         },
     }
 }

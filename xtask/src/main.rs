@@ -72,46 +72,34 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench => {
-            if !is_root() {
-                bail!(
-                    "the benchmarks load BPF programs and make a network namespace: run `cargo xtask bench` as root"
-                );
-            }
-            bootstrap::ensure()?;
-            bootstrap::ensure_test_tools()?;
-            bootstrap::ensure_bench_tools()?;
-            cargo(&["build", "--release", "--workspace", "--bins"])?;
-            cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "imds-guard-tests",
-                "--bin",
-                "imds-guard-bench",
-            ])
-        }
-        Task::Demo => {
-            if !is_root() {
-                bail!(
-                    "the demo loads BPF programs and makes a network namespace: run `cargo xtask demo` as root"
-                );
-            }
-            bootstrap::ensure()?;
-            bootstrap::ensure_test_tools()?;
-            cargo(&["build", "--release", "--workspace", "--bins"])?;
-            cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "imds-guard-tests",
-                "--bin",
-                "imds-guard-demo",
-            ])
-        }
+        Task::Bench => run_sandboxed("imds-guard-bench", "bench", true),
+        Task::Demo => run_sandboxed("imds-guard-demo", "demo", false),
     }
+}
+
+/// Runs `bin` of the tests crate, in release mode, as root: the demo and the benchmarks, which
+/// load BPF programs and make network namespaces of their own.
+fn run_sandboxed(bin: &str, task: &str, iptables: bool) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the {task} loads BPF programs and makes a network namespace: run `cargo xtask {task}` as root"
+        );
+    }
+    bootstrap::ensure()?;
+    bootstrap::ensure_test_tools()?;
+    if iptables {
+        bootstrap::ensure_bench_tools()?;
+    }
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "imds-guard-tests",
+        "--bin",
+        bin,
+    ])
 }
 
 /// The workspace's target directory.
