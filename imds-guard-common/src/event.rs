@@ -62,11 +62,49 @@ pub struct Event {
     /// Policy generation (0 or 1) that judged the attempt, so `rule` names the right rule
     /// across a policy switch.
     pub generation: u8,
+    /// `UNREAD_*` bits: what the kernel could not read (those fields are 0).
+    pub unread: u8,
     /// Explicit padding, always 0.
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 4],
     /// Destination address, network byte order: IPv4 in the first 4 bytes, the rest 0.
     pub addr: [u8; 16],
     /// `comm` of the thread, NUL-padded.
     pub comm: [u8; COMM_LEN],
+    /// Process id (tgid) of the parent process (`real_parent`, not a tracer).
+    pub ppid: u32,
+    /// `comm` of the parent's main thread, NUL-padded.
+    pub parent_comm: [u8; COMM_LEN],
+    /// Explicit padding, always 0.
+    pub _tail: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 80);
+const _: () = assert!(core::mem::size_of::<Event>() == 104);
+
+/// [`Event::unread`]: the parent (`ppid`, `parent_comm`) could not be read: no task (a
+/// packet), the agent found no `task_struct` layout in the kernel's BTF, or a read failed.
+pub const UNREAD_PARENT: u8 = 1;
+/// [`Event::unread`]: the thread's `comm` could not be read.
+pub const UNREAD_COMM: u8 = 2;
+
+/// Where the fields the programs read from a `task_struct` sit, in bytes, as the agent found
+/// them in the running kernel's BTF (`/sys/kernel/btf/vmlinux`). The agent sets it as a
+/// read-only global before loading, so the verifier sees constants and, when `known` is 0,
+/// never reaches the reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// 1 when the offsets below are the running kernel's, else 0 (nothing is read).
+    pub known: u32,
+    /// `task_struct.real_parent`, a `struct task_struct *`.
+    pub real_parent: u32,
+    /// `task_struct.tgid`, a `pid_t`.
+    pub tgid: u32,
+    /// `task_struct.comm`, `char[TASK_COMM_LEN]`.
+    pub comm: u32,
+}
+
+/// The name of the [`TaskLayout`] global in the object.
+pub const TASK_LAYOUT_GLOBAL: &str = "TASK_LAYOUT";
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)` plain integers without padding.
+unsafe impl aya::Pod for TaskLayout {}

@@ -56,7 +56,7 @@ pub const fn rule_counter_index(generation: u32, rule: u32) -> u32 {
 }
 
 /// Ring buffer size in bytes (a power of two and a multiple of the page size): room for about
-/// 11,900 events of 88 bytes (80 + the 8-byte record header) before the agent must drain.
+/// 9,300 events of 112 bytes (104 + the 8-byte record header) before the agent must drain.
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
 /// Connects and datagrams to a protected address that the policy allowed.

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use imds_guard_common::event::{
-    COMM_LEN, FAMILY_INET, FAMILY_INET6, HOOK_EGRESS, VERDICT_ALLOW, VERDICT_DENY,
+    FAMILY_INET, FAMILY_INET6, HOOK_EGRESS, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -120,11 +120,7 @@ fn judge_raw(ctx: &SkBuffContext) -> Option<i32> {
             gid: u32::MAX,
             addr,
         },
-        &Identity {
-            pid_tgid: 0,
-            comm: [0; COMM_LEN],
-            cgroup_id,
-        },
+        &Identity::socket(cgroup_id),
     );
     Some(if verdict == VERDICT_DENY { DROP } else { PASS })
 }

@@ -1,11 +1,11 @@
 //! Counters and events: what the agent learns about each judged attempt.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+    generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns},
 };
 use imds_guard_common::{
-    event::{COMM_LEN, Event},
+    event::{COMM_LEN, Event, TaskLayout, UNREAD_COMM, UNREAD_PARENT},
     maps::{COUNTER_EVENTS_LOST, rule_counter_index},
 };
 
@@ -17,6 +17,17 @@ const BUILD_VARIANT: u8 = if cfg!(feature = "upgrade-test-variant") {
     1
 } else {
     0
+};
+
+/// Where `task_struct` keeps what [`Identity::current_task`] reads about the parent: set by
+/// the agent from the kernel's BTF before loading (a read-only global, so the verifier knows it;
+/// `known == 0` leaves the parent unread).
+#[unsafe(no_mangle)]
+static TASK_LAYOUT: TaskLayout = TaskLayout {
+    known: 0,
+    real_parent: 0,
+    tgid: 0,
+    comm: 0,
 };
 
 /// What the verdict code knows about an attempt; the rest is read here.
@@ -41,17 +52,60 @@ pub struct Identity {
     pub comm: [u8; COMM_LEN],
     /// The cgroup the attempt is charged to.
     pub cgroup_id: u64,
+    /// The parent process's id and main thread name.
+    pub parent: Option<(u32, [u8; COMM_LEN])>,
+    /// `UNREAD_*` bits.
+    pub unread: u8,
 }
 
 impl Identity {
     /// The task making the system call (socket address hooks run in its context).
     pub fn current_task() -> Self {
+        let comm = bpf_get_current_comm();
+        let parent = current_parent();
         Self {
             pid_tgid: bpf_get_current_pid_tgid(),
-            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+            unread: if comm.is_err() { UNREAD_COMM } else { 0 }
+                | if parent.is_none() { UNREAD_PARENT } else { 0 },
+            comm: comm.unwrap_or([0; COMM_LEN]),
             // SAFETY: a helper without arguments (Linux 4.18+).
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            parent,
         }
+    }
+
+    /// A packet's sender: no task, only the socket's cgroup.
+    pub fn socket(cgroup_id: u64) -> Self {
+        Self {
+            pid_tgid: 0,
+            comm: [0; COMM_LEN],
+            cgroup_id,
+            parent: None,
+            unread: UNREAD_PARENT | UNREAD_COMM,
+        }
+    }
+}
+
+/// The current task's parent process (`real_parent`: a tracer does not count), read now so an
+/// event names it even when both are gone before the agent reads the event.
+fn current_parent() -> Option<(u32, [u8; COMM_LEN])> {
+    // SAFETY: a read-only global the agent sets before loading.
+    let layout = unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) };
+    if layout.known == 0 {
+        return None;
+    }
+    // SAFETY: a helper without arguments; the result is only used as an address to read from
+    // with `bpf_probe_read_kernel`, which fails instead of faulting.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: as above: every dereference goes through `bpf_probe_read_kernel`.
+    unsafe {
+        let parent: *const u8 =
+            bpf_probe_read_kernel(task.add(layout.real_parent as usize).cast()).ok()?;
+        let tgid: i32 = bpf_probe_read_kernel(parent.add(layout.tgid as usize).cast()).ok()?;
+        let comm: [u8; COMM_LEN] =
+            bpf_probe_read_kernel(parent.add(layout.comm as usize).cast()).ok()?;
+        #[expect(clippy::cast_sign_loss, reason = "a pid is never negative")]
+        Some((tgid as u32, comm))
     }
 }
 
@@ -98,9 +152,13 @@ pub fn event(attempt: &Attempt, identity: &Identity) {
         protocol: attempt.protocol,
         port: attempt.port,
         generation: attempt.generation,
-        _pad: [0, 0, 0, 0, BUILD_VARIANT],
+        unread: identity.unread,
+        _pad: [0, 0, 0, BUILD_VARIANT],
         addr: attempt.addr,
         comm: identity.comm,
+        ppid: identity.parent.map_or(0, |(ppid, _)| ppid),
+        parent_comm: identity.parent.map_or([0; COMM_LEN], |(_, comm)| comm),
+        _tail: [0; 4],
     });
     entry.submit(0);
 }

@@ -25,6 +25,8 @@ use crate::{
     config::{Config, Setting},
     ebpf::{self, Kernel},
     error::{Error, Result},
+    aggregate::Aggregator,
+    enrich::Enricher,
     events::{self, Record},
     metrics::{self, Metrics},
     pidfile::PidFile,
@@ -35,11 +37,15 @@ use crate::{
 
 /// Cgroup paths remembered for events; cleared when it grows past this many entries.
 const CGROUP_CACHE_ENTRIES: usize = 4096;
-/// Records one drain takes from the ring at most: what the ring can hold at once (an 80-byte
-/// event plus the 8-byte record header each). Bounded so a flood cannot starve signals, and
+/// Records one drain takes from the ring at most: what the ring can hold at once (an event
+/// plus the 8-byte record header each). Bounded so a flood cannot starve signals, and
 /// large enough that, the ring being FIFO, one drain takes everything present when it began.
 const DRAIN_BATCH_RECORDS: usize =
     (EVENTS_RING_BYTES as usize).div_ceil(size_of::<imds_guard_common::event::Event>() + 8);
+/// Bursts of repeats followed at once at most; beyond, all are reported early (bounds memory).
+const AGGREGATE_MAX_BURSTS: usize = 4096;
+/// How often the agent reports the aggregates whose window has closed.
+const AGGREGATE_TICK_MILLIS: u64 = 500;
 /// How often the agent checks the kernel's lost-event counter.
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 /// How often the whole cgroup tree is scanned, in case a change notification was missed.
@@ -70,7 +76,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Events raised while no agent ran wait in the pinned ring: report them before a new
     // policy reuses their generation's slot (their rules are named by number).
     let mut events = kernel.take_events()?;
-    let mut reporter = Reporter::new(Hierarchy::at(hierarchy.mount().to_owned()));
+    let mut reporter = Reporter::new(
+        Hierarchy::at(hierarchy.mount().to_owned()),
+        args.aggregate_window,
+    );
     let earlier = reporter.drain_all(&mut events);
     if earlier > 0 {
         info!(
@@ -325,7 +334,7 @@ fn warn_too_deep(dirs: &[CgroupDir]) {
 }
 
 /// `CLOCK_BOOTTIME` now, in nanoseconds (the clock of the kernel's event times).
-fn boot_time_ns() -> u64 {
+pub(crate) fn boot_time_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
         u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
             + u64::try_from(time.tv_nsec()).unwrap_or(0)
@@ -379,6 +388,8 @@ async fn serve(
     resync.reset();
     let mut heartbeat =
         tokio::time::interval(std::time::Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
+    let mut aggregates =
+        tokio::time::interval(std::time::Duration::from_millis(AGGREGATE_TICK_MILLIS));
     let mut lost_so_far = 0;
     let outcome = loop {
         tokio::select! {
@@ -386,11 +397,12 @@ async fn serve(
             _ = sigint.recv() => break Ok("SIGINT"),
             _ = loss_check.tick() => warn_of_new_losses(&agent.kernel, &mut lost_so_far),
             _ = heartbeat.tick() => agent.record(true),
+            _ = aggregates.tick() => reporter.close_bursts(false),
             Some(scrape) = scrapes.recv(), if metrics_on => {
                 agent.metrics.update(
                     &mut agent.kernel,
                     &agent.compiled,
-                    reporter.reported,
+                    (reporter.reported, reporter.aggregated),
                     (agent.reloads, agent.failed_reloads),
                 );
                 let _ = scrape.send(agent.metrics.encode());
@@ -447,14 +459,18 @@ async fn serve(
 /// stay attached.
 fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<MapData>) {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    // Every event raised so far is in the ring: report them all before going.
+    // Every event raised so far is in the ring: report them all before going, and the
+    // repeats folded so far.
     let _ = reporter.drain_all(ring);
+    reporter.close_bursts(true);
     agent.record(false);
     match agent.kernel.counters() {
         Ok(counters) => info!(
             allowed = counters.allowed,
             denied = counters.denied,
             audited = counters.audited,
+            events_reported = reporter.reported,
+            events_aggregated = reporter.aggregated,
             events_lost = counters.events_lost,
             reloads = agent.reloads,
             failed_reloads = agent.failed_reloads,
@@ -481,27 +497,77 @@ fn warn_of_new_losses(kernel: &Kernel, lost_so_far: &mut u64) {
     }
 }
 
-/// Turns ring-buffer records into JSON lines on stdout.
+/// What makes two attempts the same for aggregation: the same workload (cgroup, uid, gid,
+/// thread name) tried the same destination and got the same verdict from the same rule. Which
+/// process, and when, do not count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AttemptKey {
+    cgroup_id: u64,
+    uid: u32,
+    gid: u32,
+    comm: [u8; imds_guard_common::event::COMM_LEN],
+    verdict: u8,
+    rule: u32,
+    generation: u8,
+    hook: u8,
+    family: u8,
+    protocol: u8,
+    port: u16,
+    addr: [u8; 16],
+}
+
+impl AttemptKey {
+    fn of(event: &imds_guard_common::event::Event) -> Self {
+        Self {
+            cgroup_id: event.cgroup_id,
+            uid: event.uid,
+            gid: event.gid,
+            comm: event.comm,
+            verdict: event.verdict,
+            rule: event.rule,
+            generation: event.generation,
+            hook: event.hook,
+            family: event.family,
+            protocol: event.protocol,
+            port: event.port,
+            addr: event.addr,
+        }
+    }
+}
+
+/// Turns ring-buffer records into JSON lines on stdout: each attempt enriched and reported at
+/// once, or folded into the count of an identical one reported less than a window ago.
 struct Reporter {
     /// The policy of each generation, to name the rule that decided an event.
     policies: [Option<Policy>; 2],
     /// Its own handle on the hierarchy, to name cgroups from their ids.
     hierarchy: Hierarchy,
     cgroup_paths: HashMap<u64, Option<String>>,
+    enricher: Enricher,
+    aggregator: Aggregator<AttemptKey, Record>,
     stdout_failed: bool,
-    /// Events reported so far.
+    /// Attempts reported at once, each on its own line.
     reported: u64,
+    /// Repeats folded into aggregates (reported, or to be, as counts).
+    aggregated: u64,
 }
 
 impl Reporter {
     /// A reporter that knows no policy yet: events name rules by number until it does.
-    fn new(hierarchy: Hierarchy) -> Self {
+    /// Repeats within `window_secs` of a burst's first attempt are folded (0: none are).
+    fn new(hierarchy: Hierarchy, window_secs: u32) -> Self {
         Self {
             policies: [None, None],
             hierarchy,
             cgroup_paths: HashMap::new(),
+            enricher: Enricher::new(),
+            aggregator: Aggregator::new(
+                u64::from(window_secs) * 1_000_000_000,
+                AGGREGATE_MAX_BURSTS,
+            ),
             stdout_failed: false,
             reported: 0,
+            aggregated: 0,
         }
     }
 
@@ -518,22 +584,18 @@ impl Reporter {
         }
     }
 
-    /// Reports everything in the ring; returns how many events that was.
+    /// Reports everything in the ring; returns how many attempts that was.
     fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> u64 {
-        let before = self.reported;
+        let before = self.reported + self.aggregated;
         while !self.drain(ring) {}
-        self.reported - before
+        self.reported + self.aggregated - before
     }
 
     /// Reports the records in the ring, at most [`DRAIN_BATCH_RECORDS`], then flushes stdout
     /// once. Returns whether the ring is now empty.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let offset = events::boot_to_unix_ns().unwrap_or_else(|err| {
-            warn!("cannot read the clocks ({err}): event times are since boot");
-            0
-        });
-        let stdout = io::stdout();
-        let mut out = io::BufWriter::new(stdout.lock());
+        let offset = clock_offset();
+        let mut lines = Vec::new();
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
             let Some(item) = ring.next() else {
@@ -548,18 +610,64 @@ impl Reporter {
                 }
             };
             drop(item);
-            let cgroup = self.cgroup_path(event.raw.cgroup_id);
-            let rule = self.rule_name(event.raw.generation, event.raw.rule);
-            let record = Record::new(&event, offset, cgroup, &rule);
+            let raw = &event.raw;
+            let key = AttemptKey::of(raw);
+            if self.aggregator.repeat(&key, raw.boot_ns) {
+                self.aggregated += 1;
+                continue;
+            }
+            let cgroup = self.cgroup_path(raw.cgroup_id);
+            let rule = self.rule_name(raw.generation, raw.rule);
+            let mut record = Record::new(&event, offset, cgroup, &rule);
+            record.enrich(&mut self.enricher, raw.boot_ns);
+            for closed in self.aggregator.start(key, raw.boot_ns, record.clone()) {
+                lines.push(closed.value.aggregate(
+                    closed.repeats,
+                    closed.first_ns,
+                    closed.last_ns,
+                    offset,
+                ));
+            }
+            lines.push(record);
             self.reported += 1;
-            let written = serde_json::to_writer(&mut out, &record)
+        }
+        self.write(&lines);
+        empty
+    }
+
+    /// Reports the aggregates whose window has closed (all of them when `all`).
+    fn close_bursts(&mut self, all: bool) {
+        let closed = if all {
+            self.aggregator.close_all()
+        } else {
+            self.aggregator.expire(boot_time_ns())
+        };
+        if closed.is_empty() {
+            return;
+        }
+        let offset = clock_offset();
+        let lines: Vec<Record> = closed
+            .into_iter()
+            .map(|c| c.value.aggregate(c.repeats, c.first_ns, c.last_ns, offset))
+            .collect();
+        self.write(&lines);
+    }
+
+    /// Writes `lines` as JSON lines and flushes once.
+    fn write(&mut self, lines: &[Record]) {
+        if lines.is_empty() {
+            return;
+        }
+        let stdout = io::stdout();
+        let mut out = io::BufWriter::new(stdout.lock());
+        for line in lines {
+            let written = serde_json::to_writer(&mut out, line)
                 .map_err(io::Error::from)
                 .and_then(|()| out.write_all(b"\n"));
             self.note_output(written);
         }
         let flushed = out.flush();
         self.note_output(flushed);
-        empty
     }
 
     fn cgroup_path(&mut self, id: u64) -> Option<String> {
@@ -581,4 +689,12 @@ impl Reporter {
             error!("cannot write events to stdout ({err}); still enforcing, events are lost");
         }
     }
+}
+
+/// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).
+fn clock_offset() -> i128 {
+    events::boot_to_unix_ns().unwrap_or_else(|err| {
+        warn!("cannot read the clocks ({err}): event times are since boot");
+        0
+    })
 }

@@ -124,6 +124,16 @@ pub struct RunArgs {
     /// 127.0.0.1:9179.
     #[arg(long = "metrics-addr", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Repeats of an attempt (same workload, destination and verdict) within this many seconds
+    /// of its first, which is reported at once, are reported as one event with a count when
+    /// the window closes; 0 reports every attempt.
+    #[arg(
+        long = "aggregate-window",
+        value_name = "SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(0..=3600)
+    )]
+    pub aggregate_window: u32,
 }
 
 /// `imds-guard reload`.

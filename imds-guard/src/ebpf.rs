@@ -13,6 +13,7 @@ use aya::{
 };
 use imds_guard_common::{
     agent::AgentInfo,
+    event::{TASK_LAYOUT_GLOBAL, TaskLayout},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
         COUNTER_EVENTS_LOST, COUNTERS, EVENTS, GENERATION, MAX_RULES, PROTECTED_V4, PROTECTED_V6,
@@ -166,6 +167,11 @@ impl Kernel {
         for name in imds_guard_common::maps::ALL {
             loader.map_pin_path(name, pins.map(name));
         }
+        let task_layout = crate::btf::task_layout().unwrap_or_else(|reason| {
+            warn!("events will not name parent processes: {reason}");
+            TaskLayout::default()
+        });
+        loader.override_global(TASK_LAYOUT_GLOBAL, &task_layout, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::LoadObject { source })?;

@@ -5,9 +5,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use imds_guard_common::event::{
     COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, VERDICT_AUDIT, VERDICT_DENY,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_PARENT, VERDICT_AUDIT, VERDICT_DENY,
 };
 use serde::Serialize;
+
+use crate::{
+    enrich::Enricher,
+    workload::{Container, Placement},
+};
 
 /// Why a ring-buffer record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -132,27 +137,58 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     })
 }
 
-/// One line of the event stream (`imds-guard run`'s stdout).
+/// One line of the event stream (`imds-guard run`'s stdout): one attempt reported at once, or
+/// (`aggregated`) the repeats of one that were folded until its window closed.
+///
+/// Fields the agent could not read are `null` and named in `unread`; fields that do not apply
+/// (no task sends a raw socket's packet) are `null` too.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Record {
-    /// When, RFC 3339 in UTC.
+    /// When, RFC 3339 in UTC (an aggregate: its last repeat).
     pub time: String,
     /// `deny` or `audit`.
     pub verdict: Verdict,
+    /// Attempts this line stands for: 1, or an aggregate's repeats (its first attempt was
+    /// reported on its own line).
+    pub count: u64,
+    /// Whether this line reports folded repeats (of the attempt its other fields describe).
+    pub aggregated: bool,
+    /// The first attempt this line counts.
+    pub first_seen: String,
+    /// The last attempt this line counts.
+    pub last_seen: String,
     /// Thread id; `null` for a packet (`hook` `egress`), which no task is known to send.
     pub pid: Option<u32>,
     /// Process id; `null` for a packet.
     pub tgid: Option<u32>,
+    /// Parent process id, read by the kernel at the attempt.
+    pub ppid: Option<u32>,
+    /// Parent process name, read by the kernel at the attempt.
+    pub parent_comm: Option<String>,
     /// Real uid (for a packet: the socket owner's).
     pub uid: u32,
+    /// Its name in the user database, when it has one.
+    pub user: Option<String>,
     /// Real primary gid; `null` for a packet.
     pub gid: Option<u32>,
+    /// Its name in the group database, when it has one.
+    pub group: Option<String>,
     /// Thread name; `null` for a packet.
     pub comm: Option<String>,
+    /// Executable (`/proc/PID/exe`), when the process still ran when the event was read.
+    pub exe: Option<String>,
+    /// Command line, arguments joined by spaces, bounded (see [`crate::enrich`]).
+    pub cmdline: Option<String>,
     /// cgroup v2 id.
     pub cgroup_id: u64,
     /// cgroup path as in `/proc/PID/cgroup`; `null` when the cgroup is already gone.
     pub cgroup: Option<String>,
+    /// The systemd unit of the cgroup.
+    pub unit: Option<String>,
+    /// The container of the cgroup.
+    pub container: Option<Container>,
+    /// The Kubernetes pod UID of the cgroup.
+    pub pod_uid: Option<String>,
     /// `ipv4` or `ipv6`.
     pub family: Family,
     /// `tcp`, `udp`, or the protocol number.
@@ -165,28 +201,58 @@ pub struct Record {
     pub rule: String,
     /// The hook that judged the attempt.
     pub hook: Hook,
+    /// Fields that could not be read, so are `null`.
+    pub unread: Vec<&'static str>,
 }
 
 impl Record {
-    /// Builds the line for an event. `boot_to_unix_ns` converts `CLOCK_BOOTTIME` to Unix time.
+    /// Builds the line for an event from what the kernel recorded and the cgroup path.
+    /// `boot_to_unix_ns` converts `CLOCK_BOOTTIME` to Unix time.
     #[must_use]
     pub fn new(event: &Decoded, boot_to_unix_ns: i128, cgroup: Option<String>, rule: &str) -> Self {
         let raw = &event.raw;
         // Socket address hooks run in the task's context; the packet hook knows no task.
         let task = event.hook != Hook::Egress;
-        let unix_ns = i128::from(raw.boot_ns) + boot_to_unix_ns;
-        let time = jiff::Timestamp::from_nanosecond(unix_ns)
-            .map_or_else(|_| unix_ns.to_string(), |t| t.to_string());
+        let time = unix_time(raw.boot_ns, boot_to_unix_ns);
+        let placement = cgroup.as_deref().map(Placement::of).unwrap_or_default();
+        let parent = task && raw.unread & UNREAD_PARENT == 0;
+        let comm = task && raw.unread & UNREAD_COMM == 0;
+        let mut unread = Vec::new();
+        if !task {
+            unread.extend(["pid", "tgid", "gid"]);
+        }
+        if !parent {
+            unread.extend(["ppid", "parent_comm"]);
+        }
+        if !comm {
+            unread.push("comm");
+        }
+        if cgroup.is_none() {
+            unread.push("cgroup");
+        }
         Self {
+            first_seen: time.clone(),
+            last_seen: time.clone(),
             time,
             verdict: event.verdict,
+            count: 1,
+            aggregated: false,
             pid: task.then_some(raw.pid),
             tgid: task.then_some(raw.tgid),
+            ppid: parent.then_some(raw.ppid),
+            parent_comm: parent.then(|| comm_text(&raw.parent_comm)),
             uid: raw.uid,
+            user: None,
             gid: task.then_some(raw.gid),
-            comm: task.then(|| comm_text(&raw.comm)),
+            group: None,
+            comm: comm.then(|| comm_text(&raw.comm)),
+            exe: None,
+            cmdline: None,
             cgroup_id: raw.cgroup_id,
             cgroup,
+            unit: placement.unit,
+            container: placement.container,
+            pod_uid: placement.pod_uid,
             family: event.family,
             protocol: match raw.protocol {
                 6 => "tcp".into(),
@@ -197,8 +263,54 @@ impl Record {
             port: raw.port,
             rule: rule.to_owned(),
             hook: event.hook,
+            unread,
         }
     }
+
+    /// Adds what `/proc` and the user database say (best effort: see [`Enricher`]).
+    pub fn enrich(&mut self, enricher: &mut Enricher, boot_ns: u64) {
+        self.user = enricher.user(self.uid);
+        if let Some(gid) = self.gid {
+            self.group = enricher.group(gid);
+        }
+        if let Some(tgid) = self.tgid {
+            match enricher.process(tgid, boot_ns) {
+                Some(process) => {
+                    if process.exe.is_none() {
+                        self.unread.push("exe");
+                    }
+                    if process.cmdline.is_none() {
+                        self.unread.push("cmdline");
+                    }
+                    self.exe = process.exe;
+                    self.cmdline = process.cmdline;
+                }
+                None => self.unread.extend(["exe", "cmdline"]),
+            }
+        } else {
+            self.unread.extend(["exe", "cmdline"]);
+        }
+    }
+
+    /// The line for the repeats of this attempt folded into `closed`.
+    #[must_use]
+    pub fn aggregate(&self, repeats: u64, first_ns: u64, last_ns: u64, offset: i128) -> Self {
+        let last = unix_time(last_ns, offset);
+        Self {
+            time: last.clone(),
+            count: repeats,
+            aggregated: true,
+            first_seen: unix_time(first_ns, offset),
+            last_seen: last,
+            ..self.clone()
+        }
+    }
+}
+
+/// `CLOCK_BOOTTIME` nanoseconds as RFC 3339 in UTC.
+fn unix_time(boot_ns: u64, boot_to_unix_ns: i128) -> String {
+    let unix_ns = i128::from(boot_ns) + boot_to_unix_ns;
+    jiff::Timestamp::from_nanosecond(unix_ns).map_or_else(|_| unix_ns.to_string(), |t| t.to_string())
 }
 
 /// The thread name up to its first NUL, with invalid UTF-8 replaced.
@@ -242,9 +354,13 @@ mod tests {
             protocol: 6,
             port: 80,
             generation: 0,
-            _pad: [0; 5],
+            unread: 0,
+            _pad: [0; 4],
             addr: [169, 254, 169, 254, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             comm,
+            ppid: 1,
+            parent_comm: *b"bash\0\0\0\0\0\0\0\0\0\0\0\0",
+            _tail: [0; 4],
         }
     }
 
@@ -263,12 +379,43 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "time": "1970-01-01T00:00:01.5Z", "verdict": "deny", "pid": 10, "tgid": 9,
-                "uid": 1000, "gid": 1001, "comm": "curl", "cgroup_id": 4242, "cgroup": "/work",
+                "time": "1970-01-01T00:00:01.5Z", "verdict": "deny", "count": 1,
+                "aggregated": false, "first_seen": "1970-01-01T00:00:01.5Z",
+                "last_seen": "1970-01-01T00:00:01.5Z", "pid": 10, "tgid": 9, "ppid": 1,
+                "parent_comm": "bash", "uid": 1000, "user": null, "gid": 1001, "group": null,
+                "comm": "curl", "exe": null, "cmdline": null, "cgroup_id": 4242,
+                "cgroup": "/work", "unit": null, "container": null, "pod_uid": null,
                 "family": "ipv4", "protocol": "tcp", "dst": "169.254.169.254", "port": 80,
-                "rule": "default", "hook": "connect4"
+                "rule": "default", "hook": "connect4", "unread": []
             })
         );
+    }
+
+    #[test]
+    fn a_packet_names_no_task_and_says_what_it_could_not_read() {
+        let mut raw = event();
+        raw.hook = HOOK_EGRESS;
+        raw.unread = UNREAD_PARENT | UNREAD_COMM;
+        let id = "ab".repeat(32);
+        let cgroup = format!("/system.slice/docker-{id}.scope");
+        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, Some(cgroup), "default");
+        assert_eq!((record.pid, record.tgid, record.gid, record.ppid), (None, None, None, None));
+        assert_eq!(record.comm, None);
+        assert_eq!(record.unread, ["pid", "tgid", "gid", "ppid", "parent_comm", "comm"]);
+        let container = record.container.unwrap();
+        assert_eq!((container.runtime.as_deref(), container.id), (Some("docker"), id));
+    }
+
+    #[test]
+    fn an_aggregate_counts_repeats_between_its_times() {
+        let record = Record::new(&decode(&bytes(&event())).unwrap(), 0, None, "default");
+        assert_eq!(record.unread, ["cgroup"]);
+        let aggregate = record.aggregate(41, 2_000_000_000, 3_000_000_000, 0);
+        assert_eq!((aggregate.count, aggregate.aggregated), (41, true));
+        assert_eq!(aggregate.first_seen, "1970-01-01T00:00:02Z");
+        assert_eq!(aggregate.last_seen, "1970-01-01T00:00:03Z");
+        assert_eq!(aggregate.time, aggregate.last_seen);
+        assert_eq!(aggregate.pid, record.pid);
     }
 
     #[test]

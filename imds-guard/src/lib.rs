@@ -3,12 +3,15 @@
 //! The data flows one way: [`config`] → [`policy`] → [`ebpf`] maps → kernel verdicts →
 //! [`events`] → JSON lines, driven by [`agent`].
 
+pub mod aggregate;
 pub mod agent;
+pub mod btf;
 pub mod cgroups;
 pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod config;
+pub mod enrich;
 pub mod ebpf;
 pub mod error;
 pub mod events;
@@ -19,3 +22,4 @@ pub mod policy;
 pub mod report;
 pub mod status;
 pub mod tree;
+pub mod workload;

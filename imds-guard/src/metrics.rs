@@ -50,6 +50,7 @@ pub struct Metrics {
     by_rule: Family<RuleLabels, Counter>,
     events_lost: Counter,
     events_reported: Counter,
+    events_aggregated: Counter,
     reloads: Counter,
     failed_reloads: Counter,
     rules: Gauge,
@@ -60,7 +61,8 @@ pub struct Metrics {
     seen: Counters,
     /// Per-rule counts of each generation at the last update.
     seen_by_rule: [Vec<u64>; 2],
-    reported_seen: u64,
+    /// Events reported and repeats aggregated at the last update.
+    events_seen: (u64, u64),
     reloads_seen: (u32, u32),
 }
 
@@ -97,7 +99,17 @@ impl Metrics {
                 "events_lost",
                 "Denied or audited attempts whose event did not fit in the ring buffer",
             ),
-            events_reported: counter(&mut registry, "events_reported", "Events written out"),
+            events_reported: counter(
+                &mut registry,
+                "events_reported",
+                "Attempts reported at once, each as an event",
+            ),
+            events_aggregated: counter(
+                &mut registry,
+                "events_aggregated",
+                "Repeats of a reported attempt, reported as counts in aggregate events (with \
+                 events_reported and events_lost: every denied or audited attempt)",
+            ),
             reloads: counter(&mut registry, "reloads", "Policy reloads that took effect"),
             failed_reloads: counter(
                 &mut registry,
@@ -129,7 +141,7 @@ impl Metrics {
             by_rule,
             seen: start,
             seen_by_rule: [Vec::new(), Vec::new()],
-            reported_seen: 0,
+            events_seen: (0, 0),
             reloads_seen: (0, 0),
         }
     }
@@ -169,7 +181,7 @@ impl Metrics {
         &mut self,
         kernel: &mut Kernel,
         compiled: &Compiled,
-        reported: u64,
+        events: (u64, u64),
         reloads: (u32, u32),
     ) {
         if let Ok(now) = kernel.counters() {
@@ -187,8 +199,10 @@ impl Metrics {
         }
         self.fold_generation(kernel, compiled.generation(), &compiled.policy);
         self.events_reported
-            .inc_by(reported.saturating_sub(self.reported_seen));
-        self.reported_seen = reported;
+            .inc_by(events.0.saturating_sub(self.events_seen.0));
+        self.events_aggregated
+            .inc_by(events.1.saturating_sub(self.events_seen.1));
+        self.events_seen = events;
         self.reloads
             .inc_by(u64::from(reloads.0.saturating_sub(self.reloads_seen.0)));
         self.failed_reloads

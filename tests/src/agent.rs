@@ -113,6 +113,11 @@ impl Agent {
         if !args.contains(&"--pid-file") {
             command.arg("--pid-file").arg(&pid_file);
         }
+        // Tests count attempts by their events: every attempt on its own line, unless the test
+        // is about folding repeats (and says how).
+        if !args.contains(&"--aggregate-window") {
+            command.args(["--aggregate-window", "0"]);
+        }
         // Enforcement outlives the agent: unless the test manages the pins, they are this
         // agent's, removed after it stops.
         let pins = (!args.contains(&"--pin-dir")).then(crate::Pins::new);

@@ -1,0 +1,211 @@
+//! What a cgroup path says about the workload in it: its systemd unit, its container (id and
+//! runtime) and, under Kubernetes, its pod.
+//!
+//! Container runtimes name their cgroups after the container id, in one of two ways depending
+//! on the cgroup driver: systemd scopes (`docker-<id>.scope`, `cri-containerd-<id>.scope`,
+//! `crio-<id>.scope`, `libpod-<id>.scope`) or plain directories (`/docker/<id>`,
+//! `/kubepods/burstable/pod<uid>/<id>`). Kubelet names pod cgroups after the pod UID
+//! (`kubepods-burstable-pod<uid with _ for ->.slice` or `pod<uid>`).
+
+use serde::{Deserialize, Serialize};
+
+/// A container, as its cgroup names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Container {
+    /// `docker`, `containerd`, `cri-o` or `podman`; `null` when the path names the container
+    /// but not its runtime (Kubernetes with the cgroupfs driver).
+    pub runtime: Option<String>,
+    /// The container id (64 hex digits).
+    pub id: String,
+}
+
+/// What a cgroup path tells about its workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The innermost systemd unit (`.service` or `.scope`) of the path.
+    pub unit: Option<String>,
+    /// The innermost container of the path.
+    pub container: Option<Container>,
+    /// The Kubernetes pod UID, when the path is under `kubepods`.
+    pub pod_uid: Option<String>,
+}
+
+/// systemd scope prefixes of container runtimes, and the runtime each names. Conmon, the
+/// monitor process cri-o and podman start beside a container, is not the container.
+const SCOPE_PREFIXES: [(&str, &str); 5] = [
+    ("docker-", "docker"),
+    ("cri-containerd-", "containerd"),
+    ("nerdctl-", "containerd"),
+    ("crio-", "cri-o"),
+    ("libpod-", "podman"),
+];
+
+impl Placement {
+    /// Reads a cgroup path as in `/proc/PID/cgroup` (`/system.slice/docker-<id>.scope`).
+    #[must_use]
+    pub fn of(path: &str) -> Self {
+        let parts: Vec<&str> = path.split('/').filter(|part| !part.is_empty()).collect();
+        let kubernetes = parts.iter().any(|part| part.starts_with("kubepods"));
+        let mut placement = Self::default();
+        for (index, part) in parts.iter().enumerate() {
+            if is_unit(part) {
+                placement.unit = Some((*part).to_owned());
+            }
+            if let Some(container) = scoped_container(part) {
+                placement.container = Some(container);
+            } else if is_container_id(part) && index > 0 {
+                let parent = parts[index - 1];
+                if parent == "docker" {
+                    placement.container = Some(Container {
+                        runtime: Some("docker".into()),
+                        id: (*part).to_owned(),
+                    });
+                } else if kubernetes && parent.starts_with("pod") {
+                    placement.container = Some(Container {
+                        runtime: None,
+                        id: (*part).to_owned(),
+                    });
+                }
+            }
+            if kubernetes && let Some(uid) = pod_uid(part) {
+                placement.pod_uid = Some(uid);
+            }
+        }
+        placement
+    }
+}
+
+/// systemd unit names are case-sensitive: `.Service` is not a unit type.
+fn is_unit(part: &str) -> bool {
+    std::path::Path::new(part)
+        .extension()
+        .is_some_and(|ext| ext == "service" || ext == "scope")
+}
+
+/// `docker-<id>.scope` and the like; `libpod-<id>` (podman's cgroupfs driver) too.
+fn scoped_container(part: &str) -> Option<Container> {
+    let name = part.strip_suffix(".scope").unwrap_or(part);
+    SCOPE_PREFIXES.iter().find_map(|(prefix, runtime)| {
+        let id = name.strip_prefix(prefix)?;
+        is_container_id(id).then(|| Container {
+            runtime: Some((*runtime).to_owned()),
+            id: id.to_owned(),
+        })
+    })
+}
+
+/// Container ids are 64 lowercase hex digits (docker, containerd, cri-o and podman alike).
+fn is_container_id(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `kubepods-burstable-pod<uid>.slice` (systemd driver, `_` for `-`) or `pod<uid>` (cgroupfs).
+fn pod_uid(part: &str) -> Option<String> {
+    let name = part.strip_suffix(".slice").unwrap_or(part);
+    let start = name.rfind("pod")? + "pod".len();
+    let uid = name[start..].replace('_', "-");
+    let groups: Vec<&str> = uid.split('-').collect();
+    let shape = groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()));
+    // `kubepods-burstable-pod…` or a bare `pod…` part: not some other name containing "pod".
+    let prefix = &name[..start - "pod".len()];
+    (shape && (prefix.is_empty() || prefix.ends_with('-'))).then_some(uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f1a6c2b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a";
+    const POD: &str = "6a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d";
+
+    fn container(runtime: Option<&str>) -> Option<Container> {
+        Some(Container {
+            runtime: runtime.map(str::to_owned),
+            id: ID.into(),
+        })
+    }
+
+    #[test]
+    fn systemd_driver_scopes_name_runtime_and_id() {
+        for (scope, runtime) in [
+            (format!("docker-{ID}.scope"), "docker"),
+            (format!("cri-containerd-{ID}.scope"), "containerd"),
+            (format!("nerdctl-{ID}.scope"), "containerd"),
+            (format!("crio-{ID}.scope"), "cri-o"),
+            (format!("libpod-{ID}.scope"), "podman"),
+        ] {
+            let placement = Placement::of(&format!("/system.slice/{scope}"));
+            assert_eq!(placement.container, container(Some(runtime)), "{scope}");
+            assert_eq!(placement.unit.as_deref(), Some(scope.as_str()));
+            assert_eq!(placement.pod_uid, None);
+        }
+        // podman puts the container's processes one level down.
+        let nested = Placement::of(&format!("/machine.slice/libpod-{ID}.scope/container"));
+        assert_eq!(nested.container, container(Some("podman")));
+    }
+
+    #[test]
+    fn cgroupfs_driver_paths() {
+        let docker = Placement::of(&format!("/docker/{ID}"));
+        assert_eq!(docker.container, container(Some("docker")));
+        assert_eq!(docker.unit, None);
+        let podman = Placement::of(&format!("/libpod_parent/libpod-{ID}"));
+        assert_eq!(podman.container, container(Some("podman")));
+        let kube = Placement::of(&format!("/kubepods/burstable/pod{POD}/{ID}"));
+        assert_eq!(kube.container, container(None));
+        assert_eq!(kube.pod_uid.as_deref(), Some(POD));
+        let guaranteed = Placement::of(&format!("/kubepods/pod{POD}/{ID}"));
+        assert_eq!(guaranteed.pod_uid.as_deref(), Some(POD));
+    }
+
+    #[test]
+    fn kubelet_systemd_driver_pods() {
+        let underscored = POD.replace('-', "_");
+        let path = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{underscored}.slice/\
+             cri-containerd-{ID}.scope"
+        );
+        let placement = Placement::of(&path);
+        assert_eq!(placement.pod_uid.as_deref(), Some(POD));
+        assert_eq!(placement.container, container(Some("containerd")));
+        let guaranteed = Placement::of(&format!(
+            "/kubepods.slice/kubepods-pod{underscored}.slice/crio-{ID}.scope"
+        ));
+        assert_eq!(guaranteed.pod_uid.as_deref(), Some(POD));
+        assert_eq!(guaranteed.container, container(Some("cri-o")));
+    }
+
+    #[test]
+    fn look_alikes_are_not_containers_or_pods() {
+        for path in [
+            "/system.slice/amazon-ssm-agent.service",
+            "/system.slice/docker.service",
+            &format!("/system.slice/crio-conmon-{ID}.scope"),
+            &format!("/system.slice/docker-{}.scope", &ID[..12]),
+            &format!("/system.slice/docker-{}.scope", ID.to_uppercase()),
+            &format!("/somewhere/{ID}"),
+            // A pod-like part outside kubepods, and a name that merely contains "pod".
+            &format!("/pod{POD}"),
+            &format!("/kubepods/ipod{POD}"),
+        ] {
+            let placement = Placement::of(path);
+            assert_eq!(placement.container, None, "{path}");
+            assert_eq!(placement.pod_uid, None, "{path}");
+        }
+        assert_eq!(
+            Placement::of("/system.slice/docker.service").unit.as_deref(),
+            Some("docker.service")
+        );
+        assert_eq!(
+            Placement::of("/user.slice/user-1000.slice/session-3.scope")
+                .unit
+                .as_deref(),
+            Some("session-3.scope")
+        );
+        assert_eq!(Placement::of("/work.Service").unit, None);
+    }
+}
