@@ -49,12 +49,13 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=../imds-guard-common/src");
 
     let toolchain = choose_toolchain()?;
-    // aya-ebpf uses `asm_experimental_arch`; allow unstable features for that crate alone.
+    // aya-ebpf uses `asm_experimental_arch` and our programs `core_intrinsics` (the BPF target
+    // has no atomic read-modify-write types); allow unstable features for these crates alone.
     // aya-build relays every line the nested cargo prints as a build warning: keep it to
     // what matters (errors and real warnings still show).
     // SAFETY: build scripts are single-threaded.
     unsafe {
-        env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
+        env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,imds_guard_ebpf");
         env::set_var("CARGO_TERM_QUIET", "true");
     }
     // `cargo xtask test` builds a second agent whose program differs, to test upgrades.

@@ -72,7 +72,7 @@ pub struct Event {
     pub comm: [u8; COMM_LEN],
     /// Process id (tgid) of the parent process (`real_parent`, not a tracer).
     pub ppid: u32,
-    /// `comm` of the parent's main thread, NUL-padded.
+    /// `comm` of the parent process (its main thread's), NUL-padded.
     pub parent_comm: [u8; COMM_LEN],
     /// Explicit padding, always 0.
     pub _tail: [u8; 4],
@@ -96,6 +96,8 @@ pub struct TaskLayout {
     pub known: u32,
     /// `task_struct.real_parent`, a `struct task_struct *`.
     pub real_parent: u32,
+    /// `task_struct.group_leader`, a `struct task_struct *` (the process's main thread).
+    pub group_leader: u32,
     /// `task_struct.tgid`, a `pid_t`.
     pub tgid: u32,
     /// `task_struct.comm`, `char[TASK_COMM_LEN]`.
@@ -108,3 +110,75 @@ pub const TASK_LAYOUT_GLOBAL: &str = "TASK_LAYOUT";
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` plain integers without padding.
 unsafe impl aya::Pod for TaskLayout {}
+
+/// The name of the `u64` global holding the fold window in nanoseconds (0: every attempt is
+/// queued as an event).
+pub const FOLD_WINDOW_GLOBAL: &str = "FOLD_WINDOW_NS";
+
+/// What makes two attempts the same: the same workload (cgroup, uid, gid) tried the same
+/// protected address through the same hook, and the same rule of the same policy gave the same
+/// verdict. Which process, which port and when do not count: a flood varying them is still one
+/// attempt repeated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FoldKey {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Real uid (a packet: the socket owner's).
+    pub uid: u32,
+    /// Real primary gid (a packet: `u32::MAX`).
+    pub gid: u32,
+    /// The deciding rule.
+    pub rule: u32,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// Policy generation.
+    pub generation: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `FAMILY_*`.
+    pub family: u8,
+    /// Destination address, as in [`Event::addr`].
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FoldKey>() == 40);
+
+impl FoldKey {
+    /// The key of the attempt `event` reports.
+    #[must_use]
+    pub fn of(event: &Event) -> Self {
+        Self {
+            cgroup_id: event.cgroup_id,
+            uid: event.uid,
+            gid: event.gid,
+            rule: event.rule,
+            verdict: event.verdict,
+            generation: event.generation,
+            hook: event.hook,
+            family: event.family,
+            addr: event.addr,
+        }
+    }
+}
+
+/// The repeats of a [`FoldKey`]. `folded` only grows (the agent reports what it grew by);
+/// a new window restarts when an attempt comes `window` or more after `window_start_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FoldValue {
+    /// When the attempt that opened the current window was made (`CLOCK_BOOTTIME` ns); that
+    /// attempt was queued as an event.
+    pub window_start_ns: u64,
+    /// When the last repeat was made.
+    pub last_ns: u64,
+    /// Repeats folded since the entry was created.
+    pub folded: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `repr(C)` plain integers and bytes without padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::FoldKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FoldValue {}
+}

@@ -19,12 +19,16 @@ pub const COUNTERS: &str = "COUNTERS";
 /// Per-CPU `u64` counts of attempts to protected addresses by deciding rule, indexed by
 /// [`rule_counter_index`].
 pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+/// Repeats being folded: [`crate::event::FoldKey`] → [`crate::event::FoldValue`], an LRU hash.
+/// An attempt identical to one reported less than the fold window ago is counted here instead
+/// of queued as an event, so a loop on `connect()` cannot fill the ring.
+pub const FOLDS: &str = "FOLDS";
 /// What the agent last said about itself: a one-entry array of [`crate::agent::AgentInfo`],
 /// written by the agent only, so that `status` can tell without it.
 pub const AGENT: &str = "AGENT";
 
 /// Every map name, so the agent can check the embedded object has each of them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     PROTECTED_V4,
     PROTECTED_V6,
     GENERATION,
@@ -34,13 +38,16 @@ pub const ALL: [&str; 10] = [
     EVENTS,
     COUNTERS,
     RULE_COUNTERS,
+    FOLDS,
     AGENT,
 ];
 
 /// Version of the maps' layout (names, key and value types). The maps are pinned in a directory
 /// named after it, so that an agent whose layout differs never reads another's maps: an upgrade
 /// that changes the layout fills new maps and then switches the programs over.
-pub const MAPS_LAYOUT_VERSION: u32 = 1;
+///
+/// 2: events of 104 bytes (parent process), the `FOLDS` map and the `COUNTER_FOLDED` counter.
+pub const MAPS_LAYOUT_VERSION: u32 = 2;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.
@@ -67,8 +74,10 @@ pub const COUNTER_DENIED: u32 = 1;
 pub const COUNTER_AUDITED: u32 = 2;
 /// Denied or audited attempts whose event could not be reserved in the ring buffer.
 pub const COUNTER_EVENTS_LOST: u32 = 3;
+/// Denied or audited attempts folded into [`FOLDS`] as repeats instead of queued as events.
+pub const COUNTER_FOLDED: u32 = 4;
 /// Number of counters in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
 /// `BPF_F_NO_PREALLOC`: the policy maps take memory per entry in use, not for their capacity.
 pub const MAP_FLAGS_NO_PREALLOC: u32 = 1;
@@ -76,5 +85,8 @@ pub const MAP_FLAGS_NO_PREALLOC: u32 = 1;
 pub const CGROUP_RULESETS_MAX_ENTRIES: u32 = 65_536;
 /// Capacity of [`ALLOW`] (both generations together).
 pub const ALLOW_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of [`FOLDS`]: attempts whose repeats are followed at once (the least recently
+/// repeated is forgotten first; its next attempt is then reported as a new one).
+pub const FOLDS_MAX_ENTRIES: u32 = 8192;
 /// Capacity of each of [`PROTECTED_V4`] and [`PROTECTED_V6`].
 pub const PROTECTED_MAX_ENTRIES: u32 = 256;

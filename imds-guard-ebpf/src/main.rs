@@ -9,6 +9,10 @@
 //! ordinary binary that only says where the programs belong, so the whole workspace lints.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has no atomic read-modify-write types: `report::atomic_increment` uses the
+// intrinsic, which compiles to BPF's `lock xadd`.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 #![allow(
     clippy::needless_pass_by_value,
     reason = "aya's program macros hand the context over by value"

@@ -3,14 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use imds_guard_common::{
     agent::AgentInfo,
-    event::Event,
+    event::{Event, FoldKey, FoldValue},
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
-        MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
+        FOLDS_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
     },
     policy::{CgroupKey, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
 };
@@ -55,6 +55,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 /// `imds_guard_common::maps::rule_counter_index`).
 #[map(name = "RULE_COUNTERS")]
 pub static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RULE_COUNTER_SLOTS, 0);
+
+/// Repeats being folded instead of queued as events.
+#[map(name = "FOLDS")]
+pub static FOLDS: LruHashMap<FoldKey, FoldValue> =
+    LruHashMap::with_max_entries(FOLDS_MAX_ENTRIES, 0);
 
 /// The agent's record of itself; the programs never touch it.
 #[map(name = "AGENT")]

@@ -120,7 +120,8 @@ fn judge_raw(ctx: &SkBuffContext) -> Option<i32> {
             gid: u32::MAX,
             addr,
         },
-        &Identity::socket(cgroup_id),
+        cgroup_id,
+        Identity::socket,
     );
     Some(if verdict == VERDICT_DENY { DROP } else { PASS })
 }

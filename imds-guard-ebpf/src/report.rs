@@ -5,11 +5,11 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns},
 };
 use imds_guard_common::{
-    event::{COMM_LEN, Event, TaskLayout, UNREAD_COMM, UNREAD_PARENT},
-    maps::{COUNTER_EVENTS_LOST, rule_counter_index},
+    event::{COMM_LEN, Event, FoldKey, FoldValue, TaskLayout, UNREAD_COMM, UNREAD_PARENT},
+    maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
 };
 
-use crate::maps::{COUNTERS, EVENTS, RULE_COUNTERS};
+use crate::maps::{COUNTERS, EVENTS, FOLDS, RULE_COUNTERS};
 
 /// 1 in the build the upgrade tests switch to (feature `upgrade-test-variant`), else 0: the one
 /// difference between the two programs, in a padding byte the agent ignores.
@@ -26,9 +26,15 @@ const BUILD_VARIANT: u8 = if cfg!(feature = "upgrade-test-variant") {
 static TASK_LAYOUT: TaskLayout = TaskLayout {
     known: 0,
     real_parent: 0,
+    group_leader: 0,
     tgid: 0,
     comm: 0,
 };
+
+/// Repeats of an attempt within this many nanoseconds of the one that opened the window are
+/// folded (set by the agent before loading; 0 folds nothing).
+#[unsafe(no_mangle)]
+static FOLD_WINDOW_NS: u64 = 0;
 
 /// What the verdict code knows about an attempt; the rest is read here.
 pub struct Attempt {
@@ -50,8 +56,6 @@ pub struct Identity {
     pub pid_tgid: u64,
     /// The thread's name; zeroes when no task is known.
     pub comm: [u8; COMM_LEN],
-    /// The cgroup the attempt is charged to.
-    pub cgroup_id: u64,
     /// The parent process's id and main thread name.
     pub parent: Option<(u32, [u8; COMM_LEN])>,
     /// `UNREAD_*` bits.
@@ -68,26 +72,23 @@ impl Identity {
             unread: if comm.is_err() { UNREAD_COMM } else { 0 }
                 | if parent.is_none() { UNREAD_PARENT } else { 0 },
             comm: comm.unwrap_or([0; COMM_LEN]),
-            // SAFETY: a helper without arguments (Linux 4.18+).
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
             parent,
         }
     }
 
-    /// A packet's sender: no task, only the socket's cgroup.
-    pub fn socket(cgroup_id: u64) -> Self {
+    /// A packet's sender: no task is known.
+    pub fn socket() -> Self {
         Self {
             pid_tgid: 0,
             comm: [0; COMM_LEN],
-            cgroup_id,
             parent: None,
             unread: UNREAD_PARENT | UNREAD_COMM,
         }
     }
 }
 
-/// The current task's parent process (`real_parent`: a tracer does not count), read now so an
-/// event names it even when both are gone before the agent reads the event.
+/// The current task's parent process (`real_parent`: a tracer does not count) and its name,
+/// read now so an event names it even when both are gone before the agent reads the event.
 fn current_parent() -> Option<(u32, [u8; COMM_LEN])> {
     // SAFETY: a read-only global the agent sets before loading.
     let layout = unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) };
@@ -102,8 +103,11 @@ fn current_parent() -> Option<(u32, [u8; COMM_LEN])> {
         let parent: *const u8 =
             bpf_probe_read_kernel(task.add(layout.real_parent as usize).cast()).ok()?;
         let tgid: i32 = bpf_probe_read_kernel(parent.add(layout.tgid as usize).cast()).ok()?;
+        // The parent is the thread that forked; the process is named by its main thread.
+        let leader: *const u8 =
+            bpf_probe_read_kernel(parent.add(layout.group_leader as usize).cast()).ok()?;
         let comm: [u8; COMM_LEN] =
-            bpf_probe_read_kernel(parent.add(layout.comm as usize).cast()).ok()?;
+            bpf_probe_read_kernel(leader.add(layout.comm as usize).cast()).ok()?;
         #[expect(clippy::cast_sign_loss, reason = "a pid is never negative")]
         Some((tgid as u32, comm))
     }
@@ -125,12 +129,28 @@ pub fn count_rule(generation: u32, rule: u32) {
     }
 }
 
-/// Writes one event; when the ring buffer is full the loss is counted, and the verdict stands.
-pub fn event(attempt: &Attempt, identity: &Identity) {
+/// The cgroup of the task making the system call.
+pub fn current_cgroup_id() -> u64 {
+    // SAFETY: a helper without arguments (Linux 4.18+).
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// Reports a denied or audited attempt by a workload in `cgroup_id`: folded as a repeat when an
+/// identical attempt opened a window less than `FOLD_WINDOW_NS` ago, else written as an event
+/// (`who` is only asked then). When the ring buffer is full the loss is counted. The verdict
+/// stands either way.
+pub fn event(attempt: &Attempt, cgroup_id: u64, who: impl FnOnce() -> Identity) {
+    // SAFETY: a helper without arguments (Linux 5.8+).
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if fold(attempt, cgroup_id, now) {
+        count(COUNTER_FOLDED);
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(COUNTER_EVENTS_LOST);
         return;
     };
+    let identity = who();
     let pid_tgid = identity.pid_tgid;
     #[expect(
         clippy::cast_possible_truncation,
@@ -138,9 +158,8 @@ pub fn event(attempt: &Attempt, identity: &Identity) {
     )]
     let (pid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
     entry.write(Event {
-        // SAFETY: a helper without arguments (Linux 5.8+).
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        cgroup_id: identity.cgroup_id,
+        boot_ns: now,
+        cgroup_id,
         pid,
         tgid,
         uid: attempt.uid,
@@ -161,4 +180,68 @@ pub fn event(attempt: &Attempt, identity: &Identity) {
         _tail: [0; 4],
     });
     entry.submit(0);
+}
+
+/// Counts `attempt` as a repeat if an identical one opened a window less than the fold window
+/// before `now`; otherwise opens a window at `now` and returns `false` (report it).
+fn fold(attempt: &Attempt, cgroup_id: u64, now: u64) -> bool {
+    // SAFETY: a read-only global the agent sets before loading.
+    let window = unsafe { core::ptr::read_volatile(&raw const FOLD_WINDOW_NS) };
+    if window == 0 {
+        return false;
+    }
+    let key = FoldKey {
+        cgroup_id,
+        uid: attempt.uid,
+        gid: attempt.gid,
+        rule: attempt.rule,
+        verdict: attempt.verdict,
+        generation: attempt.generation,
+        hook: attempt.hook,
+        family: attempt.family,
+        addr: attempt.addr,
+    };
+    let Some(value) = FOLDS.get_ptr_mut(key) else {
+        let value = FoldValue {
+            window_start_ns: now,
+            last_ns: now,
+            folded: 0,
+        };
+        // A full map evicts its least recently used entry; an error only means this attempt's
+        // repeats are reported one by one.
+        let _ = FOLDS.insert(key, value, 0);
+        return false;
+    };
+    // SAFETY: a live map value; concurrent programs update it too: the count with an atomic
+    // add (exact), the times with plain stores (a race only blurs a time).
+    unsafe {
+        // Another CPU may have opened the window a little after `now`: still within.
+        if now.saturating_sub((*value).window_start_ns) < window {
+            atomic_increment(&raw mut (*value).folded);
+            (*value).last_ns = now;
+            return true;
+        }
+        (*value).window_start_ns = now;
+    }
+    false
+}
+
+/// Adds one to `*counter`, atomically with respect to other CPUs.
+///
+/// # Safety
+/// `counter` points to a live, aligned `u64`.
+unsafe fn atomic_increment(counter: *mut u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, 1,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::sync::atomic::AtomicU64::from_ptr(counter)
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
 }

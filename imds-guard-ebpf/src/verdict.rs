@@ -121,7 +121,8 @@ fn judge_protected(
             gid,
             addr,
         },
-        &report::Identity::current_task(),
+        report::current_cgroup_id(),
+        report::Identity::current_task,
     );
     if verdict == VERDICT_DENY {
         REJECT

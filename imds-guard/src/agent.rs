@@ -7,9 +7,10 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use imds_guard_common::maps::EVENTS_RING_BYTES;
 use imds_guard_common::{
     agent::{AgentInfo, VERSION_LEN},
+    event::{FoldKey, FoldValue},
+    maps::{EVENTS_RING_BYTES, FOLDS_MAX_ENTRIES},
     policy::{MAX_CGROUP_LEVEL, RULE_DEFAULT},
 };
 use tokio::{
@@ -19,14 +20,14 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    aggregate::Folds,
     cgroups::Hierarchy,
     cli::RunArgs,
     compile::{CgroupDir, Compiled},
     config::{Config, Setting},
     ebpf::{self, Kernel},
-    error::{Error, Result},
-    aggregate::Aggregator,
     enrich::Enricher,
+    error::{Error, Result},
     events::{self, Record},
     metrics::{self, Metrics},
     pidfile::PidFile,
@@ -42,10 +43,10 @@ const CGROUP_CACHE_ENTRIES: usize = 4096;
 /// large enough that, the ring being FIFO, one drain takes everything present when it began.
 const DRAIN_BATCH_RECORDS: usize =
     (EVENTS_RING_BYTES as usize).div_ceil(size_of::<imds_guard_common::event::Event>() + 8);
-/// Bursts of repeats followed at once at most; beyond, all are reported early (bounds memory).
-const AGGREGATE_MAX_BURSTS: usize = 4096;
-/// How often the agent reports the aggregates whose window has closed.
-const AGGREGATE_TICK_MILLIS: u64 = 500;
+/// Bytes of JSON lines gathered before they are written to stdout in one call.
+const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
+/// How often the agent reports the repeats the kernel folded whose window has closed.
+const FOLDS_INTERVAL_MILLIS: u64 = 1000;
 /// How often the agent checks the kernel's lost-event counter.
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 /// How often the whole cgroup tree is scanned, in case a change notification was missed.
@@ -72,13 +73,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     pins.prepare()?;
 
     let mut watcher = Watcher::new().map_err(|source| Error::WatchCgroups { source })?;
-    let mut kernel = Kernel::load(&pins)?;
+    let fold_window_ns = u64::from(args.aggregate_window) * 1_000_000_000;
+    let mut kernel = Kernel::load(&pins, fold_window_ns)?;
     // Events raised while no agent ran wait in the pinned ring: report them before a new
     // policy reuses their generation's slot (their rules are named by number).
     let mut events = kernel.take_events()?;
+    let fold_map = (fold_window_ns > 0)
+        .then(|| kernel.take_folds())
+        .transpose()?;
     let mut reporter = Reporter::new(
         Hierarchy::at(hierarchy.mount().to_owned()),
-        args.aggregate_window,
+        fold_map,
+        fold_window_ns,
     );
     let earlier = reporter.drain_all(&mut events);
     if earlier > 0 {
@@ -388,8 +394,7 @@ async fn serve(
     resync.reset();
     let mut heartbeat =
         tokio::time::interval(std::time::Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
-    let mut aggregates =
-        tokio::time::interval(std::time::Duration::from_millis(AGGREGATE_TICK_MILLIS));
+    let mut folds = tokio::time::interval(std::time::Duration::from_millis(FOLDS_INTERVAL_MILLIS));
     let mut lost_so_far = 0;
     let outcome = loop {
         tokio::select! {
@@ -397,7 +402,10 @@ async fn serve(
             _ = sigint.recv() => break Ok("SIGINT"),
             _ = loss_check.tick() => warn_of_new_losses(&agent.kernel, &mut lost_so_far),
             _ = heartbeat.tick() => agent.record(true),
-            _ = aggregates.tick() => reporter.close_bursts(false),
+            _ = folds.tick() => {
+                let folded = agent.kernel.counters().ok().map(|counters| counters.folded);
+                reporter.report_folds(folded, false);
+            }
             Some(scrape) = scrapes.recv(), if metrics_on => {
                 agent.metrics.update(
                     &mut agent.kernel,
@@ -462,7 +470,7 @@ fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<Map
     // Every event raised so far is in the ring: report them all before going, and the
     // repeats folded so far.
     let _ = reporter.drain_all(ring);
-    reporter.close_bursts(true);
+    reporter.report_folds(None, true);
     agent.record(false);
     match agent.kernel.counters() {
         Ok(counters) => info!(
@@ -471,6 +479,7 @@ fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<Map
             audited = counters.audited,
             events_reported = reporter.reported,
             events_aggregated = reporter.aggregated,
+            folded = counters.folded,
             events_lost = counters.events_lost,
             reloads = agent.reloads,
             failed_reloads = agent.failed_reloads,
@@ -497,46 +506,8 @@ fn warn_of_new_losses(kernel: &Kernel, lost_so_far: &mut u64) {
     }
 }
 
-/// What makes two attempts the same for aggregation: the same workload (cgroup, uid, gid,
-/// thread name) tried the same destination and got the same verdict from the same rule. Which
-/// process, and when, do not count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct AttemptKey {
-    cgroup_id: u64,
-    uid: u32,
-    gid: u32,
-    comm: [u8; imds_guard_common::event::COMM_LEN],
-    verdict: u8,
-    rule: u32,
-    generation: u8,
-    hook: u8,
-    family: u8,
-    protocol: u8,
-    port: u16,
-    addr: [u8; 16],
-}
-
-impl AttemptKey {
-    fn of(event: &imds_guard_common::event::Event) -> Self {
-        Self {
-            cgroup_id: event.cgroup_id,
-            uid: event.uid,
-            gid: event.gid,
-            comm: event.comm,
-            verdict: event.verdict,
-            rule: event.rule,
-            generation: event.generation,
-            hook: event.hook,
-            family: event.family,
-            protocol: event.protocol,
-            port: event.port,
-            addr: event.addr,
-        }
-    }
-}
-
-/// Turns ring-buffer records into JSON lines on stdout: each attempt enriched and reported at
-/// once, or folded into the count of an identical one reported less than a window ago.
+/// Turns ring-buffer records into JSON lines on stdout, each enriched and reported at once, and
+/// the kernel's counts of folded repeats into aggregate lines.
 struct Reporter {
     /// The policy of each generation, to name the rule that decided an event.
     policies: [Option<Policy>; 2],
@@ -544,27 +515,41 @@ struct Reporter {
     hierarchy: Hierarchy,
     cgroup_paths: HashMap<u64, Option<String>>,
     enricher: Enricher,
-    aggregator: Aggregator<AttemptKey, Record>,
+    /// The kernel's fold entries (`None`: folding is off).
+    fold_map: Option<aya::maps::HashMap<MapData, FoldKey, FoldValue>>,
+    folds: Folds<Record>,
+    /// The kernel's total of folded repeats when the map was last walked.
+    folded_seen: u64,
+    /// JSON lines not yet written to stdout.
+    out: Vec<u8>,
     stdout_failed: bool,
     /// Attempts reported at once, each on its own line.
     reported: u64,
-    /// Repeats folded into aggregates (reported, or to be, as counts).
+    /// Repeats reported in aggregate lines.
     aggregated: u64,
 }
 
 impl Reporter {
-    /// A reporter that knows no policy yet: events name rules by number until it does.
-    /// Repeats within `window_secs` of a burst's first attempt are folded (0: none are).
-    fn new(hierarchy: Hierarchy, window_secs: u32) -> Self {
+    /// A reporter that knows no policy yet: events name rules by number until it does. The
+    /// counts already in `fold_map` are not its to report.
+    fn new(
+        hierarchy: Hierarchy,
+        fold_map: Option<aya::maps::HashMap<MapData, FoldKey, FoldValue>>,
+        fold_window_ns: u64,
+    ) -> Self {
+        let mut folds = Folds::new(fold_window_ns);
+        if let Some(map) = &fold_map {
+            folds.baseline(&fold_entries(map));
+        }
         Self {
             policies: [None, None],
             hierarchy,
             cgroup_paths: HashMap::new(),
             enricher: Enricher::new(),
-            aggregator: Aggregator::new(
-                u64::from(window_secs) * 1_000_000_000,
-                AGGREGATE_MAX_BURSTS,
-            ),
+            fold_map,
+            folds,
+            folded_seen: 0,
+            out: Vec::with_capacity(OUTPUT_FLUSH_BYTES),
             stdout_failed: false,
             reported: 0,
             aggregated: 0,
@@ -584,18 +569,17 @@ impl Reporter {
         }
     }
 
-    /// Reports everything in the ring; returns how many attempts that was.
+    /// Reports everything in the ring; returns how many events that was.
     fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> u64 {
-        let before = self.reported + self.aggregated;
+        let before = self.reported;
         while !self.drain(ring) {}
-        self.reported + self.aggregated - before
+        self.reported - before
     }
 
     /// Reports the records in the ring, at most [`DRAIN_BATCH_RECORDS`], then flushes stdout
     /// once. Returns whether the ring is now empty.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
         let offset = clock_offset();
-        let mut lines = Vec::new();
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
             let Some(item) = ring.next() else {
@@ -611,63 +595,97 @@ impl Reporter {
             };
             drop(item);
             let raw = &event.raw;
-            let key = AttemptKey::of(raw);
-            if self.aggregator.repeat(&key, raw.boot_ns) {
-                self.aggregated += 1;
-                continue;
-            }
             let cgroup = self.cgroup_path(raw.cgroup_id);
             let rule = self.rule_name(raw.generation, raw.rule);
             let mut record = Record::new(&event, offset, cgroup, &rule);
             record.enrich(&mut self.enricher, raw.boot_ns);
-            for closed in self.aggregator.start(key, raw.boot_ns, record.clone()) {
-                lines.push(closed.value.aggregate(
-                    closed.repeats,
-                    closed.first_ns,
-                    closed.last_ns,
-                    offset,
-                ));
-            }
-            lines.push(record);
+            self.emit(&record);
             self.reported += 1;
+            if self.fold_map.is_some() {
+                self.folds.first(FoldKey::of(raw), record);
+            }
         }
-        self.write(&lines);
+        self.flush();
+        // The first attempts of bursts are remembered until the kernel forgets the bursts:
+        // walk its entries before more pile up than it can hold.
+        if self.folds.len() > 2 * FOLDS_MAX_ENTRIES as usize {
+            self.report_folds(None, false);
+        }
         empty
     }
 
-    /// Reports the aggregates whose window has closed (all of them when `all`).
-    fn close_bursts(&mut self, all: bool) {
-        let closed = if all {
-            self.aggregator.close_all()
-        } else {
-            self.aggregator.expire(boot_time_ns())
+    /// Reports the repeats the kernel folded whose window has closed (all of them when
+    /// `all`). `folded_total`, the kernel's counter, spares the walk when nothing was folded
+    /// since the last one and nothing was left waiting.
+    fn report_folds(&mut self, folded_total: Option<u64>, all: bool) {
+        let Some(map) = &self.fold_map else {
+            return;
         };
-        if closed.is_empty() {
+        if !all && folded_total == Some(self.folded_seen) && !self.folds.pending() {
+            return;
+        }
+        if let Some(total) = folded_total {
+            self.folded_seen = total;
+        }
+        let entries = fold_entries(map);
+        let due = self.folds.collect(&entries, boot_time_ns(), all);
+        if due.is_empty() {
             return;
         }
         let offset = clock_offset();
-        let lines: Vec<Record> = closed
-            .into_iter()
-            .map(|c| c.value.aggregate(c.repeats, c.first_ns, c.last_ns, offset))
-            .collect();
-        self.write(&lines);
+        for aggregate in due {
+            let Some(first) = aggregate
+                .first
+                .or_else(|| self.repeats_without_first(&aggregate.key, offset))
+            else {
+                continue;
+            };
+            self.aggregated += aggregate.repeats;
+            self.emit(&first.aggregate(
+                aggregate.repeats,
+                aggregate.window_start_ns,
+                aggregate.last_ns,
+                offset,
+            ));
+        }
+        self.flush();
     }
 
-    /// Writes `lines` as JSON lines and flushes once.
-    fn write(&mut self, lines: &[Record]) {
-        if lines.is_empty() {
+    /// What the repeats of `key` share, when the agent never saw the burst's first attempt.
+    fn repeats_without_first(&mut self, key: &FoldKey, offset: i128) -> Option<Record> {
+        let cgroup = self.cgroup_path(key.cgroup_id);
+        let rule = self.rule_name(key.generation, key.rule).into_owned();
+        match Record::of_repeats(key, offset, cgroup, &rule) {
+            Ok(mut record) => {
+                record.enrich(&mut self.enricher, 0);
+                Some(record)
+            }
+            Err(err) => {
+                warn!("dropping the repeats of a malformed attempt: {err}");
+                None
+            }
+        }
+    }
+
+    /// Adds `record` to the output as a JSON line; writes out when enough has gathered.
+    fn emit(&mut self, record: &Record) {
+        // Serializing plain strings and numbers into memory cannot fail.
+        if serde_json::to_writer(&mut self.out, record).is_ok() {
+            self.out.push(b'\n');
+        }
+        if self.out.len() >= OUTPUT_FLUSH_BYTES {
+            self.flush();
+        }
+    }
+
+    /// Writes out what was emitted.
+    fn flush(&mut self) {
+        if self.out.is_empty() {
             return;
         }
-        let stdout = io::stdout();
-        let mut out = io::BufWriter::new(stdout.lock());
-        for line in lines {
-            let written = serde_json::to_writer(&mut out, line)
-                .map_err(io::Error::from)
-                .and_then(|()| out.write_all(b"\n"));
-            self.note_output(written);
-        }
-        let flushed = out.flush();
-        self.note_output(flushed);
+        let written = io::stdout().lock().write_all(&self.out);
+        self.note_output(written);
+        self.out.clear();
     }
 
     fn cgroup_path(&mut self, id: u64) -> Option<String> {
@@ -697,4 +715,12 @@ fn clock_offset() -> i128 {
         warn!("cannot read the clocks ({err}): event times are since boot");
         0
     })
+}
+
+/// The kernel's fold entries now (an unreadable map reads as empty, with a warning).
+fn fold_entries(
+    map: &aya::maps::HashMap<MapData, FoldKey, FoldValue>,
+) -> Vec<(FoldKey, FoldValue)> {
+    // An entry evicted while the map is walked ends the walk early; the rest is read next time.
+    map.iter().map_while(std::result::Result::ok).collect()
 }

@@ -1,120 +1,156 @@
-//! Folding repeats: an attempt identical to one reported less than a window ago (same
-//! workload, destination and verdict) is counted instead of reported, and the count is reported
-//! as one event when the window closes. The first attempt of a burst is reported at once.
+//! Reporting the repeats the kernel folded.
 //!
-//! Memory is bounded: at most `max_keys` bursts are open; a new one beyond that closes them all
-//! early (their counts are reported, nothing is lost, only folded less).
+//! The programs queue the first attempt of a burst as an event (reported at once) and count the
+//! identical attempts that follow within the fold window in the `FOLDS` map instead of queueing
+//! them, so a loop on `connect()` cannot fill the ring buffer (see `FoldKey` for "identical").
+//! Each entry's count only grows; the agent walks the map and reports what a count grew by as
+//! one aggregate event, once the window it belongs to has closed.
+//!
+//! [`Folds`] is that bookkeeping, free of the kernel: what was reported of each entry, and the
+//! event of the burst's first attempt, whose workload the aggregate repeats. It follows only the
+//! entries the kernel has (at most `FOLDS_MAX_ENTRIES`), so its memory is bounded too.
 
-use std::{collections::HashMap, hash::Hash};
+use std::collections::HashMap;
 
-/// A burst of repeats of one attempt, closed: report `value` with these figures.
+use imds_guard_common::event::{FoldKey, FoldValue};
+
+/// Repeats to report: `repeats` more attempts like `first` (the burst's first attempt, when the
+/// agent saw its event) between `window_start_ns` and `last_ns`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Closed<V> {
-    /// What the first attempt of the burst reported.
-    pub value: V,
-    /// Repeats folded (the first attempt, reported on its own, not included).
+pub struct Aggregate<V> {
+    /// The attempt repeated.
+    pub key: FoldKey,
+    /// What the burst's first attempt was reported as; `None` when its event was lost or
+    /// raised before this agent started.
+    pub first: Option<V>,
+    /// Repeats not reported before.
     pub repeats: u64,
-    /// When the first repeat happened (`CLOCK_BOOTTIME` ns).
-    pub first_ns: u64,
-    /// When the last repeat happened.
+    /// When the window opened (the first attempt, `CLOCK_BOOTTIME` ns).
+    pub window_start_ns: u64,
+    /// When the last repeat was made.
     pub last_ns: u64,
 }
 
-struct Burst<V> {
-    started_ns: u64,
-    closed: Closed<V>,
+struct Known<V> {
+    first: Option<V>,
+    /// The entry's count when its repeats were last reported.
+    reported: u64,
+    /// The window the repeats not yet reported belong to, once the agent has seen it.
+    window_start_ns: Option<u64>,
 }
 
-/// Open bursts by attempt.
-pub struct Aggregator<K, V> {
+/// What the agent knows of each kernel fold entry.
+pub struct Folds<V> {
     window_ns: u64,
-    max_keys: usize,
-    bursts: HashMap<K, Burst<V>>,
+    known: HashMap<FoldKey, Known<V>>,
+    /// The last walk left repeats of open windows to report.
+    pending: bool,
 }
 
-impl<K: Hash + Eq, V> Aggregator<K, V> {
-    /// Folds repeats within `window_ns` of a burst's first attempt (0: folds nothing), with at
-    /// most `max_keys` bursts open.
+impl<V: Clone> Folds<V> {
+    /// Bookkeeping for a fold window of `window_ns`.
     #[must_use]
-    pub fn new(window_ns: u64, max_keys: usize) -> Self {
+    pub fn new(window_ns: u64) -> Self {
         Self {
             window_ns,
-            max_keys: max_keys.max(1),
-            bursts: HashMap::new(),
+            known: HashMap::new(),
+            pending: false,
         }
     }
 
-    /// Counts an attempt made at `at_ns` as a repeat if a burst of `key` is open and its window
-    /// has not passed; `false` means it starts a burst: report it, then [`Aggregator::start`].
-    pub fn repeat(&mut self, key: &K, at_ns: u64) -> bool {
-        let Some(burst) = self.bursts.get_mut(key) else {
-            return false;
-        };
-        // Events of different CPUs may arrive slightly out of order: earlier counts as within.
-        if at_ns.saturating_sub(burst.started_ns) >= self.window_ns {
-            return false;
+    /// Counts already in the map (folded before this agent started) are not this agent's to
+    /// report: the agent before it did, or was killed first (the kernel's totals still hold
+    /// them).
+    pub fn baseline(&mut self, entries: &[(FoldKey, FoldValue)]) {
+        for (key, value) in entries {
+            self.known.insert(
+                *key,
+                Known {
+                    first: None,
+                    reported: value.folded,
+                    window_start_ns: Some(value.window_start_ns),
+                },
+            );
         }
-        let closed = &mut burst.closed;
-        if closed.repeats == 0 {
-            closed.first_ns = at_ns;
-        }
-        closed.repeats += 1;
-        closed.first_ns = closed.first_ns.min(at_ns);
-        closed.last_ns = closed.last_ns.max(at_ns);
-        true
     }
 
-    /// Opens a burst of `key` at `at_ns`, reported as `value`. Returns the bursts this closes
-    /// (the previous burst of `key`, or all of them when too many are open) that have repeats
-    /// to report.
-    pub fn start(&mut self, key: K, at_ns: u64, value: V) -> Vec<Closed<V>> {
-        let mut closed = Vec::new();
-        if self.window_ns == 0 {
-            return closed;
-        }
-        if !self.bursts.contains_key(&key) && self.bursts.len() >= self.max_keys {
-            closed = self.close_all();
-        }
-        let burst = Burst {
-            started_ns: at_ns,
-            closed: Closed {
-                value,
-                repeats: 0,
-                first_ns: 0,
-                last_ns: 0,
-            },
-        };
-        if let Some(previous) = self.bursts.insert(key, burst)
-            && previous.closed.repeats > 0
-        {
-            closed.push(previous.closed);
-        }
-        closed
+    /// The event of an attempt that opened a window was reported as `first`.
+    pub fn first(&mut self, key: FoldKey, first: V) {
+        self.known
+            .entry(key)
+            .or_insert(Known {
+                first: None,
+                reported: 0,
+                window_start_ns: None,
+            })
+            .first = Some(first);
     }
 
-    /// Closes the bursts whose window has passed at `now_ns`; returns those with repeats.
-    pub fn expire(&mut self, now_ns: u64) -> Vec<Closed<V>> {
-        let window_ns = self.window_ns;
-        self.bursts
-            .extract_if(|_, burst| now_ns.saturating_sub(burst.started_ns) >= window_ns)
-            .map(|(_, burst)| burst.closed)
-            .filter(|closed| closed.repeats > 0)
-            .collect()
-    }
-
-    /// Closes every burst (the agent is stopping); returns those with repeats.
-    pub fn close_all(&mut self) -> Vec<Closed<V>> {
-        self.bursts
-            .drain()
-            .map(|(_, burst)| burst.closed)
-            .filter(|closed| closed.repeats > 0)
-            .collect()
-    }
-
-    /// Bursts open.
+    /// Entries followed (call [`Folds::collect`] to drop those the kernel no longer has).
     #[must_use]
-    pub fn open(&self) -> usize {
-        self.bursts.len()
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether the last walk left repeats of open windows to report.
+    #[must_use]
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Whether none is followed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// Compares the kernel's `entries` now (`now_ns`, `CLOCK_BOOTTIME`) with what was reported:
+    /// returns the repeats to report, of closed windows only unless `all` (the agent is
+    /// stopping), and forgets the entries the kernel no longer has.
+    pub fn collect(
+        &mut self,
+        entries: &[(FoldKey, FoldValue)],
+        now_ns: u64,
+        all: bool,
+    ) -> Vec<Aggregate<V>> {
+        let mut due = Vec::new();
+        self.pending = false;
+        let mut present = HashMap::with_capacity(entries.len());
+        for (key, value) in entries {
+            let mut known = self.known.remove(key).unwrap_or(Known {
+                first: None,
+                reported: 0,
+                window_start_ns: None,
+            });
+            // A smaller count: the entry was evicted and made anew since the last walk.
+            if value.folded < known.reported {
+                known.reported = 0;
+            }
+            let repeats = value.folded - known.reported;
+            let window_start_ns = *known.window_start_ns.get_or_insert(value.window_start_ns);
+            let closed = all
+                || now_ns.saturating_sub(value.window_start_ns) >= self.window_ns
+                // A window opened since: the repeats counted so far belong to earlier ones.
+                || value.window_start_ns != window_start_ns;
+            if repeats > 0 && closed {
+                due.push(Aggregate {
+                    key: *key,
+                    first: known.first.clone(),
+                    repeats,
+                    window_start_ns: window_start_ns.min(value.window_start_ns),
+                    last_ns: value.last_ns,
+                });
+                known.reported = value.folded;
+            }
+            if repeats == 0 || closed {
+                known.window_start_ns = Some(value.window_start_ns);
+            } else {
+                self.pending = true;
+            }
+            present.insert(*key, known);
+        }
+        self.known = present;
+        due
     }
 }
 
@@ -124,69 +160,93 @@ mod tests {
 
     const SECOND: u64 = 1_000_000_000;
 
-    /// Feeds attempts (key, time) as the reporter does; returns what it would print: `(key, 1)`
-    /// for an attempt reported at once, `(key, n)` for a closed burst of n repeats.
-    fn feed(aggregator: &mut Aggregator<u32, u32>, attempts: &[(u32, u64)]) -> Vec<(u32, u64)> {
-        let mut printed = Vec::new();
-        for &(key, at) in attempts {
-            if !aggregator.repeat(&key, at) {
-                for closed in aggregator.start(key, at, key) {
-                    printed.push((closed.value, closed.repeats));
-                }
-                printed.push((key, 1));
-            }
+    fn key(cgroup_id: u64) -> FoldKey {
+        FoldKey {
+            cgroup_id,
+            uid: 1000,
+            gid: 1000,
+            rule: 0,
+            verdict: 1,
+            generation: 0,
+            hook: 1,
+            family: 2,
+            addr: [169, 254, 169, 254, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         }
-        printed
+    }
+
+    fn value(window_start_ns: u64, last_ns: u64, folded: u64) -> FoldValue {
+        FoldValue {
+            window_start_ns,
+            last_ns,
+            folded,
+        }
     }
 
     #[test]
-    fn first_at_once_repeats_folded_until_the_window_closes() {
-        let mut aggregator = Aggregator::new(10 * SECOND, 16);
-        let printed = feed(&mut aggregator, &[(1, 0), (1, SECOND), (2, SECOND), (1, 2 * SECOND)]);
-        assert_eq!(printed, [(1, 1), (2, 1)]);
-        assert!(aggregator.expire(9 * SECOND).is_empty());
-        let closed = aggregator.expire(10 * SECOND);
-        assert_eq!(closed.len(), 1, "key 2 had no repeats");
+    fn repeats_are_reported_once_their_window_has_closed() {
+        let mut folds = Folds::new(10 * SECOND);
+        folds.first(key(1), "first");
+        let entries = [(key(1), value(0, 2 * SECOND, 41))];
+        assert!(folds.collect(&entries, 5 * SECOND, false).is_empty());
+        let due = folds.collect(&entries, 10 * SECOND, false);
         assert_eq!(
-            closed[0],
-            Closed {
-                value: 1,
-                repeats: 2,
-                first_ns: SECOND,
+            due,
+            [Aggregate {
+                key: key(1),
+                first: Some("first"),
+                repeats: 41,
+                window_start_ns: 0,
                 last_ns: 2 * SECOND
-            }
+            }]
         );
-        // Key 2's window closes a second later, with nothing to report.
-        assert_eq!(aggregator.open(), 1);
-        assert!(aggregator.expire(11 * SECOND).is_empty());
-        assert_eq!(aggregator.open(), 0);
+        // Reported once: the same count again is nothing new.
+        assert!(folds.collect(&entries, 20 * SECOND, false).is_empty());
+        // More repeats in a later window are reported as what the count grew by.
+        folds.first(key(1), "second window");
+        let later = [(key(1), value(30 * SECOND, 31 * SECOND, 50))];
+        let due = folds.collect(&later, 31 * SECOND, false);
+        assert_eq!(due.len(), 1, "a new window closes the old one's count");
+        assert_eq!((due[0].repeats, due[0].first), (9, Some("second window")));
     }
 
     #[test]
-    fn an_attempt_after_the_window_closes_the_burst_and_starts_another() {
-        let mut aggregator = Aggregator::new(10 * SECOND, 16);
-        let printed = feed(&mut aggregator, &[(1, 0), (1, 5 * SECOND), (1, 11 * SECOND)]);
-        assert_eq!(printed, [(1, 1), (1, 1), (1, 1)]);
-        // Out of order by a little: still within the burst.
-        assert!(aggregator.repeat(&1, 10 * SECOND));
-        assert_eq!(aggregator.close_all().len(), 1);
+    fn stopping_reports_open_windows_and_counts_from_before_are_not_reported() {
+        let mut folds: Folds<&str> = Folds::new(10 * SECOND);
+        folds.baseline(&[(key(1), value(0, 0, 7))]);
+        let entries = [
+            (key(1), value(0, SECOND, 10)),
+            (key(2), value(0, SECOND, 3)),
+        ];
+        let due = folds.collect(&entries, SECOND, true);
+        let repeats: Vec<(u64, u64, Option<&str>)> = due
+            .iter()
+            .map(|a| (a.key.cgroup_id, a.repeats, a.first))
+            .collect();
+        assert!(repeats.contains(&(1, 3, None)), "{repeats:?}");
+        assert!(repeats.contains(&(2, 3, None)), "{repeats:?}");
     }
 
     #[test]
-    fn every_attempt_is_accounted_for_and_memory_is_bounded() {
-        let mut aggregator = Aggregator::new(10 * SECOND, 8);
-        let attempts: Vec<(u32, u64)> = (0..10_000u64).map(|i| ((i % 13) as u32, i * 1000)).collect();
-        let mut total: u64 = feed(&mut aggregator, &attempts).iter().map(|(_, n)| n).sum();
-        assert!(aggregator.open() <= 8);
-        total += aggregator.close_all().iter().map(|c| c.repeats).sum::<u64>();
-        assert_eq!(total, 10_000);
-    }
-
-    #[test]
-    fn a_zero_window_folds_nothing() {
-        let mut aggregator = Aggregator::new(0, 8);
-        let printed = feed(&mut aggregator, &[(1, 0), (1, 0), (1, 1)]);
-        assert_eq!(printed.len(), 3);
-        assert_eq!(aggregator.open(), 0);
+    fn an_evicted_entry_is_forgotten_and_a_new_one_counts_from_zero() {
+        let mut folds = Folds::new(SECOND);
+        folds.first(key(1), "a");
+        let _ = folds.collect(&[(key(1), value(0, 0, 5))], 2 * SECOND, false);
+        assert_eq!(folds.len(), 1);
+        // Gone from the kernel: forgotten here (memory follows the kernel's bound).
+        assert!(folds.collect(&[], 3 * SECOND, false).is_empty());
+        assert!(folds.is_empty());
+        // Evicted and made anew with a smaller count while the agent was not looking.
+        folds.first(key(1), "b");
+        let _ = folds.collect(
+            &[(key(1), value(4 * SECOND, 4 * SECOND, 9))],
+            9 * SECOND,
+            false,
+        );
+        let due = folds.collect(
+            &[(key(1), value(10 * SECOND, 10 * SECOND, 2))],
+            20 * SECOND,
+            false,
+        );
+        assert_eq!(due[0].repeats, 2);
     }
 }

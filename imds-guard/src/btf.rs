@@ -13,7 +13,8 @@ use imds_guard_common::event::TaskLayout;
 /// The running kernel's BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// The offsets of `task_struct.real_parent`, `.tgid` and `.comm` in the running kernel.
+/// The offsets of `task_struct.real_parent`, `.group_leader`, `.tgid` and `.comm` in the
+/// running kernel.
 ///
 /// # Errors
 /// A text saying what is missing; the agent then runs without parent information (events
@@ -43,6 +44,7 @@ fn task_layout_in(path: &Path) -> Result<TaskLayout, String> {
     Ok(TaskLayout {
         known: 1,
         real_parent: offset("real_parent")?,
+        group_leader: offset("group_leader")?,
         tgid: offset("tgid")?,
         comm: offset("comm")?,
     })
@@ -54,7 +56,7 @@ fn member_offset(btf: &Btf, ty: &btf_rs::Struct, name: &str, base_bits: u32) -> 
         let bits = base_bits + member.bit_offset();
         let member_name = btf.resolve_name(member).unwrap_or_default();
         if member_name == name {
-            return (bits % 8 == 0).then_some(bits / 8);
+            return bits.is_multiple_of(8).then_some(bits / 8);
         }
         if member_name.is_empty()
             && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(member)

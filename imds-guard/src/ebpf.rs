@@ -13,11 +13,11 @@ use aya::{
 };
 use imds_guard_common::{
     agent::AgentInfo,
-    event::{TASK_LAYOUT_GLOBAL, TaskLayout},
+    event::{FOLD_WINDOW_GLOBAL, FoldKey, FoldValue, TASK_LAYOUT_GLOBAL, TaskLayout},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTERS, EVENTS, GENERATION, MAX_RULES, PROTECTED_V4, PROTECTED_V6,
-        RULE_COUNTERS, SETTINGS, rule_counter_index,
+        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, MAX_RULES,
+        PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
     policy::{CgroupKey, RuleKey, RuleValue, Settings},
 };
@@ -62,6 +62,27 @@ pub struct Counters {
     pub audited: u64,
     /// Events that did not fit in the ring buffer.
     pub events_lost: u64,
+    /// Denied or audited attempts folded as repeats of an identical one instead of queued.
+    pub folded: u64,
+}
+
+impl Counters {
+    /// Sums the per-CPU values of each counter in `map` (the `COUNTERS` map).
+    ///
+    /// # Errors
+    /// When a value cannot be read.
+    pub fn read<T: std::borrow::Borrow<MapData>>(
+        map: &PerCpuArray<T, u64>,
+    ) -> std::result::Result<Self, aya::maps::MapError> {
+        let total = |index: u32| map.get(&index, 0).map(|values| values.iter().sum());
+        Ok(Self {
+            allowed: total(COUNTER_ALLOWED)?,
+            denied: total(COUNTER_DENIED)?,
+            audited: total(COUNTER_AUDITED)?,
+            events_lost: total(COUNTER_EVENTS_LOST)?,
+            folded: total(COUNTER_FOLDED)?,
+        })
+    }
 }
 
 /// Checks, before anything is loaded, that this process and kernel can run the programs.
@@ -160,7 +181,7 @@ impl Kernel {
     /// [`Error::PinnedMapMismatch`] when pinned maps differ from this build's,
     /// [`Error::LoadObject`], [`Error::MissingInObject`] or [`Error::LoadProgram`] (with the
     /// verifier log).
-    pub fn load(pins: &PinDir) -> Result<Self> {
+    pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self> {
         check_pinned_layouts(pins)?;
         let adopted = pins.map(GENERATION).exists();
         let mut loader = EbpfLoader::new();
@@ -172,6 +193,7 @@ impl Kernel {
             TaskLayout::default()
         });
         loader.override_global(TASK_LAYOUT_GLOBAL, &task_layout, true);
+        loader.override_global(FOLD_WINDOW_GLOBAL, &fold_window_ns, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::LoadObject { source })?;
@@ -557,6 +579,18 @@ impl Kernel {
         })
     }
 
+    /// Takes the fold map out of the object (the programs keep using it), for the reporter.
+    ///
+    /// # Errors
+    /// [`Error::MissingInObject`] or [`Error::OpenMap`].
+    pub fn take_folds(&mut self) -> Result<HashMap<MapData, FoldKey, FoldValue>> {
+        let map = self.ebpf.take_map(FOLDS).ok_or(Error::MissingInObject {
+            kind: "map",
+            name: FOLDS,
+        })?;
+        HashMap::try_from(map).map_err(|source| Error::OpenMap { map: FOLDS, source })
+    }
+
     /// Sums the per-CPU counters.
     ///
     /// # Errors
@@ -571,20 +605,9 @@ impl Kernel {
                 map: COUNTERS,
                 source,
             })?;
-        let total = |index: u32| {
-            counters
-                .get(&index, 0)
-                .map(|values| values.iter().sum())
-                .map_err(|source| Error::ReadMap {
-                    map: COUNTERS,
-                    source,
-                })
-        };
-        Ok(Counters {
-            allowed: total(COUNTER_ALLOWED)?,
-            denied: total(COUNTER_DENIED)?,
-            audited: total(COUNTER_AUDITED)?,
-            events_lost: total(COUNTER_EVENTS_LOST)?,
+        Counters::read(&counters).map_err(|source| Error::ReadMap {
+            map: COUNTERS,
+            source,
         })
     }
 

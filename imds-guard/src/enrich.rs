@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn command_lines_are_joined_and_bounded() {
-        assert_eq!(render_cmdline(b"curl\0-s\0http://x/\0"), "curl -s http://x/");
+        assert_eq!(
+            render_cmdline(b"curl\0-s\0http://x/\0"),
+            "curl -s http://x/"
+        );
         let long = vec![b'a'; CMDLINE_MAX_BYTES + 1];
         let text = render_cmdline(&long);
         assert_eq!(text.chars().count(), CMDLINE_MAX_BYTES + 1);

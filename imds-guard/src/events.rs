@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use imds_guard_common::event::{
-    COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
+    COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
     HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_PARENT, VERDICT_AUDIT, VERDICT_DENY,
 };
 use serde::Serialize;
@@ -91,7 +91,14 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     }
     // SAFETY: `Event` is `repr(C)` plain integers (every bit pattern is valid) and the length
     // was checked; `read_unaligned` copes with any alignment of the ring buffer record.
-    let raw = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
+    decode_event(unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() })
+}
+
+/// Turns the kernel constants of `raw` into types.
+///
+/// # Errors
+/// When it holds unknown constants.
+pub fn decode_event(raw: Event) -> Result<Decoded, DecodeError> {
     let verdict = match raw.verdict {
         VERDICT_DENY => Verdict::Deny,
         VERDICT_AUDIT => Verdict::Audit,
@@ -151,9 +158,13 @@ pub struct Record {
     /// Attempts this line stands for: 1, or an aggregate's repeats (its first attempt was
     /// reported on its own line).
     pub count: u64,
-    /// Whether this line reports folded repeats (of the attempt its other fields describe).
+    /// Whether this line reports repeats the kernel folded: attempts identical to the first of
+    /// a burst (same cgroup, uid, gid, destination address, hook, rule and verdict) within the
+    /// fold window. Its other fields are that first attempt's (reported on its own line), or,
+    /// when the agent never saw it, `null` beyond what the repeats share. Repeats may differ
+    /// in process, port and protocol.
     pub aggregated: bool,
-    /// The first attempt this line counts.
+    /// The first attempt this line counts (an aggregate: when its burst began).
     pub first_seen: String,
     /// The last attempt this line counts.
     pub last_seen: String,
@@ -191,12 +202,12 @@ pub struct Record {
     pub pod_uid: Option<String>,
     /// `ipv4` or `ipv6`.
     pub family: Family,
-    /// `tcp`, `udp`, or the protocol number.
-    pub protocol: String,
+    /// `tcp`, `udp`, or the protocol number; `null` when unknown (see `aggregated`).
+    pub protocol: Option<String>,
     /// Destination address.
     pub dst: String,
-    /// Destination port.
-    pub port: u16,
+    /// Destination port; `null` when unknown (see `aggregated`).
+    pub port: Option<u16>,
     /// The rule that decided, or `default` (the global mode).
     pub rule: String,
     /// The hook that judged the attempt.
@@ -254,13 +265,13 @@ impl Record {
             container: placement.container,
             pod_uid: placement.pod_uid,
             family: event.family,
-            protocol: match raw.protocol {
+            protocol: Some(match raw.protocol {
                 6 => "tcp".into(),
                 17 => "udp".into(),
                 other => other.to_string(),
-            },
+            }),
             dst: event.dst.to_string(),
-            port: raw.port,
+            port: Some(raw.port),
             rule: rule.to_owned(),
             hook: event.hook,
             unread,
@@ -292,7 +303,51 @@ impl Record {
         }
     }
 
-    /// The line for the repeats of this attempt folded into `closed`.
+    /// The line for repeats the kernel folded when the agent never saw the burst's first
+    /// attempt: only what the repeats share, from their fold key.
+    ///
+    /// # Errors
+    /// When the key holds unknown constants.
+    pub fn of_repeats(
+        key: &FoldKey,
+        boot_to_unix_ns: i128,
+        cgroup: Option<String>,
+        rule: &str,
+    ) -> Result<Self, DecodeError> {
+        let raw = Event {
+            boot_ns: 0,
+            cgroup_id: key.cgroup_id,
+            pid: 0,
+            tgid: 0,
+            uid: key.uid,
+            gid: key.gid,
+            rule: key.rule,
+            verdict: key.verdict,
+            hook: key.hook,
+            family: key.family,
+            protocol: 0,
+            port: 0,
+            generation: key.generation,
+            unread: UNREAD_PARENT | UNREAD_COMM,
+            _pad: [0; 4],
+            addr: key.addr,
+            comm: [0; COMM_LEN],
+            ppid: 0,
+            parent_comm: [0; COMM_LEN],
+            _tail: [0; 4],
+        };
+        let mut record = Self::new(&decode_event(raw)?, boot_to_unix_ns, cgroup, rule);
+        record.pid = None;
+        record.tgid = None;
+        record.protocol = None;
+        record.port = None;
+        if record.hook != Hook::Egress {
+            record.unread.splice(0..0, ["pid", "tgid"]);
+        }
+        Ok(record)
+    }
+
+    /// The line for `repeats` more attempts like this one, from `first_ns` to `last_ns`.
     #[must_use]
     pub fn aggregate(&self, repeats: u64, first_ns: u64, last_ns: u64, offset: i128) -> Self {
         let last = unix_time(last_ns, offset);
@@ -310,7 +365,8 @@ impl Record {
 /// `CLOCK_BOOTTIME` nanoseconds as RFC 3339 in UTC.
 fn unix_time(boot_ns: u64, boot_to_unix_ns: i128) -> String {
     let unix_ns = i128::from(boot_ns) + boot_to_unix_ns;
-    jiff::Timestamp::from_nanosecond(unix_ns).map_or_else(|_| unix_ns.to_string(), |t| t.to_string())
+    jiff::Timestamp::from_nanosecond(unix_ns)
+        .map_or_else(|_| unix_ns.to_string(), |t| t.to_string())
 }
 
 /// The thread name up to its first NUL, with invalid UTF-8 replaced.
@@ -399,11 +455,20 @@ mod tests {
         let id = "ab".repeat(32);
         let cgroup = format!("/system.slice/docker-{id}.scope");
         let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, Some(cgroup), "default");
-        assert_eq!((record.pid, record.tgid, record.gid, record.ppid), (None, None, None, None));
+        assert_eq!(
+            (record.pid, record.tgid, record.gid, record.ppid),
+            (None, None, None, None)
+        );
         assert_eq!(record.comm, None);
-        assert_eq!(record.unread, ["pid", "tgid", "gid", "ppid", "parent_comm", "comm"]);
+        assert_eq!(
+            record.unread,
+            ["pid", "tgid", "gid", "ppid", "parent_comm", "comm"]
+        );
         let container = record.container.unwrap();
-        assert_eq!((container.runtime.as_deref(), container.id), (Some("docker"), id));
+        assert_eq!(
+            (container.runtime.as_deref(), container.id),
+            (Some("docker"), id)
+        );
     }
 
     #[test]
@@ -429,7 +494,7 @@ mod tests {
         let decoded = decode(&bytes(&raw)).unwrap();
         let record = Record::new(&decoded, 0, None, "uid 0");
         assert_eq!(record.dst, "::ffff:169.254.169.254");
-        assert_eq!(record.protocol, "udp");
+        assert_eq!(record.protocol.as_deref(), Some("udp"));
         assert_eq!(record.verdict, Verdict::Audit);
         assert_eq!(record.hook, Hook::Sendmsg6);
     }

@@ -3,16 +3,16 @@
 //! The data flows one way: [`config`] → [`policy`] → [`ebpf`] maps → kernel verdicts →
 //! [`events`] → JSON lines, driven by [`agent`].
 
-pub mod aggregate;
 pub mod agent;
+pub mod aggregate;
 pub mod btf;
 pub mod cgroups;
 pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod config;
-pub mod enrich;
 pub mod ebpf;
+pub mod enrich;
 pub mod error;
 pub mod events;
 pub mod metrics;

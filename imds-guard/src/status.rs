@@ -7,8 +7,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use imds_guard_common::{
     agent::AgentInfo,
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
+        AGENT, ALLOW, CGROUP_RULESETS, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
     },
     policy::{CgroupKey, MODE_AUDIT, RuleKey, RuleValue, Settings},
 };
@@ -237,13 +236,7 @@ impl PinnedMaps<'_> {
 
     fn counters(&self) -> Option<Counters> {
         let map: PerCpuArray<_, u64> = self.open(COUNTERS)?.try_into().ok()?;
-        let total = |index: u32| map.get(&index, 0).ok().map(|values| values.iter().sum());
-        Some(Counters {
-            allowed: total(COUNTER_ALLOWED)?,
-            denied: total(COUNTER_DENIED)?,
-            audited: total(COUNTER_AUDITED)?,
-            events_lost: total(COUNTER_EVENTS_LOST)?,
-        })
+        Counters::read(&map).ok()
     }
 }
 
@@ -311,8 +304,12 @@ pub fn describe(status: &Status) -> String {
     if let Some(counters) = &status.counters {
         let _ = writeln!(
             out,
-            "counters: allowed {}, denied {}, audited {}, events lost {}",
-            counters.allowed, counters.denied, counters.audited, counters.events_lost
+            "counters: allowed {}, denied {}, audited {}, repeats folded {}, events lost {}",
+            counters.allowed,
+            counters.denied,
+            counters.audited,
+            counters.folded,
+            counters.events_lost
         );
     }
     let agent = &status.agent;

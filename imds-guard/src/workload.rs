@@ -122,11 +122,11 @@ mod tests {
     const ID: &str = "3f1a6c2b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a";
     const POD: &str = "6a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d";
 
-    fn container(runtime: Option<&str>) -> Option<Container> {
-        Some(Container {
+    fn container(runtime: Option<&str>) -> Container {
+        Container {
             runtime: runtime.map(str::to_owned),
             id: ID.into(),
-        })
+        }
     }
 
     #[test]
@@ -139,24 +139,28 @@ mod tests {
             (format!("libpod-{ID}.scope"), "podman"),
         ] {
             let placement = Placement::of(&format!("/system.slice/{scope}"));
-            assert_eq!(placement.container, container(Some(runtime)), "{scope}");
+            assert_eq!(
+                placement.container,
+                Some(container(Some(runtime))),
+                "{scope}"
+            );
             assert_eq!(placement.unit.as_deref(), Some(scope.as_str()));
             assert_eq!(placement.pod_uid, None);
         }
         // podman puts the container's processes one level down.
         let nested = Placement::of(&format!("/machine.slice/libpod-{ID}.scope/container"));
-        assert_eq!(nested.container, container(Some("podman")));
+        assert_eq!(nested.container, Some(container(Some("podman"))));
     }
 
     #[test]
     fn cgroupfs_driver_paths() {
         let docker = Placement::of(&format!("/docker/{ID}"));
-        assert_eq!(docker.container, container(Some("docker")));
+        assert_eq!(docker.container, Some(container(Some("docker"))));
         assert_eq!(docker.unit, None);
         let podman = Placement::of(&format!("/libpod_parent/libpod-{ID}"));
-        assert_eq!(podman.container, container(Some("podman")));
+        assert_eq!(podman.container, Some(container(Some("podman"))));
         let kube = Placement::of(&format!("/kubepods/burstable/pod{POD}/{ID}"));
-        assert_eq!(kube.container, container(None));
+        assert_eq!(kube.container, Some(container(None)));
         assert_eq!(kube.pod_uid.as_deref(), Some(POD));
         let guaranteed = Placement::of(&format!("/kubepods/pod{POD}/{ID}"));
         assert_eq!(guaranteed.pod_uid.as_deref(), Some(POD));
@@ -171,12 +175,12 @@ mod tests {
         );
         let placement = Placement::of(&path);
         assert_eq!(placement.pod_uid.as_deref(), Some(POD));
-        assert_eq!(placement.container, container(Some("containerd")));
+        assert_eq!(placement.container, Some(container(Some("containerd"))));
         let guaranteed = Placement::of(&format!(
             "/kubepods.slice/kubepods-pod{underscored}.slice/crio-{ID}.scope"
         ));
         assert_eq!(guaranteed.pod_uid.as_deref(), Some(POD));
-        assert_eq!(guaranteed.container, container(Some("cri-o")));
+        assert_eq!(guaranteed.container, Some(container(Some("cri-o"))));
     }
 
     #[test]
@@ -197,7 +201,9 @@ mod tests {
             assert_eq!(placement.pod_uid, None, "{path}");
         }
         assert_eq!(
-            Placement::of("/system.slice/docker.service").unit.as_deref(),
+            Placement::of("/system.slice/docker.service")
+                .unit
+                .as_deref(),
             Some("docker.service")
         );
         assert_eq!(

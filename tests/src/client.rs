@@ -129,6 +129,30 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Spreads repeated attempts over `n` real uids from the client's on (switching back
+    /// through saved uid 0 between attempts): distinct workloads, which the kernel cannot fold.
+    #[must_use]
+    pub fn uids(mut self, n: u32) -> Self {
+        self.options.push(("--uids", n.to_string()));
+        self
+    }
+
+    /// Keeps the client alive `secs` seconds after its attempts, so that its `/proc` entry
+    /// is there when the agent reads its events.
+    #[must_use]
+    pub fn linger(mut self, secs: u32) -> Self {
+        self.options.push(("--linger", secs.to_string()));
+        self
+    }
+
+    /// Spreads repeated attempts over `n` ports, from the one given on: distinct attempts,
+    /// which the agent cannot fold into one.
+    #[must_use]
+    pub fn ports(mut self, n: u16) -> Self {
+        self.options.push(("--ports", n.to_string()));
+        self
+    }
+
     /// The `IMDSv2` flow (token, then instance id) against `addr:port`.
     #[must_use]
     pub fn imds(&self, addr: impl Into<IpAddr>, port: u16) -> Outcome {

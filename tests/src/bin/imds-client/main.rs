@@ -19,7 +19,9 @@
 //! itself into the cgroup DIR (`"moved"` in the line says whether it could).
 //!
 //! With `--repeat N` the action runs N times and the line also counts the failures with
-//! `EPERM` (`"eperm": k`).
+//! `EPERM` (`"eperm": k`); with `--ports N` as well, attempt k goes to PORT + k mod N.
+//! `--uids N`: attempt k is made as real uid UID + k mod N (the client keeps saved uid 0 to
+//! switch). `--linger SECS` keeps the client alive that long after its attempts.
 
 mod routes;
 
@@ -31,7 +33,7 @@ use std::{
 
 use nix::{
     sched::{CloneFlags, setns},
-    unistd::{Gid, Uid, setgid, setgroups, setuid},
+    unistd::{Gid, Uid, setgid, setgroups, setresuid, setuid},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,37 +61,32 @@ fn main() {
         (id, id)
     });
     let mut child_pid = None;
+    // `--ports N`: attempt k goes to PORT + k mod N (distinct attempts, for flood tests).
+    let ports: u32 = options
+        .get("ports")
+        .map_or(1, |n| n.parse().expect("ports"));
+    // `--uids N`: attempt k is made as real uid UID + k mod N.
+    let uids: u32 = options.get("uids").map_or(1, |n| n.parse().expect("uids"));
+    let first_uid: u32 = options["uid"].parse().expect("uid");
+    let base = addr;
+    let mut attempt = 0u32;
 
-    let mut act = || match action.as_str() {
-        "imds" => imds_v2(addr),
-        "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
-        "udp" => udp_echo(addr),
-        "nonblocking-connect" => routes::nonblocking_connect(addr),
-        "fastopen-sendto" => routes::fastopen_sendto(addr),
-        "fastopen-connect" => routes::fastopen_connect(addr),
-        "connected-udp" => routes::connected_udp(addr),
-        "sendmmsg" => routes::sendmmsg(addr),
-        "io-uring-connect" => routes::io_uring_connect(addr, false),
-        "io-uring-connect-async" => routes::io_uring_connect(addr, true),
-        "io-uring-sendmsg" => routes::io_uring_sendmsg(addr),
-        "thread-connect" => routes::thread_connect(addr),
-        "raw-udp" => routes::raw_udp(addr),
-        "raw-syn" => routes::raw_syn(addr),
-        "connect-close" => routes::connect_close(addr),
-        "bulk-send" => routes::bulk_send(addr),
-        "child-connect" | "passed-socket" | "passed-connection" => {
-            let (pid, result) = match action.as_str() {
-                "child-connect" => routes::child_connect(addr, drop_to),
-                other => routes::passed_socket(
-                    addr,
-                    other == "passed-connection",
-                    drop_to.expect("--drop-to"),
-                ),
-            };
-            child_pid.replace(pid);
-            result
+    let mut act = || {
+        let offset = u16::try_from(attempt % ports).expect("--ports fits a port");
+        if uids > 1 {
+            let uid = Uid::from_raw(first_uid + attempt % uids);
+            // Back to euid 0 (the saved uid), then to the next real and effective uid.
+            setresuid(
+                Uid::from_raw(u32::MAX),
+                Uid::from_raw(0),
+                Uid::from_raw(u32::MAX),
+            )
+            .expect("seteuid 0");
+            setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
         }
-        other => panic!("unknown action {other}"),
+        attempt += 1;
+        let addr = SocketAddr::new(base.ip(), base.port().wrapping_add(offset));
+        act_once(action, addr, drop_to, &mut child_pid)
     };
     let repeat: u32 = options
         .get("repeat")
@@ -134,7 +131,50 @@ fn main() {
             "elapsed_ns": elapsed_ns,
         });
     }
+    if let Some(secs) = options.get("linger") {
+        std::thread::sleep(Duration::from_secs(secs.parse().expect("linger")));
+    }
     println!("{line}");
+}
+
+/// Runs `action` once against `addr`; the routes that fork record the child's pid.
+fn act_once(
+    action: &str,
+    addr: SocketAddr,
+    drop_to: Option<(u32, u32)>,
+    child_pid: &mut Option<u32>,
+) -> io::Result<String> {
+    match action {
+        "imds" => imds_v2(addr),
+        "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
+        "udp" => udp_echo(addr),
+        "nonblocking-connect" => routes::nonblocking_connect(addr),
+        "fastopen-sendto" => routes::fastopen_sendto(addr),
+        "fastopen-connect" => routes::fastopen_connect(addr),
+        "connected-udp" => routes::connected_udp(addr),
+        "sendmmsg" => routes::sendmmsg(addr),
+        "io-uring-connect" => routes::io_uring_connect(addr, false),
+        "io-uring-connect-async" => routes::io_uring_connect(addr, true),
+        "io-uring-sendmsg" => routes::io_uring_sendmsg(addr),
+        "thread-connect" => routes::thread_connect(addr),
+        "raw-udp" => routes::raw_udp(addr),
+        "raw-syn" => routes::raw_syn(addr),
+        "connect-close" => routes::connect_close(addr),
+        "bulk-send" => routes::bulk_send(addr),
+        "child-connect" | "passed-socket" | "passed-connection" => {
+            let (pid, result) = match action {
+                "child-connect" => routes::child_connect(addr, drop_to),
+                other => routes::passed_socket(
+                    addr,
+                    other == "passed-connection",
+                    drop_to.expect("--drop-to"),
+                ),
+            };
+            child_pid.replace(pid);
+            result
+        }
+        other => panic!("unknown action {other}"),
+    }
 }
 
 /// What repeating an action gave.
@@ -234,7 +274,13 @@ fn become_workload(
     let gid = Gid::from_raw(options["gid"].parse().expect("gid"));
     setgroups(&[]).expect("setgroups");
     setgid(gid).expect("setgid");
-    setuid(Uid::from_raw(options["uid"].parse().expect("uid"))).expect("setuid");
+    let uid = Uid::from_raw(options["uid"].parse().expect("uid"));
+    if options.contains_key("uids") {
+        // Keep the saved uid 0, as a setuid-root program would, to switch real uids later.
+        setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
+    } else {
+        setuid(uid).expect("setuid");
+    }
     // As the workload: try to move into another cgroup (a delegated subtree lets its owner).
     let moved = options
         .get("move-to")

@@ -1,0 +1,354 @@
+//! Privileged end-to-end tests of what events say: who made the attempt (process, parent,
+//! user, executable, unit, container, pod), even when the process is gone before the agent
+//! reads the event; and how floods are reported: repeats folded into counts, every attempt
+//! accounted for, memory bounded.
+
+use std::time::Duration;
+
+use imds_guard_tests::{
+    Agent, Client, IMDS_V4, Pins, Sandbox, TestCgroup, assert_fields, imds_guard, privileged,
+};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const EPERM: i32 = libc::EPERM;
+/// `nobody`/`nogroup`: a uid and gid with names on every Debian machine.
+const NOBODY: u32 = 65534;
+const CONTAINER_ID: &str = "5d1e0c4b3a29f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817060";
+const POD_UID: &str = "0f8e2a5c-91b3-4d7e-a6f0-3c2b1d9e8f7a";
+
+fn setup() -> Option<(Sandbox, TestCgroup)> {
+    privileged().then(|| (Sandbox::new(), TestCgroup::new("events")))
+}
+
+/// This test process's name (its main thread's `comm`: the executable's name, cut to 15 bytes).
+fn own_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("own comm")
+        .trim_end()
+        .to_owned()
+}
+
+#[test]
+fn an_event_names_process_parent_user_executable_and_command_line() {
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let agent = Agent::start(&["--cgroup", &attach.path]);
+    // The client outlives the agent's reading of its event by far, as a daemon would.
+    let denied = Client::new(&sandbox, &attach, NOBODY, NOBODY)
+        .linger(2)
+        .tcp(IMDS_V4, 80);
+    denied.assert_errno(EPERM);
+    let events = agent.wait_events_of(denied.pid, 1);
+    let event = &events[0];
+    assert_fields(
+        event,
+        &[
+            ("pid", json!(denied.pid)),
+            ("tgid", json!(denied.pid)),
+            // The client is this test's child: the kernel read its parent at the attempt.
+            ("ppid", json!(std::process::id())),
+            ("parent_comm", json!(own_comm())),
+            ("uid", json!(NOBODY)),
+            ("user", json!("nobody")),
+            ("gid", json!(NOBODY)),
+            ("group", json!("nogroup")),
+            ("comm", json!("imds-client")),
+            ("cgroup", json!(attach.path)),
+            ("count", json!(1)),
+            ("aggregated", json!(false)),
+        ],
+    );
+    let exe = imds_guard_tests::target_binary("imds-client", "IMDS_CLIENT_BIN");
+    let exe = exe.canonicalize().expect("client path");
+    assert_eq!(event["exe"], json!(exe.to_string_lossy()), "{event}");
+    let cmdline = event["cmdline"].as_str().expect("cmdline");
+    assert!(
+        cmdline.contains("--uid 65534") && cmdline.ends_with("tcp 169.254.169.254 80"),
+        "{cmdline}"
+    );
+    assert_eq!(event["unread"], json!([]), "{event}");
+}
+
+#[test]
+fn a_short_lived_process_still_yields_pid_parent_uid_comm_and_cgroup() {
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let work = attach.child("work");
+    let agent = Agent::start(&["--cgroup", &attach.path]);
+    // A frozen agent reads nothing: the client tries, exits and is reaped before its event is
+    // read, as a `curl` that fails at once would.
+    agent.signal(Signal::SIGSTOP);
+    let gone = Client::new(&sandbox, &work, 1000, 1000).tcp(IMDS_V4, 80);
+    agent.signal(Signal::SIGCONT);
+    gone.assert_errno(EPERM);
+    let events = agent.wait_events_of(gone.pid, 1);
+    let event = &events[0];
+    assert_fields(
+        event,
+        &[
+            ("pid", json!(gone.pid)),
+            ("tgid", json!(gone.pid)),
+            ("ppid", json!(std::process::id())),
+            ("parent_comm", json!(own_comm())),
+            ("uid", json!(1000)),
+            ("gid", json!(1000)),
+            ("comm", json!("imds-client")),
+            ("cgroup", json!(work.path)),
+            ("exe", Value::Null),
+            ("cmdline", Value::Null),
+        ],
+    );
+    // What could not be read is said, not left to guess.
+    assert_eq!(event["unread"], json!(["exe", "cmdline"]), "{event}");
+}
+
+#[test]
+fn docker_and_kubepods_cgroup_paths_name_the_container_and_pod() {
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let docker_scope = format!("docker-{CONTAINER_ID}.scope");
+    let docker = attach.child("system.slice").child(&docker_scope);
+    // The kubelet's systemd driver: the pod UID with `_` for `-`, a containerd scope below.
+    let pod_slice = format!("kubepods-besteffort-pod{}.slice", POD_UID.replace('-', "_"));
+    let kube_scope = format!("cri-containerd-{CONTAINER_ID}.scope");
+    let kube = attach
+        .child("kubepods.slice")
+        .child("kubepods-besteffort.slice")
+        .child(&pod_slice)
+        .child(&kube_scope);
+    // The cgroupfs driver: plain directories.
+    let kube_fs = attach
+        .child("kubepods")
+        .child("burstable")
+        .child(&format!("pod{POD_UID}"))
+        .child(CONTAINER_ID);
+    let agent = Agent::start(&["--cgroup", &attach.path]);
+
+    let cases = [
+        (
+            &docker,
+            json!({"runtime": "docker", "id": CONTAINER_ID}),
+            Value::Null,
+            json!(docker_scope),
+        ),
+        (
+            &kube,
+            json!({"runtime": "containerd", "id": CONTAINER_ID}),
+            json!(POD_UID),
+            json!(kube_scope),
+        ),
+        (
+            &kube_fs,
+            json!({"runtime": null, "id": CONTAINER_ID}),
+            json!(POD_UID),
+            Value::Null,
+        ),
+    ];
+    for (cgroup, container, pod_uid, unit) in cases {
+        let denied = Client::new(&sandbox, cgroup, 1000, 1000).tcp(IMDS_V4, 80);
+        let events = agent.wait_events_of(denied.pid, 1);
+        assert_fields(
+            &events[0],
+            &[
+                ("verdict", json!("deny")),
+                ("cgroup", json!(cgroup.path)),
+                ("container", container),
+                ("pod_uid", pod_uid),
+                ("unit", unit),
+            ],
+        );
+    }
+}
+
+#[test]
+fn repeats_are_folded_into_one_event_with_a_count_the_first_reported_at_once() {
+    const ATTEMPTS: u32 = 500;
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    // A window longer than the test: the repeats are reported when the agent stops.
+    let mut agent = Agent::start(&["--cgroup", &attach.path, "--aggregate-window", "3600"]);
+    let flood = Client::new(&sandbox, &attach, 1000, 1000)
+        .repeat(ATTEMPTS)
+        .tcp(IMDS_V4, 80);
+    assert_eq!(flood.eperm, ATTEMPTS);
+    // The first attempt is reported while its repeats are still being folded.
+    let first = agent.wait_events_of(flood.pid, 1);
+    assert_fields(
+        &first[0],
+        &[("count", json!(1)), ("aggregated", json!(false))],
+    );
+    let status = agent.stop();
+    assert!(status.success(), "{}", agent.stderr());
+    let events = agent.events_of(flood.pid);
+    assert_eq!(events.len(), 2, "the first, then one aggregate: {events:?}");
+    let aggregate = &events[1];
+    assert_fields(
+        aggregate,
+        &[
+            ("aggregated", json!(true)),
+            ("count", json!(ATTEMPTS - 1)),
+            ("verdict", json!("deny")),
+            ("uid", json!(1000)),
+            ("dst", json!("169.254.169.254")),
+            ("port", json!(80)),
+        ],
+    );
+    let time = |event: &Value, field: &str| -> jiff::Timestamp {
+        event[field].as_str().expect(field).parse().expect(field)
+    };
+    assert!(time(&first[0], "time") <= time(aggregate, "first_seen"));
+    assert!(time(aggregate, "first_seen") <= time(aggregate, "last_seen"));
+    assert_eq!(aggregate["time"], aggregate["last_seen"]);
+}
+
+#[test]
+fn an_aggregate_is_reported_when_its_window_closes() {
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let agent = Agent::start(&["--cgroup", &attach.path, "--aggregate-window", "1"]);
+    let flood = Client::new(&sandbox, &attach, 1000, 1000)
+        .repeat(50)
+        .tcp(IMDS_V4, 80);
+    assert_eq!(flood.eperm, 50);
+    // No stop, no further attempt: the window closing alone reports the repeats.
+    let events = agent.wait_events_of_within(flood.pid, 2, Duration::from_secs(10));
+    assert_fields(
+        &events[1],
+        &[("aggregated", json!(true)), ("count", json!(49))],
+    );
+}
+
+/// Figures the agent logs when it stops.
+fn stop_figure(stderr: &str, name: &str) -> u64 {
+    let stopped = stderr
+        .lines()
+        .find(|l| l.contains("enforcement stays in force"))
+        .unwrap_or_else(|| panic!("no final counters:\n{stderr}"));
+    stopped
+        .split(&format!(" {name}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in: {stopped}"))
+}
+
+/// The kernel's count of events that did not fit in the ring, from the pinned maps.
+fn events_lost(pins: &Pins) -> u64 {
+    let out = imds_guard(&["status", "--json", "--pin-dir", &pins.arg()]);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    status["counters"]["events_lost"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counters in {status}"))
+}
+
+/// `VmHWM` (peak resident set) of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
+    // Distinct workloads (one uid each), more than the ring holds, while the agent is frozen;
+    // then one workload looping on connect() over many ports, which the kernel folds.
+    const SPREAD: u32 = 12_000;
+    const REPEATS: u32 = 100_000;
+    /// The agent idles at about 10 MiB; a flood must not grow it without bound.
+    const PEAK_RSS_LIMIT_KIB: u64 = 64 * 1024;
+    /// What the agent may keep of a flood: the first attempts of the bursts the kernel
+    /// follows (8,192 at most) and its caches, a few MiB.
+    const PEAK_RSS_GROWTH_LIMIT_KIB: u64 = 16 * 1024;
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let pins = Pins::new();
+    let mut agent = Agent::start(&[
+        "--cgroup",
+        &attach.path,
+        "--pin-dir",
+        &pins.arg(),
+        "--aggregate-window",
+        "10",
+    ]);
+    let before_kib = peak_rss_kib(agent.pid());
+    agent.signal(Signal::SIGSTOP);
+    let spread = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            Client::new(&sandbox, &attach, 100_000, 100_000)
+                .repeat(SPREAD)
+                .uids(SPREAD)
+                .tcp(IMDS_V4, 80)
+        });
+        // Thawed once the ring has overflowed (or the flood is over).
+        while events_lost(&pins) == 0 && !flood.is_finished() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent.signal(Signal::SIGCONT);
+        flood.join().expect("flood")
+    });
+    let repeats = Client::new(&sandbox, &attach, NOBODY, NOBODY)
+        .repeat(REPEATS)
+        .ports(1000)
+        .tcp(IMDS_V4, 1);
+    assert_eq!((spread.eperm, repeats.eperm), (SPREAD, REPEATS));
+    let attempts = u64::from(SPREAD + REPEATS);
+    // Read before stopping: the peak the flood caused.
+    let peak_kib = peak_rss_kib(agent.pid());
+    let status = agent.stop();
+    let stderr = agent.stderr();
+    assert!(status.success(), "{stderr}");
+
+    let denied = stop_figure(&stderr, "denied");
+    let reported = stop_figure(&stderr, "events_reported");
+    let aggregated = stop_figure(&stderr, "events_aggregated");
+    let folded = stop_figure(&stderr, "folded");
+    let lost = stop_figure(&stderr, "events_lost");
+    eprintln!(
+        "{attempts} attempts: {reported} reported + {aggregated} aggregated + {lost} lost; \
+         agent peak RSS {before_kib} KiB when ready, {peak_kib} KiB after the flood"
+    );
+    assert_eq!(denied, attempts, "the kernel counted every attempt");
+    assert!(
+        lost > 0,
+        "the ring never overflowed: the test proves less than it says"
+    );
+    assert_eq!(
+        aggregated, folded,
+        "every repeat the kernel folded was reported"
+    );
+    assert!(
+        aggregated >= u64::from(REPEATS) - 10,
+        "a loop on connect() is folded, whatever the port: {aggregated} of {REPEATS}"
+    );
+    assert_eq!(reported + aggregated + lost, attempts);
+    // The stream says the same: lines of single attempts plus the counts of aggregates.
+    let lines = agent.events();
+    let singles = lines
+        .iter()
+        .filter(|e| e["aggregated"] == json!(false))
+        .count();
+    let counted: u64 = lines
+        .iter()
+        .filter(|e| e["aggregated"] == json!(true))
+        .map(|e| e["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(
+        (u64::try_from(singles).expect("count"), counted),
+        (reported, aggregated)
+    );
+    assert!(
+        peak_kib < PEAK_RSS_LIMIT_KIB && peak_kib - before_kib < PEAK_RSS_GROWTH_LIMIT_KIB,
+        "agent peak RSS {peak_kib} KiB during a flood of {attempts} attempts \
+         ({before_kib} KiB when ready)"
+    );
+}
