@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <pin dir>/links/connect4 …      one cgroup link per program
-//! <pin dir>/maps-v1/ALLOW …       the maps, in a directory per map layout version
+//! <pin dir>/maps-v2/ALLOW …       the maps, in a directory per map layout version
 //! ```
 //!
 //! aya pins maps and links but does not expose the link operations an adoption needs
@@ -432,7 +432,7 @@ mod tests {
         let pins = PinDir::new(Path::new("/sys/fs/bpf/imds-guard"));
         assert_eq!(
             pins.map("ALLOW"),
-            Path::new("/sys/fs/bpf/imds-guard/maps-v1/ALLOW")
+            Path::new("/sys/fs/bpf/imds-guard/maps-v2/ALLOW")
         );
         assert_eq!(
             pins.link("connect4"),
