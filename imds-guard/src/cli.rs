@@ -53,9 +53,14 @@ pub struct ReportArgs {
     /// `table` for people, `json` for tools.
     #[arg(long, value_enum, default_value = "table")]
     pub format: ReportFormat,
-    /// Print a config whose rules would let through the workloads audit mode saw.
+    /// Print a config that keeps the policy the audit ran with and adds rules letting through
+    /// the workloads audit mode reported, in enforce mode.
     #[arg(long = "suggest-policy")]
     pub suggest_policy: bool,
+    /// With --suggest-policy: the config the audit ran with (default:
+    /// /etc/imds-guard/imds-guard.toml, or the built-in defaults when it does not exist).
+    #[arg(long, value_name = "FILE", requires = "suggest_policy")]
+    pub config: Option<PathBuf>,
 }
 
 /// Output of `imds-guard report`.

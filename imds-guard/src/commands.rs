@@ -504,7 +504,23 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     let (input, source) = crate::report::open(args.file.as_deref())?;
     let workloads = crate::report::workloads(input, &source)?;
     if args.suggest_policy {
-        print!("{}", crate::report::suggest_policy(&workloads));
+        // The audited policy must be valid: the suggestion builds on it.
+        let config = Config::load(args.config.as_deref(), &Overrides::default())?;
+        let text = match &config.file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+                path: path.clone(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let path = config.file.as_ref().map(|path| path.display().to_string());
+        let base = path
+            .as_deref()
+            .map(|path| crate::report::Base { path, text: &text });
+        print!(
+            "{}",
+            crate::report::suggest_policy(&workloads, base.as_ref())?
+        );
     } else if args.format == ReportFormat::Json {
         let text = serde_json::to_string_pretty(&workloads).map_err(|err| Error::Report {
             at: source,

@@ -1,36 +1,63 @@
 //! `imds-guard report`: who touched IMDS, from the JSON-lines event stream (`run`'s stdout, a
-//! file, or the unit's journal output), and a policy that would let exactly them through.
+//! file, or the unit's journal: `journalctl -u imds-guard -o cat`, `-o json` or `-o export`),
+//! and a policy that would let exactly them through.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{self, BufRead},
+    io::{self, BufRead, Read as _},
 };
 
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    workload::{Container, Placement},
+};
 
-/// The fields of an event line that the report uses (others are ignored).
+/// The fields of an event line that the report uses (others are ignored). Lines of older
+/// agents lack the enriched fields; the cgroup path gives most of them again.
 #[derive(Debug, Deserialize)]
 struct Line {
-    time: String,
+    time: Timestamp,
     verdict: String,
     uid: u32,
+    #[serde(default)]
+    user: Option<String>,
     comm: Option<String>,
+    #[serde(default)]
+    exe: Option<String>,
     cgroup: Option<String>,
     dst: String,
+    /// Attempts the line stands for (an aggregate's repeats); 1 when absent.
+    #[serde(default = "one")]
+    count: u64,
+    #[serde(default)]
+    first_seen: Option<Timestamp>,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// One workload: what it is, and what it did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// The systemd unit its cgroup belongs to, if the path names one.
     pub unit: Option<String>,
+    /// The container its cgroup belongs to.
+    pub container: Option<Container>,
+    /// The Kubernetes pod UID.
+    pub pod_uid: Option<String>,
     /// Its cgroup path (`null` when the cgroup was gone before the event was read).
     pub cgroup: Option<String>,
     /// Its uid.
     pub uid: u32,
+    /// The uid's name, when the agent found one.
+    pub user: Option<String>,
+    /// Executables seen.
+    pub exes: Vec<String>,
     /// Thread names seen.
     pub comms: Vec<String>,
     /// Destinations tried.
@@ -39,135 +66,354 @@ pub struct Workload {
     pub denied: u64,
     /// Attempts allowed but reported (audit).
     pub audited: u64,
-    /// First and last event time.
-    pub first_seen: String,
-    /// Last event time.
-    pub last_seen: String,
+    /// First attempt seen.
+    pub first_seen: Timestamp,
+    /// Last attempt seen.
+    pub last_seen: Timestamp,
 }
 
-/// Groups the events of `input` by workload (unit or cgroup, then uid).
+impl Workload {
+    fn new(line: &Line, first_seen: Timestamp) -> Self {
+        let placement = line
+            .cgroup
+            .as_deref()
+            .map(Placement::of)
+            .unwrap_or_default();
+        Self {
+            unit: placement.unit,
+            container: placement.container,
+            pod_uid: placement.pod_uid,
+            cgroup: line.cgroup.clone(),
+            uid: line.uid,
+            user: line.user.clone(),
+            exes: Vec::new(),
+            comms: Vec::new(),
+            destinations: Vec::new(),
+            denied: 0,
+            audited: 0,
+            first_seen,
+            last_seen: line.time,
+        }
+    }
+
+    /// What a person calls it: pod, container, unit or cgroup.
+    #[must_use]
+    pub fn label(&self) -> String {
+        let short = |id: &str| id.chars().take(12).collect::<String>();
+        match (&self.pod_uid, &self.container, &self.unit, &self.cgroup) {
+            (Some(pod), Some(container), ..) => {
+                format!("pod {pod} container {}", short(&container.id))
+            }
+            (Some(pod), None, ..) => format!("pod {pod}"),
+            (None, Some(container), ..) => format!(
+                "{} container {}",
+                container.runtime.as_deref().unwrap_or("a"),
+                short(&container.id)
+            ),
+            (None, None, Some(unit), _) => format!("unit {unit}"),
+            (None, None, None, Some(cgroup)) => format!("cgroup {cgroup}"),
+            (None, None, None, None) => "(cgroup gone)".into(),
+        }
+    }
+}
+
+fn push_new(list: &mut Vec<String>, item: Option<String>) {
+    if let Some(item) = item
+        && !list.contains(&item)
+    {
+        list.push(item);
+    }
+}
+
+/// Groups the events of `input` by workload (cgroup, then uid), counting aggregate lines by
+/// their `count`.
 ///
 /// # Errors
-/// [`Error::Report`] naming the line that is not an event.
+/// [`Error::Report`] naming the line that is an unreadable event.
 pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
     let mut by_key: BTreeMap<(Option<String>, u32), Workload> = BTreeMap::new();
-    for (number, line) in (1usize..).zip(input.lines()) {
-        let line = line.map_err(|err| Error::Report {
-            at: format!("{source}:{number}"),
-            message: err.to_string(),
-        })?;
-        let text = line.trim();
-        // The journal (`journalctl -o cat`) may interleave the agent's log lines.
-        if !text.starts_with('{') {
-            continue;
-        }
-        let event: Line = serde_json::from_str(text).map_err(|err| Error::Report {
+    let mut add = |number: usize, text: &[u8]| -> Result<()> {
+        let line: Line = serde_json::from_slice(text).map_err(|err| Error::Report {
             at: format!("{source}:{number}"),
             message: format!("not an imds-guard event: {err}"),
         })?;
+        let first_seen = line.first_seen.unwrap_or(line.time).min(line.time);
         let workload = by_key
-            .entry((event.cgroup.clone(), event.uid))
-            .or_insert_with(|| Workload {
-                unit: event.cgroup.as_deref().and_then(unit_of),
-                cgroup: event.cgroup.clone(),
-                uid: event.uid,
-                first_seen: event.time.clone(),
-                ..Workload::default()
-            });
-        if let Some(comm) = event.comm
-            && !workload.comms.contains(&comm)
-        {
-            workload.comms.push(comm);
+            .entry((line.cgroup.clone(), line.uid))
+            .or_insert_with(|| Workload::new(&line, first_seen));
+        push_new(&mut workload.exes, line.exe);
+        push_new(&mut workload.comms, line.comm);
+        push_new(&mut workload.destinations, Some(line.dst));
+        if workload.user.is_none() {
+            workload.user = line.user;
         }
-        if !workload.destinations.contains(&event.dst) {
-            workload.destinations.push(event.dst);
+        match line.verdict.as_str() {
+            "deny" => workload.denied += line.count,
+            _ => workload.audited += line.count,
         }
-        match event.verdict.as_str() {
-            "deny" => workload.denied += 1,
-            _ => workload.audited += 1,
-        }
-        workload.last_seen = event.time;
-    }
+        workload.first_seen = workload.first_seen.min(first_seen);
+        workload.last_seen = workload.last_seen.max(line.time);
+        Ok(())
+    };
+    for_each_event(input, source, &mut add)?;
     let mut workloads: Vec<Workload> = by_key.into_values().collect();
     workloads.sort_by_key(|w| std::cmp::Reverse(w.denied + w.audited));
     Ok(workloads)
 }
 
-/// The systemd unit a cgroup path belongs to: its innermost `.service` or `.scope` part.
-fn unit_of(path: &str) -> Option<String> {
-    // systemd unit names are case-sensitive: `.Service` is not a unit type.
-    path.rsplit('/')
-        .find(|part| {
-            std::path::Path::new(part)
-                .extension()
-                .is_some_and(|ext| ext == "service" || ext == "scope")
-        })
-        .map(str::to_owned)
+/// Calls `event` with each event line of `input` (and its line number), whatever wraps it:
+/// plain JSON lines (log lines between them are skipped), `journalctl -o json` objects (the
+/// event is their `MESSAGE`), or `journalctl -o export` entries (`MESSAGE=` fields, and
+/// binary-safe `MESSAGE` fields with a length).
+fn for_each_event(
+    mut input: impl BufRead,
+    source: &str,
+    event: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let read_error = |number: usize, err: io::Error| Error::Report {
+        at: format!("{source}:{number}"),
+        message: err.to_string(),
+    };
+    let mut export = false;
+    let mut line = Vec::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        number += 1;
+        if input
+            .read_until(b'\n', &mut line)
+            .map_err(|err| read_error(number, err))?
+            == 0
+        {
+            return Ok(());
+        }
+        let text = line.trim_ascii();
+        if text.starts_with(b"__CURSOR=") || text.starts_with(b"__REALTIME_TIMESTAMP=") {
+            export = true;
+        }
+        if text.starts_with(b"{") {
+            if let Some(message) = journal_json_message(text) {
+                if message.trim_start().starts_with('{') {
+                    event(number, message.as_bytes())?;
+                }
+            } else {
+                event(number, text)?;
+            }
+        } else if let Some(message) = text.strip_prefix(b"MESSAGE=") {
+            if message.starts_with(b"{") {
+                event(number, message)?;
+            }
+        } else if export && !text.is_empty() && !text.contains(&b'=') {
+            // A binary-safe field: its name, then a little-endian 64-bit length, the data
+            // and a newline.
+            let mut size = [0u8; 8];
+            input
+                .read_exact(&mut size)
+                .map_err(|err| read_error(number, err))?;
+            let mut data = Vec::new();
+            input
+                .by_ref()
+                .take(u64::from_le_bytes(size).saturating_add(1))
+                .read_to_end(&mut data)
+                .map_err(|err| read_error(number, err))?;
+            // Lines inside the data (the last newline ends the field).
+            number += data.split(|&b| b == b'\n').count().saturating_sub(2);
+            let data = data.trim_ascii();
+            if text == b"MESSAGE" && data.starts_with(b"{") {
+                event(number, data)?;
+            }
+        }
+    }
+}
+
+/// The `MESSAGE` of a `journalctl -o json` entry (an object without an event's `verdict`).
+fn journal_json_message(text: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Entry {
+        #[serde(rename = "MESSAGE")]
+        message: Option<serde_json::Value>,
+        verdict: Option<serde_json::Value>,
+    }
+    let entry: Entry = serde_json::from_slice(text).ok()?;
+    if entry.verdict.is_some() {
+        return None;
+    }
+    match entry.message? {
+        serde_json::Value::String(message) => Some(message),
+        // journalctl writes a message that is not valid UTF-8 as an array of bytes.
+        serde_json::Value::Array(bytes) => String::from_utf8(
+            bytes
+                .iter()
+                .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect::<Option<Vec<u8>>>()?,
+        )
+        .ok(),
+        _ => None,
+    }
 }
 
 /// The workloads as a table for people.
 #[must_use]
 pub fn table(workloads: &[Workload]) -> String {
-    let mut out = String::from(
-        "DENIED  AUDITED  UID    WORKLOAD                                   FIRST SEEN → LAST SEEN\n",
+    let mut out = format!(
+        "{:>8}  {:>8}  {:<18}  {:<44}  {:<20}  {:<20}\n",
+        "DENIED", "AUDITED", "UID", "WORKLOAD", "FIRST SEEN", "LAST SEEN"
     );
+    let second = |t: &Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     for w in workloads {
-        let name = w
-            .unit
-            .clone()
-            .or_else(|| w.cgroup.clone())
-            .unwrap_or_else(|| "(cgroup gone)".into());
+        let uid = match &w.user {
+            Some(user) => format!("{} ({user})", w.uid),
+            None => w.uid.to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:>6}  {:>7}  {:<5}  {:<42} {} → {}\n        comm {}; to {}",
+            "{:>8}  {:>8}  {:<18}  {:<44}  {:<20}  {:<20}",
             w.denied,
             w.audited,
-            w.uid,
-            name,
-            w.first_seen,
-            w.last_seen,
-            w.comms.join(", "),
-            w.destinations.join(", "),
+            uid,
+            w.label(),
+            second(&w.first_seen),
+            second(&w.last_seen),
         );
+        let mut details = Vec::new();
+        if let Some(cgroup) = &w.cgroup {
+            details.push(format!("cgroup {cgroup}"));
+        }
+        if !w.exes.is_empty() {
+            details.push(format!("exe {}", w.exes.join(", ")));
+        }
+        if !w.comms.is_empty() {
+            details.push(format!("comm {}", w.comms.join(", ")));
+        }
+        details.push(format!("to {}", w.destinations.join(", ")));
+        let _ = writeln!(out, "{:>10}{}", "", details.join("; "));
     }
     out
 }
 
-/// A config whose rules would let exactly the workloads that audit mode let through, each by its
-/// uid and its most stable place: its systemd unit, else its cgroup path.
-#[must_use]
-pub fn suggest_policy(workloads: &[Workload]) -> String {
-    let mut out = String::from(
-        "# Suggested by `imds-guard report --suggest-policy` from the events seen.\n\
-         # Each rule lets one workload through; review them, then set mode = \"enforce\".\n\
-         mode = \"audit\"\n",
-    );
-    let mut written: Vec<String> = Vec::new();
-    // Only what audit mode let through: a denial was enforcement doing its job.
+/// The identity a suggested rule uses for a workload: the most stable one it has.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Identity {
+    /// Its systemd unit, wherever its cgroup is.
+    Unit(String),
+    /// Its cgroup path (and those below).
+    Cgroup(String),
+    /// Its uid alone: its cgroup was gone before its events were read.
+    Anywhere,
+}
+
+/// The config the audit ran with: its rules let through, silently, what the report never saw,
+/// so a suggested policy keeps them.
+pub struct Base<'a> {
+    /// Where it was read (for the comment saying so).
+    pub path: &'a str,
+    /// Its text, kept as written (comments too).
+    pub text: &'a str,
+}
+
+/// A config that keeps the policy the audit ran with (`base`, or the default policy's rule,
+/// uid 0 anywhere) and adds rules that would let through exactly the workloads audit mode let
+/// through and reported: one per identity (its systemd unit, else its cgroup path, else nothing
+/// more) and uid, with comments saying what was seen; in enforce mode. Denied workloads get no
+/// rule.
+///
+/// # Errors
+/// [`Error::Report`] when `base` is not valid TOML.
+pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result<String> {
+    let mut rules: BTreeMap<(Identity, u32), Vec<&Workload>> = BTreeMap::new();
     for w in workloads.iter().filter(|w| w.audited > 0) {
-        let condition = match (&w.unit, &w.cgroup) {
-            (Some(unit), _) => format!("unit = \"{unit}\""),
-            (None, Some(cgroup)) => format!("cgroup = \"{cgroup}\""),
-            (None, None) => String::new(),
+        let identity = match (&w.unit, &w.cgroup) {
+            (Some(unit), _) => Identity::Unit(unit.clone()),
+            (None, Some(cgroup)) => Identity::Cgroup(cgroup.clone()),
+            (None, None) => Identity::Anywhere,
         };
-        let rule = format!("uid = {}\n{condition}", w.uid);
-        if written.contains(&rule) {
-            continue;
-        }
-        let _ = write!(
-            out,
-            "\n# seen: {} denied, {} audited, {} → {}; comm {}; to {}\n[[allow]]\n{}\n",
-            w.denied,
-            w.audited,
-            w.first_seen,
-            w.last_seen,
-            w.comms.join(", "),
-            w.destinations.join(", "),
-            rule.trim_end()
-        );
-        written.push(rule);
+        rules.entry((identity, w.uid)).or_default().push(w);
     }
-    out
+    let denied: u64 = workloads.iter().map(|w| w.denied).sum();
+    let mut out = String::from(
+        "# Suggested by `imds-guard report --suggest-policy`: the policy the audit ran with, in\n\
+         # enforce mode, and one rule per workload it let reach IMDS and reported, each by its\n\
+         # most stable identity (systemd unit, else cgroup path) and its uid. Everything else is\n\
+         # denied once this is in force: review it, check it with `imds-guard check-config FILE`,\n\
+         # then install it and `imds-guard reload`.\n",
+    );
+    if denied > 0 {
+        let _ = writeln!(
+            out,
+            "# {denied} denied attempts were seen too; they get no rule (enforcement at work)."
+        );
+    }
+    match base {
+        Some(base) => {
+            let mut document: toml_edit::DocumentMut =
+                base.text.parse().map_err(|err| Error::Report {
+                    at: base.path.to_owned(),
+                    message: format!("not a config: {err}"),
+                })?;
+            document["mode"] = toml_edit::value("enforce");
+            let _ = writeln!(out, "# Kept from {}:\n", base.path);
+            out.push_str(document.to_string().trim_end());
+            out.push_str("\n\n# Added for what the audit reported:\n");
+        }
+        None => out.push_str(
+            "mode = \"enforce\"\n\n\
+             # The default policy's rule, written out now that the file has rules of its own.\n\
+             [[allow]]\n\
+             name = \"root (the default policy)\"\n\
+             uid = 0\n",
+        ),
+    }
+    for ((identity, uid), seen) in &rules {
+        out.push('\n');
+        for w in seen {
+            let _ = writeln!(
+                out,
+                "# seen: {} attempts {} → {} as {}{}; {}; to {}",
+                w.audited,
+                w.first_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                w.last_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                w.uid,
+                w.user
+                    .as_ref()
+                    .map(|u| format!(" ({u})"))
+                    .unwrap_or_default(),
+                if w.exes.is_empty() {
+                    format!("comm {}", w.comms.join(", "))
+                } else {
+                    format!("exe {}", w.exes.join(", "))
+                },
+                w.destinations.join(", "),
+            );
+            if let Some(container) = &w.container {
+                let _ = writeln!(
+                    out,
+                    "# a container ({} {}): its id, so its unit or cgroup, changes when it is \
+                     re-created",
+                    container.runtime.as_deref().unwrap_or("runtime unknown"),
+                    container.id
+                );
+            }
+        }
+        out.push_str("[[allow]]\n");
+        let _ = writeln!(out, "uid = {uid}");
+        match identity {
+            Identity::Unit(unit) => {
+                let _ = writeln!(out, "unit = {}", toml_string(unit));
+            }
+            Identity::Cgroup(cgroup) => {
+                let _ = writeln!(out, "cgroup = {}", toml_string(cgroup));
+            }
+            Identity::Anywhere => {
+                out.push_str("# its cgroup was gone when its events were read: any cgroup\n");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `text` as a TOML string, quoted and escaped.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }
 
 /// Reads `path` (`-` or none: stdin).
@@ -197,53 +443,166 @@ pub fn open(path: Option<&std::path::Path>) -> Result<(Box<dyn BufRead>, String)
 mod tests {
     use super::*;
 
-    const STREAM: &str = r#"{"time":"2026-11-22T10:00:00Z","verdict":"audit","pid":1,"tgid":1,"uid":0,"gid":0,"comm":"amazon-ssm-agen","cgroup_id":9,"cgroup":"/system.slice/amazon-ssm-agent.service","family":"ipv4","protocol":"tcp","dst":"169.254.169.254","port":80,"rule":"default","hook":"connect4"}
-imds-guard log line the journal interleaves
-{"time":"2026-11-22T10:05:00Z","verdict":"audit","pid":2,"tgid":2,"uid":0,"gid":0,"comm":"ssm-worker","cgroup_id":9,"cgroup":"/system.slice/amazon-ssm-agent.service","family":"ipv6","protocol":"tcp","dst":"fd00:ec2::254","port":80,"rule":"default","hook":"connect6"}
-{"time":"2026-11-22T10:06:00Z","verdict":"audit","pid":3,"tgid":3,"uid":1000,"gid":1000,"comm":"python3","cgroup_id":11,"cgroup":"/user.slice/user-1000.slice/session-3.scope","family":"ipv4","protocol":"tcp","dst":"169.254.169.254","port":80,"rule":"default","hook":"connect4"}
-{"time":"2026-11-22T10:07:00Z","verdict":"deny","pid":4,"tgid":4,"uid":0,"gid":0,"comm":"curl","cgroup_id":12,"cgroup":"/kubepods.slice/pod1/cri-containerd-ab.scope","family":"ipv4","protocol":"tcp","dst":"169.254.169.254","port":80,"rule":"default","hook":"connect4"}
-"#;
+    const CONTAINER: &str = "5d1e0c4b3a29f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817060";
 
-    #[test]
-    fn groups_by_workload_with_counts_and_times() {
-        let workloads = workloads(STREAM.as_bytes(), "events.jsonl").unwrap();
-        assert_eq!(workloads.len(), 3);
-        let ssm = &workloads[0];
-        assert_eq!(ssm.unit.as_deref(), Some("amazon-ssm-agent.service"));
-        assert_eq!((ssm.audited, ssm.denied), (2, 0));
-        assert_eq!(ssm.comms, ["amazon-ssm-agen", "ssm-worker"]);
-        assert_eq!(ssm.destinations, ["169.254.169.254", "fd00:ec2::254"]);
-        assert_eq!(
-            (ssm.first_seen.as_str(), ssm.last_seen.as_str()),
-            ("2026-11-22T10:00:00Z", "2026-11-22T10:05:00Z")
-        );
-        let table = table(&workloads);
-        assert!(table.contains("amazon-ssm-agent.service"), "{table}");
+    /// A recorded stream: the SSM agent (audited, twice, then 40 repeats folded), a user's
+    /// session, a log line, a denied container, and an event whose cgroup was gone.
+    fn stream() -> String {
+        format!(
+            r#"{{"time":"2026-11-22T10:00:00Z","verdict":"audit","count":1,"aggregated":false,"first_seen":"2026-11-22T10:00:00Z","last_seen":"2026-11-22T10:00:00Z","pid":1,"tgid":1,"uid":0,"user":"root","gid":0,"comm":"amazon-ssm-agen","exe":"/usr/bin/amazon-ssm-agent","cgroup_id":9,"cgroup":"/system.slice/amazon-ssm-agent.service","family":"ipv4","protocol":"tcp","dst":"169.254.169.254","port":80,"rule":"default","hook":"connect4"}}
+imds-guard log line the journal interleaves
+{{"time":"2026-11-22T10:05:00.5Z","verdict":"audit","pid":2,"tgid":2,"uid":0,"gid":0,"comm":"ssm-worker","cgroup_id":9,"cgroup":"/system.slice/amazon-ssm-agent.service","family":"ipv6","protocol":"tcp","dst":"fd00:ec2::254","port":80,"rule":"default","hook":"connect6"}}
+{{"time":"2026-11-22T10:05:09Z","verdict":"audit","count":40,"aggregated":true,"first_seen":"2026-11-22T10:05:00.5Z","last_seen":"2026-11-22T10:05:09Z","pid":2,"uid":0,"cgroup":"/system.slice/amazon-ssm-agent.service","dst":"fd00:ec2::254"}}
+{{"time":"2026-11-22T10:06:00Z","verdict":"audit","pid":3,"tgid":3,"uid":1000,"user":"alice","gid":1000,"comm":"python3","exe":"/usr/bin/python3.11","cgroup_id":11,"cgroup":"/user.slice/user-1000.slice/session-3.scope","dst":"169.254.169.254"}}
+{{"time":"2026-11-22T10:07:00Z","verdict":"deny","pid":4,"tgid":4,"uid":0,"gid":0,"comm":"curl","cgroup_id":12,"cgroup":"/system.slice/docker-{CONTAINER}.scope","dst":"169.254.169.254"}}
+{{"time":"2026-11-22T10:08:00Z","verdict":"audit","pid":5,"tgid":5,"uid":1001,"gid":1001,"comm":"cron-job","cgroup_id":13,"cgroup":null,"dst":"169.254.169.254"}}
+"#
+        )
+    }
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().unwrap()
     }
 
     #[test]
-    fn suggested_policy_parses_and_names_units_first() {
-        let workloads = workloads(STREAM.as_bytes(), "events.jsonl").unwrap();
-        let text = suggest_policy(&workloads);
+    fn groups_by_workload_with_counts_and_times() {
+        let workloads = workloads(stream().as_bytes(), "events.jsonl").unwrap();
+        assert_eq!(workloads.len(), 4);
+        let ssm = &workloads[0];
+        assert_eq!(ssm.unit.as_deref(), Some("amazon-ssm-agent.service"));
+        assert_eq!(
+            (ssm.audited, ssm.denied),
+            (42, 0),
+            "aggregates count by `count`"
+        );
+        assert_eq!(ssm.comms, ["amazon-ssm-agen", "ssm-worker"]);
+        assert_eq!(ssm.exes, ["/usr/bin/amazon-ssm-agent"]);
+        assert_eq!(ssm.user.as_deref(), Some("root"));
+        assert_eq!(ssm.destinations, ["169.254.169.254", "fd00:ec2::254"]);
+        // Times compare as times: "10:05:00.5Z" sorts after "10:05:00Z" as text, not in time.
+        assert_eq!(
+            (ssm.first_seen, ssm.last_seen),
+            (at("2026-11-22T10:00:00Z"), at("2026-11-22T10:05:09Z"))
+        );
+        let container = workloads.iter().find(|w| w.denied > 0).unwrap();
+        assert_eq!(container.container.as_ref().unwrap().id, CONTAINER);
+        assert_eq!(
+            container.label(),
+            format!("docker container {}", &CONTAINER[..12])
+        );
+        let table = table(&workloads);
+        assert!(table.contains("unit amazon-ssm-agent.service"), "{table}");
+        assert!(table.contains("0 (root)"), "{table}");
+        assert!(table.contains("exe /usr/bin/python3.11"), "{table}");
+        assert!(table.contains("(cgroup gone)"), "{table}");
+    }
+
+    fn parse(text: &str) -> crate::config::Config {
+        crate::config::Config::from_toml(None, text, &crate::config::Overrides::default())
+            .unwrap_or_else(|err| panic!("{err}\n{text}"))
+    }
+
+    #[test]
+    fn suggested_policy_enforces_and_names_the_most_stable_identity() {
+        let workloads = workloads(stream().as_bytes(), "events.jsonl").unwrap();
+        let text = suggest_policy(&workloads, None).unwrap();
+        let config = parse(&text);
+        assert_eq!(config.mode, crate::config::Mode::Enforce, "{text}");
+        // The default policy's root rule, then SSM by its unit, the session by its scope, the
+        // cron job by its uid alone; the container's denied attempt gets no rule.
+        assert_eq!(config.allow.len(), 4, "{text}");
+        assert_eq!(
+            config.allow[0].name.as_deref(),
+            Some("root (the default policy)")
+        );
         assert!(
-            text.contains("unit = \"amazon-ssm-agent.service\""),
+            text.contains("unit = \"amazon-ssm-agent.service\"\n"),
             "{text}"
         );
-        assert!(text.contains("unit = \"session-3.scope\""), "{text}");
-        let config =
-            crate::config::Config::from_toml(None, &text, &crate::config::Overrides::default())
-                .unwrap();
-        // The container's denied attempt is not made an allow rule.
-        assert_eq!(config.allow.len(), 2);
-        assert!(!text.contains("kubepods"), "{text}");
+        assert!(text.contains("unit = \"session-3.scope\"\n"), "{text}");
+        assert!(text.contains("uid = 1001\n# its cgroup was gone"), "{text}");
+        assert!(!text.contains(CONTAINER), "{text}");
+        assert!(text.contains("# 1 denied attempts were seen too"), "{text}");
+    }
+
+    #[test]
+    fn suggested_policy_keeps_the_audited_config_and_adds_to_it() {
+        let workloads = workloads(stream().as_bytes(), "events.jsonl").unwrap();
+        let base = "# ours\nmode = \"audit\" # staged\ncgroup = \"/\"\n\n\
+                    [[allow]]\nname = \"host root\"\nuid = 0\nnot_cgroup = \"/docker/**\"\n";
+        let text = suggest_policy(
+            &workloads,
+            Some(&Base {
+                path: "/etc/imds-guard/imds-guard.toml",
+                text: base,
+            }),
+        )
+        .unwrap();
+        let config = parse(&text);
+        assert_eq!(config.mode, crate::config::Mode::Enforce, "{text}");
+        assert!(text.contains("# ours\n"), "comments kept: {text}");
+        assert!(
+            text.contains("# Kept from /etc/imds-guard/imds-guard.toml"),
+            "{text}"
+        );
+        // Its rule first (it decides first, as it did), then the three added.
+        assert_eq!(config.allow.len(), 4, "{text}");
+        assert_eq!(config.allow[0].name.as_deref(), Some("host root"));
+        let err = suggest_policy(
+            &workloads,
+            Some(&Base {
+                path: "bad.toml",
+                text: "mode = ",
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("bad.toml: not a config"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn journal_exports_carry_the_same_events() {
+        let events: Vec<String> = stream()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(str::to_owned)
+            .collect();
+        let plain = workloads(stream().as_bytes(), "plain").unwrap();
+        // `journalctl -o json`: each entry's MESSAGE is a line the agent printed.
+        let json = events.iter().fold(String::new(), |mut json, e| {
+            let entry = serde_json::json!({"_PID": "7", "MESSAGE": e});
+            let _ = writeln!(json, "{entry}");
+            json
+        });
+        assert_eq!(workloads(json.as_bytes(), "json").unwrap(), plain);
+        // `journalctl -o export`: text fields, and one binary-safe MESSAGE field.
+        let mut export = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            export.extend_from_slice(b"__CURSOR=s=1;i=1\n__REALTIME_TIMESTAMP=1\n");
+            if i == 1 {
+                export.extend_from_slice(b"MESSAGE\n");
+                export.extend_from_slice(&(e.len() as u64).to_le_bytes());
+                export.extend_from_slice(e.as_bytes());
+                export.push(b'\n');
+                export.extend_from_slice(b"BINARY_FIELD\n");
+                export.extend_from_slice(&3u64.to_le_bytes());
+                export.extend_from_slice(b"a\nb\n");
+            } else {
+                export.extend_from_slice(format!("MESSAGE={e}\n").as_bytes());
+            }
+            export.extend_from_slice(b"_SYSTEMD_UNIT=imds-guard.service\n\n");
+        }
+        assert_eq!(workloads(export.as_slice(), "export").unwrap(), plain);
     }
 
     #[test]
     fn a_line_that_is_not_an_event_is_named() {
-        let err = workloads("{\"time\":1}\n".as_bytes(), "x.jsonl").unwrap_err();
+        let err = workloads("log\n{\"time\":1}\n".as_bytes(), "x.jsonl").unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("x.jsonl:1: not an imds-guard event"),
+                .starts_with("x.jsonl:2: not an imds-guard event"),
             "{err}"
         );
     }
