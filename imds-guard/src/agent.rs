@@ -418,14 +418,12 @@ async fn serve(
             _ = resync.tick() => {
                 if agent.maps_uncertain {
                     // A rewrite reuses a generation slot: see SIGHUP.
-                    let _ = reporter.drain(ring.get_mut());
+                    reporter.before_switch(ring.get_mut());
                 }
                 agent.resync(watcher.get_mut());
             }
             _ = sighup.recv() => {
-                // Report what the current policies judged before a generation slot is reused:
-                // one batch holds everything already in the ring, so this needs no loop.
-                let _ = reporter.drain(ring.get_mut());
+                reporter.before_switch(ring.get_mut());
                 agent.reload(watcher.get_mut());
             }
             ready = watcher.readable_mut() => match ready {
@@ -612,6 +610,14 @@ impl Reporter {
             self.report_folds(None, false);
         }
         empty
+    }
+
+    /// Reports what the current policies judged before a generation slot is reused (events
+    /// and repeats name their rule by its number in its generation): what is in the ring (one
+    /// batch holds all of it, so this needs no loop), and every repeat counted so far.
+    fn before_switch(&mut self, ring: &mut RingBuf<MapData>) {
+        let _ = self.drain(ring);
+        self.report_folds(None, true);
     }
 
     /// Reports the repeats the kernel folded whose window has closed (all of them when

@@ -2,7 +2,9 @@
 //!
 //! A network namespace with a mock IMDS on 169.254.169.254 and `fd00:ec2::254`, a cgroup of its
 //! own, the agent attached there with the default policy (enforce, allow uid 0), one request as
-//! root and one as an unprivileged uid. Everything is removed on the way out.
+//! root and one as an unprivileged uid, a loop of denied connects folded into one event with a
+//! count, and `imds-guard report` on what the agent printed. Everything is removed on the way
+//! out.
 
 use std::time::Instant;
 
@@ -21,7 +23,7 @@ fn main() -> std::process::ExitCode {
     let pins = Pins::new();
     let pid_file = pins.pid_file().to_string_lossy().into_owned();
     println!(
-        "\n$ {} run --cgroup {} --pin-dir {} --pid-file {pid_file}",
+        "\n$ {} run --cgroup {} --pin-dir {} --pid-file {pid_file} --aggregate-window 10",
         agent_binary().display(),
         cgroup.path,
         pins.arg()
@@ -34,6 +36,8 @@ fn main() -> std::process::ExitCode {
         &pins.arg(),
         "--pid-file",
         &pid_file,
+        "--aggregate-window",
+        "10",
     ]);
     println!(
         "  enforcing after {} ms (default policy: enforce, allow uid 0)",
@@ -69,9 +73,22 @@ fn main() -> std::process::ExitCode {
         }
     }
 
+    println!("\n4. uid {NOBODY} loops: 1000 connects in a row.");
+    let flood = Client::new(&sandbox, &cgroup, NOBODY, NOBODY)
+        .repeat(1000)
+        .tcp(IMDS_V4, 80);
     println!(
-        "\nstopping the agent (SIGTERM): enforcement stays pinned in the kernel; the demo then \
-         runs `imds-guard detach --pin-dir {}` and removes its sandbox",
+        "   {} of 1000 denied; the first is reported at once, the kernel counts the repeats:",
+        flood.eperm
+    );
+    for event in agent.wait_events_of(flood.pid, 1) {
+        println!("   event: {event}");
+    }
+
+    println!(
+        "\nstopping the agent (SIGTERM): it reports the repeats still counted; enforcement stays \
+         pinned in the kernel; the demo then runs `imds-guard detach --pin-dir {}` and removes \
+         its sandbox",
         pins.arg()
     );
     let status = agent.stop();
@@ -79,6 +96,39 @@ fn main() -> std::process::ExitCode {
         eprintln!("agent exited with {status}:\n{}", agent.stderr());
         return std::process::ExitCode::FAILURE;
     }
+    for event in agent.events_of(flood.pid).iter().skip(1) {
+        println!("   event: {event}");
+    }
+    if !report(&agent) {
+        return std::process::ExitCode::FAILURE;
+    }
     // Returning drops the guards: `Pins` detaches and unmounts, the sandbox and cgroup go.
     std::process::ExitCode::SUCCESS
+}
+
+/// `imds-guard report` on the events the agent printed; whether it succeeded.
+fn report(agent: &Agent) -> bool {
+    let events: Vec<String> = agent.events().iter().map(ToString::to_string).collect();
+    println!("\n$ imds-guard report < events.jsonl");
+    let child = std::process::Command::new(agent_binary())
+        .args(["report", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn();
+    let status = child.and_then(|mut child| {
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, (events.join("\n") + "\n").as_bytes())?;
+        }
+        child.wait()
+    });
+    match status {
+        Ok(status) if status.success() => true,
+        Ok(status) => {
+            eprintln!("imds-guard report exited with {status}");
+            false
+        }
+        Err(err) => {
+            eprintln!("cannot run imds-guard report: {err}");
+            false
+        }
+    }
 }
