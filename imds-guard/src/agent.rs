@@ -43,6 +43,11 @@ const CGROUP_CACHE_ENTRIES: usize = 4096;
 /// large enough that, the ring being FIFO, one drain takes everything present when it began.
 const DRAIN_BATCH_RECORDS: usize =
     (EVENTS_RING_BYTES as usize).div_ceil(size_of::<imds_guard_common::event::Event>() + 8);
+/// First attempts remembered beyond what the kernel's fold map holds before the agent walks
+/// the map to forget those it no longer has (one walk per this many new bursts at most).
+const FOLDS_PRUNE_SLACK: usize = 1024;
+/// User database lookups one batch of events may spend; names not looked up are left unread.
+const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
 /// Bytes of JSON lines gathered before they are written to stdout in one call.
 const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
 /// How often the agent reports the repeats the kernel folded whose window has closed.
@@ -578,6 +583,7 @@ impl Reporter {
     /// once. Returns whether the ring is now empty.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
         let offset = clock_offset();
+        self.enricher.allow_lookups_for(LOOKUP_BUDGET);
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
             let Some(item) = ring.next() else {
@@ -601,14 +607,15 @@ impl Reporter {
             self.reported += 1;
             if self.fold_map.is_some() {
                 self.folds.first(FoldKey::of(raw), record);
+                // The first attempts of bursts are remembered until the kernel forgets the
+                // bursts: walk its entries (which prunes the others) before more pile up than
+                // it holds.
+                if self.folds.len() > FOLDS_MAX_ENTRIES as usize + FOLDS_PRUNE_SLACK {
+                    self.report_folds(None, false);
+                }
             }
         }
         self.flush();
-        // The first attempts of bursts are remembered until the kernel forgets the bursts:
-        // walk its entries before more pile up than it can hold.
-        if self.folds.len() > 2 * FOLDS_MAX_ENTRIES as usize {
-            self.report_folds(None, false);
-        }
         empty
     }
 

@@ -183,15 +183,38 @@ impl Kernel {
     /// verifier log).
     pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self> {
         check_pinned_layouts(pins)?;
+        // Before loading, which pins the maps: a retry must not take its own pins for a
+        // predecessor's.
         let adopted = pins.map(GENERATION).exists();
-        let mut loader = EbpfLoader::new();
-        for name in imds_guard_common::maps::ALL {
-            loader.map_pin_path(name, pins.map(name));
-        }
         let task_layout = crate::btf::task_layout().unwrap_or_else(|reason| {
             warn!("events will not name parent processes: {reason}");
             TaskLayout::default()
         });
+        match Self::load_with(pins, adopted, fold_window_ns, task_layout) {
+            // Reading the parent needs `bpf_get_current_task` and `bpf_probe_read_kernel`,
+            // which some kernels do not offer these program types: without the layout the
+            // programs never reach those calls, and the verifier never sees them.
+            Err(Error::LoadProgram { program, source }) if task_layout.known != 0 => {
+                warn!(
+                    "the programs that read parent processes were refused ({program}: {source}); \
+                     loading them without: events will not name parent processes"
+                );
+                Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
+            }
+            loaded => loaded,
+        }
+    }
+
+    fn load_with(
+        pins: &PinDir,
+        adopted: bool,
+        fold_window_ns: u64,
+        task_layout: TaskLayout,
+    ) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        for name in imds_guard_common::maps::ALL {
+            loader.map_pin_path(name, pins.map(name));
+        }
         loader.override_global(TASK_LAYOUT_GLOBAL, &task_layout, true);
         loader.override_global(FOLD_WINDOW_GLOBAL, &fold_window_ns, true);
         let mut ebpf = loader

@@ -1,9 +1,16 @@
 //! What the agent adds to an event from `/proc` and the user database: the executable, the
 //! command line, and user and group names. All best effort: a process may be gone by the time
 //! its event is read (the kernel already recorded what must not be lost), and a uid may have no
-//! name. Lookups are cached, so a flood costs one `/proc` read per reported attempt.
+//! name. Lookups are cached, and user database lookups (which may ask a directory service) are
+//! limited per batch of events, so that neither a slow directory nor a flood of distinct uids
+//! holds up reporting.
 
-use std::{collections::HashMap, fs, io::Read as _};
+use std::{
+    collections::HashMap,
+    fs,
+    io::Read as _,
+    time::{Duration, Instant},
+};
 
 /// Bytes of a command line kept; longer ones end with `…`.
 pub const CMDLINE_MAX_BYTES: usize = 1024;
@@ -19,15 +26,31 @@ pub struct Process {
     pub cmdline: Option<String>,
 }
 
+/// How long a process's `/proc` entry, once read, is taken to be the same process without
+/// reading its start time again: a pid is not reused that fast (the kernel hands out pids in
+/// order, so reuse needs `pid_max` forks in between).
+const RECHECK_NS: u64 = 1_000_000_000;
+
+/// A process as read, and when that was checked.
+struct Seen {
+    /// Start time in clock ticks since boot.
+    started: u64,
+    process: Process,
+    /// When the start time was last read (`CLOCK_BOOTTIME` ns).
+    checked_ns: u64,
+}
+
 /// Caches of process, user and group lookups.
 #[derive(Default)]
 pub struct Enricher {
-    /// (tgid, start time in clock ticks since boot) → what was read.
-    processes: HashMap<(u32, u64), Process>,
+    /// tgid → what was read.
+    processes: HashMap<u32, Seen>,
     users: HashMap<u32, Option<String>>,
     groups: HashMap<u32, Option<String>>,
     /// Nanoseconds per clock tick of `/proc/PID/stat`'s start time.
     tick_ns: u64,
+    /// User database lookups stop at this instant (`None`: no limit).
+    lookups_until: Option<Instant>,
 }
 
 impl Enricher {
@@ -49,32 +72,66 @@ impl Enricher {
     /// The process `tgid` that made an attempt at `boot_ns` (`CLOCK_BOOTTIME`), if it still
     /// runs; a process with that id started after the attempt is another one (`None`).
     pub fn process(&mut self, tgid: u32, boot_ns: u64) -> Option<Process> {
-        let started = start_ticks(tgid)?;
+        let now = crate::agent::boot_time_ns();
+        let tick_ns = self.tick_ns;
         // One tick of slack: the start time is rounded down to a tick.
-        if started.saturating_mul(self.tick_ns) > boot_ns.saturating_add(self.tick_ns) {
+        let made_it =
+            |started: u64| started.saturating_mul(tick_ns) <= boot_ns.saturating_add(tick_ns);
+        if let Some(seen) = self.processes.get(&tgid)
+            && now.saturating_sub(seen.checked_ns) < RECHECK_NS
+        {
+            return made_it(seen.started).then(|| seen.process.clone());
+        }
+        let started = start_ticks(tgid)?;
+        if !made_it(started) {
             return None;
         }
         if self.processes.len() >= CACHE_ENTRIES {
             self.processes.clear();
         }
-        let process = self
+        let known = self
             .processes
-            .entry((tgid, started))
-            .or_insert_with(|| Process {
+            .get(&tgid)
+            .filter(|seen| seen.started == started)
+            .map(|seen| seen.process.clone());
+        let process = if let Some(process) = known {
+            process
+        } else {
+            let process = Process {
                 exe: fs::read_link(format!("/proc/{tgid}/exe"))
                     .ok()
                     .map(|path| path.to_string_lossy().into_owned()),
                 cmdline: cmdline(tgid),
-            })
-            .clone();
-        // Read after the start time: if the process ended and its id was reused in between,
-        // the start time no longer matches and what was read belongs to another process.
-        (start_ticks(tgid) == Some(started)).then_some(process)
+            };
+            // Read after the start time: if the process ended and its id was reused in
+            // between, the start time no longer matches and what was read is another's.
+            if start_ticks(tgid) != Some(started) {
+                return None;
+            }
+            process
+        };
+        self.processes.insert(
+            tgid,
+            Seen {
+                started,
+                process: process.clone(),
+                checked_ns: now,
+            },
+        );
+        Some(process)
+    }
+
+    /// Allows `budget` of user database lookups from now on (the cache answers regardless):
+    /// a directory that answers slowly, or a flood of distinct uids, then costs a batch of
+    /// events at most that, and the names it could not look up are left unread.
+    pub fn allow_lookups_for(&mut self, budget: Duration) {
+        self.lookups_until = Some(Instant::now() + budget);
     }
 
     /// The name of `uid` in the user database.
-    pub fn user(&mut self, uid: u32) -> Option<String> {
-        cached(&mut self.users, uid, |uid| {
+    pub fn user(&mut self, uid: u32) -> Name {
+        let until = self.lookups_until;
+        cached(&mut self.users, uid, until, |uid| {
             nix::unistd::User::from_uid(uid.into())
                 .ok()
                 .flatten()
@@ -83,8 +140,9 @@ impl Enricher {
     }
 
     /// The name of `gid` in the group database.
-    pub fn group(&mut self, gid: u32) -> Option<String> {
-        cached(&mut self.groups, gid, |gid| {
+    pub fn group(&mut self, gid: u32) -> Name {
+        let until = self.lookups_until;
+        cached(&mut self.groups, gid, until, |gid| {
             nix::unistd::Group::from_gid(gid.into())
                 .ok()
                 .flatten()
@@ -96,12 +154,44 @@ impl Enricher {
 fn cached(
     cache: &mut HashMap<u32, Option<String>>,
     id: u32,
+    until: Option<Instant>,
     look_up: impl FnOnce(u32) -> Option<String>,
-) -> Option<String> {
-    if cache.len() >= CACHE_ENTRIES {
-        cache.clear();
+) -> Name {
+    let name = match cache.get(&id) {
+        Some(name) => name.clone(),
+        None if until.is_some_and(|until| Instant::now() >= until) => return Name::NotLookedUp,
+        None => {
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            let name = look_up(id);
+            cache.insert(id, name.clone());
+            name
+        }
+    };
+    name.map_or(Name::Nameless, Name::Known)
+}
+
+/// What the user or group database says of an id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Name {
+    /// Its name.
+    Known(String),
+    /// It has none.
+    Nameless,
+    /// It was not looked up: the batch's lookup budget was spent.
+    NotLookedUp,
+}
+
+impl Name {
+    /// The name, if known.
+    #[must_use]
+    pub fn known(self) -> Option<String> {
+        match self {
+            Self::Known(name) => Some(name),
+            Self::Nameless | Self::NotLookedUp => None,
+        }
     }
-    cache.entry(id).or_insert_with(|| look_up(id)).clone()
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
@@ -180,7 +270,13 @@ mod tests {
         assert!(process.cmdline.is_some());
         // An attempt before this process started was not this process's.
         assert_eq!(enricher.process(me, 0), None);
-        assert_eq!(enricher.user(0).as_deref(), Some("root"));
-        assert_eq!(enricher.group(0).as_deref(), Some("root"));
+        assert_eq!(enricher.user(0), Name::Known("root".into()));
+        assert_eq!(enricher.group(0), Name::Known("root".into()));
+        assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
+        // Out of budget: what is cached still answers, the rest is not looked up.
+        enricher.allow_lookups_for(Duration::ZERO);
+        assert_eq!(enricher.user(0), Name::Known("root".into()));
+        assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
+        assert_eq!(enricher.user(65534), Name::NotLookedUp);
     }
 }

@@ -10,7 +10,7 @@ use imds_guard_common::event::{
 use serde::Serialize;
 
 use crate::{
-    enrich::Enricher,
+    enrich::{Enricher, Name},
     workload::{Container, Placement},
 };
 
@@ -280,9 +280,17 @@ impl Record {
 
     /// Adds what `/proc` and the user database say (best effort: see [`Enricher`]).
     pub fn enrich(&mut self, enricher: &mut Enricher, boot_ns: u64) {
-        self.user = enricher.user(self.uid);
+        let user = enricher.user(self.uid);
+        if user == Name::NotLookedUp {
+            self.unread.push("user");
+        }
+        self.user = user.known();
         if let Some(gid) = self.gid {
-            self.group = enricher.group(gid);
+            let group = enricher.group(gid);
+            if group == Name::NotLookedUp {
+                self.unread.push("group");
+            }
+            self.group = group.known();
         }
         if let Some(tgid) = self.tgid {
             match enricher.process(tgid, boot_ns) {

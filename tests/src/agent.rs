@@ -94,6 +94,25 @@ impl Agent {
     /// As [`Agent::start`].
     #[must_use]
     pub fn start_wrapped(wrapper: &[&str], binary: &std::path::Path, args: &[&str]) -> Self {
+        Self::launch(wrapper, binary, args, true)
+    }
+
+    /// As [`Agent::start`], with its events written to `/dev/null` (none are kept): what the
+    /// agent itself can report, whatever reads its output.
+    ///
+    /// # Panics
+    /// As [`Agent::start`].
+    #[must_use]
+    pub fn start_discarding_events(args: &[&str]) -> Self {
+        Self::launch(&[], &agent_binary(), args, false)
+    }
+
+    fn launch(
+        wrapper: &[&str],
+        binary: &std::path::Path,
+        args: &[&str],
+        keep_events: bool,
+    ) -> Self {
         let notify_dir = TempDir::new();
         let socket_path = notify_dir.0.join("notify");
         let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
@@ -128,22 +147,28 @@ impl Agent {
             .env("NOTIFY_SOCKET", &socket_path)
             .env("IMDS_GUARD_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(if keep_events {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn imds-guard");
 
         let events = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let sink = Arc::clone(&events);
-        let stdout_reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|err| panic!("agent printed a non-JSON line ({err}): {line}"));
-                sink.0.lock().expect("events").push(value);
-                sink.1.notify_all();
-            }
+        let stdout_reader = child.stdout.take().map(|stdout| {
+            let sink = Arc::clone(&events);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let value: Value = serde_json::from_str(&line).unwrap_or_else(|err| {
+                        panic!("agent printed a non-JSON line ({err}): {line}")
+                    });
+                    sink.0.lock().expect("events").push(value);
+                    sink.1.notify_all();
+                }
+            })
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("stderr");
@@ -162,7 +187,7 @@ impl Agent {
 
         let mut agent = Self {
             child,
-            stdout_reader: Some(stdout_reader),
+            stdout_reader,
             events,
             stderr,
             pid_file,

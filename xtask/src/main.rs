@@ -32,7 +32,11 @@ enum Task {
     Package,
     /// Measure imds-guard against no firewall and iptables, in a sandbox (as root); prints the
     /// tables BENCHMARKS.md holds.
-    Bench,
+    Bench {
+        /// Only these tables: kernel, connect, scaling, throughput, pipeline, footprint
+        /// (default: all).
+        tables: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -72,14 +76,14 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench => run_sandboxed("imds-guard-bench", "bench", true),
-        Task::Demo => run_sandboxed("imds-guard-demo", "demo", false),
+        Task::Bench { tables } => run_sandboxed("imds-guard-bench", "bench", &tables),
+        Task::Demo => run_sandboxed("imds-guard-demo", "demo", &[]),
     }
 }
 
 /// Runs `bin` of the tests crate, in release mode, as root: the demo and the benchmarks, which
 /// load BPF programs and make network namespaces of their own.
-fn run_sandboxed(bin: &str, task: &str, iptables: bool) -> Result<()> {
+fn run_sandboxed(bin: &str, task: &str, args: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
             "the {task} loads BPF programs and makes a network namespace: run `cargo xtask {task}` as root"
@@ -87,11 +91,11 @@ fn run_sandboxed(bin: &str, task: &str, iptables: bool) -> Result<()> {
     }
     bootstrap::ensure()?;
     bootstrap::ensure_test_tools()?;
-    if iptables {
+    if task == "bench" {
         bootstrap::ensure_bench_tools()?;
     }
     cargo(&["build", "--release", "--workspace", "--bins"])?;
-    cargo(&[
+    let mut run = vec![
         "run",
         "--quiet",
         "--release",
@@ -99,7 +103,10 @@ fn run_sandboxed(bin: &str, task: &str, iptables: bool) -> Result<()> {
         "imds-guard-tests",
         "--bin",
         bin,
-    ])
+        "--",
+    ];
+    run.extend(args.iter().map(String::as_str));
+    cargo(&run)
 }
 
 /// The workspace's target directory.
