@@ -28,7 +28,7 @@ use crate::{
     ebpf::{self, Kernel},
     enrich::Enricher,
     error::{Error, Result},
-    events::{self, Record},
+    events::{self, Record, boot_time_ns},
     metrics::{self, Metrics},
     pidfile::PidFile,
     pins::PinDir,
@@ -342,14 +342,6 @@ fn warn_too_deep(dirs: &[CgroupDir]) {
             dir.level()
         );
     }
-}
-
-/// `CLOCK_BOOTTIME` now, in nanoseconds (the clock of the kernel's event times).
-pub(crate) fn boot_time_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
-        u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(time.tv_nsec()).unwrap_or(0)
-    })
 }
 
 /// Reports events and follows the cgroup tree until a signal, then drains what is left and

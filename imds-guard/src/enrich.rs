@@ -72,7 +72,7 @@ impl Enricher {
     /// The process `tgid` that made an attempt at `boot_ns` (`CLOCK_BOOTTIME`), if it still
     /// runs; a process with that id started after the attempt is another one (`None`).
     pub fn process(&mut self, tgid: u32, boot_ns: u64) -> Option<Process> {
-        let now = crate::agent::boot_time_ns();
+        let now = crate::events::boot_time_ns();
         let tick_ns = self.tick_ns;
         // One tick of slack: the start time is rounded down to a tick.
         let made_it =
@@ -263,7 +263,7 @@ mod tests {
     fn reads_this_process_and_refuses_a_later_start() {
         let mut enricher = Enricher::new();
         let me = std::process::id();
-        let now = crate::agent::boot_time_ns();
+        let now = crate::events::boot_time_ns();
         let process = enricher.process(me, now).unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(process.exe.as_deref(), exe.to_str());

@@ -383,6 +383,16 @@ fn comm_text(comm: &[u8; COMM_LEN]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
+/// `CLOCK_BOOTTIME` now, in nanoseconds (the clock of the kernel's event times); 0 if it cannot
+/// be read.
+#[must_use]
+pub fn boot_time_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
+        u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(time.tv_nsec()).unwrap_or(0)
+    })
+}
+
 /// Nanoseconds to add to a `CLOCK_BOOTTIME` reading to get Unix time, sampled now.
 ///
 /// # Errors

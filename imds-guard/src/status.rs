@@ -136,7 +136,7 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
             .position(|&b| b == 0)
             .unwrap_or(info.version.len());
         status.version = Some(String::from_utf8_lossy(&info.version[..end]).into_owned());
-        let now = boot_time_ns();
+        let now = crate::events::boot_time_ns();
         status.heartbeat_age_secs = Some(now.saturating_sub(info.heartbeat_ns) / 1_000_000_000);
         status.reloads = Some(info.reloads);
         status.failed_reloads = Some(info.failed_reloads);
@@ -163,13 +163,6 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
     };
     status.healthy = status.problem.is_none();
     status
-}
-
-fn boot_time_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
-        u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(time.tv_nsec()).unwrap_or(0)
-    })
 }
 
 /// The pinned maps, opened one at a time.

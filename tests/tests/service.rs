@@ -99,7 +99,11 @@ fn the_agent_works_with_only_the_units_capabilities() {
         &agent_binary(),
         &["--cgroup", &attach.path, "--pin-dir", &pins.arg()],
     );
-    let refused = Client::new(&sandbox, &attach, 1000, 1000).tcp(IMDS_V4, 80);
+    // It lingers, so the agent can read its executable and command line too: another user's
+    // process, whose /proc/PID/exe only a process allowed to trace it may read.
+    let refused = Client::new(&sandbox, &attach, 1000, 1000)
+        .linger(2)
+        .tcp(IMDS_V4, 80);
     refused.assert_errno(EPERM);
     let events = agent.wait_events_of(refused.pid, 1);
     assert_eq!(
@@ -107,6 +111,12 @@ fn the_agent_works_with_only_the_units_capabilities() {
         serde_json::json!(attach.path),
         "{}",
         agent.stderr()
+    );
+    assert_eq!(
+        (&events[0]["unread"], events[0]["ppid"].is_u64()),
+        (&serde_json::json!([]), true),
+        "everything an event says is readable with the unit's capabilities: {}",
+        events[0]
     );
     agent.signal(Signal::SIGHUP);
     agent.wait_log("policy reloaded");

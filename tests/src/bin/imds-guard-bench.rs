@@ -255,8 +255,19 @@ const DEFAULT_WINDOW: &str = "10";
 /// An agent attached at `attach` with the config lines `extra`, folding repeats within `window`
 /// seconds (`DEFAULT_WINDOW`, or "0" to report every attempt).
 fn agent(attach: &TestCgroup, pins: &Pins, extra: &str, window: &str) -> (Agent, ConfigFile) {
+    agent_started_by(Agent::start, attach, pins, extra, window)
+}
+
+/// As [`agent`], started by `start` ([`Agent::start`] or another way of the harness).
+fn agent_started_by(
+    start: fn(&[&str]) -> Agent,
+    attach: &TestCgroup,
+    pins: &Pins,
+    extra: &str,
+    window: &str,
+) -> (Agent, ConfigFile) {
     let config = ConfigFile::new(&format!("cgroup = \"{}\"\n{extra}", attach.path));
-    let agent = Agent::start(&[
+    let agent = start(&[
         "--config",
         &config.arg(),
         "--pin-dir",
@@ -714,17 +725,10 @@ fn flood(
     run: impl FnOnce() -> imds_guard_tests::Outcome,
 ) {
     let pins = Pins::new();
-    let config = ConfigFile::new(&format!("cgroup = \"{}\"\n", attach.path));
     // Its events go to /dev/null: this measures the agent, not whatever reads its output (in
     // production, journald).
-    let mut agent = Agent::start_discarding_events(&[
-        "--config",
-        &config.arg(),
-        "--pin-dir",
-        &pins.arg(),
-        "--aggregate-window",
-        window,
-    ]);
+    let (mut agent, config) =
+        agent_started_by(Agent::start_discarding_events, attach, &pins, "", window);
     let cpu_before = cpu_ticks(agent.pid());
     let outcome = run();
     assert_eq!(outcome.eperm, attempts, "every attempt denied");
