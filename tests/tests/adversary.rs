@@ -63,6 +63,11 @@ fn raw_sockets_of_container_root_are_dropped_at_the_packet_layer_and_reported() 
     }
     for mode in MODES {
         let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+        // The containers exist before the agent starts: this test is about the packet layer,
+        // not about how fast the agent follows a new cgroup (until it has, a new cgroup gets
+        // its parent's rules, which let root through).
+        let containers: Vec<TestCgroup> =
+            (0..3).map(|i| attach.child(&format!("ctr-{i}"))).collect();
         let config = config(&attach, mode, "");
         let agent = Agent::start(&["--config", &config.arg()]);
         let cases: [(&str, IpAddr, u16, &str, &str); 3] = [
@@ -78,11 +83,11 @@ fn raw_sockets_of_container_root_are_dropped_at_the_packet_layer_and_reported() 
                 "{route} to {addr} fails for host root: {host:?}"
             );
             assert_eq!(host.detail, reply);
-            let container = attach.child(&format!("ctr-{i}"));
-            let outcome = Client::new(&sandbox, &container, 0, 0).route(route, addr, port);
+            let container = &containers[i];
+            let outcome = Client::new(&sandbox, container, 0, 0).route(route, addr, port);
             assert_judged(mode, &outcome, &format!("{mode}: {route} to {addr}"));
             let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
-            let events = packet_events(&agent, &barrier, &container);
+            let events = packet_events(&agent, &barrier, container);
             assert_eq!(events.len(), 1, "{mode}: {route} to {addr}: {events:?}");
             assert_fields(
                 &events[0],
