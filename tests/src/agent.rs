@@ -316,6 +316,26 @@ impl Agent {
         self.stderr.lock().expect("stderr").clone()
     }
 
+    /// A figure of the line the agent logs when it stops (`denied`, `events_reported`,
+    /// `events_aggregated`, `folded`, `events_lost`, ...).
+    ///
+    /// # Panics
+    /// When it has not logged that line, or the line lacks `name`.
+    #[must_use]
+    pub fn final_figure(&self, name: &str) -> u64 {
+        let stderr = self.stderr();
+        let stopped = stderr
+            .lines()
+            .find(|l| l.contains("enforcement stays in force"))
+            .unwrap_or_else(|| panic!("no final counters:\n{stderr}"));
+        stopped
+            .split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in: {stopped}"))
+    }
+
     /// Every event received so far.
     ///
     /// # Panics

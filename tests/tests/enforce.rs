@@ -451,21 +451,12 @@ fn ring_buffer_overflow_is_counted_never_lost_silently() {
 
     let reported = u64::try_from(agent.events_of(flood.pid).len()).expect("count");
     let stderr = agent.stderr();
-    let counter = |name: &str| -> u64 {
-        let stopped = stderr
-            .lines()
-            .find(|l| l.contains("enforcement stays in force"))
-            .expect("the agent's last counters");
-        let value = stopped.split(&format!("{name}=")).nth(1).expect(name);
-        value
-            .split_whitespace()
-            .next()
-            .expect(name)
-            .parse()
-            .expect(name)
-    };
-    assert_eq!(counter("denied"), u64::from(ATTEMPTS), "{stderr}");
-    let lost = counter("events_lost");
+    assert_eq!(
+        agent.final_figure("denied"),
+        u64::from(ATTEMPTS),
+        "{stderr}"
+    );
+    let lost = agent.final_figure("events_lost");
     assert!(
         lost > 0,
         "the ring never overflowed; the test proves nothing: {stderr}"

@@ -224,20 +224,6 @@ fn an_aggregate_is_reported_when_its_window_closes() {
     );
 }
 
-/// Figures the agent logs when it stops.
-fn stop_figure(stderr: &str, name: &str) -> u64 {
-    let stopped = stderr
-        .lines()
-        .find(|l| l.contains("enforcement stays in force"))
-        .unwrap_or_else(|| panic!("no final counters:\n{stderr}"));
-    stopped
-        .split(&format!(" {name}="))
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in: {stopped}"))
-}
-
 /// The kernel's count of events that did not fit in the ring, from the pinned maps.
 fn events_lost(pins: &Pins) -> u64 {
     let out = imds_guard(&["status", "--json", "--pin-dir", &pins.arg()]);
@@ -308,11 +294,11 @@ fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
     let stderr = agent.stderr();
     assert!(status.success(), "{stderr}");
 
-    let denied = stop_figure(&stderr, "denied");
-    let reported = stop_figure(&stderr, "events_reported");
-    let aggregated = stop_figure(&stderr, "events_aggregated");
-    let folded = stop_figure(&stderr, "folded");
-    let lost = stop_figure(&stderr, "events_lost");
+    let denied = agent.final_figure("denied");
+    let reported = agent.final_figure("events_reported");
+    let aggregated = agent.final_figure("events_aggregated");
+    let folded = agent.final_figure("folded");
+    let lost = agent.final_figure("events_lost");
     eprintln!(
         "{attempts} attempts: {reported} reported + {aggregated} aggregated + {lost} lost; \
          agent peak RSS {before_kib} KiB when ready, {peak_kib} KiB after the flood"

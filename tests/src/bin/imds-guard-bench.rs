@@ -746,21 +746,11 @@ fn flood(
     let cpu_after = cpu_ticks(agent.pid());
     let peak_kib = status_kib(agent.pid(), "VmHWM:");
     assert!(agent.stop().success());
-    let stderr = agent.stderr();
     drop((config, pins));
-    let figure = |name: &str| -> u64 {
-        stderr
-            .lines()
-            .find(|l| l.contains("enforcement stays in force"))
-            .and_then(|l| l.split(&format!(" {name}=")).nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|value| value.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in the agent's last line:\n{stderr}"))
-    };
     let (reported, aggregated, lost) = (
-        figure("events_reported"),
-        figure("events_aggregated"),
-        figure("events_lost"),
+        agent.final_figure("events_reported"),
+        agent.final_figure("events_aggregated"),
+        agent.final_figure("events_lost"),
     );
     #[expect(clippy::cast_precision_loss, reason = "figures for people")]
     let (rate, cpu) = (
