@@ -6,7 +6,7 @@ use std::{
     io::{self, Write as _},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, MapError, RingBuf};
 use imds_guard_common::{
     agent::{AgentInfo, VERSION_LEN},
     event::{FoldKey, FoldValue},
@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    aggregate::Folds,
+    aggregate::{Aggregate, Folds},
     cgroups::Hierarchy,
     cli::RunArgs,
     compile::{CgroupDir, Compiled},
@@ -113,6 +113,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel.install(&compiled)?;
     }
     reporter.set_policy(generation, compiled.policy.clone());
+    if kernel.adopted() {
+        reporter.retire(generation ^ 1);
+    }
     let mut metrics = Metrics::new(kernel.counters()?);
     metrics.start_generation(&mut kernel, generation, compiled.policy.rules.len());
     let links = kernel.attach(&attach)?;
@@ -449,7 +452,9 @@ async fn serve(
             },
         }
         if std::mem::take(&mut agent.switched) {
-            reporter.set_policy(agent.compiled.generation(), agent.compiled.policy.clone());
+            let generation = agent.compiled.generation();
+            reporter.set_policy(generation, agent.compiled.policy.clone());
+            reporter.retire(generation ^ 1);
         }
     };
     finish(&mut agent, &mut reporter, ring.get_mut());
@@ -634,6 +639,35 @@ impl Reporter {
         }
         let entries = fold_entries(map);
         let due = self.folds.collect(&entries, boot_time_ns(), all);
+        self.emit_aggregates(due);
+    }
+
+    /// Reports the repeats of `generation`, which the policy switched away from (they are
+    /// final now), and deletes its entries from the kernel's map: when a later policy reuses
+    /// the slot, its attempts open bursts of their own, reported at once and named by its
+    /// rules, instead of adding to an earlier policy's.
+    fn retire(&mut self, generation: u32) {
+        let Some(map) = &mut self.fold_map else {
+            return;
+        };
+        let retired: Vec<_> = fold_entries(map)
+            .into_iter()
+            .filter(|(key, _)| u32::from(key.generation) == generation)
+            .collect();
+        for (key, _) in &retired {
+            // Gone already (evicted) is as good as deleted.
+            if let Err(err) = map.remove(key)
+                && !matches!(&err, MapError::KeyNotFound)
+            {
+                warn!("cannot delete a fold entry of the old policy: {err}");
+            }
+        }
+        let due = self.folds.retire(&retired);
+        self.emit_aggregates(due);
+    }
+
+    /// Reports each aggregate as one line.
+    fn emit_aggregates(&mut self, due: Vec<Aggregate<Record>>) {
         if due.is_empty() {
             return;
         }

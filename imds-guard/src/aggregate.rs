@@ -39,6 +39,41 @@ struct Known<V> {
     window_start_ns: Option<u64>,
 }
 
+impl<V> Known<V> {
+    /// An entry the agent learns of from the kernel's map.
+    fn unseen() -> Self {
+        Self {
+            first: None,
+            reported: 0,
+            window_start_ns: None,
+        }
+    }
+
+    /// How many repeats the entry's count `value` holds that were not reported.
+    fn unreported(&mut self, value: &FoldValue) -> u64 {
+        // A smaller count: the entry was evicted and made anew since the last walk.
+        if value.folded < self.reported {
+            self.reported = 0;
+        }
+        value.folded - self.reported
+    }
+
+    /// `repeats` of `key`, counted in `value`, to report.
+    fn aggregate(&self, key: &FoldKey, value: &FoldValue, repeats: u64) -> Aggregate<V>
+    where
+        V: Clone,
+    {
+        let window_start_ns = self.window_start_ns.unwrap_or(value.window_start_ns);
+        Aggregate {
+            key: *key,
+            first: self.first.clone(),
+            repeats,
+            window_start_ns: window_start_ns.min(value.window_start_ns),
+            last_ns: value.last_ns,
+        }
+    }
+}
+
 /// What the agent knows of each kernel fold entry.
 pub struct Folds<V> {
     window_ns: u64,
@@ -76,14 +111,7 @@ impl<V: Clone> Folds<V> {
 
     /// The event of an attempt that opened a window was reported as `first`.
     pub fn first(&mut self, key: FoldKey, first: V) {
-        self.known
-            .entry(key)
-            .or_insert(Known {
-                first: None,
-                reported: 0,
-                window_start_ns: None,
-            })
-            .first = Some(first);
+        self.known.entry(key).or_insert_with(Known::unseen).first = Some(first);
     }
 
     /// Entries followed (call [`Folds::collect`] to drop those the kernel no longer has).
@@ -117,29 +145,15 @@ impl<V: Clone> Folds<V> {
         self.pending = false;
         let mut present = HashMap::with_capacity(entries.len());
         for (key, value) in entries {
-            let mut known = self.known.remove(key).unwrap_or(Known {
-                first: None,
-                reported: 0,
-                window_start_ns: None,
-            });
-            // A smaller count: the entry was evicted and made anew since the last walk.
-            if value.folded < known.reported {
-                known.reported = 0;
-            }
-            let repeats = value.folded - known.reported;
+            let mut known = self.known.remove(key).unwrap_or_else(Known::unseen);
+            let repeats = known.unreported(value);
             let window_start_ns = *known.window_start_ns.get_or_insert(value.window_start_ns);
             let closed = all
                 || now_ns.saturating_sub(value.window_start_ns) >= self.window_ns
                 // A window opened since: the repeats counted so far belong to earlier ones.
                 || value.window_start_ns != window_start_ns;
             if repeats > 0 && closed {
-                due.push(Aggregate {
-                    key: *key,
-                    first: known.first.clone(),
-                    repeats,
-                    window_start_ns: window_start_ns.min(value.window_start_ns),
-                    last_ns: value.last_ns,
-                });
+                due.push(known.aggregate(key, value, repeats));
                 known.reported = value.folded;
             }
             if repeats == 0 || closed {
@@ -150,6 +164,24 @@ impl<V: Clone> Folds<V> {
             present.insert(*key, known);
         }
         self.known = present;
+        due
+    }
+
+    /// The `entries` of a generation no program judges by any more (the policy switched away
+    /// from it and the grace period is over, so their counts are final): returns all their
+    /// repeats not yet reported and forgets them. The caller deletes them from the kernel's
+    /// map, so that the generation's slot, once reused by a later policy, starts bursts of its
+    /// own instead of adding to bursts an earlier policy judged (the rule numbers of the two
+    /// policies name different rules).
+    pub fn retire(&mut self, entries: &[(FoldKey, FoldValue)]) -> Vec<Aggregate<V>> {
+        let mut due = Vec::new();
+        for (key, value) in entries {
+            let mut known = self.known.remove(key).unwrap_or_else(Known::unseen);
+            let repeats = known.unreported(value);
+            if repeats > 0 {
+                due.push(known.aggregate(key, value, repeats));
+            }
+        }
         due
     }
 }
@@ -224,6 +256,35 @@ mod tests {
             .collect();
         assert!(repeats.contains(&(1, 3, None)), "{repeats:?}");
         assert!(repeats.contains(&(2, 3, None)), "{repeats:?}");
+    }
+
+    #[test]
+    fn a_retired_generation_reports_all_its_repeats_and_is_forgotten() {
+        let mut folds = Folds::new(10 * SECOND);
+        folds.first(key(1), "first");
+        // Part reported in a walk before the switch (a new window closed the old one's).
+        let _ = folds.collect(&[(key(1), value(0, SECOND, 4))], 2 * SECOND, false);
+        let due = folds.collect(
+            &[(key(1), value(3 * SECOND, 3 * SECOND, 6))],
+            4 * SECOND,
+            false,
+        );
+        assert_eq!(due[0].repeats, 6);
+        // Counted since, in a window still open: reported at once, as final.
+        let due = folds.retire(&[(key(1), value(3 * SECOND, 5 * SECOND, 9))]);
+        assert_eq!(
+            due,
+            [Aggregate {
+                key: key(1),
+                first: Some("first"),
+                repeats: 3,
+                window_start_ns: 3 * SECOND,
+                last_ns: 5 * SECOND
+            }]
+        );
+        assert!(folds.is_empty());
+        // Nothing new: nothing to report.
+        assert!(folds.retire(&[(key(2), value(0, 0, 0))]).is_empty());
     }
 
     #[test]

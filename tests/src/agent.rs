@@ -382,17 +382,17 @@ impl Agent {
                 return mine;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "expected {count} event(s) from pid {pid}, got {}; all events:\n{}\nagent stderr:\n{}",
-                mine.len(),
-                events
-                    .iter()
-                    .map(Value::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                self.stderr()
-            );
+            if left.is_zero() {
+                let all: Vec<String> = events.iter().map(Value::to_string).collect();
+                // Unlocked first: a panic holding the lock would poison it for the reader.
+                drop(events);
+                panic!(
+                    "expected {count} event(s) from pid {pid}, got {}; all events:\n{}\nagent stderr:\n{}",
+                    mine.len(),
+                    all.join("\n"),
+                    self.stderr()
+                );
+            }
             events = arrived.wait_timeout(events, left).expect("events").0;
         }
     }

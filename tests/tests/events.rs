@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use imds_guard_tests::{
-    Agent, Client, IMDS_V4, Pins, Sandbox, TestCgroup, assert_fields, imds_guard, privileged,
+    Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, assert_fields, imds_guard,
+    privileged,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -222,6 +223,95 @@ fn an_aggregate_is_reported_when_its_window_closes() {
         &events[1],
         &[("aggregated", json!(true)), ("count", json!(49))],
     );
+}
+
+/// How a test puts a new policy in force.
+#[derive(Clone, Copy)]
+enum Switch {
+    /// SIGHUP to the running agent.
+    Reload,
+    /// A new agent, which adopts the pinned state of the one stopped.
+    Restart,
+}
+
+#[test]
+fn after_two_reloads_a_burst_is_named_by_the_policy_that_judged_it() {
+    bursts_across_two_switches(Switch::Reload);
+}
+
+#[test]
+fn after_two_restarts_a_burst_is_named_by_the_policy_that_judged_it() {
+    bursts_across_two_switches(Switch::Restart);
+}
+
+/// A staged rule of each name judges the client's attempts as rule 1 of its policy; two
+/// switches bring the first policy's generation slot back within one fold window. The burst
+/// after them is a new one (reported at once, named by the new policy's rule), not more
+/// repeats of the burst the first policy judged.
+fn bursts_across_two_switches(switch: Switch) {
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let staged = |name: &str| {
+        format!(
+            "cgroup = \"{}\"\n[[allow]]\nname = \"{name}\"\nuid = 1000\nmode = \"audit\"\n",
+            attach.path
+        )
+    };
+    let config = ConfigFile::new(&staged("alpha"));
+    let pins = Pins::new();
+    let (config_arg, pins_arg) = (config.arg(), pins.arg());
+    let start = || {
+        Agent::start(&[
+            "--config",
+            &config_arg,
+            "--aggregate-window",
+            "3600",
+            "--pin-dir",
+            &pins_arg,
+        ])
+    };
+    let mut agent = start();
+    // The events of the agents stopped on the way.
+    let mut events = Vec::new();
+    let client = Client::new(&sandbox, &attach, 1000, 1000).repeat(3);
+    let before = client.tcp(IMDS_V4, 80);
+    assert_eq!(before.eperm, 0, "audited, not denied");
+    let _ = agent.wait_events_of(before.pid, 1);
+    for (round, name) in [(1, "between"), (2, "beta")] {
+        config.write(&staged(name));
+        match switch {
+            Switch::Reload => {
+                agent.signal(Signal::SIGHUP);
+                agent.wait_log_count("policy reloaded", round);
+            }
+            Switch::Restart => {
+                assert!(agent.stop().success(), "{}", agent.stderr());
+                events.extend(agent.events());
+                agent = start();
+            }
+        }
+    }
+    let after = client.tcp(IMDS_V4, 80);
+    let first = agent.wait_events_of(after.pid, 1);
+    assert_fields(
+        &first[0],
+        &[
+            ("rule", json!("beta")),
+            ("verdict", json!("audit")),
+            ("count", json!(1)),
+        ],
+    );
+    assert!(agent.stop().success(), "{}", agent.stderr());
+    events.extend(agent.events());
+    for (pid, rule) in [(before.pid, "alpha"), (after.pid, "beta")] {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["tgid"] == pid).collect();
+        assert_eq!(mine.len(), 2, "the first, then one aggregate: {mine:?}");
+        for event in &mine {
+            assert_fields(event, &[("rule", json!(rule))]);
+        }
+        assert_fields(mine[1], &[("aggregated", json!(true)), ("count", json!(2))]);
+    }
 }
 
 /// The kernel's count of events that did not fit in the ring, from the pinned maps.
