@@ -83,9 +83,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Events raised while no agent ran wait in the pinned ring: report them before a new
     // policy reuses their generation's slot (their rules are named by number).
     let mut events = kernel.take_events()?;
-    let fold_map = (fold_window_ns > 0)
-        .then(|| kernel.take_folds())
-        .transpose()?;
+    let mut fold_map = kernel.take_folds()?;
+    let fold_map = if fold_window_ns > 0 {
+        Some(fold_map)
+    } else {
+        // Nothing folds now. Delete what an earlier agent's programs folded, or the next agent
+        // that folds again could count a later policy's attempts as repeats of those bursts.
+        for (key, _) in fold_entries(&fold_map) {
+            delete_fold(&mut fold_map, &key);
+        }
+        None
+    };
     let mut reporter = Reporter::new(
         Hierarchy::at(hierarchy.mount().to_owned()),
         fold_map,
@@ -655,12 +663,7 @@ impl Reporter {
             .filter(|(key, _)| u32::from(key.generation) == generation)
             .collect();
         for (key, _) in &retired {
-            // Gone already (evicted) is as good as deleted.
-            if let Err(err) = map.remove(key)
-                && !matches!(&err, MapError::KeyNotFound)
-            {
-                warn!("cannot delete a fold entry of the old policy: {err}");
-            }
+            delete_fold(map, key);
         }
         let due = self.folds.retire(&retired);
         self.emit_aggregates(due);
@@ -756,7 +759,16 @@ fn clock_offset() -> i128 {
     })
 }
 
-/// The kernel's fold entries now (an unreadable map reads as empty, with a warning).
+/// Deletes the fold entry of `key`; gone already (evicted) is as good as deleted.
+fn delete_fold(map: &mut aya::maps::HashMap<MapData, FoldKey, FoldValue>, key: &FoldKey) {
+    if let Err(err) = map.remove(key)
+        && !matches!(err, MapError::KeyNotFound)
+    {
+        warn!("cannot delete a fold entry: {err}");
+    }
+}
+
+/// The kernel's fold entries now, as far as the walk gets (see below).
 fn fold_entries(
     map: &aya::maps::HashMap<MapData, FoldKey, FoldValue>,
 ) -> Vec<(FoldKey, FoldValue)> {

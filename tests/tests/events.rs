@@ -232,6 +232,8 @@ enum Switch {
     Reload,
     /// A new agent, which adopts the pinned state of the one stopped.
     Restart,
+    /// As `Restart`, the agent in between not folding repeats (`--aggregate-window 0`).
+    RestartWithoutFolding,
 }
 
 #[test]
@@ -242,6 +244,11 @@ fn after_two_reloads_a_burst_is_named_by_the_policy_that_judged_it() {
 #[test]
 fn after_two_restarts_a_burst_is_named_by_the_policy_that_judged_it() {
     bursts_across_two_switches(Switch::Restart);
+}
+
+#[test]
+fn after_restarts_through_an_agent_that_does_not_fold_a_burst_is_named_by_its_policy() {
+    bursts_across_two_switches(Switch::RestartWithoutFolding);
 }
 
 /// A staged rule of each name judges the client's attempts as rule 1 of its policy; two
@@ -261,17 +268,17 @@ fn bursts_across_two_switches(switch: Switch) {
     let config = ConfigFile::new(&staged("alpha"));
     let pins = Pins::new();
     let (config_arg, pins_arg) = (config.arg(), pins.arg());
-    let start = || {
+    let start = |window| {
         Agent::start(&[
             "--config",
             &config_arg,
             "--aggregate-window",
-            "3600",
+            window,
             "--pin-dir",
             &pins_arg,
         ])
     };
-    let mut agent = start();
+    let mut agent = start("3600");
     // The events of the agents stopped on the way.
     let mut events = Vec::new();
     let client = Client::new(&sandbox, &attach, 1000, 1000).repeat(3);
@@ -285,10 +292,11 @@ fn bursts_across_two_switches(switch: Switch) {
                 agent.signal(Signal::SIGHUP);
                 agent.wait_log_count("policy reloaded", round);
             }
-            Switch::Restart => {
+            Switch::Restart | Switch::RestartWithoutFolding => {
                 assert!(agent.stop().success(), "{}", agent.stderr());
                 events.extend(agent.events());
-                agent = start();
+                let folds = round == 2 || matches!(switch, Switch::Restart);
+                agent = start(if folds { "3600" } else { "0" });
             }
         }
     }
