@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    aggregate::{Aggregate, Folds},
+    aggregate::{Aggregate, Folds, distinct_entries},
     cgroups::Hierarchy,
     cli::RunArgs,
     compile::{CgroupDir, Compiled},
@@ -768,10 +768,13 @@ fn delete_fold(map: &mut aya::maps::HashMap<MapData, FoldKey, FoldValue>, key: &
     }
 }
 
-/// The kernel's fold entries now, as far as the walk gets (see below).
+/// The kernel's fold entries now, each once (see [`distinct_entries`]). A walk that cannot read
+/// on ends there.
 fn fold_entries(
     map: &aya::maps::HashMap<MapData, FoldKey, FoldValue>,
 ) -> Vec<(FoldKey, FoldValue)> {
-    // An entry evicted while the map is walked ends the walk early; the rest is read next time.
-    map.iter().map_while(std::result::Result::ok).collect()
+    distinct_entries(
+        map.iter().map_while(std::result::Result::ok),
+        2 * FOLDS_MAX_ENTRIES as usize,
+    )
 }

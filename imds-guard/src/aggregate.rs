@@ -10,7 +10,7 @@
 //! event of the burst's first attempt, whose workload the aggregate repeats. It follows only the
 //! entries the kernel has (at most `FOLDS_MAX_ENTRIES`), so its memory is bounded too.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, hash::Hash};
 
 use imds_guard_common::event::{FoldKey, FoldValue};
 
@@ -186,6 +186,19 @@ impl<V: Clone> Folds<V> {
     }
 }
 
+/// The entries a walk over a BPF hash map met, each once. A walk steps from each key to the
+/// next; when the key it stands on is deleted (evicted) meanwhile, the kernel starts it over
+/// from the first bucket, so entries can come again. Each is kept once, with the value read
+/// last (the freshest): reporting an entry twice would report its repeats twice. Under
+/// constant eviction a walk might never end: it stops after `limit` steps.
+pub fn distinct_entries<K: Hash + Eq, V>(
+    walk: impl Iterator<Item = (K, V)>,
+    limit: usize,
+) -> Vec<(K, V)> {
+    let entries: HashMap<K, V> = walk.take(limit).collect();
+    entries.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +269,16 @@ mod tests {
             .collect();
         assert!(repeats.contains(&(1, 3, None)), "{repeats:?}");
         assert!(repeats.contains(&(2, 3, None)), "{repeats:?}");
+    }
+
+    #[test]
+    fn a_walk_started_over_yields_each_entry_once_with_its_latest_value() {
+        let walk = [(1, 10), (2, 20), (1, 11), (2, 21), (3, 30)];
+        let mut entries = distinct_entries(walk.into_iter(), 10);
+        entries.sort_unstable();
+        assert_eq!(entries, [(1, 11), (2, 21), (3, 30)]);
+        let endless = [(1, 10), (2, 20)].into_iter().cycle();
+        assert_eq!(distinct_entries(endless, 5).len(), 2);
     }
 
     #[test]
