@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, assert_fields, imds_guard,
-    privileged,
+    Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, agent_binary, assert_fields,
+    imds_guard, privileged,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -104,6 +104,46 @@ fn a_short_lived_process_still_yields_pid_parent_uid_comm_and_cgroup() {
     );
     // What could not be read is said, not left to guess.
     assert_eq!(event["unread"], json!(["exe", "cmdline"]), "{event}");
+}
+
+#[test]
+fn without_the_kernels_btf_the_agent_enforces_and_events_say_the_parent_is_unread() {
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    // The agent in a mount namespace of its own, where the kernel's BTF (which gives the
+    // programs the layout of a task, to read its parent) is an empty file, as on kernels
+    // built without it.
+    let hide_btf = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec \"$0\" \"$@\"",
+    ];
+    let agent = Agent::start_wrapped(&hide_btf, &agent_binary(), &["--cgroup", &attach.path]);
+    agent.wait_log("events will not name parent processes");
+    let denied = Client::new(&sandbox, &attach, 1000, 1000)
+        .linger(1)
+        .tcp(IMDS_V4, 80);
+    denied.assert_errno(EPERM);
+    let events = agent.wait_events_of(denied.pid, 1);
+    let event = &events[0];
+    assert_fields(
+        event,
+        &[
+            ("verdict", json!("deny")),
+            ("pid", json!(denied.pid)),
+            ("uid", json!(1000)),
+            ("comm", json!("imds-client")),
+            ("cgroup", json!(attach.path)),
+            ("ppid", Value::Null),
+            ("parent_comm", Value::Null),
+        ],
+    );
+    assert_eq!(event["unread"], json!(["ppid", "parent_comm"]), "{event}");
 }
 
 #[test]
