@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    aggregate::{Aggregate, Folds, distinct_entries},
+    aggregate::{Aggregate, Folds, Walk},
     cgroups::Hierarchy,
     cli::RunArgs,
     compile::{CgroupDir, Compiled},
@@ -89,7 +89,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     } else {
         // Nothing folds now. Delete what an earlier agent's programs folded, or the next agent
         // that folds again could count a later policy's attempts as repeats of those bursts.
-        for (key, _) in fold_entries(&fold_map) {
+        for (key, _) in fold_entries(&fold_map).entries {
             delete_fold(&mut fold_map, &key);
         }
         None
@@ -547,7 +547,7 @@ impl Reporter {
     ) -> Self {
         let mut folds = Folds::new(fold_window_ns);
         if let Some(map) = &fold_map {
-            folds.baseline(&fold_entries(map));
+            folds.baseline(&fold_entries(map).entries);
         }
         Self {
             policies: [None, None],
@@ -645,8 +645,8 @@ impl Reporter {
         if let Some(total) = folded_total {
             self.folded_seen = total;
         }
-        let entries = fold_entries(map);
-        let due = self.folds.collect(&entries, boot_time_ns(), all);
+        let walk = fold_entries(map);
+        let due = self.folds.collect(&walk, boot_time_ns(), all);
         self.emit_aggregates(due);
     }
 
@@ -659,6 +659,7 @@ impl Reporter {
             return;
         };
         let retired: Vec<_> = fold_entries(map)
+            .entries
             .into_iter()
             .filter(|(key, _)| u32::from(key.generation) == generation)
             .collect();
@@ -768,13 +769,7 @@ fn delete_fold(map: &mut aya::maps::HashMap<MapData, FoldKey, FoldValue>, key: &
     }
 }
 
-/// The kernel's fold entries now, each once (see [`distinct_entries`]). A walk that cannot read
-/// on ends there.
-fn fold_entries(
-    map: &aya::maps::HashMap<MapData, FoldKey, FoldValue>,
-) -> Vec<(FoldKey, FoldValue)> {
-    distinct_entries(
-        map.iter().map_while(std::result::Result::ok),
-        2 * FOLDS_MAX_ENTRIES as usize,
-    )
+/// A walk over the kernel's fold entries (see [`Walk`]).
+fn fold_entries(map: &aya::maps::HashMap<MapData, FoldKey, FoldValue>) -> Walk<FoldKey, FoldValue> {
+    Walk::new(map.iter(), 2 * FOLDS_MAX_ENTRIES as usize)
 }

@@ -12,7 +12,10 @@
 
 use std::{collections::HashMap, hash::Hash};
 
-use imds_guard_common::event::{FoldKey, FoldValue};
+use imds_guard_common::{
+    event::{FoldKey, FoldValue},
+    maps::FOLDS_MAX_ENTRIES,
+};
 
 /// Repeats to report: `repeats` more attempts like `first` (the burst's first attempt, when the
 /// agent saw its event) between `window_start_ns` and `last_ns`.
@@ -132,19 +135,21 @@ impl<V: Clone> Folds<V> {
         self.known.is_empty()
     }
 
-    /// Compares the kernel's `entries` now (`now_ns`, `CLOCK_BOOTTIME`) with what was reported:
-    /// returns the repeats to report, of closed windows only unless `all` (the agent is
-    /// stopping), and forgets the entries the kernel no longer has.
+    /// Compares the kernel's entries now (`walk`, at `now_ns`, `CLOCK_BOOTTIME`) with what was
+    /// reported: returns the repeats to report, of closed windows only unless `all` (the agent
+    /// is stopping), and forgets the entries the kernel no longer has. After a walk cut short,
+    /// the entries it did not meet may still be there: they are kept (up to the kernel's
+    /// `max_entries` in all), or their repeats would be reported again when next met.
     pub fn collect(
         &mut self,
-        entries: &[(FoldKey, FoldValue)],
+        walk: &Walk<FoldKey, FoldValue>,
         now_ns: u64,
         all: bool,
     ) -> Vec<Aggregate<V>> {
         let mut due = Vec::new();
         self.pending = false;
-        let mut present = HashMap::with_capacity(entries.len());
-        for (key, value) in entries {
+        let mut present = HashMap::with_capacity(walk.entries.len());
+        for (key, value) in &walk.entries {
             let mut known = self.known.remove(key).unwrap_or_else(Known::unseen);
             let repeats = known.unreported(value);
             let window_start_ns = *known.window_start_ns.get_or_insert(value.window_start_ns);
@@ -162,6 +167,11 @@ impl<V: Clone> Folds<V> {
                 self.pending = true;
             }
             present.insert(*key, known);
+        }
+        if !walk.complete {
+            let room = (FOLDS_MAX_ENTRIES as usize).saturating_sub(present.len());
+            let unmet: Vec<_> = self.known.drain().take(room).collect();
+            present.extend(unmet);
         }
         self.known = present;
         due
@@ -186,17 +196,42 @@ impl<V: Clone> Folds<V> {
     }
 }
 
-/// The entries a walk over a BPF hash map met, each once. A walk steps from each key to the
+/// What a walk over a BPF hash map met: each entry once. A walk steps from each key to the
 /// next; when the key it stands on is deleted (evicted) meanwhile, the kernel starts it over
-/// from the first bucket, so entries can come again. Each is kept once, with the value read
-/// last (the freshest): reporting an entry twice would report its repeats twice. Under
-/// constant eviction a walk might never end: it stops after `limit` steps.
-pub fn distinct_entries<K: Hash + Eq, V>(
-    walk: impl Iterator<Item = (K, V)>,
-    limit: usize,
-) -> Vec<(K, V)> {
-    let entries: HashMap<K, V> = walk.take(limit).collect();
-    entries.into_iter().collect()
+/// from the first bucket, so entries can come again. Each is kept once, with the value read last
+/// (the freshest): reporting an entry twice would report its repeats twice.
+#[derive(Debug)]
+pub struct Walk<K, V> {
+    /// The entries met.
+    pub entries: Vec<(K, V)>,
+    /// Whether the walk reached the end of the map, so that an entry it did not meet is gone.
+    pub complete: bool,
+}
+
+impl<K: Hash + Eq, V> Walk<K, V> {
+    /// Takes the `steps` of a walk until the map's end, a failed step, or `limit` steps (under
+    /// constant eviction a walk might never end).
+    pub fn new<E>(steps: impl IntoIterator<Item = Result<(K, V), E>>, limit: usize) -> Self {
+        let mut entries = HashMap::new();
+        let mut steps = steps.into_iter();
+        let mut complete = false;
+        for _ in 0..limit {
+            match steps.next() {
+                Some(Ok((key, value))) => {
+                    entries.insert(key, value);
+                }
+                Some(Err(_)) => break,
+                None => {
+                    complete = true;
+                    break;
+                }
+            }
+        }
+        Self {
+            entries: entries.into_iter().collect(),
+            complete,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +254,14 @@ mod tests {
         }
     }
 
+    /// A walk that met `entries` and reached the map's end.
+    fn complete(entries: &[(FoldKey, FoldValue)]) -> Walk<FoldKey, FoldValue> {
+        Walk {
+            entries: entries.to_vec(),
+            complete: true,
+        }
+    }
+
     fn value(window_start_ns: u64, last_ns: u64, folded: u64) -> FoldValue {
         FoldValue {
             window_start_ns,
@@ -232,8 +275,12 @@ mod tests {
         let mut folds = Folds::new(10 * SECOND);
         folds.first(key(1), "first");
         let entries = [(key(1), value(0, 2 * SECOND, 41))];
-        assert!(folds.collect(&entries, 5 * SECOND, false).is_empty());
-        let due = folds.collect(&entries, 10 * SECOND, false);
+        assert!(
+            folds
+                .collect(&complete(&entries), 5 * SECOND, false)
+                .is_empty()
+        );
+        let due = folds.collect(&complete(&entries), 10 * SECOND, false);
         assert_eq!(
             due,
             [Aggregate {
@@ -245,11 +292,15 @@ mod tests {
             }]
         );
         // Reported once: the same count again is nothing new.
-        assert!(folds.collect(&entries, 20 * SECOND, false).is_empty());
+        assert!(
+            folds
+                .collect(&complete(&entries), 20 * SECOND, false)
+                .is_empty()
+        );
         // More repeats in a later window are reported as what the count grew by.
         folds.first(key(1), "second window");
         let later = [(key(1), value(30 * SECOND, 31 * SECOND, 50))];
-        let due = folds.collect(&later, 31 * SECOND, false);
+        let due = folds.collect(&complete(&later), 31 * SECOND, false);
         assert_eq!(due.len(), 1, "a new window closes the old one's count");
         assert_eq!((due[0].repeats, due[0].first), (9, Some("second window")));
     }
@@ -262,7 +313,7 @@ mod tests {
             (key(1), value(0, SECOND, 10)),
             (key(2), value(0, SECOND, 3)),
         ];
-        let due = folds.collect(&entries, SECOND, true);
+        let due = folds.collect(&complete(&entries), SECOND, true);
         let repeats: Vec<(u64, u64, Option<&str>)> = due
             .iter()
             .map(|a| (a.key.cgroup_id, a.repeats, a.first))
@@ -273,12 +324,36 @@ mod tests {
 
     #[test]
     fn a_walk_started_over_yields_each_entry_once_with_its_latest_value() {
-        let walk = [(1, 10), (2, 20), (1, 11), (2, 21), (3, 30)];
-        let mut entries = distinct_entries(walk.into_iter(), 10);
+        let steps = [(1, 10), (2, 20), (1, 11), (2, 21), (3, 30)].map(Ok::<_, ()>);
+        let walk = Walk::new(steps, 10);
+        let mut entries = walk.entries;
         entries.sort_unstable();
         assert_eq!(entries, [(1, 11), (2, 21), (3, 30)]);
-        let endless = [(1, 10), (2, 20)].into_iter().cycle();
-        assert_eq!(distinct_entries(endless, 5).len(), 2);
+        assert!(walk.complete);
+        let endless = [(1, 10), (2, 20)].map(Ok::<_, ()>).into_iter().cycle();
+        let walk = Walk::new(endless, 5);
+        assert_eq!((walk.entries.len(), walk.complete), (2, false));
+        let failed = Walk::new([Ok((1, 10)), Err("EIO"), Ok((2, 20))], 10);
+        assert_eq!((failed.entries, failed.complete), (vec![(1, 10)], false));
+    }
+
+    #[test]
+    fn a_walk_cut_short_forgets_no_entry_it_did_not_meet() {
+        let mut folds = Folds::new(SECOND);
+        folds.first(key(1), "a");
+        folds.first(key(2), "b");
+        let both = [(key(1), value(0, 0, 5)), (key(2), value(0, 0, 7))];
+        assert_eq!(folds.collect(&complete(&both), 2 * SECOND, false).len(), 2);
+        // Key 2 was not met: it is still known, with what was reported of it.
+        let cut = Walk {
+            entries: vec![(key(1), value(0, 0, 5))],
+            complete: false,
+        };
+        assert!(folds.collect(&cut, 3 * SECOND, false).is_empty());
+        assert_eq!(folds.len(), 2);
+        let later = [(key(1), value(0, 0, 5)), (key(2), value(0, 0, 8))];
+        let due = folds.collect(&complete(&later), 4 * SECOND, false);
+        assert_eq!((due.len(), due[0].repeats), (1, 1), "{due:?}");
     }
 
     #[test]
@@ -286,9 +361,13 @@ mod tests {
         let mut folds = Folds::new(10 * SECOND);
         folds.first(key(1), "first");
         // Part reported in a walk before the switch (a new window closed the old one's).
-        let _ = folds.collect(&[(key(1), value(0, SECOND, 4))], 2 * SECOND, false);
+        let _ = folds.collect(
+            &complete(&[(key(1), value(0, SECOND, 4))]),
+            2 * SECOND,
+            false,
+        );
         let due = folds.collect(
-            &[(key(1), value(3 * SECOND, 3 * SECOND, 6))],
+            &complete(&[(key(1), value(3 * SECOND, 3 * SECOND, 6))]),
             4 * SECOND,
             false,
         );
@@ -314,20 +393,20 @@ mod tests {
     fn an_evicted_entry_is_forgotten_and_a_new_one_counts_from_zero() {
         let mut folds = Folds::new(SECOND);
         folds.first(key(1), "a");
-        let _ = folds.collect(&[(key(1), value(0, 0, 5))], 2 * SECOND, false);
+        let _ = folds.collect(&complete(&[(key(1), value(0, 0, 5))]), 2 * SECOND, false);
         assert_eq!(folds.len(), 1);
         // Gone from the kernel: forgotten here (memory follows the kernel's bound).
-        assert!(folds.collect(&[], 3 * SECOND, false).is_empty());
+        assert!(folds.collect(&complete(&[]), 3 * SECOND, false).is_empty());
         assert!(folds.is_empty());
         // Evicted and made anew with a smaller count while the agent was not looking.
         folds.first(key(1), "b");
         let _ = folds.collect(
-            &[(key(1), value(4 * SECOND, 4 * SECOND, 9))],
+            &complete(&[(key(1), value(4 * SECOND, 4 * SECOND, 9))]),
             9 * SECOND,
             false,
         );
         let due = folds.collect(
-            &[(key(1), value(10 * SECOND, 10 * SECOND, 2))],
+            &complete(&[(key(1), value(10 * SECOND, 10 * SECOND, 2))]),
             20 * SECOND,
             false,
         );
