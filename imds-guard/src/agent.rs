@@ -94,10 +94,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         None
     };
+    // Before the walk that takes the map's counts as reported: what is folded after it is
+    // this agent's to report.
+    let folded_at_start = kernel.counters()?.folded;
     let mut reporter = Reporter::new(
         Hierarchy::at(hierarchy.mount().to_owned()),
         fold_map,
         fold_window_ns,
+        folded_at_start,
     );
     let earlier = reporter.drain_all(&mut events);
     if earlier > 0 {
@@ -481,19 +485,31 @@ fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<Map
     reporter.report_folds(None, true);
     agent.record(false);
     match agent.kernel.counters() {
-        Ok(counters) => info!(
-            allowed = counters.allowed,
-            denied = counters.denied,
-            audited = counters.audited,
-            events_reported = reporter.reported,
-            events_aggregated = reporter.aggregated,
-            folded = counters.folded,
-            events_lost = counters.events_lost,
-            reloads = agent.reloads,
-            failed_reloads = agent.failed_reloads,
-            "stopped; enforcement stays in force with the last policy (`imds-guard detach` \
-             removes it)"
-        ),
+        Ok(counters) => {
+            let unreported = reporter.repeats_unreported(counters.folded);
+            if unreported > 0 {
+                warn!(
+                    "{unreported} repeats the kernel counted were never reported: their fold \
+                     entry was evicted first (more distinct attempts repeated within one window \
+                     than the map holds, {FOLDS_MAX_ENTRIES}), or they were made as the agent \
+                     started; verdicts stood"
+                );
+            }
+            info!(
+                allowed = counters.allowed,
+                denied = counters.denied,
+                audited = counters.audited,
+                events_reported = reporter.reported,
+                events_aggregated = reporter.aggregated,
+                repeats_unreported = unreported,
+                folded = counters.folded,
+                events_lost = counters.events_lost,
+                reloads = agent.reloads,
+                failed_reloads = agent.failed_reloads,
+                "stopped; enforcement stays in force with the last policy (`imds-guard detach` \
+                 removes it)"
+            );
+        }
         Err(err) => warn!("stopped; counters unreadable: {err}"),
     }
 }
@@ -526,6 +542,8 @@ struct Reporter {
     /// The kernel's fold entries (`None`: folding is off).
     fold_map: Option<aya::maps::HashMap<MapData, FoldKey, FoldValue>>,
     folds: Folds<Record>,
+    /// The kernel's total of folded repeats when this agent started.
+    folded_at_start: u64,
     /// The kernel's total of folded repeats when the map was last walked.
     folded_seen: u64,
     /// JSON lines not yet written to stdout.
@@ -544,6 +562,7 @@ impl Reporter {
         hierarchy: Hierarchy,
         fold_map: Option<aya::maps::HashMap<MapData, FoldKey, FoldValue>>,
         fold_window_ns: u64,
+        folded_at_start: u64,
     ) -> Self {
         let mut folds = Folds::new(fold_window_ns);
         if let Some(map) = &fold_map {
@@ -556,6 +575,7 @@ impl Reporter {
             enricher: Enricher::new(),
             fold_map,
             folds,
+            folded_at_start,
             folded_seen: 0,
             out: Vec::with_capacity(OUTPUT_FLUSH_BYTES),
             stdout_failed: false,
@@ -575,6 +595,16 @@ impl Reporter {
             // Judged before this agent started, by a policy it never saw.
             None => Cow::Owned(format!("rule {rule} of an earlier policy")),
         }
+    }
+
+    /// Of the repeats the kernel folded since this agent started (`folded_total` now), those
+    /// it has not reported: the LRU fold map evicted their entry first. Once all windows have
+    /// been reported (the agent is stopping), this is what the kernel counted and no event
+    /// says.
+    fn repeats_unreported(&self, folded_total: u64) -> u64 {
+        folded_total
+            .saturating_sub(self.folded_at_start)
+            .saturating_sub(self.aggregated)
     }
 
     /// Reports everything in the ring; returns how many events that was.

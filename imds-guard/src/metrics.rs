@@ -108,7 +108,8 @@ impl Metrics {
                 &mut registry,
                 "events_aggregated",
                 "Repeats of a reported attempt, reported as counts in aggregate events (with \
-                 events_reported and events_lost: every denied or audited attempt)",
+                 events_reported, events_lost and the repeats evicted unreported, logged when \
+                 the agent stops: every denied or audited attempt)",
             ),
             reloads: counter(&mut registry, "reloads", "Policy reloads that took effect"),
             failed_reloads: counter(

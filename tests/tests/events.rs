@@ -476,3 +476,56 @@ fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
          ({before_kib} KiB when ready)"
     );
 }
+
+#[test]
+fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
+    // Workloads that repeat, then more distinct workloads than the fold map holds, all while
+    // the agent is frozen (it walks the map once a second): the repeats' entries are evicted
+    // before the agent could report them.
+    const REPEATING: u32 = 100;
+    const ROUNDS: u32 = 10;
+    const DISTINCT: u32 = 20_000;
+    let Some((sandbox, attach)) = setup() else {
+        return;
+    };
+    let mut agent = Agent::start(&["--cgroup", &attach.path, "--aggregate-window", "3600"]);
+    agent.signal(Signal::SIGSTOP);
+    let repeating = Client::new(&sandbox, &attach, 200_000, 200_000)
+        .repeat(REPEATING * ROUNDS)
+        .uids(REPEATING)
+        .tcp(IMDS_V4, 80);
+    let distinct = Client::new(&sandbox, &attach, 300_000, 300_000)
+        .repeat(DISTINCT)
+        .uids(DISTINCT)
+        .tcp(IMDS_V4, 80);
+    agent.signal(Signal::SIGCONT);
+    assert_eq!(
+        (repeating.eperm, distinct.eperm),
+        (REPEATING * ROUNDS, DISTINCT)
+    );
+    let attempts = u64::from(REPEATING * ROUNDS + DISTINCT);
+    assert!(agent.stop().success(), "{}", agent.stderr());
+    let figure = |name| agent.final_figure(name);
+    let (reported, aggregated, unreported, lost) = (
+        figure("events_reported"),
+        figure("events_aggregated"),
+        figure("repeats_unreported"),
+        figure("events_lost"),
+    );
+    eprintln!(
+        "{attempts} attempts: {reported} reported + {aggregated} aggregated + {unreported} \
+         unreported + {lost} lost"
+    );
+    assert_eq!(
+        figure("denied"),
+        attempts,
+        "the kernel counted every attempt"
+    );
+    assert_eq!(reported + aggregated + unreported + lost, attempts);
+    assert_eq!(aggregated + unreported, figure("folded"));
+    assert!(
+        unreported > 0,
+        "no repeat was evicted unreported: the test proves less than it says"
+    );
+    agent.wait_log("repeats the kernel counted were never reported");
+}
