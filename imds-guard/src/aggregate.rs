@@ -274,13 +274,9 @@ mod tests {
     fn repeats_are_reported_once_their_window_has_closed() {
         let mut folds = Folds::new(10 * SECOND);
         folds.first(key(1), "first");
-        let entries = [(key(1), value(0, 2 * SECOND, 41))];
-        assert!(
-            folds
-                .collect(&complete(&entries), 5 * SECOND, false)
-                .is_empty()
-        );
-        let due = folds.collect(&complete(&entries), 10 * SECOND, false);
+        let entries = complete(&[(key(1), value(0, 2 * SECOND, 41))]);
+        assert!(folds.collect(&entries, 5 * SECOND, false).is_empty());
+        let due = folds.collect(&entries, 10 * SECOND, false);
         assert_eq!(
             due,
             [Aggregate {
@@ -292,11 +288,7 @@ mod tests {
             }]
         );
         // Reported once: the same count again is nothing new.
-        assert!(
-            folds
-                .collect(&complete(&entries), 20 * SECOND, false)
-                .is_empty()
-        );
+        assert!(folds.collect(&entries, 20 * SECOND, false).is_empty());
         // More repeats in a later window are reported as what the count grew by.
         folds.first(key(1), "second window");
         let later = [(key(1), value(30 * SECOND, 31 * SECOND, 50))];
