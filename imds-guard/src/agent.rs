@@ -412,7 +412,10 @@ async fn serve(
         tokio::select! {
             _ = sigterm.recv() => break Ok("SIGTERM"),
             _ = sigint.recv() => break Ok("SIGINT"),
-            _ = loss_check.tick() => warn_of_new_losses(&agent.kernel, &mut lost_so_far),
+            _ = loss_check.tick() => {
+                warn_of_new_losses(&agent.kernel, &mut lost_so_far);
+                reporter.warn_of_new_unreported();
+            }
             _ = heartbeat.tick() => agent.record(true),
             _ = folds.tick() => {
                 let folded = agent.kernel.counters().ok().map(|counters| counters.folded);
@@ -422,7 +425,7 @@ async fn serve(
                 agent.metrics.update(
                     &mut agent.kernel,
                     &agent.compiled,
-                    (reporter.reported, reporter.aggregated),
+                    (reporter.reported, reporter.aggregated, reporter.unreported),
                     (agent.reloads, agent.failed_reloads),
                 );
                 let _ = scrape.send(agent.metrics.encode());
@@ -486,7 +489,8 @@ fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<Map
     agent.record(false);
     match agent.kernel.counters() {
         Ok(counters) => {
-            let unreported = reporter.repeats_unreported(counters.folded);
+            // Every window was reported just now: what was not, was evicted.
+            let unreported = reporter.repeats_not_reported(counters.folded);
             if unreported > 0 {
                 warn!(
                     "{unreported} repeats the kernel counted were never reported: their fold \
@@ -544,6 +548,11 @@ struct Reporter {
     folds: Folds<Record>,
     /// The kernel's total of folded repeats when this agent started.
     folded_at_start: u64,
+    /// Repeats the kernel folded whose entry was evicted before they were reported: a lower
+    /// bound, from the last walk that reached the map's end (see [`Reporter::report_folds`]).
+    unreported: u64,
+    /// What of `unreported` was warned of.
+    unreported_warned: u64,
     /// The kernel's total of folded repeats when the map was last walked.
     folded_seen: u64,
     /// JSON lines not yet written to stdout.
@@ -576,6 +585,8 @@ impl Reporter {
             fold_map,
             folds,
             folded_at_start,
+            unreported: 0,
+            unreported_warned: 0,
             folded_seen: 0,
             out: Vec::with_capacity(OUTPUT_FLUSH_BYTES),
             stdout_failed: false,
@@ -598,13 +609,27 @@ impl Reporter {
     }
 
     /// Of the repeats the kernel folded since this agent started (`folded_total` now), those
-    /// it has not reported: the LRU fold map evicted their entry first. Once all windows have
-    /// been reported (the agent is stopping), this is what the kernel counted and no event
-    /// says.
-    fn repeats_unreported(&self, folded_total: u64) -> u64 {
+    /// it has not reported: waiting for their window to close, or evicted from the LRU fold
+    /// map first. Once all windows have been reported (the agent is stopping), this is what
+    /// the kernel counted and no event says.
+    fn repeats_not_reported(&self, folded_total: u64) -> u64 {
         folded_total
             .saturating_sub(self.folded_at_start)
             .saturating_sub(self.aggregated)
+    }
+
+    /// Warns of repeats found evicted unreported since the last warning.
+    fn warn_of_new_unreported(&mut self) {
+        if self.unreported > self.unreported_warned {
+            warn!(
+                repeats_unreported = self.unreported,
+                "{} repeats the kernel counted will never be reported: their fold entry was \
+                 evicted first (more distinct attempts repeated within one window than the map \
+                 holds, {FOLDS_MAX_ENTRIES}); verdicts stood",
+                self.unreported - self.unreported_warned
+            );
+            self.unreported_warned = self.unreported;
+        }
     }
 
     /// Reports everything in the ring; returns how many events that was.
@@ -678,6 +703,13 @@ impl Reporter {
         let walk = fold_entries(map);
         let due = self.folds.collect(&walk, boot_time_ns(), all);
         self.emit_aggregates(due);
+        // Every repeat counted in `folded_total` (read before the walk) was reported, waits in
+        // an open window, or was evicted unreported. Repeats counted after the read only
+        // lower the figure, so it never says more than were evicted.
+        if let (Some(total), Some(pending)) = (folded_total, self.folds.pending_repeats()) {
+            let evicted = self.repeats_not_reported(total).saturating_sub(pending);
+            self.unreported = self.unreported.max(evicted);
+        }
     }
 
     /// Reports the repeats of `generation`, which the policy switched away from (they are

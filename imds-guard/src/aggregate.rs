@@ -81,8 +81,9 @@ impl<V> Known<V> {
 pub struct Folds<V> {
     window_ns: u64,
     known: HashMap<FoldKey, Known<V>>,
-    /// The last walk left repeats of open windows to report.
-    pending: bool,
+    /// The repeats of open windows the last walk left to report; `None` when it did not reach
+    /// the map's end (more may wait).
+    pending: Option<u64>,
 }
 
 impl<V: Clone> Folds<V> {
@@ -92,7 +93,7 @@ impl<V: Clone> Folds<V> {
         Self {
             window_ns,
             known: HashMap::new(),
-            pending: false,
+            pending: Some(0),
         }
     }
 
@@ -123,9 +124,16 @@ impl<V: Clone> Folds<V> {
         self.known.len()
     }
 
-    /// Whether the last walk left repeats of open windows to report.
+    /// Whether the last walk left repeats to report (or did not reach the map's end).
     #[must_use]
     pub fn pending(&self) -> bool {
+        self.pending != Some(0)
+    }
+
+    /// How many repeats of open windows the last walk left to report, when it reached the
+    /// map's end.
+    #[must_use]
+    pub fn pending_repeats(&self) -> Option<u64> {
         self.pending
     }
 
@@ -147,7 +155,7 @@ impl<V: Clone> Folds<V> {
         all: bool,
     ) -> Vec<Aggregate<V>> {
         let mut due = Vec::new();
-        self.pending = false;
+        let mut pending = 0;
         let mut present = HashMap::with_capacity(walk.entries.len());
         for (key, value) in &walk.entries {
             let mut known = self.known.remove(key).unwrap_or_else(Known::unseen);
@@ -164,10 +172,11 @@ impl<V: Clone> Folds<V> {
             if repeats == 0 || closed {
                 known.window_start_ns = Some(value.window_start_ns);
             } else {
-                self.pending = true;
+                pending += repeats;
             }
             present.insert(*key, known);
         }
+        self.pending = walk.complete.then_some(pending);
         if !walk.complete {
             let room = (FOLDS_MAX_ENTRIES as usize).saturating_sub(present.len());
             let unmet: Vec<_> = self.known.drain().take(room).collect();
@@ -276,7 +285,13 @@ mod tests {
         folds.first(key(1), "first");
         let entries = complete(&[(key(1), value(0, 2 * SECOND, 41))]);
         assert!(folds.collect(&entries, 5 * SECOND, false).is_empty());
+        assert_eq!(
+            folds.pending_repeats(),
+            Some(41),
+            "left for when the window closes"
+        );
         let due = folds.collect(&entries, 10 * SECOND, false);
+        assert_eq!(folds.pending_repeats(), Some(0));
         assert_eq!(
             due,
             [Aggregate {
@@ -343,6 +358,11 @@ mod tests {
         };
         assert!(folds.collect(&cut, 3 * SECOND, false).is_empty());
         assert_eq!(folds.len(), 2);
+        assert_eq!(
+            folds.pending_repeats(),
+            None,
+            "what waits unmet is not known"
+        );
         let later = [(key(1), value(0, 0, 5)), (key(2), value(0, 0, 8))];
         let due = folds.collect(&complete(&later), 4 * SECOND, false);
         assert_eq!((due.len(), due[0].repeats), (1, 1), "{due:?}");

@@ -51,6 +51,7 @@ pub struct Metrics {
     events_lost: Counter,
     events_reported: Counter,
     events_aggregated: Counter,
+    repeats_unreported: Counter,
     reloads: Counter,
     failed_reloads: Counter,
     rules: Gauge,
@@ -61,8 +62,9 @@ pub struct Metrics {
     seen: Counters,
     /// Per-rule counts of each generation at the last update.
     seen_by_rule: [Vec<u64>; 2],
-    /// Events reported and repeats aggregated at the last update.
-    events_seen: (u64, u64),
+    /// Events reported, repeats aggregated and repeats found evicted unreported at the last
+    /// update.
+    events_seen: (u64, u64, u64),
     reloads_seen: (u32, u32),
 }
 
@@ -108,8 +110,14 @@ impl Metrics {
                 &mut registry,
                 "events_aggregated",
                 "Repeats of a reported attempt, reported as counts in aggregate events (with \
-                 events_reported, events_lost and the repeats evicted unreported, logged when \
-                 the agent stops: every denied or audited attempt)",
+                 events_reported, events_lost and repeats_unreported: every denied or audited \
+                 attempt)",
+            ),
+            repeats_unreported: counter(
+                &mut registry,
+                "repeats_unreported",
+                "Repeats whose fold entry was evicted before the agent reported them (found \
+                 when the agent walks the fold map; exact in the log when it stops)",
             ),
             reloads: counter(&mut registry, "reloads", "Policy reloads that took effect"),
             failed_reloads: counter(
@@ -142,7 +150,7 @@ impl Metrics {
             by_rule,
             seen: start,
             seen_by_rule: [Vec::new(), Vec::new()],
-            events_seen: (0, 0),
+            events_seen: (0, 0, 0),
             reloads_seen: (0, 0),
         }
     }
@@ -182,7 +190,7 @@ impl Metrics {
         &mut self,
         kernel: &mut Kernel,
         compiled: &Compiled,
-        events: (u64, u64),
+        events: (u64, u64, u64),
         reloads: (u32, u32),
     ) {
         if let Ok(now) = kernel.counters() {
@@ -203,6 +211,8 @@ impl Metrics {
             .inc_by(events.0.saturating_sub(self.events_seen.0));
         self.events_aggregated
             .inc_by(events.1.saturating_sub(self.events_seen.1));
+        self.repeats_unreported
+            .inc_by(events.2.saturating_sub(self.events_seen.2));
         self.events_seen = events;
         self.reloads
             .inc_by(u64::from(reloads.0.saturating_sub(self.reloads_seen.0)));

@@ -3,11 +3,11 @@
 //! reads the event; and how floods are reported: repeats folded into counts, every attempt
 //! accounted for, memory bounded.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imds_guard_tests::{
     Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, agent_binary, assert_fields,
-    imds_guard, privileged,
+    free_port, http_get, imds_guard, privileged, sample,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -488,7 +488,16 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
     let Some((sandbox, attach)) = setup() else {
         return;
     };
-    let mut agent = Agent::start(&["--cgroup", &attach.path, "--aggregate-window", "3600"]);
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut agent = Agent::start(&[
+        "--cgroup",
+        &attach.path,
+        "--aggregate-window",
+        "3600",
+        "--metrics-addr",
+        &metrics_addr,
+    ]);
     agent.signal(Signal::SIGSTOP);
     let repeating = Client::new(&sandbox, &attach, 200_000, 200_000)
         .repeat(REPEATING * ROUNDS)
@@ -504,6 +513,16 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
         (REPEATING * ROUNDS, DISTINCT)
     );
     let attempts = u64::from(REPEATING * ROUNDS + DISTINCT);
+    // Found while the agent runs (its next walk of the fold map), not only when it stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let (_, metrics) = http_get(port, "/metrics");
+        let found = sample(&metrics, "imds_guard_repeats_unreported_total");
+        if found > 0 || Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(agent.stop().success(), "{}", agent.stderr());
     let figure = |name| agent.final_figure(name);
     let (reported, aggregated, unreported, lost) = (
@@ -514,7 +533,7 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
     );
     eprintln!(
         "{attempts} attempts: {reported} reported + {aggregated} aggregated + {unreported} \
-         unreported + {lost} lost"
+         unreported + {lost} lost; {found} unreported found while running"
     );
     assert_eq!(
         figure("denied"),
@@ -526,6 +545,10 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
     assert!(
         unreported > 0,
         "no repeat was evicted unreported: the test proves less than it says"
+    );
+    assert!(
+        (1..=unreported).contains(&found),
+        "the running agent found {found} of {unreported}"
     );
     agent.wait_log("repeats the kernel counted were never reported");
 }

@@ -1,53 +1,17 @@
 //! Prometheus metrics from a real agent: counts by verdict and by rule match what the kernel
 //! judged, survive a reload, and the endpoint fails early on a bad address.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-};
+use std::net::TcpListener;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, privileged,
-    run_to_end,
+    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, free_port, http_get,
+    privileged, run_to_end, sample,
 };
 use nix::sys::signal::Signal;
 
 const EPERM: i32 = libc::EPERM;
 const PROBER: u32 = 1000;
 const STRANGER: u32 = 1001;
-
-/// A loopback port nobody listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// `GET path` on loopback: status line and body.
-fn get(port: u16, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
-
-/// The value of the sample line `name{labels}` (or `name`), 0 when absent.
-fn sample(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |value| value.trim().parse().expect("a number"))
-}
 
 #[test]
 fn metrics_count_by_verdict_and_rule_across_a_reload() {
@@ -85,7 +49,7 @@ fn metrics_count_by_verdict_and_rule_across_a_reload() {
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
 
-    let (status, metrics) = get(port, "/metrics");
+    let (status, metrics) = http_get(port, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK", "{metrics}");
     for (series, value) in [
         ("imds_guard_attempts_total{verdict=\"allow\"}", 3),
@@ -116,7 +80,7 @@ fn metrics_count_by_verdict_and_rule_across_a_reload() {
     Client::new(&sandbox, &attach, PROBER, PROBER)
         .tcp(IMDS_V4, 80)
         .assert_ok("");
-    let (_, metrics) = get(port, "/metrics");
+    let (_, metrics) = http_get(port, "/metrics");
     assert_eq!(
         sample(
             &metrics,
@@ -136,7 +100,7 @@ fn metrics_count_by_verdict_and_rule_across_a_reload() {
         (2, 1),
         "{metrics}"
     );
-    let (status, _) = get(port, "/other");
+    let (status, _) = http_get(port, "/other");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
 
