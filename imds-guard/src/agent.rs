@@ -489,23 +489,18 @@ fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<Map
     agent.record(false);
     match agent.kernel.counters() {
         Ok(counters) => {
-            // Every window was reported just now: what was not, was evicted.
+            // Every window was reported just now: what was not, was evicted. Exact now, so
+            // at least what the walks found.
             let unreported = reporter.repeats_not_reported(counters.folded);
-            if unreported > 0 {
-                warn!(
-                    "{unreported} repeats the kernel counted were never reported: their fold \
-                     entry was evicted first (more distinct attempts repeated within one window \
-                     than the map holds, {FOLDS_MAX_ENTRIES}), or they were made as the agent \
-                     started; verdicts stood"
-                );
-            }
+            reporter.unreported = reporter.unreported.max(unreported);
+            reporter.warn_of_new_unreported();
             info!(
                 allowed = counters.allowed,
                 denied = counters.denied,
                 audited = counters.audited,
                 events_reported = reporter.reported,
                 events_aggregated = reporter.aggregated,
-                repeats_unreported = unreported,
+                repeats_unreported = reporter.unreported,
                 folded = counters.folded,
                 events_lost = counters.events_lost,
                 reloads = agent.reloads,
@@ -625,7 +620,8 @@ impl Reporter {
                 repeats_unreported = self.unreported,
                 "{} repeats the kernel counted will never be reported: their fold entry was \
                  evicted first (more distinct attempts repeated within one window than the map \
-                 holds, {FOLDS_MAX_ENTRIES}); verdicts stood",
+                 holds, {FOLDS_MAX_ENTRIES}), or they were made as the agent started; verdicts \
+                 stood",
                 self.unreported - self.unreported_warned
             );
             self.unreported_warned = self.unreported;

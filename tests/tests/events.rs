@@ -550,5 +550,5 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
         (1..=unreported).contains(&found),
         "the running agent found {found} of {unreported}"
     );
-    agent.wait_log("repeats the kernel counted were never reported");
+    agent.wait_log("repeats the kernel counted will never be reported");
 }
