@@ -15,14 +15,21 @@ pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 /// `cgroup/sendmsg6`.
 pub const HOOK_SENDMSG6: u8 = 4;
-/// `cgroup_skb/egress`: a packet from a raw socket (no task: pid, tgid and comm are 0; the uid
-/// is the socket owner's; the gid is unknown, `u32::MAX`).
+/// `cgroup_skb/egress`: a packet to a protected address that no socket hook let through for
+/// its socket: a raw socket's, one whose destination NAT rewrote after the socket hooks, or one
+/// of a protocol they do not see (ICMP echo sockets, UDP-Lite, SCTP). No task is known: pid,
+/// tgid and comm are 0; the uid is the socket owner's; the gid is unknown, `u32::MAX`.
 pub const HOOK_EGRESS: u8 = 5;
 
 /// `AF_INET`.
 pub const FAMILY_INET: u8 = 2;
 /// `AF_INET6`.
 pub const FAMILY_INET6: u8 = 10;
+
+/// [`Event::flags`]: the packet's destination is not the one its socket is connected to: NAT
+/// (or another rewrite on the output path) changed it after the socket hooks judged the
+/// socket's own (only known for connected sockets).
+pub const EVENT_FLAG_REWRITTEN: u8 = 1;
 
 /// Length of [`Event::comm`], the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
@@ -64,8 +71,10 @@ pub struct Event {
     pub generation: u8,
     /// `UNREAD_*` bits: what the kernel could not read (those fields are 0).
     pub unread: u8,
+    /// `EVENT_FLAG_*` bits.
+    pub flags: u8,
     /// Explicit padding, always 0.
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 3],
     /// Destination address, network byte order: IPv4 in the first 4 bytes, the rest 0.
     pub addr: [u8; 16],
     /// `comm` of the thread, NUL-padded.
@@ -174,6 +183,29 @@ pub struct FoldValue {
     /// Repeats folded since the entry was created.
     pub folded: u64,
 }
+
+/// Value of `SOCKET_VERDICTS`: the protected destination a hook last judged for this socket,
+/// and the verdict. The packet layer passes the socket's packets to that destination without
+/// judging them again (so gid rules, which only the socket hooks can see, keep working), and
+/// drops those it remembers denying without reporting them again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed, never read"
+)]
+pub struct SocketVerdict {
+    /// The destination as the packet carries it, four native words of network-order bytes:
+    /// IPv4 (also for `::ffff:a.b.c.d`) in the first, the others 0.
+    pub addr: [u32; 4],
+    /// `FAMILY_INET` or `FAMILY_INET6`: of the packet, not of the socket.
+    pub family: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// Explicit padding, always 0.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SocketVerdict>() == 20);
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,9 +1,15 @@
 //! Map names and indices: the agent finds maps by these names and never spells one itself.
 
-/// IPv4 addresses under protection: [`crate::policy::ProtectedV4Key`] → generation mask (`u32`).
+/// IPv4 addresses under protection: [`crate::policy::ProtectedV4Key`] (generation, address) →
+/// `u32` (0).
 pub const PROTECTED_V4: &str = "PROTECTED_V4";
-/// IPv6 addresses under protection: [`crate::policy::ProtectedV6Key`] → generation mask (`u32`).
+/// IPv6 addresses under protection: [`crate::policy::ProtectedV6Key`] → `u32` (0).
 pub const PROTECTED_V6: &str = "PROTECTED_V6";
+/// The fast "not protected" test: a one-entry array of [`crate::policy::ProtectedFilter`].
+pub const PROTECTED_FILTER: &str = "PROTECTED_FILTER";
+/// What the socket hooks decided for a socket: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`)
+/// of [`crate::event::SocketVerdict`], read by the packet layer. The agent never reads it.
+pub const SOCKET_VERDICTS: &str = "SOCKET_VERDICTS";
 /// The policy generation in force: a one-entry array of `u32` (0 or 1).
 pub const GENERATION: &str = "GENERATION";
 /// Per-generation settings: an array of [`crate::policy::Settings`] indexed by generation.
@@ -28,9 +34,11 @@ pub const FOLDS: &str = "FOLDS";
 pub const AGENT: &str = "AGENT";
 
 /// Every map name, so the agent can check the embedded object has each of them.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 13] = [
     PROTECTED_V4,
     PROTECTED_V6,
+    PROTECTED_FILTER,
+    SOCKET_VERDICTS,
     GENERATION,
     SETTINGS,
     CGROUP_RULESETS,
@@ -47,7 +55,8 @@ pub const ALL: [&str; 11] = [
 /// that changes the layout fills new maps and then switches the programs over.
 ///
 /// 2: events of 104 bytes (parent process), the `FOLDS` map and the `COUNTER_FOLDED` counter.
-pub const MAPS_LAYOUT_VERSION: u32 = 2;
+/// 3: protected addresses keyed by generation, `PROTECTED_FILTER`, `SOCKET_VERDICTS`.
+pub const MAPS_LAYOUT_VERSION: u32 = 3;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.

@@ -12,7 +12,9 @@
 //! that cgroup, which is what lets a later rule say "UID 0, but not in container cgroups".
 //!
 //! Every key carries a *generation* (0 or 1), and `GENERATION` says which is in force: a new
-//! policy is written beside the live one and takes effect with one 32-bit store.
+//! policy is written beside the live one and takes effect with one 32-bit store. A program reads
+//! `GENERATION` once and makes every lookup of an attempt with it, protected addresses included,
+//! so each attempt is judged by exactly one generation's complete policy.
 
 /// Block (or, in audit mode, report) attempts no rule allows.
 pub const MODE_ENFORCE: u32 = 0;
@@ -39,13 +41,77 @@ pub const RULE_FLAG_AUDIT: u32 = 1;
 /// systemd services sit at level 2 and Kubernetes containers at level 4 or 5.
 pub const MAX_CGROUP_LEVEL: u32 = 32;
 
-/// Key of `PROTECTED_V4`: the address as the hook sees it (`bpf_sock_addr.user_ip4`, network
-/// byte order, read as a native `u32`). The value is a `u32` mask: bit `g` set means the address
-/// is protected in generation `g`.
-pub type ProtectedV4Key = u32;
-/// Key of `PROTECTED_V6`: the address as four native `u32` words of network-order bytes
-/// (`bpf_sock_addr.user_ip6`). Value as for [`ProtectedV4Key`].
-pub type ProtectedV6Key = [u32; 4];
+/// Key of `PROTECTED_V4`: an IPv4 destination protected in one generation. The value is a
+/// `u32`, always 0 (reserved).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProtectedV4Key {
+    /// Policy generation, 0 or 1.
+    pub generation: u32,
+    /// The address as the hooks see it (`bpf_sock_addr.user_ip4`, the IPv4 header's `daddr`):
+    /// network-order bytes read as a native `u32`.
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<ProtectedV4Key>() == 8);
+
+/// Key of `PROTECTED_V6`: an IPv6 destination protected in one generation. Value as for
+/// [`ProtectedV4Key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProtectedV6Key {
+    /// Policy generation, 0 or 1.
+    pub generation: u32,
+    /// The address as four native `u32` words of network-order bytes
+    /// (`bpf_sock_addr.user_ip6`, the IPv6 header's destination).
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<ProtectedV6Key>() == 20);
+
+/// Slots of each half of [`ProtectedFilter`].
+pub const FILTER_SLOTS: u32 = 256;
+
+/// `PROTECTED_FILTER[0]`: a bitmap that tells, before any hash lookup, that a destination is
+/// protected in no generation. Slot [`filter_slot_v4`] (or [`filter_slot_v6`]) of every address
+/// protected in either generation is set; a clear slot means "not protected", a set one "look it
+/// up". The agent sets slots before it adds addresses and clears them only after it removed
+/// them, so the bitmap always covers the maps; any mix of two such bitmaps (a reader that races
+/// a writer) covers them too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedFilter {
+    /// Slots of IPv4 destinations (and IPv4-mapped IPv6 ones).
+    pub v4: [u64; 4],
+    /// Slots of IPv6 destinations.
+    pub v6: [u64; 4],
+}
+const _: () = assert!(core::mem::size_of::<ProtectedFilter>() == 64);
+
+/// The filter slot of an IPv4 address (as in [`ProtectedV4Key::addr`]): its four bytes folded
+/// by exclusive or, so that neighbouring addresses land apart.
+#[must_use]
+pub const fn filter_slot_v4(addr: u32) -> u32 {
+    let folded = addr ^ (addr >> 16);
+    (folded ^ (folded >> 8)) & (FILTER_SLOTS - 1)
+}
+
+/// The filter slot of an IPv6 address (as in [`ProtectedV6Key::addr`]).
+#[must_use]
+pub const fn filter_slot_v6(addr: [u32; 4]) -> u32 {
+    filter_slot_v4(addr[0] ^ addr[1] ^ addr[2] ^ addr[3])
+}
+
+/// Whether `slot` is set in `half` (one half of a [`ProtectedFilter`]).
+#[must_use]
+#[inline]
+pub const fn filter_has(half: &[u64; 4], slot: u32) -> bool {
+    // `& 3` keeps the index provably in bounds (no panic branch for the verifier to refuse).
+    (half[(slot >> 6) as usize & 3] >> (slot & 63)) & 1 != 0
+}
+
+/// Sets `slot` in `half`.
+pub const fn filter_set(half: &mut [u64; 4], slot: u32) {
+    half[(slot >> 6) as usize & 3] |= 1 << (slot & 63);
+}
 
 /// Per-generation settings, in `SETTINGS[generation]`.
 #[repr(C)]
@@ -113,4 +179,33 @@ mod pod {
     unsafe impl aya::Pod for super::RuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProtectedV4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProtectedV6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProtectedFilter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_slots_set_are_found_and_others_mostly_not() {
+        let imds = u32::from_ne_bytes([169, 254, 169, 254]);
+        let mut filter = ProtectedFilter::default();
+        filter_set(&mut filter.v4, filter_slot_v4(imds));
+        assert!(filter_has(&filter.v4, filter_slot_v4(imds)));
+        let loopback = u32::from_ne_bytes([127, 0, 0, 1]);
+        assert!(!filter_has(&filter.v4, filter_slot_v4(loopback)));
+        assert!(!filter_has(&filter.v6, filter_slot_v4(imds)));
+        // Every slot is reachable, and each of 256 consecutive addresses has its own.
+        let slots: std::collections::BTreeSet<u32> = (0..=255u8)
+            .map(|last| filter_slot_v4(u32::from_ne_bytes([10, 0, 0, last])))
+            .collect();
+        assert_eq!(slots.len(), 256);
+        let v6 = [0x00fd_u32.to_be(), 0, 0, 0x0254_u32.to_be()];
+        assert_eq!(filter_slot_v6(v6), filter_slot_v4(v6[0] ^ v6[3]));
+    }
 }

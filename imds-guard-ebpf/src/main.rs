@@ -1,6 +1,6 @@
 //! imds-guard's kernel programs: one entry point per attach point, each judging connects and
-//! unconnected datagrams to protected addresses for the current task, and packets that raw
-//! sockets send there.
+//! unconnected datagrams to protected addresses for the current task, and every packet sent
+//! there that those hooks did not let through for its socket.
 //!
 //! Return values are the cgroup contract: 1 lets the syscall (or packet) proceed, 0 fails it
 //! with `EPERM` at once (so an SDK fails fast instead of timing out) or drops the packet.
@@ -20,6 +20,7 @@
 
 mod maps;
 mod packet;
+mod protected;
 mod report;
 mod verdict;
 
@@ -53,7 +54,8 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     verdict::judge_v6(&ctx, HOOK_SENDMSG6)
 }
 
-/// Every outgoing packet; judges those of raw sockets, which bypass the hooks above.
+/// Every outgoing packet; judges those to protected addresses that no hook above let through
+/// for their socket (raw sockets, rewritten destinations, protocols without those hooks).
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
     packet::judge_egress(&ctx)

@@ -2,28 +2,41 @@
 //! to find them; layouts are documented in `imds_guard_common::policy`.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use imds_guard_common::{
     agent::AgentInfo,
-    event::{Event, FoldKey, FoldValue},
+    event::{Event, FoldKey, FoldValue, SocketVerdict},
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
         FOLDS_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
     },
-    policy::{CgroupKey, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
+    policy::{
+        CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
+    },
 };
 
-/// Protected IPv4 destinations → mask of the generations protecting them.
+/// Protected IPv4 destinations, by generation.
 #[map(name = "PROTECTED_V4")]
 pub static PROTECTED_V4: HashMap<ProtectedV4Key, u32> =
     HashMap::with_max_entries(PROTECTED_MAX_ENTRIES, 0);
 
-/// Protected IPv6 destinations → mask of the generations protecting them.
+/// Protected IPv6 destinations, by generation.
 #[map(name = "PROTECTED_V6")]
 pub static PROTECTED_V6: HashMap<ProtectedV6Key, u32> =
     HashMap::with_max_entries(PROTECTED_MAX_ENTRIES, 0);
+
+/// Rules out unprotected destinations before any hash lookup (an array lookup is inlined by
+/// the verifier: no helper call).
+#[map(name = "PROTECTED_FILTER")]
+pub static PROTECTED_FILTER: Array<ProtectedFilter> = Array::with_max_entries(1, 0);
+
+/// The socket hooks' verdict for a socket's protected destination, for the packet layer.
+/// Socket-local storage needs BTF, so this map is defined the BTF way (`.maps`).
+#[btf_map(name = "SOCKET_VERDICTS")]
+pub static SOCKET_VERDICTS: SkStorage<SocketVerdict> = SkStorage::new();
 
 /// The policy generation in force, at index 0.
 #[map(name = "GENERATION")]

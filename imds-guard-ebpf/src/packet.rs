@@ -1,23 +1,33 @@
-//! The packet-level layer: raw sockets (`SOCK_RAW`) write their own IP headers and never pass
-//! the socket address hooks, so their packets to protected addresses are judged here, on
-//! `cgroup_skb/egress`, by the socket's owner and cgroup.
+//! The packet layer, on `cgroup_skb/egress`: every packet to a protected address is judged,
+//! whatever its socket. The socket hooks see the address a task gives; a packet can still reach
+//! a protected address around them: a raw socket writes its own header, NAT in the workload's
+//! network namespace rewrites the destination after the hooks (`DNAT` on `OUTPUT`: this hook
+//! runs after it, in `ip_finish_output`), and some protocols have no socket address hook at all
+//! (ICMP echo sockets, connected UDP-Lite, SCTP).
 //!
-//! Packets of every other socket pass at once: their connect or send was judged already, and a
-//! connection an allowed workload opened must keep flowing. The cost for them is one helper call
-//! (`bpf_sk_fullsock`) and one field read per packet.
+//! A packet passes when its socket was let through to that very destination by a socket hook
+//! (remembered in `SOCKET_VERDICTS`, which keeps gid rules working: a packet knows no gid), or
+//! when the policy allows the socket's owner in the socket's cgroup. Otherwise it is dropped
+//! (the sender gets `EPERM` where it sends in process context) and reported once per socket.
+//!
+//! Packets to unprotected destinations cost one read of the destination from the packet and a
+//! bit test in `PROTECTED_FILTER`: no helper call, no hash lookup.
 
 use aya_ebpf::{
+    bindings::bpf_sock,
     helpers::generated::{
-        bpf_get_socket_uid, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_socket_uid, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
     programs::SkBuffContext,
 };
 use imds_guard_common::event::{
-    FAMILY_INET, FAMILY_INET6, HOOK_EGRESS, VERDICT_ALLOW, VERDICT_DENY,
+    EVENT_FLAG_REWRITTEN, HOOK_EGRESS, SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
-    maps::{PROTECTED_V4, PROTECTED_V6},
+    maps::SOCKET_VERDICTS,
+    protected::{self, Destination},
     report::{self, Attempt, Identity},
     verdict,
 };
@@ -27,85 +37,161 @@ use crate::{
 const PASS: i32 = 1;
 const DROP: i32 = 0;
 
-const SOCK_RAW: u32 = 3;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `BPF_SK_STORAGE_GET_F_CREATE`.
+const STORAGE_CREATE: u64 = 1;
 
-/// Judges one outgoing packet.
-pub fn judge_egress(ctx: &SkBuffContext) -> i32 {
-    let skb = ctx.skb.skb;
-    // SAFETY: the kernel hands cgroup_skb programs a valid context; `sk` may be null.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return PASS;
-    }
-    // SAFETY: a helper that checks its argument; it returns null for request/timewait socks.
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    // SAFETY: non-null results of bpf_sk_fullsock point to a full socket.
-    if full.is_null() || unsafe { (*full).type_ } != SOCK_RAW {
-        return PASS;
-    }
-    judge_raw(ctx).unwrap_or(PASS)
+/// What the packet layer reads of a packet's IP header.
+struct Packet {
+    destination: Destination,
+    /// The IPv4 protocol or the IPv6 next header (extension headers are not followed).
+    protocol: u8,
+    /// Offset of the transport header.
+    transport: usize,
 }
 
-/// The slow path, for raw sockets only. `None` (pass) for a packet too short to hold the
-/// header fields read: the kernel would not send it to an address anyway.
-fn judge_raw(ctx: &SkBuffContext) -> Option<i32> {
-    let first: u8 = ctx.load(0).ok()?;
-    let (family, generations, addr, protocol, transport) = match first >> 4 {
-        4 => {
-            // The destination as the hooks see it: network-order bytes read as a native u32.
-            let daddr: u32 = ctx.load(16).ok()?;
-            // SAFETY: plain u32 values, only read.
-            let generations = unsafe { PROTECTED_V4.get(daddr) }.copied()?;
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&daddr.to_ne_bytes());
-            let protocol: u8 = ctx.load(9).ok()?;
-            (
-                FAMILY_INET,
-                generations,
-                addr,
-                protocol,
-                usize::from(first & 0x0f) * 4,
-            )
-        }
-        6 => {
-            let words: [u32; 4] = [
-                ctx.load(24).ok()?,
-                ctx.load(28).ok()?,
-                ctx.load(32).ok()?,
-                ctx.load(36).ok()?,
-            ];
-            // SAFETY: as above.
-            let generations = unsafe { PROTECTED_V6.get(words) }.copied()?;
-            let mut addr = [0u8; 16];
-            for (i, word) in words.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-            // The next header; extension headers are not followed (the port is then 0).
-            let protocol: u8 = ctx.load(6).ok()?;
-            (FAMILY_INET6, generations, addr, protocol, 40)
-        }
-        _ => return None,
+/// Judges one outgoing packet.
+#[inline]
+pub fn judge_egress(ctx: &SkBuffContext) -> i32 {
+    let Some(packet) = Packet::read(ctx) else {
+        // Not IPv4 or IPv6, or too short to hold a destination: the kernel sends it nowhere.
+        return PASS;
     };
-    let generation = verdict::generation_in_force(generations)?;
+    if !packet.destination.may_be_protected() {
+        return PASS;
+    }
+    judge_protected(ctx, &packet)
+}
+
+impl Packet {
+    /// The header fields, read straight from the packet's linear data (`cgroup_skb` programs
+    /// start at the network header); a header that is not linear is loaded by the helper.
+    #[inline]
+    fn read(ctx: &SkBuffContext) -> Option<Self> {
+        let skb = ctx.skb.skb;
+        // SAFETY: the kernel hands cgroup_skb programs a valid context; the verifier turns these
+        // two fields into packet pointers, and every read below is within a checked bound.
+        unsafe {
+            let (data, end) = ((*skb).data as usize, (*skb).data_end as usize);
+            if data + 40 <= end {
+                let first = *(data as *const u8);
+                return match first >> 4 {
+                    4 => Some(Self {
+                        destination: Destination::V4(*((data + 16) as *const u32)),
+                        protocol: *((data + 9) as *const u8),
+                        transport: usize::from(first & 0x0f) * 4,
+                    }),
+                    6 => Some(Self {
+                        destination: Destination::V6([
+                            *((data + 24) as *const u32),
+                            *((data + 28) as *const u32),
+                            *((data + 32) as *const u32),
+                            *((data + 36) as *const u32),
+                        ]),
+                        protocol: *((data + 6) as *const u8),
+                        transport: 40,
+                    }),
+                    _ => None,
+                };
+            }
+        }
+        Self::load(ctx)
+    }
+
+    /// The same, through `bpf_skb_load_bytes`: short packets and non-linear headers.
+    fn load(ctx: &SkBuffContext) -> Option<Self> {
+        let first: u8 = ctx.load(0).ok()?;
+        match first >> 4 {
+            4 => Some(Self {
+                destination: Destination::V4(ctx.load(16).ok()?),
+                protocol: ctx.load(9).ok()?,
+                transport: usize::from(first & 0x0f) * 4,
+            }),
+            6 => Some(Self {
+                destination: Destination::V6([
+                    ctx.load(24).ok()?,
+                    ctx.load(28).ok()?,
+                    ctx.load(32).ok()?,
+                    ctx.load(36).ok()?,
+                ]),
+                protocol: ctx.load(6).ok()?,
+                transport: 40,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The slow path: the destination may be protected.
+fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
+    let generation = protected::generation_in_force();
+    if !packet.destination.protected_in(generation) {
+        return PASS;
+    }
     let skb = ctx.skb.skb;
-    // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+).
+    // SAFETY: the kernel hands cgroup_skb programs a valid context; `sk` may be null (then the
+    // helper returns null), and is a request socket for a listener's SYN-ACK (null too).
+    let socket = unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            core::ptr::null_mut()
+        } else {
+            bpf_sk_fullsock(sk)
+        }
+    };
+    let (family, addr) = packet.destination.words();
+    // SAFETY: a full socket from `bpf_sk_fullsock`, or null (not looked up).
+    if let Some(remembered) = unsafe { socket_verdict(socket, None) } {
+        // SAFETY: the socket's storage, valid while the program runs.
+        let remembered = unsafe { *remembered };
+        if remembered.family == family && protected::same_words(remembered.addr, addr) {
+            // Let through by a socket hook (or judged here before): its verdict stands, and a
+            // denial was reported already.
+            return if remembered.verdict == VERDICT_DENY {
+                DROP
+            } else {
+                PASS
+            };
+        }
+    }
+    // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+); they use the full
+    // socket behind a request socket.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb), bpf_skb_cgroup_id(skb)) };
     // SAFETY: as above.
     let ancestor = |level: i32| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
-    // The socket's gid is not known here: gid rules do not apply to raw packets.
+    // The socket's gid is not known here: gid rules do not match packets judged by their owner.
     let (verdict, rule) = verdict::decide(generation, uid, None, ancestor);
     verdict::count(generation, verdict, rule);
-    if verdict == VERDICT_ALLOW {
-        return Some(PASS);
-    }
-    let port = if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
-        // The destination port, big-endian, two bytes into the TCP or UDP header.
-        ctx.load::<u16>(transport + 2).map_or(0, u16::from_be)
-    } else {
-        0
+    // Remembered, so the socket's later packets (retransmissions, the rest of a flow) are not
+    // judged and reported again. A failure only means they are.
+    let mut value = SocketVerdict {
+        addr,
+        family,
+        verdict,
+        _pad: [0; 2],
     };
+    // SAFETY: as above.
+    if let Some(stored) = unsafe { socket_verdict(socket, Some(&mut value)) } {
+        // SAFETY: the socket's storage, valid while the program runs.
+        unsafe { *stored = value };
+    }
+    if verdict == VERDICT_ALLOW {
+        return PASS;
+    }
+    let port = match packet.protocol {
+        // The destination port, big-endian, two bytes into each of these headers.
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => ctx
+            .load::<u16>(packet.transport + 2)
+            .map_or(0, u16::from_be),
+        _ => 0,
+    };
+    // SAFETY: as above.
+    let rewritten = unsafe { connected_elsewhere(socket, packet.destination) };
     report::event(
         &Attempt {
             verdict,
@@ -115,13 +201,77 @@ fn judge_raw(ctx: &SkBuffContext) -> Option<i32> {
             hook: HOOK_EGRESS,
             family,
             port,
-            protocol,
+            protocol: packet.protocol,
             uid,
             gid: u32::MAX,
-            addr,
+            addr: protected::bytes_of(addr),
+            flags: if rewritten { EVENT_FLAG_REWRITTEN } else { 0 },
         },
         cgroup_id,
         Identity::socket,
     );
-    Some(if verdict == VERDICT_DENY { DROP } else { PASS })
+    if verdict == VERDICT_DENY { DROP } else { PASS }
+}
+
+/// The socket's entry in `SOCKET_VERDICTS`, created from `create` when it has none and
+/// `create` is given.
+///
+/// # Safety
+/// `socket` is null or a full socket returned by `bpf_sk_fullsock`.
+#[inline]
+unsafe fn socket_verdict(
+    socket: *mut bpf_sock,
+    create: Option<&mut SocketVerdict>,
+) -> Option<*mut SocketVerdict> {
+    if socket.is_null() {
+        return None;
+    }
+    let (value, flags) = match create {
+        Some(value) => (core::ptr::from_mut(value), STORAGE_CREATE),
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: the map is socket-local storage; the helper checks the socket (Linux 5.2+).
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            (&raw const SOCKET_VERDICTS).cast_mut().cast(),
+            socket.cast(),
+            value.cast(),
+            flags,
+        )
+    };
+    (!stored.is_null()).then_some(stored.cast())
+}
+
+/// Whether `socket` is connected to another destination than the packet's: the destination
+/// was rewritten after the socket hooks judged the socket's own. `false` when unknown
+/// (an unconnected socket, or no full socket).
+///
+/// # Safety
+/// As for [`socket_verdict`].
+#[inline]
+unsafe fn connected_elsewhere(socket: *mut bpf_sock, destination: Destination) -> bool {
+    if socket.is_null() {
+        return false;
+    }
+    // SAFETY: a full socket; the verifier allows 32-bit reads of these fields, one word at a
+    // time for `dst_ip6`.
+    let peer = unsafe {
+        match (*socket).family {
+            AF_INET => match (*socket).dst_ip4 {
+                0 => None,
+                addr => Some(Destination::V4(addr)),
+            },
+            AF_INET6 => {
+                let ip6 = &raw const (*socket).dst_ip6;
+                Destination::of_v6([
+                    core::ptr::read_volatile(ip6.cast::<u32>()),
+                    core::ptr::read_volatile(ip6.cast::<u32>().add(1)),
+                    core::ptr::read_volatile(ip6.cast::<u32>().add(2)),
+                    core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
+                ])
+            }
+            _ => None,
+        }
+    };
+    peer.is_some_and(|peer| !peer.same(destination))
 }

@@ -48,6 +48,8 @@ pub struct Attempt {
     pub uid: u32,
     pub gid: u32,
     pub addr: [u8; 16],
+    /// `EVENT_FLAG_*` bits.
+    pub flags: u8,
 }
 
 /// Who made an attempt, as far as the hook can tell.
@@ -172,7 +174,8 @@ pub fn event(attempt: &Attempt, cgroup_id: u64, who: impl FnOnce() -> Identity) 
         port: attempt.port,
         generation: attempt.generation,
         unread: identity.unread,
-        _pad: [0, 0, 0, BUILD_VARIANT],
+        flags: attempt.flags,
+        _pad: [0, 0, BUILD_VARIANT],
         addr: attempt.addr,
         comm: identity.comm,
         ppid: identity.parent.map_or(0, |(ppid, _)| ppid),

@@ -5,7 +5,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use imds_guard_common::{
-    event::{FAMILY_INET, FAMILY_INET6, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+    event::{FAMILY_INET, FAMILY_INET6, SocketVerdict, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
     policy::{
         CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, RULE_DEFAULT,
@@ -14,31 +14,29 @@ use imds_guard_common::{
 };
 
 use crate::{
-    maps::{ALLOW, CGROUP_RULESETS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS},
+    maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
+    protected::{self, Destination},
     report::{self, Attempt},
 };
 
 const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
 
-/// `::ffff:0:0/96`, the IPv4-mapped prefix, as the third word of `user_ip6` (network order).
-const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
 /// Judges an IPv4 destination.
+#[inline]
 pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
-    // Fast path: an unprotected destination costs this one lookup.
-    // SAFETY: the value is a plain u32 that is only read.
-    let Some(&generations) = (unsafe { PROTECTED_V4.get(ip4) }) else {
+    let destination = Destination::V4(ip4);
+    // Fast path: an unprotected destination costs one array read and a bit test.
+    if !destination.may_be_protected() {
         return PROCEED;
-    };
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&ip4.to_ne_bytes());
-    judge_protected(ctx, hook, FAMILY_INET, generations, addr)
+    }
+    judge_protected(ctx, hook, FAMILY_INET, destination, [ip4, 0, 0, 0])
 }
 
 /// Judges an IPv6 destination, treating `::ffff:a.b.c.d` as the IPv4 address it maps to.
+#[inline]
 pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // The verifier only allows `user_ip6` to be read one aligned 32-bit word at a time
     // ("invalid bpf_context access" otherwise), so each word is a separate volatile read that
@@ -53,35 +51,29 @@ pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
             core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
         ]
     };
-    let protected = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
-        // SAFETY: plain u32 values, only read.
-        unsafe { PROTECTED_V4.get(words[3]) }
-    } else {
-        // SAFETY: as above.
-        unsafe { PROTECTED_V6.get(words) }
-    };
-    let Some(&generations) = protected else {
+    // `::` is never protected.
+    let Some(destination) = Destination::of_v6(words) else {
         return PROCEED;
     };
-    let mut addr = [0u8; 16];
-    for (i, word) in words.iter().enumerate() {
-        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    if !destination.may_be_protected() {
+        return PROCEED;
     }
-    judge_protected(ctx, hook, FAMILY_INET6, generations, addr)
+    judge_protected(ctx, hook, FAMILY_INET6, destination, words)
 }
 
-/// The slow path: the address is protected in some generation.
+/// The slow path: the destination may be protected. `addr` is the address as the socket gave
+/// it (for the event).
 fn judge_protected(
     ctx: &SockAddrContext,
     hook: u8,
     family: u8,
-    generations: u32,
-    addr: [u8; 16],
+    destination: Destination,
+    addr: [u32; 4],
 ) -> i32 {
-    let Some(generation) = generation_in_force(generations) else {
-        // Protected only by the other generation (a policy switch removed it).
+    let generation = protected::generation_in_force();
+    if !destination.protected_in(generation) {
         return PROCEED;
-    };
+    }
     let uid_gid = bpf_get_current_uid_gid();
     // Truncation intended: the low half is the uid, the high half the gid.
     #[expect(
@@ -93,6 +85,9 @@ fn judge_protected(
     let ancestor = |level: i32| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
     let (verdict, rule) = decide(generation, uid, Some(gid), ancestor);
     count(generation, verdict, rule);
+    if verdict != VERDICT_DENY {
+        remember(ctx, destination, verdict);
+    }
     if verdict == VERDICT_ALLOW {
         return PROCEED;
     }
@@ -119,7 +114,8 @@ fn judge_protected(
             protocol: protocol as u8,
             uid,
             gid,
-            addr,
+            addr: protected::bytes_of(addr),
+            flags: 0,
         },
         report::current_cgroup_id(),
         report::Identity::current_task,
@@ -131,11 +127,25 @@ fn judge_protected(
     }
 }
 
-/// The generation in force, if the address is protected in it (`generations` is the address's
-/// mask of generations).
-pub fn generation_in_force(generations: u32) -> Option<u32> {
-    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
-    (generations & (1 << generation) != 0).then_some(generation)
+/// Records on the socket that the task was let through to `destination` (allowed or audited),
+/// so that the packet layer passes the packets that follow without judging them by the socket's
+/// owner, which knows no gid. A failure (no memory) only means the packets are judged there.
+fn remember(ctx: &SockAddrContext, destination: Destination, verdict: u8) {
+    let (family, addr) = destination.words();
+    let mut value = SocketVerdict {
+        addr,
+        family,
+        verdict,
+        _pad: [0; 2],
+    };
+    // SAFETY: the helper checks the socket; the pointer it returns, if not null, is this
+    // socket's storage, valid while the program runs.
+    unsafe {
+        let stored = SOCKET_VERDICTS.get_or_insert_ptr_mut(ctx, Some(&mut value));
+        if !stored.is_null() {
+            *stored = value;
+        }
+    }
 }
 
 /// Counts a judged attempt by verdict and by rule.

@@ -76,6 +76,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let pid_file = PidFile::lock(&args.pid_file)?;
     let pins = PinDir::new(&args.pin_dir);
     pins.prepare()?;
+    pins.check_takeover(&attach, &hierarchy)?;
 
     let mut watcher = Watcher::new().map_err(|source| Error::WatchCgroups { source })?;
     let fold_window_ns = u64::from(args.aggregate_window) * 1_000_000_000;

@@ -150,13 +150,27 @@ impl Hierarchy {
     /// whatever the size of the tree (and needs `CAP_DAC_READ_SEARCH`).
     #[must_use]
     pub fn path_of(&self, id: u64) -> Option<String> {
+        self.lookup(id).ok()
+    }
+
+    /// Whether the cgroup with `id` is known to be gone: the kernel says its handle is stale.
+    /// `false` when it exists or when that cannot be told (no `CAP_DAC_READ_SEARCH`).
+    #[must_use]
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.lookup(id)
+            .is_err_and(|err| err.raw_os_error() == Some(libc::ESTALE))
+    }
+
+    /// The path of the cgroup with `id`, or why it could not be found.
+    fn lookup(&self, id: u64) -> std::io::Result<String> {
         #[repr(C)]
         struct KernfsHandle {
             handle_bytes: u32,
             handle_type: i32,
             id: [u8; 8],
         }
-        let mount_fd = self.mount_fd.as_ref()?;
+        let mount_fd = (self.mount_fd.as_ref())
+            .ok_or_else(|| std::io::Error::other("the cgroup2 mount could not be opened"))?;
         let mut handle = KernfsHandle {
             handle_bytes: 8,
             handle_type: FILEID_KERNFS,
@@ -172,13 +186,15 @@ impl Hierarchy {
             )
         };
         if fd < 0 {
-            return None;
+            return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by the kernel and is not owned elsewhere.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let dir = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-        let relative = dir.strip_prefix(&self.mount).ok()?;
-        Some(format!("/{}", relative.to_string_lossy()))
+        let dir = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let relative = dir
+            .strip_prefix(&self.mount)
+            .map_err(|_| std::io::Error::other("a cgroup outside the cgroup2 mount"))?;
+        Ok(format!("/{}", relative.to_string_lossy()))
     }
 }
 

@@ -15,7 +15,8 @@ use imds_guard_common::{
     event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
     policy::{
         CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE,
-        RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
+        ProtectedV4Key, ProtectedV6Key, RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey,
+        RuleValue, Settings,
     },
 };
 
@@ -45,9 +46,9 @@ pub struct MapEntries {
     /// `SETTINGS[generation]`.
     pub settings: Settings,
     /// Keys of `PROTECTED_V4`.
-    pub protected_v4: Vec<u32>,
+    pub protected_v4: Vec<ProtectedV4Key>,
     /// Keys of `PROTECTED_V6`.
-    pub protected_v6: Vec<[u32; 4]>,
+    pub protected_v6: Vec<ProtectedV6Key>,
     /// `CGROUP_RULESETS` entries.
     pub cgroup_rulesets: Vec<(CgroupKey, u32)>,
     /// `ALLOW` entries.
@@ -182,10 +183,14 @@ impl Compiled {
         };
         for address in &self.policy.protect {
             match address {
-                std::net::IpAddr::V4(v4) => {
-                    entries.protected_v4.push(u32::from_ne_bytes(v4.octets()));
-                }
-                std::net::IpAddr::V6(v6) => entries.protected_v6.push(v6_key(v6.octets())),
+                std::net::IpAddr::V4(v4) => entries.protected_v4.push(ProtectedV4Key {
+                    generation: self.generation,
+                    addr: u32::from_ne_bytes(v4.octets()),
+                }),
+                std::net::IpAddr::V6(v6) => entries.protected_v6.push(ProtectedV6Key {
+                    generation: self.generation,
+                    addr: v6_key(v6.octets()),
+                }),
             }
         }
         entries.cgroup_rulesets = (self.cgroups.iter())
@@ -364,7 +369,7 @@ pub fn is_within(path: &str, under: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// `PROTECTED_V6` key of an address: four native words of its network-order bytes.
+/// An IPv6 address as `PROTECTED_V6` keys hold it: four native words of its network-order bytes.
 #[must_use]
 pub fn v6_key(octets: [u8; 16]) -> [u32; 4] {
     std::array::from_fn(|i| {
@@ -735,10 +740,19 @@ mod tests {
         let expected = v6_key([
             0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
         ]);
-        assert_eq!(entries.protected_v6, [expected]);
+        assert_eq!(
+            entries.protected_v6,
+            [ProtectedV6Key {
+                generation: 0,
+                addr: expected
+            }]
+        );
         assert_eq!(
             entries.protected_v4,
-            [u32::from_ne_bytes([169, 254, 169, 254])]
+            [ProtectedV4Key {
+                generation: 0,
+                addr: u32::from_ne_bytes([169, 254, 169, 254])
+            }]
         );
     }
 

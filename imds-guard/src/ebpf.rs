@@ -17,9 +17,12 @@ use imds_guard_common::{
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
         COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, MAX_RULES,
-        PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
+        PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
-    policy::{CgroupKey, RuleKey, RuleValue, Settings},
+    policy::{
+        CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
+        filter_set, filter_slot_v4, filter_slot_v6,
+    },
 };
 use tracing::{debug, info, warn};
 
@@ -362,20 +365,46 @@ impl Kernel {
                 what: format!("{:?}", entries.settings),
                 source,
             })?;
-        let bit = 1u32 << generation;
-        set_bit(
-            &mut self.map_mut(PROTECTED_V4)?,
-            PROTECTED_V4,
-            &entries.protected_v4,
-            bit,
-        )?;
-        set_bit(
-            &mut self.map_mut(PROTECTED_V6)?,
-            PROTECTED_V6,
-            &entries.protected_v6,
-            bit,
-        )?;
+        // The filter first: it must cover every protected address before a program can meet it.
+        let mut filter = self.filter()?;
+        for key in &entries.protected_v4 {
+            filter_set(&mut filter.v4, filter_slot_v4(key.addr));
+        }
+        for key in &entries.protected_v6 {
+            filter_set(&mut filter.v6, filter_slot_v6(key.addr));
+        }
+        self.write_filter(filter)?;
+        let protected: Vec<_> = entries
+            .protected_v4
+            .iter()
+            .map(|&key| (key, 0u32))
+            .collect();
+        insert_all(&mut self.map_mut(PROTECTED_V4)?, PROTECTED_V4, &protected)?;
+        let protected: Vec<_> = entries
+            .protected_v6
+            .iter()
+            .map(|&key| (key, 0u32))
+            .collect();
+        insert_all(&mut self.map_mut(PROTECTED_V6)?, PROTECTED_V6, &protected)?;
         Ok(())
+    }
+
+    /// `PROTECTED_FILTER[0]`.
+    fn filter(&mut self) -> Result<ProtectedFilter> {
+        let map: Array<_, ProtectedFilter> = self.map_mut(PROTECTED_FILTER)?;
+        map.get(&0, 0).map_err(|source| Error::ReadMap {
+            map: PROTECTED_FILTER,
+            source,
+        })
+    }
+
+    fn write_filter(&mut self, filter: ProtectedFilter) -> Result<()> {
+        let mut map: Array<_, ProtectedFilter> = self.map_mut(PROTECTED_FILTER)?;
+        map.set(0, filter, 0).map_err(|source| Error::WriteMap {
+            map: PROTECTED_FILTER,
+            what: "the protected-address filter".into(),
+            source,
+        })
     }
 
     /// Puts `generation` in force: one aligned 32-bit store the programs read once per attempt.
@@ -402,10 +431,27 @@ impl Kernel {
         for key in keys.iter().filter(|key| key.generation == generation) {
             remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
         }
-        let bit = 1u32 << generation;
-        clear_bit::<u32>(&mut self.map_mut(PROTECTED_V4)?, PROTECTED_V4, bit)?;
-        clear_bit::<[u32; 4]>(&mut self.map_mut(PROTECTED_V6)?, PROTECTED_V6, bit)?;
-        Ok(())
+        let mut v4: HashMap<_, ProtectedV4Key, u32> = self.map_mut(PROTECTED_V4)?;
+        let keys = collect_keys(v4.keys(), PROTECTED_V4)?;
+        for key in keys.iter().filter(|key| key.generation == generation) {
+            remove(v4.remove(key), PROTECTED_V4, key)?;
+        }
+        let mut v6: HashMap<_, ProtectedV6Key, u32> = self.map_mut(PROTECTED_V6)?;
+        let keys = collect_keys(v6.keys(), PROTECTED_V6)?;
+        for key in keys.iter().filter(|key| key.generation == generation) {
+            remove(v6.remove(key), PROTECTED_V6, key)?;
+        }
+        // Only now may the filter forget those addresses: it is rebuilt from what is left.
+        let mut filter = ProtectedFilter::default();
+        let v4: HashMap<_, ProtectedV4Key, u32> = self.map_mut(PROTECTED_V4)?;
+        for key in collect_keys(v4.keys(), PROTECTED_V4)? {
+            filter_set(&mut filter.v4, filter_slot_v4(key.addr));
+        }
+        let v6: HashMap<_, ProtectedV6Key, u32> = self.map_mut(PROTECTED_V6)?;
+        for key in collect_keys(v6.keys(), PROTECTED_V6)? {
+            filter_set(&mut filter.v6, filter_slot_v6(key.addr));
+        }
+        self.write_filter(filter)
     }
 
     /// Makes every program judge the tasks of `cgroup`, through links pinned in the pin
@@ -462,7 +508,8 @@ impl Kernel {
                 attached.updated += 1;
                 continue;
             }
-            let staging = pin.with_extension("new");
+            // bpffs refuses names with a dot (`EPERM`: reserved by the kernel).
+            let staging = pin.with_file_name(format!("{name}-staging"));
             let _ = std::fs::remove_file(&staging);
             let link = self.new_link(name, cgroup)?;
             link.pin(&staging).map_err(|source| Error::Link {
@@ -475,6 +522,12 @@ impl Kernel {
                 debug!(program = name, "old link not detached: {err}");
             }
             std::fs::rename(&staging, &pin).map_err(link_error("replacing the pinned link"))?;
+            info!(
+                program = name,
+                from_cgroup_id = state.cgroup_id,
+                to = %cgroup.path,
+                "replaced the pinned link"
+            );
             attached.moved += 1;
         }
         for dir in self.pins.other_map_dirs() {
@@ -714,44 +767,6 @@ fn insert_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
                 what: format!("{key:?}"),
                 source,
             })?;
-    }
-    Ok(())
-}
-
-/// Marks `keys` (protected addresses) as protected in the generation of `bit`.
-fn set_bit<K: aya::Pod + std::fmt::Debug>(
-    map: &mut HashMap<&mut MapData, K, u32>,
-    name: &'static str,
-    keys: &[K],
-    bit: u32,
-) -> Result<()> {
-    for key in keys {
-        let mask = map.get(key, 0).unwrap_or(0);
-        map.insert(key, mask | bit, 0)
-            .map_err(|source| Error::WriteMap {
-                map: name,
-                what: format!("protected address {key:x?}"),
-                source,
-            })?;
-    }
-    Ok(())
-}
-
-/// Unmarks every protected address for the generation of `bit`, removing those no generation
-/// protects any more.
-fn clear_bit<K: aya::Pod + std::fmt::Debug>(
-    map: &mut HashMap<&mut MapData, K, u32>,
-    name: &'static str,
-    bit: u32,
-) -> Result<()> {
-    for key in collect_keys(map.keys(), name)? {
-        let mask = map.get(&key, 0).unwrap_or(0);
-        let written = if mask & !bit == 0 {
-            map.remove(&key)
-        } else {
-            map.insert(key, mask & !bit, 0)
-        };
-        remove(written, name, &key)?;
     }
     Ok(())
 }

@@ -177,6 +177,23 @@ pub enum Error {
         /// Why it failed.
         source: io::Error,
     },
+    /// The pinned links guard a cgroup outside the new attach point.
+    #[error(
+        "the links pinned in {} guard cgroup {guarded}, which is not inside {target}: moving \
+         enforcement to {target} would leave {guarded} unguarded. If that is what you want, \
+         run `imds-guard detach --pin-dir {}` first (enforcement stops until the next start); \
+         to guard both, give this agent another --pin-dir",
+        dir.display(),
+        dir.display()
+    )]
+    PinnedElsewhere {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The cgroup the pinned links are attached to (its path, or its id if unresolvable).
+        guarded: String,
+        /// The attach point asked for.
+        target: String,
+    },
     /// A program link could not be created, adopted or replaced.
     #[error("program {program}: {action} failed: {source}")]
     Link {

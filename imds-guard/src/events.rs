@@ -4,8 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use imds_guard_common::event::{
-    COMM_LEN, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_PARENT, VERDICT_AUDIT, VERDICT_DENY,
+    COMM_LEN, EVENT_FLAG_REWRITTEN, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4,
+    HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_PARENT,
+    VERDICT_AUDIT, VERDICT_DENY,
 };
 use serde::Serialize;
 
@@ -62,7 +63,9 @@ pub enum Hook {
     Sendmsg4,
     /// `cgroup/sendmsg6`.
     Sendmsg6,
-    /// `cgroup_skb/egress`: a packet a raw socket sent.
+    /// `cgroup_skb/egress`: a packet to a protected address that no socket hook let through
+    /// for its socket (a raw socket's, a destination NAT rewrote, a protocol without socket
+    /// address hooks).
     Egress,
 }
 
@@ -202,7 +205,8 @@ pub struct Record {
     pub pod_uid: Option<String>,
     /// `ipv4` or `ipv6`.
     pub family: Family,
-    /// `tcp`, `udp`, or the protocol number; `null` when unknown (see `aggregated`).
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, `udplite`, `sctp`, or the protocol number; `null` when
+    /// unknown (see `aggregated`).
     pub protocol: Option<String>,
     /// Destination address.
     pub dst: String,
@@ -212,6 +216,10 @@ pub struct Record {
     pub rule: String,
     /// The hook that judged the attempt.
     pub hook: Hook,
+    /// A packet (`hook` `egress`) whose destination is not the one its socket is connected to:
+    /// NAT or another rewrite on the output path changed it after the socket hooks. `false`
+    /// when it was not, or cannot be told (an unconnected socket).
+    pub rewritten: bool,
     /// Fields that could not be read, so are `null`.
     pub unread: Vec<&'static str>,
 }
@@ -265,15 +273,12 @@ impl Record {
             container: placement.container,
             pod_uid: placement.pod_uid,
             family: event.family,
-            protocol: Some(match raw.protocol {
-                6 => "tcp".into(),
-                17 => "udp".into(),
-                other => other.to_string(),
-            }),
+            protocol: Some(protocol_name(raw.protocol)),
             dst: event.dst.to_string(),
             port: Some(raw.port),
             rule: rule.to_owned(),
             hook: event.hook,
+            rewritten: raw.flags & EVENT_FLAG_REWRITTEN != 0,
             unread,
         }
     }
@@ -337,7 +342,8 @@ impl Record {
             port: 0,
             generation: key.generation,
             unread: UNREAD_PARENT | UNREAD_COMM,
-            _pad: [0; 4],
+            flags: 0,
+            _pad: [0; 3],
             addr: key.addr,
             comm: [0; COMM_LEN],
             ppid: 0,
@@ -407,6 +413,19 @@ pub fn boot_to_unix_ns() -> nix::Result<i128> {
     Ok(real - boot)
 }
 
+/// The name of an `IPPROTO_*` number, or the number.
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,7 +448,8 @@ mod tests {
             port: 80,
             generation: 0,
             unread: 0,
-            _pad: [0; 4],
+            flags: 0,
+            _pad: [0; 3],
             addr: [169, 254, 169, 254, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             comm,
             ppid: 1,
@@ -460,7 +480,7 @@ mod tests {
                 "comm": "curl", "exe": null, "cmdline": null, "cgroup_id": 4242,
                 "cgroup": "/work", "unit": null, "container": null, "pod_uid": null,
                 "family": "ipv4", "protocol": "tcp", "dst": "169.254.169.254", "port": 80,
-                "rule": "default", "hook": "connect4", "unread": []
+                "rule": "default", "hook": "connect4", "rewritten": false, "unread": []
             })
         );
     }
@@ -515,6 +535,22 @@ mod tests {
         assert_eq!(record.protocol.as_deref(), Some("udp"));
         assert_eq!(record.verdict, Verdict::Audit);
         assert_eq!(record.hook, Hook::Sendmsg6);
+    }
+
+    #[test]
+    fn a_rewritten_icmp_packet_says_so() {
+        let mut raw = event();
+        raw.hook = HOOK_EGRESS;
+        raw.protocol = 1;
+        raw.flags = EVENT_FLAG_REWRITTEN;
+        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        assert_eq!(record.protocol.as_deref(), Some("icmp"));
+        assert!(record.rewritten);
+        raw.flags = 0;
+        raw.protocol = 136;
+        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        assert_eq!(record.protocol.as_deref(), Some("udplite"));
+        assert!(!record.rewritten);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <pin dir>/links/connect4 …      one cgroup link per program
-//! <pin dir>/maps-v2/ALLOW …       the maps, in a directory per map layout version
+//! <pin dir>/maps-v3/ALLOW …       the maps, in a directory per map layout version
 //! ```
 //!
 //! aya pins maps and links but does not expose the link operations an adoption needs
@@ -31,6 +31,8 @@ use nix::{
 use tracing::info;
 
 use crate::{
+    cgroups::{Cgroup, Hierarchy},
+    compile::is_within,
     ebpf::PROGRAMS,
     error::{Error, Result},
 };
@@ -203,6 +205,66 @@ impl PinDir {
             Err(err) => fail("removing it".into(), err),
         }
         first_error.map_or(Ok(detached), Err)
+    }
+
+    /// Checks that enforcement can move from wherever the pinned links guard to `target` in one
+    /// step, before anything is changed: links on `target` itself, on a cgroup inside it (the
+    /// new links cover it before the old ones go), or on a removed cgroup (defunct links, which
+    /// guard nothing, or links on a cgroup being removed, which only its last sockets still
+    /// pass through) can be taken over. Logs what will be replaced.
+    ///
+    /// # Errors
+    /// [`Error::PinnedElsewhere`] when a link guards a cgroup that still exists outside
+    /// `target`: moving would leave it unguarded, which only the operator may decide.
+    /// [`Error::Link`] when a pinned link cannot be read.
+    pub fn check_takeover(&self, target: &Cgroup, hierarchy: &Hierarchy) -> Result<()> {
+        let mut reported = Vec::new();
+        for program in PROGRAMS {
+            let link_error = |action: &'static str| {
+                move |source| Error::Link {
+                    program,
+                    action,
+                    source,
+                }
+            };
+            let Some(link) =
+                open_pinned(&self.link(program)).map_err(link_error("opening the pinned link"))?
+            else {
+                continue;
+            };
+            let state =
+                link_info(link.as_fd_borrowed()).map_err(link_error("reading the pinned link"))?;
+            if state.cgroup_id == target.id || reported.contains(&state.cgroup_id) {
+                continue;
+            }
+            reported.push(state.cgroup_id);
+            if state.cgroup_id == 0 || hierarchy.is_removed(state.cgroup_id) {
+                info!(
+                    pins = %self.root.display(),
+                    to = %target.path,
+                    "the pinned links point to a removed cgroup (nothing was enforced): \
+                     replacing them"
+                );
+                continue;
+            }
+            let guarded = hierarchy.path_of(state.cgroup_id);
+            match guarded {
+                Some(guarded) if is_within(&guarded, &target.path) => info!(
+                    pins = %self.root.display(),
+                    from = %guarded,
+                    to = %target.path,
+                    "moving enforcement to a cgroup that contains the one the pinned links guard"
+                ),
+                guarded => {
+                    return Err(Error::PinnedElsewhere {
+                        dir: self.root.clone(),
+                        guarded: guarded.unwrap_or_else(|| format!("with id {}", state.cgroup_id)),
+                        target: target.path.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether any program link is pinned here.
@@ -432,7 +494,7 @@ mod tests {
         let pins = PinDir::new(Path::new("/sys/fs/bpf/imds-guard"));
         assert_eq!(
             pins.map("ALLOW"),
-            Path::new("/sys/fs/bpf/imds-guard/maps-v2/ALLOW")
+            Path::new("/sys/fs/bpf/imds-guard/maps-v3/ALLOW")
         );
         assert_eq!(
             pins.link("connect4"),

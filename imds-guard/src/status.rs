@@ -9,7 +9,7 @@ use imds_guard_common::{
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
     },
-    policy::{CgroupKey, MODE_AUDIT, RuleKey, RuleValue, Settings},
+    policy::{CgroupKey, MODE_AUDIT, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
 };
 use serde::Serialize;
 
@@ -45,6 +45,8 @@ pub struct Hook {
     pub hook: &'static str,
     /// Whether its link is pinned and on a live cgroup.
     pub attached: bool,
+    /// Its link is pinned but its cgroup was removed: it guards nothing.
+    pub defunct: bool,
     /// The cgroup's id.
     pub cgroup_id: Option<u64>,
     /// The cgroup's path.
@@ -103,6 +105,7 @@ pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> S
             Hook {
                 hook,
                 attached: state.is_some_and(|state| state.cgroup_id != 0),
+                defunct: state.is_some_and(|state| state.cgroup_id == 0),
                 cgroup_id: state.map(|state| state.cgroup_id),
                 cgroup: state.and_then(|state| hierarchy?.path_of(state.cgroup_id)),
                 program: state.and_then(|state| pins::program_state(state.program_id).ok()),
@@ -186,19 +189,18 @@ impl PinnedMaps<'_> {
         let generation = generation_map.get(&0, 0).ok()?;
         let settings_map: Array<_, Settings> = self.open(SETTINGS)?.try_into().ok()?;
         let settings = settings_map.get(&generation, 0).ok()?;
-        let bit = 1u32 << generation;
         let mut protected = Vec::new();
-        let v4: HashMap<_, u32, u32> = self.open(PROTECTED_V4)?.try_into().ok()?;
-        for (key, mask) in v4.iter().flatten() {
-            if mask & bit != 0 {
-                protected.push(IpAddr::from(key.to_ne_bytes()));
+        let v4: HashMap<_, ProtectedV4Key, u32> = self.open(PROTECTED_V4)?.try_into().ok()?;
+        for key in v4.keys().flatten() {
+            if key.generation == generation {
+                protected.push(IpAddr::from(key.addr.to_ne_bytes()));
             }
         }
-        let v6: HashMap<_, [u32; 4], u32> = self.open(PROTECTED_V6)?.try_into().ok()?;
-        for (key, mask) in v6.iter().flatten() {
-            if mask & bit != 0 {
+        let v6: HashMap<_, ProtectedV6Key, u32> = self.open(PROTECTED_V6)?.try_into().ok()?;
+        for key in v6.keys().flatten() {
+            if key.generation == generation {
                 let mut octets = [0u8; 16];
-                for (i, word) in key.iter().enumerate() {
+                for (i, word) in key.addr.iter().enumerate() {
                     octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
                 }
                 protected.push(IpAddr::from(octets));
@@ -233,9 +235,8 @@ impl PinnedMaps<'_> {
     }
 }
 
-/// The status as text for people.
-#[must_use]
-pub fn describe(status: &Status) -> String {
+/// The first line of [`describe`]: whether, and where, enforcement is in force.
+fn enforcement_line(status: &Status) -> String {
     let mut out = String::new();
     let attached: Vec<&Hook> = status
         .programs
@@ -243,13 +244,27 @@ pub fn describe(status: &Status) -> String {
         .filter(|hook| hook.attached)
         .collect();
     if status.enforcing {
-        let cgroup = attached
-            .first()
-            .and_then(|hook| hook.cgroup.clone())
-            .unwrap_or_else(|| "?".into());
+        let cgroup = attached.first().map_or_else(
+            || "?".into(),
+            |hook| {
+                hook.cgroup.clone().unwrap_or_else(|| {
+                    format!(
+                        "(removed, id {}: only its remaining sockets are judged)",
+                        hook.cgroup_id.unwrap_or(0)
+                    )
+                })
+            },
+        );
         let _ = writeln!(
             out,
             "enforcement: in force on cgroup {cgroup} (pins in {})",
+            status.pin_dir
+        );
+    } else if status.programs.iter().any(|hook| hook.defunct) {
+        let _ = writeln!(
+            out,
+            "enforcement: OFF: links point to a removed cgroup: nothing is enforced (pins in \
+             {}); start the agent to attach again, or `imds-guard detach` to clear them",
             status.pin_dir
         );
     } else if attached.is_empty() {
@@ -267,6 +282,13 @@ pub fn describe(status: &Status) -> String {
             status.pin_dir
         );
     }
+    out
+}
+
+/// The status as text for people.
+#[must_use]
+pub fn describe(status: &Status) -> String {
+    let mut out = enforcement_line(status);
     for hook in &status.programs {
         match (&hook.program, hook.attached) {
             (Some(program), true) => {
@@ -275,6 +297,9 @@ pub fn describe(status: &Status) -> String {
                     "  {:<9} program {} (tag {})",
                     hook.hook, program.id, program.tag
                 );
+            }
+            _ if hook.defunct => {
+                let _ = writeln!(out, "  {:<9} defunct (its cgroup was removed)", hook.hook);
             }
             _ => {
                 let _ = writeln!(out, "  {:<9} not attached", hook.hook);

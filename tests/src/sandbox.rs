@@ -77,6 +77,26 @@ impl Sandbox {
         ip(&all);
     }
 
+    /// Runs `program` with `args` inside the namespace (`ip netns exec`): iptables rules and
+    /// sysctls there are the namespace's own, and go with it.
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn exec(&self, program: &str, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .expect("run ip netns exec");
+        assert!(
+            out.status.success(),
+            "{program} {} in {}: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs `make` with this thread inside the namespace, so the sockets it creates live there.
     fn in_netns<T>(&self, make: impl FnOnce() -> std::io::Result<T> + Send) -> T
     where

@@ -10,7 +10,7 @@ use std::{
 
 use imds_guard_tests::{
     Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Pins, Sandbox, StopOnDrop, TestCgroup,
-    assert_fields, imds_guard, privileged, probe,
+    assert_fields, imds_guard, privileged, probe, run_to_end,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -279,4 +279,97 @@ fn detach_removes_the_pins_and_the_programs() {
     }
     let (code, _) = status(&pins, &pid_file);
     assert_eq!(code, Some(3));
+}
+
+#[test]
+fn a_start_on_another_cgroup_takes_over_the_pins_or_says_how_to_clear_them() {
+    if !privileged() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let parent = TestCgroup::new("test");
+    let (a, b) = (parent.child("a"), parent.child("b"));
+    let pins = Pins::new();
+    let start =
+        |cgroup: &TestCgroup| Agent::start(&["--cgroup", &cgroup.path, "--pin-dir", &pins.arg()]);
+    let denied_in = |cgroup: &TestCgroup| {
+        Client::new(&sandbox, cgroup, DENIED, DENIED)
+            .tcp(IMDS_V4, 80)
+            .assert_errno(EPERM);
+    };
+    let open_in = |cgroup: &TestCgroup| {
+        Client::new(&sandbox, cgroup, DENIED, DENIED)
+            .imds(IMDS_V4, 80)
+            .assert_ok(MOCK_INSTANCE_ID);
+    };
+
+    // Enforcement on A stays after its agent stops.
+    let mut agent = start(&a);
+    assert!(agent.stop().success(), "{}", agent.stderr());
+    denied_in(&a);
+
+    // B, A's sibling: moving there would leave A unguarded. Refused, with the way out, and
+    // nothing changes.
+    let (refused, stderr) =
+        run_to_end(&[], &["run", "--cgroup", &b.path, "--pin-dir", &pins.arg()]);
+    assert_eq!(refused.code(), Some(1), "{stderr}");
+    for expected in [
+        format!("the links pinned in {} guard cgroup {}", pins.arg(), a.path),
+        format!("would leave {} unguarded", a.path),
+        format!("run `imds-guard detach --pin-dir {}` first", pins.arg()),
+    ] {
+        assert!(stderr.contains(&expected), "{expected:?} not in: {stderr}");
+    }
+    denied_in(&a);
+    open_in(&b);
+
+    // Their parent covers A: enforcement moves there in one step (new links first).
+    let mut agent = start(&parent);
+    agent.wait_log("links_moved=5");
+    agent.wait_log("moving enforcement to a cgroup that contains the one the pinned links guard");
+    for cgroup in [&a, &b, &parent] {
+        denied_in(cgroup);
+    }
+    assert!(agent.stop().success(), "{}", agent.stderr());
+
+    // Links on a cgroup that has since been removed guard nothing: status says so.
+    let pid_file = pins.pid_file().to_string_lossy().into_owned();
+    let out = imds_guard(&["detach", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = parent.child("gone");
+    let mut agent = start(&gone);
+    assert!(agent.stop().success(), "{}", agent.stderr());
+    gone.remove();
+    // The kernel lets go of a removed cgroup's programs once nothing there uses them
+    // (asynchronously, and only after its last socket closed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, defunct) = loop {
+        let (code, now) = status(&pins, &pid_file);
+        if code != Some(0) || Instant::now() > deadline {
+            break (code, now);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(3), "{defunct}");
+    assert_eq!(defunct["enforcing"], json!(false), "{defunct}");
+    for hook in defunct["programs"].as_array().expect("programs") {
+        assert_eq!(hook["defunct"], json!(true), "{hook}");
+    }
+    let text = imds_guard(&["status", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("enforcement: OFF: links point to a removed cgroup: nothing is enforced"),
+        "{text}"
+    );
+
+    // A start on B then takes the defunct links over.
+    let agent = start(&b);
+    agent.wait_log("links_moved=5");
+    agent.wait_log("the pinned links point to a removed cgroup");
+    denied_in(&b);
+    open_in(&a);
 }

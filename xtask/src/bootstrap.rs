@@ -78,6 +78,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("dpkg-deb", "dpkg"),
     ("rpm", "rpm"),
+    // NAT rules in the tests' own network namespaces (the bypass tests rewrite destinations).
+    ("iptables", "iptables"),
 ];
 
 /// Installs the commands the end-to-end tests need (Debian, as root), or says what to run.

@@ -7,7 +7,8 @@
 //! ACTION: imds, tcp, udp, or one of the routes in `routes.rs`: nonblocking-connect,
 //! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
-//! passed-socket, passed-connection, connect-close and bulk-send (for the benchmarks).
+//! ping-echo, udplite-connected, mptcp-connect, passed-socket, passed-connection,
+//! connect-close and bulk-send (for the benchmarks).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
 //! repeated attempts.
@@ -109,7 +110,7 @@ fn main() {
             "pid": pid, "ok": true, "body": body, "eperm": eperm, "moved": moved,
         }),
         Err(err) => serde_json::json!({
-            "pid": pid, "ok": false, "errno": err.raw_os_error(),
+            "pid": pid, "ok": false, "errno": errno_of(&err),
             "error": err.to_string(), "eperm": eperm, "moved": moved,
         }),
     };
@@ -137,6 +138,15 @@ fn main() {
     println!("{line}");
 }
 
+/// The errno of a failure; a timeout of our own (`connect_timeout`, a read timeout) counts as
+/// `ETIMEDOUT`, so that the harness sees it failed.
+fn errno_of(err: &io::Error) -> Option<i32> {
+    err.raw_os_error().or(match err.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Some(libc::ETIMEDOUT),
+        _ => None,
+    })
+}
+
 /// Runs `action` once against `addr`; the routes that fork record the child's pid.
 fn act_once(
     action: &str,
@@ -159,6 +169,9 @@ fn act_once(
         "thread-connect" => routes::thread_connect(addr),
         "raw-udp" => routes::raw_udp(addr),
         "raw-syn" => routes::raw_syn(addr),
+        "ping-echo" => routes::ping_echo(addr),
+        "udplite-connected" => routes::udplite_connected(addr),
+        "mptcp-connect" => routes::mptcp_connect(addr),
         "connect-close" => routes::connect_close(addr),
         "bulk-send" => routes::bulk_send(addr),
         "child-connect" | "passed-socket" | "passed-connection" => {

@@ -54,6 +54,62 @@ pub fn connected_udp(addr: SocketAddr) -> io::Result<String> {
     Ok("sent".into())
 }
 
+/// An ICMP echo request from an unprivileged echo socket (`SOCK_DGRAM` with `IPPROTO_ICMP` or
+/// `IPPROTO_ICMPV6`; the netns's `net.ipv4.ping_group_range` must hold the gid): `sendto()`
+/// with the address, which no socket address hook judges. "pong" when the reply comes.
+pub fn ping_echo(addr: SocketAddr) -> io::Result<String> {
+    let (protocol, echo_request) = if addr.is_ipv4() {
+        (Protocol::ICMPV4, 8)
+    } else {
+        (Protocol::ICMPV6, 128)
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(protocol))?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    // Type, code, checksum and identifier (both filled in by the kernel), sequence, payload.
+    let request = [echo_request, 0, 0, 0, 0, 0, 0, 1, b'p', b'i', b'n', b'g'];
+    let target = SockAddr::from(SocketAddr::new(addr.ip(), 0));
+    socket.send_to(&request, &target)?;
+    let mut reply = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+    socket.recv(&mut reply)?;
+    Ok("pong".into())
+}
+
+/// `connect()` on a UDP-Lite socket, then `send()`: UDP-Lite has no connect hook
+/// (`udplite_prot` has no `pre_connect`) and a connected send skips `sendmsg4/6`.
+pub fn udplite_connected(addr: SocketAddr) -> io::Result<String> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(Protocol::from(libc::IPPROTO_UDPLITE)),
+    )?;
+    socket.connect(&addr.into())?;
+    socket.send(b"ping")?;
+    Ok("sent".into())
+}
+
+/// A Multipath TCP connection (`IPPROTO_MPTCP`), whose subflows are kernel sockets, and a
+/// request on it: "answered" when the mock replies.
+pub fn mptcp_connect(addr: SocketAddr) -> io::Result<String> {
+    use std::io::Read as _;
+    const IPPROTO_MPTCP: libc::c_int = 262;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(Protocol::from(IPPROTO_MPTCP)),
+    )?;
+    let timeout = std::time::Duration::from_secs(3);
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    socket.send(REQUEST)?;
+    let mut stream = std::net::TcpStream::from(socket);
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    if response.is_empty() {
+        return Err(io::Error::other("no answer"));
+    }
+    Ok("answered".into())
+}
+
 /// `sendmmsg()`: two datagrams to `addr` in one call.
 pub fn sendmmsg(addr: SocketAddr) -> io::Result<String> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;

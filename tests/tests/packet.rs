@@ -1,0 +1,331 @@
+//! The packet layer judges every packet to a protected address, whatever its socket: the
+//! routes around the socket hooks. NAT in the workload's own network namespace (what a
+//! container or pod with `CAP_NET_ADMIN` can add) rewrites a harmless destination to IMDS after
+//! the hooks judged it; ICMP echo sockets, connected UDP-Lite and Multipath TCP are protocols
+//! the socket hooks see partly or not at all.
+//!
+//! For each route, as a denied workload: in enforce mode nothing gets through and the attempt is
+//! reported once (`hook` `egress`); in audit mode it goes through and is reported once. Root,
+//! allowed, takes the same route to show that it really reaches the mock IMDS, and a workload
+//! allowed only by its gid (which packets do not carry) still gets its answers.
+//!
+//! `IMDS_GUARD_TEST_AGENT_OFF=1` runs these with the programs detached: each test then fails.
+
+use std::net::IpAddr;
+
+use imds_guard_tests::{
+    Agent, Client, ConfigFile, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Outcome, Sandbox, TestCgroup,
+    assert_fields, privileged,
+};
+use serde_json::{Value, json};
+
+const EPERM: i32 = libc::EPERM;
+const ETIMEDOUT: i32 = libc::ETIMEDOUT;
+const USER: u32 = 1000;
+/// A user allowed only through its primary group.
+const GROUP_MEMBER: u32 = 3000;
+const ALLOWED_GID: u32 = 2000;
+const MODES: [&str; 2] = ["enforce", "audit"];
+/// Local ports the NAT rules rewrite to the IMDS addresses.
+const NAT_TCP_PORT: u16 = 8081;
+const NAT_UDP_PORT: u16 = 5353;
+
+fn config(attach: &TestCgroup, mode: &str) -> ConfigFile {
+    ConfigFile::new(&format!(
+        "cgroup = \"{}\"\nmode = \"{mode}\"\n\
+         [[allow]]\nname = \"root\"\nuid = 0\n\
+         [[allow]]\nname = \"group\"\ngid = {ALLOWED_GID}\n",
+        attach.path
+    ))
+}
+
+/// What a workload with `CAP_NET_ADMIN` in its own network namespace can do: rewrite a local
+/// destination to IMDS on the output path, after the socket hooks have judged it.
+fn add_nat_to_imds(sandbox: &Sandbox) {
+    for (tool, from, to_v4, to_v6) in [
+        (
+            "iptables",
+            "127.0.0.1",
+            "169.254.169.254:80",
+            "169.254.169.254:53",
+        ),
+        (
+            "ip6tables",
+            "::1",
+            "[fd00:ec2::254]:80",
+            "[fd00:ec2::254]:53",
+        ),
+    ] {
+        for (protocol, port, to) in [("tcp", NAT_TCP_PORT, to_v4), ("udp", NAT_UDP_PORT, to_v6)] {
+            sandbox.exec(
+                tool,
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    protocol,
+                    "-d",
+                    from,
+                    "--dport",
+                    &port.to_string(),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    to,
+                ],
+            );
+        }
+    }
+}
+
+/// The loopback address whose NAT rules lead to the IMDS address of `imds`'s family.
+fn nat_entry(imds: IpAddr) -> IpAddr {
+    if imds.is_ipv4() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+    }
+}
+
+/// The events the packet layer reported for `cgroup`, once a later denied event (`barrier`)
+/// is in: the ring is FIFO. Aggregates of repeats are left out.
+fn packet_events(agent: &Agent, barrier: &Outcome, cgroup: &TestCgroup) -> Vec<Value> {
+    let _ = agent.wait_events_of(barrier.pid, 1);
+    agent
+        .events()
+        .into_iter()
+        .filter(|event| {
+            event["hook"] == "egress"
+                && event["cgroup"] == json!(cgroup.path)
+                && event["aggregated"] == json!(false)
+        })
+        .collect()
+}
+
+fn verdict(mode: &str) -> Value {
+    json!(if mode == "enforce" { "deny" } else { "audit" })
+}
+
+#[test]
+fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
+    if !privileged() {
+        return;
+    }
+    for mode in MODES {
+        let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+        add_nat_to_imds(&sandbox);
+        // One cgroup per case, so that each packet event (which names no process) is told
+        // apart; they exist before the agent starts.
+        let cases: Vec<TestCgroup> = (0..4).map(|i| attach.child(&format!("case-{i}"))).collect();
+        let config = config(&attach, mode);
+        let agent = Agent::start(&["--config", &config.arg()]);
+        let mut case = cases.iter();
+        for imds in [IpAddr::from(IMDS_V4), IMDS_V6.into()] {
+            let entry = nat_entry(imds);
+            // Root is allowed: through the same rewrite it gets its answer.
+            Client::new(&sandbox, &attach, 0, 0)
+                .imds(entry, NAT_TCP_PORT)
+                .assert_ok(MOCK_INSTANCE_ID);
+            // A workload allowed by its gid, which packets do not carry: the socket hooks
+            // allowed it, and the packet layer lets its packets through.
+            let member = Client::new(&sandbox, &attach, GROUP_MEMBER, ALLOWED_GID);
+            member.imds(imds, 80).assert_ok(MOCK_INSTANCE_ID);
+            let datagram = member.udp(imds, 53);
+            assert_eq!(
+                datagram.errno, None,
+                "{mode}: gid-allowed UDP: {datagram:?}"
+            );
+
+            // TCP: the SYN is dropped after NAT. The kernel's TCP ignores a local drop and
+            // retransmits (each dropped too), so the connect fails at the client's timeout.
+            let tcp_case = case.next().expect("case");
+            let tcp = Client::new(&sandbox, tcp_case, USER, USER).imds(entry, NAT_TCP_PORT);
+            // Connected UDP: the send fails with EPERM at once.
+            let udp_case = case.next().expect("case");
+            let udp = Client::new(&sandbox, udp_case, USER, USER).route(
+                "connected-udp",
+                entry,
+                NAT_UDP_PORT,
+            );
+            if mode == "enforce" {
+                assert_eq!(
+                    tcp.errno,
+                    Some(ETIMEDOUT),
+                    "TCP through NAT to {imds}: {tcp:?}"
+                );
+                assert_eq!(udp.errno, Some(EPERM), "UDP through NAT to {imds}: {udp:?}");
+            } else {
+                tcp.assert_ok(MOCK_INSTANCE_ID);
+                assert_eq!(udp.errno, None, "audit: UDP through NAT to {imds}: {udp:?}");
+            }
+            let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
+            // Audited, the IMDSv2 exchange makes two connections (token, then the request),
+            // each an attempt of its own; refused, the first one ends it.
+            let connections = if mode == "enforce" { 1 } else { 2 };
+            for (cgroup, protocol, port, attempts) in
+                [(tcp_case, "tcp", 80, connections), (udp_case, "udp", 53, 1)]
+            {
+                let events = packet_events(&agent, &barrier, cgroup);
+                assert_eq!(
+                    events.len(),
+                    attempts,
+                    "{mode}: {protocol} through NAT to {imds}, reported once per connection: \
+                     {events:?}"
+                );
+                assert_fields(
+                    &events[0],
+                    &[
+                        ("verdict", verdict(mode)),
+                        ("uid", json!(USER)),
+                        ("pid", Value::Null),
+                        ("dst", json!(imds.to_string())),
+                        ("port", json!(port)),
+                        ("protocol", json!(protocol)),
+                        ("rewritten", json!(true)),
+                        ("rule", json!("default")),
+                    ],
+                );
+            }
+        }
+        // Neither root's nor the gid-allowed workload's packets were reported.
+        let reported: Vec<Value> = agent
+            .events()
+            .into_iter()
+            .filter(|event| event["uid"] == json!(0) || event["uid"] == json!(GROUP_MEMBER))
+            .collect();
+        assert!(
+            reported.is_empty(),
+            "{mode}: allowed traffic reported: {reported:?}"
+        );
+    }
+}
+
+/// A route of a protocol the socket hooks do not (fully) see.
+struct Route {
+    name: &'static str,
+    port: u16,
+    /// The protocol an IPv4 and an IPv6 event names.
+    protocols: [&'static str; 2],
+    /// What the route says when it gets through.
+    through: &'static str,
+    /// The errno a denied workload sees over IPv4 and IPv6: `EPERM` at once where the kernel
+    /// passes the drop on to the sender; where it does not, the reply never comes.
+    refused: [i32; 2],
+}
+
+const ROUTES: [Route; 3] = [
+    // An unprivileged ICMP echo socket: `sendto()` with no socket address hook at all.
+    Route {
+        name: "ping-echo",
+        port: 0,
+        protocols: ["icmp", "icmpv6"],
+        through: "pong",
+        // `ping_v6_sendmsg` ignores what pushing the frame returned: no reply, after 2 s.
+        refused: [EPERM, libc::EAGAIN],
+    },
+    // UDP-Lite has no connect hook, and a connected send skips sendmsg4/6.
+    Route {
+        name: "udplite-connected",
+        port: 53,
+        protocols: ["udplite", "udplite"],
+        through: "sent",
+        refused: [EPERM, EPERM],
+    },
+    // Multipath TCP: the connection's subflows are kernel sockets.
+    Route {
+        name: "mptcp-connect",
+        port: 80,
+        protocols: ["tcp", "tcp"],
+        through: "answered",
+        refused: [EPERM, EPERM],
+    },
+];
+
+#[test]
+fn protocols_without_socket_hooks_are_judged_at_the_packet_layer() {
+    if !privileged() {
+        return;
+    }
+    for mode in MODES {
+        let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+        // Echo sockets for every group in this namespace (the default allows none).
+        sandbox.exec("sysctl", &["-qw", "net.ipv4.ping_group_range=0 2147483647"]);
+        let cases: Vec<TestCgroup> = (0..2 * ROUTES.len())
+            .map(|i| attach.child(&format!("case-{i}")))
+            .collect();
+        let config = config(&attach, mode);
+        let agent = Agent::start(&["--config", &config.arg()]);
+        let mut checked = Vec::new();
+        let mut case = cases.iter();
+        for route in &ROUTES {
+            for (family, imds) in [IpAddr::from(IMDS_V4), IMDS_V6.into()]
+                .into_iter()
+                .enumerate()
+            {
+                let root = Client::new(&sandbox, &attach, 0, 0).route(route.name, imds, route.port);
+                assert_eq!(
+                    (root.errno, root.detail.as_str()),
+                    (None, route.through),
+                    "{}: root to {imds}: {root:?}",
+                    route.name
+                );
+                let cgroup = case.next().expect("case");
+                let denied =
+                    Client::new(&sandbox, cgroup, USER, USER).route(route.name, imds, route.port);
+                if mode == "enforce" {
+                    assert_eq!(
+                        denied.errno,
+                        Some(route.refused[family]),
+                        "{}: to {imds} not refused as expected: {denied:?}",
+                        route.name
+                    );
+                } else {
+                    assert_eq!(
+                        (denied.errno, denied.detail.as_str()),
+                        (None, route.through),
+                        "{}: to {imds} refused in audit mode: {denied:?}",
+                        route.name
+                    );
+                }
+                checked.push((route, family, imds, cgroup, denied));
+            }
+        }
+        let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
+        for (route, family, imds, cgroup, denied) in checked {
+            let _ = agent.wait_events_of(barrier.pid, 1);
+            // Judged where the kernel lets us: at connect for MPTCP, whose first subflow runs
+            // the connect hook as the task; at the packet layer for the others.
+            let events: Vec<Value> = agent
+                .events()
+                .into_iter()
+                .filter(|event| {
+                    event["cgroup"] == json!(cgroup.path) && event["aggregated"] == json!(false)
+                })
+                .collect();
+            assert_eq!(
+                events.len(),
+                1,
+                "{mode}: {} to {imds}, reported once: {events:?}",
+                route.name
+            );
+            let hook = if route.name == "mptcp-connect" {
+                json!(if family == 0 { "connect4" } else { "connect6" })
+            } else {
+                json!("egress")
+            };
+            assert_fields(
+                &events[0],
+                &[
+                    ("verdict", verdict(mode)),
+                    ("uid", json!(USER)),
+                    ("dst", json!(imds.to_string())),
+                    ("protocol", json!(route.protocols[family])),
+                    ("hook", hook),
+                ],
+            );
+            let _ = denied;
+        }
+    }
+}
