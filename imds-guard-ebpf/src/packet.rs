@@ -8,7 +8,9 @@
 //! A packet passes when its socket was let through to that very destination by a socket hook
 //! (remembered in `SOCKET_VERDICTS`, which keeps gid rules working: a packet knows no gid), or
 //! when the policy allows the socket's owner in the socket's cgroup. Otherwise it is dropped
-//! (the sender gets `EPERM` where it sends in process context) and reported once per socket.
+//! (the sender gets `EPERM` where it sends in process context) and reported: once for a
+//! connected socket (its packets are one attempt, as its connect is), each packet for an
+//! unconnected one (as each datagram is).
 //!
 //! Packets to unprotected destinations cost one read of the destination from the packet and a
 //! bit test in `PROTECTED_FILTER`: no helper call, no hash lookup.
@@ -167,18 +169,24 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
     let (verdict, rule) = verdict::decide(generation, uid, None, ancestor);
     verdict::count(generation, verdict, rule);
-    // Remembered, so the socket's later packets (retransmissions, the rest of a flow) are not
-    // judged and reported again. A failure only means they are.
-    let mut value = SocketVerdict {
-        addr,
-        family,
-        verdict,
-        _pad: [0; 2],
-    };
     // SAFETY: as above.
-    if let Some(stored) = unsafe { socket_verdict(socket, Some(&mut value)) } {
-        // SAFETY: the socket's storage, valid while the program runs.
-        unsafe { *stored = value };
+    let peer = unsafe { connected_peer(socket) };
+    if peer.is_some() {
+        // A connected socket's packets are one attempt, as its connect is for the socket hooks:
+        // the verdict is remembered, so its later packets (retransmissions, the rest of the
+        // flow) are not judged and reported again. An unconnected socket's packets are each an
+        // attempt, as each datagram is for `sendmsg4/6`. A failure only means they are judged.
+        let mut value = SocketVerdict {
+            addr,
+            family,
+            verdict,
+            _pad: [0; 2],
+        };
+        // SAFETY: as above.
+        if let Some(stored) = unsafe { socket_verdict(socket, Some(&mut value)) } {
+            // SAFETY: the socket's storage, valid while the program runs.
+            unsafe { *stored = value };
+        }
     }
     if verdict == VERDICT_ALLOW {
         return PASS;
@@ -190,8 +198,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             .map_or(0, u16::from_be),
         _ => 0,
     };
-    // SAFETY: as above.
-    let rewritten = unsafe { connected_elsewhere(socket, packet.destination) };
+    let rewritten = peer.is_some_and(|peer| !peer.same(packet.destination));
     report::event(
         &Attempt {
             verdict,
@@ -242,20 +249,20 @@ unsafe fn socket_verdict(
     (!stored.is_null()).then_some(stored.cast())
 }
 
-/// Whether `socket` is connected to another destination than the packet's: the destination
-/// was rewritten after the socket hooks judged the socket's own. `false` when unknown
-/// (an unconnected socket, or no full socket).
+/// Where `socket` is connected to (for TCP, from its `connect()` on; for datagram sockets, from
+/// theirs): the destination the socket hooks saw, before any rewrite. `None` for an unconnected
+/// socket, or no full socket.
 ///
 /// # Safety
 /// As for [`socket_verdict`].
 #[inline]
-unsafe fn connected_elsewhere(socket: *mut bpf_sock, destination: Destination) -> bool {
+unsafe fn connected_peer(socket: *mut bpf_sock) -> Option<Destination> {
     if socket.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: a full socket; the verifier allows 32-bit reads of these fields, one word at a
     // time for `dst_ip6`.
-    let peer = unsafe {
+    unsafe {
         match (*socket).family {
             AF_INET => match (*socket).dst_ip4 {
                 0 => None,
@@ -272,6 +279,5 @@ unsafe fn connected_elsewhere(socket: *mut bpf_sock, destination: Destination) -
             }
             _ => None,
         }
-    };
-    peer.is_some_and(|peer| !peer.same(destination))
+    }
 }

@@ -421,34 +421,31 @@ impl Kernel {
 
     /// Removes every entry of `generation` (which must not be in force).
     fn clear_generation(&mut self, generation: u32) -> Result<()> {
-        let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
-        let keys = collect_keys(allow.keys(), ALLOW)?;
-        for key in keys.iter().filter(|key| key.generation == generation) {
-            remove(allow.remove(key), ALLOW, key)?;
-        }
-        let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
-        let keys = collect_keys(cgroups.keys(), CGROUP_RULESETS)?;
-        for key in keys.iter().filter(|key| key.generation == generation) {
-            remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
-        }
-        let mut v4: HashMap<_, ProtectedV4Key, u32> = self.map_mut(PROTECTED_V4)?;
-        let keys = collect_keys(v4.keys(), PROTECTED_V4)?;
-        for key in keys.iter().filter(|key| key.generation == generation) {
-            remove(v4.remove(key), PROTECTED_V4, key)?;
-        }
-        let mut v6: HashMap<_, ProtectedV6Key, u32> = self.map_mut(PROTECTED_V6)?;
-        let keys = collect_keys(v6.keys(), PROTECTED_V6)?;
-        for key in keys.iter().filter(|key| key.generation == generation) {
-            remove(v6.remove(key), PROTECTED_V6, key)?;
-        }
+        let of_generation = |key_generation: u32| key_generation == generation;
+        remove_where::<RuleKey, RuleValue>(&mut self.map_mut(ALLOW)?, ALLOW, |key| {
+            of_generation(key.generation)
+        })?;
+        remove_where::<CgroupKey, u32>(
+            &mut self.map_mut(CGROUP_RULESETS)?,
+            CGROUP_RULESETS,
+            |key| of_generation(key.generation),
+        )?;
+        let v4 = remove_where::<ProtectedV4Key, u32>(
+            &mut self.map_mut(PROTECTED_V4)?,
+            PROTECTED_V4,
+            |key| of_generation(key.generation),
+        )?;
+        let v6 = remove_where::<ProtectedV6Key, u32>(
+            &mut self.map_mut(PROTECTED_V6)?,
+            PROTECTED_V6,
+            |key| of_generation(key.generation),
+        )?;
         // Only now may the filter forget those addresses: it is rebuilt from what is left.
         let mut filter = ProtectedFilter::default();
-        let v4: HashMap<_, ProtectedV4Key, u32> = self.map_mut(PROTECTED_V4)?;
-        for key in collect_keys(v4.keys(), PROTECTED_V4)? {
+        for key in v4 {
             filter_set(&mut filter.v4, filter_slot_v4(key.addr));
         }
-        let v6: HashMap<_, ProtectedV6Key, u32> = self.map_mut(PROTECTED_V6)?;
-        for key in collect_keys(v6.keys(), PROTECTED_V6)? {
+        for key in v6 {
             filter_set(&mut filter.v6, filter_slot_v6(key.addr));
         }
         self.write_filter(filter)
@@ -769,6 +766,21 @@ fn insert_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
             })?;
     }
     Ok(())
+}
+
+/// Removes the entries whose key `remove` picks; returns the keys left.
+fn remove_where<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    remove: impl Fn(&K) -> bool,
+) -> Result<Vec<K>> {
+    let (removed, kept): (Vec<K>, Vec<K>) = collect_keys(map.keys(), name)?
+        .into_iter()
+        .partition(|key| remove(key));
+    for key in &removed {
+        self::remove(map.remove(key), name, key)?;
+    }
+    Ok(kept)
 }
 
 fn collect_keys<K>(

@@ -118,7 +118,7 @@ fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
         add_nat_to_imds(&sandbox);
         // One cgroup per case, so that each packet event (which names no process) is told
         // apart; they exist before the agent starts.
-        let cases: Vec<TestCgroup> = (0..4).map(|i| attach.child(&format!("case-{i}"))).collect();
+        let cases: Vec<TestCgroup> = (0..6).map(|i| attach.child(&format!("case-{i}"))).collect();
         let config = config(&attach, mode);
         let agent = Agent::start(&["--config", &config.arg()]);
         let mut case = cases.iter();
@@ -160,13 +160,33 @@ fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
                 tcp.assert_ok(MOCK_INSTANCE_ID);
                 assert_eq!(udp.errno, None, "audit: UDP through NAT to {imds}: {udp:?}");
             }
+            // An IPv6 socket to the IPv4-mapped loopback address sends IPv4 packets, which the
+            // IPv4 rule rewrites: judged the same.
+            let mapped_case = case.next().expect("case");
+            let mapped = imds.is_ipv4().then(|| {
+                let entry = IpAddr::from(std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+                Client::new(&sandbox, mapped_case, USER, USER).imds(entry, NAT_TCP_PORT)
+            });
+            if let Some(mapped) = &mapped {
+                if mode == "enforce" {
+                    assert_eq!(
+                        mapped.errno,
+                        Some(ETIMEDOUT),
+                        "mapped TCP through NAT: {mapped:?}"
+                    );
+                } else {
+                    mapped.assert_ok(MOCK_INSTANCE_ID);
+                }
+            }
             let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
             // Audited, the IMDSv2 exchange makes two connections (token, then the request),
             // each an attempt of its own; refused, the first one ends it.
             let connections = if mode == "enforce" { 1 } else { 2 };
-            for (cgroup, protocol, port, attempts) in
-                [(tcp_case, "tcp", 80, connections), (udp_case, "udp", 53, 1)]
-            {
+            let mut judged = vec![(tcp_case, "tcp", 80, connections), (udp_case, "udp", 53, 1)];
+            if mapped.is_some() {
+                judged.push((mapped_case, "tcp", 80, connections));
+            }
+            for (cgroup, protocol, port, attempts) in judged {
                 let events = packet_events(&agent, &barrier, cgroup);
                 assert_eq!(
                     events.len(),

@@ -129,3 +129,61 @@ fn invalid_config_at_reload_keeps_the_policy_in_force() {
     let events = agent.wait_events_of(refused.pid, 1);
     assert_eq!(events[0]["rule"], "default");
 }
+
+#[test]
+fn back_to_back_switches_under_probers_on_every_cpu_judge_each_attempt_by_one_whole_policy() {
+    const SWITCHES: usize = 200;
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    // Both protect IMDS, allow ALLOWED and deny DENIED. Each switch writes the other generation
+    // whole, protected addresses included, and then removes the old one: an attempt whose
+    // lookups mixed two generations (the address from one, the rules from the other) would be
+    // passed unjudged or judged by rules that are not in force.
+    let policy_a = format!("cgroup = \"{}\"\nallow_uid = [0, {ALLOWED}]\n", attach.path);
+    let policy_b = format!(
+        "cgroup = \"{}\"\nprotect = [\"imds\", \"10.9.8.7\"]\n\
+         [[allow]]\nname = \"prober\"\nuid = {ALLOWED}\n\
+         [[allow]]\ngid = 3000\n",
+        attach.path
+    );
+    let config = ConfigFile::new(&policy_a);
+    // Repeats folded in the kernel (the default), so that the agent, which makes the switches,
+    // is not kept busy reporting every denied probe.
+    let agent = Agent::start(&[
+        "--config",
+        &config.path().to_string_lossy(),
+        "--aggregate-window",
+        "10",
+    ]);
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let done = AtomicBool::new(false);
+    let rounds = std::thread::scope(|scope| {
+        let probers: Vec<_> = (0..cpus)
+            .flat_map(|_| {
+                [
+                    scope.spawn(|| probe(&done, &sandbox, &attach, ALLOWED, true, 200)),
+                    scope.spawn(|| probe(&done, &sandbox, &attach, DENIED, false, 200)),
+                ]
+            })
+            .collect();
+        let stop = StopOnDrop(&done);
+        for round in 1..=SWITCHES {
+            config.write(if round % 2 == 1 { &policy_b } else { &policy_a });
+            reload_and_wait(&agent, "policy reloaded", round);
+        }
+        drop(stop);
+        probers
+            .into_iter()
+            .map(|prober| prober.join().expect("prober"))
+            .collect::<Vec<u32>>()
+    });
+    eprintln!(
+        "{SWITCHES} back-to-back switches under {rounds:?} rounds of 200 connects: no wrong verdict"
+    );
+    assert!(
+        rounds.iter().all(|&r| r > 1),
+        "a prober did not overlap the switches: {rounds:?}"
+    );
+}
