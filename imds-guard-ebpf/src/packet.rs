@@ -84,12 +84,12 @@ impl Packet {
                 let first = *(data as *const u8);
                 return match first >> 4 {
                     4 => Some(Self {
-                        destination: Destination::V4(*((data + 16) as *const u32)),
+                        destination: Destination::v4(*((data + 16) as *const u32)),
                         protocol: *((data + 9) as *const u8),
                         transport: usize::from(first & 0x0f) * 4,
                     }),
                     6 => Some(Self {
-                        destination: Destination::V6([
+                        destination: Destination::v6([
                             *((data + 24) as *const u32),
                             *((data + 28) as *const u32),
                             *((data + 32) as *const u32),
@@ -110,12 +110,12 @@ impl Packet {
         let first: u8 = ctx.load(0).ok()?;
         match first >> 4 {
             4 => Some(Self {
-                destination: Destination::V4(ctx.load(16).ok()?),
+                destination: Destination::v4(ctx.load(16).ok()?),
                 protocol: ctx.load(9).ok()?,
                 transport: usize::from(first & 0x0f) * 4,
             }),
             6 => Some(Self {
-                destination: Destination::V6([
+                destination: Destination::v6([
                     ctx.load(24).ok()?,
                     ctx.load(28).ok()?,
                     ctx.load(32).ok()?,
@@ -266,7 +266,7 @@ unsafe fn connected_peer(socket: *mut bpf_sock) -> Option<Destination> {
         match (*socket).family {
             AF_INET => match (*socket).dst_ip4 {
                 0 => None,
-                addr => Some(Destination::V4(addr)),
+                addr => Some(Destination::v4(addr)),
             },
             AF_INET6 => {
                 let ip6 = &raw const (*socket).dst_ip6;

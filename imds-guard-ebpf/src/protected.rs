@@ -10,26 +10,48 @@ use imds_guard_common::{
 use crate::maps::{GENERATION, PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6};
 
 /// A destination as packets carry it: `::ffff:a.b.c.d` is the IPv4 address.
+///
+/// A struct whose every byte is always written, not an enum: copying an enum whose IPv4 variant
+/// leaves the rest of its payload undefined made LLVM spill an uninitialised register, which
+/// the verifier refuses (`R9 !read_ok`).
 #[derive(Clone, Copy)]
-pub enum Destination {
-    /// Network-order bytes read as a native `u32`.
-    V4(u32),
-    /// Four native `u32` words of network-order bytes.
-    V6([u32; 4]),
+pub struct Destination {
+    /// `FAMILY_INET` or `FAMILY_INET6`.
+    family: u8,
+    /// Four native `u32` words of network-order bytes; IPv4 in the first, the others 0.
+    addr: [u32; 4],
 }
 
 /// `::ffff:0:0/96`, the IPv4-mapped prefix, as the third word of an IPv6 address.
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl Destination {
-    /// The destination of an IPv6 address: the IPv4 address of `::ffff:a.b.c.d`. `None` for
-    /// `::` (an unconnected socket's peer).
+    /// An IPv4 destination: network-order bytes read as a native `u32`.
+    #[inline]
+    pub fn v4(addr: u32) -> Self {
+        Self {
+            family: FAMILY_INET,
+            addr: [addr, 0, 0, 0],
+        }
+    }
+
+    /// An IPv6 destination as a packet carries it (no mapping: a packet is IPv4 or IPv6).
+    #[inline]
+    pub fn v6(addr: [u32; 4]) -> Self {
+        Self {
+            family: FAMILY_INET6,
+            addr,
+        }
+    }
+
+    /// The destination of a socket's IPv6 address: the IPv4 address of `::ffff:a.b.c.d`.
+    /// `None` for `::` (an unconnected socket's peer).
     #[inline]
     pub fn of_v6(words: [u32; 4]) -> Option<Self> {
         match words {
             [0, 0, 0, 0] => None,
-            [0, 0, V4_MAPPED_WORD, v4] => Some(Self::V4(v4)),
-            words => Some(Self::V6(words)),
+            [0, 0, V4_MAPPED_WORD, v4] => Some(Self::v4(v4)),
+            words => Some(Self::v6(words)),
         }
     }
 
@@ -40,9 +62,10 @@ impl Destination {
         let Some(filter) = PROTECTED_FILTER.get(0) else {
             return true;
         };
-        match self {
-            Self::V4(addr) => filter_has(&filter.v4, filter_slot_v4(addr)),
-            Self::V6(addr) => filter_has(&filter.v6, filter_slot_v6(addr)),
+        if self.family == FAMILY_INET {
+            filter_has(&filter.v4, filter_slot_v4(self.addr[0]))
+        } else {
+            filter_has(&filter.v6, filter_slot_v6(self.addr))
         }
     }
 
@@ -51,13 +74,18 @@ impl Destination {
     pub fn protected_in(self, generation: u32) -> bool {
         // SAFETY: plain values, only read.
         unsafe {
-            match self {
-                Self::V4(addr) => PROTECTED_V4
-                    .get(ProtectedV4Key { generation, addr })
-                    .is_some(),
-                Self::V6(addr) => PROTECTED_V6
-                    .get(ProtectedV6Key { generation, addr })
-                    .is_some(),
+            if self.family == FAMILY_INET {
+                let key = ProtectedV4Key {
+                    generation,
+                    addr: self.addr[0],
+                };
+                PROTECTED_V4.get(key).is_some()
+            } else {
+                let key = ProtectedV6Key {
+                    generation,
+                    addr: self.addr,
+                };
+                PROTECTED_V6.get(key).is_some()
             }
         }
     }
@@ -65,17 +93,13 @@ impl Destination {
     /// Whether both are the same destination.
     #[inline]
     pub fn same(self, other: Self) -> bool {
-        let ((family, words), (other_family, other_words)) = (self.words(), other.words());
-        family == other_family && same_words(words, other_words)
+        self.family == other.family && same_words(self.addr, other.addr)
     }
 
     /// `FAMILY_*` and the address as four words (IPv4 in the first).
     #[inline]
     pub fn words(self) -> (u8, [u32; 4]) {
-        match self {
-            Self::V4(addr) => (FAMILY_INET, [addr, 0, 0, 0]),
-            Self::V6(words) => (FAMILY_INET6, words),
-        }
+        (self.family, self.addr)
     }
 }
 
@@ -84,7 +108,31 @@ impl Destination {
 /// after a grace period that outlasts every program that read it as in force.
 #[inline]
 pub fn generation_in_force() -> u32 {
-    GENERATION.get(0).copied().unwrap_or(0) & 1
+    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    #[cfg(feature = "switch-race-window")]
+    widen_switch_window();
+    generation
+}
+
+/// Test builds only: spins up to 2 ms (a bounded loop the verifier can follow; each turn
+/// reads the clock 16 times), so that an attempt in flight straddles the policy switches a
+/// test makes, the agent's removal of the old generation included.
+#[cfg(feature = "switch-race-window")]
+fn widen_switch_window() {
+    use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+    const SPIN_NS: u64 = 2_000_000;
+    // SAFETY: a helper without arguments.
+    let start = unsafe { bpf_ktime_get_ns() };
+    for _ in 0..4096 {
+        let mut now = 0;
+        for _ in 0..16 {
+            // SAFETY: as above.
+            now = unsafe { bpf_ktime_get_ns() };
+        }
+        if now.wrapping_sub(start) > SPIN_NS {
+            break;
+        }
+    }
 }
 
 /// An address as events carry it: network-order bytes.

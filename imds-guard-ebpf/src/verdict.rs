@@ -27,7 +27,7 @@ const REJECT: i32 = 0;
 pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
-    let destination = Destination::V4(ip4);
+    let destination = Destination::v4(ip4);
     // Fast path: an unprotected destination costs one array read and a bit test.
     if !destination.may_be_protected() {
         return PROCEED;

@@ -29,6 +29,17 @@ pub fn agent_binary() -> PathBuf {
     target_binary("imds-guard", "IMDS_GUARD_BIN")
 }
 
+/// The second agent `cargo xtask test` builds: its kernel programs differ from the default's in
+/// one padding byte (for upgrade tests) and spin up to 100 µs between reading the generation in
+/// force and using it (for the switch race test).
+///
+/// # Panics
+/// When it does not exist.
+#[must_use]
+pub fn test_variant_binary() -> PathBuf {
+    target_binary("imds-guard-upgrade-variant", "IMDS_GUARD_VARIANT_BIN")
+}
+
 /// A binary of this workspace: `$env_var` if set, else `name` in the first ancestor directory
 /// of the running executable that has it (`target/<profile>/` for `target/<profile>/deps/t`).
 ///

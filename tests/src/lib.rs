@@ -14,7 +14,7 @@ mod pins;
 mod prober;
 mod sandbox;
 
-pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary};
+pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary, test_variant_binary};
 pub use cgroup::TestCgroup;
 pub use client::{Client, Outcome, Timings};
 pub use config::ConfigFile;

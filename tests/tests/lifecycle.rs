@@ -3,7 +3,6 @@
 //! force with or without an agent; `detach` alone turns it off.
 
 use std::{
-    path::PathBuf,
     sync::atomic::AtomicBool,
     time::{Duration, Instant},
 };
@@ -18,11 +17,6 @@ use serde_json::{Value, json};
 const EPERM: i32 = libc::EPERM;
 const ALLOWED: u32 = 1000;
 const DENIED: u32 = 1001;
-
-/// The second build `cargo xtask test` makes, whose kernel program differs.
-fn upgrade_binary() -> PathBuf {
-    imds_guard_tests::target_binary("imds-guard-upgrade-variant", "IMDS_GUARD_VARIANT_BIN")
-}
 
 /// `status --json` and its exit code.
 fn status(pins: &Pins, pid_file: &str) -> (Option<i32>, Value) {
@@ -63,7 +57,7 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
     if !privileged() {
         return;
     }
-    let upgrade = upgrade_binary();
+    let upgrade = imds_guard_tests::test_variant_binary();
     let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
     let pins = Pins::new();
     let config = ConfigFile::new(&format!(

@@ -149,14 +149,20 @@ fn back_to_back_switches_under_probers_on_every_cpu_judge_each_attempt_by_one_wh
         attach.path
     );
     let config = ConfigFile::new(&policy_a);
-    // Repeats folded in the kernel (the default), so that the agent, which makes the switches,
-    // is not kept busy reporting every denied probe.
-    let agent = Agent::start(&[
-        "--config",
-        &config.path().to_string_lossy(),
-        "--aggregate-window",
-        "10",
-    ]);
+    // The test build, whose programs spin up to 100 µs between reading the generation in
+    // force and using it: a switch lands inside most attempts in flight, so removing a
+    // generation's entries before every program that read it has finished shows at once.
+    // Repeats are folded in the kernel (the default), so that the agent, which makes the
+    // switches, is not kept busy reporting every denied probe.
+    let agent = Agent::start_binary(
+        &imds_guard_tests::test_variant_binary(),
+        &[
+            "--config",
+            &config.path().to_string_lossy(),
+            "--aggregate-window",
+            "10",
+        ],
+    );
     let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let done = AtomicBool::new(false);
     let rounds = std::thread::scope(|scope| {

@@ -162,7 +162,8 @@ fn package() -> Result<Vec<std::path::PathBuf>> {
 
 /// Builds a second agent whose kernel program differs (feature `upgrade-test-variant` of
 /// `imds-guard-ebpf`) as `target/debug/imds-guard-upgrade-variant`: the lifecycle tests upgrade
-/// a running enforcement to it. Its own target directory keeps both builds incremental.
+/// a running enforcement to it, and the switch race test runs it for its widened window
+/// (feature `switch-race-window`). Its own target directory keeps both builds incremental.
 fn build_upgrade_variant() -> Result<()> {
     let target = target_dir()?;
     let variant_target = target.join("upgrade-variant");
@@ -170,7 +171,10 @@ fn build_upgrade_variant() -> Result<()> {
     let status = Command::new(&cargo_bin)
         .args(["build", "--package", "imds-guard", "--target-dir"])
         .arg(&variant_target)
-        .env("IMDS_GUARD_EBPF_FEATURES", "upgrade-test-variant")
+        .env(
+            "IMDS_GUARD_EBPF_FEATURES",
+            "upgrade-test-variant,switch-race-window",
+        )
         .status()
         .context("building the upgrade test variant")?;
     if !status.success() {
