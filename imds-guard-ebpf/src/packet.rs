@@ -5,9 +5,10 @@
 //! runs after it, in `ip_finish_output`), and some protocols have no socket address hook at all
 //! (ICMP echo sockets, connected UDP-Lite, SCTP).
 //!
-//! A packet passes when its socket was let through to that very destination by a socket hook
-//! (remembered in `SOCKET_VERDICTS`, which keeps gid rules working: a packet knows no gid), or
-//! when the policy allows the socket's owner in the socket's cgroup. Otherwise it is dropped
+//! A packet passes when its socket was let through to that very destination by a gid rule or
+//! in audit mode (remembered in `SOCKET_VERDICTS`: a packet knows no gid, and an audited
+//! attempt is reported once), or when the policy allows the socket's owner in the socket's
+//! cgroup (as uid and cgroup rules allowed its connect). Otherwise it is dropped
 //! (the sender gets `EPERM` where it sends in process context) and reported: once for a
 //! connected socket (its packets are one attempt, as its connect is), each packet for an
 //! unconnected one (as each datagram is).
@@ -167,15 +168,19 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     // SAFETY: as above.
     let ancestor = |level: i32| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
-    let (verdict, rule) = verdict::decide(generation, uid, None, ancestor);
+    let verdict::Decision { verdict, rule, .. } = verdict::decide(generation, uid, None, ancestor);
     verdict::count(generation, verdict, rule);
+    if verdict == VERDICT_ALLOW {
+        // Judged again at its next packet: cheaper than creating socket storage.
+        return PASS;
+    }
     // SAFETY: as above.
     let peer = unsafe { connected_peer(socket) };
     if peer.is_some() {
         // A connected socket's packets are one attempt, as its connect is for the socket hooks:
-        // the verdict is remembered, so its later packets (retransmissions, the rest of the
-        // flow) are not judged and reported again. An unconnected socket's packets are each an
-        // attempt, as each datagram is for `sendmsg4/6`. A failure only means they are judged.
+        // the denial or audit is remembered, so its later packets (retransmissions, the rest of
+        // the flow) are not reported again. An unconnected socket's packets are each an
+        // attempt, as each datagram is for `sendmsg4/6`. A failure only means they are.
         let mut value = SocketVerdict {
             addr,
             family,
@@ -187,9 +192,6 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             // SAFETY: the socket's storage, valid while the program runs.
             unsafe { *stored = value };
         }
-    }
-    if verdict == VERDICT_ALLOW {
-        return PASS;
     }
     let port = match packet.protocol {
         // The destination port, big-endian, two bytes into each of these headers.

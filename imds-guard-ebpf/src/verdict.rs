@@ -83,9 +83,17 @@ fn judge_protected(
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     // SAFETY: a helper without pointer arguments (Linux 5.7+ for sock_addr programs).
     let ancestor = |level: i32| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-    let (verdict, rule) = decide(generation, uid, Some(gid), ancestor);
+    let Decision {
+        verdict,
+        rule,
+        by_gid,
+    } = decide(generation, uid, Some(gid), ancestor);
     count(generation, verdict, rule);
-    if verdict != VERDICT_DENY {
+    // The packet layer judges the socket's packets again by its owner and cgroup, which gives
+    // the same for uid and cgroup rules. A gid rule it cannot see, and an audited attempt it
+    // would report again: those verdicts are remembered on the socket. (Only those: creating
+    // socket storage costs more than the rest of this program.)
+    if by_gid || verdict == VERDICT_AUDIT {
         remember(ctx, destination, verdict);
     }
     if verdict == VERDICT_ALLOW {
@@ -127,9 +135,9 @@ fn judge_protected(
     }
 }
 
-/// Records on the socket that the task was let through to `destination` (allowed or audited),
-/// so that the packet layer passes the packets that follow without judging them by the socket's
-/// owner, which knows no gid. A failure (no memory) only means the packets are judged there.
+/// Records on the socket that the task was let through to `destination` (allowed by a gid rule,
+/// or audited), so that the packet layer passes the packets that follow without judging them by
+/// the socket's owner. A failure (no memory) only means the packets are judged there.
 fn remember(ctx: &SockAddrContext, destination: Destination, verdict: u8) {
     let (family, addr) = destination.words();
     let mut value = SocketVerdict {
@@ -170,7 +178,7 @@ pub fn decide(
     uid: u32,
     gid: Option<u32>,
     ancestor: impl Fn(i32) -> u64,
-) -> (u8, u32) {
+) -> Decision {
     let settings = SETTINGS
         .get(generation)
         .copied()
@@ -180,7 +188,7 @@ pub fn decide(
     } else {
         nearest_ruleset(generation, ancestor)
     };
-    let mut first: Option<RuleValue> = None;
+    let mut first: Option<(RuleValue, u32)> = None;
     for (kind, id, asked) in [
         (KIND_UID, uid, true),
         (KIND_GID, gid.unwrap_or(0), gid.is_some()),
@@ -197,17 +205,32 @@ pub fn decide(
         };
         // SAFETY: plain values, only read.
         if let Some(&found) = unsafe { ALLOW.get(key) }
-            && first.is_none_or(|first| found.rule < first.rule)
+            && first.is_none_or(|(first, _)| found.rule < first.rule)
         {
-            first = Some(found);
+            first = Some((found, kind));
         }
     }
-    match first {
-        Some(rule) if rule.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, rule.rule),
-        Some(rule) => (VERDICT_AUDIT, rule.rule),
+    let (verdict, rule) = match first {
+        Some((rule, _)) if rule.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, rule.rule),
+        Some((rule, _)) => (VERDICT_AUDIT, rule.rule),
         None if settings.mode == MODE_AUDIT => (VERDICT_AUDIT, RULE_DEFAULT),
         None => (VERDICT_DENY, RULE_DEFAULT),
+    };
+    Decision {
+        verdict,
+        rule,
+        by_gid: first.is_some_and(|(_, kind)| kind == KIND_GID),
     }
+}
+
+/// What [`decide`] found.
+pub struct Decision {
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// The deciding rule, or `RULE_DEFAULT`.
+    pub rule: u32,
+    /// A gid rule decided: the packet layer, which knows no gid, could not decide the same.
+    pub by_gid: bool,
 }
 
 /// The rule set of the nearest cgroup, from the task's own up to the root, that has one.
