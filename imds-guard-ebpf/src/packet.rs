@@ -14,7 +14,7 @@
 //! unconnected one (as each datagram is).
 //!
 //! Packets to unprotected destinations cost one read of the destination from the packet and a
-//! bit test in `PROTECTED_FILTER`: no helper call, no hash lookup.
+//! bit test in `PROTECTED_FILTER` ([`certainly_unprotected`]): no helper call, no hash lookup.
 
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -61,6 +61,9 @@ struct Packet {
 /// Judges one outgoing packet.
 #[inline]
 pub fn judge_egress(ctx: &SkBuffContext) -> i32 {
+    if certainly_unprotected(ctx) {
+        return PASS;
+    }
     let Some(packet) = Packet::read(ctx) else {
         // Not IPv4 or IPv6, or too short to hold a destination: the kernel sends it nowhere.
         return PASS;
@@ -69,6 +72,32 @@ pub fn judge_egress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     }
     judge_protected(ctx, &packet)
+}
+
+/// The fast path, for (almost) every packet: the destination read straight from the linear
+/// header and ruled out by the filter, nothing else read or kept. `false` means "look closer"
+/// (a destination the filter does not rule out, or a header this cannot read directly).
+#[inline]
+fn certainly_unprotected(ctx: &SkBuffContext) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: the kernel hands cgroup_skb programs a valid context; the verifier turns these
+    // two fields into packet pointers, and every read below is within a checked bound.
+    unsafe {
+        let (data, end) = ((*skb).data as usize, (*skb).data_end as usize);
+        if data + 20 > end {
+            return false;
+        }
+        match *(data as *const u8) >> 4 {
+            4 => !protected::v4_may_be_protected(*((data + 16) as *const u32)),
+            6 if data + 40 <= end => !protected::v6_may_be_protected([
+                *((data + 24) as *const u32),
+                *((data + 28) as *const u32),
+                *((data + 32) as *const u32),
+                *((data + 36) as *const u32),
+            ]),
+            _ => false,
+        }
+    }
 }
 
 impl Packet {

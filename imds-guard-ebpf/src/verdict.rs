@@ -27,12 +27,11 @@ const REJECT: i32 = 0;
 pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
-    let destination = Destination::v4(ip4);
     // Fast path: an unprotected destination costs one array read and a bit test.
-    if !destination.may_be_protected() {
+    if !protected::v4_may_be_protected(ip4) {
         return PROCEED;
     }
-    judge_protected(ctx, hook, FAMILY_INET, destination, [ip4, 0, 0, 0])
+    judge_protected(ctx, hook, FAMILY_INET, Destination::v4(ip4), [ip4, 0, 0, 0])
 }
 
 /// Judges an IPv6 destination, treating `::ffff:a.b.c.d` as the IPv4 address it maps to.
