@@ -652,7 +652,7 @@ fn throughput(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workl
          | no firewall | {none:.2} | 1.000 |\n\
          | imds-guard | {ours:.2} | {:.3} |\n\
          | iptables owner match | {theirs:.2} | {:.3} |\n\n\
-         imds-guard's packet hook (`egress`, for raw sockets) ran {} times during its transfers, \
+         imds-guard's packet hook (`egress`, which reads every packet's destination) ran {} times during its transfers, \
          {per_packet} ns per packet (statistics enabled, which slows it).\n",
         ours / none,
         theirs / none,
