@@ -44,6 +44,7 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+const SOCK_RAW: u32 = 3;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// `BPF_SK_STORAGE_GET_F_CREATE`.
@@ -198,18 +199,21 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     let ancestor = |level: i32| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
     let verdict::Decision { verdict, rule, .. } = verdict::decide(generation, uid, None, ancestor);
-    verdict::count(generation, verdict, rule);
-    if verdict == VERDICT_ALLOW {
-        // Judged again at its next packet: cheaper than creating socket storage.
+    // SAFETY: as above.
+    let facts = unsafe { SocketFacts::of(socket) };
+    let rewritten = facts.connected && !facts.peer.same(packet.destination);
+    if verdict == VERDICT_ALLOW && facts.seen_by_hooks && !rewritten {
+        // A TCP or UDP socket's packet to the destination a socket hook judged (and counted):
+        // the same verdict again is not a new attempt. Judged again at its next packet, which
+        // is cheaper than creating socket storage for it.
         return PASS;
     }
-    // SAFETY: as above.
-    let peer = unsafe { connected_peer(socket) };
-    if peer.is_some() {
+    verdict::count(generation, verdict, rule);
+    if facts.connected {
         // A connected socket's packets are one attempt, as its connect is for the socket hooks:
-        // the denial or audit is remembered, so its later packets (retransmissions, the rest of
-        // the flow) are not reported again. An unconnected socket's packets are each an
-        // attempt, as each datagram is for `sendmsg4/6`. A failure only means they are.
+        // the verdict is remembered, so its later packets (retransmissions, the rest of the
+        // flow) are neither counted nor reported again. An unconnected socket's packets are
+        // each an attempt, as each datagram is for `sendmsg4/6`. A failure only means they are.
         let mut value = SocketVerdict {
             addr,
             family,
@@ -222,6 +226,9 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             unsafe { *stored = value };
         }
     }
+    if verdict == VERDICT_ALLOW {
+        return PASS;
+    }
     let port = match packet.protocol {
         // The destination port, big-endian, two bytes into each of these headers.
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => ctx
@@ -229,7 +236,6 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             .map_or(0, u16::from_be),
         _ => 0,
     };
-    let rewritten = peer.is_some_and(|peer| !peer.same(packet.destination));
     report::event(
         &Attempt {
             verdict,
@@ -280,35 +286,59 @@ unsafe fn socket_verdict(
     (!stored.is_null()).then_some(stored.cast())
 }
 
-/// Where `socket` is connected to (for TCP, from its `connect()` on; for datagram sockets, from
-/// theirs): the destination the socket hooks saw, before any rewrite. `None` for an unconnected
-/// socket, or no full socket.
-///
-/// # Safety
-/// As for [`socket_verdict`].
-#[inline]
-unsafe fn connected_peer(socket: *mut bpf_sock) -> Option<Destination> {
-    if socket.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket; the verifier allows 32-bit reads of these fields, one word at a
-    // time for `dst_ip6`.
-    unsafe {
-        match (*socket).family {
-            AF_INET => match (*socket).dst_ip4 {
-                0 => None,
-                addr => Some(Destination::v4(addr)),
-            },
-            AF_INET6 => {
-                let ip6 = &raw const (*socket).dst_ip6;
-                Destination::of_v6([
-                    core::ptr::read_volatile(ip6.cast::<u32>()),
-                    core::ptr::read_volatile(ip6.cast::<u32>().add(1)),
-                    core::ptr::read_volatile(ip6.cast::<u32>().add(2)),
-                    core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
-                ])
+/// What the packet layer reads of a packet's socket, in one place: one null check, plain values
+/// after it. (Separate checks of the same pointer let LLVM merge them into arithmetic on the
+/// pointer, which the verifier refuses: "bitwise operator |= on pointer prohibited".)
+struct SocketFacts {
+    /// The socket is connected, to `peer`: the destination the socket hooks saw, before any
+    /// rewrite (for TCP from its `connect()` on).
+    connected: bool,
+    /// Where it is connected to (unset when not connected).
+    peer: Destination,
+    /// The socket hooks judge what it sends: a TCP or UDP socket that is not raw (`connect4/6`
+    /// its connect, `sendmsg4/6` each unconnected datagram); not a raw socket, nor another
+    /// protocol (ICMP echo, UDP-Lite, SCTP).
+    seen_by_hooks: bool,
+}
+
+impl SocketFacts {
+    /// # Safety
+    /// `socket` is null (nothing is known) or a full socket returned by `bpf_sk_fullsock`.
+    #[inline]
+    unsafe fn of(socket: *mut bpf_sock) -> Self {
+        if socket.is_null() {
+            return Self {
+                connected: false,
+                peer: Destination::v4(0),
+                seen_by_hooks: false,
+            };
+        }
+        // SAFETY: a full socket; the verifier allows 32-bit reads of these fields, one word at
+        // a time for `dst_ip6`.
+        unsafe {
+            let (kind, protocol) = ((*socket).type_, (*socket).protocol);
+            let peer = match (*socket).family {
+                AF_INET => match (*socket).dst_ip4 {
+                    0 => None,
+                    addr => Some(Destination::v4(addr)),
+                },
+                AF_INET6 => {
+                    let ip6 = &raw const (*socket).dst_ip6;
+                    Destination::of_v6([
+                        core::ptr::read_volatile(ip6.cast::<u32>()),
+                        core::ptr::read_volatile(ip6.cast::<u32>().add(1)),
+                        core::ptr::read_volatile(ip6.cast::<u32>().add(2)),
+                        core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
+                    ])
+                }
+                _ => None,
+            };
+            Self {
+                connected: peer.is_some(),
+                peer: peer.unwrap_or(Destination::v4(0)),
+                seen_by_hooks: kind != SOCK_RAW
+                    && (protocol == u32::from(IPPROTO_TCP) || protocol == u32::from(IPPROTO_UDP)),
             }
-            _ => None,
         }
     }
 }
