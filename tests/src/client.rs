@@ -137,6 +137,13 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Makes `held-imds` send its request `millis` after opening its connection.
+    #[must_use]
+    pub fn hold(mut self, millis: u32) -> Self {
+        self.options.push(("--hold", millis.to_string()));
+        self
+    }
+
     /// Keeps the client alive `secs` seconds after its attempts, so that its `/proc` entry
     /// is there when the agent reads its events.
     #[must_use]

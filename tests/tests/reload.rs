@@ -193,3 +193,65 @@ fn back_to_back_switches_under_probers_on_every_cpu_judge_each_attempt_by_one_wh
         "a prober did not overlap the switches: {rounds:?}"
     );
 }
+
+#[test]
+fn a_new_policy_applies_to_established_connections_its_rules_no_longer_allow() {
+    const MEMBER: u32 = 3000;
+    const GROUP: u32 = 3001;
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let both = format!(
+        "cgroup = \"{0}\"\n[[allow]]\nuid = {ALLOWED}\n[[allow]]\ngid = {GROUP}\n",
+        attach.path
+    );
+    let neither = format!("cgroup = \"{}\"\nallow_uid = [0]\n", attach.path);
+    let config = ConfigFile::new(&both);
+    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+    let (uid_allowed, gid_allowed) = std::thread::scope(|scope| {
+        // Each opens its connection under the first policy and sends its request 1.5 s later.
+        let uid_client = scope.spawn(|| {
+            Client::new(&sandbox, &attach, ALLOWED, ALLOWED)
+                .hold(1500)
+                .route("held-imds", IMDS_V4, 80)
+        });
+        let gid_client = scope.spawn(|| {
+            Client::new(&sandbox, &attach, MEMBER, GROUP)
+                .hold(1500)
+                .route("held-imds", IMDS_V4, 80)
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        config.write(&neither);
+        reload_and_wait(&agent, "policy reloaded", 1);
+        (
+            uid_client.join().expect("uid client"),
+            gid_client.join().expect("gid client"),
+        )
+    });
+    // The uid rule is gone: the connection's next packet is judged by the new policy, dropped,
+    // and reported. The request never arrives (the mock gives up on it and closes).
+    assert_ne!(
+        uid_allowed.detail, MOCK_INSTANCE_ID,
+        "a connection the new policy denies still got its answer: {uid_allowed:?}"
+    );
+    let barrier = Client::new(&sandbox, &attach, DENIED, DENIED).tcp(IMDS_V4, 80);
+    let _ = agent.wait_events_of(barrier.pid, 1);
+    let cut: Vec<_> = agent
+        .events()
+        .into_iter()
+        .filter(|event| event["uid"] == ALLOWED && event["hook"] == "egress")
+        .collect();
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    imds_guard_tests::assert_fields(
+        &cut[0],
+        &[
+            ("verdict", serde_json::json!("deny")),
+            ("rewritten", serde_json::json!(false)),
+            ("port", serde_json::json!(80)),
+        ],
+    );
+    // The gid rule let its connection in, which the packet layer cannot judge again: it keeps
+    // its connect's verdict.
+    gid_allowed.assert_ok(MOCK_INSTANCE_ID);
+}

@@ -7,7 +7,8 @@
 //! ACTION: imds, tcp, udp, or one of the routes in `routes.rs`: nonblocking-connect,
 //! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
-//! ping-echo, udplite-connected, mptcp-connect, passed-socket, passed-connection,
+//! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
+//! request on a connection opened that long before), passed-socket, passed-connection,
 //! connect-close and bulk-send (for the benchmarks).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
@@ -57,6 +58,12 @@ fn main() {
     let port: u16 = port.parse().expect("port");
 
     let (addr, moved) = become_workload(&options, host, port);
+    // `--hold MILLIS`: how long `held-imds` keeps its connection open before the request.
+    let hold = Duration::from_millis(
+        options
+            .get("hold")
+            .map_or(0, |ms| ms.parse().expect("hold")),
+    );
     let drop_to: Option<(u32, u32)> = options.get("drop-to").map(|id| {
         let id = id.parse().expect("drop-to");
         (id, id)
@@ -87,7 +94,7 @@ fn main() {
         }
         attempt += 1;
         let addr = SocketAddr::new(base.ip(), base.port().wrapping_add(offset));
-        act_once(action, addr, drop_to, &mut child_pid)
+        act_once(action, addr, drop_to, hold, &mut child_pid)
     };
     let repeat: u32 = options
         .get("repeat")
@@ -152,10 +159,12 @@ fn act_once(
     action: &str,
     addr: SocketAddr,
     drop_to: Option<(u32, u32)>,
+    hold: Duration,
     child_pid: &mut Option<u32>,
 ) -> io::Result<String> {
     match action {
         "imds" => imds_v2(addr),
+        "held-imds" => held_imds(addr, hold),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
         "udp" => udp_echo(addr),
         "nonblocking-connect" => routes::nonblocking_connect(addr),
@@ -315,9 +324,31 @@ fn imds_v2(addr: SocketAddr) -> io::Result<String> {
     )
 }
 
+/// `IMDSv2` with the metadata request on a connection opened `hold` before it is sent: what an
+/// established connection gets when the policy changes meanwhile.
+fn held_imds(addr: SocketAddr, hold: Duration) -> io::Result<String> {
+    let token = http(
+        addr,
+        "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
+    )?;
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    std::thread::sleep(hold);
+    request(
+        stream,
+        addr,
+        &format!(
+            "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"
+        ),
+    )
+}
+
 /// One request on a fresh connection; the body of a 200 response, or an error.
 fn http(addr: SocketAddr, head: &str) -> io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    request(TcpStream::connect_timeout(&addr, TIMEOUT)?, addr, head)
+}
+
+/// One request on `stream`; the body of a 200 response, or an error.
+fn request(mut stream: TcpStream, addr: SocketAddr, head: &str) -> io::Result<String> {
     stream.set_read_timeout(Some(TIMEOUT))?;
     write!(
         stream,
