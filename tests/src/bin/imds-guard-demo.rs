@@ -3,8 +3,8 @@
 //! A network namespace with a mock IMDS on 169.254.169.254 and `fd00:ec2::254`, a cgroup of its
 //! own, the agent attached there with the default policy (enforce, allow uid 0), one request as
 //! root and one as an unprivileged uid, a loop of denied connects folded into one event with a
-//! count, and `imds-guard report` on what the agent printed. Everything is removed on the way
-//! out.
+//! count, a destination rewritten to IMDS by NAT in the namespace (refused at the packet layer),
+//! and `imds-guard report` on what the agent printed. Everything is removed on the way out.
 
 use std::time::Instant;
 
@@ -94,6 +94,10 @@ fn main() -> std::process::ExitCode {
         println!("   event: {event}");
     }
 
+    if !rewritten_to_imds(&sandbox, &cgroup, &agent) {
+        return std::process::ExitCode::FAILURE;
+    }
+
     println!(
         "\nstopping the agent (SIGTERM): it reports the repeats still counted; enforcement stays \
          pinned in the kernel; the demo then runs `imds-guard detach --pin-dir {}` and removes \
@@ -113,6 +117,65 @@ fn main() -> std::process::ExitCode {
     }
     // Returning drops the guards: `Pins` detaches and unmounts, the sandbox and cgroup go.
     std::process::ExitCode::SUCCESS
+}
+
+/// Step 5: NAT in the workload's own namespace rewrites a harmless destination to IMDS after
+/// the socket hooks judged it; the packet layer refuses it all the same. Whether it did.
+fn rewritten_to_imds(sandbox: &Sandbox, cgroup: &TestCgroup, agent: &Agent) -> bool {
+    let workload = cgroup.child("rewriter");
+    println!(
+        "\n5. a workload with CAP_NET_ADMIN in its own network namespace rewrites 127.0.0.1:5353 \
+         to IMDS:\n   $ iptables -t nat -A OUTPUT -p udp -d 127.0.0.1 --dport 5353 -j DNAT \
+         --to-destination 169.254.169.254:53"
+    );
+    sandbox.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-d",
+            "127.0.0.1",
+            "--dport",
+            "5353",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "169.254.169.254:53",
+        ],
+    );
+    println!(
+        "   then uid {NOBODY} in {} sends a datagram to 127.0.0.1:5353:",
+        workload.path
+    );
+    let rewritten = Client::new(sandbox, &workload, NOBODY, NOBODY).route(
+        "connected-udp",
+        std::net::Ipv4Addr::LOCALHOST,
+        5353,
+    );
+    if rewritten.errno != Some(libc::EPERM) {
+        println!("   unexpected outcome: {rewritten:?}");
+        return false;
+    }
+    println!(
+        "   denied at once, after the rewrite: {} (the packet layer judged the packet)",
+        rewritten.detail
+    );
+    // A packet event names no process: a denied connect from the same cgroup marks the point
+    // by which it is in (the ring is FIFO).
+    let marker = Client::new(sandbox, &workload, NOBODY, NOBODY).tcp(IMDS_V4, 80);
+    let _ = agent.wait_events_of(marker.pid, 1);
+    for event in agent
+        .events()
+        .iter()
+        .filter(|event| event["hook"] == "egress" && event["cgroup"] == workload.path.as_str())
+    {
+        println!("   event: {event}");
+    }
+    true
 }
 
 /// `imds-guard report` on the events the agent printed; whether it succeeded.
