@@ -184,10 +184,12 @@ pub struct FoldValue {
     pub folded: u64,
 }
 
-/// Value of `SOCKET_VERDICTS`: the protected destination a hook last judged for this socket,
-/// and the verdict. The packet layer passes the socket's packets to that destination without
-/// judging them again (so gid rules, which only the socket hooks can see, keep working), and
-/// drops those it remembers denying without reporting them again.
+/// Value of `SOCKET_VERDICTS`: a verdict on this socket's packets to one protected destination
+/// that judging them by the socket's owner and cgroup would not give, or would report again: a
+/// socket hook's allow by a gid rule (packets carry no gid) or audit, or the packet layer's own
+/// verdict on a connected socket whose destination the socket hooks did not judge. The packet
+/// layer applies it to the socket's later packets to that destination without counting or
+/// reporting them again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[expect(

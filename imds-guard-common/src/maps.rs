@@ -7,8 +7,8 @@ pub const PROTECTED_V4: &str = "PROTECTED_V4";
 pub const PROTECTED_V6: &str = "PROTECTED_V6";
 /// The fast "not protected" test: a one-entry array of [`crate::policy::ProtectedFilter`].
 pub const PROTECTED_FILTER: &str = "PROTECTED_FILTER";
-/// What the socket hooks decided for a socket: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`)
-/// of [`crate::event::SocketVerdict`], read by the packet layer. The agent never reads it.
+/// Verdicts the packet layer applies to a socket's later packets: socket-local storage
+/// (`BPF_MAP_TYPE_SK_STORAGE`) of [`crate::event::SocketVerdict`]. The agent never reads it.
 pub const SOCKET_VERDICTS: &str = "SOCKET_VERDICTS";
 /// The policy generation in force: a one-entry array of `u32` (0 or 1).
 pub const GENERATION: &str = "GENERATION";

@@ -33,7 +33,7 @@ pub static PROTECTED_V6: HashMap<ProtectedV6Key, u32> =
 #[map(name = "PROTECTED_FILTER")]
 pub static PROTECTED_FILTER: Array<ProtectedFilter> = Array::with_max_entries(1, 0);
 
-/// The socket hooks' verdict for a socket's protected destination, for the packet layer.
+/// Verdicts the packet layer applies to a socket's later packets (see `SocketVerdict`).
 /// Socket-local storage needs BTF, so this map is defined the BTF way (`.maps`).
 #[btf_map(name = "SOCKET_VERDICTS")]
 pub static SOCKET_VERDICTS: SkStorage<SocketVerdict> = SkStorage::new();

@@ -199,8 +199,9 @@ impl Kernel {
             // programs never reach those calls, and the verifier never sees them.
             Err(Error::LoadProgram { program, source }) if task_layout.known != 0 => {
                 warn!(
-                    "the programs that read parent processes were refused ({program}: {source}); \
-                     loading them without: events will not name parent processes"
+                    "the kernel refused program {program} ({source}); trying again without \
+                     reading parent processes, in case those reads are what it refused: events \
+                     will not name parent processes"
                 );
                 Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
             }
