@@ -184,8 +184,9 @@ pub struct Rule {
     pub gid: Option<Principal>,
     /// The task is in a cgroup matching one of these paths or glob patterns, or below one.
     pub cgroup: Vec<Setting<String>>,
-    /// The task is in the cgroup of one of these systemd units (glob patterns allowed), or
-    /// below it, wherever the unit lives in the tree.
+    /// The task is in the cgroup of one of these units of the system manager (glob patterns
+    /// allowed), or below it, in any slice; never below `user.slice`, a container's or a pod's
+    /// cgroup (see `policy::beyond_the_system_manager`).
     pub unit: Vec<Setting<String>>,
     /// The task is in none of the cgroups matching these, nor below one.
     pub not_cgroup: Vec<Setting<String>>,

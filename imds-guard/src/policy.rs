@@ -206,8 +206,8 @@ impl Policy {
         let mut matched: BTreeSet<usize> = (self.paths.matches(path).into_iter())
             .map(|i| self.path_ids[i])
             .collect();
-        let name = path.rsplit('/').next().unwrap_or_default();
-        if !name.is_empty() {
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+        if !name.is_empty() && !beyond_the_system_manager(parent) {
             matched.extend(
                 self.units
                     .matches(name)
@@ -241,6 +241,21 @@ impl Policy {
             .map(|(id, _)| id)
             .collect()
     }
+}
+
+/// Whether the cgroups below `parent` (a hierarchy path) are named by someone other than the
+/// system manager: a user, below `user.slice` (a user manager's `user@UID.service` and what it
+/// delegates: `systemd-run --user --unit=amazon-ssm-agent.service` makes that name there), or
+/// a container runtime, Kubernetes or a container itself, below a container's or a pod's
+/// cgroup. A unit rule names a system manager's unit, so it matches none of those: to allow one
+/// of them, a rule names its cgroup path.
+#[must_use]
+pub fn beyond_the_system_manager(parent: &str) -> bool {
+    parent.split('/').any(|part| {
+        part == "user.slice"
+            || (part.starts_with("user@") && part.ends_with(".service"))
+            || part.starts_with("kubepods")
+    }) || crate::workload::Placement::of(parent).container.is_some()
 }
 
 /// A `cgroup`/`not_cgroup` value as a hierarchy path pattern; `allow_cgroup` values must exist.
@@ -383,21 +398,45 @@ mod tests {
     }
 
     #[test]
-    fn units_match_their_cgroup_anywhere() {
+    fn units_match_the_system_managers_units_wherever_they_are() {
         let p = policy("[[allow]]\nunit = \"amazon-ssm-agent.service\"\nuid = 0\n");
         assert_eq!(rules_at(&p, "/system.slice/amazon-ssm-agent.service"), [1]);
         assert_eq!(
-            rules_at(
-                &p,
-                "/user.slice/user-1.slice/user@1.service/app.slice/amazon-ssm-agent.service/sub"
-            ),
+            rules_at(&p, "/system.slice/amazon-ssm-agent.service/sub"),
             [1]
         );
+        assert_eq!(
+            rules_at(&p, "/attach/system.slice/amazon-ssm-agent.service"),
+            [1]
+        );
+        // Names a user, a container or Kubernetes chose are not the system manager's units.
+        for beyond in [
+            "/user.slice/user-1.slice/user@1.service/app.slice/amazon-ssm-agent.service/sub",
+            "/user.slice/amazon-ssm-agent.service",
+            &format!(
+                "/system.slice/docker-{}.scope/amazon-ssm-agent.service",
+                "a".repeat(64)
+            ),
+            "/kubepods.slice/kubepods-pod1.slice/amazon-ssm-agent.service",
+        ] {
+            assert_eq!(rules_at(&p, beyond), Vec::<u32>::new(), "{beyond}");
+        }
         assert_eq!(
             rules_at(&p, "/system.slice/amazon-ssm-agent.service2"),
             Vec::<u32>::new()
         );
         assert_eq!(p.rules[0].uid, Some(0));
+        // A rule that names the path does match there.
+        let p = policy(
+            "[[allow]]\ncgroup = \"/user.slice/user-1.slice/user@1.service/app.slice/a.service\"\n",
+        );
+        assert_eq!(
+            rules_at(
+                &p,
+                "/user.slice/user-1.slice/user@1.service/app.slice/a.service"
+            ),
+            [1]
+        );
     }
 
     #[test]

@@ -313,7 +313,7 @@ pub struct Base<'a> {
 
 /// A config that keeps the policy the audit ran with (`base`, or the default policy's rule,
 /// uid 0 anywhere) and adds rules that would let through exactly the workloads audit mode let
-/// through and reported: one per identity (its systemd unit, else its cgroup path, else nothing
+/// through and reported: one per identity (its system manager's unit, else its cgroup path, else nothing
 /// more) and uid, with comments saying what was seen; in enforce mode. Denied workloads get no
 /// rule.
 ///
@@ -322,7 +322,15 @@ pub struct Base<'a> {
 pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result<String> {
     let mut rules: BTreeMap<(Identity, u32), Vec<&Workload>> = BTreeMap::new();
     for w in workloads.iter().filter(|w| w.audited > 0) {
-        let identity = match (&w.unit, &w.cgroup) {
+        // A unit rule names a unit of the system manager: one a user manager or a container
+        // named is told by its cgroup path instead.
+        let system_unit = w.unit.as_ref().filter(|_| {
+            w.cgroup.as_deref().is_none_or(|cgroup| {
+                let parent = cgroup.rsplit_once('/').map_or("", |(parent, _)| parent);
+                !crate::policy::beyond_the_system_manager(parent)
+            })
+        });
+        let identity = match (system_unit, &w.cgroup) {
             (Some(unit), _) => Identity::Unit(unit.clone()),
             (None, Some(cgroup)) => Identity::Cgroup(cgroup.clone()),
             (None, None) => Identity::Anywhere,
@@ -508,8 +516,9 @@ imds-guard log line the journal interleaves
         let text = suggest_policy(&workloads, None).unwrap();
         let config = parse(&text);
         assert_eq!(config.mode, crate::config::Mode::Enforce, "{text}");
-        // The default policy's root rule, then SSM by its unit, the session by its scope, the
-        // cron job by its uid alone; the container's denied attempt gets no rule.
+        // The default policy's root rule, then SSM by its unit, the session by its cgroup (a
+        // unit rule does not match below user.slice), the cron job by its uid alone; the
+        // container's denied attempt gets no rule.
         assert_eq!(config.allow.len(), 4, "{text}");
         assert_eq!(
             config.allow[0].name.as_deref(),
@@ -519,7 +528,10 @@ imds-guard log line the journal interleaves
             text.contains("unit = \"amazon-ssm-agent.service\"\n"),
             "{text}"
         );
-        assert!(text.contains("unit = \"session-3.scope\"\n"), "{text}");
+        assert!(
+            text.contains("cgroup = \"/user.slice/user-1000.slice/session-3.scope\"\n"),
+            "{text}"
+        );
         assert!(text.contains("uid = 1001\n# its cgroup was gone"), "{text}");
         assert!(!text.contains(CONTAINER), "{text}");
         assert!(text.contains("# 1 denied attempts were seen too"), "{text}");

@@ -105,8 +105,9 @@ fn a_restarted_unit_keeps_its_access_under_its_new_cgroup_id() {
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
     assert_eq!(agent.map_entries(CGROUP_RULESETS), 1);
-    // The same unit name elsewhere is the same unit to the rule: systemd user managers nest.
-    let nested = attach.child("user.slice").child(&unit);
+    // The same unit name in another slice of the system manager is the same unit to the rule
+    // (a user manager's is not: see the next test).
+    let nested = attach.child("other.slice").child(&unit);
     wait_until("the nested unit allowed", || {
         connects(&Client::new(&sandbox, &nested, USER, USER).tcp(IMDS_V4, 80))
     });
@@ -314,4 +315,40 @@ fn removed_cgroups_leave_the_maps_and_churn_does_not_grow_them() {
     Client::new(&sandbox, &attach, 0, 0)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
+}
+
+#[test]
+fn a_unit_rule_names_the_system_managers_unit_not_a_users_or_a_containers() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    let system = attach.child("system.slice");
+    let service = system.child("amazon-ssm-agent.service");
+    // What `systemd-run --user --unit=amazon-ssm-agent.service` makes for uid 1000, and the same
+    // name inside a container's cgroup.
+    let user_slice = attach.child("user.slice");
+    let user = user_slice.child(&format!("user-{USER}.slice"));
+    let manager = user.child(&format!("user@{USER}.service"));
+    let app = manager.child("app.slice");
+    let users_unit = app.child("amazon-ssm-agent.service");
+    let container = system.child(&format!("docker-{}.scope", "c".repeat(64)));
+    let containers_unit = container.child("amazon-ssm-agent.service");
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{}\"\n[[allow]]\nname = \"ssm\"\nunit = \"amazon-ssm-agent.service\"\n",
+        attach.path
+    ));
+    let agent = agent_with(&config);
+    Client::new(&sandbox, &service, USER, USER)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    for (cgroup, uid) in [(&users_unit, USER), (&containers_unit, 0)] {
+        let refused = Client::new(&sandbox, cgroup, uid, uid).tcp(IMDS_V4, 80);
+        refused.assert_errno(EPERM);
+        let events = agent.wait_events_of(refused.pid, 1);
+        assert_fields(
+            &events[0],
+            &[("rule", json!("default")), ("uid", json!(uid))],
+        );
+    }
 }
