@@ -109,7 +109,8 @@ pub struct RunArgs {
     /// Cgroup to attach to, as in /proc/PID/cgroup or as its directory (default: the root).
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
-    /// Allow tasks with this uid (repeatable; adds to the config's list, which holds 0 by default).
+    /// Allow tasks with this uid (repeatable; adds to the config's rules; any rule replaces the
+    /// default, uid 0).
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
     /// Allow tasks with this primary gid (repeatable).

@@ -440,10 +440,15 @@ fn rules(
     overrides: &Overrides,
     at: &impl Fn(Range<usize>) -> String,
 ) -> Result<Vec<Rule>> {
+    // The default rule (uid 0) stands only where no rule is written anywhere: one in the file
+    // or on the command line replaces it, so `--allow-uid 4242` alone means 4242 only.
     let defines_rules = raw.allow_uid.is_some()
         || raw.allow_gid.is_some()
         || raw.allow_cgroup.is_some()
-        || raw.allow.is_some();
+        || raw.allow.is_some()
+        || !overrides.allow_uid.is_empty()
+        || !overrides.allow_gid.is_empty()
+        || !overrides.allow_cgroup.is_empty();
     let mut written: Vec<(usize, Rule)> = Vec::new();
     for uid in raw.allow_uid.take().unwrap_or_default() {
         let origin = at(uid.span());
@@ -750,6 +755,18 @@ mod tests {
                 "cgroup /a @ --allow-cgroup"
             ]
         );
+    }
+
+    #[test]
+    fn a_rule_on_the_command_line_replaces_the_default_root_rule_too() {
+        let overrides = Overrides {
+            allow_uid: vec![4242],
+            ..Overrides::default()
+        };
+        let config = Config::from_toml(None, "", &overrides).unwrap();
+        assert_eq!(descriptions(&config), ["uid 4242 @ --allow-uid"]);
+        let config = Config::from_toml(None, "", &Overrides::default()).unwrap();
+        assert_eq!(descriptions(&config), ["uid 0 @ default"]);
     }
 
     #[test]

@@ -85,11 +85,12 @@ fn allowed_uid_gets_through() {
     Client::new(&sandbox, &attach, OTHER_USER, OTHER_USER)
         .imds(IMDS_V4, 80)
         .assert_errno(EPERM);
-    // Root stays allowed: options add to the default list.
-    Client::new(&sandbox, &attach, 0, 0)
-        .imds(IMDS_V4, 80)
-        .assert_ok(MOCK_INSTANCE_ID);
-    barrier(&agent, &sandbox, &attach);
+    // A rule on the command line replaces the default (uid 0), as one in a file does: root is
+    // not allowed now.
+    let root = Client::new(&sandbox, &attach, 0, 0).imds(IMDS_V4, 80);
+    root.assert_errno(EPERM);
+    let events = agent.wait_events_of(root.pid, 1);
+    assert_fields(&events[0], &[("uid", json!(0)), ("rule", json!("default"))]);
     assert!(agent.events_of(allowed.pid).is_empty());
 }
 
