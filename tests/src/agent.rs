@@ -356,6 +356,29 @@ impl Agent {
         self.events.0.lock().expect("events").clone()
     }
 
+    /// Events the packet layer (`hook` `egress`, which names no process) reported for
+    /// `cgroup`, once the event of `barrier`, a later denied attempt, is in: the ring is FIFO.
+    /// Aggregates of repeats are left out.
+    ///
+    /// # Panics
+    /// When the barrier's event does not come.
+    #[must_use]
+    pub fn packet_events_in(
+        &self,
+        cgroup: &crate::TestCgroup,
+        barrier: &crate::Outcome,
+    ) -> Vec<Value> {
+        let _ = self.wait_events_of(barrier.pid, 1);
+        self.events()
+            .into_iter()
+            .filter(|event| {
+                event["hook"] == "egress"
+                    && event["cgroup"] == cgroup.path.as_str()
+                    && event["aggregated"] == false
+            })
+            .collect()
+    }
+
     /// Events from process `pid`.
     #[must_use]
     pub fn events_of(&self, pid: u32) -> Vec<Value> {

@@ -46,16 +46,6 @@ fn verdict(mode: &str) -> Value {
     json!(if mode == "enforce" { "deny" } else { "audit" })
 }
 
-/// Events on `cgroup` from the packet hook, once a later denied event (`barrier`) is in.
-fn packet_events(agent: &Agent, barrier: &Outcome, cgroup: &TestCgroup) -> Vec<Value> {
-    let _ = agent.wait_events_of(barrier.pid, 1);
-    agent
-        .events()
-        .into_iter()
-        .filter(|event| event["hook"] == "egress" && event["cgroup"] == json!(cgroup.path))
-        .collect()
-}
-
 #[test]
 fn raw_sockets_of_container_root_are_dropped_at_the_packet_layer_and_reported() {
     if !privileged() {
@@ -87,7 +77,7 @@ fn raw_sockets_of_container_root_are_dropped_at_the_packet_layer_and_reported() 
             let outcome = Client::new(&sandbox, container, 0, 0).route(route, addr, port);
             assert_judged(mode, &outcome, &format!("{mode}: {route} to {addr}"));
             let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
-            let events = packet_events(&agent, &barrier, container);
+            let events = agent.packet_events_in(container, &barrier);
             assert_eq!(events.len(), 1, "{mode}: {route} to {addr}: {events:?}");
             assert_fields(
                 &events[0],

@@ -14,7 +14,7 @@
 use std::net::IpAddr;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Outcome, Sandbox, TestCgroup,
+    Agent, Client, ConfigFile, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
     assert_fields, privileged,
 };
 use serde_json::{Value, json};
@@ -87,21 +87,6 @@ fn nat_entry(imds: IpAddr) -> IpAddr {
     } else {
         IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
     }
-}
-
-/// The events the packet layer reported for `cgroup`, once a later denied event (`barrier`)
-/// is in: the ring is FIFO. Aggregates of repeats are left out.
-fn packet_events(agent: &Agent, barrier: &Outcome, cgroup: &TestCgroup) -> Vec<Value> {
-    let _ = agent.wait_events_of(barrier.pid, 1);
-    agent
-        .events()
-        .into_iter()
-        .filter(|event| {
-            event["hook"] == "egress"
-                && event["cgroup"] == json!(cgroup.path)
-                && event["aggregated"] == json!(false)
-        })
-        .collect()
 }
 
 fn verdict(mode: &str) -> Value {
@@ -187,7 +172,7 @@ fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
                 judged.push((mapped_case, "tcp", 80, connections));
             }
             for (cgroup, protocol, port, attempts) in judged {
-                let events = packet_events(&agent, &barrier, cgroup);
+                let events = agent.packet_events_in(cgroup, &barrier);
                 assert_eq!(
                     events.len(),
                     attempts,

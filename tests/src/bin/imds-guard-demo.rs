@@ -167,12 +167,7 @@ fn rewritten_to_imds(sandbox: &Sandbox, cgroup: &TestCgroup, agent: &Agent) -> b
     // A packet event names no process: a denied connect from the same cgroup marks the point
     // by which it is in (the ring is FIFO).
     let marker = Client::new(sandbox, &workload, NOBODY, NOBODY).tcp(IMDS_V4, 80);
-    let _ = agent.wait_events_of(marker.pid, 1);
-    for event in agent
-        .events()
-        .iter()
-        .filter(|event| event["hook"] == "egress" && event["cgroup"] == workload.path.as_str())
-    {
+    for event in agent.packet_events_in(&workload, &marker) {
         println!("   event: {event}");
     }
     true
