@@ -102,42 +102,9 @@ fn certainly_unprotected(ctx: &SkBuffContext) -> bool {
 }
 
 impl Packet {
-    /// The header fields, read straight from the packet's linear data (`cgroup_skb` programs
-    /// start at the network header); a header that is not linear is loaded by the helper.
-    #[inline]
+    /// The header fields, through `bpf_skb_load_bytes` (whatever part of the header is
+    /// linear): the slow path only, for destinations the filter did not rule out.
     fn read(ctx: &SkBuffContext) -> Option<Self> {
-        let skb = ctx.skb.skb;
-        // SAFETY: the kernel hands cgroup_skb programs a valid context; the verifier turns these
-        // two fields into packet pointers, and every read below is within a checked bound.
-        unsafe {
-            let (data, end) = ((*skb).data as usize, (*skb).data_end as usize);
-            if data + 40 <= end {
-                let first = *(data as *const u8);
-                return match first >> 4 {
-                    4 => Some(Self {
-                        destination: Destination::v4(*((data + 16) as *const u32)),
-                        protocol: *((data + 9) as *const u8),
-                        transport: usize::from(first & 0x0f) * 4,
-                    }),
-                    6 => Some(Self {
-                        destination: Destination::v6([
-                            *((data + 24) as *const u32),
-                            *((data + 28) as *const u32),
-                            *((data + 32) as *const u32),
-                            *((data + 36) as *const u32),
-                        ]),
-                        protocol: *((data + 6) as *const u8),
-                        transport: 40,
-                    }),
-                    _ => None,
-                };
-            }
-        }
-        Self::load(ctx)
-    }
-
-    /// The same, through `bpf_skb_load_bytes`: short packets and non-linear headers.
-    fn load(ctx: &SkBuffContext) -> Option<Self> {
         let first: u8 = ctx.load(0).ok()?;
         match first >> 4 {
             4 => Some(Self {

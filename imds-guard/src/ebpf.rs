@@ -368,12 +368,7 @@ impl Kernel {
             })?;
         // The filter first: it must cover every protected address before a program can meet it.
         let mut filter = self.filter()?;
-        for key in &entries.protected_v4 {
-            filter_set(&mut filter.v4, filter_slot_v4(key.addr));
-        }
-        for key in &entries.protected_v6 {
-            filter_set(&mut filter.v6, filter_slot_v6(key.addr));
-        }
+        cover(&mut filter, &entries.protected_v4, &entries.protected_v6);
         self.write_filter(filter)?;
         let protected: Vec<_> = entries
             .protected_v4
@@ -443,12 +438,7 @@ impl Kernel {
         )?;
         // Only now may the filter forget those addresses: it is rebuilt from what is left.
         let mut filter = ProtectedFilter::default();
-        for key in v4 {
-            filter_set(&mut filter.v4, filter_slot_v4(key.addr));
-        }
-        for key in v6 {
-            filter_set(&mut filter.v6, filter_slot_v6(key.addr));
-        }
+        cover(&mut filter, &v4, &v6);
         self.write_filter(filter)
     }
 
@@ -767,6 +757,16 @@ fn insert_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
             })?;
     }
     Ok(())
+}
+
+/// Sets the filter slots of these protected addresses.
+fn cover(filter: &mut ProtectedFilter, v4: &[ProtectedV4Key], v6: &[ProtectedV6Key]) {
+    for key in v4 {
+        filter_set(&mut filter.v4, filter_slot_v4(key.addr));
+    }
+    for key in v6 {
+        filter_set(&mut filter.v6, filter_slot_v6(key.addr));
+    }
 }
 
 /// Removes the entries whose key `remove` picks; returns the keys left.

@@ -89,3 +89,9 @@ pub fn assert_time_within(
         "event time {time} not within [{after}, {before}]"
     );
 }
+
+/// The verdict an event of a denied workload carries in `mode` (`enforce` or `audit`).
+#[must_use]
+pub fn verdict_in(mode: &str) -> serde_json::Value {
+    serde_json::json!(if mode == "enforce" { "deny" } else { "audit" })
+}

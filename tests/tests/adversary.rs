@@ -42,10 +42,6 @@ fn assert_judged(mode: &str, outcome: &Outcome, what: &str) {
     }
 }
 
-fn verdict(mode: &str) -> Value {
-    json!(if mode == "enforce" { "deny" } else { "audit" })
-}
-
 #[test]
 fn raw_sockets_of_container_root_are_dropped_at_the_packet_layer_and_reported() {
     if !privileged() {
@@ -82,7 +78,7 @@ fn raw_sockets_of_container_root_are_dropped_at_the_packet_layer_and_reported() 
             assert_fields(
                 &events[0],
                 &[
-                    ("verdict", verdict(mode)),
+                    ("verdict", imds_guard_tests::verdict_in(mode)),
                     ("uid", json!(0)),
                     ("gid", Value::Null),
                     ("pid", Value::Null),
@@ -113,7 +109,10 @@ fn a_child_that_drops_from_allowed_root_to_a_denied_uid_is_judged_as_that_uid() 
         let events = agent.wait_events_of(outcome.pid, 1);
         assert_fields(
             &events[0],
-            &[("uid", json!(USER)), ("verdict", verdict(mode))],
+            &[
+                ("uid", json!(USER)),
+                ("verdict", imds_guard_tests::verdict_in(mode)),
+            ],
         );
         // Still root: allowed, not reported.
         let root_child = Client::new(&sandbox, &attach, 0, 0).route("child-connect", IMDS_V4, 80);
@@ -236,7 +235,10 @@ fn other_spellings_and_names_of_the_address_are_the_address() {
             assert_eq!(events.len(), 1, "{spelling}: {events:?}");
             assert_fields(
                 &events[0],
-                &[("dst", json!(dst)), ("verdict", verdict(mode))],
+                &[
+                    ("dst", json!(dst)),
+                    ("verdict", imds_guard_tests::verdict_in(mode)),
+                ],
             );
         }
     }
@@ -261,7 +263,10 @@ fn a_passed_socket_is_judged_by_who_connects_it() {
         let events = agent.wait_events_of(unconnected.pid, 1);
         assert_fields(
             &events[0],
-            &[("uid", json!(USER)), ("verdict", verdict(mode))],
+            &[
+                ("uid", json!(USER)),
+                ("verdict", imds_guard_tests::verdict_in(mode)),
+            ],
         );
         // A connection root made stays usable by whoever holds it, as with iptables'
         // owner match (which judges the socket's owner): the decision is made at connect time.

@@ -89,10 +89,6 @@ fn nat_entry(imds: IpAddr) -> IpAddr {
     }
 }
 
-fn verdict(mode: &str) -> Value {
-    json!(if mode == "enforce" { "deny" } else { "audit" })
-}
-
 #[test]
 fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
     if !privileged() {
@@ -182,7 +178,7 @@ fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
                 assert_fields(
                     &events[0],
                     &[
-                        ("verdict", verdict(mode)),
+                        ("verdict", imds_guard_tests::verdict_in(mode)),
                         ("uid", json!(USER)),
                         ("pid", Value::Null),
                         ("dst", json!(imds.to_string())),
@@ -323,7 +319,7 @@ fn protocols_without_socket_hooks_are_judged_at_the_packet_layer() {
             assert_fields(
                 &events[0],
                 &[
-                    ("verdict", verdict(mode)),
+                    ("verdict", imds_guard_tests::verdict_in(mode)),
                     ("uid", json!(USER)),
                     ("dst", json!(imds.to_string())),
                     ("protocol", json!(route.protocols[family])),
