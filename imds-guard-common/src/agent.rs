@@ -27,8 +27,14 @@ pub struct AgentInfo {
     /// Non-zero while the maps may differ from the policy (an update failed; the agent
     /// rewrites them at its next scan).
     pub maps_uncertain: u32,
+    /// Cgroups whose entry would only add rules but found no room in the map (they keep the
+    /// narrower rules they inherit).
+    pub cgroups_dropped: u32,
+    /// `Settings::unseen_after` in force: below `ALL_CGROUPS_SEEN`, newer cgroups are judged
+    /// by the rules that hold wherever they are (a full map, or lost notifications).
+    pub unseen_after: u64,
 }
-const _: () = assert!(core::mem::size_of::<AgentInfo>() == 72);
+const _: () = assert!(core::mem::size_of::<AgentInfo>() == 88);
 
 impl Default for AgentInfo {
     fn default() -> Self {
@@ -42,6 +48,8 @@ impl Default for AgentInfo {
             rules: 0,
             cgroup_entries: 0,
             maps_uncertain: 0,
+            cgroups_dropped: 0,
+            unseen_after: crate::policy::ALL_CGROUPS_SEEN,
         }
     }
 }

@@ -30,9 +30,20 @@ pub const FAMILY_INET6: u8 = 10;
 /// (or another rewrite on the output path) changed it after the socket hooks judged the
 /// socket's own (only known for connected sockets).
 pub const EVENT_FLAG_REWRITTEN: u8 = 1;
+/// [`Event::flags`]: the task was judged as in a container by the kernel: its pid or cgroup
+/// namespace is not the host's initial one (or, for a packet, what sent it could not be told).
+/// A container the agent recognises by its cgroup path is named in the event's cgroup.
+pub const EVENT_FLAG_CONTAINER: u8 = 2;
 
 /// Length of [`Event::comm`], the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
+/// Components of the executable's path an event keeps (see [`Event::exe_path`]).
+pub const EXE_PATH_PARTS: usize = 8;
+/// Bytes kept of each component, its NUL included (a longer name is cut).
+pub const EXE_PART_LEN: usize = 32;
+/// [`Event::exe_flags`]: the path has more components than [`EXE_PATH_PARTS`]: those nearest
+/// the root are missing.
+pub const EXE_FLAG_TRUNCATED: u8 = 1;
 
 /// One denied or audited attempt.
 #[repr(C)]
@@ -83,25 +94,43 @@ pub struct Event {
     pub ppid: u32,
     /// `comm` of the parent process (its main thread's), NUL-padded.
     pub parent_comm: [u8; COMM_LEN],
+    /// The executable's device, as the kernel encodes it (`MAJOR << 20 | MINOR`), read at the
+    /// attempt from `mm->exe_file`, so that a process gone before the agent reads `/proc`, or
+    /// one that has exec'd since, is still named by what it ran.
+    pub exe_dev: u32,
+    /// The executable's inode number (0 when unread: see [`UNREAD_EXE`]).
+    pub exe_ino: u64,
+    /// The executable's path from the root of its file system (for a container's image, the
+    /// container's root): `exe_parts` components, leaf first, each NUL-terminated in its own
+    /// [`EXE_PART_LEN`] bytes. The agent joins them and finds where that file system is
+    /// mounted.
+    pub exe_path: [u8; EXE_PATH_PARTS * EXE_PART_LEN],
+    /// Components in `exe_path`.
+    pub exe_parts: u8,
+    /// `EXE_FLAG_*` bits.
+    pub exe_flags: u8,
     /// Explicit padding, always 0.
-    pub _tail: [u8; 4],
+    pub _tail: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 104);
+const _: () = assert!(core::mem::size_of::<Event>() == 376);
 
 /// [`Event::unread`]: the parent (`ppid`, `parent_comm`) could not be read: no task (a
 /// packet), the agent found no `task_struct` layout in the kernel's BTF, or a read failed.
 pub const UNREAD_PARENT: u8 = 1;
 /// [`Event::unread`]: the thread's `comm` could not be read.
 pub const UNREAD_COMM: u8 = 2;
+/// [`Event::unread`]: the executable (`exe_dev`, `exe_ino`, `exe_path`) could not be read: no
+/// task (a packet), no layout from the kernel's BTF, a kernel thread, or a failed read.
+pub const UNREAD_EXE: u8 = 4;
 
-/// Where the fields the programs read from a `task_struct` sit, in bytes, as the agent found
-/// them in the running kernel's BTF (`/sys/kernel/btf/vmlinux`). The agent sets it as a
-/// read-only global before loading, so the verifier sees constants and, when `known` is 0,
-/// never reaches the reads.
+/// Where the fields the programs read from a `task_struct` (and what it points to) sit, in
+/// bytes, as the agent found them in the running kernel's BTF (`/sys/kernel/btf/vmlinux`). The
+/// agent sets it as a read-only global before loading, so the verifier sees constants and, for
+/// a group whose `LAYOUT_*` bit is clear in `known`, never reaches its reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskLayout {
-    /// 1 when the offsets below are the running kernel's, else 0 (nothing is read).
+    /// `LAYOUT_*` bits: which groups of offsets below are the running kernel's.
     pub known: u32,
     /// `task_struct.real_parent`, a `struct task_struct *`.
     pub real_parent: u32,
@@ -111,7 +140,42 @@ pub struct TaskLayout {
     pub tgid: u32,
     /// `task_struct.comm`, `char[TASK_COMM_LEN]`.
     pub comm: u32,
+    /// `task_struct.thread_pid`, a `struct pid *`.
+    pub thread_pid: u32,
+    /// `pid.level`, an `unsigned int`: the depth of the task's pid namespace (0: the host's).
+    pub pid_level: u32,
+    /// `task_struct.nsproxy`, a `struct nsproxy *`.
+    pub nsproxy: u32,
+    /// `nsproxy.cgroup_ns`, a `struct cgroup_namespace *`.
+    pub cgroup_ns: u32,
+    /// `cgroup_namespace.ns.inum`, an `unsigned int`.
+    pub cgroup_ns_inum: u32,
+    /// `task_struct.mm`, a `struct mm_struct *` (null for kernel threads).
+    pub mm: u32,
+    /// `mm_struct.exe_file`, a `struct file *`.
+    pub exe_file: u32,
+    /// `file.f_inode`, a `struct inode *`.
+    pub f_inode: u32,
+    /// `file.f_path.dentry`, a `struct dentry *`.
+    pub f_dentry: u32,
+    /// `inode.i_ino`, an `unsigned long`.
+    pub i_ino: u32,
+    /// `inode.i_sb`, a `struct super_block *`.
+    pub i_sb: u32,
+    /// `super_block.s_dev`, a `dev_t` (`u32`).
+    pub s_dev: u32,
+    /// `dentry.d_name.name`, a `const unsigned char *`.
+    pub d_name: u32,
+    /// `dentry.d_parent`, a `struct dentry *` (the root of a file system is its own parent).
+    pub d_parent: u32,
 }
+
+/// [`TaskLayout::known`]: the parent's offsets (`real_parent`, `group_leader`, `tgid`, `comm`).
+pub const LAYOUT_PARENT: u32 = 1;
+/// [`TaskLayout::known`]: the namespace offsets (`thread_pid` to `cgroup_ns_inum`).
+pub const LAYOUT_NAMESPACES: u32 = 2;
+/// [`TaskLayout::known`]: the executable's offsets (`mm` to `d_name`).
+pub const LAYOUT_EXE: u32 = 4;
 
 /// The name of the [`TaskLayout`] global in the object.
 pub const TASK_LAYOUT_GLOBAL: &str = "TASK_LAYOUT";
@@ -124,12 +188,17 @@ unsafe impl aya::Pod for TaskLayout {}
 /// queued as an event).
 pub const FOLD_WINDOW_GLOBAL: &str = "FOLD_WINDOW_NS";
 
-/// What makes two attempts the same: the same workload (cgroup, uid, gid) tried the same
-/// protected address through the same hook, and the same rule of the same policy gave the same
-/// verdict. Which process, which port and when do not count: a flood varying them is still one
-/// attempt repeated.
+/// What makes two attempts the same: the same process (cgroup, uid, gid, tgid) tried the same
+/// protected address and port through the same hook, and the same rule of the same policy gave
+/// the same verdict. Only when does not count. An aggregate therefore only ever counts the
+/// attempts of the process its first event names: a second process (a decoy's neighbour), or
+/// another port, opens a burst of its own, reported at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed by both sides, never read"
+)]
 pub struct FoldKey {
     /// cgroup v2 id.
     pub cgroup_id: u64,
@@ -149,8 +218,14 @@ pub struct FoldKey {
     pub family: u8,
     /// Destination address, as in [`Event::addr`].
     pub addr: [u8; 16],
+    /// Process id (the kernel's tgid); 0 for a packet.
+    pub tgid: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Explicit padding, always 0.
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<FoldKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FoldKey>() == 48);
 
 impl FoldKey {
     /// The key of the attempt `event` reports.
@@ -166,6 +241,9 @@ impl FoldKey {
             hook: event.hook,
             family: event.family,
             addr: event.addr,
+            tgid: event.tgid,
+            port: event.port,
+            _pad: 0,
         }
     }
 }

@@ -56,7 +56,9 @@ pub const ALL: [&str; 13] = [
 ///
 /// 2: events of 104 bytes (parent process), the `FOLDS` map and the `COUNTER_FOLDED` counter.
 /// 3: protected addresses keyed by generation, `PROTECTED_FILTER`, `SOCKET_VERDICTS`.
-pub const MAPS_LAYOUT_VERSION: u32 = 3;
+/// 4: `ALLOW` keys by task kind (host or container), `Settings::unseen_after`, events of 376
+/// bytes (the executable), fold keys by process and port, a ring of 2 MiB.
+pub const MAPS_LAYOUT_VERSION: u32 = 4;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.
@@ -72,8 +74,8 @@ pub const fn rule_counter_index(generation: u32, rule: u32) -> u32 {
 }
 
 /// Ring buffer size in bytes (a power of two and a multiple of the page size): room for about
-/// 9,300 events of 112 bytes (104 + the 8-byte record header) before the agent must drain.
-pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// 5,500 events of 384 bytes (376 + the 8-byte record header) before the agent must drain.
+pub const EVENTS_RING_BYTES: u32 = 1 << 21;
 
 /// Connects and datagrams to a protected address that the policy allowed.
 pub const COUNTER_ALLOWED: u32 = 0;

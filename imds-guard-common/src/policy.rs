@@ -3,13 +3,22 @@
 //! A connect to a protected address is judged in three steps:
 //! 1. the *rule set*: the nearest cgroup, walking from the task's cgroup up to the root, that has
 //!    an entry in `CGROUP_RULESETS` selects one; with none, [`RULESET_DEFAULT`] applies;
-//! 2. the *rules* of that set: an `ALLOW` entry for the task's uid, for its gid, or one that
-//!    allows any task ([`KIND_ANY`]), keyed by ([`RuleKey`]) generation, rule set, kind and id;
-//!    of those found, the one with the lowest rule id (the first in the config file) decides;
+//! 2. the *rules* of that set for the kind of task: an `ALLOW` entry for the task's uid, for
+//!    its gid, or one that allows any task ([`KIND_ANY`]), keyed by ([`RuleKey`]) generation,
+//!    rule set, kind, [`TASK_HOST`] or [`TASK_CONTAINER`], and id; of those found, the one with
+//!    the lowest rule id (the first in the config file) decides;
 //! 3. the global *mode* when no rule matched: deny in enforce mode, report in audit mode.
 //!
 //! Cgroup rules are therefore compiled into rule sets holding every rule that applies inside
 //! that cgroup, which is what lets a later rule say "UID 0, but not in container cgroups".
+//! Whether a task is in a container is decided twice over: by the kernel at the attempt (a pid
+//! or cgroup namespace that is not the host's initial one: [`TASK_CONTAINER`] keys), and by the
+//! agent from the cgroup path (a container runtime's cgroup, whose rule set then holds only the
+//! rules that admit containers under both keys).
+//!
+//! A cgroup created after the agent last knew the tree completely (its id is above
+//! [`Settings::unseen_after`]) may be a container's whose entry is not written yet: it is
+//! judged by [`RULESET_UNSEEN`], the rules that hold wherever it is.
 //!
 //! Every key carries a *generation* (0 or 1), and `GENERATION` says which is in force: a new
 //! policy is written beside the live one and takes effect with one 32-bit store. A program reads
@@ -23,15 +32,32 @@ pub const MODE_AUDIT: u32 = 1;
 
 /// The rule set for tasks whose cgroup and ancestors have no entry in `CGROUP_RULESETS`.
 pub const RULESET_DEFAULT: u32 = 0;
+/// The rule set for tasks in a cgroup the agent has not seen yet while it is behind (see
+/// [`Settings::unseen_after`]): only the rules that apply in every cgroup.
+pub const RULESET_UNSEEN: u32 = u32::MAX;
+/// [`Settings::unseen_after`] while the agent knows every cgroup: none is unseen.
+pub const ALL_CGROUPS_SEEN: u64 = u64::MAX;
 /// The rule id in events decided by the global mode rather than by a rule.
 pub const RULE_DEFAULT: u32 = 0;
 
 /// The rule matches tasks with this uid (`RuleKey::id` is the uid).
-pub const KIND_UID: u32 = 1;
+pub const KIND_UID: u16 = 1;
 /// The rule matches tasks with this primary gid (`RuleKey::id` is the gid).
-pub const KIND_GID: u32 = 2;
+pub const KIND_GID: u16 = 2;
 /// The rule matches every task in the rule set (`RuleKey::id` is 0).
-pub const KIND_ANY: u32 = 3;
+pub const KIND_ANY: u16 = 3;
+
+/// `RuleKey::task` of a task in the host's initial pid and cgroup namespaces.
+pub const TASK_HOST: u16 = 0;
+/// `RuleKey::task` of a task in a pid or cgroup namespace of its own (a container), or one the
+/// packet layer cannot tell (fail closed).
+pub const TASK_CONTAINER: u16 = 1;
+
+/// The inode number of the initial pid namespace (`PROC_PID_INIT_INO`, a kernel constant since
+/// Linux 3.8): what `/proc/self/ns/pid` of a host process names.
+pub const INIT_PID_NS_INO: u32 = 0xEFFF_FFFC;
+/// The inode number of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, since Linux 4.6).
+pub const INIT_CGROUP_NS_INO: u32 = 0xEFFF_FFFB;
 
 /// A matching rule allows the attempt but reports it (staged rollout of a rule).
 pub const RULE_FLAG_AUDIT: u32 = 1;
@@ -119,12 +145,17 @@ pub const fn filter_set(half: &mut [u64; 4], slot: u32) {
 pub struct Settings {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
-    /// Non-zero when rules of this generation have cgroup conditions, so `CGROUP_RULESETS` may
-    /// hold entries of it (cgroups come and go while it is in force); zero lets the hook skip
-    /// the ancestor walk.
+    /// Non-zero when rules of this generation depend on the cgroup (cgroup conditions, or
+    /// rules that tell host tasks from containers'), so `CGROUP_RULESETS` may hold entries of
+    /// it (cgroups come and go while it is in force); zero lets the hook skip the ancestor walk.
     pub cgroup_rules: u32,
+    /// Cgroups with a larger id were created after the agent last knew the tree completely
+    /// (cgroup ids only grow): their tasks get [`RULESET_UNSEEN`]. [`ALL_CGROUPS_SEEN`] while
+    /// the agent keeps up; lowered when it cannot (a full map, lost change notifications).
+    /// Written by the agent with one aligned 8-byte store.
+    pub unseen_after: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 
 /// Key of `CGROUP_RULESETS`. The value is the rule set id (`u32`).
 #[repr(C)]
@@ -152,7 +183,9 @@ pub struct RuleKey {
     /// Rule set the rule belongs to.
     pub ruleset: u32,
     /// [`KIND_UID`], [`KIND_GID`] or [`KIND_ANY`].
-    pub kind: u32,
+    pub kind: u16,
+    /// [`TASK_HOST`] or [`TASK_CONTAINER`]: which tasks the entry is for.
+    pub task: u16,
     /// The uid or gid; 0 for [`KIND_ANY`].
     pub id: u32,
 }

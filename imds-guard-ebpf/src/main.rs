@@ -22,6 +22,7 @@ mod maps;
 mod packet;
 mod protected;
 mod report;
+mod task;
 mod verdict;
 
 use aya_ebpf::{

@@ -24,15 +24,19 @@ use aya_ebpf::{
     },
     programs::SkBuffContext,
 };
-use imds_guard_common::event::{
-    EVENT_FLAG_REWRITTEN, HOOK_EGRESS, SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
+use imds_guard_common::{
+    event::{
+        EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, HOOK_EGRESS, SocketVerdict, VERDICT_ALLOW,
+        VERDICT_DENY,
+    },
+    policy::{TASK_CONTAINER, TASK_HOST},
 };
 
 use crate::{
     maps::SOCKET_VERDICTS,
     protected::{self, Destination},
     report::{self, Attempt, Identity},
-    verdict,
+    task, verdict,
 };
 
 /// `cgroup_skb` programs return 1 to let the packet go and 0 to drop it (`EPERM` to a sender
@@ -159,16 +163,25 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             };
         }
     }
+    // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
+    let facts = unsafe { SocketFacts::of(socket) };
+    let rewritten = facts.connected && !facts.peer.same(packet.destination);
+    // A TCP or UDP socket's packet to the destination the socket hooks judged is judged again
+    // as a host task's: a container's allow there is remembered on the socket (above), so only
+    // a host task's socket gets here. Anything else is judged as its sender's kind of task.
+    let task = if facts.seen_by_hooks && !rewritten {
+        TASK_HOST
+    } else {
+        task::sender_kind()
+    };
     // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+); they use the full
     // socket behind a request socket.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb), bpf_skb_cgroup_id(skb)) };
     // SAFETY: as above.
     let ancestor = |level: i32| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
-    let verdict::Decision { verdict, rule, .. } = verdict::decide(generation, uid, None, ancestor);
-    // SAFETY: as above.
-    let facts = unsafe { SocketFacts::of(socket) };
-    let rewritten = facts.connected && !facts.peer.same(packet.destination);
+    let verdict::Decision { verdict, rule, .. } =
+        verdict::decide(generation, uid, None, task, ancestor);
     if verdict == VERDICT_ALLOW && facts.seen_by_hooks && !rewritten {
         // A TCP or UDP socket's packet to the destination a socket hook judged (and counted):
         // the same verdict again is not a new attempt. Judged again at its next packet, which
@@ -216,9 +229,15 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             uid,
             gid: u32::MAX,
             addr: protected::bytes_of(addr),
-            flags: if rewritten { EVENT_FLAG_REWRITTEN } else { 0 },
+            flags: if rewritten { EVENT_FLAG_REWRITTEN } else { 0 }
+                | if task == TASK_CONTAINER {
+                    EVENT_FLAG_CONTAINER
+                } else {
+                    0
+                },
         },
         cgroup_id,
+        0,
         Identity::socket,
     );
     if verdict == VERDICT_DENY { DROP } else { PASS }

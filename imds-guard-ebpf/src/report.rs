@@ -1,15 +1,21 @@
 //! Counters and events: what the agent learns about each judged attempt.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-    generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns},
+    bpf_get_current_comm, bpf_get_current_pid_tgid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
 };
 use imds_guard_common::{
-    event::{COMM_LEN, Event, FoldKey, FoldValue, TaskLayout, UNREAD_COMM, UNREAD_PARENT},
+    event::{
+        COMM_LEN, EXE_PART_LEN, EXE_PATH_PARTS, Event, FoldKey, FoldValue, UNREAD_COMM, UNREAD_EXE,
+        UNREAD_PARENT,
+    },
     maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
 };
 
-use crate::maps::{COUNTERS, EVENTS, FOLDS, RULE_COUNTERS};
+use crate::{
+    maps::{COUNTERS, EVENTS, FOLDS, RULE_COUNTERS},
+    task::{self, Executable},
+};
 
 /// 1 in the build the upgrade tests switch to (feature `upgrade-test-variant`), else 0: the one
 /// difference between the two programs, in a padding byte the agent ignores.
@@ -17,18 +23,6 @@ const BUILD_VARIANT: u8 = if cfg!(feature = "upgrade-test-variant") {
     1
 } else {
     0
-};
-
-/// Where `task_struct` keeps what [`Identity::current_task`] reads about the parent: set by
-/// the agent from the kernel's BTF before loading (a read-only global, so the verifier knows it;
-/// `known == 0` leaves the parent unread).
-#[unsafe(no_mangle)]
-static TASK_LAYOUT: TaskLayout = TaskLayout {
-    known: 0,
-    real_parent: 0,
-    group_leader: 0,
-    tgid: 0,
-    comm: 0,
 };
 
 /// Repeats of an attempt within this many nanoseconds of the one that opened the window are
@@ -60,6 +54,8 @@ pub struct Identity {
     pub comm: [u8; COMM_LEN],
     /// The parent process's id and main thread name.
     pub parent: Option<(u32, [u8; COMM_LEN])>,
+    /// The executable.
+    pub exe: Option<Executable>,
     /// `UNREAD_*` bits.
     pub unread: u8,
 }
@@ -68,13 +64,16 @@ impl Identity {
     /// The task making the system call (socket address hooks run in its context).
     pub fn current_task() -> Self {
         let comm = bpf_get_current_comm();
-        let parent = current_parent();
+        let parent = task::current_parent();
+        let exe = task::current_executable();
         Self {
             pid_tgid: bpf_get_current_pid_tgid(),
             unread: if comm.is_err() { UNREAD_COMM } else { 0 }
-                | if parent.is_none() { UNREAD_PARENT } else { 0 },
+                | if parent.is_none() { UNREAD_PARENT } else { 0 }
+                | if exe.is_none() { UNREAD_EXE } else { 0 },
             comm: comm.unwrap_or([0; COMM_LEN]),
             parent,
+            exe,
         }
     }
 
@@ -84,34 +83,9 @@ impl Identity {
             pid_tgid: 0,
             comm: [0; COMM_LEN],
             parent: None,
-            unread: UNREAD_PARENT | UNREAD_COMM,
+            exe: None,
+            unread: UNREAD_PARENT | UNREAD_COMM | UNREAD_EXE,
         }
-    }
-}
-
-/// The current task's parent process (`real_parent`: a tracer does not count) and its name,
-/// read now so an event names it even when both are gone before the agent reads the event.
-fn current_parent() -> Option<(u32, [u8; COMM_LEN])> {
-    // SAFETY: a read-only global the agent sets before loading.
-    let layout = unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) };
-    if layout.known == 0 {
-        return None;
-    }
-    // SAFETY: a helper without arguments; the result is only used as an address to read from
-    // with `bpf_probe_read_kernel`, which fails instead of faulting.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    // SAFETY: as above: every dereference goes through `bpf_probe_read_kernel`.
-    unsafe {
-        let parent: *const u8 =
-            bpf_probe_read_kernel(task.add(layout.real_parent as usize).cast()).ok()?;
-        let tgid: i32 = bpf_probe_read_kernel(parent.add(layout.tgid as usize).cast()).ok()?;
-        // The parent is the thread that forked; the process is named by its main thread.
-        let leader: *const u8 =
-            bpf_probe_read_kernel(parent.add(layout.group_leader as usize).cast()).ok()?;
-        let comm: [u8; COMM_LEN] =
-            bpf_probe_read_kernel(leader.add(layout.comm as usize).cast()).ok()?;
-        #[expect(clippy::cast_sign_loss, reason = "a pid is never negative")]
-        Some((tgid as u32, comm))
     }
 }
 
@@ -137,14 +111,14 @@ pub fn current_cgroup_id() -> u64 {
     unsafe { bpf_get_current_cgroup_id() }
 }
 
-/// Reports a denied or audited attempt by a workload in `cgroup_id`: folded as a repeat when an
-/// identical attempt opened a window less than `FOLD_WINDOW_NS` ago, else written as an event
-/// (`who` is only asked then). When the ring buffer is full the loss is counted. The verdict
-/// stands either way.
-pub fn event(attempt: &Attempt, cgroup_id: u64, who: impl FnOnce() -> Identity) {
+/// Reports a denied or audited attempt by process `tgid` (0 for a packet) in `cgroup_id`:
+/// folded as a repeat when an identical attempt opened a window less than `FOLD_WINDOW_NS`
+/// ago, else written as an event (`who` is only asked then). When the ring buffer is full the
+/// loss is counted. The verdict stands either way.
+pub fn event(attempt: &Attempt, cgroup_id: u64, tgid: u32, who: impl FnOnce() -> Identity) {
     // SAFETY: a helper without arguments (Linux 5.8+).
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if fold(attempt, cgroup_id, now) {
+    if fold(attempt, cgroup_id, tgid, now) {
         count(COUNTER_FOLDED);
         return;
     }
@@ -159,35 +133,53 @@ pub fn event(attempt: &Attempt, cgroup_id: u64, who: impl FnOnce() -> Identity) 
         reason = "splitting a u64 into halves"
     )]
     let (pid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    entry.write(Event {
-        boot_ns: now,
-        cgroup_id,
-        pid,
-        tgid,
-        uid: attempt.uid,
-        gid: attempt.gid,
-        rule: attempt.rule,
-        verdict: attempt.verdict,
-        hook: attempt.hook,
-        family: attempt.family,
-        protocol: attempt.protocol,
-        port: attempt.port,
-        generation: attempt.generation,
-        unread: identity.unread,
-        flags: attempt.flags,
-        _pad: [0, 0, BUILD_VARIANT],
-        addr: attempt.addr,
-        comm: identity.comm,
-        ppid: identity.parent.map_or(0, |(ppid, _)| ppid),
-        parent_comm: identity.parent.map_or([0; COMM_LEN], |(_, comm)| comm),
-        _tail: [0; 4],
-    });
+    let event = entry.as_mut_ptr();
+    // SAFETY: the reserved record is `size_of::<Event>()` writable bytes. Each field is
+    // written in place: the whole event (with its executable path) would not fit the
+    // program's 512-byte stack.
+    unsafe {
+        (*event).boot_ns = now;
+        (*event).cgroup_id = cgroup_id;
+        (*event).pid = pid;
+        (*event).tgid = tgid;
+        (*event).uid = attempt.uid;
+        (*event).gid = attempt.gid;
+        (*event).rule = attempt.rule;
+        (*event).verdict = attempt.verdict;
+        (*event).hook = attempt.hook;
+        (*event).family = attempt.family;
+        (*event).protocol = attempt.protocol;
+        (*event).port = attempt.port;
+        (*event).generation = attempt.generation;
+        (*event).unread = identity.unread;
+        (*event).flags = attempt.flags;
+        (*event)._pad = [0, 0, BUILD_VARIANT];
+        (*event).addr = attempt.addr;
+        (*event).comm = identity.comm;
+        (*event).ppid = identity.parent.map_or(0, |(ppid, _)| ppid);
+        (*event).parent_comm = identity.parent.map_or([0; COMM_LEN], |(_, comm)| comm);
+        (*event)._tail = [0; 6];
+        // Zeroed first: components shorter than their slot, and slots not used.
+        (*event).exe_path = [0; EXE_PATH_PARTS * EXE_PART_LEN];
+        (*event).exe_dev = 0;
+        (*event).exe_ino = 0;
+        (*event).exe_parts = 0;
+        (*event).exe_flags = 0;
+        if let Some(exe) = &identity.exe {
+            (*event).exe_dev = exe.dev;
+            (*event).exe_ino = exe.ino;
+            let path = (&raw mut (*event).exe_path).cast::<u8>();
+            let (parts, flags) = task::write_path(exe, path);
+            (*event).exe_parts = parts;
+            (*event).exe_flags = flags;
+        }
+    }
     entry.submit(0);
 }
 
 /// Counts `attempt` as a repeat if an identical one opened a window less than the fold window
 /// before `now`; otherwise opens a window at `now` and returns `false` (report it).
-fn fold(attempt: &Attempt, cgroup_id: u64, now: u64) -> bool {
+fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32, now: u64) -> bool {
     // SAFETY: a read-only global the agent sets before loading.
     let window = unsafe { core::ptr::read_volatile(&raw const FOLD_WINDOW_NS) };
     if window == 0 {
@@ -203,6 +195,9 @@ fn fold(attempt: &Attempt, cgroup_id: u64, now: u64) -> bool {
         hook: attempt.hook,
         family: attempt.family,
         addr: attempt.addr,
+        tgid,
+        port: attempt.port,
+        _pad: 0,
     };
     let Some(value) = FOLDS.get_ptr_mut(key) else {
         let value = FoldValue {

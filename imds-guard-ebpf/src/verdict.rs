@@ -1,15 +1,22 @@
 //! The decision: is the destination protected, and if so, may the current task reach it?
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_uid_gid, generated::bpf_get_current_ancestor_cgroup_id},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::bpf_get_current_ancestor_cgroup_id,
+    },
     programs::SockAddrContext,
 };
 use imds_guard_common::{
-    event::{FAMILY_INET, FAMILY_INET6, SocketVerdict, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+    event::{
+        EVENT_FLAG_CONTAINER, FAMILY_INET, FAMILY_INET6, SocketVerdict, VERDICT_ALLOW,
+        VERDICT_AUDIT, VERDICT_DENY,
+    },
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
     policy::{
         CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, RULE_DEFAULT,
-        RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey, RuleValue, Settings,
+        RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue, Settings,
+        TASK_CONTAINER,
     },
 };
 
@@ -17,6 +24,7 @@ use crate::{
     maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
     protected::{self, Destination},
     report::{self, Attempt},
+    task,
 };
 
 const PROCEED: i32 = 1;
@@ -82,17 +90,19 @@ fn judge_protected(
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     // SAFETY: a helper without pointer arguments (Linux 5.7+ for sock_addr programs).
     let ancestor = |level: i32| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+    let task = task::current_kind();
     let Decision {
         verdict,
         rule,
         by_gid,
-    } = decide(generation, uid, Some(gid), ancestor);
+    } = decide(generation, uid, Some(gid), task, ancestor);
     count(generation, verdict, rule);
-    // The packet layer judges the socket's packets again by its owner and cgroup, which gives
-    // the same for uid and cgroup rules. A gid rule it cannot see, and an audited attempt it
-    // would report again: those verdicts are remembered on the socket. (Only those: creating
-    // socket storage costs more than the rest of this program.)
-    if by_gid || verdict == VERDICT_AUDIT {
+    // The packet layer judges the socket's packets again by its owner and cgroup, as a host
+    // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
+    // see, a container it cannot tell, and an audited attempt it would report again: those
+    // verdicts are remembered on the socket. (Only those: creating socket storage costs more
+    // than the rest of this program.)
+    if by_gid || verdict == VERDICT_AUDIT || (task == TASK_CONTAINER && verdict == VERDICT_ALLOW) {
         remember(ctx, destination, verdict);
     }
     if verdict == VERDICT_ALLOW {
@@ -100,6 +110,8 @@ fn judge_protected(
     }
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
+    // The process id: the high half.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     report::event(
         &Attempt {
             verdict,
@@ -122,9 +134,14 @@ fn judge_protected(
             uid,
             gid,
             addr: protected::bytes_of(addr),
-            flags: 0,
+            flags: if task == TASK_CONTAINER {
+                EVENT_FLAG_CONTAINER
+            } else {
+                0
+            },
         },
         report::current_cgroup_id(),
+        tgid,
         report::Identity::current_task,
     );
     if verdict == VERDICT_DENY {
@@ -165,49 +182,56 @@ pub fn count(generation: u32, verdict: u8, rule: u32) {
     });
 }
 
-/// Returns the verdict and the deciding rule for `uid`/`gid` (no gid: gid rules cannot match)
-/// in the cgroup whose ancestors `ancestor(level)` gives (0 below the cgroup itself).
+/// Returns the verdict and the deciding rule for `uid`/`gid` (no gid: gid rules cannot match),
+/// a task of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in the cgroup whose ancestors
+/// `ancestor(level)` gives (0 below the cgroup itself).
 ///
 /// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
 /// id decides: the first in the config file, as the agent's `explain` says. With none, the
 /// generation's mode decides. If the settings cannot be read (they always can: the agent writes
-/// them before attaching), the task is judged as in enforce mode: fail closed.
+/// them before attaching), the task is judged as in enforce mode, in a cgroup the agent has not
+/// seen: fail closed.
 pub fn decide(
     generation: u32,
     uid: u32,
     gid: Option<u32>,
+    task: u16,
     ancestor: impl Fn(i32) -> u64,
 ) -> Decision {
-    let settings = SETTINGS
-        .get(generation)
-        .copied()
-        .unwrap_or(Settings::default());
+    let settings = SETTINGS.get(generation).copied().unwrap_or(Settings {
+        cgroup_rules: 1,
+        ..Settings::default()
+    });
     let ruleset = if settings.cgroup_rules == 0 {
         RULESET_DEFAULT
     } else {
-        nearest_ruleset(generation, ancestor)
+        nearest_ruleset(generation, settings.unseen_after, ancestor)
     };
-    let mut first: Option<(RuleValue, u32)> = None;
-    for (kind, id, asked) in [
-        (KIND_UID, uid, true),
-        (KIND_GID, gid.unwrap_or(0), gid.is_some()),
-        (KIND_ANY, 0, true),
-    ] {
-        if !asked {
-            continue;
-        }
+    // Three lookups written out, not a loop over an array of (kind, id, asked): LLVM spilled
+    // that array's padding as an uninitialised register, which the verifier refuses
+    // ("R3 !read_ok").
+    let lookup = |kind: u16, id: u32| {
         let key = RuleKey {
             generation,
             ruleset,
             kind,
+            task,
             id,
         };
         // SAFETY: plain values, only read.
-        if let Some(&found) = unsafe { ALLOW.get(key) }
-            && first.is_none_or(|(first, _)| found.rule < first.rule)
-        {
-            first = Some((found, kind));
-        }
+        unsafe { ALLOW.get(key) }.copied()
+    };
+    let mut first: Option<(RuleValue, u16)> = lookup(KIND_UID, uid).map(|found| (found, KIND_UID));
+    if let Some(gid) = gid
+        && let Some(found) = lookup(KIND_GID, gid)
+        && first.is_none_or(|(first, _)| found.rule < first.rule)
+    {
+        first = Some((found, KIND_GID));
+    }
+    if let Some(found) = lookup(KIND_ANY, 0)
+        && first.is_none_or(|(first, _)| found.rule < first.rule)
+    {
+        first = Some((found, KIND_ANY));
     }
     let (verdict, rule) = match first {
         Some((rule, _)) if rule.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, rule.rule),
@@ -232,12 +256,16 @@ pub struct Decision {
     pub by_gid: bool,
 }
 
-/// The rule set of the nearest cgroup, from the task's own up to the root, that has one.
+/// The rule set of the nearest cgroup, from the task's own up to the root, that has one; or
+/// [`RULESET_UNSEEN`] when the task's cgroup is newer than the agent's last complete view of the
+/// tree (its id is above `unseen_after`: cgroup ids only grow), so that its entry, if it needs
+/// one, may be missing.
 ///
 /// Walks from the root down and stops below the cgroup itself (where `ancestor` returns 0), so
 /// the cost follows its depth, not [`MAX_CGROUP_LEVEL`].
-fn nearest_ruleset(generation: u32, ancestor: impl Fn(i32) -> u64) -> u32 {
+fn nearest_ruleset(generation: u32, unseen_after: u64, ancestor: impl Fn(i32) -> u64) -> u32 {
     let mut ruleset = RULESET_DEFAULT;
+    let mut own = 0;
     for level in 0..=MAX_CGROUP_LEVEL {
         #[expect(
             clippy::cast_possible_wrap,
@@ -247,6 +275,7 @@ fn nearest_ruleset(generation: u32, ancestor: impl Fn(i32) -> u64) -> u32 {
         if cgroup_id == 0 {
             break;
         }
+        own = cgroup_id;
         let key = CgroupKey {
             generation,
             _pad: 0,
@@ -256,6 +285,9 @@ fn nearest_ruleset(generation: u32, ancestor: impl Fn(i32) -> u64) -> u32 {
         if let Some(&found) = unsafe { CGROUP_RULESETS.get(key) } {
             ruleset = found;
         }
+    }
+    if own > unseen_after {
+        return RULESET_UNSEEN;
     }
     ruleset
 }

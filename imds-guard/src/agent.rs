@@ -11,7 +11,7 @@ use imds_guard_common::{
     agent::{AgentInfo, VERSION_LEN},
     event::{FoldKey, FoldValue},
     maps::{EVENTS_RING_BYTES, FOLDS_MAX_ENTRIES},
-    policy::{MAX_CGROUP_LEVEL, RULE_DEFAULT},
+    policy::{ALL_CGROUPS_SEEN, MAX_CGROUP_LEVEL, RULE_DEFAULT},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -71,6 +71,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let hierarchy = Hierarchy::discover()?;
     let attach = hierarchy.resolve(&config.attach.origin, &config.attach.value)?;
     let policy = Policy::resolve(&config, &hierarchy)?;
+    warn_of_weak_rules(&policy);
     ebpf::preflight()?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     let pid_file = PidFile::lock(&args.pid_file)?;
@@ -84,17 +85,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Events raised while no agent ran wait in the pinned ring: report them before a new
     // policy reuses their generation's slot (their rules are named by number).
     let mut events = kernel.take_events()?;
-    let mut fold_map = kernel.take_folds()?;
-    let fold_map = if fold_window_ns > 0 {
-        Some(fold_map)
-    } else {
-        // Nothing folds now. Delete what an earlier agent's programs folded, or the next agent
-        // that folds again could count a later policy's attempts as repeats of those bursts.
-        for (key, _) in fold_entries(&fold_map).entries {
-            delete_fold(&mut fold_map, &key);
-        }
-        None
-    };
+    let fold_map = fold_map(&mut kernel, fold_window_ns)?;
     // Before the walk that takes the map's counts as reported: what is folded after it is
     // this agent's to report.
     let folded_at_start = kernel.counters()?.folded;
@@ -117,8 +108,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         0
     };
     let dirs = watcher.scan(&hierarchy, &attach.path);
+    let newest_seen = newest(&dirs);
     let (compiled, too_deep) = Compiled::new(policy, generation, &attach.path, &dirs);
     warn_too_deep(&too_deep);
+    warn_of_room(&compiled);
     if kernel.adopted() {
         // The previous agent's policy is in force: switch from it, as a reload does.
         kernel.switch_to(&compiled)?;
@@ -135,6 +128,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     info!(
         cgroup = %attach.path,
         mode = %compiled.policy.mode,
+        rules_from = %config.rules_source(),
+        containers_by = kernel.container_detection(),
         rules = compiled.policy.rules.len(),
         protected = ?compiled.policy.protect,
         cgroup_entries = compiled.cgroup_entries(),
@@ -151,6 +146,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|source| Error::Runtime { source })?;
+    let unseen_after = compiled.unseen_after();
     let agent = Agent {
         args,
         attach_setting: config.attach,
@@ -158,6 +154,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         hierarchy,
         kernel,
         compiled,
+        unseen_after,
+        rescan_hold: None,
+        newest_seen,
         failed_reloads: 0,
         reloads: 0,
         maps_uncertain: false,
@@ -187,6 +186,13 @@ struct Agent<'a> {
     kernel: Kernel,
     /// The generation in force.
     compiled: Compiled,
+    /// `Settings::unseen_after` as written in the generation in force.
+    unseen_after: u64,
+    /// Change notifications were lost: cgroups newer than this are judged as unseen until a
+    /// full scan has found them.
+    rescan_hold: Option<u64>,
+    /// The newest cgroup id a scan has found (cgroup ids only grow).
+    newest_seen: u64,
     failed_reloads: u32,
     reloads: u32,
     /// When it started (`CLOCK_BOOTTIME` ns).
@@ -206,6 +212,7 @@ impl Agent<'_> {
         let result = Config::load(self.args.config.as_deref(), &self.args.overrides())
             .and_then(|config| {
                 let policy = Policy::resolve(&config, &self.hierarchy)?;
+                warn_of_weak_rules(&policy);
                 Ok((config, policy))
             })
             .and_then(|(config, policy)| {
@@ -245,9 +252,12 @@ impl Agent<'_> {
     fn switch(&mut self, watcher: &mut Watcher, policy: Policy) -> Result<()> {
         let generation = self.kernel.inactive_generation()?;
         let dirs = watcher.scan(&self.hierarchy, &self.attach);
+        self.newest_seen = self.newest_seen.max(newest(&dirs));
         let (compiled, too_deep) = Compiled::new(policy, generation, &self.attach, &dirs);
         self.kernel.switch_to(&compiled)?;
         warn_too_deep(&too_deep);
+        warn_of_room(&compiled);
+        self.unseen_after = compiled.unseen_after();
         // The old generation is final now (no program can still count in it).
         self.metrics.fold_generation(
             &mut self.kernel,
@@ -262,18 +272,30 @@ impl Agent<'_> {
         self.compiled = compiled;
         self.maps_uncertain = false;
         self.switched = true;
+        // The scan behind the new generation was complete.
+        self.rescan_hold = None;
+        self.update_unseen_after();
         Ok(())
     }
 
     /// Brings the entries of cgroups created or removed up to date.
     fn follow(&mut self, watcher: &mut Watcher, changes: &Changes) {
         if changes.overflow {
-            warn!("cgroup change notifications were dropped by the kernel: rescanning");
+            // Cgroups made since the last one known may be anywhere, a container's included:
+            // they are judged as unseen until the scan has found them.
+            self.rescan_hold = Some(self.newest_seen);
+            self.update_unseen_after();
+            warn!(
+                unseen_after = self.newest_seen,
+                "cgroup change notifications were dropped by the kernel: rescanning now; \
+                 cgroups made meanwhile get only the rules that hold in every cgroup"
+            );
             self.resync(watcher);
             return;
         }
         for path in &changes.paths {
             let found = watcher.scan(&self.hierarchy, path);
+            self.newest_seen = self.newest_seen.max(newest(&found));
             warn_too_deep(&self.compiled.sync(path, &found));
         }
         let delta = self.compiled.take_delta();
@@ -286,6 +308,7 @@ impl Agent<'_> {
             );
             self.apply(&delta);
         }
+        self.update_unseen_after();
     }
 
     /// The safety net: a full scan, which finds nothing to change unless a notification was
@@ -303,6 +326,7 @@ impl Agent<'_> {
             return;
         }
         let found = watcher.scan(&self.hierarchy, &self.attach);
+        self.newest_seen = self.newest_seen.max(newest(&found));
         warn_too_deep(&self.compiled.sync(&self.attach, &found));
         let delta = self.compiled.take_delta();
         if !delta.is_empty() {
@@ -312,6 +336,50 @@ impl Agent<'_> {
                 "the periodic cgroup scan found changes no notification reported"
             );
             self.apply(&delta);
+        }
+        if !self.maps_uncertain {
+            self.rescan_hold = None;
+        }
+        warn_of_room(&self.compiled);
+        self.update_unseen_after();
+    }
+
+    /// Writes `Settings::unseen_after` when what it should be changed: below the oldest cgroup
+    /// whose entry found no room, and below what a lost notification may hide until a scan
+    /// has found it.
+    fn update_unseen_after(&mut self) {
+        let wanted = self
+            .compiled
+            .unseen_after()
+            .min(self.rescan_hold.unwrap_or(ALL_CGROUPS_SEEN));
+        if wanted == self.unseen_after {
+            return;
+        }
+        match self
+            .kernel
+            .set_unseen_after(self.compiled.generation(), wanted)
+        {
+            Ok(()) => {
+                if wanted == ALL_CGROUPS_SEEN {
+                    info!("every cgroup has its rules again: new cgroups are judged by theirs");
+                } else {
+                    warn!(
+                        unseen_after = wanted,
+                        "cgroups with a larger id get only the rules that hold in every cgroup \
+                         until the agent catches up (see `imds-guard status`)"
+                    );
+                }
+                self.unseen_after = wanted;
+                self.record(true);
+            }
+            Err(err) => {
+                self.maps_uncertain = true;
+                error!(
+                    "cannot write which cgroups are unseen; rewriting the policy maps at the \
+                     next scan: {}",
+                    crate::error::report(&err)
+                );
+            }
         }
     }
 
@@ -331,6 +399,8 @@ impl Agent<'_> {
             rules: u32::try_from(self.compiled.policy.rules.len()).unwrap_or(u32::MAX),
             cgroup_entries: u32::try_from(self.compiled.cgroup_entries()).unwrap_or(u32::MAX),
             maps_uncertain: u32::from(self.maps_uncertain),
+            cgroups_dropped: u32::try_from(self.compiled.dropped()).unwrap_or(u32::MAX),
+            unseen_after: self.unseen_after,
         };
         if let Err(err) = self.kernel.set_agent_info(&info) {
             warn!("cannot record the agent's state for `status`: {err}");
@@ -340,12 +410,80 @@ impl Agent<'_> {
     fn apply(&mut self, delta: &crate::compile::Delta) {
         if let Err(err) = self.kernel.apply(delta) {
             self.maps_uncertain = true;
+            // Until the maps are rewritten, a cgroup whose entry failed may have wider rules
+            // than its own: judge the cgroups from the oldest of them on as unseen.
+            if let Some(oldest) = delta
+                .cgroup_upsert
+                .iter()
+                .map(|(key, _)| key.cgroup_id)
+                .min()
+            {
+                self.rescan_hold = Some(
+                    self.rescan_hold
+                        .unwrap_or(ALL_CGROUPS_SEEN)
+                        .min(oldest.saturating_sub(1)),
+                );
+            }
             error!(
                 "updating the policy maps for changed cgroups failed; rewriting them at the \
                  next scan: {}",
                 crate::error::report(&err)
             );
         }
+    }
+}
+
+/// The kernel's fold map when repeats are folded (`fold_window_ns` > 0). When they are not,
+/// what an earlier agent's programs folded is deleted, or the next agent that folds again could
+/// count a later policy's attempts as repeats of those bursts.
+fn fold_map(
+    kernel: &mut Kernel,
+    fold_window_ns: u64,
+) -> Result<Option<aya::maps::HashMap<MapData, FoldKey, FoldValue>>> {
+    let mut map = kernel.take_folds()?;
+    if fold_window_ns > 0 {
+        return Ok(Some(map));
+    }
+    for (key, _) in fold_entries(&map).entries {
+        delete_fold(&mut map, &key);
+    }
+    Ok(None)
+}
+
+/// Logs the rules a container or a local user could satisfy (as `check-config` lists them).
+fn warn_of_weak_rules(policy: &Policy) {
+    for warning in policy.warnings() {
+        warn!(
+            rule = %warning.rule,
+            at = %warning.origin,
+            "{}",
+            warning.message
+        );
+    }
+}
+
+/// The largest cgroup id in `dirs` (0 for none).
+fn newest(dirs: &[CgroupDir]) -> u64 {
+    dirs.iter().map(|dir| dir.id).max().unwrap_or(0)
+}
+
+/// Says when cgroup entries found no room in the map.
+fn warn_of_room(compiled: &Compiled) {
+    if compiled.dropped() > 0 {
+        warn!(
+            cgroups = compiled.dropped(),
+            "the cgroup map is full: cgroups whose rules would add to their parent's keep their \
+             parent's (fail closed)"
+        );
+    }
+    if compiled.unwritten() > 0 {
+        warn!(
+            cgroups = compiled.unwritten(),
+            unseen_after = compiled.unseen_after(),
+            "the cgroup map is full: cgroups whose rules take some away from their parent's \
+             cannot be written; this one and every newer cgroup get only the rules that hold \
+             in every cgroup"
+        );
     }
 }
 
@@ -428,6 +566,7 @@ async fn serve(
                     &agent.compiled,
                     (reporter.reported, reporter.aggregated, reporter.unreported),
                     (agent.reloads, agent.failed_reloads),
+                    agent.unseen_after != ALL_CGROUPS_SEEN,
                 );
                 let _ = scrape.send(agent.metrics.encode());
             }

@@ -1,62 +1,193 @@
-//! Where the running kernel keeps the `task_struct` fields the programs read, from its BTF.
+//! Where the running kernel keeps the fields the programs read of a task, from its BTF.
 //!
-//! The programs record the parent of a task making an attempt (pid and name) at the moment of
-//! the attempt, so that a `curl` that exits at once still yields an event naming its parent.
-//! aya does not relocate field offsets (CO-RE) in Rust programs, so the agent looks them up
-//! here and hands them to the programs as a read-only global ([`TaskLayout`]).
+//! The programs read, at the moment of an attempt, the parent of the task (pid and name), its
+//! namespaces (to tell a container's task from the host's) and its executable (device, inode
+//! and name), so that a `curl` that exits at once still yields an event naming what it ran and
+//! its parent. aya does not relocate field offsets (CO-RE) in Rust programs, so the agent
+//! looks them up here and hands them to the programs as a read-only global ([`TaskLayout`]).
 
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use imds_guard_common::event::TaskLayout;
+use imds_guard_common::event::{LAYOUT_EXE, LAYOUT_NAMESPACES, LAYOUT_PARENT, TaskLayout};
 
 /// The running kernel's BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// The offsets of `task_struct.real_parent`, `.group_leader`, `.tgid` and `.comm` in the
-/// running kernel.
-///
-/// # Errors
-/// A text saying what is missing; the agent then runs without parent information (events
-/// say it could not be read).
-pub fn task_layout() -> Result<TaskLayout, String> {
+/// What the running kernel's BTF gave: the layout, and for each group of fields it could not
+/// find, why.
+#[derive(Debug)]
+pub struct Found {
+    /// The offsets found; `known` has a `LAYOUT_*` bit for each complete group.
+    pub layout: TaskLayout,
+    /// Each missing group's consequence and reason, for the agent's warnings.
+    pub missing: Vec<String>,
+}
+
+/// The offsets of the fields the programs read, in the running kernel.
+#[must_use]
+pub fn task_layout() -> Found {
     task_layout_in(Path::new(VMLINUX_BTF))
 }
 
-fn task_layout_in(path: &Path) -> Result<TaskLayout, String> {
-    // Mapping avoids parsing the whole file (some kernels cannot map it: then it is parsed).
-    let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
-        .or_else(|_| Btf::from_file(path))
-        .map_err(|err| format!("{}: {err}", path.display()))?;
-    let task = btf
-        .resolve_types_by_name("task_struct")
-        .map_err(|err| format!("{}: no task_struct: {err}", path.display()))?
-        .into_iter()
-        .find_map(|ty| match ty {
-            Type::Struct(task) => Some(task),
-            _ => None,
-        })
-        .ok_or_else(|| format!("{}: task_struct is not a struct", path.display()))?;
-    let offset = |name: &str| {
-        member_offset(&btf, &task, name, 0)
-            .ok_or_else(|| format!("{}: task_struct has no field {name}", path.display()))
+fn task_layout_in(path: &Path) -> Found {
+    let mut found = Found {
+        layout: TaskLayout::default(),
+        missing: Vec::new(),
     };
-    Ok(TaskLayout {
-        known: 1,
-        real_parent: offset("real_parent")?,
-        group_leader: offset("group_leader")?,
-        tgid: offset("tgid")?,
-        comm: offset("comm")?,
-    })
+    // Mapping avoids parsing the whole file (some kernels cannot map it: then it is parsed).
+    let btf = match Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
+        .or_else(|_| Btf::from_file(path))
+    {
+        Ok(btf) => btf,
+        Err(err) => {
+            found.missing.push(format!(
+                "events will not name parent processes or executables, and containers are                  known by their cgroup path alone: {}: {err}",
+                path.display()
+            ));
+            return found;
+        }
+    };
+    let offsets = Offsets { btf: &btf, path };
+    let layout = &mut found.layout;
+    match offsets.parent() {
+        Ok([real_parent, group_leader, tgid, comm]) => {
+            layout.known |= LAYOUT_PARENT;
+            (layout.real_parent, layout.group_leader) = (real_parent, group_leader);
+            (layout.tgid, layout.comm) = (tgid, comm);
+        }
+        Err(why) => found
+            .missing
+            .push(format!("events will not name parent processes: {why}")),
+    }
+    match offsets.namespaces() {
+        Ok([thread_pid, pid_level, nsproxy, cgroup_ns, cgroup_ns_inum]) => {
+            layout.known |= LAYOUT_NAMESPACES;
+            (layout.thread_pid, layout.pid_level) = (thread_pid, pid_level);
+            (layout.nsproxy, layout.cgroup_ns) = (nsproxy, cgroup_ns);
+            layout.cgroup_ns_inum = cgroup_ns_inum;
+        }
+        Err(why) => found.missing.push(format!(
+            "the kernel cannot tell a container's task by its namespaces; containers are              known by their cgroup path alone: {why}"
+        )),
+    }
+    match offsets.executable() {
+        Ok(
+            [
+                mm,
+                exe_file,
+                f_inode,
+                f_dentry,
+                i_ino,
+                i_sb,
+                s_dev,
+                d_name,
+                d_parent,
+            ],
+        ) => {
+            layout.known |= LAYOUT_EXE;
+            (layout.mm, layout.exe_file, layout.f_inode) = (mm, exe_file, f_inode);
+            (layout.f_dentry, layout.i_ino, layout.i_sb) = (f_dentry, i_ino, i_sb);
+            (layout.s_dev, layout.d_name, layout.d_parent) = (s_dev, d_name, d_parent);
+        }
+        Err(why) => found.missing.push(format!(
+            "events name a process's executable only while it runs: {why}"
+        )),
+    }
+    found
 }
 
-/// The byte offset of member `name` of `ty`, looking into anonymous structs and unions.
-fn member_offset(btf: &Btf, ty: &btf_rs::Struct, name: &str, base_bits: u32) -> Option<u32> {
+/// Offsets of fields in the structs of one BTF.
+struct Offsets<'a> {
+    btf: &'a Btf,
+    path: &'a Path,
+}
+
+impl Offsets<'_> {
+    /// `task_struct.real_parent`, `.group_leader`, `.tgid`, `.comm`.
+    fn parent(&self) -> Result<[u32; 4], String> {
+        Ok([
+            self.of("task_struct", &["real_parent"])?,
+            self.of("task_struct", &["group_leader"])?,
+            self.of("task_struct", &["tgid"])?,
+            self.of("task_struct", &["comm"])?,
+        ])
+    }
+
+    /// `task_struct.thread_pid`, `pid.level`, `task_struct.nsproxy`, `nsproxy.cgroup_ns`,
+    /// `cgroup_namespace.ns.inum`.
+    fn namespaces(&self) -> Result<[u32; 5], String> {
+        Ok([
+            self.of("task_struct", &["thread_pid"])?,
+            self.of("pid", &["level"])?,
+            self.of("task_struct", &["nsproxy"])?,
+            self.of("nsproxy", &["cgroup_ns"])?,
+            self.of("cgroup_namespace", &["ns", "inum"])?,
+        ])
+    }
+
+    /// `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `file.f_path.dentry`,
+    /// `inode.i_ino`, `inode.i_sb`, `super_block.s_dev`, `dentry.d_name.name`,
+    /// `dentry.d_parent`.
+    fn executable(&self) -> Result<[u32; 9], String> {
+        Ok([
+            self.of("task_struct", &["mm"])?,
+            self.of("mm_struct", &["exe_file"])?,
+            self.of("file", &["f_inode"])?,
+            self.of("file", &["f_path", "dentry"])?,
+            self.of("inode", &["i_ino"])?,
+            self.of("inode", &["i_sb"])?,
+            self.of("super_block", &["s_dev"])?,
+            self.of("dentry", &["d_name", "name"])?,
+            self.of("dentry", &["d_parent"])?,
+        ])
+    }
+
+    /// The byte offset of `path` (a member, then members of it) in struct `name`.
+    fn of(&self, name: &str, path: &[&str]) -> Result<u32, String> {
+        let at = || format!("{}: {name}.{}", self.path.display(), path.join("."));
+        let mut ty = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|err| format!("{}: no struct {name}: {err}", self.path.display()))?
+            .into_iter()
+            .find_map(|ty| match ty {
+                Type::Struct(ty) => Some(ty),
+                _ => None,
+            })
+            .ok_or_else(|| format!("{}: {name} is not a struct", self.path.display()))?;
+        let mut offset = 0;
+        for (i, member) in path.iter().enumerate() {
+            let (bits, inner) = member_offset(self.btf, &ty, member, 0)
+                .ok_or_else(|| format!("{} not found", at()))?;
+            if !bits.is_multiple_of(8) {
+                return Err(format!("{} is a bit field", at()));
+            }
+            offset += bits / 8;
+            if i + 1 < path.len() {
+                ty = match inner {
+                    Some(Type::Struct(inner)) => inner,
+                    _ => return Err(format!("{}: {member} is not a struct", at())),
+                };
+            }
+        }
+        Ok(offset)
+    }
+}
+
+/// The bit offset of member `name` of `ty`, looking into anonymous structs and unions, and
+/// the member's type (typedefs and qualifiers resolved).
+fn member_offset(
+    btf: &Btf,
+    ty: &btf_rs::Struct,
+    name: &str,
+    base_bits: u32,
+) -> Option<(u32, Option<Type>)> {
     for member in &ty.members {
         let bits = base_bits + member.bit_offset();
         let member_name = btf.resolve_name(member).unwrap_or_default();
         if member_name == name {
-            return bits.is_multiple_of(8).then_some(bits / 8);
+            return Some((bits, resolved_type(btf, member)));
         }
         if member_name.is_empty()
             && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(member)
@@ -68,22 +199,51 @@ fn member_offset(btf: &Btf, ty: &btf_rs::Struct, name: &str, base_bits: u32) -> 
     None
 }
 
+/// A member's type through typedefs, `const` and `volatile`.
+fn resolved_type(btf: &Btf, member: &btf_rs::Member) -> Option<Type> {
+    let mut ty = btf.resolve_chained_type(member).ok()?;
+    for _ in 0..16 {
+        ty = match ty {
+            Type::Typedef(ref inner) => btf.resolve_chained_type(inner).ok()?,
+            Type::Const(ref inner) | Type::Volatile(ref inner) => {
+                btf.resolve_chained_type(inner).ok()?
+            }
+            other => return Some(other),
+        };
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_running_kernels_task_struct_fields() {
-        let layout = task_layout().unwrap();
-        assert_eq!(layout.known, 1);
+    fn finds_the_running_kernels_fields() {
+        let Found { layout, missing } = task_layout();
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(
+            layout.known,
+            LAYOUT_PARENT | LAYOUT_NAMESPACES | LAYOUT_EXE,
+            "{layout:?}"
+        );
         // Every kernel since 2.6 keeps these far into the struct, in this order.
         assert!(layout.real_parent > layout.tgid, "{layout:?}");
         assert!(layout.comm > layout.real_parent, "{layout:?}");
+        // `level` follows the reference count in `struct pid`; `inum` is inside `ns`.
+        assert!(layout.pid_level >= 4 && layout.pid_level < 64, "{layout:?}");
+        assert!(layout.cgroup_ns_inum < 128, "{layout:?}");
+        assert!(layout.d_name > 0, "{layout:?}");
     }
 
     #[test]
     fn a_missing_file_is_named() {
-        let err = task_layout_in(Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(err.starts_with("/nonexistent/vmlinux: "), "{err}");
+        let found = task_layout_in(Path::new("/nonexistent/vmlinux"));
+        assert_eq!(found.layout.known, 0);
+        assert!(
+            found.missing[0].contains("/nonexistent/vmlinux: "),
+            "{:?}",
+            found.missing
+        );
     }
 }

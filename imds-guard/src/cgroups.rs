@@ -6,7 +6,7 @@ use std::{
     fs,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+        unix::fs::MetadataExt as _,
     },
     path::{Component, Path, PathBuf},
 };
@@ -201,43 +201,10 @@ impl Hierarchy {
 /// The mount point of the first cgroup2 filesystem in a mountinfo text.
 #[must_use]
 pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // id parent major:minor root mountpoint options [optional...] - fstype source super
-        let (before, after) = line.split_once(" - ")?;
-        let fstype = after.split(' ').next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mountpoint = before.split(' ').nth(4)?;
-        Some(PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_octal(
-            mountpoint,
-        ))))
-    })
-}
-
-/// Undoes mountinfo's `\040`-style escapes of space, tab, newline and backslash.
-fn unescape_octal(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = bytes[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            out.push(u8::try_from(value).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    out
+    crate::mounts::parse(mountinfo)
+        .into_iter()
+        .find(|mount| mount.fstype == "cgroup2")
+        .map(|mount| mount.point)
 }
 
 /// The hierarchy path of `pid`'s cgroup v2, from `/proc/PID/cgroup` (the `0::` line).

@@ -172,7 +172,7 @@ pub struct ExplainArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// A running process: its uid, gid and cgroup.
-    #[arg(long, conflicts_with_all = ["uid", "gid", "cgroup"])]
+    #[arg(long, conflicts_with_all = ["uid", "gid", "cgroup", "in_container"])]
     pub pid: Option<u32>,
     /// A uid or user name (without it, rules on uids do not match).
     #[arg(long, value_name = "UID")]
@@ -183,6 +183,10 @@ pub struct ExplainArgs {
     /// A cgroup, as in /proc/PID/cgroup or as its directory (default: the root).
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
+    /// The task is in a pid or cgroup namespace of its own, as a container's is (with --pid,
+    /// read from the process).
+    #[arg(long)]
+    pub in_container: bool,
 }
 
 impl RunArgs {

@@ -10,7 +10,10 @@ use std::{
 };
 
 use clap::Parser as _;
-use imds_guard_common::event::{VERDICT_ALLOW, VERDICT_AUDIT};
+use imds_guard_common::{
+    event::{VERDICT_ALLOW, VERDICT_AUDIT},
+    policy::{INIT_CGROUP_NS_INO, INIT_PID_NS_INO},
+};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::{Gid, Group, Pid, Uid, User},
@@ -23,12 +26,12 @@ use crate::{
         ReportFormat, StatusArgs,
     },
     compile::{self, CgroupDir, Compiled},
-    config::{Config, Mode, Overrides, Principal},
+    config::{Config, Containers, Mode, Overrides, Principal},
     error::{Error, Result},
     pidfile,
     pins::PinDir,
     policy::{Pattern, Policy, PolicyRule},
-    status, tree,
+    status, tree, workload,
 };
 
 /// How many matching cgroups `check-config` lists per rule before summing up the rest.
@@ -102,6 +105,7 @@ fn describe(config: &Config, policy: &Policy, attach: &Cgroup, dirs: &[CgroupDir
     for setting in &config.protect {
         let _ = writeln!(out, "protect: {} ({})", setting.value, setting.origin);
     }
+    let _ = writeln!(out, "rules from: {}", config.rules_source());
     let _ = writeln!(out, "rules (the first that matches an attempt decides):");
     let within: Vec<(&CgroupDir, BTreeSet<usize>, BTreeSet<usize>)> = dirs
         .iter()
@@ -121,6 +125,7 @@ fn describe(config: &Config, policy: &Policy, attach: &Cgroup, dirs: &[CgroupDir
         };
         let _ = writeln!(out, "  {id}. {} [{}]: {action}", rule.name, rule.origin);
         let _ = writeln!(out, "     when: {}", resolved_conditions(policy, rule));
+        let _ = writeln!(out, "     containers: {}", containers_effect(rule));
         if !rule.has_cgroup_conditions() {
             continue;
         }
@@ -148,7 +153,35 @@ fn describe(config: &Config, policy: &Policy, attach: &Cgroup, dirs: &[CgroupDir
         }
     }
     let _ = writeln!(out, "  default: {}", mode_effect(policy.mode));
+    let warnings = policy.warnings();
+    if !warnings.is_empty() {
+        let _ = writeln!(out, "warnings ({}):", warnings.len());
+        for warning in warnings {
+            let _ = writeln!(
+                out,
+                "  {}: rule \"{}\": {}",
+                warning.origin, warning.rule, warning.message
+            );
+        }
+    }
     out
+}
+
+/// Whether a rule matches tasks in containers, and why, as `check-config` says it.
+fn containers_effect(rule: &PolicyRule) -> String {
+    let effect = match rule.containers {
+        Containers::Excluded => "no: only the host's tasks (a container's never)",
+        Containers::Included => "yes: the host's tasks and containers'",
+        Containers::Only => "only: containers' tasks, never the host's",
+    };
+    let why = if rule.containers_written {
+        "as written"
+    } else if rule.containers == Containers::Included {
+        "the default for a rule that names container cgroups"
+    } else {
+        "the default"
+    };
+    format!("{effect} ({why})")
 }
 
 fn mode_effect(mode: Mode) -> &'static str {
@@ -227,6 +260,8 @@ struct Workload {
     gid: Option<u32>,
     /// Hierarchy path of its cgroup.
     cgroup: String,
+    /// Outside the host's initial pid or cgroup namespace, and which one says so.
+    namespaced: Option<&'static str>,
 }
 
 /// `imds-guard explain`: the verdict a workload would get now, and the rule that decides it.
@@ -256,11 +291,26 @@ fn workload(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
                 .and_then(|id| id.parse::<u32>().ok())
         };
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // As the kernel tells (see the programs' `task::current_kind`): a namespace that is not
+        // the initial one, by its inode number.
+        let namespace = |kind: &str| {
+            fs::metadata(format!("/proc/{pid}/ns/{kind}"))
+                .map(|metadata| metadata.ino())
+                .map_err(inspect)
+        };
+        let namespaced = if namespace("pid")? != u64::from(INIT_PID_NS_INO) {
+            Some("its pid namespace is not the host's")
+        } else if namespace("cgroup")? != u64::from(INIT_CGROUP_NS_INO) {
+            Some("its cgroup namespace is not the host's")
+        } else {
+            None
+        };
         return Ok(Workload {
             label: Some(format!("pid {pid} ({})", comm.trim())),
             uid: real("Uid:"),
             gid: real("Gid:"),
             cgroup: cgroups::cgroup_of_pid(pid).map_err(inspect)?,
+            namespaced,
         });
     }
     let principal = |text: &str| {
@@ -304,6 +354,9 @@ fn workload(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
         uid,
         gid,
         cgroup,
+        namespaced: args
+            .in_container
+            .then_some("--in-container: namespaces of its own"),
     })
 }
 
@@ -327,6 +380,18 @@ fn explanation(
         who(workload.uid, with_user_name),
         who(workload.gid, with_group_name),
         workload.cgroup
+    );
+    let container_cgroup = workload::is_container_cgroup(&workload.cgroup);
+    let in_container = workload.namespaced.is_some() || container_cgroup;
+    let _ = writeln!(
+        out,
+        "in a container: {}",
+        match (workload.namespaced, container_cgroup) {
+            (Some(why), true) => format!("yes ({why}, and its cgroup is a container's)"),
+            (Some(why), false) => format!("yes ({why})"),
+            (None, true) => "yes (its cgroup is a container's)".to_owned(),
+            (None, false) => "no (the host's namespaces, not a container's cgroup)".to_owned(),
+        }
     );
     if !compile::is_within(&workload.cgroup, &attach.path) {
         let _ = writeln!(
@@ -362,6 +427,7 @@ fn explanation(
         &ancestors,
         workload.uid,
         workload.gid,
+        workload.namespaced.is_some(),
     );
     let policy = &compiled.policy;
     let verdict = match judgement.verdict {
@@ -390,7 +456,7 @@ fn explanation(
     let matched = policy.matched_within(&workload.cgroup);
     let _ = writeln!(out, "rules:");
     for (id, rule) in (1u32..).zip(&policy.rules) {
-        let why = why_not(policy, rule, workload, &matched);
+        let why = why_not(policy, rule, workload, &matched, in_container);
         let status = match why {
             None => "matches".to_owned(),
             Some(reason) => format!("does not match: {reason}"),
@@ -406,6 +472,7 @@ fn why_not(
     rule: &PolicyRule,
     workload: &Workload,
     matched: &BTreeSet<usize>,
+    in_container: bool,
 ) -> Option<String> {
     if let Some(uid) = rule.uid
         && workload.uid != Some(uid)
@@ -435,6 +502,17 @@ fn why_not(
         .collect();
     if let Some(pattern) = excluded.first() {
         return Some(format!("it is in {pattern}, which the rule excludes"));
+    }
+    if !rule.containers.admits(in_container) {
+        return Some(if in_container {
+            "it is in a container, and the rule matches only the host's tasks (containers = \
+             false)"
+                .to_owned()
+        } else {
+            "it is not in a container, and the rule matches only containers' tasks \
+             (containers = \"only\")"
+                .to_owned()
+        });
     }
     None
 }

@@ -2,25 +2,41 @@
 //! once for a new policy ([`Compiled::new`]), then kept current as cgroups come and go
 //! ([`Compiled::sync`] and [`Compiled::take_delta`]). Pure: the caller scans and writes.
 //!
-//! A cgroup gets a `CGROUP_RULESETS` entry when its own path matches one of the policy's cgroup
-//! conditions (or when it is the attach point and one of its ancestors does). Its rule set holds
-//! the rules that apply given every condition matched by it or an ancestor; a cgroup without an
-//! entry inherits its nearest ancestor's, which is the same set because nothing in between
-//! matched. Cgroups with the same applicable rules share one rule set, so the `ALLOW` map grows
-//! with the number of distinct situations, not with the number of containers.
+//! A cgroup's rules are those that apply given every condition matched by it or an ancestor,
+//! for a host task and for a container's (its path may say it is a container's). It gets a
+//! `CGROUP_RULESETS` entry only where they differ from its parent's (for the attach point: from
+//! the default rule set): a cgroup without one inherits its nearest ancestor's, which is the same
+//! set. A `**` pattern therefore costs one entry where it starts to match, not one per
+//! descendant. Cgroups with the same rules share one rule set, so the `ALLOW` map grows with the
+//! number of distinct situations, not with the number of containers.
+//!
+//! The entries of one generation are bounded (half the map: two generations meet during a
+//! switch). An entry that only adds rules to what its cgroup inherits may be left out when
+//! there is no room: the cgroup keeps the narrower rules it inherits (fail closed). One that
+//! takes rules away (a container's cgroup, a `not_cgroup`) must be written: it takes the room of
+//! an entry that only adds, and when there is none, every cgroup from the oldest such one on is
+//! judged as unseen (`Settings::unseen_after`), by the rules that hold wherever it is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use imds_guard_common::{
     event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+    maps::CGROUP_RULESETS_MAX_ENTRIES,
     policy::{
-        CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE,
-        ProtectedV4Key, ProtectedV6Key, RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RuleKey,
-        RuleValue, Settings,
+        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
+        MODE_ENFORCE, ProtectedV4Key, ProtectedV6Key, RULE_DEFAULT, RULE_FLAG_AUDIT,
+        RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue, Settings, TASK_CONTAINER, TASK_HOST,
     },
 };
 
-use crate::{config::Mode, policy::Policy};
+use crate::{
+    config::Mode,
+    policy::{Applicable, Policy},
+};
+
+/// Cgroup entries one generation may have: half of `CGROUP_RULESETS`, so that the generation
+/// in force and the next one fit together during a switch.
+pub const CGROUP_ENTRIES_PER_GENERATION: usize = CGROUP_RULESETS_MAX_ENTRIES as usize / 2;
 
 /// A cgroup directory found under the attach point.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,8 +99,8 @@ impl Delta {
 
 #[derive(Clone, Debug)]
 struct Ruleset {
-    /// Ids of the rules in it.
-    rules: Vec<u32>,
+    /// The rules in it.
+    rules: Applicable,
     /// Cgroup entries pointing to it.
     users: usize,
 }
@@ -93,6 +109,8 @@ struct Ruleset {
 struct Assigned {
     path: String,
     ruleset: u32,
+    /// The entry takes rules away from what the cgroup would inherit: it must be written.
+    narrowing: bool,
 }
 
 /// One generation of a policy and the cgroup entries it has now.
@@ -104,7 +122,7 @@ pub struct Compiled {
     /// The attach point's path: tasks elsewhere are not judged.
     attach: String,
     rulesets: BTreeMap<u32, Ruleset>,
-    ruleset_of_rules: HashMap<Vec<u32>, u32>,
+    ruleset_of_rules: HashMap<Applicable, u32>,
     next_ruleset: u32,
     cgroups: BTreeMap<u64, Assigned>,
     /// Cgroup ids changed since the last delta, with their entry before the first change.
@@ -113,6 +131,14 @@ pub struct Compiled {
     new_rulesets: BTreeSet<u32>,
     /// Matching cgroups deeper than the kernel looks, reported once each.
     too_deep: BTreeSet<u64>,
+    /// Entries this generation may have (see [`CGROUP_ENTRIES_PER_GENERATION`]).
+    max_entries: usize,
+    /// Cgroups (with their paths) whose entry would only add rules but found no room: they
+    /// keep the narrower rules they inherit.
+    dropped: BTreeMap<u64, String>,
+    /// Cgroups whose entry would take rules away but found no room: this cgroup and every
+    /// newer one are judged as unseen until room is found.
+    unwritten: BTreeMap<u64, String>,
 }
 
 impl Compiled {
@@ -125,29 +151,83 @@ impl Compiled {
         attach: &str,
         dirs: &[CgroupDir],
     ) -> (Self, Vec<CgroupDir>) {
-        let default_rules = policy.rules_in(&BTreeSet::new());
+        Self::with_capacity(
+            policy,
+            generation,
+            attach,
+            dirs,
+            CGROUP_ENTRIES_PER_GENERATION,
+        )
+    }
+
+    /// As [`Compiled::new`], with room for `max_entries` cgroup entries.
+    #[must_use]
+    pub fn with_capacity(
+        policy: Policy,
+        generation: u32,
+        attach: &str,
+        dirs: &[CgroupDir],
+        max_entries: usize,
+    ) -> (Self, Vec<CgroupDir>) {
+        let default_rules = policy.default_rules();
+        let mut rulesets = BTreeMap::from([(
+            RULESET_DEFAULT,
+            Ruleset {
+                rules: default_rules.clone(),
+                users: 0,
+            },
+        )]);
+        if policy.depends_on_cgroup() {
+            rulesets.insert(
+                RULESET_UNSEEN,
+                Ruleset {
+                    rules: policy.unseen_rules(),
+                    users: 0,
+                },
+            );
+        }
         let mut compiled = Self {
             policy,
             generation,
             attach: attach.to_owned(),
-            rulesets: BTreeMap::from([(
-                RULESET_DEFAULT,
-                Ruleset {
-                    rules: default_rules.clone(),
-                    users: 0,
-                },
-            )]),
+            rulesets,
             ruleset_of_rules: HashMap::from([(default_rules, RULESET_DEFAULT)]),
             next_ruleset: RULESET_DEFAULT + 1,
             cgroups: BTreeMap::new(),
             dirty: BTreeMap::new(),
             new_rulesets: BTreeSet::new(),
             too_deep: BTreeSet::new(),
+            max_entries,
+            dropped: BTreeMap::new(),
+            unwritten: BTreeMap::new(),
         };
         let too_deep = compiled.sync(attach, dirs);
         compiled.dirty.clear();
         compiled.new_rulesets.clear();
         (compiled, too_deep)
+    }
+
+    /// `Settings::unseen_after` as this generation's entries call for: below the oldest cgroup
+    /// whose entry takes rules away but found no room, else [`ALL_CGROUPS_SEEN`].
+    #[must_use]
+    pub fn unseen_after(&self) -> u64 {
+        self.unwritten
+            .keys()
+            .next()
+            .map_or(ALL_CGROUPS_SEEN, |oldest| oldest.saturating_sub(1))
+    }
+
+    /// Cgroups whose entry would only add rules and found no room (they keep the narrower
+    /// rules they inherit).
+    #[must_use]
+    pub fn dropped(&self) -> usize {
+        self.dropped.len()
+    }
+
+    /// Cgroups whose entry would take rules away and found no room.
+    #[must_use]
+    pub fn unwritten(&self) -> usize {
+        self.unwritten.len()
     }
 
     /// The generation these entries belong to.
@@ -177,7 +257,8 @@ impl Compiled {
                     Mode::Enforce => MODE_ENFORCE,
                     Mode::Audit => MODE_AUDIT,
                 },
-                cgroup_rules: u32::from(self.policy.has_cgroup_conditions()),
+                cgroup_rules: u32::from(self.policy.depends_on_cgroup()),
+                unseen_after: self.unseen_after(),
             },
             ..MapEntries::default()
         };
@@ -207,6 +288,12 @@ impl Compiled {
     /// Returns the matching cgroups newly found too deep for the kernel to look at.
     pub fn sync(&mut self, under: &str, found: &[CgroupDir]) -> Vec<CgroupDir> {
         let present: BTreeSet<u64> = found.iter().map(|dir| dir.id).collect();
+        let gone_from = |map: &BTreeMap<u64, String>| -> Vec<u64> {
+            (map.iter())
+                .filter(|(id, path)| is_within(path, under) && !present.contains(id))
+                .map(|(&id, _)| id)
+                .collect()
+        };
         let gone: Vec<u64> = (self.cgroups.iter())
             .filter(|(id, assigned)| is_within(&assigned.path, under) && !present.contains(id))
             .map(|(&id, _)| id)
@@ -214,10 +301,18 @@ impl Compiled {
         for id in gone {
             self.unassign(id);
         }
+        for id in gone_from(&self.dropped) {
+            self.dropped.remove(&id);
+        }
+        for id in gone_from(&self.unwritten) {
+            self.unwritten.remove(&id);
+        }
         let mut too_deep = Vec::new();
         for dir in found {
+            self.dropped.remove(&dir.id);
+            self.unwritten.remove(&dir.id);
             match self.wanted_rules(dir) {
-                Wanted::Rules(rules) => self.assign(dir, rules),
+                Wanted::Rules { rules, narrowing } => self.assign(dir, rules, narrowing),
                 Wanted::Nothing => self.unassign(dir.id),
                 Wanted::TooDeep => {
                     self.unassign(dir.id);
@@ -243,7 +338,9 @@ impl Compiled {
         }
         let new_rulesets = std::mem::take(&mut self.new_rulesets);
         let retired: Vec<u32> = (self.rulesets.iter())
-            .filter(|(id, ruleset)| **id != RULESET_DEFAULT && ruleset.users == 0)
+            .filter(|(id, ruleset)| {
+                **id != RULESET_DEFAULT && **id != RULESET_UNSEEN && ruleset.users == 0
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in retired {
@@ -267,23 +364,48 @@ impl Compiled {
     }
 
     fn wanted_rules(&self, dir: &CgroupDir) -> Wanted {
-        if !self.policy.has_cgroup_conditions() || !is_within(&dir.path, &self.attach) {
+        if !self.policy.depends_on_cgroup() || !is_within(&dir.path, &self.attach) {
             return Wanted::Nothing;
         }
-        let own = !self.policy.matched_by(&dir.path).is_empty();
-        let within = self.policy.matched_within(&dir.path);
+        let rules = self.policy.rules_at(&dir.path);
         // The attach point stands for its ancestors, whose entries the kernel never sees.
-        let inherits = dir.path == self.attach && !within.is_empty();
-        if !(own || inherits) {
+        let inherited = match dir.path.rsplit_once('/') {
+            _ if dir.path == self.attach => self.policy.default_rules(),
+            Some(("", _)) => self.policy.rules_at("/"),
+            Some((parent, _)) => self.policy.rules_at(parent),
+            None => self.policy.default_rules(),
+        };
+        if rules == inherited {
             return Wanted::Nothing;
         }
         if dir.level() > MAX_CGROUP_LEVEL {
             return Wanted::TooDeep;
         }
-        Wanted::Rules(self.policy.rules_in(&within))
+        Wanted::Rules {
+            narrowing: !inherited.within(&rules),
+            rules,
+        }
     }
 
-    fn assign(&mut self, dir: &CgroupDir, rules: Vec<u32>) {
+    fn assign(&mut self, dir: &CgroupDir, rules: Applicable, narrowing: bool) {
+        if !self.cgroups.contains_key(&dir.id) && self.cgroups.len() >= self.max_entries {
+            if !narrowing {
+                // Left out, the cgroup keeps the narrower rules it inherits.
+                self.dropped.insert(dir.id, dir.path.clone());
+                return;
+            }
+            // Room is taken from an entry that only adds rules (the newest such cgroup keeps
+            // what it inherits instead); with none, this cgroup must be judged as unseen.
+            let Some(victim) = (self.cgroups.iter().rev())
+                .find(|(_, assigned)| !assigned.narrowing)
+                .map(|(&id, assigned)| (id, assigned.path.clone()))
+            else {
+                self.unwritten.insert(dir.id, dir.path.clone());
+                return;
+            };
+            self.unassign(victim.0);
+            self.dropped.insert(victim.0, victim.1);
+        }
         let ruleset = if let Some(&id) = self.ruleset_of_rules.get(&rules) {
             id
         } else {
@@ -297,6 +419,7 @@ impl Compiled {
         let wanted = Assigned {
             path: dir.path.clone(),
             ruleset,
+            narrowing,
         };
         if self.cgroups.get(&dir.id) == Some(&wanted) {
             return;
@@ -326,28 +449,31 @@ impl Compiled {
         }
     }
 
-    /// A rule set's `ALLOW` entries: per key (uid, gid or any), its first rule.
-    fn allow_entries(&self, ruleset: u32, rules: &[u32]) -> Vec<(RuleKey, RuleValue)> {
+    /// A rule set's `ALLOW` entries: per kind of task and key (uid, gid or any), its first rule.
+    fn allow_entries(&self, ruleset: u32, rules: &Applicable) -> Vec<(RuleKey, RuleValue)> {
         let mut entries: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
-        for &id in rules {
-            let Some(rule) = self.policy.rule(id) else {
-                continue;
-            };
-            let (kind, key_id) = match (rule.uid, rule.gid) {
-                (Some(uid), _) => (KIND_UID, uid),
-                (None, Some(gid)) => (KIND_GID, gid),
-                (None, None) => (KIND_ANY, 0),
-            };
-            let key = RuleKey {
-                generation: self.generation,
-                ruleset,
-                kind,
-                id: key_id,
-            };
-            entries.entry(key).or_insert(RuleValue {
-                rule: id,
-                flags: if rule.audit { RULE_FLAG_AUDIT } else { 0 },
-            });
+        for (task, ids) in [(TASK_HOST, &rules.host), (TASK_CONTAINER, &rules.container)] {
+            for &id in ids {
+                let Some(rule) = self.policy.rule(id) else {
+                    continue;
+                };
+                let (kind, key_id) = match (rule.uid, rule.gid) {
+                    (Some(uid), _) => (KIND_UID, uid),
+                    (None, Some(gid)) => (KIND_GID, gid),
+                    (None, None) => (KIND_ANY, 0),
+                };
+                let key = RuleKey {
+                    generation: self.generation,
+                    ruleset,
+                    kind,
+                    task,
+                    id: key_id,
+                };
+                entries.entry(key).or_insert(RuleValue {
+                    rule: id,
+                    flags: if rule.audit { RULE_FLAG_AUDIT } else { 0 },
+                });
+            }
         }
         entries.into_iter().collect()
     }
@@ -355,7 +481,7 @@ impl Compiled {
 
 enum Wanted {
     Nothing,
-    Rules(Vec<u32>),
+    Rules { rules: Applicable, narrowing: bool },
     TooDeep,
 }
 
@@ -396,7 +522,7 @@ pub struct Judgement {
 /// The kernel's decision (`imds-guard-ebpf/src/verdict.rs`), on map entries: for `explain`
 /// and for testing that what is compiled means what the policy says. `ancestors` are the ids of
 /// the task's cgroup and its ancestors, root first. `None` for a uid or gid matches no rule that
-/// names one.
+/// names one. `in_container`: the kernel finds the task outside the host's namespaces.
 #[must_use]
 pub fn judge(
     entries: &MapEntries,
@@ -404,12 +530,14 @@ pub fn judge(
     ancestors: &[u64],
     uid: Option<u32>,
     gid: Option<u32>,
+    in_container: bool,
 ) -> Judgement {
     let cgroups: HashMap<CgroupKey, u32> = entries.cgroup_rulesets.iter().copied().collect();
     let allow: HashMap<RuleKey, RuleValue> = entries.allow.iter().copied().collect();
     let mut ruleset = RULESET_DEFAULT;
     if entries.settings.cgroup_rules != 0 {
-        for &cgroup_id in ancestors.iter().take(MAX_CGROUP_LEVEL as usize + 1) {
+        let walked = &ancestors[..ancestors.len().min(MAX_CGROUP_LEVEL as usize + 1)];
+        for &cgroup_id in walked {
             let key = CgroupKey {
                 generation,
                 _pad: 0,
@@ -419,7 +547,18 @@ pub fn judge(
                 ruleset = found;
             }
         }
+        if walked
+            .last()
+            .is_some_and(|&own| own > entries.settings.unseen_after)
+        {
+            ruleset = RULESET_UNSEEN;
+        }
     }
+    let task = if in_container {
+        TASK_CONTAINER
+    } else {
+        TASK_HOST
+    };
     let lookups = [
         uid.map(|uid| (KIND_UID, uid)),
         gid.map(|gid| (KIND_GID, gid)),
@@ -433,6 +572,7 @@ pub fn judge(
                 generation,
                 ruleset,
                 kind,
+                task,
                 id,
             })
         })
@@ -505,6 +645,7 @@ mod tests {
             &ancestors(path),
             Some(uid),
             Some(uid),
+            false,
         );
         (judgement.verdict, compiled.policy.rule_name(judgement.rule))
     }
@@ -539,10 +680,11 @@ mod tests {
             verdict_at(&compiled, "/kubepods.slice/pod1", 0),
             (VERDICT_AUDIT, "staged pods")
         );
-        // /kubepods.slice itself is not matched by /kubepods.slice/**.
+        // /kubepods.slice itself is not matched by /kubepods.slice/**, but it is a container
+        // cgroup all the same (Kubernetes' tree): host root's rule stays out.
         assert_eq!(
             verdict_at(&compiled, "/kubepods.slice", 0),
-            (allow, "host root")
+            (VERDICT_DENY, "default")
         );
     }
 
@@ -557,10 +699,14 @@ mod tests {
             .iter()
             .map(|(k, _)| k.cgroup_id)
             .collect();
-        assert_eq!(ids, [2, 3, 6, 100]);
-        // Both containers share one rule set; ssm, pods and the default have their own.
-        assert_eq!(entries.cgroup_rulesets[1].1, entries.cgroup_rulesets[3].1);
-        assert_eq!(compiled.rulesets(), 4);
+        // Where the rules differ from the parent's: the unit, both containers, the pods' tree
+        // and the pod the staged rule matches; not docker-aa/init, which inherits.
+        assert_eq!(ids, [2, 3, 5, 6, 100]);
+        // Both containers and the pods' tree share one rule set (nothing allowed); ssm, the
+        // pod, the default and the unseen rule set have their own.
+        assert_eq!(entries.cgroup_rulesets[1].1, entries.cgroup_rulesets[4].1);
+        assert_eq!(entries.cgroup_rulesets[1].1, entries.cgroup_rulesets[2].1);
+        assert_eq!(compiled.rulesets(), 5);
         assert_eq!(entries.settings.cgroup_rules, 1);
     }
 
@@ -568,7 +714,9 @@ mod tests {
     fn first_rule_per_key_wins_and_uid_rules_need_no_walk() {
         let compiled = Compiled::new(
             policy(
-                "[[allow]]\nuid = 5\nmode = \"audit\"\n[[allow]]\nuid = 5\n[[allow]]\ngid = 9\n",
+                "[[allow]]\nuid = 5\nmode = \"audit\"\ncontainers = true\n\
+                 [[allow]]\nuid = 5\ncontainers = true\n\
+                 [[allow]]\ngid = 9\ncontainers = true\n",
             ),
             0,
             "/",
@@ -578,16 +726,47 @@ mod tests {
         let entries = compiled.entries();
         assert_eq!(entries.settings.cgroup_rules, 0);
         assert!(entries.cgroup_rulesets.is_empty());
-        let allow: Vec<(u32, u32, u32, u32)> = (entries.allow.iter())
-            .map(|(k, v)| (k.kind, k.id, v.rule, v.flags))
+        let allow: Vec<(u16, u16, u32, u32, u32)> = (entries.allow.iter())
+            .map(|(k, v)| (k.kind, k.task, k.id, v.rule, v.flags))
             .collect();
         assert_eq!(
             allow,
-            [(KIND_UID, 5, 1, RULE_FLAG_AUDIT), (KIND_GID, 9, 3, 0)]
+            [
+                (KIND_UID, TASK_HOST, 5, 1, RULE_FLAG_AUDIT),
+                (KIND_UID, TASK_CONTAINER, 5, 1, RULE_FLAG_AUDIT),
+                (KIND_GID, TASK_HOST, 9, 3, 0),
+                (KIND_GID, TASK_CONTAINER, 9, 3, 0),
+            ]
         );
         // uid 5 with gid 9: rule 1 comes first.
-        let j = judge(&entries, 0, &[0], Some(5), Some(9));
+        let j = judge(&entries, 0, &[0], Some(5), Some(9), true);
         assert_eq!((j.verdict, j.rule), (VERDICT_AUDIT, 1));
+    }
+
+    #[test]
+    fn host_rules_keep_namespaced_tasks_and_container_cgroups_out() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let container = format!("/system.slice/docker-{id}.scope");
+        let dirs = [
+            dir(1, "/"),
+            dir(2, "/system.slice"),
+            dir(3, &container),
+            dir(4, &format!("{container}/init")),
+        ];
+        let compiled = Compiled::new(policy("[[allow]]\nuid = 0\n"), 0, "/", &dirs).0;
+        let entries = compiled.entries();
+        // One entry: the container's cgroup, which takes host root's rule away.
+        assert_eq!(entries.cgroup_rulesets.len(), 1);
+        assert_eq!(entries.settings.unseen_after, ALL_CGROUPS_SEEN);
+        let judged = |ancestors: &[u64], in_container| {
+            judge(&entries, 0, ancestors, Some(0), Some(0), in_container).verdict
+        };
+        assert_eq!(judged(&[1, 2], false), VERDICT_ALLOW);
+        // Root in its own pid or cgroup namespace, in an ordinary cgroup.
+        assert_eq!(judged(&[1, 2], true), VERDICT_DENY);
+        // Root in the container's cgroup, whatever the kernel says of its namespaces.
+        assert_eq!(judged(&[1, 2, 3], false), VERDICT_DENY);
+        assert_eq!(judged(&[1, 2, 3, 4], false), VERDICT_DENY);
     }
 
     #[test]
@@ -656,7 +835,7 @@ mod tests {
                 .map(|d| d.id)
                 .collect();
             let judged = |c: &Compiled| {
-                let j = judge(&c.entries(), 0, &ids, Some(0), Some(0));
+                let j = judge(&c.entries(), 0, &ids, Some(0), Some(0), false);
                 (j.verdict, j.rule)
             };
             assert_eq!(judged(&compiled), judged(&fresh), "{path}");
@@ -712,15 +891,24 @@ mod tests {
             ],
         )
         .0;
-        assert_eq!(compiled.cgroup_entries(), 2);
+        // The attach point's entry takes the rule away; its child inherits it.
+        assert_eq!(compiled.cgroup_entries(), 1);
         let (verdict, _) = verdict_at(&compiled, "/system.slice/docker-aa.scope", 0);
+        assert_eq!(verdict, VERDICT_DENY);
+        let (verdict, _) = verdict_at(&compiled, "/system.slice/docker-aa.scope/init", 0);
         assert_eq!(verdict, VERDICT_DENY);
     }
 
     #[test]
     fn too_deep_cgroups_are_reported_once() {
-        let deep = format!("/k{}", "/x".repeat(40));
-        let mut compiled = Compiled::new(policy("[[allow]]\ncgroup = \"/k/**\"\n"), 0, "/", &[]).0;
+        let deep = format!("/k{}/target", "/x".repeat(40));
+        let mut compiled = Compiled::new(
+            policy("[[allow]]\ncgroup = \"/k/**/target\"\n"),
+            0,
+            "/",
+            &[],
+        )
+        .0;
         assert_eq!(compiled.sync(&deep, &[dir(9, &deep)]).len(), 1);
         assert!(compiled.sync(&deep, &[dir(9, &deep)]).is_empty());
         assert_eq!(compiled.cgroup_entries(), 0);
@@ -754,6 +942,96 @@ mod tests {
                 addr: u32::from_ne_bytes([169, 254, 169, 254])
             }]
         );
+    }
+
+    #[test]
+    fn a_double_star_pattern_costs_an_entry_where_it_starts_to_match() {
+        let mut dirs = vec![dir(1, "/"), dir(2, "/w")];
+        for child in 0..100u64 {
+            dirs.push(dir(1000 + child, &format!("/w/c{child}")));
+            for grandchild in 0..200u64 {
+                dirs.push(dir(
+                    100_000 + child * 1000 + grandchild,
+                    &format!("/w/c{child}/g{grandchild}"),
+                ));
+            }
+        }
+        let compiled = Compiled::new(
+            policy("[[allow]]\ncgroup = \"/w/**\"\nuid = 1000\n"),
+            0,
+            "/",
+            &dirs,
+        )
+        .0;
+        // 20,100 cgroups match; 100 entries (the children of /w) say so.
+        assert_eq!(compiled.cgroup_entries(), 100);
+        let j = judge(
+            &compiled.entries(),
+            0,
+            &[1, 2, 1007, 107_042],
+            Some(1000),
+            None,
+            false,
+        );
+        assert_eq!((j.verdict, j.rule), (VERDICT_ALLOW, 1));
+    }
+
+    #[test]
+    fn a_full_map_never_widens_what_a_new_cgroup_gets() {
+        let id = |n: u8| format!("{n:02x}").repeat(32);
+        let container = |n: u8| format!("/system.slice/docker-{}.scope", id(n));
+        let text = "[[allow]]\nuid = 0\n[[allow]]\ncgroup = \"/w/*\"\nuid = 1000\n";
+        let base = [dir(1, "/"), dir(2, "/system.slice"), dir(3, "/w")];
+        let mut dirs = base.to_vec();
+        dirs.extend([dir(10, "/w/a"), dir(11, "/w/b")]);
+        // Room for two entries: both widening ones fit.
+        let (mut compiled, _) = Compiled::with_capacity(policy(text), 0, "/", &dirs, 2);
+        assert_eq!((compiled.cgroup_entries(), compiled.dropped()), (2, 0));
+        // A container's cgroup must be written: it takes the newest widening entry's room.
+        dirs.push(dir(20, &container(1)));
+        compiled.sync("/", &dirs);
+        assert_eq!((compiled.cgroup_entries(), compiled.dropped()), (2, 1));
+        let entries = compiled.entries();
+        let judged = |entries: &MapEntries, ancestors: &[u64], uid| {
+            let j = judge(entries, 0, ancestors, Some(uid), None, false);
+            (j.verdict, j.ruleset)
+        };
+        assert_eq!(judged(&entries, &[1, 2, 20], 0).0, VERDICT_DENY);
+        // /w/b lost its entry: uid 1000 there keeps what /w has (nothing), never more.
+        assert_eq!(judged(&entries, &[1, 3, 11], 1000).0, VERDICT_DENY);
+        assert_eq!(judged(&entries, &[1, 3, 10], 1000).0, VERDICT_ALLOW);
+        // Two more containers: the last widening entry makes room for one; the other cannot
+        // be written, so it and every newer cgroup are judged as unseen.
+        dirs.push(dir(21, &container(2)));
+        dirs.push(dir(22, &container(3)));
+        compiled.sync("/", &dirs);
+        assert_eq!((compiled.unwritten(), compiled.unseen_after()), (1, 21));
+        let entries = compiled.entries();
+        assert_eq!(entries.settings.unseen_after, 21);
+        assert_eq!(
+            judged(&entries, &[1, 2, 22], 0),
+            (VERDICT_DENY, RULESET_UNSEEN)
+        );
+        // A host service started meanwhile: root is denied until there is room (fail closed).
+        dirs.push(dir(30, "/system.slice/new.service"));
+        compiled.sync("/", &dirs);
+        let entries = compiled.entries();
+        assert_eq!(
+            judged(&entries, &[1, 2, 30], 0),
+            (VERDICT_DENY, RULESET_UNSEEN)
+        );
+        // Older cgroups keep their rules.
+        assert_eq!(judged(&entries, &[1, 2], 0).0, VERDICT_ALLOW);
+        // A container goes: its room goes to the unwritten one, and nothing is unseen.
+        dirs.retain(|d| d.id != 20);
+        compiled.sync("/", &dirs);
+        assert_eq!(
+            (compiled.unwritten(), compiled.unseen_after()),
+            (0, ALL_CGROUPS_SEEN)
+        );
+        let entries = compiled.entries();
+        assert_eq!(judged(&entries, &[1, 2, 30], 0).0, VERDICT_ALLOW);
+        assert_eq!(judged(&entries, &[1, 2, 22], 0).0, VERDICT_DENY);
     }
 
     #[test]

@@ -40,6 +40,70 @@ impl fmt::Display for Mode {
     }
 }
 
+/// Whether a rule matches tasks in containers: `containers = false`, `true` or `"only"`.
+///
+/// A task is in a container when the kernel finds it outside the host's initial pid or cgroup
+/// namespace at the attempt (container runtimes make both; systemd services neither), or when
+/// it is in a container runtime's cgroup (see [`crate::workload::is_container_cgroup`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Containers {
+    /// Only tasks on the host: a container's root, or a container process that switched to
+    /// the rule's uid, never matches (the default, unless the rule names container cgroups).
+    Excluded,
+    /// Tasks on the host and in containers.
+    Included,
+    /// Only tasks in containers.
+    Only,
+}
+
+impl Containers {
+    /// Whether a task in a container (`true`) or on the host matches.
+    #[must_use]
+    pub fn admits(self, in_container: bool) -> bool {
+        match self {
+            Self::Excluded => !in_container,
+            Self::Included => true,
+            Self::Only => in_container,
+        }
+    }
+
+    /// As written in a config: `false`, `true`, `"only"`.
+    #[must_use]
+    pub fn as_toml(self) -> &'static str {
+        match self {
+            Self::Excluded => "false",
+            Self::Included => "true",
+            Self::Only => "\"only\"",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Containers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Containers;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("false, true or \"only\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Containers, E> {
+                Ok(if value {
+                    Containers::Included
+                } else {
+                    Containers::Excluded
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Containers, E> {
+                match value {
+                    "only" => Ok(Containers::Only),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(value), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// The file as written: every key optional, nothing unknown.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,6 +234,7 @@ struct RawRule {
     cgroup: Option<Spanned<Strings>>,
     unit: Option<Spanned<Strings>>,
     not_cgroup: Option<Spanned<Strings>>,
+    containers: Option<Spanned<Containers>>,
     mode: Option<Spanned<Mode>>,
 }
 
@@ -190,6 +255,9 @@ pub struct Rule {
     pub unit: Vec<Setting<String>>,
     /// The task is in none of the cgroups matching these, nor below one.
     pub not_cgroup: Vec<Setting<String>>,
+    /// Whether tasks in containers match, as written (`None`: not written; see
+    /// `PolicyRule::containers` for what that means).
+    pub containers: Option<Setting<Containers>>,
     /// `allow_cgroup` and `--allow-cgroup`: the cgroup must exist when the policy is resolved.
     pub cgroup_must_exist: bool,
     /// Staged: a matching attempt is allowed but reported.
@@ -246,6 +314,12 @@ impl Rule {
         list("cgroup", &self.cgroup);
         list("unit", &self.unit);
         list("not cgroup", &self.not_cgroup);
+        match self.containers.as_ref().map(|setting| setting.value) {
+            Some(Containers::Included) => parts.push("containers too".into()),
+            Some(Containers::Only) => parts.push("containers only".into()),
+            Some(Containers::Excluded) => parts.push("not containers".into()),
+            None => {}
+        }
         parts.join(", ")
     }
 
@@ -269,6 +343,36 @@ pub struct Config {
     pub protect: Vec<Setting<IpAddr>>,
     /// Allow rules in the order written (options last): the first that matches decides.
     pub allow: Vec<Rule>,
+}
+
+/// What `check-config` and `run` say of where the rules come from.
+pub const BUILT_IN_DEFAULT: &str = "the built-in default (no rule in the config file or on \
+    the command line): uid 0 on the host, never in a container";
+
+impl Config {
+    /// Whether the rules are the built-in default (none written anywhere).
+    #[must_use]
+    pub fn uses_built_in_default(&self) -> bool {
+        self.allow.len() == 1 && self.allow[0].origin == "default"
+    }
+
+    /// Where the rules in force come from, in words.
+    #[must_use]
+    pub fn rules_source(&self) -> String {
+        if self.uses_built_in_default() {
+            BUILT_IN_DEFAULT.to_owned()
+        } else {
+            let file = self.file.as_ref().map(|file| file.display().to_string());
+            let options = self.allow.iter().any(|rule| rule.origin.starts_with("--"));
+            match (file, options) {
+                (Some(file), true) => {
+                    format!("{file} and the command line (the built-in default is replaced)")
+                }
+                (Some(file), false) => format!("{file} (the built-in default is replaced)"),
+                (None, _) => "the command line (the built-in default is replaced)".to_owned(),
+            }
+        }
+    }
 }
 
 impl Config {
@@ -576,6 +680,10 @@ fn rule_from_table(
         cgroup: list("cgroup", raw.cgroup, check_cgroup_pattern)?,
         unit: list("unit", raw.unit, check_unit_pattern)?,
         not_cgroup: list("not_cgroup", raw.not_cgroup, check_cgroup_pattern)?,
+        containers: raw.containers.map(|containers| Setting {
+            origin: at(containers.span()),
+            value: containers.into_inner(),
+        }),
         cgroup_must_exist: false,
         audit: raw.mode.is_some_and(|mode| *mode.get_ref() == Mode::Audit),
         origin,
@@ -588,16 +696,22 @@ fn rule_from_table(
                 .into(),
         ));
     }
+    let only_containers = rule
+        .containers
+        .as_ref()
+        .is_some_and(|setting| setting.value == Containers::Only);
     if rule.uid.is_none()
         && rule.gid.is_none()
         && rule.cgroup.is_empty()
         && rule.unit.is_empty()
         && rule.not_cgroup.is_empty()
+        && !only_containers
     {
         return Err(invalid(
             rule.origin,
             "this rule would match every task: give it at least one of uid, gid, cgroup, \
-             unit, not_cgroup (to let everyone through, use mode = \"audit\")"
+             unit, not_cgroup, containers = \"only\" (to let everyone through, use \
+             mode = \"audit\")"
                 .into(),
         ));
     }
@@ -972,11 +1086,25 @@ mod tests {
             "the packages install in audit mode"
         );
         assert_eq!(policy.rules.len(), 1);
-        let outside = |cgroup: &str| policy.rules_in(&policy.matched_within(cgroup));
-        assert_eq!(outside("/system.slice/amazon-ssm-agent.service"), [1]);
-        assert!(outside("/system.slice/docker-0123.scope").is_empty());
-        assert!(outside("/kubepods.slice/kubepods-pod1.slice/cri-containerd-2.scope").is_empty());
-        assert!(outside("/docker/0123").is_empty());
+        let root = |cgroup: &str| policy.rules_at(cgroup).host;
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(root("/system.slice/amazon-ssm-agent.service"), [1]);
+        assert!(root(&format!("/system.slice/docker-{id}.scope")).is_empty());
+        assert!(
+            root(&format!(
+                "/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"
+            ))
+            .is_empty()
+        );
+        assert!(root(&format!("/docker/{id}")).is_empty());
+        // Root in a container the patterns do not name is a container's root all the same.
+        assert!(root(&format!("/custom/docker/{}", "a".repeat(64))).is_empty());
+        assert!(
+            policy
+                .rules_at("/system.slice/x.service")
+                .container
+                .is_empty()
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use aya::{
 };
 use imds_guard_common::{
     agent::AgentInfo,
-    event::{FOLD_WINDOW_GLOBAL, FoldKey, FoldValue, TASK_LAYOUT_GLOBAL, TaskLayout},
+    event::{
+        FOLD_WINDOW_GLOBAL, FoldKey, FoldValue, LAYOUT_NAMESPACES, TASK_LAYOUT_GLOBAL, TaskLayout,
+    },
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
         COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, MAX_RULES,
@@ -163,6 +165,8 @@ pub struct Kernel {
     pins: PinDir,
     /// The maps were pinned already: a policy may be in force, and programs reading them.
     adopted: bool,
+    /// `LAYOUT_*` bits of what the loaded programs read of tasks.
+    task_layout: u32,
 }
 
 /// What [`Kernel::attach`] did.
@@ -189,19 +193,20 @@ impl Kernel {
         // Before loading, which pins the maps: a retry must not take its own pins for a
         // predecessor's.
         let adopted = pins.map(GENERATION).exists();
-        let task_layout = crate::btf::task_layout().unwrap_or_else(|reason| {
-            warn!("events will not name parent processes: {reason}");
-            TaskLayout::default()
-        });
-        match Self::load_with(pins, adopted, fold_window_ns, task_layout) {
-            // Reading the parent needs `bpf_get_current_task` and `bpf_probe_read_kernel`,
-            // which some kernels do not offer these program types: without the layout the
-            // programs never reach those calls, and the verifier never sees them.
-            Err(Error::LoadProgram { program, source }) if task_layout.known != 0 => {
+        let found = crate::btf::task_layout();
+        for why in &found.missing {
+            warn!("{why}");
+        }
+        match Self::load_with(pins, adopted, fold_window_ns, found.layout) {
+            // The task reads need `bpf_get_current_task` and `bpf_probe_read_kernel`, which
+            // some kernels do not offer these program types: without the layout the programs
+            // never reach those calls, and the verifier never sees them.
+            Err(Error::LoadProgram { program, source }) if found.layout.known != 0 => {
                 warn!(
                     "the kernel refused program {program} ({source}); trying again without \
-                     reading parent processes, in case those reads are what it refused: events \
-                     will not name parent processes"
+                     reading tasks' parents, namespaces and executables, in case those reads \
+                     are what it refused: events will not name them, and containers will be \
+                     known by their cgroup path alone"
                 );
                 Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
             }
@@ -244,7 +249,20 @@ impl Kernel {
             ebpf,
             pins: pins.clone(),
             adopted,
+            task_layout: task_layout.known,
         })
+    }
+
+    /// How the programs tell a container's task: by its namespaces (the kernel's view, at the
+    /// attempt) and cgroup path, or by its cgroup path alone (the kernel refused the reads, or
+    /// its BTF lacks the fields).
+    #[must_use]
+    pub fn container_detection(&self) -> &'static str {
+        if self.task_layout & LAYOUT_NAMESPACES != 0 {
+            "namespaces and cgroup paths"
+        } else {
+            "cgroup paths only"
+        }
     }
 
     /// Whether the maps were adopted from an earlier agent: then a policy is (or may be) in
@@ -383,6 +401,30 @@ impl Kernel {
             .collect();
         insert_all(&mut self.map_mut(PROTECTED_V6)?, PROTECTED_V6, &protected)?;
         Ok(())
+    }
+
+    /// Sets `Settings::unseen_after` of `generation` (the one in force): cgroups newer than
+    /// `unseen_after` are judged by the rules that hold wherever they are until it is raised.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
+    pub fn set_unseen_after(&mut self, generation: u32, unseen_after: u64) -> Result<()> {
+        let mut settings: Array<_, Settings> = self.map_mut(SETTINGS)?;
+        let mut value = settings
+            .get(&generation, 0)
+            .map_err(|source| Error::ReadMap {
+                map: SETTINGS,
+                source,
+            })?;
+        value.unseen_after = unseen_after;
+        // One aligned 8-byte field changes; the others are written back as they were.
+        settings
+            .set(generation, value, 0)
+            .map_err(|source| Error::WriteMap {
+                map: SETTINGS,
+                what: format!("{value:?}"),
+                source,
+            })
     }
 
     /// `PROTECTED_FILTER[0]`.

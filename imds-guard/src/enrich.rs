@@ -1,7 +1,9 @@
 //! What the agent adds to an event from `/proc` and the user database: the executable, the
 //! command line, and user and group names. All best effort: a process may be gone by the time
-//! its event is read (the kernel already recorded what must not be lost), and a uid may have no
-//! name. Lookups are cached, and user database lookups (which may ask a directory service) are
+//! its event is read, or have run another program since, and a uid may have no name. The
+//! kernel recorded at the attempt what must not be lost: which executable made it (its device,
+//! inode and path on its file system), which names the process whatever `/proc` says by then.
+//! Lookups are cached, and user database lookups (which may ask a directory service) are
 //! limited per batch of events, so that neither a slow directory nor a flood of distinct uids
 //! holds up reporting.
 
@@ -9,22 +11,78 @@ use std::{
     collections::HashMap,
     fs,
     io::Read as _,
+    os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
+
+use crate::mounts::{self, Mount};
 
 /// Bytes of a command line kept; longer ones end with `…`.
 pub const CMDLINE_MAX_BYTES: usize = 1024;
 /// Entries each cache holds before it is emptied (memory stays bounded under any load).
 const CACHE_ENTRIES: usize = 4096;
 
-/// What `/proc/PID` says about a process.
+/// What the agent says about the process that made an attempt.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Process {
-    /// `/proc/PID/exe`.
+    /// The executable: `/proc/PID/exe` while the process runs the program that made the
+    /// attempt, else where the kernel's record of it is found.
     pub exe: Option<String>,
-    /// `/proc/PID/cmdline`, arguments separated by spaces, at most [`CMDLINE_MAX_BYTES`].
+    /// `/proc/PID/cmdline`, arguments separated by spaces, at most [`CMDLINE_MAX_BYTES`]; only
+    /// while the process runs the program that made the attempt.
     pub cmdline: Option<String>,
 }
+
+/// An executable as the kernel recorded it at the attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Executable {
+    /// Its file system's device: major and minor.
+    pub dev: (u32, u32),
+    /// Its inode number.
+    pub ino: u64,
+    /// Its path from the root of its file system (a container image's root, for a container's
+    /// program); starting with `…/` when the kernel kept only its last components.
+    pub on_fs: String,
+    /// The task was in a container: its path is the one it saw.
+    pub in_container: bool,
+}
+
+impl Executable {
+    /// Whether the file that `/proc/PID/exe` (`link`, and `file`, what it resolves to) names
+    /// is this one: the same device and inode, or the same path on its file system (overlay
+    /// file systems may show another device to `stat` than the kernel's inode has).
+    fn is(&self, file: Option<FileId>, link: Option<&str>) -> bool {
+        file.is_some_and(|file| file == FileId::of_kernel(self.dev, self.ino))
+            || link.is_some_and(|link| link == self.on_fs)
+    }
+}
+
+/// A file's identity: its device (major, minor) and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: (u32, u32),
+    ino: u64,
+}
+
+impl FileId {
+    fn of_kernel(dev: (u32, u32), ino: u64) -> Self {
+        Self { dev, ino }
+    }
+
+    fn of(metadata: &fs::Metadata) -> Self {
+        let dev = metadata.dev();
+        Self {
+            dev: (
+                u32::try_from(nix::sys::stat::major(dev)).unwrap_or(u32::MAX),
+                u32::try_from(nix::sys::stat::minor(dev)).unwrap_or(u32::MAX),
+            ),
+            ino: metadata.ino(),
+        }
+    }
+}
+
+/// How often the mount table is read again at most, when an executable's device is not in it.
+const MOUNTS_REREAD_NS: u64 = 1_000_000_000;
 
 /// How long a process's `/proc` entry, once read, is taken to be the same process without
 /// reading its start time again: a pid is not reused that fast (the kernel hands out pids in
@@ -36,6 +94,8 @@ struct Seen {
     /// Start time in clock ticks since boot.
     started: u64,
     process: Process,
+    /// What `/proc/PID/exe` resolved to when read.
+    exe_file: Option<FileId>,
     /// When the start time was last read (`CLOCK_BOOTTIME` ns).
     checked_ns: u64,
 }
@@ -51,6 +111,10 @@ pub struct Enricher {
     tick_ns: u64,
     /// User database lookups stop at this instant (`None`: no limit).
     lookups_until: Option<Instant>,
+    /// The mount table, to find an executable's file system.
+    mounts: Vec<Mount>,
+    /// When it was read (`CLOCK_BOOTTIME` ns).
+    mounts_read_ns: u64,
 }
 
 impl Enricher {
@@ -65,22 +129,50 @@ impl Enricher {
             .unwrap_or(100);
         Self {
             tick_ns: 1_000_000_000 / ticks_per_second,
+            mounts: mounts::read(),
+            mounts_read_ns: crate::events::boot_time_ns(),
             ..Self::default()
         }
     }
 
-    /// The process `tgid` that made an attempt at `boot_ns` (`CLOCK_BOOTTIME`), if it still
-    /// runs; a process with that id started after the attempt is another one (`None`).
-    pub fn process(&mut self, tgid: u32, boot_ns: u64) -> Option<Process> {
+    /// The process `tgid` that made an attempt at `boot_ns` (`CLOCK_BOOTTIME`) running `exe`
+    /// (the kernel's record; `None` when it could not read it). What `/proc` says is used while
+    /// the process still runs that program; a process gone, or one that has run another
+    /// program since (`execve`), is named by the kernel's record alone, without a command line.
+    pub fn process(&mut self, tgid: u32, boot_ns: u64, exe: Option<&Executable>) -> Process {
+        let live = self.live(tgid, boot_ns, exe);
+        match (live, exe) {
+            (Some((process, file)), Some(exe)) if exe.is(file, process.exe.as_deref()) => process,
+            (Some((process, _)), None) => process,
+            (_, Some(exe)) => Process {
+                exe: Some(self.locate(exe)),
+                cmdline: None,
+            },
+            (None, None) => Process::default(),
+        }
+    }
+
+    /// What `/proc` says of process `tgid`, if it runs and made an attempt at `boot_ns` (a
+    /// process with that id started later is another one), with what its `exe` resolves to.
+    /// A cached reading is read again when `exe` says the process ran another program.
+    fn live(
+        &mut self,
+        tgid: u32,
+        boot_ns: u64,
+        exe: Option<&Executable>,
+    ) -> Option<(Process, Option<FileId>)> {
         let now = crate::events::boot_time_ns();
         let tick_ns = self.tick_ns;
         // One tick of slack: the start time is rounded down to a tick.
         let made_it =
             |started: u64| started.saturating_mul(tick_ns) <= boot_ns.saturating_add(tick_ns);
+        let same_program =
+            |seen: &Seen| exe.is_none_or(|exe| exe.is(seen.exe_file, seen.process.exe.as_deref()));
         if let Some(seen) = self.processes.get(&tgid)
             && now.saturating_sub(seen.checked_ns) < RECHECK_NS
+            && same_program(seen)
         {
-            return made_it(seen.started).then(|| seen.process.clone());
+            return made_it(seen.started).then(|| (seen.process.clone(), seen.exe_file));
         }
         let started = start_ticks(tgid)?;
         if !made_it(started) {
@@ -92,33 +184,58 @@ impl Enricher {
         let known = self
             .processes
             .get(&tgid)
-            .filter(|seen| seen.started == started)
-            .map(|seen| seen.process.clone());
-        let process = if let Some(process) = known {
-            process
+            .filter(|seen| seen.started == started && same_program(seen))
+            .map(|seen| (seen.process.clone(), seen.exe_file));
+        let (process, exe_file) = if let Some(known) = known {
+            known
         } else {
+            let link = format!("/proc/{tgid}/exe");
             let process = Process {
-                exe: fs::read_link(format!("/proc/{tgid}/exe"))
+                exe: fs::read_link(&link)
                     .ok()
                     .map(|path| path.to_string_lossy().into_owned()),
                 cmdline: cmdline(tgid),
             };
+            let exe_file = fs::metadata(&link)
+                .ok()
+                .map(|metadata| FileId::of(&metadata));
             // Read after the start time: if the process ended and its id was reused in
             // between, the start time no longer matches and what was read is another's.
             if start_ticks(tgid) != Some(started) {
                 return None;
             }
-            process
+            (process, exe_file)
         };
         self.processes.insert(
             tgid,
             Seen {
                 started,
                 process: process.clone(),
+                exe_file,
                 checked_ns: now,
             },
         );
-        Some(process)
+        Some((process, exe_file))
+    }
+
+    /// Where the executable the kernel recorded can be found: its path as its task saw it for
+    /// a container's (its image is the container's root), else below the mount of its file
+    /// system in the agent's mount table, else its path on its file system.
+    fn locate(&mut self, exe: &Executable) -> String {
+        if exe.in_container {
+            return exe.on_fs.clone();
+        }
+        let now = crate::events::boot_time_ns();
+        let mut found = mounts::locate(&self.mounts, exe.dev, &exe.on_fs);
+        if found.is_none() && now.saturating_sub(self.mounts_read_ns) >= MOUNTS_REREAD_NS {
+            self.mounts = mounts::read();
+            self.mounts_read_ns = now;
+            found = mounts::locate(&self.mounts, exe.dev, &exe.on_fs);
+        }
+        found.map_or_else(
+            || exe.on_fs.clone(),
+            |path| path.to_string_lossy().into_owned(),
+        )
     }
 
     /// Allows `budget` of user database lookups from now on (the cache answers regardless):
@@ -259,17 +376,50 @@ mod tests {
         assert!(text.ends_with('…'));
     }
 
+    /// The kernel's record of the file at `path`, as an event carries it.
+    fn recorded(path: &std::path::Path) -> Executable {
+        let metadata = fs::metadata(path).unwrap();
+        let file = FileId::of(&metadata);
+        // This file's own file system: the path below the mount that shows it.
+        let mounts = mounts::read();
+        let mount = (mounts.iter())
+            .filter(|m| m.dev == file.dev && path.starts_with(&m.point))
+            .max_by_key(|m| m.point.as_os_str().len())
+            .unwrap();
+        let on_fs = mount
+            .root
+            .join(path.strip_prefix(&mount.point).unwrap())
+            .to_string_lossy()
+            .into_owned();
+        Executable {
+            dev: file.dev,
+            ino: file.ino,
+            on_fs,
+            in_container: false,
+        }
+    }
+
     #[test]
     fn reads_this_process_and_refuses_a_later_start() {
         let mut enricher = Enricher::new();
         let me = std::process::id();
         let now = crate::events::boot_time_ns();
-        let process = enricher.process(me, now).unwrap();
         let exe = std::env::current_exe().unwrap();
+        let kernel = recorded(&exe);
+        let process = enricher.process(me, now, Some(&kernel));
         assert_eq!(process.exe.as_deref(), exe.to_str());
         assert!(process.cmdline.is_some());
-        // An attempt before this process started was not this process's.
-        assert_eq!(enricher.process(me, 0), None);
+        assert_eq!(enricher.process(me, now, None), process);
+        // An attempt before this process started was not this process's: it is named by the
+        // kernel's record alone, found below the mount of its file system.
+        assert_eq!(
+            enricher.process(me, 0, Some(&kernel)),
+            Process {
+                exe: exe.to_str().map(str::to_owned),
+                cmdline: None
+            }
+        );
+        assert_eq!(enricher.process(me, 0, None), Process::default());
         assert_eq!(enricher.user(0), Name::Known("root".into()));
         assert_eq!(enricher.group(0), Name::Known("root".into()));
         assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
@@ -278,5 +428,42 @@ mod tests {
         assert_eq!(enricher.user(0), Name::Known("root".into()));
         assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
         assert_eq!(enricher.user(65534), Name::NotLookedUp);
+    }
+
+    #[test]
+    fn a_process_that_ran_another_program_since_is_named_by_the_kernels_record() {
+        let mut enricher = Enricher::new();
+        let me = std::process::id();
+        let now = crate::events::boot_time_ns();
+        // Cached as running this test binary.
+        let _ = enricher.process(me, now, None);
+        // The attempt was made by another program (as if this process exec'd since): the
+        // cached reading is not used, nor is what /proc says now.
+        let shell = recorded(
+            std::path::Path::new("/bin/sh")
+                .canonicalize()
+                .unwrap()
+                .as_path(),
+        );
+        let process = enricher.process(me, now, Some(&shell));
+        assert_eq!(process.cmdline, None);
+        assert_eq!(
+            process.exe.map(std::path::PathBuf::from),
+            Some(std::path::Path::new("/bin/sh").canonicalize().unwrap())
+        );
+        // A container's program is named by the path it saw.
+        let in_container = Executable {
+            dev: (0, 4242),
+            ino: 7,
+            on_fs: "/usr/bin/wget".into(),
+            in_container: true,
+        };
+        assert_eq!(
+            enricher
+                .process(u32::MAX - 1, now, Some(&in_container))
+                .exe
+                .as_deref(),
+            Some("/usr/bin/wget")
+        );
     }
 }

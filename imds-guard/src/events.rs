@@ -4,15 +4,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use imds_guard_common::event::{
-    COMM_LEN, EVENT_FLAG_REWRITTEN, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4,
-    HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_PARENT,
+    COMM_LEN, EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN,
+    EXE_PATH_PARTS, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4, HOOK_CONNECT6,
+    HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
     VERDICT_AUDIT, VERDICT_DENY,
 };
 use serde::Serialize;
 
 use crate::{
-    enrich::{Enricher, Name},
-    workload::{Container, Placement},
+    enrich::{Enricher, Executable, Name},
+    workload::{self, Container, Placement},
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -162,10 +163,10 @@ pub struct Record {
     /// reported on its own line).
     pub count: u64,
     /// Whether this line reports repeats the kernel folded: attempts identical to the first of
-    /// a burst (same cgroup, uid, gid, destination address, hook, rule and verdict) within the
-    /// fold window. Its other fields are that first attempt's (reported on its own line), or,
-    /// when the agent never saw it, `null` beyond what the repeats share. Repeats may differ
-    /// in process, port and protocol.
+    /// a burst (same process, cgroup, uid, gid, destination address and port, hook, rule and
+    /// verdict) within the fold window. Its other fields are that first attempt's (reported on
+    /// its own line), or, when the agent never saw it, `null` beyond what the repeats share.
+    /// Only the process it names made them.
     pub aggregated: bool,
     /// The first attempt this line counts (an aggregate: when its burst began).
     pub first_seen: String,
@@ -189,9 +190,13 @@ pub struct Record {
     pub group: Option<String>,
     /// Thread name; `null` for a packet.
     pub comm: Option<String>,
-    /// Executable (`/proc/PID/exe`), when the process still ran when the event was read.
+    /// The executable that made the attempt, as the kernel recorded it then: `/proc/PID/exe`
+    /// while the process still runs it, else its path (a container's program: as the
+    /// container sees it). `null` for a packet, a kernel thread, or when the kernel could not
+    /// read it.
     pub exe: Option<String>,
-    /// Command line, arguments joined by spaces, bounded (see [`crate::enrich`]).
+    /// Command line, arguments joined by spaces, bounded (see [`crate::enrich`]): only while
+    /// the process still runs the program that made the attempt.
     pub cmdline: Option<String>,
     /// cgroup v2 id.
     pub cgroup_id: u64,
@@ -203,6 +208,10 @@ pub struct Record {
     pub container: Option<Container>,
     /// The Kubernetes pod UID of the cgroup.
     pub pod_uid: Option<String>,
+    /// Whether the task was in a container: the kernel found it outside the host's initial pid
+    /// or cgroup namespace at the attempt, or its cgroup is a container's. Rules match inside
+    /// containers only when they say so (`containers`).
+    pub in_container: bool,
     /// `ipv4` or `ipv6`.
     pub family: Family,
     /// `tcp`, `udp`, `icmp`, `icmpv6`, `udplite`, `sctp`, or the protocol number; `null` when
@@ -222,6 +231,9 @@ pub struct Record {
     pub rewritten: bool,
     /// Fields that could not be read, so are `null`.
     pub unread: Vec<&'static str>,
+    /// The executable as the kernel recorded it, for [`Record::enrich`].
+    #[serde(skip)]
+    executable: Option<Executable>,
 }
 
 impl Record {
@@ -234,6 +246,8 @@ impl Record {
         let task = event.hook != Hook::Egress;
         let time = unix_time(raw.boot_ns, boot_to_unix_ns);
         let placement = cgroup.as_deref().map(Placement::of).unwrap_or_default();
+        let in_container = raw.flags & EVENT_FLAG_CONTAINER != 0
+            || cgroup.as_deref().is_some_and(workload::is_container_cgroup);
         let parent = task && raw.unread & UNREAD_PARENT == 0;
         let comm = task && raw.unread & UNREAD_COMM == 0;
         let mut unread = Vec::new();
@@ -272,6 +286,7 @@ impl Record {
             unit: placement.unit,
             container: placement.container,
             pod_uid: placement.pod_uid,
+            in_container,
             family: event.family,
             protocol: Some(protocol_name(raw.protocol)),
             dst: event.dst.to_string(),
@@ -280,6 +295,14 @@ impl Record {
             hook: event.hook,
             rewritten: raw.flags & EVENT_FLAG_REWRITTEN != 0,
             unread,
+            executable: (task && raw.unread & UNREAD_EXE == 0 && raw.exe_parts > 0).then(|| {
+                Executable {
+                    dev: (raw.exe_dev >> 20, raw.exe_dev & 0xf_ffff),
+                    ino: raw.exe_ino,
+                    on_fs: path_on_fs(raw),
+                    in_container,
+                }
+            }),
         }
     }
 
@@ -297,27 +320,26 @@ impl Record {
             }
             self.group = group.known();
         }
+        // Needed once: a record kept as the first of a burst should not carry it.
+        let executable = self.executable.take();
         if let Some(tgid) = self.tgid {
-            match enricher.process(tgid, boot_ns) {
-                Some(process) => {
-                    if process.exe.is_none() {
-                        self.unread.push("exe");
-                    }
-                    if process.cmdline.is_none() {
-                        self.unread.push("cmdline");
-                    }
-                    self.exe = process.exe;
-                    self.cmdline = process.cmdline;
-                }
-                None => self.unread.extend(["exe", "cmdline"]),
+            let process = enricher.process(tgid, boot_ns, executable.as_ref());
+            if process.exe.is_none() {
+                self.unread.push("exe");
             }
+            if process.cmdline.is_none() {
+                self.unread.push("cmdline");
+            }
+            self.exe = process.exe;
+            self.cmdline = process.cmdline;
         } else {
             self.unread.extend(["exe", "cmdline"]);
         }
     }
 
     /// The line for repeats the kernel folded when the agent never saw the burst's first
-    /// attempt: only what the repeats share, from their fold key.
+    /// attempt: only what the repeats share, from their fold key (the process, not its
+    /// executable: it may have run another program since).
     ///
     /// # Errors
     /// When the key holds unknown constants.
@@ -331,7 +353,7 @@ impl Record {
             boot_ns: 0,
             cgroup_id: key.cgroup_id,
             pid: 0,
-            tgid: 0,
+            tgid: key.tgid,
             uid: key.uid,
             gid: key.gid,
             rule: key.rule,
@@ -339,24 +361,27 @@ impl Record {
             hook: key.hook,
             family: key.family,
             protocol: 0,
-            port: 0,
+            port: key.port,
             generation: key.generation,
-            unread: UNREAD_PARENT | UNREAD_COMM,
+            unread: UNREAD_PARENT | UNREAD_COMM | UNREAD_EXE,
             flags: 0,
             _pad: [0; 3],
             addr: key.addr,
             comm: [0; COMM_LEN],
             ppid: 0,
             parent_comm: [0; COMM_LEN],
-            _tail: [0; 4],
+            exe_dev: 0,
+            exe_ino: 0,
+            exe_path: [0; EXE_PATH_PARTS * EXE_PART_LEN],
+            exe_parts: 0,
+            exe_flags: 0,
+            _tail: [0; 6],
         };
         let mut record = Self::new(&decode_event(raw)?, boot_to_unix_ns, cgroup, rule);
         record.pid = None;
-        record.tgid = None;
         record.protocol = None;
-        record.port = None;
         if record.hook != Hook::Egress {
-            record.unread.splice(0..0, ["pid", "tgid"]);
+            record.unread.insert(0, "pid");
         }
         Ok(record)
     }
@@ -374,6 +399,22 @@ impl Record {
             ..self.clone()
         }
     }
+}
+
+/// The executable's path on its file system, from the components the kernel recorded.
+fn path_on_fs(raw: &Event) -> String {
+    let parts = usize::from(raw.exe_parts).min(EXE_PATH_PARTS);
+    let mut path = String::new();
+    if raw.exe_flags & EXE_FLAG_TRUNCATED != 0 {
+        path.push('…');
+    }
+    for part in (0..parts).rev() {
+        let slot = &raw.exe_path[part * EXE_PART_LEN..(part + 1) * EXE_PART_LEN];
+        let end = slot.iter().position(|&b| b == 0).unwrap_or(EXE_PART_LEN);
+        path.push('/');
+        path.push_str(&String::from_utf8_lossy(&slot[..end]));
+    }
+    path
 }
 
 /// `CLOCK_BOOTTIME` nanoseconds as RFC 3339 in UTC.
@@ -454,8 +495,22 @@ mod tests {
             comm,
             ppid: 1,
             parent_comm: *b"bash\0\0\0\0\0\0\0\0\0\0\0\0",
-            _tail: [0; 4],
+            exe_dev: (254 << 20) | 3,
+            exe_ino: 77,
+            exe_path: exe_path(&["curl", "bin", "usr"]),
+            exe_parts: 3,
+            exe_flags: 0,
+            _tail: [0; 6],
         }
+    }
+
+    /// Path components as the kernel writes them, leaf first.
+    fn exe_path(parts: &[&str]) -> [u8; EXE_PATH_PARTS * EXE_PART_LEN] {
+        let mut path = [0u8; EXE_PATH_PARTS * EXE_PART_LEN];
+        for (i, part) in parts.iter().enumerate() {
+            path[i * EXE_PART_LEN..i * EXE_PART_LEN + part.len()].copy_from_slice(part.as_bytes());
+        }
+        path
     }
 
     fn bytes(event: &Event) -> Vec<u8> {
@@ -479,10 +534,36 @@ mod tests {
                 "parent_comm": "bash", "uid": 1000, "user": null, "gid": 1001, "group": null,
                 "comm": "curl", "exe": null, "cmdline": null, "cgroup_id": 4242,
                 "cgroup": "/work", "unit": null, "container": null, "pod_uid": null,
-                "family": "ipv4", "protocol": "tcp", "dst": "169.254.169.254", "port": 80,
+                "in_container": false, "family": "ipv4", "protocol": "tcp", "dst": "169.254.169.254", "port": 80,
                 "rule": "default", "hook": "connect4", "rewritten": false, "unread": []
             })
         );
+    }
+
+    #[test]
+    fn the_kernels_record_of_the_executable_is_decoded() {
+        let record = Record::new(&decode(&bytes(&event())).unwrap(), 0, None, "default");
+        assert_eq!(
+            record.executable,
+            Some(Executable {
+                dev: (254, 3),
+                ino: 77,
+                on_fs: "/usr/bin/curl".into(),
+                in_container: false,
+            })
+        );
+        // Cut: only the last components were kept. In a container: the path it saw.
+        let mut raw = event();
+        raw.exe_flags = EXE_FLAG_TRUNCATED;
+        raw.flags = EVENT_FLAG_CONTAINER;
+        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        let executable = record.executable.unwrap();
+        assert_eq!(executable.on_fs, "…/usr/bin/curl");
+        assert!(executable.in_container && record.in_container);
+        // Unread: nothing to go by.
+        raw.unread = UNREAD_EXE;
+        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        assert_eq!(record.executable, None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod enrich;
 pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod mounts;
 pub mod pidfile;
 pub mod pins;
 pub mod policy;

@@ -56,6 +56,8 @@ pub struct Metrics {
     failed_reloads: Counter,
     rules: Gauge,
     cgroup_entries: Gauge,
+    cgroups_dropped: Gauge,
+    cgroups_unseen: Gauge,
     rulesets: Gauge,
     protected: Gauge,
     /// Kernel totals at the last update.
@@ -135,6 +137,18 @@ impl Metrics {
                 "policy_cgroup_entries",
                 "Cgroups with an entry in the policy in force",
             ),
+            cgroups_dropped: gauge(
+                &mut registry,
+                "policy_cgroups_dropped",
+                "Cgroups whose rules would add to their parent's but found no room in the map \
+                 (they keep their parent's: fail closed)",
+            ),
+            cgroups_unseen: gauge(
+                &mut registry,
+                "cgroups_unseen",
+                "1 while cgroups newer than the agent's last complete view get only the rules \
+                 that hold in every cgroup (lost notifications being rescanned, or a full map)",
+            ),
             rulesets: gauge(
                 &mut registry,
                 "policy_rulesets",
@@ -192,6 +206,7 @@ impl Metrics {
         compiled: &Compiled,
         events: (u64, u64, u64),
         reloads: (u32, u32),
+        unseen: bool,
     ) {
         if let Ok(now) = kernel.counters() {
             let add = |verdict, now: u64, before: u64| {
@@ -224,6 +239,8 @@ impl Metrics {
         };
         gauge(&self.rules, compiled.policy.rules.len());
         gauge(&self.cgroup_entries, compiled.cgroup_entries());
+        gauge(&self.cgroups_dropped, compiled.dropped());
+        gauge(&self.cgroups_unseen, usize::from(unseen));
         gauge(&self.rulesets, compiled.rulesets());
         gauge(&self.protected, compiled.policy.protect.len());
     }

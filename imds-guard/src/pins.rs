@@ -494,7 +494,7 @@ mod tests {
         let pins = PinDir::new(Path::new("/sys/fs/bpf/imds-guard"));
         assert_eq!(
             pins.map("ALLOW"),
-            Path::new("/sys/fs/bpf/imds-guard/maps-v3/ALLOW")
+            Path::new("/sys/fs/bpf/imds-guard/maps-v4/ALLOW")
         );
         assert_eq!(
             pins.link("connect4"),

@@ -9,8 +9,9 @@ use imds_guard_common::policy::MAX_CGROUP_LEVEL;
 
 use crate::{
     cgroups::Hierarchy,
-    config::{Config, Mode, Principal, Rule, Setting},
+    config::{Config, Containers, Mode, Principal, Rule, Setting},
     error::{Error, Origin, Result},
+    workload,
 };
 
 /// An allow rule, resolved.
@@ -33,6 +34,12 @@ pub struct PolicyRule {
     pub unit: Vec<usize>,
     /// The task must be in (or below) none of these (pattern indices).
     pub not_cgroup: Vec<usize>,
+    /// Whether tasks in containers match: as written, else [`Containers::Included`] when one of
+    /// its `cgroup` or `unit` patterns names container cgroups (see
+    /// [`workload::names_container_cgroups`]), else [`Containers::Excluded`].
+    pub containers: Containers,
+    /// `containers` was written in the rule (not the default).
+    pub containers_written: bool,
     /// Allows, but reports (a staged rule).
     pub audit: bool,
 }
@@ -52,6 +59,36 @@ impl PolicyRule {
     #[must_use]
     pub fn has_cgroup_conditions(&self) -> bool {
         !(self.cgroup.is_empty() && self.unit.is_empty() && self.not_cgroup.is_empty())
+    }
+}
+
+/// The rules that apply in one situation, by rule id in order: to a task on the host and to a
+/// task in a container (in the kernel's view: its namespaces). In a container's cgroup both
+/// are the container's rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Applicable {
+    /// For `TASK_HOST`.
+    pub host: Vec<u32>,
+    /// For `TASK_CONTAINER`.
+    pub container: Vec<u32>,
+}
+
+impl Applicable {
+    /// The rules for a task that is (`true`) or is not in a container.
+    #[must_use]
+    pub fn for_task(&self, in_container: bool) -> &[u32] {
+        if in_container {
+            &self.container
+        } else {
+            &self.host
+        }
+    }
+
+    /// Whether every rule of `self` is in `other` (`self` allows no more than `other`).
+    #[must_use]
+    pub fn within(&self, other: &Self) -> bool {
+        self.host.iter().all(|id| other.host.contains(id))
+            && self.container.iter().all(|id| other.container.contains(id))
     }
 }
 
@@ -123,6 +160,16 @@ impl Policy {
             };
             let cgroup = path_patterns(&rule.cgroup)?;
             let not_cgroup = path_patterns(&rule.not_cgroup)?;
+            let names_containers = (rule.cgroup.iter().chain(&rule.unit))
+                .any(|item| workload::names_container_cgroups(&item.value));
+            let containers = rule.containers.as_ref().map_or(
+                if names_containers {
+                    Containers::Included
+                } else {
+                    Containers::Excluded
+                },
+                |setting| setting.value,
+            );
             let resolved = PolicyRule {
                 name: rule.display_name(),
                 origin: rule.origin.clone(),
@@ -142,6 +189,8 @@ impl Policy {
                     .map(|unit| index_of(Pattern::Unit(unit.value.clone())))
                     .collect(),
                 not_cgroup: not_cgroup.into_iter().map(&mut index_of).collect(),
+                containers,
+                containers_written: rule.containers.is_some(),
                 audit: rule.audit,
             };
             if let Some(earlier) = rules.iter().find(|other| same_conditions(other, &resolved)) {
@@ -194,10 +243,16 @@ impl Policy {
         self.rules.get(index)
     }
 
-    /// Whether any rule looks at the task's cgroup (else the kernel skips the ancestor walk).
+    /// Whether a rule's decision may depend on the task's cgroup: a cgroup condition, or a
+    /// rule that tells host tasks from containers' (which a container's cgroup path decides as
+    /// well as the kernel). Otherwise the kernel skips the ancestor walk.
     #[must_use]
-    pub fn has_cgroup_conditions(&self) -> bool {
+    pub fn depends_on_cgroup(&self) -> bool {
         !self.patterns.is_empty()
+            || self
+                .rules
+                .iter()
+                .any(|rule| rule.containers != Containers::Included)
     }
 
     /// The patterns that the cgroup at `path` (`/`, `/a/b`) matches itself.
@@ -232,14 +287,191 @@ impl Policy {
         matched
     }
 
-    /// Ids of the rules that apply in a cgroup within which `matched` holds, in order.
+    /// The rules that apply in a cgroup within which `matched` holds; `container_cgroup`: the
+    /// cgroup is a container's (its path says so), so every task in it is in a container.
     #[must_use]
-    pub fn rules_in(&self, matched: &BTreeSet<usize>) -> Vec<u32> {
-        (1u32..)
-            .zip(&self.rules)
-            .filter(|(_, rule)| rule.applies_in(matched))
-            .map(|(id, _)| id)
-            .collect()
+    pub fn rules_in(&self, matched: &BTreeSet<usize>, container_cgroup: bool) -> Applicable {
+        let ids = |in_container: bool| {
+            (1u32..)
+                .zip(&self.rules)
+                .filter(|(_, rule)| {
+                    rule.applies_in(matched) && rule.containers.admits(in_container)
+                })
+                .map(|(id, _)| id)
+                .collect()
+        };
+        Applicable {
+            host: ids(container_cgroup),
+            container: ids(true),
+        }
+    }
+
+    /// The rules that apply in the cgroup at `path` (a hierarchy path).
+    #[must_use]
+    pub fn rules_at(&self, path: &str) -> Applicable {
+        self.rules_in(
+            &self.matched_within(path),
+            workload::is_container_cgroup(path),
+        )
+    }
+
+    /// The rules for tasks outside every cgroup with an entry: none of the patterns matched.
+    #[must_use]
+    pub fn default_rules(&self) -> Applicable {
+        self.rules_in(&BTreeSet::new(), false)
+    }
+
+    /// The rules that apply in a cgroup whatever its path: those for a cgroup the agent has
+    /// not seen (`RULESET_UNSEEN`). Rules with cgroup conditions are out (the path is not
+    /// known); so are, for a host task, rules that do not admit containers (the cgroup may be
+    /// a container's) and rules only for containers (it may not be).
+    #[must_use]
+    pub fn unseen_rules(&self) -> Applicable {
+        let ids = |admits: fn(Containers) -> bool| {
+            (1u32..)
+                .zip(&self.rules)
+                .filter(|(_, rule)| !rule.has_cgroup_conditions() && admits(rule.containers))
+                .map(|(id, _)| id)
+                .collect()
+        };
+        Applicable {
+            host: ids(|containers| containers == Containers::Included),
+            container: ids(|containers| containers.admits(true)),
+        }
+    }
+}
+
+/// A rule that a container or a local user could satisfy, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// The rule's position in the config (or its option).
+    pub origin: Origin,
+    /// The rule's name.
+    pub rule: String,
+    /// What could satisfy it, and what to write instead.
+    pub message: String,
+}
+
+impl Policy {
+    /// The rules that someone other than the workload they are meant for could satisfy: a
+    /// container's root (which can take any uid or gid), a pod (`runAsUser`), any container a
+    /// runtime starts, or a local user (who makes and names the cgroups below their own
+    /// `user@UID.service`). `check-config` and `run` print them.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut warnings = Vec::new();
+        for rule in &self.rules {
+            let mut warn = |message: String| {
+                warnings.push(Warning {
+                    origin: rule.origin.clone(),
+                    rule: rule.name.clone(),
+                    message,
+                });
+            };
+            let positive: Vec<&str> = (rule.cgroup.iter().chain(&rule.unit))
+                .map(|&index| self.pattern_text(index))
+                .collect();
+            if rule.containers.admits(true) {
+                let who = match (rule.uid, rule.gid) {
+                    (Some(uid), _) => Some(format!("uid {uid}")),
+                    (None, Some(gid)) => Some(format!("gid {gid}")),
+                    (None, None) => None,
+                };
+                if positive.is_empty() {
+                    match who {
+                        Some(who) => warn(format!(
+                            "any container can satisfy this rule: a container's root can switch \
+                             to {who} (setuid), and a pod can run as it (runAsUser); name the \
+                             container's cgroup (cgroup = ...), or set containers = false"
+                        )),
+                        None => warn(
+                            "every task in every container satisfies this rule: name the \
+                             containers' cgroups (cgroup = ...)"
+                                .to_owned(),
+                        ),
+                    }
+                } else if let Some(broad) = positive.iter().find(|p| matches_any_container(p)) {
+                    warn(format!(
+                        "any container a runtime starts (one made later included) can satisfy \
+                         this rule: {broad:?} matches every container's cgroup there; name the \
+                         container (docker-<id>*.scope) or add a uid"
+                    ));
+                }
+            }
+            for pattern in &positive {
+                if let Some(who) = user_made(pattern) {
+                    warn(format!(
+                        "{who} can satisfy this rule: {pattern:?} is below a user manager \
+                         (user@UID.service), where users make and name cgroups themselves"
+                    ));
+                }
+            }
+            for &index in &rule.not_cgroup {
+                let pattern = self.pattern_text(index);
+                if let Some(who) = user_made(pattern) {
+                    warn(format!(
+                        "{who} can stay out of not_cgroup {pattern:?}: users name the cgroups \
+                         below their user manager themselves, so this keeps no one out"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    fn pattern_text(&self, index: usize) -> &str {
+        match &self.patterns[index] {
+            Pattern::Path(text) | Pattern::Unit(text) => text,
+        }
+    }
+}
+
+/// Whether a cgroup or unit pattern matches the cgroup of any container its runtime starts:
+/// a wildcard stands where the container's id goes (`docker-*.scope`, `/docker/*`,
+/// `/kubepods.slice/**`), not after a prefix of one id (`docker-0123abcd*.scope`).
+fn matches_any_container(pattern: &str) -> bool {
+    let wild = |part: &str| part.starts_with(['*', '?', '[']);
+    let parts: Vec<&str> = pattern.split('/').filter(|part| !part.is_empty()).collect();
+    parts.iter().enumerate().any(|(index, part)| {
+        if let Some(id) = workload::after_scope_prefix(part) {
+            return wild(id);
+        }
+        workload::names_container_cgroups(part)
+            && parts.get(index + 1).is_some_and(|next| wild(next))
+    })
+}
+
+/// Who makes the cgroups a pattern can match below a user manager: `Some("any local user")`
+/// when the pattern spans users' managers, `Some("user N")` for one user's, `None` when it
+/// reaches none.
+fn user_made(pattern: &str) -> Option<String> {
+    let parts: Vec<&str> = pattern.split('/').filter(|part| !part.is_empty()).collect();
+    let manager = parts.iter().position(|part| part.starts_with("user@"));
+    match manager {
+        Some(index) => {
+            let part = parts[index];
+            let uid = part
+                .strip_prefix("user@")
+                .and_then(|rest| rest.strip_suffix(".service"))
+                .filter(|uid| uid.bytes().all(|b| b.is_ascii_digit()));
+            let wild_above = parts[..=index]
+                .iter()
+                .any(|part| part.contains(['*', '?', '[']));
+            match uid {
+                Some(uid) if !wild_above => Some(format!("user {uid}")),
+                _ => Some("any local user".to_owned()),
+            }
+        }
+        // `/user.slice/**` and the like reach every user's manager.
+        None => parts
+            .iter()
+            .position(|part| *part == "user.slice" || part.starts_with("user-"))
+            .filter(|&index| {
+                parts[index..]
+                    .iter()
+                    .any(|part| part.contains(['*', '?', '[']))
+            })
+            .map(|_| "any local user".to_owned()),
     }
 }
 
@@ -316,6 +548,7 @@ fn same_conditions(a: &PolicyRule, b: &PolicyRule) -> bool {
         && set(&a.cgroup) == set(&b.cgroup)
         && set(&a.unit) == set(&b.unit)
         && set(&a.not_cgroup) == set(&b.not_cgroup)
+        && a.containers == b.containers
         && a.audit == b.audit
 }
 
@@ -373,8 +606,9 @@ mod tests {
         Policy::resolve(&config, &hierarchy).unwrap()
     }
 
+    /// The rules for a host task (as the kernel sees its namespaces) in `path`.
     fn rules_at(policy: &Policy, path: &str) -> Vec<u32> {
-        policy.rules_in(&policy.matched_within(path))
+        policy.rules_at(path).host
     }
 
     #[test]
@@ -453,6 +687,8 @@ mod tests {
         );
         assert_eq!(rules_at(&p, "/kubepods.slice/pod/ctr"), Vec::<u32>::new());
         assert_eq!(p.rule_name(1), "host root");
+        // A container's cgroup the patterns do not list is still a container's.
+        assert_eq!(rules_at(&p, CONTAINER), Vec::<u32>::new());
     }
 
     #[test]
@@ -495,8 +731,73 @@ mod tests {
     }
 
     #[test]
+    fn warnings_name_rules_a_container_or_a_user_could_satisfy() {
+        let p = policy(
+            "[[allow]]\nname = \"cw\"\nuid = 998\ncontainers = true\n\
+             [[allow]]\nname = \"host cw\"\nuid = 998\n\
+             [[allow]]\nname = \"any docker\"\ncgroup = \"/system.slice/docker-*.scope\"\n\
+             [[allow]]\nname = \"one docker\"\ncgroup = \"/system.slice/docker-0123abcd*.scope\"\n\
+             [[allow]]\nname = \"users\"\ncgroup = \"/user.slice/**/app.service\"\n\
+             [[allow]]\nname = \"alice\"\ncgroup = \"/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\"\n\
+             [[allow]]\nname = \"root but not\"\nuid = 0\nnot_cgroup = \"/user.slice/*/user@*.service/bad.service\"\n\
+             [[allow]]\nname = \"ssm\"\nunit = \"amazon-ssm-agent.service\"\nuid = 0\n",
+        );
+        let warnings = p.warnings();
+        let rules: Vec<&str> = warnings.iter().map(|w| w.rule.as_str()).collect();
+        assert_eq!(
+            rules,
+            ["cw", "any docker", "users", "alice", "root but not"],
+            "{:#?}",
+            p.warnings()
+        );
+        let messages: Vec<String> = p.warnings().into_iter().map(|w| w.message).collect();
+        assert!(messages[0].starts_with("any container can satisfy this rule"));
+        assert!(messages[1].starts_with("any container a runtime starts"));
+        assert!(messages[2].starts_with("any local user can satisfy this rule"));
+        assert!(messages[3].starts_with("user 1000 can satisfy this rule"));
+        assert!(messages[4].starts_with("any local user can stay out of not_cgroup"));
+    }
+
+    #[test]
     fn cgroup_free_policies_skip_the_walk() {
-        assert!(!policy("allow_uid = [0]\n").has_cgroup_conditions());
-        assert!(policy("[[allow]]\nnot_cgroup = \"/x\"\n").has_cgroup_conditions());
+        // A host-only uid rule depends on the cgroup: a container's path takes it away.
+        assert!(policy("allow_uid = [0]\n").depends_on_cgroup());
+        assert!(!policy("[[allow]]\nuid = 0\ncontainers = true\n").depends_on_cgroup());
+        assert!(policy("[[allow]]\nnot_cgroup = \"/x\"\ncontainers = true\n").depends_on_cgroup());
+    }
+
+    const CONTAINER: &str = "/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
+
+    #[test]
+    fn rules_match_host_tasks_only_unless_they_say_otherwise() {
+        let p = policy(
+            "[[allow]]\nuid = 0\n\
+             [[allow]]\nuid = 998\ncontainers = true\n\
+             [[allow]]\nuid = 5\ncontainers = \"only\"\n\
+             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 7\n\
+             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 8\ncontainers = false\n",
+        );
+        let containers: Vec<Containers> = p.rules.iter().map(|r| r.containers).collect();
+        assert_eq!(
+            containers,
+            [
+                Containers::Excluded,
+                Containers::Included,
+                Containers::Only,
+                Containers::Included,
+                Containers::Excluded
+            ]
+        );
+        // A host task on the host; a namespaced task in an ordinary cgroup; any task in a
+        // container's cgroup.
+        assert_eq!(p.rules_at("/system.slice/x.service").host, [1, 2]);
+        assert_eq!(p.rules_at("/system.slice/x.service").container, [2, 3]);
+        assert_eq!(p.rules_at(CONTAINER).host, [2, 3, 4]);
+        assert_eq!(p.rules_at(CONTAINER).container, [2, 3, 4]);
+        assert_eq!(p.rules_at(&format!("{CONTAINER}/deeper")).host, [2, 3, 4]);
+        // A cgroup the agent has not seen: only what applies wherever it is.
+        let unseen = p.unseen_rules();
+        assert_eq!((unseen.host, unseen.container), (vec![2], vec![2, 3]));
+        assert!(p.depends_on_cgroup());
     }
 }

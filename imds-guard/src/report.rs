@@ -12,8 +12,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    config::Containers,
     error::{Error, Result},
-    workload::{Container, Placement},
+    workload::{self, Container, Placement},
 };
 
 /// The fields of an event line that the report uses (others are ignored). Lines of older
@@ -35,6 +36,10 @@ struct Line {
     count: u64,
     #[serde(default)]
     first_seen: Option<Timestamp>,
+    /// Whether the task was in a container; lines of older agents lack it (the cgroup path
+    /// tells then).
+    #[serde(default)]
+    in_container: Option<bool>,
 }
 
 fn one() -> u64 {
@@ -60,6 +65,11 @@ pub struct Workload {
     pub exes: Vec<String>,
     /// Thread names seen.
     pub comms: Vec<String>,
+    /// Attempts were seen from its tasks on the host.
+    pub on_host: bool,
+    /// Attempts were seen from its tasks in a container (outside the host's namespaces, or in
+    /// a container's cgroup).
+    pub in_container: bool,
     /// Destinations tried.
     pub destinations: Vec<String>,
     /// Attempts denied.
@@ -88,6 +98,8 @@ impl Workload {
             user: line.user.clone(),
             exes: Vec::new(),
             comms: Vec::new(),
+            on_host: false,
+            in_container: false,
             destinations: Vec::new(),
             denied: 0,
             audited: 0,
@@ -141,6 +153,16 @@ pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
         let workload = by_key
             .entry((line.cgroup.clone(), line.uid))
             .or_insert_with(|| Workload::new(&line, first_seen));
+        let in_container = line.in_container.unwrap_or_else(|| {
+            line.cgroup
+                .as_deref()
+                .is_some_and(workload::is_container_cgroup)
+        });
+        if in_container {
+            workload.in_container = true;
+        } else {
+            workload.on_host = true;
+        }
         push_new(&mut workload.exes, line.exe);
         push_new(&mut workload.comms, line.comm);
         push_new(&mut workload.destinations, Some(line.dst));
@@ -368,7 +390,8 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
              # The default policy's rule, written out now that the file has rules of its own.\n\
              [[allow]]\n\
              name = \"root (the default policy)\"\n\
-             uid = 0\n",
+             uid = 0\n\
+             containers = false\n",
         ),
     }
     for ((identity, uid), seen) in &rules {
@@ -402,21 +425,42 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
                 );
             }
         }
-        out.push_str("[[allow]]\n");
-        let _ = writeln!(out, "uid = {uid}");
-        match identity {
-            Identity::Unit(unit) => {
-                let _ = writeln!(out, "unit = {}", toml_string(unit));
-            }
-            Identity::Cgroup(cgroup) => {
-                let _ = writeln!(out, "cgroup = {}", toml_string(cgroup));
-            }
-            Identity::Anywhere => {
-                out.push_str("# its cgroup was gone when its events were read: any cgroup\n");
-            }
-        }
+        write_rule(&mut out, identity, *uid, seen);
     }
     Ok(out)
+}
+
+/// One suggested rule: `uid` in `identity`, for the workloads `seen` there, and never wider than
+/// what was seen (where its tasks were: on the host, in containers, or both).
+fn write_rule(out: &mut String, identity: &Identity, uid: u32, seen: &[&Workload]) {
+    out.push_str("[[allow]]\n");
+    let _ = writeln!(out, "uid = {uid}");
+    match identity {
+        Identity::Unit(unit) => {
+            let _ = writeln!(out, "unit = {}", toml_string(unit));
+        }
+        Identity::Cgroup(cgroup) => {
+            let _ = writeln!(out, "cgroup = {}", toml_string(cgroup));
+        }
+        Identity::Anywhere => {
+            out.push_str("# its cgroup was gone when its events were read: any cgroup\n");
+        }
+    }
+    // Never wider than what was seen: where its tasks were, on the host or in containers.
+    let (host, container) = (
+        seen.iter().any(|w| w.on_host),
+        seen.iter().any(|w| w.in_container),
+    );
+    let _ = writeln!(
+        out,
+        "containers = {}",
+        match (host, container) {
+            (true, true) => Containers::Included,
+            (false, true) => Containers::Only,
+            _ => Containers::Excluded,
+        }
+        .as_toml()
+    );
 }
 
 /// `text` as a TOML string, quoted and escaped.
@@ -532,9 +576,48 @@ imds-guard log line the journal interleaves
             text.contains("cgroup = \"/user.slice/user-1000.slice/session-3.scope\"\n"),
             "{text}"
         );
-        assert!(text.contains("uid = 1001\n# its cgroup was gone"), "{text}");
+        assert!(
+            text.contains("uid = 1001\n# its cgroup was gone when its events were read: any cgroup\ncontainers = false\n"),
+            "{text}"
+        );
         assert!(!text.contains(CONTAINER), "{text}");
         assert!(text.contains("# 1 denied attempts were seen too"), "{text}");
+    }
+
+    #[test]
+    fn suggested_rules_are_never_wider_than_what_was_seen() {
+        let line = |uid: u32, cgroup: &str, in_container: Option<bool>| {
+            let flag = in_container.map_or(String::new(), |c| format!(r#","in_container":{c}"#));
+            format!(
+                r#"{{"time":"2026-11-22T10:00:00Z","verdict":"audit","uid":{uid},"comm":"x","cgroup":"{cgroup}","dst":"169.254.169.254"{flag}}}"#
+            )
+        };
+        let stream = [
+            // Host only.
+            line(998, "/system.slice/cwagent.service", Some(false)),
+            // In a container's cgroup (an older agent's line: no in_container).
+            line(0, &format!("/system.slice/docker-{CONTAINER}.scope"), None),
+            // Namespaced, in an ordinary cgroup: a container the path does not name.
+            line(0, "/custom/app", Some(true)),
+            // Both, in one cgroup.
+            line(5, "/custom/mixed", Some(true)),
+            line(5, "/custom/mixed", Some(false)),
+        ]
+        .join("\n");
+        let workloads = workloads(stream.as_bytes(), "events.jsonl").unwrap();
+        let text = suggest_policy(&workloads, None).unwrap();
+        let config = parse(&text);
+        let containers = |needle: &str| {
+            let rule = (config.allow.iter())
+                .find(|rule| rule.conditions().contains(needle))
+                .unwrap_or_else(|| panic!("no rule for {needle}: {text}"));
+            rule.containers.as_ref().map(|setting| setting.value)
+        };
+        assert_eq!(containers("cwagent.service"), Some(Containers::Excluded));
+        assert_eq!(containers(CONTAINER), Some(Containers::Only));
+        assert_eq!(containers("/custom/app"), Some(Containers::Only));
+        assert_eq!(containers("/custom/mixed"), Some(Containers::Included));
+        assert_eq!(config.allow[0].conditions(), "uid 0, not containers");
     }
 
     #[test]

@@ -9,7 +9,10 @@ use imds_guard_common::{
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
     },
-    policy::{CgroupKey, MODE_AUDIT, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings},
+    policy::{
+        ALL_CGROUPS_SEEN, CgroupKey, MODE_AUDIT, ProtectedV4Key, ProtectedV6Key, RuleKey,
+        RuleValue, Settings,
+    },
 };
 use serde::Serialize;
 
@@ -70,6 +73,13 @@ pub struct PolicySummary {
     pub allow_entries: usize,
     /// `CGROUP_RULESETS` entries of the generation.
     pub cgroup_entries: usize,
+    /// Cgroups with a larger id get only the rules that hold in every cgroup: the agent fell
+    /// behind (lost notifications, rescanning) or the map is full. `null` while every cgroup
+    /// has its own rules.
+    pub unseen_after: Option<u64>,
+    /// Cgroups whose rules would add to their parent's but found no room in the map: they
+    /// keep their parent's (fail closed).
+    pub cgroups_dropped: u32,
 }
 
 /// The agent, from its pid file and what it recorded in the pins.
@@ -162,6 +172,11 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
         (Ok(_), Some(info)) if info.maps_uncertain != 0 => {
             Some("an update of the maps failed; it rewrites them at its next scan".into())
         }
+        (Ok(_), Some(info)) if info.unseen_after != ALL_CGROUPS_SEEN => Some(format!(
+            "it is behind the cgroup tree (lost notifications, or a full map): cgroups with an \
+             id above {} get only the rules that hold in every cgroup",
+            info.unseen_after
+        )),
         _ => None,
     };
     status.healthy = status.problem.is_none();
@@ -226,6 +241,9 @@ impl PinnedMaps<'_> {
             cgroup_entries: (cgroups.keys().flatten())
                 .filter(|k| k.generation == generation)
                 .count(),
+            unseen_after: (settings.unseen_after != ALL_CGROUPS_SEEN)
+                .then_some(settings.unseen_after),
+            cgroups_dropped: info.map_or(0, |info| info.cgroups_dropped),
         })
     }
 
@@ -318,6 +336,21 @@ pub fn describe(status: &Status) -> String {
             policy.cgroup_entries,
             protected.join(", ")
         );
+        if let Some(unseen_after) = policy.unseen_after {
+            let _ = writeln!(
+                out,
+                "cgroups: BEHIND: cgroups with an id above {unseen_after} get only the rules \
+                 that hold in every cgroup until the agent catches up"
+            );
+        }
+        if policy.cgroups_dropped > 0 {
+            let _ = writeln!(
+                out,
+                "cgroups: the map is full: {} cgroups keep their parent's rules instead of \
+                 wider ones of their own",
+                policy.cgroups_dropped
+            );
+        }
     }
     if let Some(counters) = &status.counters {
         let _ = writeln!(

@@ -55,7 +55,9 @@ impl Placement {
                 placement.container = Some(container);
             } else if is_container_id(part) && index > 0 {
                 let parent = parts[index - 1];
-                if parent == "docker" {
+                // ECS with the cgroupfs driver: /ecs/<task id>/<container id>.
+                let ecs_task = index > 1 && parts[index - 2] == "ecs";
+                if parent == "docker" || ecs_task {
                     placement.container = Some(Container {
                         runtime: Some("docker".into()),
                         id: (*part).to_owned(),
@@ -73,6 +75,48 @@ impl Placement {
         }
         placement
     }
+}
+
+/// Whether the cgroup at `path` is a container's or below one, as its path tells: a container
+/// runtime's cgroup ([`Placement::container`]), anything under a `kubepods` cgroup (pods and
+/// their containers), or an LXC container's payload, wherever in the tree.
+#[must_use]
+pub fn is_container_cgroup(path: &str) -> bool {
+    Placement::of(path).container.is_some()
+        || path
+            .split('/')
+            .any(|part| part.starts_with("kubepods") || part.starts_with(LXC_PAYLOAD_PREFIX))
+}
+
+/// LXC (and Incus) name a container's cgroup `lxc.payload.<name>`.
+const LXC_PAYLOAD_PREFIX: &str = "lxc.payload.";
+
+/// Whether a cgroup or unit pattern, as written in a rule, names container cgroups: one of its
+/// parts is a container runtime's (`docker-…`, `cri-containerd-…`, `crio-…`, `libpod-…`,
+/// `nerdctl-…`, `kubepods…`, `lxc.payload.…`, or the cgroupfs drivers' `docker` and `ecs`
+/// directories, `ecstasks…`). A rule that names them matches inside containers unless it says
+/// `containers = false`.
+#[must_use]
+pub fn names_container_cgroups(pattern: &str) -> bool {
+    pattern.split('/').any(|part| {
+        SCOPE_PREFIXES
+            .iter()
+            .any(|(prefix, _)| part.starts_with(prefix))
+            || part.starts_with("kubepods")
+            || part.starts_with(LXC_PAYLOAD_PREFIX)
+            || part.starts_with("ecstasks")
+            || part == "docker"
+            || part == "ecs"
+    })
+}
+
+/// What follows a container runtime's scope prefix in a cgroup name (`docker-` in
+/// `docker-<id>.scope`): where the container's id goes.
+#[must_use]
+pub fn after_scope_prefix(part: &str) -> Option<&str> {
+    SCOPE_PREFIXES
+        .iter()
+        .find_map(|(prefix, _)| part.strip_prefix(prefix))
 }
 
 /// systemd unit names are case-sensitive: `.Service` is not a unit type.
@@ -181,6 +225,57 @@ mod tests {
         ));
         assert_eq!(guaranteed.pod_uid.as_deref(), Some(POD));
         assert_eq!(guaranteed.container, Some(container(Some("cri-o"))));
+    }
+
+    #[test]
+    fn container_cgroups_anywhere_in_the_tree() {
+        for path in [
+            format!("/system.slice/docker-{ID}.scope"),
+            format!("/a/b/system.slice/docker-{ID}.scope/init"),
+            format!("/docker/{ID}"),
+            format!("/ecs/0123456789abcdef0123456789abcdef/{ID}"),
+            "/kubepods.slice/kubepods-besteffort.slice".to_owned(),
+            "/x/kubepods/burstable/podabc".to_owned(),
+            "/lxc.payload.web/init.scope".to_owned(),
+        ] {
+            assert!(is_container_cgroup(&path), "{path}");
+        }
+        for path in [
+            "/",
+            "/system.slice/docker.service",
+            "/system.slice/containerd.service",
+            "/user.slice/user-1000.slice/session-3.scope",
+            "/ecs/agent",
+        ] {
+            assert!(!is_container_cgroup(path), "{path}");
+        }
+        let ecs = Placement::of(&format!("/ecs/0123456789abcdef0123456789abcdef/{ID}"));
+        assert_eq!(ecs.container, Some(container(Some("docker"))));
+    }
+
+    #[test]
+    fn patterns_that_name_container_cgroups() {
+        for pattern in [
+            "/system.slice/docker-*.scope",
+            "/system.slice/docker-0123abcd*.scope",
+            "/kubepods.slice/**",
+            "/docker/**",
+            "/ecs/**",
+            "/ecstasks.slice/**",
+            "/machine.slice/libpod-*.scope",
+            "cri-containerd-*.scope",
+        ] {
+            assert!(names_container_cgroups(pattern), "{pattern}");
+        }
+        for pattern in [
+            "/system.slice/**",
+            "/**",
+            "/system.slice/docker.service",
+            "amazon-ssm-agent.service",
+            "/workloads/*",
+        ] {
+            assert!(!names_container_cgroups(pattern), "{pattern}");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub struct Client<'a> {
     repeat: u32,
     /// Extra `--option value` pairs (`--drop-to`, `--hosts`, `--move-to`).
     options: Vec<(&'static str, String)>,
+    /// Another copy of the client to run.
+    binary: Option<std::path::PathBuf>,
 }
 
 /// What a client saw.
@@ -80,6 +82,7 @@ impl<'a> Client<'a> {
             gid,
             repeat: 1,
             options: Vec::new(),
+            binary: None,
         }
     }
 
@@ -152,6 +155,29 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Runs the client in new namespaces, as a container runtime runs a container's processes:
+    /// `"pid"`, `"cgroup"` or `"pid,cgroup"` (its cgroup as the new cgroup namespace's root).
+    #[must_use]
+    pub fn namespaces(mut self, kinds: &str) -> Self {
+        self.options.push(("--namespaces", kinds.to_owned()));
+        self
+    }
+
+    /// After its attempts, the client runs `sleep secs` in its place (`execve`): the process
+    /// lives on, running another program.
+    #[must_use]
+    pub fn exec_sleep(mut self, secs: u32) -> Self {
+        self.options.push(("--exec-sleep", secs.to_string()));
+        self
+    }
+
+    /// Runs `binary` (a copy of `imds-client` under another name) in place of `imds-client`.
+    #[must_use]
+    pub fn binary(mut self, binary: &std::path::Path) -> Self {
+        self.binary = Some(binary.to_owned());
+        self
+    }
+
     /// Spreads repeated attempts over `n` ports, from the one given on: distinct attempts,
     /// which the agent cannot fold into one.
     #[must_use]
@@ -190,10 +216,11 @@ impl<'a> Client<'a> {
     }
 
     fn run_text(&self, action: &str, host: &str, port: u16) -> Outcome {
-        let mut command = Command::new(crate::agent::target_binary(
-            "imds-client",
-            "IMDS_CLIENT_BIN",
-        ));
+        let mut command = Command::new(
+            self.binary
+                .clone()
+                .unwrap_or_else(|| crate::agent::target_binary("imds-client", "IMDS_CLIENT_BIN")),
+        );
         command
             .args(["--netns", &self.sandbox.netns.to_string_lossy()])
             .args(["--cgroup", &self.cgroup.dir.to_string_lossy()])

@@ -98,12 +98,22 @@ fn a_short_lived_process_still_yields_pid_parent_uid_comm_and_cgroup() {
             ("gid", json!(1000)),
             ("comm", json!("imds-client")),
             ("cgroup", json!(work.path)),
-            ("exe", Value::Null),
+            // The kernel recorded the executable at the attempt.
+            ("exe", json!(client_path())),
             ("cmdline", Value::Null),
         ],
     );
-    // What could not be read is said, not left to guess.
-    assert_eq!(event["unread"], json!(["exe", "cmdline"]), "{event}");
+    // What could not be read is said, not left to guess: only /proc had the command line.
+    assert_eq!(event["unread"], json!(["cmdline"]), "{event}");
+}
+
+/// The client's executable, as `/proc/PID/exe` names it.
+fn client_path() -> String {
+    imds_guard_tests::target_binary("imds-client", "IMDS_CLIENT_BIN")
+        .canonicalize()
+        .expect("client")
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -389,9 +399,11 @@ fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
     const REPEATS: u32 = 100_000;
     /// The agent idles at about 10 MiB; a flood must not grow it without bound.
     const PEAK_RSS_LIMIT_KIB: u64 = 64 * 1024;
-    /// What the agent may keep of a flood: the first attempts of the bursts the kernel
-    /// follows (8,192 at most) and its caches, a few MiB.
-    const PEAK_RSS_GROWTH_LIMIT_KIB: u64 = 16 * 1024;
+    /// What the agent may keep of a flood, by construction: the first attempts of the bursts
+    /// the kernel follows (9,216 at most, about 1 KiB each), the pages of the ring it has read
+    /// (2 MiB, which the kernel maps twice: 4 MiB resident), caches of 4,096 entries, and the
+    /// allocator's slack. Measured: 10 MiB alone, up to 19 MiB with the other tests running.
+    const PEAK_RSS_GROWTH_LIMIT_KIB: u64 = 24 * 1024;
     let Some((sandbox, attach)) = setup() else {
         return;
     };
@@ -450,9 +462,10 @@ fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
         aggregated, folded,
         "every repeat the kernel folded was reported"
     );
+    // A repeat is the same process to the same port: each of the 1,000 ports is reported once.
     assert!(
-        aggregated >= u64::from(REPEATS) - 10,
-        "a loop on connect() is folded, whatever the port: {aggregated} of {REPEATS}"
+        aggregated >= u64::from(REPEATS) - 1000 - 10,
+        "a loop on connect() is folded, port by port: {aggregated} of {REPEATS}"
     );
     assert_eq!(reported + aggregated + lost, attempts);
     // The stream says the same: lines of single attempts plus the counts of aggregates.

@@ -1,8 +1,8 @@
 //! `cargo xtask demo`: imds-guard at work in a sandbox of its own, in a few seconds.
 //!
 //! A network namespace with a mock IMDS on 169.254.169.254 and `fd00:ec2::254`, a cgroup of its
-//! own, the agent attached there with the default policy (enforce, allow uid 0), one request as
-//! root and one as an unprivileged uid, a loop of denied connects folded into one event with a
+//! own, the agent attached there with the default policy (enforce, allow uid 0 on the host), one
+//! request as root, one as root in a container's namespaces, one as an unprivileged uid, a loop of denied connects folded into one event with a
 //! count, a destination rewritten to IMDS by NAT in the namespace (refused at the packet layer),
 //! and `imds-guard report` on what the agent printed. Everything is removed on the way out.
 
@@ -40,7 +40,8 @@ fn main() -> std::process::ExitCode {
         "10",
     ]);
     println!(
-        "  enforcing after {} ms (default policy: enforce, allow uid 0)",
+        "  enforcing after {} ms (default policy: enforce, allow uid 0 on the host, never in a \
+         container)",
         started.elapsed().as_millis()
     );
 
@@ -56,7 +57,11 @@ fn main() -> std::process::ExitCode {
         Some(_) => println!("   unexpectedly refused: {}", root.detail),
     }
 
-    for (step, addr) in [(2, std::net::IpAddr::from(IMDS_V4)), (3, IMDS_V6.into())] {
+    if !container_root(&sandbox, &cgroup, &agent) {
+        return std::process::ExitCode::FAILURE;
+    }
+
+    for (step, addr) in [(3, std::net::IpAddr::from(IMDS_V4)), (4, IMDS_V6.into())] {
         println!("\n{step}. uid {NOBODY} (nobody) tries the same at {addr}:");
         // It lingers a second after its attempt, as a service would: the agent then finds its
         // executable and command line too.
@@ -80,7 +85,7 @@ fn main() -> std::process::ExitCode {
 
     let worker = cgroup.child("worker.service");
     println!(
-        "\n4. uid {NOBODY} in {} loops: 1000 connects in a row.",
+        "\n5. uid {NOBODY} in {} loops: 1000 connects in a row.",
         worker.path
     );
     let flood = Client::new(&sandbox, &worker, NOBODY, NOBODY)
@@ -119,12 +124,36 @@ fn main() -> std::process::ExitCode {
     std::process::ExitCode::SUCCESS
 }
 
-/// Step 5: NAT in the workload's own namespace rewrites a harmless destination to IMDS after
+/// Step 2: root in a container's namespaces is host uid 0, but not the host's root: the
+/// default policy refuses it. Whether it did.
+fn container_root(sandbox: &Sandbox, cgroup: &TestCgroup, agent: &Agent) -> bool {
+    println!(
+        "\n2. root in a container (new pid and cgroup namespaces, as Docker makes them) tries \
+         the same:"
+    );
+    let container = Client::new(sandbox, cgroup, 0, 0)
+        .namespaces("pid,cgroup")
+        .imds(IMDS_V4, 80);
+    if container.errno != Some(libc::EPERM) {
+        println!("   unexpected outcome: {container:?}");
+        return false;
+    }
+    println!(
+        "   denied at once: {} (container root is host uid 0, but not the host's root)",
+        container.detail
+    );
+    for event in agent.wait_events_of(container.pid, 1) {
+        println!("   event: {event}");
+    }
+    true
+}
+
+/// Step 6: NAT in the workload's own namespace rewrites a harmless destination to IMDS after
 /// the socket hooks judged it; the packet layer refuses it all the same. Whether it did.
 fn rewritten_to_imds(sandbox: &Sandbox, cgroup: &TestCgroup, agent: &Agent) -> bool {
     let workload = cgroup.child("rewriter");
     println!(
-        "\n5. a workload with CAP_NET_ADMIN in its own network namespace rewrites 127.0.0.1:5353 \
+        "\n6. a workload with CAP_NET_ADMIN in its own network namespace rewrites 127.0.0.1:5353 \
          to IMDS:\n   $ iptables -t nat -A OUTPUT -p udp -d 127.0.0.1 --dport 5353 -j DNAT \
          --to-destination 169.254.169.254:53"
     );

@@ -9,7 +9,8 @@
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
 //! request on a connection opened that long before), passed-socket, passed-connection,
-//! connect-close and bulk-send (for the benchmarks).
+//! connect-close, bulk-send and until-allowed (for the benchmarks), and `churn DIR SECS` (makes
+//! and removes cgroups below DIR for SECS seconds, as its uid).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
 //! repeated attempts.
@@ -24,6 +25,13 @@
 //! `EPERM` (`"eperm": k`); with `--ports N` as well, attempt k goes to PORT + k mod N.
 //! `--uids N`: attempt k is made as real uid UID + k mod N (the client keeps saved uid 0 to
 //! switch). `--linger SECS` keeps the client alive that long after its attempts.
+//!
+//! `--namespaces pid,cgroup` (either or both) makes the client, once in its cgroup and before
+//! it becomes its uid, enter new namespaces of those kinds, as a container runtime puts a
+//! container's processes: for `pid`, the workload is a forked child, pid 1 in the new
+//! namespace (the line gives its pid on the host). `--exec-sleep SECS` makes the client, after
+//! printing its line, run `sleep SECS` in its place (`execve`: the same process, another
+//! program).
 
 mod routes;
 
@@ -40,11 +48,11 @@ use nix::{
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// `--name value` options, and the positional arguments.
+fn arguments() -> (std::collections::HashMap<String, String>, Vec<String>) {
     let mut options = std::collections::HashMap::new();
     let mut rest = Vec::new();
-    let mut iter = args.into_iter();
+    let mut iter = std::env::args().skip(1);
     while let Some(arg) = iter.next() {
         if let Some(name) = arg.strip_prefix("--") {
             options.insert(name.to_owned(), iter.next().expect("option value"));
@@ -52,10 +60,19 @@ fn main() {
             rest.push(arg);
         }
     }
+    (options, rest)
+}
+
+fn main() {
+    let (options, rest) = arguments();
     let [action, host, port] = rest.as_slice() else {
         panic!("usage: imds-client --netns F --cgroup D --uid N --gid N (imds|tcp|udp) ADDR PORT");
     };
     let port: u16 = port.parse().expect("port");
+    if action == "churn" {
+        churn(&options, std::path::Path::new(host), port);
+        return;
+    }
 
     let (addr, moved) = become_workload(&options, host, port);
     // `--hold MILLIS`: how long `held-imds` keeps its connection open before the request.
@@ -111,7 +128,7 @@ fn main() {
         elapsed_ns,
     } = repeated(&mut act, repeat, timed, warmup);
     // The process that made the attempt: a forked child's, for the routes that fork.
-    let pid = child_pid.unwrap_or_else(std::process::id);
+    let pid = child_pid.unwrap_or_else(host_pid);
     let line = match result {
         Ok(body) => serde_json::json!({
             "pid": pid, "ok": true, "body": body, "eperm": eperm, "moved": moved,
@@ -143,6 +160,80 @@ fn main() {
         std::thread::sleep(Duration::from_secs(secs.parse().expect("linger")));
     }
     println!("{line}");
+    if let Some(secs) = options.get("exec-sleep") {
+        exec_sleep(secs);
+    }
+}
+
+/// Runs `sleep SECS` in this process's place.
+fn exec_sleep(secs: &str) -> ! {
+    io::stdout().flush().expect("flush");
+    let secs = std::ffi::CString::new(secs).expect("seconds");
+    let Err(err) = nix::unistd::execv(c"/bin/sleep", &[c"sleep", secs.as_c_str()]);
+    panic!("exec sleep: {err}");
+}
+
+/// `churn DIR SECS`: as its uid, in its cgroup (a user's delegated subtree), makes and removes
+/// cgroups below `DIR` as fast as it can for `secs` seconds: a hostile user flooding the agent
+/// with cgroup changes. The line's body is how many it made.
+fn churn(options: &std::collections::HashMap<String, String>, dir: &std::path::Path, secs: u16) {
+    std::fs::write(format!("{}/cgroup.procs", options["cgroup"]), "0").expect("join cgroup");
+    setgroups(&[]).expect("setgroups");
+    setgid(Gid::from_raw(options["gid"].parse().expect("gid"))).expect("setgid");
+    setuid(Uid::from_raw(options["uid"].parse().expect("uid"))).expect("setuid");
+    let until = std::time::Instant::now() + Duration::from_secs(u64::from(secs));
+    let mut made = 0u64;
+    while std::time::Instant::now() < until {
+        for n in 0..64 {
+            let child = dir.join(format!("c{n}"));
+            if std::fs::create_dir(&child).is_ok() {
+                made += 1;
+            }
+            let _ = std::fs::remove_dir(&child);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"pid": std::process::id(), "ok": true, "body": made.to_string(),
+                           "eperm": 0, "moved": null})
+    );
+}
+
+/// This process's id on the host: in a pid namespace of its own, `std::process::id` is the one
+/// in there, while the host's procfs (still mounted) names it by its host pid.
+fn host_pid() -> u32 {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|link| link.to_str()?.parse().ok())
+        .unwrap_or_else(std::process::id)
+}
+
+/// Enters new namespaces of the `kinds` listed (`pid`, `cgroup`), as a container runtime does;
+/// for a pid namespace the caller continues as a forked child (pid 1 there) while this process
+/// waits for it and exits as it did.
+fn enter_namespaces(kinds: &str) {
+    let mut flags = CloneFlags::empty();
+    for kind in kinds.split(',') {
+        flags |= match kind {
+            "pid" => CloneFlags::CLONE_NEWPID,
+            "cgroup" => CloneFlags::CLONE_NEWCGROUP,
+            other => panic!("unknown namespace kind {other}"),
+        };
+    }
+    nix::sched::unshare(flags).expect("unshare");
+    if flags.contains(CloneFlags::CLONE_NEWPID) {
+        // SAFETY: the client is single-threaded here; the child only goes on with `main`.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Parent { child } => {
+                let code = match nix::sys::wait::waitpid(child, None).expect("waitpid") {
+                    nix::sys::wait::WaitStatus::Exited(_, code) => code,
+                    _ => 1,
+                };
+                std::process::exit(code);
+            }
+            nix::unistd::ForkResult::Child => {}
+        }
+    }
 }
 
 /// The errno of a failure; a timeout of our own (`connect_timeout`, a read timeout) counts as
@@ -183,6 +274,7 @@ fn act_once(
         "mptcp-connect" => routes::mptcp_connect(addr),
         "connect-close" => routes::connect_close(addr),
         "bulk-send" => routes::bulk_send(addr),
+        "until-allowed" => routes::until_allowed(addr),
         "child-connect" | "passed-socket" | "passed-connection" => {
             let (pid, result) = match action {
                 "child-connect" => routes::child_connect(addr, drop_to),
@@ -263,6 +355,9 @@ fn become_workload(
     let netns = std::fs::File::open(&options["netns"]).expect("open netns");
     setns(netns, CloneFlags::CLONE_NEWNET).expect("setns");
     std::fs::write(format!("{}/cgroup.procs", options["cgroup"]), "0").expect("join cgroup");
+    if let Some(kinds) = options.get("namespaces") {
+        enter_namespaces(kinds);
+    }
     if let Some(hosts) = options.get("hosts") {
         // A private /etc/hosts: the name resolves through the C library like any other.
         use nix::mount::{MsFlags, mount};

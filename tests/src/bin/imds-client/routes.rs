@@ -489,6 +489,28 @@ pub fn connect_close(addr: SocketAddr) -> io::Result<String> {
     Ok(String::new())
 }
 
+/// TCP connects to `addr`, every 100 µs, until one succeeds (or 30 s pass): how long a new
+/// cgroup waits for its rules. Returns `first=NS allowed=NS`, the `CLOCK_MONOTONIC` times of the
+/// first attempt and of the first that got through.
+pub fn until_allowed(addr: SocketAddr) -> io::Result<String> {
+    let now_ns = || {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+    };
+    let first = now_ns();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let attempt = now_ns();
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)) {
+            Ok(_) => return Ok(format!("first={first} allowed={attempt}")),
+            Err(err) if std::time::Instant::now() > deadline => return Err(err),
+            Err(_) => std::thread::sleep(std::time::Duration::from_micros(100)),
+        }
+    }
+}
+
 /// Bytes `bulk-send` writes.
 const BULK_BYTES: usize = 1 << 30;
 

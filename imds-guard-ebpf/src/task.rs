@@ -1,0 +1,223 @@
+//! What the programs read of the current task beyond what helpers give: its parent, whether it
+//! runs in a container (its namespaces) and what executable it runs.
+//!
+//! aya does not relocate field offsets (CO-RE) in Rust programs: the agent finds them in the
+//! running kernel's BTF and sets [`TASK_LAYOUT`] before loading. It is a read-only global, so
+//! the verifier sees constants: a group of reads whose `LAYOUT_*` bit is clear is never
+//! reached, and kernels that refuse `bpf_get_current_task` or `bpf_probe_read_kernel` to these
+//! program types load a build with `known == 0` (the agent retries so, and says so).
+//!
+//! Every dereference goes through `bpf_probe_read_kernel`, which fails instead of faulting.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+    generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
+};
+use imds_guard_common::{
+    event::{
+        COMM_LEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN, EXE_PATH_PARTS, LAYOUT_EXE, LAYOUT_NAMESPACES,
+        LAYOUT_PARENT, TaskLayout,
+    },
+    policy::{INIT_CGROUP_NS_INO, TASK_CONTAINER, TASK_HOST},
+};
+
+/// Where `task_struct` and what it points to keep what this module reads: set by the agent
+/// from the kernel's BTF before loading (see the module's documentation).
+#[unsafe(no_mangle)]
+static TASK_LAYOUT: TaskLayout = TaskLayout {
+    known: 0,
+    real_parent: 0,
+    group_leader: 0,
+    tgid: 0,
+    comm: 0,
+    thread_pid: 0,
+    pid_level: 0,
+    nsproxy: 0,
+    cgroup_ns: 0,
+    cgroup_ns_inum: 0,
+    mm: 0,
+    exe_file: 0,
+    f_inode: 0,
+    f_dentry: 0,
+    i_ino: 0,
+    i_sb: 0,
+    s_dev: 0,
+    d_name: 0,
+    d_parent: 0,
+};
+
+#[inline]
+fn layout() -> TaskLayout {
+    // SAFETY: a read-only global the agent sets before loading.
+    unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) }
+}
+
+#[inline]
+fn current() -> *const u8 {
+    // SAFETY: a helper without arguments; the result is only used as an address to read from
+    // with `bpf_probe_read_kernel`.
+    unsafe { bpf_get_current_task() as *const u8 }
+}
+
+/// Reads a `T` at `offset` bytes into the kernel object at `base`.
+///
+/// # Safety
+/// None beyond the helper's: a bad address makes the read fail, never fault.
+#[inline]
+unsafe fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+    // SAFETY: as the function says.
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()).ok() }
+}
+
+/// Which `ALLOW` keys judge the current task: [`TASK_CONTAINER`] when its pid or cgroup
+/// namespace is not the host's initial one (container runtimes make both; systemd services
+/// make neither), [`TASK_HOST`] otherwise. Read at the attempt, so a container is one from its
+/// first instruction, whether or not the agent has seen its cgroup yet. A failed read counts as
+/// a container (fail closed). Without the layout (a kernel that refused the reads) every task
+/// is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
+#[inline]
+pub fn current_kind() -> u16 {
+    let layout = layout();
+    if layout.known & LAYOUT_NAMESPACES == 0 {
+        return TASK_HOST;
+    }
+    let task = current();
+    // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
+    let in_container = unsafe {
+        let level = read::<*const u8>(task, layout.thread_pid)
+            .and_then(|pid| read::<u32>(pid, layout.pid_level));
+        let cgroup_ns = read::<*const u8>(task, layout.nsproxy)
+            .filter(|nsproxy| !nsproxy.is_null())
+            .and_then(|nsproxy| read::<*const u8>(nsproxy, layout.cgroup_ns))
+            .and_then(|ns| read::<u32>(ns, layout.cgroup_ns_inum));
+        !matches!((level, cgroup_ns), (Some(0), Some(INIT_CGROUP_NS_INO)))
+    };
+    if in_container {
+        TASK_CONTAINER
+    } else {
+        TASK_HOST
+    }
+}
+
+/// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
+/// protocol without them, a destination NAT rewrote): the current task's, as
+/// [`current_kind`] tells, since the packet layer runs in the sender's system call for such a
+/// packet's first transmission (`sendmsg`, or `connect` for a SYN). A packet sent from interrupt
+/// context on an idle CPU has no sender to ask: it counts as a container's (fail closed).
+#[inline]
+pub fn sender_kind() -> u16 {
+    if layout().known & LAYOUT_NAMESPACES == 0 {
+        return TASK_HOST;
+    }
+    if bpf_get_current_pid_tgid() == 0 {
+        return TASK_CONTAINER;
+    }
+    current_kind()
+}
+
+/// The current task's parent process (`real_parent`: a tracer does not count) and its name,
+/// read now so an event names it even when both are gone before the agent reads the event.
+#[inline]
+pub fn current_parent() -> Option<(u32, [u8; COMM_LEN])> {
+    let layout = layout();
+    if layout.known & LAYOUT_PARENT == 0 {
+        return None;
+    }
+    let task = current();
+    // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
+    unsafe {
+        let parent: *const u8 = read(task, layout.real_parent)?;
+        let tgid: i32 = read(parent, layout.tgid)?;
+        // The parent is the thread that forked; the process is named by its main thread.
+        let leader: *const u8 = read(parent, layout.group_leader)?;
+        let comm: [u8; COMM_LEN] = read(leader, layout.comm)?;
+        #[expect(clippy::cast_sign_loss, reason = "a pid is never negative")]
+        Some((tgid as u32, comm))
+    }
+}
+
+/// What identifies the executable a process runs: its file's device and inode, and where
+/// its path starts.
+pub struct Executable {
+    /// `super_block.s_dev` of its file system (the kernel's `dev_t` encoding).
+    pub dev: u32,
+    /// Its inode number.
+    pub ino: u64,
+    /// Its dentry, from which [`write_path`] reads the path.
+    dentry: *const u8,
+}
+
+/// The current process's executable (`mm->exe_file`), read at the attempt: the agent turns it
+/// into a path even when the process is gone, or has run another program since, by the time it
+/// reads the event. `None` for a kernel thread, without the layout, or when a read fails.
+#[inline]
+pub fn current_executable() -> Option<Executable> {
+    let layout = layout();
+    if layout.known & LAYOUT_EXE == 0 {
+        return None;
+    }
+    let task = current();
+    // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
+    unsafe {
+        let mm: *const u8 = read(task, layout.mm)?;
+        if mm.is_null() {
+            return None;
+        }
+        let file: *const u8 = read(mm, layout.exe_file)?;
+        if file.is_null() {
+            return None;
+        }
+        let inode: *const u8 = read(file, layout.f_inode)?;
+        let ino: u64 = read(inode, layout.i_ino)?;
+        let super_block: *const u8 = read(inode, layout.i_sb)?;
+        let dev: u32 = read(super_block, layout.s_dev)?;
+        let dentry: *const u8 = read(file, layout.f_dentry)?;
+        Some(Executable { dev, ino, dentry })
+    }
+}
+
+/// Writes the executable's path components, leaf first, one per [`EXE_PART_LEN`] bytes of
+/// `path` (which must hold [`EXE_PATH_PARTS`] of them and be zeroed), up to the root of its
+/// file system. Returns how many it wrote and `EXE_FLAG_*` bits.
+///
+/// # Safety
+/// `path` points to `EXE_PATH_PARTS * EXE_PART_LEN` writable bytes.
+#[inline]
+pub unsafe fn write_path(exe: &Executable, path: *mut u8) -> (u8, u8) {
+    let layout = layout();
+    let mut dentry = exe.dentry;
+    let mut parts = 0u8;
+    for part in 0..EXE_PATH_PARTS {
+        // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
+        let Some(parent) = (unsafe { read::<*const u8>(dentry, layout.d_parent) }) else {
+            return (parts, EXE_FLAG_TRUNCATED);
+        };
+        // The root of the file system is its own parent: the path is complete.
+        if parent == dentry {
+            return (parts, 0);
+        }
+        // SAFETY: as above; the component goes into its own slot of `path`, which the caller
+        // promises is writable.
+        unsafe {
+            let Some(name) = read::<*const u8>(dentry, layout.d_name) else {
+                return (parts, EXE_FLAG_TRUNCATED);
+            };
+            #[expect(clippy::cast_possible_truncation, reason = "a small constant")]
+            let _ = bpf_probe_read_kernel_str(
+                path.add(part * EXE_PART_LEN).cast(),
+                EXE_PART_LEN as u32,
+                name.cast(),
+            );
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "at most EXE_PATH_PARTS")]
+        {
+            parts = part as u8 + 1;
+        }
+        dentry = parent;
+    }
+    // SAFETY: as above.
+    match unsafe { read::<*const u8>(dentry, layout.d_parent) } {
+        Some(parent) if parent == dentry => (parts, 0),
+        _ => (parts, EXE_FLAG_TRUNCATED),
+    }
+}
