@@ -30,6 +30,9 @@ pub struct AgentInfo {
     /// Cgroups whose entry would only add rules but found no room in the map (they keep the
     /// narrower rules they inherit).
     pub cgroups_dropped: u32,
+    /// Cgroup directories the last full scan could not watch (the inotify watch limit): cgroups
+    /// made below them get their rules at the next scan.
+    pub cgroups_unwatched: u32,
     /// `Settings::unseen_after` in force: below `ALL_CGROUPS_SEEN`, newer cgroups are judged
     /// by the rules that hold wherever they are (a full map, or lost notifications).
     pub unseen_after: u64,
@@ -49,6 +52,7 @@ impl Default for AgentInfo {
             cgroup_entries: 0,
             maps_uncertain: 0,
             cgroups_dropped: 0,
+            cgroups_unwatched: 0,
             unseen_after: crate::policy::ALL_CGROUPS_SEEN,
         }
     }

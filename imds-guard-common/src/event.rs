@@ -150,6 +150,18 @@ pub struct TaskLayout {
     pub cgroup_ns: u32,
     /// `cgroup_namespace.ns.inum`, an `unsigned int`.
     pub cgroup_ns_inum: u32,
+    /// `task_struct.cgroups`, a `struct css_set *`.
+    pub cgroups: u32,
+    /// `css_set.dfl_cgrp`, a `struct cgroup *` (the task's cgroup v2 cgroup).
+    pub dfl_cgrp: u32,
+    /// `cgroup.kn`, a `struct kernfs_node *`.
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`, a `u64`: the cgroup id.
+    pub kn_id: u32,
+    /// `task_struct.cred`, a `const struct cred *`.
+    pub cred: u32,
+    /// `cred.fsuid`, a `kuid_t` (`u32`): the uid a socket the task makes is owned by.
+    pub fsuid: u32,
     /// `task_struct.mm`, a `struct mm_struct *` (null for kernel threads).
     pub mm: u32,
     /// `mm_struct.exe_file`, a `struct file *`.
@@ -172,7 +184,7 @@ pub struct TaskLayout {
 
 /// [`TaskLayout::known`]: the parent's offsets (`real_parent`, `group_leader`, `tgid`, `comm`).
 pub const LAYOUT_PARENT: u32 = 1;
-/// [`TaskLayout::known`]: the namespace offsets (`thread_pid` to `cgroup_ns_inum`).
+/// [`TaskLayout::known`]: the namespace offsets (`thread_pid` to `fsuid`).
 pub const LAYOUT_NAMESPACES: u32 = 2;
 /// [`TaskLayout::known`]: the executable's offsets (`mm` to `d_name`).
 pub const LAYOUT_EXE: u32 = 4;
@@ -222,8 +234,10 @@ pub struct FoldKey {
     pub tgid: u32,
     /// Destination port, host byte order.
     pub port: u16,
+    /// [`EVENT_FLAG_CONTAINER`] when the attempts were judged as a container's, else 0.
+    pub flags: u8,
     /// Explicit padding, always 0.
-    pub _pad: u16,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<FoldKey>() == 48);
 
@@ -243,6 +257,7 @@ impl FoldKey {
             addr: event.addr,
             tgid: event.tgid,
             port: event.port,
+            flags: event.flags & EVENT_FLAG_CONTAINER,
             _pad: 0,
         }
     }

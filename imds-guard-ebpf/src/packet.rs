@@ -166,17 +166,18 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
     let facts = unsafe { SocketFacts::of(socket) };
     let rewritten = facts.connected && !facts.peer.same(packet.destination);
-    // A TCP or UDP socket's packet to the destination the socket hooks judged is judged again
-    // as a host task's: a container's allow there is remembered on the socket (above), so only
-    // a host task's socket gets here. Anything else is judged as its sender's kind of task.
-    let task = if facts.seen_by_hooks && !rewritten {
-        TASK_HOST
-    } else {
-        task::sender_kind()
-    };
     // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+); they use the full
     // socket behind a request socket.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb), bpf_skb_cgroup_id(skb)) };
+    // A connected TCP or UDP socket's packet to the destination its connect was judged for is
+    // judged again as a host task's: a container's allow there is remembered on the socket
+    // (above), so only a host task's socket gets here. Anything else (an unconnected socket,
+    // whose datagram NAT may have rewritten unseen) is judged as its sender's kind of task.
+    let task = if facts.seen_by_hooks && facts.connected && !rewritten {
+        TASK_HOST
+    } else {
+        task::sender_kind(uid, cgroup_id)
+    };
     // SAFETY: as above.
     let ancestor = |level: i32| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.

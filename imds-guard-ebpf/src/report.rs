@@ -6,8 +6,8 @@ use aya_ebpf::helpers::{
 };
 use imds_guard_common::{
     event::{
-        COMM_LEN, EXE_PART_LEN, EXE_PATH_PARTS, Event, FoldKey, FoldValue, UNREAD_COMM, UNREAD_EXE,
-        UNREAD_PARENT,
+        COMM_LEN, EVENT_FLAG_CONTAINER, EXE_PART_LEN, EXE_PATH_PARTS, Event, FoldKey, FoldValue,
+        UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
     },
     maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
 };
@@ -197,6 +197,7 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32, now: u64) -> bool {
         addr: attempt.addr,
         tgid,
         port: attempt.port,
+        flags: attempt.flags & EVENT_FLAG_CONTAINER,
         _pad: 0,
     };
     let Some(value) = FOLDS.get_ptr_mut(key) else {

@@ -10,7 +10,7 @@
 //! Every dereference goes through `bpf_probe_read_kernel`, which fails instead of faulting.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+    bpf_probe_read_kernel,
     generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
 };
 use imds_guard_common::{
@@ -35,6 +35,12 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
     nsproxy: 0,
     cgroup_ns: 0,
     cgroup_ns_inum: 0,
+    cgroups: 0,
+    dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+    cred: 0,
+    fsuid: 0,
     mm: 0,
     exe_file: 0,
     f_inode: 0,
@@ -100,19 +106,34 @@ pub fn current_kind() -> u16 {
 }
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
-/// protocol without them, a destination NAT rewrote): the current task's, as
-/// [`current_kind`] tells, since the packet layer runs in the sender's system call for such a
-/// packet's first transmission (`sendmsg`, or `connect` for a SYN). A packet sent from interrupt
-/// context on an idle CPU has no sender to ask: it counts as a container's (fail closed).
+/// protocol without them, a destination NAT rewrote): the current task's, as [`current_kind`]
+/// tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the
+/// socket owner's uid (`socket_uid`), as in the system call that sends such a packet first
+/// (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission from a timer, a packet
+/// sent in interrupt context, whatever task was current then) there is no sender to ask: the
+/// packet counts as a container's (fail closed).
 #[inline]
-pub fn sender_kind() -> u16 {
-    if layout().known & LAYOUT_NAMESPACES == 0 {
+pub fn sender_kind(socket_uid: u32, socket_cgroup: u64) -> u16 {
+    let layout = layout();
+    if layout.known & LAYOUT_NAMESPACES == 0 {
         return TASK_HOST;
     }
-    if bpf_get_current_pid_tgid() == 0 {
-        return TASK_CONTAINER;
+    let task = current();
+    // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
+    let is_sender = unsafe {
+        let cgroup = read::<*const u8>(task, layout.cgroups)
+            .and_then(|set| read::<*const u8>(set, layout.dfl_cgrp))
+            .and_then(|cgroup| read::<*const u8>(cgroup, layout.cgroup_kn))
+            .and_then(|node| read::<u64>(node, layout.kn_id));
+        let uid =
+            read::<*const u8>(task, layout.cred).and_then(|cred| read::<u32>(cred, layout.fsuid));
+        cgroup == Some(socket_cgroup) && uid == Some(socket_uid)
+    };
+    if is_sender {
+        current_kind()
+    } else {
+        TASK_CONTAINER
     }
-    current_kind()
 }
 
 /// The current task's parent process (`real_parent`: a tracer does not count) and its name,

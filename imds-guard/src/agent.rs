@@ -157,6 +157,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         unseen_after,
         rescan_hold: None,
         newest_seen,
+        unwatched: watcher.take_unwatched(),
         failed_reloads: 0,
         reloads: 0,
         maps_uncertain: false,
@@ -193,6 +194,8 @@ struct Agent<'a> {
     rescan_hold: Option<u64>,
     /// The newest cgroup id a scan has found (cgroup ids only grow).
     newest_seen: u64,
+    /// Directories the last full scan could not watch.
+    unwatched: usize,
     failed_reloads: u32,
     reloads: u32,
     /// When it started (`CLOCK_BOOTTIME` ns).
@@ -283,7 +286,11 @@ impl Agent<'_> {
         if changes.overflow {
             // Cgroups made since the last one known may be anywhere, a container's included:
             // they are judged as unseen until the scan has found them.
-            self.rescan_hold = Some(self.newest_seen);
+            // A lower hold (a failed map update) stays until the maps are rewritten.
+            self.rescan_hold = Some(
+                self.rescan_hold
+                    .map_or(self.newest_seen, |hold| hold.min(self.newest_seen)),
+            );
             self.update_unseen_after();
             warn!(
                 unseen_after = self.newest_seen,
@@ -325,7 +332,9 @@ impl Agent<'_> {
             }
             return;
         }
+        let _ = watcher.take_unwatched();
         let found = watcher.scan(&self.hierarchy, &self.attach);
+        self.unwatched = watcher.take_unwatched();
         self.newest_seen = self.newest_seen.max(newest(&found));
         warn_too_deep(&self.compiled.sync(&self.attach, &found));
         let delta = self.compiled.take_delta();
@@ -400,6 +409,7 @@ impl Agent<'_> {
             cgroup_entries: u32::try_from(self.compiled.cgroup_entries()).unwrap_or(u32::MAX),
             maps_uncertain: u32::from(self.maps_uncertain),
             cgroups_dropped: u32::try_from(self.compiled.dropped()).unwrap_or(u32::MAX),
+            cgroups_unwatched: u32::try_from(self.unwatched).unwrap_or(u32::MAX),
             unseen_after: self.unseen_after,
         };
         if let Err(err) = self.kernel.set_agent_info(&info) {

@@ -42,7 +42,8 @@ fn task_layout_in(path: &Path) -> Found {
         Ok(btf) => btf,
         Err(err) => {
             found.missing.push(format!(
-                "events will not name parent processes or executables, and containers are                  known by their cgroup path alone: {}: {err}",
+                "events will not name parent processes or executables, and containers are \
+                 known by their cgroup path alone: {}: {err}",
                 path.display()
             ));
             return found;
@@ -61,14 +62,32 @@ fn task_layout_in(path: &Path) -> Found {
             .push(format!("events will not name parent processes: {why}")),
     }
     match offsets.namespaces() {
-        Ok([thread_pid, pid_level, nsproxy, cgroup_ns, cgroup_ns_inum]) => {
+        Ok(
+            [
+                thread_pid,
+                pid_level,
+                nsproxy,
+                cgroup_ns,
+                cgroup_ns_inum,
+                cgroups,
+                dfl_cgrp,
+                cgroup_kn,
+                kn_id,
+                cred,
+                fsuid,
+            ],
+        ) => {
             layout.known |= LAYOUT_NAMESPACES;
             (layout.thread_pid, layout.pid_level) = (thread_pid, pid_level);
             (layout.nsproxy, layout.cgroup_ns) = (nsproxy, cgroup_ns);
             layout.cgroup_ns_inum = cgroup_ns_inum;
+            (layout.cgroups, layout.dfl_cgrp) = (cgroups, dfl_cgrp);
+            (layout.cgroup_kn, layout.kn_id) = (cgroup_kn, kn_id);
+            (layout.cred, layout.fsuid) = (cred, fsuid);
         }
         Err(why) => found.missing.push(format!(
-            "the kernel cannot tell a container's task by its namespaces; containers are              known by their cgroup path alone: {why}"
+            "the kernel cannot tell a container's task by its namespaces; containers are \
+                 known by their cgroup path alone: {why}"
         )),
     }
     match offsets.executable() {
@@ -115,14 +134,22 @@ impl Offsets<'_> {
     }
 
     /// `task_struct.thread_pid`, `pid.level`, `task_struct.nsproxy`, `nsproxy.cgroup_ns`,
-    /// `cgroup_namespace.ns.inum`.
-    fn namespaces(&self) -> Result<[u32; 5], String> {
+    /// `cgroup_namespace.ns.inum`; and, to tell whether the current task sent a packet,
+    /// `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
+    /// `task_struct.cred`, `cred.fsuid`.
+    fn namespaces(&self) -> Result<[u32; 11], String> {
         Ok([
             self.of("task_struct", &["thread_pid"])?,
             self.of("pid", &["level"])?,
             self.of("task_struct", &["nsproxy"])?,
             self.of("nsproxy", &["cgroup_ns"])?,
             self.of("cgroup_namespace", &["ns", "inum"])?,
+            self.of("task_struct", &["cgroups"])?,
+            self.of("css_set", &["dfl_cgrp"])?,
+            self.of("cgroup", &["kn"])?,
+            self.of("kernfs_node", &["id"])?,
+            self.of("task_struct", &["cred"])?,
+            self.of("cred", &["fsuid"])?,
         ])
     }
 

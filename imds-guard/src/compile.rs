@@ -12,10 +12,12 @@
 //!
 //! The entries of one generation are bounded (half the map: two generations meet during a
 //! switch). An entry that only adds rules to what its cgroup inherits may be left out when
-//! there is no room: the cgroup keeps the narrower rules it inherits (fail closed). One that
-//! takes rules away (a container's cgroup, a `not_cgroup`) must be written: it takes the room of
-//! an entry that only adds, and when there is none, every cgroup from the oldest such one on is
-//! judged as unseen (`Settings::unseen_after`), by the rules that hold wherever it is.
+//! there is no room: the cgroup keeps the narrower rules it inherits (fail closed). So may
+//! one below a user manager (`user@UID.service`), where the user makes the cgroups: those get
+//! at most [`USER_MANAGER_ENTRIES`] per manager. One that takes rules away elsewhere (a
+//! container's cgroup, a `not_cgroup`) must be written: it takes the room of an entry that may
+//! be left out, and when there is none, every cgroup from the oldest such one on is judged as
+//! unseen (`Settings::unseen_after`), by the rules that hold wherever it is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -32,11 +34,15 @@ use imds_guard_common::{
 use crate::{
     config::Mode,
     policy::{Applicable, Policy},
+    workload,
 };
 
 /// Cgroup entries one generation may have: half of `CGROUP_RULESETS`, so that the generation
 /// in force and the next one fit together during a switch.
 pub const CGROUP_ENTRIES_PER_GENERATION: usize = CGROUP_RULESETS_MAX_ENTRIES as usize / 2;
+/// Cgroup entries below one user manager (`…/user@UID.service`) at most: the user makes those
+/// cgroups, and must not take the room others' entries need.
+pub const USER_MANAGER_ENTRIES: usize = 256;
 
 /// A cgroup directory found under the attach point.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,8 +115,9 @@ struct Ruleset {
 struct Assigned {
     path: String,
     ruleset: u32,
-    /// The entry takes rules away from what the cgroup would inherit: it must be written.
-    narrowing: bool,
+    /// The entry takes rules away from what the cgroup would inherit and the cgroup is not a
+    /// user's: it must be written.
+    required: bool,
 }
 
 /// One generation of a policy and the cgroup entries it has now.
@@ -139,6 +146,10 @@ pub struct Compiled {
     /// Cgroups whose entry would take rules away but found no room: this cgroup and every
     /// newer one are judged as unseen until room is found.
     unwritten: BTreeMap<u64, String>,
+    /// The cgroups with an entry that may be left out (see [`Compiled::assign`]), to find room.
+    optional: BTreeSet<u64>,
+    /// Entries below each user manager (`…/user@UID.service`).
+    per_manager: HashMap<String, usize>,
 }
 
 impl Compiled {
@@ -200,6 +211,8 @@ impl Compiled {
             max_entries,
             dropped: BTreeMap::new(),
             unwritten: BTreeMap::new(),
+            optional: BTreeSet::new(),
+            per_manager: HashMap::new(),
         };
         let too_deep = compiled.sync(attach, dirs);
         compiled.dirty.clear();
@@ -313,7 +326,9 @@ impl Compiled {
             self.unwritten.remove(&dir.id);
             match self.wanted_rules(dir) {
                 Wanted::Rules { rules, narrowing } => self.assign(dir, rules, narrowing),
-                Wanted::Nothing => self.unassign(dir.id),
+                Wanted::Nothing => {
+                    self.unassign(dir.id);
+                }
                 Wanted::TooDeep => {
                     self.unassign(dir.id);
                     if self.too_deep.insert(dir.id) {
@@ -387,24 +402,34 @@ impl Compiled {
         }
     }
 
+    /// Gives `dir` an entry for `rules`. One that only adds rules (`narrowing` false) may be
+    /// left out; so may one below a user manager, where the user makes the cgroups (leaving
+    /// it out gives the user nothing its own tasks could not do anyway), and each user manager
+    /// gets at most [`USER_MANAGER_ENTRIES`]: no user can take the room of others' entries.
     fn assign(&mut self, dir: &CgroupDir, rules: Applicable, narrowing: bool) {
-        if !self.cgroups.contains_key(&dir.id) && self.cgroups.len() >= self.max_entries {
-            if !narrowing {
-                // Left out, the cgroup keeps the narrower rules it inherits.
+        let manager = workload::user_manager(&dir.path).map(str::to_owned);
+        let required = narrowing && manager.is_none();
+        if !self.cgroups.contains_key(&dir.id) {
+            let manager_full = manager.as_ref().is_some_and(|manager| {
+                self.per_manager.get(manager).copied().unwrap_or(0) >= USER_MANAGER_ENTRIES
+            });
+            if manager_full || (!required && self.cgroups.len() >= self.max_entries) {
+                // Left out, the cgroup keeps the rules it inherits.
                 self.dropped.insert(dir.id, dir.path.clone());
                 return;
             }
-            // Room is taken from an entry that only adds rules (the newest such cgroup keeps
-            // what it inherits instead); with none, this cgroup must be judged as unseen.
-            let Some(victim) = (self.cgroups.iter().rev())
-                .find(|(_, assigned)| !assigned.narrowing)
-                .map(|(&id, assigned)| (id, assigned.path.clone()))
-            else {
-                self.unwritten.insert(dir.id, dir.path.clone());
-                return;
-            };
-            self.unassign(victim.0);
-            self.dropped.insert(victim.0, victim.1);
+            if self.cgroups.len() >= self.max_entries {
+                // Room is taken from an entry that may be left out (the newest such cgroup
+                // keeps what it inherits instead); with none, this cgroup must be judged as
+                // unseen.
+                let Some(victim) = self.optional.iter().next_back().copied() else {
+                    self.unwritten.insert(dir.id, dir.path.clone());
+                    return;
+                };
+                if let Some(path) = self.unassign(victim) {
+                    self.dropped.insert(victim, path);
+                }
+            }
         }
         let ruleset = if let Some(&id) = self.ruleset_of_rules.get(&rules) {
             id
@@ -419,7 +444,7 @@ impl Compiled {
         let wanted = Assigned {
             path: dir.path.clone(),
             ruleset,
-            narrowing,
+            required,
         };
         if self.cgroups.get(&dir.id) == Some(&wanted) {
             return;
@@ -429,16 +454,32 @@ impl Compiled {
         if let Some(used) = self.rulesets.get_mut(&ruleset) {
             used.users += 1;
         }
+        if !required {
+            self.optional.insert(dir.id);
+        }
+        if let Some(manager) = manager {
+            *self.per_manager.entry(manager).or_default() += 1;
+        }
         self.cgroups.insert(dir.id, wanted);
     }
 
-    fn unassign(&mut self, id: u64) {
-        if let Some(assigned) = self.cgroups.remove(&id) {
-            self.dirty.entry(id).or_insert(Some(assigned.ruleset));
-            if let Some(used) = self.rulesets.get_mut(&assigned.ruleset) {
-                used.users = used.users.saturating_sub(1);
+    /// Removes `id`'s entry, if it has one; returns its path.
+    fn unassign(&mut self, id: u64) -> Option<String> {
+        let assigned = self.cgroups.remove(&id)?;
+        self.dirty.entry(id).or_insert(Some(assigned.ruleset));
+        if let Some(used) = self.rulesets.get_mut(&assigned.ruleset) {
+            used.users = used.users.saturating_sub(1);
+        }
+        self.optional.remove(&id);
+        if let Some(manager) = workload::user_manager(&assigned.path)
+            && let Some(count) = self.per_manager.get_mut(manager)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_manager.remove(manager);
             }
         }
+        Some(assigned.path)
     }
 
     fn cgroup_key(&self, cgroup_id: u64) -> CgroupKey {
@@ -1032,6 +1073,48 @@ mod tests {
         let entries = compiled.entries();
         assert_eq!(judged(&entries, &[1, 2, 30], 0).0, VERDICT_ALLOW);
         assert_eq!(judged(&entries, &[1, 2, 22], 0).0, VERDICT_DENY);
+    }
+
+    #[test]
+    fn a_user_cannot_take_the_room_of_others_entries() {
+        let manager = "/user.slice/user-1000.slice/user@1000.service";
+        let text = "[[allow]]\nuid = 0\nnot_cgroup = \"/user.slice/**/bad-*\"\n\
+                    [[allow]]\ncgroup = \"/user.slice/**/good-*\"\nuid = 1000\n";
+        let mut dirs = vec![
+            dir(1, "/"),
+            dir(2, "/user.slice"),
+            dir(3, "/user.slice/user-1000.slice"),
+            dir(4, manager),
+            dir(5, "/system.slice"),
+        ];
+        // Names a container runtime would use, and names the rules match, made by the user.
+        for n in 0..300u64 {
+            dirs.push(dir(
+                100 + n,
+                &format!("{manager}/docker-{}.scope", "ab".repeat(32)),
+            ));
+            dirs.push(dir(1000 + n, &format!("{manager}/bad-{n}")));
+            dirs.push(dir(2000 + n, &format!("{manager}/good-{n}")));
+        }
+        let (mut compiled, _) = Compiled::with_capacity(policy(text), 0, "/", &dirs, 300);
+        // The user's names are no container's; its entries are capped and may be left out, so
+        // they never make anything unseen.
+        assert_eq!(compiled.cgroup_entries(), USER_MANAGER_ENTRIES);
+        assert_eq!(compiled.unseen_after(), ALL_CGROUPS_SEEN);
+        // Real containers' cgroups take the room they need from them.
+        for n in 0..100u64 {
+            dirs.push(dir(
+                5000 + n,
+                &format!("/system.slice/docker-{:064x}.scope", n + 1),
+            ));
+        }
+        compiled.sync("/", &dirs);
+        assert_eq!(compiled.cgroup_entries(), 300);
+        assert_eq!((compiled.unwritten(), compiled.dropped()), (0, 600 - 200));
+        let entries = compiled.entries();
+        let root = |ancestors: &[u64]| judge(&entries, 0, ancestors, Some(0), None, false).verdict;
+        assert_eq!(root(&[1, 5, 5099]), VERDICT_DENY);
+        assert_eq!(root(&[1, 5]), VERDICT_ALLOW);
     }
 
     #[test]

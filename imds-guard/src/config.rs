@@ -52,7 +52,9 @@ pub enum Containers {
     Excluded,
     /// Tasks on the host and in containers.
     Included,
-    /// Only tasks in containers.
+    /// Only tasks in a container runtime's cgroup. A task the kernel finds in namespaces of its
+    /// own in another cgroup does not match: any local user can make such namespaces (with a
+    /// user namespace of their own), so namespaces only ever take rules away.
     Only,
 }
 

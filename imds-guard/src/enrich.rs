@@ -48,12 +48,16 @@ pub struct Executable {
 }
 
 impl Executable {
-    /// Whether the file that `/proc/PID/exe` (`link`, and `file`, what it resolves to) names
-    /// is this one: the same device and inode, or the same path on its file system (overlay
-    /// file systems may show another device to `stat` than the kernel's inode has).
+    /// Whether the file that `/proc/PID/exe` names (`file`, what it resolves to, and `link`)
+    /// is this one: the same inode on the same device. In a container, the same inode at the
+    /// same path will do: an overlay file system may show `stat` another device than the
+    /// kernel's inode has. A path alone never does: a copy elsewhere can have any path.
     fn is(&self, file: Option<FileId>, link: Option<&str>) -> bool {
-        file.is_some_and(|file| file == FileId::of_kernel(self.dev, self.ino))
-            || link.is_some_and(|link| link == self.on_fs)
+        file.is_some_and(|file| {
+            file.ino == self.ino
+                && (file.dev == self.dev
+                    || (self.in_container && link.is_some_and(|link| link == self.on_fs)))
+        })
     }
 }
 
@@ -65,10 +69,6 @@ struct FileId {
 }
 
 impl FileId {
-    fn of_kernel(dev: (u32, u32), ino: u64) -> Self {
-        Self { dev, ino }
-    }
-
     fn of(metadata: &fs::Metadata) -> Self {
         let dev = metadata.dev();
         Self {
@@ -232,8 +232,15 @@ impl Enricher {
             self.mounts_read_ns = now;
             found = mounts::locate(&self.mounts, exe.dev, &exe.on_fs);
         }
+        // Not mounted where the agent runs (a private mount namespace's file system): the path
+        // is only the file's on that file system, and says so.
         found.map_or_else(
-            || exe.on_fs.clone(),
+            || {
+                format!(
+                    "{} (on device {}:{}, not mounted where imds-guard runs)",
+                    exe.on_fs, exe.dev.0, exe.dev.1
+                )
+            },
             |path| path.to_string_lossy().into_owned(),
         )
     }
@@ -450,6 +457,20 @@ mod tests {
         assert_eq!(
             process.exe.map(std::path::PathBuf::from),
             Some(std::path::Path::new("/bin/sh").canonicalize().unwrap())
+        );
+        // A host program on a file system the agent cannot see is named as such.
+        let hidden = Executable {
+            dev: (0, 4242),
+            ino: 7,
+            on_fs: "/usr/bin/amazon-ssm-agent".into(),
+            in_container: false,
+        };
+        assert_eq!(
+            enricher
+                .process(u32::MAX - 1, now, Some(&hidden))
+                .exe
+                .as_deref(),
+            Some("/usr/bin/amazon-ssm-agent (on device 0:4242, not mounted where imds-guard runs)")
         );
         // A container's program is named by the path it saw.
         let in_container = Executable {

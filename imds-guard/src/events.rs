@@ -364,7 +364,7 @@ impl Record {
             port: key.port,
             generation: key.generation,
             unread: UNREAD_PARENT | UNREAD_COMM | UNREAD_EXE,
-            flags: 0,
+            flags: key.flags,
             _pad: [0; 3],
             addr: key.addr,
             comm: [0; COMM_LEN],

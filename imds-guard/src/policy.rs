@@ -289,20 +289,31 @@ impl Policy {
 
     /// The rules that apply in a cgroup within which `matched` holds; `container_cgroup`: the
     /// cgroup is a container's (its path says so), so every task in it is in a container.
+    ///
+    /// Namespaces only ever take rules away: a task the kernel finds in namespaces of its own
+    /// (the `container` set) gets the rules that admit containers too (`containers = true`),
+    /// but rules only for containers (`"only"`) only in a container's cgroup. Any local user
+    /// can make a pid or cgroup namespace (with a user namespace of their own), so a rule
+    /// they could satisfy that way would be one any local user satisfies.
     #[must_use]
     pub fn rules_in(&self, matched: &BTreeSet<usize>, container_cgroup: bool) -> Applicable {
-        let ids = |in_container: bool| {
+        let ids = |admits: &dyn Fn(Containers) -> bool| {
             (1u32..)
                 .zip(&self.rules)
-                .filter(|(_, rule)| {
-                    rule.applies_in(matched) && rule.containers.admits(in_container)
-                })
+                .filter(|(_, rule)| rule.applies_in(matched) && admits(rule.containers))
                 .map(|(id, _)| id)
                 .collect()
         };
+        if container_cgroup {
+            let rules: Vec<u32> = ids(&|containers| containers.admits(true));
+            return Applicable {
+                host: rules.clone(),
+                container: rules,
+            };
+        }
         Applicable {
-            host: ids(container_cgroup),
-            container: ids(true),
+            host: ids(&|containers| containers.admits(false)),
+            container: ids(&|containers| containers == Containers::Included),
         }
     }
 
@@ -323,20 +334,20 @@ impl Policy {
 
     /// The rules that apply in a cgroup whatever its path: those for a cgroup the agent has
     /// not seen (`RULESET_UNSEEN`). Rules with cgroup conditions are out (the path is not
-    /// known); so are, for a host task, rules that do not admit containers (the cgroup may be
-    /// a container's) and rules only for containers (it may not be).
+    /// known); so are rules that do not admit containers (the cgroup may be a container's) and
+    /// rules only for containers (it may not be).
     #[must_use]
     pub fn unseen_rules(&self) -> Applicable {
-        let ids = |admits: fn(Containers) -> bool| {
-            (1u32..)
-                .zip(&self.rules)
-                .filter(|(_, rule)| !rule.has_cgroup_conditions() && admits(rule.containers))
-                .map(|(id, _)| id)
-                .collect()
-        };
+        let rules: Vec<u32> = (1u32..)
+            .zip(&self.rules)
+            .filter(|(_, rule)| {
+                !rule.has_cgroup_conditions() && rule.containers == Containers::Included
+            })
+            .map(|(id, _)| id)
+            .collect();
         Applicable {
-            host: ids(|containers| containers == Containers::Included),
-            container: ids(|containers| containers.admits(true)),
+            host: rules.clone(),
+            container: rules,
         }
     }
 }
@@ -791,13 +802,15 @@ mod tests {
         // A host task on the host; a namespaced task in an ordinary cgroup; any task in a
         // container's cgroup.
         assert_eq!(p.rules_at("/system.slice/x.service").host, [1, 2]);
-        assert_eq!(p.rules_at("/system.slice/x.service").container, [2, 3]);
+        // Namespaces only take rules away: "only" needs a container's cgroup, since any user
+        // can make namespaces of their own.
+        assert_eq!(p.rules_at("/system.slice/x.service").container, [2]);
         assert_eq!(p.rules_at(CONTAINER).host, [2, 3, 4]);
         assert_eq!(p.rules_at(CONTAINER).container, [2, 3, 4]);
         assert_eq!(p.rules_at(&format!("{CONTAINER}/deeper")).host, [2, 3, 4]);
         // A cgroup the agent has not seen: only what applies wherever it is.
         let unseen = p.unseen_rules();
-        assert_eq!((unseen.host, unseen.container), (vec![2], vec![2, 3]));
+        assert_eq!((unseen.host, unseen.container), (vec![2], vec![2]));
         assert!(p.depends_on_cgroup());
     }
 }

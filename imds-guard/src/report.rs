@@ -451,12 +451,19 @@ fn write_rule(out: &mut String, identity: &Identity, uid: u32, seen: &[&Workload
         seen.iter().any(|w| w.on_host),
         seen.iter().any(|w| w.in_container),
     );
+    // "only" matches in a container runtime's cgroup alone: a workload seen in namespaces of its
+    // own elsewhere needs `true`.
+    let in_container_cgroups = seen.iter().all(|w| {
+        w.cgroup
+            .as_deref()
+            .is_some_and(workload::is_container_cgroup)
+    });
     let _ = writeln!(
         out,
         "containers = {}",
         match (host, container) {
-            (true, true) => Containers::Included,
-            (false, true) => Containers::Only,
+            (false, true) if in_container_cgroups => Containers::Only,
+            (_, true) => Containers::Included,
             _ => Containers::Excluded,
         }
         .as_toml()
@@ -615,7 +622,8 @@ imds-guard log line the journal interleaves
         };
         assert_eq!(containers("cwagent.service"), Some(Containers::Excluded));
         assert_eq!(containers(CONTAINER), Some(Containers::Only));
-        assert_eq!(containers("/custom/app"), Some(Containers::Only));
+        // Namespaced in a cgroup no runtime names: "only" would not match it there.
+        assert_eq!(containers("/custom/app"), Some(Containers::Included));
         assert_eq!(containers("/custom/mixed"), Some(Containers::Included));
         assert_eq!(config.allow[0].conditions(), "uid 0, not containers");
     }

@@ -80,6 +80,9 @@ pub struct PolicySummary {
     /// Cgroups whose rules would add to their parent's but found no room in the map: they
     /// keep their parent's (fail closed).
     pub cgroups_dropped: u32,
+    /// Cgroup directories the agent could not watch (the inotify watch limit): cgroups made
+    /// below them get their rules at the next scan (30 s).
+    pub cgroups_unwatched: u32,
 }
 
 /// The agent, from its pid file and what it recorded in the pins.
@@ -244,6 +247,7 @@ impl PinnedMaps<'_> {
             unseen_after: (settings.unseen_after != ALL_CGROUPS_SEEN)
                 .then_some(settings.unseen_after),
             cgroups_dropped: info.map_or(0, |info| info.cgroups_dropped),
+            cgroups_unwatched: info.map_or(0, |info| info.cgroups_unwatched),
         })
     }
 
@@ -341,6 +345,14 @@ pub fn describe(status: &Status) -> String {
                 out,
                 "cgroups: BEHIND: cgroups with an id above {unseen_after} get only the rules \
                  that hold in every cgroup until the agent catches up"
+            );
+        }
+        if policy.cgroups_unwatched > 0 {
+            let _ = writeln!(
+                out,
+                "cgroups: {} directories cannot be watched (fs.inotify.max_user_watches): \
+                 cgroups made below them get their rules at the next scan (30 s)",
+                policy.cgroups_unwatched
             );
         }
         if policy.cgroups_dropped > 0 {

@@ -8,6 +8,11 @@
 //! listed: a child created between the two is then either listed or reported. If the kernel
 //! drops events (queue overflow) or a watch cannot be added, the caller's periodic full scan
 //! puts things right.
+//!
+//! Directories at and below a user manager (`user@UID.service`) are listed but not watched:
+//! the user makes those cgroups, and watching them would let any local user spend the agent's
+//! inotify watches (`fs.inotify.max_user_watches` counts per uid, and the agent's is root's).
+//! Cgroups there get their entries (which may be left out: see `compile`) at the next scan.
 
 use std::{
     collections::HashMap,
@@ -45,6 +50,8 @@ pub struct Watcher {
     watches: HashMap<WatchDescriptor, String>,
     /// `add_watch` failed (the per-user watch limit): warned once.
     watch_failed: bool,
+    /// Directories whose watch could not be added since the last [`Watcher::take_unwatched`].
+    unwatched: usize,
 }
 
 impl AsRawFd for Watcher {
@@ -64,6 +71,7 @@ impl Watcher {
             inotify,
             watches: HashMap::new(),
             watch_failed: false,
+            unwatched: 0,
         })
     }
 
@@ -79,7 +87,16 @@ impl Watcher {
         walk(hierarchy, path, |dir, path| self.watch(dir, path))
     }
 
+    /// Directories whose watch could not be added since the last call: cgroups made below them
+    /// are found at the next full scan only.
+    pub fn take_unwatched(&mut self) -> usize {
+        std::mem::take(&mut self.unwatched)
+    }
+
     fn watch(&mut self, dir: &Path, path: &str) {
+        if crate::workload::user_manager(path).is_some() {
+            return;
+        }
         let flags = AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_DELETE
             | AddWatchFlags::IN_ONLYDIR
@@ -91,6 +108,7 @@ impl Watcher {
             }
             Err(Errno::ENOENT | Errno::ENOTDIR) => {}
             Err(err) => {
+                self.unwatched += 1;
                 if !self.watch_failed {
                     self.watch_failed = true;
                     warn!(
@@ -246,5 +264,18 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 2);
         assert!(watcher.scan(&hierarchy, "/w/a/b").is_empty());
+    }
+
+    #[test]
+    fn a_user_managers_cgroups_are_listed_not_watched() {
+        let root = tempfile::tempdir().unwrap();
+        let hierarchy = Hierarchy::at(root.path().to_owned());
+        fs::create_dir_all(root.path().join("u/user@1000.service/app.slice")).unwrap();
+        let mut watcher = Watcher::new().unwrap();
+        assert_eq!(watcher.scan(&hierarchy, "/u").len(), 3);
+        assert_eq!(watcher.watched(), 1);
+        fs::create_dir(root.path().join("u/user@1000.service/app.slice/x")).unwrap();
+        assert!(watcher.changed().unwrap().paths.is_empty());
+        assert_eq!(watcher.take_unwatched(), 0);
     }
 }

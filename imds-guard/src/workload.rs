@@ -81,11 +81,31 @@ impl Placement {
 /// runtime's cgroup ([`Placement::container`]), anything under a `kubepods` cgroup (pods and
 /// their containers), or an LXC container's payload, wherever in the tree.
 #[must_use]
+///
+/// Below a user manager (`user@UID.service`) the user makes and names the cgroups: nothing
+/// there counts as a container's by its name (a user could name thousands of cgroups
+/// `docker-<id>.scope`); a rootless container is known by its namespaces instead.
 pub fn is_container_cgroup(path: &str) -> bool {
-    Placement::of(path).container.is_some()
-        || path
+    let system_part = user_manager(path).unwrap_or(path);
+    Placement::of(system_part).container.is_some()
+        || system_part
             .split('/')
             .any(|part| part.starts_with("kubepods") || part.starts_with(LXC_PAYLOAD_PREFIX))
+}
+
+/// The path of the user manager (`…/user@UID.service`) at or above the cgroup at `path`, if
+/// any: below it, the user makes and names the cgroups.
+#[must_use]
+pub fn user_manager(path: &str) -> Option<&str> {
+    let mut end = 0;
+    for part in path.split('/') {
+        end += part.len();
+        if part.starts_with("user@") && part.ends_with(".service") {
+            return Some(&path[..end]);
+        }
+        end += 1;
+    }
+    None
 }
 
 /// LXC (and Incus) name a container's cgroup `lxc.payload.<name>`.
@@ -246,9 +266,24 @@ mod tests {
             "/system.slice/containerd.service",
             "/user.slice/user-1000.slice/session-3.scope",
             "/ecs/agent",
+            // Names a user chose, in its own manager's subtree.
+            &format!("/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{ID}.scope"),
+            "/user.slice/user-1000.slice/user@1000.service/kubepods-x",
         ] {
             assert!(!is_container_cgroup(path), "{path}");
         }
+        assert_eq!(
+            user_manager("/user.slice/user-1000.slice/user@1000.service/app.slice/a.service"),
+            Some("/user.slice/user-1000.slice/user@1000.service")
+        );
+        assert_eq!(
+            user_manager("/user.slice/user-1000.slice/user@1000.service"),
+            Some("/user.slice/user-1000.slice/user@1000.service")
+        );
+        assert_eq!(
+            user_manager("/user.slice/user-1000.slice/session-3.scope"),
+            None
+        );
         let ecs = Placement::of(&format!("/ecs/0123456789abcdef0123456789abcdef/{ID}"));
         assert_eq!(ecs.container, Some(container(Some("docker"))));
     }

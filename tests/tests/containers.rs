@@ -198,7 +198,9 @@ fn containers_only_rules_and_rules_naming_container_cgroups() {
     let Some((sandbox, attach)) = setup() else {
         return;
     };
-    let docker = docker_scope(&attach.child("system.slice"));
+    let system = attach.child("system.slice");
+    let docker = docker_scope(&system);
+    let other = system.child(&format!("docker-{}.scope", "5e".repeat(32)));
     let plain = attach.child("plain");
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n\
@@ -212,15 +214,25 @@ fn containers_only_rules_and_rules_naming_container_cgroups() {
     Client::new(&sandbox, &docker, 0, 0)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
-    // "only": a namespaced 4242 gets through, the host's 4242 does not.
-    Client::new(&sandbox, &plain, 4242, 4242)
-        .namespaces("pid")
+    // "only": 4242 in any container's cgroup gets through (root there does not), the host's
+    // 4242 does not, nor does a 4242 that made namespaces of its own (as any local user can,
+    // with a user namespace): namespaces only ever take rules away.
+    Client::new(&sandbox, &other, 4242, 4242)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
+    Client::new(&sandbox, &other, 0, 0)
+        .imds(IMDS_V4, 80)
+        .assert_errno(EPERM);
     let host = Client::new(&sandbox, &plain, 4242, 4242).imds(IMDS_V4, 80);
     host.assert_errno(EPERM);
     let events = agent.wait_events_of(host.pid, 1);
     assert_fields(&events[0], &[("in_container", json!(false))]);
+    let namespaced = Client::new(&sandbox, &plain, 4242, 4242)
+        .namespaces("pid,cgroup")
+        .imds(IMDS_V4, 80);
+    namespaced.assert_errno(EPERM);
+    let events = agent.wait_events_of(namespaced.pid, 1);
+    assert_fields(&events[0], &[("in_container", json!(true))]);
 }
 
 #[test]

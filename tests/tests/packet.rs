@@ -330,3 +330,61 @@ fn protocols_without_socket_hooks_are_judged_at_the_packet_layer() {
         }
     }
 }
+
+#[test]
+fn a_containers_connection_rewritten_to_imds_is_refused_even_when_its_syn_is_retransmitted() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    add_nat_to_imds(&sandbox);
+    // The workload's own firewall drops every other SYN to IMDS after the rewrite, so that
+    // the SYN the packet layer sees first is a retransmission, sent from a timer: no task to
+    // ask then, and the packet layer must not take whatever task is current for the sender.
+    sandbox.exec(
+        "iptables",
+        &[
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "169.254.169.254",
+            "--syn",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "2",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
+    let plain = attach.child("plain");
+    let config = config(&attach, "enforce");
+    let agent = Agent::start(&["--config", &config.arg()]);
+    // Container root (its own pid and cgroup namespaces, in a cgroup no runtime names): the
+    // rule for root is the host's.
+    let refused = Client::new(&sandbox, &plain, 0, 0)
+        .namespaces("pid,cgroup")
+        .tcp(IpAddr::from([127, 0, 0, 1]), NAT_TCP_PORT);
+    assert_eq!(refused.errno, Some(ETIMEDOUT), "{refused:?}");
+    let events = agent.packet_events_in(
+        &plain,
+        &Client::new(&sandbox, &plain, USER, USER).tcp(IMDS_V4, 80),
+    );
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_fields(
+        &events[0],
+        &[
+            ("hook", json!("egress")),
+            ("verdict", json!("deny")),
+            ("uid", json!(0)),
+            ("rewritten", json!(true)),
+            ("in_container", json!(true)),
+        ],
+    );
+}
