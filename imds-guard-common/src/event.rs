@@ -186,8 +186,13 @@ pub struct TaskLayout {
 pub const LAYOUT_PARENT: u32 = 1;
 /// [`TaskLayout::known`]: the namespace offsets (`thread_pid` to `fsuid`).
 pub const LAYOUT_NAMESPACES: u32 = 2;
-/// [`TaskLayout::known`]: the executable's offsets (`mm` to `d_name`).
+/// [`TaskLayout::known`]: the executable's offsets (`mm` to `d_parent`).
 pub const LAYOUT_EXE: u32 = 4;
+/// [`TaskLayout::known`]: read the task with `bpf_get_current_task_btf` and plain loads (which
+/// the verifier checks against the kernel's BTF and turns into loads that cannot fault) rather
+/// than `bpf_probe_read_kernel` per field: a few nanoseconds instead of about fifty each.
+/// Kernels that do not offer the helper to these programs load a build without it.
+pub const LAYOUT_BTF_TASK: u32 = 8;
 
 /// The name of the [`TaskLayout`] global in the object.
 pub const TASK_LAYOUT_GLOBAL: &str = "TASK_LAYOUT";

@@ -56,8 +56,9 @@ pub const ALL: [&str; 13] = [
 ///
 /// 2: events of 104 bytes (parent process), the `FOLDS` map and the `COUNTER_FOLDED` counter.
 /// 3: protected addresses keyed by generation, `PROTECTED_FILTER`, `SOCKET_VERDICTS`.
-/// 4: `ALLOW` keys by task kind (host or container), `Settings::unseen_after`, events of 376
-/// bytes (the executable), fold keys by process and port, a ring of 2 MiB.
+/// 4: `ALLOW` keys by task kind (host or container), `Settings::unseen_after` and
+/// `entry_levels`, events of 376 bytes (the executable), fold keys by process and port, a ring
+/// of 2 MiB.
 pub const MAPS_LAYOUT_VERSION: u32 = 4;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts

@@ -154,8 +154,23 @@ pub struct Settings {
     /// the agent keeps up; lowered when it cannot (a full map, lost change notifications).
     /// Written by the agent with one aligned 8-byte store.
     pub unseen_after: u64,
+    /// The shallowest (low half) and deepest (high half) cgroup level that has an entry in
+    /// `CGROUP_RULESETS` for this generation: the ancestor walk looks at those levels only
+    /// ([`NO_ENTRY_LEVELS`] when no cgroup has one). One aligned 8-byte word, so that a program
+    /// never reads half of an update; the agent widens it before it adds an entry at a new
+    /// level and narrows it after it removed the last one there.
+    pub entry_levels: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+
+/// [`Settings::entry_levels`] when no cgroup has an entry: an empty range.
+pub const NO_ENTRY_LEVELS: u64 = entry_levels(u32::MAX, 0);
+
+/// [`Settings::entry_levels`] for entries from level `shallowest` to `deepest`.
+#[must_use]
+pub const fn entry_levels(shallowest: u32, deepest: u32) -> u64 {
+    shallowest as u64 | ((deepest as u64) << 32)
+}
 
 /// Key of `CGROUP_RULESETS`. The value is the rule set id (`u32`).
 #[repr(C)]

@@ -178,11 +178,14 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     } else {
         task::sender_kind(uid, cgroup_id)
     };
-    // SAFETY: as above.
-    let ancestor = |level: i32| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
-    let verdict::Decision { verdict, rule, .. } =
-        verdict::decide(generation, uid, None, task, ancestor);
+    let verdict::Decision { verdict, rule, .. } = verdict::decide(
+        generation,
+        uid,
+        None,
+        task,
+        &SocketCgroup { skb, id: cgroup_id },
+    );
     if verdict == VERDICT_ALLOW && facts.seen_by_hooks && !rewritten {
         // A TCP or UDP socket's packet to the destination a socket hook judged (and counted):
         // the same verdict again is not a new attempt. Judged again at its next packet, which
@@ -242,6 +245,30 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         Identity::socket,
     );
     if verdict == VERDICT_DENY { DROP } else { PASS }
+}
+
+/// A packet's socket's cgroup.
+struct SocketCgroup {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    id: u64,
+}
+
+impl verdict::Cgroup for SocketCgroup {
+    fn own(&self) -> u64 {
+        self.id
+    }
+
+    fn ancestor(&self, level: u32) -> u64 {
+        #[expect(
+            clippy::cast_possible_wrap,
+            reason = "levels are at most MAX_CGROUP_LEVEL"
+        )]
+        // SAFETY: a helper on the valid context (Linux 4.19+); it uses the full socket behind a
+        // request socket.
+        unsafe {
+            bpf_skb_ancestor_cgroup_id(self.skb, level as i32)
+        }
+    }
 }
 
 /// The socket's entry in `SOCKET_VERDICTS`, created from `create` when it has none and

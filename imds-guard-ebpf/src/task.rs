@@ -4,19 +4,23 @@
 //! aya does not relocate field offsets (CO-RE) in Rust programs: the agent finds them in the
 //! running kernel's BTF and sets [`TASK_LAYOUT`] before loading. It is a read-only global, so
 //! the verifier sees constants: a group of reads whose `LAYOUT_*` bit is clear is never
-//! reached, and kernels that refuse `bpf_get_current_task` or `bpf_probe_read_kernel` to these
-//! program types load a build with `known == 0` (the agent retries so, and says so).
+//! reached.
 //!
-//! Every dereference goes through `bpf_probe_read_kernel`, which fails instead of faulting.
+//! Two ways to read, chosen by `LAYOUT_BTF_TASK`: plain loads from the task that
+//! `bpf_get_current_task_btf` gives (the verifier checks each against the kernel's BTF and
+//! makes it a load that reads 0 instead of faulting; a few nanoseconds each), or
+//! `bpf_probe_read_kernel` per field (about fifty). Kernels that refuse the first helper to
+//! these program types load a build with the second; those that refuse `bpf_get_current_task`
+//! or `bpf_probe_read_kernel` too, one with `known == 0` (the agent retries so, and says so).
 
 use aya_ebpf::helpers::{
     bpf_probe_read_kernel,
-    generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
+    generated::{bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel_str},
 };
 use imds_guard_common::{
     event::{
-        COMM_LEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN, EXE_PATH_PARTS, LAYOUT_EXE, LAYOUT_NAMESPACES,
-        LAYOUT_PARENT, TaskLayout,
+        COMM_LEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN, EXE_PATH_PARTS, LAYOUT_BTF_TASK, LAYOUT_EXE,
+        LAYOUT_NAMESPACES, LAYOUT_PARENT, TaskLayout,
     },
     policy::{INIT_CGROUP_NS_INO, TASK_CONTAINER, TASK_HOST},
 };
@@ -58,21 +62,38 @@ fn layout() -> TaskLayout {
     unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) }
 }
 
+/// The current task: a BTF-typed pointer with `LAYOUT_BTF_TASK`, else a plain address.
 #[inline]
 fn current() -> *const u8 {
-    // SAFETY: a helper without arguments; the result is only used as an address to read from
-    // with `bpf_probe_read_kernel`.
-    unsafe { bpf_get_current_task() as *const u8 }
+    if layout().known & LAYOUT_BTF_TASK != 0 {
+        // SAFETY: a helper without arguments (Linux 5.11+ where offered); its result is only
+        // loaded from, each load checked by the verifier against the kernel's BTF.
+        unsafe { bpf_get_current_task_btf() as *const u8 }
+    } else {
+        // SAFETY: a helper without arguments; the result is only used as an address to read
+        // from with `bpf_probe_read_kernel`.
+        unsafe { bpf_get_current_task() as *const u8 }
+    }
 }
 
-/// Reads a `T` at `offset` bytes into the kernel object at `base`.
+/// Reads a `T` at `offset` bytes into the kernel object at `base` (a pointer [`current`] gave,
+/// or one read from it): a plain load with `LAYOUT_BTF_TASK`, which the verifier turns into one
+/// that reads 0 instead of faulting; else `bpf_probe_read_kernel`, `None` when it fails.
 ///
 /// # Safety
-/// None beyond the helper's: a bad address makes the read fail, never fault.
+/// None beyond the verifier's and the helper's: a bad address never faults.
 #[inline]
-unsafe fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
     // SAFETY: as the function says.
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()).ok() }
+    unsafe {
+        if layout().known & LAYOUT_BTF_TASK != 0 {
+            Some(core::ptr::read_volatile(
+                base.add(offset as usize).cast::<T>(),
+            ))
+        } else {
+            bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()).ok()
+        }
+    }
 }
 
 /// Which `ALLOW` keys judge the current task: [`TASK_CONTAINER`] when its pid or cgroup

@@ -14,9 +14,9 @@ use imds_guard_common::{
     },
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
     policy::{
-        CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT, RULE_DEFAULT,
-        RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue, Settings,
-        TASK_CONTAINER,
+        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
+        RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue,
+        Settings, TASK_CONTAINER,
     },
 };
 
@@ -88,14 +88,12 @@ fn judge_protected(
         reason = "splitting a u64 into halves"
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    // SAFETY: a helper without pointer arguments (Linux 5.7+ for sock_addr programs).
-    let ancestor = |level: i32| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
     let task = task::current_kind();
     let Decision {
         verdict,
         rule,
         by_gid,
-    } = decide(generation, uid, Some(gid), task, ancestor);
+    } = decide(generation, uid, Some(gid), task, &CurrentCgroup);
     count(generation, verdict, rule);
     // The packet layer judges the socket's packets again by its owner and cgroup, as a host
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
@@ -183,8 +181,7 @@ pub fn count(generation: u32, verdict: u8, rule: u32) {
 }
 
 /// Returns the verdict and the deciding rule for `uid`/`gid` (no gid: gid rules cannot match),
-/// a task of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in the cgroup whose ancestors
-/// `ancestor(level)` gives (0 below the cgroup itself).
+/// a task of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in `cgroup`.
 ///
 /// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
 /// id decides: the first in the config file, as the agent's `explain` says. With none, the
@@ -196,7 +193,7 @@ pub fn decide(
     uid: u32,
     gid: Option<u32>,
     task: u16,
-    ancestor: impl Fn(i32) -> u64,
+    cgroup: &impl Cgroup,
 ) -> Decision {
     let settings = SETTINGS.get(generation).copied().unwrap_or(Settings {
         cgroup_rules: 1,
@@ -204,8 +201,12 @@ pub fn decide(
     });
     let ruleset = if settings.cgroup_rules == 0 {
         RULESET_DEFAULT
+    } else if settings.unseen_after != ALL_CGROUPS_SEEN && cgroup.own() > settings.unseen_after {
+        // Newer than the agent's last complete view of the tree (cgroup ids only grow): its
+        // entry, if it needs one, may be missing.
+        RULESET_UNSEEN
     } else {
-        nearest_ruleset(generation, settings.unseen_after, ancestor)
+        nearest_ruleset(generation, settings.entry_levels, cgroup)
     };
     // Three lookups written out, not a loop over an array of (kind, id, asked): LLVM spilled
     // that array's padding as an uninitialised register, which the verifier refuses
@@ -256,26 +257,38 @@ pub struct Decision {
     pub by_gid: bool,
 }
 
-/// The rule set of the nearest cgroup, from the task's own up to the root, that has one; or
-/// [`RULESET_UNSEEN`] when the task's cgroup is newer than the agent's last complete view of the
-/// tree (its id is above `unseen_after`: cgroup ids only grow), so that its entry, if it needs
-/// one, may be missing.
+/// The cgroup an attempt is judged in: its own id and its ancestors'.
+pub trait Cgroup {
+    /// Its id.
+    fn own(&self) -> u64;
+    /// The id of its ancestor at `level` (the root is level 0); 0 below the cgroup itself.
+    fn ancestor(&self, level: u32) -> u64;
+}
+
+/// The rule set of the nearest cgroup, from the task's own up to the root, that has one.
 ///
-/// Walks from the root down and stops below the cgroup itself (where `ancestor` returns 0), so
-/// the cost follows its depth, not [`MAX_CGROUP_LEVEL`].
-fn nearest_ruleset(generation: u32, unseen_after: u64, ancestor: impl Fn(i32) -> u64) -> u32 {
+/// Looks only at the levels where some cgroup has an entry (`entry_levels`, from the settings),
+/// from the shallowest down, and stops below the cgroup itself (where `ancestor` returns 0): a
+/// host without containers or cgroup rules costs no lookup at all, and one whose entries are
+/// all containers' (one level) costs one.
+fn nearest_ruleset(generation: u32, entry_levels: u64, cgroup: &impl Cgroup) -> u32 {
+    // Truncation intended: the halves of one word.
+    #[expect(clippy::cast_possible_truncation, reason = "the halves of one word")]
+    let (shallowest, deepest) = (entry_levels as u32, (entry_levels >> 32) as u32);
     let mut ruleset = RULESET_DEFAULT;
-    let mut own = 0;
-    for level in 0..=MAX_CGROUP_LEVEL {
-        #[expect(
-            clippy::cast_possible_wrap,
-            reason = "levels are at most MAX_CGROUP_LEVEL"
-        )]
-        let cgroup_id = ancestor(level as i32);
+    // The loop counts a constant number of turns at most, from `shallowest` on: a loop whose
+    // own bound the verifier cannot know makes it explore every count of turns ("the sequence
+    // of 8193 jumps is too complex"), and one from level 0 costs a turn per level above the
+    // shallowest entry.
+    for turn in 0..=MAX_CGROUP_LEVEL {
+        let level = shallowest.saturating_add(turn);
+        if level > deepest || level > MAX_CGROUP_LEVEL {
+            break;
+        }
+        let cgroup_id = cgroup.ancestor(level);
         if cgroup_id == 0 {
             break;
         }
-        own = cgroup_id;
         let key = CgroupKey {
             generation,
             _pad: 0,
@@ -286,8 +299,25 @@ fn nearest_ruleset(generation: u32, unseen_after: u64, ancestor: impl Fn(i32) ->
             ruleset = found;
         }
     }
-    if own > unseen_after {
-        return RULESET_UNSEEN;
-    }
     ruleset
+}
+
+/// The current task's cgroup, for the socket address hooks.
+pub struct CurrentCgroup;
+
+impl Cgroup for CurrentCgroup {
+    fn own(&self) -> u64 {
+        report::current_cgroup_id()
+    }
+
+    fn ancestor(&self, level: u32) -> u64 {
+        #[expect(
+            clippy::cast_possible_wrap,
+            reason = "levels are at most MAX_CGROUP_LEVEL"
+        )]
+        // SAFETY: a helper without pointer arguments (Linux 5.7+ for sock_addr programs).
+        unsafe {
+            bpf_get_current_ancestor_cgroup_id(level as i32)
+        }
+    }
 }

@@ -11,7 +11,7 @@ use imds_guard_common::{
     agent::{AgentInfo, VERSION_LEN},
     event::{FoldKey, FoldValue},
     maps::{EVENTS_RING_BYTES, FOLDS_MAX_ENTRIES},
-    policy::{ALL_CGROUPS_SEEN, MAX_CGROUP_LEVEL, RULE_DEFAULT},
+    policy::{ALL_CGROUPS_SEEN, MAX_CGROUP_LEVEL, NO_ENTRY_LEVELS, RULE_DEFAULT, entry_levels},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -146,15 +146,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|source| Error::Runtime { source })?;
-    let unseen_after = compiled.unseen_after();
     let agent = Agent {
         args,
         attach_setting: config.attach,
         attach: attach.path,
         hierarchy,
         kernel,
+        // Read before `compiled` moves in.
+        unseen_after: compiled.unseen_after(),
+        entry_levels: compiled.entry_levels(),
         compiled,
-        unseen_after,
         rescan_hold: None,
         newest_seen,
         unwatched: watcher.take_unwatched(),
@@ -189,6 +190,8 @@ struct Agent<'a> {
     compiled: Compiled,
     /// `Settings::unseen_after` as written in the generation in force.
     unseen_after: u64,
+    /// `Settings::entry_levels` as written in the generation in force.
+    entry_levels: u64,
     /// Change notifications were lost: cgroups newer than this are judged as unseen until a
     /// full scan has found them.
     rescan_hold: Option<u64>,
@@ -261,6 +264,7 @@ impl Agent<'_> {
         warn_too_deep(&too_deep);
         warn_of_room(&compiled);
         self.unseen_after = compiled.unseen_after();
+        self.entry_levels = compiled.entry_levels();
         // The old generation is final now (no program can still count in it).
         self.metrics.fold_generation(
             &mut self.kernel,
@@ -417,7 +421,38 @@ impl Agent<'_> {
         }
     }
 
+    /// Applies `delta` to the generation in force. The walk's level range is widened before
+    /// an entry at a new level is written and narrowed after the last one there is removed:
+    /// a program never skips a level that has an entry.
     fn apply(&mut self, delta: &crate::compile::Delta) {
+        let generation = self.compiled.generation();
+        let levels = self.compiled.entry_levels();
+        let widened = widest(self.entry_levels, levels);
+        if widened != self.entry_levels {
+            match self.kernel.set_entry_levels(generation, widened) {
+                Ok(()) => self.entry_levels = widened,
+                Err(err) => {
+                    self.maps_uncertain = true;
+                    error!(
+                        "cannot widen the cgroup levels the kernel looks at; rewriting the \
+                         policy maps at the next scan: {}",
+                        crate::error::report(&err)
+                    );
+                    return;
+                }
+            }
+        }
+        self.apply_delta(delta);
+        if levels != self.entry_levels && !self.maps_uncertain {
+            match self.kernel.set_entry_levels(generation, levels) {
+                Ok(()) => self.entry_levels = levels,
+                // The range stays wider than it needs: slower, never wrong.
+                Err(err) => warn!("cannot narrow the cgroup levels the kernel looks at: {err}"),
+            }
+        }
+    }
+
+    fn apply_delta(&mut self, delta: &crate::compile::Delta) {
         if let Err(err) = self.kernel.apply(delta) {
             self.maps_uncertain = true;
             // Until the maps are rewritten, a cgroup whose entry failed may have wider rules
@@ -469,6 +504,18 @@ fn warn_of_weak_rules(policy: &Policy) {
             "{}",
             warning.message
         );
+    }
+}
+
+/// The range of cgroup levels that holds both `a` and `b` (`Settings::entry_levels` form).
+fn widest(a: u64, b: u64) -> u64 {
+    #[expect(clippy::cast_possible_truncation, reason = "the halves of one word")]
+    let halves = |levels: u64| (levels as u32, (levels >> 32) as u32);
+    let ((a_low, a_high), (b_low, b_high)) = (halves(a), halves(b));
+    match (a == NO_ENTRY_LEVELS, b == NO_ENTRY_LEVELS) {
+        (true, _) => b,
+        (_, true) => a,
+        _ => entry_levels(a_low.min(b_low), a_high.max(b_high)),
     }
 }
 

@@ -26,8 +26,9 @@ use imds_guard_common::{
     maps::CGROUP_RULESETS_MAX_ENTRIES,
     policy::{
         ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
-        MODE_ENFORCE, ProtectedV4Key, ProtectedV6Key, RULE_DEFAULT, RULE_FLAG_AUDIT,
-        RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue, Settings, TASK_CONTAINER, TASK_HOST,
+        MODE_ENFORCE, NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULE_DEFAULT,
+        RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue, Settings,
+        TASK_CONTAINER, TASK_HOST, entry_levels,
     },
 };
 
@@ -150,6 +151,8 @@ pub struct Compiled {
     optional: BTreeSet<u64>,
     /// Entries below each user manager (`…/user@UID.service`).
     per_manager: HashMap<String, usize>,
+    /// Entries at each cgroup level.
+    per_level: BTreeMap<u32, usize>,
 }
 
 impl Compiled {
@@ -213,6 +216,7 @@ impl Compiled {
             unwritten: BTreeMap::new(),
             optional: BTreeSet::new(),
             per_manager: HashMap::new(),
+            per_level: BTreeMap::new(),
         };
         let too_deep = compiled.sync(attach, dirs);
         compiled.dirty.clear();
@@ -228,6 +232,19 @@ impl Compiled {
             .keys()
             .next()
             .map_or(ALL_CGROUPS_SEEN, |oldest| oldest.saturating_sub(1))
+    }
+
+    /// `Settings::entry_levels` for the entries this generation has now: the levels the kernel's
+    /// ancestor walk must look at.
+    #[must_use]
+    pub fn entry_levels(&self) -> u64 {
+        match (
+            self.per_level.keys().next(),
+            self.per_level.keys().next_back(),
+        ) {
+            (Some(&shallowest), Some(&deepest)) => entry_levels(shallowest, deepest),
+            _ => NO_ENTRY_LEVELS,
+        }
     }
 
     /// Cgroups whose entry would only add rules and found no room (they keep the narrower
@@ -272,6 +289,7 @@ impl Compiled {
                 },
                 cgroup_rules: u32::from(self.policy.depends_on_cgroup()),
                 unseen_after: self.unseen_after(),
+                entry_levels: self.entry_levels(),
             },
             ..MapEntries::default()
         };
@@ -460,6 +478,7 @@ impl Compiled {
         if let Some(manager) = manager {
             *self.per_manager.entry(manager).or_default() += 1;
         }
+        *self.per_level.entry(dir.level()).or_default() += 1;
         self.cgroups.insert(dir.id, wanted);
     }
 
@@ -471,6 +490,17 @@ impl Compiled {
             used.users = used.users.saturating_sub(1);
         }
         self.optional.remove(&id);
+        let level = CgroupDir {
+            id,
+            path: assigned.path.clone(),
+        }
+        .level();
+        if let Some(count) = self.per_level.get_mut(&level) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_level.remove(&level);
+            }
+        }
         if let Some(manager) = workload::user_manager(&assigned.path)
             && let Some(count) = self.per_manager.get_mut(manager)
         {
@@ -576,23 +606,31 @@ pub fn judge(
     let cgroups: HashMap<CgroupKey, u32> = entries.cgroup_rulesets.iter().copied().collect();
     let allow: HashMap<RuleKey, RuleValue> = entries.allow.iter().copied().collect();
     let mut ruleset = RULESET_DEFAULT;
-    if entries.settings.cgroup_rules != 0 {
-        let walked = &ancestors[..ancestors.len().min(MAX_CGROUP_LEVEL as usize + 1)];
-        for &cgroup_id in walked {
-            let key = CgroupKey {
-                generation,
-                _pad: 0,
-                cgroup_id,
-            };
-            if let Some(&found) = cgroups.get(&key) {
-                ruleset = found;
-            }
-        }
-        if walked
-            .last()
-            .is_some_and(|&own| own > entries.settings.unseen_after)
-        {
+    let settings = &entries.settings;
+    let own = ancestors.last().copied().unwrap_or(0);
+    if settings.cgroup_rules != 0 {
+        if settings.unseen_after != ALL_CGROUPS_SEEN && own > settings.unseen_after {
             ruleset = RULESET_UNSEEN;
+        } else {
+            // The levels with entries, as the kernel walks them.
+            #[expect(clippy::cast_possible_truncation, reason = "the halves of one word")]
+            let (shallowest, deepest) = (
+                settings.entry_levels as u32,
+                (settings.entry_levels >> 32) as u32,
+            );
+            for (level, &cgroup_id) in (0u32..).zip(ancestors) {
+                if level < shallowest || level > deepest || level > MAX_CGROUP_LEVEL {
+                    continue;
+                }
+                let key = CgroupKey {
+                    generation,
+                    _pad: 0,
+                    cgroup_id,
+                };
+                if let Some(&found) = cgroups.get(&key) {
+                    ruleset = found;
+                }
+            }
         }
     }
     let task = if in_container {
@@ -1115,6 +1153,22 @@ mod tests {
         let root = |ancestors: &[u64]| judge(&entries, 0, ancestors, Some(0), None, false).verdict;
         assert_eq!(root(&[1, 5, 5099]), VERDICT_DENY);
         assert_eq!(root(&[1, 5]), VERDICT_ALLOW);
+    }
+
+    #[test]
+    fn the_walk_looks_only_at_levels_with_entries() {
+        let mut compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 0, "/", &tree()).0;
+        // /kubepods.slice (level 1), the unit, the container and the pod (level 2).
+        assert_eq!(compiled.entry_levels(), entry_levels(1, 2));
+        // The unit, deeper down, widens the range; gone, it narrows it again.
+        let deep = "/system.slice/a.slice/b.slice/amazon-ssm-agent.service";
+        compiled.sync(deep, &[dir(600, deep)]);
+        assert_eq!(compiled.entry_levels(), entry_levels(1, 4));
+        compiled.sync(deep, &[]);
+        assert_eq!(compiled.entry_levels(), entry_levels(1, 2));
+        let empty = Compiled::new(policy("[[allow]]\nuid = 0\n"), 0, "/", &[dir(0, "/")]).0;
+        assert_eq!(empty.entry_levels(), NO_ENTRY_LEVELS);
+        assert_eq!(empty.entries().settings.entry_levels, NO_ENTRY_LEVELS);
     }
 
     #[test]

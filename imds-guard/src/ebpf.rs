@@ -14,7 +14,8 @@ use aya::{
 use imds_guard_common::{
     agent::AgentInfo,
     event::{
-        FOLD_WINDOW_GLOBAL, FoldKey, FoldValue, LAYOUT_NAMESPACES, TASK_LAYOUT_GLOBAL, TaskLayout,
+        FOLD_WINDOW_GLOBAL, FoldKey, FoldValue, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES,
+        TASK_LAYOUT_GLOBAL, TaskLayout,
     },
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
@@ -159,6 +160,10 @@ fn raise_memlock_limit() {
     }
 }
 
+/// The environment variable that, set to `probe`, makes the programs read tasks with
+/// `bpf_probe_read_kernel` even where the kernel offers BTF-typed loads.
+pub const TASK_READS_ENV: &str = "IMDS_GUARD_TASK_READS";
+
 /// The loaded object: maps created or adopted from the pins, programs verified.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -197,10 +202,35 @@ impl Kernel {
         for why in &found.missing {
             warn!("{why}");
         }
-        match Self::load_with(pins, adopted, fold_window_ns, found.layout) {
-            // The task reads need `bpf_get_current_task` and `bpf_probe_read_kernel`, which
-            // some kernels do not offer these program types: without the layout the programs
-            // never reach those calls, and the verifier never sees them.
+        // Three tries, each verified whole: the task read through its BTF-typed pointer
+        // (plain loads), then through `bpf_probe_read_kernel`, then not at all. Some kernels
+        // do not offer `bpf_get_current_task_btf`, or `bpf_get_current_task` and
+        // `bpf_probe_read_kernel`, to these program types; with the layout's bits clear the
+        // programs never reach those calls, and the verifier never sees them.
+        let btf = TaskLayout {
+            known: found.layout.known | LAYOUT_BTF_TASK,
+            ..found.layout
+        };
+        // `IMDS_GUARD_TASK_READS=probe` skips the first try (to compare, or on a kernel whose
+        // BTF loads misbehave).
+        let first = if std::env::var(TASK_READS_ENV).as_deref() == Ok("probe") {
+            found.layout
+        } else {
+            btf
+        };
+        let loaded = match Self::load_with(pins, adopted, fold_window_ns, first) {
+            Err(Error::LoadProgram { program, source })
+                if first.known & LAYOUT_BTF_TASK != 0 && found.layout.known != 0 =>
+            {
+                warn!(
+                    "the kernel refused program {program} reading tasks through their BTF \
+                     pointer ({source}); trying again with bpf_probe_read_kernel (slower)"
+                );
+                Self::load_with(pins, adopted, fold_window_ns, found.layout)
+            }
+            loaded => loaded,
+        };
+        match loaded {
             Err(Error::LoadProgram { program, source }) if found.layout.known != 0 => {
                 warn!(
                     "the kernel refused program {program} ({source}); trying again without \
@@ -254,14 +284,17 @@ impl Kernel {
     }
 
     /// How the programs tell a container's task: by its namespaces (the kernel's view, at the
-    /// attempt) and cgroup path, or by its cgroup path alone (the kernel refused the reads, or
-    /// its BTF lacks the fields).
+    /// attempt, read with plain BTF-checked loads or `bpf_probe_read_kernel`) and cgroup path,
+    /// or by its cgroup path alone (the kernel refused the reads, or its BTF lacks the fields).
     #[must_use]
     pub fn container_detection(&self) -> &'static str {
-        if self.task_layout & LAYOUT_NAMESPACES != 0 {
-            "namespaces and cgroup paths"
-        } else {
-            "cgroup paths only"
+        match (
+            self.task_layout & LAYOUT_NAMESPACES != 0,
+            self.task_layout & LAYOUT_BTF_TASK != 0,
+        ) {
+            (true, true) => "namespaces (BTF loads) and cgroup paths",
+            (true, false) => "namespaces (probe reads) and cgroup paths",
+            (false, _) => "cgroup paths only",
         }
     }
 
@@ -409,6 +442,24 @@ impl Kernel {
     /// # Errors
     /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
     pub fn set_unseen_after(&mut self, generation: u32, unseen_after: u64) -> Result<()> {
+        self.update_settings(generation, |settings| settings.unseen_after = unseen_after)
+    }
+
+    /// Sets `Settings::entry_levels` of `generation`: the levels the ancestor walk looks at.
+    ///
+    /// # Errors
+    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
+    pub fn set_entry_levels(&mut self, generation: u32, entry_levels: u64) -> Result<()> {
+        self.update_settings(generation, |settings| settings.entry_levels = entry_levels)
+    }
+
+    /// Changes one aligned 8-byte field of `SETTINGS[generation]`; the others are written back
+    /// as they were, so a program reading concurrently sees each field whole, old or new.
+    fn update_settings(
+        &mut self,
+        generation: u32,
+        change: impl FnOnce(&mut Settings),
+    ) -> Result<()> {
         let mut settings: Array<_, Settings> = self.map_mut(SETTINGS)?;
         let mut value = settings
             .get(&generation, 0)
@@ -416,8 +467,7 @@ impl Kernel {
                 map: SETTINGS,
                 source,
             })?;
-        value.unseen_after = unseen_after;
-        // One aligned 8-byte field changes; the others are written back as they were.
+        change(&mut value);
         settings
             .set(generation, value, 0)
             .map_err(|source| Error::WriteMap {

@@ -18,6 +18,10 @@ use std::{
 };
 
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramInfo};
+use imds_guard_common::{
+    maps::{self, MAPS_LAYOUT_VERSION},
+    policy::CgroupKey,
+};
 use imds_guard_tests::{Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, Timings};
 
 /// Connects per measurement, after `WARMUP` untimed ones.
@@ -768,85 +772,151 @@ fn flood(
     );
 }
 
-/// Table 6: how long a new cgroup waits for its own rules (the agent's entry), while quiet and
-/// while an unprivileged user makes and removes cgroups in its own delegated subtree as fast as
-/// it can (which overflows inotify's queue: every overflow makes the agent mark newer cgroups
-/// as unseen and rescan). Interleaved: a quiet sample, then one under the storm, `SAMPLES` times.
+/// Table 6: how long a new cgroup waits for its own rules (the agent's entry in the kernel's
+/// map), while quiet, while an unprivileged user makes and removes cgroups in its own delegated
+/// subtree as fast as it can, and while root does the same elsewhere below the attach point
+/// (which overflows inotify's queue: the agent then marks newer cgroups as unseen and rescans).
+/// Interleaved: one sample of each, `SAMPLES` times.
 fn churn(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup) {
     const SAMPLES: usize = 10;
-    const APP_UID: u32 = 4242;
     const HOSTILE_UID: u32 = 4243;
     const STORM_SECS: u16 = 2;
     let pins = Pins::new();
     let extra = format!(
         "[[allow]]\nname = \"host root\"\nuid = 0\n\
-         [[allow]]\nname = \"apps\"\ncgroup = \"{}/apps/app-*\"\nuid = {APP_UID}\n",
+         [[allow]]\nname = \"apps\"\ncgroup = \"{}/apps/app-*\"\nuid = 4242\n",
         attach.path
     );
     let (agent, _config) = agent(attach, &pins, &extra, DEFAULT_WINDOW);
     let apps = attach.child("apps");
-    let (session, storm) = delegated_to(attach, HOSTILE_UID);
-    let sample = |name: String| wait_for_rules(sandbox, &apps, &name, APP_UID);
-    let mut quiet = Vec::new();
-    let mut stormy = Vec::new();
-    let mut made_by_storm = 0u64;
-    let mut storm_ticks = 0u64;
+    let (session, user_owned) = delegated_to(attach, HOSTILE_UID);
+    let root_owned = attach.child("churn");
+    let entries = CgroupEntries::open(&pins);
+    let storms: [(&str, Option<Storm>); 3] = [
+        ("quiet", None),
+        (
+            "an unprivileged user's storm in its own subtree",
+            Some((HOSTILE_UID, &session, &user_owned)),
+        ),
+        (
+            "root's storm elsewhere",
+            Some((0, &root_owned, &root_owned)),
+        ),
+    ];
+    let mut waits: Vec<Vec<u64>> = vec![Vec::new(); storms.len()];
+    let mut made = vec![0u64; storms.len()];
+    let mut ticks = vec![0u64; storms.len()];
+    let mut rescans = vec![0usize; storms.len()];
     for n in 0..SAMPLES {
-        check_abort();
-        quiet.push(sample(format!("app-q{n}")));
-        let before = cpu_ticks(agent.pid());
-        std::thread::scope(|scope| {
-            let flood = scope.spawn(|| {
-                Client::new(sandbox, &session, HOSTILE_UID, HOSTILE_UID).route_to_host(
-                    "churn",
-                    &storm.dir.to_string_lossy(),
-                    STORM_SECS,
-                )
+        for (index, (_, storm)) in storms.iter().enumerate() {
+            check_abort();
+            let before = (cpu_ticks(agent.pid()), overflows(&agent));
+            std::thread::scope(|scope| {
+                let flood = storm.map(|(uid, runs_in, makes_in)| {
+                    scope.spawn(move || {
+                        Client::new(sandbox, runs_in, uid, uid).route_to_host(
+                            "churn",
+                            &makes_in.dir.to_string_lossy(),
+                            STORM_SECS,
+                        )
+                    })
+                });
+                if flood.is_some() {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                let made_ns = monotonic_ns();
+                let cgroup = apps.child(&format!("app-{n}-{index}"));
+                waits[index].push(entries.wait_for(cgroup.id).saturating_sub(made_ns));
+                if let Some(flood) = flood {
+                    let outcome = flood.join().expect("storm");
+                    made[index] += outcome.detail.parse::<u64>().unwrap_or(0);
+                }
             });
-            std::thread::sleep(Duration::from_millis(300));
-            stormy.push(sample(format!("app-s{n}")));
-            let flood = flood.join().expect("storm");
-            made_by_storm += flood.detail.parse::<u64>().unwrap_or(0);
-        });
-        storm_ticks += cpu_ticks(agent.pid()) - before;
+            ticks[index] += cpu_ticks(agent.pid()) - before.0;
+            rescans[index] += overflows(&agent) - before.1;
+        }
     }
-    let rescans = agent
-        .stderr()
-        .matches("cgroup change notifications were dropped by the kernel")
-        .count();
-    let summary = |samples: &mut Vec<(u64, u64)>| {
-        samples.sort_unstable();
-        let first: Vec<u64> = samples.iter().map(|(_, first)| *first).collect();
-        format!(
-            "{} | {} | {}",
-            micros(samples[SAMPLES / 2].0),
-            micros(samples[SAMPLES - 1].0),
-            micros(first.iter().copied().max().unwrap_or(0))
-        )
-    };
-    let seconds = SAMPLES as u64 * u64::from(STORM_SECS);
     let _ = writeln!(
         report,
         "## 6. A new cgroup under cgroup churn\n\n\
-         From `mkdir` of a cgroup a rule allows to the first connect that gets through (a \
-         client in it retrying every 100 µs), {SAMPLES} samples each, interleaved; during the \
-         storm an unprivileged user (uid {HOSTILE_UID}) makes and removes cgroups in its own \
-         delegated subtree as fast as it can. A container needs no such wait: its namespaces \
-         are read by the kernel from its first instant.\n\n\
-         | | median wait | longest wait | client's own start (longest) |\n|---|---|---|---|\n\
-         | quiet | {} |\n\
-         | under the storm: {} cgroups made per second | {} |\n\n\
-         During the storm the agent used {:.0} % of a CPU and rescanned the tree {rescans} \
-         times after inotify dropped notifications.\n",
-        summary(&mut quiet),
-        made_by_storm / seconds,
-        summary(&mut stormy),
-        {
-            #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
-            let percent = storm_ticks as f64 * 100.0 / (seconds as f64 * 100.0);
-            percent
-        },
+         From `mkdir` of a cgroup a rule allows to its entry in the kernel's map (polled every \
+         20 µs), {SAMPLES} samples each, interleaved; each storm makes and removes cgroups as \
+         fast as one process can, for {STORM_SECS} s around its sample. A container needs no \
+         such wait: its namespaces are read by the kernel from its first instant.\n\n\
+         | | median wait | longest wait | cgroups made per second | agent CPU | rescans after lost notifications |\n\
+         |---|---|---|---|---|---|"
     );
+    let seconds = SAMPLES as u64 * u64::from(STORM_SECS);
+    for (index, (label, storm)) in storms.iter().enumerate() {
+        let samples = &mut waits[index];
+        samples.sort_unstable();
+        #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+        let cpu = ticks[index] as f64 / (seconds as f64 * 100.0) * 100.0;
+        let (rate, cpu) = if storm.is_some() {
+            ((made[index] / seconds).to_string(), format!("{cpu:.0} %"))
+        } else {
+            ("—".to_owned(), "—".to_owned())
+        };
+        let _ = writeln!(
+            report,
+            "| {label} | {} | {} | {rate} | {cpu} | {} |",
+            micros(samples[SAMPLES / 2]),
+            micros(samples[SAMPLES - 1]),
+            rescans[index]
+        );
+    }
+    let _ = writeln!(report);
+}
+
+/// A storm of cgroup changes: the uid it runs as, the cgroup it runs in, the one it makes and
+/// removes cgroups in.
+type Storm<'a> = (u32, &'a TestCgroup, &'a TestCgroup);
+
+/// How often the agent has said the kernel dropped cgroup notifications.
+fn overflows(agent: &Agent) -> usize {
+    agent
+        .stderr()
+        .matches("cgroup change notifications were dropped by the kernel")
+        .count()
+}
+
+/// The agent's pinned `CGROUP_RULESETS` map, read directly.
+struct CgroupEntries(aya::maps::HashMap<aya::maps::MapData, CgroupKey, u32>);
+
+impl CgroupEntries {
+    fn open(pins: &Pins) -> Self {
+        let path = pins
+            .dir()
+            .join(format!("maps-v{MAPS_LAYOUT_VERSION}"))
+            .join(maps::CGROUP_RULESETS);
+        let data = aya::maps::MapData::from_pin(&path).expect("pinned CGROUP_RULESETS");
+        let map = aya::maps::Map::from_map_data(data).expect("map");
+        Self(map.try_into().expect("CGROUP_RULESETS layout"))
+    }
+
+    /// Waits until cgroup `id` has an entry (of either generation); returns when it was first
+    /// seen (`CLOCK_MONOTONIC` ns).
+    fn wait_for(&self, id: u64) -> u64 {
+        let start = Instant::now();
+        loop {
+            let found = [0, 1].into_iter().any(|generation| {
+                let key = CgroupKey {
+                    generation,
+                    _pad: 0,
+                    cgroup_id: id,
+                };
+                self.0.get(&key, 0).is_ok()
+            });
+            if found {
+                return monotonic_ns();
+            }
+            assert!(
+                start.elapsed() < Duration::from_mins(1),
+                "cgroup {id} got no entry within a minute"
+            );
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
 }
 
 /// A user's manager below `attach`, delegated to `uid` as systemd does it (`Delegate=yes`):
@@ -873,34 +943,12 @@ fn delegated_to(attach: &TestCgroup, uid: u32) -> (TestCgroup, TestCgroup) {
     (session, owned)
 }
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds (the clock `until-allowed` reports in).
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
 fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
             + u64::try_from(t.tv_nsec()).unwrap_or(0)
     })
-}
-
-/// Makes cgroup `name` in `parent`, where a rule allows `uid`, and measures from the `mkdir` to
-/// the first connect that gets through (a client in it retrying every 100 µs), and to the
-/// client's first attempt (what the measurement cannot see below).
-fn wait_for_rules(sandbox: &Sandbox, parent: &TestCgroup, name: &str, uid: u32) -> (u64, u64) {
-    let made_ns = monotonic_ns();
-    let cgroup = parent.child(name);
-    let outcome = Client::new(sandbox, &cgroup, uid, uid).route("until-allowed", IMDS_V4, 80);
-    assert_eq!(outcome.errno, None, "never allowed: {outcome:?}");
-    let field = |key: &str| -> u64 {
-        outcome
-            .detail
-            .split_whitespace()
-            .find_map(|part| part.strip_prefix(key))
-            .and_then(|value| value.parse().ok())
-            .expect("until-allowed's times")
-    };
-    (
-        field("allowed=").saturating_sub(made_ns),
-        field("first=").saturating_sub(made_ns),
-    )
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
