@@ -1,5 +1,9 @@
 //! What the agent records about itself in the pinned `AGENT` map.
 
+/// How often the agent records that it is alive ([`AgentInfo::heartbeat_ns`]); `status` calls
+/// an agent unhealthy after three missed heartbeats.
+pub const HEARTBEAT_INTERVAL_SECS: u64 = 5;
+
 /// Bytes of the agent's version text (NUL-padded).
 pub const VERSION_LEN: usize = 32;
 

@@ -6,8 +6,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{Mode, Overrides},
-    pidfile::DEFAULT_PID_FILE,
-    pins::DEFAULT_PIN_DIR,
+    host::pidfile::DEFAULT_PID_FILE,
+    kernel::pins::DEFAULT_PIN_DIR,
 };
 
 /// Keeps the EC2 instance metadata service for the workloads that need it.

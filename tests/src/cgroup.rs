@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use imds_guard::cgroups::Hierarchy;
+use imds_guard::host::cgroups::Hierarchy;
 
 /// A cgroup this test created under the cgroup2 mount. The top-level one removes itself and
 /// every cgroup below it on drop.

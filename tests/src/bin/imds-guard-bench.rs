@@ -348,7 +348,7 @@ fn kernel_costs(
 ) {
     let pins = Pins::new();
     let (mut agent, config) = agent(attach, &pins, "", DEFAULT_WINDOW);
-    let mut ebpf = aya::Ebpf::load(imds_guard::ebpf::OBJECT).expect("object");
+    let mut ebpf = aya::Ebpf::load(imds_guard::kernel::OBJECT).expect("object");
     let noop: &mut CgroupSockAddr = ebpf
         .program_mut("bench_noop4")
         .expect("bench_noop4")

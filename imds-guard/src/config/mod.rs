@@ -15,6 +15,8 @@ use imds_guard_common::imds::{IMDS_V4, IMDS_V6};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod glob;
+
 use crate::error::{Error, Origin, Result};
 
 /// Where the agent looks for its config when `--config` is not given.
@@ -44,7 +46,7 @@ impl fmt::Display for Mode {
 ///
 /// A task is in a container when the kernel finds it outside the host's initial pid or cgroup
 /// namespace at the attempt (container runtimes make both; systemd services neither), or when
-/// it is in a container runtime's cgroup (see [`crate::workload::is_container_cgroup`]).
+/// it is in a container runtime's cgroup (see [`crate::host::workload::is_container_cgroup`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Containers {
     /// Only tasks on the host: a container's root, or a container process that switched to
@@ -760,7 +762,7 @@ fn check_unit_pattern(text: &str) -> Result<(), String> {
 }
 
 fn check_glob(text: &str) -> Result<(), String> {
-    crate::policy::compile_glob(text)
+    glob::compile_glob(text)
         .map(drop)
         .map_err(|err| format!("{text:?} is not a valid glob pattern: {}", err.kind()))
 }
@@ -776,7 +778,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cgroups::Hierarchy, policy::Policy};
+    use crate::{host::cgroups::Hierarchy, policy::Policy};
 
     fn parse(text: &str) -> Result<Config> {
         Config::from_toml(Some(Path::new("/etc/g.toml")), text, &Overrides::default())
@@ -1074,7 +1076,7 @@ mod tests {
         assert!(check("allow_cgroup = [\"/exists\"]\n").is_ok());
     }
 
-    const EXAMPLE: &str = include_str!("../../packaging/imds-guard.toml");
+    const EXAMPLE: &str = include_str!("../../../packaging/imds-guard.toml");
 
     #[test]
     fn the_shipped_example_is_valid_and_keeps_container_root_out() {

@@ -31,7 +31,7 @@ use nix::{
 };
 use tracing::warn;
 
-use crate::{cgroups::Hierarchy, compile::CgroupDir};
+use crate::host::cgroups::{CgroupDir, Hierarchy};
 
 /// What one read of the inotify queue says.
 #[derive(Debug, Default)]
@@ -94,7 +94,7 @@ impl Watcher {
     }
 
     fn watch(&mut self, dir: &Path, path: &str) {
-        if crate::workload::user_manager(path).is_some() {
+        if crate::host::workload::user_manager(path).is_some() {
             return;
         }
         let flags = AddWatchFlags::IN_CREATE

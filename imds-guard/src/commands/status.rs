@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use imds_guard_common::{
-    agent::AgentInfo,
+    agent::{AgentInfo, HEARTBEAT_INTERVAL_SECS},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
     },
@@ -17,11 +17,10 @@ use imds_guard_common::{
 use serde::Serialize;
 
 use crate::{
-    agent::HEARTBEAT_INTERVAL_SECS,
-    cgroups::Hierarchy,
-    ebpf::{Counters, PROGRAMS},
-    pidfile,
-    pins::{self, PinDir, ProgramState},
+    host::cgroups::Hierarchy,
+    host::pidfile,
+    kernel::pins::{self, PinDir, ProgramState},
+    kernel::{Counters, PROGRAMS},
 };
 
 /// Everything `status` reports.
@@ -152,7 +151,7 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
             .position(|&b| b == 0)
             .unwrap_or(info.version.len());
         status.version = Some(String::from_utf8_lossy(&info.version[..end]).into_owned());
-        let now = crate::events::boot_time_ns();
+        let now = crate::host::clock::boot_time_ns();
         status.heartbeat_age_secs = Some(now.saturating_sub(info.heartbeat_ns) / 1_000_000_000);
         status.reloads = Some(info.reloads);
         status.failed_reloads = Some(info.failed_reloads);

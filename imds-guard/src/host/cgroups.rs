@@ -34,6 +34,24 @@ pub struct Cgroup {
     pub level: u32,
 }
 
+/// A cgroup directory found under the attach point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupDir {
+    /// Its id (the inode number of the directory).
+    pub id: u64,
+    /// Its path as in `/proc/PID/cgroup`.
+    pub path: String,
+}
+
+impl CgroupDir {
+    /// Depth below the root (the root is level 0).
+    #[must_use]
+    pub fn level(&self) -> u32 {
+        u32::try_from(self.path.split('/').filter(|part| !part.is_empty()).count())
+            .unwrap_or(u32::MAX)
+    }
+}
+
 /// `FILEID_KERNFS` from `include/linux/exportfs.h`: a cgroup's file handle is its 64-bit id.
 const FILEID_KERNFS: i32 = 0xfe;
 
@@ -201,7 +219,7 @@ impl Hierarchy {
 /// The mount point of the first cgroup2 filesystem in a mountinfo text.
 #[must_use]
 pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    crate::mounts::parse(mountinfo)
+    crate::host::mounts::parse(mountinfo)
         .into_iter()
         .find(|mount| mount.fstype == "cgroup2")
         .map(|mount| mount.point)

@@ -1,6 +1,9 @@
 //! Events: raw ring-buffer records decoded ([`decode`]) and turned into the JSON lines the agent
 //! prints ([`Record`]).
 
+pub mod enrich;
+pub mod folds;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use imds_guard_common::event::{
@@ -12,8 +15,8 @@ use imds_guard_common::event::{
 use serde::Serialize;
 
 use crate::{
-    enrich::{Enricher, Executable, Name},
-    workload::{self, Container, Placement},
+    events::enrich::{Enricher, Executable, Name},
+    host::workload::{self, Container, Placement},
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -195,7 +198,7 @@ pub struct Record {
     /// container sees it). `null` for a packet, a kernel thread, or when the kernel could not
     /// read it.
     pub exe: Option<String>,
-    /// Command line, arguments joined by spaces, bounded (see [`crate::enrich`]): only while
+    /// Command line, arguments joined by spaces, bounded (see [`crate::events::enrich`]): only while
     /// the process still runs the program that made the attempt.
     pub cmdline: Option<String>,
     /// cgroup v2 id.
@@ -428,30 +431,6 @@ fn unix_time(boot_ns: u64, boot_to_unix_ns: i128) -> String {
 fn comm_text(comm: &[u8; COMM_LEN]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
     String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
-/// `CLOCK_BOOTTIME` now, in nanoseconds (the clock of the kernel's event times); 0 if it cannot
-/// be read.
-#[must_use]
-pub fn boot_time_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |time| {
-        u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(time.tv_nsec()).unwrap_or(0)
-    })
-}
-
-/// Nanoseconds to add to a `CLOCK_BOOTTIME` reading to get Unix time, sampled now.
-///
-/// # Errors
-/// When a clock cannot be read.
-pub fn boot_to_unix_ns() -> nix::Result<i128> {
-    use nix::time::{ClockId, clock_gettime};
-    let nanos = |t: nix::sys::time::TimeSpec| {
-        i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
-    };
-    let real = nanos(clock_gettime(ClockId::CLOCK_REALTIME)?);
-    let boot = nanos(clock_gettime(ClockId::CLOCK_BOOTTIME)?);
-    Ok(real - boot)
 }
 
 /// The name of an `IPPROTO_*` number, or the number.

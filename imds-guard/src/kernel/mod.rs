@@ -1,6 +1,9 @@
 //! The kernel side as the agent sees it: checks that the programs can run here, loads the
 //! embedded object, writes a policy into its maps, attaches and detaches the programs.
 
+pub mod btf;
+pub mod pins;
+
 use std::{fs::File, os::fd::AsFd as _};
 
 use aya::{
@@ -30,10 +33,10 @@ use imds_guard_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    cgroups::Cgroup,
-    compile::{Compiled, Delta, MapEntries},
     error::{Error, Result},
-    pins::{self, PinDir},
+    host::cgroups::Cgroup,
+    kernel::pins::PinDir,
+    policy::compile::{Compiled, Delta, MapEntries},
 };
 
 /// The kernel object built by `build.rs` from `imds-guard-ebpf` (public for the benchmarks,
@@ -198,7 +201,7 @@ impl Kernel {
         // Before loading, which pins the maps: a retry must not take its own pins for a
         // predecessor's.
         let adopted = pins.map(GENERATION).exists();
-        let found = crate::btf::task_layout();
+        let found = crate::kernel::btf::task_layout();
         for why in &found.missing {
             warn!("{why}");
         }

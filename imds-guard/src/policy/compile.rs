@@ -32,10 +32,11 @@ use imds_guard_common::{
     },
 };
 
+pub use crate::host::cgroups::CgroupDir;
 use crate::{
     config::Mode,
+    host::workload,
     policy::{Applicable, Policy},
-    workload,
 };
 
 /// Cgroup entries one generation may have: half of `CGROUP_RULESETS`, so that the generation
@@ -44,24 +45,6 @@ pub const CGROUP_ENTRIES_PER_GENERATION: usize = CGROUP_RULESETS_MAX_ENTRIES as 
 /// Cgroup entries below one user manager (`…/user@UID.service`) at most: the user makes those
 /// cgroups, and must not take the room others' entries need.
 pub const USER_MANAGER_ENTRIES: usize = 256;
-
-/// A cgroup directory found under the attach point.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CgroupDir {
-    /// Its id (the inode number of the directory).
-    pub id: u64,
-    /// Its path as in `/proc/PID/cgroup`.
-    pub path: String,
-}
-
-impl CgroupDir {
-    /// Depth below the root (the root is level 0).
-    #[must_use]
-    pub fn level(&self) -> u32 {
-        u32::try_from(self.path.split('/').filter(|part| !part.is_empty()).count())
-            .unwrap_or(u32::MAX)
-    }
-}
 
 /// Everything one generation of the policy puts into the kernel maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -675,8 +658,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        cgroups::Hierarchy,
         config::{Config, Overrides},
+        host::cgroups::Hierarchy,
     };
 
     fn policy(text: &str) -> Policy {

@@ -1,6 +1,9 @@
 //! The operator's commands beside `run`: `reload`, `check-config` and `explain`. They read the
 //! same config and resolve it the same way as the agent, so what they say is what it does.
 
+pub mod report;
+pub mod status;
+
 use std::{
     collections::BTreeSet,
     ffi::OsString,
@@ -20,18 +23,19 @@ use nix::{
 };
 
 use crate::{
-    cgroups::{self, Cgroup, Hierarchy},
     cli::{
         CheckConfigArgs, Cli, Command, DetachArgs, ExplainArgs, ReloadArgs, ReportArgs,
         ReportFormat, StatusArgs,
     },
-    compile::{self, CgroupDir, Compiled},
     config::{Config, Containers, Mode, Overrides, Principal},
     error::{Error, Result},
-    pidfile,
-    pins::PinDir,
+    host::cgroups::{self, Cgroup, Hierarchy},
+    host::follow,
+    host::pidfile,
+    host::workload,
+    kernel::pins::PinDir,
+    policy::compile::{self, CgroupDir, Compiled},
     policy::{Pattern, Policy, PolicyRule},
-    status, tree, workload,
 };
 
 /// How many matching cgroups `check-config` lists per rule before summing up the rest.
@@ -87,7 +91,7 @@ pub fn check_config(args: &CheckConfigArgs) -> Result<()> {
     let hierarchy = Hierarchy::discover()?;
     let attach = hierarchy.resolve(&config.attach.origin, &config.attach.value)?;
     let policy = Policy::resolve(&config, &hierarchy)?;
-    let dirs = tree::scan(&hierarchy, &attach.path);
+    let dirs = follow::scan(&hierarchy, &attach.path);
     print!("{}", describe(&config, &policy, &attach, &dirs));
     Ok(())
 }
@@ -579,8 +583,8 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
 /// # Errors
 /// [`Error::Report`] for an unreadable file or a line that is not an event.
 pub fn report(args: &ReportArgs) -> Result<()> {
-    let (input, source) = crate::report::open(args.file.as_deref())?;
-    let workloads = crate::report::workloads(input, &source)?;
+    let (input, source) = crate::commands::report::open(args.file.as_deref())?;
+    let workloads = crate::commands::report::workloads(input, &source)?;
     if args.suggest_policy {
         // The audited policy must be valid: the suggestion builds on it.
         let config = Config::load(args.config.as_deref(), &Overrides::default())?;
@@ -594,10 +598,10 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         let path = config.file.as_ref().map(|path| path.display().to_string());
         let base = path
             .as_deref()
-            .map(|path| crate::report::Base { path, text: &text });
+            .map(|path| crate::commands::report::Base { path, text: &text });
         print!(
             "{}",
-            crate::report::suggest_policy(&workloads, base.as_ref())?
+            crate::commands::report::suggest_policy(&workloads, base.as_ref())?
         );
     } else if args.format == ReportFormat::Json {
         let text = serde_json::to_string_pretty(&workloads).map_err(|err| Error::Report {
@@ -606,7 +610,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         })?;
         println!("{text}");
     } else {
-        print!("{}", crate::report::table(&workloads));
+        print!("{}", crate::commands::report::table(&workloads));
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::Containers,
     error::{Error, Result},
-    workload::{self, Container, Placement},
+    host::workload::{self, Container, Placement},
 };
 
 /// The fields of an event line that the report uses (others are ignored). Lines of older

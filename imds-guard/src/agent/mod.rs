@@ -1,5 +1,7 @@
 //! `imds-guard run`: settings → policy → maps → attached programs, then events until a signal.
 
+pub mod metrics;
+
 use std::{
     borrow::Cow,
     collections::HashMap,
@@ -8,7 +10,7 @@ use std::{
 
 use aya::maps::{MapData, MapError, RingBuf};
 use imds_guard_common::{
-    agent::{AgentInfo, VERSION_LEN},
+    agent::{AgentInfo, HEARTBEAT_INTERVAL_SECS, VERSION_LEN},
     event::{FoldKey, FoldValue},
     maps::{EVENTS_RING_BYTES, FOLDS_MAX_ENTRIES},
     policy::{ALL_CGROUPS_SEEN, MAX_CGROUP_LEVEL, NO_ENTRY_LEVELS, RULE_DEFAULT, entry_levels},
@@ -19,21 +21,22 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+use self::metrics::Metrics;
 use crate::{
-    aggregate::{Aggregate, Folds, Walk},
-    cgroups::Hierarchy,
     cli::RunArgs,
-    compile::{CgroupDir, Compiled},
     config::{Config, Setting},
-    ebpf::{self, Kernel},
-    enrich::Enricher,
     error::{Error, Result},
-    events::{self, Record, boot_time_ns},
-    metrics::{self, Metrics},
-    pidfile::PidFile,
-    pins::PinDir,
+    events::enrich::Enricher,
+    events::folds::{Aggregate, Folds, Walk},
+    events::{self, Record},
+    host::cgroups::Hierarchy,
+    host::clock::{boot_time_ns, boot_to_unix_ns},
+    host::follow::{Changes, Watcher},
+    host::pidfile::PidFile,
+    kernel::pins::PinDir,
+    kernel::{self, Kernel},
     policy::Policy,
-    tree::{Changes, Watcher},
+    policy::compile::{CgroupDir, Compiled},
 };
 
 /// Cgroup paths remembered for events; cleared when it grows past this many entries.
@@ -56,8 +59,6 @@ const FOLDS_INTERVAL_MILLIS: u64 = 1000;
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 /// How often the whole cgroup tree is scanned, in case a change notification was missed.
 const RESYNC_INTERVAL_SECS: u64 = 30;
-/// How often the agent records that it is alive (for `status`).
-pub const HEARTBEAT_INTERVAL_SECS: u64 = 5;
 
 /// Runs the agent until SIGTERM or SIGINT.
 ///
@@ -72,7 +73,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let attach = hierarchy.resolve(&config.attach.origin, &config.attach.value)?;
     let policy = Policy::resolve(&config, &hierarchy)?;
     warn_of_weak_rules(&policy);
-    ebpf::preflight()?;
+    kernel::preflight()?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     let pid_file = PidFile::lock(&args.pid_file)?;
     let pins = PinDir::new(&args.pin_dir);
@@ -424,7 +425,7 @@ impl Agent<'_> {
     /// Applies `delta` to the generation in force. The walk's level range is widened before
     /// an entry at a new level is written and narrowed after the last one there is removed:
     /// a program never skips a level that has an entry.
-    fn apply(&mut self, delta: &crate::compile::Delta) {
+    fn apply(&mut self, delta: &crate::policy::compile::Delta) {
         let generation = self.compiled.generation();
         let levels = self.compiled.entry_levels();
         let widened = widest(self.entry_levels, levels);
@@ -452,7 +453,7 @@ impl Agent<'_> {
         }
     }
 
-    fn apply_delta(&mut self, delta: &crate::compile::Delta) {
+    fn apply_delta(&mut self, delta: &crate::policy::compile::Delta) {
         if let Err(err) = self.kernel.apply(delta) {
             self.maps_uncertain = true;
             // Until the maps are rewritten, a cgroup whose entry failed may have wider rules
@@ -1009,7 +1010,7 @@ impl Reporter {
 
 /// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).
 fn clock_offset() -> i128 {
-    events::boot_to_unix_ns().unwrap_or_else(|err| {
+    boot_to_unix_ns().unwrap_or_else(|err| {
         warn!("cannot read the clocks ({err}): event times are since boot");
         0
     })

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::mounts::{self, Mount};
+use crate::host::mounts::{self, Mount};
 
 /// Bytes of a command line kept; longer ones end with `…`.
 pub const CMDLINE_MAX_BYTES: usize = 1024;
@@ -130,7 +130,7 @@ impl Enricher {
         Self {
             tick_ns: 1_000_000_000 / ticks_per_second,
             mounts: mounts::read(),
-            mounts_read_ns: crate::events::boot_time_ns(),
+            mounts_read_ns: crate::host::clock::boot_time_ns(),
             ..Self::default()
         }
     }
@@ -161,7 +161,7 @@ impl Enricher {
         boot_ns: u64,
         exe: Option<&Executable>,
     ) -> Option<(Process, Option<FileId>)> {
-        let now = crate::events::boot_time_ns();
+        let now = crate::host::clock::boot_time_ns();
         let tick_ns = self.tick_ns;
         // One tick of slack: the start time is rounded down to a tick.
         let made_it =
@@ -225,7 +225,7 @@ impl Enricher {
         if exe.in_container {
             return exe.on_fs.clone();
         }
-        let now = crate::events::boot_time_ns();
+        let now = crate::host::clock::boot_time_ns();
         let mut found = mounts::locate(&self.mounts, exe.dev, &exe.on_fs);
         if found.is_none() && now.saturating_sub(self.mounts_read_ns) >= MOUNTS_REREAD_NS {
             self.mounts = mounts::read();
@@ -410,7 +410,7 @@ mod tests {
     fn reads_this_process_and_refuses_a_later_start() {
         let mut enricher = Enricher::new();
         let me = std::process::id();
-        let now = crate::events::boot_time_ns();
+        let now = crate::host::clock::boot_time_ns();
         let exe = std::env::current_exe().unwrap();
         let kernel = recorded(&exe);
         let process = enricher.process(me, now, Some(&kernel));
@@ -441,7 +441,7 @@ mod tests {
     fn a_process_that_ran_another_program_since_is_named_by_the_kernels_record() {
         let mut enricher = Enricher::new();
         let me = std::process::id();
-        let now = crate::events::boot_time_ns();
+        let now = crate::host::clock::boot_time_ns();
         // Cached as running this test binary.
         let _ = enricher.process(me, now, None);
         // The attempt was made by another program (as if this process exec'd since): the

@@ -22,11 +22,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::{
-    compile::Compiled,
     config::Mode,
-    ebpf::{Counters, Kernel},
     error::{Error, Result},
+    kernel::{Counters, Kernel},
     policy::Policy,
+    policy::compile::Compiled,
 };
 
 /// A scrape waiting for the loop to answer with the encoded metrics.

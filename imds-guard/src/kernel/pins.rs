@@ -31,10 +31,10 @@ use nix::{
 use tracing::info;
 
 use crate::{
-    cgroups::{Cgroup, Hierarchy},
-    compile::is_within,
-    ebpf::PROGRAMS,
     error::{Error, Result},
+    host::cgroups::{Cgroup, Hierarchy},
+    kernel::PROGRAMS,
+    policy::compile::is_within,
 };
 
 /// Where the agent pins its links and maps when `--pin-dir` is not given.

@@ -1,17 +1,20 @@
 //! The policy: settings resolved against this host ([`Policy::resolve`]: user and group names
 //! looked up, cgroup patterns compiled), and which rules apply to a task in a given cgroup
-//! ([`Policy::rules_in`]). What the kernel maps hold for it is [`crate::compile`]'s business.
+//! ([`Policy::rules_in`]). What the kernel maps hold for it is [`crate::policy::compile`]'s business.
+
+pub mod compile;
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::{GlobSet, GlobSetBuilder};
 use imds_guard_common::policy::MAX_CGROUP_LEVEL;
 
+use crate::config::glob::compile_glob;
 use crate::{
-    cgroups::Hierarchy,
     config::{Config, Containers, Mode, Principal, Rule, Setting},
     error::{Error, Origin, Result},
-    workload,
+    host::cgroups::Hierarchy,
+    host::workload,
 };
 
 /// An allow rule, resolved.
@@ -498,7 +501,9 @@ pub fn beyond_the_system_manager(parent: &str) -> bool {
         part == "user.slice"
             || (part.starts_with("user@") && part.ends_with(".service"))
             || part.starts_with("kubepods")
-    }) || crate::workload::Placement::of(parent).container.is_some()
+    }) || crate::host::workload::Placement::of(parent)
+        .container
+        .is_some()
 }
 
 /// A `cgroup`/`not_cgroup` value as a hierarchy path pattern; `allow_cgroup` values must exist.
@@ -538,18 +543,6 @@ fn glob_set(
         }
     }
     (builder.build().unwrap_or_else(|_| GlobSet::empty()), ids)
-}
-
-/// A glob in which `*` and `?` stop at `/` and `**` crosses it, as in shells. A backslash is an
-/// ordinary character: systemd escapes unit names with it (`dev-disk-by\x2dlabel.device`).
-///
-/// # Errors
-/// The parser's complaint.
-pub fn compile_glob(text: &str) -> std::result::Result<Glob, globset::Error> {
-    GlobBuilder::new(text)
-        .literal_separator(true)
-        .backslash_escape(false)
-        .build()
 }
 
 fn same_conditions(a: &PolicyRule, b: &PolicyRule) -> bool {

@@ -1,0 +1,9 @@
+//! What the agent reads of the host: the cgroup hierarchy and its changes, what a cgroup's path
+//! says about its workload, the mount table, the clocks, and the pid file.
+
+pub mod cgroups;
+pub mod clock;
+pub mod follow;
+pub mod mounts;
+pub mod pidfile;
+pub mod workload;
