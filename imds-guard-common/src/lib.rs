@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod agent;
+pub mod decide;
 pub mod event;
 pub mod imds;
 pub mod maps;

@@ -25,6 +25,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use imds_guard_common::{
+    decide::{Cgroup, Decision, decide},
     event::{
         EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, HOOK_EGRESS, SocketVerdict, VERDICT_ALLOW,
         VERDICT_DENY,
@@ -179,9 +180,10 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         task::sender_kind(uid, cgroup_id)
     };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
-    let verdict::Decision { verdict, rule, .. } = verdict::decide(
+    let Decision { verdict, rule, .. } = decide(
+        &verdict::KernelMaps,
         generation,
-        uid,
+        Some(uid),
         None,
         task,
         &SocketCgroup { skb, id: cgroup_id },
@@ -253,7 +255,7 @@ struct SocketCgroup {
     id: u64,
 }
 
-impl verdict::Cgroup for SocketCgroup {
+impl Cgroup for SocketCgroup {
     fn own(&self) -> u64 {
         self.id
     }

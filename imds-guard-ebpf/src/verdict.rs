@@ -1,4 +1,5 @@
-//! The decision: is the destination protected, and if so, may the current task reach it?
+//! The socket address hooks' judgement: is the destination protected, and if so, may the
+//! current task reach it? The decision itself is `imds_guard_common::decide`, on the maps.
 
 use aya_ebpf::{
     helpers::{
@@ -8,16 +9,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use imds_guard_common::{
+    decide::{Cgroup, Decision, PolicyMaps, decide},
     event::{
         EVENT_FLAG_CONTAINER, FAMILY_INET, FAMILY_INET6, SocketVerdict, VERDICT_ALLOW,
         VERDICT_AUDIT, VERDICT_DENY,
     },
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
-    policy::{
-        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
-        RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue,
-        Settings, TASK_CONTAINER,
-    },
+    policy::{CgroupKey, RuleKey, RuleValue, Settings, TASK_CONTAINER},
 };
 
 use crate::{
@@ -93,7 +91,15 @@ fn judge_protected(
         verdict,
         rule,
         by_gid,
-    } = decide(generation, uid, Some(gid), task, &CurrentCgroup);
+        ..
+    } = decide(
+        &KernelMaps,
+        generation,
+        Some(uid),
+        Some(gid),
+        task,
+        &CurrentCgroup,
+    );
     count(generation, verdict, rule);
     // The packet layer judges the socket's packets again by its owner and cgroup, as a host
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
@@ -180,126 +186,26 @@ pub fn count(generation: u32, verdict: u8, rule: u32) {
     });
 }
 
-/// Returns the verdict and the deciding rule for `uid`/`gid` (no gid: gid rules cannot match),
-/// a task of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in `cgroup`.
-///
-/// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
-/// id decides: the first in the config file, as the agent's `explain` says. With none, the
-/// generation's mode decides. If the settings cannot be read (they always can: the agent writes
-/// them before attaching), the task is judged as in enforce mode, in a cgroup the agent has not
-/// seen: fail closed.
-pub fn decide(
-    generation: u32,
-    uid: u32,
-    gid: Option<u32>,
-    task: u16,
-    cgroup: &impl Cgroup,
-) -> Decision {
-    let settings = SETTINGS.get(generation).copied().unwrap_or(Settings {
-        cgroup_rules: 1,
-        ..Settings::default()
-    });
-    let ruleset = if settings.cgroup_rules == 0 {
-        RULESET_DEFAULT
-    } else if settings.unseen_after != ALL_CGROUPS_SEEN && cgroup.own() > settings.unseen_after {
-        // Newer than the agent's last complete view of the tree (cgroup ids only grow): its
-        // entry, if it needs one, may be missing.
-        RULESET_UNSEEN
-    } else {
-        nearest_ruleset(generation, settings.entry_levels, cgroup)
-    };
-    // Three lookups written out, not a loop over an array of (kind, id, asked): LLVM spilled
-    // that array's padding as an uninitialised register, which the verifier refuses
-    // ("R3 !read_ok").
-    let lookup = |kind: u16, id: u32| {
-        let key = RuleKey {
-            generation,
-            ruleset,
-            kind,
-            task,
-            id,
-        };
+/// The kernel's maps, as the decision reads them.
+pub struct KernelMaps;
+
+impl PolicyMaps for KernelMaps {
+    #[inline]
+    fn settings(&self, generation: u32) -> Option<Settings> {
+        SETTINGS.get(generation).copied()
+    }
+
+    #[inline]
+    fn cgroup_ruleset(&self, key: CgroupKey) -> Option<u32> {
+        // SAFETY: plain values, only read.
+        unsafe { CGROUP_RULESETS.get(key) }.copied()
+    }
+
+    #[inline]
+    fn rule(&self, key: RuleKey) -> Option<RuleValue> {
         // SAFETY: plain values, only read.
         unsafe { ALLOW.get(key) }.copied()
-    };
-    let mut first: Option<(RuleValue, u16)> = lookup(KIND_UID, uid).map(|found| (found, KIND_UID));
-    if let Some(gid) = gid
-        && let Some(found) = lookup(KIND_GID, gid)
-        && first.is_none_or(|(first, _)| found.rule < first.rule)
-    {
-        first = Some((found, KIND_GID));
     }
-    if let Some(found) = lookup(KIND_ANY, 0)
-        && first.is_none_or(|(first, _)| found.rule < first.rule)
-    {
-        first = Some((found, KIND_ANY));
-    }
-    let (verdict, rule) = match first {
-        Some((rule, _)) if rule.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, rule.rule),
-        Some((rule, _)) => (VERDICT_AUDIT, rule.rule),
-        None if settings.mode == MODE_AUDIT => (VERDICT_AUDIT, RULE_DEFAULT),
-        None => (VERDICT_DENY, RULE_DEFAULT),
-    };
-    Decision {
-        verdict,
-        rule,
-        by_gid: first.is_some_and(|(_, kind)| kind == KIND_GID),
-    }
-}
-
-/// What [`decide`] found.
-pub struct Decision {
-    /// `VERDICT_*`.
-    pub verdict: u8,
-    /// The deciding rule, or `RULE_DEFAULT`.
-    pub rule: u32,
-    /// A gid rule decided: the packet layer, which knows no gid, could not decide the same.
-    pub by_gid: bool,
-}
-
-/// The cgroup an attempt is judged in: its own id and its ancestors'.
-pub trait Cgroup {
-    /// Its id.
-    fn own(&self) -> u64;
-    /// The id of its ancestor at `level` (the root is level 0); 0 below the cgroup itself.
-    fn ancestor(&self, level: u32) -> u64;
-}
-
-/// The rule set of the nearest cgroup, from the task's own up to the root, that has one.
-///
-/// Looks only at the levels where some cgroup has an entry (`entry_levels`, from the settings),
-/// from the shallowest down, and stops below the cgroup itself (where `ancestor` returns 0): a
-/// host without containers or cgroup rules costs no lookup at all, and one whose entries are
-/// all containers' (one level) costs one.
-fn nearest_ruleset(generation: u32, entry_levels: u64, cgroup: &impl Cgroup) -> u32 {
-    // Truncation intended: the halves of one word.
-    #[expect(clippy::cast_possible_truncation, reason = "the halves of one word")]
-    let (shallowest, deepest) = (entry_levels as u32, (entry_levels >> 32) as u32);
-    let mut ruleset = RULESET_DEFAULT;
-    // The loop counts a constant number of turns at most, from `shallowest` on: a loop whose
-    // own bound the verifier cannot know makes it explore every count of turns ("the sequence
-    // of 8193 jumps is too complex"), and one from level 0 costs a turn per level above the
-    // shallowest entry.
-    for turn in 0..=MAX_CGROUP_LEVEL {
-        let level = shallowest.saturating_add(turn);
-        if level > deepest || level > MAX_CGROUP_LEVEL {
-            break;
-        }
-        let cgroup_id = cgroup.ancestor(level);
-        if cgroup_id == 0 {
-            break;
-        }
-        let key = CgroupKey {
-            generation,
-            _pad: 0,
-            cgroup_id,
-        };
-        // SAFETY: plain values, only read.
-        if let Some(&found) = unsafe { CGROUP_RULESETS.get(key) } {
-            ruleset = found;
-        }
-    }
-    ruleset
 }
 
 /// The current task's cgroup, for the socket address hooks.

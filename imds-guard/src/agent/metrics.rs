@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
-use imds_guard_common::policy::RULE_DEFAULT;
+use imds_guard_common::{
+    decide::verdict_of,
+    event::{VERDICT_ALLOW, VERDICT_AUDIT},
+    policy::{RULE_FLAG_AUDIT, RuleValue},
+};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -22,7 +26,6 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::{
-    config::Mode,
     error::{Error, Result},
     kernel::{Counters, Kernel},
     policy::Policy,
@@ -257,12 +260,16 @@ impl Metrics {
 }
 
 /// The verdict rule `id` of `policy` gives.
+/// The verdict rule `id` of `policy` gives (0: none, the mode's), as the kernel decides it.
 fn rule_verdict(policy: &Policy, id: u32) -> &'static str {
-    match policy.rule(id) {
-        Some(rule) if rule.audit => "audit",
-        Some(_) => "allow",
-        None if id == RULE_DEFAULT && policy.mode == Mode::Enforce => "deny",
-        None => "audit",
+    let rule = policy.rule(id).map(|rule| RuleValue {
+        rule: id,
+        flags: if rule.audit { RULE_FLAG_AUDIT } else { 0 },
+    });
+    match verdict_of(rule, policy.mode.kernel_value()).0 {
+        VERDICT_ALLOW => "allow",
+        VERDICT_AUDIT => "audit",
+        _ => "deny",
     }
 }
 

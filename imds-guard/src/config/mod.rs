@@ -33,6 +33,17 @@ pub enum Mode {
     Audit,
 }
 
+impl Mode {
+    /// As `Settings::mode` holds it: `MODE_ENFORCE` or `MODE_AUDIT`.
+    #[must_use]
+    pub fn kernel_value(self) -> u32 {
+        match self {
+            Self::Enforce => imds_guard_common::policy::MODE_ENFORCE,
+            Self::Audit => imds_guard_common::policy::MODE_AUDIT,
+        }
+    }
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -21,20 +21,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+pub use imds_guard_common::decide::Decision;
 use imds_guard_common::{
-    event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+    decide::{Cgroup, PolicyMaps, decide},
     maps::CGROUP_RULESETS_MAX_ENTRIES,
     policy::{
-        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
-        MODE_ENFORCE, NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULE_DEFAULT,
-        RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue, Settings,
-        TASK_CONTAINER, TASK_HOST, entry_levels,
+        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL,
+        NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULE_FLAG_AUDIT, RULESET_DEFAULT,
+        RULESET_UNSEEN, RuleKey, RuleValue, Settings, TASK_CONTAINER, TASK_HOST, entry_levels,
     },
 };
 
 pub use crate::host::cgroups::CgroupDir;
 use crate::{
-    config::Mode,
     host::workload,
     policy::{Applicable, Policy},
 };
@@ -266,10 +265,7 @@ impl Compiled {
     pub fn entries(&self) -> MapEntries {
         let mut entries = MapEntries {
             settings: Settings {
-                mode: match self.policy.mode {
-                    Mode::Enforce => MODE_ENFORCE,
-                    Mode::Audit => MODE_AUDIT,
-                },
+                mode: self.policy.mode.kernel_value(),
                 cgroup_rules: u32::from(self.policy.depends_on_cgroup()),
                 unseen_after: self.unseen_after(),
                 entry_levels: self.entry_levels(),
@@ -562,21 +558,46 @@ pub fn v6_key(octets: [u8; 16]) -> [u32; 4] {
     })
 }
 
-/// A verdict as the kernel would reach it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Judgement {
-    /// `VERDICT_*`.
-    pub verdict: u8,
-    /// The deciding rule, or [`RULE_DEFAULT`].
-    pub rule: u32,
-    /// The rule set used.
-    pub ruleset: u32,
+/// The map entries of one generation, as the decision reads them.
+struct EntriesView {
+    settings: Settings,
+    cgroups: HashMap<CgroupKey, u32>,
+    allow: HashMap<RuleKey, RuleValue>,
+    generation: u32,
 }
 
-/// The kernel's decision (`imds-guard-ebpf/src/verdict.rs`), on map entries: for `explain`
-/// and for testing that what is compiled means what the policy says. `ancestors` are the ids of
-/// the task's cgroup and its ancestors, root first. `None` for a uid or gid matches no rule that
-/// names one. `in_container`: the kernel finds the task outside the host's namespaces.
+impl PolicyMaps for EntriesView {
+    fn settings(&self, generation: u32) -> Option<Settings> {
+        (generation == self.generation).then_some(self.settings)
+    }
+
+    fn cgroup_ruleset(&self, key: CgroupKey) -> Option<u32> {
+        self.cgroups.get(&key).copied()
+    }
+
+    fn rule(&self, key: RuleKey) -> Option<RuleValue> {
+        self.allow.get(&key).copied()
+    }
+}
+
+/// A cgroup given by the ids of its ancestors and itself, root first.
+struct Ancestors<'a>(&'a [u64]);
+
+impl Cgroup for Ancestors<'_> {
+    fn own(&self) -> u64 {
+        self.0.last().copied().unwrap_or(0)
+    }
+
+    fn ancestor(&self, level: u32) -> u64 {
+        self.0.get(level as usize).copied().unwrap_or(0)
+    }
+}
+
+/// The kernel's decision ([`imds_guard_common::decide::decide`], which the programs run on
+/// their maps), on the map entries of `generation`: for `explain` and for testing that what is
+/// compiled means what the policy says. `ancestors` are the ids of the task's cgroup and its
+/// ancestors, root first. `None` for a uid or gid matches no rule that names one.
+/// `in_container`: the kernel finds the task outside the host's namespaces.
 #[must_use]
 pub fn judge(
     entries: &MapEntries,
@@ -585,76 +606,29 @@ pub fn judge(
     uid: Option<u32>,
     gid: Option<u32>,
     in_container: bool,
-) -> Judgement {
-    let cgroups: HashMap<CgroupKey, u32> = entries.cgroup_rulesets.iter().copied().collect();
-    let allow: HashMap<RuleKey, RuleValue> = entries.allow.iter().copied().collect();
-    let mut ruleset = RULESET_DEFAULT;
-    let settings = &entries.settings;
-    let own = ancestors.last().copied().unwrap_or(0);
-    if settings.cgroup_rules != 0 {
-        if settings.unseen_after != ALL_CGROUPS_SEEN && own > settings.unseen_after {
-            ruleset = RULESET_UNSEEN;
-        } else {
-            // The levels with entries, as the kernel walks them.
-            #[expect(clippy::cast_possible_truncation, reason = "the halves of one word")]
-            let (shallowest, deepest) = (
-                settings.entry_levels as u32,
-                (settings.entry_levels >> 32) as u32,
-            );
-            for (level, &cgroup_id) in (0u32..).zip(ancestors) {
-                if level < shallowest || level > deepest || level > MAX_CGROUP_LEVEL {
-                    continue;
-                }
-                let key = CgroupKey {
-                    generation,
-                    _pad: 0,
-                    cgroup_id,
-                };
-                if let Some(&found) = cgroups.get(&key) {
-                    ruleset = found;
-                }
-            }
-        }
-    }
+) -> Decision {
+    let view = EntriesView {
+        settings: entries.settings,
+        cgroups: entries.cgroup_rulesets.iter().copied().collect(),
+        allow: entries.allow.iter().copied().collect(),
+        generation,
+    };
     let task = if in_container {
         TASK_CONTAINER
     } else {
         TASK_HOST
     };
-    let lookups = [
-        uid.map(|uid| (KIND_UID, uid)),
-        gid.map(|gid| (KIND_GID, gid)),
-        Some((KIND_ANY, 0)),
-    ];
-    let first = lookups
-        .into_iter()
-        .flatten()
-        .filter_map(|(kind, id)| {
-            allow.get(&RuleKey {
-                generation,
-                ruleset,
-                kind,
-                task,
-                id,
-            })
-        })
-        .min_by_key(|value| value.rule);
-    let (verdict, rule) = match first {
-        Some(value) if value.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, value.rule),
-        Some(value) => (VERDICT_AUDIT, value.rule),
-        None if entries.settings.mode == MODE_AUDIT => (VERDICT_AUDIT, RULE_DEFAULT),
-        None => (VERDICT_DENY, RULE_DEFAULT),
-    };
-    Judgement {
-        verdict,
-        rule,
-        ruleset,
-    }
+    decide(&view, generation, uid, gid, task, &Ancestors(ancestors))
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use imds_guard_common::{
+        event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+        policy::MODE_AUDIT,
+    };
 
     use super::*;
     use crate::{

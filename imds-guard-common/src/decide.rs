@@ -1,0 +1,296 @@
+//! The decision, once: which rule set applies to an attempt, which rule of it matches first,
+//! and what verdict that gives. The kernel programs run it on their maps; the agent runs it on
+//! the map entries it computes (`explain`, `check-config`, tests), so what they say is what the
+//! kernel does. How each side reads the policy and the cgroup is behind [`PolicyMaps`] and
+//! [`Cgroup`].
+//!
+//! Written for the verifier too: the loop counts a constant number of turns, and the three rule
+//! lookups are written out (see [`decide`]).
+
+use crate::{
+    event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
+    policy::{
+        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
+        RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue,
+        Settings,
+    },
+};
+
+/// Where the decision reads the policy: the kernel's maps, or the agent's entries for them.
+pub trait PolicyMaps {
+    /// `SETTINGS[generation]`.
+    fn settings(&self, generation: u32) -> Option<Settings>;
+    /// The rule set of a cgroup that has an entry in `CGROUP_RULESETS`.
+    fn cgroup_ruleset(&self, key: CgroupKey) -> Option<u32>;
+    /// The entry of `ALLOW` for `key`.
+    fn rule(&self, key: RuleKey) -> Option<RuleValue>;
+}
+
+/// The cgroup an attempt is judged in.
+pub trait Cgroup {
+    /// Its id.
+    fn own(&self) -> u64;
+    /// The id of its ancestor at `level` (the root is level 0, the cgroup itself its own
+    /// level); 0 below the cgroup.
+    fn ancestor(&self, level: u32) -> u64;
+}
+
+/// What [`decide`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// The deciding rule, or `RULE_DEFAULT`.
+    pub rule: u32,
+    /// The rule set it was found in.
+    pub ruleset: u32,
+    /// A gid rule decided: the packet layer, which knows no gid, could not decide the same.
+    pub by_gid: bool,
+}
+
+/// The verdict and the deciding rule for `uid`/`gid` (`None`: rules on it cannot match; the
+/// packet layer knows no gid, `explain` may be asked without a uid), a task
+/// of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in `cgroup`, by `generation` of `maps`.
+///
+/// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
+/// id decides: the first in the config file. With none, the generation's mode decides. If the
+/// settings cannot be read (the agent writes them before anything can run), the attempt is
+/// judged as in enforce mode, in a cgroup the agent has not seen: fail closed.
+#[inline]
+pub fn decide(
+    maps: &impl PolicyMaps,
+    generation: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    task: u16,
+    cgroup: &impl Cgroup,
+) -> Decision {
+    let settings = maps.settings(generation).unwrap_or(Settings {
+        cgroup_rules: 1,
+        ..Settings::default()
+    });
+    let ruleset = if settings.cgroup_rules == 0 {
+        RULESET_DEFAULT
+    } else if settings.unseen_after != ALL_CGROUPS_SEEN && cgroup.own() > settings.unseen_after {
+        // Newer than the agent's last complete view of the tree (cgroup ids only grow): its
+        // entry, if it needs one, may be missing.
+        RULESET_UNSEEN
+    } else {
+        nearest_ruleset(maps, generation, settings.entry_levels, cgroup)
+    };
+    // Three lookups written out, not a loop over an array of (kind, id, asked): LLVM spilled
+    // that array's padding as an uninitialised register, which the verifier refuses
+    // ("R3 !read_ok").
+    let lookup = |kind: u16, id: u32| {
+        maps.rule(RuleKey {
+            generation,
+            ruleset,
+            kind,
+            task,
+            id,
+        })
+    };
+    let mut first: Option<(RuleValue, u16)> = uid
+        .and_then(|uid| lookup(KIND_UID, uid))
+        .map(|found| (found, KIND_UID));
+    if let Some(gid) = gid
+        && let Some(found) = lookup(KIND_GID, gid)
+        && first.is_none_or(|(first, _)| found.rule < first.rule)
+    {
+        first = Some((found, KIND_GID));
+    }
+    if let Some(found) = lookup(KIND_ANY, 0)
+        && first.is_none_or(|(first, _)| found.rule < first.rule)
+    {
+        first = Some((found, KIND_ANY));
+    }
+    let (verdict, rule) = verdict_of(first.map(|(rule, _)| rule), settings.mode);
+    Decision {
+        verdict,
+        rule,
+        ruleset,
+        by_gid: first.is_some_and(|(_, kind)| kind == KIND_GID),
+    }
+}
+
+/// The verdict of the first matching rule (`None`: none matched, the `mode` decides), and the
+/// rule that gave it.
+#[inline]
+#[must_use]
+pub fn verdict_of(first: Option<RuleValue>, mode: u32) -> (u8, u32) {
+    match first {
+        Some(rule) if rule.flags & RULE_FLAG_AUDIT == 0 => (VERDICT_ALLOW, rule.rule),
+        Some(rule) => (VERDICT_AUDIT, rule.rule),
+        None if mode == MODE_AUDIT => (VERDICT_AUDIT, RULE_DEFAULT),
+        None => (VERDICT_DENY, RULE_DEFAULT),
+    }
+}
+
+/// The rule set of the nearest cgroup, from the cgroup up to the root, that has one.
+///
+/// Looks only at the levels where some cgroup has an entry (`entry_levels`, from the settings),
+/// from the shallowest down, and stops below the cgroup itself (where `ancestor` returns 0): a
+/// host without containers or cgroup rules costs no lookup at all, and one whose entries are
+/// all containers' (one level) costs one.
+#[inline]
+fn nearest_ruleset(
+    maps: &impl PolicyMaps,
+    generation: u32,
+    entry_levels: u64,
+    cgroup: &impl Cgroup,
+) -> u32 {
+    #[expect(clippy::cast_possible_truncation, reason = "the halves of one word")]
+    let (shallowest, deepest) = (entry_levels as u32, (entry_levels >> 32) as u32);
+    let mut ruleset = RULESET_DEFAULT;
+    // The loop counts a constant number of turns at most, from `shallowest` on: a loop whose
+    // own bound the verifier cannot know makes it explore every count of turns ("the sequence
+    // of 8193 jumps is too complex"), and one from level 0 costs a turn per level above the
+    // shallowest entry.
+    for turn in 0..=MAX_CGROUP_LEVEL {
+        let level = shallowest.saturating_add(turn);
+        if level > deepest || level > MAX_CGROUP_LEVEL {
+            break;
+        }
+        let cgroup_id = cgroup.ancestor(level);
+        if cgroup_id == 0 {
+            break;
+        }
+        if let Some(found) = maps.cgroup_ruleset(CgroupKey {
+            generation,
+            _pad: 0,
+            cgroup_id,
+        }) {
+            ruleset = found;
+        }
+    }
+    ruleset
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::policy::{TASK_CONTAINER, TASK_HOST, entry_levels};
+
+    #[derive(Default)]
+    struct Maps {
+        settings: Option<Settings>,
+        cgroups: HashMap<CgroupKey, u32>,
+        rules: HashMap<RuleKey, RuleValue>,
+    }
+
+    impl PolicyMaps for Maps {
+        fn settings(&self, _generation: u32) -> Option<Settings> {
+            self.settings
+        }
+        fn cgroup_ruleset(&self, key: CgroupKey) -> Option<u32> {
+            self.cgroups.get(&key).copied()
+        }
+        fn rule(&self, key: RuleKey) -> Option<RuleValue> {
+            self.rules.get(&key).copied()
+        }
+    }
+
+    /// Ancestors by level, root first; the last is the cgroup itself.
+    struct Path(&'static [u64]);
+
+    impl Cgroup for Path {
+        fn own(&self) -> u64 {
+            self.0.last().copied().unwrap_or(0)
+        }
+        fn ancestor(&self, level: u32) -> u64 {
+            self.0.get(level as usize).copied().unwrap_or(0)
+        }
+    }
+
+    fn key(ruleset: u32, kind: u16, task: u16, id: u32) -> RuleKey {
+        RuleKey {
+            generation: 0,
+            ruleset,
+            kind,
+            task,
+            id,
+        }
+    }
+
+    fn allow(rule: u32) -> RuleValue {
+        RuleValue { rule, flags: 0 }
+    }
+
+    #[test]
+    fn the_first_rule_of_the_nearest_rule_set_decides() {
+        let mut maps = Maps {
+            settings: Some(Settings {
+                cgroup_rules: 1,
+                unseen_after: ALL_CGROUPS_SEEN,
+                entry_levels: entry_levels(1, 2),
+                ..Settings::default()
+            }),
+            ..Maps::default()
+        };
+        // Rule set 1 at cgroup 10 (level 1), rule set 2 at cgroup 20 (level 2, below it).
+        maps.cgroups.insert(
+            CgroupKey {
+                generation: 0,
+                _pad: 0,
+                cgroup_id: 10,
+            },
+            1,
+        );
+        maps.cgroups.insert(
+            CgroupKey {
+                generation: 0,
+                _pad: 0,
+                cgroup_id: 20,
+            },
+            2,
+        );
+        maps.rules
+            .insert(key(RULESET_DEFAULT, KIND_UID, TASK_HOST, 0), allow(1));
+        maps.rules.insert(key(1, KIND_GID, TASK_HOST, 7), allow(3));
+        maps.rules.insert(
+            key(1, KIND_ANY, TASK_HOST, 0),
+            RuleValue {
+                rule: 2,
+                flags: RULE_FLAG_AUDIT,
+            },
+        );
+        maps.rules
+            .insert(key(2, KIND_UID, TASK_CONTAINER, 5), allow(4));
+        let host = |maps: &Maps, uid, gid, path: &'static [u64]| {
+            decide(maps, 0, Some(uid), gid, TASK_HOST, &Path(path))
+        };
+        assert_eq!(host(&maps, 0, None, &[1]).verdict, VERDICT_ALLOW);
+        // In rule set 1: the any-task rule (2) comes before the gid rule (3).
+        let d = host(&maps, 9, Some(7), &[1, 10]);
+        assert_eq!(
+            (d.verdict, d.rule, d.ruleset, d.by_gid),
+            (VERDICT_AUDIT, 2, 1, false)
+        );
+        // Rule set 2, nearer: only for a container's uid 5.
+        assert_eq!(host(&maps, 5, None, &[1, 10, 20]).verdict, VERDICT_DENY);
+        let d = decide(&maps, 0, Some(5), None, TASK_CONTAINER, &Path(&[1, 10, 20]));
+        assert_eq!((d.verdict, d.rule, d.ruleset), (VERDICT_ALLOW, 4, 2));
+        // A cgroup newer than the agent's view gets the unseen rule set.
+        maps.settings.as_mut().unwrap().unseen_after = 15;
+        assert_eq!(
+            decide(&maps, 0, Some(5), None, TASK_CONTAINER, &Path(&[1, 10, 20])).ruleset,
+            RULESET_UNSEEN
+        );
+        // Unreadable settings: enforce mode, every cgroup unseen.
+        maps.settings = None;
+        let d = host(&maps, 0, None, &[1]);
+        assert_eq!((d.verdict, d.ruleset), (VERDICT_DENY, RULESET_UNSEEN));
+    }
+
+    #[test]
+    fn the_mode_decides_when_no_rule_matches() {
+        assert_eq!(verdict_of(None, MODE_AUDIT), (VERDICT_AUDIT, RULE_DEFAULT));
+        assert_eq!(
+            verdict_of(None, crate::policy::MODE_ENFORCE),
+            (VERDICT_DENY, RULE_DEFAULT)
+        );
+        assert_eq!(verdict_of(Some(allow(3)), MODE_AUDIT), (VERDICT_ALLOW, 3));
+    }
+}
