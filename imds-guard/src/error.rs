@@ -117,6 +117,14 @@ pub enum Error {
         source: aya::maps::MapError,
     },
     /// Writing the policy into a map failed.
+    /// A pinned map could not be opened.
+    #[error("cannot open the pinned map {}: {source}", path.display())]
+    OpenPinnedMap {
+        /// Its pin.
+        path: PathBuf,
+        /// Why.
+        source: aya::maps::MapError,
+    },
     #[error("writing {what} to map {map} failed: {source}")]
     WriteMap {
         /// The map.

@@ -7,10 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use imds_guard_common::{
-    maps,
-    policy::{CgroupKey, RuleKey, RuleValue},
-};
+use imds_guard::kernel::{maps, pins::PinDir};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 
@@ -66,6 +63,40 @@ pub fn target_binary(name: &str, env_var: &str) -> PathBuf {
     path
 }
 
+/// Gathers the JSON lines of `stdout` into `sink`, on a thread of its own.
+fn collect_events(
+    stdout: std::process::ChildStdout,
+    sink: Arc<(Mutex<Vec<Value>>, Condvar)>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let value: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|err| panic!("agent printed a non-JSON line ({err}): {line}"));
+            sink.0.lock().expect("events").push(value);
+            sink.1.notify_all();
+        }
+    })
+}
+
+/// Gathers what `pipe` (the agent's stderr) says, on a thread of its own.
+fn collect_log(mut pipe: std::process::ChildStderr) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("stderr")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
+}
+
 /// A running `imds-guard run`, started with the given arguments; ready (programs attached)
 /// once `start` returns. Its stdout events are collected as JSON values. Dropping it sends
 /// SIGTERM (SIGKILL if it does not stop) to that one PID.
@@ -75,6 +106,8 @@ pub struct Agent {
     events: Arc<(Mutex<Vec<Value>>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     pid_file: PathBuf,
+    /// Where its maps and links are pinned.
+    pin_dir: PathBuf,
     _notify_dir: TempDir,
     /// Dropped after the agent has stopped (fields drop after `Drop::drop`).
     pins: Option<crate::Pins>,
@@ -154,6 +187,13 @@ impl Agent {
         if let Some(pins) = &pins {
             command.arg("--pin-dir").arg(pins.dir());
         }
+        let pin_dir = pins.as_ref().map_or_else(
+            || {
+                let at = args.iter().position(|&arg| arg == "--pin-dir");
+                PathBuf::from(at.and_then(|at| args.get(at + 1)).copied().unwrap_or(""))
+            },
+            |pins| pins.dir().to_owned(),
+        );
         let mut child = command
             .env("NOTIFY_SOCKET", &socket_path)
             .env("IMDS_GUARD_LOG", "info")
@@ -168,33 +208,11 @@ impl Agent {
             .expect("spawn imds-guard");
 
         let events = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let stdout_reader = child.stdout.take().map(|stdout| {
-            let sink = Arc::clone(&events);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let value: Value = serde_json::from_str(&line).unwrap_or_else(|err| {
-                        panic!("agent printed a non-JSON line ({err}): {line}")
-                    });
-                    sink.0.lock().expect("events").push(value);
-                    sink.1.notify_all();
-                }
-            })
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("stderr");
-        let log = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                log.lock()
-                    .expect("stderr")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let stdout_reader = child
+            .stdout
+            .take()
+            .map(|stdout| collect_events(stdout, Arc::clone(&events)));
+        let stderr = collect_log(child.stderr.take().expect("stderr"));
 
         let mut agent = Self {
             child,
@@ -202,6 +220,7 @@ impl Agent {
             events,
             stderr,
             pid_file,
+            pin_dir,
             _notify_dir: notify_dir,
             pins,
         };
@@ -244,54 +263,34 @@ impl Agent {
         &self.pid_file
     }
 
-    /// Number of entries in this agent's map `name`, read from the kernel: the map is found
-    /// among the agent's open descriptors (`/proc/PID/fdinfo` gives each map's id).
+    /// Its maps, read through their pins as `status` reads them.
+    #[must_use]
+    pub fn maps(&self) -> maps::Pinned {
+        maps::Pinned::new(&PinDir::new(&self.pin_dir))
+    }
+
+    /// `CGROUP_RULESETS` entries of the policy in force.
     ///
     /// # Panics
-    /// When the agent has no such map or it cannot be read.
+    /// When the pinned maps cannot be read.
     #[must_use]
-    pub fn map_entries(&self, name: &str) -> usize {
-        let pid = self.pid();
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("agent fdinfo");
-        for fd in fds.flatten() {
-            let Ok(info) = std::fs::read_to_string(fd.path()) else {
-                continue;
-            };
-            let Some(id) = info
-                .lines()
-                .find_map(|line| line.strip_prefix("map_id:"))
-                .and_then(|id| id.trim().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(data) = aya::maps::MapData::from_id(id) else {
-                continue;
-            };
-            if data
-                .info()
-                .ok()
-                .as_ref()
-                .and_then(|i| i.name_as_str().map(str::to_owned))
-                != Some(name.to_owned())
-            {
-                continue;
-            }
-            let map = aya::maps::Map::from_map_data(data).expect("map");
-            return match name {
-                maps::CGROUP_RULESETS => {
-                    let map: aya::maps::HashMap<_, CgroupKey, u32> =
-                        map.try_into().expect("CGROUP_RULESETS layout");
-                    map.keys().count()
-                }
-                maps::ALLOW => {
-                    let map: aya::maps::HashMap<_, RuleKey, RuleValue> =
-                        map.try_into().expect("ALLOW layout");
-                    map.keys().count()
-                }
-                other => panic!("counting entries of {other} is not supported"),
-            };
-        }
-        panic!("agent {pid} has no map named {name}");
+    pub fn cgroup_entries(&self) -> usize {
+        self.entries_in_force().1
+    }
+
+    /// `ALLOW` entries of the policy in force.
+    ///
+    /// # Panics
+    /// When the pinned maps cannot be read.
+    #[must_use]
+    pub fn allow_entries(&self) -> usize {
+        self.entries_in_force().0
+    }
+
+    fn entries_in_force(&self) -> (usize, usize) {
+        let mut maps = self.maps();
+        let generation = maps::generation_in_force(&mut maps).expect("GENERATION");
+        maps::entries_of(&mut maps, generation).expect("ALLOW and CGROUP_RULESETS")
     }
 
     /// Waits until the agent's log holds `text` (logs arrive on their own thread).

@@ -462,10 +462,7 @@ fn a_double_star_rule_over_twenty_thousand_cgroups_costs_a_few_entries() {
     }
     // 20,022 cgroups match; the rule starts to match at the 20 tenants, and the container's
     // cgroup takes host root's rule away: 21 entries.
-    assert_eq!(
-        agent.map_entries(imds_guard_common::maps::CGROUP_RULESETS),
-        21
-    );
+    assert_eq!(agent.cgroup_entries(), 21);
 }
 
 #[test]

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use imds_guard_common::maps::{ALLOW, CGROUP_RULESETS};
 use imds_guard_tests::{
     Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Outcome, Sandbox, TestCgroup,
     assert_fields, privileged,
@@ -65,7 +64,7 @@ fn a_matching_cgroup_created_after_start_is_allowed_at_once() {
         &events[0],
         &[("rule", json!("default")), ("cgroup", json!(other.path))],
     );
-    assert_eq!(agent.map_entries(CGROUP_RULESETS), 1);
+    assert_eq!(agent.cgroup_entries(), 1);
 }
 
 #[test]
@@ -94,7 +93,7 @@ fn a_restarted_unit_keeps_its_access_under_its_new_cgroup_id() {
     // The unit stops (systemd removes its cgroup) and starts again (a new one, a new id).
     service.remove();
     wait_until("the stopped unit's entry removed", || {
-        agent.map_entries(CGROUP_RULESETS) == 0
+        agent.cgroup_entries() == 0
     });
     let service = slice.child(&unit);
     assert_ne!(service.id, first_id, "the kernel reused the cgroup id");
@@ -104,7 +103,7 @@ fn a_restarted_unit_keeps_its_access_under_its_new_cgroup_id() {
     Client::new(&sandbox, &service, USER, USER)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
-    assert_eq!(agent.map_entries(CGROUP_RULESETS), 1);
+    assert_eq!(agent.cgroup_entries(), 1);
     // The same unit name in another slice of the system manager is the same unit to the rule
     // (a user manager's is not: see the next test).
     let nested = attach.child("other.slice").child(&unit);
@@ -289,14 +288,14 @@ fn removed_cgroups_leave_the_maps_and_churn_does_not_grow_them() {
         attach.path
     ));
     let agent = agent_with(&config);
-    let allow_entries = agent.map_entries(ALLOW);
-    assert_eq!(agent.map_entries(CGROUP_RULESETS), 0);
+    let allow_entries = agent.allow_entries();
+    assert_eq!(agent.cgroup_entries(), 0);
     for round in 0..3 {
         let containers: Vec<TestCgroup> = (0..CONTAINERS)
             .map(|i| attach.child(&format!("churn-{round}-{i}")))
             .collect();
         wait_until("every container in the map", || {
-            agent.map_entries(CGROUP_RULESETS) == CONTAINERS
+            agent.cgroup_entries() == CONTAINERS
         });
         Client::new(&sandbox, &containers[CONTAINERS - 1], 0, 0)
             .tcp(IMDS_V4, 80)
@@ -305,11 +304,11 @@ fn removed_cgroups_leave_the_maps_and_churn_does_not_grow_them() {
             container.remove();
         }
         wait_until("every container out of the map", || {
-            agent.map_entries(CGROUP_RULESETS) == 0
+            agent.cgroup_entries() == 0
         });
         // Their shared rule set went when the last of them did; nothing else changed.
         wait_until("the rule sets back to the start", || {
-            agent.map_entries(ALLOW) == allow_entries
+            agent.allow_entries() == allow_entries
         });
     }
     Client::new(&sandbox, &attach, 0, 0)

@@ -610,7 +610,7 @@ async fn serve(
             _ = sigterm.recv() => break Ok("SIGTERM"),
             _ = sigint.recv() => break Ok("SIGINT"),
             _ = loss_check.tick() => {
-                warn_of_new_losses(&agent.kernel, &mut lost_so_far);
+                warn_of_new_losses(&mut agent.kernel, &mut lost_so_far);
                 reporter.warn_of_new_unreported();
             }
             _ = heartbeat.tick() => agent.record(true),
@@ -712,7 +712,7 @@ fn finish(agent: &mut Agent<'_>, reporter: &mut Reporter, ring: &mut RingBuf<Map
 }
 
 /// Events the kernel could not queue are counted there; say so as soon as the count grows.
-fn warn_of_new_losses(kernel: &Kernel, lost_so_far: &mut u64) {
+fn warn_of_new_losses(kernel: &mut Kernel, lost_so_far: &mut u64) {
     match kernel.counters() {
         Ok(counters) if counters.events_lost > *lost_so_far => {
             warn!(

@@ -3,16 +3,9 @@
 
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use imds_guard_common::{
     agent::{AgentInfo, HEARTBEAT_INTERVAL_SECS},
-    maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, COUNTERS, GENERATION, PROTECTED_V4, PROTECTED_V6, SETTINGS,
-    },
-    policy::{
-        ALL_CGROUPS_SEEN, CgroupKey, MODE_AUDIT, ProtectedV4Key, ProtectedV6Key, RuleKey,
-        RuleValue, Settings,
-    },
+    policy::{ALL_CGROUPS_SEEN, MODE_AUDIT},
 };
 use serde::Serialize;
 
@@ -20,7 +13,7 @@ use crate::{
     host::cgroups::Hierarchy,
     host::pidfile,
     kernel::pins::{self, PinDir, ProgramState},
-    kernel::{Counters, PROGRAMS},
+    kernel::{Counters, PROGRAMS, maps},
 };
 
 /// Everything `status` reports.
@@ -125,14 +118,14 @@ pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> S
         })
         .collect();
     let enforcing = programs.iter().all(|hook| hook.attached);
-    let maps = PinnedMaps { pins: &pins };
-    let info = maps.agent_info();
+    let mut maps = maps::Pinned::new(&pins);
+    let info = maps::agent_info(&mut maps).ok().flatten();
     Status {
         enforcing,
         pin_dir: pin_dir.display().to_string(),
         programs,
-        policy: maps.policy(info.as_ref()),
-        counters: maps.counters(),
+        policy: policy(&mut maps, info.as_ref()),
+        counters: maps::counters(&mut maps).ok(),
         agent: agent_status(pid_file, info.as_ref()),
     }
 }
@@ -185,75 +178,27 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
     status
 }
 
-/// The pinned maps, opened one at a time.
-struct PinnedMaps<'a> {
-    pins: &'a PinDir,
-}
-
-impl PinnedMaps<'_> {
-    fn open(&self, name: &str) -> Option<Map> {
-        let data = MapData::from_pin(self.pins.map(name)).ok()?;
-        Map::from_map_data(data).ok()
-    }
-
-    fn agent_info(&self) -> Option<AgentInfo> {
-        let map: Array<_, AgentInfo> = self.open(AGENT)?.try_into().ok()?;
-        map.get(&0, 0).ok().filter(|info| info.started_ns != 0)
-    }
-
-    fn policy(&self, info: Option<&AgentInfo>) -> Option<PolicySummary> {
-        let generation_map: Array<_, u32> = self.open(GENERATION)?.try_into().ok()?;
-        let generation = generation_map.get(&0, 0).ok()?;
-        let settings_map: Array<_, Settings> = self.open(SETTINGS)?.try_into().ok()?;
-        let settings = settings_map.get(&generation, 0).ok()?;
-        let mut protected = Vec::new();
-        let v4: HashMap<_, ProtectedV4Key, u32> = self.open(PROTECTED_V4)?.try_into().ok()?;
-        for key in v4.keys().flatten() {
-            if key.generation == generation {
-                protected.push(IpAddr::from(key.addr.to_ne_bytes()));
-            }
-        }
-        let v6: HashMap<_, ProtectedV6Key, u32> = self.open(PROTECTED_V6)?.try_into().ok()?;
-        for key in v6.keys().flatten() {
-            if key.generation == generation {
-                let mut octets = [0u8; 16];
-                for (i, word) in key.addr.iter().enumerate() {
-                    octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-                }
-                protected.push(IpAddr::from(octets));
-            }
-        }
-        protected.sort();
-        let allow: HashMap<_, RuleKey, RuleValue> = self.open(ALLOW)?.try_into().ok()?;
-        let cgroups: HashMap<_, CgroupKey, u32> = self.open(CGROUP_RULESETS)?.try_into().ok()?;
-        Some(PolicySummary {
-            generation,
-            mode: if settings.mode == MODE_AUDIT {
-                "audit"
-            } else {
-                "enforce"
-            },
-            protected,
-            rules: info.map_or(0, |info| info.rules),
-            allow_entries: allow
-                .keys()
-                .flatten()
-                .filter(|k| k.generation == generation)
-                .count(),
-            cgroup_entries: (cgroups.keys().flatten())
-                .filter(|k| k.generation == generation)
-                .count(),
-            unseen_after: (settings.unseen_after != ALL_CGROUPS_SEEN)
-                .then_some(settings.unseen_after),
-            cgroups_dropped: info.map_or(0, |info| info.cgroups_dropped),
-            cgroups_unwatched: info.map_or(0, |info| info.cgroups_unwatched),
-        })
-    }
-
-    fn counters(&self) -> Option<Counters> {
-        let map: PerCpuArray<_, u64> = self.open(COUNTERS)?.try_into().ok()?;
-        Counters::read(&map).ok()
-    }
+/// The policy in force, as the pinned maps hold it.
+fn policy(maps: &mut maps::Pinned, info: Option<&AgentInfo>) -> Option<PolicySummary> {
+    let generation = maps::generation_in_force(maps).ok()?;
+    let settings = maps::settings(maps).ok()?.get(&generation, 0).ok()?;
+    let protected = maps::protected_addresses(maps, generation).ok()?;
+    let (allow_entries, cgroup_entries) = maps::entries_of(maps, generation).ok()?;
+    Some(PolicySummary {
+        generation,
+        mode: if settings.mode == MODE_AUDIT {
+            "audit"
+        } else {
+            "enforce"
+        },
+        protected,
+        rules: info.map_or(0, |info| info.rules),
+        allow_entries,
+        cgroup_entries,
+        unseen_after: (settings.unseen_after != ALL_CGROUPS_SEEN).then_some(settings.unseen_after),
+        cgroups_dropped: info.map_or(0, |info| info.cgroups_dropped),
+        cgroups_unwatched: info.map_or(0, |info| info.cgroups_unwatched),
+    })
 }
 
 /// The first line of [`describe`]: whether, and where, enforcement is in force.

@@ -2,6 +2,7 @@
 //! embedded object, writes a policy into its maps, attaches and detaches the programs.
 
 pub mod btf;
+pub mod maps;
 pub mod pins;
 
 use std::{fs::File, os::fd::AsFd as _};
@@ -21,9 +22,8 @@ use imds_guard_common::{
         TASK_LAYOUT_GLOBAL, TaskLayout,
     },
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, MAX_RULES,
-        PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
+        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, MAX_RULES, PROTECTED_FILTER, PROTECTED_V4,
+        PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
@@ -32,6 +32,7 @@ use imds_guard_common::{
 };
 use tracing::{debug, info, warn};
 
+pub use self::maps::Counters;
 use crate::{
     error::{Error, Result},
     host::cgroups::Cgroup,
@@ -59,40 +60,6 @@ const PACKET_PROGRAM: &str = "egress";
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
-
-/// Totals of the per-CPU counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    /// Attempts to protected addresses that a rule allowed.
-    pub allowed: u64,
-    /// Attempts refused.
-    pub denied: u64,
-    /// Attempts allowed and reported.
-    pub audited: u64,
-    /// Events that did not fit in the ring buffer.
-    pub events_lost: u64,
-    /// Denied or audited attempts folded as repeats of an identical one instead of queued.
-    pub folded: u64,
-}
-
-impl Counters {
-    /// Sums the per-CPU values of each counter in `map` (the `COUNTERS` map).
-    ///
-    /// # Errors
-    /// When a value cannot be read.
-    pub fn read<T: std::borrow::Borrow<MapData>>(
-        map: &PerCpuArray<T, u64>,
-    ) -> std::result::Result<Self, aya::maps::MapError> {
-        let total = |index: u32| map.get(&index, 0).map(|values| values.iter().sum());
-        Ok(Self {
-            allowed: total(COUNTER_ALLOWED)?,
-            denied: total(COUNTER_DENIED)?,
-            audited: total(COUNTER_AUDITED)?,
-            events_lost: total(COUNTER_EVENTS_LOST)?,
-            folded: total(COUNTER_FOLDED)?,
-        })
-    }
-}
 
 /// Checks, before anything is loaded, that this process and kernel can run the programs.
 ///
@@ -376,15 +343,19 @@ impl Kernel {
     /// [`Error::OpenMap`] or [`Error::WriteMap`] (a full map, typically); the entries already
     /// written stay, and the caller must rewrite the generation to be sure of the maps again.
     pub fn apply(&mut self, delta: &Delta) -> Result<()> {
-        insert_all(&mut self.map_mut(ALLOW)?, ALLOW, &delta.allow_insert)?;
-        let mut cgroups: HashMap<_, CgroupKey, u32> = self.map_mut(CGROUP_RULESETS)?;
+        insert_all(
+            &mut maps::allow(&mut self.ebpf)?,
+            ALLOW,
+            &delta.allow_insert,
+        )?;
+        let mut cgroups: HashMap<_, CgroupKey, u32> = maps::cgroup_rulesets(&mut self.ebpf)?;
         insert_all(&mut cgroups, CGROUP_RULESETS, &delta.cgroup_upsert)?;
         for key in &delta.cgroup_remove {
             remove(cgroups.remove(key), CGROUP_RULESETS, key)?;
         }
         if !delta.allow_remove.is_empty() {
             wait_for_running_programs();
-            let mut allow: HashMap<_, RuleKey, RuleValue> = self.map_mut(ALLOW)?;
+            let mut allow: HashMap<_, RuleKey, RuleValue> = maps::allow(&mut self.ebpf)?;
             for key in &delta.allow_remove {
                 remove(allow.remove(key), ALLOW, key)?;
             }
@@ -397,22 +368,18 @@ impl Kernel {
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::ReadMap`].
     pub fn active_generation(&mut self) -> Result<u32> {
-        let active: Array<_, u32> = self.map_mut(GENERATION)?;
-        active.get(&0, 0).map_err(|source| Error::ReadMap {
-            map: GENERATION,
-            source,
-        })
+        maps::generation_in_force(&mut self.ebpf)
     }
 
     /// Writes every entry of one generation; the generation in force is not touched.
     fn write_generation(&mut self, entries: &MapEntries, generation: u32) -> Result<()> {
-        insert_all(&mut self.map_mut(ALLOW)?, ALLOW, &entries.allow)?;
+        insert_all(&mut maps::allow(&mut self.ebpf)?, ALLOW, &entries.allow)?;
         insert_all(
-            &mut self.map_mut(CGROUP_RULESETS)?,
+            &mut maps::cgroup_rulesets(&mut self.ebpf)?,
             CGROUP_RULESETS,
             &entries.cgroup_rulesets,
         )?;
-        let mut settings: Array<_, Settings> = self.map_mut(SETTINGS)?;
+        let mut settings: Array<_, Settings> = maps::settings(&mut self.ebpf)?;
         settings
             .set(generation, entries.settings, 0)
             .map_err(|source| Error::WriteMap {
@@ -429,13 +396,21 @@ impl Kernel {
             .iter()
             .map(|&key| (key, 0u32))
             .collect();
-        insert_all(&mut self.map_mut(PROTECTED_V4)?, PROTECTED_V4, &protected)?;
+        insert_all(
+            &mut maps::protected_v4(&mut self.ebpf)?,
+            PROTECTED_V4,
+            &protected,
+        )?;
         let protected: Vec<_> = entries
             .protected_v6
             .iter()
             .map(|&key| (key, 0u32))
             .collect();
-        insert_all(&mut self.map_mut(PROTECTED_V6)?, PROTECTED_V6, &protected)?;
+        insert_all(
+            &mut maps::protected_v6(&mut self.ebpf)?,
+            PROTECTED_V6,
+            &protected,
+        )?;
         Ok(())
     }
 
@@ -463,7 +438,7 @@ impl Kernel {
         generation: u32,
         change: impl FnOnce(&mut Settings),
     ) -> Result<()> {
-        let mut settings: Array<_, Settings> = self.map_mut(SETTINGS)?;
+        let mut settings: Array<_, Settings> = maps::settings(&mut self.ebpf)?;
         let mut value = settings
             .get(&generation, 0)
             .map_err(|source| Error::ReadMap {
@@ -482,7 +457,7 @@ impl Kernel {
 
     /// `PROTECTED_FILTER[0]`.
     fn filter(&mut self) -> Result<ProtectedFilter> {
-        let map: Array<_, ProtectedFilter> = self.map_mut(PROTECTED_FILTER)?;
+        let map: Array<_, ProtectedFilter> = maps::protected_filter(&mut self.ebpf)?;
         map.get(&0, 0).map_err(|source| Error::ReadMap {
             map: PROTECTED_FILTER,
             source,
@@ -490,7 +465,7 @@ impl Kernel {
     }
 
     fn write_filter(&mut self, filter: ProtectedFilter) -> Result<()> {
-        let mut map: Array<_, ProtectedFilter> = self.map_mut(PROTECTED_FILTER)?;
+        let mut map: Array<_, ProtectedFilter> = maps::protected_filter(&mut self.ebpf)?;
         map.set(0, filter, 0).map_err(|source| Error::WriteMap {
             map: PROTECTED_FILTER,
             what: "the protected-address filter".into(),
@@ -500,7 +475,7 @@ impl Kernel {
 
     /// Puts `generation` in force: one aligned 32-bit store the programs read once per attempt.
     fn activate(&mut self, generation: u32) -> Result<()> {
-        let mut active: Array<_, u32> = self.map_mut(GENERATION)?;
+        let mut active: Array<_, u32> = maps::generation(&mut self.ebpf)?;
         active
             .set(0, generation, 0)
             .map_err(|source| Error::WriteMap {
@@ -513,21 +488,21 @@ impl Kernel {
     /// Removes every entry of `generation` (which must not be in force).
     fn clear_generation(&mut self, generation: u32) -> Result<()> {
         let of_generation = |key_generation: u32| key_generation == generation;
-        remove_where::<RuleKey, RuleValue>(&mut self.map_mut(ALLOW)?, ALLOW, |key| {
+        remove_where::<RuleKey, RuleValue>(&mut maps::allow(&mut self.ebpf)?, ALLOW, |key| {
             of_generation(key.generation)
         })?;
         remove_where::<CgroupKey, u32>(
-            &mut self.map_mut(CGROUP_RULESETS)?,
+            &mut maps::cgroup_rulesets(&mut self.ebpf)?,
             CGROUP_RULESETS,
             |key| of_generation(key.generation),
         )?;
         let v4 = remove_where::<ProtectedV4Key, u32>(
-            &mut self.map_mut(PROTECTED_V4)?,
+            &mut maps::protected_v4(&mut self.ebpf)?,
             PROTECTED_V4,
             |key| of_generation(key.generation),
         )?;
         let v6 = remove_where::<ProtectedV6Key, u32>(
-            &mut self.map_mut(PROTECTED_V6)?,
+            &mut maps::protected_v6(&mut self.ebpf)?,
             PROTECTED_V6,
             |key| of_generation(key.generation),
         )?;
@@ -669,7 +644,7 @@ impl Kernel {
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::WriteMap`].
     pub fn set_agent_info(&mut self, info: &AgentInfo) -> Result<()> {
-        let mut map: Array<_, AgentInfo> = self.map_mut(AGENT)?;
+        let mut map: Array<_, AgentInfo> = maps::agent(&mut self.ebpf)?;
         map.set(0, info, 0).map_err(|source| Error::WriteMap {
             map: AGENT,
             what: "the agent's record".into(),
@@ -682,7 +657,7 @@ impl Kernel {
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::ReadMap`].
     pub fn rule_counts(&mut self, generation: u32, rules: u32) -> Result<Vec<u64>> {
-        let map: PerCpuArray<_, u64> = self.map_mut(RULE_COUNTERS)?;
+        let map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
         (0..=rules.min(MAX_RULES))
             .map(|rule| {
                 map.get(&rule_counter_index(generation, rule), 0)
@@ -696,7 +671,7 @@ impl Kernel {
     }
 
     fn zero_rule_counts(&mut self, generation: u32) -> Result<()> {
-        let mut map: PerCpuArray<_, u64> = self.map_mut(RULE_COUNTERS)?;
+        let mut map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::WriteMap {
             map: RULE_COUNTERS,
             what: "zeroes (counting CPUs)".into(),
@@ -728,14 +703,7 @@ impl Kernel {
     /// # Errors
     /// [`Error::MissingInObject`] when already taken, [`Error::OpenMap`].
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map(EVENTS).ok_or(Error::MissingInObject {
-            kind: "map",
-            name: EVENTS,
-        })?;
-        RingBuf::try_from(map).map_err(|source| Error::OpenMap {
-            map: EVENTS,
-            source,
-        })
+        maps::take_events(&mut self.ebpf)
     }
 
     /// Takes the fold map out of the object (the programs keep using it), for the reporter.
@@ -743,42 +711,15 @@ impl Kernel {
     /// # Errors
     /// [`Error::MissingInObject`] or [`Error::OpenMap`].
     pub fn take_folds(&mut self) -> Result<HashMap<MapData, FoldKey, FoldValue>> {
-        let map = self.ebpf.take_map(FOLDS).ok_or(Error::MissingInObject {
-            kind: "map",
-            name: FOLDS,
-        })?;
-        HashMap::try_from(map).map_err(|source| Error::OpenMap { map: FOLDS, source })
+        maps::take_folds(&mut self.ebpf)
     }
 
     /// Sums the per-CPU counters.
     ///
     /// # Errors
     /// [`Error::OpenMap`] or [`Error::ReadMap`].
-    pub fn counters(&self) -> Result<Counters> {
-        let map = self.ebpf.map(COUNTERS).ok_or(Error::MissingInObject {
-            kind: "map",
-            name: COUNTERS,
-        })?;
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::OpenMap {
-                map: COUNTERS,
-                source,
-            })?;
-        Counters::read(&counters).map_err(|source| Error::ReadMap {
-            map: COUNTERS,
-            source,
-        })
-    }
-
-    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
-    where
-        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-    {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::MissingInObject { kind: "map", name })?;
-        T::try_from(map).map_err(|source| Error::OpenMap { map: name, source })
+    pub fn counters(&mut self) -> Result<Counters> {
+        maps::counters(&mut self.ebpf)
     }
 }
 

@@ -18,10 +18,7 @@ use std::{
 };
 
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramInfo};
-use imds_guard_common::{
-    maps::{self, MAPS_LAYOUT_VERSION},
-    policy::CgroupKey,
-};
+use imds_guard::kernel::{maps, pins::PinDir};
 use imds_guard_tests::{Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, Timings};
 
 /// Connects per measurement, after `WARMUP` untimed ones.
@@ -791,7 +788,7 @@ fn churn(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup) {
     let apps = attach.child("apps");
     let (session, user_owned) = delegated_to(attach, HOSTILE_UID);
     let root_owned = attach.child("churn");
-    let entries = CgroupEntries::open(&pins);
+    let mut entries = CgroupEntries::open(&pins);
     let storms: [(&str, Option<Storm>); 3] = [
         ("quiet", None),
         (
@@ -880,32 +877,23 @@ fn overflows(agent: &Agent) -> usize {
         .count()
 }
 
-/// The agent's pinned `CGROUP_RULESETS` map, read directly.
-struct CgroupEntries(aya::maps::HashMap<aya::maps::MapData, CgroupKey, u32>);
+/// The agent's pinned maps, read directly.
+struct CgroupEntries(maps::Pinned);
 
 impl CgroupEntries {
     fn open(pins: &Pins) -> Self {
-        let path = pins
-            .dir()
-            .join(format!("maps-v{MAPS_LAYOUT_VERSION}"))
-            .join(maps::CGROUP_RULESETS);
-        let data = aya::maps::MapData::from_pin(&path).expect("pinned CGROUP_RULESETS");
-        let map = aya::maps::Map::from_map_data(data).expect("map");
-        Self(map.try_into().expect("CGROUP_RULESETS layout"))
+        Self(maps::Pinned::new(&PinDir::new(pins.dir())))
     }
 
     /// Waits until cgroup `id` has an entry (of either generation); returns when it was first
     /// seen (`CLOCK_MONOTONIC` ns).
-    fn wait_for(&self, id: u64) -> u64 {
+    fn wait_for(&mut self, id: u64) -> u64 {
         let start = Instant::now();
         loop {
             let found = [0, 1].into_iter().any(|generation| {
-                let key = CgroupKey {
-                    generation,
-                    _pad: 0,
-                    cgroup_id: id,
-                };
-                self.0.get(&key, 0).is_ok()
+                maps::cgroup_ruleset(&mut self.0, generation, id)
+                    .expect("CGROUP_RULESETS")
+                    .is_some()
             });
             if found {
                 return monotonic_ns();

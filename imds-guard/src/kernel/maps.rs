@@ -1,0 +1,309 @@
+//! The one place that knows each map's layout: typed handles on imds-guard's maps, taken from
+//! the loaded object (the agent) or from the pin directory (`status`, the test harness), and
+//! what they hold read back as the agent's own types.
+
+use std::{collections::HashMap as StdHashMap, net::IpAddr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+};
+use imds_guard_common::{
+    agent::AgentInfo,
+    event::{FoldKey, FoldValue},
+    maps::{
+        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
+        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, PROTECTED_FILTER,
+        PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS,
+    },
+    policy::{
+        CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
+    },
+};
+
+use crate::{
+    error::{Error, Result},
+    kernel::pins::PinDir,
+};
+
+/// Where the maps come from.
+pub trait Source {
+    /// The map named `name` (one of `imds_guard_common::maps`).
+    ///
+    /// # Errors
+    /// When there is no such map, or it cannot be opened.
+    fn map(&mut self, name: &'static str) -> Result<&mut Map>;
+}
+
+impl Source for Ebpf {
+    fn map(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.map_mut(name)
+            .ok_or(Error::MissingInObject { kind: "map", name })
+    }
+}
+
+/// The maps pinned in a pin directory, each opened when first asked for.
+pub struct Pinned {
+    pins: PinDir,
+    open: StdHashMap<&'static str, Map>,
+}
+
+impl Pinned {
+    /// The maps pinned in `pins` (nothing is opened yet).
+    #[must_use]
+    pub fn new(pins: &PinDir) -> Self {
+        Self {
+            pins: pins.clone(),
+            open: StdHashMap::new(),
+        }
+    }
+}
+
+impl Source for Pinned {
+    fn map(&mut self, name: &'static str) -> Result<&mut Map> {
+        if !self.open.contains_key(name) {
+            let path = self.pins.map(name);
+            let opened = MapData::from_pin(&path)
+                .map_err(|source| Error::OpenPinnedMap {
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|data| {
+                    Map::from_map_data(data).map_err(|source| Error::OpenPinnedMap { path, source })
+                })?;
+            self.open.insert(name, opened);
+        }
+        self.open
+            .get_mut(name)
+            .ok_or(Error::MissingInObject { kind: "map", name })
+    }
+}
+
+fn typed<'a, T>(source: &'a mut impl Source, name: &'static str) -> Result<T>
+where
+    T: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
+{
+    T::try_from(source.map(name)?).map_err(|source| Error::OpenMap { map: name, source })
+}
+
+/// `GENERATION`: the generation in force, at index 0.
+///
+/// # Errors
+/// When the map is missing or not of this layout.
+pub fn generation(source: &mut impl Source) -> Result<Array<&mut MapData, u32>> {
+    typed(source, GENERATION)
+}
+
+/// `SETTINGS`, by generation.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn settings(source: &mut impl Source) -> Result<Array<&mut MapData, Settings>> {
+    typed(source, SETTINGS)
+}
+
+/// `CGROUP_RULESETS`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn cgroup_rulesets(source: &mut impl Source) -> Result<HashMap<&mut MapData, CgroupKey, u32>> {
+    typed(source, CGROUP_RULESETS)
+}
+
+/// `ALLOW`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn allow(source: &mut impl Source) -> Result<HashMap<&mut MapData, RuleKey, RuleValue>> {
+    typed(source, ALLOW)
+}
+
+/// `PROTECTED_V4`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn protected_v4(
+    source: &mut impl Source,
+) -> Result<HashMap<&mut MapData, ProtectedV4Key, u32>> {
+    typed(source, PROTECTED_V4)
+}
+
+/// `PROTECTED_V6`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn protected_v6(
+    source: &mut impl Source,
+) -> Result<HashMap<&mut MapData, ProtectedV6Key, u32>> {
+    typed(source, PROTECTED_V6)
+}
+
+/// `PROTECTED_FILTER`, at index 0.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn protected_filter(source: &mut impl Source) -> Result<Array<&mut MapData, ProtectedFilter>> {
+    typed(source, PROTECTED_FILTER)
+}
+
+/// `RULE_COUNTERS`, indexed by `imds_guard_common::maps::rule_counter_index`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn rule_counters(source: &mut impl Source) -> Result<PerCpuArray<&mut MapData, u64>> {
+    typed(source, RULE_COUNTERS)
+}
+
+/// `AGENT`, at index 0.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn agent(source: &mut impl Source) -> Result<Array<&mut MapData, AgentInfo>> {
+    typed(source, AGENT)
+}
+
+/// `FOLDS`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn folds(source: &mut impl Source) -> Result<HashMap<&mut MapData, FoldKey, FoldValue>> {
+    typed(source, FOLDS)
+}
+
+/// Takes `EVENTS`, the ring buffer, out of the loaded object (the event loop owns it).
+///
+/// # Errors
+/// When it was taken already, or is not of this layout.
+pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+    take(ebpf, EVENTS)
+}
+
+/// Takes `FOLDS` out of the loaded object (the programs keep using it; the reporter owns this
+/// handle).
+///
+/// # Errors
+/// As for [`take_events`].
+pub fn take_folds(ebpf: &mut Ebpf) -> Result<HashMap<MapData, FoldKey, FoldValue>> {
+    take(ebpf, FOLDS)
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(Error::MissingInObject { kind: "map", name })?;
+    T::try_from(map).map_err(|source| Error::OpenMap { map: name, source })
+}
+
+/// The kernel's totals, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Attempts to protected addresses that a rule allowed.
+    pub allowed: u64,
+    /// Attempts refused.
+    pub denied: u64,
+    /// Attempts allowed and reported.
+    pub audited: u64,
+    /// Events that did not fit in the ring buffer.
+    pub events_lost: u64,
+    /// Denied or audited attempts folded as repeats of an identical one instead of queued.
+    pub folded: u64,
+}
+
+/// `COUNTERS`, summed over CPUs.
+///
+/// # Errors
+/// When the map is missing, not of this layout, or a value cannot be read.
+pub fn counters(source: &mut impl Source) -> Result<Counters> {
+    let map: PerCpuArray<&mut MapData, u64> = typed(source, COUNTERS)?;
+    let total = |index: u32| {
+        map.get(&index, 0)
+            .map(|values| values.iter().sum())
+            .map_err(|source| Error::ReadMap {
+                map: COUNTERS,
+                source,
+            })
+    };
+    Ok(Counters {
+        allowed: total(COUNTER_ALLOWED)?,
+        denied: total(COUNTER_DENIED)?,
+        audited: total(COUNTER_AUDITED)?,
+        events_lost: total(COUNTER_EVENTS_LOST)?,
+        folded: total(COUNTER_FOLDED)?,
+    })
+}
+
+/// The generation in force.
+///
+/// # Errors
+/// When `GENERATION` cannot be opened or read.
+pub fn generation_in_force(source: &mut impl Source) -> Result<u32> {
+    generation(source)?
+        .get(&0, 0)
+        .map_err(|source| Error::ReadMap {
+            map: GENERATION,
+            source,
+        })
+}
+
+/// The addresses `generation` protects, sorted.
+///
+/// # Errors
+/// When a map cannot be opened.
+pub fn protected_addresses(source: &mut impl Source, generation: u32) -> Result<Vec<IpAddr>> {
+    let mut addresses: Vec<IpAddr> = (protected_v4(source)?.keys().flatten())
+        .filter(|key| key.generation == generation)
+        .map(|key| IpAddr::from(key.addr.to_ne_bytes()))
+        .collect();
+    for key in protected_v6(source)?.keys().flatten() {
+        if key.generation == generation {
+            let mut octets = [0u8; 16];
+            for (i, word) in key.addr.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            addresses.push(IpAddr::from(octets));
+        }
+    }
+    addresses.sort();
+    Ok(addresses)
+}
+
+/// How many `ALLOW` and `CGROUP_RULESETS` entries `generation` has.
+///
+/// # Errors
+/// When a map cannot be opened.
+pub fn entries_of(source: &mut impl Source, generation: u32) -> Result<(usize, usize)> {
+    let allow = (allow(source)?.keys().flatten())
+        .filter(|key| key.generation == generation)
+        .count();
+    let cgroups = (cgroup_rulesets(source)?.keys().flatten())
+        .filter(|key| key.generation == generation)
+        .count();
+    Ok((allow, cgroups))
+}
+
+/// The rule set cgroup `id` has an entry for in `generation`, if it has one.
+///
+/// # Errors
+/// When `CGROUP_RULESETS` cannot be opened.
+pub fn cgroup_ruleset(source: &mut impl Source, generation: u32, id: u64) -> Result<Option<u32>> {
+    let key = CgroupKey {
+        generation,
+        _pad: 0,
+        cgroup_id: id,
+    };
+    Ok(cgroup_rulesets(source)?.get(&key, 0).ok())
+}
+
+/// What the agent last recorded of itself, if an agent ever did.
+///
+/// # Errors
+/// When `AGENT` cannot be opened.
+pub fn agent_info(source: &mut impl Source) -> Result<Option<AgentInfo>> {
+    Ok(agent(source)?
+        .get(&0, 0)
+        .ok()
+        .filter(|info| info.started_ns != 0))
+}
