@@ -1,8 +1,11 @@
 //! Events: raw ring-buffer records decoded ([`decode`]) and turned into the JSON lines the agent
 //! prints ([`Record`]).
 
+pub mod accounting;
 pub mod enrich;
 pub mod folds;
+pub mod output;
+pub mod reporter;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

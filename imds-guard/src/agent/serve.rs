@@ -1,0 +1,250 @@
+//! The running agent: events reported and the cgroup tree followed until a signal, a reload
+//! on SIGHUP, the metrics on request. Every policy switch (a reload, a rewrite after a failed
+//! update) goes through [`Running::switch_policy`], which keeps the one order that is safe:
+//! report what the old policy judged, switch, retire the old generation's repeats.
+
+use aya::maps::{MapData, RingBuf};
+use imds_guard_common::agent::HEARTBEAT_INTERVAL_SECS;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use super::{enforcement::Enforcement, metrics};
+use crate::{
+    error::{Error, Result},
+    events::reporter::Reporter,
+    host::{follow::Watcher, pidfile::PidFile},
+    policy::Policy,
+};
+
+/// How often the agent reports the repeats the kernel folded whose window has closed.
+const FOLDS_INTERVAL_MILLIS: u64 = 1000;
+/// How often the agent checks the kernel's lost-event counter.
+const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
+/// How often the whole cgroup tree is scanned, in case a change notification was missed.
+const RESYNC_INTERVAL_SECS: u64 = 30;
+
+/// The agent's two halves, which every policy switch must change together.
+pub struct Running<'a> {
+    /// The policy in force and the cgroup tree.
+    pub enforcement: Enforcement<'a>,
+    /// The event output.
+    pub reporter: Reporter,
+}
+
+impl Running<'_> {
+    /// Switches to `policy`: what the policy in force judged is reported first (events and
+    /// repeats name their rule by its number in its generation, whose slot the switch reuses),
+    /// then the kernel switches, then the old generation's repeats are reported and its fold
+    /// entries deleted.
+    fn switch_policy(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        watcher: &mut Watcher,
+        policy: Policy,
+    ) -> Result<()> {
+        self.reporter.before_switch(ring);
+        self.enforcement.switch(watcher, policy)?;
+        let compiled = self.enforcement.compiled();
+        let generation = compiled.generation();
+        self.reporter
+            .set_policy(generation, compiled.policy.clone());
+        self.reporter.retire(generation ^ 1);
+        Ok(())
+    }
+
+    /// SIGHUP: the settings read again and, when valid, put in force.
+    fn reload(&mut self, ring: &mut RingBuf<MapData>, watcher: &mut Watcher) {
+        let result = self.enforcement.read_policy().and_then(|(config, policy)| {
+            self.switch_policy(ring, watcher, policy)?;
+            Ok(config)
+        });
+        self.enforcement.reloaded(result);
+    }
+
+    /// The full scan: the maps rewritten whole when an update failed, else the tree scanned
+    /// for what notifications missed.
+    fn resync(&mut self, ring: &mut RingBuf<MapData>, watcher: &mut Watcher) {
+        if !self.enforcement.maps_uncertain() {
+            self.enforcement.rescan(watcher);
+            return;
+        }
+        let policy = self.enforcement.policy().clone();
+        match self.switch_policy(ring, watcher, policy) {
+            Ok(()) => info!("policy maps rewritten whole after a failed update"),
+            Err(err) => error!(
+                "rewriting the policy maps failed (retrying at the next scan): {}",
+                crate::error::report(&err)
+            ),
+        }
+    }
+}
+
+/// What woke the loop.
+enum Wake {
+    Stop(&'static str),
+    LossCheck,
+    Heartbeat,
+    Folds,
+    Scrape(metrics::Scrape),
+    Resync,
+    Reload,
+    /// The cgroup tree changed; `true` when notifications were lost and it must be rescanned.
+    Cgroups(bool),
+    /// Events were reported (the ring handler ran).
+    Events,
+}
+
+/// Reports events and follows the cgroup tree until a signal, then reports what is left. The
+/// programs stay attached: enforcement outlives the agent.
+///
+/// # Errors
+/// When a signal, the ring buffer or the cgroup watcher cannot be used.
+pub async fn serve(
+    mut running: Running<'_>,
+    events: RingBuf<MapData>,
+    watcher: Watcher,
+    mut pid_file: PidFile,
+    metrics_listener: Option<std::net::TcpListener>,
+) -> Result<()> {
+    let (scrape_sender, mut scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(8);
+    let metrics_on = metrics_listener.is_some();
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(metrics::serve(listener, scrape_sender));
+    }
+    let mut signals = Signals::new()?;
+    let mut ring = pollable(events, |source| Error::Events { source })?;
+    let mut watcher = pollable(watcher, |source| Error::WatchCgroups { source })?;
+    running.enforcement.record(true);
+    // SIGHUP is handled from here on: `imds-guard reload` may find us now.
+    pid_file.publish()?;
+    // Programs attached, policy in the maps: only now may systemd start what depends on us.
+    if let Err(err) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!("could not notify systemd of readiness: {err}");
+    }
+    let mut timers = Timers::new();
+    let outcome = loop {
+        let wake = tokio::select! {
+            _ = signals.term.recv() => Wake::Stop("SIGTERM"),
+            _ = signals.int.recv() => Wake::Stop("SIGINT"),
+            _ = signals.hup.recv() => Wake::Reload,
+            _ = timers.loss_check.tick() => Wake::LossCheck,
+            _ = timers.heartbeat.tick() => Wake::Heartbeat,
+            _ = timers.folds.tick() => Wake::Folds,
+            _ = timers.resync.tick() => Wake::Resync,
+            Some(scrape) = scrapes.recv(), if metrics_on => Wake::Scrape(scrape),
+            ready = watcher.readable_mut() => match ready.map(|mut guard| {
+                let changes = guard.get_inner_mut().changed();
+                guard.clear_ready();
+                changes.map(|changes| running.enforcement.follow(guard.get_inner_mut(), &changes))
+            }) {
+                Ok(Ok(rescan)) => Wake::Cgroups(rescan),
+                Ok(Err(source)) | Err(source) => break Err(Error::WatchCgroups { source }),
+            },
+            ready = ring.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    if running.reporter.drain(guard.get_inner_mut()) {
+                        guard.clear_ready();
+                    } else {
+                        // More is waiting: let the runtime poll its drivers (signals, timers)
+                        // before the next batch, or a flood would starve them.
+                        drop(guard);
+                        tokio::task::yield_now().await;
+                    }
+                    Wake::Events
+                }
+                Err(source) => break Err(Error::Events { source }),
+            },
+        };
+        if let Wake::Stop(signal) = wake {
+            break Ok(signal);
+        }
+        handle(&mut running, wake, ring.get_mut(), watcher.get_mut());
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let folded = running.enforcement.folded_total();
+    running.reporter.finish(ring.get_mut(), folded);
+    running.enforcement.stopped(running.reporter.accounting());
+    info!("stopped on {}", outcome?);
+    Ok(())
+}
+
+/// Does what `wake` asks.
+fn handle(
+    running: &mut Running<'_>,
+    wake: Wake,
+    ring: &mut RingBuf<MapData>,
+    watcher: &mut Watcher,
+) {
+    match wake {
+        Wake::Stop(_) | Wake::Events | Wake::Cgroups(false) => {}
+        Wake::LossCheck => {
+            running.enforcement.warn_of_new_losses();
+            running.reporter.warn_of_new_unreported();
+        }
+        Wake::Heartbeat => running.enforcement.record(true),
+        Wake::Folds => {
+            let folded = running.enforcement.folded_total();
+            running.reporter.report_folds(folded, false);
+        }
+        Wake::Scrape(scrape) => {
+            let _ = scrape.send(running.enforcement.scrape(running.reporter.accounting()));
+        }
+        Wake::Resync | Wake::Cgroups(true) => running.resync(ring, watcher),
+        Wake::Reload => running.reload(ring, watcher),
+    }
+}
+
+/// The signals the agent handles.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        let listen = |kind| signal(kind).map_err(|source| Error::Runtime { source });
+        Ok(Self {
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
+            hup: listen(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// The agent's periodic work.
+struct Timers {
+    loss_check: tokio::time::Interval,
+    heartbeat: tokio::time::Interval,
+    folds: tokio::time::Interval,
+    resync: tokio::time::Interval,
+}
+
+impl Timers {
+    fn new() -> Self {
+        let every = |duration| tokio::time::interval(duration);
+        let mut resync = every(std::time::Duration::from_secs(RESYNC_INTERVAL_SECS));
+        // The start scanned the tree just now.
+        resync.reset();
+        Self {
+            loss_check: every(std::time::Duration::from_secs(LOSS_CHECK_INTERVAL_SECS)),
+            heartbeat: every(std::time::Duration::from_secs(HEARTBEAT_INTERVAL_SECS)),
+            folds: every(std::time::Duration::from_millis(FOLDS_INTERVAL_MILLIS)),
+            resync,
+        }
+    }
+}
+
+/// `inner` registered with the runtime, to be woken when its descriptor is readable.
+fn pollable<T: std::os::fd::AsRawFd>(
+    inner: T,
+    error: impl FnOnce(std::io::Error) -> Error,
+) -> Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor, which stays open and unchanged until the `AsyncFd`
+    // (and `inner` inside it) is dropped.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|err| error(err.into_parts().1))
+}

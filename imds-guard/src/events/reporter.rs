@@ -1,0 +1,303 @@
+//! The agent's event output: ring-buffer records turned into JSON lines (decoded, named,
+//! enriched), and the kernel's counts of folded repeats into aggregate lines, with the
+//! accounting that says where every attempt went.
+
+use std::{borrow::Cow, collections::HashMap};
+
+use aya::maps::{MapData, MapError, RingBuf};
+use imds_guard_common::{
+    event::{Event, FoldKey, FoldValue},
+    maps::{EVENTS_RING_BYTES, FOLDS_MAX_ENTRIES},
+    policy::RULE_DEFAULT,
+};
+use tracing::warn;
+
+use crate::{
+    events::{
+        self, Record,
+        accounting::Accounting,
+        enrich::Enricher,
+        folds::{Aggregate, Folds, Walk},
+        output::Output,
+    },
+    host::{
+        cgroups::Hierarchy,
+        clock::{boot_time_ns, boot_to_unix_ns},
+    },
+    policy::Policy,
+};
+
+/// Cgroup paths remembered for events; cleared when it grows past this many entries.
+const CGROUP_CACHE_ENTRIES: usize = 4096;
+/// Records one drain takes from the ring at most: what the ring can hold at once (an event
+/// plus the 8-byte record header each). Bounded so a flood cannot starve signals, and
+/// large enough that, the ring being FIFO, one drain takes everything present when it began.
+const DRAIN_BATCH_RECORDS: usize = (EVENTS_RING_BYTES as usize).div_ceil(size_of::<Event>() + 8);
+/// First attempts remembered beyond what the kernel's fold map holds before the agent walks
+/// the map to forget those it no longer has (one walk per this many new bursts at most).
+const FOLDS_PRUNE_SLACK: usize = 1024;
+/// User database lookups one batch of events may spend; names not looked up are left unread.
+const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The kernel's fold map, as the agent holds it.
+pub type FoldMap = aya::maps::HashMap<MapData, FoldKey, FoldValue>;
+
+/// Turns ring-buffer records into JSON lines on stdout, each enriched and reported at once, and
+/// the kernel's counts of folded repeats into aggregate lines.
+pub struct Reporter {
+    /// The policy of each generation, to name the rule that decided an event.
+    policies: [Option<Policy>; 2],
+    /// Its own handle on the hierarchy, to name cgroups from their ids.
+    hierarchy: Hierarchy,
+    cgroup_paths: HashMap<u64, Option<String>>,
+    enricher: Enricher,
+    /// The kernel's fold entries (`None`: folding is off).
+    fold_map: Option<FoldMap>,
+    folds: Folds<Record>,
+    /// The kernel's total of folded repeats when the map was last walked.
+    folded_seen: u64,
+    accounting: Accounting,
+    output: Output,
+}
+
+impl Reporter {
+    /// A reporter that knows no policy yet: events name rules by number until it does. The
+    /// counts already in `fold_map` are not its to report, nor is anything the kernel had
+    /// folded when it started (`folded_at_start`).
+    #[must_use]
+    pub fn new(
+        hierarchy: Hierarchy,
+        fold_map: Option<FoldMap>,
+        fold_window_ns: u64,
+        folded_at_start: u64,
+    ) -> Self {
+        let mut folds = Folds::new(fold_window_ns);
+        if let Some(map) = &fold_map {
+            folds.baseline(&fold_entries(map).entries);
+        }
+        Self {
+            policies: [None, None],
+            hierarchy,
+            cgroup_paths: HashMap::new(),
+            enricher: Enricher::new(),
+            fold_map,
+            folds,
+            folded_seen: 0,
+            accounting: Accounting::new(folded_at_start),
+            output: Output::default(),
+        }
+    }
+
+    /// Where every attempt went, so far.
+    #[must_use]
+    pub fn accounting(&self) -> &Accounting {
+        &self.accounting
+    }
+
+    /// The policy `generation` is of, to name its rules.
+    pub fn set_policy(&mut self, generation: u32, policy: Policy) {
+        self.policies[usize::from(generation != 0)] = Some(policy);
+    }
+
+    fn rule_name(&self, generation: u8, rule: u32) -> Cow<'_, str> {
+        match &self.policies[usize::from(generation != 0)] {
+            Some(policy) => Cow::Borrowed(policy.rule_name(rule)),
+            None if rule == RULE_DEFAULT => Cow::Borrowed("default"),
+            // Judged before this agent started, by a policy it never saw.
+            None => Cow::Owned(format!("rule {rule} of an earlier policy")),
+        }
+    }
+
+    /// Warns of repeats found evicted unreported since the last warning.
+    pub fn warn_of_new_unreported(&mut self) {
+        if let Some(new) = self.accounting.newly_unreported() {
+            warn!(
+                repeats_unreported = self.accounting.unreported(),
+                "{new} repeats the kernel counted will never be reported: their fold entry was \
+                 evicted first (more distinct attempts repeated within one window than the map \
+                 holds, {FOLDS_MAX_ENTRIES}), or they were made as the agent started; verdicts \
+                 stood"
+            );
+        }
+    }
+
+    /// Reports everything in the ring; returns how many events that was.
+    pub fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> u64 {
+        let before = self.accounting.reported();
+        while !self.drain(ring) {}
+        self.accounting.reported() - before
+    }
+
+    /// Reports the records in the ring, at most [`DRAIN_BATCH_RECORDS`], then flushes stdout
+    /// once. Returns whether the ring is now empty.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+        let offset = clock_offset();
+        self.enricher.allow_lookups_for(LOOKUP_BUDGET);
+        let mut empty = false;
+        for _ in 0..DRAIN_BATCH_RECORDS {
+            let Some(item) = ring.next() else {
+                empty = true;
+                break;
+            };
+            let event = match events::decode(&item) {
+                Ok(event) => event,
+                Err(err) => {
+                    warn!("dropping a malformed event: {err}");
+                    continue;
+                }
+            };
+            drop(item);
+            let raw = &event.raw;
+            let cgroup = self.cgroup_path(raw.cgroup_id);
+            let rule = self.rule_name(raw.generation, raw.rule);
+            let mut record = Record::new(&event, offset, cgroup, &rule);
+            record.enrich(&mut self.enricher, raw.boot_ns);
+            self.output.emit(&record);
+            self.accounting.reported_one();
+            if self.fold_map.is_some() {
+                self.folds.first(FoldKey::of(raw), record);
+                // The first attempts of bursts are remembered until the kernel forgets the
+                // bursts: walk its entries (which prunes the others) before more pile up than
+                // it holds.
+                if self.folds.len() > FOLDS_MAX_ENTRIES as usize + FOLDS_PRUNE_SLACK {
+                    self.report_folds(None, false);
+                }
+            }
+        }
+        self.output.flush();
+        empty
+    }
+
+    /// Reports what the current policies judged before a generation slot is reused (events
+    /// and repeats name their rule by its number in its generation): what is in the ring (one
+    /// batch holds all of it, so this needs no loop), and every repeat counted so far.
+    pub fn before_switch(&mut self, ring: &mut RingBuf<MapData>) {
+        let _ = self.drain(ring);
+        self.report_folds(None, true);
+    }
+
+    /// Reports the repeats the kernel folded whose window has closed (all of them when
+    /// `all`). `folded_total`, the kernel's counter, spares the walk when nothing was folded
+    /// since the last one and nothing was left waiting.
+    pub fn report_folds(&mut self, folded_total: Option<u64>, all: bool) {
+        let Some(map) = &self.fold_map else {
+            return;
+        };
+        if !all && folded_total == Some(self.folded_seen) && !self.folds.pending() {
+            return;
+        }
+        if let Some(total) = folded_total {
+            self.folded_seen = total;
+        }
+        let walk = fold_entries(map);
+        let due = self.folds.collect(&walk, boot_time_ns(), all);
+        self.emit_aggregates(due);
+        if let (Some(total), Some(pending)) = (folded_total, self.folds.pending_repeats()) {
+            self.accounting.after_walk(total, pending);
+        }
+    }
+
+    /// Reports the repeats of `generation`, which the policy switched away from (they are
+    /// final now), and deletes its entries from the kernel's map: when a later policy reuses
+    /// the slot, its attempts open bursts of their own, reported at once and named by its
+    /// rules, instead of adding to an earlier policy's.
+    pub fn retire(&mut self, generation: u32) {
+        let Some(map) = &mut self.fold_map else {
+            return;
+        };
+        let retired: Vec<_> = fold_entries(map)
+            .entries
+            .into_iter()
+            .filter(|(key, _)| u32::from(key.generation) == generation)
+            .collect();
+        for (key, _) in &retired {
+            delete_fold(map, key);
+        }
+        let due = self.folds.retire(&retired);
+        self.emit_aggregates(due);
+    }
+
+    /// Stopping: reports what is left (every event in the ring, every repeat counted so far)
+    /// and settles the accounting with the kernel's final total of folded repeats.
+    pub fn finish(&mut self, ring: &mut RingBuf<MapData>, folded_total: Option<u64>) {
+        let _ = self.drain_all(ring);
+        self.report_folds(None, true);
+        if let Some(total) = folded_total {
+            self.accounting.at_stop(total);
+            self.warn_of_new_unreported();
+        }
+    }
+
+    /// Reports each aggregate as one line.
+    fn emit_aggregates(&mut self, due: Vec<Aggregate<Record>>) {
+        if due.is_empty() {
+            return;
+        }
+        let offset = clock_offset();
+        for aggregate in due {
+            let Some(first) = aggregate
+                .first
+                .or_else(|| self.repeats_without_first(&aggregate.key, offset))
+            else {
+                continue;
+            };
+            self.accounting.aggregated(aggregate.repeats);
+            self.output.emit(&first.aggregate(
+                aggregate.repeats,
+                aggregate.window_start_ns,
+                aggregate.last_ns,
+                offset,
+            ));
+        }
+        self.output.flush();
+    }
+
+    /// What the repeats of `key` share, when the agent never saw the burst's first attempt.
+    fn repeats_without_first(&mut self, key: &FoldKey, offset: i128) -> Option<Record> {
+        let cgroup = self.cgroup_path(key.cgroup_id);
+        let rule = self.rule_name(key.generation, key.rule).into_owned();
+        match Record::of_repeats(key, offset, cgroup, &rule) {
+            Ok(mut record) => {
+                record.enrich(&mut self.enricher, 0);
+                Some(record)
+            }
+            Err(err) => {
+                warn!("dropping the repeats of a malformed attempt: {err}");
+                None
+            }
+        }
+    }
+
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        if self.cgroup_paths.len() >= CGROUP_CACHE_ENTRIES {
+            self.cgroup_paths.clear();
+        }
+        self.cgroup_paths
+            .entry(id)
+            .or_insert_with(|| self.hierarchy.path_of(id))
+            .clone()
+    }
+}
+
+/// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).
+fn clock_offset() -> i128 {
+    boot_to_unix_ns().unwrap_or_else(|err| {
+        warn!("cannot read the clocks ({err}): event times are since boot");
+        0
+    })
+}
+
+/// Deletes the fold entry of `key`; gone already (evicted) is as good as deleted.
+pub fn delete_fold(map: &mut FoldMap, key: &FoldKey) {
+    if let Err(err) = map.remove(key)
+        && !matches!(err, MapError::KeyNotFound)
+    {
+        warn!("cannot delete a fold entry: {err}");
+    }
+}
+
+/// A walk over the kernel's fold entries (see [`Walk`]).
+#[must_use]
+pub fn fold_entries(map: &FoldMap) -> Walk<FoldKey, FoldValue> {
+    Walk::new(map.iter(), 2 * FOLDS_MAX_ENTRIES as usize)
+}
