@@ -21,12 +21,14 @@ fn main() -> ExitCode {
         Command::Explain(args) => imds_guard::commands::explain(args),
         Command::Detach(args) => imds_guard::commands::detach(args),
         Command::Report(args) => imds_guard::commands::report(args),
-        Command::Status(args) => match imds_guard::commands::status(args) {
-            Ok(true) => Ok(()),
-            // Like `systemctl status`: 3 when the service is not doing its job.
-            Ok(false) => return ExitCode::from(3),
-            Err(err) => Err(err),
-        },
+        Command::Status(args) => {
+            if imds_guard::commands::status(args) {
+                Ok(())
+            } else {
+                // Like `systemctl status`: 3 when the service is not doing its job.
+                return ExitCode::from(3);
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -485,8 +485,8 @@ fn switch_enforcement_off(agent: &Agent, args: &[&str]) {
         .expect("links")
         .flatten()
     {
-        if let Ok(Some(link)) = imds_guard::kernel::pins::open_pinned(&entry.path()) {
-            imds_guard::kernel::pins::link_detach(link.as_fd_borrowed()).expect("detach");
+        if let Ok(Some(link)) = imds_guard::kernel::sys::open_pinned(&entry.path()) {
+            imds_guard::kernel::sys::link_detach(link.as_fd_borrowed()).expect("detach");
         }
     }
     eprintln!("IMDS_GUARD_TEST_AGENT_OFF: the agent runs, its programs are detached");

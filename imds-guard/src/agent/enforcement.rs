@@ -25,7 +25,7 @@ use crate::{
 /// The running agent's enforcement: the kernel side, the policy compiled for the cgroups that
 /// exist, and what it needs to follow the cgroup tree and re-read its settings. A policy
 /// switch goes through `serve::Running::switch_policy`, which reports what the old policy
-/// judged first: [`Enforcement::switch`] is only ever called from there.
+/// judged first: `Enforcement::switch` is only ever called from there.
 pub struct Enforcement<'a> {
     args: &'a RunArgs,
     /// Where the programs are attached, as set: a reload cannot move them.

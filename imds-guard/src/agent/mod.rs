@@ -19,7 +19,7 @@ use self::{
 use crate::{
     cli::RunArgs,
     config::Config,
-    error::{Error, Result},
+    error::{CgroupError, Result},
     events::reporter::{FoldMap, Reporter, delete_fold, fold_entries},
     host::{
         cgroups::{Cgroup, Hierarchy},
@@ -29,6 +29,25 @@ use crate::{
     kernel::{self, Kernel, pins::PinDir},
     policy::{Policy, compile::Compiled},
 };
+
+/// What went wrong setting up the agent process itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The async runtime or signal handlers could not be set up.
+    #[error("setting up the runtime failed: {source}")]
+    Runtime {
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// Everything checked and taken before anything changes on the host.
 struct Prepared {
@@ -48,8 +67,8 @@ struct Prepared {
 /// missing capabilities or kernel features fail here with nothing changed on the host.
 ///
 /// # Errors
-/// Any [`Error`]; when it happens after attaching, the programs stay attached (enforcement
-/// outlives the agent), with the policy last put in force.
+/// Any [`crate::error::Error`]; when it happens after attaching, the programs stay attached
+/// (enforcement outlives the agent), with the policy last put in force.
 pub fn run(args: &RunArgs) -> Result<()> {
     let mut prepared = prepare(args)?;
     let fold_window_ns = u64::from(args.aggregate_window) * 1_000_000_000;
@@ -78,7 +97,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| Error::Runtime { source })?;
+        .map_err(|source| AgentError::Runtime { source })?;
     let running = Running {
         enforcement,
         reporter,
@@ -106,7 +125,7 @@ fn prepare(args: &RunArgs) -> Result<Prepared> {
     let pins = PinDir::new(&args.pin_dir);
     pins.prepare()?;
     pins.check_takeover(&attach, &hierarchy)?;
-    let watcher = Watcher::new().map_err(|source| Error::WatchCgroups { source })?;
+    let watcher = Watcher::new().map_err(|source| CgroupError::Watch { source })?;
     Ok(Prepared {
         config,
         hierarchy,

@@ -1,6 +1,6 @@
 //! The running agent: events reported and the cgroup tree followed until a signal, a reload
 //! on SIGHUP, the metrics on request. Every policy switch (a reload, a rewrite after a failed
-//! update) goes through [`Running::switch_policy`], which keeps the one order that is safe:
+//! update) goes through `Running::switch_policy`, which keeps the one order that is safe:
 //! report what the old policy judged, switch, retire the old generation's repeats.
 
 use aya::maps::{MapData, RingBuf};
@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::{enforcement::Enforcement, metrics};
 use crate::{
-    error::{Error, Result},
+    error::{AgentError, CgroupError, Error, EventsError, Result},
     events::reporter::Reporter,
     host::{follow::Watcher, pidfile::PidFile},
     policy::Policy,
@@ -115,8 +115,8 @@ pub async fn serve(
         tokio::spawn(metrics::serve(listener, scrape_sender));
     }
     let mut signals = Signals::new()?;
-    let mut ring = pollable(events, |source| Error::Events { source })?;
-    let mut watcher = pollable(watcher, |source| Error::WatchCgroups { source })?;
+    let mut ring = pollable(events, |source| EventsError::Ring { source }.into())?;
+    let mut watcher = pollable(watcher, |source| CgroupError::Watch { source }.into())?;
     running.enforcement.record(true);
     // SIGHUP is handled from here on: `imds-guard reload` may find us now.
     pid_file.publish()?;
@@ -141,7 +141,7 @@ pub async fn serve(
                 changes.map(|changes| running.enforcement.follow(guard.get_inner_mut(), &changes))
             }) {
                 Ok(Ok(rescan)) => Wake::Cgroups(rescan),
-                Ok(Err(source)) | Err(source) => break Err(Error::WatchCgroups { source }),
+                Ok(Err(source)) | Err(source) => break Err(CgroupError::Watch { source }.into()),
             },
             ready = ring.readable_mut() => match ready {
                 Ok(mut guard) => {
@@ -155,7 +155,7 @@ pub async fn serve(
                     }
                     Wake::Events
                 }
-                Err(source) => break Err(Error::Events { source }),
+                Err(source) => break Err(Error::from(EventsError::Ring { source })),
             },
         };
         if let Wake::Stop(signal) = wake {
@@ -206,7 +206,7 @@ struct Signals {
 
 impl Signals {
     fn new() -> Result<Self> {
-        let listen = |kind| signal(kind).map_err(|source| Error::Runtime { source });
+        let listen = |kind| signal(kind).map_err(|source| AgentError::Runtime { source });
         Ok(Self {
             term: listen(SignalKind::terminate())?,
             int: listen(SignalKind::interrupt())?,

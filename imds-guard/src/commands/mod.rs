@@ -4,13 +4,7 @@
 pub mod report;
 pub mod status;
 
-use std::{
-    collections::BTreeSet,
-    ffi::OsString,
-    fmt::Write as _,
-    fs,
-    os::unix::{ffi::OsStringExt as _, fs::MetadataExt as _},
-};
+use std::{collections::BTreeSet, fmt::Write as _, fs, os::unix::fs::MetadataExt as _};
 
 use clap::Parser as _;
 use imds_guard_common::{
@@ -28,10 +22,11 @@ use crate::{
         ReportFormat, StatusArgs,
     },
     config::{Config, Containers, Mode, Overrides, Principal},
-    error::{Error, Result},
-    host::cgroups::{self, Cgroup, Hierarchy},
+    error::{ConfigError, PidFileError, ProcError, Result},
+    host::cgroups::{Cgroup, Hierarchy},
     host::follow,
     host::pidfile,
+    host::procfs,
     host::workload,
     kernel::pins::PinDir,
     policy::compile::{self, CgroupDir, Compiled},
@@ -45,18 +40,10 @@ const LISTED_CGROUPS_PER_RULE: usize = 20;
 /// command line) and, when it is valid, sends the agent SIGHUP.
 ///
 /// # Errors
-/// [`Error::NotRunning`], the config's error (nothing is sent), or [`Error::Signal`].
+/// [`PidFileError::NotRunning`], the config's error (nothing is sent), or [`PidFileError::Signal`].
 pub fn reload(args: &ReloadArgs) -> Result<()> {
     let pid = pidfile::running_agent(&args.pid_file)?;
-    let cmdline =
-        fs::read(format!("/proc/{pid}/cmdline")).map_err(|source| Error::InspectProcess {
-            pid: pid.unsigned_abs(),
-            source,
-        })?;
-    let agent_args = cmdline
-        .split(|&byte| byte == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(|arg| OsString::from_vec(arg.to_vec()));
+    let agent_args = procfs::args(pid.unsigned_abs())?;
     let config_file = match Cli::try_parse_from(agent_args) {
         Ok(Cli {
             command: Command::Run(run),
@@ -69,13 +56,15 @@ pub fn reload(args: &ReloadArgs) -> Result<()> {
             )
         }
         _ => {
-            return Err(Error::NotRunning {
+            return Err(PidFileError::NotRunning {
                 path: args.pid_file.clone(),
                 why: format!("pid {pid} is not an `imds-guard run` process"),
-            });
+            }
+            .into());
         }
     };
-    kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|source| Error::Signal { pid, source })?;
+    kill(Pid::from_raw(pid), Signal::SIGHUP)
+        .map_err(|source| PidFileError::Signal { pid, source })?;
     println!(
         "imds-guard (pid {pid}) is re-reading {config_file}; its log says when it is in force"
     );
@@ -284,36 +273,22 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
 
 fn workload(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
     if let Some(pid) = args.pid {
-        let inspect = |source| Error::InspectProcess { pid, source };
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(inspect)?;
-        // The kernel's helper gives the real ids: the first of the four on these lines.
-        let real = |key: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(key))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|id| id.parse::<u32>().ok())
-        };
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let (uid, gid) = procfs::real_ids(pid)?;
         // As the kernel tells (see the programs' `task::current_kind`): a namespace that is not
         // the initial one, by its inode number.
-        let namespace = |kind: &str| {
-            fs::metadata(format!("/proc/{pid}/ns/{kind}"))
-                .map(|metadata| metadata.ino())
-                .map_err(inspect)
-        };
-        let namespaced = if namespace("pid")? != u64::from(INIT_PID_NS_INO) {
+        let namespaced = if procfs::namespace(pid, "pid")? != u64::from(INIT_PID_NS_INO) {
             Some("its pid namespace is not the host's")
-        } else if namespace("cgroup")? != u64::from(INIT_CGROUP_NS_INO) {
+        } else if procfs::namespace(pid, "cgroup")? != u64::from(INIT_CGROUP_NS_INO) {
             Some("its cgroup namespace is not the host's")
         } else {
             None
         };
+        let cgroup = procfs::cgroup(pid).map_err(|source| ProcError::Process { pid, source })?;
         return Ok(Workload {
-            label: Some(format!("pid {pid} ({})", comm.trim())),
-            uid: real("Uid:"),
-            gid: real("Gid:"),
-            cgroup: cgroups::cgroup_of_pid(pid).map_err(inspect)?,
+            label: Some(format!("pid {pid} ({})", procfs::comm(pid))),
+            uid,
+            gid,
+            cgroup,
             namespaced,
         });
     }
@@ -333,10 +308,11 @@ fn workload(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
             Principal::Name(name) => match User::from_name(&name) {
                 Ok(Some(user)) => (Some(user.uid.as_raw()), Some(user.gid.as_raw())),
                 _ => {
-                    return Err(Error::InvalidSetting {
+                    return Err(ConfigError::Invalid {
                         origin: "--uid".into(),
                         message: format!("unknown user {name:?}: not in the user database"),
-                    });
+                    }
+                    .into());
                 }
             },
         },
@@ -526,36 +502,39 @@ fn dir_id(hierarchy: &Hierarchy, path: &str) -> u64 {
     fs::metadata(hierarchy.dir_of(path)).map_or(0, |metadata| metadata.ino())
 }
 
+/// Prints `value` as indented JSON.
+fn print_json(value: &impl serde::Serialize) {
+    // Only a map with keys that are not strings, or a `Serialize` that fails, can fail to
+    // serialise: these types have neither.
+    let text = serde_json::to_string_pretty(value).expect("plain structs, string keys");
+    println!("{text}");
+}
+
 /// `imds-guard status`: prints the status; returns whether enforcement is in force.
-///
-/// # Errors
-/// When the status cannot be written out as JSON.
-pub fn status(args: &StatusArgs) -> Result<bool> {
+#[must_use]
+pub fn status(args: &StatusArgs) -> bool {
     let hierarchy = Hierarchy::discover().ok();
     let status = status::read(&args.pin_dir, &args.pid_file, hierarchy.as_ref());
     if args.json {
-        let text = serde_json::to_string_pretty(&status).map_err(|err| Error::InvalidSetting {
-            origin: "--json".into(),
-            message: err.to_string(),
-        })?;
-        println!("{text}");
+        print_json(&status);
     } else {
         print!("{}", status::describe(&status));
     }
-    Ok(status.enforcing)
+    status.enforcing
 }
 
 /// `imds-guard detach`: detaches every pinned link and removes the pins.
 ///
 /// # Errors
-/// [`Error::AlreadyRunning`] while an agent runs (it would put enforcement back), or the
+/// [`PidFileError::AlreadyRunning`] while an agent runs (it would put enforcement back), or the
 /// first pin that could not be removed.
 pub fn detach(args: &DetachArgs) -> Result<()> {
     if let Ok(pid) = pidfile::running_agent(&args.pid_file) {
-        return Err(Error::AlreadyRunning {
+        return Err(PidFileError::AlreadyRunning {
             path: args.pid_file.clone(),
             pid: format!("{pid}; stop it first, e.g. `systemctl stop imds-guard`"),
-        });
+        }
+        .into());
     }
     let pins = PinDir::new(&args.pin_dir);
     if !pins.root().exists() {
@@ -581,7 +560,7 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
 /// `imds-guard report`: who touched IMDS, or (`--suggest-policy`) a policy for them.
 ///
 /// # Errors
-/// [`Error::Report`] for an unreadable file or a line that is not an event.
+/// [`crate::error::EventsError::Stream`] for an unreadable file or a line that is not an event.
 pub fn report(args: &ReportArgs) -> Result<()> {
     let (input, source) = crate::commands::report::open(args.file.as_deref())?;
     let workloads = crate::commands::report::workloads(input, &source)?;
@@ -589,7 +568,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         // The audited policy must be valid: the suggestion builds on it.
         let config = Config::load(args.config.as_deref(), &Overrides::default())?;
         let text = match &config.file {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
                 source,
             })?,
@@ -604,11 +583,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             crate::commands::report::suggest_policy(&workloads, base.as_ref())?
         );
     } else if args.format == ReportFormat::Json {
-        let text = serde_json::to_string_pretty(&workloads).map_err(|err| Error::Report {
-            at: source,
-            message: err.to_string(),
-        })?;
-        println!("{text}");
+        print_json(&workloads);
     } else {
         print!("{}", crate::commands::report::table(&workloads));
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Containers,
-    error::{Error, Result},
+    error::{EventsError, Result},
     host::workload::{self, Container, Placement},
 };
 
@@ -141,11 +141,11 @@ fn push_new(list: &mut Vec<String>, item: Option<String>) {
 /// their `count`.
 ///
 /// # Errors
-/// [`Error::Report`] naming the line that is an unreadable event.
+/// [`EventsError::Stream`] naming the line that is an unreadable event.
 pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
     let mut by_key: BTreeMap<(Option<String>, u32), Workload> = BTreeMap::new();
     let mut add = |number: usize, text: &[u8]| -> Result<()> {
-        let line: Line = serde_json::from_slice(text).map_err(|err| Error::Report {
+        let line: Line = serde_json::from_slice(text).map_err(|err| EventsError::Stream {
             at: format!("{source}:{number}"),
             message: format!("not an imds-guard event: {err}"),
         })?;
@@ -192,7 +192,7 @@ fn for_each_event(
     source: &str,
     event: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let read_error = |number: usize, err: io::Error| Error::Report {
+    let read_error = |number: usize, err: io::Error| EventsError::Stream {
         at: format!("{source}:{number}"),
         message: err.to_string(),
     };
@@ -333,14 +333,13 @@ pub struct Base<'a> {
     pub text: &'a str,
 }
 
-/// A config that keeps the policy the audit ran with (`base`, or the default policy's rule,
-/// uid 0 anywhere) and adds rules that would let through exactly the workloads audit mode let
-/// through and reported: one per identity (its system manager's unit, else its cgroup path, else nothing
-/// more) and uid, with comments saying what was seen; in enforce mode. Denied workloads get no
-/// rule.
+/// A config that keeps the policy the audit ran with (`base`, or the default policy's rule, uid 0
+/// anywhere) and adds rules that would let through exactly the workloads audit mode let through and
+/// reported: one per identity (its system manager's unit, else its cgroup path, else nothing more)
+/// and uid, with comments saying what was seen; in enforce mode. Denied workloads get no rule.
 ///
 /// # Errors
-/// [`Error::Report`] when `base` is not valid TOML.
+/// [`EventsError::Stream`] when `base` is not valid TOML.
 pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result<String> {
     let mut rules: BTreeMap<(Identity, u32), Vec<&Workload>> = BTreeMap::new();
     for w in workloads.iter().filter(|w| w.audited > 0) {
@@ -376,7 +375,7 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
     match base {
         Some(base) => {
             let mut document: toml_edit::DocumentMut =
-                base.text.parse().map_err(|err| Error::Report {
+                base.text.parse().map_err(|err| EventsError::Stream {
                     at: base.path.to_owned(),
                     message: format!("not a config: {err}"),
                 })?;
@@ -478,7 +477,7 @@ fn toml_string(text: &str) -> String {
 /// Reads `path` (`-` or none: stdin).
 ///
 /// # Errors
-/// [`Error::Report`] when the file cannot be opened.
+/// [`EventsError::Stream`] when the file cannot be opened.
 pub fn open(path: Option<&std::path::Path>) -> Result<(Box<dyn BufRead>, String)> {
     match path {
         None => Ok((Box::new(io::BufReader::new(io::stdin())), "<stdin>".into())),
@@ -486,7 +485,7 @@ pub fn open(path: Option<&std::path::Path>) -> Result<(Box<dyn BufRead>, String)
             Ok((Box::new(io::BufReader::new(io::stdin())), "<stdin>".into()))
         }
         Some(path) => {
-            let file = std::fs::File::open(path).map_err(|err| Error::Report {
+            let file = std::fs::File::open(path).map_err(|err| EventsError::Stream {
                 at: path.display().to_string(),
                 message: err.to_string(),
             })?;

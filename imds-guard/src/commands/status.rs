@@ -13,7 +13,7 @@ use crate::{
     host::cgroups::Hierarchy,
     host::pidfile,
     kernel::pins::{self, PinDir, ProgramState},
-    kernel::{Counters, PROGRAMS, maps},
+    kernel::{Counters, PROGRAMS, maps, sys},
 };
 
 /// Everything `status` reports.
@@ -105,15 +105,16 @@ pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> S
     let programs: Vec<Hook> = PROGRAMS
         .iter()
         .map(|&hook| {
-            let link = pins::open_pinned(&pins.link(hook)).ok().flatten();
-            let state = link.and_then(|link| pins::link_info(link.as_fd_borrowed()).ok());
+            let link = sys::open_pinned(&pins.link(hook)).ok().flatten();
+            let state = link.and_then(|link| sys::link_info(link.as_fd_borrowed()).ok());
             Hook {
                 hook,
                 attached: state.is_some_and(|state| state.cgroup_id != 0),
                 defunct: state.is_some_and(|state| state.cgroup_id == 0),
                 cgroup_id: state.map(|state| state.cgroup_id),
                 cgroup: state.and_then(|state| hierarchy?.path_of(state.cgroup_id)),
-                program: state.and_then(|state| pins::program_state(state.program_id).ok()),
+                program: state
+                    .and_then(|state| pins::program_state(state.program_id).ok().flatten()),
             }
         })
         .collect();

@@ -17,10 +17,43 @@ use toml::Spanned;
 
 pub mod glob;
 
-use crate::error::{Error, Origin, Result};
+use crate::error::Origin;
 
 /// Where the agent looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imds-guard/imds-guard.toml";
+
+/// What is wrong with the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{}: cannot read the config file: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key or a value of the wrong type.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the parser said.
+        message: String,
+    },
+    /// A setting (in the file or on the command line) has a value that cannot work.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// Option or file position.
+        origin: Origin,
+        /// What is wrong, with the value.
+        message: String,
+    },
+}
 
 /// What happens to an attempt no rule allows.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -394,14 +427,14 @@ impl Config {
     /// Reads `file` (or [`DEFAULT_CONFIG_PATH`] when it exists) and applies `overrides`.
     ///
     /// # Errors
-    /// [`Error::ReadConfig`] when an explicit file cannot be read, [`Error::ParseConfig`] for
-    /// malformed TOML, unknown keys or wrong types, [`Error::InvalidSetting`] for bad values.
-    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self> {
+    /// [`ConfigError::Read`] when an explicit file cannot be read, [`ConfigError::Parse`] for
+    /// malformed TOML, unknown keys or wrong types, [`ConfigError::Invalid`] for bad values.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let (path, text) = match file {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(text) => (Some(path.to_owned()), text),
                 Err(source) => {
-                    return Err(Error::ReadConfig {
+                    return Err(ConfigError::Read {
                         path: path.to_owned(),
                         source,
                     });
@@ -413,7 +446,7 @@ impl Config {
                     (None, String::new())
                 }
                 Err(source) => {
-                    return Err(Error::ReadConfig {
+                    return Err(ConfigError::Read {
                         path: PathBuf::from(DEFAULT_CONFIG_PATH),
                         source,
                     });
@@ -427,13 +460,17 @@ impl Config {
     ///
     /// # Errors
     /// As for [`Config::load`].
-    pub fn from_toml(file: Option<&Path>, text: &str, overrides: &Overrides) -> Result<Self> {
+    pub fn from_toml(
+        file: Option<&Path>,
+        text: &str,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
         let display_path = file.map_or_else(|| PathBuf::from("<config>"), Path::to_owned);
         let mut raw: RawConfig = toml::from_str(text).map_err(|err| {
             let (line, column) = err
                 .span()
                 .map_or((1, 1), |span| line_column(text, span.start));
-            Error::ParseConfig {
+            ConfigError::Parse {
                 path: display_path.clone(),
                 line,
                 column,
@@ -469,7 +506,7 @@ impl Config {
         let mut protect = Vec::new();
         if let Some(entries) = raw.protect {
             if entries.is_empty() {
-                return Err(Error::InvalidSetting {
+                return Err(ConfigError::Invalid {
                     origin: format!("{}: protect", display_path.display()),
                     message: "protect is empty: nothing would be protected \
                               (remove the key to protect the IMDS addresses)"
@@ -479,7 +516,7 @@ impl Config {
             for entry in entries {
                 let origin = at(entry.span());
                 let addresses =
-                    protect_entry(entry.get_ref()).map_err(|message| Error::InvalidSetting {
+                    protect_entry(entry.get_ref()).map_err(|message| ConfigError::Invalid {
                         origin: origin.clone(),
                         message,
                     })?;
@@ -536,10 +573,10 @@ fn add_unique_in_file(
     protect: &mut Vec<Setting<IpAddr>>,
     addresses: Vec<IpAddr>,
     origin: &Origin,
-) -> Result<()> {
+) -> Result<(), ConfigError> {
     for address in addresses {
         if let Some(earlier) = protect.iter().find(|setting| setting.value == address) {
-            return Err(Error::InvalidSetting {
+            return Err(ConfigError::Invalid {
                 origin: origin.clone(),
                 message: format!("{address} is already protected by {}", earlier.origin),
             });
@@ -558,7 +595,7 @@ fn rules(
     raw: &mut RawConfig,
     overrides: &Overrides,
     at: &impl Fn(Range<usize>) -> String,
-) -> Result<Vec<Rule>> {
+) -> Result<Vec<Rule>, ConfigError> {
     // The default rule (uid 0) stands only where no rule is written anywhere: one in the file
     // or on the command line replaces it, so `--allow-uid 4242` alone means 4242 only.
     let defines_rules = raw.allow_uid.is_some()
@@ -601,7 +638,7 @@ fn rules(
                 .iter()
                 .find(|other: &&Rule| other.name.as_ref() == Some(name))
         {
-            return Err(Error::InvalidSetting {
+            return Err(ConfigError::Invalid {
                 origin: rule.origin,
                 message: format!(
                     "duplicate rule name {name:?}: the rule at {} has it",
@@ -639,8 +676,8 @@ fn rule_from_table(
     raw: RawRule,
     origin: Origin,
     at: &impl Fn(Range<usize>) -> String,
-) -> Result<Rule> {
-    let invalid = |origin: String, message: String| Error::InvalidSetting { origin, message };
+) -> Result<Rule, ConfigError> {
+    let invalid = |origin: String, message: String| ConfigError::Invalid { origin, message };
     let name = match raw.name {
         Some(name) => {
             let name_origin = at(name.span());
@@ -791,13 +828,13 @@ mod tests {
     use super::*;
     use crate::{host::cgroups::Hierarchy, policy::Policy};
 
-    fn parse(text: &str) -> Result<Config> {
+    fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(Some(Path::new("/etc/g.toml")), text, &Overrides::default())
     }
 
     /// Config and policy resolution, as `check-config` does them, against a fake cgroup2 mount
     /// holding `/exists`.
-    fn check(text: &str) -> Result<Policy> {
+    fn check(text: &str) -> crate::error::Result<Policy> {
         let mount = tempfile::tempdir().unwrap();
         std::fs::create_dir(mount.path().join("exists")).unwrap();
         let hierarchy = Hierarchy::at(mount.path().to_owned());

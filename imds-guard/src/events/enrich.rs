@@ -10,12 +10,11 @@
 use std::{
     collections::HashMap,
     fs,
-    io::Read as _,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
 
-use crate::host::mounts::{self, Mount};
+use crate::host::procfs::{self, Mount};
 
 /// Bytes of a command line kept; longer ones end with `…`.
 pub const CMDLINE_MAX_BYTES: usize = 1024;
@@ -129,7 +128,7 @@ impl Enricher {
             .unwrap_or(100);
         Self {
             tick_ns: 1_000_000_000 / ticks_per_second,
-            mounts: mounts::read(),
+            mounts: procfs::mounts().unwrap_or_default(),
             mounts_read_ns: crate::host::clock::boot_time_ns(),
             ..Self::default()
         }
@@ -174,7 +173,7 @@ impl Enricher {
         {
             return made_it(seen.started).then(|| (seen.process.clone(), seen.exe_file));
         }
-        let started = start_ticks(tgid)?;
+        let started = procfs::start_ticks(tgid)?;
         if !made_it(started) {
             return None;
         }
@@ -189,7 +188,7 @@ impl Enricher {
         let (process, exe_file) = if let Some(known) = known {
             known
         } else {
-            let link = format!("/proc/{tgid}/exe");
+            let link = procfs::exe(tgid);
             let process = Process {
                 exe: fs::read_link(&link)
                     .ok()
@@ -201,7 +200,7 @@ impl Enricher {
                 .map(|metadata| FileId::of(&metadata));
             // Read after the start time: if the process ended and its id was reused in
             // between, the start time no longer matches and what was read is another's.
-            if start_ticks(tgid) != Some(started) {
+            if procfs::start_ticks(tgid) != Some(started) {
                 return None;
             }
             (process, exe_file)
@@ -226,11 +225,11 @@ impl Enricher {
             return exe.on_fs.clone();
         }
         let now = crate::host::clock::boot_time_ns();
-        let mut found = mounts::locate(&self.mounts, exe.dev, &exe.on_fs);
+        let mut found = procfs::locate(&self.mounts, exe.dev, &exe.on_fs);
         if found.is_none() && now.saturating_sub(self.mounts_read_ns) >= MOUNTS_REREAD_NS {
-            self.mounts = mounts::read();
+            self.mounts = procfs::mounts().unwrap_or_default();
             self.mounts_read_ns = now;
-            found = mounts::locate(&self.mounts, exe.dev, &exe.on_fs);
+            found = procfs::locate(&self.mounts, exe.dev, &exe.on_fs);
         }
         // Not mounted where the agent runs (a private mount namespace's file system): the path
         // is only the file's on that file system, and says so.
@@ -318,25 +317,8 @@ impl Name {
     }
 }
 
-/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
-fn start_ticks(tgid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{tgid}/stat")).ok()?;
-    parse_start_ticks(&stat)
-}
-
-fn parse_start_ticks(stat: &str) -> Option<u64> {
-    // The name (field 2) is in parentheses and may hold spaces and parentheses itself.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // Field 3 is the first after the name; field 22 is the 20th.
-    after_name.split_whitespace().nth(19)?.parse().ok()
-}
-
 fn cmdline(tgid: u32) -> Option<String> {
-    let file = fs::File::open(format!("/proc/{tgid}/cmdline")).ok()?;
-    let mut bytes = Vec::with_capacity(256);
-    file.take(CMDLINE_MAX_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
+    let bytes = procfs::cmdline_bytes(tgid, CMDLINE_MAX_BYTES)?;
     // Kernel threads and zombies have none.
     if bytes.is_empty() {
         return None;
@@ -364,14 +346,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn start_time_after_a_name_with_spaces_and_parentheses() {
-        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
-                    987654 1000 10 18446744073709551615";
-        assert_eq!(parse_start_ticks(stat), Some(987_654));
-        assert_eq!(parse_start_ticks("4242 (x) S 1"), None);
-    }
-
-    #[test]
     fn command_lines_are_joined_and_bounded() {
         assert_eq!(
             render_cmdline(b"curl\0-s\0http://x/\0"),
@@ -388,7 +362,7 @@ mod tests {
         let metadata = fs::metadata(path).unwrap();
         let file = FileId::of(&metadata);
         // This file's own file system: the path below the mount that shows it.
-        let mounts = mounts::read();
+        let mounts = procfs::mounts().unwrap();
         let mount = (mounts.iter())
             .filter(|m| m.dev == file.dev && path.starts_with(&m.point))
             .max_by_key(|m| m.point.as_os_str().len())

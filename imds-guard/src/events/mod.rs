@@ -22,6 +22,25 @@ use crate::{
     host::workload::{self, Container, Placement},
 };
 
+/// What went wrong reading events.
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    /// The ring buffer the programs report to could not be polled.
+    #[error("reading events failed: {source}")]
+    Ring {
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An event stream (`imds-guard report`'s input) could not be read or has a bad line.
+    #[error("{at}: {message}")]
+    Stream {
+        /// The file (and line).
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
 /// Why a ring-buffer record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -201,8 +220,8 @@ pub struct Record {
     /// container sees it). `null` for a packet, a kernel thread, or when the kernel could not
     /// read it.
     pub exe: Option<String>,
-    /// Command line, arguments joined by spaces, bounded (see [`crate::events::enrich`]): only while
-    /// the process still runs the program that made the attempt.
+    /// Command line, arguments joined by spaces, bounded (see [`crate::events::enrich`]): only
+    /// while the process still runs the program that made the attempt.
     pub cmdline: Option<String>,
     /// cgroup v2 id.
     pub cgroup_id: u64,

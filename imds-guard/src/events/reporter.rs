@@ -128,7 +128,7 @@ impl Reporter {
         self.accounting.reported() - before
     }
 
-    /// Reports the records in the ring, at most [`DRAIN_BATCH_RECORDS`], then flushes stdout
+    /// Reports the records in the ring, at most `DRAIN_BATCH_RECORDS`, then flushes stdout
     /// once. Returns whether the ring is now empty.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
         let offset = clock_offset();

@@ -5,13 +5,54 @@
 use std::{
     fs,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Component, Path, PathBuf},
 };
 
-use crate::error::{Error, Origin, Result};
+use crate::{
+    error::{ConfigError, Origin, Result},
+    host::procfs::{self, Mount},
+};
+
+/// What went wrong with the cgroup hierarchy.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup v2 hierarchy is mounted.
+    #[error(
+        "no cgroup2 filesystem is mounted (none in /proc/self/mountinfo): \
+         mount one with `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
+    NoCgroup2,
+    /// A cgroup named in the settings does not exist.
+    #[error("{origin}: cgroup {given:?} does not exist (no directory {})", dir.display())]
+    NotFound {
+        /// Option or file position.
+        origin: Origin,
+        /// The value as given.
+        given: String,
+        /// The directory looked for.
+        dir: PathBuf,
+    },
+    /// A cgroup directory could not be inspected.
+    #[error("cannot inspect cgroup {}: {source}", dir.display())]
+    Inspect {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The cgroup tree cannot be watched for changes.
+    #[error(
+        "cannot watch the cgroup tree for changes (inotify): {source} (at a limit, raise \
+         sysctl fs.inotify.max_user_instances or fs.inotify.max_user_watches)"
+    )]
+    Watch {
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// The cgroup v2 hierarchy, found from `/proc/self/mountinfo`.
 #[derive(Debug)]
@@ -59,14 +100,10 @@ impl Hierarchy {
     /// Finds the cgroup2 mount of this process's mount namespace.
     ///
     /// # Errors
-    /// [`Error::ReadProc`] when mountinfo is unreadable, [`Error::NoCgroup2`] without a mount.
+    /// [`crate::error::ProcError::Read`] when mountinfo is unreadable, [`CgroupError::NoCgroup2`]
+    /// without a mount.
     pub fn discover() -> Result<Self> {
-        let mountinfo =
-            fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::ReadProc {
-                path: "/proc/self/mountinfo",
-                source,
-            })?;
-        let mount = cgroup2_mount(&mountinfo).ok_or(Error::NoCgroup2)?;
+        let mount = cgroup2_mount(&procfs::mounts()?).ok_or(CgroupError::NoCgroup2)?;
         Ok(Self::at(mount))
     }
 
@@ -87,12 +124,12 @@ impl Hierarchy {
     /// the mount, and checks that it exists.
     ///
     /// # Errors
-    /// [`Error::InvalidSetting`] for a malformed path, [`Error::CgroupNotFound`] when it does
-    /// not exist, [`Error::InspectCgroup`] when it cannot be inspected.
+    /// [`ConfigError::Invalid`] for a malformed path, [`CgroupError::NotFound`] when it does
+    /// not exist, [`CgroupError::Inspect`] when it cannot be inspected.
     pub fn resolve(&self, origin: &Origin, given: &str) -> Result<Cgroup> {
         let path = self
             .hierarchy_path(given)
-            .map_err(|message| Error::InvalidSetting {
+            .map_err(|message| ConfigError::Invalid {
                 origin: origin.clone(),
                 message,
             })?;
@@ -100,20 +137,22 @@ impl Hierarchy {
         let metadata = match fs::metadata(&dir) {
             Ok(metadata) if metadata.is_dir() => metadata,
             Ok(_) => {
-                return Err(Error::CgroupNotFound {
+                return Err(CgroupError::NotFound {
                     origin: origin.clone(),
                     given: given.to_owned(),
                     dir,
-                });
+                }
+                .into());
             }
             Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::CgroupNotFound {
+                return Err(CgroupError::NotFound {
                     origin: origin.clone(),
                     given: given.to_owned(),
                     dir,
-                });
+                }
+                .into());
             }
-            Err(source) => return Err(Error::InspectCgroup { dir, source }),
+            Err(source) => return Err(CgroupError::Inspect { dir, source }.into()),
         };
         let level = u32::try_from(path.split('/').filter(|part| !part.is_empty()).count())
             .unwrap_or(u32::MAX);
@@ -208,7 +247,7 @@ impl Hierarchy {
         }
         // SAFETY: `fd` was just returned by the kernel and is not owned elsewhere.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let dir = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let dir = procfs::fd_target(fd.as_fd())?;
         let relative = dir
             .strip_prefix(&self.mount)
             .map_err(|_| std::io::Error::other("a cgroup outside the cgroup2 mount"))?;
@@ -216,24 +255,13 @@ impl Hierarchy {
     }
 }
 
-/// The mount point of the first cgroup2 filesystem in a mountinfo text.
+/// The mount point of the first cgroup2 filesystem in a mount table.
 #[must_use]
-pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    crate::host::mounts::parse(mountinfo)
-        .into_iter()
+pub fn cgroup2_mount(mounts: &[Mount]) -> Option<PathBuf> {
+    mounts
+        .iter()
         .find(|mount| mount.fstype == "cgroup2")
-        .map(|mount| mount.point)
-}
-
-/// The hierarchy path of `pid`'s cgroup v2, from `/proc/PID/cgroup` (the `0::` line).
-///
-/// # Errors
-/// The I/O error reading the file, or `InvalidData` without a v2 entry.
-pub fn cgroup_of_pid(pid: u32) -> std::io::Result<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no cgroup v2 line"))
+        .map(|mount| mount.point.clone())
 }
 
 #[cfg(test)]
@@ -250,7 +278,7 @@ mod tests {
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {
         assert_eq!(
-            cgroup2_mount(HYBRID),
+            cgroup2_mount(&procfs::parse(HYBRID)),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
     }
@@ -258,13 +286,16 @@ mod tests {
     #[test]
     fn no_cgroup2_mount() {
         let v1_only = "27 25 0:25 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw\n";
-        assert_eq!(cgroup2_mount(v1_only), None);
+        assert_eq!(cgroup2_mount(&procfs::parse(v1_only)), None);
     }
 
     #[test]
     fn optional_fields_and_escapes() {
         let line = "30 1 0:26 / /mnt/my\\040cg rw master:1 shared:2 - cgroup2 none rw\n";
-        assert_eq!(cgroup2_mount(line), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(
+            cgroup2_mount(&procfs::parse(line)),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
     }
 
     #[test]

@@ -4,6 +4,6 @@
 pub mod cgroups;
 pub mod clock;
 pub mod follow;
-pub mod mounts;
 pub mod pidfile;
+pub mod procfs;
 pub mod workload;

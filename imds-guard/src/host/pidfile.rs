@@ -13,10 +13,49 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use crate::error::{Error, Result};
-
 /// Where the agent writes its pid when `--pid-file` is not given.
 pub const DEFAULT_PID_FILE: &str = "/run/imds-guard/imds-guard.pid";
+
+/// What went wrong finding, holding or signalling the agent through its pid file.
+#[derive(Debug, thiserror::Error)]
+pub enum PidFileError {
+    /// The pid file could not be created, locked, read or written.
+    #[error("{}: cannot use the pid file: {source}", path.display())]
+    Use {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another agent holds the pid file.
+    #[error(
+        "{}: another imds-guard agent is running (pid {pid}): stop it first, or give this one \
+         its own --pid-file",
+        path.display()
+    )]
+    AlreadyRunning {
+        /// The pid file.
+        path: PathBuf,
+        /// What the file says.
+        pid: String,
+    },
+    /// No agent holds the pid file.
+    #[error("{}: no imds-guard agent is running ({why})", path.display())]
+    NotRunning {
+        /// The pid file.
+        path: PathBuf,
+        /// What was found instead.
+        why: String,
+    },
+    /// A signal could not be sent to the agent.
+    #[error("cannot signal the imds-guard agent (pid {pid}): {source}")]
+    Signal {
+        /// The agent's pid.
+        pid: i32,
+        /// Why.
+        source: Errno,
+    },
+}
 
 /// A pid file this process holds locked; removed when dropped.
 #[derive(Debug)]
@@ -30,9 +69,10 @@ impl PidFile {
     /// the agent handles the signals that `reload` sends.
     ///
     /// # Errors
-    /// [`Error::AlreadyRunning`] when another process holds it, [`Error::PidFile`] otherwise.
-    pub fn lock(path: &Path) -> Result<Self> {
-        let io_error = |source| Error::PidFile {
+    /// [`PidFileError::AlreadyRunning`] when another process holds it, [`PidFileError::Use`]
+    /// otherwise.
+    pub fn lock(path: &Path) -> Result<Self, PidFileError> {
+        let io_error = |source| PidFileError::Use {
             path: path.to_owned(),
             source,
         };
@@ -56,7 +96,7 @@ impl PidFile {
             Err((mut file, Errno::EWOULDBLOCK)) => {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
-                Err(Error::AlreadyRunning {
+                Err(PidFileError::AlreadyRunning {
                     path: path.to_owned(),
                     pid: pid.trim().to_owned(),
                 })
@@ -68,14 +108,14 @@ impl PidFile {
     /// Writes this process's pid.
     ///
     /// # Errors
-    /// [`Error::PidFile`].
-    pub fn publish(&mut self) -> Result<()> {
+    /// [`PidFileError::Use`].
+    pub fn publish(&mut self) -> Result<(), PidFileError> {
         let pid = std::process::id();
         let file: &mut File = &mut self.file;
         file.set_len(0)
             .and_then(|()| file.rewind())
             .and_then(|()| writeln!(file, "{pid}"))
-            .map_err(|source| Error::PidFile {
+            .map_err(|source| PidFileError::Use {
                 path: self.path.clone(),
                 source,
             })
@@ -92,10 +132,10 @@ impl Drop for PidFile {
 /// The pid of the agent holding `path`.
 ///
 /// # Errors
-/// [`Error::NotRunning`] when no process holds the file (or it has not published its pid yet),
-/// [`Error::PidFile`] when it cannot be read.
-pub fn running_agent(path: &Path) -> Result<i32> {
-    let not_running = |why: String| Error::NotRunning {
+/// [`PidFileError::NotRunning`] when no process holds the file (or it has not published its pid
+/// yet), [`PidFileError::Use`] when it cannot be read.
+pub fn running_agent(path: &Path) -> Result<i32, PidFileError> {
+    let not_running = |why: String| PidFileError::NotRunning {
         path: path.to_owned(),
         why,
     };
@@ -105,7 +145,7 @@ pub fn running_agent(path: &Path) -> Result<i32> {
             return Err(not_running("the pid file does not exist".into()));
         }
         Err(source) => {
-            return Err(Error::PidFile {
+            return Err(PidFileError::Use {
                 path: path.to_owned(),
                 source,
             });
@@ -120,7 +160,7 @@ pub fn running_agent(path: &Path) -> Result<i32> {
         }
         Err((file, Errno::EWOULDBLOCK)) => file,
         Err((_, errno)) => {
-            return Err(Error::PidFile {
+            return Err(PidFileError::Use {
                 path: path.to_owned(),
                 source: errno.into(),
             });
@@ -128,7 +168,7 @@ pub fn running_agent(path: &Path) -> Result<i32> {
     };
     let mut text = String::new();
     file.read_to_string(&mut text)
-        .map_err(|source| Error::PidFile {
+        .map_err(|source| PidFileError::Use {
             path: path.to_owned(),
             source,
         })?;
@@ -150,7 +190,7 @@ mod tests {
         let path = dir.path().join("g.pid");
         assert!(matches!(
             running_agent(&path),
-            Err(Error::NotRunning { .. })
+            Err(PidFileError::NotRunning { .. })
         ));
         let mut held = PidFile::lock(&path).unwrap();
         let starting = running_agent(&path).unwrap_err().to_string();

@@ -14,6 +14,46 @@ use imds_guard_common::event::{LAYOUT_EXE, LAYOUT_NAMESPACES, LAYOUT_PARENT, Tas
 /// The running kernel's BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Why a field's offset could not be found in a BTF file (the file is named when the reasons
+/// are reported).
+#[derive(Debug, thiserror::Error)]
+pub enum FieldError {
+    /// The types of that name could not be read.
+    #[error("reading the types named {name}: {source}")]
+    Resolve {
+        /// The struct.
+        name: String,
+        /// What the BTF parser said.
+        source: btf_rs::Error,
+    },
+    /// No struct of that name.
+    #[error("no struct {name}")]
+    NoStruct {
+        /// The struct.
+        name: String,
+    },
+    /// The struct lacks the member.
+    #[error("{field} not found")]
+    NoMember {
+        /// `struct.member.member`.
+        field: String,
+    },
+    /// The member is a bit field, which the programs cannot read with a byte offset.
+    #[error("{field} is a bit field")]
+    BitField {
+        /// `struct.member`.
+        field: String,
+    },
+    /// A member on the way to the field is not a struct.
+    #[error("{field}: {member} is not a struct")]
+    NotStructMember {
+        /// `struct.member.member`.
+        field: String,
+        /// The member that is not.
+        member: String,
+    },
+}
+
 /// What the running kernel's BTF gave: the layout, and for each group of fields it could not
 /// find, why.
 #[derive(Debug)]
@@ -49,7 +89,7 @@ fn task_layout_in(path: &Path) -> Found {
             return found;
         }
     };
-    let offsets = Offsets { btf: &btf, path };
+    let offsets = Offsets { btf: &btf };
     let layout = &mut found.layout;
     match offsets.parent() {
         Ok([real_parent, group_leader, tgid, comm]) => {
@@ -57,9 +97,10 @@ fn task_layout_in(path: &Path) -> Found {
             (layout.real_parent, layout.group_leader) = (real_parent, group_leader);
             (layout.tgid, layout.comm) = (tgid, comm);
         }
-        Err(why) => found
-            .missing
-            .push(format!("events will not name parent processes: {why}")),
+        Err(why) => found.missing.push(format!(
+            "events will not name parent processes: {}: {why}",
+            path.display()
+        )),
     }
     match offsets.namespaces() {
         Ok(
@@ -87,7 +128,8 @@ fn task_layout_in(path: &Path) -> Found {
         }
         Err(why) => found.missing.push(format!(
             "the kernel cannot tell a container's task by its namespaces; containers are \
-                 known by their cgroup path alone: {why}"
+             known by their cgroup path alone: {}: {why}",
+            path.display()
         )),
     }
     match offsets.executable() {
@@ -110,7 +152,8 @@ fn task_layout_in(path: &Path) -> Found {
             (layout.s_dev, layout.d_name, layout.d_parent) = (s_dev, d_name, d_parent);
         }
         Err(why) => found.missing.push(format!(
-            "events name a process's executable only while it runs: {why}"
+            "events name a process's executable only while it runs: {}: {why}",
+            path.display()
         )),
     }
     found
@@ -119,12 +162,11 @@ fn task_layout_in(path: &Path) -> Found {
 /// Offsets of fields in the structs of one BTF.
 struct Offsets<'a> {
     btf: &'a Btf,
-    path: &'a Path,
 }
 
 impl Offsets<'_> {
     /// `task_struct.real_parent`, `.group_leader`, `.tgid`, `.comm`.
-    fn parent(&self) -> Result<[u32; 4], String> {
+    fn parent(&self) -> Result<[u32; 4], FieldError> {
         Ok([
             self.of("task_struct", &["real_parent"])?,
             self.of("task_struct", &["group_leader"])?,
@@ -137,7 +179,7 @@ impl Offsets<'_> {
     /// `cgroup_namespace.ns.inum`; and, to tell whether the current task sent a packet,
     /// `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
     /// `task_struct.cred`, `cred.fsuid`.
-    fn namespaces(&self) -> Result<[u32; 11], String> {
+    fn namespaces(&self) -> Result<[u32; 11], FieldError> {
         Ok([
             self.of("task_struct", &["thread_pid"])?,
             self.of("pid", &["level"])?,
@@ -156,7 +198,7 @@ impl Offsets<'_> {
     /// `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `file.f_path.dentry`,
     /// `inode.i_ino`, `inode.i_sb`, `super_block.s_dev`, `dentry.d_name.name`,
     /// `dentry.d_parent`.
-    fn executable(&self) -> Result<[u32; 9], String> {
+    fn executable(&self) -> Result<[u32; 9], FieldError> {
         Ok([
             self.of("task_struct", &["mm"])?,
             self.of("mm_struct", &["exe_file"])?,
@@ -171,30 +213,40 @@ impl Offsets<'_> {
     }
 
     /// The byte offset of `path` (a member, then members of it) in struct `name`.
-    fn of(&self, name: &str, path: &[&str]) -> Result<u32, String> {
-        let at = || format!("{}: {name}.{}", self.path.display(), path.join("."));
+    fn of(&self, name: &str, path: &[&str]) -> Result<u32, FieldError> {
+        let field = || format!("{name}.{}", path.join("."));
         let mut ty = self
             .btf
             .resolve_types_by_name(name)
-            .map_err(|err| format!("{}: no struct {name}: {err}", self.path.display()))?
+            .map_err(|source| FieldError::Resolve {
+                name: name.to_owned(),
+                source,
+            })?
             .into_iter()
             .find_map(|ty| match ty {
                 Type::Struct(ty) => Some(ty),
                 _ => None,
             })
-            .ok_or_else(|| format!("{}: {name} is not a struct", self.path.display()))?;
+            .ok_or_else(|| FieldError::NoStruct {
+                name: name.to_owned(),
+            })?;
         let mut offset = 0;
         for (i, member) in path.iter().enumerate() {
             let (bits, inner) = member_offset(self.btf, &ty, member, 0)
-                .ok_or_else(|| format!("{} not found", at()))?;
+                .ok_or_else(|| FieldError::NoMember { field: field() })?;
             if !bits.is_multiple_of(8) {
-                return Err(format!("{} is a bit field", at()));
+                return Err(FieldError::BitField { field: field() });
             }
             offset += bits / 8;
             if i + 1 < path.len() {
                 ty = match inner {
                     Some(Type::Struct(inner)) => inner,
-                    _ => return Err(format!("{}: {member} is not a struct", at())),
+                    _ => {
+                        return Err(FieldError::NotStructMember {
+                            field: field(),
+                            member: (*member).to_owned(),
+                        });
+                    }
                 };
             }
         }
@@ -261,6 +313,18 @@ mod tests {
         assert!(layout.pid_level >= 4 && layout.pid_level < 64, "{layout:?}");
         assert!(layout.cgroup_ns_inum < 128, "{layout:?}");
         assert!(layout.d_name > 0, "{layout:?}");
+    }
+
+    #[test]
+    fn a_missing_field_says_which() {
+        let btf = Btf::from_file(VMLINUX_BTF).unwrap();
+        let offsets = Offsets { btf: &btf };
+        let err = offsets.of("task_struct", &["no_such_member"]).unwrap_err();
+        assert_eq!(err.to_string(), "task_struct.no_such_member not found");
+        let err = offsets.of("task_struct", &["tgid", "x"]).unwrap_err();
+        assert_eq!(err.to_string(), "task_struct.tgid.x: tgid is not a struct");
+        let err = offsets.of("no_such_struct_imds", &["x"]).unwrap_err();
+        assert_eq!(err.to_string(), "no struct no_such_struct_imds");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use imds_guard_common::{
 };
 
 use crate::{
-    error::{Error, Result},
+    error::{KernelError, Result},
     kernel::pins::PinDir,
 };
 
@@ -32,13 +32,13 @@ pub trait Source {
     ///
     /// # Errors
     /// When there is no such map, or it cannot be opened.
-    fn map(&mut self, name: &'static str) -> Result<&mut Map>;
+    fn map(&mut self, name: &'static str) -> Result<&mut Map, KernelError>;
 }
 
 impl Source for Ebpf {
-    fn map(&mut self, name: &'static str) -> Result<&mut Map> {
+    fn map(&mut self, name: &'static str) -> Result<&mut Map, KernelError> {
         self.map_mut(name)
-            .ok_or(Error::MissingInObject { kind: "map", name })
+            .ok_or(KernelError::MissingInObject { kind: "map", name })
     }
 }
 
@@ -60,37 +60,38 @@ impl Pinned {
 }
 
 impl Source for Pinned {
-    fn map(&mut self, name: &'static str) -> Result<&mut Map> {
+    fn map(&mut self, name: &'static str) -> Result<&mut Map, KernelError> {
         if !self.open.contains_key(name) {
             let path = self.pins.map(name);
             let opened = MapData::from_pin(&path)
-                .map_err(|source| Error::OpenPinnedMap {
+                .map_err(|source| KernelError::OpenPinnedMap {
                     path: path.clone(),
                     source,
                 })
                 .and_then(|data| {
-                    Map::from_map_data(data).map_err(|source| Error::OpenPinnedMap { path, source })
+                    Map::from_map_data(data)
+                        .map_err(|source| KernelError::OpenPinnedMap { path, source })
                 })?;
             self.open.insert(name, opened);
         }
         self.open
             .get_mut(name)
-            .ok_or(Error::MissingInObject { kind: "map", name })
+            .ok_or(KernelError::MissingInObject { kind: "map", name })
     }
 }
 
-fn typed<'a, T>(source: &'a mut impl Source, name: &'static str) -> Result<T>
+fn typed<'a, T>(source: &'a mut impl Source, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
 {
-    T::try_from(source.map(name)?).map_err(|source| Error::OpenMap { map: name, source })
+    T::try_from(source.map(name)?).map_err(|source| KernelError::OpenMap { map: name, source })
 }
 
 /// `GENERATION`: the generation in force, at index 0.
 ///
 /// # Errors
 /// When the map is missing or not of this layout.
-pub fn generation(source: &mut impl Source) -> Result<Array<&mut MapData, u32>> {
+pub fn generation(source: &mut impl Source) -> Result<Array<&mut MapData, u32>, KernelError> {
     typed(source, GENERATION)
 }
 
@@ -98,7 +99,7 @@ pub fn generation(source: &mut impl Source) -> Result<Array<&mut MapData, u32>> 
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn settings(source: &mut impl Source) -> Result<Array<&mut MapData, Settings>> {
+pub fn settings(source: &mut impl Source) -> Result<Array<&mut MapData, Settings>, KernelError> {
     typed(source, SETTINGS)
 }
 
@@ -106,7 +107,9 @@ pub fn settings(source: &mut impl Source) -> Result<Array<&mut MapData, Settings
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn cgroup_rulesets(source: &mut impl Source) -> Result<HashMap<&mut MapData, CgroupKey, u32>> {
+pub fn cgroup_rulesets(
+    source: &mut impl Source,
+) -> Result<HashMap<&mut MapData, CgroupKey, u32>, KernelError> {
     typed(source, CGROUP_RULESETS)
 }
 
@@ -114,7 +117,9 @@ pub fn cgroup_rulesets(source: &mut impl Source) -> Result<HashMap<&mut MapData,
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn allow(source: &mut impl Source) -> Result<HashMap<&mut MapData, RuleKey, RuleValue>> {
+pub fn allow(
+    source: &mut impl Source,
+) -> Result<HashMap<&mut MapData, RuleKey, RuleValue>, KernelError> {
     typed(source, ALLOW)
 }
 
@@ -124,7 +129,7 @@ pub fn allow(source: &mut impl Source) -> Result<HashMap<&mut MapData, RuleKey, 
 /// As for [`generation`].
 pub fn protected_v4(
     source: &mut impl Source,
-) -> Result<HashMap<&mut MapData, ProtectedV4Key, u32>> {
+) -> Result<HashMap<&mut MapData, ProtectedV4Key, u32>, KernelError> {
     typed(source, PROTECTED_V4)
 }
 
@@ -134,7 +139,7 @@ pub fn protected_v4(
 /// As for [`generation`].
 pub fn protected_v6(
     source: &mut impl Source,
-) -> Result<HashMap<&mut MapData, ProtectedV6Key, u32>> {
+) -> Result<HashMap<&mut MapData, ProtectedV6Key, u32>, KernelError> {
     typed(source, PROTECTED_V6)
 }
 
@@ -142,7 +147,9 @@ pub fn protected_v6(
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn protected_filter(source: &mut impl Source) -> Result<Array<&mut MapData, ProtectedFilter>> {
+pub fn protected_filter(
+    source: &mut impl Source,
+) -> Result<Array<&mut MapData, ProtectedFilter>, KernelError> {
     typed(source, PROTECTED_FILTER)
 }
 
@@ -150,7 +157,9 @@ pub fn protected_filter(source: &mut impl Source) -> Result<Array<&mut MapData, 
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn rule_counters(source: &mut impl Source) -> Result<PerCpuArray<&mut MapData, u64>> {
+pub fn rule_counters(
+    source: &mut impl Source,
+) -> Result<PerCpuArray<&mut MapData, u64>, KernelError> {
     typed(source, RULE_COUNTERS)
 }
 
@@ -158,7 +167,7 @@ pub fn rule_counters(source: &mut impl Source) -> Result<PerCpuArray<&mut MapDat
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn agent(source: &mut impl Source) -> Result<Array<&mut MapData, AgentInfo>> {
+pub fn agent(source: &mut impl Source) -> Result<Array<&mut MapData, AgentInfo>, KernelError> {
     typed(source, AGENT)
 }
 
@@ -166,7 +175,9 @@ pub fn agent(source: &mut impl Source) -> Result<Array<&mut MapData, AgentInfo>>
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn folds(source: &mut impl Source) -> Result<HashMap<&mut MapData, FoldKey, FoldValue>> {
+pub fn folds(
+    source: &mut impl Source,
+) -> Result<HashMap<&mut MapData, FoldKey, FoldValue>, KernelError> {
     typed(source, FOLDS)
 }
 
@@ -174,7 +185,7 @@ pub fn folds(source: &mut impl Source) -> Result<HashMap<&mut MapData, FoldKey, 
 ///
 /// # Errors
 /// When it was taken already, or is not of this layout.
-pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, KernelError> {
     take(ebpf, EVENTS)
 }
 
@@ -183,18 +194,18 @@ pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
 ///
 /// # Errors
 /// As for [`take_events`].
-pub fn take_folds(ebpf: &mut Ebpf) -> Result<HashMap<MapData, FoldKey, FoldValue>> {
+pub fn take_folds(ebpf: &mut Ebpf) -> Result<HashMap<MapData, FoldKey, FoldValue>, KernelError> {
     take(ebpf, FOLDS)
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
     let map = ebpf
         .take_map(name)
-        .ok_or(Error::MissingInObject { kind: "map", name })?;
-    T::try_from(map).map_err(|source| Error::OpenMap { map: name, source })
+        .ok_or(KernelError::MissingInObject { kind: "map", name })?;
+    T::try_from(map).map_err(|source| KernelError::OpenMap { map: name, source })
 }
 
 /// The kernel's totals, summed over CPUs.
@@ -216,12 +227,12 @@ pub struct Counters {
 ///
 /// # Errors
 /// When the map is missing, not of this layout, or a value cannot be read.
-pub fn counters(source: &mut impl Source) -> Result<Counters> {
+pub fn counters(source: &mut impl Source) -> Result<Counters, KernelError> {
     let map: PerCpuArray<&mut MapData, u64> = typed(source, COUNTERS)?;
     let total = |index: u32| {
         map.get(&index, 0)
             .map(|values| values.iter().sum())
-            .map_err(|source| Error::ReadMap {
+            .map_err(|source| KernelError::ReadMap {
                 map: COUNTERS,
                 source,
             })
@@ -239,10 +250,10 @@ pub fn counters(source: &mut impl Source) -> Result<Counters> {
 ///
 /// # Errors
 /// When `GENERATION` cannot be opened or read.
-pub fn generation_in_force(source: &mut impl Source) -> Result<u32> {
+pub fn generation_in_force(source: &mut impl Source) -> Result<u32, KernelError> {
     generation(source)?
         .get(&0, 0)
-        .map_err(|source| Error::ReadMap {
+        .map_err(|source| KernelError::ReadMap {
             map: GENERATION,
             source,
         })
@@ -252,7 +263,10 @@ pub fn generation_in_force(source: &mut impl Source) -> Result<u32> {
 ///
 /// # Errors
 /// When a map cannot be opened.
-pub fn protected_addresses(source: &mut impl Source, generation: u32) -> Result<Vec<IpAddr>> {
+pub fn protected_addresses(
+    source: &mut impl Source,
+    generation: u32,
+) -> Result<Vec<IpAddr>, KernelError> {
     let mut addresses: Vec<IpAddr> = (protected_v4(source)?.keys().flatten())
         .filter(|key| key.generation == generation)
         .map(|key| IpAddr::from(key.addr.to_ne_bytes()))
@@ -274,7 +288,10 @@ pub fn protected_addresses(source: &mut impl Source, generation: u32) -> Result<
 ///
 /// # Errors
 /// When a map cannot be opened.
-pub fn entries_of(source: &mut impl Source, generation: u32) -> Result<(usize, usize)> {
+pub fn entries_of(
+    source: &mut impl Source,
+    generation: u32,
+) -> Result<(usize, usize), KernelError> {
     let allow = (allow(source)?.keys().flatten())
         .filter(|key| key.generation == generation)
         .count();
@@ -288,7 +305,11 @@ pub fn entries_of(source: &mut impl Source, generation: u32) -> Result<(usize, u
 ///
 /// # Errors
 /// When `CGROUP_RULESETS` cannot be opened.
-pub fn cgroup_ruleset(source: &mut impl Source, generation: u32, id: u64) -> Result<Option<u32>> {
+pub fn cgroup_ruleset(
+    source: &mut impl Source,
+    generation: u32,
+    id: u64,
+) -> Result<Option<u32>, KernelError> {
     let key = CgroupKey {
         generation,
         _pad: 0,
@@ -301,7 +322,7 @@ pub fn cgroup_ruleset(source: &mut impl Source, generation: u32, id: u64) -> Res
 ///
 /// # Errors
 /// When `AGENT` cannot be opened.
-pub fn agent_info(source: &mut impl Source) -> Result<Option<AgentInfo>> {
+pub fn agent_info(source: &mut impl Source) -> Result<Option<AgentInfo>, KernelError> {
     Ok(agent(source)?
         .get(&0, 0)
         .ok()

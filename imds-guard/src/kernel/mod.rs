@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod maps;
 pub mod pins;
+pub mod sys;
 
 use std::{fs::File, os::fd::AsFd as _};
 
@@ -30,11 +31,12 @@ use imds_guard_common::{
         filter_set, filter_slot_v4, filter_slot_v6,
     },
 };
+use rustix::thread::CapabilitySet;
 use tracing::{debug, info, warn};
 
 pub use self::maps::Counters;
 use crate::{
-    error::{Error, Result},
+    error::{CgroupError, PinError, Result},
     host::cgroups::Cgroup,
     kernel::pins::PinDir,
     policy::compile::{Compiled, Delta, MapEntries},
@@ -57,23 +59,151 @@ pub const PROGRAMS: [&str; 5] = [
 /// The `cgroup_skb/egress` program (raw sockets); the others are `cgroup/sock_addr` programs.
 const PACKET_PROGRAM: &str = "egress";
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
+/// What went wrong loading, attaching or using the programs and their maps.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The process lacks the capabilities to load and attach BPF programs.
+    #[error(
+        "imds-guard needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) to load and attach its \
+         programs, and this process lacks {missing}: run it as root"
+    )]
+    MissingCapabilities {
+        /// The missing capabilities, by name.
+        missing: String,
+    },
+    /// The process's capabilities could not be read.
+    #[error("cannot read this process's capabilities (capget): {source}")]
+    ReadCapabilities {
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel lacks a BPF feature imds-guard needs.
+    #[error("this kernel does not support {feature}, which imds-guard needs ({needs})")]
+    Feature {
+        /// The feature.
+        feature: &'static str,
+        /// The kernel version and config that provide it.
+        needs: &'static str,
+    },
+    /// Probing a kernel feature failed unexpectedly.
+    #[error("probing the kernel for {feature} failed: {message}")]
+    Probe {
+        /// The feature.
+        feature: &'static str,
+        /// What the probe reported.
+        message: String,
+    },
+    /// The embedded object could not be loaded (maps created, BTF parsed).
+    #[error("loading the kernel object failed: {source}")]
+    LoadObject {
+        /// Why.
+        source: aya::EbpfError,
+    },
+    /// The embedded object lacks a map or program the agent expects.
+    #[error("the embedded kernel object has no {kind} named {name}: the build is broken")]
+    MissingInObject {
+        /// "map" or "program".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// A map could not be opened with the expected type.
+    #[error("map {map} has an unexpected type or layout: {source}")]
+    OpenMap {
+        /// The map.
+        map: &'static str,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+    /// A pinned map could not be opened.
+    #[error("cannot open the pinned map {}: {source}", path.display())]
+    OpenPinnedMap {
+        /// Its pin.
+        path: std::path::PathBuf,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+    /// Writing the policy into a map failed.
+    #[error("writing {what} to map {map} failed: {source}")]
+    WriteMap {
+        /// The map.
+        map: &'static str,
+        /// The entry.
+        what: String,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+    /// Reading a map failed.
+    #[error("reading map {map} failed: {source}")]
+    ReadMap {
+        /// The map.
+        map: &'static str,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+    /// The number of possible CPUs, which sizes per-CPU values, could not be read.
+    #[error("cannot count the possible CPUs (/sys/devices/system/cpu/possible): {source}")]
+    PossibleCpus {
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A policy was not compiled as the generation not in force: switching to it would
+    /// overwrite the rules the programs are reading. A bug in the caller.
+    #[error(
+        "internal error: a policy compiled as generation {compiled} cannot replace generation \
+         {in_force}, only the generation not in force can (nothing was changed; please report \
+         this)"
+    )]
+    NotTheInactiveGeneration {
+        /// The generation the policy was compiled as.
+        compiled: u32,
+        /// The generation in force.
+        in_force: u32,
+    },
+    /// The verifier (or the kernel) refused a program.
+    #[error(
+        "loading program {program} failed: {source}{}",
+        crate::error::verifier_hint(source)
+    )]
+    LoadProgram {
+        /// The program.
+        program: &'static str,
+        /// Why, with the verifier log.
+        source: aya::programs::ProgramError,
+    },
+    /// A program could not be attached to the cgroup.
+    #[error("attaching program {program} to cgroup {} failed: {source}", cgroup.display())]
+    Attach {
+        /// The program.
+        program: &'static str,
+        /// The cgroup directory.
+        cgroup: std::path::PathBuf,
+        /// Why.
+        source: aya::programs::ProgramError,
+    },
+    /// A program link could not be created, adopted or replaced.
+    #[error("program {program}: {action} failed: {source}")]
+    Link {
+        /// The program.
+        program: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
 
 /// Checks, before anything is loaded, that this process and kernel can run the programs.
 ///
 /// # Errors
-/// [`Error::MissingCapabilities`] or [`Error::KernelFeature`], naming what is missing.
-pub fn preflight() -> Result<()> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").map_err(|source| Error::ReadProc {
-            path: "/proc/self/status",
-            source,
+/// [`KernelError::MissingCapabilities`] or [`KernelError::Feature`], naming what is missing.
+pub fn preflight() -> Result<(), KernelError> {
+    let sets =
+        rustix::thread::capabilities(None).map_err(|errno| KernelError::ReadCapabilities {
+            source: errno.into(),
         })?;
-    let effective = effective_capabilities(&status).unwrap_or(0);
-    if let Some(missing) = missing_capabilities(effective) {
-        return Err(Error::MissingCapabilities { missing });
+    if let Some(missing) = missing_capabilities(sets.effective) {
+        return Err(KernelError::MissingCapabilities { missing });
     }
     raise_memlock_limit();
     probe(
@@ -92,33 +222,29 @@ fn probe(
     feature: &'static str,
     needs: &'static str,
     result: std::result::Result<bool, String>,
-) -> Result<()> {
+) -> Result<(), KernelError> {
     match result {
         Ok(true) => Ok(()),
-        Ok(false) => Err(Error::KernelFeature { feature, needs }),
-        Err(message) => Err(Error::ProbeFeature { feature, message }),
+        Ok(false) => Err(KernelError::Feature { feature, needs }),
+        Err(message) => Err(KernelError::Probe { feature, message }),
     }
-}
-
-/// The `CapEff` mask from a `/proc/PID/status` text.
-fn effective_capabilities(status: &str) -> Option<u64> {
-    let hex = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 /// The capabilities missing from `effective` to load and attach cgroup programs, by name.
-fn missing_capabilities(effective: u64) -> Option<String> {
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+fn missing_capabilities(effective: CapabilitySet) -> Option<String> {
+    if effective.contains(CapabilitySet::SYS_ADMIN)
+        || effective.contains(CapabilitySet::BPF | CapabilitySet::NET_ADMIN)
+    {
         return None;
     }
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
-        .into_iter()
-        .filter(|&(cap, _)| !has(cap))
-        .map(|(_, name)| name)
-        .collect();
+    let missing: Vec<&str> = [
+        (CapabilitySet::BPF, "CAP_BPF"),
+        (CapabilitySet::NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|&(cap, _)| !effective.contains(cap))
+    .map(|(_, name)| name)
+    .collect();
     Some(missing.join(" and "))
 }
 
@@ -160,9 +286,9 @@ impl Kernel {
     /// there) and runs every program through the verifier.
     ///
     /// # Errors
-    /// [`Error::PinnedMapMismatch`] when pinned maps differ from this build's,
-    /// [`Error::LoadObject`], [`Error::MissingInObject`] or [`Error::LoadProgram`] (with the
-    /// verifier log).
+    /// [`PinError::MapMismatch`] when pinned maps differ from this build's,
+    /// [`KernelError::LoadObject`], [`KernelError::MissingInObject`] or
+    /// [`KernelError::LoadProgram`] (with the verifier log).
     pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self> {
         check_pinned_layouts(pins)?;
         // Before loading, which pins the maps: a retry must not take its own pins for a
@@ -189,7 +315,7 @@ impl Kernel {
             btf
         };
         let loaded = match Self::load_with(pins, adopted, fold_window_ns, first) {
-            Err(Error::LoadProgram { program, source })
+            Err(KernelError::LoadProgram { program, source })
                 if first.known & LAYOUT_BTF_TASK != 0 && found.layout.known != 0 =>
             {
                 warn!(
@@ -200,8 +326,8 @@ impl Kernel {
             }
             loaded => loaded,
         };
-        match loaded {
-            Err(Error::LoadProgram { program, source }) if found.layout.known != 0 => {
+        let loaded = match loaded {
+            Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
                 warn!(
                     "the kernel refused program {program} ({source}); trying again without \
                      reading tasks' parents, namespaces and executables, in case those reads \
@@ -211,7 +337,8 @@ impl Kernel {
                 Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
             }
             loaded => loaded,
-        }
+        };
+        Ok(loaded?)
     }
 
     fn load_with(
@@ -219,7 +346,7 @@ impl Kernel {
         adopted: bool,
         fold_window_ns: u64,
         task_layout: TaskLayout,
-    ) -> Result<Self> {
+    ) -> Result<Self, KernelError> {
         let mut loader = EbpfLoader::new();
         for name in imds_guard_common::maps::ALL {
             loader.map_pin_path(name, pins.map(name));
@@ -228,10 +355,10 @@ impl Kernel {
         loader.override_global(FOLD_WINDOW_GLOBAL, &fold_window_ns, true);
         let mut ebpf = loader
             .load(OBJECT)
-            .map_err(|source| Error::LoadObject { source })?;
+            .map_err(|source| KernelError::LoadObject { source })?;
         for name in imds_guard_common::maps::ALL {
             if ebpf.map(name).is_none() {
-                return Err(Error::MissingInObject { kind: "map", name });
+                return Err(KernelError::MissingInObject { kind: "map", name });
             }
         }
         for name in PROGRAMS {
@@ -240,7 +367,7 @@ impl Kernel {
             } else {
                 program_mut::<CgroupSockAddr>(&mut ebpf, name)?.load()
             };
-            verified.map_err(|source| Error::LoadProgram {
+            verified.map_err(|source| KernelError::LoadProgram {
                 program: name,
                 source,
             })?;
@@ -279,8 +406,8 @@ impl Kernel {
     /// generation 0) is written and put in force.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::WriteMap`].
-    pub fn install(&mut self, compiled: &Compiled) -> Result<()> {
+    /// [`KernelError::OpenMap`] or [`KernelError::WriteMap`].
+    pub fn install(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
         self.zero_rule_counts(compiled.generation())?;
         self.write_generation(&compiled.entries(), compiled.generation())?;
         self.activate(compiled.generation())
@@ -289,8 +416,8 @@ impl Kernel {
     /// The generation a new policy must be compiled as: the one not in force.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::ReadMap`].
-    pub fn inactive_generation(&mut self) -> Result<u32> {
+    /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
+    pub fn inactive_generation(&mut self) -> Result<u32, KernelError> {
         Ok(self.active_generation()? ^ 1)
     }
 
@@ -304,15 +431,15 @@ impl Kernel {
     /// leftovers are only logged, and the next switch clears them before reusing the slot.
     ///
     /// # Errors
-    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`]; [`Error::InvalidSetting`]
-    /// when `compiled` is not of the inactive generation.
-    pub fn switch_to(&mut self, compiled: &Compiled) -> Result<()> {
+    /// [`KernelError::OpenMap`], [`KernelError::ReadMap`] or [`KernelError::WriteMap`];
+    /// [`KernelError::NotTheInactiveGeneration`] when `compiled` is of the generation in force.
+    pub fn switch_to(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
         let old = self.active_generation()?;
         let new = compiled.generation();
         if new != old ^ 1 {
-            return Err(Error::InvalidSetting {
-                origin: "reload".into(),
-                message: format!("policy compiled as generation {new}, but {new} is in force"),
+            return Err(KernelError::NotTheInactiveGeneration {
+                compiled: new,
+                in_force: old,
             });
         }
         // Leftovers of an earlier switch whose clean-up failed.
@@ -340,9 +467,10 @@ impl Kernel {
     /// removed cgroup entry can still be looking them up.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::WriteMap`] (a full map, typically); the entries already
-    /// written stay, and the caller must rewrite the generation to be sure of the maps again.
-    pub fn apply(&mut self, delta: &Delta) -> Result<()> {
+    /// [`KernelError::OpenMap`] or [`KernelError::WriteMap`] (a full map, typically); the entries
+    /// already written stay, and the caller must rewrite the generation to be sure of the maps
+    /// again.
+    pub fn apply(&mut self, delta: &Delta) -> Result<(), KernelError> {
         insert_all(
             &mut maps::allow(&mut self.ebpf)?,
             ALLOW,
@@ -366,13 +494,17 @@ impl Kernel {
     /// The generation in force.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::ReadMap`].
-    pub fn active_generation(&mut self) -> Result<u32> {
+    /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
+    pub fn active_generation(&mut self) -> Result<u32, KernelError> {
         maps::generation_in_force(&mut self.ebpf)
     }
 
     /// Writes every entry of one generation; the generation in force is not touched.
-    fn write_generation(&mut self, entries: &MapEntries, generation: u32) -> Result<()> {
+    fn write_generation(
+        &mut self,
+        entries: &MapEntries,
+        generation: u32,
+    ) -> Result<(), KernelError> {
         insert_all(&mut maps::allow(&mut self.ebpf)?, ALLOW, &entries.allow)?;
         insert_all(
             &mut maps::cgroup_rulesets(&mut self.ebpf)?,
@@ -382,7 +514,7 @@ impl Kernel {
         let mut settings: Array<_, Settings> = maps::settings(&mut self.ebpf)?;
         settings
             .set(generation, entries.settings, 0)
-            .map_err(|source| Error::WriteMap {
+            .map_err(|source| KernelError::WriteMap {
                 map: SETTINGS,
                 what: format!("{:?}", entries.settings),
                 source,
@@ -418,16 +550,24 @@ impl Kernel {
     /// `unseen_after` are judged by the rules that hold wherever they are until it is raised.
     ///
     /// # Errors
-    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
-    pub fn set_unseen_after(&mut self, generation: u32, unseen_after: u64) -> Result<()> {
+    /// [`KernelError::OpenMap`], [`KernelError::ReadMap`] or [`KernelError::WriteMap`].
+    pub fn set_unseen_after(
+        &mut self,
+        generation: u32,
+        unseen_after: u64,
+    ) -> Result<(), KernelError> {
         self.update_settings(generation, |settings| settings.unseen_after = unseen_after)
     }
 
     /// Sets `Settings::entry_levels` of `generation`: the levels the ancestor walk looks at.
     ///
     /// # Errors
-    /// [`Error::OpenMap`], [`Error::ReadMap`] or [`Error::WriteMap`].
-    pub fn set_entry_levels(&mut self, generation: u32, entry_levels: u64) -> Result<()> {
+    /// [`KernelError::OpenMap`], [`KernelError::ReadMap`] or [`KernelError::WriteMap`].
+    pub fn set_entry_levels(
+        &mut self,
+        generation: u32,
+        entry_levels: u64,
+    ) -> Result<(), KernelError> {
         self.update_settings(generation, |settings| settings.entry_levels = entry_levels)
     }
 
@@ -437,18 +577,18 @@ impl Kernel {
         &mut self,
         generation: u32,
         change: impl FnOnce(&mut Settings),
-    ) -> Result<()> {
+    ) -> Result<(), KernelError> {
         let mut settings: Array<_, Settings> = maps::settings(&mut self.ebpf)?;
         let mut value = settings
             .get(&generation, 0)
-            .map_err(|source| Error::ReadMap {
+            .map_err(|source| KernelError::ReadMap {
                 map: SETTINGS,
                 source,
             })?;
         change(&mut value);
         settings
             .set(generation, value, 0)
-            .map_err(|source| Error::WriteMap {
+            .map_err(|source| KernelError::WriteMap {
                 map: SETTINGS,
                 what: format!("{value:?}"),
                 source,
@@ -456,29 +596,30 @@ impl Kernel {
     }
 
     /// `PROTECTED_FILTER[0]`.
-    fn filter(&mut self) -> Result<ProtectedFilter> {
+    fn filter(&mut self) -> Result<ProtectedFilter, KernelError> {
         let map: Array<_, ProtectedFilter> = maps::protected_filter(&mut self.ebpf)?;
-        map.get(&0, 0).map_err(|source| Error::ReadMap {
+        map.get(&0, 0).map_err(|source| KernelError::ReadMap {
             map: PROTECTED_FILTER,
             source,
         })
     }
 
-    fn write_filter(&mut self, filter: ProtectedFilter) -> Result<()> {
+    fn write_filter(&mut self, filter: ProtectedFilter) -> Result<(), KernelError> {
         let mut map: Array<_, ProtectedFilter> = maps::protected_filter(&mut self.ebpf)?;
-        map.set(0, filter, 0).map_err(|source| Error::WriteMap {
-            map: PROTECTED_FILTER,
-            what: "the protected-address filter".into(),
-            source,
-        })
+        map.set(0, filter, 0)
+            .map_err(|source| KernelError::WriteMap {
+                map: PROTECTED_FILTER,
+                what: "the protected-address filter".into(),
+                source,
+            })
     }
 
     /// Puts `generation` in force: one aligned 32-bit store the programs read once per attempt.
-    fn activate(&mut self, generation: u32) -> Result<()> {
+    fn activate(&mut self, generation: u32) -> Result<(), KernelError> {
         let mut active: Array<_, u32> = maps::generation(&mut self.ebpf)?;
         active
             .set(0, generation, 0)
-            .map_err(|source| Error::WriteMap {
+            .map_err(|source| KernelError::WriteMap {
                 map: GENERATION,
                 what: format!("generation {generation}"),
                 source,
@@ -486,7 +627,7 @@ impl Kernel {
     }
 
     /// Removes every entry of `generation` (which must not be in force).
-    fn clear_generation(&mut self, generation: u32) -> Result<()> {
+    fn clear_generation(&mut self, generation: u32) -> Result<(), KernelError> {
         let of_generation = |key_generation: u32| key_generation == generation;
         remove_where::<RuleKey, RuleValue>(&mut maps::allow(&mut self.ebpf)?, ALLOW, |key| {
             of_generation(key.generation)
@@ -522,23 +663,23 @@ impl Kernel {
     /// Links are multi-attach: a delegated subtree can add its own programs, and ours still run.
     ///
     /// # Errors
-    /// [`Error::Attach`] or [`Error::Link`]; links attached before the failure stay.
+    /// [`KernelError::Attach`] or [`KernelError::Link`]; links attached before the failure stay.
     pub fn attach(&mut self, cgroup: &Cgroup) -> Result<Attached> {
         let mut attached = Attached::default();
         for name in PROGRAMS {
             let pin = self.pins.link(name);
             let link_error = |action: &'static str| {
-                move |source| Error::Link {
+                move |source| KernelError::Link {
                     program: name,
                     action,
                     source,
                 }
             };
             let Some(old) =
-                pins::open_pinned(&pin).map_err(link_error("opening the pinned link"))?
+                sys::open_pinned(&pin).map_err(link_error("opening the pinned link"))?
             else {
                 let link = self.new_link(name, cgroup)?;
-                link.pin(&pin).map_err(|source| Error::Link {
+                link.pin(&pin).map_err(|source| KernelError::Link {
                     program: name,
                     action: "pinning the link",
                     source: std::io::Error::other(source),
@@ -546,22 +687,22 @@ impl Kernel {
                 attached.created += 1;
                 continue;
             };
-            let state = pins::link_info(old.as_fd_borrowed())
+            let state = sys::link_info(old.as_fd_borrowed())
                 .map_err(link_error("reading the pinned link"))?;
             if state.cgroup_id == cgroup.id {
                 let program = self
                     .ebpf
                     .program(name)
-                    .ok_or(Error::MissingInObject {
+                    .ok_or(KernelError::MissingInObject {
                         kind: "program",
                         name,
                     })?
                     .fd()
-                    .map_err(|source| Error::LoadProgram {
+                    .map_err(|source| KernelError::LoadProgram {
                         program: name,
                         source,
                     })?;
-                pins::link_update(old.as_fd_borrowed(), program.as_fd())
+                sys::link_update(old.as_fd_borrowed(), program.as_fd())
                     .map_err(link_error("switching the pinned link to the new program"))?;
                 attached.updated += 1;
                 continue;
@@ -570,12 +711,12 @@ impl Kernel {
             let staging = pin.with_file_name(format!("{name}-staging"));
             let _ = std::fs::remove_file(&staging);
             let link = self.new_link(name, cgroup)?;
-            link.pin(&staging).map_err(|source| Error::Link {
+            link.pin(&staging).map_err(|source| KernelError::Link {
                 program: name,
                 action: "pinning the new link",
                 source: std::io::Error::other(source),
             })?;
-            if let Err(err) = pins::link_detach(old.as_fd_borrowed()) {
+            if let Err(err) = sys::link_detach(old.as_fd_borrowed()) {
                 // Its cgroup is gone already: nothing to detach.
                 debug!(program = name, "old link not detached: {err}");
             }
@@ -605,16 +746,16 @@ impl Kernel {
     }
 
     fn new_link(&mut self, name: &'static str, cgroup: &Cgroup) -> Result<FdLink> {
-        let file = File::open(&cgroup.dir).map_err(|source| Error::InspectCgroup {
+        let file = File::open(&cgroup.dir).map_err(|source| CgroupError::Inspect {
             dir: cgroup.dir.clone(),
             source,
         })?;
-        let attach_error = |source| Error::Attach {
+        let attach_error = |source| KernelError::Attach {
             program: name,
             cgroup: cgroup.dir.clone(),
             source,
         };
-        let pinnable = |source: aya::programs::links::LinkError| Error::Link {
+        let pinnable = |source: aya::programs::links::LinkError| KernelError::Link {
             program: name,
             action: "making the link pinnable (needs Linux 5.7+)",
             source: std::io::Error::other(source),
@@ -629,23 +770,23 @@ impl Kernel {
                 )
                 .map_err(attach_error)?;
             let link = program.take_link(id).map_err(attach_error)?;
-            return FdLink::try_from(link).map_err(pinnable);
+            return Ok(FdLink::try_from(link).map_err(pinnable)?);
         }
         let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
         let id = program
             .attach(file.as_fd(), multi_attach_mode())
             .map_err(attach_error)?;
         let link = program.take_link(id).map_err(attach_error)?;
-        FdLink::try_from(link).map_err(pinnable)
+        Ok(FdLink::try_from(link).map_err(pinnable)?)
     }
 
     /// Writes what the agent says about itself.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::WriteMap`].
-    pub fn set_agent_info(&mut self, info: &AgentInfo) -> Result<()> {
+    /// [`KernelError::OpenMap`] or [`KernelError::WriteMap`].
+    pub fn set_agent_info(&mut self, info: &AgentInfo) -> Result<(), KernelError> {
         let mut map: Array<_, AgentInfo> = maps::agent(&mut self.ebpf)?;
-        map.set(0, info, 0).map_err(|source| Error::WriteMap {
+        map.set(0, info, 0).map_err(|source| KernelError::WriteMap {
             map: AGENT,
             what: "the agent's record".into(),
             source,
@@ -655,14 +796,14 @@ impl Kernel {
     /// Attempts decided by each rule of `generation` (index 0: by no rule), summed over CPUs.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::ReadMap`].
-    pub fn rule_counts(&mut self, generation: u32, rules: u32) -> Result<Vec<u64>> {
+    /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
+    pub fn rule_counts(&mut self, generation: u32, rules: u32) -> Result<Vec<u64>, KernelError> {
         let map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
         (0..=rules.min(MAX_RULES))
             .map(|rule| {
                 map.get(&rule_counter_index(generation, rule), 0)
                     .map(|values| values.iter().sum())
-                    .map_err(|source| Error::ReadMap {
+                    .map_err(|source| KernelError::ReadMap {
                         map: RULE_COUNTERS,
                         source,
                     })
@@ -670,30 +811,20 @@ impl Kernel {
             .collect()
     }
 
-    fn zero_rule_counts(&mut self, generation: u32) -> Result<()> {
+    fn zero_rule_counts(&mut self, generation: u32) -> Result<(), KernelError> {
         let mut map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::WriteMap {
-            map: RULE_COUNTERS,
-            what: "zeroes (counting CPUs)".into(),
-            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: source,
-            }),
-        })?;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, source)| KernelError::PossibleCpus { source })?;
         for rule in 0..=MAX_RULES {
-            let written = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
-                .map_err(|io_error| {
-                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                        call: "per-cpu values",
-                        io_error,
-                    })
-                })
-                .and_then(|zeroes| map.set(rule_counter_index(generation, rule), zeroes, 0));
-            written.map_err(|source| Error::WriteMap {
-                map: RULE_COUNTERS,
-                what: format!("zero count of rule {rule}"),
-                source,
-            })?;
+            // One value per possible CPU, as many as were just counted: only a wrong count fails.
+            let zeroes = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(|source| KernelError::PossibleCpus { source })?;
+            map.set(rule_counter_index(generation, rule), zeroes, 0)
+                .map_err(|source| KernelError::WriteMap {
+                    map: RULE_COUNTERS,
+                    what: format!("zero count of rule {rule}"),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -701,24 +832,24 @@ impl Kernel {
     /// Takes the event ring buffer out of the object, for the event loop.
     ///
     /// # Errors
-    /// [`Error::MissingInObject`] when already taken, [`Error::OpenMap`].
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+    /// [`KernelError::MissingInObject`] when already taken, [`KernelError::OpenMap`].
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
         maps::take_events(&mut self.ebpf)
     }
 
     /// Takes the fold map out of the object (the programs keep using it), for the reporter.
     ///
     /// # Errors
-    /// [`Error::MissingInObject`] or [`Error::OpenMap`].
-    pub fn take_folds(&mut self) -> Result<HashMap<MapData, FoldKey, FoldValue>> {
+    /// [`KernelError::MissingInObject`] or [`KernelError::OpenMap`].
+    pub fn take_folds(&mut self) -> Result<HashMap<MapData, FoldKey, FoldValue>, KernelError> {
         maps::take_folds(&mut self.ebpf)
     }
 
     /// Sums the per-CPU counters.
     ///
     /// # Errors
-    /// [`Error::OpenMap`] or [`Error::ReadMap`].
-    pub fn counters(&mut self) -> Result<Counters> {
+    /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
+    pub fn counters(&mut self) -> Result<Counters, KernelError> {
         maps::counters(&mut self.ebpf)
     }
 }
@@ -727,7 +858,7 @@ impl Kernel {
 /// that changed the layout without changing `MAPS_LAYOUT_VERSION`, and reading them would be
 /// reading garbage.
 fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
-    let object = aya_obj::Object::parse(OBJECT).map_err(|source| Error::LoadObject {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|source| KernelError::LoadObject {
         source: aya::EbpfError::ParseError(source),
     })?;
     for name in imds_guard_common::maps::ALL {
@@ -736,10 +867,10 @@ fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
             continue;
         }
         let Some(expected) = object.maps.get(name) else {
-            return Err(Error::MissingInObject { kind: "map", name });
+            return Err(KernelError::MissingInObject { kind: "map", name }.into());
         };
         let pinned = aya::maps::MapInfo::from_pin(&path)
-            .map_err(|source| Error::OpenMap { map: name, source })?;
+            .map_err(|source| KernelError::OpenMap { map: name, source })?;
         let layout = |key: u32, value: u32, entries: u32| format!("{key}/{value}/{entries}");
         let (have, want) = (
             layout(pinned.key_size(), pinned.value_size(), pinned.max_entries()),
@@ -750,12 +881,13 @@ fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
             ),
         );
         if have != want {
-            return Err(Error::PinnedMapMismatch {
+            return Err(PinError::MapMismatch {
                 map: name,
                 path,
                 pinned: have,
                 expected: want,
-            });
+            }
+            .into());
         }
     }
     Ok(())
@@ -783,10 +915,10 @@ fn insert_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
     map: &mut HashMap<&mut MapData, K, V>,
     name: &'static str,
     entries: &[(K, V)],
-) -> Result<()> {
+) -> Result<(), KernelError> {
     for (key, value) in entries {
         map.insert(key, value, 0)
-            .map_err(|source| Error::WriteMap {
+            .map_err(|source| KernelError::WriteMap {
                 map: name,
                 what: format!("{key:?}"),
                 source,
@@ -810,7 +942,7 @@ fn remove_where<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
     map: &mut HashMap<&mut MapData, K, V>,
     name: &'static str,
     remove: impl Fn(&K) -> bool,
-) -> Result<Vec<K>> {
+) -> Result<Vec<K>, KernelError> {
     let (removed, kept): (Vec<K>, Vec<K>) = collect_keys(map.keys(), name)?
         .into_iter()
         .partition(|key| remove(key));
@@ -823,17 +955,17 @@ fn remove_where<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
 fn collect_keys<K>(
     keys: impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>,
     map: &'static str,
-) -> Result<Vec<K>> {
+) -> Result<Vec<K>, KernelError> {
     keys.collect::<std::result::Result<_, _>>()
-        .map_err(|source| Error::ReadMap { map, source })
+        .map_err(|source| KernelError::ReadMap { map, source })
 }
 
 fn remove<K: std::fmt::Debug>(
     result: std::result::Result<(), aya::maps::MapError>,
     map: &'static str,
     key: &K,
-) -> Result<()> {
-    result.map_err(|source| Error::WriteMap {
+) -> Result<(), KernelError> {
+    result.map_err(|source| KernelError::WriteMap {
         map,
         what: format!("removal of {key:?}"),
         source,
@@ -846,30 +978,25 @@ fn remove<K: std::fmt::Debug>(
 /// waits for an RCU grace period (`synchronize_rcu`). Where membarrier is refused (`nohz_full`
 /// kernels), a pause thousands of times longer than a program run stands in.
 fn wait_for_running_programs() {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-    // SAFETY: membarrier takes no pointers.
-    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if result != 0 {
-        debug!(
-            "membarrier refused ({}); pausing instead",
-            std::io::Error::last_os_error()
-        );
+    use rustix::thread::{MembarrierCommand, membarrier};
+    if let Err(errno) = membarrier(MembarrierCommand::Global) {
+        debug!("membarrier refused ({errno}); pausing instead");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
 /// Program `name` of the object, as its type (`CgroupSockAddr`, `CgroupSkb`).
-fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
-        .ok_or(Error::MissingInObject {
+        .ok_or(KernelError::MissingInObject {
             kind: "program",
             name,
         })?
         .try_into()
-        .map_err(|source| Error::LoadProgram {
+        .map_err(|source| KernelError::LoadProgram {
             program: name,
             source,
         })
@@ -880,25 +1007,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capabilities_from_status() {
-        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
-        assert_eq!(effective_capabilities("Name:\tx\n"), None);
-    }
-
-    #[test]
     fn which_capabilities_are_missing() {
-        assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), None);
+        assert_eq!(missing_capabilities(CapabilitySet::SYS_ADMIN), None);
         assert_eq!(
-            missing_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)),
+            missing_capabilities(CapabilitySet::BPF | CapabilitySet::NET_ADMIN),
             None
         );
         assert_eq!(
-            missing_capabilities(1 << CAP_BPF).as_deref(),
+            missing_capabilities(CapabilitySet::BPF | CapabilitySet::SYS_PTRACE).as_deref(),
             Some("CAP_NET_ADMIN")
         );
         assert_eq!(
-            missing_capabilities(0).as_deref(),
+            missing_capabilities(CapabilitySet::empty()).as_deref(),
             Some("CAP_BPF and CAP_NET_ADMIN")
         );
     }

@@ -7,19 +7,11 @@
 //! <pin dir>/maps-v3/ALLOW …       the maps, in a directory per map layout version
 //! ```
 //!
-//! aya pins maps and links but does not expose the link operations an adoption needs
-//! (`BPF_LINK_UPDATE`, `BPF_LINK_DETACH`, the cgroup a link is on), so those few `bpf()` calls
-//! are made here.
+//! aya pins maps and links but lacks the link operations an adoption needs; those few `bpf()`
+//! calls are in [`crate::kernel::sys`].
 
 use std::{
-    ffi::CString,
-    fmt::Write as _,
     fs, io,
-    mem::size_of,
-    os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
     path::{Path, PathBuf},
 };
 
@@ -31,14 +23,63 @@ use nix::{
 use tracing::info;
 
 use crate::{
-    error::{Error, Result},
+    error::{KernelError, Result},
     host::cgroups::{Cgroup, Hierarchy},
-    kernel::PROGRAMS,
+    kernel::{PROGRAMS, sys},
     policy::compile::is_within,
 };
 
 /// Where the agent pins its links and maps when `--pin-dir` is not given.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imds-guard";
+
+/// What went wrong with the pins.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The pin directory cannot be prepared or cleaned.
+    #[error("pin directory {}: {what} failed: {source}", dir.display())]
+    Dir {
+        /// The pin directory.
+        dir: PathBuf,
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The pinned links guard a cgroup outside the new attach point.
+    #[error(
+        "the links pinned in {} guard cgroup {guarded}, which is not inside {target}: moving \
+         enforcement to {target} would leave {guarded} unguarded. If that is what you want, \
+         run `imds-guard detach --pin-dir {}` first (enforcement stops until the next start); \
+         to guard both, give this agent another --pin-dir",
+        dir.display(),
+        dir.display()
+    )]
+    Elsewhere {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The cgroup the pinned links are attached to (its path, or its id if unresolvable).
+        guarded: String,
+        /// The attach point asked for.
+        target: String,
+    },
+    /// A pinned map has another layout than this build's.
+    #[error(
+        "pinned map {map} ({}) has layout {pinned} (key/value/entries) where this build expects \
+         {expected}: it belongs to an incompatible build; `imds-guard detach` removes it \
+         (enforcement stops until the next start)",
+        path.display()
+    )]
+    MapMismatch {
+        /// The map.
+        map: &'static str,
+        /// Its pin.
+        path: PathBuf,
+        /// The pinned map's layout.
+        pinned: String,
+        /// This build's.
+        expected: String,
+    },
+}
 
 /// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
 const BPF_FS_MAGIC: FsType = FsType(0xcafe_4a11);
@@ -110,9 +151,9 @@ impl PinDir {
     /// a bpf filesystem is mounted there (as systemd does on `/sys/fs/bpf`).
     ///
     /// # Errors
-    /// [`Error::PinDir`] when the directory cannot be made or the filesystem mounted.
-    pub fn prepare(&self) -> Result<()> {
-        let pin_error = |what: &str, source: io::Error| Error::PinDir {
+    /// [`PinError::Dir`] when the directory cannot be made or the filesystem mounted.
+    pub fn prepare(&self) -> Result<(), PinError> {
+        let pin_error = |what: &str, source: io::Error| PinError::Dir {
             dir: self.root.clone(),
             what: what.to_owned(),
             source,
@@ -144,12 +185,12 @@ impl PinDir {
     /// and removes every pin and the directory. Returns the programs detached.
     ///
     /// # Errors
-    /// [`Error::PinDir`] for the first pin that could not be removed (the rest are still tried).
-    pub fn remove_all(&self) -> Result<Vec<String>> {
+    /// [`PinError::Dir`] for the first pin that could not be removed (the rest are still tried).
+    pub fn remove_all(&self) -> Result<Vec<String>, PinError> {
         let mut detached = Vec::new();
         let mut first_error = None;
         let mut fail = |what: String, source: io::Error| {
-            first_error.get_or_insert(Error::PinDir {
+            first_error.get_or_insert(PinError::Dir {
                 dir: self.root.clone(),
                 what,
                 source,
@@ -169,8 +210,8 @@ impl PinDir {
         }
         for name in links {
             let path = self.links_dir().join(&name);
-            match open_pinned(&path) {
-                Ok(Some(link)) => match link_detach(link.as_fd_borrowed()) {
+            match sys::open_pinned(&path) {
+                Ok(Some(link)) => match sys::link_detach(link.as_fd_borrowed()) {
                     Ok(()) => detached.push(name),
                     Err(err) => fail(format!("detaching {}", path.display()), err),
                 },
@@ -214,26 +255,26 @@ impl PinDir {
     /// pass through) can be taken over. Logs what will be replaced.
     ///
     /// # Errors
-    /// [`Error::PinnedElsewhere`] when a link guards a cgroup that still exists outside
+    /// [`PinError::Elsewhere`] when a link guards a cgroup that still exists outside
     /// `target`: moving would leave it unguarded, which only the operator may decide.
-    /// [`Error::Link`] when a pinned link cannot be read.
+    /// [`KernelError::Link`] when a pinned link cannot be read.
     pub fn check_takeover(&self, target: &Cgroup, hierarchy: &Hierarchy) -> Result<()> {
         let mut reported = Vec::new();
         for program in PROGRAMS {
             let link_error = |action: &'static str| {
-                move |source| Error::Link {
+                move |source| KernelError::Link {
                     program,
                     action,
                     source,
                 }
             };
-            let Some(link) =
-                open_pinned(&self.link(program)).map_err(link_error("opening the pinned link"))?
+            let Some(link) = sys::open_pinned(&self.link(program))
+                .map_err(link_error("opening the pinned link"))?
             else {
                 continue;
             };
-            let state =
-                link_info(link.as_fd_borrowed()).map_err(link_error("reading the pinned link"))?;
+            let state = sys::link_info(link.as_fd_borrowed())
+                .map_err(link_error("reading the pinned link"))?;
             if state.cgroup_id == target.id || reported.contains(&state.cgroup_id) {
                 continue;
             }
@@ -256,11 +297,12 @@ impl PinDir {
                     "moving enforcement to a cgroup that contains the one the pinned links guard"
                 ),
                 guarded => {
-                    return Err(Error::PinnedElsewhere {
+                    return Err(PinError::Elsewhere {
                         dir: self.root.clone(),
                         guarded: guarded.unwrap_or_else(|| format!("with id {}", state.cgroup_id)),
                         target: target.path.clone(),
-                    });
+                    }
+                    .into());
                 }
             }
         }
@@ -280,163 +322,6 @@ pub fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC)
 }
 
-/// An open BPF object (link, program or map).
-#[derive(Debug)]
-pub struct BpfFd(OwnedFd);
-
-impl BpfFd {
-    /// The descriptor, borrowed.
-    #[must_use]
-    pub fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.0)
-    }
-}
-
-/// What a pinned cgroup link is: its program and where it is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkState {
-    /// The link's id.
-    pub id: u32,
-    /// The program it runs.
-    pub program_id: u32,
-    /// The cgroup it is attached to; 0 once that cgroup is gone.
-    pub cgroup_id: u64,
-    /// `BPF_CGROUP_INET4_CONNECT` and so on.
-    pub attach_type: u32,
-}
-
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_DETACH: libc::c_long = 34;
-
-/// `bpf(cmd, attr, size)`, returning the non-negative result.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, valid for reads
-    // and writes of `size_of::<T>()` bytes; the kernel zero-extends shorter attrs.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr).cast::<libc::c_void>(),
-            size_of::<T>(),
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
-    }
-}
-
-fn owned(fd: i64) -> io::Result<OwnedFd> {
-    let fd = i32::try_from(fd).map_err(|_| io::Error::other("descriptor out of range"))?;
-    // SAFETY: the kernel just returned this new descriptor, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Opens the object pinned at `path`; `None` when nothing is pinned there.
-///
-/// # Errors
-/// Any other failure of `BPF_OBJ_GET`.
-pub fn open_pinned(path: &Path) -> io::Result<Option<BpfFd>> {
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    match bpf(BPF_OBJ_GET, &mut attr) {
-        Ok(fd) => Ok(Some(BpfFd(owned(fd)?))),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(err),
-    }
-}
-
-/// Reads `size` bytes of an object's info (`struct bpf_*_info`) into `buffer`.
-fn object_info(fd: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<()> {
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = GetInfo {
-        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?,
-        info_len: u32::try_from(buffer.len()).map_err(io::Error::other)?,
-        info: buffer.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
-}
-
-fn u32_at(buffer: &[u8], offset: usize) -> u32 {
-    u32::from_ne_bytes(buffer[offset..offset + 4].try_into().unwrap_or_default())
-}
-
-fn u64_at(buffer: &[u8], offset: usize) -> u64 {
-    u64::from_ne_bytes(buffer[offset..offset + 8].try_into().unwrap_or_default())
-}
-
-/// What a cgroup link is attached to (`struct bpf_link_info`: type, id, `prog_id`, then the
-/// 8-aligned union whose `cgroup` member is `cgroup_id`, `attach_type`).
-///
-/// # Errors
-/// When the kernel refuses `BPF_OBJ_GET_INFO_BY_FD`.
-pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkState> {
-    let mut buffer = [0u8; 64];
-    object_info(link, &mut buffer)?;
-    Ok(LinkState {
-        id: u32_at(&buffer, 4),
-        program_id: u32_at(&buffer, 8),
-        cgroup_id: u64_at(&buffer, 16),
-        attach_type: u32_at(&buffer, 24),
-    })
-}
-
-/// Makes `link` run `program` instead of its current one, atomically: every attempt is judged
-/// by one or the other (Linux 5.7+).
-///
-/// # Errors
-/// When the kernel refuses `BPF_LINK_UPDATE` (a program of another type, say).
-pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let mut attr = LinkUpdate {
-        link_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
-        new_prog_fd: u32::try_from(program.as_raw_fd()).map_err(io::Error::other)?,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
-}
-
-/// Detaches `link` now, whoever else holds it (Linux 5.9+).
-///
-/// # Errors
-/// When the kernel refuses `BPF_LINK_DETACH`.
-pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    #[repr(C)]
-    struct LinkDetach {
-        link_fd: u32,
-    }
-    let mut attr = LinkDetach {
-        link_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
-    };
-    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
-}
-
 /// A loaded program, as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ProgramState {
@@ -448,41 +333,22 @@ pub struct ProgramState {
     pub tag: String,
 }
 
-/// The program with `id` (`struct bpf_prog_info`: `tag` at 8, `name` at 64).
+/// The loaded program with `id`, if there is one.
 ///
 /// # Errors
-/// When no such program is loaded.
-pub fn program_state(id: u32) -> io::Result<ProgramState> {
-    #[repr(C)]
-    struct GetFdById {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
+/// When the loaded programs cannot be listed.
+pub fn program_state(id: u32) -> Result<Option<ProgramState>, aya::programs::ProgramError> {
+    for program in aya::programs::loaded_programs() {
+        let program = program?;
+        if program.id() == id {
+            return Ok(Some(ProgramState {
+                id,
+                name: String::from_utf8_lossy(program.name()).into_owned(),
+                tag: format!("{:016x}", program.tag()),
+            }));
+        }
     }
-    let mut attr = GetFdById {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let fd = owned(bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?)?;
-    let mut buffer = [0u8; 128];
-    object_info(std::os::fd::AsFd::as_fd(&fd), &mut buffer)?;
-    let tag = buffer[8..16]
-        .iter()
-        .fold(String::with_capacity(16), |mut tag, byte| {
-            let _ = write!(tag, "{byte:02x}");
-            tag
-        });
-    let name_bytes = &buffer[64..80];
-    let end = name_bytes
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(name_bytes.len());
-    Ok(ProgramState {
-        id: u32_at(&buffer, 4),
-        name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(),
-        tag,
-    })
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -503,10 +369,8 @@ mod tests {
     }
 
     #[test]
-    fn nothing_pinned_is_none() {
-        // Not a bpf filesystem: BPF_OBJ_GET fails, but not with "no such file".
+    fn a_tmpfs_is_not_a_bpffs() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(open_pinned(&dir.path().join("absent")).unwrap().is_none());
         assert!(!is_bpffs(dir.path()));
     }
 }

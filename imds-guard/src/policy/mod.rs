@@ -1,6 +1,7 @@
 //! The policy: settings resolved against this host ([`Policy::resolve`]: user and group names
 //! looked up, cgroup patterns compiled), and which rules apply to a task in a given cgroup
-//! ([`Policy::rules_in`]). What the kernel maps hold for it is [`crate::policy::compile`]'s business.
+//! ([`Policy::rules_in`]). What the kernel maps hold for it is [`crate::policy::compile`]'s
+//! business.
 
 pub mod compile;
 
@@ -12,7 +13,7 @@ use imds_guard_common::policy::MAX_CGROUP_LEVEL;
 use crate::config::glob::compile_glob;
 use crate::{
     config::{Config, Containers, Mode, Principal, Rule, Setting},
-    error::{Error, Origin, Result},
+    error::{ConfigError, Error, Origin, Result},
     host::cgroups::Hierarchy,
     host::workload,
 };
@@ -139,8 +140,8 @@ impl Policy {
     /// patterns to matchers.
     ///
     /// # Errors
-    /// [`Error::InvalidSetting`] for an unknown user or group, a bad pattern, or a rule that
-    /// repeats an earlier one; [`Error::CgroupNotFound`] for an `allow_cgroup` that does not
+    /// [`ConfigError::Invalid`] for an unknown user or group, a bad pattern, or a rule that repeats
+    /// an earlier one; [`crate::error::CgroupError::NotFound`] for an `allow_cgroup` that does not
     /// exist.
     pub fn resolve(config: &Config, hierarchy: &Hierarchy) -> Result<Self> {
         let mut patterns: Vec<Pattern> = Vec::new();
@@ -201,13 +202,14 @@ impl Policy {
                     // An option repeating the file's rule adds nothing.
                     continue;
                 }
-                return Err(Error::InvalidSetting {
+                return Err(ConfigError::Invalid {
                     origin: resolved.origin,
                     message: format!(
                         "duplicate rule: the rule at {} ({}) already has these conditions",
                         earlier.origin, earlier.name
                     ),
-                });
+                }
+                .into());
             }
             rules.push(resolved);
         }
@@ -508,9 +510,11 @@ pub fn beyond_the_system_manager(parent: &str) -> bool {
 
 /// A `cgroup`/`not_cgroup` value as a hierarchy path pattern; `allow_cgroup` values must exist.
 fn path_pattern(hierarchy: &Hierarchy, rule: &Rule, item: &Setting<String>) -> Result<Pattern> {
-    let invalid = |message| Error::InvalidSetting {
-        origin: item.origin.clone(),
-        message,
+    let invalid = |message| {
+        Error::from(ConfigError::Invalid {
+            origin: item.origin.clone(),
+            message,
+        })
     };
     let path = hierarchy.hierarchy_path(&item.value).map_err(invalid)?;
     if rule.cgroup_must_exist {
@@ -565,7 +569,7 @@ fn resolve_uid(uid: &Principal, origin: &Origin) -> Result<u32> {
 /// A gid as written: a number, or a group name looked up in the group database.
 ///
 /// # Errors
-/// [`Error::InvalidSetting`] for an unknown group.
+/// [`ConfigError::Invalid`] for an unknown group.
 pub(crate) fn resolve_gid(gid: &Principal, origin: &Origin) -> Result<u32> {
     resolve(gid, origin, "group", "getent group", |name| {
         nix::unistd::Group::from_name(name).map(|group| group.map(|group| group.gid.as_raw()))
@@ -580,9 +584,11 @@ fn resolve(
     command: &str,
     lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
 ) -> Result<u32> {
-    let invalid = |message| Error::InvalidSetting {
-        origin: origin.clone(),
-        message,
+    let invalid = |message| {
+        Error::from(ConfigError::Invalid {
+            origin: origin.clone(),
+            message,
+        })
     };
     match principal {
         Principal::Id(id) => Ok(*id),

@@ -1,0 +1,190 @@
+//! The raw `bpf()` calls aya lacks, each named after the aya API that would replace it.
+//!
+//! The agent adopts the links a predecessor pinned: it opens them, reads which cgroup each is
+//! on, swaps its own programs into them and, on `detach`, detaches them whoever holds them. In
+//! aya 0.14 `PinnedLink::from_pin` opens a pinned link, but the `FdLink` it gives does not
+//! expose its descriptor, which the three calls after it need; `LinkInfo` has no accessor for
+//! the cgroup a link is on; `bpf_link_update` is crate-private; and there is no
+//! `BPF_LINK_DETACH` (`FdLink::detach` only closes the descriptor).
+
+use std::{
+    ffi::CString,
+    io,
+    mem::size_of,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+/// An open BPF object (link, program or map).
+#[derive(Debug)]
+pub struct BpfFd(OwnedFd);
+
+impl BpfFd {
+    /// The descriptor, borrowed.
+    #[must_use]
+    pub fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+}
+
+/// What a pinned cgroup link is: its program and where it is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    /// The link's id.
+    pub id: u32,
+    /// The program it runs.
+    pub program_id: u32,
+    /// The cgroup it is attached to; 0 once that cgroup is gone.
+    pub cgroup_id: u64,
+    /// `BPF_CGROUP_INET4_CONNECT` and so on.
+    pub attach_type: u32,
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `bpf(cmd, attr, size)`, returning the non-negative result.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, valid for reads
+    // and writes of `size_of::<T>()` bytes; the kernel zero-extends shorter attrs.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            size_of::<T>(),
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn owned(fd: i64) -> io::Result<OwnedFd> {
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("descriptor out of range"))?;
+    // SAFETY: the kernel just returned this new descriptor, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the object pinned at `path`; `None` when nothing is pinned there. (aya:
+/// `PinnedLink::from_pin`, whose `FdLink` keeps its descriptor to itself.)
+///
+/// # Errors
+/// Any other failure of `BPF_OBJ_GET`.
+pub fn open_pinned(path: &Path) -> io::Result<Option<BpfFd>> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    match bpf(BPF_OBJ_GET, &mut attr) {
+        Ok(fd) => Ok(Some(BpfFd(owned(fd)?))),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Reads `size` bytes of an object's info (`struct bpf_*_info`) into `buffer`.
+fn object_info(fd: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<()> {
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = GetInfo {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?,
+        info_len: u32::try_from(buffer.len()).map_err(io::Error::other)?,
+        info: buffer.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
+fn u32_at(buffer: &[u8], offset: usize) -> u32 {
+    u32::from_ne_bytes(buffer[offset..offset + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(buffer: &[u8], offset: usize) -> u64 {
+    u64::from_ne_bytes(buffer[offset..offset + 8].try_into().unwrap_or_default())
+}
+
+/// What a cgroup link is attached to (`struct bpf_link_info`: type, id, `prog_id`, then the
+/// 8-aligned union whose `cgroup` member is `cgroup_id`, `attach_type`). (aya: `LinkInfo`,
+/// which has no accessor for that union.)
+///
+/// # Errors
+/// When the kernel refuses `BPF_OBJ_GET_INFO_BY_FD`.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkState> {
+    let mut buffer = [0u8; 64];
+    object_info(link, &mut buffer)?;
+    Ok(LinkState {
+        id: u32_at(&buffer, 4),
+        program_id: u32_at(&buffer, 8),
+        cgroup_id: u64_at(&buffer, 16),
+        attach_type: u32_at(&buffer, 24),
+    })
+}
+
+/// Makes `link` run `program` instead of its current one, atomically: every attempt is judged
+/// by one or the other (Linux 5.7+). (aya: its `bpf_link_update` is crate-private.)
+///
+/// # Errors
+/// When the kernel refuses `BPF_LINK_UPDATE` (a program of another type, say).
+pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
+        new_prog_fd: u32::try_from(program.as_raw_fd()).map_err(io::Error::other)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Detaches `link` now, whoever else holds it (Linux 5.9+). (aya has no `BPF_LINK_DETACH`:
+/// `FdLink::detach` closes the descriptor, which leaves a pinned link attached.)
+///
+/// # Errors
+/// When the kernel refuses `BPF_LINK_DETACH`.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let mut attr = LinkDetach {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_pinned_is_none() {
+        // Not a bpf filesystem: BPF_OBJ_GET fails, but not with "no such file".
+        let dir = tempfile::tempdir().unwrap();
+        assert!(open_pinned(&dir.path().join("absent")).unwrap().is_none());
+    }
+}
