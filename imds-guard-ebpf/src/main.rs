@@ -9,7 +9,7 @@
 //! ordinary binary that only says where the programs belong, so the whole workspace lints.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The BPF target has no atomic read-modify-write types: `report::atomic_increment` uses the
+// The BPF target has no atomic read-modify-write types: `record::atomic_increment` uses the
 // intrinsic, which compiles to BPF's `lock xadd`.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
@@ -21,7 +21,7 @@
 mod maps;
 mod packet;
 mod protected;
-mod report;
+mod record;
 mod task;
 mod verdict;
 

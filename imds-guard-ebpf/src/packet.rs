@@ -36,7 +36,7 @@ use imds_guard_common::{
 use crate::{
     maps::SOCKET_VERDICTS,
     protected::{self, Destination},
-    report::{self, Attempt, Identity},
+    record::{self, Attempt, Identity},
     task, verdict,
 };
 
@@ -222,7 +222,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             .map_or(0, u16::from_be),
         _ => 0,
     };
-    report::event(
+    record::event(
         &Attempt {
             verdict,
             rule,

@@ -21,7 +21,7 @@ use imds_guard_common::{
 use crate::{
     maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
     protected::{self, Destination},
-    report::{self, Attempt},
+    record::{self, Attempt},
     task,
 };
 
@@ -116,7 +116,7 @@ fn judge_protected(
     let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
     // The process id: the high half.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    report::event(
+    record::event(
         &Attempt {
             verdict,
             rule,
@@ -144,9 +144,9 @@ fn judge_protected(
                 0
             },
         },
-        report::current_cgroup_id(),
+        record::current_cgroup_id(),
         tgid,
-        report::Identity::current_task,
+        record::Identity::current_task,
     );
     if verdict == VERDICT_DENY {
         REJECT
@@ -178,8 +178,8 @@ fn remember(ctx: &SockAddrContext, destination: Destination, verdict: u8) {
 
 /// Counts a judged attempt by verdict and by rule.
 pub fn count(generation: u32, verdict: u8, rule: u32) {
-    report::count_rule(generation, rule);
-    report::count(match verdict {
+    record::count_rule(generation, rule);
+    record::count(match verdict {
         VERDICT_ALLOW => COUNTER_ALLOWED,
         VERDICT_AUDIT => COUNTER_AUDITED,
         _ => COUNTER_DENIED,
@@ -213,7 +213,7 @@ pub struct CurrentCgroup;
 
 impl Cgroup for CurrentCgroup {
     fn own(&self) -> u64 {
-        report::current_cgroup_id()
+        record::current_cgroup_id()
     }
 
     fn ancestor(&self, level: u32) -> u64 {

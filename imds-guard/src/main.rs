@@ -16,13 +16,13 @@ fn main() -> ExitCode {
         .init();
     let result = match &cli.command {
         Command::Run(args) => imds_guard::agent::run(args),
-        Command::Reload(args) => imds_guard::commands::reload(args),
-        Command::CheckConfig(args) => imds_guard::commands::check_config(args),
-        Command::Explain(args) => imds_guard::commands::explain(args),
-        Command::Detach(args) => imds_guard::commands::detach(args),
-        Command::Report(args) => imds_guard::commands::report(args),
+        Command::Reload(args) => imds_guard::commands::reload::run(args),
+        Command::CheckConfig(args) => imds_guard::commands::check_config::run(args),
+        Command::Explain(args) => imds_guard::commands::explain::run(args),
+        Command::Detach(args) => imds_guard::commands::detach::run(args),
+        Command::Report(args) => imds_guard::commands::report::run(args),
         Command::Status(args) => {
-            if imds_guard::commands::status(args) {
+            if imds_guard::commands::status::run(args) {
                 Ok(())
             } else {
                 // Like `systemctl status`: 3 when the service is not doing its job.

@@ -51,18 +51,10 @@ pub struct Metrics {
     registry: Registry,
     attempts: Family<VerdictLabels, Counter>,
     by_rule: Family<RuleLabels, Counter>,
-    events_lost: Counter,
-    events_reported: Counter,
-    events_aggregated: Counter,
-    repeats_unreported: Counter,
+    events: EventMetrics,
     reloads: Counter,
     failed_reloads: Counter,
-    rules: Gauge,
-    cgroup_entries: Gauge,
-    cgroups_dropped: Gauge,
-    cgroups_unseen: Gauge,
-    rulesets: Gauge,
-    protected: Gauge,
+    policy: PolicyMetrics,
     /// Kernel totals at the last update.
     seen: Counters,
     /// Per-rule counts of each generation at the last update.
@@ -71,6 +63,115 @@ pub struct Metrics {
     /// update.
     events_seen: (u64, u64, u64),
     reloads_seen: (u32, u32),
+}
+
+/// Where every denied or audited attempt went: reported, aggregated, unreported or lost.
+struct EventMetrics {
+    lost: Counter,
+    reported: Counter,
+    aggregated: Counter,
+    unreported: Counter,
+}
+
+impl EventMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            lost: counter(
+                registry,
+                "events_lost",
+                "Denied or audited attempts whose event did not fit in the ring buffer",
+            ),
+            reported: counter(
+                registry,
+                "events_reported",
+                "Attempts reported at once, each as an event",
+            ),
+            aggregated: counter(
+                registry,
+                "events_aggregated",
+                "Repeats of a reported attempt, reported as counts in aggregate events (with \
+                 events_reported, events_lost and repeats_unreported: every denied or audited \
+                 attempt)",
+            ),
+            unreported: counter(
+                registry,
+                "repeats_unreported",
+                "Repeats whose fold entry was evicted before the agent reported them (found \
+                 when the agent walks the fold map; exact in the log when it stops)",
+            ),
+        }
+    }
+}
+
+/// The policy in force and how much of the cgroup tree it covers.
+struct PolicyMetrics {
+    rules: Gauge,
+    cgroup_entries: Gauge,
+    cgroups_dropped: Gauge,
+    cgroups_unseen: Gauge,
+    rulesets: Gauge,
+    protected: Gauge,
+}
+
+impl PolicyMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            rules: gauge(registry, "policy_rules", "Rules in the policy in force"),
+            cgroup_entries: gauge(
+                registry,
+                "policy_cgroup_entries",
+                "Cgroups with an entry in the policy in force",
+            ),
+            cgroups_dropped: gauge(
+                registry,
+                "policy_cgroups_dropped",
+                "Cgroups whose rules would add to their parent's but found no room in the map \
+                 (they keep their parent's: fail closed)",
+            ),
+            cgroups_unseen: gauge(
+                registry,
+                "cgroups_unseen",
+                "1 while cgroups newer than the agent's last complete view get only the rules \
+                 that hold in every cgroup (lost notifications being rescanned, or a full map)",
+            ),
+            rulesets: gauge(
+                registry,
+                "policy_rulesets",
+                "Distinct rule sets in the policy in force",
+            ),
+            protected: gauge(
+                registry,
+                "policy_protected_addresses",
+                "Protected destination addresses",
+            ),
+        }
+    }
+
+    fn set(&self, compiled: &Compiled, unseen: bool) {
+        let set = |gauge: &Gauge, value: usize| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        set(&self.rules, compiled.policy.rules.len());
+        set(&self.cgroup_entries, compiled.cgroup_entries());
+        set(&self.cgroups_dropped, compiled.dropped());
+        set(&self.cgroups_unseen, usize::from(unseen));
+        set(&self.rulesets, compiled.rulesets());
+        set(&self.protected, compiled.policy.protect.len());
+    }
+}
+
+/// A counter registered as `name`.
+fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+    let counter = Counter::default();
+    registry.register(name, help, counter.clone());
+    counter
+}
+
+/// A gauge registered as `name`.
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let gauge = Gauge::default();
+    registry.register(name, help, gauge.clone());
+    gauge
 }
 
 impl Metrics {
@@ -90,81 +191,22 @@ impl Metrics {
             "Connects and datagrams to protected addresses, by deciding rule (default: none)",
             by_rule.clone(),
         );
-        let counter = |registry: &mut Registry, name: &str, help: &str| {
-            let counter = Counter::default();
-            registry.register(name, help, counter.clone());
-            counter
-        };
-        let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let gauge = Gauge::default();
-            registry.register(name, help, gauge.clone());
-            gauge
-        };
+        let events = EventMetrics::register(&mut registry);
+        let reloads = counter(&mut registry, "reloads", "Policy reloads that took effect");
+        let failed_reloads = counter(
+            &mut registry,
+            "reloads_failed",
+            "Policy reloads refused (the policy in force stayed)",
+        );
+        let policy = PolicyMetrics::register(&mut registry);
         Self {
-            events_lost: counter(
-                &mut registry,
-                "events_lost",
-                "Denied or audited attempts whose event did not fit in the ring buffer",
-            ),
-            events_reported: counter(
-                &mut registry,
-                "events_reported",
-                "Attempts reported at once, each as an event",
-            ),
-            events_aggregated: counter(
-                &mut registry,
-                "events_aggregated",
-                "Repeats of a reported attempt, reported as counts in aggregate events (with \
-                 events_reported, events_lost and repeats_unreported: every denied or audited \
-                 attempt)",
-            ),
-            repeats_unreported: counter(
-                &mut registry,
-                "repeats_unreported",
-                "Repeats whose fold entry was evicted before the agent reported them (found \
-                 when the agent walks the fold map; exact in the log when it stops)",
-            ),
-            reloads: counter(&mut registry, "reloads", "Policy reloads that took effect"),
-            failed_reloads: counter(
-                &mut registry,
-                "reloads_failed",
-                "Policy reloads refused (the policy in force stayed)",
-            ),
-            rules: gauge(
-                &mut registry,
-                "policy_rules",
-                "Rules in the policy in force",
-            ),
-            cgroup_entries: gauge(
-                &mut registry,
-                "policy_cgroup_entries",
-                "Cgroups with an entry in the policy in force",
-            ),
-            cgroups_dropped: gauge(
-                &mut registry,
-                "policy_cgroups_dropped",
-                "Cgroups whose rules would add to their parent's but found no room in the map \
-                 (they keep their parent's: fail closed)",
-            ),
-            cgroups_unseen: gauge(
-                &mut registry,
-                "cgroups_unseen",
-                "1 while cgroups newer than the agent's last complete view get only the rules \
-                 that hold in every cgroup (lost notifications being rescanned, or a full map)",
-            ),
-            rulesets: gauge(
-                &mut registry,
-                "policy_rulesets",
-                "Distinct rule sets in the policy in force",
-            ),
-            protected: gauge(
-                &mut registry,
-                "policy_protected_addresses",
-                "Protected destination addresses",
-            ),
             registry,
             attempts,
             by_rule,
+            events,
+            reloads,
+            failed_reloads,
+            policy,
             seen: start,
             seen_by_rule: [Vec::new(), Vec::new()],
             events_seen: (0, 0, 0),
@@ -220,32 +262,20 @@ impl Metrics {
             add("allow", now.allowed, self.seen.allowed);
             add("deny", now.denied, self.seen.denied);
             add("audit", now.audited, self.seen.audited);
-            self.events_lost
-                .inc_by(now.events_lost.saturating_sub(self.seen.events_lost));
+            (self.events.lost).inc_by(now.events_lost.saturating_sub(self.seen.events_lost));
             self.seen = now;
         }
         self.fold_generation(kernel, compiled.generation(), &compiled.policy);
-        self.events_reported
-            .inc_by(events.0.saturating_sub(self.events_seen.0));
-        self.events_aggregated
-            .inc_by(events.1.saturating_sub(self.events_seen.1));
-        self.repeats_unreported
-            .inc_by(events.2.saturating_sub(self.events_seen.2));
+        (self.events.reported).inc_by(events.0.saturating_sub(self.events_seen.0));
+        (self.events.aggregated).inc_by(events.1.saturating_sub(self.events_seen.1));
+        (self.events.unreported).inc_by(events.2.saturating_sub(self.events_seen.2));
         self.events_seen = events;
         self.reloads
             .inc_by(u64::from(reloads.0.saturating_sub(self.reloads_seen.0)));
         self.failed_reloads
             .inc_by(u64::from(reloads.1.saturating_sub(self.reloads_seen.1)));
         self.reloads_seen = reloads;
-        let gauge = |gauge: &Gauge, value: usize| {
-            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
-        };
-        gauge(&self.rules, compiled.policy.rules.len());
-        gauge(&self.cgroup_entries, compiled.cgroup_entries());
-        gauge(&self.cgroups_dropped, compiled.dropped());
-        gauge(&self.cgroups_unseen, usize::from(unseen));
-        gauge(&self.rulesets, compiled.rulesets());
-        gauge(&self.protected, compiled.policy.protect.len());
+        self.policy.set(compiled, unseen);
     }
 
     /// The metrics in the `OpenMetrics` text format.
@@ -259,7 +289,6 @@ impl Metrics {
     }
 }
 
-/// The verdict rule `id` of `policy` gives.
 /// The verdict rule `id` of `policy` gives (0: none, the mode's), as the kernel decides it.
 fn rule_verdict(policy: &Policy, id: u32) -> &'static str {
     let rule = policy.rule(id).map(|rule| RuleValue {

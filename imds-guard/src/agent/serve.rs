@@ -109,14 +109,7 @@ pub async fn serve(
     mut pid_file: PidFile,
     metrics_listener: Option<std::net::TcpListener>,
 ) -> Result<()> {
-    let (scrape_sender, mut scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(8);
-    let metrics_on = metrics_listener.is_some();
-    if let Some(listener) = metrics_listener {
-        tokio::spawn(metrics::serve(listener, scrape_sender));
-    }
-    let mut signals = Signals::new()?;
-    let mut ring = pollable(events, |source| EventsError::Ring { source }.into())?;
-    let mut watcher = pollable(watcher, |source| CgroupError::Watch { source }.into())?;
+    let mut wakers = Wakers::new(events, watcher, metrics_listener)?;
     running.enforcement.record(true);
     // SIGHUP is handled from here on: `imds-guard reload` may find us now.
     pid_file.publish()?;
@@ -124,51 +117,95 @@ pub async fn serve(
     if let Err(err) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!("could not notify systemd of readiness: {err}");
     }
-    let mut timers = Timers::new();
     let outcome = loop {
-        let wake = tokio::select! {
-            _ = signals.term.recv() => Wake::Stop("SIGTERM"),
-            _ = signals.int.recv() => Wake::Stop("SIGINT"),
-            _ = signals.hup.recv() => Wake::Reload,
-            _ = timers.loss_check.tick() => Wake::LossCheck,
-            _ = timers.heartbeat.tick() => Wake::Heartbeat,
-            _ = timers.folds.tick() => Wake::Folds,
-            _ = timers.resync.tick() => Wake::Resync,
-            Some(scrape) = scrapes.recv(), if metrics_on => Wake::Scrape(scrape),
-            ready = watcher.readable_mut() => match ready.map(|mut guard| {
-                let changes = guard.get_inner_mut().changed();
-                guard.clear_ready();
-                changes.map(|changes| running.enforcement.follow(guard.get_inner_mut(), &changes))
-            }) {
-                Ok(Ok(rescan)) => Wake::Cgroups(rescan),
-                Ok(Err(source)) | Err(source) => break Err(CgroupError::Watch { source }.into()),
-            },
-            ready = ring.readable_mut() => match ready {
-                Ok(mut guard) => {
-                    if running.reporter.drain(guard.get_inner_mut()) {
-                        guard.clear_ready();
-                    } else {
-                        // More is waiting: let the runtime poll its drivers (signals, timers)
-                        // before the next batch, or a flood would starve them.
-                        drop(guard);
-                        tokio::task::yield_now().await;
-                    }
-                    Wake::Events
-                }
-                Err(source) => break Err(Error::from(EventsError::Ring { source })),
-            },
-        };
-        if let Wake::Stop(signal) = wake {
-            break Ok(signal);
+        match wakers.next(&mut running).await {
+            Ok(Wake::Stop(signal)) => break Ok(signal),
+            Ok(wake) => handle(
+                &mut running,
+                wake,
+                wakers.ring.get_mut(),
+                wakers.watcher.get_mut(),
+            ),
+            Err(err) => break Err(err),
         }
-        handle(&mut running, wake, ring.get_mut(), watcher.get_mut());
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let folded = running.enforcement.folded_total();
-    running.reporter.finish(ring.get_mut(), folded);
+    running.reporter.finish(wakers.ring.get_mut(), folded);
     running.enforcement.stopped(running.reporter.accounting());
     info!("stopped on {}", outcome?);
     Ok(())
+}
+
+/// Everything that wakes the agent: signals, timers, scrapes, events, cgroup changes.
+struct Wakers {
+    signals: Signals,
+    timers: Timers,
+    /// Scrapes from the metrics endpoint, when it serves.
+    scrapes: Option<tokio::sync::mpsc::Receiver<metrics::Scrape>>,
+    ring: AsyncFd<RingBuf<MapData>>,
+    watcher: AsyncFd<Watcher>,
+}
+
+impl Wakers {
+    fn new(
+        events: RingBuf<MapData>,
+        watcher: Watcher,
+        metrics_listener: Option<std::net::TcpListener>,
+    ) -> Result<Self> {
+        let scrapes = metrics_listener.map(|listener| {
+            let (sender, scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(8);
+            tokio::spawn(metrics::serve(listener, sender));
+            scrapes
+        });
+        Ok(Self {
+            signals: Signals::new()?,
+            timers: Timers::new(),
+            scrapes,
+            ring: pollable(events, |source| EventsError::Ring { source }.into())?,
+            watcher: pollable(watcher, |source| CgroupError::Watch { source }.into())?,
+        })
+    }
+
+    /// Waits for the next thing to do. Events and cgroup changes are handled here, while their
+    /// descriptor is known readable: reported, and followed in the maps.
+    async fn next(&mut self, running: &mut Running<'_>) -> Result<Wake> {
+        let scrape = async {
+            match &mut self.scrapes {
+                Some(scrapes) => scrapes.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        Ok(tokio::select! {
+            _ = self.signals.term.recv() => Wake::Stop("SIGTERM"),
+            _ = self.signals.int.recv() => Wake::Stop("SIGINT"),
+            _ = self.signals.hup.recv() => Wake::Reload,
+            _ = self.timers.loss_check.tick() => Wake::LossCheck,
+            _ = self.timers.heartbeat.tick() => Wake::Heartbeat,
+            _ = self.timers.folds.tick() => Wake::Folds,
+            _ = self.timers.resync.tick() => Wake::Resync,
+            Some(scrape) = scrape => Wake::Scrape(scrape),
+            ready = self.watcher.readable_mut() => {
+                let mut guard = ready.map_err(|source| CgroupError::Watch { source })?;
+                let changes = guard.get_inner_mut().changed();
+                guard.clear_ready();
+                let changes = changes.map_err(|source| CgroupError::Watch { source })?;
+                Wake::Cgroups(running.enforcement.follow(guard.get_inner_mut(), &changes))
+            }
+            ready = self.ring.readable_mut() => {
+                let mut guard = ready.map_err(|source| EventsError::Ring { source })?;
+                if running.reporter.drain(guard.get_inner_mut()) {
+                    guard.clear_ready();
+                } else {
+                    // More is waiting: let the runtime poll its drivers (signals, timers)
+                    // before the next batch, or a flood would starve them.
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                }
+                Wake::Events
+            }
+        })
+    }
 }
 
 /// Does what `wake` asks.

@@ -12,8 +12,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Containers,
-    error::{EventsError, Result},
+    cli::{ReportArgs, ReportFormat},
+    config::{Config, Containers, Overrides},
+    error::{ConfigError, EventsError, Result},
     host::workload::{self, Container, Placement},
 };
 
@@ -339,25 +340,8 @@ pub struct Base<'a> {
 /// and uid, with comments saying what was seen; in enforce mode. Denied workloads get no rule.
 ///
 /// # Errors
-/// [`EventsError::Stream`] when `base` is not valid TOML.
+/// [`ConfigError::Invalid`] when `base` is not valid TOML.
 pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result<String> {
-    let mut rules: BTreeMap<(Identity, u32), Vec<&Workload>> = BTreeMap::new();
-    for w in workloads.iter().filter(|w| w.audited > 0) {
-        // A unit rule names a unit of the system manager: one a user manager or a container
-        // named is told by its cgroup path instead.
-        let system_unit = w.unit.as_ref().filter(|_| {
-            w.cgroup.as_deref().is_none_or(|cgroup| {
-                let parent = cgroup.rsplit_once('/').map_or("", |(parent, _)| parent);
-                !crate::policy::beyond_the_system_manager(parent)
-            })
-        });
-        let identity = match (system_unit, &w.cgroup) {
-            (Some(unit), _) => Identity::Unit(unit.clone()),
-            (None, Some(cgroup)) => Identity::Cgroup(cgroup.clone()),
-            (None, None) => Identity::Anywhere,
-        };
-        rules.entry((identity, w.uid)).or_default().push(w);
-    }
     let denied: u64 = workloads.iter().map(|w| w.denied).sum();
     let mut out = String::from(
         "# Suggested by `imds-guard report --suggest-policy`: the policy the audit ran with, in\n\
@@ -375,8 +359,8 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
     match base {
         Some(base) => {
             let mut document: toml_edit::DocumentMut =
-                base.text.parse().map_err(|err| EventsError::Stream {
-                    at: base.path.to_owned(),
+                base.text.parse().map_err(|err| ConfigError::Invalid {
+                    origin: base.path.to_owned(),
                     message: format!("not a config: {err}"),
                 })?;
             document["mode"] = toml_edit::value("enforce");
@@ -393,40 +377,68 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
              containers = false\n",
         ),
     }
-    for ((identity, uid), seen) in &rules {
+    for ((identity, uid), seen) in &audited_by_identity(workloads) {
         out.push('\n');
         for w in seen {
-            let _ = writeln!(
-                out,
-                "# seen: {} attempts {} → {} as {}{}; {}; to {}",
-                w.audited,
-                w.first_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                w.last_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                w.uid,
-                w.user
-                    .as_ref()
-                    .map(|u| format!(" ({u})"))
-                    .unwrap_or_default(),
-                if w.exes.is_empty() {
-                    format!("comm {}", w.comms.join(", "))
-                } else {
-                    format!("exe {}", w.exes.join(", "))
-                },
-                w.destinations.join(", "),
-            );
-            if let Some(container) = &w.container {
-                let _ = writeln!(
-                    out,
-                    "# a container ({} {}): its id, so its unit or cgroup, changes when it is \
-                     re-created",
-                    container.runtime.as_deref().unwrap_or("runtime unknown"),
-                    container.id
-                );
-            }
+            write_seen(&mut out, w);
         }
         write_rule(&mut out, identity, *uid, seen);
     }
     Ok(out)
+}
+
+/// The workloads audit mode let through, by identity (its system manager's unit, else its
+/// cgroup path, else anywhere) and uid: one rule each.
+fn audited_by_identity(workloads: &[Workload]) -> BTreeMap<(Identity, u32), Vec<&Workload>> {
+    let mut rules: BTreeMap<(Identity, u32), Vec<&Workload>> = BTreeMap::new();
+    for w in workloads.iter().filter(|w| w.audited > 0) {
+        // A unit rule names a unit of the system manager: one a user manager or a container
+        // named is told by its cgroup path instead.
+        let system_unit = w.unit.as_ref().filter(|_| {
+            w.cgroup.as_deref().is_none_or(|cgroup| {
+                let parent = cgroup.rsplit_once('/').map_or("", |(parent, _)| parent);
+                !crate::policy::beyond_the_system_manager(parent)
+            })
+        });
+        let identity = match (system_unit, &w.cgroup) {
+            (Some(unit), _) => Identity::Unit(unit.clone()),
+            (None, Some(cgroup)) => Identity::Cgroup(cgroup.clone()),
+            (None, None) => Identity::Anywhere,
+        };
+        rules.entry((identity, w.uid)).or_default().push(w);
+    }
+    rules
+}
+
+/// The comment above a suggested rule saying what the audit saw of one workload.
+fn write_seen(out: &mut String, w: &Workload) {
+    let _ = writeln!(
+        out,
+        "# seen: {} attempts {} → {} as {}{}; {}; to {}",
+        w.audited,
+        w.first_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        w.last_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        w.uid,
+        w.user
+            .as_ref()
+            .map(|u| format!(" ({u})"))
+            .unwrap_or_default(),
+        if w.exes.is_empty() {
+            format!("comm {}", w.comms.join(", "))
+        } else {
+            format!("exe {}", w.exes.join(", "))
+        },
+        w.destinations.join(", "),
+    );
+    if let Some(container) = &w.container {
+        let _ = writeln!(
+            out,
+            "# a container ({} {}): its id, so its unit or cgroup, changes when it is \
+             re-created",
+            container.runtime.as_deref().unwrap_or("runtime unknown"),
+            container.id
+        );
+    }
 }
 
 /// One suggested rule: `uid` in `identity`, for the workloads `seen` there, and never wider than
@@ -495,6 +507,34 @@ pub fn open(path: Option<&std::path::Path>) -> Result<(Box<dyn BufRead>, String)
             ))
         }
     }
+}
+
+/// `imds-guard report`: who touched IMDS, or (`--suggest-policy`) a policy for them.
+///
+/// # Errors
+/// [`crate::error::EventsError::Stream`] for an unreadable file or a line that is not an event.
+pub fn run(args: &ReportArgs) -> Result<()> {
+    let (input, source) = open(args.file.as_deref())?;
+    let workloads = workloads(input, &source)?;
+    if args.suggest_policy {
+        // The audited policy must be valid: the suggestion builds on it.
+        let config = Config::load(args.config.as_deref(), &Overrides::default())?;
+        let text = match &config.file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let path = config.file.as_ref().map(|path| path.display().to_string());
+        let base = path.as_deref().map(|path| Base { path, text: &text });
+        print!("{}", suggest_policy(&workloads, base.as_ref())?);
+    } else if args.format == ReportFormat::Json {
+        super::print_json(&workloads);
+    } else {
+        print!("{}", table(&workloads));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

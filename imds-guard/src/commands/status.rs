@@ -10,6 +10,7 @@ use imds_guard_common::{
 use serde::Serialize;
 
 use crate::{
+    cli::StatusArgs,
     host::cgroups::Hierarchy,
     host::pidfile,
     kernel::pins::{self, PinDir, ProgramState},
@@ -96,6 +97,19 @@ pub struct AgentStatus {
     pub failed_reloads: Option<u32>,
     /// Why it is not healthy, if it is not.
     pub problem: Option<String>,
+}
+
+/// `imds-guard status`: prints the status; returns whether enforcement is in force.
+#[must_use]
+pub fn run(args: &StatusArgs) -> bool {
+    let hierarchy = Hierarchy::discover().ok();
+    let status = read(&args.pin_dir, &args.pid_file, hierarchy.as_ref());
+    if args.json {
+        super::print_json(&status);
+    } else {
+        print!("{}", describe(&status));
+    }
+    status.enforcing
 }
 
 /// Reads the pins in `pin_dir` and the pid file.
@@ -257,57 +271,20 @@ fn enforcement_line(status: &Status) -> String {
 pub fn describe(status: &Status) -> String {
     let mut out = enforcement_line(status);
     for hook in &status.programs {
-        match (&hook.program, hook.attached) {
-            (Some(program), true) => {
-                let _ = writeln!(
-                    out,
-                    "  {:<9} program {} (tag {})",
-                    hook.hook, program.id, program.tag
-                );
-            }
+        let _ = match (&hook.program, hook.attached) {
+            (Some(program), true) => writeln!(
+                out,
+                "  {:<9} program {} (tag {})",
+                hook.hook, program.id, program.tag
+            ),
             _ if hook.defunct => {
-                let _ = writeln!(out, "  {:<9} defunct (its cgroup was removed)", hook.hook);
+                writeln!(out, "  {:<9} defunct (its cgroup was removed)", hook.hook)
             }
-            _ => {
-                let _ = writeln!(out, "  {:<9} not attached", hook.hook);
-            }
-        }
+            _ => writeln!(out, "  {:<9} not attached", hook.hook),
+        };
     }
     if let Some(policy) = &status.policy {
-        let protected: Vec<String> = policy.protected.iter().map(ToString::to_string).collect();
-        let _ = writeln!(out, "mode: {}", policy.mode);
-        let _ = writeln!(
-            out,
-            "policy: generation {}, {} rules ({} allow entries), {} cgroup entries; protects {}",
-            policy.generation,
-            policy.rules,
-            policy.allow_entries,
-            policy.cgroup_entries,
-            protected.join(", ")
-        );
-        if let Some(unseen_after) = policy.unseen_after {
-            let _ = writeln!(
-                out,
-                "cgroups: BEHIND: cgroups with an id above {unseen_after} get only the rules \
-                 that hold in every cgroup until the agent catches up"
-            );
-        }
-        if policy.cgroups_unwatched > 0 {
-            let _ = writeln!(
-                out,
-                "cgroups: {} directories cannot be watched (fs.inotify.max_user_watches): \
-                 cgroups made below them get their rules at the next scan (30 s)",
-                policy.cgroups_unwatched
-            );
-        }
-        if policy.cgroups_dropped > 0 {
-            let _ = writeln!(
-                out,
-                "cgroups: the map is full: {} cgroups keep their parent's rules instead of \
-                 wider ones of their own",
-                policy.cgroups_dropped
-            );
-        }
+        describe_policy(&mut out, policy);
     }
     if let Some(counters) = &status.counters {
         let _ = writeln!(
@@ -320,7 +297,50 @@ pub fn describe(status: &Status) -> String {
             counters.events_lost
         );
     }
-    let agent = &status.agent;
+    describe_agent(&mut out, &status.agent);
+    out
+}
+
+/// The policy in force, and what of the cgroup tree it may be missing.
+fn describe_policy(out: &mut String, policy: &PolicySummary) {
+    let protected: Vec<String> = policy.protected.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "mode: {}", policy.mode);
+    let _ = writeln!(
+        out,
+        "policy: generation {}, {} rules ({} allow entries), {} cgroup entries; protects {}",
+        policy.generation,
+        policy.rules,
+        policy.allow_entries,
+        policy.cgroup_entries,
+        protected.join(", ")
+    );
+    if let Some(unseen_after) = policy.unseen_after {
+        let _ = writeln!(
+            out,
+            "cgroups: BEHIND: cgroups with an id above {unseen_after} get only the rules \
+             that hold in every cgroup until the agent catches up"
+        );
+    }
+    if policy.cgroups_unwatched > 0 {
+        let _ = writeln!(
+            out,
+            "cgroups: {} directories cannot be watched (fs.inotify.max_user_watches): \
+             cgroups made below them get their rules at the next scan (30 s)",
+            policy.cgroups_unwatched
+        );
+    }
+    if policy.cgroups_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "cgroups: the map is full: {} cgroups keep their parent's rules instead of \
+             wider ones of their own",
+            policy.cgroups_dropped
+        );
+    }
+}
+
+/// Whether the agent runs, and how it is.
+fn describe_agent(out: &mut String, agent: &AgentStatus) {
     let state = match (agent.running, agent.healthy) {
         (true, true) => format!("running (pid {}), healthy", agent.pid.unwrap_or_default()),
         (true, false) => format!(
@@ -340,5 +360,4 @@ pub fn describe(status: &Status) -> String {
             agent.failed_reloads.unwrap_or_default()
         );
     }
-    out
 }

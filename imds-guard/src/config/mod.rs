@@ -677,61 +677,14 @@ fn rule_from_table(
     origin: Origin,
     at: &impl Fn(Range<usize>) -> String,
 ) -> Result<Rule, ConfigError> {
-    let invalid = |origin: String, message: String| ConfigError::Invalid { origin, message };
-    let name = match raw.name {
-        Some(name) => {
-            let name_origin = at(name.span());
-            let name = name.into_inner();
-            if name.trim().is_empty() || name == "default" {
-                return Err(invalid(
-                    name_origin,
-                    format!(
-                        "rule name {name:?} cannot be used: names must be non-empty and \
-                         \"default\" names the global mode in events"
-                    ),
-                ));
-            }
-            Some(name)
-        }
-        None => None,
-    };
-    let list =
-        |key: &str, value: Option<Spanned<Strings>>, check: fn(&str) -> Result<(), String>| {
-            let Some(value) = value else {
-                return Ok(Vec::new());
-            };
-            let whole = at(value.span());
-            let items = match value.into_inner() {
-                Strings::One(text) => vec![Setting {
-                    value: text,
-                    origin: whole.clone(),
-                }],
-                Strings::Many(items) => items
-                    .into_iter()
-                    .map(|item| Setting {
-                        origin: at(item.span()),
-                        value: item.into_inner(),
-                    })
-                    .collect(),
-            };
-            if items.is_empty() {
-                return Err(invalid(
-                    whole,
-                    format!("{key} is empty: remove the key or give at least one value"),
-                ));
-            }
-            for item in &items {
-                check(&item.value).map_err(|message| invalid(item.origin.clone(), message))?;
-            }
-            Ok(items)
-        };
+    let name = raw.name.map(|name| rule_name(name, at)).transpose()?;
     let rule = Rule {
         name,
         uid: raw.uid.map(Spanned::into_inner),
         gid: raw.gid.clone().map(Spanned::into_inner),
-        cgroup: list("cgroup", raw.cgroup, check_cgroup_pattern)?,
-        unit: list("unit", raw.unit, check_unit_pattern)?,
-        not_cgroup: list("not_cgroup", raw.not_cgroup, check_cgroup_pattern)?,
+        cgroup: string_list("cgroup", raw.cgroup, check_cgroup_pattern, at)?,
+        unit: string_list("unit", raw.unit, check_unit_pattern, at)?,
+        not_cgroup: string_list("not_cgroup", raw.not_cgroup, check_cgroup_pattern, at)?,
         containers: raw.containers.map(|containers| Setting {
             origin: at(containers.span()),
             value: containers.into_inner(),
@@ -741,12 +694,12 @@ fn rule_from_table(
         origin,
     };
     if let (Some(_), Some(gid)) = (&rule.uid, &raw.gid) {
-        return Err(invalid(
-            at(gid.span()),
-            "a rule matches a uid or a gid, not both: the uid already names one user \
-             (write two rules to allow either)"
+        return Err(ConfigError::Invalid {
+            origin: at(gid.span()),
+            message: "a rule matches a uid or a gid, not both: the uid already names one user \
+                      (write two rules to allow either)"
                 .into(),
-        ));
+        });
     }
     let only_containers = rule
         .containers
@@ -759,15 +712,74 @@ fn rule_from_table(
         && rule.not_cgroup.is_empty()
         && !only_containers
     {
-        return Err(invalid(
-            rule.origin,
-            "this rule would match every task: give it at least one of uid, gid, cgroup, \
-             unit, not_cgroup, containers = \"only\" (to let everyone through, use \
-             mode = \"audit\")"
+        return Err(ConfigError::Invalid {
+            origin: rule.origin,
+            message: "this rule would match every task: give it at least one of uid, gid, \
+                      cgroup, unit, not_cgroup, containers = \"only\" (to let everyone \
+                      through, use mode = \"audit\")"
                 .into(),
-        ));
+        });
     }
     Ok(rule)
+}
+
+/// A rule's `name`: not empty, and not `default` (which names the global mode in events).
+fn rule_name(
+    name: Spanned<String>,
+    at: &impl Fn(Range<usize>) -> String,
+) -> Result<String, ConfigError> {
+    let origin = at(name.span());
+    let name = name.into_inner();
+    if name.trim().is_empty() || name == "default" {
+        return Err(ConfigError::Invalid {
+            origin,
+            message: format!(
+                "rule name {name:?} cannot be used: names must be non-empty and \"default\" \
+                 names the global mode in events"
+            ),
+        });
+    }
+    Ok(name)
+}
+
+/// A key that takes one string or a list of them (`cgroup = "/a"`, `cgroup = ["/a", "/b"]`):
+/// each item checked by `check`, and each with its own position for errors.
+fn string_list(
+    key: &str,
+    value: Option<Spanned<Strings>>,
+    check: fn(&str) -> Result<(), String>,
+    at: &impl Fn(Range<usize>) -> String,
+) -> Result<Vec<Setting<String>>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let whole = at(value.span());
+    let items = match value.into_inner() {
+        Strings::One(text) => vec![Setting {
+            value: text,
+            origin: whole.clone(),
+        }],
+        Strings::Many(items) => items
+            .into_iter()
+            .map(|item| Setting {
+                origin: at(item.span()),
+                value: item.into_inner(),
+            })
+            .collect(),
+    };
+    if items.is_empty() {
+        return Err(ConfigError::Invalid {
+            origin: whole,
+            message: format!("{key} is empty: remove the key or give at least one value"),
+        });
+    }
+    for item in &items {
+        check(&item.value).map_err(|message| ConfigError::Invalid {
+            origin: item.origin.clone(),
+            message,
+        })?;
+    }
+    Ok(items)
 }
 
 /// A cgroup path or glob pattern: absolute, without `.`/`..` or empty parts, valid glob syntax.

@@ -90,74 +90,40 @@ fn task_layout_in(path: &Path) -> Found {
         }
     };
     let offsets = Offsets { btf: &btf };
-    let layout = &mut found.layout;
-    match offsets.parent() {
-        Ok([real_parent, group_leader, tgid, comm]) => {
-            layout.known |= LAYOUT_PARENT;
-            (layout.real_parent, layout.group_leader) = (real_parent, group_leader);
-            (layout.tgid, layout.comm) = (tgid, comm);
+    let groups: [(u32, Group<'_>, &str); 3] = [
+        (
+            LAYOUT_PARENT,
+            Offsets::parent,
+            "events will not name parent processes",
+        ),
+        (
+            LAYOUT_NAMESPACES,
+            Offsets::namespaces,
+            "the kernel cannot tell a container's task by its namespaces; containers are known \
+             by their cgroup path alone",
+        ),
+        (
+            LAYOUT_EXE,
+            Offsets::executable,
+            "events name a process's executable only while it runs",
+        ),
+    ];
+    for (bit, group, consequence) in groups {
+        // Into a copy: a group is in the layout whole or not at all.
+        let mut layout = found.layout;
+        match group(&offsets, &mut layout) {
+            Ok(()) => {
+                found.layout = layout;
+                found.layout.known |= bit;
+            }
+            Err(why) => (found.missing).push(format!("{consequence}: {}: {why}", path.display())),
         }
-        Err(why) => found.missing.push(format!(
-            "events will not name parent processes: {}: {why}",
-            path.display()
-        )),
-    }
-    match offsets.namespaces() {
-        Ok(
-            [
-                thread_pid,
-                pid_level,
-                nsproxy,
-                cgroup_ns,
-                cgroup_ns_inum,
-                cgroups,
-                dfl_cgrp,
-                cgroup_kn,
-                kn_id,
-                cred,
-                fsuid,
-            ],
-        ) => {
-            layout.known |= LAYOUT_NAMESPACES;
-            (layout.thread_pid, layout.pid_level) = (thread_pid, pid_level);
-            (layout.nsproxy, layout.cgroup_ns) = (nsproxy, cgroup_ns);
-            layout.cgroup_ns_inum = cgroup_ns_inum;
-            (layout.cgroups, layout.dfl_cgrp) = (cgroups, dfl_cgrp);
-            (layout.cgroup_kn, layout.kn_id) = (cgroup_kn, kn_id);
-            (layout.cred, layout.fsuid) = (cred, fsuid);
-        }
-        Err(why) => found.missing.push(format!(
-            "the kernel cannot tell a container's task by its namespaces; containers are \
-             known by their cgroup path alone: {}: {why}",
-            path.display()
-        )),
-    }
-    match offsets.executable() {
-        Ok(
-            [
-                mm,
-                exe_file,
-                f_inode,
-                f_dentry,
-                i_ino,
-                i_sb,
-                s_dev,
-                d_name,
-                d_parent,
-            ],
-        ) => {
-            layout.known |= LAYOUT_EXE;
-            (layout.mm, layout.exe_file, layout.f_inode) = (mm, exe_file, f_inode);
-            (layout.f_dentry, layout.i_ino, layout.i_sb) = (f_dentry, i_ino, i_sb);
-            (layout.s_dev, layout.d_name, layout.d_parent) = (s_dev, d_name, d_parent);
-        }
-        Err(why) => found.missing.push(format!(
-            "events name a process's executable only while it runs: {}: {why}",
-            path.display()
-        )),
     }
     found
 }
+
+/// Reads the offsets of one group of fields into a layout.
+type Group<'a> = fn(&Offsets<'a>, &mut TaskLayout) -> Result<(), FieldError>;
 
 /// Offsets of fields in the structs of one BTF.
 struct Offsets<'a> {
@@ -166,50 +132,47 @@ struct Offsets<'a> {
 
 impl Offsets<'_> {
     /// `task_struct.real_parent`, `.group_leader`, `.tgid`, `.comm`.
-    fn parent(&self) -> Result<[u32; 4], FieldError> {
-        Ok([
-            self.of("task_struct", &["real_parent"])?,
-            self.of("task_struct", &["group_leader"])?,
-            self.of("task_struct", &["tgid"])?,
-            self.of("task_struct", &["comm"])?,
-        ])
+    fn parent(&self, layout: &mut TaskLayout) -> Result<(), FieldError> {
+        layout.real_parent = self.of("task_struct", &["real_parent"])?;
+        layout.group_leader = self.of("task_struct", &["group_leader"])?;
+        layout.tgid = self.of("task_struct", &["tgid"])?;
+        layout.comm = self.of("task_struct", &["comm"])?;
+        Ok(())
     }
 
     /// `task_struct.thread_pid`, `pid.level`, `task_struct.nsproxy`, `nsproxy.cgroup_ns`,
     /// `cgroup_namespace.ns.inum`; and, to tell whether the current task sent a packet,
     /// `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
     /// `task_struct.cred`, `cred.fsuid`.
-    fn namespaces(&self) -> Result<[u32; 11], FieldError> {
-        Ok([
-            self.of("task_struct", &["thread_pid"])?,
-            self.of("pid", &["level"])?,
-            self.of("task_struct", &["nsproxy"])?,
-            self.of("nsproxy", &["cgroup_ns"])?,
-            self.of("cgroup_namespace", &["ns", "inum"])?,
-            self.of("task_struct", &["cgroups"])?,
-            self.of("css_set", &["dfl_cgrp"])?,
-            self.of("cgroup", &["kn"])?,
-            self.of("kernfs_node", &["id"])?,
-            self.of("task_struct", &["cred"])?,
-            self.of("cred", &["fsuid"])?,
-        ])
+    fn namespaces(&self, layout: &mut TaskLayout) -> Result<(), FieldError> {
+        layout.thread_pid = self.of("task_struct", &["thread_pid"])?;
+        layout.pid_level = self.of("pid", &["level"])?;
+        layout.nsproxy = self.of("task_struct", &["nsproxy"])?;
+        layout.cgroup_ns = self.of("nsproxy", &["cgroup_ns"])?;
+        layout.cgroup_ns_inum = self.of("cgroup_namespace", &["ns", "inum"])?;
+        layout.cgroups = self.of("task_struct", &["cgroups"])?;
+        layout.dfl_cgrp = self.of("css_set", &["dfl_cgrp"])?;
+        layout.cgroup_kn = self.of("cgroup", &["kn"])?;
+        layout.kn_id = self.of("kernfs_node", &["id"])?;
+        layout.cred = self.of("task_struct", &["cred"])?;
+        layout.fsuid = self.of("cred", &["fsuid"])?;
+        Ok(())
     }
 
     /// `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `file.f_path.dentry`,
     /// `inode.i_ino`, `inode.i_sb`, `super_block.s_dev`, `dentry.d_name.name`,
     /// `dentry.d_parent`.
-    fn executable(&self) -> Result<[u32; 9], FieldError> {
-        Ok([
-            self.of("task_struct", &["mm"])?,
-            self.of("mm_struct", &["exe_file"])?,
-            self.of("file", &["f_inode"])?,
-            self.of("file", &["f_path", "dentry"])?,
-            self.of("inode", &["i_ino"])?,
-            self.of("inode", &["i_sb"])?,
-            self.of("super_block", &["s_dev"])?,
-            self.of("dentry", &["d_name", "name"])?,
-            self.of("dentry", &["d_parent"])?,
-        ])
+    fn executable(&self, layout: &mut TaskLayout) -> Result<(), FieldError> {
+        layout.mm = self.of("task_struct", &["mm"])?;
+        layout.exe_file = self.of("mm_struct", &["exe_file"])?;
+        layout.f_inode = self.of("file", &["f_inode"])?;
+        layout.f_dentry = self.of("file", &["f_path", "dentry"])?;
+        layout.i_ino = self.of("inode", &["i_ino"])?;
+        layout.i_sb = self.of("inode", &["i_sb"])?;
+        layout.s_dev = self.of("super_block", &["s_dev"])?;
+        layout.d_name = self.of("dentry", &["d_name", "name"])?;
+        layout.d_parent = self.of("dentry", &["d_parent"])?;
+        Ok(())
     }
 
     /// The byte offset of `path` (a member, then members of it) in struct `name`.

@@ -156,47 +156,7 @@ impl Policy {
         };
         let mut rules: Vec<PolicyRule> = Vec::new();
         for rule in &config.allow {
-            let path_patterns = |items: &[Setting<String>]| {
-                items
-                    .iter()
-                    .map(|item| path_pattern(hierarchy, rule, item))
-                    .collect::<Result<Vec<_>>>()
-            };
-            let cgroup = path_patterns(&rule.cgroup)?;
-            let not_cgroup = path_patterns(&rule.not_cgroup)?;
-            let names_containers = (rule.cgroup.iter().chain(&rule.unit))
-                .any(|item| workload::names_container_cgroups(&item.value));
-            let containers = rule.containers.as_ref().map_or(
-                if names_containers {
-                    Containers::Included
-                } else {
-                    Containers::Excluded
-                },
-                |setting| setting.value,
-            );
-            let resolved = PolicyRule {
-                name: rule.display_name(),
-                origin: rule.origin.clone(),
-                conditions: rule.conditions(),
-                uid: rule
-                    .uid
-                    .as_ref()
-                    .map(|uid| resolve_uid(uid, &rule.origin))
-                    .transpose()?,
-                gid: rule
-                    .gid
-                    .as_ref()
-                    .map(|gid| resolve_gid(gid, &rule.origin))
-                    .transpose()?,
-                cgroup: cgroup.into_iter().map(&mut index_of).collect(),
-                unit: (rule.unit.iter())
-                    .map(|unit| index_of(Pattern::Unit(unit.value.clone())))
-                    .collect(),
-                not_cgroup: not_cgroup.into_iter().map(&mut index_of).collect(),
-                containers,
-                containers_written: rule.containers.is_some(),
-                audit: rule.audit,
-            };
+            let resolved = resolve_rule(rule, hierarchy, &mut index_of)?;
             if let Some(earlier) = rules.iter().find(|other| same_conditions(other, &resolved)) {
                 if resolved.origin.starts_with("--") {
                     // An option repeating the file's rule adds nothing.
@@ -506,6 +466,52 @@ pub fn beyond_the_system_manager(parent: &str) -> bool {
     }) || crate::host::workload::Placement::of(parent)
         .container
         .is_some()
+}
+
+/// One rule resolved on this host, its patterns numbered by `index_of`.
+fn resolve_rule(
+    rule: &Rule,
+    hierarchy: &Hierarchy,
+    index_of: &mut impl FnMut(Pattern) -> usize,
+) -> Result<PolicyRule> {
+    let path_patterns = |items: &[Setting<String>]| {
+        items
+            .iter()
+            .map(|item| path_pattern(hierarchy, rule, item))
+            .collect::<Result<Vec<_>>>()
+    };
+    let cgroup = path_patterns(&rule.cgroup)?;
+    let not_cgroup = path_patterns(&rule.not_cgroup)?;
+    // Containers are in by default only where the rule names their cgroups.
+    let names_containers = (rule.cgroup.iter().chain(&rule.unit))
+        .any(|item| workload::names_container_cgroups(&item.value));
+    let containers = rule.containers.as_ref().map_or(
+        if names_containers {
+            Containers::Included
+        } else {
+            Containers::Excluded
+        },
+        |setting| setting.value,
+    );
+    Ok(PolicyRule {
+        name: rule.display_name(),
+        origin: rule.origin.clone(),
+        conditions: rule.conditions(),
+        uid: (rule.uid.as_ref())
+            .map(|uid| resolve_uid(uid, &rule.origin))
+            .transpose()?,
+        gid: (rule.gid.as_ref())
+            .map(|gid| resolve_gid(gid, &rule.origin))
+            .transpose()?,
+        cgroup: cgroup.into_iter().map(&mut *index_of).collect(),
+        unit: (rule.unit.iter())
+            .map(|unit| index_of(Pattern::Unit(unit.value.clone())))
+            .collect(),
+        not_cgroup: not_cgroup.into_iter().map(&mut *index_of).collect(),
+        containers,
+        containers_written: rule.containers.is_some(),
+        audit: rule.audit,
+    })
 }
 
 /// A `cgroup`/`not_cgroup` value as a hierarchy path pattern; `allow_cgroup` values must exist.

@@ -1,4 +1,5 @@
-//! Counters and events: what the agent learns about each judged attempt.
+//! What the programs record of each judged attempt, for the agent: counters, and events (or
+//! folded repeats).
 
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid,
