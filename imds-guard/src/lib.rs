@@ -9,12 +9,22 @@
 //! ```
 //!
 //! - [`config`]: the TOML file and the command line, parsed and validated.
-//! - [`policy`]: the config resolved against this host, and compiled into map entries.
-//! - [`host`]: the cgroup hierarchy and its changes, workloads by cgroup path, mounts, clocks.
-//! - [`kernel`]: the embedded programs, loaded, attached and pinned, and their maps.
-//! - [`events`]: what the programs report, decoded, enriched and folded.
-//! - [`agent`]: `imds-guard run`, which drives all of the above, and its metrics.
-//! - [`commands`]: the operator's other commands.
+//! - [`policy`]: the config resolved against this host ([`policy::Policy`]), and compiled into
+//!   map entries ([`policy::compile`]).
+//! - [`host`]: the cgroup hierarchy and its changes, workloads by cgroup path, `/proc`
+//!   ([`host::procfs`]), the clocks, the pid file.
+//! - [`kernel`]: the embedded programs, loaded, attached and pinned; [`kernel::maps`] is the one
+//!   place that knows each map's layout, [`kernel::sys`] the `bpf()` calls aya lacks.
+//! - [`events`]: what the programs record, decoded, enriched, folded
+//!   ([`events::accounting`] keeps every attempt accounted for) and written out.
+//! - [`agent`]: `imds-guard run`: [`agent::enforcement`] keeps the policy in force,
+//!   [`agent::serve`] runs the loop; its metrics.
+//! - [`commands`]: the operator's other commands, one module each.
+//! - [`error`]: the errors of each subsystem, and [`error::Error`], any of them.
+//!
+//! The decision itself, the rule-set walk and the first matching rule, is written once, in
+//! `imds_guard_common::decide`: the programs run it on the maps, `explain` on the entries the
+//! agent would write.
 
 pub mod agent;
 pub mod cli;

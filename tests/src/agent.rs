@@ -326,8 +326,9 @@ impl Agent {
         self.stderr.lock().expect("stderr").clone()
     }
 
-    /// A figure of the line the agent logs when it stops (`denied`, `events_reported`,
-    /// `events_aggregated`, `folded`, `events_lost`, ...).
+    /// A figure of the line the agent logs when it stops: its own accounting of where every
+    /// denied or audited attempt went (`events_reported`, `events_aggregated`,
+    /// `repeats_unreported`), beside the kernel's counters (which [`Agent::counter`] reads).
     ///
     /// # Panics
     /// When it has not logged that line, or the line lacks `name`.
@@ -344,6 +345,81 @@ impl Agent {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|value| value.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in: {stopped}"))
+    }
+
+    /// Waits until every event of an attempt made before this call has arrived: a later
+    /// denied attempt (uid 65534 in `cgroup`, which no test allows) is made and its event
+    /// awaited. The ring buffer is FIFO, so once it is in, every earlier event is too, and
+    /// counting or ruling out events is exact.
+    ///
+    /// # Panics
+    /// When the marker is not denied, or its event does not arrive in time.
+    pub fn barrier(&self, sandbox: &crate::Sandbox, cgroup: &crate::TestCgroup) {
+        let marker = crate::Client::new(sandbox, cgroup, 65534, 65534).tcp(crate::IMDS_V4, 80);
+        marker.assert_errno(crate::EPERM);
+        let _ = self.wait_events_of(marker.pid, 1);
+    }
+
+    /// `imds-guard status --json` for this agent's pins and pid file: what an operator sees.
+    ///
+    /// # Panics
+    /// When the output is not JSON.
+    #[must_use]
+    pub fn status(&self) -> Value {
+        let out = crate::imds_guard(&[
+            "status",
+            "--json",
+            "--pin-dir",
+            &self.pin_dir.to_string_lossy(),
+            "--pid-file",
+            &self.pid_file.to_string_lossy(),
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+            panic!(
+                "status --json printed no JSON ({err}):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// One of the kernel's counters (`allowed`, `denied`, `audited`, `folded`, `events_lost`)
+    /// as `status --json` reads it from the pinned maps, running or stopped.
+    ///
+    /// # Panics
+    /// When the status has no such counter.
+    #[must_use]
+    pub fn counter(&self, name: &str) -> u64 {
+        let status = self.status();
+        status["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {status}"))
+    }
+
+    /// Waits until the agent has taken `taken` reloads and refused `refused` in all, as
+    /// `status` counts them.
+    ///
+    /// # Panics
+    /// When it has not within 10 s, or has counted more.
+    pub fn wait_reloads(&self, taken: usize, refused: usize) {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let (taken, refused) = (taken as u64, refused as u64);
+        loop {
+            let status = self.status();
+            let counts = (
+                status["agent"]["reloads"].as_u64().unwrap_or(0),
+                status["agent"]["failed_reloads"].as_u64().unwrap_or(0),
+            );
+            if counts == (taken, refused) {
+                return;
+            }
+            assert!(
+                counts.0 <= taken && counts.1 <= refused && Instant::now() < deadline,
+                "expected {taken} reloads taken and {refused} refused: {status}\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Every event received so far.

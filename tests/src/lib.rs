@@ -12,6 +12,7 @@ mod config;
 mod metrics;
 mod pins;
 mod prober;
+pub mod process;
 mod sandbox;
 
 pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary, test_variant_binary};
@@ -24,6 +25,16 @@ pub use prober::{StopOnDrop, probe};
 pub use sandbox::{IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox};
 
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The errno a denied connect or send fails with.
+pub const EPERM: i32 = libc::EPERM;
+
+/// A sandbox and a new cgroup `tag` to attach to, or `None` where privileged tests cannot run
+/// (see [`privileged`]).
+#[must_use]
+pub fn setup(tag: &str) -> Option<(Sandbox, TestCgroup)> {
+    privileged().then(|| (Sandbox::new(), TestCgroup::new(tag)))
+}
 
 /// A name no other test (in this process or another) uses: `imdsg-<tag>-<pid>-<n>`.
 #[must_use]

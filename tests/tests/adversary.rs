@@ -9,12 +9,11 @@
 use std::net::IpAddr;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Outcome, Sandbox, TestCgroup,
-    assert_fields, privileged,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Outcome, Sandbox,
+    TestCgroup, assert_fields, privileged, setup,
 };
 use serde_json::{Value, json};
 
-const EPERM: i32 = libc::EPERM;
 const USER: u32 = 1000;
 const MODES: [&str; 2] = ["enforce", "audit"];
 
@@ -126,10 +125,9 @@ fn a_child_that_drops_from_allowed_root_to_a_denied_uid_is_judged_as_that_uid() 
 
 #[test]
 fn moving_to_another_cgroup_gives_nothing_a_rule_does_not() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let allowed = attach.child("allowed");
     // A subtree delegated to the workload's user, as systemd does for user sessions.
     let delegated = attach.child("delegated");

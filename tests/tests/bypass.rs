@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use imds_guard_tests::{Agent, Client, IMDS_V4, IMDS_V6, Sandbox, TestCgroup, privileged};
+use imds_guard_tests::{Agent, Client, EPERM, IMDS_V4, IMDS_V6, setup};
 use serde_json::json;
 
 const USER: u32 = 1000;
@@ -97,10 +97,9 @@ const ROUTES: &[Route] = &[
 ];
 
 fn run_routes(mode: &str) {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let agent = Agent::start(&["--cgroup", &attach.path, "--mode", mode]);
     let denied = Client::new(&sandbox, &attach, USER, USER);
     let root = Client::new(&sandbox, &attach, 0, 0);
@@ -126,7 +125,7 @@ fn run_routes(mode: &str) {
             match mode {
                 "enforce" => assert_eq!(
                     outcome.errno,
-                    Some(libc::EPERM),
+                    Some(EPERM),
                     "{route} to {addr} was not refused: {outcome:?}"
                 ),
                 _ => assert!(

@@ -8,11 +8,10 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, imds_guard,
-    privileged, run_to_end,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, TestCgroup, imds_guard,
+    privileged, run_to_end, setup,
 };
 
-const EPERM: i32 = libc::EPERM;
 const USER: u32 = 1000;
 const LATE: u32 = 1002;
 
@@ -111,10 +110,9 @@ fn check_config_fails_with_file_line_column() {
 
 #[test]
 fn explain_agrees_with_the_kernel() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let web = attach.child("web");
     let host = attach.child("cron.service");
     let config = ConfigFile::new(&format!(
@@ -197,10 +195,9 @@ fn explain_agrees_with_the_kernel() {
 
 #[test]
 fn reload_command_checks_the_config_then_signals_the_agent() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let config = ConfigFile::new(&format!("cgroup = \"{}\"\nallow_uid = [0]\n", attach.path));
     let agent = Agent::start(&["--config", &config.arg()]);
     let pid_file = agent.pid_file().to_string_lossy().into_owned();
@@ -223,7 +220,7 @@ fn reload_command_checks_the_config_then_signals_the_agent() {
         "{}",
         stdout(&output)
     );
-    agent.wait_log("policy reloaded");
+    agent.wait_reloads(1, 0);
     Client::new(&sandbox, &attach, LATE, LATE)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);

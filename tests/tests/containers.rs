@@ -9,21 +9,16 @@
 use std::time::Duration;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
-    assert_fields, privileged,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, TestCgroup,
+    assert_fields, privileged, setup,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-const EPERM: i32 = libc::EPERM;
 /// cloudwatch-agent's uid on a typical host.
 const AGENT_UID: u32 = 998;
 const CONTAINER_ID: &str = "3f1a6c2b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a";
 const POD: &str = "6a1b2c3d_4e5f_6a7b_8c9d_0e1f2a3b4c5d";
-
-fn setup() -> Option<(Sandbox, TestCgroup)> {
-    privileged().then(|| (Sandbox::new(), TestCgroup::new("ctr")))
-}
 
 /// A Docker container's cgroup (systemd driver) in `system_slice`.
 fn docker_scope(system_slice: &TestCgroup) -> TestCgroup {
@@ -39,17 +34,9 @@ fn kube_container(attach: &TestCgroup) -> TestCgroup {
         .child(&format!("cri-containerd-{CONTAINER_ID}.scope"))
 }
 
-/// Waits for a later denied attempt's event: the ring buffer is FIFO, so once it has arrived
-/// every event of earlier attempts has too.
-fn barrier(agent: &Agent, sandbox: &Sandbox, cgroup: &TestCgroup) {
-    let marker = Client::new(sandbox, cgroup, 65534, 65534).tcp(IMDS_V4, 80);
-    marker.assert_errno(EPERM);
-    let _ = agent.wait_events_of(marker.pid, 1);
-}
-
 #[test]
 fn by_default_host_root_gets_through_and_root_in_any_container_does_not() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let system = attach.child("system.slice");
@@ -97,7 +84,7 @@ fn by_default_host_root_gets_through_and_root_in_any_container_does_not() {
     // Root in the host's namespaces and an ordinary cgroup is the host's root.
     let root = Client::new(&sandbox, &plain, 0, 0).imds(IMDS_V4, 80);
     root.assert_ok(MOCK_INSTANCE_ID);
-    barrier(&agent, &sandbox, &attach);
+    agent.barrier(&sandbox, &attach);
     assert!(agent.events_of(root.pid).is_empty());
     // Both namespaces at once, and nested deeper in a container's cgroup.
     let deeper = docker.child("init");
@@ -109,7 +96,7 @@ fn by_default_host_root_gets_through_and_root_in_any_container_does_not() {
 
 #[test]
 fn each_option_alone_replaces_the_default() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let allowed_cgroup = attach.child("allowed");
@@ -144,7 +131,7 @@ fn each_option_alone_replaces_the_default() {
 
 #[test]
 fn a_uid_rule_is_not_satisfied_by_a_container_process_that_takes_that_uid() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let system = attach.child("system.slice");
@@ -195,7 +182,7 @@ fn a_uid_rule_is_not_satisfied_by_a_container_process_that_takes_that_uid() {
 
 #[test]
 fn containers_only_rules_and_rules_naming_container_cgroups() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let system = attach.child("system.slice");
@@ -284,7 +271,7 @@ fn check_config_says_where_the_rules_come_from_and_warns_of_weak_rules() {
 
 #[test]
 fn two_processes_in_one_cgroup_are_each_named_for_their_own_attempts() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let work = attach.child("work");
@@ -356,7 +343,7 @@ fn two_processes_in_one_cgroup_are_each_named_for_their_own_attempts() {
 
 #[test]
 fn a_process_gone_or_running_another_program_is_named_by_what_made_the_attempt() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let work = attach.child("work");
@@ -419,7 +406,7 @@ fn a_process_gone_or_running_another_program_is_named_by_what_made_the_attempt()
 
 #[test]
 fn a_double_star_rule_over_twenty_thousand_cgroups_costs_a_few_entries() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let apps = attach.child("apps");
@@ -467,7 +454,7 @@ fn a_double_star_rule_over_twenty_thousand_cgroups_costs_a_few_entries() {
 
 #[test]
 fn lost_cgroup_notifications_trigger_an_immediate_rescan() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("ctr") else {
         return;
     };
     let bulk = attach.child("bulk");

@@ -2,45 +2,33 @@
 //! uids/gids in real cgroups, connecting inside a network namespace of their own to a mock IMDS.
 
 use imds_guard_tests::{
-    Agent, Client, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Pins, Sandbox, TestCgroup, assert_fields,
-    assert_time_within, imds_guard, privileged, run_to_end,
+    Agent, Client, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Pins, assert_fields,
+    assert_time_within, imds_guard, run_to_end, setup,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-const EPERM: i32 = libc::EPERM;
 const ECONNREFUSED: i32 = libc::ECONNREFUSED;
 const USER: u32 = 1000;
 const OTHER_USER: u32 = 1001;
 
 /// A sandbox and a cgroup to attach to, or `None` when privileged tests cannot run here.
-fn setup() -> Option<(Sandbox, TestCgroup)> {
-    privileged().then(|| (Sandbox::new(), TestCgroup::new("test")))
-}
-
-/// Waits for a later denied attempt's event: the ring buffer is FIFO, so once it has arrived
-/// every event of earlier attempts has too, and counting them is exact.
-fn barrier(agent: &Agent, sandbox: &Sandbox, cgroup: &TestCgroup) {
-    let marker = Client::new(sandbox, cgroup, 65534, 65534).tcp(IMDS_V4, 80);
-    marker.assert_errno(EPERM);
-    let _ = agent.wait_events_of(marker.pid, 1);
-}
 
 #[test]
 fn root_is_allowed_by_default_and_not_reported() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path]);
     let root = Client::new(&sandbox, &attach, 0, 0).imds(IMDS_V4, 80);
     root.assert_ok(MOCK_INSTANCE_ID);
-    barrier(&agent, &sandbox, &attach);
+    agent.barrier(&sandbox, &attach);
     assert_eq!(agent.events_of(root.pid), Vec::<Value>::new());
 }
 
 #[test]
 fn other_uid_is_denied_with_eperm_and_reported_once() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let work = attach.child("work");
@@ -49,7 +37,7 @@ fn other_uid_is_denied_with_eperm_and_reported_once() {
     let denied = Client::new(&sandbox, &work, USER, USER).imds(IMDS_V4, 80);
     let after = jiff::Timestamp::now();
     denied.assert_errno(EPERM);
-    barrier(&agent, &sandbox, &attach);
+    agent.barrier(&sandbox, &attach);
     let events = agent.events_of(denied.pid);
     assert_eq!(events.len(), 1, "one denial, one event: {events:?}");
     assert_fields(
@@ -76,7 +64,7 @@ fn other_uid_is_denied_with_eperm_and_reported_once() {
 
 #[test]
 fn allowed_uid_gets_through() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path, "--allow-uid", &USER.to_string()]);
@@ -96,7 +84,7 @@ fn allowed_uid_gets_through() {
 
 #[test]
 fn allowed_gid_gets_through() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let _agent = Agent::start(&["--cgroup", &attach.path, "--allow-gid", "2000"]);
@@ -110,7 +98,7 @@ fn allowed_gid_gets_through() {
 
 #[test]
 fn allowed_cgroup_and_its_children_get_through() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent_cgroup = attach.child("ssm-agent");
@@ -138,7 +126,7 @@ fn allowed_cgroup_and_its_children_get_through() {
 
 #[test]
 fn cgroups_given_as_directories_resolve() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let allowed = attach.child("allowed");
@@ -158,7 +146,7 @@ fn cgroups_given_as_directories_resolve() {
 
 #[test]
 fn cgroup_outside_the_attach_point_is_untouched() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let guarded = attach.child("guarded");
@@ -169,13 +157,13 @@ fn cgroup_outside_the_attach_point_is_untouched() {
     Client::new(&sandbox, &guarded, USER, USER)
         .imds(IMDS_V4, 80)
         .assert_errno(EPERM);
-    barrier(&agent, &sandbox, &guarded);
+    agent.barrier(&sandbox, &guarded);
     assert!(agent.events_of(free.pid).is_empty());
 }
 
 #[test]
 fn other_destinations_are_untouched_for_a_denied_uid() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path]);
@@ -194,7 +182,7 @@ fn other_destinations_are_untouched_for_a_denied_uid() {
         outcome.pid
     })
     .collect();
-    barrier(&agent, &sandbox, &attach);
+    agent.barrier(&sandbox, &attach);
     for pid in pids {
         assert!(agent.events_of(pid).is_empty());
     }
@@ -202,7 +190,7 @@ fn other_destinations_are_untouched_for_a_denied_uid() {
 
 #[test]
 fn ipv6_and_ipv4_mapped_ipv6_are_denied() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path]);
@@ -232,7 +220,7 @@ fn ipv6_and_ipv4_mapped_ipv6_are_denied() {
 
 #[test]
 fn udp_is_denied_over_ipv4_and_ipv6() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path]);
@@ -261,7 +249,7 @@ fn udp_is_denied_over_ipv4_and_ipv6() {
 
 #[test]
 fn every_port_of_a_protected_address_is_denied() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path]);
@@ -279,7 +267,7 @@ fn every_port_of_a_protected_address_is_denied() {
 
 #[test]
 fn audit_mode_allows_and_reports() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path, "--mode", "audit"]);
@@ -300,7 +288,7 @@ fn audit_mode_allows_and_reports() {
 
 #[test]
 fn config_file_sets_the_policy_and_options_add_to_it() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let config =
@@ -330,7 +318,7 @@ fn config_file_sets_the_policy_and_options_add_to_it() {
 
 #[test]
 fn sigterm_and_sigint_exit_zero_and_enforcement_stays_until_detach() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let client = Client::new(&sandbox, &attach, USER, USER);
@@ -370,7 +358,7 @@ fn sigterm_and_sigint_exit_zero_and_enforcement_stays_until_detach() {
 
 #[test]
 fn bad_input_is_refused_and_nothing_is_attached() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let config =
@@ -433,7 +421,7 @@ fn bad_input_is_refused_and_nothing_is_attached() {
 #[test]
 fn ring_buffer_overflow_is_counted_never_lost_silently() {
     const ATTEMPTS: u32 = 20_000; // more than the 1 MiB ring holds (about 11,900 events)
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
     };
     let mut agent = Agent::start(&["--cgroup", &attach.path]);
@@ -452,12 +440,8 @@ fn ring_buffer_overflow_is_counted_never_lost_silently() {
 
     let reported = u64::try_from(agent.events_of(flood.pid).len()).expect("count");
     let stderr = agent.stderr();
-    assert_eq!(
-        agent.final_figure("denied"),
-        u64::from(ATTEMPTS),
-        "{stderr}"
-    );
-    let lost = agent.final_figure("events_lost");
+    assert_eq!(agent.counter("denied"), u64::from(ATTEMPTS), "{stderr}");
+    let lost = agent.counter("events_lost");
     assert!(
         lost > 0,
         "the ring never overflowed; the test proves nothing: {stderr}"

@@ -6,21 +6,16 @@
 use std::time::{Duration, Instant};
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, agent_binary, assert_fields,
-    free_port, http_get, imds_guard, privileged, sample,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, Pins, agent_binary, assert_fields, free_port,
+    http_get, imds_guard, sample, setup,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-const EPERM: i32 = libc::EPERM;
 /// `nobody`/`nogroup`: a uid and gid with names on every Debian machine.
 const NOBODY: u32 = 65534;
 const CONTAINER_ID: &str = "5d1e0c4b3a29f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817060";
 const POD_UID: &str = "0f8e2a5c-91b3-4d7e-a6f0-3c2b1d9e8f7a";
-
-fn setup() -> Option<(Sandbox, TestCgroup)> {
-    privileged().then(|| (Sandbox::new(), TestCgroup::new("events")))
-}
 
 /// This test process's name (its main thread's `comm`: the executable's name, cut to 15 bytes).
 fn own_comm() -> String {
@@ -32,7 +27,7 @@ fn own_comm() -> String {
 
 #[test]
 fn an_event_names_process_parent_user_executable_and_command_line() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path]);
@@ -74,7 +69,7 @@ fn an_event_names_process_parent_user_executable_and_command_line() {
 
 #[test]
 fn a_short_lived_process_still_yields_pid_parent_uid_comm_and_cgroup() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let work = attach.child("work");
@@ -118,7 +113,7 @@ fn client_path() -> String {
 
 #[test]
 fn without_the_kernels_btf_the_agent_enforces_and_events_say_the_parent_is_unread() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     // The agent in a mount namespace of its own, where the kernel's BTF (which gives the
@@ -158,7 +153,7 @@ fn without_the_kernels_btf_the_agent_enforces_and_events_say_the_parent_is_unrea
 
 #[test]
 fn docker_and_kubepods_cgroup_paths_name_the_container_and_pod() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let docker_scope = format!("docker-{CONTAINER_ID}.scope");
@@ -218,7 +213,7 @@ fn docker_and_kubepods_cgroup_paths_name_the_container_and_pod() {
 #[test]
 fn repeats_are_folded_into_one_event_with_a_count_the_first_reported_at_once() {
     const ATTEMPTS: u32 = 500;
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     // A window longer than the test: the repeats are reported when the agent stops.
@@ -259,7 +254,7 @@ fn repeats_are_folded_into_one_event_with_a_count_the_first_reported_at_once() {
 
 #[test]
 fn an_aggregate_is_reported_when_its_window_closes() {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let agent = Agent::start(&["--cgroup", &attach.path, "--aggregate-window", "1"]);
@@ -306,7 +301,7 @@ fn after_restarts_through_an_agent_that_does_not_fold_a_burst_is_named_by_its_po
 /// after them is a new one (reported at once, named by the new policy's rule), not more
 /// repeats of the burst the first policy judged.
 fn bursts_across_two_switches(switch: Switch) {
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let staged = |name: &str| {
@@ -340,7 +335,7 @@ fn bursts_across_two_switches(switch: Switch) {
         match switch {
             Switch::Reload => {
                 agent.signal(Signal::SIGHUP);
-                agent.wait_log_count("policy reloaded", round);
+                agent.wait_reloads(round, 0);
             }
             Switch::Restart | Switch::RestartWithoutFolding => {
                 assert!(agent.stop().success(), "{}", agent.stderr());
@@ -383,12 +378,7 @@ fn events_lost(pins: &Pins) -> u64 {
 
 /// `VmHWM` (peak resident set) of process `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
-        .expect("VmHWM")
+    imds_guard_tests::process::status_kib(pid, "VmHWM:").expect("VmHWM")
 }
 
 #[test]
@@ -404,7 +394,7 @@ fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
     /// (2 MiB, which the kernel maps twice: 4 MiB resident), caches of 4,096 entries, and the
     /// allocator's slack. Measured: 10 MiB alone, up to 19 MiB with the other tests running.
     const PEAK_RSS_GROWTH_LIMIT_KIB: u64 = 24 * 1024;
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let pins = Pins::new();
@@ -444,11 +434,11 @@ fn a_flood_is_accounted_for_exactly_with_bounded_memory() {
     let stderr = agent.stderr();
     assert!(status.success(), "{stderr}");
 
-    let denied = agent.final_figure("denied");
+    let denied = agent.counter("denied");
     let reported = agent.final_figure("events_reported");
     let aggregated = agent.final_figure("events_aggregated");
-    let folded = agent.final_figure("folded");
-    let lost = agent.final_figure("events_lost");
+    let folded = agent.counter("folded");
+    let lost = agent.counter("events_lost");
     eprintln!(
         "{attempts} attempts: {reported} reported + {aggregated} aggregated + {lost} lost; \
          agent peak RSS {before_kib} KiB when ready, {peak_kib} KiB after the flood"
@@ -501,7 +491,7 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
     const ROUNDS: u32 = 2;
     const DISTINCT: u32 = 20_000;
     const PASSES: u32 = 2;
-    let Some((sandbox, attach)) = setup() else {
+    let Some((sandbox, attach)) = setup("events") else {
         return;
     };
     let port = free_port();
@@ -546,24 +536,25 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(agent.stop().success(), "{}", agent.stderr());
+    // The agent's accounting, from its last line; the kernel's counters, as `status` reads them.
     let figure = |name| agent.final_figure(name);
     let (reported, aggregated, unreported, lost) = (
         figure("events_reported"),
         figure("events_aggregated"),
         figure("repeats_unreported"),
-        figure("events_lost"),
+        agent.counter("events_lost"),
     );
     eprintln!(
         "{attempts} attempts: {reported} reported + {aggregated} aggregated + {unreported} \
          unreported + {lost} lost; {found} unreported found while running"
     );
     assert_eq!(
-        figure("denied"),
+        agent.counter("denied"),
         attempts,
         "the kernel counted every attempt"
     );
     assert_eq!(reported + aggregated + unreported + lost, attempts);
-    assert_eq!(aggregated + unreported, figure("folded"));
+    assert_eq!(aggregated + unreported, agent.counter("folded"));
     assert!(
         unreported > 0,
         "no repeat was evicted unreported: the test proves less than it says"

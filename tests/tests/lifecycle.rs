@@ -8,13 +8,12 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Pins, Sandbox, StopOnDrop, TestCgroup,
-    assert_fields, imds_guard, privileged, probe, run_to_end,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, Pins, Sandbox, StopOnDrop,
+    TestCgroup, assert_fields, imds_guard, privileged, probe, run_to_end, setup,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-const EPERM: i32 = libc::EPERM;
 const ALLOWED: u32 = 1000;
 const DENIED: u32 = 1001;
 
@@ -144,10 +143,9 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
 
 #[test]
 fn status_with_an_agent_without_one_and_with_nothing() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let pins = Pins::new();
     let nobody = format!("{}/none.pid", std::env::temp_dir().display());
 
@@ -214,10 +212,9 @@ fn status_with_an_agent_without_one_and_with_nothing() {
 
 #[test]
 fn detach_removes_the_pins_and_the_programs() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let pins = Pins::new();
     let mut agent = Agent::start(&["--cgroup", &attach.path, "--pin-dir", &pins.arg()]);
     let pid_file = agent.pid_file().to_string_lossy().into_owned();

@@ -4,21 +4,19 @@
 use std::net::TcpListener;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, free_port, http_get,
-    privileged, run_to_end, sample,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, free_port, http_get, run_to_end,
+    sample, setup,
 };
 use nix::sys::signal::Signal;
 
-const EPERM: i32 = libc::EPERM;
 const PROBER: u32 = 1000;
 const STRANGER: u32 = 1001;
 
 #[test]
 fn metrics_count_by_verdict_and_rule_across_a_reload() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let staged = attach.child("staged");
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n\
@@ -76,7 +74,7 @@ fn metrics_count_by_verdict_and_rule_across_a_reload() {
 
     // A reload switches generations: what the old one counted is kept, the new one adds.
     agent.signal(Signal::SIGHUP);
-    agent.wait_log("policy reloaded");
+    agent.wait_reloads(1, 0);
     Client::new(&sandbox, &attach, PROBER, PROBER)
         .tcp(IMDS_V4, 80)
         .assert_ok("");
@@ -106,10 +104,9 @@ fn metrics_count_by_verdict_and_rule_across_a_reload() {
 
 #[test]
 fn an_address_in_use_fails_before_anything_is_attached() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let (status, stderr) = run_to_end(

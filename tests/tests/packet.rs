@@ -14,12 +14,11 @@
 use std::net::IpAddr;
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
-    assert_fields, privileged,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
+    assert_fields, privileged, setup,
 };
 use serde_json::{Value, json};
 
-const EPERM: i32 = libc::EPERM;
 const ETIMEDOUT: i32 = libc::ETIMEDOUT;
 const USER: u32 = 1000;
 /// A user allowed only through its primary group.
@@ -333,10 +332,9 @@ fn protocols_without_socket_hooks_are_judged_at_the_packet_layer() {
 
 #[test]
 fn a_containers_connection_rewritten_to_imds_is_refused_even_when_its_syn_is_retransmitted() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     add_nat_to_imds(&sandbox);
     // The workload's own firewall drops every other SYN to IMDS after the rewrite, so that
     // the SYN the packet layer sees first is a retransmission, sent from a timer: no task to

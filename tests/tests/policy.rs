@@ -4,12 +4,11 @@
 use std::time::{Duration, Instant};
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Outcome, Sandbox, TestCgroup,
-    assert_fields, privileged,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, Outcome, TestCgroup,
+    assert_fields, setup,
 };
 use serde_json::json;
 
-const EPERM: i32 = libc::EPERM;
 const USER: u32 = 1000;
 /// `nobody` and `nogroup` on Debian.
 const NOBODY: u32 = 65534;
@@ -37,10 +36,9 @@ fn connects(outcome: &Outcome) -> bool {
 
 #[test]
 fn a_matching_cgroup_created_after_start_is_allowed_at_once() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n[[allow]]\nname = \"web\"\ncgroup = \"{0}/web-*\"\n",
         attach.path
@@ -69,10 +67,9 @@ fn a_matching_cgroup_created_after_start_is_allowed_at_once() {
 
 #[test]
 fn a_restarted_unit_keeps_its_access_under_its_new_cgroup_id() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let slice = attach.child("app.slice");
     let unit = format!("{}.service", imds_guard_tests::unique_name("svc"));
     let config = ConfigFile::new(&format!(
@@ -114,10 +111,9 @@ fn a_restarted_unit_keeps_its_access_under_its_new_cgroup_id() {
 
 #[test]
 fn glob_rules_match_their_cgroups_and_everything_below() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n\
          [[allow]]\ncgroup = \"{0}/ctr-*\"\n\
@@ -149,10 +145,9 @@ fn glob_rules_match_their_cgroups_and_everything_below() {
 
 #[test]
 fn root_is_allowed_on_the_host_but_not_in_containers() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n[[allow]]\nname = \"host root\"\nuid = 0\n\
          not_cgroup = [\"{0}/docker-*.scope\", \"{0}/kubepods.slice/**\"]\n",
@@ -194,10 +189,9 @@ fn root_is_allowed_on_the_host_but_not_in_containers() {
 
 #[test]
 fn a_staged_rule_allows_and_reports_while_others_stay_enforced() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n\
          [[allow]]\nname = \"staged\"\ncgroup = \"{0}/staged\"\nmode = \"audit\"\n\
@@ -245,10 +239,9 @@ fn a_staged_rule_allows_and_reports_while_others_stay_enforced() {
 
 #[test]
 fn user_and_group_names_resolve() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     // Staged, so that events say which rule let each one through.
     let config = ConfigFile::new(&format!(
         "cgroup = \"{}\"\n\
@@ -279,10 +272,9 @@ fn user_and_group_names_resolve() {
 #[test]
 fn removed_cgroups_leave_the_maps_and_churn_does_not_grow_them() {
     const CONTAINERS: usize = 50;
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let config = ConfigFile::new(&format!(
         "cgroup = \"{0}\"\n[[allow]]\nuid = 0\nnot_cgroup = \"{0}/churn-*\"\n",
         attach.path
@@ -318,10 +310,9 @@ fn removed_cgroups_leave_the_maps_and_churn_does_not_grow_them() {
 
 #[test]
 fn a_unit_rule_names_the_system_managers_unit_not_a_users_or_a_containers() {
-    if !privileged() {
+    let Some((sandbox, attach)) = setup("test") else {
         return;
-    }
-    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    };
     let system = attach.child("system.slice");
     let service = system.child("amazon-ssm-agent.service");
     // What `systemd-run --user --unit=amazon-ssm-agent.service` makes for uid 1000, and the same

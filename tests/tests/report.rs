@@ -3,7 +3,7 @@
 //! that policy, loaded back, lets exactly those workloads through.
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, imds_guard,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, imds_guard,
     privileged,
 };
 use serde_json::Value;
@@ -105,6 +105,6 @@ fn audit_findings_become_a_policy_that_allows_what_was_seen_and_denies_the_rest(
     ] {
         Client::new(&sandbox, cgroup, uid, uid)
             .tcp(IMDS_V4, 80)
-            .assert_errno(libc::EPERM);
+            .assert_errno(EPERM);
     }
 }

@@ -5,11 +5,10 @@
 use std::{collections::BTreeSet, process::Command};
 
 use imds_guard_tests::{
-    Agent, Client, IMDS_V4, Pins, Sandbox, TestCgroup, agent_binary, privileged,
+    Agent, Client, EPERM, IMDS_V4, Pins, Sandbox, TestCgroup, agent_binary, privileged,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 
-const EPERM: i32 = libc::EPERM;
 const UNIT: &str = include_str!("../../packaging/imds-guard.service");
 
 /// The values of `key=` in the unit's `[Service]` section, split on spaces.
@@ -119,7 +118,7 @@ fn the_agent_works_with_only_the_units_capabilities() {
         events[0]
     );
     agent.signal(Signal::SIGHUP);
-    agent.wait_log("policy reloaded");
+    agent.wait_reloads(1, 0);
     assert!(agent.stop().success(), "{}", agent.stderr());
     assert!(!agent.stderr().contains("WARN"), "{}", agent.stderr());
 }
@@ -181,7 +180,7 @@ fn the_agent_makes_no_system_call_outside_the_units_filter() {
         .parse()
         .expect("pid");
     nix::sys::signal::kill(Pid::from_raw(real), Signal::SIGHUP).expect("SIGHUP");
-    agent.wait_log("policy reloaded");
+    agent.wait_reloads(1, 0);
     nix::sys::signal::kill(Pid::from_raw(real), Signal::SIGTERM).expect("SIGTERM");
     assert!(agent.stop().success(), "{}", agent.stderr());
     let summary = std::fs::read_to_string(&trace).expect("strace summary");

@@ -138,6 +138,8 @@ impl<'a> Enforcement<'a> {
                 );
             }
         }
+        // `status` says so at once, not at the next heartbeat.
+        self.record(true);
     }
 
     /// Compiles `policy` for the cgroups that exist now as the inactive generation and

@@ -1,5 +1,5 @@
 //! What the agent reads of the host: the cgroup hierarchy and its changes, what a cgroup's path
-//! says about its workload, the mount table, the clocks, and the pid file.
+//! says about its workload, `/proc` (the mount table, processes), the clocks, and the pid file.
 
 pub mod cgroups;
 pub mod clock;

@@ -19,7 +19,9 @@ use std::{
 
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramInfo};
 use imds_guard::kernel::{maps, pins::PinDir};
-use imds_guard_tests::{Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, Timings};
+use imds_guard_tests::{
+    Agent, Client, ConfigFile, IMDS_V4, Pins, Sandbox, TestCgroup, Timings, process,
+};
 
 /// Connects per measurement, after `WARMUP` untimed ones.
 const CONNECTS: u32 = 20_000;
@@ -732,7 +734,7 @@ fn flood(
     // production, journald).
     let (mut agent, config) =
         agent_started_by(Agent::start_discarding_events, attach, &pins, "", window);
-    let cpu_before = cpu_ticks(agent.pid());
+    let cpu_before = process::cpu_ticks(agent.pid());
     let outcome = run();
     assert_eq!(outcome.eperm, attempts, "every attempt denied");
     let elapsed = Duration::from_nanos(outcome.timings.expect("timings").elapsed_ns);
@@ -740,14 +742,14 @@ fn flood(
     // CPU time is the flood's.
     let started = Instant::now();
     while started.elapsed() < Duration::from_mins(2) {
-        let before = cpu_ticks(agent.pid());
+        let before = process::cpu_ticks(agent.pid());
         std::thread::sleep(Duration::from_millis(300));
-        if cpu_ticks(agent.pid()) == before {
+        if process::cpu_ticks(agent.pid()) == before {
             break;
         }
     }
-    let cpu_after = cpu_ticks(agent.pid());
-    let peak_kib = status_kib(agent.pid(), "VmHWM:");
+    let cpu_after = process::cpu_ticks(agent.pid());
+    let peak_kib = process::status_kib(agent.pid(), "VmHWM:").unwrap_or(0);
     assert!(agent.stop().success());
     drop((config, pins));
     let (reported, aggregated, lost) = (
@@ -807,7 +809,7 @@ fn churn(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup) {
     for n in 0..SAMPLES {
         for (index, (_, storm)) in storms.iter().enumerate() {
             check_abort();
-            let before = (cpu_ticks(agent.pid()), overflows(&agent));
+            let before = (process::cpu_ticks(agent.pid()), overflows(&agent));
             std::thread::scope(|scope| {
                 let flood = storm.map(|(uid, runs_in, makes_in)| {
                     scope.spawn(move || {
@@ -829,7 +831,7 @@ fn churn(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup) {
                     made[index] += outcome.detail.parse::<u64>().unwrap_or(0);
                 }
             });
-            ticks[index] += cpu_ticks(agent.pid()) - before.0;
+            ticks[index] += process::cpu_ticks(agent.pid()) - before.0;
             rescans[index] += overflows(&agent) - before.1;
         }
     }
@@ -939,34 +941,6 @@ fn monotonic_ns() -> u64 {
     })
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    // utime and stime: fields 14 and 15, i.e. 11 and 12 after the comm.
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix(key))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Table 5: start to enforcement, and memory at rest.
 fn footprint(report: &mut String, attach: &TestCgroup) {
     let mut starts = Vec::new();
@@ -977,7 +951,7 @@ fn footprint(report: &mut String, attach: &TestCgroup) {
         let (agent, _config) = agent(attach, &pins, "", DEFAULT_WINDOW);
         starts.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(500));
-        rss.push(status_kib(agent.pid(), "VmRSS:"));
+        rss.push(process::status_kib(agent.pid(), "VmRSS:").unwrap_or(0));
     }
     starts.sort();
     rss.sort_unstable();
