@@ -11,3 +11,4 @@ pub mod event;
 pub mod imds;
 pub mod maps;
 pub mod policy;
+pub mod programs;

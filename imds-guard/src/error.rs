@@ -1,21 +1,19 @@
 //! The agent's errors, by subsystem as aya splits its own: each subsystem's enum lives in its
 //! module ([`ConfigError`] in `config`, [`CgroupError`] in `host::cgroups`, [`ProcError`] in
 //! `host::procfs`, [`PidFileError`] in `host::pidfile`, [`KernelError`] in `kernel`,
-//! [`PinError`] in `kernel::pins`, [`EventsError`] in `events`, [`AgentError`] in `agent`),
-//! and every variant names the action that failed, carries the evidence, and says what to do
-//! next. [`Error`] is any of them, as the commands return it; it prints the subsystem's message
-//! unchanged.
+//! [`PinError`] in `kernel::pins`, [`EventsError`] in `events`), and every variant names the
+//! action that failed, carries the evidence, and says what to do next. [`Error`] is any of
+//! them, as the commands return it (printing the subsystem's message unchanged), or one of the
+//! agent process's own: its runtime, its metrics address.
+
+use std::io;
 
 pub use crate::{
-    agent::AgentError,
     config::ConfigError,
     events::EventsError,
     host::{cgroups::CgroupError, pidfile::PidFileError, procfs::ProcError},
     kernel::{KernelError, pins::PinError},
 };
-
-/// Where a setting came from, for error messages: `--allow-uid` or `/etc/x.toml:3:14`.
-pub type Origin = String;
 
 /// Anything that can go wrong in imds-guard, by subsystem.
 #[derive(Debug, thiserror::Error)]
@@ -42,24 +40,25 @@ pub enum Error {
     /// Events: the ring buffer, event streams.
     #[error(transparent)]
     Events(#[from] EventsError),
-    /// The agent process: its runtime and metrics endpoint.
-    #[error(transparent)]
-    Agent(#[from] AgentError),
+    /// The agent's async runtime or signal handlers could not be set up.
+    #[error("setting up the runtime failed: {source}")]
+    Runtime {
+        /// Why.
+        source: io::Error,
+    },
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 impl From<KernelError> for Error {
     fn from(err: KernelError) -> Self {
         Self::Kernel(Box::new(err))
-    }
-}
-
-/// The verifier's hint after a refused program (for [`KernelError::LoadProgram`]).
-pub(crate) fn verifier_hint(source: &aya::programs::ProgramError) -> &'static str {
-    if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
-        "\n(the verifier log above says which instruction it refused; a kernel older than \
-         Linux 5.8 lacks helpers these programs use)"
-    } else {
-        ""
     }
 }
 

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::{
-    error::{AgentError, Result},
+    error::{Error, Result},
     kernel::{Counters, Kernel},
     policy::Policy,
     policy::compile::Compiled,
@@ -305,13 +305,13 @@ fn rule_verdict(policy: &Policy, id: u32) -> &'static str {
 /// Binds the metrics address now, so that a bad one fails before anything is attached.
 ///
 /// # Errors
-/// [`AgentError::Metrics`] when the address cannot be bound.
+/// [`Error::Metrics`] when the address cannot be bound.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let listener =
-        std::net::TcpListener::bind(addr).map_err(|source| AgentError::Metrics { addr, source })?;
+        std::net::TcpListener::bind(addr).map_err(|source| Error::Metrics { addr, source })?;
     listener
         .set_nonblocking(true)
-        .map_err(|source| AgentError::Metrics { addr, source })?;
+        .map_err(|source| Error::Metrics { addr, source })?;
     Ok(listener)
 }
 

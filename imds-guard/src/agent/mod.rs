@@ -19,7 +19,7 @@ use self::{
 use crate::{
     cli::RunArgs,
     config::Config,
-    error::{CgroupError, Result},
+    error::{CgroupError, Error, Result},
     events::reporter::{FoldMap, Reporter, delete_fold, fold_entries},
     host::{
         cgroups::{Cgroup, Hierarchy},
@@ -29,25 +29,6 @@ use crate::{
     kernel::{self, Kernel, pins::PinDir},
     policy::{Policy, compile::Compiled},
 };
-
-/// What went wrong setting up the agent process itself.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// The async runtime or signal handlers could not be set up.
-    #[error("setting up the runtime failed: {source}")]
-    Runtime {
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The metrics address cannot be listened on.
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
 
 /// Everything checked and taken before anything changes on the host.
 struct Prepared {
@@ -97,7 +78,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| AgentError::Runtime { source })?;
+        .map_err(|source| Error::Runtime { source })?;
     let running = Running {
         enforcement,
         reporter,

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::{enforcement::Enforcement, metrics};
 use crate::{
-    error::{AgentError, CgroupError, Error, EventsError, Result},
+    error::{CgroupError, Error, EventsError, Result},
     events::reporter::Reporter,
     host::{follow::Watcher, pidfile::PidFile},
     policy::Policy,
@@ -243,7 +243,7 @@ struct Signals {
 
 impl Signals {
     fn new() -> Result<Self> {
-        let listen = |kind| signal(kind).map_err(|source| AgentError::Runtime { source });
+        let listen = |kind| signal(kind).map_err(|source| Error::Runtime { source });
         Ok(Self {
             term: listen(SignalKind::terminate())?,
             int: listen(SignalKind::interrupt())?,

@@ -15,7 +15,7 @@ use crate::{
     config::{Config, Overrides, Principal},
     error::{ConfigError, ProcError, Result},
     host::{
-        cgroups::{Cgroup, Hierarchy},
+        cgroups::{Cgroup, Hierarchy, is_within},
         procfs, workload,
     },
     policy::{
@@ -118,7 +118,7 @@ fn described(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
         None => user_gid,
     };
     let cgroup = match &args.cgroup {
-        Some(given) => hierarchy.resolve(&"--cgroup".to_owned(), given)?.path,
+        Some(given) => hierarchy.resolve("--cgroup", given)?.path,
         None => "/".to_owned(),
     };
     Ok(Workload {
@@ -141,7 +141,7 @@ fn explanation(
     workload: &Workload,
 ) -> String {
     let mut out = describe_workload(workload);
-    if !compile::is_within(&workload.cgroup, &attach.path) {
+    if !is_within(&workload.cgroup, &attach.path) {
         let _ = writeln!(
             out,
             "verdict: allow: not judged, its cgroup is outside the attach point {}",
@@ -152,7 +152,7 @@ fn explanation(
     let chain = ancestry(hierarchy, &workload.cgroup);
     let ancestors: Vec<u64> = chain.iter().map(|dir| dir.id).collect();
     let within_attach: Vec<CgroupDir> = (chain.into_iter())
-        .filter(|dir| compile::is_within(&dir.path, &attach.path))
+        .filter(|dir| is_within(&dir.path, &attach.path))
         .collect();
     let (compiled, _) = Compiled::new(policy, 0, &attach.path, &within_attach);
     let judgement = compile::judge(

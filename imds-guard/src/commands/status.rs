@@ -14,7 +14,7 @@ use crate::{
     host::cgroups::Hierarchy,
     host::pidfile,
     kernel::pins::{self, PinDir, ProgramState},
-    kernel::{Counters, PROGRAMS, maps, sys},
+    kernel::{Counters, maps, sys},
 };
 
 /// Everything `status` reports.
@@ -116,7 +116,7 @@ pub fn run(args: &StatusArgs) -> bool {
 #[must_use]
 pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> Status {
     let pins = PinDir::new(pin_dir);
-    let programs: Vec<Hook> = PROGRAMS
+    let programs: Vec<Hook> = imds_guard_common::programs::ALL
         .iter()
         .map(|&hook| {
             let link = sys::open_pinned(&pins.link(hook)).ok().flatten();

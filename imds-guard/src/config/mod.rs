@@ -17,7 +17,8 @@ use toml::Spanned;
 
 pub mod glob;
 
-use crate::error::Origin;
+/// Where a setting came from, for error messages: `--allow-uid` or `/etc/x.toml:3:14`.
+pub type Origin = String;
 
 /// Where the agent looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imds-guard/imds-guard.toml";
@@ -45,6 +46,9 @@ pub enum ConfigError {
         /// What the parser said.
         message: String,
     },
+    /// A cgroup the settings name does not exist, or is not written as one.
+    #[error(transparent)]
+    Cgroup(#[from] crate::host::cgroups::CgroupError),
     /// A setting (in the file or on the command line) has a value that cannot work.
     #[error("{origin}: {message}")]
     Invalid {
@@ -846,7 +850,7 @@ mod tests {
 
     /// Config and policy resolution, as `check-config` does them, against a fake cgroup2 mount
     /// holding `/exists`.
-    fn check(text: &str) -> crate::error::Result<Policy> {
+    fn check(text: &str) -> Result<Policy, ConfigError> {
         let mount = tempfile::tempdir().unwrap();
         std::fs::create_dir(mount.path().join("exists")).unwrap();
         let hierarchy = Hierarchy::at(mount.path().to_owned());

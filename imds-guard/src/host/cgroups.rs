@@ -11,14 +11,22 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use crate::{
-    error::{ConfigError, Origin, Result},
-    host::procfs::{self, Mount},
-};
+use crate::host::procfs::{self, Mount, ProcError};
 
 /// What went wrong with the cgroup hierarchy.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
+    /// The mount table, where the hierarchy is found, could not be read.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// A cgroup is not written as an absolute path without `.` or `..`.
+    #[error("{origin}: {message}")]
+    Malformed {
+        /// Option or file position.
+        origin: String,
+        /// What is wrong, with the value.
+        message: String,
+    },
     /// No cgroup v2 hierarchy is mounted.
     #[error(
         "no cgroup2 filesystem is mounted (none in /proc/self/mountinfo): \
@@ -29,7 +37,7 @@ pub enum CgroupError {
     #[error("{origin}: cgroup {given:?} does not exist (no directory {})", dir.display())]
     NotFound {
         /// Option or file position.
-        origin: Origin,
+        origin: String,
         /// The value as given.
         given: String,
         /// The directory looked for.
@@ -100,9 +108,9 @@ impl Hierarchy {
     /// Finds the cgroup2 mount of this process's mount namespace.
     ///
     /// # Errors
-    /// [`crate::error::ProcError::Read`] when mountinfo is unreadable, [`CgroupError::NoCgroup2`]
+    /// [`ProcError::Read`] when mountinfo is unreadable, [`CgroupError::NoCgroup2`]
     /// without a mount.
-    pub fn discover() -> Result<Self> {
+    pub fn discover() -> Result<Self, CgroupError> {
         let mount = cgroup2_mount(&procfs::mounts()?).ok_or(CgroupError::NoCgroup2)?;
         Ok(Self::at(mount))
     }
@@ -124,13 +132,13 @@ impl Hierarchy {
     /// the mount, and checks that it exists.
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] for a malformed path, [`CgroupError::NotFound`] when it does
+    /// [`CgroupError::Malformed`] for a malformed path, [`CgroupError::NotFound`] when it does
     /// not exist, [`CgroupError::Inspect`] when it cannot be inspected.
-    pub fn resolve(&self, origin: &Origin, given: &str) -> Result<Cgroup> {
+    pub fn resolve(&self, origin: &str, given: &str) -> Result<Cgroup, CgroupError> {
         let path = self
             .hierarchy_path(given)
-            .map_err(|message| ConfigError::Invalid {
-                origin: origin.clone(),
+            .map_err(|message| CgroupError::Malformed {
+                origin: origin.to_owned(),
                 message,
             })?;
         let dir = self.dir_of(&path);
@@ -138,21 +146,19 @@ impl Hierarchy {
             Ok(metadata) if metadata.is_dir() => metadata,
             Ok(_) => {
                 return Err(CgroupError::NotFound {
-                    origin: origin.clone(),
+                    origin: origin.to_owned(),
                     given: given.to_owned(),
                     dir,
-                }
-                .into());
+                });
             }
             Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CgroupError::NotFound {
-                    origin: origin.clone(),
+                    origin: origin.to_owned(),
                     given: given.to_owned(),
                     dir,
-                }
-                .into());
+                });
             }
-            Err(source) => return Err(CgroupError::Inspect { dir, source }.into()),
+            Err(source) => return Err(CgroupError::Inspect { dir, source }),
         };
         let level = u32::try_from(path.split('/').filter(|part| !part.is_empty()).count())
             .unwrap_or(u32::MAX);
@@ -255,6 +261,16 @@ impl Hierarchy {
     }
 }
 
+/// Whether the cgroup `path` is `under` or below it.
+#[must_use]
+pub fn is_within(path: &str, under: &str) -> bool {
+    under == "/"
+        || path == under
+        || path
+            .strip_prefix(under)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// The mount point of the first cgroup2 filesystem in a mount table.
 #[must_use]
 pub fn cgroup2_mount(mounts: &[Mount]) -> Option<PathBuf> {
@@ -267,6 +283,13 @@ pub fn cgroup2_mount(mounts: &[Mount]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sibling_prefixes_are_not_within() {
+        assert!(!is_within("/ab", "/a"));
+        assert!(is_within("/a/b", "/a"));
+        assert!(is_within("/a", "/"));
+    }
 
     const HYBRID: &str = "\
 22 1 0:21 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
@@ -338,10 +361,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         fs::create_dir(root.path().join("present")).unwrap();
         let h = Hierarchy::at(root.path().to_owned());
-        let found = h.resolve(&"--cgroup".into(), "/present").unwrap();
+        let found = h.resolve("--cgroup", "/present").unwrap();
         assert_eq!(found.path, "/present");
         assert_eq!(found.level, 1);
-        let err = h.resolve(&"--cgroup".into(), "/absent").unwrap_err();
+        let err = h.resolve("--cgroup", "/absent").unwrap_err();
         let text = err.to_string();
         assert!(
             text.starts_with("--cgroup: cgroup \"/absent\" does not exist"),

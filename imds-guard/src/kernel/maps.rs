@@ -21,10 +21,7 @@ use imds_guard_common::{
     },
 };
 
-use crate::{
-    error::{KernelError, Result},
-    kernel::pins::PinDir,
-};
+use super::{KernelError, pins::PinDir};
 
 /// Where the maps come from.
 pub trait Source {

@@ -1,27 +1,21 @@
-//! The kernel side as the agent sees it: checks that the programs can run here, loads the
-//! embedded object, writes a policy into its maps, attaches and detaches the programs.
+//! The kernel side as the agent sees it: checks that the programs can run here and loads the
+//! embedded object (`load.rs`), writes a policy into its maps (here), attaches the programs
+//! (`links.rs`) and keeps them pinned ([`pins`]).
 
 pub mod btf;
+mod links;
+mod load;
 pub mod maps;
 pub mod pins;
 pub mod sys;
 
-use std::{fs::File, os::fd::AsFd as _};
-
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramType,
-        links::FdLink,
-    },
 };
 use imds_guard_common::{
     agent::AgentInfo,
-    event::{
-        FOLD_WINDOW_GLOBAL, FoldKey, FoldValue, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES,
-        TASK_LAYOUT_GLOBAL, TaskLayout,
-    },
+    event::{FoldKey, FoldValue},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, GENERATION, MAX_RULES, PROTECTED_FILTER, PROTECTED_V4,
         PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
@@ -31,33 +25,20 @@ use imds_guard_common::{
         filter_set, filter_slot_v4, filter_slot_v6,
     },
 };
-use rustix::thread::CapabilitySet;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-pub use self::maps::Counters;
+pub use self::{
+    links::Attached,
+    load::{OBJECT, TASK_READS_ENV, preflight},
+    maps::Counters,
+};
 use crate::{
-    error::{CgroupError, PinError, Result},
-    host::cgroups::Cgroup,
-    kernel::pins::PinDir,
+    kernel::pins::{PinDir, PinError},
     policy::compile::{Compiled, Delta, MapEntries},
 };
 
-/// The kernel object built by `build.rs` from `imds-guard-ebpf` (public for the benchmarks,
-/// which attach its `bench_noop4` baseline program).
-pub static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
-
-/// The programs in the object, named after their attach points.
-pub const PROGRAMS: [&str; 5] = [
-    "connect4",
-    "connect6",
-    "sendmsg4",
-    "sendmsg6",
-    PACKET_PROGRAM,
-];
-
 /// The `cgroup_skb/egress` program (raw sockets); the others are `cgroup/sock_addr` programs.
-const PACKET_PROGRAM: &str = "egress";
+const PACKET_PROGRAM: &str = imds_guard_common::programs::EGRESS;
 
 /// What went wrong loading, attaching or using the programs and their maps.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +144,7 @@ pub enum KernelError {
     /// The verifier (or the kernel) refused a program.
     #[error(
         "loading program {program} failed: {source}{}",
-        crate::error::verifier_hint(source)
+        load::verifier_hint(source)
     )]
     LoadProgram {
         /// The program.
@@ -181,6 +162,17 @@ pub enum KernelError {
         /// Why.
         source: aya::programs::ProgramError,
     },
+    /// The cgroup to attach to could not be opened.
+    #[error("cannot open cgroup {} to attach the programs: {source}", dir.display())]
+    OpenCgroup {
+        /// The cgroup directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The pinned maps or links refuse the load (see [`PinError`]).
+    #[error(transparent)]
+    Pin(#[from] PinError),
     /// A program link could not be created, adopted or replaced.
     #[error("program {program}: {action} failed: {source}")]
     Link {
@@ -193,73 +185,6 @@ pub enum KernelError {
     },
 }
 
-/// Checks, before anything is loaded, that this process and kernel can run the programs.
-///
-/// # Errors
-/// [`KernelError::MissingCapabilities`] or [`KernelError::Feature`], naming what is missing.
-pub fn preflight() -> Result<(), KernelError> {
-    let sets =
-        rustix::thread::capabilities(None).map_err(|errno| KernelError::ReadCapabilities {
-            source: errno.into(),
-        })?;
-    if let Some(missing) = missing_capabilities(sets.effective) {
-        return Err(KernelError::MissingCapabilities { missing });
-    }
-    raise_memlock_limit();
-    probe(
-        "cgroup sock_addr programs",
-        "Linux 4.17+ with CONFIG_CGROUP_BPF=y",
-        aya::sys::is_program_supported(ProgramType::CgroupSockAddr).map_err(|err| err.to_string()),
-    )?;
-    probe(
-        "BPF ring buffers",
-        "Linux 5.8+",
-        aya::sys::is_map_supported(aya::maps::MapType::RingBuf).map_err(|err| err.to_string()),
-    )
-}
-
-fn probe(
-    feature: &'static str,
-    needs: &'static str,
-    result: std::result::Result<bool, String>,
-) -> Result<(), KernelError> {
-    match result {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(KernelError::Feature { feature, needs }),
-        Err(message) => Err(KernelError::Probe { feature, message }),
-    }
-}
-
-/// The capabilities missing from `effective` to load and attach cgroup programs, by name.
-fn missing_capabilities(effective: CapabilitySet) -> Option<String> {
-    if effective.contains(CapabilitySet::SYS_ADMIN)
-        || effective.contains(CapabilitySet::BPF | CapabilitySet::NET_ADMIN)
-    {
-        return None;
-    }
-    let missing: Vec<&str> = [
-        (CapabilitySet::BPF, "CAP_BPF"),
-        (CapabilitySet::NET_ADMIN, "CAP_NET_ADMIN"),
-    ]
-    .into_iter()
-    .filter(|&(cap, _)| !effective.contains(cap))
-    .map(|(_, name)| name)
-    .collect();
-    Some(missing.join(" and "))
-}
-
-/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones ignore it.
-fn raise_memlock_limit() {
-    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
-    if let Err(err) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
-        debug!("could not raise RLIMIT_MEMLOCK ({err}); fine on Linux 5.11+");
-    }
-}
-
-/// The environment variable that, set to `probe`, makes the programs read tasks with
-/// `bpf_probe_read_kernel` even where the kernel offers BTF-typed loads.
-pub const TASK_READS_ENV: &str = "IMDS_GUARD_TASK_READS";
-
 /// The loaded object: maps created or adopted from the pins, programs verified.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -270,131 +195,7 @@ pub struct Kernel {
     task_layout: u32,
 }
 
-/// What [`Kernel::attach`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Attached {
-    /// Links created (and pinned).
-    pub created: usize,
-    /// Pinned links switched to the new program in place.
-    pub updated: usize,
-    /// Pinned links on another cgroup, replaced by new ones.
-    pub moved: usize,
-}
-
 impl Kernel {
-    /// Loads the embedded object with its maps pinned in `pins` (reusing those already pinned
-    /// there) and runs every program through the verifier.
-    ///
-    /// # Errors
-    /// [`PinError::MapMismatch`] when pinned maps differ from this build's,
-    /// [`KernelError::LoadObject`], [`KernelError::MissingInObject`] or
-    /// [`KernelError::LoadProgram`] (with the verifier log).
-    pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self> {
-        check_pinned_layouts(pins)?;
-        // Before loading, which pins the maps: a retry must not take its own pins for a
-        // predecessor's.
-        let adopted = pins.map(GENERATION).exists();
-        let found = crate::kernel::btf::task_layout();
-        for why in &found.missing {
-            warn!("{why}");
-        }
-        // Three tries, each verified whole: the task read through its BTF-typed pointer
-        // (plain loads), then through `bpf_probe_read_kernel`, then not at all. Some kernels
-        // do not offer `bpf_get_current_task_btf`, or `bpf_get_current_task` and
-        // `bpf_probe_read_kernel`, to these program types; with the layout's bits clear the
-        // programs never reach those calls, and the verifier never sees them.
-        let btf = TaskLayout {
-            known: found.layout.known | LAYOUT_BTF_TASK,
-            ..found.layout
-        };
-        // `IMDS_GUARD_TASK_READS=probe` skips the first try (to compare, or on a kernel whose
-        // BTF loads misbehave).
-        let first = if std::env::var(TASK_READS_ENV).as_deref() == Ok("probe") {
-            found.layout
-        } else {
-            btf
-        };
-        let loaded = match Self::load_with(pins, adopted, fold_window_ns, first) {
-            Err(KernelError::LoadProgram { program, source })
-                if first.known & LAYOUT_BTF_TASK != 0 && found.layout.known != 0 =>
-            {
-                warn!(
-                    "the kernel refused program {program} reading tasks through their BTF \
-                     pointer ({source}); trying again with bpf_probe_read_kernel (slower)"
-                );
-                Self::load_with(pins, adopted, fold_window_ns, found.layout)
-            }
-            loaded => loaded,
-        };
-        let loaded = match loaded {
-            Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
-                warn!(
-                    "the kernel refused program {program} ({source}); trying again without \
-                     reading tasks' parents, namespaces and executables, in case those reads \
-                     are what it refused: events will not name them, and containers will be \
-                     known by their cgroup path alone"
-                );
-                Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
-            }
-            loaded => loaded,
-        };
-        Ok(loaded?)
-    }
-
-    fn load_with(
-        pins: &PinDir,
-        adopted: bool,
-        fold_window_ns: u64,
-        task_layout: TaskLayout,
-    ) -> Result<Self, KernelError> {
-        let mut loader = EbpfLoader::new();
-        for name in imds_guard_common::maps::ALL {
-            loader.map_pin_path(name, pins.map(name));
-        }
-        loader.override_global(TASK_LAYOUT_GLOBAL, &task_layout, true);
-        loader.override_global(FOLD_WINDOW_GLOBAL, &fold_window_ns, true);
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|source| KernelError::LoadObject { source })?;
-        for name in imds_guard_common::maps::ALL {
-            if ebpf.map(name).is_none() {
-                return Err(KernelError::MissingInObject { kind: "map", name });
-            }
-        }
-        for name in PROGRAMS {
-            let verified = if name == PACKET_PROGRAM {
-                program_mut::<CgroupSkb>(&mut ebpf, name)?.load()
-            } else {
-                program_mut::<CgroupSockAddr>(&mut ebpf, name)?.load()
-            };
-            verified.map_err(|source| KernelError::LoadProgram {
-                program: name,
-                source,
-            })?;
-        }
-        Ok(Self {
-            ebpf,
-            pins: pins.clone(),
-            adopted,
-            task_layout: task_layout.known,
-        })
-    }
-
-    /// How the programs tell a container's task: by its namespaces (the kernel's view, at the
-    /// attempt, read with plain BTF-checked loads or `bpf_probe_read_kernel`) and cgroup path,
-    /// or by its cgroup path alone (the kernel refused the reads, or its BTF lacks the fields).
-    #[must_use]
-    pub fn container_detection(&self) -> &'static str {
-        match (
-            self.task_layout & LAYOUT_NAMESPACES != 0,
-            self.task_layout & LAYOUT_BTF_TASK != 0,
-        ) {
-            (true, true) => "namespaces (BTF loads) and cgroup paths",
-            (true, false) => "namespaces (probe reads) and cgroup paths",
-            (false, _) => "cgroup paths only",
-        }
-    }
-
     /// Whether the maps were adopted from an earlier agent: then a policy is (or may be) in
     /// force, and the first policy must be switched to, not installed.
     #[must_use]
@@ -653,133 +454,6 @@ impl Kernel {
         self.write_filter(filter)
     }
 
-    /// Makes every program judge the tasks of `cgroup`, through links pinned in the pin
-    /// directory so that they outlive this process. A link already pinned there for the same
-    /// cgroup is switched to the new program in place (`BPF_LINK_UPDATE`: every attempt is
-    /// judged by the old program or the new one, never by none). A pinned link on another
-    /// cgroup (the attach point changed, or its cgroup is gone) is replaced: the new link is
-    /// attached before the old one is detached.
-    ///
-    /// Links are multi-attach: a delegated subtree can add its own programs, and ours still run.
-    ///
-    /// # Errors
-    /// [`KernelError::Attach`] or [`KernelError::Link`]; links attached before the failure stay.
-    pub fn attach(&mut self, cgroup: &Cgroup) -> Result<Attached> {
-        let mut attached = Attached::default();
-        for name in PROGRAMS {
-            let pin = self.pins.link(name);
-            let link_error = |action: &'static str| {
-                move |source| KernelError::Link {
-                    program: name,
-                    action,
-                    source,
-                }
-            };
-            let Some(old) =
-                sys::open_pinned(&pin).map_err(link_error("opening the pinned link"))?
-            else {
-                let link = self.new_link(name, cgroup)?;
-                link.pin(&pin).map_err(|source| KernelError::Link {
-                    program: name,
-                    action: "pinning the link",
-                    source: std::io::Error::other(source),
-                })?;
-                attached.created += 1;
-                continue;
-            };
-            let state = sys::link_info(old.as_fd_borrowed())
-                .map_err(link_error("reading the pinned link"))?;
-            if state.cgroup_id == cgroup.id {
-                let program = self
-                    .ebpf
-                    .program(name)
-                    .ok_or(KernelError::MissingInObject {
-                        kind: "program",
-                        name,
-                    })?
-                    .fd()
-                    .map_err(|source| KernelError::LoadProgram {
-                        program: name,
-                        source,
-                    })?;
-                sys::link_update(old.as_fd_borrowed(), program.as_fd())
-                    .map_err(link_error("switching the pinned link to the new program"))?;
-                attached.updated += 1;
-                continue;
-            }
-            // bpffs refuses names with a dot (`EPERM`: reserved by the kernel).
-            let staging = pin.with_file_name(format!("{name}-staging"));
-            let _ = std::fs::remove_file(&staging);
-            let link = self.new_link(name, cgroup)?;
-            link.pin(&staging).map_err(|source| KernelError::Link {
-                program: name,
-                action: "pinning the new link",
-                source: std::io::Error::other(source),
-            })?;
-            if let Err(err) = sys::link_detach(old.as_fd_borrowed()) {
-                // Its cgroup is gone already: nothing to detach.
-                debug!(program = name, "old link not detached: {err}");
-            }
-            std::fs::rename(&staging, &pin).map_err(link_error("replacing the pinned link"))?;
-            info!(
-                program = name,
-                from_cgroup_id = state.cgroup_id,
-                to = %cgroup.path,
-                "replaced the pinned link"
-            );
-            attached.moved += 1;
-        }
-        for dir in self.pins.other_map_dirs() {
-            // Maps of another layout: no program of ours reads them any more.
-            let removed = std::fs::read_dir(&dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .try_for_each(|entry| std::fs::remove_file(entry.path()))
-                .and_then(|()| std::fs::remove_dir(&dir));
-            match removed {
-                Ok(()) => info!(dir = %dir.display(), "removed the maps of another layout"),
-                Err(err) => warn!("cannot remove the old maps in {}: {err}", dir.display()),
-            }
-        }
-        Ok(attached)
-    }
-
-    fn new_link(&mut self, name: &'static str, cgroup: &Cgroup) -> Result<FdLink> {
-        let file = File::open(&cgroup.dir).map_err(|source| CgroupError::Inspect {
-            dir: cgroup.dir.clone(),
-            source,
-        })?;
-        let attach_error = |source| KernelError::Attach {
-            program: name,
-            cgroup: cgroup.dir.clone(),
-            source,
-        };
-        let pinnable = |source: aya::programs::links::LinkError| KernelError::Link {
-            program: name,
-            action: "making the link pinnable (needs Linux 5.7+)",
-            source: std::io::Error::other(source),
-        };
-        if name == PACKET_PROGRAM {
-            let program: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
-            let id = program
-                .attach(
-                    file.as_fd(),
-                    CgroupSkbAttachType::Egress,
-                    multi_attach_mode(),
-                )
-                .map_err(attach_error)?;
-            let link = program.take_link(id).map_err(attach_error)?;
-            return Ok(FdLink::try_from(link).map_err(pinnable)?);
-        }
-        let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
-        let id = program
-            .attach(file.as_fd(), multi_attach_mode())
-            .map_err(attach_error)?;
-        let link = program.take_link(id).map_err(attach_error)?;
-        Ok(FdLink::try_from(link).map_err(pinnable)?)
-    }
-
     /// Writes what the agent says about itself.
     ///
     /// # Errors
@@ -851,62 +525,6 @@ impl Kernel {
     /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
     pub fn counters(&mut self) -> Result<Counters, KernelError> {
         maps::counters(&mut self.ebpf)
-    }
-}
-
-/// Refuses pinned maps whose type or sizes differ from this build's: they belong to a build
-/// that changed the layout without changing `MAPS_LAYOUT_VERSION`, and reading them would be
-/// reading garbage.
-fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
-    let object = aya_obj::Object::parse(OBJECT).map_err(|source| KernelError::LoadObject {
-        source: aya::EbpfError::ParseError(source),
-    })?;
-    for name in imds_guard_common::maps::ALL {
-        let path = pins.map(name);
-        if !path.exists() {
-            continue;
-        }
-        let Some(expected) = object.maps.get(name) else {
-            return Err(KernelError::MissingInObject { kind: "map", name }.into());
-        };
-        let pinned = aya::maps::MapInfo::from_pin(&path)
-            .map_err(|source| KernelError::OpenMap { map: name, source })?;
-        let layout = |key: u32, value: u32, entries: u32| format!("{key}/{value}/{entries}");
-        let (have, want) = (
-            layout(pinned.key_size(), pinned.value_size(), pinned.max_entries()),
-            layout(
-                expected.key_size(),
-                expected.value_size(),
-                expected.max_entries(),
-            ),
-        );
-        if have != want {
-            return Err(PinError::MapMismatch {
-                map: name,
-                path,
-                pinned: have,
-                expected: want,
-            }
-            .into());
-        }
-    }
-    Ok(())
-}
-
-/// The attach mode that gives `BPF_F_ALLOW_MULTI` semantics.
-///
-/// From Linux 5.7 aya attaches with `bpf_link_create`, whose links are always multi-attach and
-/// which refuses any flag (`EINVAL`): that is aya's `Single` (flags 0). Before 5.7 it uses
-/// `bpf_prog_attach`, where multi-attach must be asked for.
-fn multi_attach_mode() -> CgroupAttachMode {
-    use aya::util::KernelVersion;
-    // The same test aya makes, where an unreadable version counts as old.
-    let links =
-        KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(5, 7, 0));
-    if links {
-        CgroupAttachMode::Single
-    } else {
-        CgroupAttachMode::AllowMultiple
     }
 }
 
@@ -982,59 +600,5 @@ fn wait_for_running_programs() {
     if let Err(errno) = membarrier(MembarrierCommand::Global) {
         debug!("membarrier refused ({errno}); pausing instead");
         std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// Program `name` of the object, as its type (`CgroupSockAddr`, `CgroupSkb`).
-fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
-where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(KernelError::MissingInObject {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| KernelError::LoadProgram {
-            program: name,
-            source,
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn which_capabilities_are_missing() {
-        assert_eq!(missing_capabilities(CapabilitySet::SYS_ADMIN), None);
-        assert_eq!(
-            missing_capabilities(CapabilitySet::BPF | CapabilitySet::NET_ADMIN),
-            None
-        );
-        assert_eq!(
-            missing_capabilities(CapabilitySet::BPF | CapabilitySet::SYS_PTRACE).as_deref(),
-            Some("CAP_NET_ADMIN")
-        );
-        assert_eq!(
-            missing_capabilities(CapabilitySet::empty()).as_deref(),
-            Some("CAP_BPF and CAP_NET_ADMIN")
-        );
-    }
-
-    /// The names the agent uses exist in the embedded object, with the expected types.
-    #[test]
-    fn object_has_every_map_and_program() {
-        let object = aya_obj::Object::parse(OBJECT).expect("embedded object parses");
-        for name in imds_guard_common::maps::ALL {
-            assert!(
-                object.maps.contains_key(name),
-                "map {name} missing from the object"
-            );
-        }
-        for name in PROGRAMS {
-            assert!(object.programs.contains_key(name), "program {name} missing");
-        }
     }
 }

@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use imds_guard_common::maps::MAPS_LAYOUT_VERSION;
+use imds_guard_common::{maps::MAPS_LAYOUT_VERSION, programs};
 use nix::{
     mount::{MsFlags, mount},
     sys::statfs::{FsType, statfs},
@@ -23,10 +23,8 @@ use nix::{
 use tracing::info;
 
 use crate::{
-    error::{KernelError, Result},
-    host::cgroups::{Cgroup, Hierarchy},
-    kernel::{PROGRAMS, sys},
-    policy::compile::is_within,
+    host::cgroups::{Cgroup, Hierarchy, is_within},
+    kernel::sys,
 };
 
 /// Where the agent pins its links and maps when `--pin-dir` is not given.
@@ -61,6 +59,16 @@ pub enum PinError {
         guarded: String,
         /// The attach point asked for.
         target: String,
+    },
+    /// A pinned link could not be opened or read.
+    #[error("pinned link of program {program}: {action} failed: {source}")]
+    Link {
+        /// The program.
+        program: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// Why it failed.
+        source: io::Error,
     },
     /// A pinned map has another layout than this build's.
     #[error(
@@ -197,7 +205,7 @@ impl PinDir {
             });
         };
         // Ours in their order, then anything else pinned there (a link being replaced).
-        let mut links: Vec<String> = PROGRAMS.iter().map(|&name| name.to_owned()).collect();
+        let mut links: Vec<String> = programs::ALL.iter().map(|&name| name.to_owned()).collect();
         for entry in fs::read_dir(self.links_dir())
             .into_iter()
             .flatten()
@@ -257,24 +265,23 @@ impl PinDir {
     /// # Errors
     /// [`PinError::Elsewhere`] when a link guards a cgroup that still exists outside
     /// `target`: moving would leave it unguarded, which only the operator may decide.
-    /// [`KernelError::Link`] when a pinned link cannot be read.
-    pub fn check_takeover(&self, target: &Cgroup, hierarchy: &Hierarchy) -> Result<()> {
+    /// [`PinError::Link`] when a pinned link cannot be read.
+    pub fn check_takeover(&self, target: &Cgroup, hierarchy: &Hierarchy) -> Result<(), PinError> {
         let mut reported = Vec::new();
-        for program in PROGRAMS {
+        for program in programs::ALL {
             let link_error = |action: &'static str| {
-                move |source| KernelError::Link {
+                move |source| PinError::Link {
                     program,
                     action,
                     source,
                 }
             };
-            let Some(link) = sys::open_pinned(&self.link(program))
-                .map_err(link_error("opening the pinned link"))?
+            let Some(link) =
+                sys::open_pinned(&self.link(program)).map_err(link_error("opening it"))?
             else {
                 continue;
             };
-            let state = sys::link_info(link.as_fd_borrowed())
-                .map_err(link_error("reading the pinned link"))?;
+            let state = sys::link_info(link.as_fd_borrowed()).map_err(link_error("reading it"))?;
             if state.cgroup_id == target.id || reported.contains(&state.cgroup_id) {
                 continue;
             }
@@ -301,8 +308,7 @@ impl PinDir {
                         dir: self.root.clone(),
                         guarded: guarded.unwrap_or_else(|| format!("with id {}", state.cgroup_id)),
                         target: target.path.clone(),
-                    }
-                    .into());
+                    });
                 }
             }
         }
@@ -312,7 +318,9 @@ impl PinDir {
     /// Whether any program link is pinned here.
     #[must_use]
     pub fn has_links(&self) -> bool {
-        PROGRAMS.iter().any(|program| self.link(program).exists())
+        programs::ALL
+            .iter()
+            .any(|program| self.link(program).exists())
     }
 }
 

@@ -34,6 +34,7 @@ use imds_guard_common::{
 
 pub use crate::host::cgroups::CgroupDir;
 use crate::{
+    host::cgroups::is_within,
     host::workload,
     policy::{Applicable, Policy},
 };
@@ -533,16 +534,6 @@ enum Wanted {
     Nothing,
     Rules { rules: Applicable, narrowing: bool },
     TooDeep,
-}
-
-/// Whether the cgroup `path` is `under` or below it.
-#[must_use]
-pub fn is_within(path: &str, under: &str) -> bool {
-    under == "/"
-        || path == under
-        || path
-            .strip_prefix(under)
-            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// An IPv6 address as `PROTECTED_V6` keys hold it: four native words of its network-order bytes.
@@ -1126,12 +1117,5 @@ mod tests {
         let empty = Compiled::new(policy("[[allow]]\nuid = 0\n"), 0, "/", &[dir(0, "/")]).0;
         assert_eq!(empty.entry_levels(), NO_ENTRY_LEVELS);
         assert_eq!(empty.entries().settings.entry_levels, NO_ENTRY_LEVELS);
-    }
-
-    #[test]
-    fn sibling_prefixes_are_not_within() {
-        assert!(!is_within("/ab", "/a"));
-        assert!(is_within("/a/b", "/a"));
-        assert!(is_within("/a", "/"));
     }
 }

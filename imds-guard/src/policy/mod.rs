@@ -12,8 +12,7 @@ use imds_guard_common::policy::MAX_CGROUP_LEVEL;
 
 use crate::config::glob::compile_glob;
 use crate::{
-    config::{Config, Containers, Mode, Principal, Rule, Setting},
-    error::{ConfigError, Error, Origin, Result},
+    config::{Config, ConfigError, Containers, Mode, Origin, Principal, Rule, Setting},
     host::cgroups::Hierarchy,
     host::workload,
 };
@@ -140,10 +139,9 @@ impl Policy {
     /// patterns to matchers.
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] for an unknown user or group, a bad pattern, or a rule that repeats
-    /// an earlier one; [`crate::error::CgroupError::NotFound`] for an `allow_cgroup` that does not
-    /// exist.
-    pub fn resolve(config: &Config, hierarchy: &Hierarchy) -> Result<Self> {
+    /// [`ConfigError::Invalid`] for an unknown user or group, a bad pattern, or a rule that
+    /// repeats an earlier one; [`ConfigError::Cgroup`] for an `allow_cgroup` that does not exist.
+    pub fn resolve(config: &Config, hierarchy: &Hierarchy) -> Result<Self, ConfigError> {
         let mut patterns: Vec<Pattern> = Vec::new();
         let mut index_of = |pattern: Pattern| {
             patterns
@@ -168,8 +166,7 @@ impl Policy {
                         "duplicate rule: the rule at {} ({}) already has these conditions",
                         earlier.origin, earlier.name
                     ),
-                }
-                .into());
+                });
             }
             rules.push(resolved);
         }
@@ -473,12 +470,12 @@ fn resolve_rule(
     rule: &Rule,
     hierarchy: &Hierarchy,
     index_of: &mut impl FnMut(Pattern) -> usize,
-) -> Result<PolicyRule> {
+) -> Result<PolicyRule, ConfigError> {
     let path_patterns = |items: &[Setting<String>]| {
         items
             .iter()
             .map(|item| path_pattern(hierarchy, rule, item))
-            .collect::<Result<Vec<_>>>()
+            .collect::<Result<Vec<_>, _>>()
     };
     let cgroup = path_patterns(&rule.cgroup)?;
     let not_cgroup = path_patterns(&rule.not_cgroup)?;
@@ -515,12 +512,14 @@ fn resolve_rule(
 }
 
 /// A `cgroup`/`not_cgroup` value as a hierarchy path pattern; `allow_cgroup` values must exist.
-fn path_pattern(hierarchy: &Hierarchy, rule: &Rule, item: &Setting<String>) -> Result<Pattern> {
-    let invalid = |message| {
-        Error::from(ConfigError::Invalid {
-            origin: item.origin.clone(),
-            message,
-        })
+fn path_pattern(
+    hierarchy: &Hierarchy,
+    rule: &Rule,
+    item: &Setting<String>,
+) -> Result<Pattern, ConfigError> {
+    let invalid = |message| ConfigError::Invalid {
+        origin: item.origin.clone(),
+        message,
     };
     let path = hierarchy.hierarchy_path(&item.value).map_err(invalid)?;
     if rule.cgroup_must_exist {
@@ -566,7 +565,7 @@ fn same_conditions(a: &PolicyRule, b: &PolicyRule) -> bool {
         && a.audit == b.audit
 }
 
-fn resolve_uid(uid: &Principal, origin: &Origin) -> Result<u32> {
+fn resolve_uid(uid: &Principal, origin: &Origin) -> Result<u32, ConfigError> {
     resolve(uid, origin, "user", "getent passwd", |name| {
         nix::unistd::User::from_name(name).map(|user| user.map(|user| user.uid.as_raw()))
     })
@@ -576,7 +575,7 @@ fn resolve_uid(uid: &Principal, origin: &Origin) -> Result<u32> {
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] for an unknown group.
-pub(crate) fn resolve_gid(gid: &Principal, origin: &Origin) -> Result<u32> {
+pub(crate) fn resolve_gid(gid: &Principal, origin: &Origin) -> Result<u32, ConfigError> {
     resolve(gid, origin, "group", "getent group", |name| {
         nix::unistd::Group::from_name(name).map(|group| group.map(|group| group.gid.as_raw()))
     })
@@ -589,12 +588,10 @@ fn resolve(
     what: &str,
     command: &str,
     lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
-) -> Result<u32> {
-    let invalid = |message| {
-        Error::from(ConfigError::Invalid {
-            origin: origin.clone(),
-            message,
-        })
+) -> Result<u32, ConfigError> {
+    let invalid = |message| ConfigError::Invalid {
+        origin: origin.clone(),
+        message,
     };
     match principal {
         Principal::Id(id) => Ok(*id),

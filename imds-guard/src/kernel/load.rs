@@ -1,0 +1,313 @@
+//! Loading: whether this process and kernel can run the programs ([`preflight`]), and the
+//! embedded object loaded with its maps pinned (or adopted from the pins) and every program
+//! through the verifier ([`Kernel::load`]), retrying with fewer task reads where a kernel
+//! refuses them.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSkb, CgroupSockAddr, ProgramType},
+};
+use imds_guard_common::{
+    event::{
+        FOLD_WINDOW_GLOBAL, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES, TASK_LAYOUT_GLOBAL, TaskLayout,
+    },
+    maps::GENERATION,
+    programs,
+};
+use rustix::thread::CapabilitySet;
+use tracing::{debug, warn};
+
+use super::{Kernel, KernelError, PACKET_PROGRAM};
+use crate::kernel::pins::{PinDir, PinError};
+
+/// The kernel object built by `build.rs` from `imds-guard-ebpf` (public for the benchmarks,
+/// which attach its `bench_noop4` baseline program).
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
+
+/// Checks, before anything is loaded, that this process and kernel can run the programs.
+///
+/// # Errors
+/// [`KernelError::MissingCapabilities`] or [`KernelError::Feature`], naming what is missing.
+pub fn preflight() -> Result<(), KernelError> {
+    let sets =
+        rustix::thread::capabilities(None).map_err(|errno| KernelError::ReadCapabilities {
+            source: errno.into(),
+        })?;
+    if let Some(missing) = missing_capabilities(sets.effective) {
+        return Err(KernelError::MissingCapabilities { missing });
+    }
+    raise_memlock_limit();
+    probe(
+        "cgroup sock_addr programs",
+        "Linux 4.17+ with CONFIG_CGROUP_BPF=y",
+        aya::sys::is_program_supported(ProgramType::CgroupSockAddr).map_err(|err| err.to_string()),
+    )?;
+    probe(
+        "BPF ring buffers",
+        "Linux 5.8+",
+        aya::sys::is_map_supported(aya::maps::MapType::RingBuf).map_err(|err| err.to_string()),
+    )
+}
+
+fn probe(
+    feature: &'static str,
+    needs: &'static str,
+    result: std::result::Result<bool, String>,
+) -> Result<(), KernelError> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(KernelError::Feature { feature, needs }),
+        Err(message) => Err(KernelError::Probe { feature, message }),
+    }
+}
+
+/// The capabilities missing from `effective` to load and attach cgroup programs, by name.
+fn missing_capabilities(effective: CapabilitySet) -> Option<String> {
+    if effective.contains(CapabilitySet::SYS_ADMIN)
+        || effective.contains(CapabilitySet::BPF | CapabilitySet::NET_ADMIN)
+    {
+        return None;
+    }
+    let missing: Vec<&str> = [
+        (CapabilitySet::BPF, "CAP_BPF"),
+        (CapabilitySet::NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|&(cap, _)| !effective.contains(cap))
+    .map(|(_, name)| name)
+    .collect();
+    Some(missing.join(" and "))
+}
+
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones ignore it.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(err) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        debug!("could not raise RLIMIT_MEMLOCK ({err}); fine on Linux 5.11+");
+    }
+}
+
+/// The environment variable that, set to `probe`, makes the programs read tasks with
+/// `bpf_probe_read_kernel` even where the kernel offers BTF-typed loads.
+pub const TASK_READS_ENV: &str = "IMDS_GUARD_TASK_READS";
+
+impl Kernel {
+    /// Loads the embedded object with its maps pinned in `pins` (reusing those already pinned
+    /// there) and runs every program through the verifier.
+    ///
+    /// # Errors
+    /// [`PinError::MapMismatch`] when pinned maps differ from this build's,
+    /// [`KernelError::LoadObject`], [`KernelError::MissingInObject`] or
+    /// [`KernelError::LoadProgram`] (with the verifier log).
+    pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self, KernelError> {
+        check_pinned_layouts(pins)?;
+        // Before loading, which pins the maps: a retry must not take its own pins for a
+        // predecessor's.
+        let adopted = pins.map(GENERATION).exists();
+        let found = crate::kernel::btf::task_layout();
+        for why in &found.missing {
+            warn!("{why}");
+        }
+        // Three tries, each verified whole: the task read through its BTF-typed pointer
+        // (plain loads), then through `bpf_probe_read_kernel`, then not at all. Some kernels
+        // do not offer `bpf_get_current_task_btf`, or `bpf_get_current_task` and
+        // `bpf_probe_read_kernel`, to these program types; with the layout's bits clear the
+        // programs never reach those calls, and the verifier never sees them.
+        let btf = TaskLayout {
+            known: found.layout.known | LAYOUT_BTF_TASK,
+            ..found.layout
+        };
+        // `IMDS_GUARD_TASK_READS=probe` skips the first try (to compare, or on a kernel whose
+        // BTF loads misbehave).
+        let first = if std::env::var(TASK_READS_ENV).as_deref() == Ok("probe") {
+            found.layout
+        } else {
+            btf
+        };
+        let loaded = match Self::load_with(pins, adopted, fold_window_ns, first) {
+            Err(KernelError::LoadProgram { program, source })
+                if first.known & LAYOUT_BTF_TASK != 0 && found.layout.known != 0 =>
+            {
+                warn!(
+                    "the kernel refused program {program} reading tasks through their BTF \
+                     pointer ({source}); trying again with bpf_probe_read_kernel (slower)"
+                );
+                Self::load_with(pins, adopted, fold_window_ns, found.layout)
+            }
+            loaded => loaded,
+        };
+        match loaded {
+            Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
+                warn!(
+                    "the kernel refused program {program} ({source}); trying again without \
+                     reading tasks' parents, namespaces and executables, in case those reads \
+                     are what it refused: events will not name them, and containers will be \
+                     known by their cgroup path alone"
+                );
+                Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
+            }
+            loaded => loaded,
+        }
+    }
+
+    fn load_with(
+        pins: &PinDir,
+        adopted: bool,
+        fold_window_ns: u64,
+        task_layout: TaskLayout,
+    ) -> Result<Self, KernelError> {
+        let mut loader = EbpfLoader::new();
+        for name in imds_guard_common::maps::ALL {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        loader.override_global(TASK_LAYOUT_GLOBAL, &task_layout, true);
+        loader.override_global(FOLD_WINDOW_GLOBAL, &fold_window_ns, true);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|source| KernelError::LoadObject { source })?;
+        for name in imds_guard_common::maps::ALL {
+            if ebpf.map(name).is_none() {
+                return Err(KernelError::MissingInObject { kind: "map", name });
+            }
+        }
+        for name in programs::ALL {
+            let verified = if name == PACKET_PROGRAM {
+                program_mut::<CgroupSkb>(&mut ebpf, name)?.load()
+            } else {
+                program_mut::<CgroupSockAddr>(&mut ebpf, name)?.load()
+            };
+            verified.map_err(|source| KernelError::LoadProgram {
+                program: name,
+                source,
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            pins: pins.clone(),
+            adopted,
+            task_layout: task_layout.known,
+        })
+    }
+
+    /// How the programs tell a container's task: by its namespaces (the kernel's view, at the
+    /// attempt, read with plain BTF-checked loads or `bpf_probe_read_kernel`) and cgroup path,
+    /// or by its cgroup path alone (the kernel refused the reads, or its BTF lacks the fields).
+    #[must_use]
+    pub fn container_detection(&self) -> &'static str {
+        match (
+            self.task_layout & LAYOUT_NAMESPACES != 0,
+            self.task_layout & LAYOUT_BTF_TASK != 0,
+        ) {
+            (true, true) => "namespaces (BTF loads) and cgroup paths",
+            (true, false) => "namespaces (probe reads) and cgroup paths",
+            (false, _) => "cgroup paths only",
+        }
+    }
+}
+
+/// Refuses pinned maps whose type or sizes differ from this build's: they belong to a build
+/// that changed the layout without changing `MAPS_LAYOUT_VERSION`, and reading them would be
+/// reading garbage.
+fn check_pinned_layouts(pins: &PinDir) -> Result<(), KernelError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|source| KernelError::LoadObject {
+        source: aya::EbpfError::ParseError(source),
+    })?;
+    for name in imds_guard_common::maps::ALL {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(expected) = object.maps.get(name) else {
+            return Err(KernelError::MissingInObject { kind: "map", name });
+        };
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|source| KernelError::OpenMap { map: name, source })?;
+        let layout = |key: u32, value: u32, entries: u32| format!("{key}/{value}/{entries}");
+        let (have, want) = (
+            layout(pinned.key_size(), pinned.value_size(), pinned.max_entries()),
+            layout(
+                expected.key_size(),
+                expected.value_size(),
+                expected.max_entries(),
+            ),
+        );
+        if have != want {
+            return Err(PinError::MapMismatch {
+                map: name,
+                path,
+                pinned: have,
+                expected: want,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Program `name` of the object, as its type (`CgroupSockAddr`, `CgroupSkb`).
+pub(super) fn program_mut<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingInObject {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| KernelError::LoadProgram {
+            program: name,
+            source,
+        })
+}
+
+/// The verifier's hint after a refused program (for [`KernelError::LoadProgram`]).
+pub(super) fn verifier_hint(source: &aya::programs::ProgramError) -> &'static str {
+    if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
+        "\n(the verifier log above says which instruction it refused; a kernel older than \
+         Linux 5.8 lacks helpers these programs use)"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_capabilities_are_missing() {
+        assert_eq!(missing_capabilities(CapabilitySet::SYS_ADMIN), None);
+        assert_eq!(
+            missing_capabilities(CapabilitySet::BPF | CapabilitySet::NET_ADMIN),
+            None
+        );
+        assert_eq!(
+            missing_capabilities(CapabilitySet::BPF | CapabilitySet::SYS_PTRACE).as_deref(),
+            Some("CAP_NET_ADMIN")
+        );
+        assert_eq!(
+            missing_capabilities(CapabilitySet::empty()).as_deref(),
+            Some("CAP_BPF and CAP_NET_ADMIN")
+        );
+    }
+
+    /// The names the agent uses exist in the embedded object, with the expected types.
+    #[test]
+    fn object_has_every_map_and_program() {
+        let object = aya_obj::Object::parse(OBJECT).expect("embedded object parses");
+        for name in imds_guard_common::maps::ALL {
+            assert!(
+                object.maps.contains_key(name),
+                "map {name} missing from the object"
+            );
+        }
+        for name in programs::ALL {
+            assert!(object.programs.contains_key(name), "program {name} missing");
+        }
+    }
+}
