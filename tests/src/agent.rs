@@ -272,7 +272,8 @@ impl Agent {
     /// `CGROUP_RULESETS` entries of the policy in force.
     ///
     /// # Panics
-    /// When the pinned maps cannot be read.
+    /// When the pinned maps cannot be read, or the generation not in force has entries left
+    /// (a switch that did not clean up after itself).
     #[must_use]
     pub fn cgroup_entries(&self) -> usize {
         self.entries_in_force().1
@@ -281,7 +282,7 @@ impl Agent {
     /// `ALLOW` entries of the policy in force.
     ///
     /// # Panics
-    /// When the pinned maps cannot be read.
+    /// As [`Agent::cgroup_entries`].
     #[must_use]
     pub fn allow_entries(&self) -> usize {
         self.entries_in_force().0
@@ -290,6 +291,14 @@ impl Agent {
     fn entries_in_force(&self) -> (usize, usize) {
         let mut maps = self.maps();
         let generation = maps::generation_in_force(&mut maps).expect("GENERATION");
+        let left = maps::entries_of(&mut maps, generation ^ 1).expect("ALLOW and CGROUP_RULESETS");
+        assert_eq!(
+            left,
+            (0, 0),
+            "(ALLOW, CGROUP_RULESETS) entries left in generation {}:\n{}",
+            generation ^ 1,
+            self.stderr()
+        );
         maps::entries_of(&mut maps, generation).expect("ALLOW and CGROUP_RULESETS")
     }
 

@@ -555,6 +555,11 @@ fn repeats_evicted_before_they_are_reported_are_counted_and_said() {
     );
     assert_eq!(reported + aggregated + unreported + lost, attempts);
     assert_eq!(aggregated + unreported, agent.counter("folded"));
+    // The stop line's kernel figures are one reading, taken after everything was reported:
+    // nothing was attempted since, so they are what `status` reads now.
+    for name in ["denied", "folded", "events_lost"] {
+        assert_eq!(figure(name), agent.counter(name), "{name} on the stop line");
+    }
     assert!(
         unreported > 0,
         "no repeat was evicted unreported: the test proves less than it says"

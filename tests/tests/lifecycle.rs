@@ -260,7 +260,7 @@ fn detach_removes_the_pins_and_the_programs() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while program_ids
         .iter()
-        .any(|&id| imds_guard::kernel::pins::program_state(id).is_ok_and(|state| state.is_some()))
+        .any(|&id| !matches!(imds_guard::kernel::sys::program_info(id), Ok(None)))
     {
         assert!(
             Instant::now() < deadline,

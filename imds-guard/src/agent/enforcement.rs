@@ -18,7 +18,7 @@ use crate::{
         clock::boot_time_ns,
         follow::{Changes, Watcher},
     },
-    kernel::Kernel,
+    kernel::{Counters, Kernel, KernelError},
     policy::{Policy, compile::Compiled},
 };
 
@@ -232,7 +232,15 @@ impl<'a> Enforcement<'a> {
 
     /// The kernel's total of folded repeats, if it can be read.
     pub fn folded_total(&mut self) -> Option<u64> {
-        self.kernel.counters().ok().map(|counters| counters.folded)
+        self.counters().ok().map(|counters| counters.folded)
+    }
+
+    /// The kernel's counters now.
+    ///
+    /// # Errors
+    /// When they cannot be read.
+    pub fn counters(&mut self) -> Result<Counters, KernelError> {
+        self.kernel.counters()
     }
 
     /// Events the kernel could not queue are counted there; says so as soon as the count grows.
@@ -268,9 +276,9 @@ impl<'a> Enforcement<'a> {
     }
 
     /// Stopping: records that the agent is gone and logs where every attempt went.
-    pub fn stopped(&mut self, accounting: &Accounting) {
+    pub fn stopped(&mut self, counters: Result<&Counters, &KernelError>, accounting: &Accounting) {
         self.record(false);
-        match self.kernel.counters() {
+        match counters {
             Ok(counters) => info!(
                 allowed = counters.allowed,
                 denied = counters.denied,

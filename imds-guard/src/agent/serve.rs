@@ -130,9 +130,16 @@ pub async fn serve(
         }
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let folded = running.enforcement.folded_total();
-    running.reporter.finish(wakers.ring.get_mut(), folded);
-    running.enforcement.stopped(running.reporter.accounting());
+    running.reporter.finish(wakers.ring.get_mut());
+    // One reading of the kernel's counters, after everything was reported: the figures of the
+    // stop line add up.
+    let counters = running.enforcement.counters();
+    if let Ok(counters) = &counters {
+        running.reporter.at_stop(counters.folded);
+    }
+    running
+        .enforcement
+        .stopped(counters.as_ref(), running.reporter.accounting());
     info!("stopped on {}", outcome?);
     Ok(())
 }

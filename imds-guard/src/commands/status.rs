@@ -13,7 +13,7 @@ use crate::{
     cli::StatusArgs,
     host::cgroups::Hierarchy,
     host::pidfile,
-    kernel::pins::{self, PinDir, ProgramState},
+    kernel::pins::PinDir,
     kernel::{Counters, maps, sys},
 };
 
@@ -48,7 +48,7 @@ pub struct Hook {
     /// The cgroup's path.
     pub cgroup: Option<String>,
     /// The program the link runs.
-    pub program: Option<ProgramState>,
+    pub program: Option<sys::ProgramInfo>,
 }
 
 /// The policy in force, as the maps hold it.
@@ -127,8 +127,7 @@ pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> S
                 defunct: state.is_some_and(|state| state.cgroup_id == 0),
                 cgroup_id: state.map(|state| state.cgroup_id),
                 cgroup: state.and_then(|state| hierarchy?.path_of(state.cgroup_id)),
-                program: state
-                    .and_then(|state| pins::program_state(state.program_id).ok().flatten()),
+                program: state.and_then(|state| sys::program_info(state.program_id).ok().flatten()),
             }
         })
         .collect();

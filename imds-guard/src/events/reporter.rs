@@ -217,15 +217,18 @@ impl Reporter {
         self.emit_aggregates(due);
     }
 
-    /// Stopping: reports what is left (every event in the ring, every repeat counted so far)
-    /// and settles the accounting with the kernel's final total of folded repeats.
-    pub fn finish(&mut self, ring: &mut RingBuf<MapData>, folded_total: Option<u64>) {
+    /// Stopping: reports what is left, every event in the ring and every repeat counted so
+    /// far. Then read the kernel's total of folded repeats and settle with [`Reporter::at_stop`].
+    pub fn finish(&mut self, ring: &mut RingBuf<MapData>) {
         let _ = self.drain_all(ring);
         self.report_folds(None, true);
-        if let Some(total) = folded_total {
-            self.accounting.at_stop(total);
-            self.warn_of_new_unreported();
-        }
+    }
+
+    /// Settles the accounting with the kernel's total of folded repeats, read after
+    /// [`Reporter::finish`]: whatever no aggregate said was evicted unreported.
+    pub fn at_stop(&mut self, folded_total: u64) {
+        self.accounting.at_stop(folded_total);
+        self.warn_of_new_unreported();
     }
 
     /// Reports each aggregate as one line.

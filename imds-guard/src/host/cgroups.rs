@@ -52,10 +52,7 @@ pub enum CgroupError {
         source: std::io::Error,
     },
     /// The cgroup tree cannot be watched for changes.
-    #[error(
-        "cannot watch the cgroup tree for changes (inotify): {source} (at a limit, raise \
-         sysctl fs.inotify.max_user_instances or fs.inotify.max_user_watches)"
-    )]
+    #[error("cannot watch the cgroup tree for changes (inotify): {source}")]
     Watch {
         /// Why.
         source: std::io::Error,

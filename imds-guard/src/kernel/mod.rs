@@ -163,7 +163,7 @@ pub enum KernelError {
         source: aya::programs::ProgramError,
     },
     /// The cgroup to attach to could not be opened.
-    #[error("cannot open cgroup {} to attach the programs: {source}", dir.display())]
+    #[error("cannot inspect cgroup {}: {source}", dir.display())]
     OpenCgroup {
         /// The cgroup directory.
         dir: std::path::PathBuf,

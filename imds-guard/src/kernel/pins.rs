@@ -61,7 +61,7 @@ pub enum PinError {
         target: String,
     },
     /// A pinned link could not be opened or read.
-    #[error("pinned link of program {program}: {action} failed: {source}")]
+    #[error("program {program}: {action} failed: {source}")]
     Link {
         /// The program.
         program: &'static str,
@@ -276,12 +276,13 @@ impl PinDir {
                     source,
                 }
             };
-            let Some(link) =
-                sys::open_pinned(&self.link(program)).map_err(link_error("opening it"))?
+            let Some(link) = sys::open_pinned(&self.link(program))
+                .map_err(link_error("opening the pinned link"))?
             else {
                 continue;
             };
-            let state = sys::link_info(link.as_fd_borrowed()).map_err(link_error("reading it"))?;
+            let state = sys::link_info(link.as_fd_borrowed())
+                .map_err(link_error("reading the pinned link"))?;
             if state.cgroup_id == target.id || reported.contains(&state.cgroup_id) {
                 continue;
             }
@@ -328,35 +329,6 @@ impl PinDir {
 #[must_use]
 pub fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC)
-}
-
-/// A loaded program, as `status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ProgramState {
-    /// Its id.
-    pub id: u32,
-    /// Its name (the kernel keeps 15 bytes).
-    pub name: String,
-    /// The kernel's hash of its instructions: equal tags, equal programs.
-    pub tag: String,
-}
-
-/// The loaded program with `id`, if there is one.
-///
-/// # Errors
-/// When the loaded programs cannot be listed.
-pub fn program_state(id: u32) -> Result<Option<ProgramState>, aya::programs::ProgramError> {
-    for program in aya::programs::loaded_programs() {
-        let program = program?;
-        if program.id() == id {
-            return Ok(Some(ProgramState {
-                id,
-                name: String::from_utf8_lossy(program.name()).into_owned(),
-                tag: format!("{:016x}", program.tag()),
-            }));
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //! aya 0.14 `PinnedLink::from_pin` opens a pinned link, but the `FdLink` it gives does not
 //! expose its descriptor, which the three calls after it need; `LinkInfo` has no accessor for
 //! the cgroup a link is on; `bpf_link_update` is crate-private; and there is no
-//! `BPF_LINK_DETACH` (`FdLink::detach` only closes the descriptor).
+//! `BPF_LINK_DETACH` (`FdLink::detach` only closes the descriptor). `status` looks up the
+//! program a link runs by its id, which `ProgramInfo` cannot be made from (`loaded_programs()`
+//! walks them all, and fails whole when one is unloaded during the walk).
 
 use std::{
     ffi::CString,
+    fmt::Write as _,
     io,
     mem::size_of,
     os::{
@@ -43,6 +46,7 @@ pub struct LinkState {
     pub attach_type: u32,
 }
 
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -177,9 +181,68 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
+/// A loaded program, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProgramInfo {
+    /// Its id.
+    pub id: u32,
+    /// Its name (the kernel keeps 15 bytes).
+    pub name: String,
+    /// The kernel's hash of its instructions: equal tags, equal programs.
+    pub tag: String,
+}
+
+/// The loaded program with `id` (`struct bpf_prog_info`: `tag` at 8, `name` at 64); `None`
+/// when there is none. (aya: `ProgramInfo` has no constructor from an id.)
+///
+/// # Errors
+/// Any other failure of `BPF_PROG_GET_FD_BY_ID` or `BPF_OBJ_GET_INFO_BY_FD`.
+pub fn program_info(id: u32) -> io::Result<Option<ProgramInfo>> {
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = GetFdById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = match bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+        Ok(fd) => owned(fd)?,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let mut buffer = [0u8; 128];
+    object_info(std::os::fd::AsFd::as_fd(&fd), &mut buffer)?;
+    let tag = buffer[8..16]
+        .iter()
+        .fold(String::with_capacity(16), |mut tag, byte| {
+            let _ = write!(tag, "{byte:02x}");
+            tag
+        });
+    let name_bytes = &buffer[64..80];
+    let end = name_bytes
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(name_bytes.len());
+    Ok(Some(ProgramInfo {
+        id: u32_at(&buffer, 4),
+        name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(),
+        tag,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_program_is_none() {
+        // Ids count up from 1 and are never reused: this one is far beyond any loaded.
+        assert_eq!(program_info(u32::MAX).unwrap(), None);
+    }
 
     #[test]
     fn nothing_pinned_is_none() {
