@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the commands a newcomer and CI run.
 
 mod bootstrap;
+mod lab;
 
 use std::process::Command;
 
@@ -30,6 +31,19 @@ enum Task {
     Demo,
     /// Build the .deb and .rpm packages into target/packages/.
     Package,
+    /// Boot the kernels EC2 runs under qemu, with systemd and Docker, install the .deb and live
+    /// through what an operator does (as root); prints a table, a row per kernel.
+    Lab {
+        /// The kernel lines to run: 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all", value_parser = parse_lines)]
+        kernel: LabLines,
+        /// Keep each VM's disks under target/lab/<kernel>/.
+        #[arg(long)]
+        keep: bool,
+        /// Boot (the first of --kernel) to a root shell on this terminal instead.
+        #[arg(long)]
+        shell: bool,
+    },
     /// Measure imds-guard against no firewall and iptables, in a sandbox (as root); prints the
     /// tables BENCHMARKS.md holds.
     Bench {
@@ -75,6 +89,23 @@ fn main() -> Result<()> {
                 println!("built {}", built.display());
             }
             Ok(())
+        }
+        Task::Lab {
+            kernel,
+            keep,
+            shell,
+        } => {
+            if !is_root() {
+                bail!("the lab builds an image and boots VMs: run `cargo xtask lab` as root");
+            }
+            bootstrap::ensure()?;
+            let packages = lab_packages()?;
+            let options = lab::Options {
+                lines: kernel.0,
+                keep,
+                shell,
+            };
+            lab::run(&options, &packages, &target_dir()?)
         }
         Task::Bench { tables } => run_sandboxed("imds-guard-bench", "bench", &tables),
         Task::Demo => run_sandboxed("imds-guard-demo", "demo", &[]),
@@ -158,6 +189,68 @@ fn package() -> Result<Vec<std::path::PathBuf>> {
         );
     }
     Ok(built)
+}
+
+/// Kernel lines as `--kernel` takes them.
+#[derive(Clone, Debug)]
+struct LabLines(Vec<lab::Line>);
+
+fn parse_lines(text: &str) -> Result<LabLines, String> {
+    use clap::ValueEnum as _;
+    if text == "all" {
+        return Ok(LabLines(lab::Line::ALL.to_vec()));
+    }
+    let mut lines = Vec::new();
+    for part in text.split(',') {
+        let line = lab::Line::from_str(part.trim(), false)
+            .map_err(|_| format!("{part:?} is not a kernel line: 5.10, 6.1, 6.12 or all"))?;
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    lines.sort_by_key(|line| lab::Line::ALL.iter().position(|l| l == line));
+    Ok(LabLines(lines))
+}
+
+/// The .deb just built, and the same build packaged as a newer version (`+lab.upgrade`), for
+/// the lab's upgrade step.
+fn lab_packages() -> Result<lab::Packages> {
+    let deb = package()?
+        .into_iter()
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .context("no .deb was built")?;
+    let name = deb
+        .file_name()
+        .and_then(|name| name.to_str())
+        .context("a .deb name")?;
+    // imds-guard_VERSION_amd64.deb
+    let version = name
+        .strip_prefix("imds-guard_")
+        .and_then(|rest| rest.strip_suffix("_amd64.deb"))
+        .with_context(|| format!("unexpected package name {name}"))?;
+    let out = target_dir()?.join("lab/upgrade");
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    std::fs::create_dir_all(&out)?;
+    let upgrade_version = format!("{version}+lab.upgrade");
+    cargo(&[
+        "deb",
+        "--package",
+        "imds-guard",
+        "--no-build",
+        "--quiet",
+        "--deb-version",
+        &upgrade_version,
+        "--output",
+        &out.to_string_lossy(),
+    ])?;
+    let upgrade = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .context("no upgrade .deb was built")?;
+    Ok(lab::Packages { deb, upgrade })
 }
 
 /// Builds a second agent whose kernel program differs (feature `upgrade-test-variant` of
@@ -262,5 +355,18 @@ mod tests {
             "test result: FAILED. 2 passed; 13 failed; 0 ignored; 0 measured; 0 filtered out";
         assert_eq!(super::parse_test_result(line), Some((2, 13)));
         assert_eq!(super::parse_test_result("running 15 tests"), None);
+    }
+
+    #[test]
+    fn parses_kernel_lines() {
+        use super::lab::Line;
+        let lines = |text| super::parse_lines(text).map(|lines| lines.0);
+        assert_eq!(lines("all"), Ok(Line::ALL.to_vec()));
+        assert_eq!(lines("6.1"), Ok(vec![Line::V6_1]));
+        // Oldest first, each once.
+        assert_eq!(lines("6.12, 5.10,6.12"), Ok(vec![Line::V5_10, Line::V6_12]));
+        let err = lines("6.1,6.6").unwrap_err();
+        assert!(err.contains("\"6.6\" is not a kernel line"), "{err}");
+        assert!(lines("").is_err());
     }
 }

@@ -1,0 +1,288 @@
+#!/bin/bash
+# The lab scenario: imds-guard as an operator lives it, on this VM's kernel, in two boots.
+# Each step is a function; `step` times it and records `name<TAB>pass|fail<TAB>seconds` in
+# /lab/out/results.tsv (its output in /lab/out/<name>.log). The first failure ends the run.
+# `cargo xtask lab` reads /lab/out back from the disk once the VM has powered off.
+set -uo pipefail
+
+LAB=/lab
+OUT=$LAB/out
+IMDS4=169.254.169.254
+IMDS6=fd00:ec2::254
+INSTANCE_ID=i-0123456789abcdef0
+mkdir -p "$OUT"
+install -m 755 "$LAB/lab.py" /usr/local/bin/lab.py
+
+say() { echo "lab: $*" >/dev/console; }
+
+# The end of a run: the journal kept beside the results, then off.
+finish() {
+    journalctl -b all -o short-monotonic --no-pager >"$OUT/journal.txt" 2>&1
+    echo done >"$OUT/finished"
+    sync
+    systemctl poweroff
+    exit 0
+}
+
+step() {
+    local name=$1 start end status
+    shift
+    say "step $name"
+    start=$(date +%s%N)
+    if "$@" >"$OUT/$name.log" 2>&1; then status=pass; else status=fail; fi
+    end=$(date +%s%N)
+    printf '%s\t%s\t%d.%01d\n' "$name" "$status" $(((end - start) / 1000000000)) \
+        $(((end - start) / 100000000 % 10)) >>"$OUT/results.tsv"
+    say "step $name: $status"
+    if [ "$status" = fail ]; then
+        finish
+    fi
+}
+
+# Fails with MESSAGE unless the command succeeds.
+check() {
+    local message=$1
+    shift
+    if ! "$@"; then
+        echo "FAILED: $message"
+        return 1
+    fi
+}
+
+# Waits up to 15 s for the agent's events matching KEY=VALUE... to be in the journal.
+await_events() {
+    for _ in $(seq 150); do
+        if lab.py events "$@" >/dev/null; then
+            lab.py events "$@"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "FAILED: no event with $*"
+    return 1
+}
+
+probe_as() { # USER ADDR: what the user gets from IMDS
+    if [ "$1" = root ]; then lab.py probe "$2"; else runuser -u "$1" -- lab.py probe "$2"; fi
+}
+
+expect_probe() { # USER ADDR EXPECTED (ok | EPERM)
+    local got
+    got=$(probe_as "$1" "$2")
+    echo "$1 → $2: $got"
+    if [ "$3" = ok ]; then
+        [ "$got" = "ok $INSTANCE_ID" ]
+    else
+        [ "$got" = "errno $3" ]
+    fi
+}
+
+# A container on Docker's default bridge (its traffic forwarded and NATed, as on EC2) asking
+# IMDS; ARGS go to `docker run` (e.g. -u 1000). Prints the container id, then the reply.
+container_probe() {
+    rm -f /tmp/container.cid
+    docker run --rm --cidfile /tmp/container.cid "$@" lab-busybox sh -c \
+        "printf 'GET /latest/meta-data/instance-id HTTP/1.0\r\n\r\n' | nc -w 5 $IMDS4 80 2>&1"
+    echo "container $(cat /tmp/container.cid)"
+}
+
+agent_json() { imds-guard status --json; }
+
+wait_reloads() { # N: until the agent has taken N reloads
+    for _ in $(seq 100); do
+        if agent_json | python3 -c "import json,sys; sys.exit(json.load(sys.stdin)['agent']['reloads'] < $1)"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+## Phase 1: the first boot.
+
+step_install() {
+    docker import /opt/lab/busybox.tar lab-busybox >/dev/null
+    check "apt install" apt-get install -y "$LAB/imds-guard.deb"
+    check "enabled" [ "$(systemctl is-enabled imds-guard)" = enabled ]
+    check "active" systemctl is-active imds-guard
+    imds-guard status | tee /tmp/status
+    check "enforcing on /" grep -q "enforcement: in force on cgroup / " /tmp/status
+    check "audit mode" grep -q "^mode: audit" /tmp/status
+    # systemd's view of the order: before sysinit.target, which Docker comes after.
+    check "before sysinit.target" systemctl show -p Before --value imds-guard | grep -qw sysinit.target
+    check "docker after sysinit.target" systemctl show -p After --value docker | grep -qw sysinit.target
+    journalctl -u imds-guard -o cat --no-pager | grep "imds-guard is enforcing" | tail -1 >"$OUT/start-line.txt"
+    journalctl -u imds-guard -o cat --no-pager -p warning >"$OUT/warnings.txt"
+}
+
+step_audit() {
+    check "host root" expect_probe root $IMDS4 ok
+    check "the unit's user" systemd-run --wait --pipe --quiet --unit=lab-cwagent -p User=cwagent \
+        /usr/local/bin/lab.py probe $IMDS4 | tee /tmp/cw | grep -qx "ok $INSTANCE_ID"
+    check "alice" expect_probe alice $IMDS4 ok
+    container_probe | tee /tmp/c0
+    check "a container's root" grep -q $INSTANCE_ID /tmp/c0
+    local root_cid
+    root_cid=$(awk '/^container /{print $2}' /tmp/c0)
+    container_probe -u 1000 | tee /tmp/c1000
+    check "a container as uid 1000" grep -q $INSTANCE_ID /tmp/c1000
+    local user_cid
+    user_cid=$(awk '/^container /{print $2}' /tmp/c1000)
+    await_events verdict=audit uid="$(id -u cwagent)" unit=lab-cwagent.service || return 1
+    await_events verdict=audit uid=1000 in_container=false || return 1
+    await_events verdict=audit uid=0 container.id="$root_cid" in_container=true || return 1
+    await_events verdict=audit uid=1000 container.id="$user_cid" || return 1
+    check "no event of host root" bash -c '! lab.py events uid=0 in_container=false'
+    journalctl -u imds-guard -o export --no-pager | imds-guard report | tee /tmp/report
+    for who in lab-cwagent.service "${root_cid:0:12}" "${user_cid:0:12}" alice; do
+        check "report lists $who" grep -q "$who" /tmp/report
+    done
+}
+
+step_enforce() {
+    journalctl -u imds-guard -o export --no-pager |
+        imds-guard report --suggest-policy --config /etc/imds-guard/imds-guard.toml >/tmp/suggested.toml
+    cat /tmp/suggested.toml
+    check "suggests the unit" grep -q lab-cwagent.service /tmp/suggested.toml
+    # The operator's review: only the unit's rule is kept.
+    lab.py keep-rules /tmp/suggested.toml lab-cwagent.service >/etc/imds-guard/imds-guard.toml
+    check "check-config" imds-guard check-config /etc/imds-guard/imds-guard.toml
+    systemctl reload imds-guard
+    check "reloaded" wait_reloads 1
+    container_probe | tee /tmp/c0
+    check "a container's root refused" grep -q "Operation not permitted" /tmp/c0
+    check "alice refused (IPv4)" expect_probe alice $IMDS4 EPERM
+    check "alice refused (IPv6)" expect_probe alice $IMDS6 EPERM
+    check "host root (IPv4)" expect_probe root $IMDS4 ok
+    check "host root (IPv6)" expect_probe root $IMDS6 ok
+    check "the unit" systemd-run --wait --pipe --quiet --unit=lab-cwagent2 -p User=cwagent \
+        /usr/local/bin/lab.py probe $IMDS4 | grep -qx "ok $INSTANCE_ID"
+    await_events verdict=deny uid=1000 family=ipv6 || return 1
+}
+
+# Probers in a container (must always be refused) and as host root (must always get through)
+# for SECONDS; prints `total wrong` for each. Used around restarts and upgrades.
+start_probers() {
+    rm -rf /tmp/probe && mkdir -p /tmp/probe
+    docker run -d --rm -v /tmp/probe:/out lab-busybox sh -c "
+        end=\$(( \$(date +%s) + $1 )); t=0; w=0
+        while [ \$(date +%s) -lt \$end ]; do
+            if printf 'GET /latest/meta-data/instance-id HTTP/1.0\r\n\r\n' | nc -w 2 $IMDS4 80 2>/dev/null | grep -q $INSTANCE_ID; then w=\$((w+1)); fi
+            t=\$((t+1)); usleep 20000
+        done
+        echo \"\$t \$w\" > /out/container" >/dev/null
+    lab.py prober $IMDS4 "$1" ok /tmp/probe/root &
+}
+
+probers_clean() {
+    wait
+    for _ in $(seq 100); do [ -s /tmp/probe/container ] && break; sleep 0.2; done
+    echo "container prober (total wrong): $(cat /tmp/probe/container)"
+    echo "host root prober (total wrong): $(cat /tmp/probe/root)"
+    read -r ct cw </tmp/probe/container && read -r rt rw </tmp/probe/root &&
+        [ "$ct" -gt 10 ] && [ "$rt" -gt 10 ] && [ "$cw" = 0 ] && [ "$rw" = 0 ]
+}
+
+step_restart() {
+    start_probers 14
+    sleep 2
+    systemctl restart imds-guard
+    check "active after restart" systemctl is-active imds-guard
+    sleep 2
+    local pid
+    pid=$(cat /run/imds-guard/imds-guard.pid)
+    kill -9 "$pid"
+    for _ in $(seq 100); do
+        [ "$(cat /run/imds-guard/imds-guard.pid 2>/dev/null)" != "$pid" ] && systemctl is-active -q imds-guard && break
+        sleep 0.1
+    done
+    check "restarted by systemd after kill -9" systemctl is-active imds-guard
+    check "no wrong verdict" probers_clean
+}
+
+step_prepare_reboot() {
+    # A workload as early as a service can be: it asks IMDS as alice, whom the policy refuses.
+    cat >/etc/systemd/system/lab-early.service <<'UNIT'
+[Unit]
+Description=lab: a workload as early as systemd starts one
+DefaultDependencies=no
+After=sysinit.target lab-imds.service
+Wants=lab-imds.service
+[Service]
+Type=oneshot
+User=alice
+ExecStart=/usr/local/bin/lab.py probe 169.254.169.254
+StandardOutput=file:/var/lib/lab-early.out
+[Install]
+WantedBy=sysinit.target
+UNIT
+    systemctl enable lab-early.service
+    echo 2 >"$LAB/phase"
+}
+
+## Phase 2: after a reboot.
+
+step_boot() {
+    check "the early unit ran" systemctl show -p Result --value lab-early | grep -qx success
+    cat /var/lib/lab-early.out
+    check "the early unit was refused" grep -qx "errno EPERM" /var/lib/lab-early.out
+    local guard docker early
+    guard=$(systemctl show -p ActiveEnterTimestampMonotonic --value imds-guard)
+    docker=$(systemctl show -p ExecMainStartTimestampMonotonic --value docker)
+    early=$(systemctl show -p ExecMainStartTimestampMonotonic --value lab-early)
+    echo "enforcing at ${guard} µs; docker started at ${docker} µs; the early unit at ${early} µs"
+    check "enforcing before docker" [ "$guard" -lt "$docker" ]
+    check "enforcing before the early unit" [ "$guard" -lt "$early" ]
+    await_events verdict=deny uid=1000 unit=lab-early.service || return 1
+}
+
+step_upgrade() {
+    start_probers 14
+    sleep 2
+    check "apt install the upgrade" apt-get install -y "$LAB/imds-guard-upgrade.deb"
+    check "the new version" dpkg-query -W imds-guard | grep -q "lab.upgrade"
+    check "active" systemctl is-active imds-guard
+    journalctl -u imds-guard -o cat --no-pager | grep "imds-guard is enforcing" | tail -1 | tee /tmp/start
+    check "links updated in place" grep -q "links_updated=5" /tmp/start
+    check "no wrong verdict" probers_clean
+}
+
+step_hardening() {
+    systemd-analyze security imds-guard --no-pager | tee /tmp/security
+    local exposure
+    exposure=$(awk '/Overall exposure level/ {print $(NF-1)}' /tmp/security)
+    echo "exposure: $exposure"
+    check "exposure at most 4.0" python3 -c "import sys; sys.exit(not float('$exposure') <= 4.0)"
+    imds-guard status | tee /tmp/status
+    check "healthy" grep -q "healthy" /tmp/status
+    check "no permission denied in the agent's journal" bash -c \
+        "! journalctl -u imds-guard -o cat --no-pager | grep -iE 'not permitted|permission denied'"
+}
+
+step_remove() {
+    check "apt remove" apt-get remove -y imds-guard
+    check "inactive" bash -c '! systemctl is-active -q imds-guard'
+    check "pins gone" bash -c '! test -e /sys/fs/bpf/imds-guard'
+    check "alice gets through again" expect_probe alice $IMDS4 ok
+    check "config kept" test -e /etc/imds-guard/imds-guard.toml
+    check "apt purge" apt-get purge -y imds-guard
+    check "config gone" bash -c '! test -e /etc/imds-guard'
+}
+
+phase=$(cat "$LAB/phase" 2>/dev/null || echo 1)
+say "phase $phase on $(uname -r)"
+if [ "$phase" = 1 ]; then
+    step install step_install
+    step audit step_audit
+    step enforce step_enforce
+    step restart step_restart
+    step_prepare_reboot >"$OUT/prepare-reboot.log" 2>&1
+    sync
+    systemctl reboot
+else
+    step boot step_boot
+    step upgrade step_upgrade
+    step hardening step_hardening
+    step remove step_remove
+    finish
+fi
