@@ -19,6 +19,7 @@
 )]
 
 mod maps;
+mod opaque;
 mod packet;
 mod protected;
 mod record;

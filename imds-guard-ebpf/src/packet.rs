@@ -35,6 +35,7 @@ use imds_guard_common::{
 
 use crate::{
     maps::SOCKET_VERDICTS,
+    opaque,
     protected::{self, Destination},
     record::{self, Attempt, Identity},
     task, verdict,
@@ -179,6 +180,27 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     } else {
         task::sender_kind(uid, cgroup_id)
     };
+    // What the paths above found, as one value the verifier explores once from here on (see
+    // `opaque`); the decision and the record after it are the heaviest part of the program.
+    let Some(found) = opaque::word(
+        u64::from(task)
+            | u64::from(facts.connected) << 16
+            | u64::from(facts.seen_by_hooks) << 17
+            | u64::from(rewritten) << 18,
+    ) else {
+        return DROP;
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low 16 bits hold the kind"
+    )]
+    let task = found as u16;
+    let facts = SocketFacts {
+        connected: found & 1 << 16 != 0,
+        seen_by_hooks: found & 1 << 17 != 0,
+        ..facts
+    };
+    let rewritten = found & 1 << 18 != 0;
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
     let Decision { verdict, rule, .. } = decide(
         &verdict::KernelMaps,

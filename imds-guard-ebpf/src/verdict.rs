@@ -20,6 +20,7 @@ use imds_guard_common::{
 
 use crate::{
     maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
+    opaque,
     protected::{self, Destination},
     record::{self, Attempt},
     task,
@@ -86,7 +87,12 @@ fn judge_protected(
         reason = "splitting a u64 into halves"
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    let task = task::current_kind();
+    // The kind of task, as one value the verifier explores once (see `opaque`).
+    let Some(task) = opaque::word(u64::from(task::current_kind())) else {
+        return REJECT;
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "a TASK_* value")]
+    let task = task as u16;
     let Decision {
         verdict,
         rule,

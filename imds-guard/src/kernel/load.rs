@@ -131,7 +131,8 @@ impl Kernel {
             {
                 warn!(
                     "the kernel refused program {program} reading tasks through their BTF \
-                     pointer ({source}); trying again with bpf_probe_read_kernel (slower)"
+                     pointer ({}); trying again with bpf_probe_read_kernel (slower)",
+                    refusal(&source)
                 );
                 Self::load_with(pins, adopted, fold_window_ns, found.layout)
             }
@@ -140,10 +141,11 @@ impl Kernel {
         match loaded {
             Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
                 warn!(
-                    "the kernel refused program {program} ({source}); trying again without \
+                    "the kernel refused program {program} ({}); trying again without \
                      reading tasks' parents, namespaces and executables, in case those reads \
                      are what it refused: events will not name them, and containers will be \
-                     known by their cgroup path alone"
+                     known by their cgroup path alone",
+                    refusal(&source)
                 );
                 Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
             }
@@ -181,6 +183,7 @@ impl Kernel {
                 program: name,
                 source,
             })?;
+            log_verified(&ebpf, name);
         }
         Ok(Self {
             ebpf,
@@ -265,6 +268,45 @@ where
         })
 }
 
+/// Why the kernel refused a program, in a line: the error, and the verifier's last words
+/// (its whole log, thousands of lines when a program is too complex, is for the fatal error).
+fn refusal(source: &aya::programs::ProgramError) -> String {
+    match source {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            // Its last line before the statistics (`processed N insns ...`, `stack depth`).
+            let said = log
+                .lines()
+                .map(str::trim)
+                .rev()
+                .find(|line| {
+                    !(line.is_empty()
+                        || line.starts_with("processed ")
+                        || line.starts_with("stack depth")
+                        || line.starts_with("verification time"))
+                })
+                .unwrap_or("nothing");
+            format!("{io_error}; the verifier said: {said}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// How many instructions the verifier went through for `name` (Linux 5.16+), at debug level:
+/// the headroom below its limit of a million on this kernel.
+fn log_verified(ebpf: &Ebpf, name: &str) {
+    let count = ebpf
+        .program(name)
+        .and_then(|program| program.info().ok())
+        .and_then(|info| info.verified_instruction_count());
+    if let Some(count) = count {
+        debug!(program = name, verified_instructions = count, "verified");
+    }
+}
+
 /// The verifier's hint after a refused program (for [`KernelError::LoadProgram`]).
 pub(super) fn verifier_hint(source: &aya::programs::ProgramError) -> &'static str {
     if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
@@ -278,6 +320,37 @@ pub(super) fn verifier_hint(source: &aya::programs::ProgramError) -> &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_one_line_with_the_verifiers_last_words() {
+        let refused = |log: &str, errno: i32| aya::programs::ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(log.to_owned()),
+        };
+        // Linux 6.1 on a program too complex for it: thousands of lines, then these.
+        let too_large = "0: R1=ctx(off=0,imm=0) R10=fp0\n; if x {\n1: (61) r2 = *(u32 *)(r6 +80)\n\
+            BPF program is too large. Processed 1000001 insn\n\
+            processed 1000001 insns (limit 1000000) max_states_per_insn 67 total_states 17606\n\
+            stack depth 248+48+24+72+0+0\n";
+        assert_eq!(
+            refusal(&refused(too_large, 7)),
+            "Argument list too long (os error 7); the verifier said: BPF program is too large. \
+             Processed 1000001 insn"
+        );
+        // Linux 5.10, which lacks bpf_get_current_task_btf.
+        let unknown = "0: R1=ctx(off=0,imm=0) R10=fp0\n\
+            134: (85) call unknown#158\nunknown func bpf_get_current_task_btf#158\n\
+            processed 134 insns (limit 1000000) max_states_per_insn 0 total_states 6\n\n";
+        assert_eq!(
+            refusal(&refused(unknown, 22)),
+            "Invalid argument (os error 22); the verifier said: unknown func \
+             bpf_get_current_task_btf#158"
+        );
+        assert_eq!(
+            refusal(&refused("", 1)),
+            "Operation not permitted (os error 1); the verifier said: nothing"
+        );
+    }
 
     #[test]
     fn which_capabilities_are_missing() {
