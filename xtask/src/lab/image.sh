@@ -39,7 +39,8 @@ in_root useradd --system --no-create-home cwagent
 mkdir -p "$root/opt/lab/busybox/bin"
 cp "$root/bin/busybox" "$root/opt/lab/busybox/bin/"
 for applet in $(chroot "$root" /bin/busybox --list); do
-    ln -sf busybox "$root/opt/lab/busybox/bin/$applet"
+    # The list names busybox itself: a link there would replace the binary.
+    [ "$applet" = busybox ] || ln -sf busybox "$root/opt/lab/busybox/bin/$applet"
 done
 tar -C "$root/opt/lab/busybox" -cf "$root/opt/lab/busybox.tar" .
 rm -rf "$root/opt/lab/busybox"

@@ -130,12 +130,22 @@ impl Vm {
     /// Copies the scenario's `out/` from the powered-off VM's disk into the run directory.
     pub fn results(&self) -> Result<PathBuf> {
         let out = self.dir.join("out");
-        std::fs::create_dir_all(&out)?;
+        // rdump will not write into a directory that exists.
+        if out.exists() {
+            std::fs::remove_dir_all(&out)?;
+        }
         run(Command::new("debugfs")
             .arg("-R")
             .arg(format!("rdump /out {}", self.dir.display()))
             .arg(&self.lab_disk)
             .stderr(Stdio::null()))?;
+        if !out.is_dir() {
+            bail!(
+                "{} holds no results (the scenario never started; see {})",
+                self.lab_disk.display(),
+                self.console.display()
+            );
+        }
         Ok(out)
     }
 
