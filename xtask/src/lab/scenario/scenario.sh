@@ -94,7 +94,8 @@ container_probe() {
     rm -f /tmp/container.cid
     docker run --rm --cidfile /tmp/container.cid "$@" lab-busybox sh -c \
         "printf 'GET /latest/meta-data/instance-id HTTP/1.0\r\n\r\n' | nc -w 5 $IMDS4 80 2>&1"
-    echo "container $(cat /tmp/container.cid)"
+    # The reply has no final newline.
+    printf '\ncontainer %s\n' "$(cat /tmp/container.cid)"
 }
 
 agent_json() { imds-guard status --json; }
@@ -167,7 +168,10 @@ step_enforce() {
     check "host root (IPv4)" expect_probe root $IMDS4 ok
     check "host root (IPv6)" expect_probe root $IMDS6 ok
     check "the unit" says "^ok $INSTANCE_ID\$" systemd-run --wait --pipe --quiet \
-        --unit=lab-cwagent2 -p User=cwagent /usr/local/bin/lab.py probe $IMDS4
+        --unit=lab-cwagent -p User=cwagent /usr/local/bin/lab.py probe $IMDS4
+    # The rule names the unit: the same user in another unit is refused.
+    check "the user in another unit refused" says "^errno EPERM\$" systemd-run --wait --pipe \
+        --quiet --unit=lab-other -p User=cwagent /usr/local/bin/lab.py probe $IMDS4
     await_events verdict=deny uid=1000 family=ipv6
 }
 
@@ -262,7 +266,7 @@ step_upgrade() {
 step_hardening() {
     systemd-analyze security imds-guard --no-pager | tee /tmp/security
     local exposure
-    exposure=$(awk '/Overall exposure level/ {print $(NF-1)}' /tmp/security)
+    exposure=$(grep -oE 'Overall exposure level for [^:]+: [0-9.]+' /tmp/security | awk '{print $NF}')
     echo "exposure: $exposure"
     check "exposure at most 4.0" python3 -c "import sys; sys.exit(not float('$exposure') <= 4.0)"
     imds-guard status | tee /tmp/status
