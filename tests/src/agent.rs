@@ -196,7 +196,8 @@ impl Agent {
         );
         let mut child = command
             .env("NOTIFY_SOCKET", &socket_path)
-            .env("IMDS_GUARD_LOG", "info")
+            // The loader says at debug level how much each program cost the verifier.
+            .env("IMDS_GUARD_LOG", "info,imds_guard::kernel::load=debug")
             .stdin(Stdio::null())
             .stdout(if keep_events {
                 Stdio::piped()

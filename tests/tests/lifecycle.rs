@@ -364,3 +364,46 @@ fn a_start_on_another_cgroup_takes_over_the_pins_or_says_how_to_clear_them() {
     denied_in(&b);
     open_in(&a);
 }
+
+/// How many instructions the verifier of this machine's kernel may go through for any one
+/// program. Older verifiers prune less: the lab found the packet program, at 90 thousand here
+/// (Linux 6.18), past the million-instruction limit on 6.1; at 27 thousand here it took 259
+/// thousand there. A program over this budget is one the lab (5.10, 6.1) may see refused.
+const VERIFIER_BUDGET: u64 = 60_000;
+
+#[test]
+fn every_program_stays_well_within_the_verifiers_limit() {
+    let Some((_sandbox, attach)) = setup("verifier") else {
+        return;
+    };
+    let agent = Agent::start(&["--cgroup", &attach.path, "--mode", "audit"]);
+    let log = agent.stderr();
+    let verified: Vec<(String, u64)> = log
+        .lines()
+        .filter(|line| line.contains(" verified "))
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name))
+                    .map(|value| value.trim_matches('"').to_owned())
+            };
+            Some((
+                field("program=")?,
+                field("verified_instructions=")?.parse().ok()?,
+            ))
+        })
+        .collect();
+    let programs: Vec<&str> = verified.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        programs,
+        ["connect4", "connect6", "sendmsg4", "sendmsg6", "egress"],
+        "the loader's counts: {log}"
+    );
+    for (program, count) in &verified {
+        assert!(
+            *count < VERIFIER_BUDGET,
+            "{program}: the verifier went through {count} instructions, over the budget of \
+             {VERIFIER_BUDGET}: run `cargo xtask lab --kernel 5.10,6.1`"
+        );
+    }
+}
