@@ -182,25 +182,9 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     };
     // What the paths above found, as one value the verifier explores once from here on (see
     // `opaque`); the decision and the record after it are the heaviest part of the program.
-    let Some(found) = opaque::word(
-        u64::from(task)
-            | u64::from(facts.connected) << 16
-            | u64::from(facts.seen_by_hooks) << 17
-            | u64::from(rewritten) << 18,
-    ) else {
+    let Some((task, facts, rewritten)) = opaque_facts(task, facts, rewritten) else {
         return DROP;
     };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the low 16 bits hold the kind"
-    )]
-    let task = found as u16;
-    let facts = SocketFacts {
-        connected: found & 1 << 16 != 0,
-        seen_by_hooks: found & 1 << 17 != 0,
-        ..facts
-    };
-    let rewritten = found & 1 << 18 != 0;
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
     let Decision { verdict, rule, .. } = decide(
         &verdict::KernelMaps,
@@ -269,6 +253,33 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         Identity::socket,
     );
     if verdict == VERDICT_DENY { DROP } else { PASS }
+}
+
+/// `task`, `facts` and `rewritten` as values the verifier cannot see through (see `opaque`);
+/// `None` (never) for the caller to fail closed.
+#[inline]
+fn opaque_facts(
+    task: u16,
+    facts: SocketFacts,
+    rewritten: bool,
+) -> Option<(u16, SocketFacts, bool)> {
+    let found = opaque::word(
+        u64::from(task)
+            | u64::from(facts.connected) << 16
+            | u64::from(facts.seen_by_hooks) << 17
+            | u64::from(rewritten) << 18,
+    )?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low 16 bits hold the kind"
+    )]
+    let task = found as u16;
+    let facts = SocketFacts {
+        connected: found & 1 << 16 != 0,
+        seen_by_hooks: found & 1 << 17 != 0,
+        ..facts
+    };
+    Some((task, facts, found & 1 << 18 != 0))
 }
 
 /// A packet's socket's cgroup.
