@@ -10,20 +10,46 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
-/// One per-CPU slot the programs write a value into and read it back from. Not pinned: it
-/// holds nothing between two runs of a program.
-#[map(name = "OPAQUE")]
-static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Slots per CPU: one per program that can be inside [`word`] at once on a CPU. A program in
+/// process context can be interrupted by one for a packet sent from a softirq; no deeper
+/// nesting reaches these hooks.
+const SLOTS: usize = 4;
 
-/// `value`, as the verifier sees a map value: unknown. `None` if the slot cannot be had (it
-/// always can: one entry, index 0), for the caller to fail closed.
+/// A CPU's slots, and how many programs on it are inside [`word`] now.
+#[repr(C)]
+pub struct Slots {
+    depth: u64,
+    slots: [u64; SLOTS],
+}
+
+/// Not pinned: nothing in it outlives one call of [`word`].
+#[map(name = "OPAQUE")]
+static OPAQUE: PerCpuArray<Slots> = PerCpuArray::with_max_entries(1, 0);
+
+/// `value`, as the verifier sees a map value: unknown. `None` if there is no slot for it (never
+/// in practice), for the caller to fail closed.
+///
+/// Each nesting level has its own slot, so a program that interrupts this one on the same CPU
+/// between the write and the read cannot put its value there: it finds the depth raised and
+/// uses the next slot, and puts the depth back before this one resumes. (Interruptions nest,
+/// so the plain per-CPU counter needs no atomics.)
 #[inline]
 pub fn word(value: u64) -> Option<u64> {
-    let slot = OPAQUE.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot of a one-entry array; the program cannot migrate while it runs,
-    // and the volatile accesses keep LLVM from passing the value around the map.
+    let slots = OPAQUE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry of a one-entry array, valid while the program runs; the level is
+    // checked against the array's length, and the volatile accesses keep LLVM from passing the
+    // value around the map.
     unsafe {
+        let depth = core::ptr::read_volatile(&raw const (*slots).depth);
+        if depth >= SLOTS as u64 {
+            return None;
+        }
+        core::ptr::write_volatile(&raw mut (*slots).depth, depth + 1);
+        #[expect(clippy::cast_possible_truncation, reason = "below SLOTS")]
+        let slot = (&raw mut (*slots).slots).cast::<u64>().add(depth as usize);
         core::ptr::write_volatile(slot, value);
-        Some(core::ptr::read_volatile(slot))
+        let value = core::ptr::read_volatile(slot);
+        core::ptr::write_volatile(&raw mut (*slots).depth, depth);
+        Some(value)
     }
 }
