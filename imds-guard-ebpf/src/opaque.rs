@@ -10,46 +10,41 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
-/// Slots per CPU: one per program that can be inside [`word`] at once on a CPU. A program in
-/// process context can be interrupted by one for a packet sent from a softirq; no deeper
-/// nesting reaches these hooks.
-const SLOTS: usize = 4;
-
-/// A CPU's slots, and how many programs on it are inside [`word`] now.
+/// A CPU's slot, and whether a program on it is using the slot now.
 #[repr(C)]
-pub struct Slots {
-    depth: u64,
-    slots: [u64; SLOTS],
+pub struct Slot {
+    busy: u64,
+    value: u64,
 }
 
 /// Not pinned: nothing in it outlives one call of [`word`].
 #[map(name = "OPAQUE")]
-static OPAQUE: PerCpuArray<Slots> = PerCpuArray::with_max_entries(1, 0);
+static OPAQUE: PerCpuArray<Slot> = PerCpuArray::with_max_entries(1, 0);
 
-/// `value`, as the verifier sees a map value: unknown. `None` if there is no slot for it (never
-/// in practice), for the caller to fail closed.
+/// `value`, as the verifier sees a map value: unknown. `None` when the slot cannot be had, for
+/// the caller to fail closed.
 ///
-/// Each nesting level has its own slot, so a program that interrupts this one on the same CPU
-/// between the write and the read cannot put its value there: it finds the depth raised and
-/// uses the next slot, and puts the depth back before this one resumes. (Interruptions nest,
-/// so the plain per-CPU counter needs no atomics.)
+/// A program can be interrupted on its CPU by another that comes here too (a packet sent from
+/// a softirq while a task's packet is judged). The interrupted one has marked the slot busy
+/// before writing it, so the interrupting one finds it busy and fails closed: its packet is
+/// dropped once (TCP sends it again), and the value the interrupted one reads back is its own.
+/// An interruption before the mark finishes before the interrupted program touches the slot.
+/// (Interruptions nest, so the plain per-CPU flag needs no atomics. A slot per nesting level
+/// would spare that packet, but a variable offset into the map value tripled what the
+/// socket hooks cost Linux 6.1's verifier.)
 #[inline]
 pub fn word(value: u64) -> Option<u64> {
-    let slots = OPAQUE.get_ptr_mut(0)?;
-    // SAFETY: this CPU's entry of a one-entry array, valid while the program runs; the level is
-    // checked against the array's length, and the volatile accesses keep LLVM from passing the
-    // value around the map.
+    let slot = OPAQUE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry of a one-entry array, valid while the program runs; the
+    // volatile accesses keep LLVM from passing the value around the map, or reordering them.
     unsafe {
-        let depth = core::ptr::read_volatile(&raw const (*slots).depth);
-        if depth >= SLOTS as u64 {
+        if core::ptr::read_volatile(&raw const (*slot).busy) != 0 {
             return None;
         }
-        core::ptr::write_volatile(&raw mut (*slots).depth, depth + 1);
-        #[expect(clippy::cast_possible_truncation, reason = "below SLOTS")]
-        let slot = (&raw mut (*slots).slots).cast::<u64>().add(depth as usize);
-        core::ptr::write_volatile(slot, value);
-        let value = core::ptr::read_volatile(slot);
-        core::ptr::write_volatile(&raw mut (*slots).depth, depth);
+        core::ptr::write_volatile(&raw mut (*slot).busy, 1);
+        core::ptr::write_volatile(&raw mut (*slot).value, value);
+        let value = core::ptr::read_volatile(&raw const (*slot).value);
+        core::ptr::write_volatile(&raw mut (*slot).busy, 0);
         Some(value)
     }
 }
