@@ -367,7 +367,7 @@ fn a_start_on_another_cgroup_takes_over_the_pins_or_says_how_to_clear_them() {
 
 /// How many instructions the verifier of this machine's kernel may go through for any one
 /// program. Older verifiers prune less: the lab found the packet program, at 90 thousand here
-/// (Linux 6.18), past the million-instruction limit on 6.1; at 27 thousand here it took 259
+/// (Linux 6.18), past the million-instruction limit on 6.1; at 25 thousand here it takes 199
 /// thousand there. A program over this budget is one the lab (5.10, 6.1) may see refused.
 const VERIFIER_BUDGET: u64 = 60_000;
 
