@@ -156,20 +156,9 @@ fn package() -> Result<Vec<std::path::PathBuf>> {
     bootstrap::ensure_packaging_tools()?;
     cargo(&["build", "--release", "--package", "imds-guard"])?;
     let out = target_dir()?.join("packages");
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    fresh_dir(&out)?;
     let out_arg = out.to_string_lossy().into_owned();
-    cargo(&[
-        "deb",
-        "--package",
-        "imds-guard",
-        "--no-build",
-        "--quiet",
-        "--output",
-        &out_arg,
-    ])?;
+    build_deb(&out, None)?;
     cargo(&[
         "generate-rpm",
         "--package",
@@ -189,6 +178,25 @@ fn package() -> Result<Vec<std::path::PathBuf>> {
         );
     }
     Ok(built)
+}
+
+/// Packages the release build as a .deb into `out` (at `version`, else the crate's).
+fn build_deb(out: &std::path::Path, version: Option<&str>) -> Result<()> {
+    let out = out.to_string_lossy();
+    let mut args = vec!["deb", "--package", "imds-guard", "--no-build", "--quiet"];
+    if let Some(version) = version {
+        args.extend(["--deb-version", version]);
+    }
+    args.extend(["--output", &out]);
+    cargo(&args)
+}
+
+/// `dir`, emptied: removed if it exists, then created.
+fn fresh_dir(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Kernel lines as `--kernel` takes them.
@@ -229,22 +237,8 @@ fn lab_packages() -> Result<lab::Packages> {
         .and_then(|rest| rest.strip_suffix("_amd64.deb"))
         .with_context(|| format!("unexpected package name {name}"))?;
     let out = target_dir()?.join("lab/upgrade");
-    if out.exists() {
-        std::fs::remove_dir_all(&out)?;
-    }
-    std::fs::create_dir_all(&out)?;
-    let upgrade_version = format!("{version}+lab.upgrade");
-    cargo(&[
-        "deb",
-        "--package",
-        "imds-guard",
-        "--no-build",
-        "--quiet",
-        "--deb-version",
-        &upgrade_version,
-        "--output",
-        &out.to_string_lossy(),
-    ])?;
+    fresh_dir(&out)?;
+    build_deb(&out, Some(&format!("{version}+lab.upgrade")))?;
     let upgrade = std::fs::read_dir(&out)?
         .flatten()
         .map(|entry| entry.path())

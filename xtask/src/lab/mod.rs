@@ -251,10 +251,7 @@ impl std::fmt::Display for Table {
 
 /// The scenario disk's contents: the scenario, its helper and the two packages.
 fn prepare_scenario(from: &Path, packages: &Packages, into: &Path) -> Result<()> {
-    if into.exists() {
-        std::fs::remove_dir_all(into)?;
-    }
-    std::fs::create_dir_all(into)?;
+    crate::fresh_dir(into)?;
     for name in ["scenario.sh", "lab.py"] {
         std::fs::copy(from.join(name), into.join(name))
             .with_context(|| format!("copying {name}"))?;

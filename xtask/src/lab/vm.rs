@@ -30,10 +30,7 @@ impl Vm {
     /// Prepares a VM of `image` booting `line`'s kernel, with the scenario directory
     /// `scenario` (copied to its second disk), in `dir` (cleared first).
     pub fn new(image: &Image, line: Line, dir: &Path, scenario: &Path) -> Result<Self> {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(dir)?;
+        crate::fresh_dir(dir)?;
         let overlay = dir.join("root.qcow2");
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
