@@ -11,8 +11,8 @@ use crate::{
     event::{VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY},
     policy::{
         ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
-        RULE_DEFAULT, RULE_FLAG_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue,
-        Settings,
+        RULE_DEFAULT, RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN,
+        RuleKey, RuleValue, Settings,
     },
 };
 
@@ -46,6 +46,9 @@ pub struct Decision {
     pub ruleset: u32,
     /// A gid rule decided: the packet layer, which knows no gid, could not decide the same.
     pub by_gid: bool,
+    /// `RULE_FLAG_*` of the deciding rule (0 when none), and `RULE_FLAG_MODE_AUDIT` when the
+    /// generation's mode is audit: what the message layer applies to the connection's requests.
+    pub rule_flags: u32,
 }
 
 /// The verdict and the deciding rule for `uid`/`gid` (`None`: rules on it cannot match; the
@@ -105,11 +108,17 @@ pub fn decide(
         first = Some((found, KIND_ANY));
     }
     let (verdict, rule) = verdict_of(first.map(|(rule, _)| rule), settings.mode);
+    let mode_audit = if settings.mode == MODE_AUDIT {
+        RULE_FLAG_MODE_AUDIT
+    } else {
+        0
+    };
     Decision {
         verdict,
         rule,
         ruleset,
         by_gid: first.is_some_and(|(_, kind)| kind == KIND_GID),
+        rule_flags: first.map_or(settings.default_rule_flags, |(rule, _)| rule.flags) | mode_audit,
     }
 }
 

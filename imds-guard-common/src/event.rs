@@ -20,6 +20,10 @@ pub const HOOK_SENDMSG6: u8 = 4;
 /// of a protocol they do not see (ICMP echo sockets, UDP-Lite, SCTP). No task is known: pid,
 /// tgid and comm are 0; the uid is the socket owner's; the gid is unknown, `u32::MAX`.
 pub const HOOK_EGRESS: u8 = 5;
+/// `sk_msg` on a connection to a protected address: an HTTP request (`imds_version`,
+/// `request`) that was IMDSv1, or that the rule refuses. The task is the writer's; its comm,
+/// parent and executable are not read there (the agent names the process from `/proc`).
+pub const HOOK_HTTP: u8 = 6;
 
 /// `AF_INET`.
 pub const FAMILY_INET: u8 = 2;
@@ -109,10 +113,20 @@ pub struct Event {
     pub exe_parts: u8,
     /// `EXE_FLAG_*` bits.
     pub exe_flags: u8,
+    /// `http::IMDS_VERSION_*` of an HTTP request (hook `HOOK_HTTP`), else 0.
+    pub imds_version: u8,
+    /// `http::REFUSED_*`: what the rule does not allow of the request (hook `HOOK_HTTP`).
+    pub refused: u8,
+    /// Bytes of the request line in `request` (at most `http::HTTP_REQUEST_BYTES`; the line
+    /// may have been longer).
+    pub request_len: u16,
     /// Explicit padding, always 0.
-    pub _tail: [u8; 6],
+    pub _tail: [u8; 2],
+    /// The request line of an HTTP request (hook `HOOK_HTTP`), `request_len` bytes of it:
+    /// never a header.
+    pub request: [u8; crate::http::HTTP_REQUEST_BYTES],
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 376);
+const _: () = assert!(core::mem::size_of::<Event>() == 632);
 
 /// [`Event::unread`]: the parent (`ppid`, `parent_comm`) could not be read: no task (a
 /// packet), the agent found no `task_struct` layout in the kernel's BTF, or a read failed.
@@ -212,10 +226,6 @@ pub const FOLD_WINDOW_GLOBAL: &str = "FOLD_WINDOW_NS";
 /// another port, opens a burst of its own, reported at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[expect(
-    clippy::pub_underscore_fields,
-    reason = "padding is written out and zeroed by both sides, never read"
-)]
 pub struct FoldKey {
     /// cgroup v2 id.
     pub cgroup_id: u64,
@@ -241,8 +251,9 @@ pub struct FoldKey {
     pub port: u16,
     /// [`EVENT_FLAG_CONTAINER`] when the attempts were judged as a container's, else 0.
     pub flags: u8,
-    /// Explicit padding, always 0.
-    pub _pad: u8,
+    /// `http::IMDS_VERSION_*` of an HTTP request, else 0: v1 requests fold apart from refused
+    /// v2 ones.
+    pub imds_version: u8,
 }
 const _: () = assert!(core::mem::size_of::<FoldKey>() == 48);
 
@@ -263,7 +274,7 @@ impl FoldKey {
             tgid: event.tgid,
             port: event.port,
             flags: event.flags & EVENT_FLAG_CONTAINER,
-            _pad: 0,
+            imds_version: event.imds_version,
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod decide;
 pub mod event;
+pub mod http;
 pub mod imds;
 pub mod maps;
 pub mod policy;

@@ -33,8 +33,21 @@ pub const FOLDS: &str = "FOLDS";
 /// written by the agent only, so that `status` can tell without it.
 pub const AGENT: &str = "AGENT";
 
+/// What the message layer keeps of each HTTP connection to a protected address: socket-local
+/// storage of [`crate::http::HttpSocket`], created by the connect hooks. The agent never reads it.
+pub const HTTP_SOCKETS: &str = "HTTP_SOCKETS";
+/// The connections whose writes the message program reads: a `SOCKHASH` keyed by socket
+/// cookie (`u64`), filled by the `sock_ops` program; the message program is attached to it.
+pub const HTTP_SOCKHASH: &str = "HTTP_SOCKHASH";
+/// Rules' `paths` and `deny_paths`: [`crate::http::PathRulesKey`] →
+/// [`crate::http::PathRules`].
+pub const PATH_RULES: &str = "PATH_RULES";
+/// Per-CPU `u64` counts of HTTP requests by rule and version, indexed by
+/// [`crate::http::http_counter_index`].
+pub const HTTP_COUNTERS: &str = "HTTP_COUNTERS";
+
 /// Every map name, so the agent can check the embedded object has each of them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 17] = [
     PROTECTED_V4,
     PROTECTED_V6,
     PROTECTED_FILTER,
@@ -48,6 +61,10 @@ pub const ALL: [&str; 13] = [
     RULE_COUNTERS,
     FOLDS,
     AGENT,
+    HTTP_SOCKETS,
+    HTTP_SOCKHASH,
+    PATH_RULES,
+    HTTP_COUNTERS,
 ];
 
 /// Version of the maps' layout (names, key and value types). The maps are pinned in a directory
@@ -59,7 +76,9 @@ pub const ALL: [&str; 13] = [
 /// 4: `ALLOW` keys by task kind (host or container), `Settings::unseen_after` and
 /// `entry_levels`, events of 376 bytes (the executable), fold keys by process and port, a ring
 /// of 2 MiB.
-pub const MAPS_LAYOUT_VERSION: u32 = 4;
+/// 5: the message layer (`HTTP_SOCKETS`, `HTTP_SOCKHASH`, `PATH_RULES`, `HTTP_COUNTERS`), events
+/// of 632 bytes (the request line), fold keys by IMDS version, a ring of 4 MiB.
+pub const MAPS_LAYOUT_VERSION: u32 = 5;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.
@@ -75,8 +94,8 @@ pub const fn rule_counter_index(generation: u32, rule: u32) -> u32 {
 }
 
 /// Ring buffer size in bytes (a power of two and a multiple of the page size): room for about
-/// 5,500 events of 384 bytes (376 + the 8-byte record header) before the agent must drain.
-pub const EVENTS_RING_BYTES: u32 = 1 << 21;
+/// 6,500 events of 640 bytes (632 + the 8-byte record header) before the agent must drain.
+pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
 /// Connects and datagrams to a protected address that the policy allowed.
 pub const COUNTER_ALLOWED: u32 = 0;
@@ -88,8 +107,17 @@ pub const COUNTER_AUDITED: u32 = 2;
 pub const COUNTER_EVENTS_LOST: u32 = 3;
 /// Denied or audited attempts folded into [`FOLDS`] as repeats instead of queued as events.
 pub const COUNTER_FOLDED: u32 = 4;
+/// HTTP requests the message layer refused (the write failed with `EACCES`).
+pub const COUNTER_HTTP_REFUSED: u32 = 5;
+/// Writes on a connection to a protected address that the message layer refused because it
+/// had no record of the connect (its socket storage could not be made), or because the policy
+/// that admitted the connection is no longer in force and it had rules on requests.
+pub const COUNTER_HTTP_UNJUDGED: u32 = 6;
+/// Connections to a protected address that the message layer could not follow (its map was
+/// full): their writes are not read.
+pub const COUNTER_HTTP_UNFOLLOWED: u32 = 7;
 /// Number of counters in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 5;
+pub const COUNTER_COUNT: u32 = 8;
 
 /// `BPF_F_NO_PREALLOC`: the policy maps take memory per entry in use, not for their capacity.
 pub const MAP_FLAGS_NO_PREALLOC: u32 = 1;
@@ -100,5 +128,11 @@ pub const ALLOW_MAX_ENTRIES: u32 = 65_536;
 /// Capacity of [`FOLDS`]: attempts whose repeats are followed at once (the least recently
 /// repeated is forgotten first; its next attempt is then reported as a new one).
 pub const FOLDS_MAX_ENTRIES: u32 = 8192;
+/// Capacity of [`HTTP_SOCKHASH`]: open HTTP connections to protected addresses.
+pub const HTTP_SOCKHASH_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of [`PATH_RULES`]: rules with path patterns, both generations together.
+pub const PATH_RULES_MAX_ENTRIES: u32 = 2 * MAX_RULES;
+/// Entries of [`HTTP_COUNTERS`].
+pub const HTTP_COUNTER_SLOTS: u32 = RULE_COUNTER_SLOTS * crate::http::IMDS_VERSIONS;
 /// Capacity of each of [`PROTECTED_V4`] and [`PROTECTED_V6`].
 pub const PROTECTED_MAX_ENTRIES: u32 = 256;

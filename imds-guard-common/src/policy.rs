@@ -61,6 +61,15 @@ pub const INIT_CGROUP_NS_INO: u32 = 0xEFFF_FFFB;
 
 /// A matching rule allows the attempt but reports it (staged rollout of a rule).
 pub const RULE_FLAG_AUDIT: u32 = 1;
+/// The rule's workloads must use IMDSv2 (`imds = "v2"`): the message layer refuses their v1
+/// requests.
+pub const RULE_FLAG_V2: u32 = 2;
+/// The rule has `paths` or `deny_paths`: the message layer judges each request's path by the
+/// rule's entry in `PATH_RULES`.
+pub const RULE_FLAG_PATHS: u32 = 4;
+/// Never in `ALLOW`: set in `HttpSocket::rule_flags` when the global mode was audit at the
+/// connect, so that the message layer reports what it would refuse instead of refusing it.
+pub const RULE_FLAG_MODE_AUDIT: u32 = 8;
 
 /// The deepest cgroup level (the root is level 0) whose rule the kernel looks for: a task's
 /// ancestors below this level are not consulted, so the agent refuses rules on deeper cgroups.
@@ -142,6 +151,10 @@ pub const fn filter_set(half: &mut [u64; 4], slot: u32) {
 /// Per-generation settings, in `SETTINGS[generation]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed, never read"
+)]
 pub struct Settings {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
@@ -160,8 +173,13 @@ pub struct Settings {
     /// never reads half of an update; the agent widens it before it adds an entry at a new
     /// level and narrows it after it removed the last one there.
     pub entry_levels: u64,
+    /// `RULE_FLAG_V2` when the global `imds` is `"v2"`: the message layer's rule for
+    /// connections no rule decided (audit mode).
+    pub default_rule_flags: u32,
+    /// Explicit padding, always 0.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 
 /// [`Settings::entry_levels`] when no cgroup has an entry: an empty range.
 pub const NO_ENTRY_LEVELS: u64 = entry_levels(u32::MAX, 0);

@@ -12,5 +12,13 @@ pub const SENDMSG6: &str = "sendmsg6";
 /// `cgroup_skb/egress`: packets of raw sockets, which the socket address hooks never see.
 pub const EGRESS: &str = "egress";
 
-/// Every program the agent attaches, in the order it attaches them.
-pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, EGRESS];
+/// `sockops`: puts established TCP connections to a protected address's HTTP port into
+/// `HTTP_SOCKHASH`, so that the message program reads their writes.
+pub const SOCK_OPS: &str = "sock_ops";
+/// `sk_msg` on `HTTP_SOCKHASH`: classifies and judges each HTTP request. Attached to the map,
+/// not to a cgroup (no link: the pinned map keeps it).
+pub const HTTP_MSG: &str = "http_msg";
+
+/// Every program the agent attaches to the cgroup (one pinned link each), in the order it
+/// attaches them. The message program is attached to its map before these.
+pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, EGRESS, SOCK_OPS];

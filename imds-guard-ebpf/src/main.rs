@@ -18,6 +18,7 @@
     reason = "aya's program macros hand the context over by value"
 )]
 
+mod http;
 mod maps;
 mod opaque;
 mod packet;
@@ -27,8 +28,8 @@ mod task;
 mod verdict;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_skb, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use imds_guard_common::event::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
@@ -61,6 +62,19 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
     packet::judge_egress(&ctx)
+}
+
+/// TCP events of the cgroup's sockets: follows the connections to a protected address's
+/// HTTP port once established.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    http::established(&ctx)
+}
+
+/// Every write on a followed connection: classifies and judges its HTTP requests.
+#[sk_msg]
+pub fn http_msg(ctx: SkMsgContext) -> u32 {
+    http::judge_write(&ctx)
 }
 
 /// Allows everything and does nothing: `cargo xtask bench` attaches it beside `connect4` to

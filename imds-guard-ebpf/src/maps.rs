@@ -4,14 +4,16 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use imds_guard_common::{
     agent::AgentInfo,
     event::{Event, FoldKey, FoldValue, SocketVerdict},
+    http::{HttpSocket, PathRules, PathRulesKey},
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
-        FOLDS_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
+        FOLDS_MAX_ENTRIES, HTTP_COUNTER_SLOTS, HTTP_SOCKHASH_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC,
+        PATH_RULES_MAX_ENTRIES, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
@@ -73,6 +75,24 @@ pub static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RULE_
 #[map(name = "FOLDS")]
 pub static FOLDS: LruHashMap<FoldKey, FoldValue> =
     LruHashMap::with_max_entries(FOLDS_MAX_ENTRIES, 0);
+
+/// What the message layer keeps of each HTTP connection to a protected address (see
+/// `HttpSocket`): made by the connect hooks, read and advanced by the message program.
+#[btf_map(name = "HTTP_SOCKETS")]
+pub static HTTP_SOCKETS: SkStorage<HttpSocket> = SkStorage::new();
+
+/// The connections whose writes the message program reads, by socket cookie.
+#[map(name = "HTTP_SOCKHASH")]
+pub static HTTP_SOCKHASH: SockHash<u64> = SockHash::with_max_entries(HTTP_SOCKHASH_MAX_ENTRIES, 0);
+
+/// Rules' `paths` and `deny_paths`, by generation and rule.
+#[map(name = "PATH_RULES")]
+pub static PATH_RULES: HashMap<PathRulesKey, PathRules> =
+    HashMap::with_max_entries(PATH_RULES_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC);
+
+/// HTTP requests by rule and version (see `imds_guard_common::http::http_counter_index`).
+#[map(name = "HTTP_COUNTERS")]
+pub static HTTP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HTTP_COUNTER_SLOTS, 0);
 
 /// The agent's record of itself; the programs never touch it.
 #[map(name = "AGENT")]

@@ -247,10 +247,13 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
                 } else {
                     0
                 },
+            imds_version: 0,
+            refused: 0,
         },
         cgroup_id,
         0,
         Identity::socket,
+        None,
     );
     if verdict == VERDICT_DENY { DROP } else { PASS }
 }

@@ -10,6 +10,7 @@ use imds_guard_common::{
         COMM_LEN, EVENT_FLAG_CONTAINER, EXE_PART_LEN, EXE_PATH_PARTS, Event, FoldKey, FoldValue,
         UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
     },
+    http::HTTP_REQUEST_BYTES,
     maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
 };
 
@@ -45,6 +46,10 @@ pub struct Attempt {
     pub addr: [u8; 16],
     /// `EVENT_FLAG_*` bits.
     pub flags: u8,
+    /// `IMDS_VERSION_*` of an HTTP request, else 0.
+    pub imds_version: u8,
+    /// `REFUSED_*` of an HTTP request, else 0.
+    pub refused: u8,
 }
 
 /// Who made an attempt, as far as the hook can tell.
@@ -75,6 +80,18 @@ impl Identity {
             comm: comm.unwrap_or([0; COMM_LEN]),
             parent,
             exe,
+        }
+    }
+
+    /// The task writing to a socket (the message program runs in its context, but cannot read
+    /// its `task_struct`: the agent names it from `/proc`).
+    pub fn writer() -> Self {
+        Self {
+            pid_tgid: bpf_get_current_pid_tgid(),
+            comm: [0; COMM_LEN],
+            parent: None,
+            exe: None,
+            unread: UNREAD_PARENT | UNREAD_COMM | UNREAD_EXE,
         }
     }
 
@@ -114,9 +131,16 @@ pub fn current_cgroup_id() -> u64 {
 
 /// Reports a denied or audited attempt by process `tgid` (0 for a packet) in `cgroup_id`:
 /// folded as a repeat when an identical attempt opened a window less than `FOLD_WINDOW_NS`
-/// ago, else written as an event (`who` is only asked then). When the ring buffer is full the
+/// ago, else written as an event (`who` is only asked then), with the request line of an HTTP
+/// request (`request`: the bytes and how many of them count). When the ring buffer is full the
 /// loss is counted. The verdict stands either way.
-pub fn event(attempt: &Attempt, cgroup_id: u64, tgid: u32, who: impl FnOnce() -> Identity) {
+pub fn event(
+    attempt: &Attempt,
+    cgroup_id: u64,
+    tgid: u32,
+    who: impl FnOnce() -> Identity,
+    request: Option<(&[u8; HTTP_REQUEST_BYTES], u16)>,
+) {
     // SAFETY: a helper without arguments (Linux 5.8+).
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if fold(attempt, cgroup_id, tgid, now) {
@@ -159,7 +183,16 @@ pub fn event(attempt: &Attempt, cgroup_id: u64, tgid: u32, who: impl FnOnce() ->
         (*event).comm = identity.comm;
         (*event).ppid = identity.parent.map_or(0, |(ppid, _)| ppid);
         (*event).parent_comm = identity.parent.map_or([0; COMM_LEN], |(_, comm)| comm);
-        (*event)._tail = [0; 6];
+        (*event).imds_version = attempt.imds_version;
+        (*event).refused = attempt.refused;
+        (*event)._tail = [0; 2];
+        if let Some((line, len)) = request {
+            (*event).request = *line;
+            (*event).request_len = len;
+        } else {
+            (*event).request = [0; HTTP_REQUEST_BYTES];
+            (*event).request_len = 0;
+        }
         // Zeroed first: components shorter than their slot, and slots not used.
         (*event).exe_path = [0; EXE_PATH_PARTS * EXE_PART_LEN];
         (*event).exe_dev = 0;
@@ -199,7 +232,7 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32, now: u64) -> bool {
         tgid,
         port: attempt.port,
         flags: attempt.flags & EVENT_FLAG_CONTAINER,
-        _pad: 0,
+        imds_version: attempt.imds_version,
     };
     let Some(value) = FOLDS.get_ptr_mut(key) else {
         let value = FoldValue {

@@ -11,20 +11,25 @@ use aya_ebpf::{
 use imds_guard_common::{
     decide::{Cgroup, Decision, PolicyMaps, decide},
     event::{
-        EVENT_FLAG_CONTAINER, FAMILY_INET, FAMILY_INET6, SocketVerdict, VERDICT_ALLOW,
-        VERDICT_AUDIT, VERDICT_DENY,
+        EVENT_FLAG_CONTAINER, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6,
+        SocketVerdict, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
     },
+    http::HTTP_PORT,
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
     policy::{CgroupKey, RuleKey, RuleValue, Settings, TASK_CONTAINER},
 };
 
 use crate::{
+    http,
     maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
     opaque,
     protected::{self, Destination},
     record::{self, Attempt},
     task,
 };
+
+/// `IPPROTO_TCP`.
+const IPPROTO_TCP: u32 = 6;
 
 const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
@@ -97,6 +102,7 @@ fn judge_protected(
         verdict,
         rule,
         by_gid,
+        rule_flags,
         ..
     } = decide(
         &KernelMaps,
@@ -115,11 +121,24 @@ fn judge_protected(
     if by_gid || verdict == VERDICT_AUDIT || (task == TASK_CONTAINER && verdict == VERDICT_ALLOW) {
         remember(ctx, destination, verdict);
     }
+    // SAFETY: the kernel hands sock_addr programs a valid context.
+    let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
+    // Truncation intended: the port is the low 16 bits, in network byte order.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
+    let port = u16::from_be(port as u16);
+    if verdict != VERDICT_DENY
+        && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6)
+        && protocol == IPPROTO_TCP
+        && port == HTTP_PORT
+    {
+        http::follow(ctx, generation, verdict, rule, rule_flags, task);
+    }
     if verdict == VERDICT_ALLOW {
         return PROCEED;
     }
-    // SAFETY: the kernel hands sock_addr programs a valid context.
-    let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
     // The process id: the high half.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     record::event(
@@ -130,12 +149,7 @@ fn judge_protected(
             generation: u8::from(generation != 0),
             hook,
             family,
-            // Truncation intended: the port is the low 16 bits, in network byte order.
-            #[expect(
-                clippy::cast_possible_truncation,
-                reason = "the port is the low 16 bits"
-            )]
-            port: u16::from_be(port as u16),
+            port,
             #[expect(
                 clippy::cast_possible_truncation,
                 reason = "IPPROTO_* values fit in a byte"
@@ -149,10 +163,13 @@ fn judge_protected(
             } else {
                 0
             },
+            imds_version: 0,
+            refused: 0,
         },
         record::current_cgroup_id(),
         tgid,
         record::Identity::current_task,
+        None,
     );
     if verdict == VERDICT_DENY {
         REJECT

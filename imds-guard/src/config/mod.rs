@@ -16,6 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub mod glob;
+pub mod paths;
 
 /// Where a setting came from, for error messages: `--allow-uid` or `/etc/x.toml:3:14`.
 pub type Origin = String;
@@ -57,6 +58,28 @@ pub enum ConfigError {
         /// What is wrong, with the value.
         message: String,
     },
+}
+
+/// Which IMDS requests a rule's workloads may make (`imds`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Imds {
+    /// IMDSv1 and IMDSv2 (v1 requests are reported, not refused).
+    #[default]
+    Any,
+    /// IMDSv2 only: v1 requests are refused (their write fails with `EACCES`).
+    V2,
+}
+
+impl Imds {
+    /// As written in the config.
+    #[must_use]
+    pub fn as_toml(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::V2 => "v2",
+        }
+    }
 }
 
 /// What happens to an attempt no rule allows.
@@ -167,6 +190,8 @@ struct RawConfig {
     allow_gid: Option<Vec<Spanned<u32>>>,
     allow_cgroup: Option<Vec<Spanned<String>>>,
     allow: Option<Vec<Spanned<RawRule>>>,
+    imds: Option<Spanned<Imds>>,
+    posture: Option<Spanned<bool>>,
 }
 
 /// Settings given on the command line; they add to the file's lists and override its mode.
@@ -288,6 +313,9 @@ struct RawRule {
     not_cgroup: Option<Spanned<Strings>>,
     containers: Option<Spanned<Containers>>,
     mode: Option<Spanned<Mode>>,
+    imds: Option<Spanned<Imds>>,
+    paths: Option<Spanned<Strings>>,
+    deny_paths: Option<Spanned<Strings>>,
 }
 
 /// One allow rule: every condition it has must hold for a task to match it.
@@ -314,6 +342,12 @@ pub struct Rule {
     pub cgroup_must_exist: bool,
     /// Staged: a matching attempt is allowed but reported.
     pub audit: bool,
+    /// `imds` as written in the rule (`None`: the global `imds` applies).
+    pub imds: Option<Setting<Imds>>,
+    /// The metadata paths its workloads may request (empty: any not denied).
+    pub paths: Vec<Setting<String>>,
+    /// The metadata paths its workloads must not request.
+    pub deny_paths: Vec<Setting<String>>,
     /// Where it was written.
     pub origin: Origin,
 }
@@ -395,6 +429,10 @@ pub struct Config {
     pub protect: Vec<Setting<IpAddr>>,
     /// Allow rules in the order written (options last): the first that matches decides.
     pub allow: Vec<Rule>,
+    /// `imds`: which requests the workloads of rules that do not say may make.
+    pub imds: Imds,
+    /// `posture`: check the instance's IMDS settings at start and hourly.
+    pub posture: bool,
 }
 
 /// What `check-config` and `run` say of where the rules come from.
@@ -537,6 +575,8 @@ impl Config {
             attach,
             protect,
             allow,
+            imds: raw.imds.map(Spanned::into_inner).unwrap_or_default(),
+            posture: raw.posture.is_some_and(Spanned::into_inner),
         })
     }
 }
@@ -695,8 +735,16 @@ fn rule_from_table(
         }),
         cgroup_must_exist: false,
         audit: raw.mode.is_some_and(|mode| *mode.get_ref() == Mode::Audit),
+        imds: raw.imds.map(|imds| Setting {
+            origin: at(imds.span()),
+            value: imds.into_inner(),
+        }),
+        paths: string_list("paths", raw.paths, paths::check, at)?,
+        deny_paths: string_list("deny_paths", raw.deny_paths, paths::check, at)?,
         origin,
     };
+    // Contradictions and counts: refused here, where `check-config` sees them.
+    paths::compile(&rule.paths, &rule.deny_paths)?;
     if let (Some(_), Some(gid)) = (&rule.uid, &raw.gid) {
         return Err(ConfigError::Invalid {
             origin: at(gid.span()),

@@ -140,7 +140,7 @@ mod tests {
             tgid: 1,
             port: 80,
             flags: 0,
-            _pad: 0,
+            imds_version: 0,
         }
     }
 

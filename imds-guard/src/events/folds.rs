@@ -263,7 +263,7 @@ mod tests {
             tgid: 4242,
             port: 80,
             flags: 0,
-            _pad: 0,
+            imds_version: 0,
         }
     }
 

@@ -12,8 +12,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use imds_guard_common::event::{
     COMM_LEN, EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN,
     EXE_PATH_PARTS, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4, HOOK_CONNECT6,
-    HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
-    VERDICT_AUDIT, VERDICT_DENY,
+    HOOK_EGRESS, HOOK_HTTP, HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+};
+use imds_guard_common::http::{
+    HTTP_REQUEST_BYTES, IMDS_VERSION_TOKEN, IMDS_VERSION_V1, IMDS_VERSION_V2, REFUSED_NONE,
+    REFUSED_PATH, REFUSED_UNREADABLE_PATH, REFUSED_V1,
 };
 use serde::Serialize;
 
@@ -61,10 +65,13 @@ pub enum DecodeError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
-    /// Refused with `EPERM`.
+    /// Refused with `EPERM` (an HTTP request: its write failed with `EACCES`).
     Deny,
-    /// Allowed and reported.
+    /// Allowed and reported: what enforcement would refuse.
     Audit,
+    /// Allowed, and reported only because it is an IMDSv1 request (hook `http`): the
+    /// migration to IMDSv2 is not done while these come.
+    Allow,
 }
 
 /// The address family of the socket.
@@ -93,6 +100,54 @@ pub enum Hook {
     /// for its socket (a raw socket's, a destination NAT rewrote, a protocol without socket
     /// address hooks).
     Egress,
+    /// `sk_msg`: an HTTP request on a connection the policy let through.
+    Http,
+}
+
+/// How an HTTP request asked IMDS (hook `http`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ImdsVersion {
+    /// Neither a token nor a token request: IMDSv1.
+    V1,
+    /// With `X-aws-ec2-metadata-token`.
+    V2,
+    /// `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds`.
+    Token,
+}
+
+impl ImdsVersion {
+    /// The version of `IMDS_VERSION_*` `value`; `None` for 0.
+    ///
+    /// # Errors
+    /// When `value` is unknown.
+    pub fn of(value: u8) -> Result<Option<Self>, DecodeError> {
+        match value {
+            0 => Ok(None),
+            IMDS_VERSION_V1 => Ok(Some(Self::V1)),
+            IMDS_VERSION_V2 => Ok(Some(Self::V2)),
+            IMDS_VERSION_TOKEN => Ok(Some(Self::Token)),
+            value => Err(DecodeError::Unknown {
+                field: "imds_version",
+                value,
+            }),
+        }
+    }
+}
+
+/// What the rule refused of an HTTP request (hook `http`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refused {
+    /// An IMDSv1 request where the rule says `imds = "v2"`.
+    V1,
+    /// A path `paths`/`deny_paths` do not allow.
+    Path,
+    /// A path that cannot be judged safely (`..`, `%`, cut, not absolute) for a rule with
+    /// path patterns.
+    UnreadablePath,
 }
 
 /// A decoded event, with kernel constants turned into types.
@@ -108,6 +163,10 @@ pub struct Decoded {
     pub family: Family,
     /// The destination.
     pub dst: IpAddr,
+    /// An HTTP request's IMDS version (hook `http`).
+    pub imds_version: Option<ImdsVersion>,
+    /// What the rule refused of an HTTP request.
+    pub refused: Option<Refused>,
 }
 
 /// Decodes one ring-buffer record.
@@ -131,6 +190,7 @@ pub fn decode_event(raw: Event) -> Result<Decoded, DecodeError> {
     let verdict = match raw.verdict {
         VERDICT_DENY => Verdict::Deny,
         VERDICT_AUDIT => Verdict::Audit,
+        VERDICT_ALLOW if raw.hook == HOOK_HTTP => Verdict::Allow,
         value => {
             return Err(DecodeError::Unknown {
                 field: "verdict",
@@ -144,6 +204,7 @@ pub fn decode_event(raw: Event) -> Result<Decoded, DecodeError> {
         HOOK_SENDMSG4 => Hook::Sendmsg4,
         HOOK_SENDMSG6 => Hook::Sendmsg6,
         HOOK_EGRESS => Hook::Egress,
+        HOOK_HTTP => Hook::Http,
         value => {
             return Err(DecodeError::Unknown {
                 field: "hook",
@@ -164,13 +225,57 @@ pub fn decode_event(raw: Event) -> Result<Decoded, DecodeError> {
             });
         }
     };
+    let imds_version = ImdsVersion::of(raw.imds_version)?;
+    let refused = match raw.refused {
+        REFUSED_NONE => None,
+        REFUSED_V1 => Some(Refused::V1),
+        REFUSED_PATH => Some(Refused::Path),
+        REFUSED_UNREADABLE_PATH => Some(Refused::UnreadablePath),
+        value => {
+            return Err(DecodeError::Unknown {
+                field: "refused",
+                value,
+            });
+        }
+    };
     Ok(Decoded {
         raw,
         verdict,
         hook,
         family,
         dst,
+        imds_version,
+        refused,
     })
+}
+
+/// The method and target of the request line `line` (its first `len` bytes), as an event shows
+/// it: `GET /latest/meta-data/...`, without the protocol version, bytes that are not printable
+/// ASCII as `?`. The kernel keeps the request line only, never a header.
+#[must_use]
+pub fn request_text(line: &[u8; HTTP_REQUEST_BYTES], len: u16) -> String {
+    let line = &line[..usize::from(len).min(HTTP_REQUEST_BYTES)];
+    let line = line
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
+    // Method and target: up to the second space.
+    let end = line
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b' ')
+        .nth(1)
+        .map_or(line.len(), |(at, _)| at);
+    line[..end]
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                char::from(b)
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 /// One line of the event stream (`imds-guard run`'s stdout): one attempt reported at once, or
@@ -254,6 +359,17 @@ pub struct Record {
     /// NAT or another rewrite on the output path changed it after the socket hooks. `false`
     /// when it was not, or cannot be told (an unconnected socket).
     pub rewritten: bool,
+    /// An HTTP request's IMDS version: `v1`, `v2` or `token` (hook `http` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imds_version: Option<ImdsVersion>,
+    /// An HTTP request's method and path (`GET /latest/meta-data/...`, at most 256 bytes of
+    /// the request line, never a header) (hook `http` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// What the rule does not allow of an HTTP request: `v1`, `path` or `unreadable_path`
+    /// (hook `http` only; with verdict `audit`, what enforcement would refuse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refused>,
     /// Fields that could not be read, so are `null`.
     pub unread: Vec<&'static str>,
     /// The executable as the kernel recorded it, for [`Record::enrich`].
@@ -319,6 +435,10 @@ impl Record {
             rule: rule.to_owned(),
             hook: event.hook,
             rewritten: raw.flags & EVENT_FLAG_REWRITTEN != 0,
+            imds_version: event.imds_version,
+            request: (event.hook == Hook::Http && raw.request_len > 0)
+                .then(|| request_text(&raw.request, raw.request_len)),
+            refused: event.refused,
             unread,
             executable: (task && raw.unread & UNREAD_EXE == 0 && raw.exe_parts > 0).then(|| {
                 Executable {
@@ -400,7 +520,11 @@ impl Record {
             exe_path: [0; EXE_PATH_PARTS * EXE_PART_LEN],
             exe_parts: 0,
             exe_flags: 0,
-            _tail: [0; 6],
+            imds_version: key.imds_version,
+            refused: 0,
+            request_len: 0,
+            _tail: [0; 2],
+            request: [0; HTTP_REQUEST_BYTES],
         };
         let mut record = Self::new(&decode_event(raw)?, boot_to_unix_ns, cgroup, rule);
         record.pid = None;
@@ -501,7 +625,11 @@ mod tests {
             exe_path: exe_path(&["curl", "bin", "usr"]),
             exe_parts: 3,
             exe_flags: 0,
-            _tail: [0; 6],
+            imds_version: 0,
+            refused: 0,
+            request_len: 0,
+            _tail: [0; 2],
+            request: [0; HTTP_REQUEST_BYTES],
         }
     }
 

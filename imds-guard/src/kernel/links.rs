@@ -5,9 +5,9 @@
 use std::{fs::File, os::fd::AsFd as _};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, links::FdLink,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
 };
-use imds_guard_common::programs;
+use imds_guard_common::{maps::HTTP_SOCKHASH, programs};
 use tracing::{debug, info, warn};
 
 use super::{Kernel, KernelError, PACKET_PROGRAM, load::program_mut, sys};
@@ -37,6 +37,9 @@ impl Kernel {
     /// # Errors
     /// [`KernelError::Attach`] or [`KernelError::Link`]; links attached before the failure stay.
     pub fn attach(&mut self, cgroup: &Cgroup) -> Result<Attached, KernelError> {
+        // Before `sock_ops` can add a connection to the map: a socket takes the map's message
+        // program when it is added.
+        self.attach_message_program()?;
         let mut attached = Attached::default();
         for name in programs::ALL {
             let pin = self.pins.link(name);
@@ -117,6 +120,37 @@ impl Kernel {
         Ok(attached)
     }
 
+    /// Attaches the message program to `HTTP_SOCKHASH` (see [`sys::map_prog_attach`]).
+    fn attach_message_program(&mut self) -> Result<(), KernelError> {
+        let name = programs::HTTP_MSG;
+        let map_fd = match self.ebpf.map(HTTP_SOCKHASH) {
+            Some(aya::maps::Map::SockHash(map)) => map.fd().as_fd(),
+            _ => {
+                return Err(KernelError::MissingInObject {
+                    kind: "map",
+                    name: HTTP_SOCKHASH,
+                });
+            }
+        };
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or(KernelError::MissingInObject {
+                kind: "program",
+                name,
+            })?
+            .fd()
+            .map_err(|source| KernelError::LoadProgram {
+                program: name,
+                source,
+            })?;
+        sys::map_prog_attach(map_fd, program.as_fd()).map_err(|source| KernelError::Link {
+            program: name,
+            action: "attaching the message program to its map",
+            source,
+        })
+    }
+
     fn new_link(&mut self, name: &'static str, cgroup: &Cgroup) -> Result<FdLink, KernelError> {
         let file = File::open(&cgroup.dir).map_err(|source| KernelError::OpenCgroup {
             dir: cgroup.dir.clone(),
@@ -140,6 +174,14 @@ impl Kernel {
                     CgroupSkbAttachType::Egress,
                     multi_attach_mode(),
                 )
+                .map_err(attach_error)?;
+            let link = program.take_link(id).map_err(attach_error)?;
+            return FdLink::try_from(link).map_err(pinnable);
+        }
+        if name == programs::SOCK_OPS {
+            let program: &mut SockOps = program_mut(&mut self.ebpf, name)?;
+            let id = program
+                .attach(file.as_fd(), multi_attach_mode())
                 .map_err(attach_error)?;
             let link = program.take_link(id).map_err(attach_error)?;
             return FdLink::try_from(link).map_err(pinnable);

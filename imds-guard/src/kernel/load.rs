@@ -5,7 +5,7 @@
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSkb, CgroupSockAddr, ProgramType},
+    programs::{CgroupSkb, CgroupSockAddr, ProgramType, SkMsg, SockOps},
 };
 use imds_guard_common::{
     event::{
@@ -173,11 +173,12 @@ impl Kernel {
                 return Err(KernelError::MissingInObject { kind: "map", name });
             }
         }
-        for name in programs::ALL {
-            let verified = if name == PACKET_PROGRAM {
-                program_mut::<CgroupSkb>(&mut ebpf, name)?.load()
-            } else {
-                program_mut::<CgroupSockAddr>(&mut ebpf, name)?.load()
+        for name in programs::ALL.into_iter().chain([programs::HTTP_MSG]) {
+            let verified = match name {
+                PACKET_PROGRAM => program_mut::<CgroupSkb>(&mut ebpf, name)?.load(),
+                programs::SOCK_OPS => program_mut::<SockOps>(&mut ebpf, name)?.load(),
+                programs::HTTP_MSG => program_mut::<SkMsg>(&mut ebpf, name)?.load(),
+                _ => program_mut::<CgroupSockAddr>(&mut ebpf, name)?.load(),
             };
             verified.map_err(|source| KernelError::LoadProgram {
                 program: name,

@@ -11,10 +11,11 @@ use aya::{
 use imds_guard_common::{
     agent::AgentInfo,
     event::{FoldKey, FoldValue},
+    http::{PathRules, PathRulesKey},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, PROTECTED_FILTER,
-        PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS,
+        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, PATH_RULES,
+        PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
@@ -118,6 +119,16 @@ pub fn allow(
     source: &mut impl Source,
 ) -> Result<HashMap<&mut MapData, RuleKey, RuleValue>, KernelError> {
     typed(source, ALLOW)
+}
+
+/// `PATH_RULES`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn path_rules(
+    source: &mut impl Source,
+) -> Result<HashMap<&mut MapData, PathRulesKey, PathRules>, KernelError> {
+    typed(source, PATH_RULES)
 }
 
 /// `PROTECTED_V4`.

@@ -16,9 +16,10 @@ use aya::{
 use imds_guard_common::{
     agent::AgentInfo,
     event::{FoldKey, FoldValue},
+    http::{PathRules, PathRulesKey},
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, MAX_RULES, PROTECTED_FILTER, PROTECTED_V4,
-        PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
+        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, MAX_RULES, PATH_RULES, PROTECTED_FILTER,
+        PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
@@ -306,6 +307,12 @@ impl Kernel {
         entries: &MapEntries,
         generation: u32,
     ) -> Result<(), KernelError> {
+        // Before the rules that send the message layer to them.
+        insert_all(
+            &mut maps::path_rules(&mut self.ebpf)?,
+            PATH_RULES,
+            &entries.path_rules,
+        )?;
         insert_all(&mut maps::allow(&mut self.ebpf)?, ALLOW, &entries.allow)?;
         insert_all(
             &mut maps::cgroup_rulesets(&mut self.ebpf)?,
@@ -436,6 +443,11 @@ impl Kernel {
         remove_where::<CgroupKey, u32>(
             &mut maps::cgroup_rulesets(&mut self.ebpf)?,
             CGROUP_RULESETS,
+            |key| of_generation(key.generation),
+        )?;
+        remove_where::<PathRulesKey, PathRules>(
+            &mut maps::path_rules(&mut self.ebpf)?,
+            PATH_RULES,
             |key| of_generation(key.generation),
         )?;
         let v4 = remove_where::<ProtectedV4Key, u32>(

@@ -181,6 +181,37 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
+/// `BPF_SK_MSG_VERDICT`: a message program on a sockmap or sockhash.
+pub const ATTACH_SK_MSG_VERDICT: u32 = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+
+/// Attaches `program` to the sockhash `map` as its message program (`BPF_PROG_ATTACH` with no
+/// link): it stays attached as long as the map lives, which its pin keeps beyond this process;
+/// attaching again replaces the map's program (the sockets already in it keep the one they
+/// were added under). (aya: `SkMsg::attach` returns a link that detaches the program when it
+/// is dropped, which would take enforcement down with the agent.)
+///
+/// # Errors
+/// When the kernel refuses `BPF_PROG_ATTACH`.
+pub fn map_prog_attach(map: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct ProgAttach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        replace_bpf_fd: u32,
+    }
+    let mut attr = ProgAttach {
+        target_fd: u32::try_from(map.as_raw_fd()).map_err(io::Error::other)?,
+        attach_bpf_fd: u32::try_from(program.as_raw_fd()).map_err(io::Error::other)?,
+        attach_type: ATTACH_SK_MSG_VERDICT,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
 /// A loaded program, as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ProgramInfo {

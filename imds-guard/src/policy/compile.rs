@@ -22,13 +22,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub use imds_guard_common::decide::Decision;
+use imds_guard_common::http::{PathRules, PathRulesKey};
 use imds_guard_common::{
     decide::{Cgroup, PolicyMaps, decide},
     maps::CGROUP_RULESETS_MAX_ENTRIES,
     policy::{
         ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL,
-        NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULE_FLAG_AUDIT, RULESET_DEFAULT,
-        RULESET_UNSEEN, RuleKey, RuleValue, Settings, TASK_CONTAINER, TASK_HOST, entry_levels,
+        NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey,
+        RuleValue, Settings, TASK_CONTAINER, TASK_HOST, entry_levels,
     },
 };
 
@@ -59,6 +60,8 @@ pub struct MapEntries {
     pub cgroup_rulesets: Vec<(CgroupKey, u32)>,
     /// `ALLOW` entries.
     pub allow: Vec<(RuleKey, RuleValue)>,
+    /// `PATH_RULES` entries: the rules with `paths` or `deny_paths`.
+    pub path_rules: Vec<(PathRulesKey, PathRules)>,
 }
 
 /// Changes to the generation in force, in the order they must be made: new rule sets before the
@@ -270,6 +273,12 @@ impl Compiled {
                 cgroup_rules: u32::from(self.policy.depends_on_cgroup()),
                 unseen_after: self.unseen_after(),
                 entry_levels: self.entry_levels(),
+                default_rule_flags: if self.policy.imds == crate::config::Imds::V2 {
+                    imds_guard_common::policy::RULE_FLAG_V2
+                } else {
+                    0
+                },
+                _pad: 0,
             },
             ..MapEntries::default()
         };
@@ -291,6 +300,19 @@ impl Compiled {
         for (&id, ruleset) in &self.rulesets {
             entries.allow.extend(self.allow_entries(id, &ruleset.rules));
         }
+        entries.path_rules = (1..)
+            .zip(&self.policy.rules)
+            .filter_map(|(rule, resolved)| {
+                let paths = resolved.paths?;
+                Some((
+                    PathRulesKey {
+                        generation: self.generation,
+                        rule,
+                    },
+                    paths,
+                ))
+            })
+            .collect();
         entries
     }
 
@@ -522,7 +544,7 @@ impl Compiled {
                 };
                 entries.entry(key).or_insert(RuleValue {
                     rule: id,
-                    flags: if rule.audit { RULE_FLAG_AUDIT } else { 0 },
+                    flags: rule.kernel_flags(),
                 });
             }
         }
@@ -626,6 +648,7 @@ mod tests {
         config::{Config, Overrides},
         host::cgroups::Hierarchy,
     };
+    use imds_guard_common::policy::RULE_FLAG_AUDIT;
 
     fn policy(text: &str) -> Policy {
         let config =

@@ -8,11 +8,11 @@ pub mod compile;
 use std::{collections::BTreeSet, net::IpAddr};
 
 use globset::{GlobSet, GlobSetBuilder};
-use imds_guard_common::policy::MAX_CGROUP_LEVEL;
+use imds_guard_common::{http::PathRules, policy::MAX_CGROUP_LEVEL};
 
 use crate::config::glob::compile_glob;
 use crate::{
-    config::{Config, ConfigError, Containers, Mode, Origin, Principal, Rule, Setting},
+    config::{Config, ConfigError, Containers, Imds, Mode, Origin, Principal, Rule, Setting},
     host::cgroups::Hierarchy,
     host::workload,
 };
@@ -45,6 +45,29 @@ pub struct PolicyRule {
     pub containers_written: bool,
     /// Allows, but reports (a staged rule).
     pub audit: bool,
+    /// Which IMDS requests its workloads may make: the rule's `imds`, else the global one.
+    pub imds: Imds,
+    /// Its `paths` and `deny_paths`, compiled; `None` when it has neither.
+    pub paths: Option<PathRules>,
+}
+
+impl PolicyRule {
+    /// Its `RULE_FLAG_*` bits, as `ALLOW` carries them.
+    #[must_use]
+    pub fn kernel_flags(&self) -> u32 {
+        use imds_guard_common::policy::{RULE_FLAG_AUDIT, RULE_FLAG_PATHS, RULE_FLAG_V2};
+        (if self.audit { RULE_FLAG_AUDIT } else { 0 })
+            | (if self.imds == Imds::V2 {
+                RULE_FLAG_V2
+            } else {
+                0
+            })
+            | (if self.paths.is_some() {
+                RULE_FLAG_PATHS
+            } else {
+                0
+            })
+    }
 }
 
 impl PolicyRule {
@@ -120,6 +143,8 @@ impl std::fmt::Display for Pattern {
 pub struct Policy {
     /// Global mode.
     pub mode: Mode,
+    /// Global `imds`: for connections no rule decided.
+    pub imds: Imds,
     /// Protected destinations.
     pub protect: Vec<IpAddr>,
     /// Allow rules.
@@ -154,7 +179,7 @@ impl Policy {
         };
         let mut rules: Vec<PolicyRule> = Vec::new();
         for rule in &config.allow {
-            let resolved = resolve_rule(rule, hierarchy, &mut index_of)?;
+            let resolved = resolve_rule(rule, config.imds, hierarchy, &mut index_of)?;
             if let Some(earlier) = rules.iter().find(|other| same_conditions(other, &resolved)) {
                 if resolved.origin.starts_with("--") {
                     // An option repeating the file's rule adds nothing.
@@ -181,6 +206,7 @@ impl Policy {
         });
         Ok(Self {
             mode: config.mode,
+            imds: config.imds,
             protect: config.protect.iter().map(|setting| setting.value).collect(),
             rules,
             patterns,
@@ -468,6 +494,7 @@ pub fn beyond_the_system_manager(parent: &str) -> bool {
 /// One rule resolved on this host, its patterns numbered by `index_of`.
 fn resolve_rule(
     rule: &Rule,
+    imds: Imds,
     hierarchy: &Hierarchy,
     index_of: &mut impl FnMut(Pattern) -> usize,
 ) -> Result<PolicyRule, ConfigError> {
@@ -508,6 +535,8 @@ fn resolve_rule(
         containers,
         containers_written: rule.containers.is_some(),
         audit: rule.audit,
+        imds: rule.imds.as_ref().map_or(imds, |setting| setting.value),
+        paths: crate::config::paths::compile(&rule.paths, &rule.deny_paths)?,
     })
 }
 

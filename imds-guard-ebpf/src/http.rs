@@ -1,0 +1,505 @@
+//! The message layer: every HTTP request a workload writes on a connection to a protected
+//! address's port 80 is classified (`token`, `v2`, `v1`) and judged by the rule that let the
+//! connect through (`imds = "v2"`, `paths`, `deny_paths`), before TCP sends a byte of it.
+//!
+//! Three programs share the work, so that no other socket pays anything:
+//! - the connect hooks record, on the socket, who was let through and by which rule
+//!   ([`follow`], socket-local storage `HTTP_SOCKETS`);
+//! - `sock_ops` puts the connection, once established, into `HTTP_SOCKHASH` ([`established`]);
+//! - `sk_msg`, attached to that map, reads each write as it is made ([`judge_write`]). It keeps
+//!   how far the current request has been read on the socket, so a request split over several
+//!   writes is judged at the end of its headers, whichever write carries it. A refused request
+//!   fails its write with `EACCES` at once, and every later write on the connection: the server
+//!   holds an incomplete request, which it never answers.
+//!
+//! Helpers by kernel: `sk_msg` with `SOCKHASH` 4.18; `bpf_get_current_*` and
+//! `bpf_sk_storage_get` in `sk_msg` 5.10; `bpf_get_socket_cookie` in `sock_ops` 5.7.
+#![expect(
+    clippy::inline_always,
+    reason = "one program body: a BPF subprogram per byte or per request costs a call each, and \
+              the loader's object had no subprograms so far"
+)]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock, sk_action},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_socket_cookie, bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_sk_storage_get,
+        },
+    },
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
+use imds_guard_common::{
+    event::{FAMILY_INET, FAMILY_INET6, HOOK_HTTP, VERDICT_DENY},
+    http::{
+        HTTP_CHUNK_BYTES, HTTP_HEADER_BYTES_MAX, HTTP_PORT, HTTP_REQUEST_BYTES, HttpSocket, Judged,
+        LineParser, NAME_IN_VALUE, NAME_OTHER, PHASE_HEADERS, PHASE_LINE, PHASE_REFUSED,
+        PathRulesKey, SEEN_TOKEN, SEEN_TOKEN_TTL, TOKEN_HEADER_LEN, TOKEN_TTL_HEADER,
+        http_counter_index, judge_request, reported,
+    },
+    maps::{COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED, COUNTER_HTTP_UNJUDGED},
+    policy::{RULE_FLAG_PATHS, RULE_FLAG_V2, TASK_CONTAINER},
+};
+
+use crate::{
+    maps::{HTTP_COUNTERS, HTTP_SOCKETS, HTTP_SOCKHASH, PATH_RULES},
+    opaque,
+    protected::{self, Destination},
+    record::{self, Attempt, Identity},
+};
+
+/// `BPF_SK_STORAGE_GET_F_CREATE`.
+const STORAGE_CREATE: u64 = 1;
+const SK_PASS: u32 = sk_action::SK_PASS;
+const SK_DROP: u32 = sk_action::SK_DROP;
+/// `IPPROTO_TCP`, for events.
+const IPPROTO_TCP: u8 = 6;
+/// [`HttpSocket::seen`]: the current request was judged already (its headers ran past
+/// `HTTP_HEADER_BYTES_MAX`); the rest of its headers are skipped.
+const SEEN_JUDGED: u8 = 0x80;
+
+/// The connect hooks' part: a TCP connect to a protected address's port 80 was let through
+/// (allowed or audited) by `rule` of `generation`: record it on the socket for the message
+/// program, with the rule's `RULE_FLAG_*` and the kind of task. A socket that cannot get the
+/// storage (no memory) is refused at its first write ([`judge_write`]): fail closed.
+#[inline]
+pub fn follow(
+    ctx: &SockAddrContext,
+    generation: u32,
+    verdict: u8,
+    rule: u32,
+    rule_flags: u32,
+    task: u16,
+) {
+    // SAFETY: the helper checks the socket; the storage it returns, if any, is zeroed when new
+    // and this socket's, valid while the program runs.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let state = storage(sk, STORAGE_CREATE);
+        if state.is_null() {
+            return;
+        }
+        (*state).rule = rule;
+        (*state).cgroup_id = record::current_cgroup_id();
+        (*state).generation = u8::from(generation != 0);
+        (*state).verdict = verdict;
+        #[expect(clippy::cast_possible_truncation, reason = "RULE_FLAG_* fit in a byte")]
+        let rule_flags = rule_flags as u8;
+        (*state).rule_flags = rule_flags;
+        (*state).event_flags = if task == TASK_CONTAINER {
+            imds_guard_common::event::EVENT_FLAG_CONTAINER
+        } else {
+            0
+        };
+        reset(state);
+        (*state).phase = PHASE_LINE;
+    }
+}
+
+/// This socket's `HTTP_SOCKETS` entry (created, zeroed, with `STORAGE_CREATE`), or null.
+///
+/// # Safety
+/// `sk` is a socket pointer the program was handed.
+#[inline(always)]
+unsafe fn storage(sk: *mut bpf_sock, flags: u64) -> *mut HttpSocket {
+    // SAFETY: as the caller promises; a null value asks for a zeroed one.
+    unsafe {
+        bpf_sk_storage_get(
+            (&raw const HTTP_SOCKETS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            flags,
+        )
+        .cast()
+    }
+}
+
+/// `sock_ops`: an active TCP connection to a protected address's port 80 just became
+/// established: its writes are to be read. Every other event and connection is left alone.
+#[inline]
+pub fn established(ctx: &SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    // `remote_port` holds the port in network byte order in its upper half on little-endian
+    // machines (the kernel shifts it there): `from_be` of the word is the port.
+    if u32::from_be(ctx.remote_port()) != u32::from(HTTP_PORT) {
+        return 1;
+    }
+    let destination = match ctx.family() {
+        2 => Destination::v4(ctx.remote_ip4()),
+        10 => match Destination::of_v6(ctx.remote_ip6()) {
+            Some(destination) => destination,
+            None => return 1,
+        },
+        _ => return 1,
+    };
+    if !destination.may_be_protected()
+        || !destination.protected_in(protected::generation_in_force())
+    {
+        return 1;
+    }
+    // The cookie, unique to the socket for the kernel's life: a key another socket (one in a
+    // network namespace of the workload's own, with the same addresses and ports) cannot take.
+    // SAFETY: the helper only reads the context (Linux 5.7+ for sock_ops).
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the kernel hands sock_ops programs a valid context.
+    let ops = unsafe { &mut *ctx.ops };
+    if HTTP_SOCKHASH.update(&mut cookie, ops, 0).is_err() {
+        record::count(COUNTER_HTTP_UNFOLLOWED);
+    }
+    1
+}
+
+/// `sk_msg`: reads the next bytes of a write (at most `HTTP_CHUNK_BYTES` per run, or up to the
+/// end of a request's headers) and judges each request whose headers end in them.
+#[inline]
+pub fn judge_write(ctx: &SkMsgContext) -> u32 {
+    // SAFETY: the kernel hands sk_msg programs a valid context; `sk` is its socket.
+    let state = unsafe { storage((*ctx.msg).__bindgen_anon_3.sk, 0) };
+    if state.is_null() {
+        // No record of the connect: nothing says this workload may talk to it.
+        record::count(COUNTER_HTTP_UNJUDGED);
+        return whole(ctx, SK_DROP);
+    }
+    // SAFETY: this socket's storage, valid while the program runs; the socket's writes are
+    // serialised by its lock, so no other run of this program changes it meanwhile.
+    unsafe { judge_write_on(ctx, state) }
+}
+
+/// [`judge_write`] on the socket's record.
+///
+/// # Safety
+/// `state` is the socket's live `HTTP_SOCKETS` entry.
+#[inline(always)]
+unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
+    // SAFETY: as the caller promises.
+    unsafe {
+        if (*state).phase == PHASE_REFUSED {
+            return whole(ctx, SK_DROP);
+        }
+        let generation = protected::generation_in_force();
+        let enforcing = u32::from((*state).rule_flags) & (RULE_FLAG_V2 | RULE_FLAG_PATHS) != 0;
+        if enforcing && u32::from((*state).generation) != generation {
+            // The policy that admitted the connection is no longer in force, and its rule
+            // judged requests: the client reconnects and is judged by the new one.
+            (*state).phase = PHASE_REFUSED;
+            record::count(COUNTER_HTTP_UNJUDGED);
+            return whole(ctx, SK_DROP);
+        }
+        let size = ctx.size();
+        let mut data = ctx.data();
+        let mut data_end = ctx.data_end();
+        if data == data_end && size > 0 {
+            // The bytes are not in the first page of the message: make the chunk linear.
+            let want = if size < HTTP_CHUNK_BYTES {
+                size
+            } else {
+                HTTP_CHUNK_BYTES
+            };
+            if bpf_msg_pull_data(ctx.msg, 0, want, 0) != 0 {
+                return whole(ctx, unreadable(state, enforcing));
+            }
+            data = ctx.data();
+            data_end = ctx.data_end();
+        }
+        let mut read = 0u32;
+        let mut complete = false;
+        let mut i = 0usize;
+        while i < HTTP_CHUNK_BYTES as usize {
+            let at = data + i;
+            if at + 1 > data_end {
+                break;
+            }
+            let byte = *(at as *const u8);
+            i += 1;
+            read += 1;
+            if step(state, byte) {
+                complete = true;
+                break;
+            }
+        }
+        // How far the loop got, as one value the verifier cannot see through (see `opaque`):
+        // otherwise it would verify what follows once for each byte the loop can stop at.
+        let Some(outcome) = opaque::word(u64::from(read) | (u64::from(complete) << 32)) else {
+            return whole(ctx, unreadable(state, enforcing));
+        };
+        #[expect(clippy::cast_possible_truncation, reason = "the low half")]
+        let read = outcome as u32;
+        let complete = outcome >> 32 != 0;
+        if read == 0 && size > 0 {
+            return whole(ctx, unreadable(state, enforcing));
+        }
+        let verdict = if complete {
+            finish(ctx, state)
+        } else {
+            SK_PASS
+        };
+        // Always said: the kernel keeps the last run's count on the message, and a count left
+        // from an earlier run would let the next write's first bytes through unread. A pass
+        // covers the bytes read (another run reads the rest); a refusal, the whole write.
+        bpf_msg_apply_bytes(ctx.msg, if verdict == SK_PASS { read } else { size });
+        verdict
+    }
+}
+
+/// `verdict` for the whole rest of the write (see the end of [`judge_write_on`]).
+#[inline(always)]
+fn whole(ctx: &SkMsgContext, verdict: u32) -> u32 {
+    // SAFETY: the helper only records a count on the message.
+    unsafe { bpf_msg_apply_bytes(ctx.msg, ctx.size()) };
+    verdict
+}
+
+/// A write whose bytes could not be read: refused if the connection's rule judges requests,
+/// else let through unread.
+///
+/// # Safety
+/// `state` is the socket's live `HTTP_SOCKETS` entry.
+#[inline(always)]
+unsafe fn unreadable(state: *mut HttpSocket, enforcing: bool) -> u32 {
+    record::count(COUNTER_HTTP_UNJUDGED);
+    if enforcing {
+        // SAFETY: as the caller promises.
+        unsafe { (*state).phase = PHASE_REFUSED };
+        SK_DROP
+    } else {
+        SK_PASS
+    }
+}
+
+/// Reads a field of the socket's record from memory, never from a register LLVM kept it in
+/// across bytes: the verifier then sees an unknown value at each byte, and verifies the loop
+/// body once per byte rather than once per combination of the values a register could hold
+/// (which passed its limit of a million instructions).
+macro_rules! load {
+    ($state:ident . $field:ident) => {
+        core::ptr::read_volatile(&raw const (*$state).$field)
+    };
+}
+
+/// Writes a field of the socket's record to memory (see [`load!`]).
+macro_rules! store {
+    ($state:ident . $field:ident = $value:expr) => {
+        core::ptr::write_volatile(&raw mut (*$state).$field, $value)
+    };
+}
+
+/// Advances the request being read by one byte; `true` at the end of its headers (or when
+/// they run past `HTTP_HEADER_BYTES_MAX`, once).
+///
+/// # Safety
+/// `state` is the socket's live `HTTP_SOCKETS` entry.
+#[inline(always)]
+unsafe fn step(state: *mut HttpSocket, byte: u8) -> bool {
+    // SAFETY: as the caller promises.
+    unsafe {
+        if load!(state.phase) == PHASE_LINE {
+            let len = load!(state.line_len);
+            if len == 0 && (byte == b'\r' || byte == b'\n') {
+                // Empty lines before a request line are allowed (RFC 9112, 2.2).
+                return false;
+            }
+            // The parser's state, from memory, and back (see `load!`).
+            let mut parser = load!(state.line);
+            parser.feed(byte, &mut (*state).parts);
+            store!(state.line = parser);
+            if byte == b'\n' {
+                store!(state.phase = PHASE_HEADERS);
+                store!(state.name_pos = 0);
+                store!(state.line_empty = 1);
+                return false;
+            }
+            if (len as usize) < HTTP_REQUEST_BYTES {
+                core::ptr::write_volatile(
+                    (&raw mut (*state).request)
+                        .cast::<u8>()
+                        .add(len as usize & (HTTP_REQUEST_BYTES - 1)),
+                    byte,
+                );
+            }
+            store!(state.line_len = len.saturating_add(1));
+            return false;
+        }
+        let header_bytes = load!(state.header_bytes).saturating_add(1);
+        store!(state.header_bytes = header_bytes);
+        if byte == b'\n' {
+            if load!(state.line_empty) != 0 {
+                if load!(state.seen) & SEEN_JUDGED == 0 {
+                    return true;
+                }
+                // The end of headers of a request judged already: on to the next request.
+                reset(state);
+                return false;
+            }
+            store!(state.name_pos = 0);
+            store!(state.line_empty = 1);
+            return header_bytes > HTTP_HEADER_BYTES_MAX && load!(state.seen) & SEEN_JUDGED == 0;
+        }
+        if byte == b'\r' {
+            return false;
+        }
+        store!(state.line_empty = 0);
+        let pos = load!(state.name_pos);
+        if pos == NAME_IN_VALUE {
+            return false;
+        }
+        if byte == b':' {
+            let seen = load!(state.seen);
+            if pos == TOKEN_HEADER_LEN {
+                store!(state.seen = seen | SEEN_TOKEN);
+            } else if usize::from(pos) == TOKEN_TTL_HEADER.len() {
+                store!(state.seen = seen | SEEN_TOKEN_TTL);
+            }
+            store!(state.name_pos = NAME_IN_VALUE);
+            return false;
+        }
+        let next = match TOKEN_TTL_HEADER.get(usize::from(pos)) {
+            Some(&expected) if byte.to_ascii_lowercase() == expected => pos + 1,
+            _ => NAME_OTHER,
+        };
+        store!(state.name_pos = next);
+        false
+    }
+}
+
+/// Forgets the request read so far (the connection's record stays).
+///
+/// # Safety
+/// `state` is the socket's live `HTTP_SOCKETS` entry.
+#[inline(always)]
+unsafe fn reset(state: *mut HttpSocket) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        (*state).phase = PHASE_LINE;
+        (*state).name_pos = 0;
+        (*state).line_empty = 0;
+        (*state).seen = 0;
+        (*state).line_len = 0;
+        (*state).header_bytes = 0;
+        (*state).line = LineParser::new();
+    }
+}
+
+/// Judges the request whose headers just ended: counts it, reports it if it is v1 or refused,
+/// and returns the write's verdict.
+///
+/// # Safety
+/// `state` is the socket's live `HTTP_SOCKETS` entry.
+#[inline(always)]
+unsafe fn finish(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let rule = (*state).rule;
+        let rule_flags = (*state).rule_flags;
+        let request = (*state)
+            .line
+            .request(&(*state).request, (*state).line_len, &(*state).parts);
+        let paths = if u32::from(rule_flags) & RULE_FLAG_PATHS != 0 {
+            PATH_RULES.get(PathRulesKey {
+                generation: u32::from((*state).generation),
+                rule,
+            })
+        } else {
+            None
+        };
+        let judged = judge_request(rule_flags, &request, (*state).seen & !SEEN_JUDGED, paths);
+        let socket_generation = u32::from((*state).generation);
+        if let Some(counter) =
+            HTTP_COUNTERS.get_ptr_mut(http_counter_index(socket_generation, rule, judged.version))
+        {
+            *counter += 1;
+        }
+        if reported(&judged) {
+            report(ctx, state, &judged);
+        }
+        if (*state).header_bytes > HTTP_HEADER_BYTES_MAX {
+            // Judged before its headers ended: skip the rest of them.
+            (*state).seen |= SEEN_JUDGED;
+        } else {
+            reset(state);
+        }
+        if judged.verdict == VERDICT_DENY {
+            (*state).phase = PHASE_REFUSED;
+            record::count(COUNTER_HTTP_REFUSED);
+            SK_DROP
+        } else {
+            SK_PASS
+        }
+    }
+}
+
+/// Queues (or folds) the event of a v1 or refused request.
+///
+/// # Safety
+/// `state` is the socket's live `HTTP_SOCKETS` entry.
+#[inline(always)]
+unsafe fn report(ctx: &SkMsgContext, state: *mut HttpSocket, judged: &Judged) {
+    let uid_gid = bpf_get_current_uid_gid();
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "splitting a u64 into halves"
+    )]
+    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (family, addr) = peer(ctx);
+    // SAFETY: as the caller promises.
+    unsafe {
+        let len = (*state).line_len;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "at most HTTP_REQUEST_BYTES"
+        )]
+        let kept = if (len as usize) < HTTP_REQUEST_BYTES {
+            len as u16
+        } else {
+            HTTP_REQUEST_BYTES as u16
+        };
+        record::event(
+            &Attempt {
+                verdict: judged.verdict,
+                rule: (*state).rule,
+                generation: (*state).generation,
+                hook: HOOK_HTTP,
+                family,
+                port: HTTP_PORT,
+                protocol: IPPROTO_TCP,
+                uid,
+                gid,
+                addr,
+                flags: (*state).event_flags,
+                imds_version: judged.version,
+                refused: judged.refused,
+            },
+            record::current_cgroup_id(),
+            tgid,
+            Identity::writer,
+            Some((&(*state).request, kept)),
+        );
+    }
+}
+
+/// The connection's peer, as an event names it: the socket's family and address.
+#[inline(always)]
+fn peer(ctx: &SkMsgContext) -> (u8, [u8; 16]) {
+    // SAFETY: the kernel hands sk_msg programs a valid context; `remote_ip6` is read one
+    // aligned 32-bit word at a time, the only access the verifier allows.
+    unsafe {
+        if (*ctx.msg).family == u32::from(FAMILY_INET) {
+            return (
+                FAMILY_INET,
+                protected::bytes_of([(*ctx.msg).remote_ip4, 0, 0, 0]),
+            );
+        }
+        let ip6 = &raw const (*ctx.msg).remote_ip6;
+        let words = [
+            core::ptr::read_volatile(ip6.cast::<u32>()),
+            core::ptr::read_volatile(ip6.cast::<u32>().add(1)),
+            core::ptr::read_volatile(ip6.cast::<u32>().add(2)),
+            core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
+        ];
+        (FAMILY_INET6, protected::bytes_of(words))
+    }
+}
