@@ -186,6 +186,14 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Requests `path` in the HTTP conversations of the message layer's tests (see
+    /// `http.rs` of `imds-client`).
+    #[must_use]
+    pub fn path(mut self, path: &str) -> Self {
+        self.options.push(("--path", path.to_owned()));
+        self
+    }
+
     /// The `IMDSv2` flow (token, then instance id) against `addr:port`.
     #[must_use]
     pub fn imds(&self, addr: impl Into<IpAddr>, port: u16) -> Outcome {

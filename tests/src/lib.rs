@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The errno a denied connect or send fails with.
 pub const EPERM: i32 = libc::EPERM;
+/// `EACCES`: what a write refused by the message layer fails with.
+pub const EACCES: i32 = libc::EACCES;
 
 /// A sandbox and a new cgroup `tag` to attach to, or `None` where privileged tests cannot run
 /// (see [`privileged`]).

@@ -31,6 +31,9 @@ pub struct Sandbox {
     /// Its file, for `setns`.
     pub netns: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Whether the mock answers a tokenless GET (`HttpTokens=optional`); off by default, as
+    /// `HttpTokens=required` answers 401.
+    answers_v1: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -47,6 +50,7 @@ impl Sandbox {
             netns: PathBuf::from("/run/netns").join(&name),
             name,
             stop: Arc::new(AtomicBool::new(false)),
+            answers_v1: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
         };
         sandbox.ip_in(&["link", "set", "lo", "up"]);
@@ -56,9 +60,10 @@ impl Sandbox {
             let listener = sandbox.in_netns(|| TcpListener::bind(("::", port)));
             listener.set_nonblocking(true).expect("nonblocking");
             let stop = Arc::clone(&sandbox.stop);
-            sandbox
-                .servers
-                .push(std::thread::spawn(move || serve_http(&listener, &stop)));
+            let answers_v1 = Arc::clone(&sandbox.answers_v1);
+            sandbox.servers.push(std::thread::spawn(move || {
+                serve_http(&listener, &stop, &answers_v1);
+            }));
         }
         let socket = sandbox.in_netns(|| UdpSocket::bind(("::", 53)));
         socket
@@ -69,6 +74,20 @@ impl Sandbox {
             .servers
             .push(std::thread::spawn(move || serve_udp_echo(&socket, &stop)));
         sandbox
+    }
+
+    /// Makes the mock answer tokenless (IMDSv1) GETs, as an instance with
+    /// `HttpTokens=optional` does, or refuse them with 401, as `HttpTokens=required` does.
+    pub fn answer_v1(&self, answer: bool) {
+        self.answers_v1.store(answer, Ordering::Relaxed);
+    }
+
+    /// Stops the mock's HTTP servers (their ports then refuse connections).
+    pub fn stop_http(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for server in self.servers.drain(..) {
+            let _ = server.join();
+        }
     }
 
     fn ip_in(&self, args: &[&str]) {
@@ -141,11 +160,15 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {} failed: {status}", args.join(" "));
 }
 
-fn serve_http(listener: &TcpListener, stop: &AtomicBool) {
+fn serve_http(listener: &TcpListener, stop: &AtomicBool, answers_v1: &Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let _ = respond(&stream);
+                // A thread per connection: a client may keep one open for several requests.
+                let answers_v1 = Arc::clone(answers_v1);
+                std::thread::spawn(move || {
+                    let _ = respond(&stream, &answers_v1);
+                });
             }
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -155,53 +178,71 @@ fn serve_http(listener: &TcpListener, stop: &AtomicBool) {
     }
 }
 
-/// `IMDSv2`: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token.
-fn respond(stream: &TcpStream) -> std::io::Result<()> {
+/// `IMDSv2`: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token
+/// (or, with `answers_v1`, none). Requests are answered in turn until the client closes or
+/// asks `Connection: close`. A GET of `/latest/meta-data/instance-id` answers the mock's
+/// instance id; any other path under `/latest/` answers the path itself.
+fn respond(stream: &TcpStream, answers_v1: &AtomicBool) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut reader = BufReader::new(stream);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut headers = Vec::new();
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
         }
-        if let Some((name, value)) = line.split_once(':') {
-            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-        }
-    }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body) = match (method, path) {
-        ("PUT", "/latest/api/token")
-            if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
-        {
-            ("200 OK", MOCK_TOKEN)
-        }
-        ("PUT", "/latest/api/token") => ("400 Bad Request", ""),
-        ("GET", path) if path.starts_with("/latest/") => {
-            if header("x-aws-ec2-metadata-token") == Some(MOCK_TOKEN) {
-                ("200 OK", MOCK_INSTANCE_ID)
-            } else {
-                ("401 Unauthorized", "")
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                // Headers never ended: an incomplete request is never answered.
+                return Ok(());
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
             }
         }
-        _ => ("404 Not Found", ""),
-    };
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let authorised = header("x-aws-ec2-metadata-token") == Some(MOCK_TOKEN)
+            || (header("x-aws-ec2-metadata-token").is_none() && answers_v1.load(Ordering::Relaxed));
+        let (status, body) = match (method, path) {
+            ("PUT", "/latest/api/token")
+                if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
+            {
+                ("200 OK", MOCK_TOKEN.to_owned())
+            }
+            ("PUT", "/latest/api/token") => ("400 Bad Request", String::new()),
+            ("GET", "/latest/meta-data/instance-id") if authorised => {
+                ("200 OK", MOCK_INSTANCE_ID.to_owned())
+            }
+            ("GET", path) if path.starts_with("/latest/") && authorised => {
+                ("200 OK", path.to_owned())
+            }
+            ("GET", path) if path.starts_with("/latest/") => ("401 Unauthorized", String::new()),
+            _ => ("404 Not Found", String::new()),
+        };
+        let close = header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        let mut writer = stream;
+        write!(
+            writer,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        )?;
+        if close {
+            return Ok(());
+        }
+    }
 }
 
 fn serve_udp_echo(socket: &UdpSocket, stop: &AtomicBool) {

@@ -4,7 +4,8 @@
 //!
 //! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N [--repeat N] ACTION ADDR PORT
 //!
-//! ACTION: imds, tcp, udp, or one of the routes in `routes.rs`: nonblocking-connect,
+//! ACTION: imds, tcp, udp, the HTTP conversations of `http.rs` (`--path P`, default
+//! `/latest/meta-data/instance-id`): v1, v2, keepalive, split-v1, split-v2, pipelined; or one of the routes in `routes.rs`: nonblocking-connect,
 //! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
@@ -33,6 +34,7 @@
 //! printing its line, run `sleep SECS` in its place (`execve`: the same process, another
 //! program).
 
+mod http;
 mod routes;
 
 use std::{
@@ -46,7 +48,7 @@ use nix::{
     unistd::{Gid, Uid, setgid, setgroups, setresuid, setuid},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `--name value` options, and the positional arguments.
 fn arguments() -> (std::collections::HashMap<String, String>, Vec<String>) {
@@ -81,6 +83,10 @@ fn main() {
             .get("hold")
             .map_or(0, |ms| ms.parse().expect("hold")),
     );
+    let path = options
+        .get("path")
+        .cloned()
+        .unwrap_or_else(|| "/latest/meta-data/instance-id".to_owned());
     let drop_to: Option<(u32, u32)> = options.get("drop-to").map(|id| {
         let id = id.parse().expect("drop-to");
         (id, id)
@@ -111,7 +117,7 @@ fn main() {
         }
         attempt += 1;
         let addr = SocketAddr::new(base.ip(), base.port().wrapping_add(offset));
-        act_once(action, addr, drop_to, hold, &mut child_pid)
+        act_once(action, addr, drop_to, hold, &path, &mut child_pid)
     };
     let repeat: u32 = options
         .get("repeat")
@@ -251,9 +257,16 @@ fn act_once(
     addr: SocketAddr,
     drop_to: Option<(u32, u32)>,
     hold: Duration,
+    path: &str,
     child_pid: &mut Option<u32>,
 ) -> io::Result<String> {
     match action {
+        "v1" => http::v1(addr, path),
+        "v2" => http::v2(addr, path),
+        "keepalive" => http::keepalive(addr, path),
+        "split-v2" => http::split(addr, path, true),
+        "split-v1" => http::split(addr, path, false),
+        "pipelined" => http::pipelined(addr, path),
         "imds" => imds_v2(addr),
         "held-imds" => held_imds(addr, hold),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
@@ -438,7 +451,7 @@ fn held_imds(addr: SocketAddr, hold: Duration) -> io::Result<String> {
 }
 
 /// One request on a fresh connection; the body of a 200 response, or an error.
-fn http(addr: SocketAddr, head: &str) -> io::Result<String> {
+pub(crate) fn http(addr: SocketAddr, head: &str) -> io::Result<String> {
     request(TcpStream::connect_timeout(&addr, TIMEOUT)?, addr, head)
 }
 

@@ -1,0 +1,170 @@
+//! HTTP conversations with IMDS for the message layer's tests: tokenless (IMDSv1) requests,
+//! keep-alive connections with several requests, requests written in several pieces, and
+//! several requests in one write.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use crate::TIMEOUT;
+
+/// The token request's head.
+const TOKEN_REQUEST: &str =
+    "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n";
+
+/// A tokenless GET of `path` on a fresh connection: the body of a 200, or an error.
+pub fn v1(addr: SocketAddr, path: &str) -> io::Result<String> {
+    crate::http(addr, &format!("GET {path} HTTP/1.1\r\n"))
+}
+
+/// A token, then a GET of `path` with it.
+pub fn v2(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let token = crate::http(addr, TOKEN_REQUEST)?;
+    crate::http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"),
+    )
+}
+
+/// One keep-alive connection: a token request, a v2 GET of `path`, a v1 GET of `path`, and a
+/// v2 GET again. The body lists what each got: its status code, or `EACCES` (and nothing
+/// after) when its write failed; a read that times out is `timeout`.
+pub fn keepalive(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for step in 0..4 {
+        let head = match step {
+            0 => TOKEN_REQUEST.to_owned(),
+            2 => format!("GET {path} HTTP/1.1\r\n"),
+            _ => format!("GET {path} HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"),
+        };
+        if let Err(err) = write!(writer, "{head}Host: {addr}\r\n\r\n") {
+            seen.push(errno_name(&err));
+            break;
+        }
+        match read_response(&mut reader) {
+            Ok((status, body)) => {
+                if step == 0 {
+                    token = body;
+                }
+                seen.push(status.to_string());
+            }
+            Err(err) => {
+                seen.push(errno_name(&err));
+                break;
+            }
+        }
+    }
+    Ok(seen.join(" "))
+}
+
+/// A GET of `path` written in pieces, 20 ms apart (each its own `sendmsg`): the request line
+/// cut inside the path, and a header name cut in two and written in mixed case. With `token`,
+/// after a token request; without, tokenless.
+pub fn split(addr: SocketAddr, path: &str, token: bool) -> io::Result<String> {
+    let token = if token {
+        Some(crate::http(addr, TOKEN_REQUEST)?)
+    } else {
+        None
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let (start, rest) = path.split_at(path.len() / 2);
+    let mut pieces = vec![
+        format!("GET {start}"),
+        format!("{rest} HTTP/1.1\r\nHost: {addr}\r\nX-aws-EC2-meta"),
+    ];
+    match &token {
+        Some(token) => pieces.push(format!("dATA-ToKeN: {token}\r\nConnection: close\r\n\r\n")),
+        None => pieces.push("dATA-Other: 1\r\nConnection: close\r\n\r\n".to_owned()),
+    }
+    for piece in pieces {
+        stream.write_all(piece.as_bytes())?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    body_of(&response)
+}
+
+/// Two v2 GETs in one write: of `/latest/meta-data/instance-id`, then of `path`. The body is
+/// the responses' statuses, or `EACCES` where the write failed.
+pub fn pipelined(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let token = crate::http(addr, TOKEN_REQUEST)?;
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let both = format!(
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: {addr}\r\n\
+         X-aws-ec2-metadata-token: {token}\r\n\r\n\
+         GET {path} HTTP/1.1\r\nHost: {addr}\r\nX-aws-ec2-metadata-token: {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let mut seen = Vec::new();
+    if let Err(err) = stream.write_all(both.as_bytes()) {
+        seen.push(errno_name(&err));
+    }
+    let mut reader = BufReader::new(stream);
+    while let Ok((status, _)) = read_response(&mut reader) {
+        seen.push(status.to_string());
+    }
+    Ok(seen.join(" "))
+}
+
+/// One response: its status code and body.
+fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<(u16, String)> {
+    let mut status_line = String::new();
+    if reader.read_line(&mut status_line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn body_of(response: &str) -> io::Result<String> {
+    let (status, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(body.to_owned())
+    } else {
+        Err(io::Error::other(format!(
+            "HTTP error: {}",
+            status.lines().next().unwrap_or("")
+        )))
+    }
+}
+
+fn errno_name(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::EAGAIN) => "timeout".into(),
+        Some(errno) => format!("errno{errno}"),
+        None => err.kind().to_string(),
+    }
+}

@@ -1,0 +1,205 @@
+//! The message layer on the real kernel: every HTTP request an allowed workload sends to IMDS is
+//! classified (`token`, `v2`, `v1`), v1 users are named, `imds = "v2"` refuses v1 requests at
+//! once, and `paths`/`deny_paths` say what a workload may read.
+
+use imds_guard_tests::{
+    Agent, Client, ConfigFile, EACCES, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, assert_fields, setup,
+};
+use serde_json::{Value, json};
+
+/// Three workloads, three cgroups under the attach point.
+const LEGACY: u32 = 2101;
+const MODERN: u32 = 2102;
+const MIXED: u32 = 2103;
+
+fn agent_with(config: &ConfigFile) -> Agent {
+    Agent::start(&["--config", &config.arg()])
+}
+
+fn http_events(agent: &Agent, pid: u32) -> Vec<Value> {
+    agent
+        .events_of(pid)
+        .into_iter()
+        .filter(|event| event["hook"] == "http")
+        .collect()
+}
+
+#[test]
+fn v1_users_are_named_and_nothing_is_refused_in_audit_mode() {
+    let Some((sandbox, attach)) = setup("http-audit") else {
+        return;
+    };
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{}\"\nmode = \"audit\"\nimds = \"v2\"\n",
+        attach.path
+    ));
+    let agent = agent_with(&config);
+    let legacy = attach.child("legacy");
+    let modern = attach.child("modern");
+    let mixed = attach.child("mixed");
+
+    // The mock refuses tokenless requests (401), as `HttpTokens=required` does: what matters
+    // is that the request reached it, not refused by us.
+    let v1 = Client::new(&sandbox, &legacy, LEGACY, LEGACY).route("v1", IMDS_V4, 80);
+    assert_eq!(v1.errno, None, "audit mode refused nothing: {v1:?}");
+    assert!(
+        v1.detail.contains("401"),
+        "the mock saw the v1 request: {v1:?}"
+    );
+    let v2 = Client::new(&sandbox, &modern, MODERN, MODERN).imds(IMDS_V4, 80);
+    v2.assert_ok(MOCK_INSTANCE_ID);
+    let both = Client::new(&sandbox, &mixed, MIXED, MIXED).route("keepalive", IMDS_V6, 80);
+    both.assert_ok("200 200 401 200");
+
+    let legacy_events = agent.wait_events_of(v1.pid, 2);
+    let request = legacy_events
+        .iter()
+        .find(|event| event["hook"] == "http")
+        .expect("an http event for the v1 request");
+    assert_fields(
+        request,
+        &[
+            ("verdict", json!("audit")),
+            ("imds_version", json!("v1")),
+            ("request", json!("GET /latest/meta-data/instance-id")),
+            ("refused", json!("v1")),
+            ("uid", json!(LEGACY)),
+            ("cgroup", json!(legacy.path)),
+            ("dst", json!("169.254.169.254")),
+        ],
+    );
+    let mixed_events = agent.wait_events_of(both.pid, 2);
+    let mixed_http: Vec<_> = mixed_events
+        .iter()
+        .filter(|e| e["hook"] == "http")
+        .collect();
+    assert_eq!(
+        mixed_http.len(),
+        1,
+        "one v1 request of three: {mixed_http:?}"
+    );
+    assert_eq!(mixed_http[0]["dst"], "fd00:ec2::254");
+    // The v2 flow is counted, not reported.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        http_events(&agent, v2.pid).is_empty(),
+        "{:?}",
+        agent.events_of(v2.pid)
+    );
+}
+
+#[test]
+fn imds_v2_refuses_v1_requests_at_once_request_by_request() {
+    let Some((sandbox, attach)) = setup("http-v2") else {
+        return;
+    };
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n\
+         [[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n\
+         [[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
+        attach.path
+    ));
+    let agent = agent_with(&config);
+    let modern = attach.child("modern");
+    let legacy = attach.child("legacy");
+    sandbox.answer_v1(true);
+
+    let refused = Client::new(&sandbox, &modern, MODERN, MODERN).route("v1", IMDS_V4, 80);
+    refused.assert_errno(EACCES);
+    let events = agent.wait_events_of(refused.pid, 1);
+    assert_fields(
+        &events[0],
+        &[
+            ("verdict", json!("deny")),
+            ("hook", json!("http")),
+            ("imds_version", json!("v1")),
+            ("refused", json!("v1")),
+            ("rule", json!("modern")),
+            ("request", json!("GET /latest/meta-data/instance-id")),
+        ],
+    );
+    // The same workload's v2 flow goes through; so does a v1 GET under the other rule.
+    Client::new(&sandbox, &modern, MODERN, MODERN)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+        .route("v1", IMDS_V6, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // Keep-alive: token, v2 and the v1 request judged one by one; the v1 one fails its write,
+    // and nothing after it goes through on that connection.
+    Client::new(&sandbox, &modern, MODERN, MODERN)
+        .route("keepalive", IMDS_V4, 80)
+        .assert_ok("200 200 EACCES");
+    // Headers split over writes, with mixed-case names: still v2, or still v1.
+    Client::new(&sandbox, &modern, MODERN, MODERN)
+        .route("split-v2", IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    Client::new(&sandbox, &modern, MODERN, MODERN)
+        .route("split-v1", IMDS_V4, 80)
+        .assert_errno(EACCES);
+}
+
+#[test]
+fn paths_and_deny_paths_say_what_a_workload_may_read() {
+    let Some((sandbox, attach)) = setup("http-paths") else {
+        return;
+    };
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n\
+         [[allow]]\nname = \"controller\"\ncgroup = \"{0}/controller\"\n\
+         paths = [\"/latest/meta-data/placement/*\", \"/latest/meta-data/instance-id\"]\n\
+         [[allow]]\nname = \"agent\"\ncgroup = \"{0}/agent\"\n\
+         deny_paths = [\"/latest/meta-data/iam/**\", \"/latest/user-data\"]\n",
+        attach.path
+    ));
+    let agent = agent_with(&config);
+    let controller = attach.child("controller");
+    let other = attach.child("agent");
+    let region = "/latest/meta-data/placement/region";
+    let credentials = "/latest/meta-data/iam/security-credentials/role";
+
+    let client = |cgroup, path: &str| Client::new(&sandbox, cgroup, MODERN, MODERN).path(path);
+    client(&controller, region)
+        .route("v2", IMDS_V4, 80)
+        .assert_ok(region);
+    let denied = client(&controller, credentials).route("v2", IMDS_V4, 80);
+    denied.assert_errno(EACCES);
+    let events = agent.wait_events_of(denied.pid, 1);
+    assert_fields(
+        &events[0],
+        &[
+            ("verdict", json!("deny")),
+            ("refused", json!("path")),
+            ("imds_version", json!("v2")),
+            ("request", json!(format!("GET {credentials}"))),
+            ("rule", json!("controller")),
+        ],
+    );
+    // No token's value ever reaches an event.
+    assert!(
+        !events[0].to_string().contains("mockToken"),
+        "{}",
+        events[0]
+    );
+    // Written in pieces, and in another case: still refused.
+    client(&controller, credentials)
+        .route("split-v2", IMDS_V4, 80)
+        .assert_errno(EACCES);
+    client(
+        &controller,
+        "/latest/meta-data/placement/../iam/security-credentials/role",
+    )
+    .route("v2", IMDS_V4, 80)
+    .assert_errno(EACCES);
+    client(&other, "/latest/meta-data/IAM/security-credentials/role")
+        .route("v2", IMDS_V4, 80)
+        .assert_errno(EACCES);
+    client(&other, region)
+        .route("v2", IMDS_V6, 80)
+        .assert_ok(region);
+    // An allowed request and a denied one in one write: the first is answered, the second
+    // refused.
+    client(&controller, credentials)
+        .route("pipelined", IMDS_V4, 80)
+        .assert_ok("EACCES 200");
+}
