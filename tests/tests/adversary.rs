@@ -277,9 +277,21 @@ fn a_passed_socket_is_judged_by_who_connects_it() {
         let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
         let _ = agent.wait_events_of(barrier.pid, 1);
         assert_eq!(agent.events_of(unconnected.pid).len(), 1, "reported once");
+        // Its connect was root's, and allowed: no event of the connect hooks. Its request is
+        // still read where it is written: the tokenless GET the holder sends is named as v1.
+        let events = agent.events_of(connected.pid);
         assert!(
-            agent.events_of(connected.pid).is_empty(),
-            "the root connect is allowed"
+            events.iter().all(|event| event["hook"] == "http"),
+            "the root connect is allowed: {events:?}"
+        );
+        assert_eq!(events.len(), 1, "the holder's v1 request is reported: {events:?}");
+        assert_fields(
+            &events[0],
+            &[
+                ("uid", json!(USER)),
+                ("imds_version", json!("v1")),
+                ("verdict", json!("allow")),
+            ],
         );
     }
 }
