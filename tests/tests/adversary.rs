@@ -284,7 +284,11 @@ fn a_passed_socket_is_judged_by_who_connects_it() {
             events.iter().all(|event| event["hook"] == "http"),
             "the root connect is allowed: {events:?}"
         );
-        assert_eq!(events.len(), 1, "the holder's v1 request is reported: {events:?}");
+        assert_eq!(
+            events.len(),
+            1,
+            "the holder's v1 request is reported: {events:?}"
+        );
         assert_fields(
             &events[0],
             &[

@@ -5,7 +5,8 @@
 use std::{fs::File, os::fd::AsFd as _};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramFd, SockOps,
+    links::FdLink,
 };
 use imds_guard_common::{maps::HTTP_SOCKHASH, programs};
 use tracing::{debug, info, warn};
@@ -65,18 +66,7 @@ impl Kernel {
             let state = sys::link_info(old.as_fd_borrowed())
                 .map_err(link_error("reading the pinned link"))?;
             if state.cgroup_id == cgroup.id {
-                let program = self
-                    .ebpf
-                    .program(name)
-                    .ok_or(KernelError::MissingInObject {
-                        kind: "program",
-                        name,
-                    })?
-                    .fd()
-                    .map_err(|source| KernelError::LoadProgram {
-                        program: name,
-                        source,
-                    })?;
+                let program = self.program_fd(name)?;
                 sys::link_update(old.as_fd_borrowed(), program.as_fd())
                     .map_err(link_error("switching the pinned link to the new program"))?;
                 attached.updated += 1;
@@ -132,8 +122,17 @@ impl Kernel {
                 });
             }
         };
-        let program = self
-            .ebpf
+        let program = self.program_fd(name)?;
+        sys::map_prog_attach(map_fd, program.as_fd()).map_err(|source| KernelError::Link {
+            program: name,
+            action: "attaching the message program to its map",
+            source,
+        })
+    }
+
+    /// The descriptor of the loaded program `name`.
+    fn program_fd(&self, name: &'static str) -> Result<&ProgramFd, KernelError> {
+        self.ebpf
             .program(name)
             .ok_or(KernelError::MissingInObject {
                 kind: "program",
@@ -143,12 +142,7 @@ impl Kernel {
             .map_err(|source| KernelError::LoadProgram {
                 program: name,
                 source,
-            })?;
-        sys::map_prog_attach(map_fd, program.as_fd()).map_err(|source| KernelError::Link {
-            program: name,
-            action: "attaching the message program to its map",
-            source,
-        })
+            })
     }
 
     fn new_link(&mut self, name: &'static str, cgroup: &Cgroup) -> Result<FdLink, KernelError> {

@@ -148,7 +148,8 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<(u16, String)>
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn body_of(response: &str) -> io::Result<String> {
+/// The body of a whole 200 response, or an error naming the status.
+pub fn body_of(response: &str) -> io::Result<String> {
     let (status, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
     if status.starts_with("HTTP/1.1 200") {
         Ok(body.to_owned())

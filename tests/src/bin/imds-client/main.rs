@@ -464,15 +464,7 @@ fn request(mut stream: TcpStream, addr: SocketAddr, head: &str) -> io::Result<St
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let (status, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if status.starts_with("HTTP/1.1 200") {
-        Ok(body.to_owned())
-    } else {
-        Err(io::Error::other(format!(
-            "HTTP error: {}",
-            status.lines().next().unwrap_or("")
-        )))
-    }
+    http::body_of(&response)
 }
 
 /// An unconnected datagram (`sendto`) and its echo.
