@@ -98,7 +98,7 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
         // Restart, same build: the pinned state is adopted, and the event raised while no
         // agent ran is reported now.
         let mut second = Agent::start(&args);
-        second.wait_log("links_updated=5");
+        second.wait_log("links_updated=6");
         second.wait_log("adopted=true");
         let events = second.wait_events_of(while_down.pid, 1);
         assert_fields(
@@ -115,7 +115,7 @@ fn enforcement_survives_kill_restart_and_upgrade_with_no_wrong_verdict() {
 
         // Upgrade: another build, whose program differs, takes over the same links.
         let third = Agent::start_binary(&upgrade, &args);
-        third.wait_log("links_updated=5");
+        third.wait_log("links_updated=6");
         let third_pid_file = third.pid_file().to_string_lossy().into_owned();
         let (_, after) = status(&pins, &third_pid_file);
         let (old_tags, new_tags) = (program_tags(&before), program_tags(&after));
@@ -225,7 +225,7 @@ fn detach_removes_the_pins_and_the_programs() {
         .iter()
         .map(|hook| u32::try_from(hook["program"]["id"].as_u64().expect("id")).expect("id"))
         .collect();
-    assert_eq!(program_ids.len(), 5);
+    assert_eq!(program_ids.len(), imds_guard_common::programs::ALL.len());
 
     // Refused while the agent runs: it would only put enforcement back.
     let refused = imds_guard(&["detach", "--pin-dir", &pins.arg(), "--pid-file", &pid_file]);
@@ -316,7 +316,7 @@ fn a_start_on_another_cgroup_takes_over_the_pins_or_says_how_to_clear_them() {
 
     // Their parent covers A: enforcement moves there in one step (new links first).
     let mut agent = start(&parent);
-    agent.wait_log("links_moved=5");
+    agent.wait_log("links_moved=6");
     agent.wait_log("moving enforcement to a cgroup that contains the one the pinned links guard");
     for cgroup in [&a, &b, &parent] {
         denied_in(cgroup);
@@ -359,7 +359,7 @@ fn a_start_on_another_cgroup_takes_over_the_pins_or_says_how_to_clear_them() {
 
     // A start on B then takes the defunct links over.
     let agent = start(&b);
-    agent.wait_log("links_moved=5");
+    agent.wait_log("links_moved=6");
     agent.wait_log("the pinned links point to a removed cgroup");
     denied_in(&b);
     open_in(&a);
