@@ -179,8 +179,8 @@ fn serve_http(listener: &TcpListener, stop: &AtomicBool, answers_v1: &Arc<Atomic
 }
 
 /// `IMDSv2`: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token
-/// (or, with `answers_v1`, none). Requests are answered in turn until the client closes or
-/// asks `Connection: close`. A GET of `/latest/meta-data/instance-id` answers the mock's
+/// (or, with `answers_v1`, none). Requests are answered in turn until the client closes, asks
+/// `Connection: close`, or speaks HTTP/1.0. A GET of `/latest/meta-data/instance-id` answers the mock's
 /// instance id; any other path under `/latest/` answers the path itself.
 fn respond(stream: &TcpStream, answers_v1: &AtomicBool) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -231,7 +231,9 @@ fn respond(stream: &TcpStream, answers_v1: &AtomicBool) -> std::io::Result<()> {
             ("GET", path) if path.starts_with("/latest/") => ("401 Unauthorized", String::new()),
             _ => ("404 Not Found", String::new()),
         };
-        let close = header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        // HTTP/1.1 keeps the connection unless asked not to; HTTP/1.0 closes it.
+        let close = !request_line.trim_end().ends_with("HTTP/1.1")
+            || header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
         let mut writer = stream;
         write!(
             writer,
