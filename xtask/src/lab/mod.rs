@@ -262,12 +262,13 @@ fn prepare_scenario(from: &Path, packages: &Packages, into: &Path) -> Result<()>
 }
 
 /// Installs what the lab runs (Debian, as root), or says what to run.
+///
+/// Installing one package can remove another: on a machine with a backported `qemu-utils`,
+/// apt removes it to install bookworm's `qemu-system-x86` (their versions conflict), and the lab
+/// then failed on a missing `qemu-img`. So the tools are looked for again after each round, and
+/// the lab stops with the names of what is still missing rather than fail later in each VM.
 fn ensure_tools() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|(_, package)| *package)
-        .collect();
+    let missing = missing_packages();
     if missing.is_empty() {
         return Ok(());
     }
@@ -283,18 +284,39 @@ fn ensure_tools() -> Result<()> {
         );
     }
     interrupt::run(Command::new("apt-get").args(["-qq", "update"]))?;
-    // One at a time: qemu-system-x86 with others in one command was refused here once.
-    for package in missing {
-        eprintln!("lab: installing {package}");
-        interrupt::run(Command::new("apt-get").args([
-            "install",
-            "-qq",
-            "-y",
-            "--no-install-recommends",
-            package,
-        ]))?;
+    // Two rounds: the second installs, from the same release, what the first one's removed.
+    for _ in 0..2 {
+        // One at a time: qemu-system-x86 with others in one command was refused here once.
+        for package in missing_packages() {
+            eprintln!("lab: installing {package}");
+            interrupt::run(Command::new("apt-get").args([
+                "install",
+                "-qq",
+                "-y",
+                "--no-install-recommends",
+                package,
+            ]))?;
+        }
+    }
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        bail!(
+            "the lab still lacks {} after installing it (apt removed it again?): see `apt-cache \
+             policy {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     Ok(())
+}
+
+/// The packages of the lab's tools that are not on the `PATH`.
+fn missing_packages() -> Vec<&'static str> {
+    TOOLS
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, package)| *package)
+        .collect()
 }
 
 fn on_path(tool: &str) -> bool {
