@@ -3,7 +3,8 @@
 //! once, and `paths`/`deny_paths` say what a workload may read.
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, EACCES, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, assert_fields, setup,
+    Agent, Client, ConfigFile, EACCES, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, assert_fields,
+    free_port, http_get, imds_guard, sample, setup,
 };
 use serde_json::{Value, json};
 
@@ -33,7 +34,13 @@ fn v1_users_are_named_and_nothing_is_refused_in_audit_mode() {
         "cgroup = \"{}\"\nmode = \"audit\"\nimds = \"v2\"\n",
         attach.path
     ));
-    let agent = agent_with(&config);
+    let port = free_port();
+    let mut agent = Agent::start(&[
+        "--config",
+        &config.arg(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
     let legacy = attach.child("legacy");
     let modern = attach.child("modern");
     let mixed = attach.child("mixed");
@@ -86,6 +93,62 @@ fn v1_users_are_named_and_nothing_is_refused_in_audit_mode() {
         "{:?}",
         agent.events_of(v2.pid)
     );
+
+    // Counted by version and by the rule that let the connection through (none: the mode's).
+    let (_, metrics) = http_get(port, "/metrics");
+    for (version, count) in [("v1", 2), ("v2", 3), ("token", 2)] {
+        let series = format!(
+            "imds_guard_http_requests_total{{rule=\"default\",imds_version=\"{version}\"}}"
+        );
+        assert_eq!(sample(&metrics, &series), count, "{series} in:\n{metrics}");
+    }
+    assert_eq!(
+        sample(&metrics, "imds_guard_http_refused_total"),
+        0,
+        "{metrics}"
+    );
+
+    // `report` names exactly the v1 users, from the agent's own stream.
+    assert!(agent.stop().success(), "{}", agent.stderr());
+    assert_report_names(
+        &agent,
+        &[(&legacy.path, LEGACY), (&mixed.path, MIXED)],
+        &modern.path,
+    );
+}
+
+/// `imds-guard report` on `agent`'s events names exactly `v1_users` (cgroup, uid) in its summary
+/// line and counts a v1 request for each; `v2_only` appears with none.
+fn assert_report_names(agent: &Agent, v1_users: &[(&str, u32)], v2_only: &str) {
+    let stream: Vec<String> = agent.events().iter().map(Value::to_string).collect();
+    let recorded = ConfigFile::new(&(stream.join("\n") + "\n"));
+    let out = imds_guard(&["report", &recorded.arg()]);
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8(out.stdout).expect("UTF-8");
+    let prefix = format!("{} workloads still use IMDSv1: ", v1_users.len());
+    let summary = table
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no summary naming {v1_users:?}:\n{table}"));
+    let mut named: Vec<&str> = summary.split(", ").collect();
+    named.sort_unstable();
+    let mut expected: Vec<String> = (v1_users.iter())
+        .map(|(cgroup, uid)| format!("cgroup {cgroup} (uid {uid})"))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(named, expected, "{table}");
+    let json = imds_guard(&["report", "--format", "json", &recorded.arg()]);
+    let workloads: Value = serde_json::from_slice(&json.stdout).expect("report --format json");
+    let v1_of = |cgroup: &str| {
+        (workloads.as_array().expect("an array").iter())
+            .find(|w| w["cgroup"] == cgroup)
+            .map(|w| w["v1"].clone())
+    };
+    for (cgroup, _) in v1_users {
+        assert_eq!(v1_of(cgroup), Some(json!(1)), "{workloads}");
+    }
+    // Its connect was audited, its requests were not reported.
+    assert_eq!(v1_of(v2_only), Some(json!(0)), "{workloads}");
 }
 
 #[test]

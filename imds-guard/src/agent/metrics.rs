@@ -46,11 +46,22 @@ struct RuleLabels {
     verdict: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    rule: String,
+    imds_version: &'static str,
+}
+
+/// The `imds_version` label of each slot of [`Kernel::http_counts`]' arrays.
+const IMDS_VERSION_LABELS: [&str; 3] = ["v1", "v2", "token"];
+
 /// The agent's metrics and what the kernel's counters said last.
 pub struct Metrics {
     registry: Registry,
     attempts: Family<VerdictLabels, Counter>,
     by_rule: Family<RuleLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    http: HttpMetrics,
     events: EventMetrics,
     reloads: Counter,
     failed_reloads: Counter,
@@ -59,6 +70,8 @@ pub struct Metrics {
     seen: Counters,
     /// Per-rule counts of each generation at the last update.
     seen_by_rule: [Vec<u64>; 2],
+    /// Per-rule HTTP request counts (v1, v2, token) of each generation at the last update.
+    seen_requests: [Vec<[u64; 3]>; 2],
     /// Events reported, repeats aggregated and repeats found evicted unreported at the last
     /// update.
     events_seen: (u64, u64, u64),
@@ -98,6 +111,37 @@ impl EventMetrics {
                 "repeats_unreported",
                 "Repeats whose fold entry was evicted before the agent reported them (found \
                  when the agent walks the fold map; exact in the log when it stops)",
+            ),
+        }
+    }
+}
+
+/// What the message layer could not judge or follow, and what it refused.
+struct HttpMetrics {
+    refused: Counter,
+    unjudged: Counter,
+    unfollowed: Counter,
+}
+
+impl HttpMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            refused: counter(
+                registry,
+                "http_refused",
+                "HTTP requests to protected addresses refused (imds = \"v2\", paths, deny_paths)",
+            ),
+            unjudged: counter(
+                registry,
+                "http_unjudged",
+                "Writes on followed connections that could not be judged (refused where the \
+                 rule judges requests)",
+            ),
+            unfollowed: counter(
+                registry,
+                "http_unfollowed",
+                "Connections to a protected port 80 the message layer could not follow (its \
+                 socket map was full): their requests were not read",
             ),
         }
     }
@@ -191,6 +235,14 @@ impl Metrics {
             "Connects and datagrams to protected addresses, by deciding rule (default: none)",
             by_rule.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests to protected addresses on connections a rule let through, by deciding \
+             rule and IMDS version (v1: neither a token nor a token request)",
+            requests.clone(),
+        );
+        let http = HttpMetrics::register(&mut registry);
         let events = EventMetrics::register(&mut registry);
         let reloads = counter(&mut registry, "reloads", "Policy reloads that took effect");
         let failed_reloads = counter(
@@ -203,12 +255,15 @@ impl Metrics {
             registry,
             attempts,
             by_rule,
+            requests,
+            http,
             events,
             reloads,
             failed_reloads,
             policy,
             seen: start,
             seen_by_rule: [Vec::new(), Vec::new()],
+            seen_requests: [Vec::new(), Vec::new()],
             events_seen: (0, 0, 0),
             reloads_seen: (0, 0),
         }
@@ -218,8 +273,9 @@ impl Metrics {
     /// or one about to be reused): only its counts from now on are added.
     pub fn start_generation(&mut self, kernel: &mut Kernel, generation: u32, rules: usize) {
         let rules = u32::try_from(rules).unwrap_or(u32::MAX);
-        self.seen_by_rule[usize::from(generation != 0)] =
-            kernel.rule_counts(generation, rules).unwrap_or_default();
+        let slot = usize::from(generation != 0);
+        self.seen_by_rule[slot] = kernel.rule_counts(generation, rules).unwrap_or_default();
+        self.seen_requests[slot] = kernel.http_counts(generation, rules).unwrap_or_default();
     }
 
     /// Adds what the kernel counted since the last update for `generation`, under the names
@@ -239,6 +295,26 @@ impl Metrics {
                         verdict: rule_verdict(policy, id),
                     })
                     .inc_by(count - before);
+            }
+        }
+        *seen = counts;
+        let Ok(counts) = kernel.http_counts(generation, rules) else {
+            return;
+        };
+        let seen = &mut self.seen_requests[usize::from(generation != 0)];
+        for (id, by_version) in (0u32..).zip(&counts) {
+            let before = seen.get(id as usize).copied().unwrap_or_default();
+            for ((imds_version, &count), before) in
+                IMDS_VERSION_LABELS.into_iter().zip(by_version).zip(before)
+            {
+                if count > before {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            rule: policy.rule_name(id).to_owned(),
+                            imds_version,
+                        })
+                        .inc_by(count - before);
+                }
             }
         }
         *seen = counts;
@@ -263,6 +339,12 @@ impl Metrics {
             add("deny", now.denied, self.seen.denied);
             add("audit", now.audited, self.seen.audited);
             (self.events.lost).inc_by(now.events_lost.saturating_sub(self.seen.events_lost));
+            (self.http.refused).inc_by(now.http_refused.saturating_sub(self.seen.http_refused));
+            (self.http.unjudged).inc_by(now.http_unjudged.saturating_sub(self.seen.http_unjudged));
+            (self.http.unfollowed).inc_by(
+                now.http_unfollowed
+                    .saturating_sub(self.seen.http_unfollowed),
+            );
             self.seen = now;
         }
         self.fold_generation(kernel, compiled.generation(), &compiled.policy);

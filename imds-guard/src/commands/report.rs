@@ -15,6 +15,7 @@ use crate::{
     cli::{ReportArgs, ReportFormat},
     config::{Config, Containers, Overrides},
     error::{ConfigError, EventsError, Result},
+    events::ImdsVersion,
     host::workload::{self, Container, Placement},
 };
 
@@ -41,6 +42,12 @@ struct Line {
     /// tells then).
     #[serde(default)]
     in_container: Option<bool>,
+    /// The hook that reported it; lines of older agents lack it (a connect hook's then).
+    #[serde(default)]
+    hook: Option<String>,
+    /// How an HTTP request asked (hook `http`).
+    #[serde(default)]
+    imds_version: Option<ImdsVersion>,
 }
 
 fn one() -> u64 {
@@ -77,6 +84,9 @@ pub struct Workload {
     pub denied: u64,
     /// Attempts allowed but reported (audit).
     pub audited: u64,
+    /// IMDSv1 requests seen (hook `http`), refused or not: while there are any, the instance
+    /// cannot require IMDSv2.
+    pub v1: u64,
     /// First attempt seen.
     pub first_seen: Timestamp,
     /// Last attempt seen.
@@ -104,6 +114,7 @@ impl Workload {
             destinations: Vec::new(),
             denied: 0,
             audited: 0,
+            v1: 0,
             first_seen,
             last_seen: line.time,
         }
@@ -170,9 +181,20 @@ pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
         if workload.user.is_none() {
             workload.user = line.user;
         }
-        match line.verdict.as_str() {
-            "deny" => workload.denied += line.count,
-            _ => workload.audited += line.count,
+        if line.hook.as_deref() == Some("http") {
+            // A request on a connection a rule let through: the connect was judged (and
+            // reported, if it was) apart. A refused one counts as denied; one audit mode let
+            // through needs no rule of its own (its connection had one).
+            if line.imds_version == Some(ImdsVersion::V1) {
+                workload.v1 += line.count;
+            }
+            if line.verdict == "deny" {
+                workload.denied += line.count;
+            }
+        } else if line.verdict == "deny" {
+            workload.denied += line.count;
+        } else {
+            workload.audited += line.count;
         }
         workload.first_seen = workload.first_seen.min(first_seen);
         workload.last_seen = workload.last_seen.max(line.time);
@@ -180,7 +202,7 @@ pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
     };
     for_each_event(input, source, &mut add)?;
     let mut workloads: Vec<Workload> = by_key.into_values().collect();
-    workloads.sort_by_key(|w| std::cmp::Reverse(w.denied + w.audited));
+    workloads.sort_by_key(|w| std::cmp::Reverse(w.denied + w.audited + w.v1));
     Ok(workloads)
 }
 
@@ -275,12 +297,12 @@ fn journal_json_message(text: &[u8]) -> Option<String> {
     }
 }
 
-/// The workloads as a table for people.
+/// The workloads as a table for people, and a line naming those that still use IMDSv1.
 #[must_use]
 pub fn table(workloads: &[Workload]) -> String {
     let mut out = format!(
-        "{:>8}  {:>8}  {:<18}  {:<44}  {:<20}  {:<20}\n",
-        "DENIED", "AUDITED", "UID", "WORKLOAD", "FIRST SEEN", "LAST SEEN"
+        "{:>8}  {:>8}  {:>6}  {:<18}  {:<44}  {:<20}  {:<20}\n",
+        "DENIED", "AUDITED", "V1", "UID", "WORKLOAD", "FIRST SEEN", "LAST SEEN"
     );
     let second = |t: &Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     for w in workloads {
@@ -290,9 +312,10 @@ pub fn table(workloads: &[Workload]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>8}  {:>8}  {:<18}  {:<44}  {:<20}  {:<20}",
+            "{:>8}  {:>8}  {:>6}  {:<18}  {:<44}  {:<20}  {:<20}",
             w.denied,
             w.audited,
+            w.v1,
             uid,
             w.label(),
             second(&w.first_seen),
@@ -311,7 +334,27 @@ pub fn table(workloads: &[Workload]) -> String {
         details.push(format!("to {}", w.destinations.join(", ")));
         let _ = writeln!(out, "{:>10}{}", "", details.join("; "));
     }
+    out.push_str(&v1_summary(workloads));
     out
+}
+
+/// "3 workloads still use IMDSv1: ...", naming each (with its uid), or that none did: the line
+/// that says whether the instance can be switched to `HttpTokens=required`.
+#[must_use]
+pub fn v1_summary(workloads: &[Workload]) -> String {
+    let v1: Vec<String> = workloads
+        .iter()
+        .filter(|w| w.v1 > 0)
+        .map(|w| {
+            let user = w.user.as_ref().map(|u| format!(" {u}")).unwrap_or_default();
+            format!("{} (uid {}{user})", w.label(), w.uid)
+        })
+        .collect();
+    match v1.len() {
+        0 => "No workload used IMDSv1 in these events.\n".into(),
+        1 => format!("1 workload still uses IMDSv1: {}\n", v1[0]),
+        n => format!("{n} workloads still use IMDSv1: {}\n", v1.join(", ")),
+    }
 }
 
 /// The identity a suggested rule uses for a workload: the most stable one it has.
@@ -737,6 +780,64 @@ imds-guard log line the journal interleaves
             export.extend_from_slice(b"_SYSTEMD_UNIT=imds-guard.service\n\n");
         }
         assert_eq!(workloads(export.as_slice(), "export").unwrap(), plain);
+    }
+
+    #[test]
+    fn names_the_workloads_that_still_use_imdsv1() {
+        let http = |verdict: &str, uid: u32, cgroup: &str, version: &str, count: u64| {
+            format!(
+                r#"{{"time":"2026-11-22T11:00:00Z","verdict":"{verdict}","count":{count},"uid":{uid},"comm":"x","cgroup":"{cgroup}","dst":"169.254.169.254","hook":"http","imds_version":"{version}","request":"GET /latest/meta-data/"}}"#
+            )
+        };
+        let events = [
+            // A legacy agent's v1 requests, once and then folded, let through.
+            http("allow", 0, "/system.slice/legacy.service", "v1", 1),
+            http("allow", 0, "/system.slice/legacy.service", "v1", 9),
+            // A container's v1 request, refused (`imds = "v2"`).
+            http(
+                "deny",
+                0,
+                &format!("/system.slice/docker-{CONTAINER}.scope"),
+                "v1",
+                1,
+            ),
+            // A v2 request refused by a path rule: not a v1 user.
+            http("deny", 1000, "/system.slice/app.service", "v2", 1),
+        ]
+        .join("\n");
+        let workloads = workloads(events.as_bytes(), "events.jsonl").unwrap();
+        let by_cgroup = |needle: &str| {
+            (workloads.iter())
+                .find(|w| w.cgroup.as_deref().is_some_and(|c| c.contains(needle)))
+                .unwrap()
+        };
+        let legacy = by_cgroup("legacy");
+        assert_eq!((legacy.v1, legacy.denied, legacy.audited), (10, 0, 0));
+        let container = by_cgroup("docker-");
+        assert_eq!(
+            (container.v1, container.denied, container.audited),
+            (1, 1, 0)
+        );
+        let app = by_cgroup("app.service");
+        assert_eq!((app.v1, app.denied, app.audited), (0, 1, 0));
+        let table = table(&workloads);
+        assert!(
+            table.contains(&format!(
+                "2 workloads still use IMDSv1: unit legacy.service (uid 0), docker container {} \
+                 (uid 0)\n",
+                &CONTAINER[..12]
+            )),
+            "{table}"
+        );
+        // Requests the connect hooks let through need no rule of their own.
+        let text = suggest_policy(&workloads, None).unwrap();
+        assert_eq!(parse(&text).allow.len(), 1, "{text}");
+        // Connect events only: nobody used v1 as far as these events say.
+        let earlier = super::workloads(stream().as_bytes(), "e").unwrap();
+        assert_eq!(
+            v1_summary(&earlier),
+            "No workload used IMDSv1 in these events.\n"
+        );
     }
 
     #[test]

@@ -295,6 +295,11 @@ pub fn describe(status: &Status) -> String {
             counters.folded,
             counters.events_lost
         );
+        let _ = writeln!(
+            out,
+            "http requests: refused {}, unjudged {}, connections unfollowed {}",
+            counters.http_refused, counters.http_unjudged, counters.http_unfollowed
+        );
     }
     describe_agent(&mut out, &status.agent);
     out

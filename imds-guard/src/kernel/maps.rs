@@ -14,7 +14,8 @@ use imds_guard_common::{
     http::{PathRules, PathRulesKey},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTERS, EVENTS, FOLDS, GENERATION, PATH_RULES,
+        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED,
+        COUNTER_HTTP_UNJUDGED, COUNTERS, EVENTS, FOLDS, GENERATION, HTTP_COUNTERS, PATH_RULES,
         PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS,
     },
     policy::{
@@ -171,6 +172,16 @@ pub fn rule_counters(
     typed(source, RULE_COUNTERS)
 }
 
+/// `HTTP_COUNTERS`, indexed by `imds_guard_common::http::http_counter_index`.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn http_counters(
+    source: &mut impl Source,
+) -> Result<PerCpuArray<&mut MapData, u64>, KernelError> {
+    typed(source, HTTP_COUNTERS)
+}
+
 /// `AGENT`, at index 0.
 ///
 /// # Errors
@@ -229,6 +240,14 @@ pub struct Counters {
     pub events_lost: u64,
     /// Denied or audited attempts folded as repeats of an identical one instead of queued.
     pub folded: u64,
+    /// HTTP requests refused (`imds = "v2"`, `paths`, `deny_paths`), audited ones not counted.
+    pub http_refused: u64,
+    /// Writes on a followed connection that could not be judged (no record of its connect, a
+    /// policy switch since, a request too long to read): refused where a rule judges requests.
+    pub http_unjudged: u64,
+    /// Connections to a protected address's port 80 that the message layer could not follow
+    /// (its socket map was full): their requests were not read.
+    pub http_unfollowed: u64,
 }
 
 /// `COUNTERS`, summed over CPUs.
@@ -251,6 +270,9 @@ pub fn counters(source: &mut impl Source) -> Result<Counters, KernelError> {
         audited: total(COUNTER_AUDITED)?,
         events_lost: total(COUNTER_EVENTS_LOST)?,
         folded: total(COUNTER_FOLDED)?,
+        http_refused: total(COUNTER_HTTP_REFUSED)?,
+        http_unjudged: total(COUNTER_HTTP_UNJUDGED)?,
+        http_unfollowed: total(COUNTER_HTTP_UNFOLLOWED)?,
     })
 }
 

@@ -16,10 +16,13 @@ use aya::{
 use imds_guard_common::{
     agent::AgentInfo,
     event::{FoldKey, FoldValue},
-    http::{PathRules, PathRulesKey},
+    http::{
+        IMDS_VERSION_TOKEN, IMDS_VERSION_V1, IMDS_VERSION_V2, IMDS_VERSIONS, PathRules,
+        PathRulesKey, http_counter_index,
+    },
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, MAX_RULES, PATH_RULES, PROTECTED_FILTER,
-        PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
+        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES,
+        PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
@@ -497,20 +500,64 @@ impl Kernel {
             .collect()
     }
 
+    /// HTTP requests decided by each rule of `generation` (index 0: by no rule), by version
+    /// (`[v1, v2, token]`), summed over CPUs.
+    ///
+    /// # Errors
+    /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
+    pub fn http_counts(
+        &mut self,
+        generation: u32,
+        rules: u32,
+    ) -> Result<Vec<[u64; IMDS_VERSIONS as usize]>, KernelError> {
+        let map: PerCpuArray<_, u64> = maps::http_counters(&mut self.ebpf)?;
+        let count = |index: u32| {
+            map.get(&index, 0)
+                .map(|values| values.iter().sum::<u64>())
+                .map_err(|source| KernelError::ReadMap {
+                    map: HTTP_COUNTERS,
+                    source,
+                })
+        };
+        (0..=rules.min(MAX_RULES))
+            .map(|rule| {
+                Ok([
+                    count(http_counter_index(generation, rule, IMDS_VERSION_V1))?,
+                    count(http_counter_index(generation, rule, IMDS_VERSION_V2))?,
+                    count(http_counter_index(generation, rule, IMDS_VERSION_TOKEN))?,
+                ])
+            })
+            .collect()
+    }
+
+    /// Zeroes `generation`'s per-rule counts (attempts and HTTP requests) before it is reused.
     fn zero_rule_counts(&mut self, generation: u32) -> Result<(), KernelError> {
-        let mut map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
         let cpus =
             aya::util::nr_cpus().map_err(|(_, source)| KernelError::PossibleCpus { source })?;
+        // One value per possible CPU, as many as were just counted: only a wrong count fails.
+        let zeroes = || {
+            aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(|source| KernelError::PossibleCpus { source })
+        };
+        let mut map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
         for rule in 0..=MAX_RULES {
-            // One value per possible CPU, as many as were just counted: only a wrong count fails.
-            let zeroes = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
-                .map_err(|source| KernelError::PossibleCpus { source })?;
-            map.set(rule_counter_index(generation, rule), zeroes, 0)
+            map.set(rule_counter_index(generation, rule), zeroes()?, 0)
                 .map_err(|source| KernelError::WriteMap {
                     map: RULE_COUNTERS,
                     what: format!("zero count of rule {rule}"),
                     source,
                 })?;
+        }
+        let mut map: PerCpuArray<_, u64> = maps::http_counters(&mut self.ebpf)?;
+        for rule in 0..=MAX_RULES {
+            for version in [IMDS_VERSION_V1, IMDS_VERSION_V2, IMDS_VERSION_TOKEN] {
+                map.set(http_counter_index(generation, rule, version), zeroes()?, 0)
+                    .map_err(|source| KernelError::WriteMap {
+                        map: HTTP_COUNTERS,
+                        what: format!("zero HTTP count of rule {rule}"),
+                        source,
+                    })?;
+            }
         }
         Ok(())
     }
