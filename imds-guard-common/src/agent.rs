@@ -40,8 +40,23 @@ pub struct AgentInfo {
     /// `Settings::unseen_after` in force: below `ALL_CGROUPS_SEEN`, newer cgroups are judged
     /// by the rules that hold wherever they are (a full map, or lost notifications).
     pub unseen_after: u64,
+    /// When the agent last checked the instance's posture (`posture = true`); 0: never.
+    pub posture_checked_ns: u64,
+    /// What that check found of `HttpTokens`: one of the `POSTURE_TOKENS_*` values.
+    pub posture_http_tokens: u32,
+    /// The hop limit of IMDS's token responses it read; 0 when it could not.
+    pub posture_hop_limit: u32,
 }
-const _: () = assert!(core::mem::size_of::<AgentInfo>() == 88);
+const _: () = assert!(core::mem::size_of::<AgentInfo>() == 104);
+
+/// [`AgentInfo::posture_http_tokens`]: no check yet.
+pub const POSTURE_TOKENS_UNCHECKED: u32 = 0;
+/// IMDS answered a tokenless request (`HttpTokens=optional`).
+pub const POSTURE_TOKENS_OPTIONAL: u32 = 1;
+/// IMDS refused a tokenless request with 401 (`HttpTokens=required`).
+pub const POSTURE_TOKENS_REQUIRED: u32 = 2;
+/// The check got no answer.
+pub const POSTURE_TOKENS_UNKNOWN: u32 = 3;
 
 impl Default for AgentInfo {
     fn default() -> Self {
@@ -58,6 +73,9 @@ impl Default for AgentInfo {
             cgroups_dropped: 0,
             cgroups_unwatched: 0,
             unseen_after: crate::policy::ALL_CGROUPS_SEEN,
+            posture_checked_ns: 0,
+            posture_http_tokens: POSTURE_TOKENS_UNCHECKED,
+            posture_hop_limit: 0,
         }
     }
 }

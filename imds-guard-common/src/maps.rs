@@ -77,7 +77,8 @@ pub const ALL: [&str; 17] = [
 /// `entry_levels`, events of 376 bytes (the executable), fold keys by process and port, a ring
 /// of 2 MiB.
 /// 5: the message layer (`HTTP_SOCKETS`, `HTTP_SOCKHASH`, `PATH_RULES`, `HTTP_COUNTERS`), events
-/// of 632 bytes (the request line), fold keys by IMDS version, a ring of 4 MiB.
+/// of 632 bytes (the request line), fold keys by IMDS version, a ring of 4 MiB, `AgentInfo` of
+/// 104 bytes (the instance's posture).
 pub const MAPS_LAYOUT_VERSION: u32 = 5;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts

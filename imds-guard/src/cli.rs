@@ -42,6 +42,17 @@ pub enum Command {
     /// Who touched IMDS, from an event stream (`run`'s stdout, or `journalctl -u imds-guard
     /// -o cat`); or a policy that lets through what audit mode saw.
     Report(ReportArgs),
+    /// Ask IMDS whether this instance still answers IMDSv1 (`HttpTokens`, CIS AWS Foundations
+    /// 5.6) and the hop limit of its token responses. Sends two requests to IMDS, as root.
+    Posture(PostureArgs),
+}
+
+/// `imds-guard posture`.
+#[derive(Debug, Args)]
+pub struct PostureArgs {
+    /// Print one JSON object (`http_tokens`, `hop_limit`) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `imds-guard report`.

@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         Command::Explain(args) => imds_guard::commands::explain::run(args),
         Command::Detach(args) => imds_guard::commands::detach::run(args),
         Command::Report(args) => imds_guard::commands::report::run(args),
+        Command::Posture(args) => {
+            imds_guard::commands::posture::run(args);
+            Ok(())
+        }
         Command::Status(args) => {
             if imds_guard::commands::status::run(args) {
                 Ok(())

@@ -5,7 +5,7 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -31,9 +31,8 @@ pub struct Sandbox {
     /// Its file, for `setns`.
     pub netns: PathBuf,
     stop: Arc<AtomicBool>,
-    /// Whether the mock answers a tokenless GET (`HttpTokens=optional`); off by default, as
-    /// `HttpTokens=required` answers 401.
-    answers_v1: Arc<AtomicBool>,
+    /// How the mock answers.
+    mock: Arc<Mock>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -50,7 +49,7 @@ impl Sandbox {
             netns: PathBuf::from("/run/netns").join(&name),
             name,
             stop: Arc::new(AtomicBool::new(false)),
-            answers_v1: Arc::new(AtomicBool::new(false)),
+            mock: Arc::default(),
             servers: Vec::new(),
         };
         sandbox.ip_in(&["link", "set", "lo", "up"]);
@@ -60,9 +59,9 @@ impl Sandbox {
             let listener = sandbox.in_netns(|| TcpListener::bind(("::", port)));
             listener.set_nonblocking(true).expect("nonblocking");
             let stop = Arc::clone(&sandbox.stop);
-            let answers_v1 = Arc::clone(&sandbox.answers_v1);
+            let mock = Arc::clone(&sandbox.mock);
             sandbox.servers.push(std::thread::spawn(move || {
-                serve_http(&listener, &stop, &answers_v1);
+                serve_http(&listener, &stop, &mock);
             }));
         }
         let socket = sandbox.in_netns(|| UdpSocket::bind(("::", 53)));
@@ -79,7 +78,21 @@ impl Sandbox {
     /// Makes the mock answer tokenless (IMDSv1) GETs, as an instance with
     /// `HttpTokens=optional` does, or refuse them with 401, as `HttpTokens=required` does.
     pub fn answer_v1(&self, answer: bool) {
-        self.answers_v1.store(answer, Ordering::Relaxed);
+        self.mock.answers_v1.store(answer, Ordering::Relaxed);
+    }
+
+    /// Makes the mock send its token responses with this IP TTL (IPv6 hop limit), as IMDS
+    /// does with `HttpPutResponseHopLimit`; 0 for the namespace's default.
+    pub fn put_hop_limit(&self, limit: u8) {
+        self.mock.put_hop_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Runs `make` with a thread inside the namespace (sockets it creates live there).
+    ///
+    /// # Panics
+    /// When the namespace cannot be entered or `make` fails.
+    pub fn within<T: Send>(&self, make: impl FnOnce() -> std::io::Result<T> + Send) -> T {
+        self.in_netns(make)
     }
 
     /// Stops the mock's HTTP servers (their ports then refuse connections).
@@ -160,14 +173,24 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {} failed: {status}", args.join(" "));
 }
 
-fn serve_http(listener: &TcpListener, stop: &AtomicBool, answers_v1: &Arc<AtomicBool>) {
+/// How the mock IMDS answers.
+#[derive(Debug, Default)]
+struct Mock {
+    /// Whether it answers a tokenless GET (`HttpTokens=optional`); off by default, as
+    /// `HttpTokens=required` answers 401.
+    answers_v1: AtomicBool,
+    /// The IP TTL of its token responses (`HttpPutResponseHopLimit`); 0: the default.
+    put_hop_limit: AtomicU8,
+}
+
+fn serve_http(listener: &TcpListener, stop: &AtomicBool, mock: &Arc<Mock>) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
                 // A thread per connection: a client may keep one open for several requests.
-                let answers_v1 = Arc::clone(answers_v1);
+                let mock = Arc::clone(mock);
                 std::thread::spawn(move || {
-                    let _ = respond(&stream, &answers_v1);
+                    let _ = respond(&stream, &mock);
                 });
             }
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
@@ -180,9 +203,9 @@ fn serve_http(listener: &TcpListener, stop: &AtomicBool, answers_v1: &Arc<Atomic
 
 /// `IMDSv2`: `PUT /latest/api/token` with a TTL header gives a token; a GET needs that token
 /// (or, with `answers_v1`, none). Requests are answered in turn until the client closes, asks
-/// `Connection: close`, or speaks HTTP/1.0. A GET of `/latest/meta-data/instance-id` answers the mock's
-/// instance id; any other path under `/latest/` answers the path itself.
-fn respond(stream: &TcpStream, answers_v1: &AtomicBool) -> std::io::Result<()> {
+/// `Connection: close`, or speaks HTTP/1.0. A GET of `/latest/meta-data/instance-id` answers the
+/// mock's instance id; any other path under `/latest/` answers the path itself.
+fn respond(stream: &TcpStream, mock: &Mock) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut reader = BufReader::new(stream);
@@ -214,11 +237,16 @@ fn respond(stream: &TcpStream, answers_v1: &AtomicBool) -> std::io::Result<()> {
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let authorised = header("x-aws-ec2-metadata-token") == Some(MOCK_TOKEN)
-            || (header("x-aws-ec2-metadata-token").is_none() && answers_v1.load(Ordering::Relaxed));
+            || (header("x-aws-ec2-metadata-token").is_none()
+                && mock.answers_v1.load(Ordering::Relaxed));
         let (status, body) = match (method, path) {
             ("PUT", "/latest/api/token")
                 if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
             {
+                let limit = mock.put_hop_limit.load(Ordering::Relaxed);
+                if limit != 0 {
+                    set_hop_limit(stream, limit)?;
+                }
                 ("200 OK", MOCK_TOKEN.to_owned())
             }
             ("PUT", "/latest/api/token") => ("400 Bad Request", String::new()),
@@ -245,6 +273,16 @@ fn respond(stream: &TcpStream, answers_v1: &AtomicBool) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Sends what follows on `stream` with IP TTL (and IPv6 hop limit) `limit`: the listener is
+/// dual-stack, so an IPv4 client's connection is an IPv6 socket that sends IPv4 packets.
+fn set_hop_limit(stream: &TcpStream, limit: u8) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let limit = i32::from(limit);
+    setsockopt(stream, sockopt::Ipv6Ttl, &limit)?;
+    setsockopt(stream, sockopt::Ipv4Ttl, &limit)?;
+    Ok(())
 }
 
 fn serve_udp_echo(socket: &UdpSocket, stop: &AtomicBool) {

@@ -2,7 +2,10 @@
 //! the kernel's maps, and kept current as cgroups come and go.
 
 use imds_guard_common::{
-    agent::{AgentInfo, VERSION_LEN},
+    agent::{
+        AgentInfo, POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED, POSTURE_TOKENS_UNCHECKED,
+        POSTURE_TOKENS_UNKNOWN, VERSION_LEN,
+    },
     policy::{ALL_CGROUPS_SEEN, MAX_CGROUP_LEVEL, NO_ENTRY_LEVELS, entry_levels},
 };
 use tracing::{debug, error, info, warn};
@@ -17,6 +20,7 @@ use crate::{
         cgroups::{CgroupDir, Hierarchy},
         clock::boot_time_ns,
         follow::{Changes, Watcher},
+        posture::{HttpTokens, Posture},
     },
     kernel::{Counters, Kernel, KernelError},
     policy::{Policy, compile::Compiled},
@@ -56,6 +60,8 @@ pub struct Enforcement<'a> {
     /// An incremental update failed part-way: the maps must be rewritten whole.
     maps_uncertain: bool,
     metrics: Metrics,
+    /// The last posture check and when it ran (`CLOCK_BOOTTIME` ns).
+    posture: Option<(Posture, u64)>,
 }
 
 impl<'a> Enforcement<'a> {
@@ -95,6 +101,7 @@ impl<'a> Enforcement<'a> {
             maps_uncertain: false,
             started_ns: boot_time_ns(),
             metrics,
+            posture: None,
         }
     }
 
@@ -360,6 +367,34 @@ impl<'a> Enforcement<'a> {
         }
     }
 
+    /// Takes in what a posture check found: logged (a warning while IMDSv1 is answered or
+    /// the check fails), in `status` and in the metrics.
+    pub fn set_posture(&mut self, posture: Posture) {
+        let hop_limit = posture
+            .hop_limit
+            .map_or("unknown".into(), |l| l.to_string());
+        match posture.http_tokens {
+            HttpTokens::Required => info!(
+                http_tokens = "required",
+                hop_limit, "posture: IMDS refuses tokenless requests (IMDSv2 only)"
+            ),
+            HttpTokens::Optional => warn!(
+                http_tokens = "optional",
+                hop_limit,
+                "posture: IMDS answers tokenless (IMDSv1) requests: CIS AWS Foundations 5.6 \
+                 fails; `imds-guard report` names the workloads that still use IMDSv1"
+            ),
+            HttpTokens::Unknown => warn!(
+                http_tokens = "unknown",
+                "posture: the check got no answer: {}",
+                posture.problems.join("; ")
+            ),
+        }
+        self.metrics.set_posture(&posture);
+        self.posture = Some((posture, boot_time_ns()));
+        self.record(true);
+    }
+
     /// Records the agent's state in the pinned `AGENT` map, for `status`.
     pub fn record(&mut self, running: bool) {
         let mut version = [0u8; VERSION_LEN];
@@ -379,6 +414,16 @@ impl<'a> Enforcement<'a> {
             cgroups_dropped: u32::try_from(self.compiled.dropped()).unwrap_or(u32::MAX),
             cgroups_unwatched: u32::try_from(self.unwatched).unwrap_or(u32::MAX),
             unseen_after: self.unseen_after,
+            posture_checked_ns: self.posture.as_ref().map_or(0, |(_, at)| *at),
+            posture_http_tokens: match self.posture.as_ref().map(|(p, _)| p.http_tokens) {
+                None => POSTURE_TOKENS_UNCHECKED,
+                Some(HttpTokens::Optional) => POSTURE_TOKENS_OPTIONAL,
+                Some(HttpTokens::Required) => POSTURE_TOKENS_REQUIRED,
+                Some(HttpTokens::Unknown) => POSTURE_TOKENS_UNKNOWN,
+            },
+            posture_hop_limit: (self.posture.as_ref())
+                .and_then(|(p, _)| p.hop_limit)
+                .map_or(0, u32::from),
         };
         if let Err(err) = self.kernel.set_agent_info(&info) {
             warn!("cannot record the agent's state for `status`: {err}");

@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
+    host::posture::{HttpTokens, Posture},
     kernel::{Counters, Kernel},
     policy::Policy,
     policy::compile::Compiled,
@@ -47,6 +48,11 @@ struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PostureLabels {
+    http_tokens: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     rule: String,
     imds_version: &'static str,
@@ -62,6 +68,8 @@ pub struct Metrics {
     by_rule: Family<RuleLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     http: HttpMetrics,
+    posture: Family<PostureLabels, Gauge>,
+    hop_limit: Gauge,
     events: EventMetrics,
     reloads: Counter,
     failed_reloads: Counter,
@@ -243,6 +251,18 @@ impl Metrics {
             requests.clone(),
         );
         let http = HttpMetrics::register(&mut registry);
+        let posture = Family::<PostureLabels, Gauge>::default();
+        registry.register(
+            "posture_http_tokens",
+            "1 for what the last posture check (posture = true) found of HttpTokens: optional \
+             (IMDSv1 answered), required, or unknown (no answer); absent before the first check",
+            posture.clone(),
+        );
+        let hop_limit = gauge(
+            &mut registry,
+            "posture_hop_limit",
+            "The hop limit of IMDS's token responses at the last posture check; 0 when unread",
+        );
         let events = EventMetrics::register(&mut registry);
         let reloads = counter(&mut registry, "reloads", "Policy reloads that took effect");
         let failed_reloads = counter(
@@ -257,6 +277,8 @@ impl Metrics {
             by_rule,
             requests,
             http,
+            posture,
+            hop_limit,
             events,
             reloads,
             failed_reloads,
@@ -358,6 +380,22 @@ impl Metrics {
             .inc_by(u64::from(reloads.1.saturating_sub(self.reloads_seen.1)));
         self.reloads_seen = reloads;
         self.policy.set(compiled, unseen);
+    }
+
+    /// Shows what a posture check found.
+    pub fn set_posture(&self, posture: &Posture) {
+        for state in [
+            HttpTokens::Optional,
+            HttpTokens::Required,
+            HttpTokens::Unknown,
+        ] {
+            self.posture
+                .get_or_create(&PostureLabels {
+                    http_tokens: state.as_str(),
+                })
+                .set(i64::from(state == posture.http_tokens));
+        }
+        self.hop_limit.set(posture.hop_limit.map_or(0, i64::from));
     }
 
     /// The metrics in the `OpenMetrics` text format.

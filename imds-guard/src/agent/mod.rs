@@ -89,6 +89,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         prepared.watcher,
         prepared.pid_file,
         prepared.metrics_listener,
+        prepared.config.posture,
     ))
 }
 

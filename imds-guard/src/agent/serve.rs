@@ -8,6 +8,7 @@ use imds_guard_common::agent::HEARTBEAT_INTERVAL_SECS;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
 
@@ -15,7 +16,11 @@ use super::{enforcement::Enforcement, metrics};
 use crate::{
     error::{CgroupError, Error, EventsError, Result},
     events::reporter::Reporter,
-    host::{follow::Watcher, pidfile::PidFile},
+    host::{
+        follow::Watcher,
+        pidfile::PidFile,
+        posture::{self, Posture},
+    },
     policy::Policy,
 };
 
@@ -25,6 +30,11 @@ const FOLDS_INTERVAL_MILLIS: u64 = 1000;
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 /// How often the whole cgroup tree is scanned, in case a change notification was missed.
 const RESYNC_INTERVAL_SECS: u64 = 30;
+/// How often the instance's posture is checked (`posture = true`), after the check at start.
+const POSTURE_INTERVAL: std::time::Duration = std::time::Duration::from_hours(1);
+/// How soon a check that got no answer is tried again: the agent starts before the network is
+/// up at boot, and an hour of `unknown` would hide the answer.
+const POSTURE_RETRY: std::time::Duration = std::time::Duration::from_mins(1);
 
 /// The agent's two halves, which every policy switch must change together.
 pub struct Running<'a> {
@@ -55,13 +65,16 @@ impl Running<'_> {
         Ok(())
     }
 
-    /// SIGHUP: the settings read again and, when valid, put in force.
-    fn reload(&mut self, ring: &mut RingBuf<MapData>, watcher: &mut Watcher) {
+    /// SIGHUP: the settings read again and, when valid, put in force. Returns the new
+    /// `posture` setting when they were.
+    fn reload(&mut self, ring: &mut RingBuf<MapData>, watcher: &mut Watcher) -> Option<bool> {
         let result = self.enforcement.read_policy().and_then(|(config, policy)| {
             self.switch_policy(ring, watcher, policy)?;
             Ok(config)
         });
+        let posture = result.as_ref().ok().map(|config| config.posture);
         self.enforcement.reloaded(result);
+        posture
     }
 
     /// The full scan: the maps rewritten whole when an update failed, else the tree scanned
@@ -95,6 +108,8 @@ enum Wake {
     Cgroups(bool),
     /// Events were reported (the ring handler ran).
     Events,
+    /// A posture check finished.
+    Posture(Posture),
 }
 
 /// Reports events and follows the cgroup tree until a signal, then reports what is left. The
@@ -108,8 +123,9 @@ pub async fn serve(
     watcher: Watcher,
     mut pid_file: PidFile,
     metrics_listener: Option<std::net::TcpListener>,
+    posture: bool,
 ) -> Result<()> {
-    let mut wakers = Wakers::new(events, watcher, metrics_listener)?;
+    let mut wakers = Wakers::new(events, watcher, metrics_listener, posture)?;
     running.enforcement.record(true);
     // SIGHUP is handled from here on: `imds-guard reload` may find us now.
     pid_file.publish()?;
@@ -125,6 +141,7 @@ pub async fn serve(
                 wake,
                 wakers.ring.get_mut(),
                 wakers.watcher.get_mut(),
+                &wakers.posture_enabled,
             ),
             Err(err) => break Err(err),
         }
@@ -152,6 +169,10 @@ struct Wakers {
     scrapes: Option<tokio::sync::mpsc::Receiver<metrics::Scrape>>,
     ring: AsyncFd<RingBuf<MapData>>,
     watcher: AsyncFd<Watcher>,
+    /// Whether posture checks run (`posture`, changed by a reload).
+    posture_enabled: watch::Sender<bool>,
+    /// What they found.
+    postures: mpsc::Receiver<Posture>,
 }
 
 impl Wakers {
@@ -159,16 +180,22 @@ impl Wakers {
         events: RingBuf<MapData>,
         watcher: Watcher,
         metrics_listener: Option<std::net::TcpListener>,
+        posture: bool,
     ) -> Result<Self> {
         let scrapes = metrics_listener.map(|listener| {
-            let (sender, scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(8);
+            let (sender, scrapes) = mpsc::channel::<metrics::Scrape>(8);
             tokio::spawn(metrics::serve(listener, sender));
             scrapes
         });
+        let (posture_enabled, enabled) = watch::channel(posture);
+        let (found, postures) = mpsc::channel(1);
+        tokio::spawn(check_posture(enabled, found));
         Ok(Self {
             signals: Signals::new()?,
             timers: Timers::new(),
             scrapes,
+            posture_enabled,
+            postures,
             ring: pollable(events, |source| EventsError::Ring { source }.into())?,
             watcher: pollable(watcher, |source| CgroupError::Watch { source }.into())?,
         })
@@ -192,6 +219,7 @@ impl Wakers {
             _ = self.timers.folds.tick() => Wake::Folds,
             _ = self.timers.resync.tick() => Wake::Resync,
             Some(scrape) = scrape => Wake::Scrape(scrape),
+            Some(posture) = self.postures.recv() => Wake::Posture(posture),
             ready = self.watcher.readable_mut() => {
                 let mut guard = ready.map_err(|source| CgroupError::Watch { source })?;
                 let changes = guard.get_inner_mut().changed();
@@ -221,6 +249,7 @@ fn handle(
     wake: Wake,
     ring: &mut RingBuf<MapData>,
     watcher: &mut Watcher,
+    posture_enabled: &watch::Sender<bool>,
 ) {
     match wake {
         Wake::Stop(_) | Wake::Events | Wake::Cgroups(false) => {}
@@ -237,7 +266,54 @@ fn handle(
             let _ = scrape.send(running.enforcement.scrape(running.reporter.accounting()));
         }
         Wake::Resync | Wake::Cgroups(true) => running.resync(ring, watcher),
-        Wake::Reload => running.reload(ring, watcher),
+        Wake::Reload => {
+            if let Some(posture) = running.reload(ring, watcher) {
+                // Turned on: a check at once; off: none from now on.
+                posture_enabled
+                    .send_if_modified(|enabled| std::mem::replace(enabled, posture) != posture);
+            }
+        }
+        Wake::Posture(posture) => running.enforcement.set_posture(posture),
+    }
+}
+
+/// Checks the instance's posture while `enabled` says so: at once, then every
+/// [`POSTURE_INTERVAL`] ([`POSTURE_RETRY`] after no answer), and at once again when turned
+/// back on. The check blocks (two HTTP
+/// requests, each within `posture::TIMEOUT`), so it runs on a blocking thread, never in the
+/// agent's loop. Ends when the agent's loop is gone.
+async fn check_posture(mut enabled: watch::Receiver<bool>, found: mpsc::Sender<Posture>) {
+    loop {
+        if !*enabled.borrow_and_update() {
+            if enabled.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let checked =
+            tokio::task::spawn_blocking(|| posture::check(posture::IMDS_ADDR, posture::TIMEOUT))
+                .await;
+        let next = match checked {
+            Ok(posture) => {
+                let answered = posture.http_tokens != posture::HttpTokens::Unknown;
+                if found.send(posture).await.is_err() {
+                    return;
+                }
+                if answered {
+                    POSTURE_INTERVAL
+                } else {
+                    POSTURE_RETRY
+                }
+            }
+            Err(err) => {
+                warn!("the posture check failed: {err}");
+                POSTURE_RETRY
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            changed = enabled.changed() => if changed.is_err() { return },
+        }
     }
 }
 

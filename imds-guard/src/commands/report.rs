@@ -48,6 +48,9 @@ struct Line {
     /// How an HTTP request asked (hook `http`).
     #[serde(default)]
     imds_version: Option<ImdsVersion>,
+    /// The agent's own posture check (a tokenless request of its own).
+    #[serde(default)]
+    posture_check: bool,
 }
 
 fn one() -> u64 {
@@ -161,6 +164,10 @@ pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
             at: format!("{source}:{number}"),
             message: format!("not an imds-guard event: {err}"),
         })?;
+        if line.posture_check {
+            // The agent asking IMDS whether it answers IMDSv1: not a workload's use of it.
+            return Ok(());
+        }
         let first_seen = line.first_seen.unwrap_or(line.time).min(line.time);
         let workload = by_key
             .entry((line.cgroup.clone(), line.uid))
@@ -803,6 +810,9 @@ imds-guard log line the journal interleaves
             ),
             // A v2 request refused by a path rule: not a v1 user.
             http("deny", 1000, "/system.slice/app.service", "v2", 1),
+            // The agent's own posture check.
+            http("allow", 0, "/system.slice/imds-guard.service", "v1", 1)
+                .replace(r#""hook""#, r#""posture_check":true,"hook""#),
         ]
         .join("\n");
         let workloads = workloads(events.as_bytes(), "events.jsonl").unwrap();
@@ -820,6 +830,12 @@ imds-guard log line the journal interleaves
         );
         let app = by_cgroup("app.service");
         assert_eq!((app.v1, app.denied, app.audited), (0, 1, 0));
+        assert!(
+            !workloads
+                .iter()
+                .any(|w| w.unit.as_deref() == Some("imds-guard.service")),
+            "{workloads:?}"
+        );
         let table = table(&workloads);
         assert!(
             table.contains(&format!(

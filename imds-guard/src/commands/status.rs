@@ -4,7 +4,10 @@
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use imds_guard_common::{
-    agent::{AgentInfo, HEARTBEAT_INTERVAL_SECS},
+    agent::{
+        AgentInfo, HEARTBEAT_INTERVAL_SECS, POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED,
+        POSTURE_TOKENS_UNCHECKED,
+    },
     policy::{ALL_CGROUPS_SEEN, MODE_AUDIT},
 };
 use serde::Serialize;
@@ -97,6 +100,19 @@ pub struct AgentStatus {
     pub failed_reloads: Option<u32>,
     /// Why it is not healthy, if it is not.
     pub problem: Option<String>,
+    /// Its last check of the instance's posture (`posture = true`); `null` before one.
+    pub posture: Option<PostureStatus>,
+}
+
+/// What the agent's last posture check found.
+#[derive(Debug, Serialize)]
+pub struct PostureStatus {
+    /// `optional` (IMDS answers IMDSv1), `required` or `unknown`.
+    pub http_tokens: &'static str,
+    /// The hop limit of IMDS's token responses; `null` when unread.
+    pub hop_limit: Option<u32>,
+    /// Seconds since the check.
+    pub checked_secs_ago: u64,
 }
 
 /// `imds-guard status`: prints the status; returns whether enforcement is in force.
@@ -162,6 +178,16 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
         status.heartbeat_age_secs = Some(now.saturating_sub(info.heartbeat_ns) / 1_000_000_000);
         status.reloads = Some(info.reloads);
         status.failed_reloads = Some(info.failed_reloads);
+        status.posture =
+            (info.posture_http_tokens != POSTURE_TOKENS_UNCHECKED).then(|| PostureStatus {
+                http_tokens: match info.posture_http_tokens {
+                    POSTURE_TOKENS_OPTIONAL => "optional",
+                    POSTURE_TOKENS_REQUIRED => "required",
+                    _ => "unknown",
+                },
+                hop_limit: (info.posture_hop_limit != 0).then_some(info.posture_hop_limit),
+                checked_secs_ago: now.saturating_sub(info.posture_checked_ns) / 1_000_000_000,
+            });
     }
     let fresh = status
         .heartbeat_age_secs
@@ -362,6 +388,22 @@ fn describe_agent(out: &mut String, agent: &AgentStatus) {
             agent.heartbeat_age_secs.unwrap_or_default(),
             agent.reloads.unwrap_or_default(),
             agent.failed_reloads.unwrap_or_default()
+        );
+    }
+    if let Some(posture) = &agent.posture {
+        let _ = writeln!(
+            out,
+            "posture: http_tokens {}{}, hop limit {}; checked {} s ago",
+            posture.http_tokens,
+            match posture.http_tokens {
+                "optional" => " (IMDS answers IMDSv1: CIS AWS Foundations 5.6 fails)",
+                "unknown" => " (the check got no answer; see the agent's log)",
+                _ => "",
+            },
+            posture
+                .hop_limit
+                .map_or_else(|| "unknown".to_owned(), |limit| limit.to_string()),
+            posture.checked_secs_ago
         );
     }
 }

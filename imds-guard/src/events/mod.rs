@@ -283,6 +283,10 @@ pub fn request_text(line: &[u8; HTTP_REQUEST_BYTES], len: u16) -> String {
 ///
 /// Fields the agent could not read are `null` and named in `unread`; fields that do not apply
 /// (no task sends a raw socket's packet) are `null` too.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the event's JSON fields, a contract: each says one thing"
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Record {
     /// When, RFC 3339 in UTC (an aggregate: its last repeat).
@@ -370,6 +374,10 @@ pub struct Record {
     /// (hook `http` only; with verdict `audit`, what enforcement would refuse).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refused>,
+    /// The request is this agent's own posture check (`posture = true`): its process wrote it.
+    /// `report` does not count it as a workload's IMDSv1 use. Only present when `true`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub posture_check: bool,
     /// Fields that could not be read, so are `null`.
     pub unread: Vec<&'static str>,
     /// The executable as the kernel recorded it, for [`Record::enrich`].
@@ -439,6 +447,8 @@ impl Record {
             request: (event.hook == Hook::Http && raw.request_len > 0)
                 .then(|| request_text(&raw.request, raw.request_len)),
             refused: event.refused,
+            // The kernel's process id of the writer: no other process can be this one.
+            posture_check: event.hook == Hook::Http && raw.tgid == std::process::id(),
             unread,
             executable: (task && raw.unread & UNREAD_EXE == 0 && raw.exe_parts > 0).then(|| {
                 Executable {

@@ -3,6 +3,7 @@
 
   lab.py probe ADDR            connect to ADDR:80 and GET the instance id; prints `ok ID` or
                                `errno NAME` (EPERM when imds-guard denies)
+  lab.py probe-v2 ADDR         the same with IMDSv2: a token first, then the GET with it
   lab.py prober ADDR SECONDS EXPECT OUT
                                probes every 20 ms for SECONDS, writes `total wrong` to OUT:
                                how many outcomes were not EXPECT (`ok` or `EPERM`)
@@ -21,21 +22,40 @@ import sys
 import time
 
 
-def probe(addr):
+def request(addr, head):
+    """Sends HEAD (an HTTP/1.0 request's lines) to ADDR:80; returns the response's body."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(5)
     try:
         sock.connect((addr, 80))
-        sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.0\r\n\r\n")
+        sock.sendall(head + b"\r\n")
         reply = b""
         while chunk := sock.recv(4096):
             reply += chunk
-        return "ok " + reply.split(b"\r\n\r\n", 1)[-1].decode()
-    except OSError as err:
-        return "errno " + (errno.errorcode.get(err.errno, str(err.errno)) if err.errno else str(err))
+        return reply.split(b"\r\n\r\n", 1)[-1].decode()
     finally:
         sock.close()
+
+
+def outcome(ask):
+    try:
+        return "ok " + ask()
+    except OSError as err:
+        return "errno " + (errno.errorcode.get(err.errno, str(err.errno)) if err.errno else str(err))
+
+
+def probe(addr):
+    return outcome(lambda: request(addr, b"GET /latest/meta-data/instance-id HTTP/1.0\r\n"))
+
+
+def probe_v2(addr):
+    def ask():
+        token = request(addr, b"PUT /latest/api/token HTTP/1.0\r\n"
+                              b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\n")
+        return request(addr, b"GET /latest/meta-data/instance-id HTTP/1.0\r\n"
+                             b"X-aws-ec2-metadata-token: " + token.encode() + b"\r\n")
+    return outcome(ask)
 
 
 def events(filters):
@@ -66,6 +86,8 @@ def main():
     command, args = sys.argv[1], sys.argv[2:]
     if command == "probe":
         print(probe(args[0]))
+    elif command == "probe-v2":
+        print(probe_v2(args[0]))
     elif command == "prober":
         addr, seconds, expect, out = args[0], float(args[1]), args[2], args[3]
         total = wrong = 0

@@ -100,6 +100,18 @@ container_probe() {
 
 agent_json() { imds-guard status --json; }
 
+wait_posture() { # HTTP_TOKENS: until `status` shows the agent's posture check found it
+    for _ in $(seq 100); do
+        if imds-guard status | grep -q "^posture: http_tokens $1"; then
+            imds-guard status | grep "^posture:"
+            return 0
+        fi
+        sleep 0.1
+    done
+    imds-guard status
+    return 1
+}
+
 wait_reloads() { # N: until the agent has taken N reloads
     for _ in $(seq 100); do
         if agent_json | python3 -c "import json,sys; sys.exit(json.load(sys.stdin)['agent']['reloads'] < $1)"; then
@@ -123,6 +135,9 @@ step_install() {
     # systemd's view of the order: before sysinit.target, which Docker comes after.
     check "before sysinit.target" says '(^| )sysinit\.target( |$)' systemctl show -p Before --value imds-guard
     check "docker after sysinit.target" says '(^| )sysinit\.target( |$)' systemctl show -p After --value docker
+    # The packaged config checks the posture: the mock answers tokenless requests.
+    check "posture in status" wait_posture optional
+    check "posture command" says '"http_tokens": "optional"' imds-guard posture --json
     journalctl -u imds-guard -o cat --no-pager | grep "imds-guard is enforcing" | tail -1 >"$OUT/start-line.txt"
     # The agent's log lines reach the journal at one priority: its warnings say WARN.
     journalctl -u imds-guard -o cat --no-pager | grep -E '^[^ ]+ +WARN ' >"$OUT/warnings.txt" || true
@@ -145,11 +160,38 @@ step_audit() {
     await_events verdict=audit uid=1000 in_container=false
     await_events verdict=audit uid=0 container.id="$root_cid" in_container=true
     await_events verdict=audit uid=1000 container.id="$user_cid"
-    check "no event of host root" bash -c '! lab.py events uid=0 in_container=false'
+    # Host root's rule lets its connects through unreported; the message layer still reads its
+    # tokenless GET and names it (the migration to IMDSv2 is not done while these come).
+    check "no connect event of host root" bash -c '! lab.py events uid=0 in_container=false verdict=audit'
+    await_events hook=http imds_version=v1 verdict=allow uid=0 unit=lab-scenario.service
+    await_events hook=http imds_version=v1 container.id="$root_cid"
     journalctl -u imds-guard -o export --no-pager | imds-guard report | tee /tmp/report
     for who in lab-cwagent.service "${root_cid:0:12}" "${user_cid:0:12}" alice; do
         check "report lists $who" grep -q "$who" /tmp/report
     done
+    grep "still use IMDSv1:" /tmp/report >/tmp/v1-users
+    for who in lab-cwagent.service lab-scenario.service "${root_cid:0:12}"; do
+        check "report names $who as an IMDSv1 user" grep -q "$who" /tmp/v1-users
+    done
+    # Its own posture check is a tokenless request too, marked as such: not a workload's.
+    await_events hook=http posture_check=true unit=imds-guard.service
+    check "the agent is not named an IMDSv1 user" bash -c '! grep -q imds-guard.service /tmp/v1-users'
+}
+
+# `imds = "v2"` for the unit: its tokenless GET fails at once with EACCES, its token flow works.
+step_imds_v2() {
+    sed -i '/^unit = "lab-cwagent.service"$/a imds = "v2"' /etc/imds-guard/imds-guard.toml
+    check "the rule says v2" grep -q '^imds = "v2"$' /etc/imds-guard/imds-guard.toml
+    check "check-config" imds-guard check-config /etc/imds-guard/imds-guard.toml
+    systemctl reload imds-guard
+    check "reloaded" wait_reloads 2
+    check "the unit's v1 GET refused" says "^errno EACCES\$" systemd-run --wait --pipe --quiet \
+        --unit=lab-cwagent -p User=cwagent /usr/local/bin/lab.py probe $IMDS4
+    check "the unit's v2 flow" says "^ok $INSTANCE_ID\$" systemd-run --wait --pipe --quiet \
+        --unit=lab-cwagent -p User=cwagent /usr/local/bin/lab.py probe-v2 $IMDS4
+    await_events hook=http verdict=deny refused=v1 unit=lab-cwagent.service
+    # Host root's rule says nothing: its v1 GET still goes through.
+    check "host root's v1 GET" expect_probe root $IMDS4 ok
 }
 
 step_enforce() {
@@ -292,6 +334,7 @@ if [ "$phase" = 1 ]; then
     step install step_install
     step audit step_audit
     step enforce step_enforce
+    step imds-v2 step_imds_v2
     step restart step_restart
     step_prepare_reboot >"$OUT/prepare-reboot.log" 2>&1
     sync
