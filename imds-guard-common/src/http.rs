@@ -69,6 +69,10 @@ pub const TOKEN_HEADER_LEN: u8 = 24;
 /// request has been read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed, never read"
+)]
 pub struct HttpSocket {
     /// The rule that let the connect through (or `RULE_DEFAULT` in audit mode).
     pub rule: u32,
@@ -103,8 +107,46 @@ pub struct HttpSocket {
     pub line: LineParser,
     /// The hashes of the path's parts, as far as they were read.
     pub parts: [u64; PATH_PARTS_MAX],
+    /// Bytes of the stream the message program let through, counted from its first: the
+    /// packet layer drops a segment carrying any byte beyond them (one no write was read for:
+    /// TCP Fast Open's, sent in or right after the SYN before the connection is in the
+    /// socket map) where the rule refuses requests.
+    pub passed: u32,
+    /// The sequence number of the stream's first byte (the SYN's plus one), as the packet layer
+    /// saw the SYN go out.
+    pub data_seq: u32,
+    /// Non-zero once `data_seq` is known.
+    pub seq_known: u8,
+    /// Padding, zeroed.
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<HttpSocket>() == 368);
+const _: () = assert!(core::mem::size_of::<HttpSocket>() == 384);
+
+/// Whether a connection decided with `rule_flags` has its requests refused when the rule does
+/// not allow them: the rule judges requests (`imds = "v2"`, `paths`, `deny_paths`) and neither
+/// it nor the mode is audit. Only such a connection is ever refused what could not be read.
+#[inline]
+#[must_use]
+pub const fn refuses_requests(rule_flags: u8) -> bool {
+    use crate::policy::{RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, RULE_FLAG_PATHS, RULE_FLAG_V2};
+    let flags = rule_flags as u32;
+    flags & (RULE_FLAG_V2 | RULE_FLAG_PATHS) != 0
+        && flags & (RULE_FLAG_AUDIT | RULE_FLAG_MODE_AUDIT) == 0
+}
+
+/// Whether a TCP segment of a followed connection carries a byte the message program did not let
+/// through: the segment's bytes end `seq + payload` (sequence space), the stream's first byte is
+/// `data_seq`, and `passed` bytes were let through. Wraps as sequence numbers do.
+#[inline]
+#[must_use]
+pub const fn carries_unread(seq: u32, payload: u32, data_seq: u32, passed: u32) -> bool {
+    if payload == 0 {
+        return false;
+    }
+    let end = seq.wrapping_add(payload).wrapping_sub(data_seq);
+    // `end` past `passed`, as sequence numbers compare (within 2 GiB of each other).
+    end.wrapping_sub(passed).cast_signed() > 0
+}
 
 /// One pattern of `paths` or `deny_paths`, compiled.
 #[repr(C)]
@@ -530,6 +572,35 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_segment_carries_unread_bytes_only_past_what_was_let_through() {
+        let first = 1000;
+        // Nothing let through: any data is unread (TCP Fast Open's first request).
+        assert!(carries_unread(first, 1, first, 0));
+        assert!(!carries_unread(first, 0, first, 0), "a pure ACK");
+        // 100 bytes let through: a segment up to them (or a retransmission) is read.
+        assert!(!carries_unread(first, 100, first, 100));
+        assert!(!carries_unread(first + 50, 50, first, 100));
+        assert!(carries_unread(first + 50, 51, first, 100));
+        // Across the wrap of sequence space.
+        let near = u32::MAX - 10;
+        assert!(!carries_unread(near, 40, near, 40));
+        assert!(carries_unread(near.wrapping_add(40), 1, near, 40));
+    }
+
+    #[test]
+    fn only_enforcing_rules_that_judge_requests_refuse_what_is_unread() {
+        use crate::policy::{RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, RULE_FLAG_PATHS, RULE_FLAG_V2};
+        let flags = |f: u32| u8::try_from(f).unwrap();
+        assert!(refuses_requests(flags(RULE_FLAG_V2)));
+        assert!(refuses_requests(flags(RULE_FLAG_PATHS)));
+        assert!(!refuses_requests(0));
+        assert!(!refuses_requests(flags(RULE_FLAG_V2 | RULE_FLAG_AUDIT)));
+        assert!(!refuses_requests(flags(
+            RULE_FLAG_PATHS | RULE_FLAG_MODE_AUDIT
+        )));
+    }
     use super::*;
     use crate::policy::{RULE_FLAG_MODE_AUDIT, RULE_FLAG_PATHS, RULE_FLAG_V2};
 

@@ -29,7 +29,7 @@ use aya_ebpf::{
             bpf_get_socket_cookie, bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_sk_storage_get,
         },
     },
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use imds_guard_common::{
     event::{FAMILY_INET, FAMILY_INET6, HOOK_HTTP, VERDICT_DENY},
@@ -37,10 +37,10 @@ use imds_guard_common::{
         HTTP_CHUNK_BYTES, HTTP_HEADER_BYTES_MAX, HTTP_PORT, HTTP_REQUEST_BYTES, HttpSocket, Judged,
         LineParser, NAME_IN_VALUE, NAME_OTHER, PHASE_HEADERS, PHASE_LINE, PHASE_REFUSED,
         PathRulesKey, SEEN_TOKEN, SEEN_TOKEN_TTL, TOKEN_HEADER_LEN, TOKEN_TTL_HEADER,
-        http_counter_index, judge_request, reported,
+        carries_unread, http_counter_index, judge_request, refuses_requests, reported,
     },
     maps::{COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED, COUNTER_HTTP_UNJUDGED},
-    policy::{RULE_FLAG_PATHS, RULE_FLAG_V2, TASK_CONTAINER},
+    policy::{RULE_FLAG_PATHS, TASK_CONTAINER},
 };
 
 use crate::{
@@ -116,6 +116,62 @@ unsafe fn storage(sk: *mut bpf_sock, flags: u64) -> *mut HttpSocket {
     }
 }
 
+/// `SYN` in a TCP header's flags byte.
+const TCP_SYN: u8 = 0x02;
+
+/// The packet layer's part: whether `socket`'s outgoing TCP segment to a protected address (its
+/// header at `transport`) carries a byte no write was read for, on a connection whose rule
+/// refuses requests. Such bytes were written before the connection reached the socket map: TCP
+/// Fast Open's, in the SYN (with a cookie) or queued before the handshake ended (without). The
+/// SYN also tells the stream's first sequence number. Unread bytes leave the connection refused
+/// (its later writes fail with `EACCES` at once); anything that cannot be read here is unread.
+///
+/// # Safety
+/// `socket` is a full socket from `bpf_sk_fullsock`.
+#[inline(always)]
+pub unsafe fn carries_unread_bytes(
+    ctx: &SkBuffContext,
+    socket: *mut bpf_sock,
+    transport: usize,
+) -> bool {
+    // SAFETY: as the caller promises; the storage, if any, is this socket's, valid while the
+    // program runs.
+    unsafe {
+        let state = storage(socket, 0);
+        if state.is_null() || !refuses_requests((*state).rule_flags) {
+            // Not followed, or followed to be reported only (audit mode never refuses).
+            return false;
+        }
+        let unread = match (
+            ctx.load::<u32>(transport + 4),
+            ctx.load::<u16>(transport + 12),
+        ) {
+            (Ok(seq), Ok(offset_flags)) => {
+                let seq = u32::from_be(seq);
+                let [offset, flags] = offset_flags.to_ne_bytes();
+                let header = u32::from(offset >> 4) * 4;
+                #[expect(clippy::cast_possible_truncation, reason = "a header offset")]
+                let payload = ctx.len().saturating_sub(transport as u32 + header);
+                if flags & TCP_SYN != 0 {
+                    (*state).data_seq = seq.wrapping_add(1);
+                    (*state).seq_known = 1;
+                    payload > 0
+                } else if (*state).seq_known == 0 {
+                    payload > 0
+                } else {
+                    carries_unread(seq, payload, (*state).data_seq, (*state).passed)
+                }
+            }
+            _ => true,
+        };
+        if unread {
+            (*state).phase = PHASE_REFUSED;
+            record::count(COUNTER_HTTP_UNJUDGED);
+        }
+        unread
+    }
+}
+
 /// `sock_ops`: an active TCP connection to a protected address's port 80 just became
 /// established: its writes are to be read. Every other event and connection is left alone.
 #[inline]
@@ -181,7 +237,8 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
             return whole(ctx, SK_DROP);
         }
         let generation = protected::generation_in_force();
-        let enforcing = u32::from((*state).rule_flags) & (RULE_FLAG_V2 | RULE_FLAG_PATHS) != 0;
+        // Audit mode (the rule's or the global one) never refuses, not even what it cannot read.
+        let enforcing = refuses_requests((*state).rule_flags);
         if enforcing && u32::from((*state).generation) != generation {
             // The policy that admitted the connection is no longer in force, and its rule
             // judged requests: the client reconnects and is judged by the new one.
@@ -240,6 +297,10 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
         // Always said: the kernel keeps the last run's count on the message, and a count left
         // from an earlier run would let the next write's first bytes through unread. A pass
         // covers the bytes read (another run reads the rest); a refusal, the whole write.
+        if verdict == SK_PASS {
+            // What the packet layer lets leave on this connection (see `HttpSocket::passed`).
+            (*state).passed = (*state).passed.wrapping_add(read);
+        }
         bpf_msg_apply_bytes(ctx.msg, if verdict == SK_PASS { read } else { size });
         verdict
     }

@@ -34,6 +34,7 @@ use imds_guard_common::{
 };
 
 use crate::{
+    http,
     maps::SOCKET_VERDICTS,
     opaque,
     protected::{self, Destination},
@@ -150,6 +151,13 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             bpf_sk_fullsock(sk)
         }
     };
+    // Bytes the message layer never read, where the rule judges requests: fail closed.
+    if packet.protocol == IPPROTO_TCP && !socket.is_null() {
+        // SAFETY: a full socket from `bpf_sk_fullsock`, not null.
+        if unsafe { http::carries_unread_bytes(ctx, socket, packet.transport) } {
+            return DROP;
+        }
+    }
     let (family, addr) = packet.destination.words();
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null (not looked up).
     if let Some(remembered) = unsafe { socket_verdict(socket, None) } {

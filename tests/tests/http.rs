@@ -266,3 +266,70 @@ fn paths_and_deny_paths_say_what_a_workload_may_read() {
         .route("pipelined", IMDS_V4, 80)
         .assert_ok("EACCES 200");
 }
+
+/// The request never reached the mock: the client's read timed out (`EAGAIN`, or `timeout` in
+/// an HTTP conversation's body), or the mock, which never got a whole request, closed the
+/// connection when its own read timed out.
+fn assert_unanswered(outcome: &imds_guard_tests::Outcome) {
+    let unanswered = match outcome.errno {
+        Some(errno) => errno == libc::EAGAIN,
+        None => matches!(
+            outcome.detail.as_str(),
+            "timeout" | "unexpected end of file"
+        ),
+    };
+    assert!(unanswered, "expected no answer: {outcome:?}");
+}
+
+/// What the message layer cannot read is refused where a rule judges requests, and left alone
+/// where none does: a request sent with TCP Fast Open (before the connection is in the socket
+/// map) and an MPTCP connection (whose subflows send without a write the message program
+/// reads): their segments are dropped, so the client gets no answer.
+#[test]
+fn what_the_message_layer_cannot_read_is_refused_where_rules_judge_requests() {
+    let Some((sandbox, attach)) = setup("http-unread") else {
+        return;
+    };
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n\
+         [[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n\
+         [[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
+        attach.path
+    ));
+    let agent = agent_with(&config);
+    let modern = attach.child("modern");
+    let legacy = attach.child("legacy");
+    sandbox.answer_v1(true);
+
+    // Fast Open without a cookie: the request is queued before the handshake ends and sent
+    // right after it, never written through the message program.
+    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+        "fastopen-v1",
+        IMDS_V4,
+        80,
+    ));
+    // With data in the SYN (no cookie needed in this namespace).
+    sandbox.exec("sysctl", &["-qw", "net.ipv4.tcp_fastopen=5"]);
+    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+        "fastopen-v1",
+        IMDS_V6,
+        80,
+    ));
+    // A rule that judges no request lets Fast Open through, unread.
+    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+        .route("fastopen-v1", IMDS_V4, 80)
+        .assert_ok("200");
+
+    // MPTCP: its subflows send what the application writes without a write the message program
+    // reads, so its bytes are unread too: dropped for the rule that judges requests.
+    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+        "mptcp-connect",
+        IMDS_V4,
+        80,
+    ));
+    let unjudged = agent.status()["counters"]["http_unjudged"].as_u64();
+    assert!(unjudged.is_some_and(|n| n >= 3), "{unjudged:?}");
+    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+        .route("mptcp-connect", IMDS_V4, 80)
+        .assert_ok("answered");
+}
