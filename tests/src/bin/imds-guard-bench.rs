@@ -32,7 +32,7 @@ const SINK_PORT: u16 = 9000;
 const BULK_PORT: u16 = 9001;
 const USER: u32 = 1000;
 /// The tables, by the names `cargo xtask bench NAME...` selects them with.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "kernel",
     "connect",
     "scaling",
@@ -40,7 +40,12 @@ const TABLES: [&str; 7] = [
     "pipeline",
     "footprint",
     "churn",
+    "http",
 ];
+/// IMDSv2 flows (token, then metadata) per measurement of the message layer's table.
+const HTTP_FLOWS: u32 = 1_000;
+/// Interleaved pairs (connect hooks alone, then with the message layer) in that table.
+const HTTP_PAIRS: usize = 11;
 const RULE_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 
 /// Set on SIGINT/SIGTERM: the measurements stop at the next check, by unwinding, so that every
@@ -123,6 +128,7 @@ fn measure() {
     });
     section("footprint", &|out| footprint(out, &attach));
     section("churn", &|out| churn(out, &sandbox, &attach));
+    section("http", &|out| http_costs(out, &sandbox, &attach, &workload));
     stop.store(true, Ordering::Relaxed);
 }
 
@@ -543,6 +549,78 @@ fn connect_costs(
             )
         } else {
             format!("unexpected: {dropped:?}")
+        },
+    );
+}
+
+/// Table 7: an IMDSv2 request (token, then metadata, each on its own connection) through the
+/// message layer (IMDS port 80: `sock_ops` follows the connection, `sk_msg` reads each write)
+/// against the same flow the connect hooks judge alone (port 8080, which the message layer does
+/// not follow), interleaved pair by pair; and what `sock_ops` costs every other TCP connection
+/// of the attach cgroup.
+fn http_costs(report: &mut String, sandbox: &Sandbox, attach: &TestCgroup, workload: &TestCgroup) {
+    let pins = Pins::new();
+    let (agent, config) = agent(
+        attach,
+        &pins,
+        &format!("[[allow]]\nname = \"bench\"\nuid = {USER}\nimds = \"v2\"\n"),
+        DEFAULT_WINDOW,
+    );
+    let flows = |port: u16| {
+        check_abort();
+        Client::new(sandbox, workload, USER, USER)
+            .repeat(HTTP_FLOWS)
+            .timings(HTTP_FLOWS / 10)
+            .route("v2", IMDS_V4, port)
+            .timings
+            .expect("timings")
+    };
+    let mut pairs: Vec<(Timings, Timings)> =
+        (0..HTTP_PAIRS).map(|_| (flows(8080), flows(80))).collect();
+    let ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(hooks, read)| {
+            #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+            let r = read.median_ns as f64 / hooks.median_ns as f64;
+            r
+        })
+        .collect();
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    pairs.sort_by_key(|(_, read)| read.median_ns);
+    let (hooks, read) = pairs[pairs.len() / 2];
+    // What `sock_ops` costs a connection it does not follow: loopback connects.
+    let _stats = enable_stats();
+    let sock_ops = program_id(&pins, "sock_ops");
+    let before = run_stats(sock_ops);
+    Client::new(sandbox, workload, USER, USER)
+        .repeat(CONNECTS)
+        .route("connect-close", Ipv4Addr::LOCALHOST, SINK_PORT)
+        .assert_ok("");
+    let after = run_stats(sock_ops);
+    let runs = after.1 - before.1;
+    let per_run = (after.0 - before.0).checked_div(runs).unwrap_or(0);
+    drop((agent, config, pins));
+    let _ = writeln!(
+        report,
+        "## 7. The message layer: an IMDSv2 request\n\n\
+         Token then metadata (two connections), as uid {USER} under a rule with `imds = \"v2\"`; \
+         {HTTP_PAIRS} interleaved pairs of {HTTP_FLOWS} flows. Port 8080 is judged by the \
+         connect hooks alone, port 80 also by `sock_ops` and `sk_msg` (every write read).\n\n\
+         | | per flow (median pair) | ratio to connect hooks alone |\n|---|---|---|\n\
+         | connect hooks alone (port 8080) | {} | 1.000 |\n\
+         | with the message layer (port 80) | {} | {:.3} (pairs: {:.3}–{:.3}) |\n\n\
+         `sock_ops` on connections it does not follow (loopback `connect()`+`close()`): {per_run} \
+         ns per run, {:.1} runs per connection (statistics on).\n",
+        spread(&hooks),
+        spread(&read),
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1],
+        {
+            #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+            let r = runs as f64 / f64::from(CONNECTS);
+            r
         },
     );
 }
