@@ -137,7 +137,11 @@ step_install() {
     check "docker after sysinit.target" says '(^| )sysinit\.target( |$)' systemctl show -p After --value docker
     # The packaged config checks the posture: the mock answers tokenless requests.
     check "posture in status" wait_posture optional
-    check "posture command" says '"http_tokens": "optional"' imds-guard posture --json
+    # The mock answers with the kernel's default TTL; the unit's capabilities suffice to read it.
+    check "hop limit in status" says '^posture: .*hop limit 64;' imds-guard status
+    imds-guard posture --json | tee /tmp/posture.json
+    check "posture command" grep -q '"http_tokens": "optional"' /tmp/posture.json
+    check "posture command's hop limit" grep -q '"hop_limit": 64' /tmp/posture.json
     journalctl -u imds-guard -o cat --no-pager | grep "imds-guard is enforcing" | tail -1 >"$OUT/start-line.txt"
     # The agent's log lines reach the journal at one priority: its warnings say WARN.
     journalctl -u imds-guard -o cat --no-pager | grep -E '^[^ ]+ +WARN ' >"$OUT/warnings.txt" || true
