@@ -95,6 +95,11 @@ pub fn follow(
         };
         reset(state);
         (*state).phase = PHASE_LINE;
+        // A new stream (storage outlives a `connect(AF_UNSPEC)` and a connect again): nothing of
+        // it has been let through, and its first byte is known at its SYN.
+        (*state).passed = 0;
+        (*state).data_seq = 0;
+        (*state).seq_known = 0;
     }
 }
 
@@ -118,13 +123,17 @@ unsafe fn storage(sk: *mut bpf_sock, flags: u64) -> *mut HttpSocket {
 
 /// `SYN` in a TCP header's flags byte.
 const TCP_SYN: u8 = 0x02;
+/// `URG`: urgent data, which a server may take out of the stream the program read.
+const TCP_URG: u8 = 0x20;
 
-/// The packet layer's part: whether `socket`'s outgoing TCP segment to a protected address (its
-/// header at `transport`) carries a byte no write was read for, on a connection whose rule
-/// refuses requests. Such bytes were written before the connection reached the socket map: TCP
+/// The packet layer's part: whether `socket`'s outgoing segment to a protected address (its TCP
+/// header at `tcp_at`, when the packet has it there) carries a byte no write was read for, on a
+/// connection whose rule refuses requests. Such bytes were written before the connection reached the socket map: TCP
 /// Fast Open's, in the SYN (with a cookie) or queued before the handshake ended (without). The
 /// SYN also tells the stream's first sequence number. Unread bytes leave the connection refused
-/// (its later writes fail with `EACCES` at once); anything that cannot be read here is unread.
+/// (its later writes fail with `EACCES` at once); anything that cannot be read here is unread:
+/// a TCP header not where `tcp_at` says (IPv6 extension headers, which an unprivileged socket
+/// can ask for with `IPV6_RTHDR`), and urgent data (a server may take it out of the stream).
 ///
 /// # Safety
 /// `socket` is a full socket from `bpf_sk_fullsock`.
@@ -132,7 +141,7 @@ const TCP_SYN: u8 = 0x02;
 pub unsafe fn carries_unread_bytes(
     ctx: &SkBuffContext,
     socket: *mut bpf_sock,
-    transport: usize,
+    tcp_at: Option<usize>,
 ) -> bool {
     // SAFETY: as the caller promises; the storage, if any, is this socket's, valid while the
     // program runs.
@@ -142,6 +151,11 @@ pub unsafe fn carries_unread_bytes(
             // Not followed, or followed to be reported only (audit mode never refuses).
             return false;
         }
+        let Some(transport) = tcp_at else {
+            (*state).phase = PHASE_REFUSED;
+            record::count(COUNTER_HTTP_UNJUDGED);
+            return true;
+        };
         let unread = match (
             ctx.load::<u32>(transport + 4),
             ctx.load::<u16>(transport + 12),
@@ -152,7 +166,9 @@ pub unsafe fn carries_unread_bytes(
                 let header = u32::from(offset >> 4) * 4;
                 #[expect(clippy::cast_possible_truncation, reason = "a header offset")]
                 let payload = ctx.len().saturating_sub(transport as u32 + header);
-                if flags & TCP_SYN != 0 {
+                if flags & TCP_URG != 0 {
+                    true
+                } else if flags & TCP_SYN != 0 {
                     (*state).data_seq = seq.wrapping_add(1);
                     (*state).seq_known = 1;
                     payload > 0

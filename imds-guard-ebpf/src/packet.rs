@@ -151,10 +151,12 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
             bpf_sk_fullsock(sk)
         }
     };
-    // Bytes the message layer never read, where the rule judges requests: fail closed.
-    if packet.protocol == IPPROTO_TCP && !socket.is_null() {
+    // Bytes the message layer never read, where the rule judges requests: fail closed. Which
+    // sockets it follows, their storage says (whatever the packet's next header claims).
+    if !socket.is_null() {
+        let tcp_at = (packet.protocol == IPPROTO_TCP).then_some(packet.transport);
         // SAFETY: a full socket from `bpf_sk_fullsock`, not null.
-        if unsafe { http::carries_unread_bytes(ctx, socket, packet.transport) } {
+        if unsafe { http::carries_unread_bytes(ctx, socket, tcp_at) } {
             return DROP;
         }
     }

@@ -315,6 +315,18 @@ fn what_the_message_layer_cannot_read_is_refused_where_rules_judge_requests() {
         IMDS_V6,
         80,
     ));
+    // With an IPv6 extension header (segment routing, which the namespace accepts) before the
+    // TCP header: refused all the same.
+    sandbox.exec("sysctl", &["-qw", "net.ipv6.conf.all.seg6_enabled=1"]);
+    sandbox.exec("sysctl", &["-qw", "net.ipv6.conf.lo.seg6_enabled=1"]);
+    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+        .route("fastopen-v1-rthdr", IMDS_V6, 80)
+        .assert_ok("200");
+    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+        "fastopen-v1-rthdr",
+        IMDS_V6,
+        80,
+    ));
     // A rule that judges no request lets Fast Open through, unread.
     Client::new(&sandbox, &legacy, LEGACY, LEGACY)
         .route("fastopen-v1", IMDS_V4, 80)

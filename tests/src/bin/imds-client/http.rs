@@ -32,9 +32,38 @@ pub fn v2(addr: SocketAddr, path: &str) -> io::Result<String> {
 /// when the namespace sends data without a cookie (`net.ipv4.tcp_fastopen` with 4), else right
 /// after the handshake, both before the connection is established. The body is the response's
 /// status code, or what came instead (`timeout` when nothing did).
-pub fn fastopen(addr: SocketAddr, path: &str) -> io::Result<String> {
+///
+/// With `routing_header` (IPv6 only), the socket first asks for a segment routing header whose
+/// one segment is `addr` itself (`IPV6_RTHDR`, which needs no privilege): its packets then carry
+/// an extension header before the TCP header.
+pub fn fastopen(addr: SocketAddr, path: &str, routing_header: bool) -> io::Result<String> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // A send that waits for the handshake (its SYN dropped) gives up as a read does.
+    socket.set_write_timeout(Some(TIMEOUT))?;
+    if routing_header {
+        let SocketAddr::V6(v6) = addr else {
+            return Err(io::Error::other("a routing header needs an IPv6 address"));
+        };
+        // `struct ipv6_sr_hdr`: next header (the kernel's), length in 8-byte units past the
+        // first 8, type 4 (segment routing), segments left 0, last entry 0, flags, tag; then
+        // the one segment.
+        let mut header = vec![0u8, 2, 4, 0, 0, 0, 0, 0];
+        header.extend_from_slice(&v6.ip().octets());
+        // SAFETY: a valid descriptor and a buffer of the length given.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RTHDR,
+                header.as_ptr().cast(),
+                libc::socklen_t::try_from(header.len()).expect("24 bytes"),
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     socket.send_to_with_flags(request.as_bytes(), &addr.into(), libc::MSG_FASTOPEN)?;
     let stream = TcpStream::from(socket);
