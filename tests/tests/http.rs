@@ -345,3 +345,44 @@ fn what_the_message_layer_cannot_read_is_refused_where_rules_judge_requests() {
         .route("mptcp-connect", IMDS_V4, 80)
         .assert_ok("answered");
 }
+
+/// A connection opened under one policy and used after a reload (its rule refuses nothing) is
+/// still counted: its requests land in the retired generation's counters, which the metrics keep
+/// reading until that slot is reused.
+#[test]
+fn requests_on_a_connection_from_before_a_reload_are_counted() {
+    let Some((sandbox, attach)) = setup("http-reload") else {
+        return;
+    };
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n[[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
+        attach.path
+    ));
+    let port = free_port();
+    let agent = Agent::start(&[
+        "--config",
+        &config.arg(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let legacy = attach.child("legacy");
+    let outcome = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+                .hold(1500)
+                .route("held-imds", IMDS_V4, 80)
+        });
+        // The token is asked for and the connection opened; then the policy is switched.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        agent.signal(nix::sys::signal::Signal::SIGHUP);
+        agent.wait_reloads(1, 0);
+        client.join().expect("client")
+    });
+    outcome.assert_ok(MOCK_INSTANCE_ID);
+    let (_, metrics) = http_get(port, "/metrics");
+    for (version, count) in [("token", 1), ("v2", 1)] {
+        let series =
+            format!("imds_guard_http_requests_total{{rule=\"legacy\",imds_version=\"{version}\"}}");
+        assert_eq!(sample(&metrics, &series), count, "{series} in:\n{metrics}");
+    }
+}

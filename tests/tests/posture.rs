@@ -120,5 +120,17 @@ fn the_agent_checks_posture_at_start_and_shows_it_in_status_and_metrics() {
     let own = agent.wait_events_of(agent.pid(), 1);
     assert_eq!(own[0]["posture_check"], true, "{own:?}");
     assert_eq!(own[0]["imds_version"], "v1", "{own:?}");
+
+    // Turned off by a reload: the last answer is no longer shown as current.
+    config.write(&format!("cgroup = \"{}\"\n", attach.path));
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_reloads(1, 0);
+    let status = agent.status();
+    assert!(status["agent"]["posture"].is_null(), "{status}");
+    let (_, metrics) = sandbox.within(|| Ok(http_get(port, "/metrics")));
+    assert!(
+        !metrics.contains("imds_guard_posture_http_tokens{"),
+        "{metrics}"
+    );
     assert!(agent.stop().success(), "{}", agent.stderr());
 }

@@ -156,17 +156,22 @@ impl<'a> Enforcement<'a> {
         let dirs = watcher.scan(&self.hierarchy, &self.attach);
         self.newest_seen = self.newest_seen.max(newest(&dirs));
         let (compiled, too_deep) = Compiled::new(policy, generation, &self.attach, &dirs);
+        // The switch zeroes the slot the retired generation counted in.
+        self.metrics.fold_retired(&mut self.kernel);
         self.kernel.switch_to(&compiled)?;
         warn_too_deep(&too_deep);
         warn_of_room(&compiled);
         self.unseen_after = compiled.unseen_after();
         self.entry_levels = compiled.entry_levels();
-        // The old generation is final now (no program can still count in it).
+        // The old generation's connects are final now (no program can still count them); its
+        // open connections' requests are added until its slot is reused.
         self.metrics.fold_generation(
             &mut self.kernel,
             self.compiled.generation(),
             &self.compiled.policy,
         );
+        self.metrics
+            .retire_generation(self.compiled.generation(), self.compiled.policy.clone());
         self.metrics.start_generation(
             &mut self.kernel,
             compiled.generation(),
@@ -392,6 +397,13 @@ impl<'a> Enforcement<'a> {
         }
         self.metrics.set_posture(&posture);
         self.posture = Some((posture, boot_time_ns()));
+        self.record(true);
+    }
+
+    /// Forgets the last posture check (`posture` turned off by a reload).
+    pub fn clear_posture(&mut self) {
+        self.posture = None;
+        self.metrics.clear_posture();
         self.record(true);
     }
 

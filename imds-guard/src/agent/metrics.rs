@@ -80,6 +80,8 @@ pub struct Metrics {
     seen_by_rule: [Vec<u64>; 2],
     /// Per-rule HTTP request counts (v1, v2, token) of each generation at the last update.
     seen_requests: [Vec<[u64; 3]>; 2],
+    /// The generation before the one in force, and its policy: its open connections' requests.
+    retired: Option<(u32, Policy)>,
     /// Events reported, repeats aggregated and repeats found evicted unreported at the last
     /// update.
     events_seen: (u64, u64, u64),
@@ -142,8 +144,9 @@ impl HttpMetrics {
             unjudged: counter(
                 registry,
                 "http_unjudged",
-                "Writes on followed connections that could not be judged (refused where the \
-                 rule judges requests)",
+                "Writes, and segments carrying bytes no write was read for (each retransmission \
+                 too), on followed connections that could not be judged: refused where the rule \
+                 judges requests",
             ),
             unfollowed: counter(
                 registry,
@@ -286,6 +289,7 @@ impl Metrics {
             seen: start,
             seen_by_rule: [Vec::new(), Vec::new()],
             seen_requests: [Vec::new(), Vec::new()],
+            retired: None,
             events_seen: (0, 0, 0),
             reloads_seen: (0, 0),
         }
@@ -298,6 +302,30 @@ impl Metrics {
         let slot = usize::from(generation != 0);
         self.seen_by_rule[slot] = kernel.rule_counts(generation, rules).unwrap_or_default();
         self.seen_requests[slot] = kernel.http_counts(generation, rules).unwrap_or_default();
+        if self
+            .retired
+            .as_ref()
+            .is_some_and(|(retired, _)| *retired == generation)
+        {
+            // Its slot is reused: what it counted is final.
+            self.retired = None;
+        }
+    }
+
+    /// `generation` of `policy` is no longer in force. Its connects are final, but connections
+    /// it let through that stay open (keep-alive, under rules that do not refuse requests)
+    /// still count their requests in its slot: they are added until the slot is reused.
+    pub fn retire_generation(&mut self, generation: u32, policy: Policy) {
+        self.retired = Some((generation, policy));
+    }
+
+    /// Adds what the retired generation's open connections requested since the last update:
+    /// at each update, and before a switch zeroes its slot for reuse.
+    pub fn fold_retired(&mut self, kernel: &mut Kernel) {
+        if let Some((generation, policy)) = self.retired.take() {
+            self.fold_requests(kernel, generation, &policy);
+            self.retired = Some((generation, policy));
+        }
     }
 
     /// Adds what the kernel counted since the last update for `generation`, under the names
@@ -320,6 +348,13 @@ impl Metrics {
             }
         }
         *seen = counts;
+        self.fold_requests(kernel, generation, policy);
+    }
+
+    /// Adds the HTTP requests the kernel counted since the last update for `generation`, under
+    /// the names of its `policy`.
+    fn fold_requests(&mut self, kernel: &mut Kernel, generation: u32, policy: &Policy) {
+        let rules = u32::try_from(policy.rules.len()).unwrap_or(u32::MAX);
         let Ok(counts) = kernel.http_counts(generation, rules) else {
             return;
         };
@@ -370,6 +405,7 @@ impl Metrics {
             self.seen = now;
         }
         self.fold_generation(kernel, compiled.generation(), &compiled.policy);
+        self.fold_retired(kernel);
         (self.events.reported).inc_by(events.0.saturating_sub(self.events_seen.0));
         (self.events.aggregated).inc_by(events.1.saturating_sub(self.events_seen.1));
         (self.events.unreported).inc_by(events.2.saturating_sub(self.events_seen.2));
@@ -396,6 +432,12 @@ impl Metrics {
                 .set(i64::from(state == posture.http_tokens));
         }
         self.hop_limit.set(posture.hop_limit.map_or(0, i64::from));
+    }
+
+    /// Shows no posture (checks turned off).
+    pub fn clear_posture(&self) {
+        self.posture.clear();
+        self.hop_limit.set(0);
     }
 
     /// The metrics in the `OpenMetrics` text format.

@@ -268,9 +268,13 @@ fn handle(
         Wake::Resync | Wake::Cgroups(true) => running.resync(ring, watcher),
         Wake::Reload => {
             if let Some(posture) = running.reload(ring, watcher) {
-                // Turned on: a check at once; off: none from now on.
-                posture_enabled
+                // Turned on: a check at once; off: none from now on, and the last one's answer
+                // is no longer shown as current.
+                let changed = posture_enabled
                     .send_if_modified(|enabled| std::mem::replace(enabled, posture) != posture);
+                if changed && !posture {
+                    running.enforcement.clear_posture();
+                }
             }
         }
         Wake::Posture(posture) => running.enforcement.set_posture(posture),
@@ -295,7 +299,9 @@ async fn check_posture(mut enabled: watch::Receiver<bool>, found: mpsc::Sender<P
                 .await;
         let next = match checked {
             Ok(posture) => {
-                let answered = posture.http_tokens != posture::HttpTokens::Unknown;
+                // No answer: soon again, unless a policy refused it (it would again).
+                let answered = posture.http_tokens != posture::HttpTokens::Unknown
+                    || posture.refused_by_policy;
                 if found.send(posture).await.is_err() {
                     return;
                 }

@@ -374,8 +374,9 @@ pub struct Record {
     /// (hook `http` only; with verdict `audit`, what enforcement would refuse).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refused>,
-    /// The request is this agent's own posture check (`posture = true`): its process wrote it.
-    /// `report` does not count it as a workload's IMDSv1 use. Only present when `true`.
+    /// The attempt is this agent's own posture check (`posture = true`): its process made it
+    /// (the tokenless request, or a connect the policy judged). `report` does not count it as
+    /// a workload's. Only present when `true`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub posture_check: bool,
     /// Fields that could not be read, so are `null`.
@@ -448,7 +449,7 @@ impl Record {
                 .then(|| request_text(&raw.request, raw.request_len)),
             refused: event.refused,
             // The kernel's process id of the writer: no other process can be this one.
-            posture_check: event.hook == Hook::Http && raw.tgid == std::process::id(),
+            posture_check: raw.tgid != 0 && raw.tgid == std::process::id(),
             unread,
             executable: (task && raw.unread & UNREAD_EXE == 0 && raw.exe_parts > 0).then(|| {
                 Executable {

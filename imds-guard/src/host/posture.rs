@@ -60,6 +60,10 @@ pub struct Posture {
     /// Why `http_tokens` is `unknown`, or `hop_limit` is `null`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// The tokenless request was refused by a policy (`EPERM`, `EACCES`): asking again soon
+    /// would get the same.
+    #[serde(skip)]
+    pub refused_by_policy: bool,
 }
 
 /// Asks IMDS at `addr` (port 80), each request within `timeout`.
@@ -67,6 +71,7 @@ pub struct Posture {
 pub fn check(addr: Ipv4Addr, timeout: Duration) -> Posture {
     let target = SocketAddrV4::new(addr, 80);
     let mut problems = Vec::new();
+    let mut refused_by_policy = false;
     let http_tokens = match request(target, timeout, V1_REQUEST) {
         Ok((200, _)) => HttpTokens::Optional,
         Ok((401, _)) => HttpTokens::Required,
@@ -75,6 +80,7 @@ pub fn check(addr: Ipv4Addr, timeout: Duration) -> Posture {
             HttpTokens::Unknown
         }
         Err(err) => {
+            refused_by_policy = matches!(err.raw_os_error(), Some(libc::EPERM | libc::EACCES));
             problems.push(format!("a tokenless GET failed: {}", describe(&err)));
             HttpTokens::Unknown
         }
@@ -97,6 +103,7 @@ pub fn check(addr: Ipv4Addr, timeout: Duration) -> Posture {
         http_tokens,
         hop_limit,
         problems,
+        refused_by_policy,
     }
 }
 
@@ -152,7 +159,12 @@ fn request(target: SocketAddrV4, timeout: Duration, head: &[u8]) -> io::Result<(
 
 /// The TTL of the token response's packets, read on a raw socket while the token is asked for.
 fn hop_limit(target: SocketAddrV4, timeout: Duration) -> io::Result<u8> {
-    let raw = RawTcp::connected_to(*target.ip(), timeout)?;
+    let raw = RawTcp::connected_to(*target.ip(), timeout).map_err(|err| {
+        io::Error::new(
+            err.kind(),
+            format!("a raw socket to read it on (it needs CAP_NET_RAW): {err}"),
+        )
+    })?;
     let (status, port) = request(target, timeout, TOKEN_REQUEST)?;
     if status != 200 {
         return Err(io::Error::other(format!(
@@ -307,6 +319,7 @@ mod tests {
             http_tokens: HttpTokens::Unknown,
             hop_limit: None,
             problems: vec!["a tokenless GET failed: timed out".into()],
+            refused_by_policy: false,
         };
         assert_eq!(
             serde_json::to_value(&posture).unwrap(),
