@@ -3,8 +3,8 @@
 //! once, and `paths`/`deny_paths` say what a workload may read.
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, EACCES, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, assert_fields,
-    free_port, http_get, imds_guard, sample, setup,
+    Agent, Client, ConfigFile, EACCES, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
+    assert_fields, free_port, http_get, imds_guard, sample, setup,
 };
 use serde_json::{Value, json};
 
@@ -15,6 +15,38 @@ const MIXED: u32 = 2103;
 
 fn agent_with(config: &ConfigFile) -> Agent {
     Agent::start(&["--config", &config.arg()])
+}
+
+/// Two workloads under two rules: `modern` (`imds = "v2"`) and `legacy` (any request), the mock
+/// answering tokenless requests. Fields drop in order: the agent, the cgroups, the sandbox.
+struct TwoRules {
+    agent: Agent,
+    modern: TestCgroup,
+    legacy: TestCgroup,
+    _config: ConfigFile,
+    _attach: TestCgroup,
+    sandbox: Sandbox,
+}
+
+impl TwoRules {
+    fn start(tag: &str) -> Option<Self> {
+        let (sandbox, attach) = setup(tag)?;
+        let config = ConfigFile::new(&format!(
+            "cgroup = \"{0}\"\n\
+             [[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n\
+             [[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
+            attach.path
+        ));
+        sandbox.answer_v1(true);
+        Some(Self {
+            agent: agent_with(&config),
+            modern: attach.child("modern"),
+            legacy: attach.child("legacy"),
+            _config: config,
+            _attach: attach,
+            sandbox,
+        })
+    }
 }
 
 fn http_events(agent: &Agent, pid: u32) -> Vec<Value> {
@@ -153,21 +185,18 @@ fn assert_report_names(agent: &Agent, v1_users: &[(&str, u32)], v2_only: &str) {
 
 #[test]
 fn imds_v2_refuses_v1_requests_at_once_request_by_request() {
-    let Some((sandbox, attach)) = setup("http-v2") else {
+    let Some(rules) = TwoRules::start("http-v2") else {
         return;
     };
-    let config = ConfigFile::new(&format!(
-        "cgroup = \"{0}\"\n\
-         [[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n\
-         [[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
-        attach.path
-    ));
-    let agent = agent_with(&config);
-    let modern = attach.child("modern");
-    let legacy = attach.child("legacy");
-    sandbox.answer_v1(true);
+    let TwoRules {
+        sandbox,
+        agent,
+        modern,
+        legacy,
+        ..
+    } = &rules;
 
-    let refused = Client::new(&sandbox, &modern, MODERN, MODERN).route("v1", IMDS_V4, 80);
+    let refused = Client::new(sandbox, modern, MODERN, MODERN).route("v1", IMDS_V4, 80);
     refused.assert_errno(EACCES);
     let events = agent.wait_events_of(refused.pid, 1);
     assert_fields(
@@ -182,22 +211,22 @@ fn imds_v2_refuses_v1_requests_at_once_request_by_request() {
         ],
     );
     // The same workload's v2 flow goes through; so does a v1 GET under the other rule.
-    Client::new(&sandbox, &modern, MODERN, MODERN)
+    Client::new(sandbox, modern, MODERN, MODERN)
         .imds(IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
-    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+    Client::new(sandbox, legacy, LEGACY, LEGACY)
         .route("v1", IMDS_V6, 80)
         .assert_ok(MOCK_INSTANCE_ID);
     // Keep-alive: token, v2 and the v1 request judged one by one; the v1 one fails its write,
     // and nothing after it goes through on that connection.
-    Client::new(&sandbox, &modern, MODERN, MODERN)
+    Client::new(sandbox, modern, MODERN, MODERN)
         .route("keepalive", IMDS_V4, 80)
         .assert_ok("200 200 EACCES");
     // Headers split over writes, with mixed-case names: still v2, or still v1.
-    Client::new(&sandbox, &modern, MODERN, MODERN)
+    Client::new(sandbox, modern, MODERN, MODERN)
         .route("split-v2", IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
-    Client::new(&sandbox, &modern, MODERN, MODERN)
+    Client::new(sandbox, modern, MODERN, MODERN)
         .route("split-v1", IMDS_V4, 80)
         .assert_errno(EACCES);
 }
@@ -287,30 +316,27 @@ fn assert_unanswered(outcome: &imds_guard_tests::Outcome) {
 /// reads): their segments are dropped, so the client gets no answer.
 #[test]
 fn what_the_message_layer_cannot_read_is_refused_where_rules_judge_requests() {
-    let Some((sandbox, attach)) = setup("http-unread") else {
+    let Some(rules) = TwoRules::start("http-unread") else {
         return;
     };
-    let config = ConfigFile::new(&format!(
-        "cgroup = \"{0}\"\n\
-         [[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n\
-         [[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
-        attach.path
-    ));
-    let agent = agent_with(&config);
-    let modern = attach.child("modern");
-    let legacy = attach.child("legacy");
-    sandbox.answer_v1(true);
+    let TwoRules {
+        sandbox,
+        agent,
+        modern,
+        legacy,
+        ..
+    } = &rules;
 
     // Fast Open without a cookie: the request is queued before the handshake ends and sent
     // right after it, never written through the message program.
-    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+    assert_unanswered(&Client::new(sandbox, modern, MODERN, MODERN).route(
         "fastopen-v1",
         IMDS_V4,
         80,
     ));
     // With data in the SYN (no cookie needed in this namespace).
     sandbox.exec("sysctl", &["-qw", "net.ipv4.tcp_fastopen=5"]);
-    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+    assert_unanswered(&Client::new(sandbox, modern, MODERN, MODERN).route(
         "fastopen-v1",
         IMDS_V6,
         80,
@@ -319,29 +345,29 @@ fn what_the_message_layer_cannot_read_is_refused_where_rules_judge_requests() {
     // TCP header: refused all the same.
     sandbox.exec("sysctl", &["-qw", "net.ipv6.conf.all.seg6_enabled=1"]);
     sandbox.exec("sysctl", &["-qw", "net.ipv6.conf.lo.seg6_enabled=1"]);
-    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+    Client::new(sandbox, legacy, LEGACY, LEGACY)
         .route("fastopen-v1-rthdr", IMDS_V6, 80)
         .assert_ok("200");
-    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+    assert_unanswered(&Client::new(sandbox, modern, MODERN, MODERN).route(
         "fastopen-v1-rthdr",
         IMDS_V6,
         80,
     ));
     // A rule that judges no request lets Fast Open through, unread.
-    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+    Client::new(sandbox, legacy, LEGACY, LEGACY)
         .route("fastopen-v1", IMDS_V4, 80)
         .assert_ok("200");
 
     // MPTCP: its subflows send what the application writes without a write the message program
     // reads, so its bytes are unread too: dropped for the rule that judges requests.
-    assert_unanswered(&Client::new(&sandbox, &modern, MODERN, MODERN).route(
+    assert_unanswered(&Client::new(sandbox, modern, MODERN, MODERN).route(
         "mptcp-connect",
         IMDS_V4,
         80,
     ));
     let unjudged = agent.status()["counters"]["http_unjudged"].as_u64();
     assert!(unjudged.is_some_and(|n| n >= 3), "{unjudged:?}");
-    Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+    Client::new(sandbox, legacy, LEGACY, LEGACY)
         .route("mptcp-connect", IMDS_V4, 80)
         .assert_ok("answered");
 }
