@@ -83,14 +83,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
         enforcement,
         reporter,
     };
-    runtime.block_on(serve::serve(
+    let served = runtime.block_on(serve::serve(
         running,
         events,
         prepared.watcher,
         prepared.pid_file,
         prepared.metrics_listener,
         prepared.config.posture,
-    ))
+    ));
+    // A posture check under way (blocking, seconds at most) is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    served
 }
 
 /// Reads and checks everything the agent needs, and takes what it must hold (the pid file, the

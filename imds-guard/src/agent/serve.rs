@@ -277,7 +277,12 @@ fn handle(
                 }
             }
         }
-        Wake::Posture(posture) => running.enforcement.set_posture(posture),
+        Wake::Posture(posture) => {
+            // A check that was under way when `posture` was turned off is not shown.
+            if *posture_enabled.borrow() {
+                running.enforcement.set_posture(posture);
+            }
+        }
     }
 }
 
