@@ -23,6 +23,10 @@ pub const IMDS_VERSION_V2: u8 = 2;
 pub const IMDS_VERSION_TOKEN: u8 = 3;
 /// Kinds of request counted per rule ([`http_counter_index`]): v1, v2, token.
 pub const IMDS_VERSIONS: u32 = 3;
+/// The versions counted per rule, in the order of their counters (and of the agent's arrays of
+/// counts).
+pub const COUNTED_VERSIONS: [u8; IMDS_VERSIONS as usize] =
+    [IMDS_VERSION_V1, IMDS_VERSION_V2, IMDS_VERSION_TOKEN];
 
 /// Bytes of a request line kept (and reported in an event's `request`); a longer line is cut,
 /// and its path is judged unreadable. A power of two.

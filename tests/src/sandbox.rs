@@ -56,7 +56,7 @@ impl Sandbox {
         sandbox.ip_in(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
         sandbox.ip_in(&["addr", "add", "fd00:ec2::254/128", "dev", "lo", "nodad"]);
         for port in [80, 8080] {
-            let listener = sandbox.in_netns(|| TcpListener::bind(("::", port)));
+            let listener = sandbox.within(|| TcpListener::bind(("::", port)));
             listener.set_nonblocking(true).expect("nonblocking");
             let stop = Arc::clone(&sandbox.stop);
             let mock = Arc::clone(&sandbox.mock);
@@ -64,7 +64,7 @@ impl Sandbox {
                 serve_http(&listener, &stop, &mock);
             }));
         }
-        let socket = sandbox.in_netns(|| UdpSocket::bind(("::", 53)));
+        let socket = sandbox.within(|| UdpSocket::bind(("::", 53)));
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
@@ -85,14 +85,6 @@ impl Sandbox {
     /// does with `HttpPutResponseHopLimit`; 0 for the namespace's default.
     pub fn put_hop_limit(&self, limit: u8) {
         self.mock.put_hop_limit.store(limit, Ordering::Relaxed);
-    }
-
-    /// Runs `make` with a thread inside the namespace (sockets it creates live there).
-    ///
-    /// # Panics
-    /// When the namespace cannot be entered or `make` fails.
-    pub fn within<T: Send>(&self, make: impl FnOnce() -> std::io::Result<T> + Send) -> T {
-        self.in_netns(make)
     }
 
     /// Stops the mock's HTTP servers (their ports then refuse connections).
@@ -129,8 +121,11 @@ impl Sandbox {
         );
     }
 
-    /// Runs `make` with this thread inside the namespace, so the sockets it creates live there.
-    fn in_netns<T>(&self, make: impl FnOnce() -> std::io::Result<T> + Send) -> T
+    /// Runs `make` with a thread inside the namespace, so the sockets it creates live there.
+    ///
+    /// # Panics
+    /// When the namespace cannot be entered or `make` fails.
+    pub fn within<T>(&self, make: impl FnOnce() -> std::io::Result<T> + Send) -> T
     where
         T: Send,
     {

@@ -58,7 +58,8 @@ struct RequestLabels {
     imds_version: &'static str,
 }
 
-/// The `imds_version` label of each slot of [`Kernel::http_counts`]' arrays.
+/// The `imds_version` label of each slot of [`Kernel::http_counts`]' arrays (the order of
+/// `imds_guard_common::http::COUNTED_VERSIONS`).
 const IMDS_VERSION_LABELS: [&str; 3] = ["v1", "v2", "token"];
 
 /// The agent's metrics and what the kernel's counters said last.

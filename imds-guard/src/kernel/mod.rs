@@ -16,10 +16,7 @@ use aya::{
 use imds_guard_common::{
     agent::AgentInfo,
     event::{FoldKey, FoldValue},
-    http::{
-        IMDS_VERSION_TOKEN, IMDS_VERSION_V1, IMDS_VERSION_V2, IMDS_VERSIONS, PathRules,
-        PathRulesKey, http_counter_index,
-    },
+    http::{COUNTED_VERSIONS, IMDS_VERSIONS, PathRules, PathRulesKey, http_counter_index},
     maps::{
         AGENT, ALLOW, CGROUP_RULESETS, GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES,
         PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
@@ -521,11 +518,11 @@ impl Kernel {
         };
         (0..=rules.min(MAX_RULES))
             .map(|rule| {
-                Ok([
-                    count(http_counter_index(generation, rule, IMDS_VERSION_V1))?,
-                    count(http_counter_index(generation, rule, IMDS_VERSION_V2))?,
-                    count(http_counter_index(generation, rule, IMDS_VERSION_TOKEN))?,
-                ])
+                let mut counts = [0; IMDS_VERSIONS as usize];
+                for (slot, version) in counts.iter_mut().zip(COUNTED_VERSIONS) {
+                    *slot = count(http_counter_index(generation, rule, version))?;
+                }
+                Ok(counts)
             })
             .collect()
     }
@@ -550,7 +547,7 @@ impl Kernel {
         }
         let mut map: PerCpuArray<_, u64> = maps::http_counters(&mut self.ebpf)?;
         for rule in 0..=MAX_RULES {
-            for version in [IMDS_VERSION_V1, IMDS_VERSION_V2, IMDS_VERSION_TOKEN] {
+            for version in COUNTED_VERSIONS {
                 map.set(http_counter_index(generation, rule, version), zeroes()?, 0)
                     .map_err(|source| KernelError::WriteMap {
                         map: HTTP_COUNTERS,
