@@ -210,6 +210,9 @@ fn serve_http(listener: &TcpListener, stop: &AtomicBool, mock: &Arc<Mock>) {
 /// mock's instance id; any other path under `/latest/` answers the path itself.
 fn respond(stream: &TcpStream, mock: &Mock) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
+    // Urgent data stays in the stream (`SO_OOBINLINE`): a request whose last byte is sent as
+    // urgent is whole here.
+    nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::OobInline, &true)?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut reader = BufReader::new(stream);
     loop {

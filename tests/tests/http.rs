@@ -353,6 +353,16 @@ fn what_the_message_layer_cannot_read_is_refused_where_rules_judge_requests() {
         IMDS_V6,
         80,
     ));
+    // Urgent data, which a server may keep in the stream or take out of it: what the program
+    // read is not then what the server reads. A rule that judges nothing lets it through.
+    Client::new(sandbox, legacy, LEGACY, LEGACY)
+        .route("urgent-v2", IMDS_V4, 80)
+        .assert_ok("200");
+    assert_unanswered(&Client::new(sandbox, modern, MODERN, MODERN).route(
+        "urgent-v2",
+        IMDS_V4,
+        80,
+    ));
     // A rule that judges no request lets Fast Open through, unread.
     Client::new(sandbox, legacy, LEGACY, LEGACY)
         .route("fastopen-v1", IMDS_V4, 80)

@@ -28,6 +28,25 @@ pub fn v2(addr: SocketAddr, path: &str) -> io::Result<String> {
     )
 }
 
+/// The IMDSv2 flow, its GET's last byte sent as urgent data (`MSG_OOB`; the mock keeps urgent
+/// data in the stream): the response's status code, or what came instead (`timeout`).
+pub fn urgent_v2(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let token = crate::http(addr, TOKEN_REQUEST)?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\nHost: {addr}\r\n\r\n");
+    let (head, last) = request.as_bytes().split_at(request.len() - 1);
+    let socket = socket2::Socket::from(TcpStream::connect_timeout(&addr, TIMEOUT)?);
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send(head)?;
+    socket.send_out_of_band(last)?;
+    Ok(
+        match read_response(&mut BufReader::new(TcpStream::from(socket))) {
+            Ok((status, _)) => status.to_string(),
+            Err(err) => errno_name(&err),
+        },
+    )
+}
+
 /// A tokenless GET of `path` sent with TCP Fast Open (`sendto` with `MSG_FASTOPEN`): in the SYN
 /// when the namespace sends data without a cookie (`net.ipv4.tcp_fastopen` with 4), else right
 /// after the handshake, both before the connection is established. The body is the response's

@@ -6,7 +6,7 @@
 //!
 //! ACTION: imds, tcp, udp, the HTTP conversations of `http.rs` (`--path P`, default
 //! `/latest/meta-data/instance-id`): v1, v2, keepalive, split-v1, split-v2, pipelined,
-//! fastopen-v1, fastopen-v1-rthdr; or one of the routes in `routes.rs`: nonblocking-connect,
+//! fastopen-v1, fastopen-v1-rthdr, urgent-v2; or one of the routes in `routes.rs`: nonblocking-connect,
 //! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
@@ -270,6 +270,7 @@ fn act_once(
         "pipelined" => http::pipelined(addr, path),
         "fastopen-v1" => http::fastopen(addr, path, false),
         "fastopen-v1-rthdr" => http::fastopen(addr, path, true),
+        "urgent-v2" => http::urgent_v2(addr, path),
         "imds" => imds_v2(addr),
         "held-imds" => held_imds(addr, hold),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
