@@ -45,6 +45,50 @@ pub enum Command {
     /// Ask IMDS whether this instance still answers IMDSv1 (`HttpTokens`, CIS AWS Foundations
     /// 5.6) and the hop limit of its token responses. Sends two requests to IMDS, as root.
     Posture(PostureArgs),
+    /// Translate the iptables and ip6tables rules that keep workloads from IMDS into a config;
+    /// say what could not be translated and how to delete what was. Reads `iptables-save` and
+    /// `ip6tables-save` output (run here by default); changes nothing without --apply.
+    Migrate(MigrateArgs),
+}
+
+/// `imds-guard migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// `iptables-save` and/or `ip6tables-save` output (one after the other), `-` for standard
+    /// input. Default: run both tools here.
+    #[arg(value_name = "FILE|-")]
+    pub input: Option<PathBuf>,
+    /// `config`: the config, with what was and was not translated in its comments; `json`
+    /// for tools.
+    #[arg(long, value_enum, default_value = "config")]
+    pub format: MigrateFormat,
+    /// Say whether the policy of --config already lets through every workload the rules let
+    /// through and protects every address they covered; exit 1 with the difference if not.
+    #[arg(long, conflicts_with = "apply")]
+    pub check: bool,
+    /// Delete the translated rules (atomically per family, with `iptables-restore --noflush`),
+    /// once the agent enforces a policy that covers them. Reads the rules here (no FILE).
+    #[arg(long, conflicts_with = "input")]
+    pub apply: bool,
+    /// With --check or --apply: the config the agent runs with (default:
+    /// /etc/imds-guard/imds-guard.toml, or the built-in defaults when it does not exist).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// With --apply: the pin directory the agent uses.
+    #[arg(long = "pin-dir", value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// With --apply: the agent's pid file.
+    #[arg(long = "pid-file", value_name = "FILE", default_value = DEFAULT_PID_FILE)]
+    pub pid_file: PathBuf,
+}
+
+/// Output of `imds-guard migrate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigrateFormat {
+    /// A config, commented.
+    Config,
+    /// One JSON object.
+    Json,
 }
 
 /// `imds-guard posture`.

@@ -40,6 +40,9 @@ pub enum Error {
     /// Events: the ring buffer, event streams.
     #[error(transparent)]
     Events(#[from] EventsError),
+    /// `migrate`: reading, translating or deleting iptables rules.
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     /// The agent's async runtime or signal handlers could not be set up.
     #[error("setting up the runtime failed: {source}")]
     Runtime {

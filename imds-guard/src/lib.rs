@@ -20,6 +20,7 @@
 //! - [`agent`]: `imds-guard run`: [`agent::enforcement`] keeps the policy in force,
 //!   [`agent::serve`] runs the loop; its metrics.
 //! - [`commands`]: the operator's other commands, one module each.
+//! - [`migrate`]: iptables rules read, judged and translated into a config.
 //! - [`error`]: the errors of each subsystem, and [`error::Error`], any of them.
 //!
 //! The decision itself, the rule-set walk and the first matching rule, is written once, in
@@ -34,4 +35,5 @@ pub mod error;
 pub mod events;
 pub mod host;
 pub mod kernel;
+pub mod migrate;
 pub mod policy;

@@ -25,6 +25,12 @@ fn main() -> ExitCode {
             imds_guard::commands::posture::run(args);
             Ok(())
         }
+        Command::Migrate(args) => match imds_guard::commands::migrate::run(args) {
+            Ok(true) => Ok(()),
+            // `--check` found a difference (printed).
+            Ok(false) => return ExitCode::FAILURE,
+            Err(err) => Err(err),
+        },
         Command::Status(args) => {
             if imds_guard::commands::status::run(args) {
                 Ok(())

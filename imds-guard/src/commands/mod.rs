@@ -4,6 +4,7 @@
 pub mod check_config;
 pub mod detach;
 pub mod explain;
+pub mod migrate;
 pub mod posture;
 pub mod reload;
 pub mod report;

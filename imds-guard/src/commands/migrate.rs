@@ -1,0 +1,305 @@
+//! `imds-guard migrate`: the iptables rules translated into a config (see [`crate::migrate`]);
+//! `--check`, whether a config already covers them; `--apply`, their deletion once it does and
+//! the agent enforces it.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use serde::Serialize;
+
+use crate::{
+    cli::{MigrateArgs, MigrateFormat},
+    config::{Config, Mode, Overrides},
+    error::Result,
+    host::cgroups::Hierarchy,
+    migrate::{
+        self, MigrateError,
+        logic::{IdSet, Term, is_within},
+        render,
+        save::{self, Family},
+        translate::{self, Translation, describe_term},
+    },
+    policy::{Pattern, Policy, PolicyRule},
+};
+
+/// `imds-guard migrate`. `Ok(false)`: `--check` found the policy short (and said how).
+///
+/// # Errors
+/// Input that is not iptables-save output (with its line), a name this host does not know, a
+/// config that does not load; for `--apply`, an agent not enforcing a policy that covers the
+/// rules, or a deletion that failed.
+pub fn run(args: &MigrateArgs) -> Result<bool> {
+    let (text, source) = migrate::read_input(args.input.as_deref())?;
+    if text.trim().is_empty() {
+        return Err(MigrateError::Translate {
+            source_name: source,
+            line: 0,
+            message: "no iptables rules at all: nothing to translate".into(),
+        }
+        .into());
+    }
+    let ruleset = save::parse(&text, &source).map_err(MigrateError::from)?;
+    let translation =
+        translate::translate(&ruleset, &translate::HostNames).map_err(|(line, message)| {
+            MigrateError::Translate {
+                source_name: source.clone(),
+                line,
+                message,
+            }
+        })?;
+    if args.check || args.apply {
+        let config = Config::load(args.config.as_deref(), &Overrides::default())?;
+        let hierarchy = Hierarchy::discover()?;
+        let policy = Policy::resolve(&config, &hierarchy)?;
+        let missing = missing(&translation, &policy);
+        let config_name = config.file.as_ref().map_or_else(
+            || "the built-in default policy".to_owned(),
+            |f| f.display().to_string(),
+        );
+        if args.check {
+            print_check(args.format, &config_name, &policy, &missing);
+            return Ok(missing.is_empty());
+        }
+        if !missing.is_empty() {
+            return Err(MigrateError::NotApplied(format!(
+                "{config_name} does not cover what they let through: {}",
+                missing.join("; ")
+            ))
+            .into());
+        }
+        apply(args, &config, &hierarchy, &translation)?;
+        return Ok(true);
+    }
+    match args.format {
+        MigrateFormat::Config => {
+            for warning in render::warnings(&translation) {
+                eprintln!("imds-guard: warning: {warning}");
+            }
+            print!("{}", render::config(&translation, &source));
+        }
+        MigrateFormat::Json => super::print_json(&render::json(&translation, &source)),
+    }
+    Ok(true)
+}
+
+/// What the rules let through or protected that `policy` does not, one line each.
+#[must_use]
+pub fn missing(translation: &Translation, policy: &Policy) -> Vec<String> {
+    let mut missing = Vec::new();
+    for address in &translation.covered {
+        if !policy.protect.contains(address) {
+            missing.push(format!(
+                "{address}: the rules kept workloads from it; the policy does not protect it"
+            ));
+        }
+    }
+    if policy.mode == Mode::Audit {
+        // Everything gets through (and is reported): nothing the rules let through is lost.
+        return missing;
+    }
+    let needed = translation
+        .allowed
+        .iter()
+        .chain(translation.lost.iter().map(|(term, _)| term));
+    for term in needed {
+        if !policy.rules.iter().any(|rule| covers(policy, rule, term)) {
+            missing.push(format!(
+                "{}: the rules let it through; no rule of the policy does",
+                describe_term(term)
+            ));
+        }
+    }
+    missing
+}
+
+/// Whether `rule` lets through every host workload of `term`.
+fn covers(policy: &Policy, rule: &PolicyRule, term: &Term) -> bool {
+    let only = |id: Option<u32>, set: &IdSet| id.is_none_or(|id| set.within(&IdSet::range(id, id)));
+    if !only(rule.uid, &term.uid) || !only(rule.gid, &term.gid) {
+        return false;
+    }
+    let at = term.cgroup.as_deref().unwrap_or("/");
+    let Some(id) = (1u32..)
+        .zip(&policy.rules)
+        .find(|(_, r)| std::ptr::eq(*r, rule))
+        .map(|(id, _)| id)
+    else {
+        return false;
+    };
+    // Its cgroup and unit conditions hold in the term's cgroup (so below it too), for host
+    // tasks (or, in a container's cgroup, for the containers in it).
+    if !policy.rules_at(at).host.contains(&id) {
+        return false;
+    }
+    // And none of its exclusions reaches into the term's cgroups.
+    rule.not_cgroup.iter().all(|&index| {
+        let Pattern::Path(pattern) = &policy.patterns[index] else {
+            return false;
+        };
+        // The part before any wildcard, up to its last `/`: where the pattern's matches live.
+        let literal = match pattern.find(|c: char| "*?[{".contains(c)) {
+            None => pattern.as_str(),
+            Some(wild) => pattern[..wild]
+                .rsplit_once('/')
+                .map_or("/", |(head, _)| if head.is_empty() { "/" } else { head }),
+        };
+        let outside = !is_within(literal, at) && !is_within(at, literal);
+        outside
+            || term
+                .not_cgroup
+                .iter()
+                .any(|excluded| is_within(literal, excluded))
+    })
+}
+
+#[derive(Serialize)]
+struct CheckJson<'a> {
+    covered: bool,
+    config: &'a str,
+    missing: &'a [String],
+}
+
+fn print_check(format: MigrateFormat, config_name: &str, policy: &Policy, missing: &[String]) {
+    match format {
+        MigrateFormat::Json => super::print_json(&CheckJson {
+            covered: missing.is_empty(),
+            config: config_name,
+            missing,
+        }),
+        MigrateFormat::Config if missing.is_empty() => {
+            println!(
+                "covered: {config_name} lets through every workload the iptables rules let \
+                 through, and protects every address they kept workloads from{}",
+                if policy.mode == Mode::Audit {
+                    " (in audit mode: it lets everything through)"
+                } else {
+                    ""
+                }
+            );
+        }
+        MigrateFormat::Config => {
+            println!("not covered by {config_name}:");
+            for line in missing {
+                println!("  {line}");
+            }
+        }
+    }
+}
+
+/// Deletes the translated rules, once the agent enforces `config` on the cgroup it names.
+fn apply(
+    args: &MigrateArgs,
+    config: &Config,
+    hierarchy: &Hierarchy,
+    translation: &Translation,
+) -> Result<()> {
+    let status = super::status::read(&args.pin_dir, &args.pid_file, Some(hierarchy));
+    let refuse = |why: String| -> Result<()> { Err(MigrateError::NotApplied(why).into()) };
+    if !status.enforcing {
+        return refuse(format!(
+            "imds-guard is not enforcing (no attached programs pinned in {}): start the agent \
+             with the new config first",
+            args.pin_dir.display()
+        ));
+    }
+    let Some(policy) = &status.policy else {
+        return refuse("the policy in force cannot be read from the pins".into());
+    };
+    if policy.mode != "enforce" {
+        return refuse(format!(
+            "the policy in force is in {} mode: set mode = \"enforce\" and reload",
+            policy.mode
+        ));
+    }
+    if let Some(address) = translation
+        .covered
+        .iter()
+        .find(|a| !policy.protected.contains(a))
+    {
+        return refuse(format!(
+            "the policy in force does not protect {address}: reload the agent with the new \
+             config"
+        ));
+    }
+    let attach = hierarchy.resolve(&config.attach.origin, &config.attach.value)?;
+    if let Some(hook) = status
+        .programs
+        .iter()
+        .find(|hook| hook.cgroup.as_deref() != Some(attach.path.as_str()))
+    {
+        return refuse(format!(
+            "the {} program is attached to {}, not to {} as the config says: the workloads \
+             outside it would lose the rules' protection",
+            hook.hook,
+            hook.cgroup.as_deref().unwrap_or("an unknown cgroup"),
+            attach.path
+        ));
+    }
+    if translation.deletions.is_empty() {
+        println!("nothing to delete: no translated rule can go (see `imds-guard migrate`)");
+        return Ok(());
+    }
+    for family in [Family::V4, Family::V6] {
+        let deletions: Vec<_> = (translation.deletions.iter())
+            .filter(|d| d.family == family)
+            .collect();
+        if deletions.is_empty() {
+            continue;
+        }
+        // One table per block: iptables-restore commits each atomically.
+        let mut input = String::new();
+        let mut tables: Vec<&str> = deletions.iter().map(|d| d.table.as_str()).collect();
+        tables.dedup();
+        for table in tables {
+            let _ = writeln!(input, "*{table}");
+            for deletion in deletions.iter().filter(|d| d.table == table) {
+                let words: Vec<String> = (deletion.words.iter())
+                    .map(|w| save::restore_quote(w))
+                    .collect();
+                let _ = writeln!(input, "{}", words.join(" "));
+            }
+            input.push_str("COMMIT\n");
+        }
+        let tool = format!("{}-restore", family.tool());
+        restore(&tool, &input)?;
+        for deletion in deletions {
+            println!("deleted: {}", deletion.command());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `tool --noflush` on `input`.
+fn restore(tool: &str, input: &str) -> Result<()> {
+    let failed = |status: String, stderr: String| MigrateError::Apply {
+        tool: tool.to_owned(),
+        status,
+        stderr,
+    };
+    let mut child = Command::new(tool)
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| failed("not started".into(), err.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|err| failed("input not written".into(), err.to_string()))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|err| failed("not waited for".into(), err.to_string()))?;
+    if !output.status.success() {
+        return Err(failed(
+            output.status.to_string(),
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        )
+        .into());
+    }
+    Ok(())
+}

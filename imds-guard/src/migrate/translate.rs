@@ -1,0 +1,1345 @@
+//! iptables rules → the workloads they let through to each protected address → imds-guard
+//! rules, the rules translated and not, and the commands that delete the translated ones.
+//!
+//! A locally made packet crosses `OUTPUT` in the raw, mangle, filter and security tables, then
+//! mangle's `POSTROUTING`; it gets through when each lets it. Each chain is walked as iptables
+//! does (first match decides, jumps and gotos into user chains, `RETURN`, the policy at the
+//! end) into a formula over what imds-guard can judge: uid, primary gid, cgroup. A condition it
+//! cannot judge (a port, a mark, an interface) is an unknown, and only what holds however it
+//! turns out is kept: the translation never lets through a workload the rules might have
+//! stopped, and names each rule it could not translate, with why.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use imds_guard_common::imds::{IMDS_V4, IMDS_V6};
+
+use super::{
+    logic::{self, Atom, Formula, IdSet, Term},
+    save::{Chain, Family, Ids, Match, Rule, Ruleset, Table, Target},
+};
+
+/// The addresses `protect` presets name, by preset, as the config reads them.
+#[must_use]
+pub fn presets() -> [(&'static str, Vec<IpAddr>); 3] {
+    [
+        (
+            "imds",
+            vec![
+                IpAddr::V4(Ipv4Addr::from(IMDS_V4)),
+                IpAddr::V6(Ipv6Addr::from(IMDS_V6)),
+            ],
+        ),
+        (
+            "ecs-credentials",
+            vec![IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2))],
+        ),
+        (
+            "eks-pod-identity",
+            vec![
+                IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+            ],
+        ),
+    ]
+}
+
+/// A workload set the config cannot hold more of than this many uids (or gids) rules.
+pub const MAX_IDS_PER_TERM: u64 = 64;
+
+/// The chains a locally made packet crosses, by table, in order.
+const OUTPUT_PATH: &[(&str, &str)] = &[
+    ("raw", "OUTPUT"),
+    ("mangle", "OUTPUT"),
+    ("filter", "OUTPUT"),
+    ("security", "OUTPUT"),
+    ("mangle", "POSTROUTING"),
+];
+
+/// One rule, where it is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RuleRef {
+    /// Its line in the input.
+    pub line: usize,
+    /// Its family.
+    pub family: Family,
+    /// Its table.
+    pub table: String,
+    /// Its chain.
+    pub chain: String,
+    /// Its words after `-A CHAIN`.
+    pub args: Vec<String>,
+}
+
+/// A rule that bears on a protected address and that the policy does not carry.
+#[derive(Clone, Debug)]
+pub struct Untranslated {
+    /// The rule.
+    pub rule: RuleRef,
+    /// Why: the condition or target imds-guard has no counterpart for, and what the translation
+    /// did instead.
+    pub reason: String,
+}
+
+/// An iptables (or ip6tables) command, as words, that deletes a translated rule or chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    /// Its family.
+    pub family: Family,
+    /// Its table.
+    pub table: String,
+    /// `-D CHAIN args…` or `-X CHAIN`.
+    pub words: Vec<String>,
+}
+
+impl Deletion {
+    /// As a shell command: `iptables -D OUTPUT -d 169.254.169.254/32 … -j DROP`.
+    #[must_use]
+    pub fn command(&self) -> String {
+        let mut words = vec![self.family.tool().to_owned()];
+        if self.table != "filter" {
+            words.extend(["-t".to_owned(), self.table.clone()]);
+        }
+        words.extend(self.words.iter().map(|w| shell_quote(w)));
+        words.join(" ")
+    }
+}
+
+/// `word`, quoted for a POSIX shell when it needs it.
+#[must_use]
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:,=+@!%".contains(c))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// Everything the rules say, translated.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    /// The families the input had rules of.
+    pub families: Vec<Family>,
+    /// The protected addresses the rules stop some workload from reaching.
+    pub covered: Vec<IpAddr>,
+    /// The other protected addresses: what is wrong with each.
+    pub uncovered: Vec<(IpAddr, String)>,
+    /// The `protect` entries the config needs: presets, `imds` always.
+    pub protect: Vec<&'static str>,
+    /// The workloads the config lets through, one rule each.
+    pub allowed: Vec<Term>,
+    /// Workloads the rules let through that the config cannot name, and why.
+    pub lost: Vec<(Term, String)>,
+    /// Other things the reader must know: addresses the rules treat differently, notices of
+    /// the tools.
+    pub warnings: Vec<String>,
+    /// The rules translated (they bear on a protected address and the config carries them).
+    pub translated: Vec<RuleRef>,
+    /// The rules that bear on a protected address and are not translated.
+    pub untranslated: Vec<Untranslated>,
+    /// How many rules bear on no protected address (left alone).
+    pub unrelated: usize,
+    /// The commands that delete the translated rules, when deleting them changes nothing but
+    /// who enforces.
+    pub deletions: Vec<Deletion>,
+    /// Translated rules kept, and why.
+    pub kept: Vec<(RuleRef, String)>,
+}
+
+/// Looks up user and group names (`--uid-owner nobody`).
+pub trait Names {
+    /// The uid of user `name`.
+    fn uid(&self, name: &str) -> Option<u32>;
+    /// The gid of group `name`.
+    fn gid(&self, name: &str) -> Option<u32>;
+}
+
+/// This host's user and group databases.
+pub struct HostNames;
+
+impl Names for HostNames {
+    fn uid(&self, name: &str) -> Option<u32> {
+        nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    }
+    fn gid(&self, name: &str) -> Option<u32> {
+        nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    }
+}
+
+/// Translates `ruleset`.
+///
+/// # Errors
+/// `(line, message)` for a name this host does not know, a jump loop, or rules too complex to
+/// translate.
+pub fn translate(ruleset: &Ruleset, names: &dyn Names) -> Result<Translation, (usize, String)> {
+    let families = ruleset.families();
+    let mut out = Translation {
+        families: families.clone(),
+        warnings: ruleset.notices.clone(),
+        ..Translation::default()
+    };
+    let known: Vec<IpAddr> = presets().into_iter().flat_map(|(_, a)| a).collect();
+
+    // Per protected address: the workloads let through, when the rules stop someone.
+    let mut allowed_by_address: BTreeMap<IpAddr, Vec<Term>> = BTreeMap::new();
+    let mut notes = Notes::default();
+    for &address in &known {
+        let family = if address.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        if !families.contains(&family) {
+            out.uncovered.push((
+                address,
+                format!(
+                    "no {}-save output was read: nothing stopped any workload from reaching it",
+                    family.tool()
+                ),
+            ));
+            continue;
+        }
+        let allowed = allowed_to(ruleset, family, address, names, &mut notes, &[])?;
+        let terms = allowed
+            .for_every_unknown()
+            .map_err(|message| (0, format!("{address}: {message}")))?;
+        if terms == [Term::any()] {
+            out.uncovered.push((
+                address,
+                format!(
+                    "the {} rules stop no workload from reaching it",
+                    family.tool()
+                ),
+            ));
+        } else {
+            out.covered.push(address);
+            allowed_by_address.insert(address, terms);
+        }
+    }
+
+    // One set of rules for every protected address: what reached each of them (every
+    // workload reached the addresses the rules did not cover).
+    let mut allowed = vec![Term::any()];
+    for terms in allowed_by_address.values() {
+        allowed = logic::formula_of(&allowed)
+            .and(logic::formula_of(terms))
+            .terms()
+            .map_err(|message| (0, message))?;
+    }
+    let distinct: BTreeSet<&Vec<Term>> = allowed_by_address.values().collect();
+    if distinct.len() > 1 {
+        let per_address: Vec<String> = allowed_by_address
+            .iter()
+            .map(|(address, terms)| format!("{address}: {}", describe_terms(terms)))
+            .collect();
+        out.warnings.push(format!(
+            "the rules let different workloads reach different addresses ({}); imds-guard's \
+             rules hold for every protected address, so the config lets through only what \
+             reached all of them",
+            per_address.join("; ")
+        ));
+    }
+    for term in allowed {
+        match expressible(&term) {
+            Ok(rules) => out.allowed.extend(rules),
+            Err(why) => out.lost.push((term, why)),
+        }
+    }
+
+    out.protect = presets()
+        .into_iter()
+        .filter(|(name, addresses)| {
+            *name == "imds" || addresses.iter().any(|a| out.covered.contains(a))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    let protected: Vec<IpAddr> = presets()
+        .into_iter()
+        .filter(|(name, _)| out.protect.contains(name))
+        .flat_map(|(_, a)| a)
+        .collect();
+    // Only the addresses the config protects are worth a warning: the IMDS addresses always,
+    // the others when their preset's twin was covered.
+    out.uncovered
+        .retain(|(address, _)| protected.contains(address));
+
+    classify(ruleset, &known, &notes, &mut out);
+    deletions(ruleset, &protected, names, &mut out)?;
+    Ok(out)
+}
+
+/// What walking the chains learnt: the lines whose conditions or targets imds-guard cannot
+/// judge, with why.
+#[derive(Default)]
+struct Notes {
+    unknown: BTreeMap<usize, BTreeSet<String>>,
+}
+
+/// The workloads `family`'s rules let reach `address` (unknowns left in), with the rules at
+/// `deleted` lines left out.
+fn allowed_to(
+    ruleset: &Ruleset,
+    family: Family,
+    address: IpAddr,
+    names: &dyn Names,
+    notes: &mut Notes,
+    deleted: &[usize],
+) -> Result<Formula, (usize, String)> {
+    let mut walk = Walk {
+        address,
+        names,
+        notes,
+        deleted,
+        next_unknown: 0,
+        chains: BTreeMap::new(),
+        active: Vec::new(),
+    };
+    let mut allowed = Formula::True;
+    for (table_name, chain_name) in OUTPUT_PATH {
+        let Some(table) =
+            (ruleset.tables.iter()).find(|t| t.family == family && t.name == *table_name)
+        else {
+            continue;
+        };
+        let Some(chain) = table.chain(chain_name) else {
+            continue;
+        };
+        let outcome = walk.chain(table, chain)?;
+        let passes = match chain.policy {
+            Some(Target::Drop) => outcome.accept,
+            _ => outcome.drop.negate(),
+        };
+        allowed = allowed.and(passes);
+    }
+    Ok(allowed)
+}
+
+/// When a chain accepts and when it drops; otherwise it falls through (returns).
+#[derive(Clone)]
+struct Outcome {
+    accept: Formula,
+    drop: Formula,
+}
+
+struct Walk<'a> {
+    address: IpAddr,
+    names: &'a dyn Names,
+    notes: &'a mut Notes,
+    deleted: &'a [usize],
+    next_unknown: usize,
+    /// Chains walked, by table and name: a chain jumped to twice is the same conditions.
+    chains: BTreeMap<(String, String), Outcome>,
+    active: Vec<String>,
+}
+
+impl Walk<'_> {
+    fn chain(&mut self, table: &Table, chain: &Chain) -> Result<Outcome, (usize, String)> {
+        let key = (table.name.clone(), chain.name.clone());
+        if let Some(done) = self.chains.get(&key) {
+            return Ok(done.clone());
+        }
+        if self.active.contains(&chain.name) {
+            return Err((
+                table.line,
+                format!("chain {} jumps back into itself", chain.name),
+            ));
+        }
+        self.active.push(chain.name.clone());
+        let mut accept = Formula::False;
+        let mut drop = Formula::False;
+        let mut reach = Formula::True;
+        for rule in &chain.rules {
+            if self.deleted.contains(&rule.line) {
+                continue;
+            }
+            let matched = self.rule_matches(rule)?;
+            if matched == Formula::False {
+                continue;
+            }
+            let here = reach.clone().and(matched.clone());
+            match &rule.target {
+                Target::Accept => {
+                    accept = accept.or(here);
+                    reach = reach.and(matched.negate());
+                }
+                Target::Drop => {
+                    drop = drop.or(here);
+                    reach = reach.and(matched.negate());
+                }
+                Target::Return => reach = reach.and(matched.negate()),
+                Target::Jump(name) | Target::Goto(name) => {
+                    let target = table
+                        .chain(name)
+                        .ok_or_else(|| (rule.line, format!("-j {name}: no such chain")))?;
+                    let inner = self.chain(table, target)?;
+                    accept = accept.or(here.clone().and(inner.accept.clone()));
+                    drop = drop.or(here.and(inner.drop.clone()));
+                    let decided = if matches!(rule.target, Target::Goto(_)) {
+                        matched
+                    } else {
+                        matched.and(inner.accept.or(inner.drop))
+                    };
+                    reach = reach.and(decided.negate());
+                }
+                Target::Other(name) if matches!(name.as_str(), "QUEUE" | "NFQUEUE") => {
+                    // A program in user space decides: either way.
+                    let verdict = self.unknown(rule.line, format!("-j {name}: a program decides"));
+                    accept = accept.or(here.clone().and(verdict.clone()));
+                    drop = drop.or(here.and(verdict.negate()));
+                    reach = reach.and(matched.negate());
+                }
+                Target::Other(name) => {
+                    self.note(
+                        rule.line,
+                        format!("-j {name}: imds-guard has no counterpart (it does not decide)"),
+                    );
+                }
+                Target::Log | Target::None => {}
+            }
+        }
+        self.active.pop();
+        let outcome = Outcome { accept, drop };
+        self.chains.insert(key, outcome.clone());
+        Ok(outcome)
+    }
+
+    /// When `rule`'s conditions hold for a packet to the address.
+    fn rule_matches(&mut self, rule: &Rule) -> Result<Formula, (usize, String)> {
+        // The conditions on the packet alone first: a rule for other addresses adds nothing.
+        let mut fixed = Formula::True;
+        for m in &rule.matches {
+            match m {
+                Match::Destination { prefixes, negated } => {
+                    let hit = prefixes.iter().any(|p| p.contains(self.address));
+                    if hit == *negated {
+                        fixed = Formula::False;
+                    }
+                }
+                // Traffic to a protected address never leaves by loopback.
+                Match::OutInterface { name, negated } if is_loopback(name) && !negated => {
+                    fixed = Formula::False;
+                }
+                Match::NewConnections { included } if !included => fixed = Formula::False,
+                _ => {}
+            }
+        }
+        if fixed == Formula::False {
+            return Ok(Formula::False);
+        }
+        let mut formula = Formula::True;
+        for m in &rule.matches {
+            let (atom, negated) = match m {
+                Match::Destination { .. } | Match::NewConnections { .. } => continue,
+                Match::OutInterface { name, .. } if is_loopback(name) => continue,
+                Match::OutInterface { name, negated } => (
+                    self.unknown(
+                        rule.line,
+                        format!(
+                            "{}-o {name}: an outgoing interface (imds-guard judges every one)",
+                            if *negated { "! " } else { "" }
+                        ),
+                    ),
+                    false,
+                ),
+                Match::UidOwner { ids, negated } => (
+                    Formula::Atom(Atom::Uid(self.ids(ids, rule.line, true)?)),
+                    *negated,
+                ),
+                Match::GidOwner {
+                    ids,
+                    suppl_groups,
+                    negated,
+                } => {
+                    let mut gid = Formula::Atom(Atom::Gid(self.ids(ids, rule.line, false)?));
+                    if *suppl_groups {
+                        gid = gid.or(self.unknown(
+                            rule.line,
+                            "--suppl-groups: supplementary groups (imds-guard matches the \
+                             primary gid)"
+                                .into(),
+                        ));
+                    }
+                    (gid, *negated)
+                }
+                Match::CgroupPath { path, negated } => {
+                    (Formula::Atom(Atom::Cgroup(path.clone())), *negated)
+                }
+                Match::Other { text, what } => (
+                    self.unknown(
+                        rule.line,
+                        format!("{text}: {what} (imds-guard judges every port and protocol of a protected address, by uid, gid and cgroup)"),
+                    ),
+                    false,
+                ),
+            };
+            formula = formula.and(if negated { atom.negate() } else { atom });
+        }
+        Ok(formula)
+    }
+
+    fn ids(&self, ids: &Ids, line: usize, user: bool) -> Result<IdSet, (usize, String)> {
+        match ids {
+            Ids::Range(low, high) => Ok(IdSet::range(*low, *high)),
+            Ids::Name(name) => {
+                let id = if user {
+                    self.names.uid(name)
+                } else {
+                    self.names.gid(name)
+                };
+                id.map(|id| IdSet::range(id, id)).ok_or_else(|| {
+                    (
+                        line,
+                        format!(
+                            "{} {name:?} does not exist on this host: run migrate where the \
+                             rules were saved, or write the number",
+                            if user { "user" } else { "group" }
+                        ),
+                    )
+                })
+            }
+        }
+    }
+
+    fn unknown(&mut self, line: usize, why: String) -> Formula {
+        self.note(line, why);
+        let n = self.next_unknown;
+        self.next_unknown += 1;
+        Formula::Atom(Atom::Unknown(n))
+    }
+
+    fn note(&mut self, line: usize, why: String) {
+        self.notes.unknown.entry(line).or_default().insert(why);
+    }
+}
+
+/// `lo`, or a `+` pattern only loopback names match.
+fn is_loopback(name: &str) -> bool {
+    name == "lo"
+}
+
+/// The rules a uid/gid/cgroup term needs: one per uid (or gid), with its cgroup conditions.
+fn expressible(term: &Term) -> Result<Vec<Term>, String> {
+    let what = describe_term(term);
+    if !term.uid.is_all() && !term.gid.is_all() {
+        return Err(format!(
+            "{what}: an imds-guard rule names a uid or a gid, not both"
+        ));
+    }
+    if let Some(path) = term
+        .cgroup
+        .iter()
+        .chain(&term.not_cgroup)
+        .find(|p| p.contains(|c: char| "*?[]{}\\".contains(c)))
+    {
+        return Err(format!(
+            "{what}: the cgroup path {path:?} has characters imds-guard reads as a pattern"
+        ));
+    }
+    let (ids, set_uid) = if term.uid.is_all() {
+        (&term.gid, false)
+    } else {
+        (&term.uid, true)
+    };
+    if ids.is_all() {
+        return Ok(vec![term.clone()]);
+    }
+    if ids.len() > MAX_IDS_PER_TERM {
+        return Err(format!(
+            "{what}: imds-guard rules list who may, one {} per rule, and this is {} of them",
+            if set_uid { "uid" } else { "gid" },
+            ids.len()
+        ));
+    }
+    Ok(ids
+        .ranges()
+        .iter()
+        .flat_map(|&(low, high)| low..=high)
+        .map(|id| {
+            let mut rule = term.clone();
+            if set_uid {
+                rule.uid = IdSet::range(id, id);
+            } else {
+                rule.gid = IdSet::range(id, id);
+            }
+            rule
+        })
+        .collect())
+}
+
+/// `uid 1000-1010, cgroup /system.slice (not /system.slice/x)`.
+#[must_use]
+pub fn describe_term(term: &Term) -> String {
+    let ids = |set: &IdSet| {
+        let complement = set.complement();
+        let (set, not) = if complement.ranges().len() < set.ranges().len() {
+            (complement, "not ")
+        } else {
+            (set.clone(), "")
+        };
+        let list: Vec<String> = set
+            .ranges()
+            .iter()
+            .map(|&(low, high)| {
+                if low == high {
+                    low.to_string()
+                } else {
+                    format!("{low}-{high}")
+                }
+            })
+            .collect();
+        format!("{not}{}", list.join(","))
+    };
+    let mut parts = Vec::new();
+    if !term.uid.is_all() {
+        parts.push(format!("uid {}", ids(&term.uid)));
+    }
+    if !term.gid.is_all() {
+        parts.push(format!("gid {}", ids(&term.gid)));
+    }
+    if let Some(cgroup) = &term.cgroup {
+        parts.push(format!("cgroup {cgroup}"));
+    }
+    for excluded in &term.not_cgroup {
+        parts.push(format!("not cgroup {excluded}"));
+    }
+    if parts.is_empty() {
+        "every workload".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// `uid 0 | gid 50`, or `no workload`.
+fn describe_terms(terms: &[Term]) -> String {
+    if terms.is_empty() {
+        return "no workload".into();
+    }
+    terms
+        .iter()
+        .map(describe_term)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn rule_ref(table: &Table, chain: &Chain, rule: &Rule) -> RuleRef {
+    RuleRef {
+        line: rule.line,
+        family: table.family,
+        table: table.name.clone(),
+        chain: chain.name.clone(),
+        args: rule.args.clone(),
+    }
+}
+
+/// Sorts every rule that bears on a protected address into translated or not.
+fn classify(ruleset: &Ruleset, known: &[IpAddr], notes: &Notes, out: &mut Translation) {
+    for table in &ruleset.tables {
+        let reached_by = reached_by(table);
+        for chain in &table.chains {
+            for rule in &chain.rules {
+                let bears = known
+                    .iter()
+                    .filter(|a| table.family.holds(**a))
+                    .any(|a| packet_may_match(rule, *a));
+                if !bears {
+                    out.unrelated += 1;
+                    continue;
+                }
+                let reference = rule_ref(table, chain, rule);
+                let from = reached_by.get(&chain.name).cloned().unwrap_or_default();
+                let on_output_path = OUTPUT_PATH
+                    .iter()
+                    .any(|(t, c)| *t == table.name && from.contains(*c));
+                let reason = if table.name == "nat" {
+                    Some(
+                        "the nat table rewrites addresses, it does not decide who may connect \
+                         (the ECS agent's credential redirect lives here): keep it"
+                            .to_owned(),
+                    )
+                } else if from.is_empty() {
+                    Some(format!(
+                        "never reached: no rule jumps to chain {}",
+                        chain.name
+                    ))
+                } else if !on_output_path && from.contains("FORWARD") {
+                    Some(
+                        "it judges forwarded packets (containers behind a bridge, pods), not \
+                         the host's own connections: imds-guard judges a container's connects \
+                         by its cgroup, and this config lets no container through \
+                         (containers = false); keep the rule until you have checked that"
+                            .to_owned(),
+                    )
+                } else if !on_output_path {
+                    let chains: Vec<&str> = from.iter().map(String::as_str).collect();
+                    Some(format!(
+                        "it judges packets arriving here ({}), not the host's own connections: \
+                         keep it",
+                        chains.join(", ")
+                    ))
+                } else {
+                    notes.unknown.get(&rule.line).map(|whys| {
+                        format!(
+                            "{}; translated as if it could match or not, whichever lets \
+                             through less",
+                            whys.iter().cloned().collect::<Vec<_>>().join("; ")
+                        )
+                    })
+                };
+                match reason {
+                    Some(reason) => out.untranslated.push(Untranslated {
+                        rule: reference,
+                        reason,
+                    }),
+                    None => out.translated.push(reference),
+                }
+            }
+        }
+    }
+}
+
+/// Whether the packet conditions of `rule` (destination, loopback, connection state) may hold
+/// for a packet to `address`.
+fn packet_may_match(rule: &Rule, address: IpAddr) -> bool {
+    rule.matches.iter().all(|m| match m {
+        Match::Destination { prefixes, negated } => {
+            prefixes.iter().any(|p| p.contains(address)) != *negated
+        }
+        Match::OutInterface { name, negated } if is_loopback(name) => *negated,
+        Match::NewConnections { included } => *included,
+        _ => true,
+    })
+}
+
+/// For each chain of `table`, the built-in chains whose packets reach it.
+fn reached_by(table: &Table) -> BTreeMap<String, BTreeSet<String>> {
+    let mut reached: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for builtin in table.chains.iter().filter(|c| c.policy.is_some()) {
+        let mut stack = vec![builtin.name.clone()];
+        let mut seen = BTreeSet::new();
+        while let Some(name) = stack.pop() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            reached
+                .entry(name.clone())
+                .or_default()
+                .insert(builtin.name.clone());
+            if let Some(chain) = table.chain(&name) {
+                for rule in &chain.rules {
+                    if let Target::Jump(next) | Target::Goto(next) = &rule.target {
+                        stack.push(next.clone());
+                    }
+                }
+            }
+        }
+    }
+    reached
+}
+
+/// The commands that delete the translated rules, and only those whose deletion leaves every
+/// workload the config lets through still let through by what remains (else the operator would
+/// lose access they kept), and that judge protected addresses alone (else other traffic's
+/// firewall would change).
+fn deletions(
+    ruleset: &Ruleset,
+    protected: &[IpAddr],
+    names: &dyn Names,
+    out: &mut Translation,
+) -> Result<(), (usize, String)> {
+    let confined = confined_rules(ruleset, protected);
+    let mut candidates: Vec<usize> = Vec::new();
+    for reference in &out.translated {
+        if confined.contains(&reference.line) {
+            candidates.push(reference.line);
+        } else {
+            out.kept.push((
+                reference.clone(),
+                "it also judges addresses imds-guard does not protect".into(),
+            ));
+        }
+    }
+    with_whole_chains(ruleset, &mut candidates);
+    for line in confined.iter().filter(|l| !candidates.contains(l)) {
+        if let Some(reference) = out.translated.iter().find(|r| r.line == *line) {
+            out.kept.push((
+                reference.clone(),
+                "the chain it jumps to holds rules that are not translated".into(),
+            ));
+        }
+    }
+    // What the config lets through must still pass what is left; first try deleting every
+    // candidate, then the ones that only ever stop workloads (deleting those widens iptables).
+    let config = logic::formula_of(&out.allowed);
+    let still_passes = |deleted: &[usize]| -> Result<bool, (usize, String)> {
+        for &address in protected {
+            let family = if address.is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            };
+            if !out.families.contains(&family) {
+                continue;
+            }
+            let mut notes = Notes::default();
+            let left = allowed_to(ruleset, family, address, names, &mut notes, deleted)?
+                .for_every_unknown()
+                .map_err(|message| (0, message))?;
+            if !logic::implies(&config, &logic::formula_of(&left)).map_err(|m| (0, m))? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let stops_only = |line: &usize| {
+        ruleset
+            .rule_at(*line)
+            .is_some_and(|(_, _, rule)| matches!(rule.target, Target::Drop | Target::Log))
+    };
+    let mut deleted = candidates.clone();
+    if !still_passes(&deleted)? {
+        deleted.retain(stops_only);
+        if !still_passes(&deleted)? {
+            deleted.clear();
+        }
+    }
+    for line in &candidates {
+        if !deleted.contains(line)
+            && let Some(reference) = out.translated.iter().find(|r| r.line == *line)
+        {
+            out.kept.push((
+                reference.clone(),
+                "rules that stay (not translated) would then stop workloads this config lets \
+                 through"
+                    .into(),
+            ));
+        }
+    }
+    // Built-in chains first, so that a user chain is unreferenced when it is removed.
+    let mut order: Vec<&RuleRef> = out
+        .translated
+        .iter()
+        .filter(|r| deleted.contains(&r.line))
+        .collect();
+    order.sort_by_key(|r| (r.family, r.table.clone(), !is_builtin(ruleset, r), r.line));
+    for reference in &order {
+        let mut words = vec!["-D".to_owned(), reference.chain.clone()];
+        words.extend(reference.args.iter().cloned());
+        out.deletions.push(Deletion {
+            family: reference.family,
+            table: reference.table.clone(),
+            words,
+        });
+    }
+    out.deletions.extend(emptied_chains(ruleset, &deleted));
+    Ok(())
+}
+
+/// Leaves out of `candidates` the jumps to chains not every rule of which goes.
+fn with_whole_chains(ruleset: &Ruleset, candidates: &mut Vec<usize>) {
+    loop {
+        let before = candidates.clone();
+        candidates.retain(|line| {
+            let Some((table, _, rule)) = ruleset.rule_at(*line) else {
+                return false;
+            };
+            match &rule.target {
+                Target::Jump(name) | Target::Goto(name) => table
+                    .chain(name)
+                    .is_some_and(|c| c.rules.iter().all(|r| before.contains(&r.line))),
+                _ => true,
+            }
+        });
+        if *candidates == before {
+            return;
+        }
+    }
+}
+
+/// `-X` for the user chains the `deleted` lines leave empty and unreferenced.
+fn emptied_chains(ruleset: &Ruleset, deleted: &[usize]) -> Vec<Deletion> {
+    let mut out = Vec::new();
+    for table in &ruleset.tables {
+        for chain in table.chains.iter().filter(|c| c.policy.is_none()) {
+            let emptied =
+                !chain.rules.is_empty() && chain.rules.iter().all(|r| deleted.contains(&r.line));
+            let unreferenced = table.chains.iter().all(|c| {
+                c.rules.iter().all(|r| match &r.target {
+                    Target::Jump(n) | Target::Goto(n) if *n == chain.name => {
+                        deleted.contains(&r.line)
+                    }
+                    _ => true,
+                })
+            });
+            if emptied && unreferenced {
+                out.push(Deletion {
+                    family: table.family,
+                    table: table.name.clone(),
+                    words: vec!["-X".into(), chain.name.clone()],
+                });
+            }
+        }
+    }
+    out
+}
+
+fn is_builtin(ruleset: &Ruleset, reference: &RuleRef) -> bool {
+    ruleset
+        .tables
+        .iter()
+        .find(|t| t.family == reference.family && t.name == reference.table)
+        .and_then(|t| t.chain(&reference.chain))
+        .is_some_and(|c| c.policy.is_some())
+}
+
+/// The rules that see only packets to `protected` addresses: by their own `-d`, or because
+/// every rule that jumps to their chain does.
+fn confined_rules(ruleset: &Ruleset, protected: &[IpAddr]) -> BTreeSet<usize> {
+    let mut confined = BTreeSet::new();
+    for table in &ruleset.tables {
+        // User chains whose every caller is confined; start from all and take away.
+        let mut chains: BTreeSet<&str> = (table.chains.iter())
+            .filter(|c| c.policy.is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        loop {
+            let callers_confined = |name: &str| {
+                let mut callers = table.chains.iter().flat_map(|c| {
+                    c.rules.iter().filter_map(move |r| match &r.target {
+                        Target::Jump(n) | Target::Goto(n) if n == name => Some((c, r)),
+                        _ => None,
+                    })
+                });
+                let mut any = false;
+                let all = callers.all(|(c, r)| {
+                    any = true;
+                    has_confined_destination(r, protected) || chains.contains(c.name.as_str())
+                });
+                any && all
+            };
+            let next: BTreeSet<&str> = chains
+                .iter()
+                .copied()
+                .filter(|name| callers_confined(name))
+                .collect();
+            if next == chains {
+                break;
+            }
+            chains = next;
+        }
+        for chain in &table.chains {
+            for rule in &chain.rules {
+                if has_confined_destination(rule, protected) || chains.contains(chain.name.as_str())
+                {
+                    confined.insert(rule.line);
+                }
+            }
+        }
+    }
+    confined
+}
+
+/// Whether `rule` matches only packets to `protected` addresses: a `-d` whose every prefix
+/// holds one of them alone.
+fn has_confined_destination(rule: &Rule, protected: &[IpAddr]) -> bool {
+    rule.matches.iter().any(|m| match m {
+        Match::Destination {
+            prefixes,
+            negated: false,
+        } => prefixes
+            .iter()
+            .all(|p| p.is_host() && protected.contains(&p.address)),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::{render, save};
+
+    /// The names the fixtures use, whatever this host's databases hold.
+    struct Fixed;
+
+    impl Names for Fixed {
+        fn uid(&self, name: &str) -> Option<u32> {
+            (name == "root").then_some(0)
+        }
+        fn gid(&self, name: &str) -> Option<u32> {
+            (name == "root").then_some(0)
+        }
+    }
+
+    /// What a translation says, in the words an operator reads.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Said {
+        covered: Vec<&'static str>,
+        uncovered: Vec<&'static str>,
+        protect: Vec<&'static str>,
+        allow: Vec<&'static str>,
+        lost: Vec<&'static str>,
+        untranslated: Vec<usize>,
+        delete: Vec<&'static str>,
+    }
+
+    fn translated(file: &str) -> Translation {
+        let text = std::fs::read_to_string(format!(
+            "{}/testdata/migrate/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let ruleset = save::parse(&text, file).unwrap();
+        translate(&ruleset, &Fixed).unwrap()
+    }
+
+    fn check(file: &str, expected: &Said) {
+        let t = translated(file);
+        let strings = |v: Vec<String>| v;
+        let got = (
+            strings(t.covered.iter().map(ToString::to_string).collect()),
+            strings(t.uncovered.iter().map(|(a, _)| a.to_string()).collect()),
+            strings(t.protect.iter().map(|p| (*p).to_owned()).collect()),
+            strings(t.allowed.iter().map(describe_term).collect()),
+            strings(t.lost.iter().map(|(term, _)| describe_term(term)).collect()),
+            t.untranslated
+                .iter()
+                .map(|u| u.rule.line)
+                .collect::<Vec<_>>(),
+            strings(t.deletions.iter().map(Deletion::command).collect()),
+        );
+        let want = (
+            expected
+                .covered
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+            expected
+                .uncovered
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+            expected
+                .protect
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+            expected
+                .allow
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+            expected
+                .lost
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+            expected.untranslated.clone(),
+            expected
+                .delete
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(got, want, "{file}");
+        // The config it prints loads as is, with one rule per allowed workload (or none).
+        let config = render::config(&t, file);
+        let loaded =
+            crate::config::Config::from_toml(None, &config, &crate::config::Overrides::default())
+                .unwrap_or_else(|err| panic!("{file}: the config does not load: {err}\n{config}"));
+        assert_eq!(loaded.mode, crate::config::Mode::Enforce, "{file}");
+        assert_eq!(loaded.allow.len(), t.allowed.len(), "{file}:\n{config}");
+        assert!(
+            !loaded.uses_built_in_default(),
+            "{file}: the default would widen it"
+        );
+    }
+
+    const IMDS6: &str = "fd00:ec2::254";
+
+    #[test]
+    fn the_seeds_root_only_rule() {
+        check(
+            "seed.rules",
+            &Said {
+                covered: vec!["169.254.169.254"],
+                // The classic gap: no ip6tables rule.
+                uncovered: vec![IMDS6],
+                protect: vec!["imds"],
+                allow: vec!["uid 0"],
+                lost: vec![],
+                untranslated: vec![],
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP",
+                ],
+            },
+        );
+        check(
+            "seed-both.rules",
+            &Said {
+                covered: vec!["169.254.169.254", IMDS6],
+                uncovered: vec![],
+                protect: vec!["imds"],
+                allow: vec!["uid 0"],
+                lost: vec![],
+                untranslated: vec![],
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP",
+                    "ip6tables -D OUTPUT -d fd00:ec2::254/128 -m owner ! --uid-owner 0 -j DROP",
+                ],
+            },
+        );
+        // The legacy backend, saved with counters.
+        check(
+            "legacy-counters.rules",
+            &Said {
+                covered: vec!["169.254.169.254"],
+                uncovered: vec![IMDS6],
+                protect: vec!["imds"],
+                allow: vec!["uid 0"],
+                lost: vec![],
+                untranslated: vec![],
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP",
+                ],
+            },
+        );
+    }
+
+    #[test]
+    fn ecs_rules_redirect_and_forward_and_are_kept() {
+        check(
+            "ecs.rules",
+            &Said {
+                covered: vec![],
+                uncovered: vec!["169.254.169.254", IMDS6],
+                protect: vec!["imds"],
+                // No host workload was stopped: every one stays let through, containers not.
+                allow: vec!["every workload"],
+                lost: vec![],
+                // The FORWARD jump, the bridge rule, its RETURN; the two nat redirects.
+                untranslated: vec![8, 9, 10, 19, 20],
+                delete: vec![],
+            },
+        );
+    }
+
+    #[test]
+    fn eks_forward_rule_is_named_not_translated() {
+        let t = translated("eks.rules");
+        assert_eq!(t.untranslated.len(), 1);
+        assert_eq!(t.untranslated[0].rule.line, 6);
+        assert!(
+            t.untranslated[0].reason.contains("forwarded"),
+            "{:?}",
+            t.untranslated
+        );
+        check(
+            "eks.rules",
+            &Said {
+                covered: vec![],
+                uncovered: vec!["169.254.169.254", IMDS6],
+                protect: vec!["imds"],
+                allow: vec!["every workload"],
+                lost: vec![],
+                untranslated: vec![6],
+                delete: vec![],
+            },
+        );
+    }
+
+    #[test]
+    fn a_user_chain_with_returns_and_a_log() {
+        check(
+            "chain.rules",
+            &Said {
+                covered: vec!["169.254.169.254"],
+                uncovered: vec![IMDS6],
+                protect: vec!["imds"],
+                allow: vec!["uid 0", "gid 27"],
+                lost: vec![],
+                // The conntrack and loopback ACCEPTs never see a new connection to IMDS.
+                untranslated: vec![],
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -j IMDS",
+                    "iptables -D IMDS -m owner --uid-owner 0 -j RETURN",
+                    "iptables -D IMDS -m owner --gid-owner 27 -j RETURN",
+                    "iptables -D IMDS -j LOG --log-prefix 'imds denied: '",
+                    "iptables -D IMDS -j REJECT --reject-with icmp-port-unreachable",
+                    "iptables -X IMDS",
+                ],
+            },
+        );
+        assert_eq!(translated("chain.rules").unrelated, 2);
+    }
+
+    #[test]
+    fn ranges_cgroups_and_both_families() {
+        let t = translated("ranges.rules");
+        // The cgroup rule is IPv4 only: one set of rules for both addresses drops it, and says so.
+        assert!(
+            t.warnings.iter().any(|w| w.contains("different workloads")),
+            "{:?}",
+            t.warnings
+        );
+        check(
+            "ranges.rules",
+            &Said {
+                covered: vec!["169.254.169.254", IMDS6],
+                uncovered: vec![],
+                protect: vec!["imds"],
+                allow: vec!["uid 0", "uid 1000", "uid 1001", "uid 1002"],
+                lost: vec![],
+                untranslated: vec![],
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 1000-1002 -j ACCEPT",
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 1001 -j ACCEPT",
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m cgroup --path /system.slice/amazon-ssm-agent.service -j ACCEPT",
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP",
+                    "ip6tables -D OUTPUT -d fd00:ec2::254/128 -m owner --uid-owner 1000-1002 -j ACCEPT",
+                    "ip6tables -D OUTPUT -d fd00:ec2::254/128 -m owner ! --uid-owner 0 -j DROP",
+                ],
+            },
+        );
+    }
+
+    #[test]
+    fn names_and_the_nft_backends_warning() {
+        let t = translated("names-nft.rules");
+        assert!(
+            t.warnings
+                .iter()
+                .any(|w| w.contains("iptables-legacy tables present")),
+            "{:?}",
+            t.warnings
+        );
+        check(
+            "names-nft.rules",
+            &Said {
+                covered: vec!["169.254.169.254"],
+                uncovered: vec![IMDS6],
+                protect: vec!["imds"],
+                allow: vec!["uid 0", "gid 0"],
+                lost: vec![],
+                untranslated: vec![],
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner --uid-owner root -j ACCEPT",
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner --gid-owner root -j ACCEPT",
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -j DROP",
+                ],
+            },
+        );
+    }
+
+    #[test]
+    fn a_port_is_named_and_the_narrower_reading_kept() {
+        // ACCEPT uid 1000 on port 80 only, then DROP all but root on port 80: imds-guard
+        // cannot judge ports, so uid 1000 (let through on 80 alone) is not let through,
+        // root is, and both rules stay.
+        let t = translated("port.rules");
+        assert!(
+            t.untranslated[0].reason.contains("--dport 80"),
+            "{:?}",
+            t.untranslated
+        );
+        check(
+            "port.rules",
+            &Said {
+                covered: vec!["169.254.169.254"],
+                uncovered: vec![IMDS6],
+                protect: vec!["imds"],
+                allow: vec!["uid 0"],
+                lost: vec![],
+                untranslated: vec![6, 7],
+                delete: vec![],
+            },
+        );
+    }
+
+    #[test]
+    fn a_deny_list_cannot_be_said_and_is_not_widened() {
+        // iptables stopped uid 33 and gid 1000 and let everyone else through: imds-guard rules
+        // say who may, so nothing is let through, and the loss is named.
+        check(
+            "denylist.rules",
+            &Said {
+                covered: vec!["169.254.169.254", "169.254.170.2", "169.254.170.23"],
+                uncovered: vec![IMDS6, "fd00:ec2::23"],
+                protect: vec!["imds", "ecs-credentials", "eks-pod-identity"],
+                allow: vec![],
+                lost: vec!["uid not 33, gid not 1000"],
+                untranslated: vec![],
+                // The /16 rule judges other addresses too: it stays.
+                delete: vec![
+                    "iptables -D OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 33 -j REJECT --reject-with icmp-admin-prohibited",
+                ],
+            },
+        );
+    }
+
+    #[test]
+    fn deleting_an_accept_that_untranslated_rules_need_is_refused() {
+        // The ACCEPT is translated, the port DROP after it is not: deleting the ACCEPT alone
+        // would let the DROP stop root on port 80, which the config lets through.
+        let text = "# Generated by iptables-save v1.8.9 (nf_tables)\n*filter\n\
+                    :INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 0 -j ACCEPT\n\
+                    -A OUTPUT -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DROP\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 7 -j DROP\n\
+                    COMMIT\n";
+        let t = translate(&save::parse(text, "t").unwrap(), &Fixed).unwrap();
+        assert_eq!(
+            t.allowed.iter().map(describe_term).collect::<Vec<_>>(),
+            ["uid 0"]
+        );
+        assert_eq!(
+            t.deletions
+                .iter()
+                .map(Deletion::command)
+                .collect::<Vec<_>>(),
+            ["iptables -D OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 7 -j DROP"]
+        );
+        assert_eq!(t.kept.len(), 1, "{:?}", t.kept);
+        assert_eq!(t.kept[0].0.line, 6);
+    }
+
+    #[test]
+    fn rules_for_every_destination_are_translated_and_kept() {
+        // No -d: the rule also stops root-less traffic everywhere; deleting it would change
+        // the firewall for other addresses.
+        let text = "# Generated by iptables-save v1.8.9 (nf_tables)\n*filter\n\
+                    :INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT DROP [0:0]\n\
+                    -A OUTPUT -m owner --uid-owner 0 -j ACCEPT\n\
+                    -A OUTPUT -m cgroup ! --path /a -m cgroup --path /a/b -j ACCEPT\n\
+                    COMMIT\n";
+        let t = translate(&save::parse(text, "t").unwrap(), &Fixed).unwrap();
+        // The cgroup rule can never match (/a/b is below /a): only uid 0.
+        assert_eq!(
+            t.allowed.iter().map(describe_term).collect::<Vec<_>>(),
+            ["uid 0"]
+        );
+        assert!(t.deletions.is_empty(), "{:?}", t.deletions);
+        assert_eq!(t.kept.len(), 2);
+        // Every protected address of the family is covered, ECS's and EKS's too.
+        assert_eq!(t.protect, ["imds", "ecs-credentials", "eks-pod-identity"]);
+    }
+
+    #[test]
+    fn unknown_names_are_errors_with_the_line() {
+        let text = "# Generated by iptables-save v1.8.9\n*filter\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner cwagent -j DROP\nCOMMIT\n";
+        let err = translate(&save::parse(text, "t").unwrap(), &Fixed).unwrap_err();
+        assert_eq!(err.0, 4);
+        assert!(err.1.contains("\"cwagent\" does not exist"), "{}", err.1);
+    }
+}
