@@ -11,6 +11,17 @@ use std::collections::BTreeSet;
 /// Formulas bigger than this many terms are refused rather than computed.
 pub const MAX_TERMS: usize = 4096;
 
+/// Formulas with more conditions imds-guard cannot judge than this are refused: each doubles
+/// the work.
+pub const MAX_UNKNOWNS: usize = 12;
+
+fn too_many_unknowns(unknowns: usize) -> String {
+    format!(
+        "{unknowns} conditions imds-guard cannot judge bear on one address (at most \
+         {MAX_UNKNOWNS}): too many to translate"
+    )
+}
+
 /// A set of ids (uids or gids): sorted, disjoint, non-adjacent inclusive ranges.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IdSet(Vec<(u32, u32)>);
@@ -238,11 +249,8 @@ impl Formula {
     /// When it has too many unknowns or terms to compute (`MAX_TERMS`).
     pub fn for_every_unknown(&self) -> Result<Vec<Term>, String> {
         let unknowns = self.unknowns();
-        if unknowns > 12 {
-            return Err(format!(
-                "{unknowns} conditions imds-guard cannot judge bear on one address: too many to \
-                 translate"
-            ));
+        if unknowns > MAX_UNKNOWNS {
+            return Err(too_many_unknowns(unknowns));
         }
         let mut result = vec![Term::any()];
         for values in 0..(1_u64 << unknowns) {
@@ -251,6 +259,24 @@ impl Formula {
             if result.is_empty() {
                 break;
             }
+        }
+        Ok(result)
+    }
+
+    /// The workloads for which it holds for some value of its unknowns: the most the rules
+    /// may have let through.
+    ///
+    /// # Errors
+    /// As for [`Formula::for_every_unknown`].
+    pub fn for_some_unknown(&self) -> Result<Vec<Term>, String> {
+        let unknowns = self.unknowns();
+        if unknowns > MAX_UNKNOWNS {
+            return Err(too_many_unknowns(unknowns));
+        }
+        let mut result = Vec::new();
+        for values in 0..(1_u64 << unknowns) {
+            result.extend(self.assume(values).terms()?);
+            result = simplify(result);
         }
         Ok(result)
     }

@@ -71,7 +71,7 @@ fn story(t: &Translation, source: &str) -> String {
     };
     say(&format!(
         "imds-guard policy translated by `imds-guard migrate` from the iptables rules of: {source}.\n\
-         Check it with `imds-guard check-config --config FILE`, install it as\n\
+         Check it with `imds-guard check-config FILE`, install it as\n\
          /etc/imds-guard/imds-guard.toml, and `systemctl reload imds-guard`.\n"
     ));
     let covered: Vec<String> = t.covered.iter().map(ToString::to_string).collect();
@@ -95,6 +95,9 @@ fn story(t: &Translation, source: &str) -> String {
     }
     for warning in &t.warnings {
         say(&format!("WARNING: {warning}."));
+    }
+    for (term, addresses) in &t.partial {
+        say(&format!("WARNING: {}.", partial_warning(term, addresses)));
     }
     for (term, why) in &t.lost {
         say(&format!(
@@ -163,6 +166,17 @@ fn write_rule(out: &mut String, term: &Term) {
     }
 }
 
+/// What the config does not let through that the rules did, on some ports or interfaces.
+fn partial_warning(term: &Term, addresses: &[IpAddr]) -> String {
+    let addresses: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    format!(
+        "not let through: {}, which the rules let reach {} only under conditions imds-guard \
+         cannot judge (see the rules not translated); add a rule by hand if it needs IMDS",
+        describe_term(term),
+        addresses.join(", ")
+    )
+}
+
 /// Whether the config's `protect` holds `address`.
 fn protected_by(t: &Translation, address: IpAddr) -> bool {
     super::translate::presets()
@@ -207,6 +221,8 @@ pub struct Json {
     pub allow: Vec<Allow>,
     /// What the rules let through that the config cannot, and why.
     pub lost: Vec<Lost>,
+    /// What the rules let through only on some ports, protocols or interfaces.
+    pub partial: Vec<Partial>,
     /// Everything else the reader must know.
     pub warnings: Vec<String>,
     /// The rules translated.
@@ -250,6 +266,15 @@ pub struct Lost {
     pub workloads: String,
     /// Why.
     pub why: String,
+}
+
+/// Workloads the rules let through only under conditions imds-guard cannot judge.
+#[derive(Debug, Serialize)]
+pub struct Partial {
+    /// Which.
+    pub workloads: String,
+    /// To which addresses.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// A rule of the input.
@@ -309,6 +334,12 @@ pub fn json(t: &Translation, source: &str) -> Json {
                 why: why.clone(),
             })
             .collect(),
+        partial: (t.partial.iter())
+            .map(|(term, addresses)| Partial {
+                workloads: describe_term(term),
+                addresses: addresses.clone(),
+            })
+            .collect(),
         warnings: t.warnings.clone(),
         translated: t.translated.iter().map(|r| json_rule(r, None)).collect(),
         untranslated: (t.untranslated.iter())
@@ -339,6 +370,9 @@ pub fn warnings(t: &Translation) -> Vec<String> {
         .map(|(address, why)| format!("{address} was not covered by the rules: {why}"))
         .collect();
     out.extend(t.warnings.iter().cloned());
+    out.extend(
+        (t.partial.iter()).map(|(term, addresses)| partial_warning(term, addresses)),
+    );
     out.extend(t.lost.iter().map(|(term, why)| {
         format!(
             "not translated, so no longer let through: {} ({why})",

@@ -136,6 +136,9 @@ pub struct Translation {
     pub allowed: Vec<Term>,
     /// Workloads the rules let through that the config cannot name, and why.
     pub lost: Vec<(Term, String)>,
+    /// Workloads the rules let through to these addresses only under conditions imds-guard
+    /// cannot judge (a port, an interface): the config does not let them through.
+    pub partial: Vec<(Term, Vec<IpAddr>)>,
     /// Other things the reader must know: addresses the rules treat differently, notices of
     /// the tools.
     pub warnings: Vec<String>,
@@ -215,6 +218,21 @@ pub fn translate(ruleset: &Ruleset, names: &dyn Names) -> Result<Translation, (u
         let terms = allowed
             .for_every_unknown()
             .map_err(|message| (0, format!("{address}: {message}")))?;
+        // What the rules let through only under conditions imds-guard cannot judge.
+        let maybe = allowed
+            .for_some_unknown()
+            .map_err(|message| (0, format!("{address}: {message}")))?;
+        let partial = logic::formula_of(&maybe)
+            .and(logic::formula_of(&terms).negate())
+            .terms()
+            .map_err(|message| (0, message))?;
+        for term in partial {
+            if !out.partial.iter().any(|(t, _)| *t == term) {
+                out.partial.push((term, vec![address]));
+            } else if let Some((_, addresses)) = out.partial.iter_mut().find(|(t, _)| *t == term) {
+                addresses.push(address);
+            }
+        }
         if terms == [Term::any()] {
             out.uncovered.push((
                 address,
@@ -583,7 +601,7 @@ fn expressible(term: &Term) -> Result<Vec<Term>, String> {
 pub fn describe_term(term: &Term) -> String {
     let ids = |set: &IdSet| {
         let complement = set.complement();
-        let (set, not) = if complement.ranges().len() < set.ranges().len() {
+        let (set, not) = if complement.len() < set.len() {
             (complement, "not ")
         } else {
             (set.clone(), "")
@@ -1052,6 +1070,9 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         assert_eq!(got, want, "{file}");
+        if !file.starts_with("port") {
+            assert!(t.partial.is_empty(), "{file}: {:?}", t.partial);
+        }
         // The config it prints loads as is, with one rule per allowed workload (or none).
         let config = render::config(&t, file);
         let loaded =
