@@ -370,9 +370,7 @@ pub fn warnings(t: &Translation) -> Vec<String> {
         .map(|(address, why)| format!("{address} was not covered by the rules: {why}"))
         .collect();
     out.extend(t.warnings.iter().cloned());
-    out.extend(
-        (t.partial.iter()).map(|(term, addresses)| partial_warning(term, addresses)),
-    );
+    out.extend((t.partial.iter()).map(|(term, addresses)| partial_warning(term, addresses)));
     out.extend(t.lost.iter().map(|(term, why)| {
         format!(
             "not translated, so no longer let through: {} ({why})",

@@ -363,7 +363,8 @@ pub fn parse(text: &str, source_name: &str) -> Result<Ruleset, SaveError> {
                 } else {
                     Family::V4
                 });
-            } else if comment.starts_with("Warning:") {
+            } else if comment.starts_with("Warning:") || comment.contains("is incompatible") {
+                // The nft backend's word that some rules are beyond what it can print.
                 ruleset.notices.push(format!("line {line}: {comment}"));
             }
             continue;
