@@ -17,7 +17,7 @@ use crate::{
     host::cgroups::Hierarchy,
     migrate::{
         self, MigrateError,
-        logic::{IdSet, Term, is_within},
+        logic::{self, IdSet, Term, is_within},
         render,
         save::{self, Family},
         translate::{self, Translation, describe_term},
@@ -70,7 +70,17 @@ pub fn run(args: &MigrateArgs) -> Result<bool> {
             ))
             .into());
         }
-        apply(args, &config, &hierarchy, &translation)?;
+        let wider = wider(&translation, &policy);
+        if !wider.is_empty() {
+            return Err(MigrateError::NotApplied(format!(
+                "{config_name} lets through more than they did, so deleting them would let it \
+                 through: {} (delete them by hand with the commands `imds-guard migrate` prints \
+                 if that is what you want)",
+                wider.join("; ")
+            ))
+            .into());
+        }
+        apply(args, &config, &policy, &hierarchy, &translation)?;
         return Ok(true);
     }
     match args.format {
@@ -113,6 +123,73 @@ pub fn missing(translation: &Translation, policy: &Policy) -> Vec<String> {
         }
     }
     missing
+}
+
+/// The rules of `policy` that let through workloads the rules stopped (or may have: rules
+/// with unit or pattern conditions cannot be compared), one line each.
+#[must_use]
+pub fn wider(translation: &Translation, policy: &Policy) -> Vec<String> {
+    if policy.mode == Mode::Audit {
+        return vec!["audit mode lets every workload through".into()];
+    }
+    let possible = logic::formula_of(&translation.possible);
+    let mut wider = Vec::new();
+    for rule in &policy.rules {
+        let Some(terms) = rule_terms(policy, rule) else {
+            wider.push(format!(
+                "rule {} ({}): its unit or pattern conditions cannot be compared with the rules",
+                rule.name, rule.origin
+            ));
+            continue;
+        };
+        for term in terms {
+            if !logic::implies(&logic::formula_of(std::slice::from_ref(&term)), &possible)
+                .unwrap_or(false)
+            {
+                wider.push(format!(
+                    "rule {} ({}) lets through {}, which the rules stopped",
+                    rule.name,
+                    rule.origin,
+                    describe_term(&term)
+                ));
+            }
+        }
+    }
+    wider
+}
+
+/// The workloads on the host `rule` lets through, as terms, or `None` when its conditions are
+/// units or patterns. Exclusions that are patterns are left out: the terms hold more, never
+/// less.
+fn rule_terms(policy: &Policy, rule: &PolicyRule) -> Option<Vec<Term>> {
+    if !rule.unit.is_empty() {
+        return None;
+    }
+    let literal = |index: usize| match &policy.patterns[index] {
+        Pattern::Path(path) if !path.contains(|c: char| "*?[]{}\\".contains(c)) => {
+            Some(path.clone())
+        }
+        _ => None,
+    };
+    let mut base = Term::any();
+    if let Some(uid) = rule.uid {
+        base.uid = IdSet::range(uid, uid);
+    }
+    if let Some(gid) = rule.gid {
+        base.gid = IdSet::range(gid, gid);
+    }
+    base.not_cgroup = rule.not_cgroup.iter().filter_map(|&i| literal(i)).collect();
+    if rule.cgroup.is_empty() {
+        return Some(vec![base]);
+    }
+    rule.cgroup
+        .iter()
+        .map(|&index| {
+            let mut term = base.clone();
+            term.cgroup = Some(literal(index)?);
+            Some(term)
+        })
+        .collect()
 }
 
 /// Whether `rule` lets through every host workload of `term`.
@@ -193,6 +270,7 @@ fn print_check(format: MigrateFormat, config_name: &str, policy: &Policy, missin
 fn apply(
     args: &MigrateArgs,
     config: &Config,
+    resolved: &Policy,
     hierarchy: &Hierarchy,
     translation: &Translation,
 ) -> Result<()> {
@@ -208,6 +286,19 @@ fn apply(
     let Some(policy) = &status.policy else {
         return refuse("the policy in force cannot be read from the pins".into());
     };
+    let mut in_force = policy.protected.clone();
+    let mut in_config = resolved.protect.clone();
+    in_force.sort_unstable();
+    in_config.sort_unstable();
+    if usize::try_from(policy.rules).ok() != Some(resolved.rules.len()) || in_force != in_config {
+        return refuse(format!(
+            "the policy in force ({} rules, protecting {}) is not the one in the config ({} \
+             rules): reload the agent",
+            policy.rules,
+            in_force.len(),
+            resolved.rules.len()
+        ));
+    }
     if policy.mode != "enforce" {
         return refuse(format!(
             "the policy in force is in {} mode: set mode = \"enforce\" and reload",
@@ -242,20 +333,50 @@ fn apply(
         println!("nothing to delete: no translated rule can go (see `imds-guard migrate`)");
         return Ok(());
     }
+    let mut done: Vec<String> = Vec::new();
+    for (family, input) in restore_inputs(&translation.deletions) {
+        let tool = format!("{}-restore", family.tool());
+        if let Err(err) = restore(&tool, &input) {
+            if !done.is_empty() {
+                eprintln!(
+                    "imds-guard: the {} rules were deleted before this failed:\n  {}",
+                    Family::V4.tool(),
+                    done.join("\n  ")
+                );
+            }
+            return Err(err);
+        }
+        for deletion in translation.deletions.iter().filter(|d| d.family == family) {
+            println!("deleted: {}", deletion.command());
+            done.push(deletion.command());
+        }
+    }
+    Ok(())
+}
+
+/// What `iptables-restore --noflush` (and `ip6tables-restore`) read to make `deletions`: per
+/// family, one block per table (committed atomically), its rules' deletions before its chains'.
+#[must_use]
+pub fn restore_inputs(deletions: &[translate::Deletion]) -> Vec<(Family, String)> {
+    let mut inputs = Vec::new();
     for family in [Family::V4, Family::V6] {
-        let deletions: Vec<_> = (translation.deletions.iter())
-            .filter(|d| d.family == family)
-            .collect();
-        if deletions.is_empty() {
+        let of_family: Vec<_> = deletions.iter().filter(|d| d.family == family).collect();
+        if of_family.is_empty() {
             continue;
         }
-        // One table per block: iptables-restore commits each atomically.
+        let mut tables: Vec<&str> = Vec::new();
+        for deletion in &of_family {
+            if !tables.contains(&deletion.table.as_str()) {
+                tables.push(&deletion.table);
+            }
+        }
         let mut input = String::new();
-        let mut tables: Vec<&str> = deletions.iter().map(|d| d.table.as_str()).collect();
-        tables.dedup();
         for table in tables {
             let _ = writeln!(input, "*{table}");
-            for deletion in deletions.iter().filter(|d| d.table == table) {
+            let (rules, chains): (Vec<&&translate::Deletion>, Vec<_>) = (of_family.iter())
+                .filter(|d| d.table == table)
+                .partition(|d| d.words[0] == "-D");
+            for deletion in rules.into_iter().chain(chains) {
                 let words: Vec<String> = (deletion.words.iter())
                     .map(|w| save::restore_quote(w))
                     .collect();
@@ -263,13 +384,9 @@ fn apply(
             }
             input.push_str("COMMIT\n");
         }
-        let tool = format!("{}-restore", family.tool());
-        restore(&tool, &input)?;
-        for deletion in deletions {
-            println!("deleted: {}", deletion.command());
-        }
+        inputs.push((family, input));
     }
-    Ok(())
+    inputs
 }
 
 /// Runs `tool --noflush` on `input`.
@@ -394,5 +511,63 @@ mod tests {
             ["uid not 33: the rules let it through; no rule of the policy does"]
         );
         assert!(missing(&t, &policy("[[allow]]\ncgroup = \"/\"\n")).is_empty());
+    }
+
+    #[test]
+    fn apply_needs_a_policy_no_wider_than_the_rules() {
+        let t = translation(ROOT_AND_A_SERVICE);
+        let printed = crate::migrate::render::config(&t, "t");
+        assert_eq!(wider(&t, &policy(&printed)), Vec::<String>::new());
+        // Every host workload: uid 1000 was stopped by the rules.
+        let all = wider(&t, &policy("[[allow]]\ncgroup = \"/\"\n"));
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].contains("which the rules stopped"), "{all:?}");
+        // A unit cannot be compared with uids and paths: refused, not guessed.
+        let unit = wider(&t, &policy("[[allow]]\nunit = \"ssm.service\"\n"));
+        assert!(unit[0].contains("cannot be compared"), "{unit:?}");
+        assert!(!wider(&t, &policy("mode = \"audit\"\n")).is_empty());
+        // What the rules let through on some ports only is not "stopped".
+        let t = translation(
+            "-A OUTPUT -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m owner --uid-owner 1000 \
+             -j ACCEPT\n-A OUTPUT -d 169.254.169.254/32 -j DROP\n",
+        );
+        assert_eq!(
+            wider(&t, &policy("[[allow]]\nuid = 1000\n")),
+            Vec::<String>::new()
+        );
+        assert_eq!(wider(&t, &policy("[[allow]]\nuid = 1001\n")).len(), 1);
+    }
+
+    #[test]
+    fn deletions_are_one_block_per_table_rules_before_chains() {
+        let text = "# Generated by iptables-save v1.8.9\n*mangle\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 7 -j DROP\nCOMMIT\n\
+                    *filter\n:OUTPUT ACCEPT [0:0]\n:IMDS - [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -j IMDS\n\
+                    -A IMDS -m owner ! --uid-owner 0 -j DROP\nCOMMIT\n\
+                    # Generated by ip6tables-save v1.8.9\n*filter\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d fd00:ec2::254/128 -m owner ! --uid-owner 0 -m comment \
+                    --comment \"no root, no IMDS\" -j DROP\nCOMMIT\n";
+        let t = translate::translate(&save::parse(text, "t").unwrap(), &NoNames).unwrap();
+        let inputs = restore_inputs(&t.deletions);
+        assert_eq!(
+            inputs,
+            [
+                (
+                    Family::V4,
+                    "*filter\n-D OUTPUT -d 169.254.169.254/32 -j IMDS\n\
+                     -D IMDS -m owner ! --uid-owner 0 -j DROP\n-X IMDS\nCOMMIT\n\
+                     *mangle\n-D OUTPUT -d 169.254.169.254/32 -m owner --uid-owner 7 -j DROP\n\
+                     COMMIT\n"
+                        .to_owned()
+                ),
+                (
+                    Family::V6,
+                    "*filter\n-D OUTPUT -d fd00:ec2::254/128 -m owner ! --uid-owner 0 -m comment \
+                     --comment \"no root, no IMDS\" -j DROP\nCOMMIT\n"
+                        .to_owned()
+                ),
+            ]
+        );
     }
 }

@@ -136,6 +136,10 @@ pub struct Translation {
     pub allowed: Vec<Term>,
     /// Workloads the rules let through that the config cannot name, and why.
     pub lost: Vec<(Term, String)>,
+    /// The workloads the rules may have let through to every protected address (under some
+    /// value of the conditions imds-guard cannot judge): a policy that lets through more lets
+    /// through what the rules stopped.
+    pub possible: Vec<Term>,
     /// Workloads the rules let through to these addresses only under conditions imds-guard
     /// cannot judge (a port, an interface): the config does not let them through.
     pub partial: Vec<(Term, Vec<IpAddr>)>,
@@ -187,65 +191,14 @@ impl Names for HostNames {
 /// `(line, message)` for a name this host does not know, a jump loop, or rules too complex to
 /// translate.
 pub fn translate(ruleset: &Ruleset, names: &dyn Names) -> Result<Translation, (usize, String)> {
-    let families = ruleset.families();
     let mut out = Translation {
-        families: families.clone(),
+        families: ruleset.families(),
         warnings: ruleset.notices.clone(),
         ..Translation::default()
     };
     let known: Vec<IpAddr> = presets().into_iter().flat_map(|(_, a)| a).collect();
-
-    // Per protected address: the workloads let through, when the rules stop someone.
-    let mut allowed_by_address: BTreeMap<IpAddr, Vec<Term>> = BTreeMap::new();
     let mut notes = Notes::default();
-    for &address in &known {
-        let family = if address.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        };
-        if !families.contains(&family) {
-            out.uncovered.push((
-                address,
-                format!(
-                    "no {}-save output was read: nothing stopped any workload from reaching it",
-                    family.tool()
-                ),
-            ));
-            continue;
-        }
-        let allowed = allowed_to(ruleset, family, address, names, &mut notes, &[])?;
-        let terms = allowed
-            .for_every_unknown()
-            .map_err(|message| (0, format!("{address}: {message}")))?;
-        // What the rules let through only under conditions imds-guard cannot judge.
-        let maybe = allowed
-            .for_some_unknown()
-            .map_err(|message| (0, format!("{address}: {message}")))?;
-        let partial = logic::formula_of(&maybe)
-            .and(logic::formula_of(&terms).negate())
-            .terms()
-            .map_err(|message| (0, message))?;
-        for term in partial {
-            if !out.partial.iter().any(|(t, _)| *t == term) {
-                out.partial.push((term, vec![address]));
-            } else if let Some((_, addresses)) = out.partial.iter_mut().find(|(t, _)| *t == term) {
-                addresses.push(address);
-            }
-        }
-        if terms == [Term::any()] {
-            out.uncovered.push((
-                address,
-                format!(
-                    "the {} rules stop no workload from reaching it",
-                    family.tool()
-                ),
-            ));
-        } else {
-            out.covered.push(address);
-            allowed_by_address.insert(address, terms);
-        }
-    }
+    let allowed_by_address = judge_addresses(ruleset, &known, names, &mut notes, &mut out)?;
 
     // One set of rules for every protected address: what reached each of them (every
     // workload reached the addresses the rules did not cover).
@@ -293,9 +246,80 @@ pub fn translate(ruleset: &Ruleset, names: &dyn Names) -> Result<Translation, (u
     out.uncovered
         .retain(|(address, _)| protected.contains(address));
 
-    classify(ruleset, &known, &notes, &mut out);
+    classify(ruleset, &known, &protected, &notes, &mut out);
     deletions(ruleset, &protected, names, &mut out)?;
     Ok(out)
+}
+
+/// For each `known` address the rules cover: the workloads they let reach it whatever the
+/// conditions imds-guard cannot judge. Records in `out` the addresses not covered, what was let
+/// through only under such conditions, and what may have reached every address.
+fn judge_addresses(
+    ruleset: &Ruleset,
+    known: &[IpAddr],
+    names: &dyn Names,
+    notes: &mut Notes,
+    out: &mut Translation,
+) -> Result<BTreeMap<IpAddr, Vec<Term>>, (usize, String)> {
+    // Per protected address: the workloads let through, when the rules stop someone.
+    let mut allowed_by_address: BTreeMap<IpAddr, Vec<Term>> = BTreeMap::new();
+    // What may have reached every protected address, whatever the unknowns.
+    let mut possible = vec![Term::any()];
+    for &address in known {
+        let family = if address.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        if !out.families.contains(&family) {
+            out.uncovered.push((
+                address,
+                format!(
+                    "no {}-save output was read: nothing stopped any workload from reaching it",
+                    family.tool()
+                ),
+            ));
+            continue;
+        }
+        let allowed = allowed_to(ruleset, family, address, names, notes, &[])?;
+        let terms = allowed
+            .for_every_unknown()
+            .map_err(|message| (0, format!("{address}: {message}")))?;
+        // What the rules let through only under conditions imds-guard cannot judge.
+        let maybe = allowed
+            .for_some_unknown()
+            .map_err(|message| (0, format!("{address}: {message}")))?;
+        possible = logic::formula_of(&possible)
+            .and(logic::formula_of(&maybe))
+            .terms()
+            .map_err(|message| (0, message))?;
+        let partial = logic::formula_of(&maybe)
+            .and(logic::formula_of(&terms).negate())
+            .terms()
+            .map_err(|message| (0, message))?;
+        for term in partial {
+            if !out.partial.iter().any(|(t, _)| *t == term) {
+                out.partial.push((term, vec![address]));
+            } else if let Some((_, addresses)) = out.partial.iter_mut().find(|(t, _)| *t == term) {
+                addresses.push(address);
+            }
+        }
+        if terms == [Term::any()] {
+            out.uncovered.push((
+                address,
+                format!(
+                    "the {} rules stop no workload from reaching it",
+                    family.tool()
+                ),
+            ));
+        } else {
+            out.covered.push(address);
+            allowed_by_address.insert(address, terms);
+        }
+    }
+
+    out.possible = possible;
+    Ok(allowed_by_address)
 }
 
 /// What walking the chains learnt: the lines whose conditions or targets imds-guard cannot
@@ -306,7 +330,8 @@ struct Notes {
 }
 
 /// The workloads `family`'s rules let reach `address` (unknowns left in), with the rules at
-/// `deleted` lines left out.
+/// `deleted` lines left out: a connection gets through when its first packet (`NEW`) and the
+/// ones after it (`ESTABLISHED`; `UNTRACKED` too where a raw rule stops tracking) all do.
 fn allowed_to(
     ruleset: &Ruleset,
     family: Family,
@@ -315,33 +340,92 @@ fn allowed_to(
     notes: &mut Notes,
     deleted: &[usize],
 ) -> Result<Formula, (usize, String)> {
-    let mut walk = Walk {
-        address,
-        names,
-        notes,
-        deleted,
-        next_unknown: 0,
-        chains: BTreeMap::new(),
-        active: Vec::new(),
+    let untracked = (ruleset.tables.iter())
+        .filter(|t| t.family == family && t.name == "raw")
+        .flat_map(|t| t.chains.iter().flat_map(|c| &c.rules))
+        .any(|r| matches!(&r.target, Target::Other(name) if name == "CT" || name == "NOTRACK"));
+    let states: &[&'static str] = if untracked {
+        &["NEW", "ESTABLISHED", "UNTRACKED"]
+    } else {
+        &["NEW", "ESTABLISHED"]
     };
+    let mut next_unknown = 0;
     let mut allowed = Formula::True;
-    for (table_name, chain_name) in OUTPUT_PATH {
-        let Some(table) =
-            (ruleset.tables.iter()).find(|t| t.family == family && t.name == *table_name)
-        else {
-            continue;
+    for state in states {
+        let mut walk = Walk {
+            address,
+            state,
+            loopback_impossible: loopback_impossible(ruleset, family, address),
+            names,
+            notes: &mut *notes,
+            deleted,
+            next_unknown: &mut next_unknown,
+            chains: BTreeMap::new(),
+            active: Vec::new(),
         };
-        let Some(chain) = table.chain(chain_name) else {
-            continue;
-        };
-        let outcome = walk.chain(table, chain)?;
-        let passes = match chain.policy {
-            Some(Target::Drop) => outcome.accept,
-            _ => outcome.drop.negate(),
-        };
-        allowed = allowed.and(passes);
+        for (table_name, chain_name) in OUTPUT_PATH {
+            let Some(table) =
+                (ruleset.tables.iter()).find(|t| t.family == family && t.name == *table_name)
+            else {
+                continue;
+            };
+            let Some(chain) = table.chain(chain_name) else {
+                continue;
+            };
+            let outcome = walk.chain(table, chain)?;
+            let passes = match chain.policy {
+                Some(Target::Drop) => outcome.accept,
+                _ => outcome.drop.negate(),
+            };
+            allowed = allowed.and(passes);
+        }
     }
     Ok(allowed)
+}
+
+/// Whether packets to `address` never leave by the loopback interface: true of the IMDS
+/// addresses (IMDS is never on the host) unless a nat rule rewrites their destination; never
+/// assumed of the ECS and EKS addresses, whose agents serve them on the host.
+fn loopback_impossible(ruleset: &Ruleset, family: Family, address: IpAddr) -> bool {
+    let imds = presets()[0].1.contains(&address);
+    imds && !(ruleset.tables.iter())
+        .filter(|t| t.family == family && t.name == "nat")
+        .flat_map(|t| t.chains.iter().flat_map(|c| &c.rules))
+        .filter(|r| matches!(&r.target, Target::Other(t) if matches!(t.as_str(), "DNAT" | "REDIRECT" | "NETMAP")))
+        .any(|r| rewrites(r, address) || packet_may_match(r, address, "", false))
+}
+
+/// Whether `rule` (of the nat table) rewrites destinations to `address`.
+fn rewrites(rule: &Rule, address: IpAddr) -> bool {
+    let Some(to) = &rule.rewrites_to else {
+        return false;
+    };
+    // `a.b.c.d[-e.f.g.h][:port[-port]]`, `[v6][:port]`, `v6`, or a prefix (`NETMAP --to`).
+    let hosts = to.trim_start_matches('[');
+    let hosts = match hosts.split_once(']') {
+        Some((inside, _)) => inside,
+        None if address.is_ipv4() => hosts.split(':').next().unwrap_or(hosts),
+        None => hosts,
+    };
+    let hosts = hosts.split('/').next().unwrap_or(hosts);
+    let (low, high) = hosts.split_once('-').unwrap_or((hosts, hosts));
+    match (low.parse::<IpAddr>(), high.parse::<IpAddr>()) {
+        (Ok(low), Ok(high)) => low <= address && address <= high,
+        // Unreadable: assume it may.
+        _ => true,
+    }
+}
+
+/// Whether a `--state`/`--ctstate` list holds for a packet in `state`: `None` when it depends
+/// on the connection's address translation (`SNAT`, `DNAT`).
+fn state_matches(states: &[String], negated: bool, state: &str) -> Option<bool> {
+    let listed = states.iter().any(|s| s == state);
+    let translation = states.iter().any(|s| s == "SNAT" || s == "DNAT");
+    match (listed, translation) {
+        (true, _) => Some(!negated),
+        (false, false) => Some(negated),
+        (false, true) => None,
+    }
 }
 
 /// When a chain accepts and when it drops; otherwise it falls through (returns).
@@ -353,10 +437,15 @@ struct Outcome {
 
 struct Walk<'a> {
     address: IpAddr,
+    /// The connection state of the packet judged: `NEW`, `ESTABLISHED` or `UNTRACKED`.
+    state: &'static str,
+    /// Packets to the address never leave by loopback (see [`loopback_impossible`]).
+    loopback_impossible: bool,
     names: &'a dyn Names,
     notes: &'a mut Notes,
     deleted: &'a [usize],
-    next_unknown: usize,
+    /// Shared by the walks of one formula, so that their unknowns stay apart.
+    next_unknown: &'a mut usize,
     /// Chains walked, by table and name: a chain jumped to twice is the same conditions.
     chains: BTreeMap<(String, String), Outcome>,
     active: Vec<String>,
@@ -436,41 +525,44 @@ impl Walk<'_> {
     /// When `rule`'s conditions hold for a packet to the address.
     fn rule_matches(&mut self, rule: &Rule) -> Result<Formula, (usize, String)> {
         // The conditions on the packet alone first: a rule for other addresses adds nothing.
-        let mut fixed = Formula::True;
-        for m in &rule.matches {
-            match m {
-                Match::Destination { prefixes, negated } => {
-                    let hit = prefixes.iter().any(|p| p.contains(self.address));
-                    if hit == *negated {
-                        fixed = Formula::False;
-                    }
-                }
-                // Traffic to a protected address never leaves by loopback.
-                Match::OutInterface { name, negated } if is_loopback(name) && !negated => {
-                    fixed = Formula::False;
-                }
-                Match::NewConnections { included } if !included => fixed = Formula::False,
-                _ => {}
-            }
-        }
-        if fixed == Formula::False {
+        if !packet_may_match(rule, self.address, self.state, self.loopback_impossible) {
             return Ok(Formula::False);
         }
         let mut formula = Formula::True;
+        // What imds-guard cannot judge of this rule, as one condition.
+        let mut unknown: Vec<String> = Vec::new();
         for m in &rule.matches {
             let (atom, negated) = match m {
-                Match::Destination { .. } | Match::NewConnections { .. } => continue,
-                Match::OutInterface { name, .. } if is_loopback(name) => continue,
-                Match::OutInterface { name, negated } => (
-                    self.unknown(
-                        rule.line,
-                        format!(
-                            "{}-o {name}: an outgoing interface (imds-guard judges every one)",
-                            if *negated { "! " } else { "" }
-                        ),
-                    ),
-                    false,
-                ),
+                Match::Destination { .. } => continue,
+                Match::OutInterface { name, .. }
+                    if is_loopback(name) && self.loopback_impossible =>
+                {
+                    continue;
+                }
+                Match::ConnState { states, negated } => {
+                    if state_matches(states, *negated, self.state).is_none() {
+                        unknown.push(format!(
+                            "{}--ctstate {}: a connection's address translation",
+                            if *negated { "! " } else { "" },
+                            states.join(",")
+                        ));
+                    }
+                    continue;
+                }
+                Match::OutInterface { name, negated } => {
+                    unknown.push(format!(
+                        "{}-o {name}: an outgoing interface (imds-guard judges every one)",
+                        if *negated { "! " } else { "" }
+                    ));
+                    continue;
+                }
+                Match::Other { text, what } => {
+                    unknown.push(format!(
+                        "{text}: {what} (imds-guard judges every port and protocol of a \
+                         protected address, by uid, gid and cgroup)"
+                    ));
+                    continue;
+                }
                 Match::UidOwner { ids, negated } => (
                     Formula::Atom(Atom::Uid(self.ids(ids, rule.line, true)?)),
                     *negated,
@@ -494,15 +586,12 @@ impl Walk<'_> {
                 Match::CgroupPath { path, negated } => {
                     (Formula::Atom(Atom::Cgroup(path.clone())), *negated)
                 }
-                Match::Other { text, what } => (
-                    self.unknown(
-                        rule.line,
-                        format!("{text}: {what} (imds-guard judges every port and protocol of a protected address, by uid, gid and cgroup)"),
-                    ),
-                    false,
-                ),
             };
             formula = formula.and(if negated { atom.negate() } else { atom });
+        }
+        if !unknown.is_empty() {
+            let condition = self.unknown(rule.line, unknown.join("; "));
+            formula = formula.and(condition);
         }
         Ok(formula)
     }
@@ -532,8 +621,8 @@ impl Walk<'_> {
 
     fn unknown(&mut self, line: usize, why: String) -> Formula {
         self.note(line, why);
-        let n = self.next_unknown;
-        self.next_unknown += 1;
+        let n = *self.next_unknown;
+        *self.next_unknown += 1;
         Formula::Atom(Atom::Unknown(n))
     }
 
@@ -661,16 +750,32 @@ fn rule_ref(table: &Table, chain: &Chain, rule: &Rule) -> RuleRef {
     }
 }
 
-/// Sorts every rule that bears on a protected address into translated or not.
-fn classify(ruleset: &Ruleset, known: &[IpAddr], notes: &Notes, out: &mut Translation) {
+/// Sorts every rule that bears on an address the config protects into translated or not (and
+/// lists the nat rules that bear on any `known` one: they stay).
+fn classify(
+    ruleset: &Ruleset,
+    known: &[IpAddr],
+    protected: &[IpAddr],
+    notes: &Notes,
+    out: &mut Translation,
+) {
     for table in &ruleset.tables {
         let reached_by = reached_by(table);
         for chain in &table.chains {
             for rule in &chain.rules {
-                let bears = known
-                    .iter()
-                    .filter(|a| table.family.holds(**a))
-                    .any(|a| packet_may_match(rule, *a));
+                let family = table.family;
+                let relevant = if table.name == "nat" {
+                    known
+                } else {
+                    protected
+                };
+                let addresses = || relevant.iter().copied().filter(|a| family.holds(*a));
+                let rewrites_to_protected =
+                    table.name == "nat" && addresses().any(|a| rewrites(rule, a));
+                let bears = rewrites_to_protected
+                    || addresses().any(|a| {
+                        packet_may_match(rule, a, "", loopback_impossible(ruleset, family, a))
+                    });
                 if !bears {
                     out.unrelated += 1;
                     continue;
@@ -680,7 +785,14 @@ fn classify(ruleset: &Ruleset, known: &[IpAddr], notes: &Notes, out: &mut Transl
                 let on_output_path = OUTPUT_PATH
                     .iter()
                     .any(|(t, c)| *t == table.name && from.contains(*c));
-                let reason = if table.name == "nat" {
+                let reason = if rewrites_to_protected {
+                    Some(
+                        "it rewrites destinations to a protected address: imds-guard judges \
+                         the rewritten packets at its packet hook (cgroup_skb/egress), not by \
+                         this rule; keep it"
+                            .to_owned(),
+                    )
+                } else if table.name == "nat" {
                     Some(
                         "the nat table rewrites addresses, it does not decide who may connect \
                          (the ECS agent's credential redirect lives here): keep it"
@@ -728,14 +840,18 @@ fn classify(ruleset: &Ruleset, known: &[IpAddr], notes: &Notes, out: &mut Transl
 }
 
 /// Whether the packet conditions of `rule` (destination, loopback, connection state) may hold
-/// for a packet to `address`.
-fn packet_may_match(rule: &Rule, address: IpAddr) -> bool {
+/// for a packet to `address` in connection `state` (any state: `""`).
+fn packet_may_match(rule: &Rule, address: IpAddr, state: &str, loopback_impossible: bool) -> bool {
     rule.matches.iter().all(|m| match m {
         Match::Destination { prefixes, negated } => {
             prefixes.iter().any(|p| p.contains(address)) != *negated
         }
-        Match::OutInterface { name, negated } if is_loopback(name) => *negated,
-        Match::NewConnections { included } => *included,
+        Match::OutInterface { name, negated } if is_loopback(name) && loopback_impossible => {
+            *negated
+        }
+        Match::ConnState { states, negated } if !state.is_empty() => {
+            state_matches(states, *negated, state) != Some(false)
+        }
         _ => true,
     })
 }
@@ -776,27 +892,7 @@ fn deletions(
     names: &dyn Names,
     out: &mut Translation,
 ) -> Result<(), (usize, String)> {
-    let confined = confined_rules(ruleset, protected);
-    let mut candidates: Vec<usize> = Vec::new();
-    for reference in &out.translated {
-        if confined.contains(&reference.line) {
-            candidates.push(reference.line);
-        } else {
-            out.kept.push((
-                reference.clone(),
-                "it also judges addresses imds-guard does not protect".into(),
-            ));
-        }
-    }
-    with_whole_chains(ruleset, &mut candidates);
-    for line in confined.iter().filter(|l| !candidates.contains(l)) {
-        if let Some(reference) = out.translated.iter().find(|r| r.line == *line) {
-            out.kept.push((
-                reference.clone(),
-                "the chain it jumps to holds rules that are not translated".into(),
-            ));
-        }
-    }
+    let candidates = candidates(ruleset, protected, out);
     // What the config lets through must still pass what is left; first try deleting every
     // candidate, then the ones that only ever stop workloads (deleting those widens iptables).
     let config = logic::formula_of(&out.allowed);
@@ -864,8 +960,58 @@ fn deletions(
     Ok(())
 }
 
-/// Leaves out of `candidates` the jumps to chains not every rule of which goes.
-fn with_whole_chains(ruleset: &Ruleset, candidates: &mut Vec<usize>) {
+/// The translated rules that may go: seen only by the host's own packets, only to
+/// `protected` addresses, and, for a jump, with its whole chain. Records in `out.kept` why the
+/// others stay.
+fn candidates(ruleset: &Ruleset, protected: &[IpAddr], out: &mut Translation) -> Vec<usize> {
+    let confined = confined_rules(ruleset, protected);
+    let mut candidates: Vec<usize> = Vec::new();
+    for reference in &out.translated {
+        let elsewhere = ruleset
+            .tables
+            .iter()
+            .find(|t| t.family == reference.family && t.name == reference.table)
+            .and_then(|t| reached_by(t).remove(&reference.chain))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|from| {
+                !OUTPUT_PATH
+                    .iter()
+                    .any(|(t, c)| *t == reference.table && c == from)
+            });
+        if let Some(from) = elsewhere {
+            out.kept.push((
+                reference.clone(),
+                format!("its chain also judges packets of {from}, which imds-guard does not"),
+            ));
+        } else if confined.contains(&reference.line) {
+            candidates.push(reference.line);
+        } else {
+            out.kept.push((
+                reference.clone(),
+                "it also judges addresses imds-guard does not protect".into(),
+            ));
+        }
+    }
+    let before = candidates.clone();
+    // Rules that stay for FORWARD's (or INPUT's) sake go on judging those packets: a jump
+    // from OUTPUT into their chain can go without them.
+    let shared: Vec<usize> = out.kept.iter().map(|(r, _)| r.line).collect();
+    with_whole_chains(ruleset, &mut candidates, &shared);
+    for line in before.iter().filter(|l| !candidates.contains(l)) {
+        if let Some(reference) = out.translated.iter().find(|r| r.line == *line) {
+            out.kept.push((
+                reference.clone(),
+                "the chain it jumps to holds rules that are not translated".into(),
+            ));
+        }
+    }
+    candidates
+}
+
+/// Leaves out of `candidates` the jumps to chains not every rule of which goes (or stays, in
+/// `shared`, for another built-in chain's sake).
+fn with_whole_chains(ruleset: &Ruleset, candidates: &mut Vec<usize>, shared: &[usize]) {
     loop {
         let before = candidates.clone();
         candidates.retain(|line| {
@@ -873,9 +1019,9 @@ fn with_whole_chains(ruleset: &Ruleset, candidates: &mut Vec<usize>) {
                 return false;
             };
             match &rule.target {
-                Target::Jump(name) | Target::Goto(name) => table
-                    .chain(name)
-                    .is_some_and(|c| c.rules.iter().all(|r| before.contains(&r.line))),
+                Target::Jump(name) | Target::Goto(name) => table.chain(name).is_some_and(|c| {
+                    (c.rules.iter()).all(|r| before.contains(&r.line) || shared.contains(&r.line))
+                }),
                 _ => true,
             }
         });
@@ -1201,7 +1347,11 @@ mod tests {
                 ],
             },
         );
-        assert_eq!(translated("chain.rules").unrelated, 2);
+        // The loopback ACCEPT never sees IMDS's packets; the conntrack one sees its later
+        // packets, and stays (it judges every address).
+        let t = translated("chain.rules");
+        assert_eq!(t.unrelated, 1);
+        assert_eq!(t.kept.len(), 1, "{:?}", t.kept);
     }
 
     #[test]
@@ -1362,5 +1512,131 @@ mod tests {
         let err = translate(&save::parse(text, "t").unwrap(), &Fixed).unwrap_err();
         assert_eq!(err.0, 4);
         assert!(err.1.contains("\"cwagent\" does not exist"), "{}", err.1);
+    }
+
+    fn of(rules: &str) -> Translation {
+        let text = format!(
+            "# Generated by iptables-save v1.8.9 (nf_tables)\n*filter\n:INPUT ACCEPT [0:0]\n\
+             :FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n{rules}COMMIT\n"
+        );
+        translate(&save::parse(&text, "t").unwrap(), &Fixed).unwrap()
+    }
+
+    fn allowed(t: &Translation) -> Vec<String> {
+        t.allowed.iter().map(describe_term).collect()
+    }
+
+    #[test]
+    fn a_comment_that_looks_like_an_option_is_a_comment() {
+        // iptables-save does not quote `-c`: it is the comment, not counters.
+        let t = of(
+            "-A OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -m comment \
+                    --comment -c -j DROP\n",
+        );
+        assert_eq!(allowed(&t), ["uid 0"]);
+        assert_eq!(
+            t.deletions
+                .iter()
+                .map(Deletion::command)
+                .collect::<Vec<_>>(),
+            [
+                "iptables -D OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -m comment \
+              --comment -c -j DROP"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_connection_gets_through_when_every_packet_of_it_does() {
+        // Only the first packet is NEW: the ones after it hit the DROP (watched in a netns).
+        let t = of(
+            "-A OUTPUT -d 169.254.169.254/32 -m conntrack --ctstate NEW -m owner \
+                    --uid-owner 1000 -j ACCEPT\n-A OUTPUT -d 169.254.169.254/32 -j DROP\n",
+        );
+        assert_eq!(allowed(&t), Vec::<String>::new());
+        // The packets after the first are judged too.
+        let t = of(
+            "-A OUTPUT -d 169.254.169.254/32 -m conntrack ! --ctstate NEW -m owner \
+                    ! --uid-owner 0 -j DROP\n",
+        );
+        assert_eq!(allowed(&t), ["uid 0"]);
+        // The usual ESTABLISHED shortcut changes nothing.
+        let t = of("-A OUTPUT -m state --state related,established -j ACCEPT\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP\n");
+        assert_eq!(allowed(&t), ["uid 0"]);
+        // Untracked packets are neither NEW nor ESTABLISHED.
+        let text = "# Generated by iptables-save v1.8.9\n*raw\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -j CT --notrack\nCOMMIT\n\
+                    *filter\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m conntrack --ctstate UNTRACKED -m owner \
+                    ! --uid-owner 0 -j DROP\nCOMMIT\n";
+        let t = translate(&save::parse(text, "t").unwrap(), &Fixed).unwrap();
+        assert_eq!(allowed(&t), ["uid 0"]);
+    }
+
+    #[test]
+    fn cgroup_paths_are_read_as_the_kernel_walks_them() {
+        // `/system.slice/` is `/system.slice`: the DROP holds below it.
+        let t = of(
+            "-A OUTPUT -d 169.254.169.254/32 -m cgroup --path /system.slice/ -j DROP\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m cgroup --path system.slice//x.service \
+                    -j ACCEPT\n-A OUTPUT -d 169.254.169.254/32 -j DROP\n",
+        );
+        assert_eq!(allowed(&t), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_chain_forward_reaches_too_is_not_emptied() {
+        let t = of(":IMDS - [0:0]\n-A FORWARD -d 169.254.169.254/32 -j IMDS\n\
+                    -A OUTPUT -d 169.254.169.254/32 -j IMDS\n-A IMDS -j DROP\n");
+        assert_eq!(t.allowed.len(), 0);
+        let deletions: Vec<String> = t.deletions.iter().map(Deletion::command).collect();
+        assert_eq!(
+            deletions,
+            ["iptables -D OUTPUT -d 169.254.169.254/32 -j IMDS"]
+        );
+        assert!(
+            t.kept
+                .iter()
+                .any(|(r, why)| r.line == 9 && why.contains("FORWARD")),
+            "{:?}",
+            t.kept
+        );
+    }
+
+    #[test]
+    fn a_rewrite_to_a_protected_address_is_named() {
+        let text = "# Generated by iptables-save v1.8.9\n*nat\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 10.99.0.9/32 -p tcp -j DNAT --to-destination 169.254.169.254:80\n\
+                    COMMIT\n*filter\n:OUTPUT ACCEPT [0:0]\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP\nCOMMIT\n";
+        let t = translate(&save::parse(text, "t").unwrap(), &Fixed).unwrap();
+        let dnat = t
+            .untranslated
+            .iter()
+            .find(|u| u.rule.line == 4)
+            .expect("the DNAT is named");
+        assert!(
+            dnat.reason
+                .contains("rewrites destinations to a protected address"),
+            "{dnat:?}"
+        );
+        assert_eq!(allowed(&t), ["uid 0"]);
+    }
+
+    #[test]
+    fn loopback_is_judged_for_addresses_served_on_the_host() {
+        // EKS Pod Identity's address is served on the host: `-o lo` may hold for it.
+        let t = of(
+            "-A OUTPUT -d 169.254.170.23/32 ! -o lo -m owner --uid-owner 1000 -j ACCEPT\n\
+                    -A OUTPUT -d 169.254.170.23/32 -j DROP\n",
+        );
+        assert_eq!(allowed(&t), Vec::<String>::new());
+        assert_eq!(t.untranslated.len(), 1);
+        // IMDS is not: the loopback rule never sees its packets.
+        let t = of("-A OUTPUT -o lo -j ACCEPT\n\
+                    -A OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j DROP\n");
+        assert_eq!(allowed(&t), ["uid 0"]);
+        assert!(t.untranslated.is_empty(), "{:?}", t.untranslated);
     }
 }
