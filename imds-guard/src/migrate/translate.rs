@@ -551,16 +551,13 @@ impl Walk<'_> {
                 }
                 Match::OutInterface { name, negated } => {
                     unknown.push(format!(
-                        "{}-o {name}: an outgoing interface (imds-guard judges every one)",
+                        "{}-o {name}: an outgoing interface",
                         if *negated { "! " } else { "" }
                     ));
                     continue;
                 }
                 Match::Other { text, what } => {
-                    unknown.push(format!(
-                        "{text}: {what} (imds-guard judges every port and protocol of a \
-                         protected address, by uid, gid and cgroup)"
-                    ));
+                    unknown.push(format!("{text}: {what}"));
                     continue;
                 }
                 Match::UidOwner { ids, negated } => (
@@ -821,8 +818,9 @@ fn classify(
                 } else {
                     notes.unknown.get(&rule.line).map(|whys| {
                         format!(
-                            "{}; translated as if it could match or not, whichever lets \
-                             through less",
+                            "{} (imds-guard judges every port, protocol and interface of a \
+                             protected address alike); translated as if it could match or not, \
+                             whichever lets through less",
                             whys.iter().cloned().collect::<Vec<_>>().join("; ")
                         )
                     })
