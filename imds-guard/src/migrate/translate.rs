@@ -47,7 +47,7 @@ pub fn presets() -> [(&'static str, Vec<IpAddr>); 3] {
 }
 
 /// A workload set the config cannot hold more of than this many uids (or gids) rules.
-pub const MAX_IDS_PER_TERM: u64 = 64;
+pub const MAX_IDS_PER_TERM: u64 = 1024;
 
 /// The chains a locally made packet crosses, by table, in order.
 const OUTPUT_PATH: &[(&str, &str)] = &[
