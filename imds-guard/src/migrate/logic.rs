@@ -519,12 +519,29 @@ fn merge<K: Ord>(
     by_rest.into_values().collect()
 }
 
-/// Whether every workload `a` holds, `b` holds too (with no unknowns in either).
+/// The workloads of `a` not in `b`, taking `b`'s terms away one at a time (negating `b` whole
+/// would multiply out every combination of its terms' conditions).
 ///
 /// # Errors
-/// As for [`Formula::terms`].
-pub fn implies(a: &Formula, b: &Formula) -> Result<bool, String> {
-    Ok(a.clone().and(b.clone().negate()).terms()?.is_empty())
+/// When the difference has more than [`MAX_TERMS`] terms.
+pub fn difference(a: &[Term], b: &[Term]) -> Result<Vec<Term>, String> {
+    let mut left = a.to_vec();
+    for term in b {
+        let not_term = formula_of(std::slice::from_ref(term)).negate().terms()?;
+        left = conjunction(&left, &not_term)?;
+        if left.is_empty() {
+            break;
+        }
+    }
+    Ok(left)
+}
+
+/// Whether every workload of `a` is in `b`.
+///
+/// # Errors
+/// As for [`difference`].
+pub fn within(a: &[Term], b: &[Term]) -> Result<bool, String> {
+    Ok(difference(a, b)?.is_empty())
 }
 
 /// The formula of a list of terms.
@@ -551,6 +568,21 @@ pub fn formula_of(terms: &[Term]) -> Formula {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_do_not_multiply_out() {
+        // Two hundred rules of uid and cgroup: negating their union whole would make 2^200
+        // terms; taking them away one by one stays linear.
+        let rules: Vec<Term> = (0..200)
+            .flat_map(|n| uid(n, n).and(cgroup(&format!("/s/a{n}"))).terms().unwrap())
+            .collect();
+        assert!(within(&rules, &rules).unwrap());
+        let extra = uid(5000, 5000).terms().unwrap();
+        let mut more = rules.clone();
+        more.extend(extra.clone());
+        assert_eq!(difference(&more, &rules).unwrap(), extra);
+        assert!(!within(&more, &rules).unwrap());
+    }
 
     fn uid(low: u32, high: u32) -> Formula {
         Formula::Atom(Atom::Uid(IdSet::range(low, high)))
@@ -624,9 +656,10 @@ mod tests {
         // An exclusion elsewhere in the tree says nothing.
         let t = &cgroup("/a").and(cgroup("/c").negate()).terms().unwrap()[0];
         assert!(t.not_cgroup.is_empty());
-        assert!(implies(&cgroup("/a/b"), &cgroup("/a")).unwrap());
-        assert!(!implies(&cgroup("/a"), &cgroup("/a/b")).unwrap());
-        assert!(!implies(&cgroup("/ab"), &cgroup("/a")).unwrap());
+        let terms = |f: Formula| f.terms().unwrap();
+        assert!(within(&terms(cgroup("/a/b")), &terms(cgroup("/a"))).unwrap());
+        assert!(!within(&terms(cgroup("/a")), &terms(cgroup("/a/b"))).unwrap());
+        assert!(!within(&terms(cgroup("/ab")), &terms(cgroup("/a"))).unwrap());
     }
 
     #[test]

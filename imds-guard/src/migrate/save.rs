@@ -123,8 +123,12 @@ pub enum Match {
     /// whether the `!` before them says "none of these".
     ConnState { states: Vec<String>, negated: bool },
     /// A condition imds-guard has no counterpart for: ports, protocols, sources, marks,
-    /// interfaces, `--pid-owner`, … as written, e.g. `-p tcp`, `--dport 80`.
-    Other { text: String, what: &'static str },
+    /// interfaces, `--pid-owner`, … as written without its `!`, e.g. `-p tcp`, `--dport 80`.
+    Other {
+        text: String,
+        negated: bool,
+        what: &'static str,
+    },
 }
 
 /// Where a rule sends what it matches.
@@ -705,6 +709,7 @@ fn parse_rule(words: &[String], line: usize) -> Result<(String, Rule), String> {
             "-f" | "--fragment" => {
                 matches.push(Match::Other {
                     text: "-f".into(),
+                    negated,
                     what: "fragments",
                 });
                 spec.push("-f".into());
@@ -754,11 +759,11 @@ fn packet_option(
     text: &str,
     negated: bool,
 ) -> Result<(Option<Match>, &'static str), String> {
-    let not = if negated { "! " } else { "" };
     let other = |short: &'static str, what: &'static str| {
         Ok((
             Some(Match::Other {
-                text: format!("{not}{short} {text}"),
+                text: format!("{short} {text}"),
+                negated,
                 what,
             }),
             short,
@@ -928,10 +933,10 @@ fn module_option(
             _ => Err(format!("-m {module} {option} takes one value")),
         }
     };
-    let not = if negated { "! " } else { "" };
     let other = |what: &'static str| Match::Other {
+        negated,
         text: format!(
-            "{not}{option}{}{}",
+            "{option}{}{}",
             if args.is_empty() { "" } else { " " },
             args.iter()
                 .map(|a| a.as_str())
@@ -1002,7 +1007,7 @@ fn parse_ids(text: &str) -> Result<Ids, String> {
 }
 
 /// `169.254.169.254`, `169.254.169.254/32`, `169.254.0.0/255.255.0.0`, `fd00:ec2::254/128`.
-fn parse_prefix(text: &str) -> Result<Prefix, String> {
+pub(crate) fn parse_prefix(text: &str) -> Result<Prefix, String> {
     let bad = || format!("{text:?} is not an address or a prefix");
     let (address, len) = text.split_once('/').unwrap_or((text, ""));
     let address: IpAddr = address.parse().map_err(|_| bad())?;
