@@ -5,6 +5,8 @@
 
 use std::{net::IpAddr, process::Output};
 
+use nix::sys::signal::Signal;
+
 use imds_guard_tests::{
     Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Pins, Sandbox,
     TestCgroup, agent_binary, setup,
@@ -175,8 +177,10 @@ fn a_migrated_policy_lets_through_exactly_what_the_rules_did_and_replaces_them()
             "{expected:?} in:\n{translated}"
         );
     }
-    // The agent enforces it on the sandbox's cgroup (the config names it, as --apply checks).
-    let config = ConfigFile::new(&format!("cgroup = \"{}\"\n{translated}", attach.path));
+    // The agent enforces it on the sandbox's cgroup (the config names it, as --apply checks);
+    // first with one rule more, which lets through a workload the rules stopped.
+    let exact = format!("cgroup = \"{}\"\n{translated}", attach.path);
+    let config = ConfigFile::new(&format!("{exact}\n[[allow]]\nuid = {OTHER_USER}\n"));
 
     // --apply refuses while nothing enforces the new policy, and deletes nothing.
     let pins = Pins::new();
@@ -221,7 +225,19 @@ fn a_migrated_policy_lets_through_exactly_what_the_rules_did_and_replaces_them()
         assert!(difference.contains(&missing), "{missing:?} in {difference}");
     }
 
-    // Deleted, atomically per family, once the agent enforces the policy.
+    // --apply refuses a policy wider than the rules: deleting them would let uid 1002 through.
+    let wider = migrate_in(&sandbox, &apply);
+    assert_eq!(wider.status.code(), Some(1), "{wider:?}");
+    assert!(
+        String::from_utf8_lossy(&wider.stderr).contains(&format!("lets through uid {OTHER_USER}")),
+        "{wider:?}"
+    );
+    assert!(saved(&sandbox, "iptables").contains("-A IMDS -j REJECT"));
+    config.write(&exact);
+    agent.signal(Signal::SIGHUP);
+    agent.wait_reloads(1, 0);
+
+    // Deleted, one commit per table, once the agent enforces the policy.
     let applied = migrate_in(&sandbox, &apply);
     assert!(applied.status.success(), "{applied:?}");
     for tool in ["iptables", "ip6tables"] {

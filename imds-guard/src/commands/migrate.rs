@@ -63,6 +63,8 @@ pub fn run(args: &MigrateArgs) -> Result<bool> {
             print_check(args.format, &config_name, &policy, &missing);
             return Ok(missing.is_empty());
         }
+        // First: does imds-guard enforce this config at all?
+        in_force(args, &config, &policy, &hierarchy, &translation)?;
         if !missing.is_empty() {
             return Err(MigrateError::NotApplied(format!(
                 "{config_name} does not cover what they let through: {}",
@@ -105,7 +107,7 @@ pub fn run(args: &MigrateArgs) -> Result<bool> {
                 rule.chain
             );
         }
-        apply(args, &config, &policy, &hierarchy, &plan)?;
+        apply(&plan)?;
         return Ok(true);
     }
     match args.format {
@@ -289,8 +291,9 @@ fn print_check(format: MigrateFormat, config_name: &str, policy: &Policy, missin
     }
 }
 
-/// Deletes the translated rules, once the agent enforces `config` on the cgroup it names.
-fn apply(
+/// Whether the agent enforces `config` (resolved: `resolved`) on the cgroup it names, in
+/// enforce mode, protecting what the rules covered: else why not.
+fn in_force(
     args: &MigrateArgs,
     config: &Config,
     resolved: &Policy,
@@ -352,6 +355,11 @@ fn apply(
             attach.path
         ));
     }
+    Ok(())
+}
+
+/// Deletes the rules `translation` plans to (the checks made).
+fn apply(translation: &Translation) -> Result<()> {
     if translation.deletions.is_empty() {
         println!("nothing to delete: no translated rule can go (see `imds-guard migrate`)");
         return Ok(());
