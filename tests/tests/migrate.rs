@@ -135,22 +135,30 @@ fn rules(workloads: &Workloads, destination: &str, generated_by: &str) -> String
     )
 }
 
-#[test]
-fn a_migrated_policy_lets_through_exactly_what_the_rules_did_and_replaces_them() {
-    let Some((sandbox, attach)) = setup("migrate") else {
-        return;
-    };
+/// A sandbox whose iptables (and, with `ipv6`, ip6tables) rules judge the [`Workloads`].
+fn sandbox_with_rules(ipv6: bool) -> Option<(Sandbox, TestCgroup, Workloads)> {
+    let (sandbox, attach) = setup("migrate")?;
     let workloads = Workloads::new(&attach);
     restore(
         &sandbox,
         "iptables",
         &rules(&workloads, "169.254.169.254/32", "iptables-save"),
     );
-    restore(
-        &sandbox,
-        "ip6tables",
-        &rules(&workloads, "fd00:ec2::254/128", "ip6tables-save"),
-    );
+    if ipv6 {
+        restore(
+            &sandbox,
+            "ip6tables",
+            &rules(&workloads, "fd00:ec2::254/128", "ip6tables-save"),
+        );
+    }
+    Some((sandbox, attach, workloads))
+}
+
+#[test]
+fn a_migrated_policy_lets_through_exactly_what_the_rules_did_and_replaces_them() {
+    let Some((sandbox, attach, workloads)) = sandbox_with_rules(true) else {
+        return;
+    };
     // The rules at work, before imds-guard.
     workloads.check(&sandbox, IMDS_V4.into(), ECONNREFUSED, "iptables");
     workloads.check(&sandbox, IMDS_V6.into(), ECONNREFUSED, "ip6tables");
@@ -256,15 +264,9 @@ fn a_migrated_policy_lets_through_exactly_what_the_rules_did_and_replaces_them()
 
 #[test]
 fn rules_for_ipv4_alone_leave_ipv6_open_and_the_translation_closes_it() {
-    let Some((sandbox, attach)) = setup("migrate") else {
+    let Some((sandbox, attach, workloads)) = sandbox_with_rules(false) else {
         return;
     };
-    let workloads = Workloads::new(&attach);
-    restore(
-        &sandbox,
-        "iptables",
-        &rules(&workloads, "169.254.169.254/32", "iptables-save"),
-    );
     workloads.check(&sandbox, IMDS_V4.into(), ECONNREFUSED, "iptables");
     // The classic gap: over IPv6 everyone gets through.
     let anyone = Client::new(&sandbox, &workloads.elsewhere, OTHER_USER, OTHER_USER);

@@ -1300,51 +1300,28 @@ mod tests {
 
     fn check(file: &str, expected: &Said) {
         let t = translated(file);
-        let strings = |v: Vec<String>| v;
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let strings = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>();
         let got = (
-            strings(t.covered.iter().map(ToString::to_string).collect()),
-            strings(t.uncovered.iter().map(|(a, _)| a.to_string()).collect()),
-            strings(t.protect.iter().map(|p| (*p).to_owned()).collect()),
-            strings(t.allowed.iter().map(describe_term).collect()),
-            strings(t.lost.iter().map(|(term, _)| describe_term(term)).collect()),
+            strings(&mut t.covered.iter().map(ToString::to_string)),
+            strings(&mut t.uncovered.iter().map(|(a, _)| a.to_string())),
+            strings(&mut t.protect.iter().map(|p| (*p).to_owned())),
+            strings(&mut t.allowed.iter().map(describe_term)),
+            strings(&mut t.lost.iter().map(|(term, _)| describe_term(term))),
             t.untranslated
                 .iter()
                 .map(|u| u.rule.line)
                 .collect::<Vec<_>>(),
-            strings(t.deletions.iter().map(Deletion::command).collect()),
+            strings(&mut t.deletions.iter().map(Deletion::command)),
         );
         let want = (
-            expected
-                .covered
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
-            expected
-                .uncovered
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
-            expected
-                .protect
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
-            expected
-                .allow
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
-            expected
-                .lost
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
+            owned(&expected.covered),
+            owned(&expected.uncovered),
+            owned(&expected.protect),
+            owned(&expected.allow),
+            owned(&expected.lost),
             expected.untranslated.clone(),
-            expected
-                .delete
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect::<Vec<_>>(),
+            owned(&expected.delete),
         );
         assert_eq!(got, want, "{file}");
         if !file.starts_with("port") {
