@@ -85,8 +85,7 @@ pub fn run(args: &MigrateArgs) -> Result<bool> {
         // The deletions again, for what this policy lets through (it may let through more than
         // the printed config: what the rules let through only on some ports, say).
         let allowed: Vec<Term> = (policy.rules.iter())
-            .filter_map(|rule| rule_terms(&policy, rule))
-            .flatten()
+            .flat_map(|rule| rule_terms(&policy, rule).0)
             .collect();
         let plan = translate::replan(&ruleset, &translate::HostNames, &translation, &allowed)
             .map_err(|(line, message)| MigrateError::Translate {
@@ -161,20 +160,20 @@ pub fn wider(translation: &Translation, policy: &Policy) -> Vec<String> {
     }
     let mut wider = Vec::new();
     for rule in &policy.rules {
-        let Some(terms) = rule_terms(policy, rule) else {
-            wider.push(format!(
-                "rule {} ({}): its unit or pattern conditions cannot be compared with the rules",
-                rule.name, rule.origin
-            ));
-            continue;
-        };
+        let (terms, widened) = rule_terms(policy, rule);
         for term in terms {
             if !logic::within(std::slice::from_ref(&term), &translation.possible).unwrap_or(false) {
                 wider.push(format!(
-                    "rule {} ({}) lets through {}, which the rules stopped",
+                    "rule {} ({}) lets through {}{}, which the rules stopped",
                     rule.name,
                     rule.origin,
-                    describe_term(&term)
+                    describe_term(&term),
+                    if widened {
+                        " (or part of it: its unit or pattern conditions read as wide as they \
+                         may be)"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
@@ -182,20 +181,13 @@ pub fn wider(translation: &Translation, policy: &Policy) -> Vec<String> {
     wider
 }
 
-/// The workloads on the host `rule` lets through, as terms, or `None` when its conditions are
-/// units or patterns. Exclusions that are patterns are left out: the terms hold more, never
-/// less.
+/// The workloads on the host `rule` lets through, as terms, and whether they may hold more:
+/// a unit condition is left out and a pattern read as the directory its matches are in (a rule
+/// for `/system.slice/docker-*.scope` as one for `/system.slice`), and so are exclusions that
+/// are patterns. The terms never hold less than the rule lets through.
 #[must_use]
-pub fn rule_terms(policy: &Policy, rule: &PolicyRule) -> Option<Vec<Term>> {
-    if !rule.unit.is_empty() {
-        return None;
-    }
-    let literal = |index: usize| match &policy.patterns[index] {
-        Pattern::Path(path) if !path.contains(|c: char| "*?[]{}\\".contains(c)) => {
-            Some(path.clone())
-        }
-        _ => None,
-    };
+pub fn rule_terms(policy: &Policy, rule: &PolicyRule) -> (Vec<Term>, bool) {
+    let mut widened = !rule.unit.is_empty();
     let mut base = Term::any();
     if let Some(uid) = rule.uid {
         base.uid = IdSet::range(uid, uid);
@@ -203,18 +195,41 @@ pub fn rule_terms(policy: &Policy, rule: &PolicyRule) -> Option<Vec<Term>> {
     if let Some(gid) = rule.gid {
         base.gid = IdSet::range(gid, gid);
     }
-    base.not_cgroup = rule.not_cgroup.iter().filter_map(|&i| literal(i)).collect();
-    if rule.cgroup.is_empty() {
-        return Some(vec![base]);
+    for &index in &rule.not_cgroup {
+        match &policy.patterns[index] {
+            Pattern::Path(path) if pattern_dir(path) == *path => {
+                base.not_cgroup.insert(path.clone());
+            }
+            _ => widened = true,
+        }
     }
-    rule.cgroup
-        .iter()
+    if rule.cgroup.is_empty() {
+        return (vec![base], widened);
+    }
+    let terms = (rule.cgroup.iter())
         .map(|&index| {
             let mut term = base.clone();
-            term.cgroup = Some(literal(index)?);
-            Some(term)
+            if let Pattern::Path(path) = &policy.patterns[index] {
+                let dir = pattern_dir(path);
+                widened |= dir != *path;
+                term.cgroup = (dir != "/").then_some(dir);
+            }
+            term
         })
-        .collect()
+        .collect();
+    (terms, widened)
+}
+
+/// The literal directory a path pattern's matches are in or below: the pattern itself when it
+/// has no wildcard, else its part before the first one, up to a `/`.
+fn pattern_dir(pattern: &str) -> String {
+    match pattern.find(|c: char| "*?[]{}\\".contains(c)) {
+        None => pattern.to_owned(),
+        Some(wild) => match pattern[..wild].rsplit_once('/') {
+            Some((head, _)) if !head.is_empty() => head.to_owned(),
+            _ => "/".to_owned(),
+        },
+    }
 }
 
 /// Whether `rule` lets through every host workload of `term`.
@@ -553,9 +568,14 @@ mod tests {
         let all = wider(&t, &policy("[[allow]]\ncgroup = \"/\"\n"));
         assert_eq!(all.len(), 1, "{all:?}");
         assert!(all[0].contains("which the rules stopped"), "{all:?}");
-        // A unit cannot be compared with uids and paths: refused, not guessed.
+        // A unit is read as every cgroup: refused, not guessed.
         let unit = wider(&t, &policy("[[allow]]\nunit = \"ssm.service\"\n"));
-        assert!(unit[0].contains("cannot be compared"), "{unit:?}");
+        assert!(unit[0].contains("or part of it"), "{unit:?}");
+        // Root in a unit is within root anywhere; a pattern below the service's cgroup is
+        // within it.
+        let narrow = "[[allow]]\nuid = 0\nunit = \"sshd.service\"\n\
+                      [[allow]]\ncgroup = \"/system.slice/ssm.service/*\"\n";
+        assert_eq!(wider(&t, &policy(narrow)), Vec::<String>::new());
         assert!(!wider(&t, &policy("mode = \"audit\"\n")).is_empty());
         // What the rules let through on some ports only is not "stopped".
         let t = translation(
@@ -615,12 +635,7 @@ mod tests {
         assert!(t.allowed.is_empty());
         assert_eq!(t.deletions.len(), 1, "{:?}", t.deletions);
         let p = policy("[[allow]]\nuid = 1000\n");
-        let allowed: Vec<Term> = p
-            .rules
-            .iter()
-            .filter_map(|r| rule_terms(&p, r))
-            .flatten()
-            .collect();
+        let allowed: Vec<Term> = p.rules.iter().flat_map(|r| rule_terms(&p, r).0).collect();
         let plan = translate::replan(&ruleset, &NoNames, &t, &allowed).unwrap();
         assert!(plan.deletions.is_empty(), "{:?}", plan.deletions);
     }

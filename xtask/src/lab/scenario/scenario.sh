@@ -198,6 +198,49 @@ step_imds_v2() {
     check "host root's v1 GET" expect_probe root $IMDS4 ok
 }
 
+# The host's old owner-match rules (root only, both families; Docker's bridge guarded in
+# DOCKER-USER) translated by `imds-guard migrate`, enforced, and deleted with `--apply`; then
+# the scenario's own policy again.
+step_migrate() {
+    cp /etc/imds-guard/imds-guard.toml /tmp/before-migrate.toml
+    iptables -A OUTPUT -d $IMDS4 -m owner ! --uid-owner root -j DROP
+    ip6tables -A OUTPUT -d $IMDS6 -m owner ! --uid-owner root -j DROP
+    iptables -I DOCKER-USER -i docker0 -d $IMDS4 -j DROP
+    iptables-save
+    imds-guard migrate >/tmp/migrated.toml 2>/tmp/migrate.err
+    check "migrate" [ $? = 0 ]
+    cat /tmp/migrate.err /tmp/migrated.toml
+    check "root alone" [ "$(grep -c '^uid = ' /tmp/migrated.toml)" = 1 ]
+    check "root" grep -q '^uid = 0 ' /tmp/migrated.toml
+    check "both addresses covered" grep -q "reaching: $IMDS4, $IMDS6\." /tmp/migrated.toml
+    check "Docker's bridge rule named, kept" grep -q "filter DOCKER-USER): -A DOCKER-USER -d $IMDS4/32 -i docker0 -j DROP" /tmp/migrated.toml
+    check "the OUTPUT rule's deletion" grep -q "#   iptables -D OUTPUT -d $IMDS4/32 -m owner ! --uid-owner 0 -j DROP" /tmp/migrated.toml
+    check "the ip6tables rule's deletion" grep -q "#   ip6tables -D OUTPUT -d $IMDS6/128 -m owner ! --uid-owner 0 -j DROP" /tmp/migrated.toml
+    check "nothing of Docker's deleted" bash -c '! grep -q -- "-D DOCKER" /tmp/migrated.toml'
+    # The scenario's policy lets the unit's user through, which the rules stopped.
+    check "--apply refuses a wider policy" bash -c '! imds-guard migrate --apply 2>/tmp/apply.err'
+    cat /tmp/apply.err
+    check "... saying what it lets through" grep -q "uid $(id -u cwagent)" /tmp/apply.err
+    check "rules untouched" says "uid-owner 0 -j DROP" iptables-save
+    cp /tmp/migrated.toml /etc/imds-guard/imds-guard.toml
+    systemctl reload imds-guard
+    check "reloaded" wait_reloads 3
+    check "--check" imds-guard migrate --check
+    check "--apply" imds-guard migrate --apply
+    check "the OUTPUT rules gone" bash -c '! iptables-save | grep -q uid-owner && ! ip6tables-save | grep -q uid-owner'
+    check "Docker's bridge rule kept" says "DOCKER-USER -d $IMDS4/32 -i docker0 -j DROP" iptables-save
+    check "host root (IPv4)" expect_probe root $IMDS4 ok
+    check "host root (IPv6)" expect_probe root $IMDS6 ok
+    check "alice refused (IPv4)" expect_probe alice $IMDS4 EPERM
+    check "alice refused (IPv6)" expect_probe alice $IMDS6 EPERM
+    container_probe | tee /tmp/c0
+    check "a container's root refused" grep -q "Operation not permitted" /tmp/c0
+    iptables -D DOCKER-USER -i docker0 -d $IMDS4 -j DROP
+    cp /tmp/before-migrate.toml /etc/imds-guard/imds-guard.toml
+    systemctl reload imds-guard
+    check "the scenario's policy again" wait_reloads 4
+}
+
 step_enforce() {
     journalctl -u imds-guard -o export --no-pager |
         imds-guard report --suggest-policy --config /etc/imds-guard/imds-guard.toml >/tmp/suggested.toml
@@ -339,6 +382,7 @@ if [ "$phase" = 1 ]; then
     step audit step_audit
     step enforce step_enforce
     step imds-v2 step_imds_v2
+    step migrate step_migrate
     step restart step_restart
     step_prepare_reboot >"$OUT/prepare-reboot.log" 2>&1
     sync
