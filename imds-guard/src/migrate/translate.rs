@@ -359,19 +359,24 @@ fn judge_addresses(
     Ok(allowed_by_address)
 }
 
-/// Whether a rule's `-d` names `address` (as opposed to reaching it by matching everything).
+/// Whether a rule of `family` names `address` in its `-d` (as opposed to reaching it by
+/// matching everything).
 fn named(ruleset: &Ruleset, family: Family, address: IpAddr) -> bool {
     (ruleset.tables.iter())
         .filter(|t| t.family == family)
         .flat_map(|t| t.chains.iter().flat_map(|c| &c.rules))
-        .flat_map(|r| &r.matches)
-        .any(|m| match m {
-            Match::Destination {
-                prefixes,
-                negated: false,
-            } => prefixes.iter().any(|p| p.len > 0 && p.contains(address)),
-            _ => false,
-        })
+        .any(|r| names(r, address))
+}
+
+/// Whether `rule`'s `-d` names `address`.
+fn names(rule: &Rule, address: IpAddr) -> bool {
+    rule.matches.iter().any(|m| match m {
+        Match::Destination {
+            prefixes,
+            negated: false,
+        } => prefixes.iter().any(|p| p.len > 0 && p.contains(address)),
+        _ => false,
+    })
 }
 
 /// What walking the chains learnt: the lines whose conditions or targets imds-guard cannot
@@ -902,19 +907,25 @@ fn classify(
                 let addresses = || relevant.iter().copied().filter(|a| family.holds(*a));
                 let rewrites_to_protected =
                     table.name == "nat" && addresses().any(|a| rewrites(rule, a));
+                let from = reached_by.get(&chain.name).cloned().unwrap_or_default();
+                let on_output_path = table.name != "nat"
+                    && (OUTPUT_PATH.iter()).any(|(t, c)| *t == table.name && from.contains(*c));
+                // A rule the host's connections cross bears on the addresses it may match; any
+                // other (forwarded packets, address translation) only where it names one: the
+                // rest is the host's firewall, which migrate leaves alone.
                 let bears = rewrites_to_protected
                     || addresses().any(|a| {
-                        packet_may_match(rule, a, "", loopback_impossible(ruleset, family, a))
+                        if on_output_path {
+                            packet_may_match(rule, a, "", loopback_impossible(ruleset, family, a))
+                        } else {
+                            names(rule, a)
+                        }
                     });
                 if !bears {
                     out.unrelated += 1;
                     continue;
                 }
                 let reference = rule_ref(table, chain, rule);
-                let from = reached_by.get(&chain.name).cloned().unwrap_or_default();
-                let on_output_path = OUTPUT_PATH
-                    .iter()
-                    .any(|(t, c)| *t == table.name && from.contains(*c));
                 let reason = if rewrites_to_protected {
                     Some(
                         "it rewrites destinations to a protected address: imds-guard judges \
@@ -1404,8 +1415,9 @@ mod tests {
                 // No host workload was stopped: every one stays let through, containers not.
                 allow: vec!["every workload"],
                 lost: vec![],
-                // The FORWARD jump, the bridge rule, its RETURN; the two nat redirects.
-                untranslated: vec![8, 9, 10, 19, 20],
+                // The bridge rule that names IMDS and the two nat redirects; the FORWARD jump and
+                // the RETURN are the host's firewall, named nowhere.
+                untranslated: vec![9, 19, 20],
                 delete: vec![],
             },
         );
