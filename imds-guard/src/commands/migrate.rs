@@ -16,7 +16,7 @@ use crate::{
     error::Result,
     host::cgroups::Hierarchy,
     migrate::{
-        self, MigrateError,
+        self, MigrateError, delete,
         logic::{self, IdSet, Term, is_within},
         render,
         save::{self, Family},
@@ -87,7 +87,7 @@ pub fn run(args: &MigrateArgs) -> Result<bool> {
         let allowed: Vec<Term> = (policy.rules.iter())
             .flat_map(|rule| rule_terms(&policy, rule).0)
             .collect();
-        let plan = translate::replan(&ruleset, &translate::HostNames, &translation, &allowed)
+        let plan = delete::replan(&ruleset, &translate::HostNames, &translation, &allowed)
             .map_err(|(line, message)| MigrateError::Translate {
                 source_name: source.clone(),
                 line,
@@ -403,7 +403,7 @@ fn apply(translation: &Translation) -> Result<()> {
 /// What `iptables-restore --noflush` (and `ip6tables-restore`) read to make `deletions`: per
 /// family, one block per table (committed atomically), its rules' deletions before its chains'.
 #[must_use]
-pub fn restore_inputs(deletions: &[translate::Deletion]) -> Vec<(Family, String)> {
+pub fn restore_inputs(deletions: &[delete::Deletion]) -> Vec<(Family, String)> {
     let mut inputs = Vec::new();
     for family in [Family::V4, Family::V6] {
         let of_family: Vec<_> = deletions.iter().filter(|d| d.family == family).collect();
@@ -419,7 +419,7 @@ pub fn restore_inputs(deletions: &[translate::Deletion]) -> Vec<(Family, String)
         let mut input = String::new();
         for table in tables {
             let _ = writeln!(input, "*{table}");
-            let (rules, chains): (Vec<&&translate::Deletion>, Vec<_>) = (of_family.iter())
+            let (rules, chains): (Vec<&&delete::Deletion>, Vec<_>) = (of_family.iter())
                 .filter(|d| d.table == table)
                 .partition(|d| d.words[0] == "-D");
             for deletion in rules.into_iter().chain(chains) {
@@ -636,7 +636,7 @@ mod tests {
         assert_eq!(t.deletions.len(), 1, "{:?}", t.deletions);
         let p = policy("[[allow]]\nuid = 1000\n");
         let allowed: Vec<Term> = p.rules.iter().flat_map(|r| rule_terms(&p, r).0).collect();
-        let plan = translate::replan(&ruleset, &NoNames, &t, &allowed).unwrap();
+        let plan = delete::replan(&ruleset, &NoNames, &t, &allowed).unwrap();
         assert!(plan.deletions.is_empty(), "{:?}", plan.deletions);
     }
 }

@@ -1,12 +1,14 @@
 //! `imds-guard migrate`: the iptables rules a host carries today, read ([`save`]), judged as
-//! iptables does into the workloads they let through ([`logic`], [`translate`]), and written
-//! as a config with what could not be translated and the commands that delete what was
-//! ([`render`]).
+//! iptables does into the workloads they let through ([`logic`], [`translate`]), the rules
+//! that may go once imds-guard enforces ([`delete`]), and written as a config with what could
+//! not be translated and the commands that delete what was ([`render`]).
 //!
 //! ```text
-//! iptables-save, ip6tables-save ─parse→ Ruleset ─translate→ Translation ─render→ config, report
+//! iptables-save, ip6tables-save ─parse→ Ruleset ─translate→ Translation ─delete→ deletions
+//!                                                                        ─render→ config, report
 //! ```
 
+pub mod delete;
 pub mod logic;
 pub mod render;
 pub mod save;

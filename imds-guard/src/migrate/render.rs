@@ -350,7 +350,7 @@ pub fn json(t: &Translation, source: &str) -> Json {
             .collect(),
         unrelated: t.unrelated,
         delete: (t.deletions.iter())
-            .map(super::translate::Deletion::command)
+            .map(super::delete::Deletion::command)
             .collect(),
     }
 }
