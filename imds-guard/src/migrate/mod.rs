@@ -39,7 +39,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Input(#[from] save::SaveError),
     /// The rules cannot be translated.
-    #[error("{source_name}:{line}: {message}")]
+    #[error("{source_name}{}: {message}", at_line(*line))]
     Translate {
         /// The input.
         source_name: String,
@@ -61,6 +61,15 @@ pub enum MigrateError {
         /// What it said.
         stderr: String,
     },
+}
+
+/// `:LINE`, or nothing for line 0 (the rules as a whole).
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}")
+    }
 }
 
 /// The rules to translate, and what to call them: a file, standard input (`-`), or, without
