@@ -151,10 +151,6 @@ pub const fn filter_set(half: &mut [u64; 4], slot: u32) {
 /// Per-generation settings, in `SETTINGS[generation]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[expect(
-    clippy::pub_underscore_fields,
-    reason = "padding is written out and zeroed, never read"
-)]
 pub struct Settings {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
@@ -176,10 +172,20 @@ pub struct Settings {
     /// `RULE_FLAG_V2` when the global `imds` is `"v2"`: the message layer's rule for
     /// connections no rule decided (audit mode).
     pub default_rule_flags: u32,
-    /// Explicit padding, always 0.
-    pub _pad: u32,
+    /// The kinds of `ALLOW` key no rule set of this generation has: [`key_bit`] of each
+    /// (kind, task) for which no rule exists, so that the decision skips lookups that cannot
+    /// hit. 0 skips nothing, which is always correct (and what an agent from before this field
+    /// wrote in its place, padding).
+    pub absent_keys: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+
+/// The bit of [`Settings::absent_keys`] for keys of `kind` (`KIND_*`) for tasks of `task`
+/// (`TASK_*`).
+#[must_use]
+pub const fn key_bit(kind: u16, task: u16) -> u32 {
+    1 << ((kind as u32 & 3) * 2 + (task as u32 & 1))
+}
 
 /// [`Settings::entry_levels`] when no cgroup has an entry: an empty range.
 pub const NO_ENTRY_LEVELS: u64 = entry_levels(u32::MAX, 0);

@@ -17,6 +17,11 @@
     clippy::needless_pass_by_value,
     reason = "aya's program macros hand the context over by value"
 )]
+#![allow(
+    clippy::inline_always,
+    reason = "the fast paths are inlined into each entry point: a call from one BPF function \
+              to another costs more than the fast path itself"
+)]
 
 mod http;
 mod maps;
@@ -81,6 +86,18 @@ pub fn http_msg(ctx: SkMsgContext) -> u32 {
 /// measure what the kernel's run-time statistics themselves cost. The agent never loads it.
 #[cgroup_sock_addr(connect4)]
 pub fn bench_noop4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+/// The same beside `connect6`.
+#[cgroup_sock_addr(connect6)]
+pub fn bench_noop6(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+/// The same beside `egress`.
+#[cgroup_skb(egress)]
+pub fn bench_noop_skb(_ctx: SkBuffContext) -> i32 {
     1
 }
 

@@ -46,7 +46,7 @@ impl Destination {
 
     /// The destination of a socket's IPv6 address: the IPv4 address of `::ffff:a.b.c.d`.
     /// `None` for `::` (an unconnected socket's peer).
-    #[inline]
+    #[inline(always)]
     pub fn of_v6(words: [u32; 4]) -> Option<Self> {
         match words {
             [0, 0, 0, 0] => None,
@@ -56,7 +56,7 @@ impl Destination {
     }
 
     /// Whether the destination may be protected in some generation: `false` is certain.
-    #[inline]
+    #[inline(always)]
     pub fn may_be_protected(self) -> bool {
         if self.family == FAMILY_INET {
             v4_may_be_protected(self.addr[0])
@@ -102,7 +102,7 @@ impl Destination {
 /// Whether the IPv4 address (as in [`Destination::v4`]) may be protected in some generation:
 /// `false` is certain. The fast path of every hook: an array read the verifier inlines, a few
 /// shifts and a bit test.
-#[inline]
+#[inline(always)]
 pub fn v4_may_be_protected(addr: u32) -> bool {
     // The array has one entry, which always exists; were it missing, look the address up.
     PROTECTED_FILTER
@@ -111,7 +111,7 @@ pub fn v4_may_be_protected(addr: u32) -> bool {
 }
 
 /// The same for an IPv6 address (as in [`Destination::v6`]).
-#[inline]
+#[inline(always)]
 pub fn v6_may_be_protected(addr: [u32; 4]) -> bool {
     PROTECTED_FILTER
         .get(0)

@@ -34,8 +34,9 @@ const IPPROTO_TCP: u32 = 6;
 const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
 
-/// Judges an IPv4 destination.
-#[inline]
+/// Judges an IPv4 destination. Inlined into each entry point, so that the fast path costs
+/// no call.
+#[inline(always)]
 pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
@@ -47,7 +48,9 @@ pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
 }
 
 /// Judges an IPv6 destination, treating `::ffff:a.b.c.d` as the IPv4 address it maps to.
-#[inline]
+/// Inlined into each entry point (`connect6`, `sendmsg6`): shared by two, LLVM made it a
+/// function of its own, and the fast path a call.
+#[inline(always)]
 pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // The verifier only allows `user_ip6` to be read one aligned 32-bit word at a time
     // ("invalid bpf_context access" otherwise), so each word is a separate volatile read that
@@ -73,7 +76,8 @@ pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
 }
 
 /// The slow path: the destination may be protected. `addr` is the address as the socket gave
-/// it (for the event).
+/// it (for the event). One function for all four hooks.
+#[inline(never)]
 fn judge_protected(
     ctx: &SockAddrContext,
     hook: u8,

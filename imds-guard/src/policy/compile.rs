@@ -29,7 +29,7 @@ use imds_guard_common::{
     policy::{
         ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL,
         NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey,
-        RuleValue, Settings, TASK_CONTAINER, TASK_HOST, entry_levels,
+        RuleValue, Settings, TASK_CONTAINER, TASK_HOST, entry_levels, key_bit,
     },
 };
 
@@ -278,7 +278,7 @@ impl Compiled {
                 } else {
                     0
                 },
-                _pad: 0,
+                absent_keys: self.absent_keys(),
             },
             ..MapEntries::default()
         };
@@ -522,6 +522,17 @@ impl Compiled {
         }
     }
 
+    /// `Settings::absent_keys`: the kinds of key (uid, gid, any) no rule has, for both kinds of
+    /// task. Every rule set's entries come from the policy's rules, whichever cgroups come and
+    /// go while the generation is in force, so none can have a key of such a kind.
+    fn absent_keys(&self) -> u32 {
+        [KIND_UID, KIND_GID, KIND_ANY]
+            .into_iter()
+            .filter(|&kind| !self.policy.rules.iter().any(|rule| key_kind(rule) == kind))
+            .map(|kind| key_bit(kind, TASK_HOST) | key_bit(kind, TASK_CONTAINER))
+            .fold(0, |bits, bit| bits | bit)
+    }
+
     /// A rule set's `ALLOW` entries: per kind of task and key (uid, gid or any), its first rule.
     fn allow_entries(&self, ruleset: u32, rules: &Applicable) -> Vec<(RuleKey, RuleValue)> {
         let mut entries: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
@@ -530,11 +541,7 @@ impl Compiled {
                 let Some(rule) = self.policy.rule(id) else {
                     continue;
                 };
-                let (kind, key_id) = match (rule.uid, rule.gid) {
-                    (Some(uid), _) => (KIND_UID, uid),
-                    (None, Some(gid)) => (KIND_GID, gid),
-                    (None, None) => (KIND_ANY, 0),
-                };
+                let (kind, key_id) = (key_kind(rule), rule.uid.or(rule.gid).unwrap_or(0));
                 let key = RuleKey {
                     generation: self.generation,
                     ruleset,
@@ -549,6 +556,15 @@ impl Compiled {
             }
         }
         entries.into_iter().collect()
+    }
+}
+
+/// The kind of `ALLOW` key a rule has: its uid if it has one, else its gid, else any task.
+fn key_kind(rule: &super::PolicyRule) -> u16 {
+    match (rule.uid, rule.gid) {
+        (Some(_), _) => KIND_UID,
+        (None, Some(_)) => KIND_GID,
+        (None, None) => KIND_ANY,
     }
 }
 
@@ -736,6 +752,45 @@ mod tests {
             verdict_at(&compiled, "/kubepods.slice", 0),
             (VERDICT_DENY, "default")
         );
+    }
+
+    #[test]
+    fn kinds_of_key_no_rule_has_are_skipped_and_no_entry_has_one() {
+        let bits = |kind| key_bit(kind, TASK_HOST) | key_bit(kind, TASK_CONTAINER);
+        for (text, absent) in [
+            // Root's rule alone (the default policy): gid and any-task lookups are skipped.
+            ("[[allow]]\nuid = 0\n", bits(KIND_GID) | bits(KIND_ANY)),
+            (HOST_ROOT_AND_AGENTS, bits(KIND_GID)),
+            ("[[allow]]\ngid = 2000\n", bits(KIND_UID) | bits(KIND_ANY)),
+            (
+                "allow = []\n",
+                bits(KIND_UID) | bits(KIND_GID) | bits(KIND_ANY),
+            ),
+        ] {
+            let compiled = Compiled::new(policy(text), 0, "/", &tree()).0;
+            let entries = compiled.entries();
+            assert_eq!(entries.settings.absent_keys, absent, "{text}");
+            // Whatever rule sets the tree made, none has a key of a kind said to be absent.
+            for (key, _) in &entries.allow {
+                assert_eq!(absent & key_bit(key.kind, key.task), 0, "{text}: {key:?}");
+            }
+        }
+        // The decision is the same as with nothing skipped.
+        let compiled = Compiled::new(policy(HOST_ROOT_AND_AGENTS), 1, "/", &tree()).0;
+        let mut everything = compiled.entries();
+        everything.settings.absent_keys = 0;
+        for path in TREE {
+            for uid in [0, 1000] {
+                let judge_with = |entries: &MapEntries| {
+                    judge(entries, 1, &ancestors(path), Some(uid), Some(uid), false)
+                };
+                assert_eq!(
+                    judge_with(&compiled.entries()),
+                    judge_with(&everything),
+                    "{path} uid {uid}"
+                );
+            }
+        }
     }
 
     #[test]
