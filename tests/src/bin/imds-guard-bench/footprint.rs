@@ -1,0 +1,44 @@
+//! Table 5: start to enforcement, and memory at rest.
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use imds_guard_tests::{Pins, TestCgroup, process};
+
+use crate::{
+    RUNS,
+    report::Report,
+    setup::{DEFAULT_WINDOW, agent},
+};
+
+/// Table 5: start to enforcement, and memory at rest.
+pub fn footprint(report: &mut Report, attach: &TestCgroup) {
+    let mut starts = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..RUNS {
+        let pins = Pins::new();
+        let start = Instant::now();
+        let (agent, _config) = agent(attach, &pins, "", DEFAULT_WINDOW);
+        starts.push(start.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        rss.push(process::status_kib(agent.pid(), "VmRSS:").unwrap_or(0));
+    }
+    starts.sort();
+    rss.sort_unstable();
+    let _ = writeln!(
+        report,
+        "## 5. Footprint\n\n\
+         Start to READY=1 (programs attached, policy in force): {} ms (median of {RUNS}; \
+         {}–{} ms). Resident memory idle: {:.1} MiB. Target: under 200 ms and 20 MB.\n",
+        starts[RUNS / 2].as_millis(),
+        starts[0].as_millis(),
+        starts[RUNS - 1].as_millis(),
+        {
+            #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+            let mib = rss[RUNS / 2] as f64 / 1024.0;
+            mib
+        },
+    );
+}

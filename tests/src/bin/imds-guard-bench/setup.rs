@@ -1,0 +1,324 @@
+//! What every table uses: the sandbox's listeners, agents, iptables rules, the kernel's
+//! statistics, programs attached by the bench itself, single measurements.
+
+use std::{
+    fmt::Write as _,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use aya::programs::{CgroupAttachMode, ProgramInfo};
+use imds_guard_tests::{Agent, Client, ConfigFile, Pins, Sandbox, TestCgroup, Timings};
+
+use crate::{BULK_PORT, RUNS, SINK_PORT, USER, WARMUP, check_abort};
+
+/// Listeners inside the namespace: one that accepts and closes (connect benchmarks, on every
+/// address: the IMDS ones too), one that swallows a bulk transfer.
+pub fn start_sinks(sandbox: &Sandbox, stop: &Arc<AtomicBool>) {
+    let netns = sandbox.netns.clone();
+    let (ready_send, ready) = std::sync::mpsc::channel();
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let sink = listen(SINK_PORT);
+        let bulk = listen(BULK_PORT);
+        ready_send.send(()).expect("ready");
+        // A second acceptor: a full accept queue drops SYNs, and a dropped SYN costs the
+        // client a one-second retransmission, which would be measured as the hook's cost.
+        let second = sink.try_clone().expect("listener");
+        let second_stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            for stream in second.incoming() {
+                if second_stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                drop(stream);
+            }
+        });
+        std::thread::spawn(move || {
+            for stream in bulk.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut stream = stream;
+                    let mut buf = vec![0u8; 1 << 20];
+                    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                });
+            }
+        });
+        for stream in sink.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            drop(stream);
+        }
+    });
+    ready.recv().expect("sinks ready");
+}
+
+/// A dual-stack listener on every address of the namespace, with a deep accept queue.
+pub fn listen(port: u16) -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None).expect("socket");
+    socket.set_only_v6(false).expect("dual stack");
+    socket.set_reuse_address(true).expect("reuse");
+    let addr: SocketAddr = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+    socket.bind(&addr.into()).expect("bind");
+    socket.listen(4096).expect("listen");
+    socket.into()
+}
+
+/// `connect()`+`close()` timings from `cgroup` as `uid` to `addr`, median of `RUNS` runs.
+pub fn connects(
+    sandbox: &Sandbox,
+    cgroup: &TestCgroup,
+    uid: u32,
+    addr: SocketAddr,
+    count: u32,
+) -> Timings {
+    let mut runs: Vec<Timings> = (0..RUNS)
+        .map(|_| {
+            check_abort();
+            Client::new(sandbox, cgroup, uid, uid)
+                .repeat(count)
+                .timings(WARMUP.min(count))
+                .route("connect-close", addr.ip(), addr.port())
+                .timings
+                .expect("timings")
+        })
+        .collect();
+    runs.sort_by_key(|t| t.median_ns);
+    runs[RUNS / 2]
+}
+
+pub fn sink(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, SINK_PORT)
+}
+
+pub fn loopback() -> SocketAddr {
+    sink(Ipv4Addr::LOCALHOST.into())
+}
+
+/// The agent's default fold window, in seconds: what production runs with.
+pub const DEFAULT_WINDOW: &str = "10";
+
+/// An agent attached at `attach` with the config lines `extra`, folding repeats within `window`
+/// seconds (`DEFAULT_WINDOW`, or "0" to report every attempt).
+pub fn agent(attach: &TestCgroup, pins: &Pins, extra: &str, window: &str) -> (Agent, ConfigFile) {
+    agent_started_by(Agent::start, attach, pins, extra, window)
+}
+
+/// As [`agent`], started by `start` ([`Agent::start`] or another way of the harness).
+pub fn agent_started_by(
+    start: fn(&[&str]) -> Agent,
+    attach: &TestCgroup,
+    pins: &Pins,
+    extra: &str,
+    window: &str,
+) -> (Agent, ConfigFile) {
+    let config = ConfigFile::new(&format!("cgroup = \"{}\"\n{extra}", attach.path));
+    let agent = start(&[
+        "--config",
+        &config.arg(),
+        "--pin-dir",
+        &pins.arg(),
+        "--aggregate-window",
+        window,
+    ]);
+    (agent, config)
+}
+
+/// Enables the kernel's run-time statistics for as long as the returned descriptor lives
+/// (`BPF_ENABLE_STATS`; the sysctl is never touched).
+pub fn enable_stats() -> std::os::fd::OwnedFd {
+    #[repr(C)]
+    struct EnableStats {
+        kind: u32,
+    }
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let mut attr = EnableStats { kind: 0 }; // BPF_STATS_RUN_TIME
+    // SAFETY: a valid attr for BPF_ENABLE_STATS.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            std::ptr::from_mut(&mut attr),
+            size_of::<EnableStats>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor the kernel just returned.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(i32::try_from(fd).expect("fd")) }
+}
+
+/// (run time ns, run count) of the program `id`.
+pub fn run_stats(id: u32) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|info: &ProgramInfo| info.id() == id)
+        .map_or((0, 0), |info| {
+            (
+                u64::try_from(info.run_time().as_nanos()).unwrap_or(0),
+                info.run_count(),
+            )
+        })
+}
+
+/// The id of the agent's program on `hook`, from `status --json`.
+pub fn program_id(pins: &Pins, hook: &str) -> u32 {
+    let out = imds_guard_tests::imds_guard(&["status", "--json", "--pin-dir", &pins.arg()]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    let id = status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .find(|p| p["hook"] == hook)
+        .and_then(|p| p["program"]["id"].as_u64())
+        .expect("program id");
+    u32::try_from(id).expect("id")
+}
+
+/// The id of the newest loaded program named `name`: the message program, which the agent
+/// attaches to its socket map, not through a link `status` lists.
+pub fn newest_program(name: &str) -> u32 {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|program| program.name_as_str() == Some(name))
+        .map(|program| program.id())
+        .max()
+        .unwrap_or_else(|| panic!("no program {name} loaded"))
+}
+
+/// `ip netns exec NAME iptables-restore` with `rules` (and ip6tables with `rules6`).
+pub fn iptables(sandbox: &Sandbox, rules: &str, rules6: &str) {
+    for (program, text) in [("iptables-restore", rules), ("ip6tables-restore", rules6)] {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &sandbox.name, program])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("iptables-restore (cargo xtask bench installs iptables)");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), text.as_bytes())
+            .expect("rules");
+        assert!(
+            child.wait().expect("wait").success(),
+            "{program} refused the rules"
+        );
+    }
+}
+
+/// The owner-match equivalent of allowing root and `allowed_uids`: an ACCEPT rule per uid, then
+/// DROP for packets of every other local socket. Root's rule comes first: in this sandbox the
+/// mock IMDS (root's) answers from the same namespace, and its replies must not pay for the
+/// rule list (on an instance they come from outside, through INPUT).
+pub fn iptables_owner_rules(allowed_uids: &[u32]) -> (String, String) {
+    let table = |dst: &str| {
+        let mut text = String::from("*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTPUT ACCEPT\n");
+        let _ = writeln!(text, "-A OUTPUT -d {dst} -m owner --uid-owner 0 -j ACCEPT");
+        for uid in allowed_uids.iter().filter(|&&uid| uid != 0) {
+            let _ = writeln!(
+                text,
+                "-A OUTPUT -d {dst} -m owner --uid-owner {uid} -j ACCEPT"
+            );
+        }
+        let _ = writeln!(
+            text,
+            "-A OUTPUT -d {dst} -m owner --socket-exists -j DROP\nCOMMIT"
+        );
+        text
+    };
+    (table("169.254.169.254/32"), table("fd00:ec2::254/128"))
+}
+
+pub fn iptables_flush(sandbox: &Sandbox) {
+    let empty = "*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTPUT ACCEPT\nCOMMIT\n";
+    iptables(sandbox, empty, empty);
+}
+
+/// One program of imds-guard's object, loaded and attached by the bench itself at a cgroup of
+/// its own: a no-op beside the agent's programs (the statistics' baseline), or one of the
+/// agent's programs alone (what it costs by itself). Its maps are its own and empty: every
+/// destination is unprotected to it, which is the path the bench measures with it. Detached
+/// and unloaded when dropped.
+pub struct Alone {
+    _ebpf: aya::Ebpf,
+    pub id: u32,
+}
+
+impl Alone {
+    pub fn attach(name: &str, cgroup: &TestCgroup) -> Self {
+        use aya::programs::{CgroupSkbAttachType, Program};
+        let mut ebpf = aya::Ebpf::load(imds_guard::kernel::OBJECT).expect("object");
+        let file = std::fs::File::open(&cgroup.dir).expect("cgroup");
+        // Through a link (aya uses `bpf_link_create` where the kernel has it), which ignores
+        // the exclusive mode: links always run beside the agent's.
+        let mode = CgroupAttachMode::Single;
+        let program = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        let info = match program {
+            Program::CgroupSockAddr(program) => {
+                program.load().expect("load");
+                program.attach(&file, mode).expect("attach");
+                program.info()
+            }
+            Program::CgroupSkb(program) => {
+                program.load().expect("load");
+                program
+                    .attach(&file, CgroupSkbAttachType::Egress, mode)
+                    .expect("attach");
+                program.info()
+            }
+            Program::SockOps(program) => {
+                program.load().expect("load");
+                program.attach(&file, mode).expect("attach");
+                program.info()
+            }
+            _ => panic!("{name}: not a cgroup program"),
+        };
+        let id = info.expect("info").id();
+        Self { _ebpf: ebpf, id }
+    }
+}
+
+/// Nanoseconds per run of program `id` between two [`run_stats`] readings.
+pub fn per_run(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let runs = after.1.checked_sub(before.1).filter(|&runs| runs > 0)?;
+    #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+    Some((after.0 - before.0) as f64 / runs as f64)
+}
+
+/// One measurement of `count` `connect()`+`close()` from `cgroup` as `uid` to `addr`.
+pub fn connect_once(
+    sandbox: &Sandbox,
+    cgroup: &TestCgroup,
+    uid: u32,
+    addr: SocketAddr,
+    count: u32,
+) -> Timings {
+    check_abort();
+    Client::new(sandbox, cgroup, uid, uid)
+        .repeat(count)
+        .timings(WARMUP.min(count))
+        .route("connect-close", addr.ip(), addr.port())
+        .timings
+        .expect("timings")
+}
+
+/// One 1 GiB transfer over loopback TCP from `cgroup`, in Gbit/s.
+pub fn bulk_once(sandbox: &Sandbox, cgroup: &TestCgroup) -> f64 {
+    check_abort();
+    let outcome = Client::new(sandbox, cgroup, USER, USER).route(
+        "bulk-send",
+        std::net::Ipv4Addr::LOCALHOST,
+        BULK_PORT,
+    );
+    outcome.detail.parse().expect("Gbit/s")
+}
