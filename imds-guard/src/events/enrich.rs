@@ -108,8 +108,8 @@ pub struct Enricher {
     groups: HashMap<u32, Option<String>>,
     /// Nanoseconds per clock tick of `/proc/PID/stat`'s start time.
     tick_ns: u64,
-    /// User database lookups stop at this instant (`None`: no limit).
-    lookups_until: Option<Instant>,
+    /// What user and group database lookups may spend (`None`: no limit).
+    lookups: Option<LookupBudget>,
     /// The mount table, to find an executable's file system.
     mounts: Vec<Mount>,
     /// When it was read (`CLOCK_BOOTTIME` ns).
@@ -244,17 +244,22 @@ impl Enricher {
         )
     }
 
-    /// Allows `budget` of user database lookups from now on (the cache answers regardless):
-    /// a directory that answers slowly, or a flood of distinct uids, then costs a batch of
-    /// events at most that, and the names it could not look up are left unread.
-    pub fn allow_lookups_for(&mut self, budget: Duration) {
-        self.lookups_until = Some(Instant::now() + budget);
+    /// Lets user and group database lookups spend at most `per_second` of each second (the
+    /// caches answer regardless): a directory that answers slowly, or a flood of distinct uids
+    /// and gids (each a first lookup, 50 µs or more through `nss-systemd`), then costs the
+    /// agent that share of a CPU at most, however often it drains the ring, and the names it
+    /// could not look up are left unread.
+    pub fn limit_lookups(&mut self, per_second: Duration) {
+        self.lookups = Some(LookupBudget {
+            per_second,
+            window: Instant::now(),
+            spent: Duration::ZERO,
+        });
     }
 
     /// The name of `uid` in the user database.
     pub fn user(&mut self, uid: u32) -> Name {
-        let until = self.lookups_until;
-        cached(&mut self.users, uid, until, |uid| {
+        cached(&mut self.users, uid, self.lookups.as_mut(), |uid| {
             nix::unistd::User::from_uid(uid.into())
                 .ok()
                 .flatten()
@@ -264,8 +269,7 @@ impl Enricher {
 
     /// The name of `gid` in the group database.
     pub fn group(&mut self, gid: u32) -> Name {
-        let until = self.lookups_until;
-        cached(&mut self.groups, gid, until, |gid| {
+        cached(&mut self.groups, gid, self.lookups.as_mut(), |gid| {
             nix::unistd::Group::from_gid(gid.into())
                 .ok()
                 .flatten()
@@ -274,23 +278,50 @@ impl Enricher {
     }
 }
 
+/// Time database lookups may spend per second, and what they spent in the current one.
+struct LookupBudget {
+    per_second: Duration,
+    /// When the current second began.
+    window: Instant,
+    spent: Duration,
+}
+
+impl LookupBudget {
+    /// Whether a lookup may be made now.
+    fn available(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.spent = Duration::ZERO;
+        }
+        self.spent < self.per_second
+    }
+}
+
+/// `id`'s name from `cache`, else looked up (and cached, a missing name as much as a found
+/// one: a flood of unknown ids looks each up once) if `budget` allows.
 fn cached(
     cache: &mut HashMap<u32, Option<String>>,
     id: u32,
-    until: Option<Instant>,
+    budget: Option<&mut LookupBudget>,
     look_up: impl FnOnce(u32) -> Option<String>,
 ) -> Name {
-    let name = match cache.get(&id) {
-        Some(name) => name.clone(),
-        None if until.is_some_and(|until| Instant::now() >= until) => return Name::NotLookedUp,
-        None => {
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
-            }
-            let name = look_up(id);
-            cache.insert(id, name.clone());
-            name
+    let name = if let Some(name) = cache.get(&id) {
+        name.clone()
+    } else {
+        let mut budget = budget;
+        if budget.as_mut().is_some_and(|budget| !budget.available()) {
+            return Name::NotLookedUp;
         }
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        let started = Instant::now();
+        let name = look_up(id);
+        if let Some(budget) = budget {
+            budget.spent += started.elapsed();
+        }
+        cache.insert(id, name.clone());
+        name
     };
     name.map_or(Name::Nameless, Name::Known)
 }
@@ -302,7 +333,7 @@ pub enum Name {
     Known(String),
     /// It has none.
     Nameless,
-    /// It was not looked up: the batch's lookup budget was spent.
+    /// It was not looked up: the second's lookup budget was spent.
     NotLookedUp,
 }
 
@@ -405,10 +436,54 @@ mod tests {
         assert_eq!(enricher.group(0), Name::Known("root".into()));
         assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
         // Out of budget: what is cached still answers, the rest is not looked up.
-        enricher.allow_lookups_for(Duration::ZERO);
+        enricher.limit_lookups(Duration::ZERO);
         assert_eq!(enricher.user(0), Name::Known("root".into()));
         assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
         assert_eq!(enricher.user(65534), Name::NotLookedUp);
+    }
+
+    #[test]
+    fn lookups_spend_at_most_the_budget_of_each_second() {
+        let mut budget = LookupBudget {
+            per_second: Duration::from_millis(3),
+            window: Instant::now(),
+            spent: Duration::ZERO,
+        };
+        let mut cache = HashMap::new();
+        let looked_up = std::cell::RefCell::new(Vec::new());
+        let slow = |id: u32| {
+            looked_up.borrow_mut().push(id);
+            std::thread::sleep(Duration::from_millis(2));
+            None
+        };
+        // Two slow lookups spend the second's budget; a flood of new ids is then not looked
+        // up at all, while what is cached (a missing name too) still answers.
+        assert_eq!(
+            cached(&mut cache, 1, Some(&mut budget), slow),
+            Name::Nameless
+        );
+        assert_eq!(
+            cached(&mut cache, 2, Some(&mut budget), slow),
+            Name::Nameless
+        );
+        for id in 3..1000 {
+            assert_eq!(
+                cached(&mut cache, id, Some(&mut budget), slow),
+                Name::NotLookedUp
+            );
+        }
+        assert_eq!(
+            cached(&mut cache, 1, Some(&mut budget), slow),
+            Name::Nameless
+        );
+        assert_eq!(*looked_up.borrow(), [1, 2]);
+        // The next second has a budget again.
+        budget.window -= Duration::from_secs(1);
+        assert_eq!(
+            cached(&mut cache, 3, Some(&mut budget), slow),
+            Name::Nameless
+        );
+        assert_eq!(*looked_up.borrow(), [1, 2, 3]);
     }
 
     #[test]

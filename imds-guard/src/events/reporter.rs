@@ -36,8 +36,9 @@ const DRAIN_BATCH_RECORDS: usize = (EVENTS_RING_BYTES as usize).div_ceil(size_of
 /// First attempts remembered beyond what the kernel's fold map holds before the agent walks
 /// the map to forget those it no longer has (one walk per this many new bursts at most).
 const FOLDS_PRUNE_SLACK: usize = 1024;
-/// User database lookups one batch of events may spend; names not looked up are left unread.
-const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
+/// What user and group database lookups may spend per second (a tenth of a CPU); names not
+/// looked up are left unread.
+const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The kernel's fold map, as the agent holds it.
 pub type FoldMap = aya::maps::HashMap<MapData, FoldKey, FoldValue>;
@@ -75,11 +76,13 @@ impl Reporter {
         if let Some(map) = &fold_map {
             folds.baseline(&fold_entries(map).entries);
         }
+        let mut enricher = Enricher::new();
+        enricher.limit_lookups(LOOKUP_BUDGET);
         Self {
             policies: [None, None],
             hierarchy,
             cgroup_paths: HashMap::new(),
-            enricher: Enricher::new(),
+            enricher,
             fold_map,
             folds,
             folded_seen: 0,
@@ -132,7 +135,6 @@ impl Reporter {
     /// once. Returns whether the ring is now empty.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
         let offset = clock_offset();
-        self.enricher.allow_lookups_for(LOOKUP_BUDGET);
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
             let Some(item) = ring.next() else {
