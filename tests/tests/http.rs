@@ -244,9 +244,12 @@ fn paths_and_deny_paths_say_what_a_workload_may_read() {
          deny_paths = [\"/latest/meta-data/iam/**\", \"/latest/user-data\"]\n",
         attach.path
     ));
-    let agent = agent_with(&config);
+    // The cgroups exist before the agent starts: a cgroup made after it is judged by the rules
+    // of every cgroup until the agent has given it its entry (`cgroups.rs` tests that wait),
+    // and under a loaded machine's test run the first request raced that.
     let controller = attach.child("controller");
     let other = attach.child("agent");
+    let agent = agent_with(&config);
     let region = "/latest/meta-data/placement/region";
     let credentials = "/latest/meta-data/iam/security-credentials/role";
 

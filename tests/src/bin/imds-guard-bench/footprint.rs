@@ -27,6 +27,20 @@ pub fn footprint(report: &mut Report, attach: &TestCgroup) {
     }
     starts.sort();
     rss.sort_unstable();
+    let (ready, idle_kib) = (starts[RUNS / 2], rss[RUNS / 2]);
+    report.target(
+        "start to enforcement < 200 ms",
+        format!("{} ms", ready.as_millis()),
+        ready < Duration::from_millis(200),
+    );
+    report.target(
+        "resident memory idle < 20 MB",
+        format!(
+            "{:.1} MB",
+            f64::from(u32::try_from(idle_kib).unwrap_or(u32::MAX)) * 1.024e-3
+        ),
+        idle_kib * 1024 < 20_000_000,
+    );
     let _ = writeln!(
         report,
         "## 5. Footprint\n\n\
