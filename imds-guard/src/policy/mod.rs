@@ -113,9 +113,18 @@ impl Applicable {
     /// Whether every rule of `self` is in `other` (`self` allows no more than `other`).
     #[must_use]
     pub fn within(&self, other: &Self) -> bool {
-        self.host.iter().all(|id| other.host.contains(id))
-            && self.container.iter().all(|id| other.container.contains(id))
+        sorted_subset(&self.host, &other.host) && sorted_subset(&self.container, &other.container)
     }
+}
+
+/// Whether every id of `ids` is in `of`, both in ascending order (as [`Policy::rules_in`] makes
+/// them): one pass over both, not a search of `of` per id (10,000 rules and as many cgroups
+/// took 10 s to start that way).
+fn sorted_subset(ids: &[u32], of: &[u32]) -> bool {
+    debug_assert!(ids.is_sorted() && of.is_sorted(), "rule ids in order");
+    let mut of = of.iter();
+    ids.iter()
+        .all(|id| of.find(|&candidate| candidate >= id) == Some(id))
 }
 
 /// A cgroup condition: a path pattern, or a unit name pattern matched against the last part of
@@ -639,6 +648,21 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn within_is_a_subset_of_rule_ids() {
+        let set = |host: &[u32], container: &[u32]| Applicable {
+            host: host.to_vec(),
+            container: container.to_vec(),
+        };
+        assert!(set(&[], &[]).within(&set(&[], &[])));
+        assert!(set(&[2, 5], &[]).within(&set(&[1, 2, 3, 5], &[7])));
+        assert!(!set(&[2, 4], &[]).within(&set(&[1, 2, 3, 5], &[])));
+        assert!(!set(&[6], &[]).within(&set(&[1, 2, 3, 5], &[])));
+        assert!(!set(&[1], &[]).within(&set(&[], &[])));
+        assert!(!set(&[1], &[2]).within(&set(&[1], &[1, 3])));
+        assert!(set(&[1], &[1, 3]).within(&set(&[1], &[1, 2, 3])));
+    }
     use crate::config::Overrides;
 
     fn policy(text: &str) -> Policy {
