@@ -126,10 +126,10 @@ pub fn large_policy(report: &mut Report, sandbox: &Sandbox) {
         report.target(
             format!(
                 "connect, {label}: flat from 2 rules to {RULES} rules and {CGROUPS} cgroups \
-                 (the interval holds 1)"
+                 (not shown slower: the interval reaches 1)"
             ),
             ratio.to_string(),
-            ratio.low <= 1.0 && 1.0 <= ratio.high,
+            ratio.low <= 1.0,
         );
     }
     drop((small_agent, large_agent));
