@@ -356,7 +356,7 @@ fn verify_all(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     if let Some((_, err)) = refused.into_iter().next() {
         return Err(err);
     }
-    for name in VERIFY_ORDER {
+    for name in programs::ALL.into_iter().chain([programs::HTTP_MSG]) {
         log_verified(ebpf, name);
     }
     Ok(())
