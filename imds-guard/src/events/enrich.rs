@@ -287,11 +287,17 @@ struct LookupBudget {
 }
 
 impl LookupBudget {
-    /// Whether a lookup may be made now.
+    /// Whether a lookup may be made now. A lookup that overran (a directory that took seconds
+    /// to answer) is paid off by the seconds after it: each second that passes takes one
+    /// second's budget off what was spent, so the share of time stays the budget's.
     fn available(&mut self) -> bool {
-        if self.window.elapsed() >= Duration::from_secs(1) {
-            self.window = Instant::now();
-            self.spent = Duration::ZERO;
+        let seconds = self.window.elapsed().as_secs();
+        if seconds > 0 {
+            self.window += Duration::from_secs(seconds);
+            let allowance = self
+                .per_second
+                .saturating_mul(u32::try_from(seconds).unwrap_or(u32::MAX));
+            self.spent = self.spent.saturating_sub(allowance);
         }
         self.spent < self.per_second
     }
@@ -484,6 +490,19 @@ mod tests {
             Name::Nameless
         );
         assert_eq!(*looked_up.borrow(), [1, 2, 3]);
+        // A lookup that took ten seconds' budget is paid off over the ten seconds after it.
+        budget.spent = Duration::from_millis(30);
+        budget.window -= Duration::from_secs(5);
+        assert_eq!(
+            cached(&mut cache, 4, Some(&mut budget), slow),
+            Name::NotLookedUp
+        );
+        budget.window -= Duration::from_secs(5);
+        assert_eq!(
+            cached(&mut cache, 4, Some(&mut budget), slow),
+            Name::Nameless
+        );
+        assert_eq!(*looked_up.borrow(), [1, 2, 3, 4]);
     }
 
     #[test]
