@@ -278,6 +278,9 @@ impl Enricher {
     }
 }
 
+/// The most seconds of budget one overrun may take from the seconds after it.
+const LOOKUP_DEBT_SECONDS: u32 = 10;
+
 /// Time database lookups may spend per second, and what they spent in the current one.
 struct LookupBudget {
     per_second: Duration,
@@ -324,7 +327,10 @@ fn cached(
         let started = Instant::now();
         let name = look_up(id);
         if let Some(budget) = budget {
-            budget.spent += started.elapsed();
+            // Debt of ten seconds' budget at most: a directory that hung for a minute costs the
+            // names of the next ten seconds, not of the next ten minutes.
+            budget.spent = (budget.spent + started.elapsed())
+                .min(budget.per_second.saturating_mul(LOOKUP_DEBT_SECONDS));
         }
         cache.insert(id, name.clone());
         name
@@ -503,6 +509,16 @@ mod tests {
             Name::Nameless
         );
         assert_eq!(*looked_up.borrow(), [1, 2, 3, 4]);
+        // A lookup that hung far longer owes ten seconds' budget at most.
+        let hung = |_: u32| {
+            std::thread::sleep(Duration::from_millis(50));
+            None
+        };
+        assert_eq!(
+            cached(&mut cache, 5, Some(&mut budget), hung),
+            Name::Nameless
+        );
+        assert_eq!(budget.spent, Duration::from_millis(30));
     }
 
     #[test]

@@ -284,8 +284,6 @@ fn refusal(source: &aya::programs::ProgramError) -> String {
     }
 }
 
-/// How many instructions the verifier went through for `name` (Linux 5.16+), at debug level:
-/// the headroom below its limit of a million on this kernel.
 /// The programs, the longest to verify first: they are verified on every CPU at once (each
 /// `BPF_PROG_LOAD` runs the verifier in the calling thread), and the message program alone
 /// takes a third of the time.
@@ -299,11 +297,14 @@ const VERIFY_ORDER: [&str; 7] = [
     programs::SOCK_OPS,
 ];
 
-/// Runs every program of `ebpf` through the verifier, on up to as many threads as CPUs. On a
-/// refusal the first refused program (in [`VERIFY_ORDER`]) is the error; the programs the
-/// other threads loaded are unloaded with `ebpf` by the caller's retry.
+/// Runs every program of `ebpf` through the verifier, on up to as many threads as CPUs. A
+/// program refused there is verified again alone, once the others are done: verifications at
+/// once need more kernel memory at once, and a refusal for that (`ENOMEM`) must not send the
+/// caller down to fewer task reads. A refusal alone is the error (the first in
+/// [`VERIFY_ORDER`]); the caller then drops `ebpf`, which unloads what was loaded.
 fn verify_all(ebpf: &mut Ebpf) -> Result<(), KernelError> {
-    let mut found: Vec<(&'static str, &mut Program)> = Vec::new();
+    use std::sync::{Mutex, PoisonError};
+    let mut found: Vec<Mutex<(&'static str, &mut Program)>> = Vec::new();
     let mut all: Vec<(&str, &mut Program)> = ebpf.programs_mut().collect();
     for name in VERIFY_ORDER {
         let index = all
@@ -313,33 +314,28 @@ fn verify_all(ebpf: &mut Ebpf) -> Result<(), KernelError> {
                 kind: "program",
                 name,
             })?;
-        found.push((name, all.swap_remove(index).1));
+        found.push(Mutex::new((name, all.swap_remove(index).1)));
     }
-    let queue = std::sync::Mutex::new(found.into_iter().enumerate());
-    // Once one is refused, the others are not worth verifying: the caller retries with the
-    // whole object.
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let next = Mutex::new(0..found.len());
     let threads =
         std::thread::available_parallelism().map_or(1, |n| n.get().min(VERIFY_ORDER.len()));
-    let mut refused: Vec<(usize, KernelError)> = std::thread::scope(|scope| {
+    let mut refused: Vec<usize> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     let mut refused = Vec::new();
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let next = queue
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .next();
-                        let Some((index, (name, program))) = next else {
-                            break;
+                    loop {
+                        let taken = next.lock().unwrap_or_else(PoisonError::into_inner).next();
+                        let Some(index) = taken else {
+                            return refused;
                         };
-                        if let Err(err) = verify(name, program) {
-                            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                            refused.push((index, err));
+                        // Each program is taken by one thread: its lock is never contended.
+                        let mut entry = found[index].lock().unwrap_or_else(PoisonError::into_inner);
+                        let (name, program) = &mut *entry;
+                        if verify(name, program).is_err() {
+                            refused.push(index);
                         }
                     }
-                    refused
                 })
             })
             .collect();
@@ -352,10 +348,13 @@ fn verify_all(ebpf: &mut Ebpf) -> Result<(), KernelError> {
             })
             .collect()
     });
-    refused.sort_by_key(|(index, _)| *index);
-    if let Some((_, err)) = refused.into_iter().next() {
-        return Err(err);
+    refused.sort_unstable();
+    for index in refused {
+        let mut entry = found[index].lock().unwrap_or_else(PoisonError::into_inner);
+        let (name, program) = &mut *entry;
+        verify(name, program)?;
     }
+    drop(found);
     for name in programs::ALL.into_iter().chain([programs::HTTP_MSG]) {
         log_verified(ebpf, name);
     }
@@ -380,6 +379,8 @@ fn verify(name: &'static str, program: &mut Program) -> Result<(), KernelError> 
     }
 }
 
+/// How many instructions the verifier went through for `name` (Linux 5.16+), at debug level:
+/// the headroom below its limit of a million on this kernel.
 fn log_verified(ebpf: &Ebpf, name: &str) {
     let count = ebpf
         .program(name)
