@@ -81,15 +81,7 @@ pub fn connects(
     count: u32,
 ) -> Timings {
     let mut runs: Vec<Timings> = (0..RUNS)
-        .map(|_| {
-            check_abort();
-            Client::new(sandbox, cgroup, uid, uid)
-                .repeat(count)
-                .timings(WARMUP.min(count))
-                .route("connect-close", addr.ip(), addr.port())
-                .timings
-                .expect("timings")
-        })
+        .map(|_| connect_once(sandbox, cgroup, uid, addr, count))
         .collect();
     runs.sort_by_key(|t| t.median_ns);
     runs[RUNS / 2]
