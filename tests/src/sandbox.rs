@@ -121,6 +121,35 @@ impl Sandbox {
         );
     }
 
+    /// What a workload with `CAP_NET_ADMIN` in its own network namespace can do: rewrite
+    /// `protocol` packets to `from:port` into `to` (`ADDR:PORT`, `[ADDR]:PORT` for IPv6) on
+    /// the output path, after the socket hooks judged the destination (`tool`: `iptables` or
+    /// `ip6tables`).
+    ///
+    /// # Panics
+    /// When the rule is refused.
+    pub fn dnat(&self, tool: &str, protocol: &str, from: &str, port: u16, to: &str) {
+        self.exec(
+            tool,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                protocol,
+                "-d",
+                from,
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                to,
+            ],
+        );
+    }
+
     /// Runs `make` with a thread inside the namespace, so the sockets it creates live there.
     ///
     /// # Panics

@@ -56,25 +56,7 @@ fn add_nat_to_imds(sandbox: &Sandbox) {
         ),
     ] {
         for (protocol, port, to) in [("tcp", NAT_TCP_PORT, to_v4), ("udp", NAT_UDP_PORT, to_v6)] {
-            sandbox.exec(
-                tool,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "OUTPUT",
-                    "-p",
-                    protocol,
-                    "-d",
-                    from,
-                    "--dport",
-                    &port.to_string(),
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    to,
-                ],
-            );
+            sandbox.dnat(tool, protocol, from, port, to);
         }
     }
 }

@@ -157,25 +157,7 @@ fn rewritten_to_imds(sandbox: &Sandbox, cgroup: &TestCgroup, agent: &Agent) -> b
          to IMDS:\n   $ iptables -t nat -A OUTPUT -p udp -d 127.0.0.1 --dport 5353 -j DNAT \
          --to-destination 169.254.169.254:53"
     );
-    sandbox.exec(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-d",
-            "127.0.0.1",
-            "--dport",
-            "5353",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "169.254.169.254:53",
-        ],
-    );
+    sandbox.dnat("iptables", "udp", "127.0.0.1", 5353, "169.254.169.254:53");
     println!(
         "   then uid {NOBODY} in {} sends a datagram to 127.0.0.1:5353:",
         workload.path

@@ -105,35 +105,23 @@ pub fn kernel_costs(
     workload: &TestCgroup,
 ) {
     let (folded, queued) = cases();
-    let noops: Vec<Alone> = ["bench_noop4", "bench_noop6", "bench_noop_skb"]
+    let noops: Vec<(&str, Alone)> = ["bench_noop4", "bench_noop6", "bench_noop_skb"]
         .into_iter()
-        .map(|name| Alone::attach(name, attach))
+        .map(|name| (name, Alone::attach(name, attach)))
         .collect();
     let noop_id = |name: &str| {
-        let index = ["bench_noop4", "bench_noop6", "bench_noop_skb"]
+        noops
             .iter()
-            .position(|n| *n == name)
-            .expect("a no-op");
-        noops[index].id
+            .find(|(noop, _)| *noop == name)
+            .map(|(_, alone)| alone.id)
+            .expect("a no-op")
     };
-    sandbox.exec(
+    sandbox.dnat(
         "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-d",
-            "127.0.0.1",
-            "--dport",
-            &NAT_PORT.to_string(),
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "169.254.169.254:53",
-        ],
+        "udp",
+        "127.0.0.1",
+        NAT_PORT,
+        "169.254.169.254:53",
     );
     let _ = writeln!(
         report,
