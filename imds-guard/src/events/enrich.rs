@@ -244,14 +244,15 @@ impl Enricher {
         )
     }
 
-    /// Lets user and group database lookups spend at most `per_second` of each second (the
-    /// caches answer regardless): a directory that answers slowly, or a flood of distinct uids
-    /// and gids (each a first lookup, 50 µs or more through `nss-systemd`), then costs the
-    /// agent that share of a CPU at most, however often it drains the ring, and the names it
-    /// could not look up are left unread.
+    /// Lets user and group database lookups spend at most `per_second` of each second, a
+    /// tenth of it in each tenth of a second (the caches answer regardless): a directory that
+    /// answers slowly, or a flood of distinct uids and gids (each a first lookup, 10–50 µs
+    /// or more through `nss-systemd`), then costs the agent that share of a CPU at most,
+    /// however often it drains the ring and however short the flood, and the names it could
+    /// not look up are left unread.
     pub fn limit_lookups(&mut self, per_second: Duration) {
         self.lookups = Some(LookupBudget {
-            per_second,
+            per_window: per_second / LOOKUP_WINDOWS_PER_SECOND,
             window: Instant::now(),
             spent: Duration::ZERO,
         });
@@ -278,31 +279,38 @@ impl Enricher {
     }
 }
 
-/// The most seconds of budget one overrun may take from the seconds after it.
-const LOOKUP_DEBT_SECONDS: u32 = 10;
+/// The windows a second's lookup budget is spread over: a burst of new ids takes a window's
+/// share at once, not the second's.
+const LOOKUP_WINDOWS_PER_SECOND: u32 = 10;
+/// The most windows of budget one overrun may take from the windows after it (ten seconds).
+const LOOKUP_DEBT_WINDOWS: u32 = 10 * LOOKUP_WINDOWS_PER_SECOND;
 
-/// Time database lookups may spend per second, and what they spent in the current one.
+/// Time database lookups may spend per window (a tenth of a second), and what they spent.
 struct LookupBudget {
-    per_second: Duration,
-    /// When the current second began.
+    per_window: Duration,
+    /// When the current window began.
     window: Instant,
     spent: Duration,
 }
 
 impl LookupBudget {
+    /// The length of a window.
+    const WINDOW: Duration = Duration::from_millis(1000 / LOOKUP_WINDOWS_PER_SECOND as u64);
+
     /// Whether a lookup may be made now. A lookup that overran (a directory that took seconds
-    /// to answer) is paid off by the seconds after it: each second that passes takes one
-    /// second's budget off what was spent, so the share of time stays the budget's.
+    /// to answer) is paid off by the windows after it: each window that passes takes one
+    /// window's budget off what was spent, so the share of time stays the budget's.
     fn available(&mut self) -> bool {
-        let seconds = self.window.elapsed().as_secs();
-        if seconds > 0 {
-            self.window += Duration::from_secs(seconds);
-            let allowance = self
-                .per_second
-                .saturating_mul(u32::try_from(seconds).unwrap_or(u32::MAX));
-            self.spent = self.spent.saturating_sub(allowance);
+        let elapsed = self.window.elapsed();
+        let windows =
+            u32::try_from(elapsed.as_nanos() / Self::WINDOW.as_nanos()).unwrap_or(u32::MAX);
+        if windows > 0 {
+            self.window += Self::WINDOW.saturating_mul(windows);
+            self.spent = self
+                .spent
+                .saturating_sub(self.per_window.saturating_mul(windows));
         }
-        self.spent < self.per_second
+        self.spent < self.per_window
     }
 }
 
@@ -330,7 +338,7 @@ fn cached(
             // Debt of ten seconds' budget at most: a directory that hung for a minute costs the
             // names of the next ten seconds, not of the next ten minutes.
             budget.spent = (budget.spent + started.elapsed())
-                .min(budget.per_second.saturating_mul(LOOKUP_DEBT_SECONDS));
+                .min(budget.per_window.saturating_mul(LOOKUP_DEBT_WINDOWS));
         }
         cache.insert(id, name.clone());
         name
@@ -455,9 +463,9 @@ mod tests {
     }
 
     #[test]
-    fn lookups_spend_at_most_the_budget_of_each_second() {
+    fn lookups_spend_at_most_the_budget_of_each_window() {
         let mut budget = LookupBudget {
-            per_second: Duration::from_millis(3),
+            per_window: Duration::from_millis(3),
             window: Instant::now(),
             spent: Duration::ZERO,
         };
@@ -468,7 +476,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
             None
         };
-        // Two slow lookups spend the second's budget; a flood of new ids is then not looked
+        // Two slow lookups spend the window's budget; a flood of new ids is then not looked
         // up at all, while what is cached (a missing name too) still answers.
         assert_eq!(
             cached(&mut cache, 1, Some(&mut budget), slow),
@@ -489,36 +497,37 @@ mod tests {
             Name::Nameless
         );
         assert_eq!(*looked_up.borrow(), [1, 2]);
-        // The next second has a budget again.
-        budget.window -= Duration::from_secs(1);
+        // The next window has a budget again.
+        budget.window -= LookupBudget::WINDOW;
         assert_eq!(
             cached(&mut cache, 3, Some(&mut budget), slow),
             Name::Nameless
         );
         assert_eq!(*looked_up.borrow(), [1, 2, 3]);
-        // A lookup that took ten seconds' budget is paid off over the ten seconds after it.
+        // A lookup that took ten windows' budget is paid off over the ten windows after it.
         budget.spent = Duration::from_millis(30);
-        budget.window -= Duration::from_secs(5);
+        budget.window -= LookupBudget::WINDOW * 5;
         assert_eq!(
             cached(&mut cache, 4, Some(&mut budget), slow),
             Name::NotLookedUp
         );
-        budget.window -= Duration::from_secs(5);
+        budget.window -= LookupBudget::WINDOW * 5;
         assert_eq!(
             cached(&mut cache, 4, Some(&mut budget), slow),
             Name::Nameless
         );
         assert_eq!(*looked_up.borrow(), [1, 2, 3, 4]);
         // A lookup that hung far longer owes ten seconds' budget at most.
+        budget.spent = Duration::ZERO;
         let hung = |_: u32| {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(350));
             None
         };
         assert_eq!(
             cached(&mut cache, 5, Some(&mut budget), hung),
             Name::Nameless
         );
-        assert_eq!(budget.spent, Duration::from_millis(30));
+        assert_eq!(budget.spent, Duration::from_millis(300));
     }
 
     #[test]
