@@ -8,14 +8,27 @@
 //!
 //! [`Folds`] is that bookkeeping, free of the kernel: what was reported of each entry, and the
 //! event of the burst's first attempt, whose workload the aggregate repeats. It follows only the
-//! entries the kernel has (at most `FOLDS_MAX_ENTRIES`), so its memory is bounded too.
+//! entries the kernel has (at most `FOLDS_MAX_ENTRIES`), so its memory is bounded too: a walk
+//! forgets the entries it did not meet, and between walks (a flood of distinct attempts opens
+//! a burst per event, and walks come once a second) [`Folds::prune`] forgets the oldest first
+//! attempts whose entries the kernel no longer has, asking it of each (a lookup per burst,
+//! where walking the map to find them cost a read of every entry per 1,024 bursts).
 
-use std::{collections::HashMap, hash::Hash};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+};
 
 use imds_guard_common::{
     event::{FoldKey, FoldValue},
     maps::FOLDS_MAX_ENTRIES,
 };
+
+/// First attempts remembered beyond what the kernel's fold map holds before the oldest are
+/// pruned (see [`Folds::prune`]).
+pub const FOLDS_PRUNE_SLACK: usize = 1024;
+/// Entries followed at most, but for those the kernel still has when pruning.
+const FOLDS_FOLLOWED_MAX: usize = FOLDS_MAX_ENTRIES as usize + FOLDS_PRUNE_SLACK;
 
 /// Repeats to report: `repeats` more attempts like `first` (the burst's first attempt, when the
 /// agent saw its event) between `window_start_ns` and `last_ns`.
@@ -35,11 +48,16 @@ pub struct Aggregate<V> {
 }
 
 struct Known<V> {
-    first: Option<V>,
+    /// Boxed: the table stays small (a flood keeps thousands) and entries move cheaply.
+    first: Option<Box<V>>,
     /// The entry's count when its repeats were last reported.
     reported: u64,
     /// The window the repeats not yet reported belong to, once the agent has seen it.
     window_start_ns: Option<u64>,
+    /// The last walk that met the entry (0: none has).
+    met: u64,
+    /// The number of the first attempt kept (see `Folds::firsts`).
+    first_number: u64,
 }
 
 impl<V> Known<V> {
@@ -49,6 +67,8 @@ impl<V> Known<V> {
             first: None,
             reported: 0,
             window_start_ns: None,
+            met: 0,
+            first_number: 0,
         }
     }
 
@@ -69,7 +89,7 @@ impl<V> Known<V> {
         let window_start_ns = self.window_start_ns.unwrap_or(value.window_start_ns);
         Aggregate {
             key: *key,
-            first: self.first.clone(),
+            first: self.first.as_deref().cloned(),
             repeats,
             window_start_ns: window_start_ns.min(value.window_start_ns),
             last_ns: value.last_ns,
@@ -80,7 +100,16 @@ impl<V> Known<V> {
 /// What the agent knows of each kernel fold entry.
 pub struct Folds<V> {
     window_ns: u64,
+    /// Keyed by what a workload chose (its uid, port, ...): the standard hasher's keyed
+    /// `SipHash` keeps a hostile workload from making the agent's lookups collide.
     known: HashMap<FoldKey, Known<V>>,
+    /// Walks so far, to mark the entries each met.
+    walks: u64,
+    /// The first attempts kept, oldest first, each with its number (a key may come again, for
+    /// a later burst; then its older number is stale).
+    firsts: VecDeque<(u64, FoldKey)>,
+    /// First attempts kept so far.
+    first_numbers: u64,
     /// The repeats of open windows the last walk left to report; `None` when it did not reach
     /// the map's end (more may wait).
     pending: Option<u64>,
@@ -92,7 +121,12 @@ impl<V: Clone> Folds<V> {
     pub fn new(window_ns: u64) -> Self {
         Self {
             window_ns,
-            known: HashMap::new(),
+            // What it holds at most before it is pruned: never grown, so a flood does not copy
+            // it on its way there.
+            known: HashMap::with_capacity(FOLDS_FOLLOWED_MAX + 1),
+            walks: 0,
+            firsts: VecDeque::new(),
+            first_numbers: 0,
             pending: Some(0),
         }
     }
@@ -108,6 +142,8 @@ impl<V: Clone> Folds<V> {
                     first: None,
                     reported: value.folded,
                     window_start_ns: Some(value.window_start_ns),
+                    met: 0,
+                    first_number: 0,
                 },
             );
         }
@@ -115,7 +151,55 @@ impl<V: Clone> Folds<V> {
 
     /// The event of an attempt that opened a window was reported as `first`.
     pub fn first(&mut self, key: FoldKey, first: V) {
-        self.known.entry(key).or_insert_with(Known::unseen).first = Some(first);
+        self.first_numbers += 1;
+        let known = self.known.entry(key).or_insert_with(Known::unseen);
+        known.first = Some(Box::new(first));
+        known.first_number = self.first_numbers;
+        self.firsts.push_back((self.first_numbers, key));
+    }
+
+    /// When more entries are followed than the kernel's map holds and the slack
+    /// (`FOLDS_PRUNE_SLACK`), forgets the oldest first attempts whose entries the kernel no
+    /// longer has (`held` asks it; an entry it still has is kept, as the newest) until they
+    /// are few enough. An entry no walk met has nothing reported to remember: only its first
+    /// attempt is lost with it, which was reported at once; one a walk met is a walk's to
+    /// forget. A flood of distinct attempts thus costs a lookup per burst, not a walk.
+    pub fn prune(&mut self, mut held: impl FnMut(&FoldKey) -> bool) {
+        // Each first attempt is asked of once at most per call: the kernel holds at most
+        // `FOLDS_MAX_ENTRIES`, so one pass is enough, however `held` answers.
+        let mut asked = self.firsts.len();
+        while self.known.len() > FOLDS_FOLLOWED_MAX && asked > 0 {
+            asked -= 1;
+            let Some((number, key)) = self.firsts.pop_front() else {
+                break;
+            };
+            let Some(known) = self.known.get_mut(&key) else {
+                continue;
+            };
+            if known.first_number != number {
+                continue;
+            }
+            if known.window_start_ns.is_some() {
+                // Met by a walk: what was reported of it must not be forgotten while the
+                // kernel has it. Its first attempt stays with it, no longer queued here.
+                continue;
+            }
+            if held(&key) {
+                self.firsts.push_back((number, key));
+            } else {
+                self.known.remove(&key);
+            }
+        }
+        // Numbers gone stale (entries a walk forgot, keys that came again) are dropped once
+        // they outnumber what is followed.
+        if self.firsts.len() > 2 * FOLDS_FOLLOWED_MAX {
+            let known = &self.known;
+            self.firsts.retain(|(number, key)| {
+                known.get(key).is_some_and(|known| {
+                    known.first_number == *number && known.window_start_ns.is_none()
+                })
+            });
+        }
     }
 
     /// Entries followed (call [`Folds::collect`] to drop those the kernel no longer has).
@@ -156,9 +240,11 @@ impl<V: Clone> Folds<V> {
     ) -> Vec<Aggregate<V>> {
         let mut due = Vec::new();
         let mut pending = 0;
-        let mut present = HashMap::with_capacity(walk.entries.len());
+        self.walks += 1;
+        let walk_id = self.walks;
         for (key, value) in &walk.entries {
-            let mut known = self.known.remove(key).unwrap_or_else(Known::unseen);
+            let known = self.known.entry(*key).or_insert_with(Known::unseen);
+            known.met = walk_id;
             let repeats = known.unreported(value);
             let window_start_ns = *known.window_start_ns.get_or_insert(value.window_start_ns);
             let closed = all
@@ -174,15 +260,21 @@ impl<V: Clone> Folds<V> {
             } else {
                 pending += repeats;
             }
-            present.insert(*key, known);
         }
         self.pending = walk.complete.then_some(pending);
-        if !walk.complete {
-            let room = (FOLDS_MAX_ENTRIES as usize).saturating_sub(present.len());
-            let unmet: Vec<_> = self.known.drain().take(room).collect();
-            present.extend(unmet);
-        }
-        self.known = present;
+        // The entries the walk did not meet are gone from the kernel, unless it was cut short.
+        let mut room = if walk.complete {
+            0
+        } else {
+            (FOLDS_MAX_ENTRIES as usize).saturating_sub(walk.entries.len())
+        };
+        self.known.retain(|_, known| {
+            let keep = known.met == walk_id || room > 0;
+            if known.met != walk_id && keep {
+                room -= 1;
+            }
+            keep
+        });
         due
     }
 
@@ -403,6 +495,62 @@ mod tests {
         assert!(folds.is_empty());
         // Nothing new: nothing to report.
         assert!(folds.retire(&[(key(2), value(0, 0, 0))]).is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_bursts_forgets_the_oldest_the_kernel_no_longer_has() {
+        let mut folds = Folds::new(SECOND);
+        // A walk met key 0 and reported its repeats: a walk's to forget, never a prune's.
+        folds.first(key(0), 0);
+        let _ = folds.collect(&complete(&[(key(0), value(0, 0, 5))]), 2 * SECOND, false);
+        let flood = FOLDS_FOLLOWED_MAX as u64 + 2_000;
+        // The kernel still has every third burst's entry.
+        let held = |key: &FoldKey| key.cgroup_id.is_multiple_of(3);
+        for cgroup_id in 1..=flood {
+            folds.first(key(cgroup_id), cgroup_id);
+            folds.prune(held);
+            assert!(
+                folds.len() <= FOLDS_FOLLOWED_MAX,
+                "{} followed",
+                folds.len()
+            );
+        }
+        assert_eq!(folds.len(), FOLDS_FOLLOWED_MAX);
+        for cgroup_id in (3..=flood).step_by(3) {
+            assert_eq!(
+                folds
+                    .known
+                    .get(&key(cgroup_id))
+                    .and_then(|known| known.first.as_deref().copied()),
+                Some(cgroup_id),
+                "the kernel still folds burst {cgroup_id}"
+            );
+        }
+        assert!(!folds.known.contains_key(&key(1)), "the oldest gone first");
+        assert!(folds.known.contains_key(&key(flood - 1)), "the newest kept");
+        // The walked entry kept what was reported of it: the same count is nothing new.
+        assert_eq!(folds.known[&key(0)].reported, 5);
+        let due = folds.collect(&complete(&[(key(0), value(0, 0, 5))]), 3 * SECOND, false);
+        assert!(due.is_empty(), "{due:?}");
+        // Stale queue entries do not pile up beyond twice what is followed.
+        for _ in 0..3 {
+            for cgroup_id in (1..=flood).filter(|id| !id.is_multiple_of(3)) {
+                folds.first(key(cgroup_id), cgroup_id);
+                folds.prune(held);
+            }
+        }
+        assert!(folds.firsts.len() <= 2 * FOLDS_FOLLOWED_MAX + 1);
+    }
+
+    #[test]
+    fn pruning_when_the_kernel_holds_everything_still_ends() {
+        let mut folds = Folds::new(SECOND);
+        for cgroup_id in 0..FOLDS_FOLLOWED_MAX as u64 + 10 {
+            folds.first(key(cgroup_id), cgroup_id);
+        }
+        // A kernel that says it holds more than it can (a failed lookup is not this): one pass.
+        folds.prune(|_| true);
+        assert_eq!(folds.len(), FOLDS_FOLLOWED_MAX + 10);
     }
 
     #[test]

@@ -278,6 +278,30 @@ pub fn request_text(line: &[u8; HTTP_REQUEST_BYTES], len: u16) -> String {
         .collect()
 }
 
+/// What an event's cgroup id tells: the cgroup's path and what the path says of its workload.
+/// Worked out once per cgroup, not per event (the reporter keeps it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupFacts {
+    /// Its path as in `/proc/PID/cgroup`; `None` when it is gone.
+    pub path: Option<String>,
+    /// Its unit, container and pod.
+    pub placement: Placement,
+    /// Whether it is a container runtime's cgroup.
+    pub container: bool,
+}
+
+impl CgroupFacts {
+    /// What the cgroup at `path` (`None`: gone) tells.
+    #[must_use]
+    pub fn of(path: Option<String>) -> Self {
+        Self {
+            placement: path.as_deref().map(Placement::of).unwrap_or_default(),
+            container: path.as_deref().is_some_and(workload::is_container_cgroup),
+            path,
+        }
+    }
+}
+
 /// One line of the event stream (`imds-guard run`'s stdout): one attempt reported at once, or
 /// (`aggregated`) the repeats of one that were folded until its window closed.
 ///
@@ -390,14 +414,13 @@ impl Record {
     /// Builds the line for an event from what the kernel recorded and the cgroup path.
     /// `boot_to_unix_ns` converts `CLOCK_BOOTTIME` to Unix time.
     #[must_use]
-    pub fn new(event: &Decoded, boot_to_unix_ns: i128, cgroup: Option<String>, rule: &str) -> Self {
+    pub fn new(event: &Decoded, boot_to_unix_ns: i128, cgroup: &CgroupFacts, rule: &str) -> Self {
         let raw = &event.raw;
         // Socket address hooks run in the task's context; the packet hook knows no task.
         let task = event.hook != Hook::Egress;
         let time = unix_time(raw.boot_ns, boot_to_unix_ns);
-        let placement = cgroup.as_deref().map(Placement::of).unwrap_or_default();
-        let in_container = raw.flags & EVENT_FLAG_CONTAINER != 0
-            || cgroup.as_deref().is_some_and(workload::is_container_cgroup);
+        let placement = cgroup.placement.clone();
+        let in_container = raw.flags & EVENT_FLAG_CONTAINER != 0 || cgroup.container;
         let parent = task && raw.unread & UNREAD_PARENT == 0;
         let comm = task && raw.unread & UNREAD_COMM == 0;
         let mut unread = Vec::new();
@@ -410,7 +433,7 @@ impl Record {
         if !comm {
             unread.push("comm");
         }
-        if cgroup.is_none() {
+        if cgroup.path.is_none() {
             unread.push("cgroup");
         }
         Self {
@@ -432,7 +455,7 @@ impl Record {
             exe: None,
             cmdline: None,
             cgroup_id: raw.cgroup_id,
-            cgroup,
+            cgroup: cgroup.path.clone(),
             unit: placement.unit,
             container: placement.container,
             pod_uid: placement.pod_uid,
@@ -449,7 +472,7 @@ impl Record {
                 .then(|| request_text(&raw.request, raw.request_len)),
             refused: event.refused,
             // The kernel's process id of the writer: no other process can be this one.
-            posture_check: raw.tgid != 0 && raw.tgid == std::process::id(),
+            posture_check: raw.tgid != 0 && raw.tgid == own_pid(),
             unread,
             executable: (task && raw.unread & UNREAD_EXE == 0 && raw.exe_parts > 0).then(|| {
                 Executable {
@@ -502,7 +525,7 @@ impl Record {
     pub fn of_repeats(
         key: &FoldKey,
         boot_to_unix_ns: i128,
-        cgroup: Option<String>,
+        cgroup: &CgroupFacts,
         rule: &str,
     ) -> Result<Self, DecodeError> {
         let raw = Event {
@@ -575,6 +598,12 @@ fn path_on_fs(raw: &Event) -> String {
         path.push_str(&String::from_utf8_lossy(&slot[..end]));
     }
     path
+}
+
+/// This process's id, asked of the kernel once (not a system call per event).
+fn own_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 /// `CLOCK_BOOTTIME` nanoseconds as RFC 3339 in UTC.
@@ -663,7 +692,12 @@ mod tests {
     fn decodes_and_renders_every_field() {
         let decoded = decode(&bytes(&event())).unwrap();
         // 1970-01-01T00:00:01.5Z is boot_ns with a zero offset.
-        let record = Record::new(&decoded, 0, Some("/work".into()), "default");
+        let record = Record::new(
+            &decoded,
+            0,
+            &CgroupFacts::of(Some("/work".into())),
+            "default",
+        );
         let json = serde_json::to_value(&record).unwrap();
         assert_eq!(
             json,
@@ -682,7 +716,12 @@ mod tests {
 
     #[test]
     fn the_kernels_record_of_the_executable_is_decoded() {
-        let record = Record::new(&decode(&bytes(&event())).unwrap(), 0, None, "default");
+        let record = Record::new(
+            &decode(&bytes(&event())).unwrap(),
+            0,
+            &CgroupFacts::default(),
+            "default",
+        );
         assert_eq!(
             record.executable,
             Some(Executable {
@@ -696,13 +735,23 @@ mod tests {
         let mut raw = event();
         raw.exe_flags = EXE_FLAG_TRUNCATED;
         raw.flags = EVENT_FLAG_CONTAINER;
-        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        let record = Record::new(
+            &decode(&bytes(&raw)).unwrap(),
+            0,
+            &CgroupFacts::default(),
+            "default",
+        );
         let executable = record.executable.unwrap();
         assert_eq!(executable.on_fs, "…/usr/bin/curl");
         assert!(executable.in_container && record.in_container);
         // Unread: nothing to go by.
         raw.unread = UNREAD_EXE;
-        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        let record = Record::new(
+            &decode(&bytes(&raw)).unwrap(),
+            0,
+            &CgroupFacts::default(),
+            "default",
+        );
         assert_eq!(record.executable, None);
     }
 
@@ -713,7 +762,12 @@ mod tests {
         raw.unread = UNREAD_PARENT | UNREAD_COMM;
         let id = "ab".repeat(32);
         let cgroup = format!("/system.slice/docker-{id}.scope");
-        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, Some(cgroup), "default");
+        let record = Record::new(
+            &decode(&bytes(&raw)).unwrap(),
+            0,
+            &CgroupFacts::of(Some(cgroup)),
+            "default",
+        );
         assert_eq!(
             (record.pid, record.tgid, record.gid, record.ppid),
             (None, None, None, None)
@@ -732,7 +786,12 @@ mod tests {
 
     #[test]
     fn an_aggregate_counts_repeats_between_its_times() {
-        let record = Record::new(&decode(&bytes(&event())).unwrap(), 0, None, "default");
+        let record = Record::new(
+            &decode(&bytes(&event())).unwrap(),
+            0,
+            &CgroupFacts::default(),
+            "default",
+        );
         assert_eq!(record.unread, ["cgroup"]);
         let aggregate = record.aggregate(41, 2_000_000_000, 3_000_000_000, 0);
         assert_eq!((aggregate.count, aggregate.aggregated), (41, true));
@@ -751,7 +810,7 @@ mod tests {
         raw.protocol = 17;
         raw.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 169, 254];
         let decoded = decode(&bytes(&raw)).unwrap();
-        let record = Record::new(&decoded, 0, None, "uid 0");
+        let record = Record::new(&decoded, 0, &CgroupFacts::default(), "uid 0");
         assert_eq!(record.dst, "::ffff:169.254.169.254");
         assert_eq!(record.protocol.as_deref(), Some("udp"));
         assert_eq!(record.verdict, Verdict::Audit);
@@ -764,12 +823,22 @@ mod tests {
         raw.hook = HOOK_EGRESS;
         raw.protocol = 1;
         raw.flags = EVENT_FLAG_REWRITTEN;
-        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        let record = Record::new(
+            &decode(&bytes(&raw)).unwrap(),
+            0,
+            &CgroupFacts::default(),
+            "default",
+        );
         assert_eq!(record.protocol.as_deref(), Some("icmp"));
         assert!(record.rewritten);
         raw.flags = 0;
         raw.protocol = 136;
-        let record = Record::new(&decode(&bytes(&raw)).unwrap(), 0, None, "default");
+        let record = Record::new(
+            &decode(&bytes(&raw)).unwrap(),
+            0,
+            &CgroupFacts::default(),
+            "default",
+        );
         assert_eq!(record.protocol.as_deref(), Some("udplite"));
         assert!(!record.rewritten);
     }

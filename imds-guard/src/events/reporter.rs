@@ -14,7 +14,7 @@ use tracing::warn;
 
 use crate::{
     events::{
-        self, Record,
+        self, CgroupFacts, Record,
         accounting::Accounting,
         enrich::Enricher,
         folds::{Aggregate, Folds, Walk},
@@ -24,18 +24,16 @@ use crate::{
         cgroups::Hierarchy,
         clock::{boot_time_ns, boot_to_unix_ns},
     },
+    kernel::sys,
     policy::Policy,
 };
 
-/// Cgroup paths remembered for events; cleared when it grows past this many entries.
+/// Cgroups remembered for events (their paths and what those tell); cleared when it grows past this many entries.
 const CGROUP_CACHE_ENTRIES: usize = 4096;
 /// Records one drain takes from the ring at most: what the ring can hold at once (an event
 /// plus the 8-byte record header each). Bounded so a flood cannot starve signals, and
 /// large enough that, the ring being FIFO, one drain takes everything present when it began.
 const DRAIN_BATCH_RECORDS: usize = (EVENTS_RING_BYTES as usize).div_ceil(size_of::<Event>() + 8);
-/// First attempts remembered beyond what the kernel's fold map holds before the agent walks
-/// the map to forget those it no longer has (one walk per this many new bursts at most).
-const FOLDS_PRUNE_SLACK: usize = 1024;
 /// What user and group database lookups may spend per second (a tenth of a CPU); names not
 /// looked up are left unread.
 const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
@@ -50,7 +48,7 @@ pub struct Reporter {
     policies: [Option<Policy>; 2],
     /// Its own handle on the hierarchy, to name cgroups from their ids.
     hierarchy: Hierarchy,
-    cgroup_paths: HashMap<u64, Option<String>>,
+    cgroups: HashMap<u64, CgroupFacts>,
     enricher: Enricher,
     /// The kernel's fold entries (`None`: folding is off).
     fold_map: Option<FoldMap>,
@@ -81,7 +79,7 @@ impl Reporter {
         Self {
             policies: [None, None],
             hierarchy,
-            cgroup_paths: HashMap::new(),
+            cgroups: HashMap::new(),
             enricher,
             fold_map,
             folds,
@@ -102,8 +100,8 @@ impl Reporter {
         self.policies[usize::from(generation != 0)] = Some(policy);
     }
 
-    fn rule_name(&self, generation: u8, rule: u32) -> Cow<'_, str> {
-        match &self.policies[usize::from(generation != 0)] {
+    fn rule_name(policies: &[Option<Policy>; 2], generation: u8, rule: u32) -> Cow<'_, str> {
+        match &policies[usize::from(generation != 0)] {
             Some(policy) => Cow::Borrowed(policy.rule_name(rule)),
             None if rule == RULE_DEFAULT => Cow::Borrowed("default"),
             // Judged before this agent started, by a policy it never saw.
@@ -150,20 +148,17 @@ impl Reporter {
             };
             drop(item);
             let raw = &event.raw;
-            let cgroup = self.cgroup_path(raw.cgroup_id);
-            let rule = self.rule_name(raw.generation, raw.rule);
+            let rule = Self::rule_name(&self.policies, raw.generation, raw.rule);
+            let cgroup = cgroup_facts(&mut self.cgroups, &self.hierarchy, raw.cgroup_id);
             let mut record = Record::new(&event, offset, cgroup, &rule);
             record.enrich(&mut self.enricher, raw.boot_ns);
             self.output.emit(&record);
             self.accounting.reported_one();
-            if self.fold_map.is_some() {
-                self.folds.first(FoldKey::of(raw), record);
+            if let Some(map) = &self.fold_map {
                 // The first attempts of bursts are remembered until the kernel forgets the
-                // bursts: walk its entries (which prunes the others) before more pile up than
-                // it holds.
-                if self.folds.len() > FOLDS_MAX_ENTRIES as usize + FOLDS_PRUNE_SLACK {
-                    self.report_folds(None, false);
-                }
+                // bursts.
+                self.folds.first(FoldKey::of(raw), record);
+                self.folds.prune(|key| fold_held(map, key));
             }
         }
         self.output.flush();
@@ -259,8 +254,8 @@ impl Reporter {
 
     /// What the repeats of `key` share, when the agent never saw the burst's first attempt.
     fn repeats_without_first(&mut self, key: &FoldKey, offset: i128) -> Option<Record> {
-        let cgroup = self.cgroup_path(key.cgroup_id);
-        let rule = self.rule_name(key.generation, key.rule).into_owned();
+        let rule = Self::rule_name(&self.policies, key.generation, key.rule);
+        let cgroup = cgroup_facts(&mut self.cgroups, &self.hierarchy, key.cgroup_id);
         match Record::of_repeats(key, offset, cgroup, &rule) {
             Ok(mut record) => {
                 record.enrich(&mut self.enricher, 0);
@@ -272,16 +267,20 @@ impl Reporter {
             }
         }
     }
+}
 
-    fn cgroup_path(&mut self, id: u64) -> Option<String> {
-        if self.cgroup_paths.len() >= CGROUP_CACHE_ENTRIES {
-            self.cgroup_paths.clear();
-        }
-        self.cgroup_paths
-            .entry(id)
-            .or_insert_with(|| self.hierarchy.path_of(id))
-            .clone()
+/// What the cgroup `id` tells, from `cache` or worked out from its path in `hierarchy`.
+fn cgroup_facts<'a>(
+    cache: &'a mut HashMap<u64, CgroupFacts>,
+    hierarchy: &Hierarchy,
+    id: u64,
+) -> &'a CgroupFacts {
+    if cache.len() >= CGROUP_CACHE_ENTRIES && !cache.contains_key(&id) {
+        cache.clear();
     }
+    cache
+        .entry(id)
+        .or_insert_with(|| CgroupFacts::of(hierarchy.path_of(id)))
 }
 
 /// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).
@@ -290,6 +289,12 @@ fn clock_offset() -> i128 {
         warn!("cannot read the clocks ({err}): event times are since boot");
         0
     })
+}
+
+/// Whether the kernel's fold map has an entry for `key`. A failed lookup says no: the agent's
+/// memory stays bounded, at the cost of a first attempt's details on an aggregate.
+fn fold_held(map: &FoldMap, key: &FoldKey) -> bool {
+    map.get(key, 0).is_ok()
 }
 
 /// Deletes the fold entry of `key`; gone already (evicted) is as good as deleted.
@@ -301,8 +306,26 @@ pub fn delete_fold(map: &mut FoldMap, key: &FoldKey) {
     }
 }
 
-/// A walk over the kernel's fold entries (see [`Walk`]).
+/// Fold entries the kernel hands over per call of a batch read.
+const FOLDS_BATCH_ENTRIES: usize = 1024;
+
+/// The kernel's fold entries: read in batches (a call per 1,024 entries), or, where the kernel
+/// refuses that, walked key by key (two calls per entry; see [`Walk`]).
 #[must_use]
 pub fn fold_entries(map: &FoldMap) -> Walk<FoldKey, FoldValue> {
-    Walk::new(map.iter(), 2 * FOLDS_MAX_ENTRIES as usize)
+    match sys::map_entries(map, FOLDS_BATCH_ENTRIES) {
+        Ok(entries) => Walk {
+            entries,
+            complete: true,
+        },
+        Err(err) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(
+                    "the kernel refused a batch read of the fold map ({err}): walking it key by key"
+                );
+            });
+            Walk::new(map.iter(), 2 * FOLDS_MAX_ENTRIES as usize)
+        }
+    }
 }

@@ -13,13 +13,16 @@ use std::{
     ffi::CString,
     fmt::Write as _,
     io,
+    mem::MaybeUninit,
     mem::size_of,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
 };
+
+use aya::{Pod, maps::IterableMap};
 
 /// An open BPF object (link, program or map).
 #[derive(Debug)]
@@ -51,6 +54,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `bpf(cmd, attr, size)`, returning the non-negative result.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
@@ -212,6 +216,78 @@ pub fn map_prog_attach(map: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Resu
     bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
 }
 
+/// Every entry of the hash map `map`, read `batch` at a time (`BPF_MAP_LOOKUP_BATCH`, 5.6+): a
+/// call per batch where stepping from key to key takes two per entry. The kernel reads the map
+/// bucket by bucket, so an entry present for the whole read is read once, never twice, and one
+/// made or deleted meanwhile may be read or not. The typed map checked that `K` and `V` have
+/// its key and value sizes. (aya 0.14 has no batch operations.)
+///
+/// # Errors
+/// When the kernel refuses the call: a map type without batch operations, or a bucket with
+/// more than `batch` entries (`ENOSPC`).
+pub fn map_entries<K: Pod, V: Pod>(
+    map: &impl IterableMap<K, V>,
+    batch: usize,
+) -> io::Result<Vec<(K, V)>> {
+    #[repr(C)]
+    #[expect(
+        clippy::struct_field_names,
+        reason = "the kernel's names (`union bpf_attr`, `batch`)"
+    )]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let map_fd = u32::try_from(map.map().fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
+    let count = u32::try_from(batch).map_err(io::Error::other)?;
+    let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(batch);
+    let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(batch);
+    let mut entries = Vec::new();
+    // Where the next batch starts: for a hash map, a bucket index the kernel writes (4 bytes).
+    let (mut cursor, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = Batch {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&cursor) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count,
+            map_fd,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let read = (attr.count as usize).min(batch);
+        entries.extend((0..read).map(|at| {
+            // SAFETY: the kernel wrote `count` keys and values into the buffers, which hold
+            // `batch` of each; `K` and `V` are plain data of the map's key and value sizes.
+            unsafe {
+                (
+                    keys.as_ptr().add(at).read().assume_init(),
+                    values.as_ptr().add(at).read().assume_init(),
+                )
+            }
+        }));
+        match result {
+            Ok(_) => (cursor, first) = (next, false),
+            // The end of the map: this call read what was left.
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 /// A loaded program, as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ProgramInfo {
@@ -273,6 +349,43 @@ mod tests {
     fn no_program_is_none() {
         // Ids count up from 1 and are never reused: this one is far beyond any loaded.
         assert_eq!(program_info(u32::MAX).unwrap(), None);
+    }
+
+    #[test]
+    fn a_batch_read_yields_every_entry_of_a_map_once() {
+        #[repr(C)]
+        struct MapCreate {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+        let mut attr = MapCreate {
+            map_type: BPF_MAP_TYPE_LRU_HASH,
+            key_size: 8,
+            value_size: 4,
+            max_entries: 1024,
+            map_flags: 0,
+        };
+        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr).unwrap()).unwrap();
+        let data = aya::maps::MapData::from_fd(fd).unwrap();
+        let mut map: aya::maps::HashMap<_, u64, u32> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+        assert!(map_entries(&map, 16).unwrap().is_empty());
+        let mut inserted: Vec<(u64, u32)> = (0..500u32).map(|n| (u64::from(n) * 7919, n)).collect();
+        for (key, value) in &inserted {
+            map.insert(key, value, 0).unwrap();
+        }
+        // Batches smaller than the map: the read goes on where each left off.
+        for batch in [16, 500, 4096] {
+            let mut read = map_entries(&map, batch).unwrap();
+            read.sort_unstable();
+            inserted.sort_unstable();
+            assert_eq!(read, inserted, "batches of {batch}");
+        }
     }
 
     #[test]
