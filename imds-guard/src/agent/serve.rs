@@ -26,6 +26,11 @@ use crate::{
 
 /// How often the agent reports the repeats the kernel folded whose window has closed.
 const FOLDS_INTERVAL_MILLIS: u64 = 1000;
+/// How long the loop lets events gather after it emptied the ring: the ring wakes it for the
+/// next event whenever it has caught up, so under a flood it would wake (and poll everything
+/// it waits on) for every few events; this way at most a thousand times a second, an event
+/// reported a millisecond later at most.
+const EVENTS_GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 /// How often the agent checks the kernel's lost-event counter.
 const LOSS_CHECK_INTERVAL_SECS: u64 = 10;
 /// How often the whole cgroup tree is scanned, in case a change notification was missed.
@@ -231,6 +236,8 @@ impl Wakers {
                 let mut guard = ready.map_err(|source| EventsError::Ring { source })?;
                 if running.reporter.drain(guard.get_inner_mut()) {
                     guard.clear_ready();
+                    drop(guard);
+                    tokio::time::sleep(EVENTS_GATHER).await;
                 } else {
                     // More is waiting: let the runtime poll its drivers (signals, timers)
                     // before the next batch, or a flood would starve them.
