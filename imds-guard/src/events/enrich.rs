@@ -3,8 +3,9 @@
 //! its event is read, or have run another program since, and a uid may have no name. The
 //! kernel recorded at the attempt what must not be lost: which executable made it (its device,
 //! inode and path on its file system), which names the process whatever `/proc` says by then.
-//! Lookups are cached, and user database lookups (which may ask a directory service) are
-//! limited per batch of events, so that neither a slow directory nor a flood of distinct uids
+//! Lookups are cached, a user or group database is listed whole where that list is all of it
+//! (see [`crate::host::userdb`]), and lookups (which may ask a directory service) are limited
+//! to a share of each second, so that neither a slow directory nor a flood of distinct uids
 //! holds up reporting.
 
 use std::{
@@ -14,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::host::procfs::{self, Mount};
+use crate::host::{
+    procfs::{self, Mount},
+    userdb::{Database, Listing},
+};
 
 /// Bytes of a command line kept; longer ones end with `…`.
 pub const CMDLINE_MAX_BYTES: usize = 1024;
@@ -106,6 +110,10 @@ pub struct Enricher {
     processes: HashMap<u32, Seen>,
     users: HashMap<u32, Option<String>>,
     groups: HashMap<u32, Option<String>>,
+    /// The user database listed whole, where that is all of it (see [`crate::host::userdb`]).
+    users_listed: Listed,
+    /// The group database listed whole, likewise.
+    groups_listed: Listed,
     /// Nanoseconds per clock tick of `/proc/PID/stat`'s start time.
     tick_ns: u64,
     /// What user and group database lookups may spend (`None`: no limit).
@@ -260,6 +268,9 @@ impl Enricher {
 
     /// The name of `uid` in the user database.
     pub fn user(&mut self, uid: u32) -> Name {
+        if let Some(name) = (self.users_listed).name(Database::Users, uid, self.lookups.as_mut()) {
+            return name;
+        }
         cached(&mut self.users, uid, self.lookups.as_mut(), |uid| {
             nix::unistd::User::from_uid(uid.into())
                 .ok()
@@ -270,6 +281,10 @@ impl Enricher {
 
     /// The name of `gid` in the group database.
     pub fn group(&mut self, gid: u32) -> Name {
+        if let Some(name) = (self.groups_listed).name(Database::Groups, gid, self.lookups.as_mut())
+        {
+            return name;
+        }
         cached(&mut self.groups, gid, self.lookups.as_mut(), |gid| {
             nix::unistd::Group::from_gid(gid.into())
                 .ok()
@@ -312,6 +327,57 @@ impl LookupBudget {
         }
         self.spent < self.per_window
     }
+
+    /// Charges `spent` to the budget. Debt of ten seconds' budget at most: a directory that
+    /// hung for a minute costs the names of the next ten seconds, not of the next ten minutes.
+    fn charge(&mut self, spent: Duration) {
+        self.spent = (self.spent + spent).min(self.per_window.saturating_mul(LOOKUP_DEBT_WINDOWS));
+    }
+}
+
+/// How long a listing of a database answers before it is taken again (a user added since,
+/// or a systemd service's dynamic user, is named that much later at most).
+const LISTING_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// A database's listing, where a list is all of it, taken again once it is old.
+#[derive(Default)]
+struct Listed {
+    listing: Option<Listing>,
+    /// When `nsswitch.conf` was last read for it (`None`: never).
+    checked: Option<Instant>,
+}
+
+impl Listed {
+    /// The name of `id` from the listing of `database`, taken (again) first when it is old
+    /// and `budget` allows, its time charged to it (an old listing answers meanwhile); `None`
+    /// when the database cannot be listed whole, and each id must be looked up.
+    fn name(
+        &mut self,
+        database: Database,
+        id: u32,
+        budget: Option<&mut LookupBudget>,
+    ) -> Option<Name> {
+        if self
+            .checked
+            .is_none_or(|checked| checked.elapsed() >= LISTING_MAX_AGE)
+        {
+            let mut budget = budget;
+            if budget.as_mut().is_none_or(|budget| budget.available()) {
+                let started = Instant::now();
+                self.listing = Listing::take(database);
+                self.checked = Some(Instant::now());
+                if let Some(budget) = budget {
+                    budget.charge(started.elapsed());
+                }
+            }
+        }
+        let listing = self.listing.as_ref()?;
+        Some(
+            listing
+                .name(id)
+                .map_or(Name::Nameless, |name| Name::Known(name.to_owned())),
+        )
+    }
 }
 
 /// `id`'s name from `cache`, else looked up (and cached, a missing name as much as a found
@@ -335,10 +401,7 @@ fn cached(
         let started = Instant::now();
         let name = look_up(id);
         if let Some(budget) = budget {
-            // Debt of ten seconds' budget at most: a directory that hung for a minute costs the
-            // names of the next ten seconds, not of the next ten minutes.
-            budget.spent = (budget.spent + started.elapsed())
-                .min(budget.per_window.saturating_mul(LOOKUP_DEBT_WINDOWS));
+            budget.charge(started.elapsed());
         }
         cache.insert(id, name.clone());
         name
@@ -452,14 +515,59 @@ mod tests {
             }
         );
         assert_eq!(enricher.process(me, 0, None), Process::default());
-        assert_eq!(enricher.user(0), Name::Known("root".into()));
         assert_eq!(enricher.group(0), Name::Known("root".into()));
+        // A user database that cannot be listed whole (a directory's): each id looked up.
+        enricher.users_listed = Listed {
+            listing: None,
+            checked: Some(Instant::now()),
+        };
+        assert_eq!(enricher.user(0), Name::Known("root".into()));
         assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
         // Out of budget: what is cached still answers, the rest is not looked up.
         enricher.limit_lookups(Duration::ZERO);
         assert_eq!(enricher.user(0), Name::Known("root".into()));
         assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
         assert_eq!(enricher.user(65534), Name::NotLookedUp);
+        // One listed whole answers every id from the list, out of budget too.
+        enricher.users_listed = Listed {
+            listing: Some(Listing::of([(65534, "nobody")])),
+            checked: Some(Instant::now()),
+        };
+        assert_eq!(enricher.user(65534), Name::Known("nobody".into()));
+        assert_eq!(enricher.user(65533), Name::Nameless);
+    }
+
+    #[test]
+    fn a_listing_is_taken_again_once_old_and_within_the_budget() {
+        let mut listed = Listed::default();
+        let mut budget = LookupBudget {
+            per_window: Duration::from_secs(1),
+            window: Instant::now(),
+            spent: Duration::ZERO,
+        };
+        // This machine's `nsswitch.conf` decides whether its user database lists whole.
+        let whole = std::fs::read_to_string("/etc/nsswitch.conf")
+            .is_ok_and(|text| crate::host::userdb::listable(&text, Database::Users));
+        let root = listed.name(Database::Users, 0, Some(&mut budget));
+        assert_eq!(root, whole.then(|| Name::Known("root".into())));
+        assert!(
+            budget.spent > Duration::ZERO,
+            "the listing's time is charged"
+        );
+        // Old, but no budget left: the old listing answers (none: each id is looked up).
+        listed.checked = Instant::now().checked_sub(LISTING_MAX_AGE);
+        budget.spent = budget.per_window;
+        listed.listing = Some(Listing::of([(7, "old")]));
+        assert_eq!(
+            listed.name(Database::Users, 7, Some(&mut budget)),
+            Some(Name::Known("old".into()))
+        );
+        // With budget, it is taken again.
+        budget.spent = Duration::ZERO;
+        assert_ne!(
+            listed.name(Database::Users, 7, Some(&mut budget)),
+            Some(Name::Known("old".into()))
+        );
     }
 
     #[test]
