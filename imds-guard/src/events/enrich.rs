@@ -268,7 +268,10 @@ impl Enricher {
 
     /// The name of `uid` in the user database.
     pub fn user(&mut self, uid: u32) -> Name {
-        if let Some(name) = (self.users_listed).name(Database::Users, uid, self.lookups.as_mut()) {
+        if let Some(name) = self
+            .users_listed
+            .name(Database::Users, uid, self.lookups.as_mut())
+        {
             return name;
         }
         cached(&mut self.users, uid, self.lookups.as_mut(), |uid| {
@@ -281,7 +284,9 @@ impl Enricher {
 
     /// The name of `gid` in the group database.
     pub fn group(&mut self, gid: u32) -> Name {
-        if let Some(name) = (self.groups_listed).name(Database::Groups, gid, self.lookups.as_mut())
+        if let Some(name) = self
+            .groups_listed
+            .name(Database::Groups, gid, self.lookups.as_mut())
         {
             return name;
         }

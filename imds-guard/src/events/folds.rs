@@ -26,7 +26,7 @@ use imds_guard_common::{
 
 /// First attempts remembered beyond what the kernel's fold map holds before the oldest are
 /// pruned (see [`Folds::prune`]).
-pub const FOLDS_PRUNE_SLACK: usize = 1024;
+const FOLDS_PRUNE_SLACK: usize = 1024;
 /// Entries followed at most, but for those the kernel still has when pruning.
 const FOLDS_FOLLOWED_MAX: usize = FOLDS_MAX_ENTRIES as usize + FOLDS_PRUNE_SLACK;
 

@@ -9,7 +9,7 @@
 //! action such as `[NOTFOUND=return]`, no line at all) a list may be partial, and each id is
 //! looked up as before.
 
-use std::{collections::HashMap, ffi::CStr, time::Instant};
+use std::{collections::HashMap, ffi::CStr};
 
 /// A database of names by id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,11 +48,9 @@ pub fn listable(nsswitch: &str, database: Database) -> bool {
     })
 }
 
-/// Every entry of a database, as NSS lists it, and when it was listed.
+/// Every entry of a database, as NSS lists it.
 pub struct Listing {
     names: HashMap<u32, String>,
-    /// When it was taken.
-    pub taken: Instant,
 }
 
 impl Listing {
@@ -63,11 +61,10 @@ impl Listing {
         let nsswitch = std::fs::read_to_string("/etc/nsswitch.conf").ok()?;
         listable(&nsswitch, database).then(|| Self {
             names: list(database),
-            taken: Instant::now(),
         })
     }
 
-    /// A listing of `names`, as if taken now.
+    /// A listing of `names`.
     #[cfg(test)]
     #[must_use]
     pub fn of<const N: usize>(names: [(u32, &str); N]) -> Self {
@@ -76,7 +73,6 @@ impl Listing {
                 .map(|(id, name)| (id, name.to_owned()))
                 .into_iter()
                 .collect(),
-            taken: Instant::now(),
         }
     }
 
