@@ -4,10 +4,14 @@
 pub mod accounting;
 pub mod enrich;
 pub mod folds;
+pub mod line;
 pub mod output;
 pub mod reporter;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use imds_guard_common::event::{
     COMM_LEN, EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN,
@@ -19,8 +23,8 @@ use imds_guard_common::http::{
     HTTP_REQUEST_BYTES, IMDS_VERSION_TOKEN, IMDS_VERSION_V1, IMDS_VERSION_V2, REFUSED_NONE,
     REFUSED_PATH, REFUSED_UNREADABLE_PATH, REFUSED_V1,
 };
-use serde::Serialize;
 
+pub use crate::events::line::UnixTime;
 use crate::{
     events::enrich::{Enricher, Executable, Name},
     host::workload::{self, Container, Placement},
@@ -62,8 +66,7 @@ pub enum DecodeError {
 }
 
 /// The verdict an event reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Refused with `EPERM` (an HTTP request: its write failed with `EACCES`).
     Deny,
@@ -74,9 +77,20 @@ pub enum Verdict {
     Allow,
 }
 
+impl Verdict {
+    /// Its name in an event.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+            Self::Allow => "allow",
+        }
+    }
+}
+
 /// The address family of the socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// `AF_INET`.
     Ipv4,
@@ -84,9 +98,19 @@ pub enum Family {
     Ipv6,
 }
 
+impl Family {
+    /// Its name in an event.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
 /// The hook that judged the attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// `cgroup/connect4`.
     Connect4,
@@ -104,10 +128,23 @@ pub enum Hook {
     Http,
 }
 
+impl Hook {
+    /// Its name in an event.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Egress => "egress",
+            Self::Http => "http",
+        }
+    }
+}
+
 /// How an HTTP request asked IMDS (hook `http`).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImdsVersion {
     /// Neither a token nor a token request: IMDSv1.
@@ -119,6 +156,16 @@ pub enum ImdsVersion {
 }
 
 impl ImdsVersion {
+    /// Its name in an event (what `report` reads back).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+            Self::Token => "token",
+        }
+    }
+
     /// The version of `IMDS_VERSION_*` `value`; `None` for 0.
     ///
     /// # Errors
@@ -138,8 +185,7 @@ impl ImdsVersion {
 }
 
 /// What the rule refused of an HTTP request (hook `http`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
     /// An IMDSv1 request where the rule says `imds = "v2"`.
     V1,
@@ -148,6 +194,18 @@ pub enum Refused {
     /// A path that cannot be judged safely (`..`, `%`, cut, not absolute) for a rule with
     /// path patterns.
     UnreadablePath,
+}
+
+impl Refused {
+    /// Its name in an event.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::Path => "path",
+            Self::UnreadablePath => "unreadable_path",
+        }
+    }
 }
 
 /// A decoded event, with kernel constants turned into types.
@@ -306,15 +364,16 @@ impl CgroupFacts {
 /// (`aggregated`) the repeats of one that were folded until its window closed.
 ///
 /// Fields the agent could not read are `null` and named in `unread`; fields that do not apply
-/// (no task sends a raw socket's packet) are `null` too.
+/// (no task sends a raw socket's packet) are `null` too. [`Record::write_line`] writes it, its
+/// fields in this order under these names.
 #[expect(
     clippy::struct_excessive_bools,
     reason = "the event's JSON fields, a contract: each says one thing"
 )]
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     /// When, RFC 3339 in UTC (an aggregate: its last repeat).
-    pub time: String,
+    pub time: UnixTime,
     /// `deny` or `audit`.
     pub verdict: Verdict,
     /// Attempts this line stands for: 1, or an aggregate's repeats (its first attempt was
@@ -327,9 +386,9 @@ pub struct Record {
     /// Only the process it names made them.
     pub aggregated: bool,
     /// The first attempt this line counts (an aggregate: when its burst began).
-    pub first_seen: String,
+    pub first_seen: UnixTime,
     /// The last attempt this line counts.
-    pub last_seen: String,
+    pub last_seen: UnixTime,
     /// Thread id; `null` for a packet (`hook` `egress`), which no task is known to send.
     pub pid: Option<u32>,
     /// Process id; `null` for a packet.
@@ -374,9 +433,9 @@ pub struct Record {
     pub family: Family,
     /// `tcp`, `udp`, `icmp`, `icmpv6`, `udplite`, `sctp`, or the protocol number; `null` when
     /// unknown (see `aggregated`).
-    pub protocol: Option<String>,
+    pub protocol: Option<Cow<'static, str>>,
     /// Destination address.
-    pub dst: String,
+    pub dst: IpAddr,
     /// Destination port; `null` when unknown (see `aggregated`).
     pub port: Option<u16>,
     /// The rule that decided, or `default` (the global mode).
@@ -388,25 +447,20 @@ pub struct Record {
     /// when it was not, or cannot be told (an unconnected socket).
     pub rewritten: bool,
     /// An HTTP request's IMDS version: `v1`, `v2` or `token` (hook `http` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub imds_version: Option<ImdsVersion>,
     /// An HTTP request's method and path (`GET /latest/meta-data/...`, at most 256 bytes of
     /// the request line, never a header) (hook `http` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
     /// What the rule does not allow of an HTTP request: `v1`, `path` or `unreadable_path`
     /// (hook `http` only; with verdict `audit`, what enforcement would refuse).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refused>,
     /// The attempt is this agent's own posture check (`posture = true`): its process made it
     /// (the tokenless request, or a connect the policy judged). `report` does not count it as
     /// a workload's. Only present when `true`.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub posture_check: bool,
     /// Fields that could not be read, so are `null`.
     pub unread: Vec<&'static str>,
-    /// The executable as the kernel recorded it, for [`Record::enrich`].
-    #[serde(skip)]
+    /// The executable as the kernel recorded it, for [`Record::enrich`] (not in the line).
     executable: Option<Executable>,
 }
 
@@ -437,8 +491,8 @@ impl Record {
             unread.push("cgroup");
         }
         Self {
-            first_seen: time.clone(),
-            last_seen: time.clone(),
+            first_seen: time,
+            last_seen: time,
             time,
             verdict: event.verdict,
             count: 1,
@@ -462,7 +516,7 @@ impl Record {
             in_container,
             family: event.family,
             protocol: Some(protocol_name(raw.protocol)),
-            dst: event.dst.to_string(),
+            dst: event.dst,
             port: Some(raw.port),
             rule: rule.to_owned(),
             hook: event.hook,
@@ -574,7 +628,7 @@ impl Record {
     pub fn aggregate(&self, repeats: u64, first_ns: u64, last_ns: u64, offset: i128) -> Self {
         let last = unix_time(last_ns, offset);
         Self {
-            time: last.clone(),
+            time: last,
             count: repeats,
             aggregated: true,
             first_seen: unix_time(first_ns, offset),
@@ -606,11 +660,9 @@ fn own_pid() -> u32 {
     *PID.get_or_init(std::process::id)
 }
 
-/// `CLOCK_BOOTTIME` nanoseconds as RFC 3339 in UTC.
-fn unix_time(boot_ns: u64, boot_to_unix_ns: i128) -> String {
-    let unix_ns = i128::from(boot_ns) + boot_to_unix_ns;
-    jiff::Timestamp::from_nanosecond(unix_ns)
-        .map_or_else(|_| unix_ns.to_string(), |t| t.to_string())
+/// `CLOCK_BOOTTIME` nanoseconds as Unix time.
+fn unix_time(boot_ns: u64, boot_to_unix_ns: i128) -> UnixTime {
+    UnixTime(i128::from(boot_ns) + boot_to_unix_ns)
 }
 
 /// The thread name up to its first NUL, with invalid UTF-8 replaced.
@@ -620,7 +672,7 @@ fn comm_text(comm: &[u8; COMM_LEN]) -> String {
 }
 
 /// The name of an `IPPROTO_*` number, or the number.
-fn protocol_name(protocol: u8) -> String {
+fn protocol_name(protocol: u8) -> Cow<'static, str> {
     match protocol {
         1 => "icmp".into(),
         6 => "tcp".into(),
@@ -628,7 +680,7 @@ fn protocol_name(protocol: u8) -> String {
         58 => "icmpv6".into(),
         132 => "sctp".into(),
         136 => "udplite".into(),
-        other => other.to_string(),
+        other => other.to_string().into(),
     }
 }
 
@@ -698,7 +750,10 @@ mod tests {
             &CgroupFacts::of(Some("/work".into())),
             "default",
         );
-        let json = serde_json::to_value(&record).unwrap();
+        let mut line = Vec::new();
+        record.write_line(&mut line);
+        assert_eq!(line.iter().position(|&b| b == b'\n'), Some(line.len() - 1));
+        let json: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -795,8 +850,8 @@ mod tests {
         assert_eq!(record.unread, ["cgroup"]);
         let aggregate = record.aggregate(41, 2_000_000_000, 3_000_000_000, 0);
         assert_eq!((aggregate.count, aggregate.aggregated), (41, true));
-        assert_eq!(aggregate.first_seen, "1970-01-01T00:00:02Z");
-        assert_eq!(aggregate.last_seen, "1970-01-01T00:00:03Z");
+        assert_eq!(aggregate.first_seen.to_string(), "1970-01-01T00:00:02Z");
+        assert_eq!(aggregate.last_seen.to_string(), "1970-01-01T00:00:03Z");
         assert_eq!(aggregate.time, aggregate.last_seen);
         assert_eq!(aggregate.pid, record.pid);
     }
@@ -811,7 +866,7 @@ mod tests {
         raw.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 169, 254];
         let decoded = decode(&bytes(&raw)).unwrap();
         let record = Record::new(&decoded, 0, &CgroupFacts::default(), "uid 0");
-        assert_eq!(record.dst, "::ffff:169.254.169.254");
+        assert_eq!(record.dst.to_string(), "::ffff:169.254.169.254");
         assert_eq!(record.protocol.as_deref(), Some("udp"));
         assert_eq!(record.verdict, Verdict::Audit);
         assert_eq!(record.hook, Hook::Sendmsg6);

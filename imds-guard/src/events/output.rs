@@ -28,10 +28,7 @@ impl Default for Output {
 impl Output {
     /// Adds `record` as a JSON line; writes out when enough has gathered.
     pub fn emit(&mut self, record: &Record) {
-        // Serializing plain strings and numbers into memory cannot fail.
-        if serde_json::to_writer(&mut self.out, record).is_ok() {
-            self.out.push(b'\n');
-        }
+        record.write_line(&mut self.out);
         if self.out.len() >= OUTPUT_FLUSH_BYTES {
             self.flush();
         }
