@@ -1,5 +1,19 @@
 //! What the tests and benchmarks measure of a process they started (the agent): CPU time and
-//! memory, from `/proc`.
+//! memory, from `/proc` and the process's CPU clock.
+
+/// CPU time `pid` has used so far, all its threads, the ended ones too, in nanoseconds: its
+/// process CPU clock (`clock_getcpuclockid`), which the kernel lets any process read. `None`
+/// when the process is gone.
+#[must_use]
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    let clock = nix::time::clock_getcpuclockid(pid).ok()?;
+    let now = nix::time::clock_gettime(clock).ok()?;
+    u64::try_from(now.tv_sec())
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(now.tv_nsec()).ok()?)
+}
 
 /// User and system CPU time of `pid` so far, in clock ticks (`/proc/PID/stat` fields 14, 15).
 #[must_use]
