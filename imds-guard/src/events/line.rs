@@ -13,60 +13,26 @@ use std::{
 use crate::{events::Record, host::workload::Container};
 
 /// A time in nanoseconds since the Unix epoch, written as RFC 3339 in UTC with the fraction of
-/// a second it has (`2026-12-03T07:24:08.5Z`), as `jiff` writes a timestamp.
+/// a second it has (`2026-12-03T07:24:08.5Z`), as `jiff` writes a timestamp (and, outside
+/// `jiff`'s years, as the number of nanoseconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct UnixTime(pub i128);
 
-/// `jiff`'s latest timestamp (9999-12-30T22:00:00.999999999Z), in nanoseconds: times past it,
-/// or before the epoch, are written as `jiff` writes them.
-const FAST_MAX_NS: i128 = 253_402_207_200_999_999_999;
-
-const NS_PER_SEC: i128 = 1_000_000_000;
-const SECS_PER_DAY: i128 = 86_400;
+const NS_PER_SEC: u64 = 1_000_000_000;
+const SECS_PER_DAY: u64 = 86_400;
 
 impl UnixTime {
     /// Writes the time, quoted, to `out`.
     fn write_quoted(self, out: &mut Vec<u8>) {
         out.push(b'"');
-        if (0..=FAST_MAX_NS).contains(&self.0) {
-            self.write_fast(out);
+        // 1970 to 2554, in 64-bit arithmetic; other times are outside what a clock shows, and
+        // need not be fast.
+        if let Ok(ns) = u64::try_from(self.0) {
+            write_fast(ns, out);
         } else {
-            // Outside the range a clock can show: no need to be fast.
             let _ = write!(out, "{}", self.slow());
         }
         out.push(b'"');
-    }
-
-    /// 1970 to 9999: the civil date of the day number (Howard Hinnant's `civil_from_days`).
-    fn write_fast(self, out: &mut Vec<u8>) {
-        let secs = self.0 / NS_PER_SEC;
-        let nanos = u32::try_from(self.0 % NS_PER_SEC).unwrap_or(0);
-        let days = secs / SECS_PER_DAY;
-        let of_day = u32::try_from(secs % SECS_PER_DAY).unwrap_or(0);
-        let z = days + 719_468;
-        let era = z / 146_097;
-        let doe = z % 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i128::from(month <= 2);
-        let mut text = *b"0000-00-00T00:00:00";
-        digits(&mut text[0..4], u32::try_from(year).unwrap_or(0));
-        digits(&mut text[5..7], u32::try_from(month).unwrap_or(0));
-        digits(&mut text[8..10], u32::try_from(day).unwrap_or(0));
-        digits(&mut text[11..13], of_day / 3600);
-        digits(&mut text[14..16], of_day / 60 % 60);
-        digits(&mut text[17..19], of_day % 60);
-        out.extend_from_slice(&text);
-        if nanos > 0 {
-            let mut fraction = *b".000000000";
-            digits(&mut fraction[1..], nanos);
-            let end = fraction.iter().rposition(|&b| b != b'0').unwrap_or(0) + 1;
-            out.extend_from_slice(&fraction[..end]);
-        }
-        out.push(b'Z');
     }
 
     /// The time as `jiff` writes it, or the nanoseconds where it has no timestamp for them.
@@ -83,6 +49,39 @@ impl fmt::Display for UnixTime {
         // Digits, dashes, colons and the ASCII `jiff` writes.
         f.write_str(std::str::from_utf8(&out[1..out.len() - 1]).map_err(|_| fmt::Error)?)
     }
+}
+
+/// `ns` since the epoch as RFC 3339 in UTC: the civil date of its day number (Howard Hinnant's
+/// `civil_from_days`), the time of day, the fraction of a second without trailing zeros.
+fn write_fast(ns: u64, out: &mut Vec<u8>) {
+    let secs = ns / NS_PER_SEC;
+    let nanos = u32::try_from(ns % NS_PER_SEC).unwrap_or(0);
+    let days = secs / SECS_PER_DAY;
+    let of_day = u32::try_from(secs % SECS_PER_DAY).unwrap_or(0);
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mut text = *b"0000-00-00T00:00:00";
+    digits(&mut text[0..4], u32::try_from(year).unwrap_or(0));
+    digits(&mut text[5..7], u32::try_from(month).unwrap_or(0));
+    digits(&mut text[8..10], u32::try_from(day).unwrap_or(0));
+    digits(&mut text[11..13], of_day / 3600);
+    digits(&mut text[14..16], of_day / 60 % 60);
+    digits(&mut text[17..19], of_day % 60);
+    out.extend_from_slice(&text);
+    if nanos > 0 {
+        let mut fraction = *b".000000000";
+        digits(&mut fraction[1..], nanos);
+        let end = fraction.iter().rposition(|&b| b != b'0').unwrap_or(0) + 1;
+        out.extend_from_slice(&fraction[..end]);
+    }
+    out.push(b'Z');
 }
 
 /// `value`'s last `slot.len()` decimal digits into `slot`, zero-padded.
@@ -223,17 +222,27 @@ impl Record {
     pub fn write_line(&self, out: &mut Vec<u8>) {
         let mut line = Line(out);
         line.raw("{\"time\":");
+        let time = line.0.len();
         line.time(self.time);
+        let time = time..line.0.len();
         line.raw(",\"verdict\":\"");
         line.raw(self.verdict.name());
         line.raw("\",\"count\":");
         line.num(self.count);
         line.raw(",\"aggregated\":");
         line.bool(self.aggregated);
-        line.raw(",\"first_seen\":");
-        line.time(self.first_seen);
-        line.raw(",\"last_seen\":");
-        line.time(self.last_seen);
+        // A time written once is copied (an event's three are one).
+        for (key, at) in [
+            (",\"first_seen\":", self.first_seen),
+            (",\"last_seen\":", self.last_seen),
+        ] {
+            line.raw(key);
+            if at == self.time {
+                line.0.extend_from_within(time.clone());
+            } else {
+                line.time(at);
+            }
+        }
         line.raw(",\"pid\":");
         line.opt_num(self.pid);
         line.raw(",\"tgid\":");
@@ -258,14 +267,15 @@ impl Record {
         line.opt_str(self.cmdline.as_deref());
         line.raw(",\"cgroup_id\":");
         line.num(self.cgroup_id);
+        let workload = &*self.workload;
         line.raw(",\"cgroup\":");
-        line.opt_str(self.cgroup.as_deref());
+        line.opt_str(workload.path.as_deref());
         line.raw(",\"unit\":");
-        line.opt_str(self.unit.as_deref());
+        line.opt_str(workload.placement.unit.as_deref());
         line.raw(",\"container\":");
-        line.container(self.container.as_ref());
+        line.container(workload.placement.container.as_ref());
         line.raw(",\"pod_uid\":");
-        line.opt_str(self.pod_uid.as_deref());
+        line.opt_str(workload.placement.pod_uid.as_deref());
         line.raw(",\"in_container\":");
         line.bool(self.in_container);
         line.raw(",\"family\":\"");
@@ -341,18 +351,27 @@ mod tests {
             94_694_399_999_999_999,
             951_825_600_500_000_000,
             4_107_542_400_000_000_000,
-            FAST_MAX_NS,
-            FAST_MAX_NS + 1,
+            // The last of 64-bit nanoseconds (2554), jiff's last timestamp (9999), past it.
+            i128::from(u64::MAX),
+            i128::from(u64::MAX) + 1,
+            253_402_207_200_999_999_999,
+            253_402_207_201_000_000_000,
             -1,
             i128::MAX,
             i128::MIN,
         ];
         let mut cases = Cases(0x2545_f491_4f6c_dd1d);
         let random = (0..200_000).map(|_| {
-            let ns = i128::from(cases.next()) * i128::from(cases.below(14_000));
+            let ns = match cases.below(4) {
+                // Any 64-bit time, this century's, beyond 2554 (and 9999), before 1970.
+                0 => i128::from(cases.next()),
+                1 => i128::from(cases.below(4_000_000_000_000_000_000)),
+                2 => i128::from(cases.next()) * i128::from(cases.below(14_000)),
+                _ => -i128::from(cases.next()),
+            };
             // Whole seconds and milliseconds too: their fractions are trimmed.
             match cases.below(3) {
-                0 => ns - ns % NS_PER_SEC,
+                0 => ns - ns % i128::from(NS_PER_SEC),
                 1 => ns - ns % 1_000_000,
                 _ => ns,
             }
