@@ -15,7 +15,7 @@
 //! where walking the map to find them cost a read of every entry per 1,024 bursts).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     hash::Hash,
 };
 
@@ -173,13 +173,14 @@ impl<V: Clone> Folds<V> {
             let Some((number, key)) = self.firsts.pop_front() else {
                 break;
             };
-            let Some(known) = self.known.get_mut(&key) else {
+            // One hash of the key for the look and the removal.
+            let Entry::Occupied(known) = self.known.entry(key) else {
                 continue;
             };
-            if known.first_number != number {
+            if known.get().first_number != number {
                 continue;
             }
-            if known.window_start_ns.is_some() {
+            if known.get().window_start_ns.is_some() {
                 // Met by a walk: what was reported of it must not be forgotten while the
                 // kernel has it. Its first attempt stays with it, no longer queued here.
                 continue;
@@ -187,7 +188,7 @@ impl<V: Clone> Folds<V> {
             if held(&key) {
                 self.firsts.push_back((number, key));
             } else {
-                self.known.remove(&key);
+                known.remove();
             }
         }
         // Numbers gone stale (entries a walk forgot, keys that came again) are dropped once
