@@ -12,6 +12,7 @@ use std::{
     collections::HashMap,
     fs,
     os::unix::fs::MetadataExt as _,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -30,10 +31,10 @@ const CACHE_ENTRIES: usize = 4096;
 pub struct Process {
     /// The executable: `/proc/PID/exe` while the process runs the program that made the
     /// attempt, else where the kernel's record of it is found.
-    pub exe: Option<String>,
+    pub exe: Option<Arc<str>>,
     /// `/proc/PID/cmdline`, arguments separated by spaces, at most [`CMDLINE_MAX_BYTES`]; only
     /// while the process runs the program that made the attempt.
-    pub cmdline: Option<String>,
+    pub cmdline: Option<Arc<str>>,
 }
 
 /// An executable as the kernel recorded it at the attempt.
@@ -108,8 +109,8 @@ struct Seen {
 pub struct Enricher {
     /// tgid → what was read.
     processes: HashMap<u32, Seen>,
-    users: HashMap<u32, Option<String>>,
-    groups: HashMap<u32, Option<String>>,
+    users: HashMap<u32, Option<Arc<str>>>,
+    groups: HashMap<u32, Option<Arc<str>>>,
     /// The user database listed whole, where that is all of it (see [`crate::host::userdb`]).
     users_listed: Listed,
     /// The group database listed whole, likewise.
@@ -152,7 +153,7 @@ impl Enricher {
             (Some((process, file)), Some(exe)) if exe.is(file, process.exe.as_deref()) => process,
             (Some((process, _)), None) => process,
             (_, Some(exe)) => Process {
-                exe: Some(self.locate(exe)),
+                exe: Some(self.locate(exe).into()),
                 cmdline: None,
             },
             (None, None) => Process::default(),
@@ -200,7 +201,7 @@ impl Enricher {
             let process = Process {
                 exe: fs::read_link(&link)
                     .ok()
-                    .map(|path| path.to_string_lossy().into_owned()),
+                    .map(|path| path.to_string_lossy().into()),
                 cmdline: cmdline(tgid),
             };
             let exe_file = fs::metadata(&link)
@@ -380,7 +381,7 @@ impl Listed {
         Some(
             listing
                 .name(id)
-                .map_or(Name::Nameless, |name| Name::Known(name.to_owned())),
+                .map_or(Name::Nameless, |name| Name::Known(name.clone())),
         )
     }
 }
@@ -388,7 +389,7 @@ impl Listed {
 /// `id`'s name from `cache`, else looked up (and cached, a missing name as much as a found
 /// one: a flood of unknown ids looks each up once) if `budget` allows.
 fn cached(
-    cache: &mut HashMap<u32, Option<String>>,
+    cache: &mut HashMap<u32, Option<Arc<str>>>,
     id: u32,
     budget: Option<&mut LookupBudget>,
     look_up: impl FnOnce(u32) -> Option<String>,
@@ -404,7 +405,7 @@ fn cached(
             cache.clear();
         }
         let started = Instant::now();
-        let name = look_up(id);
+        let name = look_up(id).map(Arc::from);
         if let Some(budget) = budget {
             budget.charge(started.elapsed());
         }
@@ -418,7 +419,7 @@ fn cached(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Name {
     /// Its name.
-    Known(String),
+    Known(Arc<str>),
     /// It has none.
     Nameless,
     /// It was not looked up: the second's lookup budget was spent.
@@ -428,7 +429,7 @@ pub enum Name {
 impl Name {
     /// The name, if known.
     #[must_use]
-    pub fn known(self) -> Option<String> {
+    pub fn known(self) -> Option<Arc<str>> {
         match self {
             Self::Known(name) => Some(name),
             Self::Nameless | Self::NotLookedUp => None,
@@ -436,13 +437,13 @@ impl Name {
     }
 }
 
-fn cmdline(tgid: u32) -> Option<String> {
+fn cmdline(tgid: u32) -> Option<Arc<str>> {
     let bytes = procfs::cmdline_bytes(tgid, CMDLINE_MAX_BYTES)?;
     // Kernel threads and zombies have none.
     if bytes.is_empty() {
         return None;
     }
-    Some(render_cmdline(&bytes))
+    Some(render_cmdline(&bytes).into())
 }
 
 /// NUL-separated arguments as one line, cut at [`CMDLINE_MAX_BYTES`].
@@ -515,7 +516,7 @@ mod tests {
         assert_eq!(
             enricher.process(me, 0, Some(&kernel)),
             Process {
-                exe: exe.to_str().map(str::to_owned),
+                exe: exe.to_str().map(Arc::from),
                 cmdline: None
             }
         );
@@ -661,7 +662,7 @@ mod tests {
         let process = enricher.process(me, now, Some(&shell));
         assert_eq!(process.cmdline, None);
         assert_eq!(
-            process.exe.map(std::path::PathBuf::from),
+            process.exe.as_deref().map(std::path::PathBuf::from),
             Some(std::path::Path::new("/bin/sh").canonicalize().unwrap())
         );
         // A host program on a file system the agent cannot see is named as such.

@@ -11,6 +11,7 @@ pub mod reporter;
 use std::{
     borrow::Cow,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use imds_guard_common::event::{
@@ -27,7 +28,7 @@ use imds_guard_common::http::{
 pub use crate::events::line::UnixTime;
 use crate::{
     events::enrich::{Enricher, Executable, Name},
-    host::workload::{self, Container, Placement},
+    host::workload::{self, Placement},
 };
 
 /// What went wrong reading events.
@@ -400,31 +401,27 @@ pub struct Record {
     /// Real uid (for a packet: the socket owner's).
     pub uid: u32,
     /// Its name in the user database, when it has one.
-    pub user: Option<String>,
+    pub user: Option<Arc<str>>,
     /// Real primary gid; `null` for a packet.
     pub gid: Option<u32>,
     /// Its name in the group database, when it has one.
-    pub group: Option<String>,
+    pub group: Option<Arc<str>>,
     /// Thread name; `null` for a packet.
     pub comm: Option<String>,
     /// The executable that made the attempt, as the kernel recorded it then: `/proc/PID/exe`
     /// while the process still runs it, else its path (a container's program: as the
     /// container sees it). `null` for a packet, a kernel thread, or when the kernel could not
     /// read it.
-    pub exe: Option<String>,
+    pub exe: Option<Arc<str>>,
     /// Command line, arguments joined by spaces, bounded (see [`crate::events::enrich`]): only
     /// while the process still runs the program that made the attempt.
-    pub cmdline: Option<String>,
+    pub cmdline: Option<Arc<str>>,
     /// cgroup v2 id.
     pub cgroup_id: u64,
-    /// cgroup path as in `/proc/PID/cgroup`; `null` when the cgroup is already gone.
-    pub cgroup: Option<String>,
-    /// The systemd unit of the cgroup.
-    pub unit: Option<String>,
-    /// The container of the cgroup.
-    pub container: Option<Container>,
-    /// The Kubernetes pod UID of the cgroup.
-    pub pod_uid: Option<String>,
+    /// The cgroup: its path as in `/proc/PID/cgroup` (`cgroup`; `null` when the cgroup is
+    /// already gone) and what the path tells: the systemd unit (`unit`), the container
+    /// (`container`), the Kubernetes pod UID (`pod_uid`). Shared by the events of a cgroup.
+    pub workload: Arc<CgroupFacts>,
     /// Whether the task was in a container: the kernel found it outside the host's initial pid
     /// or cgroup namespace at the attempt, or its cgroup is a container's. Rules match inside
     /// containers only when they say so (`containers`).
@@ -439,7 +436,7 @@ pub struct Record {
     /// Destination port; `null` when unknown (see `aggregated`).
     pub port: Option<u16>,
     /// The rule that decided, or `default` (the global mode).
-    pub rule: String,
+    pub rule: Arc<str>,
     /// The hook that judged the attempt.
     pub hook: Hook,
     /// A packet (`hook` `egress`) whose destination is not the one its socket is connected to:
@@ -468,12 +465,16 @@ impl Record {
     /// Builds the line for an event from what the kernel recorded and the cgroup path.
     /// `boot_to_unix_ns` converts `CLOCK_BOOTTIME` to Unix time.
     #[must_use]
-    pub fn new(event: &Decoded, boot_to_unix_ns: i128, cgroup: &CgroupFacts, rule: &str) -> Self {
+    pub fn new(
+        event: &Decoded,
+        boot_to_unix_ns: i128,
+        cgroup: &Arc<CgroupFacts>,
+        rule: &Arc<str>,
+    ) -> Self {
         let raw = &event.raw;
         // Socket address hooks run in the task's context; the packet hook knows no task.
         let task = event.hook != Hook::Egress;
         let time = unix_time(raw.boot_ns, boot_to_unix_ns);
-        let placement = cgroup.placement.clone();
         let in_container = raw.flags & EVENT_FLAG_CONTAINER != 0 || cgroup.container;
         let parent = task && raw.unread & UNREAD_PARENT == 0;
         let comm = task && raw.unread & UNREAD_COMM == 0;
@@ -509,16 +510,13 @@ impl Record {
             exe: None,
             cmdline: None,
             cgroup_id: raw.cgroup_id,
-            cgroup: cgroup.path.clone(),
-            unit: placement.unit,
-            container: placement.container,
-            pod_uid: placement.pod_uid,
+            workload: Arc::clone(cgroup),
             in_container,
             family: event.family,
             protocol: Some(protocol_name(raw.protocol)),
             dst: event.dst,
             port: Some(raw.port),
-            rule: rule.to_owned(),
+            rule: Arc::clone(rule),
             hook: event.hook,
             rewritten: raw.flags & EVENT_FLAG_REWRITTEN != 0,
             imds_version: event.imds_version,
@@ -579,8 +577,8 @@ impl Record {
     pub fn of_repeats(
         key: &FoldKey,
         boot_to_unix_ns: i128,
-        cgroup: &CgroupFacts,
-        rule: &str,
+        cgroup: &Arc<CgroupFacts>,
+        rule: &Arc<str>,
     ) -> Result<Self, DecodeError> {
         let raw = Event {
             boot_ns: 0,
@@ -747,8 +745,8 @@ mod tests {
         let record = Record::new(
             &decoded,
             0,
-            &CgroupFacts::of(Some("/work".into())),
-            "default",
+            &Arc::new(CgroupFacts::of(Some("/work".into()))),
+            &"default".into(),
         );
         let mut line = Vec::new();
         record.write_line(&mut line);
@@ -774,8 +772,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&event())).unwrap(),
             0,
-            &CgroupFacts::default(),
-            "default",
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
         );
         assert_eq!(
             record.executable,
@@ -793,8 +791,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&raw)).unwrap(),
             0,
-            &CgroupFacts::default(),
-            "default",
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
         );
         let executable = record.executable.unwrap();
         assert_eq!(executable.on_fs, "…/usr/bin/curl");
@@ -804,8 +802,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&raw)).unwrap(),
             0,
-            &CgroupFacts::default(),
-            "default",
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
         );
         assert_eq!(record.executable, None);
     }
@@ -820,8 +818,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&raw)).unwrap(),
             0,
-            &CgroupFacts::of(Some(cgroup)),
-            "default",
+            &Arc::new(CgroupFacts::of(Some(cgroup))),
+            &"default".into(),
         );
         assert_eq!(
             (record.pid, record.tgid, record.gid, record.ppid),
@@ -832,7 +830,7 @@ mod tests {
             record.unread,
             ["pid", "tgid", "gid", "ppid", "parent_comm", "comm"]
         );
-        let container = record.container.unwrap();
+        let container = record.workload.placement.container.clone().unwrap();
         assert_eq!(
             (container.runtime.as_deref(), container.id),
             (Some("docker"), id)
@@ -844,8 +842,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&event())).unwrap(),
             0,
-            &CgroupFacts::default(),
-            "default",
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
         );
         assert_eq!(record.unread, ["cgroup"]);
         let aggregate = record.aggregate(41, 2_000_000_000, 3_000_000_000, 0);
@@ -854,6 +852,17 @@ mod tests {
         assert_eq!(aggregate.last_seen.to_string(), "1970-01-01T00:00:03Z");
         assert_eq!(aggregate.time, aggregate.last_seen);
         assert_eq!(aggregate.pid, record.pid);
+        let mut line = Vec::new();
+        aggregate.write_line(&mut line);
+        let json: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            [&json["time"], &json["first_seen"], &json["last_seen"]],
+            [
+                "1970-01-01T00:00:03Z",
+                "1970-01-01T00:00:02Z",
+                "1970-01-01T00:00:03Z"
+            ]
+        );
     }
 
     #[test]
@@ -865,7 +874,12 @@ mod tests {
         raw.protocol = 17;
         raw.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 169, 254, 169, 254];
         let decoded = decode(&bytes(&raw)).unwrap();
-        let record = Record::new(&decoded, 0, &CgroupFacts::default(), "uid 0");
+        let record = Record::new(
+            &decoded,
+            0,
+            &Arc::new(CgroupFacts::default()),
+            &"uid 0".into(),
+        );
         assert_eq!(record.dst.to_string(), "::ffff:169.254.169.254");
         assert_eq!(record.protocol.as_deref(), Some("udp"));
         assert_eq!(record.verdict, Verdict::Audit);
@@ -881,8 +895,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&raw)).unwrap(),
             0,
-            &CgroupFacts::default(),
-            "default",
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
         );
         assert_eq!(record.protocol.as_deref(), Some("icmp"));
         assert!(record.rewritten);
@@ -891,8 +905,8 @@ mod tests {
         let record = Record::new(
             &decode(&bytes(&raw)).unwrap(),
             0,
-            &CgroupFacts::default(),
-            "default",
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
         );
         assert_eq!(record.protocol.as_deref(), Some("udplite"));
         assert!(!record.rewritten);

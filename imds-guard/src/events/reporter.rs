@@ -2,7 +2,7 @@
 //! enriched), and the kernel's counts of folded repeats into aggregate lines, with the
 //! accounting that says where every attempt went.
 
-use std::{borrow::Cow, collections::HashMap};
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use aya::maps::{MapData, MapError, RingBuf};
 use imds_guard_common::{
@@ -46,9 +46,12 @@ pub type FoldMap = aya::maps::HashMap<MapData, FoldKey, FoldValue>;
 pub struct Reporter {
     /// The policy of each generation, to name the rule that decided an event.
     policies: [Option<Policy>; 2],
+    /// The names of each generation's rules by id (`default` first), shared by the events
+    /// that name them.
+    rule_names: [Vec<Arc<str>>; 2],
     /// Its own handle on the hierarchy, to name cgroups from their ids.
     hierarchy: Hierarchy,
-    cgroups: HashMap<u64, CgroupFacts>,
+    cgroups: HashMap<u64, Arc<CgroupFacts>>,
     enricher: Enricher,
     /// The kernel's fold entries (`None`: folding is off).
     fold_map: Option<FoldMap>,
@@ -78,6 +81,7 @@ impl Reporter {
         enricher.limit_lookups(LOOKUP_BUDGET);
         Self {
             policies: [None, None],
+            rule_names: [Vec::new(), Vec::new()],
             hierarchy,
             cgroups: HashMap::new(),
             enricher,
@@ -97,7 +101,24 @@ impl Reporter {
 
     /// The policy `generation` is of, to name its rules.
     pub fn set_policy(&mut self, generation: u32, policy: Policy) {
-        self.policies[usize::from(generation != 0)] = Some(policy);
+        let slot = usize::from(generation != 0);
+        self.rule_names[slot] = (0..=policy.rules.len())
+            .map(|id| u32::try_from(id).map_or("default", |id| policy.rule_name(id)))
+            .map(Arc::from)
+            .collect();
+        self.policies[slot] = Some(policy);
+    }
+
+    /// The name of rule `rule` of `generation`'s policy.
+    fn rule_name_of(&self, generation: u8, rule: u32) -> Arc<str> {
+        let names = &self.rule_names[usize::from(generation != 0)];
+        usize::try_from(rule)
+            .ok()
+            .and_then(|id| names.get(id))
+            .map_or_else(
+                || Arc::from(Self::rule_name(&self.policies, generation, rule)),
+                Arc::clone,
+            )
     }
 
     fn rule_name(policies: &[Option<Policy>; 2], generation: u8, rule: u32) -> Cow<'_, str> {
@@ -148,7 +169,7 @@ impl Reporter {
             };
             drop(item);
             let raw = &event.raw;
-            let rule = Self::rule_name(&self.policies, raw.generation, raw.rule);
+            let rule = self.rule_name_of(raw.generation, raw.rule);
             let cgroup = cgroup_facts(&mut self.cgroups, &self.hierarchy, raw.cgroup_id);
             let mut record = Record::new(&event, offset, cgroup, &rule);
             record.enrich(&mut self.enricher, raw.boot_ns);
@@ -254,7 +275,7 @@ impl Reporter {
 
     /// What the repeats of `key` share, when the agent never saw the burst's first attempt.
     fn repeats_without_first(&mut self, key: &FoldKey, offset: i128) -> Option<Record> {
-        let rule = Self::rule_name(&self.policies, key.generation, key.rule);
+        let rule = self.rule_name_of(key.generation, key.rule);
         let cgroup = cgroup_facts(&mut self.cgroups, &self.hierarchy, key.cgroup_id);
         match Record::of_repeats(key, offset, cgroup, &rule) {
             Ok(mut record) => {
@@ -271,16 +292,16 @@ impl Reporter {
 
 /// What the cgroup `id` tells, from `cache` or worked out from its path in `hierarchy`.
 fn cgroup_facts<'a>(
-    cache: &'a mut HashMap<u64, CgroupFacts>,
+    cache: &'a mut HashMap<u64, Arc<CgroupFacts>>,
     hierarchy: &Hierarchy,
     id: u64,
-) -> &'a CgroupFacts {
+) -> &'a Arc<CgroupFacts> {
     if cache.len() >= CGROUP_CACHE_ENTRIES && !cache.contains_key(&id) {
         cache.clear();
     }
     cache
         .entry(id)
-        .or_insert_with(|| CgroupFacts::of(hierarchy.path_of(id)))
+        .or_insert_with(|| Arc::new(CgroupFacts::of(hierarchy.path_of(id))))
 }
 
 /// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).

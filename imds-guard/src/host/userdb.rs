@@ -9,7 +9,7 @@
 //! action such as `[NOTFOUND=return]`, no line at all) a list may be partial, and each id is
 //! looked up as before.
 
-use std::{collections::HashMap, ffi::CStr};
+use std::{collections::HashMap, ffi::CStr, sync::Arc};
 
 /// A database of names by id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub fn listable(nsswitch: &str, database: Database) -> bool {
 
 /// Every entry of a database, as NSS lists it.
 pub struct Listing {
-    names: HashMap<u32, String>,
+    names: HashMap<u32, Arc<str>>,
 }
 
 impl Listing {
@@ -70,7 +70,7 @@ impl Listing {
     pub fn of<const N: usize>(names: [(u32, &str); N]) -> Self {
         Self {
             names: names
-                .map(|(id, name)| (id, name.to_owned()))
+                .map(|(id, name)| (id, name.into()))
                 .into_iter()
                 .collect(),
         }
@@ -78,18 +78,18 @@ impl Listing {
 
     /// The name of `id`; `None` when the database has none.
     #[must_use]
-    pub fn name(&self, id: u32) -> Option<&str> {
-        self.names.get(&id).map(String::as_str)
+    pub fn name(&self, id: u32) -> Option<&Arc<str>> {
+        self.names.get(&id)
     }
 }
 
 /// Every (id, name) NSS lists for `database`; the first name of an id wins, as a lookup's.
-fn list(database: Database) -> HashMap<u32, String> {
+fn list(database: Database) -> HashMap<u32, Arc<str>> {
     let mut names = HashMap::new();
     let mut add = |id: u32, name: &CStr| {
         names
             .entry(id)
-            .or_insert_with(|| name.to_string_lossy().into_owned());
+            .or_insert_with(|| name.to_string_lossy().into());
     };
     // SAFETY: the enumeration's state is the process's own; only the agent's reporting loop
     // (one thread) lists or looks up through it, and each entry is copied before the next
@@ -157,9 +157,9 @@ mod tests {
     fn a_listing_names_root_and_not_an_unused_id() {
         // This machine's own databases, listed through NSS.
         let users = list(Database::Users);
-        assert_eq!(users.get(&0).map(String::as_str), Some("root"));
+        assert_eq!(users.get(&0).map(AsRef::as_ref), Some("root"));
         assert!(!users.contains_key(&3_999_999_999));
         let groups = list(Database::Groups);
-        assert_eq!(groups.get(&0).map(String::as_str), Some("root"));
+        assert_eq!(groups.get(&0).map(AsRef::as_ref), Some("root"));
     }
 }
