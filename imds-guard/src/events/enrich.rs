@@ -93,6 +93,27 @@ const MOUNTS_REREAD_NS: u64 = 1_000_000_000;
 /// order, so reuse needs `pid_max` forks in between).
 const RECHECK_NS: u64 = 1_000_000_000;
 
+/// The time, read once for a batch of events (the event loop reads it per drain of the ring,
+/// a few milliseconds at most): what the caches' ages are measured against.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// Monotonic.
+    pub instant: Instant,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub boot_ns: u64,
+}
+
+impl Now {
+    /// The time now.
+    #[must_use]
+    pub fn read() -> Self {
+        Self {
+            instant: Instant::now(),
+            boot_ns: crate::host::clock::boot_time_ns(),
+        }
+    }
+}
+
 /// A process as read, and when that was checked.
 struct Seen {
     /// Start time in clock ticks since boot.
@@ -147,8 +168,14 @@ impl Enricher {
     /// (the kernel's record; `None` when it could not read it). What `/proc` says is used while
     /// the process still runs that program; a process gone, or one that has run another
     /// program since (`execve`), is named by the kernel's record alone, without a command line.
-    pub fn process(&mut self, tgid: u32, boot_ns: u64, exe: Option<&Executable>) -> Process {
-        let live = self.live(tgid, boot_ns, exe);
+    pub fn process(
+        &mut self,
+        tgid: u32,
+        boot_ns: u64,
+        exe: Option<&Executable>,
+        now: &Now,
+    ) -> Process {
+        let live = self.live(tgid, boot_ns, exe, now.boot_ns);
         match (live, exe) {
             (Some((process, file)), Some(exe)) if exe.is(file, process.exe.as_deref()) => process,
             (Some((process, _)), None) => process,
@@ -168,8 +195,8 @@ impl Enricher {
         tgid: u32,
         boot_ns: u64,
         exe: Option<&Executable>,
+        now: u64,
     ) -> Option<(Process, Option<FileId>)> {
-        let now = crate::host::clock::boot_time_ns();
         let tick_ns = self.tick_ns;
         // One tick of slack: the start time is rounded down to a tick.
         let made_it =
@@ -268,10 +295,10 @@ impl Enricher {
     }
 
     /// The name of `uid` in the user database.
-    pub fn user(&mut self, uid: u32) -> Name {
-        if let Some(name) = self
-            .users_listed
-            .name(Database::Users, uid, self.lookups.as_mut())
+    pub fn user(&mut self, uid: u32, now: &Now) -> Name {
+        if let Some(name) =
+            self.users_listed
+                .name(Database::Users, uid, self.lookups.as_mut(), now.instant)
         {
             return name;
         }
@@ -284,10 +311,10 @@ impl Enricher {
     }
 
     /// The name of `gid` in the group database.
-    pub fn group(&mut self, gid: u32) -> Name {
-        if let Some(name) = self
-            .groups_listed
-            .name(Database::Groups, gid, self.lookups.as_mut())
+    pub fn group(&mut self, gid: u32, now: &Now) -> Name {
+        if let Some(name) =
+            self.groups_listed
+                .name(Database::Groups, gid, self.lookups.as_mut(), now.instant)
         {
             return name;
         }
@@ -355,17 +382,18 @@ struct Listed {
 
 impl Listed {
     /// The name of `id` from the listing of `database`, taken (again) first when it is old
-    /// and `budget` allows, its time charged to it (an old listing answers meanwhile); `None`
-    /// when the database cannot be listed whole, and each id must be looked up.
+    /// (`now`) and `budget` allows, its time charged to it (an old listing answers meanwhile);
+    /// `None` when the database cannot be listed whole, and each id must be looked up.
     fn name(
         &mut self,
         database: Database,
         id: u32,
         budget: Option<&mut LookupBudget>,
+        now: Instant,
     ) -> Option<Name> {
         if self
             .checked
-            .is_none_or(|checked| checked.elapsed() >= LISTING_MAX_AGE)
+            .is_none_or(|checked| now.saturating_duration_since(checked) >= LISTING_MAX_AGE)
         {
             let mut budget = budget;
             if budget.as_mut().is_none_or(|budget| budget.available()) {
@@ -507,40 +535,46 @@ mod tests {
         let now = crate::host::clock::boot_time_ns();
         let exe = std::env::current_exe().unwrap();
         let kernel = recorded(&exe);
-        let process = enricher.process(me, now, Some(&kernel));
+        let process = enricher.process(me, now, Some(&kernel), &Now::read());
         assert_eq!(process.exe.as_deref(), exe.to_str());
         assert!(process.cmdline.is_some());
-        assert_eq!(enricher.process(me, now, None), process);
+        assert_eq!(enricher.process(me, now, None, &Now::read()), process);
         // An attempt before this process started was not this process's: it is named by the
         // kernel's record alone, found below the mount of its file system.
         assert_eq!(
-            enricher.process(me, 0, Some(&kernel)),
+            enricher.process(me, 0, Some(&kernel), &Now::read()),
             Process {
                 exe: exe.to_str().map(Arc::from),
                 cmdline: None
             }
         );
-        assert_eq!(enricher.process(me, 0, None), Process::default());
-        assert_eq!(enricher.group(0), Name::Known("root".into()));
+        assert_eq!(
+            enricher.process(me, 0, None, &Now::read()),
+            Process::default()
+        );
+        assert_eq!(enricher.group(0, &Now::read()), Name::Known("root".into()));
         // A user database that cannot be listed whole (a directory's): each id looked up.
         enricher.users_listed = Listed {
             listing: None,
             checked: Some(Instant::now()),
         };
-        assert_eq!(enricher.user(0), Name::Known("root".into()));
-        assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
+        assert_eq!(enricher.user(0, &Now::read()), Name::Known("root".into()));
+        assert_eq!(enricher.user(4_000_000_000, &Now::read()), Name::Nameless);
         // Out of budget: what is cached still answers, the rest is not looked up.
         enricher.limit_lookups(Duration::ZERO);
-        assert_eq!(enricher.user(0), Name::Known("root".into()));
-        assert_eq!(enricher.user(4_000_000_000), Name::Nameless);
-        assert_eq!(enricher.user(65534), Name::NotLookedUp);
+        assert_eq!(enricher.user(0, &Now::read()), Name::Known("root".into()));
+        assert_eq!(enricher.user(4_000_000_000, &Now::read()), Name::Nameless);
+        assert_eq!(enricher.user(65534, &Now::read()), Name::NotLookedUp);
         // One listed whole answers every id from the list, out of budget too.
         enricher.users_listed = Listed {
             listing: Some(Listing::of([(65534, "nobody")])),
             checked: Some(Instant::now()),
         };
-        assert_eq!(enricher.user(65534), Name::Known("nobody".into()));
-        assert_eq!(enricher.user(65533), Name::Nameless);
+        assert_eq!(
+            enricher.user(65534, &Now::read()),
+            Name::Known("nobody".into())
+        );
+        assert_eq!(enricher.user(65533, &Now::read()), Name::Nameless);
     }
 
     #[test]
@@ -554,7 +588,7 @@ mod tests {
         // This machine's `nsswitch.conf` decides whether its user database lists whole.
         let whole = std::fs::read_to_string("/etc/nsswitch.conf")
             .is_ok_and(|text| crate::host::userdb::listable(&text, Database::Users));
-        let root = listed.name(Database::Users, 0, Some(&mut budget));
+        let root = listed.name(Database::Users, 0, Some(&mut budget), Instant::now());
         assert_eq!(root, whole.then(|| Name::Known("root".into())));
         assert!(
             budget.spent > Duration::ZERO,
@@ -565,42 +599,45 @@ mod tests {
         budget.spent = budget.per_window;
         listed.listing = Some(Listing::of([(7, "old")]));
         assert_eq!(
-            listed.name(Database::Users, 7, Some(&mut budget)),
+            listed.name(Database::Users, 7, Some(&mut budget), Instant::now()),
             Some(Name::Known("old".into()))
         );
         // With budget, it is taken again.
         budget.spent = Duration::ZERO;
         assert_ne!(
-            listed.name(Database::Users, 7, Some(&mut budget)),
+            listed.name(Database::Users, 7, Some(&mut budget), Instant::now()),
             Some(Name::Known("old".into()))
         );
     }
 
     #[test]
     fn lookups_spend_at_most_the_budget_of_each_window() {
+        // The window ends in an hour: a test thread the machine leaves waiting does not start
+        // a new one (and a fresh budget) between the steps below.
         let mut budget = LookupBudget {
-            per_window: Duration::from_millis(3),
-            window: Instant::now(),
+            per_window: Duration::from_millis(10),
+            window: Instant::now() + Duration::from_hours(1),
             spent: Duration::ZERO,
         };
         let mut cache = HashMap::new();
         let looked_up = std::cell::RefCell::new(Vec::new());
+        // Longer than the window's budget, however the sleep is scheduled.
         let slow = |id: u32| {
             looked_up.borrow_mut().push(id);
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(12));
             None
         };
-        // Two slow lookups spend the window's budget; a flood of new ids is then not looked
-        // up at all, while what is cached (a missing name too) still answers.
+        // A slow lookup spends the window's budget; a flood of new ids is then not looked up
+        // at all, while what is cached (a missing name too) still answers.
         assert_eq!(
             cached(&mut cache, 1, Some(&mut budget), slow),
             Name::Nameless
         );
-        assert_eq!(
-            cached(&mut cache, 2, Some(&mut budget), slow),
-            Name::Nameless
+        assert!(
+            budget.spent >= Duration::from_millis(12),
+            "its time is charged"
         );
-        for id in 3..1000 {
+        for id in 2..1000 {
             assert_eq!(
                 cached(&mut cache, id, Some(&mut budget), slow),
                 Name::NotLookedUp
@@ -610,28 +647,32 @@ mod tests {
             cached(&mut cache, 1, Some(&mut budget), slow),
             Name::Nameless
         );
-        assert_eq!(*looked_up.borrow(), [1, 2]);
+        assert_eq!(*looked_up.borrow(), [1]);
         // The next window has a budget again.
-        budget.window -= LookupBudget::WINDOW;
+        budget.spent = budget.per_window;
+        budget.window = Instant::now().checked_sub(LookupBudget::WINDOW).unwrap();
+        assert_eq!(
+            cached(&mut cache, 2, Some(&mut budget), slow),
+            Name::Nameless
+        );
+        assert_eq!(*looked_up.borrow(), [1, 2]);
+        // A lookup that took ten windows' budget is paid off over the ten windows after it.
+        budget.spent = Duration::from_millis(100);
+        budget.window = Instant::now()
+            .checked_sub(LookupBudget::WINDOW * 5)
+            .unwrap();
+        assert_eq!(
+            cached(&mut cache, 3, Some(&mut budget), slow),
+            Name::NotLookedUp
+        );
+        budget.window -= LookupBudget::WINDOW * 5;
         assert_eq!(
             cached(&mut cache, 3, Some(&mut budget), slow),
             Name::Nameless
         );
         assert_eq!(*looked_up.borrow(), [1, 2, 3]);
-        // A lookup that took ten windows' budget is paid off over the ten windows after it.
-        budget.spent = Duration::from_millis(30);
-        budget.window -= LookupBudget::WINDOW * 5;
-        assert_eq!(
-            cached(&mut cache, 4, Some(&mut budget), slow),
-            Name::NotLookedUp
-        );
-        budget.window -= LookupBudget::WINDOW * 5;
-        assert_eq!(
-            cached(&mut cache, 4, Some(&mut budget), slow),
-            Name::Nameless
-        );
-        assert_eq!(*looked_up.borrow(), [1, 2, 3, 4]);
         // A lookup that hung far longer owes ten seconds' budget at most.
+        budget.per_window = Duration::from_millis(3);
         budget.spent = Duration::ZERO;
         let hung = |_: u32| {
             std::thread::sleep(Duration::from_millis(350));
@@ -650,7 +691,7 @@ mod tests {
         let me = std::process::id();
         let now = crate::host::clock::boot_time_ns();
         // Cached as running this test binary.
-        let _ = enricher.process(me, now, None);
+        let _ = enricher.process(me, now, None, &Now::read());
         // The attempt was made by another program (as if this process exec'd since): the
         // cached reading is not used, nor is what /proc says now.
         let shell = recorded(
@@ -659,7 +700,7 @@ mod tests {
                 .unwrap()
                 .as_path(),
         );
-        let process = enricher.process(me, now, Some(&shell));
+        let process = enricher.process(me, now, Some(&shell), &Now::read());
         assert_eq!(process.cmdline, None);
         assert_eq!(
             process.exe.as_deref().map(std::path::PathBuf::from),
@@ -674,7 +715,7 @@ mod tests {
         };
         assert_eq!(
             enricher
-                .process(u32::MAX - 1, now, Some(&hidden))
+                .process(u32::MAX - 1, now, Some(&hidden), &Now::read())
                 .exe
                 .as_deref(),
             Some("/usr/bin/amazon-ssm-agent (on device 0:4242, not mounted where imds-guard runs)")
@@ -688,7 +729,7 @@ mod tests {
         };
         assert_eq!(
             enricher
-                .process(u32::MAX - 1, now, Some(&in_container))
+                .process(u32::MAX - 1, now, Some(&in_container), &Now::read())
                 .exe
                 .as_deref(),
             Some("/usr/bin/wget")

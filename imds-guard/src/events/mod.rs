@@ -27,7 +27,7 @@ use imds_guard_common::http::{
 
 pub use crate::events::line::UnixTime;
 use crate::{
-    events::enrich::{Enricher, Executable, Name},
+    events::enrich::{Enricher, Executable, Name, Now},
     host::workload::{self, Placement},
 };
 
@@ -537,15 +537,16 @@ impl Record {
         }
     }
 
-    /// Adds what `/proc` and the user database say (best effort: see [`Enricher`]).
-    pub fn enrich(&mut self, enricher: &mut Enricher, boot_ns: u64) {
-        let user = enricher.user(self.uid);
+    /// Adds what `/proc` and the user database say (best effort: see [`Enricher`]), their
+    /// caches' ages measured at `now`.
+    pub fn enrich(&mut self, enricher: &mut Enricher, boot_ns: u64, now: &Now) {
+        let user = enricher.user(self.uid, now);
         if user == Name::NotLookedUp {
             self.unread.push("user");
         }
         self.user = user.known();
         if let Some(gid) = self.gid {
-            let group = enricher.group(gid);
+            let group = enricher.group(gid, now);
             if group == Name::NotLookedUp {
                 self.unread.push("group");
             }
@@ -554,7 +555,7 @@ impl Record {
         // Needed once: a record kept as the first of a burst should not carry it.
         let executable = self.executable.take();
         if let Some(tgid) = self.tgid {
-            let process = enricher.process(tgid, boot_ns, executable.as_ref());
+            let process = enricher.process(tgid, boot_ns, executable.as_ref(), now);
             if process.exe.is_none() {
                 self.unread.push("exe");
             }

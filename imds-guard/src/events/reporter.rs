@@ -16,7 +16,7 @@ use crate::{
     events::{
         self, CgroupFacts, Record,
         accounting::Accounting,
-        enrich::Enricher,
+        enrich::{Enricher, Now},
         folds::{Aggregate, Folds, Walk},
         output::Output,
     },
@@ -154,6 +154,7 @@ impl Reporter {
     /// once. Returns whether the ring is now empty.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
         let offset = clock_offset();
+        let now = Now::read();
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
             let Some(item) = ring.next() else {
@@ -172,7 +173,7 @@ impl Reporter {
             let rule = self.rule_name_of(raw.generation, raw.rule);
             let cgroup = cgroup_facts(&mut self.cgroups, &self.hierarchy, raw.cgroup_id);
             let mut record = Record::new(&event, offset, cgroup, &rule);
-            record.enrich(&mut self.enricher, raw.boot_ns);
+            record.enrich(&mut self.enricher, raw.boot_ns, &now);
             self.output.emit(&record);
             self.accounting.reported_one();
             if let Some(map) = &self.fold_map {
@@ -279,7 +280,7 @@ impl Reporter {
         let cgroup = cgroup_facts(&mut self.cgroups, &self.hierarchy, key.cgroup_id);
         match Record::of_repeats(key, offset, cgroup, &rule) {
             Ok(mut record) => {
-                record.enrich(&mut self.enricher, 0);
+                record.enrich(&mut self.enricher, 0, &Now::read());
                 Some(record)
             }
             Err(err) => {
