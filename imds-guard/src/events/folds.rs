@@ -29,6 +29,9 @@ use imds_guard_common::{
 const FOLDS_PRUNE_SLACK: usize = 1024;
 /// Entries followed at most, but for those the kernel still has when pruning.
 const FOLDS_FOLLOWED_MAX: usize = FOLDS_MAX_ENTRIES as usize + FOLDS_PRUNE_SLACK;
+/// First attempts a prune asks the kernel about at most (a lookup each): a burst costs a few
+/// lookups, never one per first attempt kept.
+const PRUNE_ASKS_MAX: usize = 4;
 
 /// Repeats to report: `repeats` more attempts like `first` (the burst's first attempt, when the
 /// agent saw its event) between `window_start_ns` and `last_ns`.
@@ -160,16 +163,21 @@ impl<V: Clone> Folds<V> {
 
     /// When more entries are followed than the kernel's map holds and the slack
     /// (`FOLDS_PRUNE_SLACK`), forgets the oldest first attempts whose entries the kernel no
-    /// longer has (`held` asks it; an entry it still has is kept, as the newest) until they
-    /// are few enough. An entry no walk met has nothing reported to remember: only its first
-    /// attempt is lost with it, which was reported at once; one a walk met is a walk's to
-    /// forget. A flood of distinct attempts thus costs a lookup per burst, not a walk.
-    pub fn prune(&mut self, mut held: impl FnMut(&FoldKey) -> bool) {
-        // Each first attempt is asked of once at most per call: the kernel holds at most
-        // `FOLDS_MAX_ENTRIES`, so one pass is enough, however `held` answers.
-        let mut asked = self.firsts.len();
-        while self.known.len() > FOLDS_FOLLOWED_MAX && asked > 0 {
-            asked -= 1;
+    /// longer has (`held` asks it, of `PRUNE_ASKS_MAX` at most; an entry it still has is kept,
+    /// as the newest) until they are few enough. An entry no walk met has nothing reported to
+    /// remember: only its first attempt is lost with it, which was reported at once; one a
+    /// walk met is a walk's to forget. A flood of distinct attempts thus costs a lookup per
+    /// burst, not a walk.
+    ///
+    /// Returns whether as many are still followed: the kernel still has the oldest first
+    /// attempts, and the entries it no longer has are ones a walk met (repeated bursts since
+    /// evicted). Then a walk is due, which forgets every entry the kernel no longer has, at
+    /// most one per `FOLDS_PRUNE_SLACK` bursts, where asking of every first attempt would
+    /// cost a lookup each per burst.
+    #[must_use]
+    pub fn prune(&mut self, mut held: impl FnMut(&FoldKey) -> bool) -> bool {
+        let mut asks = PRUNE_ASKS_MAX;
+        while self.known.len() > FOLDS_FOLLOWED_MAX && asks > 0 {
             let Some((number, key)) = self.firsts.pop_front() else {
                 break;
             };
@@ -185,6 +193,7 @@ impl<V: Clone> Folds<V> {
                 // kernel has it. Its first attempt stays with it, no longer queued here.
                 continue;
             }
+            asks -= 1;
             if held(&key) {
                 self.firsts.push_back((number, key));
             } else {
@@ -201,6 +210,7 @@ impl<V: Clone> Folds<V> {
                 })
             });
         }
+        self.known.len() > FOLDS_FOLLOWED_MAX
     }
 
     /// Entries followed (call [`Folds::collect`] to drop those the kernel no longer has).
@@ -503,20 +513,47 @@ mod tests {
         let mut folds = Folds::new(SECOND);
         // A walk met key 0 and reported its repeats: a walk's to forget, never a prune's.
         folds.first(key(0), 0);
-        let _ = folds.collect(&complete(&[(key(0), value(0, 0, 5))]), 2 * SECOND, false);
+        let walked = (key(0), value(0, 0, 5));
+        let _ = folds.collect(&complete(&[walked]), 2 * SECOND, false);
         let flood = FOLDS_FOLLOWED_MAX as u64 + 2_000;
-        // The kernel still has every third burst's entry.
+        // The kernel still has every third burst's entry, and key 0's.
         let held = |key: &FoldKey| key.cgroup_id.is_multiple_of(3);
+        let kernel = |up_to: u64| -> Vec<(FoldKey, FoldValue)> {
+            std::iter::once(walked)
+                .chain(
+                    (3..=up_to)
+                        .step_by(3)
+                        .map(|id| (key(id), value(2 * SECOND, 2 * SECOND, 0))),
+                )
+                .collect()
+        };
+        let (mut asked, mut walks) = (0, 0);
         for cgroup_id in 1..=flood {
             folds.first(key(cgroup_id), cgroup_id);
-            folds.prune(held);
+            let asked_before = asked;
+            let held = |key: &FoldKey| {
+                asked += 1;
+                held(key)
+            };
+            if folds.prune(held) {
+                // The reporter walks the map then.
+                walks += 1;
+                let due = folds.collect(&complete(&kernel(cgroup_id)), 2 * SECOND, false);
+                assert!(due.is_empty(), "nothing was repeated: {due:?}");
+            }
+            assert!(asked - asked_before <= PRUNE_ASKS_MAX);
             assert!(
                 folds.len() <= FOLDS_FOLLOWED_MAX,
                 "{} followed",
                 folds.len()
             );
         }
-        assert_eq!(folds.len(), FOLDS_FOLLOWED_MAX);
+        // Mostly a lookup per burst (the kernel no longer has the oldest), few walks.
+        assert!(
+            asked < 2 * usize::try_from(flood).unwrap(),
+            "{asked} lookups"
+        );
+        assert!(walks < flood / 1000, "{walks} walks");
         for cgroup_id in (3..=flood).step_by(3) {
             assert_eq!(
                 folds
@@ -531,27 +568,55 @@ mod tests {
         assert!(folds.known.contains_key(&key(flood - 1)), "the newest kept");
         // The walked entry kept what was reported of it: the same count is nothing new.
         assert_eq!(folds.known[&key(0)].reported, 5);
-        let due = folds.collect(&complete(&[(key(0), value(0, 0, 5))]), 3 * SECOND, false);
+        let due = folds.collect(&complete(&[walked]), 3 * SECOND, false);
         assert!(due.is_empty(), "{due:?}");
         // Stale queue entries do not pile up beyond twice what is followed.
         for _ in 0..3 {
             for cgroup_id in (1..=flood).filter(|id| !id.is_multiple_of(3)) {
                 folds.first(key(cgroup_id), cgroup_id);
-                folds.prune(held);
+                let _ = folds.prune(held);
             }
         }
         assert!(folds.firsts.len() <= 2 * FOLDS_FOLLOWED_MAX + 1);
     }
 
     #[test]
-    fn pruning_when_the_kernel_holds_everything_still_ends() {
+    fn a_kernel_that_still_has_the_first_attempts_costs_a_few_lookups_then_a_walk() {
+        // Repeated bursts a walk met, since evicted by newer bursts the kernel still has all
+        // of: asking of every first attempt per burst would be thousands of lookups each.
         let mut folds = Folds::new(SECOND);
-        for cgroup_id in 0..FOLDS_FOLLOWED_MAX as u64 + 10 {
+        let repeated: Vec<_> = (0..6_000)
+            .map(|id| (key(1_000_000 + id), value(0, 0, 1)))
+            .collect();
+        let due = folds.collect(&complete(&repeated), 2 * SECOND, false);
+        assert_eq!(due.len(), repeated.len());
+        let mut kernel = Vec::new();
+        let (mut asked, mut walks) = (0, 0);
+        for cgroup_id in 0..5_000 {
             folds.first(key(cgroup_id), cgroup_id);
+            kernel.push((key(cgroup_id), value(3 * SECOND, 3 * SECOND, 0)));
+            let asked_before = asked;
+            if folds.prune(|_| {
+                asked += 1;
+                true
+            }) {
+                walks += 1;
+                let _ = folds.collect(&complete(&kernel), 3 * SECOND, false);
+            }
+            assert!(
+                asked - asked_before <= PRUNE_ASKS_MAX,
+                "{} lookups for burst {cgroup_id}",
+                asked - asked_before
+            );
+            assert!(folds.len() <= FOLDS_FOLLOWED_MAX);
         }
-        // A kernel that says it holds more than it can (a failed lookup is not this): one pass.
-        folds.prune(|_| true);
-        assert_eq!(folds.len(), FOLDS_FOLLOWED_MAX + 10);
+        assert_eq!(walks, 1, "one walk forgot every evicted entry");
+        // Every first attempt kept: the kernel has them all.
+        assert_eq!(folds.len(), 5_000);
+        assert!(
+            (0..5_000).all(|id| folds.known[&key(id)].first == Some(Box::new(id))),
+            "a first attempt lost"
+        );
     }
 
     #[test]

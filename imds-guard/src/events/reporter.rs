@@ -178,9 +178,11 @@ impl Reporter {
             self.accounting.reported_one();
             if let Some(map) = &self.fold_map {
                 // The first attempts of bursts are remembered until the kernel forgets the
-                // bursts.
+                // bursts: asked of the oldest, or, when it still has them, found by a walk.
                 self.folds.first(FoldKey::of(raw), record);
-                self.folds.prune(|key| fold_held(map, key));
+                if self.folds.prune(|key| fold_held(map, key)) {
+                    self.report_folds(None, false);
+                }
             }
         }
         self.output.flush();
