@@ -6,7 +6,7 @@
 //! its parent. aya does not relocate field offsets (CO-RE) in Rust programs, so the agent
 //! looks them up here and hands them to the programs as a read-only global ([`TaskLayout`]).
 
-use std::path::Path;
+use std::{cell::RefCell, collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
 use imds_guard_common::event::{LAYOUT_EXE, LAYOUT_NAMESPACES, LAYOUT_PARENT, TaskLayout};
@@ -89,7 +89,7 @@ fn task_layout_in(path: &Path) -> Found {
             return found;
         }
     };
-    let offsets = Offsets { btf: &btf };
+    let offsets = Offsets::new(&btf);
     let groups: [(u32, Group<'_>, &str); 3] = [
         (
             LAYOUT_PARENT,
@@ -128,9 +128,44 @@ type Group<'a> = fn(&Offsets<'a>, &mut TaskLayout) -> Result<(), FieldError>;
 /// Offsets of fields in the structs of one BTF.
 struct Offsets<'a> {
     btf: &'a Btf,
+    /// The structs found so far, by name: a lookup by name reads every type's name (the file
+    /// is mapped, not indexed), so each struct is looked up once, however many of its fields
+    /// are read.
+    structs: RefCell<HashMap<&'static str, btf_rs::Struct>>,
 }
 
-impl Offsets<'_> {
+impl<'a> Offsets<'a> {
+    fn new(btf: &'a Btf) -> Self {
+        Self {
+            btf,
+            structs: RefCell::default(),
+        }
+    }
+
+    /// The struct `name`.
+    fn find(&self, name: &'static str) -> Result<btf_rs::Struct, FieldError> {
+        if let Some(found) = self.structs.borrow().get(name) {
+            return Ok(found.clone());
+        }
+        let found = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|source| FieldError::Resolve {
+                name: name.to_owned(),
+                source,
+            })?
+            .into_iter()
+            .find_map(|ty| match ty {
+                Type::Struct(ty) => Some(ty),
+                _ => None,
+            })
+            .ok_or_else(|| FieldError::NoStruct {
+                name: name.to_owned(),
+            })?;
+        self.structs.borrow_mut().insert(name, found.clone());
+        Ok(found)
+    }
+
     /// `task_struct.real_parent`, `.group_leader`, `.tgid`, `.comm`.
     fn parent(&self, layout: &mut TaskLayout) -> Result<(), FieldError> {
         layout.real_parent = self.of("task_struct", &["real_parent"])?;
@@ -176,23 +211,9 @@ impl Offsets<'_> {
     }
 
     /// The byte offset of `path` (a member, then members of it) in struct `name`.
-    fn of(&self, name: &str, path: &[&str]) -> Result<u32, FieldError> {
+    fn of(&self, name: &'static str, path: &[&str]) -> Result<u32, FieldError> {
         let field = || format!("{name}.{}", path.join("."));
-        let mut ty = self
-            .btf
-            .resolve_types_by_name(name)
-            .map_err(|source| FieldError::Resolve {
-                name: name.to_owned(),
-                source,
-            })?
-            .into_iter()
-            .find_map(|ty| match ty {
-                Type::Struct(ty) => Some(ty),
-                _ => None,
-            })
-            .ok_or_else(|| FieldError::NoStruct {
-                name: name.to_owned(),
-            })?;
+        let mut ty = self.find(name)?;
         let mut offset = 0;
         for (i, member) in path.iter().enumerate() {
             let (bits, inner) = member_offset(self.btf, &ty, member, 0)
@@ -281,7 +302,7 @@ mod tests {
     #[test]
     fn a_missing_field_says_which() {
         let btf = Btf::from_file(VMLINUX_BTF).unwrap();
-        let offsets = Offsets { btf: &btf };
+        let offsets = Offsets::new(&btf);
         let err = offsets.of("task_struct", &["no_such_member"]).unwrap_err();
         assert_eq!(err.to_string(), "task_struct.no_such_member not found");
         let err = offsets.of("task_struct", &["tgid", "x"]).unwrap_err();

@@ -105,7 +105,16 @@ impl Kernel {
         // Before loading, which pins the maps: a retry must not take its own pins for a
         // predecessor's.
         let adopted = pins.map(GENERATION).exists();
-        let found = crate::kernel::btf::task_layout();
+        // The kernel's BTF is read twice, for the task layout and by aya's loader (for its
+        // relocations): at once, on two threads.
+        let (found, prepared) = std::thread::scope(|scope| {
+            let layout = scope.spawn(crate::kernel::btf::task_layout);
+            let prepared = EbpfLoader::new();
+            let found = layout
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (found, prepared)
+        });
         for why in &found.missing {
             warn!("{why}");
         }
@@ -125,7 +134,7 @@ impl Kernel {
         } else {
             btf
         };
-        let loaded = match Self::load_with(pins, adopted, fold_window_ns, first) {
+        let loaded = match Self::load_with(prepared, pins, adopted, &fold_window_ns, &first) {
             Err(KernelError::LoadProgram { program, source })
                 if first.known & LAYOUT_BTF_TASK != 0 && found.layout.known != 0 =>
             {
@@ -134,7 +143,13 @@ impl Kernel {
                      pointer ({}); trying again with bpf_probe_read_kernel (slower)",
                     refusal(&source)
                 );
-                Self::load_with(pins, adopted, fold_window_ns, found.layout)
+                Self::load_with(
+                    EbpfLoader::new(),
+                    pins,
+                    adopted,
+                    &fold_window_ns,
+                    &found.layout,
+                )
             }
             loaded => loaded,
         };
@@ -147,24 +162,34 @@ impl Kernel {
                      known by their cgroup path alone",
                     refusal(&source)
                 );
-                Self::load_with(pins, adopted, fold_window_ns, TaskLayout::default())
+                Self::load_with(
+                    EbpfLoader::new(),
+                    pins,
+                    adopted,
+                    &fold_window_ns,
+                    &TaskLayout::default(),
+                )
             }
             loaded => loaded,
         }
     }
 
-    fn load_with(
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "aya's loader keeps a reference to each global's value until it loads"
+    )]
+    fn load_with<'a>(
+        mut loader: EbpfLoader<'a>,
         pins: &PinDir,
         adopted: bool,
-        fold_window_ns: u64,
-        task_layout: TaskLayout,
+        fold_window_ns: &'a u64,
+        task_layout: &'a TaskLayout,
     ) -> Result<Self, KernelError> {
-        let mut loader = EbpfLoader::new();
         for name in imds_guard_common::maps::ALL {
             loader.map_pin_path(name, pins.map(name));
         }
-        loader.override_global(TASK_LAYOUT_GLOBAL, &task_layout, true);
-        loader.override_global(FOLD_WINDOW_GLOBAL, &fold_window_ns, true);
+        loader.override_global(TASK_LAYOUT_GLOBAL, task_layout, true);
+        loader.override_global(FOLD_WINDOW_GLOBAL, fold_window_ns, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| KernelError::LoadObject { source })?;
