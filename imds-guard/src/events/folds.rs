@@ -113,6 +113,9 @@ pub struct Folds<V> {
     firsts: VecDeque<(u64, FoldKey)>,
     /// First attempts kept so far.
     first_numbers: u64,
+    /// `first_numbers` at the last walk: a prune calls for a walk only once as many more as
+    /// the slack were kept since.
+    first_numbers_walked: u64,
     /// The repeats of open windows the last walk left to report; `None` when it did not reach
     /// the map's end (more may wait).
     pending: Option<u64>,
@@ -130,6 +133,7 @@ impl<V: Clone> Folds<V> {
             walks: 0,
             firsts: VecDeque::new(),
             first_numbers: 0,
+            first_numbers_walked: 0,
             pending: Some(0),
         }
     }
@@ -169,11 +173,14 @@ impl<V: Clone> Folds<V> {
     /// walk met is a walk's to forget. A flood of distinct attempts thus costs a lookup per
     /// burst, not a walk.
     ///
-    /// Returns whether as many are still followed: the kernel still has the oldest first
-    /// attempts, and the entries it no longer has are ones a walk met (repeated bursts since
-    /// evicted). Then a walk is due, which forgets every entry the kernel no longer has, at
-    /// most one per `FOLDS_PRUNE_SLACK` bursts, where asking of every first attempt would
-    /// cost a lookup each per burst.
+    /// Returns whether as many are still followed and `FOLDS_PRUNE_SLACK` bursts came since
+    /// the last walk: the kernel still has the oldest first attempts, and the entries it no
+    /// longer has are ones a walk met (repeated bursts since evicted). Then a walk is due,
+    /// which forgets every entry the kernel no longer has, where asking of every first
+    /// attempt would cost a lookup each per burst. At most one per `FOLDS_PRUNE_SLACK`
+    /// bursts, whatever a walk finds: under churn a walk can meet more entries than the map
+    /// holds (a batch read goes bucket by bucket while bursts evict and add entries), all of
+    /// them kept, and a walk per burst would then follow.
     #[must_use]
     pub fn prune(&mut self, mut held: impl FnMut(&FoldKey) -> bool) -> bool {
         let mut asks = PRUNE_ASKS_MAX;
@@ -211,6 +218,7 @@ impl<V: Clone> Folds<V> {
             });
         }
         self.known.len() > FOLDS_FOLLOWED_MAX
+            && self.first_numbers - self.first_numbers_walked >= FOLDS_PRUNE_SLACK as u64
     }
 
     /// Entries followed (call [`Folds::collect`] to drop those the kernel no longer has).
@@ -252,6 +260,7 @@ impl<V: Clone> Folds<V> {
         let mut due = Vec::new();
         let mut pending = 0;
         self.walks += 1;
+        self.first_numbers_walked = self.first_numbers;
         let walk_id = self.walks;
         for (key, value) in &walk.entries {
             let known = self.known.entry(*key).or_insert_with(Known::unseen);
@@ -617,6 +626,33 @@ mod tests {
             (0..5_000).all(|id| folds.known[&key(id)].first == Some(Box::new(id))),
             "a first attempt lost"
         );
+    }
+
+    #[test]
+    fn a_walk_that_met_more_than_the_map_holds_does_not_call_for_a_walk_per_burst() {
+        // Under churn a batch read can meet more distinct entries than the map holds (bucket
+        // by bucket, while bursts evict and add): all kept, so many are followed after it.
+        let mut folds = Folds::new(SECOND);
+        let churned: Vec<_> = (0..FOLDS_FOLLOWED_MAX as u64 + 1_000)
+            .map(|id| (key(1_000_000 + id), value(0, 0, 1)))
+            .collect();
+        let _ = folds.collect(&complete(&churned), 2 * SECOND, false);
+        assert!(folds.len() > FOLDS_FOLLOWED_MAX);
+        let bursts = 3_000;
+        let mut walks = 0;
+        for cgroup_id in 0..bursts {
+            folds.first(key(cgroup_id), cgroup_id);
+            if folds.prune(|_| false) {
+                walks += 1;
+                // And the churn goes on.
+                let _ = folds.collect(&complete(&churned), 2 * SECOND, false);
+            }
+        }
+        assert!(
+            walks <= bursts / FOLDS_PRUNE_SLACK as u64,
+            "{walks} walks for {bursts} bursts"
+        );
+        assert!(folds.len() <= churned.len() + FOLDS_PRUNE_SLACK);
     }
 
     #[test]
