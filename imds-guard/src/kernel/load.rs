@@ -107,12 +107,19 @@ impl Kernel {
         let adopted = pins.map(GENERATION).exists();
         // The kernel's BTF is read twice, for the task layout and by aya's loader (for its
         // relocations): at once, on two threads.
+        // A thread that cannot be made (the agent at its pids limit) is not a reason to fail:
+        // then one after the other.
         let (found, prepared) = std::thread::scope(|scope| {
-            let layout = scope.spawn(crate::kernel::btf::task_layout);
+            let layout = std::thread::Builder::new()
+                .name("task-layout".into())
+                .spawn_scoped(scope, crate::kernel::btf::task_layout);
             let prepared = EbpfLoader::new();
-            let found = layout
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let found = match layout {
+                Ok(layout) => layout
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => crate::kernel::btf::task_layout(),
+            };
             (found, prepared)
         });
         for why in &found.missing {
@@ -344,34 +351,36 @@ fn verify_all(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     let next = Mutex::new(0..found.len());
     let threads =
         std::thread::available_parallelism().map_or(1, |n| n.get().min(VERIFY_ORDER.len()));
+    // The calling thread is one of the workers: a thread that cannot be made (the agent at
+    // its pids limit) only means fewer at once.
+    let work = || {
+        let mut refused = Vec::new();
+        loop {
+            let taken = next.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some(index) = taken else {
+                return refused;
+            };
+            // Each program is taken by one thread: its lock is never contended.
+            let mut entry = found[index].lock().unwrap_or_else(PoisonError::into_inner);
+            let (name, program) = &mut *entry;
+            if verify(name, program).is_err() {
+                refused.push(index);
+            }
+        }
+    };
     let mut refused: Vec<usize> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut refused = Vec::new();
-                    loop {
-                        let taken = next.lock().unwrap_or_else(PoisonError::into_inner).next();
-                        let Some(index) = taken else {
-                            return refused;
-                        };
-                        // Each program is taken by one thread: its lock is never contended.
-                        let mut entry = found[index].lock().unwrap_or_else(PoisonError::into_inner);
-                        let (name, program) = &mut *entry;
-                        if verify(name, program).is_err() {
-                            refused.push(index);
-                        }
-                    }
-                })
-            })
+        let others: Vec<_> = (1..threads)
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
             .collect();
-        workers
-            .into_iter()
-            .flat_map(|worker| {
-                worker
+        let mut refused = work();
+        for other in others {
+            refused.extend(
+                other
                     .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        refused
     });
     refused.sort_unstable();
     for index in refused {
