@@ -68,6 +68,34 @@ fn an_event_names_process_parent_user_executable_and_command_line() {
 }
 
 #[test]
+fn a_cgroup_named_to_forge_an_event_line_is_named_as_it_is() {
+    // Cgroup names are a workload's to choose (a delegated subtree): one that closes the
+    // string and the object and starts a forged event, with a backslash and control bytes (a
+    // newline the kernel refuses in a cgroup's name).
+    let Some((sandbox, attach)) = setup("events") else {
+        return;
+    };
+    let name = "x\"},{\"verdict\":\"allow\",\"cgroup\":\"\\\u{1}\u{1f}\t\u{7f}é";
+    let evil = attach.child(name);
+    let agent = Agent::start(&["--cgroup", &attach.path]);
+    let denied = Client::new(&sandbox, &evil, NOBODY, NOBODY).tcp(IMDS_V4, 80);
+    denied.assert_errno(EPERM);
+    let events = agent.wait_events_of(denied.pid, 1);
+    assert_eq!(events[0]["cgroup"], json!(evil.path), "{}", events[0]);
+    assert_eq!(events[0]["verdict"], json!("deny"));
+    // Every line the agent printed parsed as one event (the harness fails on any other), and
+    // none is the forgery.
+    assert!(
+        agent
+            .events()
+            .iter()
+            .all(|e| e["verdict"] != json!("allow")),
+        "{:?}",
+        agent.events()
+    );
+}
+
+#[test]
 fn a_short_lived_process_still_yields_pid_parent_uid_comm_and_cgroup() {
     let Some((sandbox, attach)) = setup("events") else {
         return;
