@@ -914,6 +914,16 @@ mod tests {
     }
 
     #[test]
+    fn an_imds_version_reads_back_as_written() {
+        // The line writes `name`; `report` reads it back through `Deserialize`.
+        for version in [ImdsVersion::V1, ImdsVersion::V2, ImdsVersion::Token] {
+            let read: ImdsVersion =
+                serde_json::from_str(&format!("\"{}\"", version.name())).unwrap();
+            assert_eq!(read, version);
+        }
+    }
+
+    #[test]
     fn rejects_short_and_unknown_records() {
         assert_eq!(decode(&[0; 12]), Err(DecodeError::Short(12)));
         let mut raw = event();
