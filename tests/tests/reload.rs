@@ -40,7 +40,16 @@ fn reload_under_fire_gives_no_wrong_verdict() {
         attach.path, other.path
     );
     let config = ConfigFile::new(&policy_a);
-    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+    // Repeats are folded in the kernel (the default): every denied probe on a line of its own
+    // is thousands of lines a second, and on a loaded machine this test's reader of them fell
+    // behind, the agent waited on the full pipe with a switch in hand, and a reload took over
+    // the wait's 10 s. This test is about verdicts; events across switches are `events.rs`'s.
+    let agent = Agent::start(&[
+        "--config",
+        &config.path().to_string_lossy(),
+        "--aggregate-window",
+        "10",
+    ]);
 
     let done = AtomicBool::new(false);
     let (allowed_rounds, denied_rounds, containers) = std::thread::scope(|scope| {
