@@ -35,8 +35,9 @@ pub const HTTP_REQUEST_BYTES: usize = 256;
 /// is judged by what was read (a token header beyond it is not seen: the request counts as v1).
 pub const HTTP_HEADER_BYTES_MAX: u32 = 4096;
 /// Bytes read per run of the message program: a longer write is judged in chunks
-/// (`bpf_msg_apply_bytes`), each a run of its own.
-pub const HTTP_CHUNK_BYTES: u32 = 8;
+/// (`bpf_msg_apply_bytes`), each a run of its own. Each costs the verifier ~70 instructions
+/// (the byte's step is a function it checks once): a request an SDK writes at once is one run.
+pub const HTTP_CHUNK_BYTES: u32 = 256;
 
 /// Parts of a path a pattern can name; a request path with more parts matches only patterns
 /// ending in `**`. A power of two (indices are masked with it).

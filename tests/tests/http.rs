@@ -229,6 +229,13 @@ fn imds_v2_refuses_v1_requests_at_once_request_by_request() {
     Client::new(sandbox, modern, MODERN, MODERN)
         .route("split-v1", IMDS_V4, 80)
         .assert_errno(EACCES);
+    // One write longer than a run reads, the deciding header runs in: still v2, or still v1.
+    Client::new(sandbox, modern, MODERN, MODERN)
+        .route("long-v2", IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    Client::new(sandbox, modern, MODERN, MODERN)
+        .route("long-v1", IMDS_V4, 80)
+        .assert_errno(EACCES);
 }
 
 #[test]

@@ -158,6 +158,31 @@ pub fn split(addr: SocketAddr, path: &str, token: bool) -> io::Result<String> {
     body_of(&response)
 }
 
+/// A GET of `path` in one write whose 1,000-byte `User-Agent` header comes before the token
+/// header (with `token`, after a token request) or another header: the message program reads a
+/// write in chunks, so the header that decides is several runs in.
+pub fn long(addr: SocketAddr, path: &str, token: bool) -> io::Result<String> {
+    let last = if token {
+        format!(
+            "X-aws-ec2-metadata-token: {}",
+            crate::http(addr, TOKEN_REQUEST)?
+        )
+    } else {
+        "X-aws-ec2-metadata-other: 1".to_owned()
+    };
+    let agent = "a".repeat(1000);
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {agent}\r\n{last}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    body_of(&response)
+}
+
 /// Two v2 GETs in one write: of `/latest/meta-data/instance-id`, then of `path`. The body is
 /// the responses' statuses, or `EACCES` where the write failed.
 pub fn pipelined(addr: SocketAddr, path: &str) -> io::Result<String> {

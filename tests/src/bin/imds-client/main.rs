@@ -267,6 +267,8 @@ fn act_once(
         "keepalive" => http::keepalive(addr, path),
         "split-v2" => http::split(addr, path, true),
         "split-v1" => http::split(addr, path, false),
+        "long-v2" => http::long(addr, path, true),
+        "long-v1" => http::long(addr, path, false),
         "pipelined" => http::pipelined(addr, path),
         "fastopen-v1" => http::fastopen(addr, path, false),
         "fastopen-v1-rthdr" => http::fastopen(addr, path, true),
