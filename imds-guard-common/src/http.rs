@@ -1,7 +1,8 @@
 //! The message layer: what the kernel keeps of each HTTP connection to a protected address, how a
 //! request is classified (`token`, `v2`, `v1`) and how its path is judged against a rule's
-//! `paths` and `deny_paths`. The kernel runs [`judge_request`] at the end of each request's
-//! headers; the agent runs the same function in its tests and in `explain`.
+//! `paths` and `deny_paths`. The kernel runs [`judge_request_with`] at the end of each request's
+//! headers, each pattern matched by [`pattern_says`] in a function of its own; the agent runs
+//! the same functions through [`judge_request`] in its tests.
 //!
 //! A request line is kept in [`HttpSocket::request`] as it streams in; its path is split into
 //! parts, each hashed ([`part_hash`], lowercase, so `IAM` is `iam`: a deny rule can only grow by
@@ -489,6 +490,26 @@ pub fn judge_request(
     seen: u8,
     paths: Option<&PathRules>,
 ) -> Judged {
+    judge_request_with(rule_flags, request, seen, || match paths {
+        None => REFUSED_PATH,
+        Some(paths) => paths_refuse(paths.len, paths.allow_list != 0, |i| {
+            pattern_says(&paths.patterns[i & (PATH_PATTERNS_MAX - 1)], request)
+        }),
+    })
+}
+
+/// [`judge_request`], with what the rule's path patterns say of the request asked of
+/// `path_refused` (`REFUSED_NONE` or `REFUSED_PATH`; only asked for a readable request under a
+/// rule with patterns). The kernel judges each pattern in a function of its own (see
+/// [`paths_refuse`]).
+#[inline]
+#[must_use]
+pub fn judge_request_with(
+    rule_flags: u8,
+    request: &Request,
+    seen: u8,
+    path_refused: impl FnOnce() -> u8,
+) -> Judged {
     use crate::policy::{RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, RULE_FLAG_PATHS, RULE_FLAG_V2};
     let token = request.is_token_request();
     let version = if token && seen & SEEN_TOKEN_TTL != 0 {
@@ -500,10 +521,10 @@ pub fn judge_request(
     };
     let mut refused = REFUSED_NONE;
     if u32::from(rule_flags) & RULE_FLAG_PATHS != 0 && !(token && version == IMDS_VERSION_TOKEN) {
-        refused = match paths {
-            _ if request.unreadable => REFUSED_UNREADABLE_PATH,
-            None => REFUSED_PATH,
-            Some(paths) => path_refused(paths, request),
+        refused = if request.unreadable {
+            REFUSED_UNREADABLE_PATH
+        } else {
+            path_refused()
         };
     }
     if refused == REFUSED_NONE
@@ -525,22 +546,42 @@ pub fn judge_request(
     }
 }
 
-/// `REFUSED_PATH` when a `deny_paths` pattern matches, or the rule has `paths` and none
-/// matches; else `REFUSED_NONE`.
+/// [`pattern_says`]: the pattern does not match.
+pub const PATTERN_NO_MATCH: u64 = 0;
+/// [`pattern_says`]: a `paths` pattern matches.
+pub const PATTERN_ALLOWS: u64 = 1;
+/// [`pattern_says`]: a `deny_paths` pattern matches.
+pub const PATTERN_DENIES: u64 = 2;
+
+/// What `pattern` says of `request`: `PATTERN_*`.
 #[inline]
-fn path_refused(paths: &PathRules, request: &Request) -> u8 {
-    let mut allowed = paths.allow_list == 0;
+#[must_use]
+pub fn pattern_says(pattern: &PathPattern, request: &Request) -> u64 {
+    if !pattern_matches(pattern, request) {
+        PATTERN_NO_MATCH
+    } else if pattern.flags & PATTERN_DENY != 0 {
+        PATTERN_DENIES
+    } else {
+        PATTERN_ALLOWS
+    }
+}
+
+/// `REFUSED_PATH` when a `deny_paths` pattern matches, or the rule has `paths` (`allow_list`)
+/// and none matches; else `REFUSED_NONE`. `says(i)` is what the rule's pattern `i` (of `len`)
+/// says of the request ([`pattern_says`]); any other value (the kernel could not read the
+/// pattern) refuses.
+#[inline]
+pub fn paths_refuse(len: u32, allow_list: bool, mut says: impl FnMut(usize) -> u64) -> u8 {
+    let mut allowed = !allow_list;
     let mut i = 0;
     while i < PATH_PATTERNS_MAX {
-        if i >= paths.len as usize {
+        if i >= len as usize {
             break;
         }
-        let pattern = &paths.patterns[i & (PATH_PATTERNS_MAX - 1)];
-        if pattern_matches(pattern, request) {
-            if pattern.flags & PATTERN_DENY != 0 {
-                return REFUSED_PATH;
-            }
-            allowed = true;
+        match says(i) {
+            PATTERN_NO_MATCH => {}
+            PATTERN_ALLOWS => allowed = true,
+            _ => return REFUSED_PATH,
         }
         i += 1;
     }
@@ -710,6 +751,32 @@ mod tests {
         }
         rules.len = u32::try_from(patterns.len()).unwrap();
         rules
+    }
+
+    #[test]
+    fn a_deny_pattern_wins_in_any_place_and_an_unreadable_one_refuses() {
+        let says = |answers: &'static [u64]| move |i: usize| answers[i];
+        let allow_list = true;
+        for answers in [
+            &[PATTERN_ALLOWS, PATTERN_DENIES][..],
+            &[PATTERN_DENIES, PATTERN_ALLOWS],
+            &[PATTERN_NO_MATCH, PATTERN_DENIES],
+            &[PATTERN_ALLOWS, PATTERN_NO_MATCH, 3],
+        ] {
+            let len = u32::try_from(answers.len()).unwrap();
+            assert_eq!(paths_refuse(len, allow_list, says(answers)), REFUSED_PATH);
+            assert_eq!(paths_refuse(len, !allow_list, says(answers)), REFUSED_PATH);
+        }
+        let none = &[PATTERN_NO_MATCH, PATTERN_NO_MATCH];
+        assert_eq!(paths_refuse(2, allow_list, says(none)), REFUSED_PATH);
+        assert_eq!(paths_refuse(2, !allow_list, says(none)), REFUSED_NONE);
+        let one = &[PATTERN_NO_MATCH, PATTERN_ALLOWS];
+        assert_eq!(paths_refuse(2, allow_list, says(one)), REFUSED_NONE);
+        // Only the first `len` patterns are asked.
+        assert_eq!(
+            paths_refuse(1, !allow_list, says(&[PATTERN_NO_MATCH, 3])),
+            REFUSED_NONE
+        );
     }
 
     #[test]

@@ -299,6 +299,10 @@ fn paths_and_deny_paths_say_what_a_workload_may_read() {
     client(&other, region)
         .route("v2", IMDS_V6, 80)
         .assert_ok(region);
+    // The rule's second pattern (each is judged on its own in the kernel).
+    client(&other, "/latest/user-data")
+        .route("v2", IMDS_V4, 80)
+        .assert_errno(EACCES);
     // An allowed request and a denied one in one write: the first is answered, the second
     // refused.
     client(&controller, credentials)
