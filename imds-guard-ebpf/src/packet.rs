@@ -17,7 +17,7 @@
 //! bit test in `PROTECTED_FILTER` ([`certainly_unprotected`]): no helper call, no hash lookup.
 
 use aya_ebpf::{
-    bindings::bpf_sock,
+    bindings::{__sk_buff, bpf_sock},
     helpers::generated::{
         bpf_get_socket_uid, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id,
         bpf_skb_cgroup_id,
@@ -38,7 +38,7 @@ use crate::{
     maps::SOCKET_VERDICTS,
     opaque,
     protected::{self, Destination},
-    record::{self, Attempt, Identity},
+    record::{self, Identity, Judged},
     task, verdict,
 };
 
@@ -231,41 +231,66 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     if verdict == VERDICT_ALLOW {
         return PASS;
     }
-    let port = match packet.protocol {
-        // The destination port, big-endian, two bytes into each of these headers.
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => ctx
-            .load::<u16>(packet.transport + 2)
-            .map_or(0, u16::from_be),
-        _ => 0,
-    };
+    let [decided, ids] = Judged {
+        verdict,
+        rule,
+        // `generation` is 0 or 1.
+        generation: u8::from(generation != 0),
+        hook: HOOK_EGRESS,
+        family,
+        flags: if rewritten { EVENT_FLAG_REWRITTEN } else { 0 }
+            | if task == TASK_CONTAINER {
+                EVENT_FLAG_CONTAINER
+            } else {
+                0
+            },
+        uid,
+        gid: u32::MAX,
+    }
+    .words();
+    let [low, high] = record::address_words(addr);
+    // SAFETY: the program's own context.
+    unsafe { packet_event(skb, decided, ids, low, high) };
+    if verdict == VERDICT_DENY { DROP } else { PASS }
+}
+
+/// Reports the packet judged as `decided` and `ids` say ([`Judged::words`]), to the address
+/// `low` and `high` say ([`record::address_words`]), reading its protocol, port and cgroup
+/// again. A global function, checked once on its own (see [`crate::verdict::sock_addr_event`]).
+///
+/// # Safety
+/// `skb` is the running `cgroup_skb` program's context.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn packet_event(
+    skb: *mut __sk_buff,
+    decided: u64,
+    ids: u64,
+    low: u64,
+    high: u64,
+) -> u64 {
+    let ctx = SkBuffContext::new(skb);
+    // Read as the judge read it; a header that cannot be read now is reported without its port.
+    let (protocol, port) = Packet::read(&ctx).map_or((0, 0), |packet| {
+        let port = match packet.protocol {
+            // The destination port, big-endian, two bytes into each of these headers.
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => ctx
+                .load::<u16>(packet.transport + 2)
+                .map_or(0, u16::from_be),
+            _ => 0,
+        };
+        (packet.protocol, port)
+    });
+    // SAFETY: a helper on the valid context (Linux 4.18+).
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
     record::event(
-        &Attempt {
-            verdict,
-            rule,
-            // `generation` is 0 or 1.
-            generation: u8::from(generation != 0),
-            hook: HOOK_EGRESS,
-            family,
-            port,
-            protocol: packet.protocol,
-            uid,
-            gid: u32::MAX,
-            addr: protected::bytes_of(addr),
-            flags: if rewritten { EVENT_FLAG_REWRITTEN } else { 0 }
-                | if task == TASK_CONTAINER {
-                    EVENT_FLAG_CONTAINER
-                } else {
-                    0
-                },
-            imds_version: 0,
-            refused: 0,
-        },
+        &Judged::of_words([decided, ids]).attempt([low, high], port, protocol),
         cgroup_id,
         0,
         Identity::socket,
         None,
     );
-    if verdict == VERDICT_DENY { DROP } else { PASS }
+    0
 }
 
 /// `task`, `facts` and `rewritten` as values the verifier cannot see through (see `opaque`);

@@ -52,6 +52,97 @@ pub struct Attempt {
     pub refused: u8,
 }
 
+/// What a program's verdict code hands its event function ([`crate::verdict::sock_addr_event`],
+/// [`crate::packet::packet_event`]): an [`Attempt`] but for its address (two more words,
+/// [`address_words`]) and what that function reads again itself (port, protocol), in the
+/// scalar arguments a global function allows beside its context (a pointer needs Linux 5.12+).
+/// The one place that knows their layout.
+pub struct Judged {
+    pub verdict: u8,
+    pub rule: u32,
+    /// 0 or 1.
+    pub generation: u8,
+    pub hook: u8,
+    /// `FAMILY_INET` or `FAMILY_INET6`.
+    pub family: u8,
+    /// `EVENT_FLAG_*` bits.
+    pub flags: u8,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Judged {
+    /// As two words.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        [
+            u64::from(self.rule)
+                | u64::from(self.verdict) << 32
+                | u64::from(self.hook) << 40
+                | u64::from(self.flags) << 48
+                | u64::from(self.generation & 0x0f) << 56
+                | u64::from(self.family & 0x0f) << 60,
+            u64::from(self.uid) | u64::from(self.gid) << 32,
+        ]
+    }
+
+    /// From [`Judged::words`].
+    #[inline(always)]
+    #[expect(clippy::cast_possible_truncation, reason = "fields packed by `words`")]
+    pub fn of_words([first, ids]: [u64; 2]) -> Self {
+        Self {
+            rule: first as u32,
+            verdict: (first >> 32) as u8,
+            hook: (first >> 40) as u8,
+            flags: (first >> 48) as u8,
+            generation: (first >> 56) as u8 & 0x0f,
+            family: (first >> 60) as u8,
+            uid: ids as u32,
+            gid: (ids >> 32) as u32,
+        }
+    }
+
+    /// The attempt to `addr` ([`address_words`]), with what the event function read.
+    #[inline(always)]
+    pub fn attempt(&self, addr: [u64; 2], port: u16, protocol: u8) -> Attempt {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "words packed by `address_words`"
+        )]
+        let words = [
+            addr[0] as u32,
+            (addr[0] >> 32) as u32,
+            addr[1] as u32,
+            (addr[1] >> 32) as u32,
+        ];
+        Attempt {
+            verdict: self.verdict,
+            rule: self.rule,
+            generation: self.generation,
+            hook: self.hook,
+            family: self.family,
+            port,
+            protocol,
+            uid: self.uid,
+            gid: self.gid,
+            addr: crate::protected::bytes_of(words),
+            flags: self.flags,
+            imds_version: 0,
+            refused: 0,
+        }
+    }
+}
+
+/// An address's four words (as [`crate::protected::bytes_of`] takes them) in two, for an event
+/// function's arguments ([`Judged`]).
+#[inline(always)]
+pub fn address_words(addr: [u32; 4]) -> [u64; 2] {
+    [
+        u64::from(addr[0]) | u64::from(addr[1]) << 32,
+        u64::from(addr[2]) | u64::from(addr[3]) << 32,
+    ]
+}
+
 /// Who made an attempt, as far as the hook can tell.
 pub struct Identity {
     /// Thread id (low half) and process id (high half); 0 when no task is known.
