@@ -38,7 +38,7 @@ use crate::{
     maps::SOCKET_VERDICTS,
     opaque,
     protected::{self, Destination},
-    record::{self, Identity, Judged},
+    record::{self, Decided, Identity},
     task, verdict,
 };
 
@@ -231,7 +231,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     if verdict == VERDICT_ALLOW {
         return PASS;
     }
-    let [decided, ids] = Judged {
+    let [decided, ids] = Decided {
         verdict,
         rule,
         // `generation` is 0 or 1.
@@ -254,7 +254,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     if verdict == VERDICT_DENY { DROP } else { PASS }
 }
 
-/// Reports the packet judged as `decided` and `ids` say ([`Judged::words`]), to the address
+/// Reports the packet judged as `decided` and `ids` say ([`Decided::words`]), to the address
 /// `low` and `high` say ([`record::address_words`]), reading its protocol, port and cgroup
 /// again. A global function, checked once on its own (see [`crate::verdict::sock_addr_event`]).
 ///
@@ -284,7 +284,7 @@ pub unsafe extern "C" fn packet_event(
     // SAFETY: a helper on the valid context (Linux 4.18+).
     let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
     record::event(
-        &Judged::of_words([decided, ids]).attempt([low, high], port, protocol),
+        &Decided::of_words([decided, ids]).attempt([low, high], port, protocol),
         cgroup_id,
         0,
         Identity::socket,

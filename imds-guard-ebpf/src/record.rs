@@ -57,7 +57,7 @@ pub struct Attempt {
 /// [`address_words`]) and what that function reads again itself (port, protocol), in the
 /// scalar arguments a global function allows beside its context (a pointer needs Linux 5.12+).
 /// The one place that knows their layout.
-pub struct Judged {
+pub struct Decided {
     pub verdict: u8,
     pub rule: u32,
     /// 0 or 1.
@@ -71,7 +71,7 @@ pub struct Judged {
     pub gid: u32,
 }
 
-impl Judged {
+impl Decided {
     /// As two words.
     #[inline(always)]
     pub fn words(&self) -> [u64; 2] {
@@ -86,7 +86,7 @@ impl Judged {
         ]
     }
 
-    /// From [`Judged::words`].
+    /// From [`Decided::words`].
     #[inline(always)]
     #[expect(clippy::cast_possible_truncation, reason = "fields packed by `words`")]
     pub fn of_words([first, ids]: [u64; 2]) -> Self {
@@ -134,7 +134,7 @@ impl Judged {
 }
 
 /// An address's four words (as [`crate::protected::bytes_of`] takes them) in two, for an event
-/// function's arguments ([`Judged`]).
+/// function's arguments ([`Decided`]).
 #[inline(always)]
 pub fn address_words(addr: [u32; 4]) -> [u64; 2] {
     [
@@ -367,5 +367,44 @@ unsafe fn atomic_increment(counter: *mut u64) {
     unsafe {
         core::sync::atomic::AtomicU64::from_ptr(counter)
             .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decided_attempt_reads_back_from_its_words() {
+        let decided = Decided {
+            verdict: 3,
+            rule: 0xfedc_ba98,
+            generation: 1,
+            hook: 5,
+            family: 10,
+            flags: 0x81,
+            uid: 0xffff_fffe,
+            gid: 0x8000_0001,
+        };
+        let addr = [0xfd00_0ec2, 0, 0x1234_5678, 0x0254_0000];
+        let back = Decided::of_words(decided.words()).attempt(address_words(addr), 80, 17);
+        assert_eq!(
+            (
+                back.verdict,
+                back.rule,
+                back.generation,
+                back.hook,
+                back.family
+            ),
+            (3, 0xfedc_ba98, 1, 5, 10)
+        );
+        assert_eq!(
+            (back.flags, back.uid, back.gid),
+            (0x81, 0xffff_fffe, 0x8000_0001)
+        );
+        assert_eq!(
+            (back.addr, back.port, back.protocol),
+            (crate::protected::bytes_of(addr), 80, 17)
+        );
     }
 }

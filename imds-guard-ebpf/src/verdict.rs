@@ -25,7 +25,7 @@ use crate::{
     maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
     opaque,
     protected::{self, Destination},
-    record::{self, Judged},
+    record::{self, Decided},
     task,
 };
 
@@ -100,7 +100,7 @@ fn reported(ctx: &SockAddrContext, outcome: i32, report: [u64; 2], addr: [u32; 4
 
 /// The slow path: the destination may be protected. One function for all four hooks. Returns
 /// the verdict, with [`REPORT`] when the attempt is to be reported as `report` says
-/// ([`Judged::words`]).
+/// ([`Decided::words`]).
 #[inline(never)]
 fn judge_protected(
     ctx: &SockAddrContext,
@@ -167,7 +167,7 @@ fn judge_protected(
     if verdict == VERDICT_ALLOW {
         return PROCEED;
     }
-    *report = Judged {
+    *report = Decided {
         verdict,
         rule,
         // `generation` is 0 or 1, so this cannot truncate.
@@ -191,7 +191,7 @@ fn judge_protected(
         }
 }
 
-/// Reports the attempt judged as `decided` and `ids` say ([`Judged::words`]), to the address
+/// Reports the attempt judged as `decided` and `ids` say ([`Decided::words`]), to the address
 /// `low` and `high` say ([`record::address_words`]), reading its port and protocol from the
 /// context again. A global function, which the verifier
 /// checks once on its own: inlined, the event's code was checked again for each way the
@@ -210,7 +210,6 @@ pub unsafe extern "C" fn sock_addr_event(
     low: u64,
     high: u64,
 ) -> u64 {
-    let judged = Judged::of_words([decided, ids]);
     // SAFETY: as the caller promises.
     let (port, protocol) = unsafe { ((*ctx).user_port, (*ctx).protocol) };
     // Truncation intended: the port is the low 16 bits, in network byte order.
@@ -222,7 +221,7 @@ pub unsafe extern "C" fn sock_addr_event(
     // The process id: the high half.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     record::event(
-        &judged.attempt([low, high], port, protocol),
+        &Decided::of_words([decided, ids]).attempt([low, high], port, protocol),
         record::current_cgroup_id(),
         tgid,
         record::Identity::current_task,
