@@ -317,8 +317,8 @@ fn refusal(source: &aya::programs::ProgramError) -> String {
 }
 
 /// The programs, the longest to verify first: they are verified on every CPU at once (each
-/// `BPF_PROG_LOAD` runs the verifier in the calling thread), and the message program alone
-/// takes a third of the time.
+/// `BPF_PROG_LOAD` runs the verifier in the calling thread). On 6.18: `http_msg` 33,000
+/// instructions, `egress` 24,000, each socket hook 18,000, `sock_ops` 200.
 const VERIFY_ORDER: [&str; 7] = [
     programs::HTTP_MSG,
     PACKET_PROGRAM,

@@ -2,6 +2,7 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+use imds_guard_common::http::HTTP_CHUNK_BYTES;
 use imds_guard_tests::{Client, IMDS_V4, Pins, Sandbox, TestCgroup, Timings};
 
 use crate::{
@@ -91,7 +92,8 @@ pub fn http_costs(
          | | per flow (median pair) | ratio to connect hooks alone |\n|---|---|---|\n\
          | connect hooks alone (port 8080) | {} | 1.000 |\n\
          | with the message layer (port 80) | {} | {:.3} (pairs: {:.3}–{:.3}) |\n\n\
-         In the kernel (statistics on): `http_msg` ran {:.1} times per flow (8 bytes a run), \
+         In the kernel (statistics on): `http_msg` ran {:.1} times per flow (up to {HTTP_CHUNK_BYTES} bytes \
+         a run), \
          {message_ns} ns per run. `sock_ops` on connections it does not follow (loopback \
          `connect()`+`close()`): {per_run} ns per run, {:.1} runs per connection.\n",
         spread(&hooks),
