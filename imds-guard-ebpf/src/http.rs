@@ -121,6 +121,18 @@ unsafe fn storage(sk: *mut bpf_sock, flags: u64) -> *mut HttpSocket {
     }
 }
 
+/// The record of the socket `msg` is written to (null when it has none): for the program, and
+/// again for its global functions, which get the context only.
+///
+/// # Safety
+/// `msg` is the running `sk_msg` program's context.
+#[inline(always)]
+unsafe fn record_of(msg: *mut sk_msg_md) -> *mut HttpSocket {
+    // SAFETY: as the caller promises; `sk` is the message's socket, and its storage is valid
+    // while the program runs.
+    unsafe { storage((*msg).__bindgen_anon_3.sk, 0) }
+}
+
 /// `SYN` in a TCP header's flags byte.
 const TCP_SYN: u8 = 0x02;
 /// `URG`: urgent data, which a server may take out of the stream the program read.
@@ -230,7 +242,7 @@ pub fn established(ctx: &SockOpsContext) -> u32 {
 #[inline]
 pub fn judge_write(ctx: &SkMsgContext) -> u32 {
     // SAFETY: the kernel hands sk_msg programs a valid context; `sk` is its socket.
-    let state = unsafe { storage((*ctx.msg).__bindgen_anon_3.sk, 0) };
+    let state = unsafe { record_of(ctx.msg) };
     if state.is_null() {
         // No record of the connect: nothing says this workload may talk to it.
         record::count(COUNTER_HTTP_UNJUDGED);
@@ -371,10 +383,9 @@ const STEP_NO_RECORD: u64 = 2;
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub unsafe extern "C" fn http_step(msg: *mut sk_msg_md, byte: u64) -> u64 {
-    // SAFETY: as the caller promises; `sk` is the message's socket, and its storage is valid
-    // while the program runs.
+    // SAFETY: as the caller promises.
     unsafe {
-        let state = storage((*msg).__bindgen_anon_3.sk, 0);
+        let state = record_of(msg);
         if state.is_null() {
             return STEP_NO_RECORD;
         }
@@ -558,10 +569,9 @@ unsafe fn path_rules(state: *const HttpSocket) -> Option<&'static PathRules> {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub unsafe extern "C" fn http_pattern(msg: *mut sk_msg_md, index: u64) -> u64 {
-    // SAFETY: as the caller promises; `sk` is the message's socket, and its storage is valid
-    // while the program runs.
+    // SAFETY: as the caller promises.
     unsafe {
-        let state = storage((*msg).__bindgen_anon_3.sk, 0);
+        let state = record_of(msg);
         if state.is_null() {
             return PATTERN_UNREADABLE;
         }
