@@ -56,16 +56,29 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
     d_parent: 0,
 };
 
-#[inline]
-fn layout() -> TaskLayout {
-    // SAFETY: a read-only global the agent sets before loading.
-    unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) }
+/// One field of [`TASK_LAYOUT`], as the agent set it (`layout(|l| &l.nsproxy)`).
+///
+/// One volatile read of that field alone: a volatile read of the whole struct made LLVM load
+/// every one of its 25 words at each use, and the verifier, though it knows their values, keeps
+/// the loads: 150 of them in `current_kind`, a quarter of an allowed `connect()`'s time in the
+/// program.
+#[inline(always)]
+fn layout(field: fn(&TaskLayout) -> &u32) -> u32 {
+    // SAFETY: a read-only global the agent sets before loading; `field` picks one of its fields.
+    unsafe { core::ptr::read_volatile(field(&TASK_LAYOUT)) }
+}
+
+/// Whether the agent found `LAYOUT_*` `bits` in the kernel's BTF (and, for `LAYOUT_BTF_TASK`,
+/// chose BTF-typed loads).
+#[inline(always)]
+fn known(bits: u32) -> bool {
+    layout(|l| &l.known) & bits != 0
 }
 
 /// The current task: a BTF-typed pointer with `LAYOUT_BTF_TASK`, else a plain address.
 #[inline]
 fn current() -> *const u8 {
-    if layout().known & LAYOUT_BTF_TASK != 0 {
+    if known(LAYOUT_BTF_TASK) {
         // SAFETY: a helper without arguments (Linux 5.11+ where offered); its result is only
         // loaded from, each load checked by the verifier against the kernel's BTF.
         unsafe { bpf_get_current_task_btf() as *const u8 }
@@ -86,7 +99,7 @@ fn current() -> *const u8 {
 unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
     // SAFETY: as the function says.
     unsafe {
-        if layout().known & LAYOUT_BTF_TASK != 0 {
+        if known(LAYOUT_BTF_TASK) {
             Some(core::ptr::read_volatile(
                 base.add(offset as usize).cast::<T>(),
             ))
@@ -104,19 +117,18 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
 /// is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
 #[inline]
 pub fn current_kind() -> u16 {
-    let layout = layout();
-    if layout.known & LAYOUT_NAMESPACES == 0 {
+    if !known(LAYOUT_NAMESPACES) {
         return TASK_HOST;
     }
     let task = current();
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
     let in_container = unsafe {
-        let level = read::<*const u8>(task, layout.thread_pid)
-            .and_then(|pid| read::<u32>(pid, layout.pid_level));
-        let cgroup_ns = read::<*const u8>(task, layout.nsproxy)
+        let level = read::<*const u8>(task, layout(|l| &l.thread_pid))
+            .and_then(|pid| read::<u32>(pid, layout(|l| &l.pid_level)));
+        let cgroup_ns = read::<*const u8>(task, layout(|l| &l.nsproxy))
             .filter(|nsproxy| !nsproxy.is_null())
-            .and_then(|nsproxy| read::<*const u8>(nsproxy, layout.cgroup_ns))
-            .and_then(|ns| read::<u32>(ns, layout.cgroup_ns_inum));
+            .and_then(|nsproxy| read::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns)))
+            .and_then(|ns| read::<u32>(ns, layout(|l| &l.cgroup_ns_inum)));
         !matches!((level, cgroup_ns), (Some(0), Some(INIT_CGROUP_NS_INO)))
     };
     if in_container {
@@ -135,19 +147,18 @@ pub fn current_kind() -> u16 {
 /// packet counts as a container's (fail closed).
 #[inline]
 pub fn sender_kind(socket_uid: u32, socket_cgroup: u64) -> u16 {
-    let layout = layout();
-    if layout.known & LAYOUT_NAMESPACES == 0 {
+    if !known(LAYOUT_NAMESPACES) {
         return TASK_HOST;
     }
     let task = current();
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
     let is_sender = unsafe {
-        let cgroup = read::<*const u8>(task, layout.cgroups)
-            .and_then(|set| read::<*const u8>(set, layout.dfl_cgrp))
-            .and_then(|cgroup| read::<*const u8>(cgroup, layout.cgroup_kn))
-            .and_then(|node| read::<u64>(node, layout.kn_id));
-        let uid =
-            read::<*const u8>(task, layout.cred).and_then(|cred| read::<u32>(cred, layout.fsuid));
+        let cgroup = read::<*const u8>(task, layout(|l| &l.cgroups))
+            .and_then(|set| read::<*const u8>(set, layout(|l| &l.dfl_cgrp)))
+            .and_then(|cgroup| read::<*const u8>(cgroup, layout(|l| &l.cgroup_kn)))
+            .and_then(|node| read::<u64>(node, layout(|l| &l.kn_id)));
+        let uid = read::<*const u8>(task, layout(|l| &l.cred))
+            .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)));
         cgroup == Some(socket_cgroup) && uid == Some(socket_uid)
     };
     if is_sender {
@@ -161,18 +172,17 @@ pub fn sender_kind(socket_uid: u32, socket_cgroup: u64) -> u16 {
 /// read now so an event names it even when both are gone before the agent reads the event.
 #[inline]
 pub fn current_parent() -> Option<(u32, [u8; COMM_LEN])> {
-    let layout = layout();
-    if layout.known & LAYOUT_PARENT == 0 {
+    if !known(LAYOUT_PARENT) {
         return None;
     }
     let task = current();
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
     unsafe {
-        let parent: *const u8 = read(task, layout.real_parent)?;
-        let tgid: i32 = read(parent, layout.tgid)?;
+        let parent: *const u8 = read(task, layout(|l| &l.real_parent))?;
+        let tgid: i32 = read(parent, layout(|l| &l.tgid))?;
         // The parent is the thread that forked; the process is named by its main thread.
-        let leader: *const u8 = read(parent, layout.group_leader)?;
-        let comm: [u8; COMM_LEN] = read(leader, layout.comm)?;
+        let leader: *const u8 = read(parent, layout(|l| &l.group_leader))?;
+        let comm: [u8; COMM_LEN] = read(leader, layout(|l| &l.comm))?;
         #[expect(clippy::cast_sign_loss, reason = "a pid is never negative")]
         Some((tgid as u32, comm))
     }
@@ -194,26 +204,25 @@ pub struct Executable {
 /// reads the event. `None` for a kernel thread, without the layout, or when a read fails.
 #[inline]
 pub fn current_executable() -> Option<Executable> {
-    let layout = layout();
-    if layout.known & LAYOUT_EXE == 0 {
+    if !known(LAYOUT_EXE) {
         return None;
     }
     let task = current();
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
     unsafe {
-        let mm: *const u8 = read(task, layout.mm)?;
+        let mm: *const u8 = read(task, layout(|l| &l.mm))?;
         if mm.is_null() {
             return None;
         }
-        let file: *const u8 = read(mm, layout.exe_file)?;
+        let file: *const u8 = read(mm, layout(|l| &l.exe_file))?;
         if file.is_null() {
             return None;
         }
-        let inode: *const u8 = read(file, layout.f_inode)?;
-        let ino: u64 = read(inode, layout.i_ino)?;
-        let super_block: *const u8 = read(inode, layout.i_sb)?;
-        let dev: u32 = read(super_block, layout.s_dev)?;
-        let dentry: *const u8 = read(file, layout.f_dentry)?;
+        let inode: *const u8 = read(file, layout(|l| &l.f_inode))?;
+        let ino: u64 = read(inode, layout(|l| &l.i_ino))?;
+        let super_block: *const u8 = read(inode, layout(|l| &l.i_sb))?;
+        let dev: u32 = read(super_block, layout(|l| &l.s_dev))?;
+        let dentry: *const u8 = read(file, layout(|l| &l.f_dentry))?;
         Some(Executable { dev, ino, dentry })
     }
 }
@@ -226,12 +235,11 @@ pub fn current_executable() -> Option<Executable> {
 /// `path` points to `EXE_PATH_PARTS * EXE_PART_LEN` writable bytes.
 #[inline]
 pub unsafe fn write_path(exe: &Executable, path: *mut u8) -> (u8, u8) {
-    let layout = layout();
     let mut dentry = exe.dentry;
     let mut parts = 0u8;
     for part in 0..EXE_PATH_PARTS {
         // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
-        let Some(parent) = (unsafe { read::<*const u8>(dentry, layout.d_parent) }) else {
+        let Some(parent) = (unsafe { read::<*const u8>(dentry, layout(|l| &l.d_parent)) }) else {
             return (parts, EXE_FLAG_TRUNCATED);
         };
         // The root of the file system is its own parent: the path is complete.
@@ -241,7 +249,7 @@ pub unsafe fn write_path(exe: &Executable, path: *mut u8) -> (u8, u8) {
         // SAFETY: as above; the component goes into its own slot of `path`, which the caller
         // promises is writable.
         unsafe {
-            let Some(name) = read::<*const u8>(dentry, layout.d_name) else {
+            let Some(name) = read::<*const u8>(dentry, layout(|l| &l.d_name)) else {
                 return (parts, EXE_FLAG_TRUNCATED);
             };
             #[expect(clippy::cast_possible_truncation, reason = "a small constant")]
@@ -258,7 +266,7 @@ pub unsafe fn write_path(exe: &Executable, path: *mut u8) -> (u8, u8) {
         dentry = parent;
     }
     // SAFETY: as above.
-    match unsafe { read::<*const u8>(dentry, layout.d_parent) } {
+    match unsafe { read::<*const u8>(dentry, layout(|l| &l.d_parent)) } {
         Some(parent) if parent == dentry => (parts, 0),
         _ => (parts, EXE_FLAG_TRUNCATED),
     }
