@@ -1,10 +1,8 @@
 //! Map names and indices: the agent finds maps by these names and never spells one itself.
 
-/// IPv4 addresses under protection: [`crate::policy::ProtectedV4Key`] (generation, address) →
-/// `u32` (0).
-pub const PROTECTED_V4: &str = "PROTECTED_V4";
-/// IPv6 addresses under protection: [`crate::policy::ProtectedV6Key`] → `u32` (0).
-pub const PROTECTED_V6: &str = "PROTECTED_V6";
+/// Addresses under protection: an array of [`crate::policy::ProtectedSet`] indexed by
+/// generation.
+pub const PROTECTED: &str = "PROTECTED";
 /// The fast "not protected" test: a one-entry array of [`crate::policy::ProtectedFilter`].
 pub const PROTECTED_FILTER: &str = "PROTECTED_FILTER";
 /// Verdicts the packet layer applies to a socket's later packets: socket-local storage
@@ -47,9 +45,8 @@ pub const PATH_RULES: &str = "PATH_RULES";
 pub const HTTP_COUNTERS: &str = "HTTP_COUNTERS";
 
 /// Every map name, so the agent can check the embedded object has each of them.
-pub const ALL: [&str; 17] = [
-    PROTECTED_V4,
-    PROTECTED_V6,
+pub const ALL: [&str; 16] = [
+    PROTECTED,
     PROTECTED_FILTER,
     SOCKET_VERDICTS,
     GENERATION,
@@ -79,7 +76,9 @@ pub const ALL: [&str; 17] = [
 /// 5: the message layer (`HTTP_SOCKETS`, `HTTP_SOCKHASH`, `PATH_RULES`, `HTTP_COUNTERS`), events
 /// of 632 bytes (the request line), fold keys by IMDS version, a ring of 4 MiB, `AgentInfo` of
 /// 104 bytes (the instance's posture).
-pub const MAPS_LAYOUT_VERSION: u32 = 5;
+/// 6: `PROTECTED`, a set of addresses per generation, for the hash maps `PROTECTED_V4` and
+/// `PROTECTED_V6`.
+pub const MAPS_LAYOUT_VERSION: u32 = 6;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.
@@ -135,5 +134,3 @@ pub const HTTP_SOCKHASH_MAX_ENTRIES: u32 = 65_536;
 pub const PATH_RULES_MAX_ENTRIES: u32 = 2 * MAX_RULES;
 /// Entries of [`HTTP_COUNTERS`].
 pub const HTTP_COUNTER_SLOTS: u32 = RULE_COUNTER_SLOTS * crate::http::IMDS_VERSIONS;
-/// Capacity of each of [`PROTECTED_V4`] and [`PROTECTED_V6`].
-pub const PROTECTED_MAX_ENTRIES: u32 = 256;

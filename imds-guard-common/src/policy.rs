@@ -76,40 +76,110 @@ pub const RULE_FLAG_MODE_AUDIT: u32 = 8;
 /// systemd services sit at level 2 and Kubernetes containers at level 4 or 5.
 pub const MAX_CGROUP_LEVEL: u32 = 32;
 
-/// Key of `PROTECTED_V4`: an IPv4 destination protected in one generation. The value is a
-/// `u32`, always 0 (reserved).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProtectedV4Key {
-    /// Policy generation, 0 or 1.
-    pub generation: u32,
-    /// The address as the hooks see it (`bpf_sock_addr.user_ip4`, the IPv4 header's `daddr`):
-    /// network-order bytes read as a native `u32`.
-    pub addr: u32,
-}
-const _: () = assert!(core::mem::size_of::<ProtectedV4Key>() == 8);
+/// IPv4 addresses one policy may protect.
+pub const MAX_PROTECTED_V4: usize = 8;
+/// IPv6 addresses one policy may protect.
+pub const MAX_PROTECTED_V6: usize = 8;
 
-/// Key of `PROTECTED_V6`: an IPv6 destination protected in one generation. Value as for
-/// [`ProtectedV4Key`].
+/// `PROTECTED[generation]`: the destinations one generation protects, in the order the config
+/// names them. A handful of compares in the programs, where a hash lookup cost a quarter of an
+/// allowed `connect()`'s time in them (a policy protects a few addresses: the presets together
+/// are three IPv4 and two IPv6 ones).
+///
+/// Addresses are as the hooks see them (`bpf_sock_addr.user_ip4`/`user_ip6`, the IP header's
+/// destination): network-order bytes read as native `u32` words.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProtectedV6Key {
-    /// Policy generation, 0 or 1.
-    pub generation: u32,
-    /// The address as four native `u32` words of network-order bytes
-    /// (`bpf_sock_addr.user_ip6`, the IPv6 header's destination).
-    pub addr: [u32; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedSet {
+    /// How many of `v4` are protected (the rest are 0 and mean nothing).
+    pub v4_len: u32,
+    /// How many of `v6` are protected.
+    pub v6_len: u32,
+    pub v4: [u32; MAX_PROTECTED_V4],
+    pub v6: [[u32; 4]; MAX_PROTECTED_V6],
 }
-const _: () = assert!(core::mem::size_of::<ProtectedV6Key>() == 20);
+const _: () = assert!(core::mem::size_of::<ProtectedSet>() == 168);
+
+impl ProtectedSet {
+    /// Whether the IPv4 address is one of the set's.
+    #[must_use]
+    #[inline]
+    pub fn has_v4(&self, addr: u32) -> bool {
+        // A loop of constant turns with an early exit (the verifier follows it unrolled; a
+        // slice of `v4_len` would need a bounds check it refuses to see panic).
+        for (i, &protected) in self.v4.iter().enumerate() {
+            if i >= self.v4_len as usize {
+                return false;
+            }
+            if protected == addr {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether the IPv6 address is one of the set's.
+    #[must_use]
+    #[inline]
+    pub fn has_v6(&self, addr: [u32; 4]) -> bool {
+        for (i, protected) in self.v6.iter().enumerate() {
+            if i >= self.v6_len as usize {
+                return false;
+            }
+            if same_words(*protected, addr) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Adds an IPv4 address; `false` when the set is full.
+    pub fn add_v4(&mut self, addr: u32) -> bool {
+        let Some(slot) = self.v4.get_mut(self.v4_len as usize) else {
+            return false;
+        };
+        *slot = addr;
+        self.v4_len += 1;
+        true
+    }
+
+    /// Adds an IPv6 address; `false` when the set is full.
+    pub fn add_v6(&mut self, addr: [u32; 4]) -> bool {
+        let Some(slot) = self.v6.get_mut(self.v6_len as usize) else {
+            return false;
+        };
+        *slot = addr;
+        self.v6_len += 1;
+        true
+    }
+
+    /// The IPv4 addresses, in order.
+    pub fn v4(&self) -> impl Iterator<Item = u32> + '_ {
+        self.v4.iter().take(self.v4_len as usize).copied()
+    }
+
+    /// The IPv6 addresses, in order.
+    pub fn v6(&self) -> impl Iterator<Item = [u32; 4]> + '_ {
+        self.v6.iter().take(self.v6_len as usize).copied()
+    }
+}
+
+/// Word-by-word equality of two IPv6 addresses (an array comparison could become a `bcmp`
+/// call, which BPF lacks).
+#[must_use]
+#[inline]
+pub fn same_words(a: [u32; 4], b: [u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
 
 /// Slots of each half of [`ProtectedFilter`].
 pub const FILTER_SLOTS: u32 = 256;
 
-/// `PROTECTED_FILTER[0]`: a bitmap that tells, before any hash lookup, that a destination is
+/// `PROTECTED_FILTER[0]`: a bitmap that tells, before any other read, that a destination is
 /// protected in no generation. Slot [`filter_slot_v4`] (or [`filter_slot_v6`]) of every address
 /// protected in either generation is set; a clear slot means "not protected", a set one "look it
 /// up". The agent sets slots before it adds addresses and clears them only after it removed
-/// them, so the bitmap always covers the maps; any mix of two such bitmaps (a reader that races
+/// them, so the bitmap always covers both generations' sets; any mix of two such bitmaps (a reader that races
 /// a writer) covers them too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,7 +191,7 @@ pub struct ProtectedFilter {
 }
 const _: () = assert!(core::mem::size_of::<ProtectedFilter>() == 64);
 
-/// The filter slot of an IPv4 address (as in [`ProtectedV4Key::addr`]): its last byte, which
+/// The filter slot of an IPv4 address (as in [`ProtectedSet::v4`]): its last byte, which
 /// spreads real destinations well (neighbouring addresses land apart) and costs the packet
 /// path one shift.
 #[must_use]
@@ -129,7 +199,7 @@ pub const fn filter_slot_v4(addr: u32) -> u32 {
     addr.to_ne_bytes()[3] as u32
 }
 
-/// The filter slot of an IPv6 address (as in [`ProtectedV6Key::addr`]): its last byte.
+/// The filter slot of an IPv6 address (as in [`ProtectedSet::v6`]): its last byte.
 #[must_use]
 pub const fn filter_slot_v6(addr: [u32; 4]) -> u32 {
     addr[3].to_ne_bytes()[3] as u32
@@ -252,9 +322,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::ProtectedV4Key {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::ProtectedV6Key {}
+    unsafe impl aya::Pod for super::ProtectedSet {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProtectedFilter {}
 }
@@ -262,6 +330,37 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_protected_set_holds_its_addresses_and_no_other() {
+        let imds = u32::from_ne_bytes([169, 254, 169, 254]);
+        let mut set = ProtectedSet::default();
+        // Empty: its zeroed slots protect nothing, not even 0.0.0.0 or `::`.
+        assert!(!set.has_v4(0));
+        assert!(!set.has_v6([0; 4]));
+        assert!(set.add_v4(imds));
+        assert!(set.has_v4(imds));
+        assert!(!set.has_v4(0));
+        for last in 1..=7u8 {
+            assert!(set.add_v4(u32::from_ne_bytes([10, 0, 0, last])));
+        }
+        // Full: the eighth is found, a ninth is refused and not found.
+        assert!(set.has_v4(u32::from_ne_bytes([10, 0, 0, 7])));
+        assert!(!set.add_v4(u32::from_ne_bytes([10, 0, 0, 8])));
+        assert!(!set.has_v4(u32::from_ne_bytes([10, 0, 0, 8])));
+        assert_eq!(set.v4().count(), MAX_PROTECTED_V4);
+        // IPv6: every word counts.
+        let v6 = [0x00fd_u32.to_be(), 1, 2, 0x0254_u32.to_be()];
+        assert!(set.add_v6(v6));
+        assert!(set.has_v6(v6));
+        for word in 0..4 {
+            let mut other = v6;
+            other[word] ^= 1;
+            assert!(!set.has_v6(other), "word {word} differs");
+        }
+        assert!(!set.has_v6([0; 4]));
+        assert_eq!(set.v6().collect::<Vec<_>>(), [v6]);
+    }
 
     #[test]
     fn filter_slots_set_are_found_and_others_mostly_not() {

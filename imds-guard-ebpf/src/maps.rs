@@ -13,25 +13,17 @@ use imds_guard_common::{
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
         FOLDS_MAX_ENTRIES, HTTP_COUNTER_SLOTS, HTTP_SOCKHASH_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC,
-        PATH_RULES_MAX_ENTRIES, PROTECTED_MAX_ENTRIES, RULE_COUNTER_SLOTS,
+        PATH_RULES_MAX_ENTRIES, RULE_COUNTER_SLOTS,
     },
-    policy::{
-        CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
-    },
+    policy::{CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings},
 };
 
-/// Protected IPv4 destinations, by generation.
-#[map(name = "PROTECTED_V4")]
-pub static PROTECTED_V4: HashMap<ProtectedV4Key, u32> =
-    HashMap::with_max_entries(PROTECTED_MAX_ENTRIES, 0);
+/// Protected destinations, by generation (an array lookup is inlined by the verifier).
+#[map(name = "PROTECTED")]
+pub static PROTECTED: Array<ProtectedSet> = Array::with_max_entries(2, 0);
 
-/// Protected IPv6 destinations, by generation.
-#[map(name = "PROTECTED_V6")]
-pub static PROTECTED_V6: HashMap<ProtectedV6Key, u32> =
-    HashMap::with_max_entries(PROTECTED_MAX_ENTRIES, 0);
-
-/// Rules out unprotected destinations before any hash lookup (an array lookup is inlined by
-/// the verifier: no helper call).
+/// Rules out unprotected destinations before anything else is read (an array lookup is inlined
+/// by the verifier: no helper call).
 #[map(name = "PROTECTED_FILTER")]
 pub static PROTECTED_FILTER: Array<ProtectedFilter> = Array::with_max_entries(1, 0);
 

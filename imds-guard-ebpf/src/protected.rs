@@ -1,13 +1,14 @@
 //! Which destinations are protected. A bitmap answers "not protected" for almost every address
-//! in a few instructions and no helper call; only a destination it does not rule out is looked
-//! up, in the entries of the generation in force.
+//! in a few instructions and no helper call; only a destination it does not rule out is
+//! compared with the addresses of the generation in force.
 
+pub use imds_guard_common::policy::same_words;
 use imds_guard_common::{
     event::{FAMILY_INET, FAMILY_INET6},
-    policy::{ProtectedV4Key, ProtectedV6Key, filter_has, filter_slot_v4, filter_slot_v6},
+    policy::{filter_has, filter_slot_v4, filter_slot_v6},
 };
 
-use crate::maps::{GENERATION, PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6};
+use crate::maps::{GENERATION, PROTECTED, PROTECTED_FILTER};
 
 /// A destination as packets carry it: `::ffff:a.b.c.d` is the IPv4 address.
 ///
@@ -65,25 +66,17 @@ impl Destination {
         }
     }
 
-    /// Whether `generation` protects the destination.
+    /// Whether `generation` protects the destination. Were its set missing (an array's entry
+    /// always exists), it does: the attempt is judged.
     #[inline]
     pub fn protected_in(self, generation: u32) -> bool {
-        // SAFETY: plain values, only read.
-        unsafe {
+        PROTECTED.get(generation).is_none_or(|set| {
             if self.family == FAMILY_INET {
-                let key = ProtectedV4Key {
-                    generation,
-                    addr: self.addr[0],
-                };
-                PROTECTED_V4.get(key).is_some()
+                set.has_v4(self.addr[0])
             } else {
-                let key = ProtectedV6Key {
-                    generation,
-                    addr: self.addr,
-                };
-                PROTECTED_V6.get(key).is_some()
+                set.has_v6(self.addr)
             }
-        }
+        })
     }
 
     /// Whether both are the same destination.
@@ -158,10 +151,4 @@ pub fn bytes_of(words: [u32; 4]) -> [u8; 16] {
         addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
     }
     addr
-}
-
-/// Word-by-word equality (an array comparison could become a `bcmp` call, which BPF lacks).
-#[inline]
-pub fn same_words(a: [u32; 4], b: [u32; 4]) -> bool {
-    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, StopOnDrop, probe, setup,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, StopOnDrop, probe, setup,
 };
 use nix::sys::signal::Signal;
 
@@ -257,4 +257,79 @@ fn a_new_policy_applies_to_established_connections_its_rules_no_longer_allow() {
     // The gid rule let its connection in, which the packet layer cannot judge again: it keeps
     // its connect's verdict.
     gid_allowed.assert_ok(MOCK_INSTANCE_ID);
+}
+
+/// Every address a config protects is judged, as many as a policy holds (eight of each family),
+/// and no other: one in the same slot of the kernel's filter passes. A reload that drops
+/// addresses frees them, and one that adds them back protects them again.
+#[test]
+fn the_configured_addresses_are_protected_and_no_others() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let Some((sandbox, attach)) = setup("test") else {
+        return;
+    };
+    // Besides IMDS's own: seven IPv4 addresses (eight in all) and seven IPv6 ones.
+    let v4: Vec<IpAddr> = (1..=7)
+        .map(|last| IpAddr::V4(Ipv4Addr::new(10, 9, 8, last)))
+        .collect();
+    let v6: Vec<IpAddr> = (1..=7)
+        .map(|last| IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 1, last)))
+        .collect();
+    // The filter's slot is an address's last byte: these share one with protected addresses.
+    let neighbours = [
+        IpAddr::V4(Ipv4Addr::new(10, 9, 7, 7)),
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 2, 7)),
+    ];
+    for addr in v4.iter().chain(&v6).chain(&neighbours) {
+        let (prefix, extra) = if addr.is_ipv4() {
+            ("32", None)
+        } else {
+            ("128", Some("nodad"))
+        };
+        let cidr = format!("{addr}/{prefix}");
+        let mut args = vec!["addr", "add", &cidr, "dev", "lo"];
+        args.extend(extra);
+        sandbox.exec("ip", &args);
+    }
+    let config_of = |protected: &[&IpAddr]| {
+        let list: Vec<String> = protected.iter().map(|addr| format!("\"{addr}\"")).collect();
+        format!(
+            "cgroup = \"{}\"\nprotect = [\"imds\", {}]\n",
+            attach.path,
+            list.join(", ")
+        )
+    };
+    let all: Vec<&IpAddr> = v4.iter().chain(&v6).collect();
+    // The last of each family dropped.
+    let fewer: Vec<&IpAddr> = v4[..6].iter().chain(&v6[..6]).collect();
+    let config = ConfigFile::new(&config_of(&all));
+    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+    let check = |protected: &[&IpAddr], free: &[&IpAddr]| {
+        for &&addr in protected {
+            Client::new(&sandbox, &attach, DENIED, DENIED)
+                .tcp(addr, 80)
+                .assert_errno(EPERM);
+        }
+        for &&addr in free {
+            let outcome = Client::new(&sandbox, &attach, DENIED, DENIED).tcp(addr, 80);
+            assert_ne!(
+                outcome.errno,
+                Some(EPERM),
+                "{addr} is not protected: {outcome:?}"
+            );
+        }
+    };
+    let neighbours: Vec<&IpAddr> = neighbours.iter().collect();
+    let imds = [IpAddr::V4(IMDS_V4), IpAddr::V6(IMDS_V6)];
+    let imds: Vec<&IpAddr> = imds.iter().collect();
+    check(&[&imds[..], &all].concat(), &neighbours);
+    config.write(&config_of(&fewer));
+    reload_and_wait(&agent, 1, 0);
+    check(
+        &[&imds[..], &fewer].concat(),
+        &[&[&v4[6], &v6[6]][..], &neighbours].concat(),
+    );
+    config.write(&config_of(&all));
+    reload_and_wait(&agent, 2, 0);
+    check(&[&imds[..], &all].concat(), &neighbours);
 }

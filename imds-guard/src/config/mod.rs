@@ -11,7 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use imds_guard_common::imds::{IMDS_V4, IMDS_V6};
+use imds_guard_common::{
+    imds::{IMDS_V4, IMDS_V6},
+    policy::{MAX_PROTECTED_V4, MAX_PROTECTED_V6},
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -615,7 +618,8 @@ fn protect_entry(entry: &str) -> Result<Vec<IpAddr>, String> {
     Ok(addresses)
 }
 
-/// Adds addresses, refusing one the file already named.
+/// Adds addresses, refusing one the file already named, and more of a family than the
+/// programs compare a destination with (`MAX_PROTECTED_V4`, `MAX_PROTECTED_V6`).
 fn add_unique_in_file(
     protect: &mut Vec<Setting<IpAddr>>,
     addresses: Vec<IpAddr>,
@@ -626,6 +630,25 @@ fn add_unique_in_file(
             return Err(ConfigError::Invalid {
                 origin: origin.clone(),
                 message: format!("{address} is already protected by {}", earlier.origin),
+            });
+        }
+        let (family, most) = if address.is_ipv4() {
+            ("IPv4", MAX_PROTECTED_V4)
+        } else {
+            ("IPv6", MAX_PROTECTED_V6)
+        };
+        let same_family = protect
+            .iter()
+            .filter(|setting| setting.value.is_ipv4() == address.is_ipv4())
+            .count();
+        if same_family == most {
+            return Err(ConfigError::Invalid {
+                origin: origin.clone(),
+                message: format!(
+                    "{address} would be protected {family} address number {}: at most {most} \
+                     can be protected",
+                    most + 1
+                ),
             });
         }
         protect.push(Setting {
@@ -1052,6 +1075,15 @@ mod tests {
 
     /// Configs that must be refused, and the start of the error each must give.
     const INVALID_CONFIGS: &[(&str, &str)] = &[
+        // More addresses of a family than a policy holds (IMDS's and seven more).
+        (
+            "protect = [\"imds\", \"10.0.0.1\", \"10.0.0.2\", \"10.0.0.3\", \"10.0.0.4\", \"10.0.0.5\", \"10.0.0.6\", \"10.0.0.7\", \"fd00::1\", \"10.0.0.8\"]\n",
+            "/etc/g.toml:1:115: 10.0.0.8 would be protected IPv4 address number 9: at most 8 can be protected",
+        ),
+        (
+            "protect = [\"imds\", \"eks-pod-identity\", \"fd00::1\", \"fd00::2\", \"fd00::3\", \"fd00::4\", \"fd00::5\", \"fd00::6\", \"fd00::7\"]\n",
+            "/etc/g.toml:1:106: fd00::7 would be protected IPv6 address number 9: at most 8 can be protected",
+        ),
         // Unknown keys: top level and in a rule.
         (
             "alow_uid = [1]\n",

@@ -16,11 +16,9 @@ use imds_guard_common::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
         COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED,
         COUNTER_HTTP_UNJUDGED, COUNTERS, EVENTS, FOLDS, GENERATION, HTTP_COUNTERS, PATH_RULES,
-        PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS,
+        PROTECTED, PROTECTED_FILTER, RULE_COUNTERS, SETTINGS,
     },
-    policy::{
-        CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
-    },
+    policy::{CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings},
 };
 
 use super::{KernelError, pins::PinDir};
@@ -132,24 +130,14 @@ pub fn path_rules(
     typed(source, PATH_RULES)
 }
 
-/// `PROTECTED_V4`.
+/// `PROTECTED`, indexed by generation.
 ///
 /// # Errors
 /// As for [`generation`].
-pub fn protected_v4(
+pub fn protected(
     source: &mut impl Source,
-) -> Result<HashMap<&mut MapData, ProtectedV4Key, u32>, KernelError> {
-    typed(source, PROTECTED_V4)
-}
-
-/// `PROTECTED_V6`.
-///
-/// # Errors
-/// As for [`generation`].
-pub fn protected_v6(
-    source: &mut impl Source,
-) -> Result<HashMap<&mut MapData, ProtectedV6Key, u32>, KernelError> {
-    typed(source, PROTECTED_V6)
+) -> Result<Array<&mut MapData, ProtectedSet>, KernelError> {
+    typed(source, PROTECTED)
 }
 
 /// `PROTECTED_FILTER`, at index 0.
@@ -297,18 +285,22 @@ pub fn protected_addresses(
     source: &mut impl Source,
     generation: u32,
 ) -> Result<Vec<IpAddr>, KernelError> {
-    let mut addresses: Vec<IpAddr> = (protected_v4(source)?.keys().flatten())
-        .filter(|key| key.generation == generation)
-        .map(|key| IpAddr::from(key.addr.to_ne_bytes()))
+    let set = protected(source)?
+        .get(&generation, 0)
+        .map_err(|source| KernelError::ReadMap {
+            map: PROTECTED,
+            source,
+        })?;
+    let mut addresses: Vec<IpAddr> = set
+        .v4()
+        .map(|addr| IpAddr::from(addr.to_ne_bytes()))
         .collect();
-    for key in protected_v6(source)?.keys().flatten() {
-        if key.generation == generation {
-            let mut octets = [0u8; 16];
-            for (i, word) in key.addr.iter().enumerate() {
-                octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-            addresses.push(IpAddr::from(octets));
+    for addr in set.v6() {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
+        addresses.push(IpAddr::from(octets));
     }
     addresses.sort();
     Ok(addresses)

@@ -18,12 +18,12 @@ use imds_guard_common::{
     event::{FoldKey, FoldValue},
     http::{COUNTED_VERSIONS, IMDS_VERSIONS, PathRules, PathRulesKey, http_counter_index},
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES,
-        PROTECTED_FILTER, PROTECTED_V4, PROTECTED_V6, RULE_COUNTERS, SETTINGS, rule_counter_index,
+        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES, PROTECTED,
+        PROTECTED_FILTER, RULE_COUNTERS, SETTINGS, rule_counter_index,
     },
     policy::{
-        CgroupKey, ProtectedFilter, ProtectedV4Key, ProtectedV6Key, RuleKey, RuleValue, Settings,
-        filter_set, filter_slot_v4, filter_slot_v6,
+        CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings, filter_set,
+        filter_slot_v4, filter_slot_v6,
     },
 };
 use tracing::{debug, warn};
@@ -329,29 +329,9 @@ impl Kernel {
             })?;
         // The filter first: it must cover every protected address before a program can meet it.
         let mut filter = self.filter()?;
-        cover(&mut filter, &entries.protected_v4, &entries.protected_v6);
+        cover(&mut filter, &entries.protected);
         self.write_filter(filter)?;
-        let protected: Vec<_> = entries
-            .protected_v4
-            .iter()
-            .map(|&key| (key, 0u32))
-            .collect();
-        insert_all(
-            &mut maps::protected_v4(&mut self.ebpf)?,
-            PROTECTED_V4,
-            &protected,
-        )?;
-        let protected: Vec<_> = entries
-            .protected_v6
-            .iter()
-            .map(|&key| (key, 0u32))
-            .collect();
-        insert_all(
-            &mut maps::protected_v6(&mut self.ebpf)?,
-            PROTECTED_V6,
-            &protected,
-        )?;
-        Ok(())
+        self.write_protected(generation, &entries.protected)
     }
 
     /// Sets `Settings::unseen_after` of `generation` (the one in force): cgroups newer than
@@ -422,6 +402,17 @@ impl Kernel {
             })
     }
 
+    /// `PROTECTED[generation]`.
+    fn write_protected(&mut self, generation: u32, set: &ProtectedSet) -> Result<(), KernelError> {
+        let mut map: Array<_, ProtectedSet> = maps::protected(&mut self.ebpf)?;
+        map.set(generation, set, 0)
+            .map_err(|source| KernelError::WriteMap {
+                map: PROTECTED,
+                what: format!("{set:?}"),
+                source,
+            })
+    }
+
     /// Puts `generation` in force: one aligned 32-bit store the programs read once per attempt.
     fn activate(&mut self, generation: u32) -> Result<(), KernelError> {
         let mut active: Array<_, u32> = maps::generation(&mut self.ebpf)?;
@@ -450,19 +441,17 @@ impl Kernel {
             PATH_RULES,
             |key| of_generation(key.generation),
         )?;
-        let v4 = remove_where::<ProtectedV4Key, u32>(
-            &mut maps::protected_v4(&mut self.ebpf)?,
-            PROTECTED_V4,
-            |key| of_generation(key.generation),
-        )?;
-        let v6 = remove_where::<ProtectedV6Key, u32>(
-            &mut maps::protected_v6(&mut self.ebpf)?,
-            PROTECTED_V6,
-            |key| of_generation(key.generation),
-        )?;
-        // Only now may the filter forget those addresses: it is rebuilt from what is left.
+        self.write_protected(generation, &ProtectedSet::default())?;
+        // Only now may the filter forget those addresses: it is rebuilt from the other
+        // generation's.
         let mut filter = ProtectedFilter::default();
-        cover(&mut filter, &v4, &v6);
+        let other = maps::protected(&mut self.ebpf)?
+            .get(&(1 - generation), 0)
+            .map_err(|source| KernelError::ReadMap {
+                map: PROTECTED,
+                source,
+            })?;
+        cover(&mut filter, &other);
         self.write_filter(filter)
     }
 
@@ -602,12 +591,12 @@ fn insert_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
 }
 
 /// Sets the filter slots of these protected addresses.
-fn cover(filter: &mut ProtectedFilter, v4: &[ProtectedV4Key], v6: &[ProtectedV6Key]) {
-    for key in v4 {
-        filter_set(&mut filter.v4, filter_slot_v4(key.addr));
+fn cover(filter: &mut ProtectedFilter, set: &ProtectedSet) {
+    for addr in set.v4() {
+        filter_set(&mut filter.v4, filter_slot_v4(addr));
     }
-    for key in v6 {
-        filter_set(&mut filter.v6, filter_slot_v6(key.addr));
+    for addr in set.v6() {
+        filter_set(&mut filter.v6, filter_slot_v6(addr));
     }
 }
 

@@ -28,8 +28,8 @@ use imds_guard_common::{
     maps::CGROUP_RULESETS_MAX_ENTRIES,
     policy::{
         ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL,
-        NO_ENTRY_LEVELS, ProtectedV4Key, ProtectedV6Key, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey,
-        RuleValue, Settings, TASK_CONTAINER, TASK_HOST, entry_levels, key_bit,
+        NO_ENTRY_LEVELS, ProtectedSet, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue,
+        Settings, TASK_CONTAINER, TASK_HOST, entry_levels, key_bit,
     },
 };
 
@@ -52,10 +52,8 @@ pub const USER_MANAGER_ENTRIES: usize = 256;
 pub struct MapEntries {
     /// `SETTINGS[generation]`.
     pub settings: Settings,
-    /// Keys of `PROTECTED_V4`.
-    pub protected_v4: Vec<ProtectedV4Key>,
-    /// Keys of `PROTECTED_V6`.
-    pub protected_v6: Vec<ProtectedV6Key>,
+    /// `PROTECTED[generation]`.
+    pub protected: ProtectedSet,
     /// `CGROUP_RULESETS` entries.
     pub cgroup_rulesets: Vec<(CgroupKey, u32)>,
     /// `ALLOW` entries.
@@ -265,6 +263,10 @@ impl Compiled {
     }
 
     /// Every entry, for writing the generation whole.
+    ///
+    /// # Panics
+    /// When the policy protects more addresses of a family than `ProtectedSet` holds, which
+    /// the config refuses.
     #[must_use]
     pub fn entries(&self) -> MapEntries {
         let mut entries = MapEntries {
@@ -283,16 +285,16 @@ impl Compiled {
             ..MapEntries::default()
         };
         for address in &self.policy.protect {
-            match address {
-                std::net::IpAddr::V4(v4) => entries.protected_v4.push(ProtectedV4Key {
-                    generation: self.generation,
-                    addr: u32::from_ne_bytes(v4.octets()),
-                }),
-                std::net::IpAddr::V6(v6) => entries.protected_v6.push(ProtectedV6Key {
-                    generation: self.generation,
-                    addr: v6_key(v6.octets()),
-                }),
-            }
+            let added = match address {
+                std::net::IpAddr::V4(v4) => {
+                    entries.protected.add_v4(u32::from_ne_bytes(v4.octets()))
+                }
+                std::net::IpAddr::V6(v6) => entries.protected.add_v6(v6_key(v6.octets())),
+            };
+            assert!(
+                added,
+                "the config refuses more protected addresses than a ProtectedSet holds"
+            );
         }
         entries.cgroup_rulesets = (self.cgroups.iter())
             .map(|(&id, assigned)| (self.cgroup_key(id), assigned.ruleset))
@@ -574,7 +576,7 @@ enum Wanted {
     TooDeep,
 }
 
-/// An IPv6 address as `PROTECTED_V6` keys hold it: four native words of its network-order bytes.
+/// An IPv6 address as `ProtectedSet::v6` holds it: four native words of its network-order bytes.
 #[must_use]
 pub fn v6_key(octets: [u8; 16]) -> [u32; 4] {
     std::array::from_fn(|i| {
@@ -1033,19 +1035,10 @@ mod tests {
         let expected = v6_key([
             0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
         ]);
+        assert_eq!(entries.protected.v6().collect::<Vec<_>>(), [expected]);
         assert_eq!(
-            entries.protected_v6,
-            [ProtectedV6Key {
-                generation: 0,
-                addr: expected
-            }]
-        );
-        assert_eq!(
-            entries.protected_v4,
-            [ProtectedV4Key {
-                generation: 0,
-                addr: u32::from_ne_bytes([169, 254, 169, 254])
-            }]
+            entries.protected.v4().collect::<Vec<_>>(),
+            [u32::from_ne_bytes([169, 254, 169, 254])]
         );
     }
 
