@@ -1,6 +1,8 @@
 //! The socket address hooks' judgement: is the destination protected, and if so, may the
 //! current task reach it? The decision itself is `imds_guard_common::decide`, on the maps.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
@@ -45,9 +47,9 @@ pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     if !protected::v4_may_be_protected(ip4) {
         return PROCEED;
     }
-    let mut report = [0; 2];
+    let mut report = MaybeUninit::uninit();
     let outcome = judge_protected(ctx, hook, FAMILY_INET, Destination::v4(ip4), &mut report);
-    reported(ctx, outcome, report, [ip4, 0, 0, 0])
+    reported(ctx, outcome, &report, [ip4, 0, 0, 0])
 }
 
 /// Judges an IPv6 destination, treating `::ffff:a.b.c.d` as the IPv4 address it maps to.
@@ -75,9 +77,9 @@ pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     if !destination.may_be_protected() {
         return PROCEED;
     }
-    let mut report = [0; 2];
+    let mut report = MaybeUninit::uninit();
     let outcome = judge_protected(ctx, hook, FAMILY_INET6, destination, &mut report);
-    reported(ctx, outcome, report, words)
+    reported(ctx, outcome, &report, words)
 }
 
 /// [`judge_protected`]'s outcome: it asked for `report` to be reported
@@ -88,9 +90,17 @@ const REPORT: i32 = 2;
 /// The verdict of `outcome`, once the attempt (to `addr`, as the socket gave it) is reported
 /// when it says so.
 #[inline(always)]
-fn reported(ctx: &SockAddrContext, outcome: i32, report: [u64; 2], addr: [u32; 4]) -> i32 {
+fn reported(
+    ctx: &SockAddrContext,
+    outcome: i32,
+    report: &MaybeUninit<[u64; 2]>,
+    addr: [u32; 4],
+) -> i32 {
     if outcome & REPORT != 0 {
-        let [decided, ids] = report;
+        // SAFETY: `judge_protected` wrote the report when it said to report it. (Left
+        // uninitialised otherwise: zeroing it became a call to a byte-by-byte `memset` on
+        // every attempt to a protected address.)
+        let [decided, ids] = unsafe { report.assume_init_read() };
         let [low, high] = record::address_words(addr);
         // SAFETY: the program's own context.
         unsafe { sock_addr_event(ctx.sock_addr, decided, ids, low, high) };
@@ -107,7 +117,7 @@ fn judge_protected(
     hook: u8,
     family: u8,
     destination: Destination,
-    report: &mut [u64; 2],
+    report: &mut MaybeUninit<[u64; 2]>,
 ) -> i32 {
     let generation = protected::generation_in_force();
     if !destination.protected_in(generation) {
@@ -167,22 +177,24 @@ fn judge_protected(
     if verdict == VERDICT_ALLOW {
         return PROCEED;
     }
-    *report = Decided {
-        verdict,
-        rule,
-        // `generation` is 0 or 1, so this cannot truncate.
-        generation: u8::from(generation != 0),
-        hook,
-        family,
-        flags: if task == TASK_CONTAINER {
-            EVENT_FLAG_CONTAINER
-        } else {
-            0
-        },
-        uid,
-        gid,
-    }
-    .words();
+    report.write(
+        Decided {
+            verdict,
+            rule,
+            // `generation` is 0 or 1, so this cannot truncate.
+            generation: u8::from(generation != 0),
+            hook,
+            family,
+            flags: if task == TASK_CONTAINER {
+                EVENT_FLAG_CONTAINER
+            } else {
+                0
+            },
+            uid,
+            gid,
+        }
+        .words(),
+    );
     REPORT
         | if verdict == VERDICT_DENY {
             REJECT
