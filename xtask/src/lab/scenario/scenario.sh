@@ -297,7 +297,9 @@ step_restart() {
     local pid
     pid=$(cat /run/imds-guard/imds-guard.pid)
     kill -9 "$pid"
-    for _ in $(seq 100); do
+    # As long as systemd gives it: RestartSec (1 s) and TimeoutStartSec (60 s) of the unit. The
+    # agent's start in a TCG VM takes seconds, tens of them on a busy host (10 s was too few).
+    for _ in $(seq 650); do
         [ "$(cat /run/imds-guard/imds-guard.pid 2>/dev/null)" != "$pid" ] && systemctl is-active -q imds-guard && break
         sleep 0.1
     done
