@@ -290,21 +290,44 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
             data = ctx.data();
             data_end = ctx.data_end();
         }
+        // Up to `STEP_BYTES` bytes a call of `http_step`, packed low byte first: a call, and
+        // the socket record's lookup in it, a byte was half of the program's time.
         let mut read = 0u32;
         let mut stepped = STEP_MORE;
         let mut i = 0usize;
         while i < HTTP_CHUNK_BYTES as usize {
-            let at = data + i;
-            if at + 1 > data_end {
+            let mut bytes = 0u64;
+            let mut count = 0usize;
+            while count < STEP_BYTES {
+                let at = data + i + count;
+                if at + 1 > data_end {
+                    break;
+                }
+                bytes |= u64::from(*(at as *const u8)) << (8 * count);
+                count += 1;
+            }
+            if count == 0 {
                 break;
             }
-            let byte = *(at as *const u8);
-            i += 1;
-            read += 1;
-            stepped = http_step(ctx.msg, u64::from(byte));
+            stepped = http_step(ctx.msg, bytes, count as u64);
             if stepped != STEP_MORE {
+                // The bytes up to the one that completed the request, which it says.
+                #[expect(clippy::cast_possible_truncation, reason = "at most STEP_BYTES")]
+                {
+                    read += (stepped >> STEP_USED_SHIFT) as u32;
+                }
+                stepped &= STEP_KIND;
                 break;
             }
+            #[expect(clippy::cast_possible_truncation, reason = "at most STEP_BYTES")]
+            {
+                read += count as u32;
+            }
+            if count < STEP_BYTES {
+                // The end of the write's readable bytes.
+                break;
+            }
+            i += STEP_BYTES;
         }
         if stepped == STEP_NO_RECORD {
             return whole(ctx, unreadable(state, enforcing));
@@ -363,41 +386,52 @@ unsafe fn unreadable(state: *mut HttpSocket, enforcing: bool) -> u32 {
     }
 }
 
-/// [`http_step`]: the request needs more bytes.
+/// Bytes [`http_step`] takes a call at most.
+const STEP_BYTES: usize = 8;
+/// [`http_step`]: the request needs more bytes (every byte given was read).
 const STEP_MORE: u64 = 0;
-/// [`http_step`]: the byte ended the request's headers.
+/// [`http_step`]: a byte ended the request's headers; how many bytes were read, that one
+/// included, is `>> STEP_USED_SHIFT`.
 const STEP_COMPLETE: u64 = 1;
 /// [`http_step`]: the socket has no record (it had one when the run began: never, in practice).
 const STEP_NO_RECORD: u64 = 2;
+/// The bits of [`http_step`]'s answer that say which of the above it is.
+const STEP_KIND: u64 = 0xff;
+/// Where [`http_step`]'s answer says how many bytes a completed request took.
+const STEP_USED_SHIFT: u32 = 8;
 
-/// [`step`] on the socket of `msg`. A global function (exported, so its BTF says so), which
-/// the verifier checks once on its own, with `msg` the context and `byte` any value: inlined,
-/// `step`'s every path was checked again for each byte of a run (~20,000 instructions a
-/// byte, so 8 bytes a run kept `http_msg` at 217,000); called, a byte costs the check ~70, and
-/// a run reads a whole write (the socket map's send path, taken once per run, was half the
-/// layer's cost). Linux 5.6+ (a context argument); the socket's record is looked up again here
-/// because a pointer argument would need 5.12+.
+/// [`step`] on the socket of `msg`, for each of the `count` bytes (at most [`STEP_BYTES`])
+/// packed in `bytes`, low byte first, until one ends the request's headers. A global function
+/// (exported, so its BTF says so), which the verifier checks once on its own, with `msg` the
+/// context and the others any values: inlined, `step`'s every path was checked again for each
+/// byte of a run (~20,000 instructions a byte, so 8 bytes a run kept `http_msg` at 217,000);
+/// called, a run reads a whole write (the socket map's send path, taken once per run, was half
+/// the layer's cost). Linux 5.6+ (a context argument); the socket's record is looked up again
+/// here, once a call, because a pointer argument would need 5.12+: a byte a call, that lookup
+/// and the call were half of the program's time.
 ///
 /// # Safety
 /// `msg` is the running `sk_msg` program's context.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub unsafe extern "C" fn http_step(msg: *mut sk_msg_md, byte: u64) -> u64 {
+pub unsafe extern "C" fn http_step(msg: *mut sk_msg_md, bytes: u64, count: u64) -> u64 {
     // SAFETY: as the caller promises.
     unsafe {
         let state = record_of(msg);
         if state.is_null() {
             return STEP_NO_RECORD;
         }
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "a byte, as the caller passed it"
-        )]
-        if step(state, byte as u8) {
-            STEP_COMPLETE
-        } else {
-            STEP_MORE
+        for used in 0..STEP_BYTES {
+            if used as u64 >= count {
+                break;
+            }
+            #[expect(clippy::cast_possible_truncation, reason = "one byte of the word")]
+            let byte = (bytes >> (8 * used)) as u8;
+            if step(state, byte) {
+                return STEP_COMPLETE | ((used as u64 + 1) << STEP_USED_SHIFT);
+            }
         }
+        STEP_MORE
     }
 }
 

@@ -308,6 +308,12 @@ fn paths_and_deny_paths_say_what_a_workload_may_read() {
     client(&controller, credentials)
         .route("pipelined", IMDS_V4, 80)
         .assert_ok("EACCES 200");
+    // Two allowed ones, the byte ending the first at every place of the kernel's reads: each
+    // time both answered (a run that passed bytes of the second unread, or read them as the
+    // first's, would refuse or misjudge it).
+    client(&other, region)
+        .route("pipelined-padded", IMDS_V4, 80)
+        .assert_ok(&["200 200"; 8].join(","));
 }
 
 /// The request never reached the mock: the client's read timed out (`EAGAIN`, or `timeout` in

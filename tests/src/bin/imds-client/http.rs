@@ -187,10 +187,26 @@ pub fn long(addr: SocketAddr, path: &str, token: bool) -> io::Result<String> {
 /// the responses' statuses, or `EACCES` where the write failed.
 pub fn pipelined(addr: SocketAddr, path: &str) -> io::Result<String> {
     let token = crate::http(addr, TOKEN_REQUEST)?;
+    pipelined_after(addr, path, &token, "")
+}
+
+/// [`pipelined`] eight times, the first request one byte longer each time (an `X-Pad` header
+/// of 0 to 7 bytes), so that the byte ending it falls on every place of the eight bytes the
+/// kernel reads at a time. The body is each time's statuses, separated by commas.
+pub fn pipelined_padded(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let token = crate::http(addr, TOKEN_REQUEST)?;
+    let seen: Vec<String> = (0..8)
+        .map(|pad| pipelined_after(addr, path, &token, &"p".repeat(pad)))
+        .collect::<io::Result<_>>()?;
+    Ok(seen.join(","))
+}
+
+/// Two v2 GETs in one write, the first with an `X-Pad: {pad}` header.
+fn pipelined_after(addr: SocketAddr, path: &str, token: &str, pad: &str) -> io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     let both = format!(
-        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: {addr}\r\n\
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {pad}\r\n\
          X-aws-ec2-metadata-token: {token}\r\n\r\n\
          GET {path} HTTP/1.1\r\nHost: {addr}\r\nX-aws-ec2-metadata-token: {token}\r\n\
          Connection: close\r\n\r\n"

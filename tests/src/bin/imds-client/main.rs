@@ -6,7 +6,7 @@
 //!
 //! ACTION: imds, tcp, udp, the HTTP conversations of `http.rs` (`--path P`, default
 //! `/latest/meta-data/instance-id`): v1, v2, keepalive, split-v1, split-v2, pipelined,
-//! fastopen-v1, fastopen-v1-rthdr, urgent-v2; or one of the routes in `routes.rs`: nonblocking-connect,
+//! pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2; or one of the routes in `routes.rs`: nonblocking-connect,
 //! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
@@ -270,6 +270,7 @@ fn act_once(
         "long-v2" => http::long(addr, path, true),
         "long-v1" => http::long(addr, path, false),
         "pipelined" => http::pipelined(addr, path),
+        "pipelined-padded" => http::pipelined_padded(addr, path),
         "fastopen-v1" => http::fastopen(addr, path, false),
         "fastopen-v1-rthdr" => http::fastopen(addr, path, true),
         "urgent-v2" => http::urgent_v2(addr, path),
