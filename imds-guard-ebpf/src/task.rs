@@ -60,8 +60,8 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
 ///
 /// One volatile read of that field alone: a volatile read of the whole struct made LLVM load
 /// every one of its 25 words at each use, and the verifier, though it knows their values, keeps
-/// the loads: 150 of them in `current_kind`, a quarter of an allowed `connect()`'s time in the
-/// program.
+/// the loads: 150 of them in `current_kind`, most of its 23% of an allowed `connect()`'s time
+/// in the program.
 #[inline(always)]
 fn layout(field: fn(&TaskLayout) -> &u32) -> u32 {
     // SAFETY: a read-only global the agent sets before loading; `field` picks one of its fields.
