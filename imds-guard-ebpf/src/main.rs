@@ -101,6 +101,12 @@ pub fn bench_noop_skb(_ctx: SkBuffContext) -> i32 {
     1
 }
 
+/// The same at `sock_ops`: what the kernel's hooks cost with programs that do nothing.
+#[sock_ops]
+pub fn bench_noop_sock_ops(_ctx: SockOpsContext) -> u32 {
+    1
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -32,6 +32,9 @@ pub struct Outcome {
     pub moved: Option<bool>,
     /// With [`Client::timings`]: how long the attempts took.
     pub timings: Option<Timings>,
+    /// With [`Client::alternate`]: each block's median attempt in nanoseconds, by cgroup
+    /// (`[cgroup][round]`).
+    pub blocks: Option<Vec<Vec<u64>>>,
 }
 
 /// Durations of repeated attempts, in nanoseconds.
@@ -115,6 +118,32 @@ impl<'a> Client<'a> {
     pub fn timings(mut self, warmup: u32) -> Self {
         self.options.push(("--timings", "yes".into()));
         self.options.push(("--warmup", warmup.to_string()));
+        self
+    }
+
+    /// Instead of one run of the repeated attempts, `blocks` rounds of a block in each of
+    /// `cgroups` in turn (the order rotating by one each round): the client moves into the
+    /// cgroup, makes `warmup` untimed attempts, then times the repeated ones
+    /// ([`Outcome::blocks`]: each block's median). One process for every arm, alternating every
+    /// few milliseconds, so that the arms share its CPU, memory and the machine's drift.
+    #[must_use]
+    pub fn alternate(mut self, cgroups: &[&TestCgroup], blocks: usize, warmup: u32) -> Self {
+        let dirs: Vec<String> = cgroups
+            .iter()
+            .map(|cgroup| cgroup.dir.to_string_lossy().into_owned())
+            .collect();
+        self.options.push(("--alternate", dirs.join(",")));
+        self.options.push(("--blocks", blocks.to_string()));
+        self.options.push(("--warmup", warmup.to_string()));
+        self
+    }
+
+    /// With [`Client::alternate`]: the port of each arm, in the order of its cgroups (the
+    /// route's port is then not used).
+    #[must_use]
+    pub fn alternate_ports(mut self, ports: &[u16]) -> Self {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        self.options.push(("--alternate-ports", ports.join(",")));
         self
     }
 
@@ -271,6 +300,20 @@ impl<'a> Client<'a> {
                     p90_ns: t["p90_ns"].as_u64().unwrap_or(0),
                     elapsed_ns: t["elapsed_ns"].as_u64().unwrap_or(0),
                 }),
+            blocks: line.get("blocks").filter(|b| !b.is_null()).map(|blocks| {
+                blocks
+                    .as_array()
+                    .expect("blocks by cgroup")
+                    .iter()
+                    .map(|arm| {
+                        arm.as_array()
+                            .expect("medians")
+                            .iter()
+                            .map(|ns| ns.as_u64().expect("nanoseconds"))
+                            .collect()
+                    })
+                    .collect()
+            }),
             detail: line["body"]
                 .as_str()
                 .or(line["error"].as_str())

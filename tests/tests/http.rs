@@ -283,6 +283,13 @@ fn paths_and_deny_paths_say_what_a_workload_may_read() {
         "{}",
         events[0]
     );
+    // Each request in one write, as the SDKs and curl send it: the same verdicts.
+    client(&controller, region)
+        .route("sdk-v2", IMDS_V4, 80)
+        .assert_ok(region);
+    client(&controller, credentials)
+        .route("sdk-v2", IMDS_V4, 80)
+        .assert_errno(EACCES);
     // Written in pieces, and in another case: still refused.
     client(&controller, credentials)
         .route("split-v2", IMDS_V4, 80)

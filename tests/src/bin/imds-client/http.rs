@@ -28,6 +28,28 @@ pub fn v2(addr: SocketAddr, path: &str) -> io::Result<String> {
     )
 }
 
+/// The IMDSv2 flow as the AWS SDKs and curl send it: each request in one write (`v2` writes
+/// each in a dozen pieces, as Rust's `write!` on an unbuffered stream does).
+pub fn sdk_v2(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let token = in_one_write(addr, TOKEN_REQUEST)?;
+    in_one_write(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"),
+    )
+}
+
+/// One request on a fresh connection, written whole in one `write`: the body of a 200, or an
+/// error.
+fn in_one_write(addr: SocketAddr, head: &str) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let request = format!("{head}Host: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    body_of(&response)
+}
+
 /// The IMDSv2 flow, its GET's last byte sent as urgent data (`MSG_OOB`; the mock keeps urgent
 /// data in the stream): the response's status code, or what came instead (`timeout`).
 pub fn urgent_v2(addr: SocketAddr, path: &str) -> io::Result<String> {

@@ -5,9 +5,9 @@
 //! Usage: imds-client --netns FILE --cgroup DIR --uid N --gid N [--repeat N] ACTION ADDR PORT
 //!
 //! ACTION: imds, tcp, udp, the HTTP conversations of `http.rs` (`--path P`, default
-//! `/latest/meta-data/instance-id`): v1, v2, keepalive, split-v1, split-v2, pipelined,
-//! pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2; or one of the routes in `routes.rs`: nonblocking-connect,
-//! fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
+//! `/latest/meta-data/instance-id`): v1, v2, sdk-v2 (each request in one write), keepalive,
+//! split-v1, split-v2, pipelined, pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2;
+//! or one of the routes in `routes.rs`: nonblocking-connect, fastopen-sendto, fastopen-connect, connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
 //! request on a connection opened that long before), passed-socket, passed-connection,
@@ -15,7 +15,10 @@
 //! and removes cgroups below DIR for SECS seconds, as its uid).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
-//! repeated attempts.
+//! repeated attempts. `--alternate DIR,DIR,... --blocks N` (with `--repeat` and `--warmup`)
+//! instead makes N rounds of blocks, one per cgroup, moving into each in turn, and prints each
+//! block's median attempt (`"blocks": [[ns, ...], ...]`, by cgroup); `--alternate-ports P,...`
+//! gives each of those arms its own port.
 //!
 //! ADDR may be written in any form the C library resolves (`2852039166`, a host name);
 //! `--hosts FILE` puts FILE in place of /etc/hosts for this process; `--drop-to UID` makes the
@@ -101,6 +104,8 @@ fn main() {
     let uids: u32 = options.get("uids").map_or(1, |n| n.parse().expect("uids"));
     let first_uid: u32 = options["uid"].parse().expect("uid");
     let base = addr;
+    // The port of `--alternate`'s arm in progress (`--alternate-ports`).
+    let port = std::cell::Cell::new(base.port());
     let mut attempt = 0u32;
 
     let mut act = || {
@@ -117,7 +122,7 @@ fn main() {
             setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
         }
         attempt += 1;
-        let addr = SocketAddr::new(base.ip(), base.port().wrapping_add(offset));
+        let addr = SocketAddr::new(base.ip(), port.get().wrapping_add(offset));
         act_once(action, addr, drop_to, hold, &path, &mut child_pid)
     };
     let repeat: u32 = options
@@ -128,6 +133,10 @@ fn main() {
     let warmup: u32 = options
         .get("warmup")
         .map_or(0, |n| n.parse().expect("warmup"));
+    if let Some(cgroups) = options.get("alternate") {
+        alternate(&options, cgroups, &port, &mut act, repeat, warmup, moved);
+        return;
+    }
     let Repeated {
         result,
         eperm,
@@ -170,6 +179,55 @@ fn main() {
     if let Some(secs) = options.get("exec-sleep") {
         exec_sleep(secs);
     }
+}
+
+/// `--alternate DIR,DIR,... --blocks N`: `blocks` rounds; in each the client moves into every
+/// cgroup in turn (the order rotating by one each round), makes `warmup` untimed attempts
+/// there, then `repeat` timed ones; with `--alternate-ports P,P,...`, each arm's attempts go
+/// to its own port (set in `port`). Prints the median attempt of each block, by arm
+/// (`"blocks": [[ns, ...], ...]`, `[arm][round]`). One process, alternating every few
+/// milliseconds: the arms share its CPU, memory and the machine's drift. Moving needs the saved
+/// uid 0 the client keeps with this option; each attempt is made as `--uid` (real and
+/// effective).
+fn alternate(
+    options: &std::collections::HashMap<String, String>,
+    cgroups: &str,
+    port: &std::cell::Cell<u16>,
+    act: &mut dyn FnMut() -> io::Result<String>,
+    repeat: u32,
+    warmup: u32,
+    moved: Option<bool>,
+) {
+    let blocks: usize = options
+        .get("blocks")
+        .map_or(1, |n| n.parse().expect("blocks"));
+    let cgroups: Vec<&str> = cgroups.split(',').collect();
+    let ports: Vec<u16> = options.get("alternate-ports").map_or_else(
+        || vec![port.get(); cgroups.len()],
+        |ports| ports.split(',').map(|p| p.parse().expect("port")).collect(),
+    );
+    assert_eq!(ports.len(), cgroups.len(), "a port for each cgroup");
+    let uid = Uid::from_raw(options["uid"].parse().expect("uid"));
+    let mut medians = vec![Vec::with_capacity(blocks); cgroups.len()];
+    for block in 0..blocks {
+        for turn in 0..cgroups.len() {
+            let arm = (block + turn) % cgroups.len();
+            // Back to euid 0 (the saved uid) to move, then the workload's uid again.
+            let keep = Uid::from_raw(u32::MAX);
+            setresuid(keep, Uid::from_raw(0), keep).expect("seteuid 0");
+            std::fs::write(format!("{}/cgroup.procs", cgroups[arm]), "0").expect("move");
+            setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
+            port.set(ports[arm]);
+            let mut durations = repeated(act, repeat, true, warmup).durations_ns;
+            durations.sort_unstable();
+            medians[arm].push(durations[durations.len() / 2]);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"pid": host_pid(), "ok": true, "body": "", "eperm": 0,
+                           "moved": moved, "blocks": medians})
+    );
 }
 
 /// Runs `sleep SECS` in this process's place.
@@ -264,6 +322,7 @@ fn act_once(
     match action {
         "v1" => http::v1(addr, path),
         "v2" => http::v2(addr, path),
+        "sdk-v2" => http::sdk_v2(addr, path),
         "keepalive" => http::keepalive(addr, path),
         "split-v2" => http::split(addr, path, true),
         "split-v1" => http::split(addr, path, false),
@@ -412,7 +471,7 @@ fn become_workload(
     setgroups(&[]).expect("setgroups");
     setgid(gid).expect("setgid");
     let uid = Uid::from_raw(options["uid"].parse().expect("uid"));
-    if options.contains_key("uids") {
+    if options.contains_key("uids") || options.contains_key("alternate") {
         // Keep the saved uid 0, as a setuid-root program would, to switch real uids later.
         setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
     } else {

@@ -1,28 +1,36 @@
 //! Tables 1 and 2: what a `connect()` costs, against no firewall and iptables, and with
 //! policies of growing size.
 
-use std::{fmt::Write as _, time::Instant};
+use std::{fmt::Write as _, net::SocketAddr, time::Instant};
 
 use imds_guard_tests::{Client, IMDS_V4, Pins, Sandbox, TestCgroup, Timings};
 
 use crate::stats::{Estimate, estimate, interleave, ratios};
 use crate::{
-    CONNECTS, RULE_COUNTS, SINK_PORT, USER,
+    CONNECTS, RULE_COUNTS, SINK_PORT, USER, check_abort,
     report::{Report, micros, ratio, spread},
     setup::{
-        DEFAULT_WINDOW, agent, connect_once, connects, iptables, iptables_flush,
+        Alone, DEFAULT_WINDOW, agent, connect_once, connects, iptables, iptables_flush,
         iptables_owner_rules, loopback, sink,
     },
 };
 
-/// Rounds of table 1 and of the scale table: each measures every arm once.
+/// Rounds of the iptables arm of table 1 and of the scale table: each measures every arm once.
 const ROUNDS: usize = 25;
+/// Rounds of table 1's imds-guard against no firewall: one client alternating between the
+/// arms' cgroups, a block of `BLOCK` connects in each per round (after `BLOCK_WARMUP` untimed
+/// ones).
+const BLOCKS: usize = 301;
+const BLOCK: u32 = 1_000;
+const BLOCK_WARMUP: u32 = 100;
 /// The target: imds-guard's `connect()`+`close()` against no firewall.
 const TARGET: f64 = 1.01;
 
-/// Table 1: a loopback `connect()` + `close()` over IPv4 and IPv6, in interleaved rounds: no
-/// firewall, imds-guard, and the iptables owner-match rules (put in place for their arm only:
-/// they are the namespace's); and a denied IMDS connect.
+/// Table 1: a loopback `connect()` + `close()` over IPv4 and IPv6 against no firewall: with
+/// imds-guard and with programs that do nothing at its hooks (one client alternating between
+/// their cgroups and one outside them), and with the iptables owner-match rules (in interleaved
+/// rounds: the rules are the namespace's, put in place for their arm only); and a denied IMDS
+/// connect.
 pub fn connect_costs(
     report: &mut Report,
     sandbox: &Sandbox,
@@ -32,21 +40,119 @@ pub fn connect_costs(
     let open = &TestCgroup::new("bench-open");
     let pins = Pins::new();
     let (agent, config) = agent(attach, &pins, "", DEFAULT_WINDOW);
-    let (rules, rules6) = iptables_owner_rules(&[0]);
+    // The kernel's hooks as imds-guard uses them on a TCP connection, with programs that do
+    // nothing: what any program there costs.
+    let noops = &TestCgroup::new("bench-noops");
+    let attached = [
+        "bench_noop4",
+        "bench_noop6",
+        "bench_noop_skb",
+        "bench_noop_sock_ops",
+    ]
+    .map(|name| Alone::attach(name, noops));
     let (v4, v6) = (loopback(), sink("::1".parse().expect("::1")));
+    // [no firewall, imds-guard, no-ops] by family, each `[round]`.
+    let alternating = [v4, v6].map(|addr| {
+        check_abort();
+        let blocks = Client::new(sandbox, open, USER, USER)
+            .repeat(BLOCK)
+            .alternate(&[open, workload, noops], BLOCKS, BLOCK_WARMUP)
+            .route("connect-close", addr.ip(), addr.port())
+            .blocks
+            .expect("blocks");
+        #[expect(clippy::cast_precision_loss, reason = "figures for people")]
+        blocks
+            .iter()
+            .map(|arm| arm.iter().map(|&ns| ns as f64).collect())
+            .collect::<Vec<Vec<f64>>>()
+    });
+    drop(attached);
+    let count = CONNECTS / 2;
+    let rounds = iptables_rounds(sandbox, open, [v4, v6], count);
+    let denied = connect_once(sandbox, workload, USER, sink(IMDS_V4.into()), count);
+    drop((agent, config, pins));
+    let _ = writeln!(
+        report,
+        "## 1. connect()+close() to a loopback listener (not protected)\n\n\
+         imds-guard against no firewall: one client process alternating between three cgroups \
+         (outside the agent's; the agent's; one with programs that do nothing at the hooks \
+         imds-guard uses on a TCP connection: `connect4`, `connect6`, `egress`, `sock_ops`), \
+         {BLOCKS} rounds of a block of {BLOCK} connects in each (after {BLOCK_WARMUP} untimed \
+         ones; the order rotating each round, so that the arms share the process, its CPU and \
+         the machine's drift); a round's figure is its block's median per connect. iptables \
+         against no firewall: {ROUNDS} interleaved rounds of {count} connects per arm, a client \
+         process each (the rules are the namespace's: put in place for their arm only). A ratio \
+         is each round's over the same round's baseline, as the median and 95% confidence \
+         interval of the rounds.\n\n\
+         | | IPv4 | ratio | IPv6 | ratio |\n|---|---|---|---|---|"
+    );
+    let arm = |family: usize, arm: usize| Some(estimate(&alternating[family][arm]));
+    let over = |family: usize, arm: usize, base: usize| {
+        estimate(&ratios(
+            &alternating[family][arm],
+            &alternating[family][base],
+        ))
+    };
+    let ours = [0, 1].map(|f| over(f, 1, 0));
+    let _ = writeln!(
+        report,
+        "{}\n{}\n{}\n{}\n{}\n{}",
+        row("no firewall", [0, 1].map(|f| (arm(f, 0), None))),
+        row(
+            "imds-guard (enforce)",
+            [0, 1].map(|f| (arm(f, 1), Some(ours[f])))
+        ),
+        row(
+            "programs that do nothing at the same hooks (the kernel's part)",
+            [0, 1].map(|f| (arm(f, 2), Some(over(f, 2, 0))))
+        ),
+        row(
+            "imds-guard over those programs (its own part)",
+            [0, 1].map(|f| (None, Some(over(f, 1, 2))))
+        ),
+        row(
+            &format!("no firewall (the {ROUNDS} rounds with iptables)"),
+            [0, 1].map(|f| (Some(estimate(&rounds[f][0])), None))
+        ),
+        row(
+            "iptables + ip6tables owner match",
+            [0, 1].map(|f| (
+                Some(estimate(&rounds[f][1])),
+                Some(estimate(&ratios(&rounds[f][1], &rounds[f][0])))
+            ))
+        ),
+    );
+    for (family, ratio) in ["IPv4", "IPv6"].iter().zip(ours) {
+        report.target(
+            format!(
+                "connect()+close() over {family}: ≤ {TARGET} of no firewall ({BLOCKS} alternating rounds)"
+            ),
+            ratio.to_string(),
+            ratio.median <= TARGET,
+        );
+    }
+    denied_connect(report, sandbox, workload, &denied);
+}
+
+/// `[no firewall, iptables]` for each of `addrs`, each `[round]`: [`ROUNDS`] interleaved rounds
+/// of `count` connects from `open`, a client process per arm and round; the iptables rules are
+/// put in place for their arm and flushed after it.
+fn iptables_rounds(
+    sandbox: &Sandbox,
+    open: &TestCgroup,
+    addrs: [SocketAddr; 2],
+    count: u32,
+) -> [[Vec<f64>; 2]; 2] {
+    let (rules, rules6) = iptables_owner_rules(&[0]);
     let median = |t: Timings| {
         #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
         let ns = t.median_ns as f64;
         ns
     };
-    let count = CONNECTS / 2;
     let mut arms: Vec<Box<dyn FnMut() -> f64>> = Vec::new();
-    for addr in [v4, v6] {
+    for addr in addrs {
         arms.push(Box::new(move || {
             median(connect_once(sandbox, open, USER, addr, count))
-        }));
-        arms.push(Box::new(move || {
-            median(connect_once(sandbox, workload, USER, addr, count))
         }));
         let (rules, rules6) = (rules.clone(), rules6.clone());
         arms.push(Box::new(move || {
@@ -58,60 +164,22 @@ pub fn connect_costs(
     }
     let mut arms: Vec<&mut dyn FnMut() -> f64> =
         arms.iter_mut().map(|arm| &mut **arm as _).collect();
-    let samples = interleave(ROUNDS, &mut arms);
-    let denied = connect_once(sandbox, workload, USER, sink(IMDS_V4.into()), count);
-    drop((agent, config, pins));
-    let _ = writeln!(
-        report,
-        "## 1. connect()+close() to a loopback listener (not protected)\n\n\
-         {ROUNDS} interleaved rounds of {count} connects per arm (each round's median per \
-         connect); the ratio is each round's over the same round's without a firewall, as the \
-         median and 95% confidence interval of the rounds.\n\n\
-         | | IPv4 | ratio | IPv6 | ratio |\n|---|---|---|---|---|"
-    );
-    let mut ours = Vec::new();
-    for (index, label) in [
-        "no firewall",
-        "imds-guard (enforce)",
-        "iptables + ip6tables owner match",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let cell = |family: usize| {
-            let arm = family * 3 + index;
-            let time = estimate(&samples[arm]);
-            let ratio = estimate(&ratios(&samples[arm], &samples[family * 3]));
-            (time, ratio)
-        };
-        let ((t4, r4), (t6, r6)) = (cell(0), cell(1));
-        if index == 1 {
-            ours = vec![("IPv4", r4), ("IPv6", r6)];
-        }
-        let show = |r: Estimate| {
-            if index == 0 {
-                "1.000".to_owned()
-            } else {
-                r.to_string()
-            }
-        };
-        let _ = writeln!(
-            report,
-            "| {label} | {:.2} µs | {} | {:.2} µs | {} |",
-            t4.median / 1000.0,
-            show(r4),
-            t6.median / 1000.0,
-            show(r6)
-        );
-    }
-    for (family, ratio) in ours {
-        report.target(
-            format!("connect()+close() over {family}: ≤ {TARGET} of no firewall ({ROUNDS} interleaved rounds)"),
-            ratio.to_string(),
-            ratio.median <= TARGET,
-        );
-    }
-    denied_connect(report, sandbox, workload, &denied);
+    let mut samples = interleave(ROUNDS, &mut arms).into_iter();
+    let mut next = || samples.next().expect("an arm");
+    [[next(), next()], [next(), next()]]
+}
+
+/// A row of table 1: a label, then a time and a ratio for IPv4 and for IPv6 (no time: blank; no
+/// ratio: the baseline's 1.000).
+fn row(label: &str, cells: [(Option<Estimate>, Option<Estimate>); 2]) -> String {
+    let show = |(time, ratio): (Option<Estimate>, Option<Estimate>)| {
+        format!(
+            "{} | {}",
+            time.map_or_else(String::new, |t| format!("{:.2} µs", t.median / 1000.0)),
+            ratio.map_or_else(|| "1.000".to_owned(), |r| r.to_string())
+        )
+    };
+    format!("| {label} | {} | {} |", show(cells[0]), show(cells[1]))
 }
 
 /// A denied IMDS connect: with imds-guard (`denied`, measured), and with the iptables rules.

@@ -54,11 +54,13 @@ const TABLES: [&str; 8] = [
     "http",
 ];
 
-/// IMDSv2 flows (token, then metadata) per measurement of the message layer's table.
+/// IMDSv2 flows (token, then metadata) of the message layer's run with statistics on.
 pub(crate) const HTTP_FLOWS: u32 = 1_000;
 
-/// Interleaved pairs (connect hooks alone, then with the message layer) in that table.
-pub(crate) const HTTP_PAIRS: usize = 11;
+/// Rounds of that table's comparison (connect hooks alone, then with the message layer), and
+/// flows per arm and round.
+pub(crate) const HTTP_ROUNDS: usize = 201;
+pub(crate) const HTTP_BLOCK: u32 = 50;
 
 pub(crate) const RULE_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 
