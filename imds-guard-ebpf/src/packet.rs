@@ -228,11 +228,14 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         // A connected socket's packets are one attempt, as its connect is for the socket hooks:
         // the verdict is remembered, so its later packets (retransmissions, the rest of the
         // flow) are neither counted nor reported again, and one sent from a timer (no sender to
-        // ask) gets its sender's verdict. A datagram socket's packets are each an attempt, as
-        // each datagram is for `sendmsg4/6`, connected or not: each is sent by a system call of
-        // its sender, judged here as that sender's (creating socket storage for the verdict
-        // cost a new socket's first datagram four times the rest of this program). A failure
-        // only means they are judged again.
+        // ask, judged as a container's) keeps a host task's allowed connection going. A
+        // datagram socket's packets are each an attempt, as each datagram is for `sendmsg4/6`,
+        // connected or not: judged as its sender's where a task sends it, as a container's
+        // where none does (a tunnel's queue, an uncork by another holder of the socket), which
+        // is never more than a host task is allowed (namespaces only take rules away:
+        // `Policy::rules_in`). Creating socket storage for the verdict cost a new socket's
+        // first datagram four times the rest of this program. A failure only means they are
+        // judged again.
         let mut value = SocketVerdict {
             addr,
             family,
@@ -418,8 +421,8 @@ struct SocketFacts {
 
 impl SocketFacts {
     /// Whether the verdict is remembered on the socket: a connected socket that is not a
-    /// datagram one (UDP or UDP-Lite, not raw: every packet it sends is a datagram a system
-    /// call of its sender sends; no timer sends for it, as TCP's and SCTP's retransmit).
+    /// datagram one (UDP or UDP-Lite, not raw: each packet it sends is a datagram, an attempt
+    /// of its own; it sends nothing from timers, as TCP and SCTP retransmit).
     #[inline]
     fn remember(&self) -> bool {
         let datagrams = self.kind == SOCK_DGRAM

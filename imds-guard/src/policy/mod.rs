@@ -868,4 +868,44 @@ mod tests {
         assert_eq!((unseen.host, unseen.container), (vec![2], vec![2]));
         assert!(p.depends_on_cgroup());
     }
+
+    /// Wherever a task is, the rules for a task in a container are among those for a task on
+    /// the host. The packet layer relies on it: a packet with no sender to ask (sent from a
+    /// timer, a tunnel's queue, another holder's uncork) is judged as a container's, which no
+    /// policy may let through where it stops the host task that owns the socket.
+    #[test]
+    fn a_containers_rules_are_among_a_host_tasks_everywhere() {
+        let p = policy(
+            "[[allow]]\nuid = 0\n\
+             [[allow]]\nuid = 998\ncontainers = true\n\
+             [[allow]]\nuid = 5\ncontainers = \"only\"\n\
+             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 7\n\
+             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 8\ncontainers = false\n\
+             [[allow]]\nnot_cgroup = \"/x/**\"\ngid = 3\ncontainers = true\n\
+             [[allow]]\ncgroup = \"/k/**\"\nuid = 9\ncontainers = \"only\"\n\
+             [[allow]]\nunit = \"app.service\"\nuid = 10\n",
+        );
+        let deeper = format!("{CONTAINER}/deeper");
+        let places = [
+            "/",
+            "/system.slice/x.service",
+            "/system.slice/app.service",
+            CONTAINER,
+            &deeper,
+            "/x/y",
+            "/k/pod/c",
+        ];
+        let mut cases: Vec<(String, Applicable)> = places
+            .iter()
+            .map(|place| ((*place).to_owned(), p.rules_at(place)))
+            .collect();
+        cases.push(("no cgroup entry".into(), p.default_rules()));
+        cases.push(("an unseen cgroup".into(), p.unseen_rules()));
+        for (place, applicable) in cases {
+            assert!(
+                sorted_subset(&applicable.container, &applicable.host),
+                "{place}: {applicable:?}"
+            );
+        }
+    }
 }
