@@ -135,14 +135,14 @@ fn main() {
         .get("warmup")
         .map_or(0, |n| n.parse().expect("warmup"));
     if let Some(cgroups) = options.get("alternate") {
-        alternate(&options, cgroups, &port, &mut act, repeat, warmup, moved);
-        return;
+        return alternate(&options, cgroups, &port, &mut act, repeat, warmup, moved);
     }
     let Repeated {
         result,
         eperm,
         mut durations_ns,
         elapsed_ns,
+        ..
     } = repeated(&mut act, repeat, timed, warmup);
     // The process that made the attempt: a forked child's, for the routes that fork.
     let pid = child_pid.unwrap_or_else(host_pid);
@@ -202,6 +202,10 @@ fn alternate(
     let blocks: usize = options
         .get("blocks")
         .map_or(1, |n| n.parse().expect("blocks"));
+    assert!(
+        repeat >= 2,
+        "--alternate times --repeat attempts after the first: 2 or more"
+    );
     let cgroups: Vec<&str> = cgroups.split(',').collect();
     let ports: Vec<u16> = options.get("alternate-ports").map_or_else(
         || vec![port.get(); cgroups.len()],
@@ -219,7 +223,18 @@ fn alternate(
             std::fs::write(format!("{}/cgroup.procs", cgroups[arm]), "0").expect("move");
             setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
             port.set(ports[arm]);
-            let mut durations = repeated(act, repeat, true, warmup).durations_ns;
+            let run = repeated(act, repeat, true, warmup);
+            // A failed attempt's time is not the arm's: the comparison would be wrong, so the
+            // client fails instead.
+            assert!(
+                run.failed == 0,
+                "{} of {repeat} attempts failed in {} (port {}); the last: {:?}",
+                run.failed,
+                cgroups[arm],
+                ports[arm],
+                run.result
+            );
+            let mut durations = run.durations_ns;
             durations.sort_unstable();
             medians[arm].push(durations[durations.len() / 2]);
         }
@@ -377,6 +392,8 @@ struct Repeated {
     result: io::Result<String>,
     /// Attempts that failed with `EPERM`.
     eperm: u32,
+    /// Attempts that failed, whatever the error.
+    failed: u32,
     /// Durations of the timed attempts.
     durations_ns: Vec<u64>,
     /// Wall time of all attempts after the warm-up.
@@ -401,24 +418,23 @@ fn repeated(
     }
     let mut durations_ns: Vec<u64> = Vec::with_capacity(if timed { repeat as usize } else { 0 });
     let started = std::time::Instant::now();
-    let mut eperm = 0u32;
+    let (mut eperm, mut failed) = (0u32, 0u32);
     let mut result = act();
     for _ in 1..repeat {
-        if is_eperm(&result) {
-            eperm += 1;
-        }
+        eperm += u32::from(is_eperm(&result));
+        failed += u32::from(result.is_err());
         let start = std::time::Instant::now();
         result = act();
         if timed {
             durations_ns.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
-    if is_eperm(&result) {
-        eperm += 1;
-    }
+    eperm += u32::from(is_eperm(&result));
+    failed += u32::from(result.is_err());
     Repeated {
         result,
         eperm,
+        failed,
         durations_ns,
         elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
     }
