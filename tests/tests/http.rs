@@ -38,10 +38,14 @@ impl TwoRules {
             attach.path
         ));
         sandbox.answer_v1(true);
+        // The cgroups exist before the agent starts: one made after it is judged by the rules
+        // for a cgroup it has not seen until it has its entry, and the first request raced
+        // that under a loaded machine's test run (EPERM at connect instead of EACCES at write).
+        let (modern, legacy) = (attach.child("modern"), attach.child("legacy"));
         Some(Self {
             agent: agent_with(&config),
-            modern: attach.child("modern"),
-            legacy: attach.child("legacy"),
+            modern,
+            legacy,
             _config: config,
             _attach: attach,
             sandbox,
