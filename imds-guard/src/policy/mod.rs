@@ -832,17 +832,18 @@ mod tests {
         assert!(policy("[[allow]]\nnot_cgroup = \"/x\"\ncontainers = true\n").depends_on_cgroup());
     }
 
+    /// Rules with each `containers` setting, written and implied (by a container cgroup).
+    const EACH_CONTAINERS_SETTING: &str = "[[allow]]\nuid = 0\n\
+         [[allow]]\nuid = 998\ncontainers = true\n\
+         [[allow]]\nuid = 5\ncontainers = \"only\"\n\
+         [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 7\n\
+         [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 8\ncontainers = false\n";
+
     const CONTAINER: &str = "/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
 
     #[test]
     fn rules_match_host_tasks_only_unless_they_say_otherwise() {
-        let p = policy(
-            "[[allow]]\nuid = 0\n\
-             [[allow]]\nuid = 998\ncontainers = true\n\
-             [[allow]]\nuid = 5\ncontainers = \"only\"\n\
-             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 7\n\
-             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 8\ncontainers = false\n",
-        );
+        let p = policy(EACH_CONTAINERS_SETTING);
         let containers: Vec<Containers> = p.rules.iter().map(|r| r.containers).collect();
         assert_eq!(
             containers,
@@ -875,16 +876,12 @@ mod tests {
     /// policy may let through where it stops the host task that owns the socket.
     #[test]
     fn a_containers_rules_are_among_a_host_tasks_everywhere() {
-        let p = policy(
-            "[[allow]]\nuid = 0\n\
-             [[allow]]\nuid = 998\ncontainers = true\n\
-             [[allow]]\nuid = 5\ncontainers = \"only\"\n\
-             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 7\n\
-             [[allow]]\ncgroup = \"/system.slice/docker-*.scope\"\nuid = 8\ncontainers = false\n\
+        let p = policy(&format!(
+            "{EACH_CONTAINERS_SETTING}\
              [[allow]]\nnot_cgroup = \"/x/**\"\ngid = 3\ncontainers = true\n\
              [[allow]]\ncgroup = \"/k/**\"\nuid = 9\ncontainers = \"only\"\n\
-             [[allow]]\nunit = \"app.service\"\nuid = 10\n",
-        );
+             [[allow]]\nunit = \"app.service\"\nuid = 10\n"
+        ));
         let deeper = format!("{CONTAINER}/deeper");
         let places = [
             "/",
