@@ -176,6 +176,10 @@ pub struct TaskLayout {
     pub cred: u32,
     /// `cred.fsuid`, a `kuid_t` (`u32`): the uid a socket the task makes is owned by.
     pub fsuid: u32,
+    /// `cred.uid`, a `kuid_t` (`u32`): the task's uid, as `bpf_get_current_uid_gid` gives it.
+    pub uid: u32,
+    /// `cred.gid`, a `kgid_t` (`u32`): its gid, the same way.
+    pub gid: u32,
     /// `task_struct.mm`, a `struct mm_struct *` (null for kernel threads).
     pub mm: u32,
     /// `mm_struct.exe_file`, a `struct file *`.
@@ -198,7 +202,8 @@ pub struct TaskLayout {
 
 /// [`TaskLayout::known`]: the parent's offsets (`real_parent`, `group_leader`, `tgid`, `comm`).
 pub const LAYOUT_PARENT: u32 = 1;
-/// [`TaskLayout::known`]: the namespace offsets (`thread_pid` to `fsuid`).
+/// [`TaskLayout::known`]: the namespace and credential offsets (`thread_pid` to
+/// `gid`).
 pub const LAYOUT_NAMESPACES: u32 = 2;
 /// [`TaskLayout::known`]: the executable's offsets (`mm` to `d_parent`).
 pub const LAYOUT_EXE: u32 = 4;

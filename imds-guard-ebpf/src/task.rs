@@ -14,7 +14,7 @@
 //! or `bpf_probe_read_kernel` too, one with `known == 0` (the agent retries so, and says so).
 
 use aya_ebpf::helpers::{
-    bpf_probe_read_kernel,
+    bpf_get_current_uid_gid, bpf_probe_read_kernel,
     generated::{bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel_str},
 };
 use imds_guard_common::{
@@ -45,6 +45,8 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
     kn_id: 0,
     cred: 0,
     fsuid: 0,
+    uid: 0,
+    gid: 0,
     mm: 0,
     exe_file: 0,
     f_inode: 0,
@@ -115,8 +117,20 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
 /// first instruction, whether or not the agent has seen its cgroup yet. A failed read counts as
 /// a container (fail closed). Without the layout (a kernel that refused the reads) every task
 /// is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
-#[inline]
-pub fn current_kind() -> u16 {
+///
+/// A global function, which the verifier checks once on its own, and whose result it knows
+/// only as a number: the paths that computed the kind do not multiply its states after the
+/// call (what a value passed through a map did before: see `opaque`), and no map is read for it
+/// (the map's per-CPU slot was a fifth of this function's cost on an allowed `connect()`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn current_task_kind() -> u64 {
+    u64::from(current_kind())
+}
+
+/// [`current_task_kind`], computed here.
+#[inline(always)]
+fn current_kind() -> u16 {
     if !known(LAYOUT_NAMESPACES) {
         return TASK_HOST;
     }
@@ -136,6 +150,33 @@ pub fn current_kind() -> u16 {
     } else {
         TASK_HOST
     }
+}
+
+/// The current task's uid (low half) and gid (high half), as `bpf_get_current_uid_gid` gives
+/// them: its credentials (`task->cred`, whose ids are the initial user namespace's, the ones
+/// the helper maps them to). With `LAYOUT_BTF_TASK`, two loads from the task's credentials,
+/// which the allowed path reads next to its namespaces: the helper's mapping through the user
+/// namespace was a tenth of that path's cost. Otherwise, and should the credentials' pointer
+/// read null (a load that faults reads 0: uid 0 would be root's), the helper.
+#[inline(always)]
+pub fn current_uid_gid() -> u64 {
+    if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {
+        let task = current();
+        // SAFETY: BTF-typed loads (see `read`), from the current task and its credentials.
+        let ids = unsafe {
+            read::<*const u8>(task, layout(|l| &l.cred))
+                .filter(|cred| !cred.is_null())
+                .and_then(|cred| {
+                    let uid = read::<u32>(cred, layout(|l| &l.uid))?;
+                    let gid = read::<u32>(cred, layout(|l| &l.gid))?;
+                    Some(u64::from(uid) | u64::from(gid) << 32)
+                })
+        };
+        if let Some(ids) = ids {
+            return ids;
+        }
+    }
+    bpf_get_current_uid_gid()
 }
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
@@ -162,9 +203,18 @@ pub fn sender_kind(socket_uid: u32, socket_cgroup: u64) -> u16 {
         cgroup == Some(socket_cgroup) && uid == Some(socket_uid)
     };
     if is_sender {
-        current_kind()
+        kind_of(current_task_kind())
     } else {
         TASK_CONTAINER
+    }
+}
+
+/// A kind of task [`current_task_kind`] returned: the low bits.
+#[inline(always)]
+pub fn kind_of(returned: u64) -> u16 {
+    #[expect(clippy::cast_possible_truncation, reason = "a TASK_* value")]
+    {
+        returned as u16
     }
 }
 

@@ -5,10 +5,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_get_current_ancestor_cgroup_id,
-    },
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_ancestor_cgroup_id},
     programs::SockAddrContext,
 };
 use imds_guard_common::{
@@ -25,7 +22,6 @@ use imds_guard_common::{
 use crate::{
     http,
     maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
-    opaque,
     protected::{self, Destination},
     record::{self, Decided},
     task,
@@ -123,19 +119,15 @@ fn judge_protected(
     if !destination.protected_in(generation) {
         return PROCEED;
     }
-    let uid_gid = bpf_get_current_uid_gid();
+    let uid_gid = task::current_uid_gid();
     // Truncation intended: the low half is the uid, the high half the gid.
     #[expect(
         clippy::cast_possible_truncation,
         reason = "splitting a u64 into halves"
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    // The kind of task, as one value the verifier explores once (see `opaque`).
-    let Some(task) = opaque::word(u64::from(task::current_kind())) else {
-        return REJECT;
-    };
-    #[expect(clippy::cast_possible_truncation, reason = "a TASK_* value")]
-    let task = task as u16;
+    // The kind of task, as one value the verifier explores once (see `current_task_kind`).
+    let task = task::kind_of(task::current_task_kind());
     let Decision {
         verdict,
         rule,

@@ -178,7 +178,7 @@ impl<'a> Offsets<'a> {
     /// `task_struct.thread_pid`, `pid.level`, `task_struct.nsproxy`, `nsproxy.cgroup_ns`,
     /// `cgroup_namespace.ns.inum`; and, to tell whether the current task sent a packet,
     /// `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
-    /// `task_struct.cred`, `cred.fsuid`.
+    /// `task_struct.cred`, `cred.fsuid`; and the task's own ids, `cred.uid`, `cred.gid`.
     fn namespaces(&self, layout: &mut TaskLayout) -> Result<(), FieldError> {
         layout.thread_pid = self.of("task_struct", &["thread_pid"])?;
         layout.pid_level = self.of("pid", &["level"])?;
@@ -191,6 +191,8 @@ impl<'a> Offsets<'a> {
         layout.kn_id = self.of("kernfs_node", &["id"])?;
         layout.cred = self.of("task_struct", &["cred"])?;
         layout.fsuid = self.of("cred", &["fsuid"])?;
+        layout.uid = self.of("cred", &["uid"])?;
+        layout.gid = self.of("cred", &["gid"])?;
         Ok(())
     }
 
