@@ -179,6 +179,26 @@ pub fn current_uid_gid() -> u64 {
     bpf_get_current_uid_gid()
 }
 
+/// The current task's file system uid (`cred.fsuid`), which owns the sockets it makes, or
+/// `u64::MAX` when it cannot be read (without the layout, or a failed read). A global
+/// function, as [`current_task_kind`] is: its reads add no paths to the verifier's walk of the
+/// caller.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn current_fsuid() -> u64 {
+    if !known(LAYOUT_NAMESPACES) {
+        return u64::MAX;
+    }
+    let task = current();
+    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
+    unsafe {
+        read::<*const u8>(task, layout(|l| &l.cred))
+            .filter(|cred| !cred.is_null())
+            .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)))
+            .map_or(u64::MAX, u64::from)
+    }
+}
+
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
 /// protocol without them, a destination NAT rewrote): the current task's, as [`current_kind`]
 /// tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the

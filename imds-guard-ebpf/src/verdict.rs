@@ -145,10 +145,16 @@ fn judge_protected(
     count(generation, verdict, rule);
     // The packet layer judges the socket's packets again by its owner and cgroup, as a host
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
-    // see, a container it cannot tell, and an audited attempt it would report again: those
-    // verdicts are remembered on the socket. (Only those: creating socket storage costs more
-    // than the rest of this program.)
-    if by_gid || verdict == VERDICT_AUDIT || (task == TASK_CONTAINER && verdict == VERDICT_ALLOW) {
+    // see, a container it cannot tell, an audited attempt it would report again, and a task
+    // whose sockets another uid owns (its file system uid, which `seteuid` sets: root that
+    // dropped its effective uid is still root here, but not there): those verdicts are
+    // remembered on the socket. (Only those: creating socket storage costs more than the rest
+    // of this program.)
+    if by_gid
+        || verdict == VERDICT_AUDIT
+        || (verdict == VERDICT_ALLOW
+            && (task == TASK_CONTAINER || task::current_fsuid() != u64::from(uid)))
+    {
         remember(ctx, destination, verdict);
     }
     // SAFETY: the kernel hands sock_addr programs a valid context.

@@ -96,6 +96,15 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Runs with `user` and `group` as its effective ids, its real ones those of [`Client::new`]
+    /// (as a setuid or setgid program runs).
+    #[must_use]
+    pub fn effective(mut self, user: u32, group: u32) -> Self {
+        self.options
+            .push(("--effective", format!("{user}:{group}")));
+        self
+    }
+
     /// Resolves names through `hosts` in place of /etc/hosts.
     #[must_use]
     pub fn hosts(mut self, hosts: &std::path::Path) -> Self {

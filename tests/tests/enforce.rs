@@ -97,6 +97,42 @@ fn allowed_gid_gets_through() {
 }
 
 #[test]
+fn a_task_is_judged_by_its_real_uid_and_gid_not_its_effective_ones() {
+    let Some((sandbox, attach)) = setup("test") else {
+        return;
+    };
+    let agent = Agent::start(&[
+        "--cgroup",
+        &attach.path,
+        "--allow-uid",
+        "0",
+        "--allow-gid",
+        "2000",
+    ]);
+    // A setuid-root program run by a denied user is judged as that user, and named so.
+    let setuid_root = Client::new(&sandbox, &attach, USER, USER)
+        .effective(0, 0)
+        .imds(IMDS_V4, 80);
+    setuid_root.assert_errno(EPERM);
+    let events = agent.wait_events_of(setuid_root.pid, 1);
+    assert_fields(&events[0], &[("uid", json!(USER)), ("gid", json!(USER))]);
+    // Root with a user's effective ids (`seteuid`, which it can undo) is root.
+    Client::new(&sandbox, &attach, 0, 0)
+        .effective(USER, USER)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // The same for groups: the real gid decides.
+    Client::new(&sandbox, &attach, USER, USER)
+        .effective(USER, 2000)
+        .imds(IMDS_V4, 80)
+        .assert_errno(EPERM);
+    Client::new(&sandbox, &attach, USER, 2000)
+        .effective(USER, USER)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+}
+
+#[test]
 fn allowed_cgroup_and_its_children_get_through() {
     let Some((sandbox, attach)) = setup("test") else {
         return;

@@ -32,6 +32,9 @@
 //! `--uids N`: attempt k is made as real uid UID + k mod N (the client keeps saved uid 0 to
 //! switch). `--linger SECS` keeps the client alive that long after its attempts.
 //!
+//! `--effective EUID:EGID` keeps UID and GID as the client's real ids and makes these its
+//! effective ones (as a setuid or setgid program runs).
+//!
 //! `--namespaces pid,cgroup` (either or both) makes the client, once in its cgroup and before
 //! it becomes its uid, enter new namespaces of those kinds, as a container runtime puts a
 //! container's processes: for `pid`, the workload is a forked child, pid 1 in the new
@@ -50,7 +53,7 @@ use std::{
 
 use nix::{
     sched::{CloneFlags, setns},
-    unistd::{Gid, Uid, setgid, setgroups, setresuid, setuid},
+    unistd::{Gid, Uid, setgid, setgroups, setresgid, setresuid, setuid},
 };
 
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(3);
@@ -488,7 +491,15 @@ fn become_workload(
     setgroups(&[]).expect("setgroups");
     setgid(gid).expect("setgid");
     let uid = Uid::from_raw(options["uid"].parse().expect("uid"));
-    if options.contains_key("uids") || options.contains_key("alternate") {
+    if let Some(ids) = options.get("effective") {
+        // `--effective EUID:EGID`: real ids UID and GID, effective (and file system) ids these,
+        // as a setuid or setgid program has them.
+        let (user, group) = ids.split_once(':').expect("--effective EUID:EGID");
+        let user = Uid::from_raw(user.parse().expect("effective uid"));
+        let group = Gid::from_raw(group.parse().expect("effective gid"));
+        setresgid(gid, group, gid).expect("setresgid");
+        setresuid(uid, user, uid).expect("setresuid");
+    } else if options.contains_key("uids") || options.contains_key("alternate") {
         // Keep the saved uid 0, as a setuid-root program would, to switch real uids later.
         setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
     } else {
