@@ -200,22 +200,16 @@ pub extern "C" fn current_fsuid() -> u64 {
 }
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
-/// protocol without them, a destination NAT rewrote): the current task's, as
-/// [`current_task_kind`] tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the
+/// protocol without them, a destination NAT rewrote): the current task's, as [`current_kind`]
+/// tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the
 /// socket owner's uid (`socket_uid`), as in the system call that sends such a packet first
 /// (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission from a timer, a packet
 /// sent in interrupt context, whatever task was current then) there is no sender to ask: the
 /// packet counts as a container's (fail closed).
-///
-/// A global function, as [`current_task_kind`] is (`TASK_*` in the low bits, [`kind_of`]):
-/// inlined or not, LLVM left this one a function of its own whose stack Linux 5.10's verifier
-/// refused to read ("invalid read from stack"); checked on its own, its arguments are plain
-/// numbers.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
+#[inline]
+pub fn sender_kind(socket_uid: u32, socket_cgroup: u64) -> u16 {
     if !known(LAYOUT_NAMESPACES) {
-        return u64::from(TASK_HOST);
+        return TASK_HOST;
     }
     let task = current();
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
@@ -226,12 +220,12 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
             .and_then(|node| read::<u64>(node, layout(|l| &l.kn_id)));
         let uid = read::<*const u8>(task, layout(|l| &l.cred))
             .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)));
-        cgroup == Some(socket_cgroup) && uid.map(u64::from) == Some(socket_uid)
+        cgroup == Some(socket_cgroup) && uid == Some(socket_uid)
     };
     if is_sender {
-        current_task_kind()
+        kind_of(current_task_kind())
     } else {
-        u64::from(TASK_CONTAINER)
+        TASK_CONTAINER
     }
 }
 
