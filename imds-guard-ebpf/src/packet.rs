@@ -10,8 +10,9 @@
 //! attempt is reported once), or when the policy allows the socket's owner in the socket's
 //! cgroup (as uid and cgroup rules allowed its connect). Otherwise it is dropped
 //! (the sender gets `EPERM` where it sends in process context) and reported: once for a
-//! connected socket (its packets are one attempt, as its connect is), each packet for an
-//! unconnected one (as each datagram is).
+//! connected socket other than UDP's (its packets are one attempt, as its connect is), each
+//! packet for a UDP or UDP-Lite socket, connected or not, and for an unconnected one (as each
+//! datagram is).
 //!
 //! Packets to unprotected destinations cost one read of the destination from the packet and a
 //! bit test in `PROTECTED_FILTER` ([`certainly_unprotected`]): no helper call, no hash lookup.
@@ -51,6 +52,7 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -188,11 +190,22 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     let task = if facts.seen_by_hooks && facts.connected && !rewritten {
         TASK_HOST
     } else {
-        task::sender_kind(uid, cgroup_id)
+        task::kind_of(task::sender_kind(u64::from(uid), cgroup_id))
     };
     // What the paths above found, as one value the verifier explores once from here on (see
     // `opaque`); the decision and the record after it are the heaviest part of the program.
-    let Some((task, facts, rewritten)) = opaque_facts(task, facts, rewritten) else {
+    let Some(Found {
+        task,
+        seen_by_hooks,
+        rewritten,
+        remember,
+    }) = opaque_found(Found {
+        task,
+        seen_by_hooks: facts.seen_by_hooks,
+        rewritten,
+        remember: facts.remember(),
+    })
+    else {
         return DROP;
     };
     // The socket's gid is not known here: gid rules do not match packets judged by their owner.
@@ -204,18 +217,22 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         task,
         &SocketCgroup { skb, id: cgroup_id },
     );
-    if verdict == VERDICT_ALLOW && facts.seen_by_hooks && !rewritten {
+    if verdict == VERDICT_ALLOW && seen_by_hooks && !rewritten {
         // A TCP or UDP socket's packet to the destination a socket hook judged (and counted):
         // the same verdict again is not a new attempt. Judged again at its next packet, which
         // is cheaper than creating socket storage for it.
         return PASS;
     }
     verdict::count(generation, verdict, rule);
-    if facts.connected {
+    if remember {
         // A connected socket's packets are one attempt, as its connect is for the socket hooks:
         // the verdict is remembered, so its later packets (retransmissions, the rest of the
-        // flow) are neither counted nor reported again. An unconnected socket's packets are
-        // each an attempt, as each datagram is for `sendmsg4/6`. A failure only means they are.
+        // flow) are neither counted nor reported again, and one sent from a timer (no sender to
+        // ask) gets its sender's verdict. A datagram socket's packets are each an attempt, as
+        // each datagram is for `sendmsg4/6`, connected or not: each is sent by a system call of
+        // its sender, judged here as that sender's (creating socket storage for the verdict
+        // cost a new socket's first datagram four times the rest of this program). A failure
+        // only means they are judged again.
         let mut value = SocketVerdict {
             addr,
             family,
@@ -293,31 +310,38 @@ pub unsafe extern "C" fn packet_event(
     0
 }
 
-/// `task`, `facts` and `rewritten` as values the verifier cannot see through (see `opaque`);
-/// `None` (never) for the caller to fail closed.
-#[inline]
-fn opaque_facts(
+/// What the judge keeps of the paths before the decision, for after it.
+struct Found {
+    /// `TASK_*` the packet is judged as.
     task: u16,
-    facts: SocketFacts,
+    /// The socket hooks judged this socket's destination (see [`SocketFacts::seen_by_hooks`]).
+    seen_by_hooks: bool,
+    /// NAT rewrote the destination of a connected socket.
     rewritten: bool,
-) -> Option<(u16, SocketFacts, bool)> {
-    let found = opaque::word(
-        u64::from(task)
-            | u64::from(facts.connected) << 16
-            | u64::from(facts.seen_by_hooks) << 17
-            | u64::from(rewritten) << 18,
+    /// The verdict is remembered on the socket: a connected socket other than a datagram one.
+    remember: bool,
+}
+
+/// `found` as values the verifier cannot see through (see `opaque`), one word; `None` (never)
+/// for the caller to fail closed.
+#[inline]
+fn opaque_found(found: Found) -> Option<Found> {
+    let word = opaque::word(
+        u64::from(found.task)
+            | u64::from(found.seen_by_hooks) << 16
+            | u64::from(found.rewritten) << 17
+            | u64::from(found.remember) << 18,
     )?;
     #[expect(
         clippy::cast_possible_truncation,
         reason = "the low 16 bits hold the kind"
     )]
-    let task = found as u16;
-    let facts = SocketFacts {
-        connected: found & 1 << 16 != 0,
-        seen_by_hooks: found & 1 << 17 != 0,
-        ..facts
-    };
-    Some((task, facts, found & 1 << 18 != 0))
+    Some(Found {
+        task: word as u16,
+        seen_by_hooks: word & 1 << 16 != 0,
+        rewritten: word & 1 << 17 != 0,
+        remember: word & 1 << 18 != 0,
+    })
 }
 
 /// A packet's socket's cgroup.
@@ -386,9 +410,24 @@ struct SocketFacts {
     /// its connect, `sendmsg4/6` each unconnected datagram); not a raw socket, nor another
     /// protocol (ICMP echo, UDP-Lite, SCTP).
     seen_by_hooks: bool,
+    /// The socket's type and protocol (0 when not known), read where they are needed (a fact
+    /// decided early would be one more the verifier keeps states apart by).
+    kind: u32,
+    protocol: u32,
 }
 
 impl SocketFacts {
+    /// Whether the verdict is remembered on the socket: a connected socket that is not a
+    /// datagram one (UDP or UDP-Lite, not raw: every packet it sends is a datagram a system
+    /// call of its sender sends; no timer sends for it, as TCP's and SCTP's retransmit).
+    #[inline]
+    fn remember(&self) -> bool {
+        let datagrams = self.kind == SOCK_DGRAM
+            && (self.protocol == u32::from(IPPROTO_UDP)
+                || self.protocol == u32::from(IPPROTO_UDPLITE));
+        self.connected && !datagrams
+    }
+
     /// # Safety
     /// `socket` is null (nothing is known) or a full socket returned by `bpf_sk_fullsock`.
     #[inline]
@@ -398,6 +437,8 @@ impl SocketFacts {
                 connected: false,
                 peer: Destination::v4(0),
                 seen_by_hooks: false,
+                kind: 0,
+                protocol: 0,
             };
         }
         // SAFETY: a full socket; the verifier allows 32-bit reads of these fields, one word at
@@ -425,6 +466,8 @@ impl SocketFacts {
                 peer: peer.unwrap_or(Destination::v4(0)),
                 seen_by_hooks: kind != SOCK_RAW
                     && (protocol == u32::from(IPPROTO_TCP) || protocol == u32::from(IPPROTO_UDP)),
+                kind,
+                protocol,
             }
         }
     }

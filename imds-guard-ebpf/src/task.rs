@@ -200,32 +200,42 @@ pub extern "C" fn current_fsuid() -> u64 {
 }
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
-/// protocol without them, a destination NAT rewrote): the current task's, as [`current_kind`]
-/// tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the
+/// protocol without them, a destination NAT rewrote): the current task's, as
+/// [`current_task_kind`] tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the
 /// socket owner's uid (`socket_uid`), as in the system call that sends such a packet first
 /// (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission from a timer, a packet
 /// sent in interrupt context, whatever task was current then) there is no sender to ask: the
 /// packet counts as a container's (fail closed).
-#[inline]
-pub fn sender_kind(socket_uid: u32, socket_cgroup: u64) -> u16 {
+///
+/// A global function, as [`current_task_kind`] is (`TASK_*` in the low bits, [`kind_of`]):
+/// checked once on its own, its result only a number to the caller, whatever paths its reads
+/// took.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
     if !known(LAYOUT_NAMESPACES) {
-        return TASK_HOST;
+        return u64::from(TASK_HOST);
     }
     let task = current();
+    // A failed read is a value no socket has (no cgroup's id; a uid has 32 bits). (An
+    // `Option` compared whole made LLVM read a `None`'s payload from the stack and mask it
+    // away: a read of stack never written, which Linux 5.10's verifier refuses.)
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
     let is_sender = unsafe {
         let cgroup = read::<*const u8>(task, layout(|l| &l.cgroups))
             .and_then(|set| read::<*const u8>(set, layout(|l| &l.dfl_cgrp)))
             .and_then(|cgroup| read::<*const u8>(cgroup, layout(|l| &l.cgroup_kn)))
-            .and_then(|node| read::<u64>(node, layout(|l| &l.kn_id)));
+            .and_then(|node| read::<u64>(node, layout(|l| &l.kn_id)))
+            .unwrap_or(u64::MAX);
         let uid = read::<*const u8>(task, layout(|l| &l.cred))
-            .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)));
-        cgroup == Some(socket_cgroup) && uid == Some(socket_uid)
+            .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)))
+            .map_or(u64::MAX, u64::from);
+        cgroup == socket_cgroup && uid == socket_uid
     };
     if is_sender {
-        kind_of(current_task_kind())
+        current_task_kind()
     } else {
-        TASK_CONTAINER
+        u64::from(TASK_CONTAINER)
     }
 }
 

@@ -184,6 +184,62 @@ fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
     }
 }
 
+/// A connected UDP socket's datagrams through NAT are each an attempt, as unconnected ones are:
+/// each is judged as its sender's, refused (or audited) and reported on its own, none passed or
+/// dropped on the first one's remembered verdict. Root's get through unreported.
+#[test]
+fn each_datagram_of_a_connected_udp_socket_is_an_attempt() {
+    if !privileged() {
+        return;
+    }
+    for mode in MODES {
+        let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+        add_nat_to_imds(&sandbox);
+        let cases = [attach.child("v4"), attach.child("v6")];
+        let config = config(&attach, mode);
+        // Each attempt its own event, none folded into a repeat.
+        let agent = Agent::start(&["--config", &config.arg(), "--aggregate-window", "0"]);
+        for (imds, cgroup) in [IpAddr::from(IMDS_V4), IMDS_V6.into()]
+            .into_iter()
+            .zip(&cases)
+        {
+            let thrice = |uid| {
+                Client::new(&sandbox, cgroup, uid, uid).route(
+                    "connected-udp-thrice",
+                    nat_entry(imds),
+                    NAT_UDP_PORT,
+                )
+            };
+            thrice(0).assert_ok("sent sent sent");
+            let refused = if mode == "enforce" {
+                "EPERM EPERM EPERM"
+            } else {
+                "sent sent sent"
+            };
+            thrice(USER).assert_ok(refused);
+            let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
+            let events = agent.packet_events_in(cgroup, &barrier);
+            assert_eq!(
+                events.len(),
+                3,
+                "{mode}: three datagrams to {imds}, three attempts: {events:?}"
+            );
+            for event in &events {
+                assert_fields(
+                    event,
+                    &[
+                        ("verdict", imds_guard_tests::verdict_in(mode)),
+                        ("uid", json!(USER)),
+                        ("dst", json!(imds.to_string())),
+                        ("protocol", json!("udp")),
+                        ("rewritten", json!(true)),
+                    ],
+                );
+            }
+        }
+    }
+}
+
 /// A route of a protocol the socket hooks do not (fully) see.
 struct Route {
     name: &'static str,

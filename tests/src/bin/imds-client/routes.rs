@@ -54,6 +54,21 @@ pub fn connected_udp(addr: SocketAddr) -> io::Result<String> {
     Ok("sent".into())
 }
 
+/// Three datagrams on one connected UDP socket: each send's outcome (`sent`, or the errno's
+/// name), space-separated.
+pub fn connected_udp_thrice(addr: SocketAddr) -> io::Result<String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.connect(&addr.into())?;
+    let outcomes: Vec<String> = (0..3)
+        .map(|_| match socket.send(b"ping") {
+            Ok(_) => "sent".to_owned(),
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => "EPERM".to_owned(),
+            Err(err) => err.to_string(),
+        })
+        .collect();
+    Ok(outcomes.join(" "))
+}
+
 /// An ICMP echo request from an unprivileged echo socket (`SOCK_DGRAM` with `IPPROTO_ICMP` or
 /// `IPPROTO_ICMPV6`; the netns's `net.ipv4.ping_group_range` must hold the gid): `sendto()`
 /// with the address, which no socket address hook judges. "pong" when the reply comes.
