@@ -12,7 +12,7 @@ use imds_guard_common::{
     decide::{Cgroup, Decision, PolicyMaps, decide},
     event::{
         EVENT_FLAG_CONTAINER, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6,
-        SocketVerdict, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+        HOOK_SENDMSG4, HOOK_SENDMSG6, SocketVerdict, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
     },
     http::HTTP_PORT,
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
@@ -145,15 +145,19 @@ fn judge_protected(
     count(generation, verdict, rule);
     // The packet layer judges the socket's packets again by its owner and cgroup, as a host
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
-    // see, a container it cannot tell, an audited attempt it would report again, and a task
-    // whose sockets another uid owns (its file system uid, which `seteuid` sets: root that
-    // dropped its effective uid is still root here, but not there): those verdicts are
-    // remembered on the socket. (Only those: creating socket storage costs more than the rest
-    // of this program.)
+    // see, a container it cannot tell, an audited attempt it would report again, a task whose
+    // sockets another uid owns (its file system uid, which `seteuid` sets: root that dropped
+    // its effective uid is still root here, but not there), and a datagram sent with an
+    // address on a socket connected elsewhere (there, a destination that is not the socket's
+    // peer, which it would judge and count as a new attempt): those verdicts are remembered on
+    // the socket. (Only those: creating socket storage costs more than the rest of this
+    // program.)
     if by_gid
         || verdict == VERDICT_AUDIT
         || (verdict == VERDICT_ALLOW
-            && (task == TASK_CONTAINER || task::current_fsuid() != u64::from(uid)))
+            && (task == TASK_CONTAINER
+                || task::current_fsuid() != u64::from(uid)
+                || sent_on_connected_socket(ctx, hook)))
     {
         remember(ctx, destination, verdict);
     }
@@ -199,6 +203,19 @@ fn judge_protected(
         } else {
             PROCEED
         }
+}
+
+/// `TCP_ESTABLISHED`: a UDP socket's state once connected.
+const TCP_ESTABLISHED: u32 = 1;
+
+/// Whether `hook` is a `sendmsg` hook judging a datagram sent with an address on a connected
+/// socket (to another destination: a send to the peer's own address is no attempt of its own to
+/// the packet layer).
+#[inline(always)]
+fn sent_on_connected_socket(ctx: &SockAddrContext, hook: u8) -> bool {
+    (hook == HOOK_SENDMSG4 || hook == HOOK_SENDMSG6)
+        // SAFETY: the kernel hands sock_addr programs a valid context and its socket.
+        && unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).state } == TCP_ESTABLISHED
 }
 
 /// Reports the attempt judged as `decided` and `ids` say ([`Decided::words`]), to the address

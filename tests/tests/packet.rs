@@ -240,6 +240,32 @@ fn each_datagram_of_a_connected_udp_socket_is_an_attempt() {
     }
 }
 
+/// A datagram sent with an explicit address to IMDS on a UDP socket connected elsewhere is one
+/// attempt: `sendmsg4/6` judge and count it, and the packet layer, which sees a destination
+/// that is not the socket's peer, neither counts it again nor refuses it (root's, root's
+/// with a user's effective uid), however many are sent.
+#[test]
+fn a_datagram_to_imds_on_a_udp_socket_connected_elsewhere_is_one_attempt() {
+    let Some((sandbox, attach)) = setup("test") else {
+        return;
+    };
+    let agent = Agent::start(&["--cgroup", &attach.path]);
+    for imds in [IpAddr::from(IMDS_V4), IMDS_V6.into()] {
+        Client::new(&sandbox, &attach, 0, 0)
+            .route("sendto-on-connected-udp", imds, 53)
+            .assert_ok("sent sent sent");
+        Client::new(&sandbox, &attach, 0, 0)
+            .effective(USER, USER)
+            .route("sendto-on-connected-udp", imds, 53)
+            .assert_ok("sent sent sent");
+    }
+    Client::new(&sandbox, &attach, USER, USER)
+        .route("sendto-on-connected-udp", IMDS_V4, 53)
+        .assert_ok("EPERM EPERM EPERM");
+    assert_eq!(agent.counter("allowed"), 12, "{}", agent.status());
+    assert_eq!(agent.counter("denied"), 3, "{}", agent.status());
+}
+
 /// A route of a protocol the socket hooks do not (fully) see.
 struct Route {
     name: &'static str,

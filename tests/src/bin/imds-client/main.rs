@@ -8,7 +8,7 @@
 //! `/latest/meta-data/instance-id`): v1, v2, sdk-v2 (each request in one write), keepalive,
 //! split-v1, split-v2, pipelined, pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2;
 //! or one of the routes in `routes.rs`: nonblocking-connect, fastopen-sendto, fastopen-connect,
-//! connected-udp, connected-udp-thrice, sendmmsg, io-uring-connect, io-uring-connect-async,
+//! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect, io-uring-connect-async,
 //! io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
 //! request on a connection opened that long before), passed-socket, passed-connection,
@@ -361,6 +361,7 @@ fn act_once(
         "fastopen-connect" => routes::fastopen_connect(addr),
         "connected-udp" => routes::connected_udp(addr),
         "connected-udp-thrice" => routes::connected_udp_thrice(addr),
+        "sendto-on-connected-udp" => routes::sendto_on_connected_udp(addr),
         "sendmmsg" => routes::sendmmsg(addr),
         "io-uring-connect" => routes::io_uring_connect(addr, false),
         "io-uring-connect-async" => routes::io_uring_connect(addr, true),

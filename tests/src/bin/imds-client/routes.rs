@@ -69,6 +69,27 @@ pub fn connected_udp_thrice(addr: SocketAddr) -> io::Result<String> {
     Ok(outcomes.join(" "))
 }
 
+/// Three datagrams sent with an explicit address (`sendto()`) on a UDP socket connected to
+/// another one (the discard port of the loopback address of `addr`'s family): each send's
+/// outcome, as [`connected_udp_thrice`] gives them.
+pub fn sendto_on_connected_udp(addr: SocketAddr) -> io::Result<String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let elsewhere: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::LOCALHOST, 9).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 9).into()
+    };
+    socket.connect(&elsewhere.into())?;
+    let outcomes: Vec<String> = (0..3)
+        .map(|_| match socket.send_to(b"ping", &addr.into()) {
+            Ok(_) => "sent".to_owned(),
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => "EPERM".to_owned(),
+            Err(err) => err.to_string(),
+        })
+        .collect();
+    Ok(outcomes.join(" "))
+}
+
 /// An ICMP echo request from an unprivileged echo socket (`SOCK_DGRAM` with `IPPROTO_ICMP` or
 /// `IPPROTO_ICMPV6`; the netns's `net.ipv4.ping_group_range` must hold the gid): `sendto()`
 /// with the address, which no socket address hook judges. "pong" when the reply comes.
