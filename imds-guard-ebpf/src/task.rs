@@ -228,6 +228,7 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
             .and_then(|node| read::<u64>(node, layout(|l| &l.kn_id)))
             .unwrap_or(u64::MAX);
         let uid = read::<*const u8>(task, layout(|l| &l.cred))
+            .filter(|cred| !cred.is_null())
             .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)))
             .map_or(u64::MAX, u64::from);
         cgroup == socket_cgroup && uid == socket_uid
