@@ -155,8 +155,8 @@ fn current_kind() -> u16 {
 /// The current task's uid (low half) and gid (high half), as `bpf_get_current_uid_gid` gives
 /// them: its credentials (`task->cred`, whose ids are the initial user namespace's, the ones
 /// the helper maps them to). With `LAYOUT_BTF_TASK`, two loads from the task's credentials,
-/// which the allowed path reads next to its namespaces: the helper's mapping through the user
-/// namespace was a tenth of that path's cost. Otherwise, and should the credentials' pointer
+/// which the allowed path reads next to its namespaces: the helper's call and its mapping
+/// through the user namespace were 6% of that path's samples. Otherwise, and should the credentials' pointer
 /// read null (a load that faults reads 0: uid 0 would be root's), the helper.
 #[inline(always)]
 pub fn current_uid_gid() -> u64 {
@@ -201,9 +201,9 @@ pub extern "C" fn current_fsuid() -> u64 {
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
 /// protocol without them, a destination NAT rewrote): the current task's, as
-/// [`current_task_kind`] tells, when it is the packet's sender: in its socket's cgroup (`socket_cgroup`) with the
-/// socket owner's uid (`socket_uid`), as in the system call that sends such a packet first
-/// (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission from a timer, a packet
+/// [`current_task_kind`] tells, when it is the packet's sender: in its socket's cgroup
+/// (`socket_cgroup`) with the socket owner's uid (`socket_uid`), as in the system call that
+/// sends such a packet first (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission from a timer, a packet
 /// sent in interrupt context, whatever task was current then) there is no sender to ask: the
 /// packet counts as a container's (fail closed).
 ///
