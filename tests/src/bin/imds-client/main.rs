@@ -8,8 +8,8 @@
 //! `/latest/meta-data/instance-id`): v1, v2, sdk-v2 (each request in one write), keepalive,
 //! split-v1, split-v2, pipelined, pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2;
 //! or one of the routes in `routes.rs`: nonblocking-connect, fastopen-sendto, fastopen-connect,
-//! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect, io-uring-connect-async,
-//! io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
+//! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect,
+//! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
 //! request on a connection opened that long before), passed-socket, passed-connection,
 //! connect-close, bulk-send and until-allowed (for the benchmarks), and `churn DIR SECS` (makes

@@ -59,14 +59,19 @@ pub fn connected_udp(addr: SocketAddr) -> io::Result<String> {
 pub fn connected_udp_thrice(addr: SocketAddr) -> io::Result<String> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.connect(&addr.into())?;
+    Ok(thrice(|| socket.send(b"ping")))
+}
+
+/// Three sends' outcomes (`sent`, or the errno's name), space-separated.
+fn thrice(mut send: impl FnMut() -> io::Result<usize>) -> String {
     let outcomes: Vec<String> = (0..3)
-        .map(|_| match socket.send(b"ping") {
+        .map(|_| match send() {
             Ok(_) => "sent".to_owned(),
             Err(err) if err.raw_os_error() == Some(libc::EPERM) => "EPERM".to_owned(),
             Err(err) => err.to_string(),
         })
         .collect();
-    Ok(outcomes.join(" "))
+    outcomes.join(" ")
 }
 
 /// Three datagrams sent with an explicit address (`sendto()`) on a UDP socket connected to
@@ -80,14 +85,7 @@ pub fn sendto_on_connected_udp(addr: SocketAddr) -> io::Result<String> {
         (std::net::Ipv6Addr::LOCALHOST, 9).into()
     };
     socket.connect(&elsewhere.into())?;
-    let outcomes: Vec<String> = (0..3)
-        .map(|_| match socket.send_to(b"ping", &addr.into()) {
-            Ok(_) => "sent".to_owned(),
-            Err(err) if err.raw_os_error() == Some(libc::EPERM) => "EPERM".to_owned(),
-            Err(err) => err.to_string(),
-        })
-        .collect();
-    Ok(outcomes.join(" "))
+    Ok(thrice(|| socket.send_to(b"ping", &addr.into())))
 }
 
 /// An ICMP echo request from an unprivileged echo socket (`SOCK_DGRAM` with `IPPROTO_ICMP` or
