@@ -67,8 +67,10 @@ impl Destination {
     }
 
     /// Whether `generation` protects the destination. Were its set missing (an array's entry
-    /// always exists), it does: the attempt is judged.
-    #[inline]
+    /// always exists), it does: the attempt is judged. Inlined into each of its three callers:
+    /// a function of its own, its call and return were 6% of an allowed `connect()`'s time in
+    /// the programs.
+    #[inline(always)]
     pub fn protected_in(self, generation: u32) -> bool {
         PROTECTED.get(generation).is_none_or(|set| {
             if self.family == FAMILY_INET {

@@ -118,6 +118,9 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
 /// a container (fail closed). Without the layout (a kernel that refused the reads) every task
 /// is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
 ///
+/// The kind is in the low bits ([`kind_of`]); [`FSUID_NOT_UID`] is set when the sockets the
+/// task makes are owned by another uid than its own ([`owns_sockets_as_another`]).
+///
 /// A global function, which the verifier checks once on its own, and whose result it knows
 /// only as a number: the paths that computed the kind do not multiply its states after the
 /// call (what a value passed through a map did before: see `opaque`), and no map is read for it
@@ -125,16 +128,48 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn current_task_kind() -> u64 {
-    u64::from(current_kind())
-}
-
-/// [`current_task_kind`], computed here.
-#[inline(always)]
-fn current_kind() -> u16 {
     if !known(LAYOUT_NAMESPACES) {
-        return TASK_HOST;
+        return u64::from(TASK_HOST) | FSUID_NOT_UID;
     }
     let task = current();
+    let fsuid_is_uid = fsuid_is_uid(task);
+    u64::from(current_kind(task)) | if fsuid_is_uid { 0 } else { FSUID_NOT_UID }
+}
+
+/// In [`current_task_kind`]'s result: the task's file system uid (`cred.fsuid`, which owns the
+/// sockets it makes, and which `seteuid` and `setfsuid` set) is not its uid, or could not be
+/// read.
+const FSUID_NOT_UID: u64 = 1 << 32;
+
+/// Whether a task of which [`current_task_kind`] returned `returned` makes sockets another uid
+/// owns ([`FSUID_NOT_UID`]).
+#[inline(always)]
+pub fn owns_sockets_as_another(returned: u64) -> bool {
+    returned & FSUID_NOT_UID != 0
+}
+
+/// Whether `task`'s file system uid is its uid: both read from its credentials, in the line the
+/// caller's uid came from. `false` when either read fails.
+#[inline(always)]
+fn fsuid_is_uid(task: *const u8) -> bool {
+    // A failed read is a value no uid has (a uid has 32 bits), and not the same for both: an
+    // `Option` compared whole made LLVM read a `None`'s payload from stack never written,
+    // which Linux 5.10's verifier refuses (see `sender_kind`).
+    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
+    unsafe {
+        let Some(cred) = read::<*const u8>(task, layout(|l| &l.cred)).filter(|c| !c.is_null())
+        else {
+            return false;
+        };
+        let uid = read::<u32>(cred, layout(|l| &l.uid)).map_or(u64::MAX, u64::from);
+        let fsuid = read::<u32>(cred, layout(|l| &l.fsuid)).map_or(u64::MAX - 1, u64::from);
+        uid == fsuid
+    }
+}
+
+/// The kind [`current_task_kind`] returns, of `task` (the current task).
+#[inline(always)]
+fn current_kind(task: *const u8) -> u16 {
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
     let in_container = unsafe {
         let level = read::<*const u8>(task, layout(|l| &l.thread_pid))
@@ -177,26 +212,6 @@ pub fn current_uid_gid() -> u64 {
         }
     }
     bpf_get_current_uid_gid()
-}
-
-/// The current task's file system uid (`cred.fsuid`), which owns the sockets it makes, or
-/// `u64::MAX` when it cannot be read (without the layout, or a failed read). A global
-/// function, as [`current_task_kind`] is: its reads add no paths to the verifier's walk of the
-/// caller.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn current_fsuid() -> u64 {
-    if !known(LAYOUT_NAMESPACES) {
-        return u64::MAX;
-    }
-    let task = current();
-    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
-    unsafe {
-        read::<*const u8>(task, layout(|l| &l.cred))
-            .filter(|cred| !cred.is_null())
-            .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)))
-            .map_or(u64::MAX, u64::from)
-    }
 }
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a

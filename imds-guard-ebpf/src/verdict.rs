@@ -127,7 +127,8 @@ fn judge_protected(
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     // The kind of task, as one value the verifier explores once (see `current_task_kind`).
-    let task = task::kind_of(task::current_task_kind());
+    let facts = task::current_task_kind();
+    let task = task::kind_of(facts);
     let Decision {
         verdict,
         rule,
@@ -156,7 +157,7 @@ fn judge_protected(
         || verdict == VERDICT_AUDIT
         || (verdict == VERDICT_ALLOW
             && (task == TASK_CONTAINER
-                || task::current_fsuid() != u64::from(uid)
+                || task::owns_sockets_as_another(facts)
                 || sent_on_connected_socket(ctx, hook)))
     {
         remember(ctx, destination, verdict);
