@@ -12,7 +12,7 @@ use crate::{
     policy::{
         ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL, MODE_AUDIT,
         RULE_DEFAULT, RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, RULESET_DEFAULT, RULESET_UNSEEN,
-        RuleKey, RuleValue, Settings, key_bit,
+        RuleKey, RuleValue, Settings, TASK_HOST, key_bit,
     },
 };
 
@@ -89,6 +89,14 @@ pub fn decide(
     let lookup = |kind: u16, id: u32| {
         if settings.absent_keys & key_bit(kind, task) != 0 {
             return None;
+        }
+        // The host's uid rules of the default rule set, when the settings hold them all.
+        if kind == KIND_UID
+            && task == TASK_HOST
+            && ruleset == RULESET_DEFAULT
+            && settings.host_uid_rules_held != 0
+        {
+            return settings.host_uid_rule(id);
         }
         maps.rule(RuleKey {
             generation,
@@ -185,7 +193,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::policy::{TASK_CONTAINER, TASK_HOST, entry_levels};
+    use crate::policy::{TASK_CONTAINER, UidRule, entry_levels};
 
     #[derive(Default)]
     struct Maps {
@@ -259,6 +267,69 @@ mod tests {
         maps.settings = Some(Settings::default());
         let first = decide(&maps, 0, Some(0), Some(0), TASK_HOST, &Path(&[1]));
         assert_eq!((first.verdict, first.rule), (VERDICT_ALLOW, 1));
+    }
+
+    #[test]
+    fn host_uid_rules_held_in_the_settings_are_not_looked_up() {
+        let held = |uid, rule| UidRule {
+            uid,
+            value: allow(rule),
+        };
+        let mut maps = Maps {
+            settings: Some(Settings {
+                cgroup_rules: 1,
+                unseen_after: ALL_CGROUPS_SEEN,
+                entry_levels: entry_levels(1, 1),
+                host_uid_rules_held: 1,
+                host_uid_rules: [held(0, 3), held(1000, 4)],
+                ..Settings::default()
+            }),
+            ..Maps::default()
+        };
+        // `ALLOW` disagrees with the settings on purpose: which one was read shows.
+        maps.rules
+            .insert(key(RULESET_DEFAULT, KIND_UID, TASK_HOST, 0), allow(7));
+        maps.rules
+            .insert(key(RULESET_DEFAULT, KIND_UID, TASK_HOST, 5), allow(8));
+        maps.rules
+            .insert(key(RULESET_DEFAULT, KIND_UID, TASK_CONTAINER, 0), allow(9));
+        maps.rules.insert(key(1, KIND_UID, TASK_HOST, 0), allow(10));
+        maps.cgroups.insert(
+            CgroupKey {
+                generation: 0,
+                _pad: 0,
+                cgroup_id: 10,
+            },
+            1,
+        );
+        let rule_of = |maps: &Maps, uid, task, path: &'static [u64]| {
+            let decision = decide(maps, 0, Some(uid), None, task, &Path(path));
+            (decision.verdict, decision.rule)
+        };
+        // Host tasks of the default rule set: the settings' slots, either of them.
+        assert_eq!(rule_of(&maps, 0, TASK_HOST, &[1, 2]), (VERDICT_ALLOW, 3));
+        assert_eq!(rule_of(&maps, 1000, TASK_HOST, &[1, 2]), (VERDICT_ALLOW, 4));
+        // A uid in no slot has no rule, whatever `ALLOW` holds.
+        assert_eq!(rule_of(&maps, 5, TASK_HOST, &[1, 2]), (VERDICT_DENY, 0));
+        // Containers' tasks and other rule sets: `ALLOW`.
+        assert_eq!(
+            rule_of(&maps, 0, TASK_CONTAINER, &[1, 2]),
+            (VERDICT_ALLOW, 9)
+        );
+        assert_eq!(rule_of(&maps, 0, TASK_HOST, &[1, 10]), (VERDICT_ALLOW, 10));
+        // An unused slot (rule 0) matches nothing, not even its uid.
+        maps.settings = maps.settings.map(|settings| Settings {
+            host_uid_rules: [held(0, 3), held(5, 0)],
+            ..settings
+        });
+        assert_eq!(rule_of(&maps, 5, TASK_HOST, &[1, 2]), (VERDICT_DENY, 0));
+        // Not held: `ALLOW`.
+        maps.settings = maps.settings.map(|settings| Settings {
+            host_uid_rules_held: 0,
+            ..settings
+        });
+        assert_eq!(rule_of(&maps, 0, TASK_HOST, &[1, 2]), (VERDICT_ALLOW, 7));
+        assert_eq!(rule_of(&maps, 5, TASK_HOST, &[1, 2]), (VERDICT_ALLOW, 8));
     }
 
     #[test]

@@ -221,6 +221,10 @@ pub const fn filter_set(half: &mut [u64; 4], slot: u32) {
 /// Per-generation settings, in `SETTINGS[generation]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out and zeroed by both sides, never read"
+)]
 pub struct Settings {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
@@ -247,8 +251,49 @@ pub struct Settings {
     /// hit. 0 skips nothing, which is always correct (and what an agent from before this field
     /// wrote in its place, padding).
     pub absent_keys: u32,
+    /// Non-zero when [`Settings::host_uid_rules`] holds every uid rule of the default rule set
+    /// for host tasks ([`RULESET_DEFAULT`], [`KIND_UID`], [`TASK_HOST`]): the decision compares
+    /// the uid with those instead of looking it up in `ALLOW` (a hash of the key, a bucket and
+    /// an element: a fifth of an allowed `connect()`'s time in the programs), in the line it
+    /// read the settings from. 0 looks them up, which is always correct.
+    pub host_uid_rules_held: u32,
+    /// The rules [`Settings::host_uid_rules_held`] speaks of; an unused slot's rule is
+    /// [`RULE_DEFAULT`] (never a rule's id). `ALLOW` has their entries too.
+    pub host_uid_rules: [UidRule; HOST_UID_RULES],
+    /// Explicit padding, always 0.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+const _: () = assert!(core::mem::size_of::<Settings>() == 64);
+
+/// Slots of [`Settings::host_uid_rules`]: root's rule and one more (a default policy has one).
+pub const HOST_UID_RULES: usize = 2;
+
+/// A uid rule held in the settings (see [`Settings::host_uid_rules`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UidRule {
+    /// The uid it matches.
+    pub uid: u32,
+    /// What `ALLOW` holds for it.
+    pub value: RuleValue,
+}
+
+impl Settings {
+    /// The rule of [`Settings::host_uid_rules`] for `uid`, if any.
+    #[inline]
+    #[must_use]
+    pub fn host_uid_rule(&self, uid: u32) -> Option<RuleValue> {
+        // Written out for two slots: a loop over them made LLVM keep the array on the stack.
+        let [first, second] = self.host_uid_rules;
+        if first.value.rule != RULE_DEFAULT && first.uid == uid {
+            Some(first.value)
+        } else if second.value.rule != RULE_DEFAULT && second.uid == uid {
+            Some(second.value)
+        } else {
+            None
+        }
+    }
+}
 
 /// The bit of [`Settings::absent_keys`] for keys of `kind` (`KIND_*`) for tasks of `task`
 /// (`TASK_*`).

@@ -27,9 +27,9 @@ use imds_guard_common::{
     decide::{Cgroup, PolicyMaps, decide},
     maps::CGROUP_RULESETS_MAX_ENTRIES,
     policy::{
-        ALL_CGROUPS_SEEN, CgroupKey, KIND_ANY, KIND_GID, KIND_UID, MAX_CGROUP_LEVEL,
-        NO_ENTRY_LEVELS, ProtectedSet, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey, RuleValue,
-        Settings, TASK_CONTAINER, TASK_HOST, entry_levels, key_bit,
+        ALL_CGROUPS_SEEN, CgroupKey, HOST_UID_RULES, KIND_ANY, KIND_GID, KIND_UID,
+        MAX_CGROUP_LEVEL, NO_ENTRY_LEVELS, ProtectedSet, RULESET_DEFAULT, RULESET_UNSEEN, RuleKey,
+        RuleValue, Settings, TASK_CONTAINER, TASK_HOST, UidRule, entry_levels, key_bit,
     },
 };
 
@@ -281,6 +281,7 @@ impl Compiled {
                     0
                 },
                 absent_keys: self.absent_keys(),
+                ..Settings::default()
             },
             ..MapEntries::default()
         };
@@ -301,6 +302,10 @@ impl Compiled {
             .collect();
         for (&id, ruleset) in &self.rulesets {
             entries.allow.extend(self.allow_entries(id, &ruleset.rules));
+        }
+        if let Some(held) = host_uid_rules(&entries.allow) {
+            entries.settings.host_uid_rules_held = 1;
+            entries.settings.host_uid_rules = held;
         }
         entries.path_rules = (1..)
             .zip(&self.policy.rules)
@@ -652,6 +657,24 @@ pub fn judge(
     decide(&view, generation, uid, gid, task, &Ancestors(ancestors))
 }
 
+/// `Settings::host_uid_rules`: the default rule set's uid rules for host tasks, from a
+/// generation's `ALLOW` entries, when they fit in its slots. That rule set's entries are the
+/// generation's from its first write to its last (cgroups that come and go make and retire
+/// other rule sets), so the settings, written once with them, never disagree with `ALLOW`.
+fn host_uid_rules(allow: &[(RuleKey, RuleValue)]) -> Option<[UidRule; HOST_UID_RULES]> {
+    let mut held = [UidRule::default(); HOST_UID_RULES];
+    let mut rules = (allow.iter()).filter(|(key, _)| {
+        key.ruleset == RULESET_DEFAULT && key.kind == KIND_UID && key.task == TASK_HOST
+    });
+    for (slot, (key, value)) in held.iter_mut().zip(rules.by_ref()) {
+        *slot = UidRule {
+            uid: key.id,
+            value: *value,
+        };
+    }
+    rules.next().is_none().then_some(held)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -791,6 +814,81 @@ mod tests {
                     judge_with(&everything),
                     "{path} uid {uid}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_rule_sets_host_uid_rules_are_held_in_the_settings_when_they_fit() {
+        let held = |text: &str| {
+            let entries = Compiled::new(policy(text), 0, "/", &tree()).0.entries();
+            let settings = entries.settings;
+            let in_allow: Vec<UidRule> = (entries.allow.iter())
+                .filter(|(key, _)| {
+                    key.ruleset == RULESET_DEFAULT && key.kind == KIND_UID && key.task == TASK_HOST
+                })
+                .map(|&(key, value)| UidRule { uid: key.id, value })
+                .collect();
+            (
+                settings.host_uid_rules_held,
+                settings.host_uid_rules,
+                in_allow,
+            )
+        };
+        // Root's rule alone (the default policy): held, and its `ALLOW` entry kept.
+        let (on, slots, in_allow) = held("[[allow]]\nuid = 0\n");
+        assert_eq!(on, 1);
+        assert_eq!(slots[0], in_allow[0]);
+        assert_eq!(
+            (slots[0].uid, slots[0].value.rule, slots[1].value.rule),
+            (0, 1, 0)
+        );
+        // Two fit; the first rule of each uid is the one held, as in `ALLOW`.
+        let (on, slots, in_allow) = held(
+            "[[allow]]\nuid = 1000\nmode = \"audit\"\n[[allow]]\nuid = 0\n[[allow]]\nuid = 1000\n",
+        );
+        assert_eq!(on, 1);
+        assert_eq!(slots.to_vec(), in_allow);
+        assert_eq!(
+            slots.map(|slot| (slot.uid, slot.value.rule)),
+            [(0, 2), (1000, 1)]
+        );
+        // Three do not: none is held, `ALLOW` is asked.
+        let (on, slots, in_allow) =
+            held("[[allow]]\nuid = 0\n[[allow]]\nuid = 1\n[[allow]]\nuid = 2\n");
+        assert_eq!((on, slots, in_allow.len()), (0, [UidRule::default(); 2], 3));
+        // Rules of other kinds, or for some cgroups only, are not the default set's host uid
+        // rules: the default set has one uid rule here, held.
+        let (on, slots, in_allow) = held(HOST_ROOT_AND_AGENTS);
+        assert_eq!((on, slots[0], slots[1].value.rule), (1, in_allow[0], 0));
+        assert_eq!(in_allow.len(), 1);
+        // And the decision is the same with the settings' rules as with `ALLOW`'s.
+        for text in [
+            HOST_ROOT_AND_AGENTS,
+            "[[allow]]\nuid = 0\n[[allow]]\nuid = 1000\n",
+        ] {
+            let entries = Compiled::new(policy(text), 1, "/", &tree()).0.entries();
+            let mut looked_up = entries.clone();
+            looked_up.settings.host_uid_rules_held = 0;
+            for path in TREE {
+                let cases = [0, 1000, 1001].map(|uid| [(uid, false), (uid, true)]);
+                for (uid, in_container) in cases.into_iter().flatten() {
+                    let judge_with = |entries: &MapEntries| {
+                        judge(
+                            entries,
+                            1,
+                            &ancestors(path),
+                            Some(uid),
+                            Some(uid),
+                            in_container,
+                        )
+                    };
+                    assert_eq!(
+                        judge_with(&entries),
+                        judge_with(&looked_up),
+                        "{text}: {path} uid {uid}, container {in_container}"
+                    );
+                }
             }
         }
     }
