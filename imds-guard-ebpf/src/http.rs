@@ -221,7 +221,7 @@ pub fn established(ctx: &SockOpsContext) -> u32 {
         _ => return 1,
     };
     if !destination.may_be_protected()
-        || !destination.protected_in(protected::generation_in_force())
+        || !destination.protected_in_outlined(protected::generation_in_force())
     {
         return 1;
     }

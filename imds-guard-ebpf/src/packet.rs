@@ -139,7 +139,7 @@ impl Packet {
 /// The slow path: the destination may be protected.
 fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     let generation = protected::generation_in_force();
-    if !packet.destination.protected_in(generation) {
+    if !packet.destination.protected_in_outlined(generation) {
         return PASS;
     }
     let skb = ctx.skb.skb;

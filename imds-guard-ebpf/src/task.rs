@@ -15,7 +15,7 @@
 
 use aya_ebpf::helpers::{
     bpf_get_current_uid_gid, bpf_probe_read_kernel,
-    generated::{bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel_str},
+    generated::{self, bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel_str},
 };
 use imds_guard_common::{
     event::{
@@ -111,6 +111,30 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
     }
 }
 
+/// As [`read`], with 0 for a failed read, and no branch on the outcome: the value is a stack
+/// slot written before the helper's call (which zeroes it too when it fails).
+///
+/// # Safety
+/// As [`read`].
+#[inline]
+unsafe fn read_or_zero<T: Copy + Default>(base: *const u8, offset: u32) -> T {
+    // SAFETY: as the function says.
+    unsafe {
+        if known(LAYOUT_BTF_TASK) {
+            core::ptr::read_volatile(base.add(offset as usize).cast::<T>())
+        } else {
+            let mut value = T::default();
+            #[expect(clippy::cast_possible_truncation, reason = "a word or two")]
+            let _ = generated::bpf_probe_read_kernel(
+                (&raw mut value).cast(),
+                size_of::<T>() as u32,
+                base.add(offset as usize).cast(),
+            );
+            value
+        }
+    }
+}
+
 /// Which `ALLOW` keys judge the current task: [`TASK_CONTAINER`] when its pid or cgroup
 /// namespace is not the host's initial one (container runtimes make both; systemd services
 /// make neither), [`TASK_HOST`] otherwise. Read at the attempt, so a container is one from its
@@ -149,21 +173,22 @@ pub fn owns_sockets_as_another(returned: u64) -> bool {
 }
 
 /// Whether `task`'s file system uid is its uid: both read from its credentials, in the line the
-/// caller's uid came from. `false` when either read fails.
+/// caller's uid came from. A failed read says they are the same (the packet layer then judges
+/// the socket's packets by its owner: fail closed).
 #[inline(always)]
 fn fsuid_is_uid(task: *const u8) -> bool {
-    // A failed read is a value no uid has (a uid has 32 bits), and not the same for both: an
-    // `Option` compared whole made LLVM read a `None`'s payload from stack never written,
-    // which Linux 5.10's verifier refuses (see `sender_kind`).
     // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
     unsafe {
         let Some(cred) = read::<*const u8>(task, layout(|l| &l.cred)).filter(|c| !c.is_null())
         else {
-            return false;
+            return true;
         };
-        let uid = read::<u32>(cred, layout(|l| &l.uid)).map_or(u64::MAX, u64::from);
-        let fsuid = read::<u32>(cred, layout(|l| &l.fsuid)).map_or(u64::MAX - 1, u64::from);
-        uid == fsuid
+        // Both words always written, failed or not: with `Option`s (and sentinels for `None`)
+        // LLVM compared the two words first and checked that both reads succeeded after,
+        // reading a register the failed helper call had left unset, which every verifier
+        // refuses ("R1 !read_ok").
+        read_or_zero::<u32>(cred, layout(|l| &l.uid))
+            == read_or_zero::<u32>(cred, layout(|l| &l.fsuid))
     }
 }
 
