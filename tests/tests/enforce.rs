@@ -2,7 +2,7 @@
 //! uids/gids in real cgroups, connecting inside a network namespace of their own to a mock IMDS.
 
 use imds_guard_tests::{
-    Agent, Client, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Pins, assert_fields,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Pins, assert_fields,
     assert_time_within, imds_guard, run_to_end, setup,
 };
 use nix::sys::signal::Signal;
@@ -350,6 +350,67 @@ fn config_file_sets_the_policy_and_options_add_to_it() {
     root.assert_errno(EPERM);
     let events = agent.wait_events_of(root.pid, 1);
     assert_fields(&events[0], &[("uid", json!(0)), ("verdict", json!("deny"))]);
+}
+
+/// Up to two uid rules of the default rule set for host tasks are held in the generation's
+/// settings and judged without `ALLOW`; a third sends them all back to `ALLOW`. Either way the
+/// same uids get the same verdicts, the rules' modes and names included.
+#[test]
+fn host_uid_rules_judge_the_same_held_in_the_settings_or_looked_up() {
+    const AUDITED: u32 = 1002;
+    const THIRD: u32 = 1003;
+    const DENIED: u32 = 1004;
+    let Some((sandbox, attach)) = setup("test") else {
+        return;
+    };
+    let rules = format!(
+        "cgroup = \"{}\"\n[[allow]]\nname = \"user\"\nuid = {USER}\n\
+         [[allow]]\nname = \"staged\"\nuid = {AUDITED}\nmode = \"audit\"\n",
+        attach.path
+    );
+    for (held, text) in [
+        (true, rules.clone()),
+        (
+            false,
+            format!("{rules}[[allow]]\nname = \"third\"\nuid = {THIRD}\n"),
+        ),
+    ] {
+        let config = ConfigFile::new(&text);
+        let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+        let client = |uid| Client::new(&sandbox, &attach, uid, uid);
+        client(USER).imds(IMDS_V4, 80).assert_ok(MOCK_INSTANCE_ID);
+        client(USER).imds(IMDS_V6, 80).assert_ok(MOCK_INSTANCE_ID);
+        let audited = client(AUDITED).imds(IMDS_V4, 80);
+        audited.assert_ok(MOCK_INSTANCE_ID);
+        let third = client(THIRD).imds(IMDS_V4, 80);
+        let denied = client(DENIED).imds(IMDS_V4, 80);
+        denied.assert_errno(EPERM);
+        // Root has no rule here: neither held nor in `ALLOW`.
+        let root = client(0).imds(IMDS_V6, 80);
+        root.assert_errno(EPERM);
+        let audit_event = agent.wait_events_of(audited.pid, 1);
+        assert_fields(
+            &audit_event[0],
+            &[("verdict", json!("audit")), ("rule", json!("staged"))],
+        );
+        for (pid, uid) in [(denied.pid, DENIED), (root.pid, 0)] {
+            let events = agent.wait_events_of(pid, 1);
+            assert_fields(
+                &events[0],
+                &[
+                    ("verdict", json!("deny")),
+                    ("uid", json!(uid)),
+                    ("rule", json!("default")),
+                ],
+            );
+        }
+        if held {
+            third.assert_errno(EPERM);
+        } else {
+            third.assert_ok(MOCK_INSTANCE_ID);
+        }
+        agent.barrier(&sandbox, &attach);
+    }
 }
 
 #[test]
