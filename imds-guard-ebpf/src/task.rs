@@ -111,26 +111,30 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
     }
 }
 
-/// As [`read`], with 0 for a failed read, and no branch on the outcome: the value is a stack
-/// slot written before the helper's call (which zeroes it too when it fails).
+/// As [`read`], but the value is always defined (0 for a failed read) and the outcome a flag
+/// beside it (`true`: failed), with no branch between the read and its use: the value is a
+/// stack slot written before the helper's call (which zeroes it too when it fails).
 ///
 /// # Safety
 /// As [`read`].
 #[inline]
-unsafe fn read_or_zero<T: Copy + Default>(base: *const u8, offset: u32) -> T {
+unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, bool) {
     // SAFETY: as the function says.
     unsafe {
         if known(LAYOUT_BTF_TASK) {
-            core::ptr::read_volatile(base.add(offset as usize).cast::<T>())
+            (
+                core::ptr::read_volatile(base.add(offset as usize).cast::<T>()),
+                false,
+            )
         } else {
             let mut value = T::default();
             #[expect(clippy::cast_possible_truncation, reason = "a word or two")]
-            let _ = generated::bpf_probe_read_kernel(
+            let result = generated::bpf_probe_read_kernel(
                 (&raw mut value).cast(),
                 size_of::<T>() as u32,
                 base.add(offset as usize).cast(),
             );
-            value
+            (value, result != 0)
         }
     }
 }
@@ -173,22 +177,24 @@ pub fn owns_sockets_as_another(returned: u64) -> bool {
 }
 
 /// Whether `task`'s file system uid is its uid: both read from its credentials, in the line the
-/// caller's uid came from. A failed read says they are the same (the packet layer then judges
-/// the socket's packets by its owner: fail closed).
+/// caller's uid came from. `false` when a read fails, as without the layout: the caller then
+/// remembers the verdict its connect hook gave on the socket, rather than have the packet layer
+/// judge the socket's packets by an owner it could not compare.
 #[inline(always)]
 fn fsuid_is_uid(task: *const u8) -> bool {
     // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
     unsafe {
         let Some(cred) = read::<*const u8>(task, layout(|l| &l.cred)).filter(|c| !c.is_null())
         else {
-            return true;
+            return false;
         };
-        // Both words always written, failed or not: with `Option`s (and sentinels for `None`)
+        // Both words always defined, failed or not: with `Option`s (and sentinels for `None`)
         // LLVM compared the two words first and checked that both reads succeeded after,
         // reading a register the failed helper call had left unset, which every verifier
         // refuses ("R1 !read_ok").
-        read_or_zero::<u32>(cred, layout(|l| &l.uid))
-            == read_or_zero::<u32>(cred, layout(|l| &l.fsuid))
+        let (uid, uid_failed) = read_flagged::<u32>(cred, layout(|l| &l.uid));
+        let (fsuid, fsuid_failed) = read_flagged::<u32>(cred, layout(|l| &l.fsuid));
+        !uid_failed && !fsuid_failed && uid == fsuid
     }
 }
 
