@@ -24,6 +24,10 @@ pub trait PolicyMaps {
     fn cgroup_ruleset(&self, key: CgroupKey) -> Option<u32>;
     /// The entry of `ALLOW` for `key`.
     fn rule(&self, key: RuleKey) -> Option<RuleValue>;
+    /// `SETTINGS[generation]`'s rule for `uid` among [`Settings::host_uid_rules`] (asked only
+    /// when the settings hold them). Read in place: on a program's stack, a copy of the slots
+    /// made the packet program's frame too large for Linux 5.10's verifier.
+    fn host_uid_rule(&self, generation: u32, uid: u32) -> Option<RuleValue>;
 }
 
 /// The cgroup an attempt is judged in.
@@ -96,7 +100,7 @@ pub fn decide(
             && ruleset == RULESET_DEFAULT
             && settings.host_uid_rules_held != 0
         {
-            return settings.host_uid_rule(id);
+            return maps.host_uid_rule(generation, id);
         }
         maps.rule(RuleKey {
             generation,
@@ -212,6 +216,9 @@ mod tests {
         fn rule(&self, key: RuleKey) -> Option<RuleValue> {
             self.rules.get(&key).copied()
         }
+        fn host_uid_rule(&self, _generation: u32, uid: u32) -> Option<RuleValue> {
+            self.settings?.host_uid_rule(uid)
+        }
     }
 
     /// Ancestors by level, root first; the last is the cgroup itself.
@@ -317,12 +324,45 @@ mod tests {
             (VERDICT_ALLOW, 9)
         );
         assert_eq!(rule_of(&maps, 0, TASK_HOST, &[1, 10]), (VERDICT_ALLOW, 10));
-        // An unused slot (rule 0) matches nothing, not even its uid.
+        // An unused slot matches nothing: a slot of rule 0 not even its uid, in either place.
+        for slots in [[held(5, 0), held(0, 3)], [held(0, 3), held(5, 0)]] {
+            maps.settings = maps.settings.map(|settings| Settings {
+                host_uid_rules: slots,
+                ..settings
+            });
+            assert_eq!(rule_of(&maps, 5, TASK_HOST, &[1, 2]), (VERDICT_DENY, 0));
+            assert_eq!(rule_of(&maps, 0, TASK_HOST, &[1, 2]), (VERDICT_ALLOW, 3));
+        }
         maps.settings = maps.settings.map(|settings| Settings {
-            host_uid_rules: [held(0, 3), held(5, 0)],
+            host_uid_rules: [UidRule::UNUSED; 2],
             ..settings
         });
-        assert_eq!(rule_of(&maps, 5, TASK_HOST, &[1, 2]), (VERDICT_DENY, 0));
+        assert_eq!(
+            rule_of(&maps, u32::MAX, TASK_HOST, &[1, 2]),
+            (VERDICT_DENY, 0)
+        );
+        assert_eq!(rule_of(&maps, 0, TASK_HOST, &[1, 2]), (VERDICT_DENY, 0));
+        // A held uid rule competes with the other kinds as an entry of `ALLOW` would: the
+        // lowest rule decides.
+        maps.settings = maps.settings.map(|settings| Settings {
+            host_uid_rules: [held(0, 3), held(1000, 4)],
+            ..settings
+        });
+        maps.rules
+            .insert(key(RULESET_DEFAULT, KIND_GID, TASK_HOST, 50), allow(2));
+        maps.rules
+            .insert(key(RULESET_DEFAULT, KIND_ANY, TASK_HOST, 0), allow(6));
+        let decided = |uid, gid| {
+            let decision = decide(&maps, 0, Some(uid), Some(gid), TASK_HOST, &Path(&[1, 2]));
+            (decision.rule, decision.by_gid)
+        };
+        assert_eq!(decided(0, 50), (2, true));
+        assert_eq!(decided(0, 0), (3, false));
+        assert_eq!(decided(5, 0), (6, false));
+        maps.rules
+            .remove(&key(RULESET_DEFAULT, KIND_GID, TASK_HOST, 50));
+        maps.rules
+            .remove(&key(RULESET_DEFAULT, KIND_ANY, TASK_HOST, 0));
         // Not held: `ALLOW`.
         maps.settings = maps.settings.map(|settings| Settings {
             host_uid_rules_held: 0,

@@ -257,8 +257,8 @@ pub struct Settings {
     /// an element: a fifth of an allowed `connect()`'s time in the programs), in the line it
     /// read the settings from. 0 looks them up, which is always correct.
     pub host_uid_rules_held: u32,
-    /// The rules [`Settings::host_uid_rules_held`] speaks of; an unused slot's rule is
-    /// [`RULE_DEFAULT`] (never a rule's id). `ALLOW` has their entries too.
+    /// The rules [`Settings::host_uid_rules_held`] speaks of, the others [`UidRule::UNUSED`].
+    /// `ALLOW` has their entries too.
     pub host_uid_rules: [UidRule; HOST_UID_RULES],
     /// Explicit padding, always 0.
     pub _pad: u32,
@@ -276,6 +276,19 @@ pub struct UidRule {
     pub uid: u32,
     /// What `ALLOW` holds for it.
     pub value: RuleValue,
+}
+
+impl UidRule {
+    /// An unused slot: uid `u32::MAX` (the kernel's `INVALID_UID`, which no task's credentials
+    /// hold) and rule [`RULE_DEFAULT`] (never a rule's id). Either alone keeps it from matching
+    /// (a slot of zeroes would be root's uid).
+    pub const UNUSED: Self = Self {
+        uid: u32::MAX,
+        value: RuleValue {
+            rule: RULE_DEFAULT,
+            flags: 0,
+        },
+    };
 }
 
 impl Settings {

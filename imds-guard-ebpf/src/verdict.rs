@@ -309,6 +309,13 @@ impl PolicyMaps for KernelMaps {
         // SAFETY: plain values, only read.
         unsafe { ALLOW.get(key) }.copied()
     }
+
+    #[inline]
+    fn host_uid_rule(&self, generation: u32, uid: u32) -> Option<RuleValue> {
+        SETTINGS
+            .get(generation)
+            .and_then(|settings| settings.host_uid_rule(uid))
+    }
 }
 
 /// The current task's cgroup, for the socket address hooks.

@@ -303,10 +303,9 @@ impl Compiled {
         for (&id, ruleset) in &self.rulesets {
             entries.allow.extend(self.allow_entries(id, &ruleset.rules));
         }
-        if let Some(held) = host_uid_rules(&entries.allow) {
-            entries.settings.host_uid_rules_held = 1;
-            entries.settings.host_uid_rules = held;
-        }
+        let held = host_uid_rules(&entries.allow);
+        entries.settings.host_uid_rules_held = u32::from(held.is_some());
+        entries.settings.host_uid_rules = held.unwrap_or([UidRule::UNUSED; HOST_UID_RULES]);
         entries.path_rules = (1..)
             .zip(&self.policy.rules)
             .filter_map(|(rule, resolved)| {
@@ -614,6 +613,10 @@ impl PolicyMaps for EntriesView {
     fn rule(&self, key: RuleKey) -> Option<RuleValue> {
         self.allow.get(&key).copied()
     }
+
+    fn host_uid_rule(&self, generation: u32, uid: u32) -> Option<RuleValue> {
+        self.settings(generation)?.host_uid_rule(uid)
+    }
 }
 
 /// A cgroup given by the ids of its ancestors and itself, root first.
@@ -662,7 +665,7 @@ pub fn judge(
 /// generation's from its first write to its last (cgroups that come and go make and retire
 /// other rule sets), so the settings, written once with them, never disagree with `ALLOW`.
 fn host_uid_rules(allow: &[(RuleKey, RuleValue)]) -> Option<[UidRule; HOST_UID_RULES]> {
-    let mut held = [UidRule::default(); HOST_UID_RULES];
+    let mut held = [UidRule::UNUSED; HOST_UID_RULES];
     let mut rules = (allow.iter()).filter(|(key, _)| {
         key.ruleset == RULESET_DEFAULT && key.kind == KIND_UID && key.task == TASK_HOST
     });
@@ -839,10 +842,8 @@ mod tests {
         let (on, slots, in_allow) = held("[[allow]]\nuid = 0\n");
         assert_eq!(on, 1);
         assert_eq!(slots[0], in_allow[0]);
-        assert_eq!(
-            (slots[0].uid, slots[0].value.rule, slots[1].value.rule),
-            (0, 1, 0)
-        );
+        assert_eq!((slots[0].uid, slots[0].value.rule), (0, 1));
+        assert_eq!(slots[1], UidRule::UNUSED);
         // Two fit; the first rule of each uid is the one held, as in `ALLOW`.
         let (on, slots, in_allow) = held(
             "[[allow]]\nuid = 1000\nmode = \"audit\"\n[[allow]]\nuid = 0\n[[allow]]\nuid = 1000\n",
@@ -856,16 +857,34 @@ mod tests {
         // Three do not: none is held, `ALLOW` is asked.
         let (on, slots, in_allow) =
             held("[[allow]]\nuid = 0\n[[allow]]\nuid = 1\n[[allow]]\nuid = 2\n");
-        assert_eq!((on, slots, in_allow.len()), (0, [UidRule::default(); 2], 3));
+        assert_eq!((on, slots, in_allow.len()), (0, [UidRule::UNUSED; 2], 3));
         // Rules of other kinds, or for some cgroups only, are not the default set's host uid
         // rules: the default set has one uid rule here, held.
         let (on, slots, in_allow) = held(HOST_ROOT_AND_AGENTS);
-        assert_eq!((on, slots[0], slots[1].value.rule), (1, in_allow[0], 0));
+        assert_eq!((on, slots[0], slots[1]), (1, in_allow[0], UidRule::UNUSED));
         assert_eq!(in_allow.len(), 1);
-        // And the decision is the same with the settings' rules as with `ALLOW`'s.
+        // No uid rule in the default set (the agent's unit's rule is another set's): held,
+        // both slots unused, and root on the host matches neither.
+        let ssm_only = "[[allow]]\nunit = \"amazon-ssm-agent.service\"\nuid = 0\n";
+        assert_eq!(held(ssm_only), (1, [UidRule::UNUSED; 2], vec![]));
+        assert_eq!(
+            verdict_at(
+                &Compiled::new(policy(ssm_only), 1, "/", &tree()).0,
+                "/user.slice",
+                0
+            ),
+            (VERDICT_DENY, "default")
+        );
+        // And the decision is the same with the settings' rules as with `ALLOW`'s, with rules
+        // of every kind in the default set too, an audit one first: the lowest rule decides
+        // whichever kind it is and wherever its entry is read.
+        let mixed = "[[allow]]\ngid = 1000\nmode = \"audit\"\n[[allow]]\nuid = 1000\n\
+                     [[allow]]\nuid = 0\n[[allow]]\nname = \"all\"\nnot_cgroup = \"/user.slice/**\"\n";
         for text in [
             HOST_ROOT_AND_AGENTS,
             "[[allow]]\nuid = 0\n[[allow]]\nuid = 1000\n",
+            ssm_only,
+            mixed,
         ] {
             let entries = Compiled::new(policy(text), 1, "/", &tree()).0.entries();
             let mut looked_up = entries.clone();
