@@ -110,21 +110,30 @@ pub fn decide(
             id,
         })
     };
-    let mut first: Option<(RuleValue, u16)> = uid
-        .and_then(|uid| lookup(KIND_UID, uid))
-        .map(|found| (found, KIND_UID));
-    if let Some(gid) = gid
-        && let Some(found) = lookup(KIND_GID, gid)
-        && first.is_none_or(|(first, _)| found.rule < first.rule)
-    {
-        first = Some((found, KIND_GID));
-    }
-    if let Some(found) = lookup(KIND_ANY, 0)
-        && first.is_none_or(|(first, _)| found.rule < first.rule)
-    {
-        first = Some((found, KIND_ANY));
-    }
-    let (verdict, rule) = verdict_of(first.map(|(rule, _)| rule), settings.mode);
+    // The lowest rule found and its kind of key ([`NOT_FOUND`]: none), both always written:
+    // with an `Option`, LLVM compared a found rule with the first one's id before checking
+    // there was one, reading a stack slot no path had written when none was, which Linux
+    // 5.10's verifier refuses ("invalid read from stack").
+    let (mut best, mut best_kind) = (
+        RuleValue {
+            rule: u32::MAX,
+            flags: 0,
+        },
+        NOT_FOUND,
+    );
+    let mut consider = |kind: u16, id: Option<u32>| {
+        if let Some(id) = id
+            && let Some(found) = lookup(kind, id)
+            && found.rule < best.rule
+        {
+            (best, best_kind) = (found, kind);
+        }
+    };
+    consider(KIND_UID, uid);
+    consider(KIND_GID, gid);
+    consider(KIND_ANY, Some(0));
+    let first = (best_kind != NOT_FOUND).then_some(best);
+    let (verdict, rule) = verdict_of(first, settings.mode);
     let mode_audit = if settings.mode == MODE_AUDIT {
         RULE_FLAG_MODE_AUDIT
     } else {
@@ -134,10 +143,13 @@ pub fn decide(
         verdict,
         rule,
         ruleset,
-        by_gid: first.is_some_and(|(_, kind)| kind == KIND_GID),
-        rule_flags: first.map_or(settings.default_rule_flags, |(rule, _)| rule.flags) | mode_audit,
+        by_gid: best_kind == KIND_GID,
+        rule_flags: first.map_or(settings.default_rule_flags, |rule| rule.flags) | mode_audit,
     }
 }
+
+/// [`decide`]'s kind of key of the first matching rule while none matched (`KIND_*` are not 0).
+const NOT_FOUND: u16 = 0;
 
 /// The verdict of the first matching rule (`None`: none matched, the `mode` decides), and the
 /// rule that gave it.
