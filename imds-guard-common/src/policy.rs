@@ -296,7 +296,7 @@ impl Settings {
     #[inline]
     #[must_use]
     pub fn host_uid_rule(&self, uid: u32) -> Option<RuleValue> {
-        // Written out for two slots: a loop over them made LLVM keep the array on the stack.
+        // The two slots (`HOST_UID_RULES`), written out.
         let [first, second] = self.host_uid_rules;
         if first.value.rule != RULE_DEFAULT && first.uid == uid {
             Some(first.value)

@@ -82,8 +82,9 @@ impl Destination {
     }
 
     /// [`Destination::protected_in`] as a function of its own, for the packet and message
-    /// layers: inlined, it joined the packet program's frame, whose stack Linux 5.10's verifier
-    /// adds to the frames it calls.
+    /// layers, whose frames stay as they were: Linux 5.10's verifier allows 512 bytes of stack
+    /// across a program's frame and those of the functions it calls, and the packet program's
+    /// is the largest (192 bytes, 256 as 5.10 counts it, beside its event function's 256).
     #[inline(never)]
     pub fn protected_in_outlined(self, generation: u32) -> bool {
         self.protected_in(generation)
