@@ -183,15 +183,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+); they use the full
     // socket behind a request socket.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb), bpf_skb_cgroup_id(skb)) };
-    // A connected TCP or UDP socket's packet to the destination its connect was judged for is
-    // judged again as a host task's: a container's allow there is remembered on the socket
-    // (above), so only a host task's socket gets here. Anything else (an unconnected socket,
-    // whose datagram NAT may have rewritten unseen) is judged as its sender's kind of task.
-    let task = if facts.seen_by_hooks && facts.connected && !rewritten {
-        TASK_HOST
-    } else {
-        task::kind_of(task::sender_kind(u64::from(uid), cgroup_id))
-    };
+    let (task, uid_known) = judged_as(&facts, rewritten, uid, cgroup_id);
     // What the paths above found, as one value the verifier explores once from here on (see
     // `opaque`); the decision and the record after it are the heaviest part of the program.
     let Some(Found {
@@ -199,11 +191,15 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         seen_by_hooks,
         rewritten,
         remember,
+        uid_known,
+        uid,
     }) = opaque_found(Found {
         task,
         seen_by_hooks: facts.seen_by_hooks,
         rewritten,
         remember: facts.remember(),
+        uid_known,
+        uid,
     })
     else {
         return DROP;
@@ -212,7 +208,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     let Decision { verdict, rule, .. } = decide(
         &verdict::KernelMaps,
         generation,
-        Some(uid),
+        uid_known.then_some(uid),
         None,
         task,
         &SocketCgroup { skb, id: cgroup_id },
@@ -310,7 +306,27 @@ pub unsafe extern "C" fn packet_event(
     0
 }
 
+/// The kind of task a packet is judged as, and whether its socket's uid may match uid rules.
+///
+/// A connected socket's packet to the destination its connect was judged for is judged again as
+/// a host task's, by its owner (a container's allow is remembered on the socket, and never gets
+/// here). Anything else (unconnected, or rewritten by NAT) is judged as its sender's kind of
+/// task, and by its uid only when the sender is the current task (see `sender_kind`).
+#[inline(always)]
+fn judged_as(facts: &SocketFacts, rewritten: bool, uid: u32, cgroup_id: u64) -> (u16, bool) {
+    if facts.seen_by_hooks && facts.connected && !rewritten {
+        (TASK_HOST, true)
+    } else {
+        let sender = task::sender_kind(u64::from(uid), cgroup_id);
+        (task::kind_of(sender), task::sender_confirmed(sender))
+    }
+}
+
 /// What the judge keeps of the paths before the decision, for after it.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts, packed into one word for the verifier (`opaque_found`)"
+)]
 struct Found {
     /// `TASK_*` the packet is judged as.
     task: u16,
@@ -320,6 +336,11 @@ struct Found {
     rewritten: bool,
     /// The verdict is remembered on the socket: a connected socket other than a datagram one.
     remember: bool,
+    /// The socket's uid is its sender's: uid rules may match.
+    uid_known: bool,
+    /// The socket's uid (`bpf_get_socket_uid`), in the same word: one value fewer to keep
+    /// across the decision in the packet program's frame.
+    uid: u32,
 }
 
 /// `found` as values the verifier cannot see through (see `opaque`), one word; `None` (never)
@@ -330,17 +351,21 @@ fn opaque_found(found: Found) -> Option<Found> {
         u64::from(found.task)
             | u64::from(found.seen_by_hooks) << 16
             | u64::from(found.rewritten) << 17
-            | u64::from(found.remember) << 18,
+            | u64::from(found.remember) << 18
+            | u64::from(found.uid_known) << 19
+            | u64::from(found.uid) << 32,
     )?;
     #[expect(
         clippy::cast_possible_truncation,
-        reason = "the low 16 bits hold the kind"
+        reason = "the low 16 bits hold the kind, the high 32 the uid"
     )]
     Some(Found {
         task: word as u16,
         seen_by_hooks: word & 1 << 16 != 0,
         rewritten: word & 1 << 17 != 0,
         remember: word & 1 << 18 != 0,
+        uid_known: word & 1 << 19 != 0,
+        uid: (word >> 32) as u32,
     })
 }
 

@@ -249,9 +249,13 @@ pub fn current_uid_gid() -> u64 {
 /// protocol without them, a destination NAT rewrote): the current task's, as
 /// [`current_task_kind`] tells, when it is the packet's sender: in its socket's cgroup
 /// (`socket_cgroup`) with the socket owner's uid (`socket_uid`), as in the system call that
-/// sends such a packet first (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission from a timer, a packet
-/// sent in interrupt context, whatever task was current then) there is no sender to ask: the
-/// packet counts as a container's (fail closed).
+/// sends such a packet first (`sendmsg`, or `connect` for a SYN). Otherwise (a retransmission
+/// from a timer, a packet sent in interrupt context, whatever task was current then) there is
+/// no sender to ask: the packet counts as a container's, and its uid as unknown
+/// ([`SENDER_UNCONFIRMED`]; fail closed). That includes a sender whose socket's uid is not its
+/// own: `socket_uid` is the owner as the user namespace owning the socket's network namespace
+/// maps it (`bpf_get_socket_uid`), so an unprivileged container's root, global uid 100000, owns
+/// its sockets as uid 0 there, which no rule may take for root's.
 ///
 /// A global function, as [`current_task_kind`] is (`TASK_*` in the low bits, [`kind_of`]):
 /// checked once on its own, its result only a number to the caller, whatever paths its reads
@@ -282,8 +286,18 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
     if is_sender {
         current_task_kind()
     } else {
-        u64::from(TASK_CONTAINER)
+        u64::from(TASK_CONTAINER) | SENDER_UNCONFIRMED
     }
+}
+
+/// In [`sender_kind`]'s result: the current task is not known to be the packet's sender, so the
+/// socket's uid says nothing about who sent it ([`sender_confirmed`]).
+const SENDER_UNCONFIRMED: u64 = 1 << 33;
+
+/// Whether [`sender_kind`], which returned `returned`, found the current task to be the sender.
+#[inline(always)]
+pub fn sender_confirmed(returned: u64) -> bool {
+    returned & SENDER_UNCONFIRMED == 0
 }
 
 /// A kind of task [`current_task_kind`] returned: the low bits.

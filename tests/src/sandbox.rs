@@ -45,6 +45,53 @@ impl Sandbox {
     pub fn new() -> Self {
         let name = crate::unique_name("ns");
         ip(&["netns", "add", &name]);
+        Self::serving_in(name)
+    }
+
+    /// As [`Sandbox::new`], in a namespace owned by a user namespace of its own that maps
+    /// 65,536 ids from `outer` up to 0 up, as an unprivileged container (LXC, Podman) has: a
+    /// socket of global uid `outer` there is uid 0 to the namespace (`bpf_get_socket_uid`).
+    ///
+    /// # Panics
+    /// When `unshare`, writing the id maps or `ip` fails.
+    #[must_use]
+    pub fn in_user_namespace(outer: u32) -> Self {
+        let name = crate::unique_name("usrns");
+        // A process holds the new namespaces while their ids are mapped (by us, root in the
+        // parent namespace: no `newuidmap` needed) and `ip netns attach` names the network one
+        // (which keeps its user namespace alive); then it is no longer needed.
+        let mut holder = Command::new("unshare")
+            .args(["--user", "--net", "--", "sleep", "60"])
+            .spawn()
+            .expect("run unshare");
+        let pid = holder.id();
+        let made = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()
+                != std::fs::read_link("/proc/self/ns/user").ok()
+        });
+        let map = format!("0 {outer} 65536\n");
+        let mapped = made
+            && std::fs::write(format!("/proc/{pid}/uid_map"), &map).is_ok()
+            && std::fs::write(format!("/proc/{pid}/gid_map"), &map).is_ok();
+        let named = mapped
+            && Command::new("ip")
+                .args(["netns", "attach", &name, &pid.to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(
+            named,
+            "a network namespace owned by a user namespace mapping 0 to {outer}: made {made}, \
+             mapped {mapped}, attached {named}"
+        );
+        Self::serving_in(name)
+    }
+
+    /// The namespace `name` (in `/run/netns`), its loopback up with the IMDS addresses, and the
+    /// mock serving there.
+    fn serving_in(name: String) -> Self {
         let mut sandbox = Self {
             netns: PathBuf::from("/run/netns").join(&name),
             name,

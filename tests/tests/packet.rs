@@ -450,3 +450,60 @@ fn a_containers_connection_rewritten_to_imds_is_refused_even_when_its_syn_is_ret
         ],
     );
 }
+
+/// An unprivileged container's root: global uid 100000, uid 0 in the user namespace owning its
+/// network namespace, where the packet layer's `bpf_get_socket_uid` maps its sockets' owner.
+/// Under a rule that admits uid 0 in containers, its direct connect is judged by its global uid
+/// and refused; through a NAT it adds in its own namespace, its packets must not pass as root's.
+#[test]
+fn a_user_namespaced_containers_root_is_not_root_at_the_packet_layer() {
+    const CONTAINER_ROOT: u32 = 100_000;
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (
+        Sandbox::in_user_namespace(CONTAINER_ROOT),
+        TestCgroup::new("test"),
+    );
+    add_nat_to_imds(&sandbox);
+    let (tcp_case, udp_case) = (attach.child("tcp"), attach.child("udp"));
+    let served = attach.child("served");
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n[[allow]]\nname = \"root anywhere\"\nuid = 0\ncontainers = true\n\
+         [[allow]]\nname = \"served\"\ncgroup = \"{1}\"\n",
+        attach.path, served.path
+    ));
+    let agent = Agent::start(&["--config", &config.arg()]);
+    // The namespace serves: a cgroup's rule lets the container's root through directly.
+    Client::new(&sandbox, &served, CONTAINER_ROOT, CONTAINER_ROOT)
+        .imds(IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // The container's root, directly: judged by its global uid.
+    Client::new(&sandbox, &tcp_case, CONTAINER_ROOT, CONTAINER_ROOT)
+        .imds(IMDS_V4, 80)
+        .assert_errno(EPERM);
+    // Through the NAT: the SYN is dropped (a timeout), the datagram refused.
+    let tcp = Client::new(&sandbox, &tcp_case, CONTAINER_ROOT, CONTAINER_ROOT)
+        .imds(nat_entry(IMDS_V4.into()), NAT_TCP_PORT);
+    assert_eq!(tcp.errno, Some(ETIMEDOUT), "TCP through NAT: {tcp:?}");
+    let udp = Client::new(&sandbox, &udp_case, CONTAINER_ROOT, CONTAINER_ROOT).route(
+        "connected-udp",
+        nat_entry(IMDS_V6.into()),
+        NAT_UDP_PORT,
+    );
+    assert_eq!(udp.errno, Some(EPERM), "UDP through NAT: {udp:?}");
+    let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
+    for (cgroup, protocol) in [(&tcp_case, "tcp"), (&udp_case, "udp")] {
+        let events = agent.packet_events_in(cgroup, &barrier);
+        assert!(!events.is_empty(), "{protocol}: not reported");
+        assert_fields(
+            &events[0],
+            &[
+                ("verdict", json!("deny")),
+                ("rewritten", json!(true)),
+                ("rule", json!("default")),
+                ("protocol", json!(protocol)),
+            ],
+        );
+    }
+}
