@@ -255,7 +255,11 @@ pub fn current_uid_gid() -> u64 {
 /// ([`SENDER_UNCONFIRMED`]; fail closed). That includes a sender whose socket's uid is not its
 /// own: `socket_uid` is the owner as the user namespace owning the socket's network namespace
 /// maps it (`bpf_get_socket_uid`), so an unprivileged container's root, global uid 100000, owns
-/// its sockets as uid 0 there, which no rule may take for root's.
+/// its sockets as uid 0 there, which no rule may take for root's. And a sender whose file
+/// system uid (its sockets' owner) is not its uid: the socket hooks judge the real uid, so a
+/// setuid-root program run by a denied user is not root here either. Without the layout
+/// (containers known by their cgroup path alone) no sender can be confirmed: a host task's,
+/// with its uid unknown.
 ///
 /// A global function, as [`current_task_kind`] is (`TASK_*` in the low bits, [`kind_of`]):
 /// checked once on its own, its result only a number to the caller, whatever paths its reads
@@ -264,7 +268,7 @@ pub fn current_uid_gid() -> u64 {
 #[inline(never)]
 pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
     if !known(LAYOUT_NAMESPACES) {
-        return u64::from(TASK_HOST);
+        return u64::from(TASK_HOST) | SENDER_UNCONFIRMED;
     }
     let task = current();
     // A failed read is a value no socket has (no cgroup's id; a uid has 32 bits). (An
@@ -283,10 +287,14 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
             .map_or(u64::MAX, u64::from);
         cgroup == socket_cgroup && uid == socket_uid
     };
-    if is_sender {
-        current_task_kind()
+    if !is_sender {
+        return u64::from(TASK_CONTAINER) | SENDER_UNCONFIRMED;
+    }
+    let kind = current_task_kind();
+    if owns_sockets_as_another(kind) {
+        kind | SENDER_UNCONFIRMED
     } else {
-        u64::from(TASK_CONTAINER) | SENDER_UNCONFIRMED
+        kind
     }
 }
 

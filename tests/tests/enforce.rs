@@ -116,6 +116,23 @@ fn a_task_is_judged_by_its_real_uid_and_gid_not_its_effective_ones() {
     setuid_root.assert_errno(EPERM);
     let events = agent.wait_events_of(setuid_root.pid, 1);
     assert_fields(&events[0], &[("uid", json!(USER)), ("gid", json!(USER))]);
+    // Its raw socket (its effective root has `CAP_NET_RAW`) is root's to the packet layer, which
+    // judges by a socket's owner: not root's rule either.
+    let raw = Client::new(&sandbox, &attach, USER, USER)
+        .effective(0, 0)
+        .route("raw-udp", IMDS_V4, 53);
+    assert_eq!(
+        raw.errno,
+        Some(EPERM),
+        "setuid root's raw datagram: {raw:?}"
+    );
+    // Real root's raw socket is: its datagram reaches the mock.
+    let raw = Client::new(&sandbox, &attach, 0, 0).route("raw-udp", IMDS_V4, 53);
+    assert_eq!(
+        (raw.errno, raw.detail.as_str()),
+        (None, "ping"),
+        "root's raw datagram"
+    );
     // Root with a user's effective ids (`seteuid`, which it can undo) is root.
     Client::new(&sandbox, &attach, 0, 0)
         .effective(USER, USER)

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use imds_guard_tests::{
     Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
-    assert_fields, privileged, setup,
+    agent_binary, assert_fields, privileged, setup,
 };
 use serde_json::{Value, json};
 
@@ -461,49 +461,67 @@ fn a_user_namespaced_containers_root_is_not_root_at_the_packet_layer() {
     if !privileged() {
         return;
     }
-    let (sandbox, attach) = (
-        Sandbox::in_user_namespace(CONTAINER_ROOT),
-        TestCgroup::new("test"),
-    );
+    let sandbox = Sandbox::in_user_namespace(CONTAINER_ROOT);
     add_nat_to_imds(&sandbox);
-    let (tcp_case, udp_case) = (attach.child("tcp"), attach.child("udp"));
-    let served = attach.child("served");
-    let config = ConfigFile::new(&format!(
-        "cgroup = \"{0}\"\n[[allow]]\nname = \"root anywhere\"\nuid = 0\ncontainers = true\n\
-         [[allow]]\nname = \"served\"\ncgroup = \"{1}\"\n",
-        attach.path, served.path
-    ));
-    let agent = Agent::start(&["--config", &config.arg()]);
-    // The namespace serves: a cgroup's rule lets the container's root through directly.
-    Client::new(&sandbox, &served, CONTAINER_ROOT, CONTAINER_ROOT)
-        .imds(IMDS_V4, 80)
-        .assert_ok(MOCK_INSTANCE_ID);
-    // The container's root, directly: judged by its global uid.
-    Client::new(&sandbox, &tcp_case, CONTAINER_ROOT, CONTAINER_ROOT)
-        .imds(IMDS_V4, 80)
-        .assert_errno(EPERM);
-    // Through the NAT: the SYN is dropped (a timeout), the datagram refused.
-    let tcp = Client::new(&sandbox, &tcp_case, CONTAINER_ROOT, CONTAINER_ROOT)
-        .imds(nat_entry(IMDS_V4.into()), NAT_TCP_PORT);
-    assert_eq!(tcp.errno, Some(ETIMEDOUT), "TCP through NAT: {tcp:?}");
-    let udp = Client::new(&sandbox, &udp_case, CONTAINER_ROOT, CONTAINER_ROOT).route(
-        "connected-udp",
-        nat_entry(IMDS_V6.into()),
-        NAT_UDP_PORT,
-    );
-    assert_eq!(udp.errno, Some(EPERM), "UDP through NAT: {udp:?}");
-    let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
-    for (cgroup, protocol) in [(&tcp_case, "tcp"), (&udp_case, "udp")] {
-        let events = agent.packet_events_in(cgroup, &barrier);
-        assert!(!events.is_empty(), "{protocol}: not reported");
-        assert_fields(
-            &events[0],
-            &[
-                ("verdict", json!("deny")),
-                ("rewritten", json!(true)),
-                ("rule", json!("default")),
-                ("protocol", json!(protocol)),
-            ],
+    // With the task reads, and without them (`cgroup paths only`, as on a kernel that refuses
+    // them), where no sender can be confirmed.
+    for reads in ["", "none"] {
+        let attach = TestCgroup::new("test");
+        let (tcp_case, udp_case) = (attach.child("tcp"), attach.child("udp"));
+        let served = attach.child("served");
+        let config = ConfigFile::new(&format!(
+            "cgroup = \"{0}\"\n[[allow]]\nname = \"root anywhere\"\nuid = 0\ncontainers = true\n\
+             [[allow]]\nname = \"served\"\ncgroup = \"{1}\"\n",
+            attach.path, served.path
+        ));
+        let args = ["--config", &config.arg()];
+        let agent = if reads.is_empty() {
+            Agent::start(&args)
+        } else {
+            let env = format!("IMDS_GUARD_TASK_READS={reads}");
+            let agent = Agent::start_wrapped(&["env", &env], &agent_binary(), &args);
+            assert!(
+                agent.stderr().contains("cgroup paths only"),
+                "{}",
+                agent.stderr()
+            );
+            agent
+        };
+        // The namespace serves: a cgroup's rule lets the container's root through directly.
+        Client::new(&sandbox, &served, CONTAINER_ROOT, CONTAINER_ROOT)
+            .imds(IMDS_V4, 80)
+            .assert_ok(MOCK_INSTANCE_ID);
+        // The container's root, directly: judged by its global uid.
+        Client::new(&sandbox, &tcp_case, CONTAINER_ROOT, CONTAINER_ROOT)
+            .imds(IMDS_V4, 80)
+            .assert_errno(EPERM);
+        // Through the NAT: the SYN is dropped (a timeout), the datagram refused.
+        let tcp = Client::new(&sandbox, &tcp_case, CONTAINER_ROOT, CONTAINER_ROOT)
+            .imds(nat_entry(IMDS_V4.into()), NAT_TCP_PORT);
+        assert_eq!(
+            tcp.errno,
+            Some(ETIMEDOUT),
+            "{reads}: TCP through NAT: {tcp:?}"
         );
+        let udp = Client::new(&sandbox, &udp_case, CONTAINER_ROOT, CONTAINER_ROOT).route(
+            "connected-udp",
+            nat_entry(IMDS_V6.into()),
+            NAT_UDP_PORT,
+        );
+        assert_eq!(udp.errno, Some(EPERM), "{reads}: UDP through NAT: {udp:?}");
+        let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
+        for (cgroup, protocol) in [(&tcp_case, "tcp"), (&udp_case, "udp")] {
+            let events = agent.packet_events_in(cgroup, &barrier);
+            assert!(!events.is_empty(), "{reads}: {protocol}: not reported");
+            assert_fields(
+                &events[0],
+                &[
+                    ("verdict", json!("deny")),
+                    ("rewritten", json!(true)),
+                    ("rule", json!("default")),
+                    ("protocol", json!(protocol)),
+                ],
+            );
+        }
     }
 }

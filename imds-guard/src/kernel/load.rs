@@ -89,7 +89,9 @@ fn raise_memlock_limit() {
 }
 
 /// The environment variable that, set to `probe`, makes the programs read tasks with
-/// `bpf_probe_read_kernel` even where the kernel offers BTF-typed loads.
+/// `bpf_probe_read_kernel` even where the kernel offers BTF-typed loads; set to `none`, read
+/// nothing of tasks, as on a kernel that refuses both (containers known by their cgroup path
+/// alone): to compare, or to test that mode.
 pub const TASK_READS_ENV: &str = "IMDS_GUARD_TASK_READS";
 
 impl Kernel {
@@ -135,11 +137,14 @@ impl Kernel {
             ..found.layout
         };
         // `IMDS_GUARD_TASK_READS=probe` skips the first try (to compare, or on a kernel whose
-        // BTF loads misbehave).
-        let first = if std::env::var(TASK_READS_ENV).as_deref() == Ok("probe") {
-            found.layout
-        } else {
-            btf
+        // BTF loads misbehave); `none` the first two.
+        let first = match std::env::var(TASK_READS_ENV).as_deref() {
+            Ok("probe") => found.layout,
+            Ok("none") => TaskLayout {
+                known: 0,
+                ..found.layout
+            },
+            _ => btf,
         };
         let loaded = match Self::load_with(prepared, pins, adopted, &fold_window_ns, &first) {
             Err(KernelError::LoadProgram { program, source })
