@@ -309,8 +309,8 @@ pub unsafe extern "C" fn packet_event(
 /// The kind of task a packet is judged as, and whether its socket's uid may match uid rules.
 ///
 /// A connected socket's packet to the destination its connect was judged for is judged again as
-/// a host task's, by its owner (a container's allow is remembered on the socket, and never gets
-/// here). Anything else (unconnected, or rewritten by NAT) is judged as its sender's kind of
+/// a host task's, by its owner (a container's allow is remembered on the socket, above, unless
+/// its storage could not be made). Anything else (unconnected, or rewritten by NAT) is judged as its sender's kind of
 /// task, and by its uid only when the sender is the current task (see `sender_kind`).
 #[inline(always)]
 fn judged_as(facts: &SocketFacts, rewritten: bool, uid: u32, cgroup_id: u64) -> (u16, bool) {
