@@ -310,8 +310,9 @@ pub unsafe extern "C" fn packet_event(
 ///
 /// A connected socket's packet to the destination its connect was judged for is judged again as
 /// a host task's, by its owner (a container's allow is remembered on the socket, above, unless
-/// its storage could not be made). Anything else (unconnected, or rewritten by NAT) is judged as its sender's kind of
-/// task, and by its uid only when the sender is the current task (see `sender_kind`).
+/// its storage could not be made). Anything else (unconnected, or rewritten by NAT) is judged
+/// as its sender's kind of task, and by its uid only when the sender is the current task (see
+/// `sender_kind`).
 #[inline(always)]
 fn judged_as(facts: &SocketFacts, rewritten: bool, uid: u32, cgroup_id: u64) -> (u16, bool) {
     if facts.seen_by_hooks && facts.connected && !rewritten {

@@ -65,10 +65,13 @@ impl Sandbox {
             .spawn()
             .expect("run unshare");
         let pid = holder.id();
+        // Its user namespace is not ours once `unshare` made them (a link that cannot be read,
+        // `unshare` having failed and exited, is no namespace made).
         let made = (0..200).any(|_| {
             std::thread::sleep(Duration::from_millis(10));
-            std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()
-                != std::fs::read_link("/proc/self/ns/user").ok()
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user"));
+            let ours = std::fs::read_link("/proc/self/ns/user");
+            matches!((theirs, ours), (Ok(theirs), Ok(ours)) if theirs != ours)
         });
         let map = format!("0 {outer} 65536\n");
         let mapped = made
