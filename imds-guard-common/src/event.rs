@@ -202,8 +202,7 @@ pub struct TaskLayout {
 
 /// [`TaskLayout::known`]: the parent's offsets (`real_parent`, `group_leader`, `tgid`, `comm`).
 pub const LAYOUT_PARENT: u32 = 1;
-/// [`TaskLayout::known`]: the namespace and credential offsets (`thread_pid` to
-/// `gid`).
+/// [`TaskLayout::known`]: the namespace and credential offsets (`thread_pid` to `gid`).
 pub const LAYOUT_NAMESPACES: u32 = 2;
 /// [`TaskLayout::known`]: the executable's offsets (`mm` to `d_parent`).
 pub const LAYOUT_EXE: u32 = 4;
