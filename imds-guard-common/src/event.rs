@@ -18,7 +18,8 @@ pub const HOOK_SENDMSG6: u8 = 4;
 /// `cgroup_skb/egress`: a packet to a protected address that no socket hook let through for
 /// its socket: a raw socket's, one whose destination NAT rewrote after the socket hooks, or one
 /// of a protocol they do not see (ICMP echo sockets, UDP-Lite, SCTP). No task is known: pid,
-/// tgid and comm are 0; the uid is the socket owner's; the gid is unknown, `u32::MAX`.
+/// tgid and comm are 0; the uid is the socket owner's (judged or not: see
+/// [`EVENT_FLAG_UID_IGNORED`]); the gid is unknown, `u32::MAX`.
 pub const HOOK_EGRESS: u8 = 5;
 /// `sk_msg` on a connection to a protected address: an HTTP request (`imds_version`,
 /// `request`) that was IMDSv1, or that the rule refuses. The task is the writer's; its comm,
@@ -38,6 +39,14 @@ pub const EVENT_FLAG_REWRITTEN: u8 = 1;
 /// namespace is not the host's initial one (or, for a packet, what sent it could not be told).
 /// A container the agent recognises by its cgroup path is named in the event's cgroup.
 pub const EVENT_FLAG_CONTAINER: u8 = 2;
+/// [`Event::flags`]: a packet judged with its socket's uid ignored, so that only rules on
+/// cgroups could let it through: its sender could not be confirmed as a task that owns the
+/// socket under that uid (a user-namespaced container's root, whose socket's owner reads as
+/// uid 0 of its namespace; a setuid program; a packet sent for another task). The event's uid is
+/// still the socket owner's, as the kernel maps it.
+pub const EVENT_FLAG_UID_IGNORED: u8 = 4;
+/// The [`Event::flags`] that set attempts apart in a [`FoldKey`]: what was judged differs.
+pub const FOLD_FLAGS: u8 = EVENT_FLAG_CONTAINER | EVENT_FLAG_UID_IGNORED;
 
 /// Length of [`Event::comm`], the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
@@ -253,7 +262,8 @@ pub struct FoldKey {
     pub tgid: u32,
     /// Destination port, host byte order.
     pub port: u16,
-    /// [`EVENT_FLAG_CONTAINER`] when the attempts were judged as a container's, else 0.
+    /// The attempts' [`FOLD_FLAGS`]: whether they were judged as a container's, and with
+    /// their uid ignored.
     pub flags: u8,
     /// `http::IMDS_VERSION_*` of an HTTP request, else 0: v1 requests fold apart from refused
     /// v2 ones.
@@ -277,7 +287,7 @@ impl FoldKey {
             addr: event.addr,
             tgid: event.tgid,
             port: event.port,
-            flags: event.flags & EVENT_FLAG_CONTAINER,
+            flags: event.flags & FOLD_FLAGS,
             imds_version: event.imds_version,
         }
     }

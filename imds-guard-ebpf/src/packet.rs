@@ -28,8 +28,8 @@ use aya_ebpf::{
 use imds_guard_common::{
     decide::{Cgroup, Decision, decide},
     event::{
-        EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, HOOK_EGRESS, SocketVerdict, VERDICT_ALLOW,
-        VERDICT_DENY,
+        EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EVENT_FLAG_UID_IGNORED, HOOK_EGRESS,
+        SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
     },
     policy::{TASK_CONTAINER, TASK_HOST},
 };
@@ -256,7 +256,8 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
                 EVENT_FLAG_CONTAINER
             } else {
                 0
-            },
+            }
+            | if uid_known { 0 } else { EVENT_FLAG_UID_IGNORED },
         uid,
         gid: u32::MAX,
     }

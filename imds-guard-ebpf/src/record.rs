@@ -7,8 +7,7 @@ use aya_ebpf::helpers::{
 };
 use imds_guard_common::{
     event::{
-        COMM_LEN, EVENT_FLAG_CONTAINER, Event, FoldKey, FoldValue, UNREAD_COMM, UNREAD_EXE,
-        UNREAD_PARENT,
+        COMM_LEN, Event, FOLD_FLAGS, FoldKey, FoldValue, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
     },
     http::HTTP_REQUEST_BYTES,
     maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
@@ -330,7 +329,7 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32, now: u64) -> bool {
         addr: attempt.addr,
         tgid,
         port: attempt.port,
-        flags: attempt.flags & EVENT_FLAG_CONTAINER,
+        flags: attempt.flags & FOLD_FLAGS,
         imds_version: attempt.imds_version,
     };
     let Some(value) = FOLDS.get_ptr_mut(key) else {

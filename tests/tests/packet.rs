@@ -167,6 +167,8 @@ fn destinations_rewritten_to_imds_by_nat_are_judged_at_the_packet_layer() {
                         ("protocol", json!(protocol)),
                         ("rewritten", json!(true)),
                         ("rule", json!("default")),
+                        // Its sender owns the socket under that uid: the uid was judged.
+                        ("uid_ignored", Value::Null),
                     ],
                 );
             }
@@ -520,6 +522,9 @@ fn a_user_namespaced_containers_root_is_not_root_at_the_packet_layer() {
                     ("rewritten", json!(true)),
                     ("rule", json!("default")),
                     ("protocol", json!(protocol)),
+                    // The socket's owner as its namespace maps it, and that it did not count.
+                    ("uid", json!(0)),
+                    ("uid_ignored", json!(true)),
                 ],
             );
         }

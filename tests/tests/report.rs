@@ -2,6 +2,8 @@
 //! touched IMDS, `imds-guard report` says it, `--suggest-policy` turns it into a policy, and
 //! that policy, loaded back, lets exactly those workloads through.
 
+use std::net::IpAddr;
+
 use imds_guard_tests::{
     Agent, Client, ConfigFile, EPERM, IMDS_V4, MOCK_INSTANCE_ID, Sandbox, TestCgroup, imds_guard,
     privileged,
@@ -107,4 +109,76 @@ fn audit_findings_become_a_policy_that_allows_what_was_seen_and_denies_the_rest(
             .tcp(IMDS_V4, 80)
             .assert_errno(EPERM);
     }
+}
+
+/// An unprivileged container's root (global uid 100000) reaching IMDS through a NAT in its own
+/// network namespace, which its user namespace owns: the packet layer judges those packets with
+/// their uid ignored (the socket's owner reads as uid 0 of that namespace). The events say so,
+/// and the suggested rule names the cgroup alone, the only rule that lets them through once
+/// enforced: one for uid 0 there (what the events' uid says) would never match them.
+#[test]
+fn packets_judged_without_their_uid_are_suggested_a_rule_that_matches_them() {
+    const CONTAINER_ROOT: u32 = 100_000;
+    const NAT_PORT: u16 = 8081;
+    if !privileged() {
+        return;
+    }
+    let sandbox = Sandbox::in_user_namespace(CONTAINER_ROOT);
+    sandbox.dnat(
+        "iptables",
+        "tcp",
+        "127.0.0.1",
+        NAT_PORT,
+        "169.254.169.254:80",
+    );
+    let entry = IpAddr::from([127, 0, 0, 1]);
+    let attach = TestCgroup::new("report");
+    let web = attach.child("web");
+    let other = attach.child("other");
+    let audited_config =
+        ConfigFile::new(&format!("mode = \"audit\"\ncgroup = \"{}\"\n", attach.path));
+
+    let mut audit = Agent::start(&["--config", &audited_config.arg()]);
+    Client::new(&sandbox, &web, CONTAINER_ROOT, CONTAINER_ROOT)
+        .imds(entry, NAT_PORT)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // A later attempt, elsewhere: once its event is in, so are the packets' (the ring is FIFO).
+    let marker = Client::new(&sandbox, &other, 65534, 65534).tcp(IMDS_V4, 80);
+    let _ = audit.wait_events_of(marker.pid, 1);
+    assert!(audit.stop().success(), "{}", audit.stderr());
+    let packets: Vec<Value> = (audit.events().into_iter())
+        .filter(|event| event["hook"] == "egress" && event["cgroup"] == web.path.as_str())
+        .collect();
+    // The token's connection and the request's.
+    assert_eq!(packets.len(), 2, "{packets:?}");
+    for event in &packets {
+        assert_eq!(event["uid"], 0, "{event}");
+        assert_eq!(event["uid_ignored"], true, "{event}");
+    }
+    let stream: Vec<String> = audit.events().iter().map(Value::to_string).collect();
+    let recorded = ConfigFile::new(&(stream.join("\n") + "\n"));
+    let table = stdout_of(&["report", &recorded.arg()]);
+    assert!(table.contains("0 (root, ignored)"), "{table}");
+
+    let suggested = stdout_of(&[
+        "report",
+        "--suggest-policy",
+        "--config",
+        &audited_config.arg(),
+        &recorded.arg(),
+    ]);
+    assert!(
+        suggested.contains(&format!("[[allow]]\ncgroup = \"{}\"\n", web.path)),
+        "{suggested}"
+    );
+    let suggested = ConfigFile::new(&suggested);
+    let _ = stdout_of(&["check-config", &suggested.arg()]);
+    let _enforce = Agent::start(&["--config", &suggested.arg()]);
+    Client::new(&sandbox, &web, CONTAINER_ROOT, CONTAINER_ROOT)
+        .imds(entry, NAT_PORT)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // Elsewhere it is still refused: its SYN dropped, so the connect times out.
+    let elsewhere =
+        Client::new(&sandbox, &other, CONTAINER_ROOT, CONTAINER_ROOT).imds(entry, NAT_PORT);
+    assert_eq!(elsewhere.errno, Some(libc::ETIMEDOUT), "{elsewhere:?}");
 }

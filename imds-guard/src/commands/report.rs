@@ -26,6 +26,10 @@ struct Line {
     time: Timestamp,
     verdict: String,
     uid: u32,
+    /// A packet judged with its uid ignored (only rules on cgroups could match it); lines of
+    /// older agents lack it.
+    #[serde(default)]
+    uid_ignored: bool,
     #[serde(default)]
     user: Option<String>,
     comm: Option<String>,
@@ -70,6 +74,10 @@ pub struct Workload {
     pub cgroup: Option<String>,
     /// Its uid.
     pub uid: u32,
+    /// Its attempts were packets judged with their uid ignored (the event's `uid_ignored`): a
+    /// user-namespaced container's root, say, whose sockets' owner reads as uid 0 of its
+    /// namespace. Only a rule on its cgroup (or unit) can let them through.
+    pub uid_ignored: bool,
     /// The uid's name, when the agent found one.
     pub user: Option<String>,
     /// Executables seen.
@@ -109,6 +117,7 @@ impl Workload {
             pod_uid: placement.pod_uid,
             cgroup: line.cgroup.clone(),
             uid: line.uid,
+            uid_ignored: line.uid_ignored,
             user: line.user.clone(),
             exes: Vec::new(),
             comms: Vec::new(),
@@ -152,13 +161,13 @@ fn push_new(list: &mut Vec<String>, item: Option<String>) {
     }
 }
 
-/// Groups the events of `input` by workload (cgroup, then uid), counting aggregate lines by
-/// their `count`.
+/// Groups the events of `input` by workload (cgroup, then uid, judged or ignored), counting
+/// aggregate lines by their `count`.
 ///
 /// # Errors
 /// [`EventsError::Stream`] naming the line that is an unreadable event.
 pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
-    let mut by_key: BTreeMap<(Option<String>, u32), Workload> = BTreeMap::new();
+    let mut by_key: BTreeMap<(Option<String>, u32, bool), Workload> = BTreeMap::new();
     let mut add = |number: usize, text: &[u8]| -> Result<()> {
         let line: Line = serde_json::from_slice(text).map_err(|err| EventsError::Stream {
             at: format!("{source}:{number}"),
@@ -170,7 +179,7 @@ pub fn workloads(input: impl BufRead, source: &str) -> Result<Vec<Workload>> {
         }
         let first_seen = line.first_seen.unwrap_or(line.time).min(line.time);
         let workload = by_key
-            .entry((line.cgroup.clone(), line.uid))
+            .entry((line.cgroup.clone(), line.uid, line.uid_ignored))
             .or_insert_with(|| Workload::new(&line, first_seen));
         let in_container = line.in_container.unwrap_or_else(|| {
             line.cgroup
@@ -313,9 +322,11 @@ pub fn table(workloads: &[Workload]) -> String {
     );
     let second = |t: &Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     for w in workloads {
-        let uid = match &w.user {
-            Some(user) => format!("{} ({user})", w.uid),
-            None => w.uid.to_string(),
+        let uid = match (&w.user, w.uid_ignored) {
+            (Some(user), false) => format!("{} ({user})", w.uid),
+            (Some(user), true) => format!("{} ({user}, ignored)", w.uid),
+            (None, false) => w.uid.to_string(),
+            (None, true) => format!("{} (ignored)", w.uid),
         };
         let _ = writeln!(
             out,
@@ -432,15 +443,26 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
         for w in seen {
             write_seen(&mut out, w);
         }
+        if *identity == Identity::Anywhere && uid.is_none() {
+            // Its uid cannot match and nothing else names it: any rule would admit everyone.
+            out.push_str(
+                "# not given a rule: its packets were judged without their uid and its cgroup \
+                 was gone when its events were read, so no rule could name it alone\n",
+            );
+            continue;
+        }
         write_rule(&mut out, identity, *uid, seen);
     }
     Ok(out)
 }
 
 /// The workloads audit mode let through, by identity (its system manager's unit, else its
-/// cgroup path, else anywhere) and uid: one rule each.
-fn audited_by_identity(workloads: &[Workload]) -> BTreeMap<(Identity, u32), Vec<&Workload>> {
-    let mut rules: BTreeMap<(Identity, u32), Vec<&Workload>> = BTreeMap::new();
+/// cgroup path, else anywhere) and uid (none for those judged with their uid ignored, which a
+/// uid rule cannot match): one rule each.
+fn audited_by_identity(
+    workloads: &[Workload],
+) -> BTreeMap<(Identity, Option<u32>), Vec<&Workload>> {
+    let mut rules: BTreeMap<(Identity, Option<u32>), Vec<&Workload>> = BTreeMap::new();
     for w in workloads.iter().filter(|w| w.audited > 0) {
         // A unit rule names a unit of the system manager: one a user manager or a container
         // named is told by its cgroup path instead.
@@ -455,7 +477,8 @@ fn audited_by_identity(workloads: &[Workload]) -> BTreeMap<(Identity, u32), Vec<
             (None, Some(cgroup)) => Identity::Cgroup(cgroup.clone()),
             (None, None) => Identity::Anywhere,
         };
-        rules.entry((identity, w.uid)).or_default().push(w);
+        let uid = (!w.uid_ignored).then_some(w.uid);
+        rules.entry((identity, uid)).or_default().push(w);
     }
     rules
 }
@@ -464,7 +487,7 @@ fn audited_by_identity(workloads: &[Workload]) -> BTreeMap<(Identity, u32), Vec<
 fn write_seen(out: &mut String, w: &Workload) {
     let _ = writeln!(
         out,
-        "# seen: {} attempts {} → {} as {}{}; {}; to {}",
+        "# seen: {} attempts {} → {} as {}{}{}; {}; to {}",
         w.audited,
         w.first_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
         w.last_seen.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -473,6 +496,11 @@ fn write_seen(out: &mut String, w: &Workload) {
             .as_ref()
             .map(|u| format!(" ({u})"))
             .unwrap_or_default(),
+        if w.uid_ignored {
+            " (a socket's owner, not judged)"
+        } else {
+            ""
+        },
         if w.exes.is_empty() {
             format!("comm {}", w.comms.join(", "))
         } else {
@@ -492,10 +520,22 @@ fn write_seen(out: &mut String, w: &Workload) {
 }
 
 /// One suggested rule: `uid` in `identity`, for the workloads `seen` there, and never wider than
-/// what was seen (where its tasks were: on the host, in containers, or both).
-fn write_rule(out: &mut String, identity: &Identity, uid: u32, seen: &[&Workload]) {
+/// what was seen (where its tasks were: on the host, in containers, or both). Without `uid`
+/// (packets judged with their uid ignored), the rule names the identity alone, the only rule
+/// that can match them: every uid there.
+fn write_rule(out: &mut String, identity: &Identity, uid: Option<u32>, seen: &[&Workload]) {
+    if uid.is_none() {
+        out.push_str(
+            "# its packets were judged without their uid (the socket's owner could not be \
+             confirmed as\n# their sender: a user-namespaced container's root, a setuid \
+             program): a uid rule would\n# never match them, so this rule admits every uid \
+             here\n",
+        );
+    }
     out.push_str("[[allow]]\n");
-    let _ = writeln!(out, "uid = {uid}");
+    if let Some(uid) = uid {
+        let _ = writeln!(out, "uid = {uid}");
+    }
     match identity {
         Identity::Unit(unit) => {
             let _ = writeln!(out, "unit = {}", toml_string(unit));
@@ -678,6 +718,50 @@ imds-guard log line the journal interleaves
         );
         assert!(!text.contains(CONTAINER), "{text}");
         assert!(text.contains("# 1 denied attempts were seen too"), "{text}");
+    }
+
+    #[test]
+    fn packets_judged_without_their_uid_get_a_rule_that_can_match_them() {
+        let line = |uid: u32, ignored: bool, cgroup: &str| {
+            format!(
+                r#"{{"time":"2026-11-22T10:00:00Z","verdict":"audit","uid":{uid},"uid_ignored":{ignored},"cgroup":{cgroup},"dst":"169.254.169.254","hook":"egress","in_container":true}}"#
+            )
+        };
+        let stream = [
+            // A user-namespaced container's root through a NAT: its socket's owner reads as 0.
+            line(0, true, r#""/lxc.payload.web""#),
+            // The same root's own connect, judged by its global uid.
+            line(100_000, false, r#""/lxc.payload.web""#),
+            // The same, its cgroup gone: nothing can name it.
+            line(0, true, "null"),
+        ]
+        .join("\n");
+        let workloads = workloads(stream.as_bytes(), "events.jsonl").unwrap();
+        assert_eq!(workloads.len(), 3, "{workloads:?}");
+        assert!(table(&workloads).contains("0 (ignored)"));
+        let text = suggest_policy(&workloads, None).unwrap();
+        let config = parse(&text);
+        let conditions: Vec<String> = config
+            .allow
+            .iter()
+            .map(crate::config::Rule::conditions)
+            .collect();
+        // Root's default rule, then the cgroup alone (a uid 0 rule would never match those
+        // packets) and the global uid in it; nothing for the packets without a cgroup.
+        assert_eq!(
+            conditions,
+            [
+                "uid 0, not containers",
+                "cgroup /lxc.payload.web, containers only",
+                "uid 100000, cgroup /lxc.payload.web, containers only",
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("a uid rule would\n# never match them"),
+            "{text}"
+        );
+        assert!(text.contains("# not given a rule"), "{text}");
     }
 
     #[test]

@@ -292,6 +292,9 @@ impl Record {
         line.raw(self.hook.name());
         line.raw("\",\"rewritten\":");
         line.bool(self.rewritten);
+        if self.uid_ignored {
+            line.raw(",\"uid_ignored\":true");
+        }
         if let Some(version) = self.imds_version {
             line.raw(",\"imds_version\":\"");
             line.raw(version.name());

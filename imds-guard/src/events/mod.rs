@@ -15,10 +15,10 @@ use std::{
 };
 
 use imds_guard_common::event::{
-    COMM_LEN, EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EXE_FLAG_TRUNCATED, EXE_PART_LEN,
-    EXE_PATH_PARTS, Event, FAMILY_INET, FAMILY_INET6, FoldKey, HOOK_CONNECT4, HOOK_CONNECT6,
-    HOOK_EGRESS, HOOK_HTTP, HOOK_SENDMSG4, HOOK_SENDMSG6, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    COMM_LEN, EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EVENT_FLAG_UID_IGNORED,
+    EXE_FLAG_TRUNCATED, EXE_PART_LEN, EXE_PATH_PARTS, Event, FAMILY_INET, FAMILY_INET6, FoldKey,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_HTTP, HOOK_SENDMSG4, HOOK_SENDMSG6,
+    UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use imds_guard_common::http::{
     HTTP_REQUEST_BYTES, IMDS_VERSION_TOKEN, IMDS_VERSION_V1, IMDS_VERSION_V2, REFUSED_NONE,
@@ -443,6 +443,11 @@ pub struct Record {
     /// NAT or another rewrite on the output path changed it after the socket hooks. `false`
     /// when it was not, or cannot be told (an unconnected socket).
     pub rewritten: bool,
+    /// A packet judged with its `uid` ignored: only rules on cgroups could let it through, as
+    /// its sender could not be confirmed as a task owning the socket under that uid (a
+    /// user-namespaced container's root, whose sockets' owner reads as its namespace's uid 0;
+    /// a setuid program; a packet sent for another task). Only present when `true`.
+    pub uid_ignored: bool,
     /// An HTTP request's IMDS version: `v1`, `v2` or `token` (hook `http` only).
     pub imds_version: Option<ImdsVersion>,
     /// An HTTP request's method and path (`GET /latest/meta-data/...`, at most 256 bytes of
@@ -519,6 +524,7 @@ impl Record {
             rule: Arc::clone(rule),
             hook: event.hook,
             rewritten: raw.flags & EVENT_FLAG_REWRITTEN != 0,
+            uid_ignored: raw.flags & EVENT_FLAG_UID_IGNORED != 0,
             imds_version: event.imds_version,
             request: (event.hook == Hook::Http && raw.request_len > 0)
                 .then(|| request_text(&raw.request, raw.request_len)),
@@ -911,6 +917,31 @@ mod tests {
         );
         assert_eq!(record.protocol.as_deref(), Some("udplite"));
         assert!(!record.rewritten);
+    }
+
+    #[test]
+    fn a_packet_judged_without_its_uid_says_so_in_its_line() {
+        let line_of = |flags: u8| {
+            let mut raw = event();
+            raw.hook = HOOK_EGRESS;
+            raw.uid = 0;
+            raw.flags = flags;
+            let record = Record::new(
+                &decode(&bytes(&raw)).unwrap(),
+                0,
+                &Arc::new(CgroupFacts::default()),
+                &"default".into(),
+            );
+            let mut line = Vec::new();
+            record.write_line(&mut line);
+            serde_json::from_slice::<serde_json::Value>(&line).unwrap()
+        };
+        let ignored = line_of(EVENT_FLAG_UID_IGNORED | EVENT_FLAG_REWRITTEN);
+        assert_eq!(ignored["uid_ignored"], true, "{ignored}");
+        assert_eq!(ignored["uid"], 0, "{ignored}");
+        assert_eq!(ignored["rewritten"], true, "{ignored}");
+        let judged = line_of(EVENT_FLAG_REWRITTEN);
+        assert!(judged.get("uid_ignored").is_none(), "{judged}");
     }
 
     #[test]
