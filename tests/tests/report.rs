@@ -111,14 +111,17 @@ fn audit_findings_become_a_policy_that_allows_what_was_seen_and_denies_the_rest(
     }
 }
 
-/// An unprivileged container's root (global uid 100000) reaching IMDS through a NAT in its own
-/// network namespace, which its user namespace owns: the packet layer judges those packets with
-/// their uid ignored (the socket's owner reads as uid 0 of that namespace). The events say so,
-/// and the suggested rule names the cgroup alone, the only rule that lets them through once
-/// enforced: one for uid 0 there (what the events' uid says) would never match them.
+/// Packets judged without their uid: an unprivileged container's root (global uid 100000)
+/// reaching IMDS through a NAT in its own network namespace, which its user namespace owns (the
+/// socket's owner reads as uid 0 there), and a setuid-root program's raw datagram in an
+/// ordinary cgroup (root's socket, not its sender's). The events say so. The suggestion lets the
+/// container through by its cgroup alone, the only rule that can (one for uid 0 there, what the
+/// events' uid says, would never match); the other gets a warning and no rule, as a rule on its
+/// cgroup alone would admit every uid there.
 #[test]
-fn packets_judged_without_their_uid_are_suggested_a_rule_that_matches_them() {
+fn packets_judged_without_their_uid_are_suggested_a_rule_only_where_it_matches_them_alone() {
     const CONTAINER_ROOT: u32 = 100_000;
+    const USER: u32 = 1000;
     const NAT_PORT: u16 = 8081;
     if !privileged() {
         return;
@@ -133,52 +136,95 @@ fn packets_judged_without_their_uid_are_suggested_a_rule_that_matches_them() {
     );
     let entry = IpAddr::from([127, 0, 0, 1]);
     let attach = TestCgroup::new("report");
-    let web = attach.child("web");
+    let container = attach.child("lxc.payload.web");
+    let app = attach.child("app");
     let other = attach.child("other");
     let audited_config =
         ConfigFile::new(&format!("mode = \"audit\"\ncgroup = \"{}\"\n", attach.path));
 
     let mut audit = Agent::start(&["--config", &audited_config.arg()]);
-    Client::new(&sandbox, &web, CONTAINER_ROOT, CONTAINER_ROOT)
+    Client::new(&sandbox, &container, CONTAINER_ROOT, CONTAINER_ROOT)
         .imds(entry, NAT_PORT)
         .assert_ok(MOCK_INSTANCE_ID);
+    let raw = Client::new(&sandbox, &app, USER, USER)
+        .effective(0, 0)
+        .route("raw-udp", IMDS_V4, 53);
+    assert_eq!(raw.errno, None, "audited: {raw:?}");
     // A later attempt, elsewhere: once its event is in, so are the packets' (the ring is FIFO).
     let marker = Client::new(&sandbox, &other, 65534, 65534).tcp(IMDS_V4, 80);
     let _ = audit.wait_events_of(marker.pid, 1);
     assert!(audit.stop().success(), "{}", audit.stderr());
-    let packets: Vec<Value> = (audit.events().into_iter())
-        .filter(|event| event["hook"] == "egress" && event["cgroup"] == web.path.as_str())
-        .collect();
-    // The token's connection and the request's.
-    assert_eq!(packets.len(), 2, "{packets:?}");
-    for event in &packets {
-        assert_eq!(event["uid"], 0, "{event}");
+    let packets_in = |cgroup: &TestCgroup| -> Vec<Value> {
+        (audit.events().into_iter())
+            .filter(|event| event["hook"] == "egress" && event["cgroup"] == cgroup.path.as_str())
+            .collect()
+    };
+    // The token's connection and the request's; the datagram.
+    let (from_container, from_app) = (packets_in(&container), packets_in(&app));
+    assert_eq!(
+        (from_container.len(), from_app.len()),
+        (2, 1),
+        "{from_container:?} {from_app:?}"
+    );
+    for event in from_container.iter().chain(&from_app) {
+        // The socket's owner as the namespace maps it: the container's root, and (in that
+        // namespace too) the host's root, which it does not map (the overflow uid).
+        let owner = if event["cgroup"] == app.path.as_str() {
+            65534
+        } else {
+            0
+        };
+        assert_eq!(event["uid"], owner, "{event}");
         assert_eq!(event["uid_ignored"], true, "{event}");
+        // Uid 0 of another user namespace is not named as the host's root.
+        assert_eq!(event["user"], Value::Null, "{event}");
     }
     let stream: Vec<String> = audit.events().iter().map(Value::to_string).collect();
     let recorded = ConfigFile::new(&(stream.join("\n") + "\n"));
     let table = stdout_of(&["report", &recorded.arg()]);
-    assert!(table.contains("0 (root, ignored)"), "{table}");
+    assert!(
+        table.contains("0 (ignored)") && table.contains("65534 (ignored)"),
+        "{table}"
+    );
 
-    let suggested = stdout_of(&[
+    let out = imds_guard(&[
         "report",
         "--suggest-policy",
         "--config",
         &audited_config.arg(),
         &recorded.arg(),
     ]);
+    assert!(out.status.success(), "{out:?}");
+    let (suggested, warnings) = (
+        String::from_utf8(out.stdout).expect("UTF-8"),
+        String::from_utf8(out.stderr).expect("UTF-8"),
+    );
     assert!(
-        suggested.contains(&format!("[[allow]]\ncgroup = \"{}\"\n", web.path)),
+        suggested.contains(&format!("[[allow]]\ncgroup = \"{}\"\n", container.path)),
         "{suggested}"
+    );
+    assert!(
+        !suggested.contains(&format!("cgroup = \"{}\"", app.path)),
+        "{suggested}"
+    );
+    assert!(
+        warnings.contains("imds-guard: warning: not let through: cgroup ")
+            && warnings.contains(&format!("{} is not a container's cgroup", app.path)),
+        "{warnings}"
     );
     let suggested = ConfigFile::new(&suggested);
     let _ = stdout_of(&["check-config", &suggested.arg()]);
     let _enforce = Agent::start(&["--config", &suggested.arg()]);
-    Client::new(&sandbox, &web, CONTAINER_ROOT, CONTAINER_ROOT)
+    Client::new(&sandbox, &container, CONTAINER_ROOT, CONTAINER_ROOT)
         .imds(entry, NAT_PORT)
         .assert_ok(MOCK_INSTANCE_ID);
-    // Elsewhere it is still refused: its SYN dropped, so the connect times out.
+    // Elsewhere the container's root is still refused: its SYN dropped, so the connect times
+    // out. And the setuid program's datagram is refused.
     let elsewhere =
         Client::new(&sandbox, &other, CONTAINER_ROOT, CONTAINER_ROOT).imds(entry, NAT_PORT);
     assert_eq!(elsewhere.errno, Some(libc::ETIMEDOUT), "{elsewhere:?}");
+    let raw = Client::new(&sandbox, &app, USER, USER)
+        .effective(0, 0)
+        .route("raw-udp", IMDS_V4, 53);
+    assert_eq!(raw.errno, Some(EPERM), "enforced: {raw:?}");
 }

@@ -443,11 +443,16 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
         for w in seen {
             write_seen(&mut out, w);
         }
-        if *identity == Identity::Anywhere && uid.is_none() {
-            // Its uid cannot match and nothing else names it: any rule would admit everyone.
-            out.push_str(
-                "# not given a rule: its packets were judged without their uid and its cgroup \
-                 was gone when its events were read, so no rule could name it alone\n",
+        if uid.is_none()
+            && let Some(why) = no_rule_without_uid(identity, workloads)
+        {
+            // A rule on its cgroup alone would admit more than was seen: said, not written.
+            let _ = writeln!(
+                out,
+                "# WARNING: not let through: {}, whose packets were judged without their uid \
+                 (a uid rule cannot match them): {why}. If it needs IMDS, give it a cgroup of \
+                 its own and allow that cgroup by hand.",
+                seen[0].label()
             );
             continue;
         }
@@ -456,9 +461,43 @@ pub fn suggest_policy(workloads: &[Workload], base: Option<&Base<'_>>) -> Result
     Ok(out)
 }
 
+/// Why no rule may let through, on `identity` alone, the packets judged there without their uid
+/// (a rule without a uid admits every uid there): unless `identity` is a container's cgroup (a
+/// runtime's, not one a user's manager named) where the audit saw nothing else, neither another
+/// uid nor a denied attempt.
+fn no_rule_without_uid(identity: &Identity, workloads: &[Workload]) -> Option<String> {
+    let cgroup = match identity {
+        Identity::Cgroup(cgroup) => cgroup,
+        Identity::Unit(_) | Identity::Anywhere => {
+            return Some("its cgroup was gone when its events were read".into());
+        }
+    };
+    if !workload::is_container_cgroup(cgroup) {
+        return Some(format!(
+            "{cgroup} is not a container's cgroup, and a rule on it alone would admit every \
+             uid there"
+        ));
+    }
+    let others: Vec<String> = (workloads.iter())
+        .filter(|w| w.cgroup.as_deref() == Some(cgroup.as_str()))
+        .filter(|w| !w.uid_ignored || w.denied > 0)
+        .map(|w| {
+            let judged = if w.uid_ignored { " (not judged)" } else { "" };
+            format!("uid {}{judged}, {} denied", w.uid, w.denied)
+        })
+        .collect();
+    (!others.is_empty()).then(|| {
+        format!(
+            "the audit also saw {} in {cgroup}, which a rule on it alone would admit too",
+            others.join("; ")
+        )
+    })
+}
+
 /// The workloads audit mode let through, by identity (its system manager's unit, else its
-/// cgroup path, else anywhere) and uid (none for those judged with their uid ignored, which a
-/// uid rule cannot match): one rule each.
+/// cgroup path, else anywhere) and uid: one rule each. Those judged with their uid ignored,
+/// which a uid rule cannot match, go by their cgroup path alone (a unit's other cgroups are
+/// not what was seen), with no uid.
 fn audited_by_identity(
     workloads: &[Workload],
 ) -> BTreeMap<(Identity, Option<u32>), Vec<&Workload>> {
@@ -472,7 +511,7 @@ fn audited_by_identity(
                 !crate::policy::beyond_the_system_manager(parent)
             })
         });
-        let identity = match (system_unit, &w.cgroup) {
+        let identity = match (system_unit.filter(|_| !w.uid_ignored), &w.cgroup) {
             (Some(unit), _) => Identity::Unit(unit.clone()),
             (None, Some(cgroup)) => Identity::Cgroup(cgroup.clone()),
             (None, None) => Identity::Anywhere,
@@ -501,10 +540,10 @@ fn write_seen(out: &mut String, w: &Workload) {
         } else {
             ""
         },
-        if w.exes.is_empty() {
-            format!("comm {}", w.comms.join(", "))
-        } else {
-            format!("exe {}", w.exes.join(", "))
+        match (w.exes.is_empty(), w.comms.is_empty()) {
+            (false, _) => format!("exe {}", w.exes.join(", ")),
+            (true, false) => format!("comm {}", w.comms.join(", ")),
+            (true, true) => "packets, no process known".into(),
         },
         w.destinations.join(", "),
     );
@@ -521,15 +560,15 @@ fn write_seen(out: &mut String, w: &Workload) {
 
 /// One suggested rule: `uid` in `identity`, for the workloads `seen` there, and never wider than
 /// what was seen (where its tasks were: on the host, in containers, or both). Without `uid`
-/// (packets judged with their uid ignored), the rule names the identity alone, the only rule
-/// that can match them: every uid there.
+/// (packets judged with their uid ignored), the rule names a container's cgroup alone, the only
+/// rule that can match them, where the audit saw nothing else ([`no_rule_without_uid`]).
 fn write_rule(out: &mut String, identity: &Identity, uid: Option<u32>, seen: &[&Workload]) {
     if uid.is_none() {
         out.push_str(
-            "# its packets were judged without their uid (the socket's owner could not be \
-             confirmed as\n# their sender: a user-namespaced container's root, a setuid \
-             program): a uid rule would\n# never match them, so this rule admits every uid \
-             here\n",
+            "# its packets were judged without their uid (their sender could not be confirmed \
+             as the\n# socket's owner: a user-namespaced container's root, say), which no uid \
+             rule matches:\n# this rule admits every uid of the container, where the audit saw \
+             no other\n",
         );
     }
     out.push_str("[[allow]]\n");
@@ -618,7 +657,14 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         };
         let path = config.file.as_ref().map(|path| path.display().to_string());
         let base = path.as_deref().map(|path| Base { path, text: &text });
-        print!("{}", suggest_policy(&workloads, base.as_ref())?);
+        let suggested = suggest_policy(&workloads, base.as_ref())?;
+        for warning in suggested
+            .lines()
+            .filter_map(|l| l.strip_prefix("# WARNING: "))
+        {
+            eprintln!("imds-guard: warning: {warning}");
+        }
+        print!("{suggested}");
     } else if args.format == ReportFormat::Json {
         super::print_json(&workloads);
     } else {
@@ -630,6 +676,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Rule;
 
     const CONTAINER: &str = "5d1e0c4b3a29f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817060";
 
@@ -721,47 +768,79 @@ imds-guard log line the journal interleaves
     }
 
     #[test]
-    fn packets_judged_without_their_uid_get_a_rule_that_can_match_them() {
-        let line = |uid: u32, ignored: bool, cgroup: &str| {
+    fn packets_judged_without_their_uid_get_a_rule_only_where_it_admits_nothing_else() {
+        let line = |uid: u32, ignored: bool, verdict: &str, cgroup: &str| {
+            let cgroup = if cgroup.is_empty() {
+                "null".to_owned()
+            } else {
+                format!("\"{cgroup}\"")
+            };
             format!(
-                r#"{{"time":"2026-11-22T10:00:00Z","verdict":"audit","uid":{uid},"uid_ignored":{ignored},"cgroup":{cgroup},"dst":"169.254.169.254","hook":"egress","in_container":true}}"#
+                r#"{{"time":"2026-11-22T10:00:00Z","verdict":"{verdict}","uid":{uid},"uid_ignored":{ignored},"cgroup":{cgroup},"dst":"169.254.169.254","hook":"egress","in_container":true}}"#
             )
         };
         let stream = [
             // A user-namespaced container's root through a NAT: its socket's owner reads as 0.
-            line(0, true, r#""/lxc.payload.web""#),
-            // The same root's own connect, judged by its global uid.
-            line(100_000, false, r#""/lxc.payload.web""#),
-            // The same, its cgroup gone: nothing can name it.
-            line(0, true, "null"),
+            line(0, true, "audit", "/lxc.payload.web"),
+            // The same in another container, where the audit also saw a judged uid.
+            line(0, true, "audit", "/lxc.payload.db"),
+            line(100_000, false, "audit", "/lxc.payload.db"),
+            // And in one where an attempt was denied.
+            line(0, true, "audit", "/lxc.payload.cache"),
+            line(1001, false, "deny", "/lxc.payload.cache"),
+            // Where a rule on the cgroup alone would admit whatever runs there: the root, a
+            // system unit, a login session; and nowhere known.
+            line(0, true, "audit", "/"),
+            line(0, true, "audit", "/system.slice/cron.service"),
+            line(
+                0,
+                true,
+                "audit",
+                "/user.slice/user-1000.slice/session-3.scope",
+            ),
+            line(0, true, "audit", ""),
         ]
         .join("\n");
         let workloads = workloads(stream.as_bytes(), "events.jsonl").unwrap();
-        assert_eq!(workloads.len(), 3, "{workloads:?}");
         assert!(table(&workloads).contains("0 (ignored)"));
         let text = suggest_policy(&workloads, None).unwrap();
         let config = parse(&text);
-        let conditions: Vec<String> = config
-            .allow
-            .iter()
-            .map(crate::config::Rule::conditions)
-            .collect();
-        // Root's default rule, then the cgroup alone (a uid 0 rule would never match those
-        // packets) and the global uid in it; nothing for the packets without a cgroup.
+        let conditions: Vec<String> = config.allow.iter().map(Rule::conditions).collect();
+        // Root's default rule, the judged uid, and the one container where nothing else was
+        // seen, by its cgroup alone (a uid 0 rule would never match those packets).
         assert_eq!(
             conditions,
             [
                 "uid 0, not containers",
+                "uid 100000, cgroup /lxc.payload.db, containers only",
                 "cgroup /lxc.payload.web, containers only",
-                "uid 100000, cgroup /lxc.payload.web, containers only",
             ],
             "{text}"
         );
-        assert!(
-            text.contains("a uid rule would\n# never match them"),
-            "{text}"
-        );
-        assert!(text.contains("# not given a rule"), "{text}");
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("# WARNING: "))
+            .collect();
+        assert_eq!(warnings.len(), 6, "{text}");
+        for (needle, why) in [
+            ("/lxc.payload.db", "the audit also saw uid 100000, 0 denied"),
+            (
+                "/lxc.payload.cache",
+                "the audit also saw uid 1001, 1 denied",
+            ),
+            ("cgroup /,", "/ is not a container's cgroup"),
+            ("cron.service", "is not a container's cgroup"),
+            ("session-3.scope", "is not a container's cgroup"),
+            ("(cgroup gone)", "its cgroup was gone"),
+        ] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(needle) && w.contains(why)),
+                "{needle}: {why}: {warnings:#?}"
+            );
+        }
+        assert!(!text.contains("unit = \"cron.service\""), "{text}");
     }
 
     #[test]

@@ -446,7 +446,9 @@ pub struct Record {
     /// A packet judged with its `uid` ignored: only rules on cgroups could let it through, as
     /// its sender could not be confirmed as a task owning the socket under that uid (a
     /// user-namespaced container's root, whose sockets' owner reads as its namespace's uid 0;
-    /// a setuid program; a packet sent for another task). Only present when `true`.
+    /// a setuid program; a sender outside the socket's cgroup; any sender where containers
+    /// are known by their cgroup path alone). `user` is then not looked up: the uid may be
+    /// another user namespace's. Only present when `true`.
     pub uid_ignored: bool,
     /// An HTTP request's IMDS version: `v1`, `v2` or `token` (hook `http` only).
     pub imds_version: Option<ImdsVersion>,
@@ -546,11 +548,15 @@ impl Record {
     /// Adds what `/proc` and the user database say (best effort: see [`Enricher`]), their
     /// caches' ages measured at `now`.
     pub fn enrich(&mut self, enricher: &mut Enricher, boot_ns: u64, now: &Now) {
-        let user = enricher.user(self.uid, now);
-        if user == Name::NotLookedUp {
-            self.unread.push("user");
+        // A uid that was not judged may be another user namespace's (a container's root
+        // reads as 0): not named as the host's.
+        if !self.uid_ignored {
+            let user = enricher.user(self.uid, now);
+            if user == Name::NotLookedUp {
+                self.unread.push("user");
+            }
+            self.user = user.known();
         }
-        self.user = user.known();
         if let Some(gid) = self.gid {
             let group = enricher.group(gid, now);
             if group == Name::NotLookedUp {
