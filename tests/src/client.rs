@@ -147,6 +147,14 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// With [`Client::alternate`]: every attempt is to be refused with `EPERM`, and is timed so
+    /// (without it, a failed attempt ends the client).
+    #[must_use]
+    pub fn alternate_refused(mut self) -> Self {
+        self.options.push(("--alternate-refused", "yes".into()));
+        self
+    }
+
     /// With [`Client::alternate`]: the port of each arm, in the order of its cgroups (the
     /// route's port is then not used).
     #[must_use]

@@ -19,7 +19,8 @@
 //! repeated attempts. `--alternate DIR,DIR,... --blocks N` (with `--repeat` and `--warmup`)
 //! instead makes N rounds of blocks, one per cgroup, moving into each in turn, and prints each
 //! block's median attempt (`"blocks": [[ns, ...], ...]`, by cgroup); `--alternate-ports P,...`
-//! gives each of those arms its own port.
+//! gives each of those arms its own port; `--alternate-refused yes` times arms whose every
+//! attempt is refused with `EPERM` (otherwise a failed attempt ends the client).
 //!
 //! ADDR may be written in any form the C library resolves (`2852039166`, a host name);
 //! `--hosts FILE` puts FILE in place of /etc/hosts for this process; `--drop-to UID` makes the
@@ -216,6 +217,9 @@ fn alternate(
     );
     assert_eq!(ports.len(), cgroups.len(), "a port for each cgroup");
     let uid = Uid::from_raw(options["uid"].parse().expect("uid"));
+    let refused = options
+        .get("alternate-refused")
+        .is_some_and(|yes| yes == "yes");
     let mut medians = vec![Vec::with_capacity(blocks); cgroups.len()];
     for block in 0..blocks {
         for turn in 0..cgroups.len() {
@@ -227,15 +231,18 @@ fn alternate(
             setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
             port.set(ports[arm]);
             let run = repeated(act, repeat, true, warmup);
-            // A failed attempt's time is not the arm's: the comparison would be wrong, so the
-            // client fails instead.
+            // An attempt that ends otherwise than the arm's do is not the arm's time: the
+            // comparison would be wrong, so the client fails instead.
+            let (expected, what) = if refused {
+                (run.eperm == repeat, "were not refused with EPERM")
+            } else {
+                (run.failed == 0, "failed")
+            };
             assert!(
-                run.failed == 0,
-                "{} of {repeat} attempts failed in {} (port {}); the last: {:?}",
-                run.failed,
-                cgroups[arm],
-                ports[arm],
-                run.result
+                expected,
+                "of {repeat} attempts in {} (port {}), some {what} ({} failed, {} with EPERM); \
+                 the last: {:?}",
+                cgroups[arm], ports[arm], run.failed, run.eperm, run.result
             );
             let mut durations = run.durations_ns;
             durations.sort_unstable();
