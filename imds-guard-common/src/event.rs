@@ -45,8 +45,9 @@ pub const EVENT_FLAG_CONTAINER: u8 = 2;
 /// uid 0 of its namespace; a setuid program; a packet sent for another task). The event's uid is
 /// still the socket owner's, as the kernel maps it.
 pub const EVENT_FLAG_UID_IGNORED: u8 = 4;
-/// The [`Event::flags`] that set attempts apart in a [`FoldKey`]: what was judged differs.
-pub const FOLD_FLAGS: u8 = EVENT_FLAG_CONTAINER | EVENT_FLAG_UID_IGNORED;
+/// The [`Event::flags`] that set attempts apart in a [`FoldKey`] (all of them): what was judged,
+/// or the route, differs, and an aggregate says what its key says.
+pub const FOLD_FLAGS: u8 = EVENT_FLAG_CONTAINER | EVENT_FLAG_UID_IGNORED | EVENT_FLAG_REWRITTEN;
 
 /// Length of [`Event::comm`], the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
@@ -269,8 +270,8 @@ pub struct FoldKey {
     pub tgid: u32,
     /// Destination port, host byte order.
     pub port: u16,
-    /// The attempts' [`FOLD_FLAGS`]: whether they were judged as a container's, and with
-    /// their uid ignored.
+    /// The attempts' [`FOLD_FLAGS`]: whether they were judged as a container's, with their uid
+    /// ignored, and sent to a destination NAT rewrote.
     pub flags: u8,
     /// `http::IMDS_VERSION_*` of an HTTP request, else 0: v1 requests fold apart from refused
     /// v2 ones.

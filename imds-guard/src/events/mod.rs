@@ -381,8 +381,8 @@ pub struct Record {
     /// reported on its own line).
     pub count: u64,
     /// Whether this line reports repeats the kernel folded: attempts identical to the first of
-    /// a burst (same process, cgroup, uid, gid, destination address and port, hook, rule and
-    /// verdict) within the fold window. Its other fields are that first attempt's (reported on
+    /// a burst (same process, cgroup, uid, gid, destination address and port, hook, rule,
+    /// verdict and flags) within the fold window. Its other fields are that first attempt's (reported on
     /// its own line), or, when the agent never saw it, `null` beyond what the repeats share.
     /// Only the process it names made them.
     pub aggregated: bool,
@@ -948,6 +948,25 @@ mod tests {
         assert_eq!(ignored["rewritten"], true, "{ignored}");
         let judged = line_of(EVENT_FLAG_REWRITTEN);
         assert!(judged.get("uid_ignored").is_none(), "{judged}");
+    }
+
+    #[test]
+    fn repeats_keep_every_flag_of_their_first_attempt() {
+        let mut raw = event();
+        raw.hook = HOOK_EGRESS;
+        raw.flags = EVENT_FLAG_REWRITTEN | EVENT_FLAG_UID_IGNORED | EVENT_FLAG_CONTAINER;
+        let key = FoldKey::of(&raw);
+        let other = FoldKey::of(&Event { flags: 0, ..raw });
+        assert_ne!(key, other, "attempts that differ in a flag fold apart");
+        // An aggregate whose first attempt the agent never saw says what its key says.
+        let record = Record::of_repeats(
+            &key,
+            0,
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
+        )
+        .unwrap();
+        assert!(record.rewritten && record.uid_ignored && record.in_container);
     }
 
     #[test]
