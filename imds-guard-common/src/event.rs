@@ -190,13 +190,6 @@ pub struct TaskLayout {
     pub uid: u32,
     /// `cred.gid`, a `kgid_t` (`u32`): its gid, the same way.
     pub gid: u32,
-    /// `nsproxy.net_ns`, a `struct net *`: the task's network namespace.
-    pub net_ns: u32,
-    /// `net.user_ns`, a `struct user_namespace *`: the user namespace that owns it, through
-    /// which the packet layer reads a socket's owner (`bpf_get_socket_uid`).
-    pub net_user_ns: u32,
-    /// `user_namespace.level`, an `int`: its depth (0: the initial one).
-    pub user_ns_level: u32,
     /// `task_struct.mm`, a `struct mm_struct *` (null for kernel threads).
     pub mm: u32,
     /// `mm_struct.exe_file`, a `struct file *`.

@@ -47,9 +47,6 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
     fsuid: 0,
     uid: 0,
     gid: 0,
-    net_ns: 0,
-    net_user_ns: 0,
-    user_ns_level: 0,
     mm: 0,
     exe_file: 0,
     f_inode: 0,
@@ -149,9 +146,8 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 /// a container (fail closed). Without the layout (a kernel that refused the reads) every task
 /// is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
 ///
-/// The kind is in the low bits ([`kind_of`]); [`SOCKETS_AS_ANOTHER`] is set when the packet layer
-/// may read the owner of the sockets the task makes as another uid than its own
-/// ([`owns_sockets_as_another`]).
+/// The kind is in the low bits ([`kind_of`]); [`FSUID_NOT_UID`] is set when the sockets the
+/// task makes are owned by another uid than its own ([`owns_sockets_as_another`]).
 ///
 /// A global function, which the verifier checks once on its own, and whose result it knows
 /// only as a number: the paths that computed the kind do not multiply its states after the
@@ -161,25 +157,23 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 #[inline(never)]
 pub extern "C" fn current_task_kind() -> u64 {
     if !known(LAYOUT_NAMESPACES) {
-        return u64::from(TASK_HOST) | SOCKETS_AS_ANOTHER;
+        return u64::from(TASK_HOST) | FSUID_NOT_UID;
     }
     let task = current();
-    let as_itself = fsuid_is_uid(task) && in_initial_users_network(task);
-    u64::from(current_kind(task)) | if as_itself { 0 } else { SOCKETS_AS_ANOTHER }
+    let fsuid_is_uid = fsuid_is_uid(task);
+    u64::from(current_kind(task)) | if fsuid_is_uid { 0 } else { FSUID_NOT_UID }
 }
 
-/// In [`current_task_kind`]'s result: the packet layer may read the owner of the task's sockets
-/// as another uid than the task's: its file system uid (`cred.fsuid`, which owns the sockets it
-/// makes, and which `seteuid` and `setfsuid` set) is not its uid, or its network namespace is
-/// owned by a user namespace other than the initial one (which maps the owner: an unmapped uid
-/// reads 65534, a mapped one as that namespace's), or a read failed.
-const SOCKETS_AS_ANOTHER: u64 = 1 << 32;
+/// In [`current_task_kind`]'s result: the task's file system uid (`cred.fsuid`, which owns the
+/// sockets it makes, and which `seteuid` and `setfsuid` set) is not its uid, or could not be
+/// read.
+const FSUID_NOT_UID: u64 = 1 << 32;
 
 /// Whether a task of which [`current_task_kind`] returned `returned` makes sockets another uid
-/// owns ([`SOCKETS_AS_ANOTHER`]).
+/// owns ([`FSUID_NOT_UID`]).
 #[inline(always)]
 pub fn owns_sockets_as_another(returned: u64) -> bool {
-    returned & SOCKETS_AS_ANOTHER != 0
+    returned & FSUID_NOT_UID != 0
 }
 
 /// Whether `task`'s file system uid is its uid: both read from its credentials, in the line the
@@ -201,27 +195,6 @@ fn fsuid_is_uid(task: *const u8) -> bool {
         let (uid, uid_failed) = read_flagged::<u32>(cred, layout(|l| &l.uid));
         let (fsuid, fsuid_failed) = read_flagged::<u32>(cred, layout(|l| &l.fsuid));
         !uid_failed && !fsuid_failed && uid == fsuid
-    }
-}
-
-/// Whether `task`'s network namespace is owned by the initial user namespace (depth 0), so that
-/// `bpf_get_socket_uid` reads its sockets' owner as the host's uid. `false` when a read fails.
-#[inline(always)]
-fn in_initial_users_network(task: *const u8) -> bool {
-    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
-    unsafe {
-        let Some(owner) = read::<*const u8>(task, layout(|l| &l.nsproxy))
-            .filter(|nsproxy| !nsproxy.is_null())
-            .and_then(|nsproxy| read::<*const u8>(nsproxy, layout(|l| &l.net_ns)))
-            .filter(|net| !net.is_null())
-            .and_then(|net| read::<*const u8>(net, layout(|l| &l.net_user_ns)))
-            .filter(|owner| !owner.is_null())
-        else {
-            return false;
-        };
-        // The depth and the read's outcome side by side, as in `fsuid_is_uid`.
-        let (level, failed) = read_flagged::<u32>(owner, layout(|l| &l.user_ns_level));
-        !failed && level == 0
     }
 }
 

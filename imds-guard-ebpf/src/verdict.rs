@@ -148,8 +148,7 @@ fn judge_protected(
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
     // see, a container it cannot tell, an audited attempt it would report again, a task whose
     // sockets another uid owns (its file system uid, which `seteuid` sets: root that dropped
-    // its effective uid is still root here, but not there) or whose network namespace another
-    // user namespace owns (which maps the owner there), and a datagram sent with an
+    // its effective uid is still root here, but not there), and a datagram sent with an
     // address on a socket connected elsewhere (there, a destination that is not the socket's
     // peer, which it would judge and count as a new attempt): those verdicts are remembered on
     // the socket. (Only those: creating socket storage costs more than the rest of this

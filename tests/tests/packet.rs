@@ -530,34 +530,3 @@ fn a_user_namespaced_containers_root_is_not_root_at_the_packet_layer() {
         }
     }
 }
-
-/// A host task's connection from a network namespace that another user namespace owns (as
-/// `nsenter -n` into an unprivileged container's gives): the packet layer reads its socket's
-/// owner as that namespace maps it (an unmapped uid reads 65534, a mapped one as the
-/// namespace's), so the connect's verdict is kept on the socket instead, as a container's is.
-/// Root and an allowed user get their answers, over IPv4 and IPv6; a denied user is refused at
-/// its connect.
-#[test]
-fn a_host_task_in_a_network_namespace_another_user_namespace_owns_keeps_its_connects_verdict() {
-    const DENIED: u32 = 1001;
-    if !privileged() {
-        return;
-    }
-    let sandbox = Sandbox::in_user_namespace(100_000);
-    let attach = TestCgroup::new("test");
-    let config = ConfigFile::new(&format!(
-        "cgroup = \"{}\"\nallow_uid = [0, {USER}]\n",
-        attach.path
-    ));
-    let _agent = Agent::start(&["--config", &config.arg()]);
-    for imds in [IpAddr::from(IMDS_V4), IMDS_V6.into()] {
-        for uid in [0, USER] {
-            Client::new(&sandbox, &attach, uid, uid)
-                .imds(imds, 80)
-                .assert_ok(MOCK_INSTANCE_ID);
-        }
-        Client::new(&sandbox, &attach, DENIED, DENIED)
-            .tcp(imds, 80)
-            .assert_errno(EPERM);
-    }
-}

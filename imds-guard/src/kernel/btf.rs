@@ -178,9 +178,7 @@ impl<'a> Offsets<'a> {
     /// `task_struct.thread_pid`, `pid.level`, `task_struct.nsproxy`, `nsproxy.cgroup_ns`,
     /// `cgroup_namespace.ns.inum`; and, to tell whether the current task sent a packet,
     /// `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
-    /// `task_struct.cred`, `cred.fsuid`; and the task's own ids, `cred.uid`, `cred.gid`; and
-    /// the depth of the user namespace that owns its network namespace, `nsproxy.net_ns`,
-    /// `net.user_ns`, `user_namespace.level`.
+    /// `task_struct.cred`, `cred.fsuid`; and the task's own ids, `cred.uid`, `cred.gid`.
     fn namespaces(&self, layout: &mut TaskLayout) -> Result<(), FieldError> {
         layout.thread_pid = self.of("task_struct", &["thread_pid"])?;
         layout.pid_level = self.of("pid", &["level"])?;
@@ -195,9 +193,6 @@ impl<'a> Offsets<'a> {
         layout.fsuid = self.of("cred", &["fsuid"])?;
         layout.uid = self.of("cred", &["uid"])?;
         layout.gid = self.of("cred", &["gid"])?;
-        layout.net_ns = self.of("nsproxy", &["net_ns"])?;
-        layout.net_user_ns = self.of("net", &["user_ns"])?;
-        layout.user_ns_level = self.of("user_namespace", &["level"])?;
         Ok(())
     }
 
@@ -303,9 +298,6 @@ mod tests {
         // `level` follows the reference count in `struct pid`; `inum` is inside `ns`.
         assert!(layout.pid_level >= 4 && layout.pid_level < 64, "{layout:?}");
         assert!(layout.cgroup_ns_inum < 128, "{layout:?}");
-        // Behind the maps' extents in `user_namespace`; not first in `net` nor in `nsproxy`.
-        assert!(layout.user_ns_level > 64, "{layout:?}");
-        assert!(layout.net_user_ns > 0 && layout.net_ns > 0, "{layout:?}");
         assert!(layout.d_name > 0, "{layout:?}");
     }
 
