@@ -382,9 +382,9 @@ pub struct Record {
     pub count: u64,
     /// Whether this line reports repeats the kernel folded: attempts identical to the first of
     /// a burst (same process, cgroup, uid, gid, destination address and port, hook, rule,
-    /// verdict and flags) within the fold window. Its other fields are that first attempt's (reported on
-    /// its own line), or, when the agent never saw it, `null` beyond what the repeats share.
-    /// Only the process it names made them.
+    /// verdict and flags) within the fold window. Its other fields are that first attempt's
+    /// (reported on its own line), or, when the agent never saw it, `null` beyond what the
+    /// repeats share. Only the process it names made them.
     pub aggregated: bool,
     /// The first attempt this line counts (an aggregate: when its burst began).
     pub first_seen: UnixTime,
@@ -751,6 +751,16 @@ mod tests {
             .to_vec()
     }
 
+    /// The record of `raw`, in no known cgroup, decided by the default.
+    fn record_of(raw: &Event) -> Record {
+        Record::new(
+            &decode(&bytes(raw)).unwrap(),
+            0,
+            &Arc::new(CgroupFacts::default()),
+            &"default".into(),
+        )
+    }
+
     #[test]
     fn decodes_and_renders_every_field() {
         let decoded = decode(&bytes(&event())).unwrap();
@@ -782,12 +792,7 @@ mod tests {
 
     #[test]
     fn the_kernels_record_of_the_executable_is_decoded() {
-        let record = Record::new(
-            &decode(&bytes(&event())).unwrap(),
-            0,
-            &Arc::new(CgroupFacts::default()),
-            &"default".into(),
-        );
+        let record = record_of(&event());
         assert_eq!(
             record.executable,
             Some(Executable {
@@ -801,23 +806,13 @@ mod tests {
         let mut raw = event();
         raw.exe_flags = EXE_FLAG_TRUNCATED;
         raw.flags = EVENT_FLAG_CONTAINER;
-        let record = Record::new(
-            &decode(&bytes(&raw)).unwrap(),
-            0,
-            &Arc::new(CgroupFacts::default()),
-            &"default".into(),
-        );
+        let record = record_of(&raw);
         let executable = record.executable.unwrap();
         assert_eq!(executable.on_fs, "…/usr/bin/curl");
         assert!(executable.in_container && record.in_container);
         // Unread: nothing to go by.
         raw.unread = UNREAD_EXE;
-        let record = Record::new(
-            &decode(&bytes(&raw)).unwrap(),
-            0,
-            &Arc::new(CgroupFacts::default()),
-            &"default".into(),
-        );
+        let record = record_of(&raw);
         assert_eq!(record.executable, None);
     }
 
@@ -852,12 +847,7 @@ mod tests {
 
     #[test]
     fn an_aggregate_counts_repeats_between_its_times() {
-        let record = Record::new(
-            &decode(&bytes(&event())).unwrap(),
-            0,
-            &Arc::new(CgroupFacts::default()),
-            &"default".into(),
-        );
+        let record = record_of(&event());
         assert_eq!(record.unread, ["cgroup"]);
         let aggregate = record.aggregate(41, 2_000_000_000, 3_000_000_000, 0);
         assert_eq!((aggregate.count, aggregate.aggregated), (41, true));
@@ -905,22 +895,12 @@ mod tests {
         raw.hook = HOOK_EGRESS;
         raw.protocol = 1;
         raw.flags = EVENT_FLAG_REWRITTEN;
-        let record = Record::new(
-            &decode(&bytes(&raw)).unwrap(),
-            0,
-            &Arc::new(CgroupFacts::default()),
-            &"default".into(),
-        );
+        let record = record_of(&raw);
         assert_eq!(record.protocol.as_deref(), Some("icmp"));
         assert!(record.rewritten);
         raw.flags = 0;
         raw.protocol = 136;
-        let record = Record::new(
-            &decode(&bytes(&raw)).unwrap(),
-            0,
-            &Arc::new(CgroupFacts::default()),
-            &"default".into(),
-        );
+        let record = record_of(&raw);
         assert_eq!(record.protocol.as_deref(), Some("udplite"));
         assert!(!record.rewritten);
     }
@@ -932,12 +912,7 @@ mod tests {
             raw.hook = HOOK_EGRESS;
             raw.uid = 0;
             raw.flags = flags;
-            let record = Record::new(
-                &decode(&bytes(&raw)).unwrap(),
-                0,
-                &Arc::new(CgroupFacts::default()),
-                &"default".into(),
-            );
+            let record = record_of(&raw);
             let mut line = Vec::new();
             record.write_line(&mut line);
             serde_json::from_slice::<serde_json::Value>(&line).unwrap()
