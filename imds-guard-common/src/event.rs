@@ -313,25 +313,48 @@ pub struct FoldValue {
 /// socket hook's allow by a gid rule (packets carry no gid) or audit, or the packet layer's own
 /// verdict on a connected socket whose destination the socket hooks did not judge. The packet
 /// layer applies it to the socket's later packets to that destination without counting or
-/// reporting them again.
+/// reporting them again, while the policy that gave it is in force (`epoch`). Under another
+/// policy it decides again, for the identity judged (`uid`, `gid`, `task`) in the socket's
+/// cgroup, and remembers that verdict instead: a revoked rule ends what it let in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[expect(
-    clippy::pub_underscore_fields,
-    reason = "padding is written out and zeroed, never read"
-)]
 pub struct SocketVerdict {
     /// The destination as the packet carries it, four native words of network-order bytes:
     /// IPv4 (also for `::ffff:a.b.c.d`) in the first, the others 0.
     pub addr: [u32; 4],
+    /// `Settings::epoch` of the policy that gave the verdict.
+    pub epoch: u32,
+    /// The uid judged, when `known` has [`JUDGED_UID`].
+    pub uid: u32,
+    /// The gid judged, when `known` has [`JUDGED_GID`].
+    pub gid: u32,
     /// `FAMILY_INET` or `FAMILY_INET6`: of the packet, not of the socket.
     pub family: u8,
     /// `VERDICT_*`.
     pub verdict: u8,
-    /// Explicit padding, always 0.
-    pub _pad: [u8; 2],
+    /// `TASK_*` the attempt was judged as.
+    pub task: u8,
+    /// Which ids the decision had: [`JUDGED_UID`], [`JUDGED_GID`].
+    pub known: u8,
 }
-const _: () = assert!(core::mem::size_of::<SocketVerdict>() == 20);
+const _: () = assert!(core::mem::size_of::<SocketVerdict>() == 32);
+
+impl SocketVerdict {
+    /// `TASK_*` (`TASK_HOST` or `TASK_CONTAINER`) as [`SocketVerdict::task`] keeps it.
+    #[must_use]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the kinds of task are 0 and 1"
+    )]
+    pub const fn task_byte(task: u16) -> u8 {
+        task as u8
+    }
+}
+
+/// [`SocketVerdict::known`]: the decision had the uid (uid rules could match).
+pub const JUDGED_UID: u8 = 1;
+/// [`SocketVerdict::known`]: the decision had the gid (gid rules could match).
+pub const JUDGED_GID: u8 = 2;
 
 #[cfg(feature = "user")]
 mod user {

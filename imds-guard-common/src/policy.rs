@@ -221,10 +221,6 @@ pub const fn filter_set(half: &mut [u64; 4], slot: u32) {
 /// Per-generation settings, in `SETTINGS[generation]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[expect(
-    clippy::pub_underscore_fields,
-    reason = "padding is written out and zeroed by both sides, never read"
-)]
 pub struct Settings {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
@@ -260,10 +256,23 @@ pub struct Settings {
     /// The rules [`Settings::host_uid_rules_held`] speaks of, the others [`UidRule::UNUSED`].
     /// `ALLOW` has their entries too.
     pub host_uid_rules: [UidRule; HOST_UID_RULES],
-    /// Explicit padding, always 0.
-    pub _pad: u32,
+    /// The policy's number: each policy the agent puts in force gets the next one (never 0), so
+    /// that a verdict remembered on a socket (`SocketVerdict::epoch`) tells whether the policy
+    /// that gave it is still in force: a generation's slot is reused at every other switch.
+    pub epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 64);
+
+impl Settings {
+    /// The epoch of the policy after one of `epoch`: the next, skipping 0 (no policy's).
+    #[must_use]
+    pub const fn next_epoch(epoch: u32) -> u32 {
+        match epoch.wrapping_add(1) {
+            0 => 1,
+            next => next,
+        }
+    }
+}
 
 /// Slots of [`Settings::host_uid_rules`]: root's rule and one more (a default policy has one).
 pub const HOST_UID_RULES: usize = 2;

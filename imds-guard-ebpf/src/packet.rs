@@ -5,10 +5,12 @@
 //! runs after it, in `ip_finish_output`), and some protocols have no socket address hook at all
 //! (ICMP echo sockets, connected UDP-Lite, SCTP).
 //!
-//! A packet passes when its socket was let through to that very destination by a gid rule or
-//! in audit mode (remembered in `SOCKET_VERDICTS`: a packet knows no gid, and an audited
-//! attempt is reported once), or when the policy allows the socket's owner in the socket's
-//! cgroup (as uid and cgroup rules allowed its connect). Otherwise it is dropped
+//! A packet passes when its socket was let through to that very destination by a gid rule, a
+//! container rule or in audit mode (remembered in `SOCKET_VERDICTS`: a packet knows no gid nor
+//! its sender's namespaces, and an audited attempt is reported once) by the policy in force, or
+//! when the policy allows the socket's owner in the socket's cgroup (as uid and cgroup rules
+//! allowed its connect). A verdict remembered under an earlier policy is decided again, for
+//! the identity remembered with it. Otherwise it is dropped
 //! (the sender gets `EPERM` where it sends in process context) and reported: once for a
 //! connected socket other than UDP's (its packets are one attempt, as its connect is), each
 //! packet for a UDP or UDP-Lite socket, connected or not, and for an unconnected one (as each
@@ -29,7 +31,7 @@ use imds_guard_common::{
     decide::{Cgroup, Decision, decide},
     event::{
         EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EVENT_FLAG_UID_IGNORED, HOOK_EGRESS,
-        SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
+        JUDGED_GID, JUDGED_UID, SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
     },
     policy::{TASK_CONTAINER, TASK_HOST},
 };
@@ -143,16 +145,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         return PASS;
     }
     let skb = ctx.skb.skb;
-    // SAFETY: the kernel hands cgroup_skb programs a valid context; `sk` may be null (then the
-    // helper returns null), and is a request socket for a listener's SYN-ACK (null too).
-    let socket = unsafe {
-        let sk = (*skb).__bindgen_anon_2.sk;
-        if sk.is_null() {
-            core::ptr::null_mut()
-        } else {
-            bpf_sk_fullsock(sk)
-        }
-    };
+    let socket = full_socket(ctx);
     // Bytes the message layer never read, where the rule judges requests: fail closed. Which
     // sockets it follows, their storage says (whatever the packet's next header claims).
     if !socket.is_null() {
@@ -163,84 +156,77 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         }
     }
     let (family, addr) = packet.destination.words();
-    // SAFETY: a full socket from `bpf_sk_fullsock`, or null (not looked up).
-    if let Some(remembered) = unsafe { socket_verdict(socket, None) } {
-        // SAFETY: the socket's storage, valid while the program runs.
-        let remembered = unsafe { *remembered };
-        if remembered.family == family && protected::same_words(remembered.addr, addr) {
-            // Let through by a socket hook (or judged here before): its verdict stands, and a
-            // denial was reported already.
-            return if remembered.verdict == VERDICT_DENY {
-                DROP
-            } else {
-                PASS
-            };
-        }
-    }
+    // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
+    let mut judged = match unsafe { remembered(socket, packet.destination, generation) } {
+        Ok(judged) => judged,
+        Err(verdict) => return verdict,
+    };
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
     let facts = unsafe { SocketFacts::of(socket) };
     let rewritten = facts.connected && !facts.peer.same(packet.destination);
     // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+); they use the full
     // socket behind a request socket.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb), bpf_skb_cgroup_id(skb)) };
-    let (task, uid_known) = judged_as(&facts, rewritten, uid, cgroup_id);
-    // What the paths above found, as one value the verifier explores once from here on (see
+    if !judged.again {
+        let (task, uid_known) = judged_as(&facts, rewritten, uid, cgroup_id);
+        judged = Judged {
+            task,
+            uid_known,
+            uid,
+            ..Judged::NOBODY
+        };
+    }
+    // What the paths above found, as values the verifier explores once from here on (see
     // `opaque`); the decision and the record after it are the heaviest part of the program.
     let Some(Found {
-        task,
+        judged,
         seen_by_hooks,
         rewritten,
         remember,
-        uid_known,
-        uid,
     }) = opaque_found(Found {
-        task,
+        judged,
         seen_by_hooks: facts.seen_by_hooks,
         rewritten,
         remember: facts.remember(),
-        uid_known,
-        uid,
     })
     else {
         return DROP;
     };
-    // The socket's gid is not known here: gid rules do not match packets judged by their owner.
+    // A packet knows no gid: gid rules match only a remembered identity's packets.
     let Decision { verdict, rule, .. } = decide(
         &verdict::KernelMaps,
         generation,
-        uid_known.then_some(uid),
-        None,
-        task,
+        judged.uid_known.then_some(judged.uid),
+        judged.gid_known.then_some(judged.gid),
+        judged.task,
         &SocketCgroup { skb, id: cgroup_id },
     );
-    if verdict == VERDICT_ALLOW && seen_by_hooks && !rewritten {
-        // A TCP or UDP socket's packet to the destination a socket hook judged (and counted):
-        // the same verdict again is not a new attempt. Judged again at its next packet, which
-        // is cheaper than creating socket storage for it.
-        return PASS;
-    }
-    verdict::count(generation, verdict, rule);
-    if remember {
-        // A connected socket's packets are one attempt, as its connect is for the socket hooks:
-        // the verdict is remembered, so its later packets (retransmissions, the rest of the
-        // flow) are neither counted nor reported again, and one sent from a timer (no sender to
-        // ask) gets its sender's verdict. A datagram socket's packets are each an attempt, as
-        // each datagram is for `sendmsg4/6`, connected or not: each is sent by a system call of
-        // its sender, judged here as that sender's (creating socket storage for the verdict
-        // cost a new socket's first datagram four times the rest of this program). A failure
-        // only means they are judged again.
-        let mut value = SocketVerdict {
-            addr,
-            family,
-            verdict,
-            _pad: [0; 2],
-        };
+    let value = judged.remembered(addr, family, verdict, generation);
+    if judged.again {
         // SAFETY: as above.
-        if let Some(stored) = unsafe { socket_verdict(socket, Some(&mut value)) } {
-            // SAFETY: the socket's storage, valid while the program runs.
-            unsafe { *stored = value };
+        unsafe { keep(socket, value) };
+        if verdict == judged.previous {
+            // The same verdict for the same identity: not a new attempt.
+            return if verdict == VERDICT_DENY { DROP } else { PASS };
+        }
+    } else {
+        if verdict == VERDICT_ALLOW && seen_by_hooks && !rewritten {
+            // A TCP or UDP socket's packet to the destination a socket hook judged (and
+            // counted): the same verdict again is not a new attempt. Judged again at its next
+            // packet, which is cheaper than creating socket storage for it.
+            return PASS;
+        }
+        if remember {
+            // A connected socket's packets are one attempt, as its connect is: its later
+            // packets (retransmissions, the rest of the flow, one a timer sends) get this verdict
+            // uncounted and unreported. A datagram socket's are each an attempt, as for
+            // `sendmsg4/6`, each judged as its sender's (storage for them cost a new socket's
+            // first datagram four times the rest of this program).
+            // SAFETY: as above.
+            unsafe { keep(socket, value) };
         }
     }
+    verdict::count(generation, verdict, rule);
     if verdict == VERDICT_ALLOW {
         return PASS;
     }
@@ -251,21 +237,60 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         generation: u8::from(generation != 0),
         hook: HOOK_EGRESS,
         family,
-        flags: if rewritten { EVENT_FLAG_REWRITTEN } else { 0 }
-            | if task == TASK_CONTAINER {
-                EVENT_FLAG_CONTAINER
-            } else {
-                0
-            }
-            | if uid_known { 0 } else { EVENT_FLAG_UID_IGNORED },
-        uid,
-        gid: u32::MAX,
+        flags: event_flags(rewritten, judged.task, judged.uid_known),
+        uid: judged.uid,
+        gid: if judged.gid_known {
+            judged.gid
+        } else {
+            u32::MAX
+        },
     }
     .words();
     let [low, high] = record::address_words(addr);
     // SAFETY: the program's own context.
     unsafe { packet_event(skb, decided, ids, low, high) };
     if verdict == VERDICT_DENY { DROP } else { PASS }
+}
+
+/// The packet's full socket, or null: none, or a request socket (a listener's SYN-ACK).
+#[inline(always)]
+fn full_socket(ctx: &SkBuffContext) -> *mut bpf_sock {
+    // SAFETY: the kernel hands cgroup_skb programs a valid context; `sk` may be null (then the
+    // helper returns null), and is a request socket for a listener's SYN-ACK (null too).
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            core::ptr::null_mut()
+        } else {
+            bpf_sk_fullsock(sk)
+        }
+    }
+}
+
+/// `EVENT_FLAG_*` of a packet's event.
+#[inline(always)]
+fn event_flags(rewritten: bool, task: u16, uid_known: bool) -> u8 {
+    (if rewritten { EVENT_FLAG_REWRITTEN } else { 0 })
+        | if task == TASK_CONTAINER {
+            EVENT_FLAG_CONTAINER
+        } else {
+            0
+        }
+        | if uid_known { 0 } else { EVENT_FLAG_UID_IGNORED }
+}
+
+/// Keeps `value` as the socket's remembered verdict. A failure (no memory) only means its
+/// packets are judged again.
+///
+/// # Safety
+/// `socket` is null or a full socket returned by `bpf_sk_fullsock`.
+#[inline(always)]
+unsafe fn keep(socket: *mut bpf_sock, mut value: SocketVerdict) {
+    // SAFETY: as the caller promises.
+    if let Some(stored) = unsafe { socket_verdict(socket, Some(&mut value)) } {
+        // SAFETY: the socket's storage, valid while the program runs.
+        unsafe { *stored = value };
+    }
 }
 
 /// Reports the packet judged as `decided` and `ids` say ([`Decided::words`]), to the address
@@ -324,50 +349,151 @@ fn judged_as(facts: &SocketFacts, rewritten: bool, uid: u32, cgroup_id: u64) -> 
     }
 }
 
-/// What the judge keeps of the paths before the decision, for after it.
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent facts, packed into one word for the verifier (`opaque_found`)"
-)]
-struct Found {
-    /// `TASK_*` the packet is judged as.
+/// Who a packet is judged as.
+#[derive(Clone, Copy)]
+struct Judged {
+    /// `TASK_*`.
     task: u16,
+    /// `uid` is its sender's: uid rules may match.
+    uid_known: bool,
+    /// The socket's uid (`bpf_get_socket_uid`), or the one a remembered verdict was given to.
+    uid: u32,
+    /// `gid` is known (a remembered verdict's): gid rules may match. A packet knows none.
+    gid_known: bool,
+    gid: u32,
+    /// A remembered verdict, `previous`, of a policy no longer in force, is judged again.
+    again: bool,
+    previous: u8,
+}
+
+impl Judged {
+    /// The verdict to remember on the socket for this identity: `verdict` on packets to
+    /// `addr` (of `FAMILY_*` `family`), by the policy in force as `generation`.
+    #[inline(always)]
+    fn remembered(self, addr: [u32; 4], family: u8, verdict: u8, generation: u32) -> SocketVerdict {
+        SocketVerdict {
+            addr,
+            epoch: verdict::epoch_of(generation),
+            uid: self.uid,
+            gid: self.gid,
+            family,
+            verdict,
+            task: SocketVerdict::task_byte(self.task),
+            known: if self.uid_known { JUDGED_UID } else { 0 }
+                | if self.gid_known { JUDGED_GID } else { 0 },
+        }
+    }
+
+    /// Nobody yet: every field written.
+    const NOBODY: Self = Self {
+        task: 0,
+        uid_known: false,
+        uid: 0,
+        gid_known: false,
+        gid: 0,
+        again: false,
+        previous: 0,
+    };
+}
+
+/// What the judge keeps of the paths before the decision, for after it.
+struct Found {
+    judged: Judged,
     /// The socket hooks judged this socket's destination (see [`SocketFacts::seen_by_hooks`]).
     seen_by_hooks: bool,
     /// NAT rewrote the destination of a connected socket.
     rewritten: bool,
     /// The verdict is remembered on the socket: a connected socket other than a datagram one.
     remember: bool,
-    /// The socket's uid is its sender's: uid rules may match.
-    uid_known: bool,
-    /// The socket's uid (`bpf_get_socket_uid`), in the same word: one value fewer to keep
-    /// across the decision in the packet program's frame.
-    uid: u32,
 }
 
-/// `found` as values the verifier cannot see through (see `opaque`), one word; `None` (never)
+/// `found` as values the verifier cannot see through (see `opaque`), two words; `None` (never)
 /// for the caller to fail closed.
 #[inline]
 fn opaque_found(found: Found) -> Option<Found> {
+    let Judged {
+        task,
+        uid_known,
+        uid,
+        gid_known,
+        gid,
+        again,
+        previous,
+    } = found.judged;
     let word = opaque::word(
-        u64::from(found.task)
-            | u64::from(found.seen_by_hooks) << 16
-            | u64::from(found.rewritten) << 17
-            | u64::from(found.remember) << 18
-            | u64::from(found.uid_known) << 19
-            | u64::from(found.uid) << 32,
+        u64::from(task & 0xff)
+            | u64::from(found.seen_by_hooks) << 8
+            | u64::from(found.rewritten) << 9
+            | u64::from(found.remember) << 10
+            | u64::from(uid_known) << 11
+            | u64::from(gid_known) << 12
+            | u64::from(again) << 13
+            | u64::from(previous) << 16
+            | u64::from(uid) << 32,
     )?;
+    let gid = opaque::word(u64::from(gid))?;
     #[expect(
         clippy::cast_possible_truncation,
-        reason = "the low 16 bits hold the kind, the high 32 the uid"
+        reason = "fields of the words, masked or shifted into place"
     )]
     Some(Found {
-        task: word as u16,
-        seen_by_hooks: word & 1 << 16 != 0,
-        rewritten: word & 1 << 17 != 0,
-        remember: word & 1 << 18 != 0,
-        uid_known: word & 1 << 19 != 0,
-        uid: (word >> 32) as u32,
+        judged: Judged {
+            task: (word & 0xff) as u16,
+            uid_known: word & 1 << 11 != 0,
+            uid: (word >> 32) as u32,
+            gid_known: word & 1 << 12 != 0,
+            gid: gid as u32,
+            again: word & 1 << 13 != 0,
+            previous: (word >> 16) as u8,
+        },
+        seen_by_hooks: word & 1 << 8 != 0,
+        rewritten: word & 1 << 9 != 0,
+        remember: word & 1 << 10 != 0,
+    })
+}
+
+/// The verdict remembered on `socket` for `destination`: `Err` with it when it stands (the
+/// policy that gave it is in force: a denial was reported already); otherwise who the packet
+/// is judged as, the identity it was given to when there is one (judged again, by the policy
+/// in force), [`Judged::NOBODY`] when there is none.
+///
+/// Every field of the `Judged` is written on every path: an `Option` whose `None` leaves its
+/// payload undefined made LLVM spill an uninitialised register, which the verifier refuses
+/// (`R5 !read_ok`).
+///
+/// # Safety
+/// `socket` is null or a full socket returned by `bpf_sk_fullsock`.
+#[inline(always)]
+unsafe fn remembered(
+    socket: *mut bpf_sock,
+    destination: Destination,
+    generation: u32,
+) -> Result<Judged, i32> {
+    // SAFETY: as the caller promises.
+    let Some(remembered) = (unsafe { socket_verdict(socket, None) }) else {
+        return Ok(Judged::NOBODY);
+    };
+    // SAFETY: the socket's storage, valid while the program runs.
+    let remembered = unsafe { *remembered };
+    let (family, addr) = destination.words();
+    if remembered.family != family || !protected::same_words(remembered.addr, addr) {
+        return Ok(Judged::NOBODY);
+    }
+    if remembered.epoch == verdict::epoch_of(generation) {
+        return Err(if remembered.verdict == VERDICT_DENY {
+            DROP
+        } else {
+            PASS
+        });
+    }
+    Ok(Judged {
+        task: u16::from(remembered.task),
+        uid_known: remembered.known & JUDGED_UID != 0,
+        uid: remembered.uid,
+        gid_known: remembered.known & JUDGED_GID != 0,
+        gid: remembered.gid,
+        again: true,
+        previous: remembered.verdict,
     })
 }
 

@@ -12,7 +12,8 @@ use imds_guard_common::{
     decide::{Cgroup, Decision, PolicyMaps, decide},
     event::{
         EVENT_FLAG_CONTAINER, FAMILY_INET, FAMILY_INET6, HOOK_CONNECT4, HOOK_CONNECT6,
-        HOOK_SENDMSG4, HOOK_SENDMSG6, SocketVerdict, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+        HOOK_SENDMSG4, HOOK_SENDMSG6, JUDGED_GID, JUDGED_UID, SocketVerdict, VERDICT_ALLOW,
+        VERDICT_AUDIT, VERDICT_DENY,
     },
     http::HTTP_PORT,
     maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
@@ -160,7 +161,19 @@ fn judge_protected(
                 || task::owns_sockets_as_another(facts)
                 || sent_on_connected_socket(ctx, hook)))
     {
-        remember(ctx, destination, verdict);
+        remember(
+            ctx,
+            destination,
+            SocketVerdict {
+                epoch: epoch_of(generation),
+                uid,
+                gid,
+                verdict,
+                task: SocketVerdict::task_byte(task),
+                known: JUDGED_UID | JUDGED_GID,
+                ..SocketVerdict::default()
+            },
+        );
     }
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
@@ -260,14 +273,15 @@ pub unsafe extern "C" fn sock_addr_event(
 
 /// Records on the socket that the task was let through to `destination` (allowed by a gid rule,
 /// or audited), so that the packet layer passes the packets that follow without judging them by
-/// the socket's owner. A failure (no memory) only means the packets are judged there.
-fn remember(ctx: &SockAddrContext, destination: Destination, verdict: u8) {
+/// the socket's owner while the policy that judged it is in force, and judges them for the
+/// identity `judged` names under the next. A failure (no memory) only means the packets are
+/// judged there.
+fn remember(ctx: &SockAddrContext, destination: Destination, judged: SocketVerdict) {
     let (family, addr) = destination.words();
     let mut value = SocketVerdict {
         addr,
         family,
-        verdict,
-        _pad: [0; 2],
+        ..judged
     };
     // SAFETY: the helper checks the socket; the pointer it returns, if not null, is this
     // socket's storage, valid while the program runs.
@@ -277,6 +291,15 @@ fn remember(ctx: &SockAddrContext, destination: Destination, verdict: u8) {
             *stored = value;
         }
     }
+}
+
+/// `Settings::epoch` of `generation`: 0, which is no policy's, were its settings missing (a
+/// verdict remembered with it is decided again at the next packet).
+#[inline]
+pub fn epoch_of(generation: u32) -> u32 {
+    SETTINGS
+        .get(generation)
+        .map_or(0, |settings| settings.epoch)
 }
 
 /// Counts a judged attempt by verdict and by rule.

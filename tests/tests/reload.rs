@@ -6,7 +6,8 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, StopOnDrop, probe, setup,
+    Agent, Client, ConfigFile, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Outcome, Sandbox,
+    StopOnDrop, TestCgroup, probe, setup,
 };
 use nix::sys::signal::Signal;
 
@@ -198,65 +199,175 @@ fn back_to_back_switches_under_probers_on_every_cpu_judge_each_attempt_by_one_wh
     );
 }
 
+const MEMBER: u32 = 3000;
+const GROUP: u32 = 3001;
+
+/// A container's cgroup below `attach`: a Docker container's scope.
+fn docker_container(attach: &TestCgroup) -> TestCgroup {
+    attach
+        .child("system.slice")
+        .child(&format!("docker-{}.scope", "3f".repeat(32)))
+}
+
+/// A policy that lets in `ALLOWED` by a uid rule, `GROUP` by a gid rule and containers' root,
+/// and `extra` (a config fragment).
+fn three_rules(attach: &TestCgroup, extra: &str) -> String {
+    format!(
+        "cgroup = \"{}\"\n{extra}[[allow]]\nuid = {ALLOWED}\n[[allow]]\ngid = {GROUP}\n\
+         [[allow]]\nuid = 0\ncontainers = \"only\"\n",
+        attach.path
+    )
+}
+
+/// Connections by each of `three_rules`' workloads, each opened under the agent's policy and
+/// its request sent 1.5 s later, after a reload to `next`: what the uid rule's, the gid rule's
+/// and the container's root's got.
+fn held_across_reload(
+    sandbox: &Sandbox,
+    attach: &TestCgroup,
+    container: &TestCgroup,
+    agent: &Agent,
+    config: &ConfigFile,
+    next: &str,
+) -> [Outcome; 3] {
+    std::thread::scope(|scope| {
+        let held = |uid, gid, in_container: bool| {
+            scope.spawn(move || {
+                let client = if in_container {
+                    Client::new(sandbox, container, uid, gid).namespaces("pid,cgroup")
+                } else {
+                    Client::new(sandbox, attach, uid, gid)
+                };
+                client.hold(1500).route("held-imds", IMDS_V4, 80)
+            })
+        };
+        let clients = [
+            held(ALLOWED, ALLOWED, false),
+            held(MEMBER, GROUP, false),
+            held(0, 0, true),
+        ];
+        std::thread::sleep(Duration::from_millis(700));
+        config.write(next);
+        reload_and_wait(agent, 1, 0);
+        clients.map(|client| client.join().expect("client"))
+    })
+}
+
+/// The packet layer's events of `attach`'s workloads, once an attempt made after them is in.
+fn egress_events(agent: &Agent, sandbox: &Sandbox, attach: &TestCgroup) -> Vec<serde_json::Value> {
+    let barrier = Client::new(sandbox, attach, DENIED, DENIED).tcp(IMDS_V4, 80);
+    let _ = agent.wait_events_of(barrier.pid, 1);
+    agent
+        .events()
+        .into_iter()
+        .filter(|event| event["hook"] == "egress")
+        .collect()
+}
+
 #[test]
 fn a_new_policy_applies_to_established_connections_its_rules_no_longer_allow() {
-    const MEMBER: u32 = 3000;
-    const GROUP: u32 = 3001;
     let Some((sandbox, attach)) = setup("test") else {
         return;
     };
-    let both = format!(
-        "cgroup = \"{0}\"\n[[allow]]\nuid = {ALLOWED}\n[[allow]]\ngid = {GROUP}\n",
-        attach.path
-    );
-    let neither = format!("cgroup = \"{}\"\nallow_uid = [0]\n", attach.path);
-    let config = ConfigFile::new(&both);
+    let config = ConfigFile::new(&three_rules(&attach, ""));
     let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
-    let (uid_allowed, gid_allowed) = std::thread::scope(|scope| {
-        // Each opens its connection under the first policy and sends its request 1.5 s later.
-        let uid_client = scope.spawn(|| {
-            Client::new(&sandbox, &attach, ALLOWED, ALLOWED)
+    let neither = format!("cgroup = \"{}\"\nallow_uid = [0]\n", attach.path);
+    let container = docker_container(&attach);
+    let held = held_across_reload(&sandbox, &attach, &container, &agent, &config, &neither);
+    // No rule lets them in any more: each connection's next packet is judged by the new
+    // policy, dropped, and reported. The request never arrives (the mock gives up on it and
+    // closes). The uid rule's is judged by its socket's owner; the gid rule's and the
+    // container's, whose verdicts were remembered on their sockets under the old policy, as
+    // the identity their connect was judged as.
+    for outcome in &held {
+        assert_ne!(
+            outcome.detail, MOCK_INSTANCE_ID,
+            "a connection the new policy denies still got its answer: {outcome:?}"
+        );
+    }
+    let cut = egress_events(&agent, &sandbox, &attach);
+    assert_eq!(cut.len(), 3, "{cut:?}");
+    for (uid, gid, in_container) in [
+        (ALLOWED, serde_json::Value::Null, false),
+        (MEMBER, serde_json::json!(GROUP), false),
+        (0, serde_json::json!(0), true),
+    ] {
+        let event = cut
+            .iter()
+            .find(|event| event["uid"] == uid)
+            .unwrap_or_else(|| panic!("no event of uid {uid}: {cut:?}"));
+        imds_guard_tests::assert_fields(
+            event,
+            &[
+                ("verdict", serde_json::json!("deny")),
+                ("rewritten", serde_json::json!(false)),
+                ("port", serde_json::json!(80)),
+                ("gid", gid),
+                ("in_container", serde_json::json!(in_container)),
+            ],
+        );
+    }
+}
+
+/// A reload that keeps the rules that let connections in keeps the connections, including those
+/// whose verdict the packet layer judges again for the identity remembered on the socket.
+#[test]
+fn a_reload_that_keeps_a_connections_rule_keeps_the_connection() {
+    let Some((sandbox, attach)) = setup("test") else {
+        return;
+    };
+    let config = ConfigFile::new(&three_rules(&attach, ""));
+    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+    // Another rule first: the rules that let them in have other ids now.
+    let kept = three_rules(&attach, &format!("[[allow]]\nuid = {LATE}\n"));
+    let container = docker_container(&attach);
+    for outcome in held_across_reload(&sandbox, &attach, &container, &agent, &config, &kept) {
+        outcome.assert_ok(MOCK_INSTANCE_ID);
+    }
+    let events = egress_events(&agent, &sandbox, &attach);
+    assert!(events.is_empty(), "{events:?}");
+}
+
+/// A container's root, let through to IMDS once (its verdict remembered on the socket), whose
+/// rule is then revoked, cannot reuse that verdict: it connects the socket again elsewhere, to
+/// an address its own NAT rewrites to IMDS. That packet is judged by the policy in force.
+#[test]
+fn a_verdict_remembered_on_a_socket_ends_with_its_policy() {
+    let Some((sandbox, attach)) = setup("test") else {
+        return;
+    };
+    sandbox.dnat("iptables", "tcp", "127.0.0.1", 9080, "169.254.169.254:80");
+    let config = ConfigFile::new(&three_rules(&attach, ""));
+    let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
+    let revoked = format!("cgroup = \"{}\"\n[[allow]]\nuid = {ALLOWED}\n", attach.path);
+    let container = docker_container(&attach);
+    let reused = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            Client::new(&sandbox, &container, 0, 0)
+                .namespaces("pid,cgroup")
                 .hold(1500)
-                .route("held-imds", IMDS_V4, 80)
-        });
-        let gid_client = scope.spawn(|| {
-            Client::new(&sandbox, &attach, MEMBER, GROUP)
-                .hold(1500)
-                .route("held-imds", IMDS_V4, 80)
+                .route("reconnect-held", std::net::Ipv4Addr::LOCALHOST, 9080)
         });
         std::thread::sleep(Duration::from_millis(700));
-        config.write(&neither);
+        config.write(&revoked);
         reload_and_wait(&agent, 1, 0);
-        (
-            uid_client.join().expect("uid client"),
-            gid_client.join().expect("gid client"),
-        )
+        client.join().expect("client")
     });
-    // The uid rule is gone: the connection's next packet is judged by the new policy, dropped,
-    // and reported. The request never arrives (the mock gives up on it and closes).
     assert_ne!(
-        uid_allowed.detail, MOCK_INSTANCE_ID,
-        "a connection the new policy denies still got its answer: {uid_allowed:?}"
+        reused.detail, MOCK_INSTANCE_ID,
+        "a socket let through under a revoked rule reached IMDS: {reused:?}"
     );
-    let barrier = Client::new(&sandbox, &attach, DENIED, DENIED).tcp(IMDS_V4, 80);
-    let _ = agent.wait_events_of(barrier.pid, 1);
-    let cut: Vec<_> = agent
-        .events()
-        .into_iter()
-        .filter(|event| event["uid"] == ALLOWED && event["hook"] == "egress")
-        .collect();
-    assert_eq!(cut.len(), 1, "{cut:?}");
+    let events = egress_events(&agent, &sandbox, &attach);
+    assert_eq!(events.len(), 1, "{events:?}");
     imds_guard_tests::assert_fields(
-        &cut[0],
+        &events[0],
         &[
             ("verdict", serde_json::json!("deny")),
-            ("rewritten", serde_json::json!(false)),
-            ("port", serde_json::json!(80)),
+            ("uid", serde_json::json!(0)),
+            ("rewritten", serde_json::json!(true)),
+            ("in_container", serde_json::json!(true)),
         ],
     );
-    // The gid rule let its connection in, which the packet layer cannot judge again: it keeps
-    // its connect's verdict.
-    gid_allowed.assert_ok(MOCK_INSTANCE_ID);
 }
 
 /// Every address a config protects is judged, as many as a policy holds (eight of each family),

@@ -485,9 +485,15 @@ impl Record {
         let in_container = raw.flags & EVENT_FLAG_CONTAINER != 0 || cgroup.container;
         let parent = task && raw.unread & UNREAD_PARENT == 0;
         let comm = task && raw.unread & UNREAD_COMM == 0;
+        // A packet knows no gid, except the one remembered on its socket, judged again
+        // (`u32::MAX`, no gid, otherwise).
+        let gid = task || raw.gid != u32::MAX;
         let mut unread = Vec::new();
         if !task {
-            unread.extend(["pid", "tgid", "gid"]);
+            unread.extend(["pid", "tgid"]);
+        }
+        if !gid {
+            unread.push("gid");
         }
         if !parent {
             unread.extend(["ppid", "parent_comm"]);
@@ -511,7 +517,7 @@ impl Record {
             parent_comm: parent.then(|| comm_text(&raw.parent_comm)),
             uid: raw.uid,
             user: None,
-            gid: task.then_some(raw.gid),
+            gid: gid.then_some(raw.gid),
             group: None,
             comm: comm.then(|| comm_text(&raw.comm)),
             exe: None,
@@ -821,6 +827,10 @@ mod tests {
         let mut raw = event();
         raw.hook = HOOK_EGRESS;
         raw.unread = UNREAD_PARENT | UNREAD_COMM;
+        // The gid a verdict remembered on the socket was given to, judged again: shown.
+        assert_eq!(record_of(&raw).gid, Some(1001));
+        // Otherwise the packet knows none.
+        raw.gid = u32::MAX;
         let id = "ab".repeat(32);
         let cgroup = format!("/system.slice/docker-{id}.scope");
         let record = Record::new(

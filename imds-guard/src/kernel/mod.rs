@@ -320,11 +320,23 @@ impl Kernel {
             &entries.cgroup_rulesets,
         )?;
         let mut settings: Array<_, Settings> = maps::settings(&mut self.ebpf)?;
+        // The policy after the one in the other slot (the one in force at a switch; none yet,
+        // epoch 0, at an install): a number no policy in force since the maps were made had.
+        let before = settings
+            .get(&(generation ^ 1), 0)
+            .map_err(|source| KernelError::ReadMap {
+                map: SETTINGS,
+                source,
+            })?;
+        let value = Settings {
+            epoch: Settings::next_epoch(before.epoch),
+            ..entries.settings
+        };
         settings
-            .set(generation, entries.settings, 0)
+            .set(generation, value, 0)
             .map_err(|source| KernelError::WriteMap {
                 map: SETTINGS,
-                what: format!("{:?}", entries.settings),
+                what: format!("{value:?}"),
                 source,
             })?;
         // The filter first: it must cover every protected address before a program can meet it.

@@ -11,7 +11,8 @@
 //! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
-//! request on a connection opened that long before), passed-socket, passed-connection,
+//! request on a connection opened that long before), reconnect-held (the same on a socket
+//! refused by IMDS's port 81 that long before, connected again), passed-socket, passed-connection,
 //! connect-close, bulk-send and until-allowed (for the benchmarks), and `churn DIR SECS` (makes
 //! and removes cgroups below DIR for SECS seconds, as its uid).
 //!
@@ -361,6 +362,7 @@ fn act_once(
         "urgent-v2" => http::urgent_v2(addr, path),
         "imds" => imds_v2(addr),
         "held-imds" => held_imds(addr, hold),
+        "reconnect-held" => reconnect_held(addr, hold),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
         "udp" => udp_echo(addr),
         "nonblocking-connect" => routes::nonblocking_connect(addr),
@@ -546,6 +548,43 @@ fn held_imds(addr: SocketAddr, hold: Duration) -> io::Result<String> {
     std::thread::sleep(hold);
     request(
         stream,
+        addr,
+        &format!(
+            "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"
+        ),
+    )
+}
+
+/// `IMDSv2` through `addr` (a NAT's way to IMDS), with the metadata request on a socket first
+/// connected to IMDS itself, on a port nothing listens on (port 81, refused), then, `hold`
+/// later, connected again to `addr`: a socket whose verdict was remembered for IMDS under
+/// the policy of its first connect, reused under the one in force at its second.
+fn reconnect_held(addr: SocketAddr, hold: Duration) -> io::Result<String> {
+    let token = http(
+        addr,
+        "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
+    )?;
+    let imds: IpAddr = if addr.is_ipv4() {
+        [169, 254, 169, 254].into()
+    } else {
+        "fd00:ec2::254".parse().expect("the IMDS address")
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Blocking: a refused blocking connect leaves the socket unconnected, ready for another
+    // (a non-blocking one whose refusal `poll` saw fails the next with `ECONNABORTED`).
+    match socket.connect(&SocketAddr::new(imds, 81).into()) {
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(err) => return Err(err),
+        Ok(()) => return Err(io::Error::other("IMDS port 81 accepted the connection")),
+    }
+    std::thread::sleep(hold);
+    socket.connect_timeout(&addr.into(), TIMEOUT)?;
+    request(
+        socket.into(),
         addr,
         &format!(
             "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"
