@@ -124,7 +124,10 @@ pub struct HttpSocket {
     /// Non-zero once `data_seq` is known.
     pub seq_known: u8,
     /// Padding, zeroed.
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// `Settings::epoch` of the policy that judged the connect: `generation` names its slot,
+    /// which the policy after the next reuses (and its rule ids with it).
+    pub epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<HttpSocket>() == 384);
 

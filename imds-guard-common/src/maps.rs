@@ -79,7 +79,8 @@ pub const ALL: [&str; 16] = [
 /// 6: `PROTECTED`, a set of addresses per generation, for the hash maps `PROTECTED_V4` and
 /// `PROTECTED_V6`.
 /// 7: `Settings` of 64 bytes (the default rule set's uid rules for host tasks).
-/// 8: `Settings::epoch`, `SocketVerdict` of 32 bytes (the policy's epoch and the identity judged).
+/// 8: `Settings::epoch`, `SocketVerdict` of 32 bytes (the policy's epoch and the identity judged),
+/// `HttpSocket::epoch`.
 pub const MAPS_LAYOUT_VERSION: u32 = 8;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts

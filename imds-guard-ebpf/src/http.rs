@@ -84,6 +84,7 @@ pub fn follow(
         (*state).rule = rule;
         (*state).cgroup_id = record::current_cgroup_id();
         (*state).generation = u8::from(generation != 0);
+        (*state).epoch = crate::verdict::epoch_of(generation);
         (*state).verdict = verdict;
         #[expect(clippy::cast_possible_truncation, reason = "RULE_FLAG_* fit in a byte")]
         let rule_flags = rule_flags as u8;
@@ -267,9 +268,11 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
         let generation = protected::generation_in_force();
         // Audit mode (the rule's or the global one) never refuses, not even what it cannot read.
         let enforcing = refuses_requests((*state).rule_flags);
-        if enforcing && u32::from((*state).generation) != generation {
+        if enforcing && (*state).epoch != crate::verdict::epoch_of(generation) {
             // The policy that admitted the connection is no longer in force, and its rule
-            // judged requests: the client reconnects and is judged by the new one.
+            // judged requests: the client reconnects and is judged by the new one. (By epoch,
+            // not generation: two switches later the slot holds another policy, whose rule of
+            // the same id is another rule.)
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
             return whole(ctx, SK_DROP);

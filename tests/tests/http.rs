@@ -453,3 +453,54 @@ fn requests_on_a_connection_from_before_a_reload_are_counted() {
         assert_eq!(sample(&metrics, &series), count, "{series} in:\n{metrics}");
     }
 }
+
+/// A connection's requests are judged by the rule that admitted it only while that rule's policy
+/// is in force. Two reloads later the policy's slot (its generation) holds another policy, whose
+/// rule of the same id is another rule: the connection must not be judged by that one. Here it
+/// would have let `LEGACY` read what only uid 4242 may, which no policy ever allowed `LEGACY`.
+#[test]
+fn a_connection_is_not_judged_by_another_policys_rule_of_the_same_id() {
+    let Some((sandbox, attach)) = setup("http-epoch") else {
+        return;
+    };
+    let rules = |first: (&str, u32, &str), second: (&str, u32, &str)| {
+        let mut config = format!("cgroup = \"{}\"\n", attach.path);
+        for (name, uid, paths) in [first, second] {
+            config.push_str(&format!(
+                "[[allow]]\nname = \"{name}\"\nuid = {uid}\npaths = [{paths}]\n"
+            ));
+        }
+        config
+    };
+    let token = "\"/latest/api/token\"";
+    let token_and_id = "\"/latest/api/token\", \"/latest/meta-data/instance-id\"";
+    // The connection is admitted by rule 2 ("app": tokens only); after two switches rule 2 is
+    // "other", which may read the instance id.
+    let before = rules(("other", 4242, token), ("app", LEGACY, token));
+    let after = rules(("app", LEGACY, token), ("other", 4242, token_and_id));
+    let config = ConfigFile::new(&before);
+    let agent = agent_with(&config);
+    let held = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            Client::new(&sandbox, &attach, LEGACY, LEGACY)
+                .hold(2500)
+                .route("held-imds", IMDS_V4, 80)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        for (round, policy) in [(1, &before), (2, &after)] {
+            config.write(policy);
+            agent.signal(nix::sys::signal::Signal::SIGHUP);
+            agent.wait_reloads(round, 0);
+        }
+        client.join().expect("client")
+    });
+    assert_ne!(
+        held.detail, MOCK_INSTANCE_ID,
+        "a request was judged by a rule that never admitted its connection: {held:?}"
+    );
+    // The rule in force now refuses it too, on a new connection.
+    Client::new(&sandbox, &attach, LEGACY, LEGACY)
+        .path("/latest/meta-data/instance-id")
+        .route("v2", IMDS_V4, 80)
+        .assert_errno(EACCES);
+}
