@@ -464,13 +464,12 @@ fn a_connection_is_not_judged_by_another_policys_rule_of_the_same_id() {
         return;
     };
     let rules = |first: (&str, u32, &str), second: (&str, u32, &str)| {
-        let mut config = format!("cgroup = \"{}\"\n", attach.path);
-        for (name, uid, paths) in [first, second] {
-            config.push_str(&format!(
-                "[[allow]]\nname = \"{name}\"\nuid = {uid}\npaths = [{paths}]\n"
-            ));
-        }
-        config
+        [first, second].iter().fold(
+            format!("cgroup = \"{}\"\n", attach.path),
+            |config, (name, uid, paths)| {
+                config + &format!("[[allow]]\nname = \"{name}\"\nuid = {uid}\npaths = [{paths}]\n")
+            },
+        )
     };
     let token = "\"/latest/api/token\"";
     let token_and_id = "\"/latest/api/token\", \"/latest/meta-data/instance-id\"";
