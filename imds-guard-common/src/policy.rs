@@ -399,6 +399,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_policy_gets_an_epoch_no_policy_before_it_had() {
+        assert_eq!(Settings::next_epoch(0), 1);
+        assert_eq!(Settings::next_epoch(41), 42);
+        // Past the last, 0 (no policy's, what a remembered verdict from missing settings has)
+        // is skipped.
+        assert_eq!(Settings::next_epoch(u32::MAX), 1);
+    }
+
+    #[test]
     fn a_protected_set_holds_its_addresses_and_no_other() {
         let imds = u32::from_ne_bytes([169, 254, 169, 254]);
         let mut set = ProtectedSet::default();
