@@ -316,18 +316,22 @@ pub struct FoldValue {
 /// reporting them again, while the policy that gave it is in force (`epoch`). Under another
 /// policy it decides again, for the identity judged (`uid`, `gid`, `task`) in the socket's
 /// cgroup, and remembers that verdict instead: a revoked rule ends what it let in.
-#[repr(C)]
+///
+/// Four 8-byte words, no padding. The programs write an entry a word at a time, in order, so
+/// the last word (the epoch, family and verdict) is written after the others: a reader that
+/// finds the family of its packet finds the whole entry (a new entry is zeroed, family 0).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketVerdict {
     /// The destination as the packet carries it, four native words of network-order bytes:
     /// IPv4 (also for `::ffff:a.b.c.d`) in the first, the others 0.
     pub addr: [u32; 4],
-    /// `Settings::epoch` of the policy that gave the verdict.
-    pub epoch: u32,
     /// The uid judged, when `known` has [`JUDGED_UID`].
     pub uid: u32,
     /// The gid judged, when `known` has [`JUDGED_GID`].
     pub gid: u32,
+    /// `Settings::epoch` of the policy that gave the verdict.
+    pub epoch: u32,
     /// `FAMILY_INET` or `FAMILY_INET6`: of the packet, not of the socket.
     pub family: u8,
     /// `VERDICT_*`.

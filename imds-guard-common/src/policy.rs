@@ -272,6 +272,19 @@ impl Settings {
             next => next,
         }
     }
+
+    /// The epoch of a policy written into the slot of the policy of epoch `replaced`, beside the
+    /// one of epoch `in_force`: the next after `in_force`, and never `replaced`'s (which sockets
+    /// may still carry), nor 0.
+    #[must_use]
+    pub const fn epoch_after(in_force: u32, replaced: u32) -> u32 {
+        let next = Self::next_epoch(in_force);
+        if next == replaced {
+            Self::next_epoch(next)
+        } else {
+            next
+        }
+    }
 }
 
 /// Slots of [`Settings::host_uid_rules`]: root's rule and one more (a default policy has one).
@@ -405,6 +418,11 @@ mod tests {
         // Past the last, 0 (no policy's, what a remembered verdict from missing settings has)
         // is skipped.
         assert_eq!(Settings::next_epoch(u32::MAX), 1);
+        // Beside the policy in force, never the number of the one replaced.
+        assert_eq!(Settings::epoch_after(7, 6), 8);
+        assert_eq!(Settings::epoch_after(0, 0), 1);
+        assert_eq!(Settings::epoch_after(u32::MAX, 1), 2);
+        assert_eq!(Settings::epoch_after(41, 42), 43);
     }
 
     #[test]

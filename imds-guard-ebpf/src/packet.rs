@@ -38,7 +38,7 @@ use imds_guard_common::{
 
 use crate::{
     http,
-    maps::SOCKET_VERDICTS,
+    maps::{self, SOCKET_VERDICTS},
     opaque,
     protected::{self, Destination},
     record::{self, Decided, Identity},
@@ -113,6 +113,33 @@ fn certainly_unprotected(ctx: &SkBuffContext) -> bool {
 }
 
 impl Packet {
+    /// The protocol and destination port, read as [`Packet::read`] reads the header, for the
+    /// event: a header that cannot be read now is reported without them (0). Only what the event
+    /// needs, inlined: [`Packet::read`]'s frame on top of the event's was the deepest stack of
+    /// the packet program, at the verifier's 512 bytes.
+    #[inline(always)]
+    fn protocol_and_port(ctx: &SkBuffContext) -> (u8, u16) {
+        let Ok(first) = ctx.load::<u8>(0) else {
+            return (0, 0);
+        };
+        let (at, transport) = match first >> 4 {
+            4 => (9, usize::from(first & 0x0f) * 4),
+            6 => (6, 40),
+            _ => return (0, 0),
+        };
+        let Ok(protocol) = ctx.load::<u8>(at) else {
+            return (0, 0);
+        };
+        let port = match protocol {
+            // The destination port, big-endian, two bytes into each of these headers.
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
+                ctx.load::<u16>(transport + 2).map_or(0, u16::from_be)
+            }
+            _ => 0,
+        };
+        (protocol, port)
+    }
+
     /// The header fields, through `bpf_skb_load_bytes` (whatever part of the header is
     /// linear): the slow path only, for destinations the filter did not rule out.
     fn read(ctx: &SkBuffContext) -> Option<Self> {
@@ -285,11 +312,11 @@ fn event_flags(rewritten: bool, task: u16, uid_known: bool) -> u8 {
 /// # Safety
 /// `socket` is null or a full socket returned by `bpf_sk_fullsock`.
 #[inline(always)]
-unsafe fn keep(socket: *mut bpf_sock, mut value: SocketVerdict) {
+unsafe fn keep(socket: *mut bpf_sock, value: SocketVerdict) {
     // SAFETY: as the caller promises.
-    if let Some(stored) = unsafe { socket_verdict(socket, Some(&mut value)) } {
+    if let Some(stored) = unsafe { socket_verdict(socket, true) } {
         // SAFETY: the socket's storage, valid while the program runs.
-        unsafe { *stored = value };
+        unsafe { maps::store_socket_verdict(stored, value) };
     }
 }
 
@@ -309,17 +336,7 @@ pub unsafe extern "C" fn packet_event(
     high: u64,
 ) -> u64 {
     let ctx = SkBuffContext::new(skb);
-    // Read as the judge read it; a header that cannot be read now is reported without its port.
-    let (protocol, port) = Packet::read(&ctx).map_or((0, 0), |packet| {
-        let port = match packet.protocol {
-            // The destination port, big-endian, two bytes into each of these headers.
-            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => ctx
-                .load::<u16>(packet.transport + 2)
-                .map_or(0, u16::from_be),
-            _ => 0,
-        };
-        (packet.protocol, port)
-    });
+    let (protocol, port) = Packet::protocol_and_port(&ctx);
     // SAFETY: a helper on the valid context (Linux 4.18+).
     let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
     record::event(
@@ -470,7 +487,7 @@ unsafe fn remembered(
     generation: u32,
 ) -> Result<Judged, i32> {
     // SAFETY: as the caller promises.
-    let Some(remembered) = (unsafe { socket_verdict(socket, None) }) else {
+    let Some(remembered) = (unsafe { socket_verdict(socket, false) }) else {
         return Ok(Judged::NOBODY);
     };
     // SAFETY: the socket's storage, valid while the program runs.
@@ -521,30 +538,23 @@ impl Cgroup for SocketCgroup {
     }
 }
 
-/// The socket's entry in `SOCKET_VERDICTS`, created from `create` when it has none and
-/// `create` is given.
+/// The socket's entry in `SOCKET_VERDICTS`, created (zeroed) when it has none and `create`
+/// says so.
 ///
 /// # Safety
 /// `socket` is null or a full socket returned by `bpf_sk_fullsock`.
 #[inline]
-unsafe fn socket_verdict(
-    socket: *mut bpf_sock,
-    create: Option<&mut SocketVerdict>,
-) -> Option<*mut SocketVerdict> {
+unsafe fn socket_verdict(socket: *mut bpf_sock, create: bool) -> Option<*mut SocketVerdict> {
     if socket.is_null() {
         return None;
     }
-    let (value, flags) = match create {
-        Some(value) => (core::ptr::from_mut(value), STORAGE_CREATE),
-        None => (core::ptr::null_mut(), 0),
-    };
     // SAFETY: the map is socket-local storage; the helper checks the socket (Linux 5.2+).
     let stored = unsafe {
         bpf_sk_storage_get(
             (&raw const SOCKET_VERDICTS).cast_mut().cast(),
             socket.cast(),
-            value.cast(),
-            flags,
+            core::ptr::null_mut(),
+            if create { STORAGE_CREATE } else { 0 },
         )
     };
     (!stored.is_null()).then_some(stored.cast())

@@ -22,7 +22,7 @@ use imds_guard_common::{
 
 use crate::{
     http,
-    maps::{ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
+    maps::{self, ALLOW, CGROUP_RULESETS, SETTINGS, SOCKET_VERDICTS},
     protected::{self, Destination},
     record::{self, Decided},
     task,
@@ -278,17 +278,19 @@ pub unsafe extern "C" fn sock_addr_event(
 /// judged there.
 fn remember(ctx: &SockAddrContext, destination: Destination, judged: SocketVerdict) {
     let (family, addr) = destination.words();
-    let mut value = SocketVerdict {
-        addr,
-        family,
-        ..judged
-    };
     // SAFETY: the helper checks the socket; the pointer it returns, if not null, is this
-    // socket's storage, valid while the program runs.
+    // socket's storage (zeroed when new), valid while the program runs.
     unsafe {
-        let stored = SOCKET_VERDICTS.get_or_insert_ptr_mut(ctx, Some(&mut value));
+        let stored = SOCKET_VERDICTS.get_or_insert_ptr_mut(ctx, None);
         if !stored.is_null() {
-            *stored = value;
+            maps::store_socket_verdict(
+                stored,
+                SocketVerdict {
+                    addr,
+                    family,
+                    ..judged
+                },
+            );
         }
     }
 }

@@ -330,7 +330,9 @@ fn a_reload_that_keeps_a_connections_rule_keeps_the_connection() {
 
 /// A container's root, let through to IMDS once (its verdict remembered on the socket), whose
 /// rule is then revoked, cannot reuse that verdict: it connects the socket again elsewhere, to
-/// an address its own NAT rewrites to IMDS. That packet is judged by the policy in force.
+/// an address its own NAT rewrites to IMDS. That packet is judged by the policy in force. Two
+/// reloads: the second puts the policy in the slot (generation) of the one that let it through,
+/// which a verdict remembered by generation would take for its own.
 #[test]
 fn a_verdict_remembered_on_a_socket_ends_with_its_policy() {
     let Some((sandbox, attach)) = setup("test") else {
@@ -345,12 +347,14 @@ fn a_verdict_remembered_on_a_socket_ends_with_its_policy() {
         let client = scope.spawn(|| {
             Client::new(&sandbox, &container, 0, 0)
                 .namespaces("pid,cgroup")
-                .hold(1500)
+                .hold(2500)
                 .route("reconnect-held", std::net::Ipv4Addr::LOCALHOST, 9080)
         });
         std::thread::sleep(Duration::from_millis(700));
         config.write(&revoked);
-        reload_and_wait(&agent, 1, 0);
+        for round in [1, 2] {
+            reload_and_wait(&agent, round, 0);
+        }
         client.join().expect("client")
     });
     assert_ne!(

@@ -320,16 +320,20 @@ impl Kernel {
             &entries.cgroup_rulesets,
         )?;
         let mut settings: Array<_, Settings> = maps::settings(&mut self.ebpf)?;
-        // The policy after the one in the other slot (the one in force at a switch; none yet,
-        // epoch 0, at an install): a number no policy in force since the maps were made had.
-        let before = settings
-            .get(&(generation ^ 1), 0)
-            .map_err(|source| KernelError::ReadMap {
-                map: SETTINGS,
-                source,
-            })?;
+        // A number neither slot has: the one after the other slot's (the policy in force at a
+        // switch), unless that is the number of the policy this one replaces (only after the
+        // numbers wrap, or in maps an agent left half-removed, which an install reuses).
+        let [replaced, other] = [generation, generation ^ 1].map(|slot| {
+            settings
+                .get(&slot, 0)
+                .map(|held| held.epoch)
+                .map_err(|source| KernelError::ReadMap {
+                    map: SETTINGS,
+                    source,
+                })
+        });
         let value = Settings {
-            epoch: Settings::next_epoch(before.epoch),
+            epoch: Settings::epoch_after(other?, replaced?),
             ..entries.settings
         };
         settings
