@@ -219,14 +219,10 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     else {
         return DROP;
     };
-    // A packet knows no gid: gid rules match only a remembered identity's packets.
-    let Decision { verdict, rule, .. } = decide(
-        &verdict::KernelMaps,
+    let Decision { verdict, rule, .. } = judged.decide(
         generation,
-        judged.uid_known.then_some(judged.uid),
-        judged.gid_known.then_some(judged.gid),
-        judged.task,
         &SocketCgroup { skb, id: cgroup_id },
+        packet.protocol == IPPROTO_TCP && (rewritten || !seen_by_hooks),
     );
     let value = judged.remembered(addr, family, verdict, generation);
     if judged.again {
@@ -384,6 +380,32 @@ struct Judged {
 }
 
 impl Judged {
+    /// The decision for this identity in `cgroup` by `generation`. A packet knows no gid: gid
+    /// rules match only a remembered identity's packets. A TCP packet on a connection the
+    /// message layer does not follow (`unfollowed_tcp`) is refused where the rule judges
+    /// requests ([`http::unread_under`]).
+    #[inline(always)]
+    fn decide(self, generation: u32, cgroup: &SocketCgroup, unfollowed_tcp: bool) -> Decision {
+        let decision = decide(
+            &verdict::KernelMaps,
+            generation,
+            self.uid_known.then_some(self.uid),
+            self.gid_known.then_some(self.gid),
+            self.task,
+            cgroup,
+        );
+        if decision.verdict != VERDICT_DENY
+            && http::unread_under(decision.rule_flags, unfollowed_tcp)
+        {
+            Decision {
+                verdict: VERDICT_DENY,
+                ..decision
+            }
+        } else {
+            decision
+        }
+    }
+
     /// The verdict to remember on the socket for this identity: `verdict` on packets to
     /// `addr` (of `FAMILY_*` `family`), by the policy in force as `generation`.
     #[inline(always)]

@@ -24,7 +24,7 @@ struct TwoRules {
     modern: TestCgroup,
     legacy: TestCgroup,
     _config: ConfigFile,
-    _attach: TestCgroup,
+    attach: TestCgroup,
     sandbox: Sandbox,
 }
 
@@ -47,7 +47,7 @@ impl TwoRules {
             modern,
             legacy,
             _config: config,
-            _attach: attach,
+            attach,
             sandbox,
         })
     }
@@ -502,4 +502,57 @@ fn a_connection_is_not_judged_by_another_policys_rule_of_the_same_id() {
         .path("/latest/meta-data/instance-id")
         .route("v2", IMDS_V4, 80)
         .assert_errno(EACCES);
+}
+
+/// A rule that judges requests (`imds = "v2"`) lets TCP to IMDS through only on connections the
+/// message layer reads: those a socket hook let through to IMDS itself. A workload that adds a
+/// NAT in its own network namespace (a container's root with `NET_ADMIN`) reaches IMDS by way
+/// of another address, a connection the message layer never follows: its requests would go
+/// unjudged, v1 included. Refused instead, as whatever the message layer cannot read is; a rule
+/// that judges no requests still lets such a connection through.
+#[test]
+fn a_rule_that_judges_requests_refuses_connections_nat_rewrote_to_imds() {
+    const NAT_PORT: u16 = 9080;
+    let Some(rules) = TwoRules::start("http-nat") else {
+        return;
+    };
+    rules.sandbox.dnat(
+        "iptables",
+        "tcp",
+        "127.0.0.1",
+        NAT_PORT,
+        "169.254.169.254:80",
+    );
+    let through_nat = |cgroup| {
+        Client::new(&rules.sandbox, cgroup, MODERN, MODERN).route(
+            "v1",
+            std::net::Ipv4Addr::LOCALHOST,
+            NAT_PORT,
+        )
+    };
+    let refused = through_nat(&rules.modern);
+    assert_ne!(refused.detail, MOCK_INSTANCE_ID, "{refused:?}");
+    assert_ne!(refused.errno, None, "{refused:?}");
+    // An attempt refused after it, reported after it too.
+    let barrier = Client::new(&rules.sandbox, &rules.attach, 4242, 4242).tcp(IMDS_V4, 80);
+    let _ = rules.agent.wait_events_of(barrier.pid, 1);
+    let events: Vec<_> = (rules.agent.events().into_iter())
+        .filter(|event| event["hook"] == "egress")
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_fields(
+        &events[0],
+        &[
+            ("verdict", json!("deny")),
+            ("rule", json!("modern")),
+            ("rewritten", json!(true)),
+            ("port", json!(80)),
+        ],
+    );
+    // Directly, the message layer reads the requests: v2 answered, v1 refused at its write.
+    Client::new(&rules.sandbox, &rules.modern, MODERN, MODERN)
+        .route("v2", IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    // The rule that judges no requests: through the same NAT, v1 answered.
+    through_nat(&rules.legacy).assert_ok(MOCK_INSTANCE_ID);
 }
