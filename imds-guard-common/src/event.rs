@@ -338,7 +338,8 @@ pub struct SocketVerdict {
     pub verdict: u8,
     /// `TASK_*` the attempt was judged as.
     pub task: u8,
-    /// Which ids the decision had: [`JUDGED_UID`], [`JUDGED_GID`].
+    /// Which ids the decision had, and of which packets: [`JUDGED_UID`], [`JUDGED_GID`],
+    /// [`JUDGED_REWRITTEN`].
     pub known: u8,
 }
 const _: () = assert!(core::mem::size_of::<SocketVerdict>() == 32);
@@ -359,6 +360,11 @@ impl SocketVerdict {
 pub const JUDGED_UID: u8 = 1;
 /// [`SocketVerdict::known`]: the decision had the gid (gid rules could match).
 pub const JUDGED_GID: u8 = 2;
+/// [`SocketVerdict::known`]: the verdict is the packet layer's, on packets NAT rewrote to `addr`
+/// (not the socket's peer). A TCP packet takes a remembered verdict only if it is of the same
+/// kind: rewritten, or sent to the peer its connect was judged for (a socket can be connected
+/// again elsewhere, and NAT take that connection to where the last one went).
+pub const JUDGED_REWRITTEN: u8 = 4;
 
 #[cfg(feature = "user")]
 mod user {

@@ -139,15 +139,21 @@ const TCP_SYN: u8 = 0x02;
 /// `URG`: urgent data, which a server may take out of the stream the program read.
 const TCP_URG: u8 = 0x20;
 
+/// Whether a connection decided with `rule_flags` (as `Decision::rule_flags`) has its requests
+/// judged and refused ([`refuses_requests`]).
+#[inline(always)]
+pub fn refuses_requests_of(rule_flags: u32) -> bool {
+    #[expect(clippy::cast_possible_truncation, reason = "RULE_FLAG_* fit in a byte")]
+    refuses_requests(rule_flags as u8)
+}
+
 /// The packet layer's part, for a packet it decided itself, by `rule_flags`: whether it is TCP
 /// on a connection the message layer never reads (`unfollowed_tcp`: one NAT rewrote to a
 /// protected address, a raw socket's), where the rule refuses requests. Its requests would go
 /// unjudged: it is refused (fail closed), as any byte the message layer could not read is.
 #[inline(always)]
 pub fn unread_under(rule_flags: u32, unfollowed_tcp: bool) -> bool {
-    #[expect(clippy::cast_possible_truncation, reason = "RULE_FLAG_* fit in a byte")]
-    let refuses = refuses_requests(rule_flags as u8);
-    if unfollowed_tcp && refuses {
+    if unfollowed_tcp && refuses_requests_of(rule_flags) {
         record::count(COUNTER_HTTP_UNJUDGED);
         return true;
     }

@@ -31,7 +31,7 @@ use imds_guard_common::{
     decide::{Cgroup, Decision, decide},
     event::{
         EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EVENT_FLAG_UID_IGNORED, HOOK_EGRESS,
-        JUDGED_GID, JUDGED_UID, SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
+        JUDGED_GID, JUDGED_REWRITTEN, JUDGED_UID, SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
     },
     policy::{TASK_CONTAINER, TASK_HOST},
 };
@@ -184,13 +184,21 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     }
     let (family, addr) = packet.destination.words();
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
-    let mut judged = match unsafe { remembered(socket, packet.destination, generation) } {
+    let facts = unsafe { SocketFacts::of(socket) };
+    let rewritten = facts.connected && !facts.peer.same(packet.destination);
+    // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
+    let remembered = unsafe {
+        remembered(
+            socket,
+            packet.destination,
+            generation,
+            (packet.protocol == IPPROTO_TCP).then_some(rewritten),
+        )
+    };
+    let mut judged = match remembered {
         Ok(judged) => judged,
         Err(verdict) => return verdict,
     };
-    // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
-    let facts = unsafe { SocketFacts::of(socket) };
-    let rewritten = facts.connected && !facts.peer.same(packet.destination);
     // SAFETY: helpers on the valid context (Linux 4.5+, 4.18+, 4.19+); they use the full
     // socket behind a request socket.
     let (uid, cgroup_id) = unsafe { (bpf_get_socket_uid(skb), bpf_skb_cgroup_id(skb)) };
@@ -224,7 +232,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         &SocketCgroup { skb, id: cgroup_id },
         packet.protocol == IPPROTO_TCP && (rewritten || !seen_by_hooks),
     );
-    let value = judged.remembered(addr, family, verdict, generation);
+    let value = judged.remembered(addr, family, verdict, generation, rewritten);
     if judged.again {
         // SAFETY: as above.
         unsafe { keep(socket, value) };
@@ -407,9 +415,17 @@ impl Judged {
     }
 
     /// The verdict to remember on the socket for this identity: `verdict` on packets to
-    /// `addr` (of `FAMILY_*` `family`), by the policy in force as `generation`.
+    /// `addr` (of `FAMILY_*` `family`), by the policy in force as `generation`, `rewritten` by
+    /// NAT or not.
     #[inline(always)]
-    fn remembered(self, addr: [u32; 4], family: u8, verdict: u8, generation: u32) -> SocketVerdict {
+    fn remembered(
+        self,
+        addr: [u32; 4],
+        family: u8,
+        verdict: u8,
+        generation: u32,
+        rewritten: bool,
+    ) -> SocketVerdict {
         SocketVerdict {
             addr,
             epoch: verdict::epoch_of(generation),
@@ -419,7 +435,8 @@ impl Judged {
             verdict,
             task: SocketVerdict::task_byte(self.task),
             known: if self.uid_known { JUDGED_UID } else { 0 }
-                | if self.gid_known { JUDGED_GID } else { 0 },
+                | if self.gid_known { JUDGED_GID } else { 0 }
+                | if rewritten { JUDGED_REWRITTEN } else { 0 },
         }
     }
 
@@ -491,7 +508,9 @@ fn opaque_found(found: Found) -> Option<Found> {
     })
 }
 
-/// The verdict remembered on `socket` for `destination`: `Err` with it when it stands (the
+/// The verdict remembered on `socket` for `destination` (for a TCP packet, `tcp_rewritten`
+/// says whether NAT rewrote it: only a verdict on packets of the same kind counts, see
+/// `JUDGED_REWRITTEN`): `Err` with it when it stands (the
 /// policy that gave it is in force: a denial was reported already); otherwise who the packet
 /// is judged as, the identity it was given to when there is one (judged again, by the policy
 /// in force), [`Judged::NOBODY`] when there is none.
@@ -507,6 +526,7 @@ unsafe fn remembered(
     socket: *mut bpf_sock,
     destination: Destination,
     generation: u32,
+    tcp_rewritten: Option<bool>,
 ) -> Result<Judged, i32> {
     // SAFETY: as the caller promises.
     let Some(remembered) = (unsafe { socket_verdict(socket, false) }) else {
@@ -515,7 +535,11 @@ unsafe fn remembered(
     // SAFETY: the socket's storage, valid while the program runs.
     let remembered = unsafe { *remembered };
     let (family, addr) = destination.words();
-    if remembered.family != family || !protected::same_words(remembered.addr, addr) {
+    if remembered.family != family
+        || !protected::same_words(remembered.addr, addr)
+        || tcp_rewritten
+            .is_some_and(|rewritten| rewritten != (remembered.known & JUDGED_REWRITTEN != 0))
+    {
         return Ok(Judged::NOBODY);
     }
     if remembered.epoch == verdict::epoch_of(generation) {

@@ -144,6 +144,27 @@ fn judge_protected(
         task,
         &CurrentCgroup,
     );
+    // SAFETY: the kernel hands sock_addr programs a valid context.
+    let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
+    // Truncation intended: the port is the low 16 bits, in network byte order.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
+    let port = u16::from_be(port as u16);
+    let tcp_connect = (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && protocol == IPPROTO_TCP;
+    // A rule that judges requests admits TCP to a protected address on the HTTP port alone, where
+    // the message layer follows the connection: on another, a NAT in the workload's own network
+    // namespace could take it to the HTTP port unread.
+    let verdict = if verdict != VERDICT_DENY
+        && tcp_connect
+        && port != HTTP_PORT
+        && http::refuses_requests_of(rule_flags)
+    {
+        VERDICT_DENY
+    } else {
+        verdict
+    };
     count(generation, verdict, rule);
     // The packet layer judges the socket's packets again by its owner and cgroup, as a host
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
@@ -175,19 +196,7 @@ fn judge_protected(
             },
         );
     }
-    // SAFETY: the kernel hands sock_addr programs a valid context.
-    let (port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
-    // Truncation intended: the port is the low 16 bits, in network byte order.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the port is the low 16 bits"
-    )]
-    let port = u16::from_be(port as u16);
-    if verdict != VERDICT_DENY
-        && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6)
-        && protocol == IPPROTO_TCP
-        && port == HTTP_PORT
-    {
+    if verdict != VERDICT_DENY && tcp_connect && port == HTTP_PORT {
         http::follow(ctx, generation, verdict, rule, rule_flags, task);
     }
     if verdict == VERDICT_ALLOW {
