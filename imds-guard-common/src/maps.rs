@@ -81,7 +81,8 @@ pub const ALL: [&str; 16] = [
 /// 7: `Settings` of 64 bytes (the default rule set's uid rules for host tasks).
 /// 8: `Settings::epoch`, `SocketVerdict` of 32 bytes (the policy's epoch and the identity judged),
 /// `HttpSocket::epoch`.
-pub const MAPS_LAYOUT_VERSION: u32 = 8;
+/// 9: `SocketVerdict`'s words reordered (the epoch, family and verdict in the last).
+pub const MAPS_LAYOUT_VERSION: u32 = 9;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.

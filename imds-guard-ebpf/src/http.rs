@@ -203,8 +203,11 @@ pub unsafe fn carries_unread_bytes(
                 if flags & TCP_URG != 0 {
                     true
                 } else if flags & TCP_SYN != 0 {
+                    // A new stream: nothing of it was let through yet (what was counted is of
+                    // a stream the socket had before, connected again elsewhere).
                     (*state).data_seq = seq.wrapping_add(1);
                     (*state).seq_known = 1;
+                    (*state).passed = 0;
                     payload > 0
                 } else if (*state).seq_known == 0 {
                     payload > 0

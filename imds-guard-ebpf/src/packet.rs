@@ -30,9 +30,11 @@ use aya_ebpf::{
 use imds_guard_common::{
     decide::{Cgroup, Decision, decide},
     event::{
-        EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EVENT_FLAG_UID_IGNORED, HOOK_EGRESS,
-        JUDGED_GID, JUDGED_REWRITTEN, JUDGED_UID, SocketVerdict, VERDICT_ALLOW, VERDICT_DENY,
+        EVENT_FLAG_CONTAINER, EVENT_FLAG_REWRITTEN, EVENT_FLAG_UID_IGNORED, FAMILY_INET6,
+        HOOK_EGRESS, JUDGED_GID, JUDGED_REWRITTEN, JUDGED_UID, SocketVerdict, VERDICT_ALLOW,
+        VERDICT_DENY,
     },
+    http::HTTP_PORT,
     policy::{TASK_CONTAINER, TASK_HOST},
 };
 
@@ -113,6 +115,19 @@ fn certainly_unprotected(ctx: &SkBuffContext) -> bool {
 }
 
 impl Packet {
+    /// Whether the packet may carry TCP: its protocol is TCP, or it is IPv6 and its next header
+    /// is one this does not follow (extension headers, which any socket can add: `IPV6_DSTOPTS`,
+    /// `IPV6_HOPOPTS`; or ESP and AH), so TCP may come after it.
+    #[inline(always)]
+    fn may_carry_tcp(&self) -> bool {
+        self.protocol == IPPROTO_TCP
+            || (self.destination.words().0 == FAMILY_INET6
+                && matches!(
+                    self.protocol,
+                    0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+                ))
+    }
+
     /// The protocol and destination port, read as [`Packet::read`] reads the header, for the
     /// event: a header that cannot be read now is reported without them (0). Only what the event
     /// needs, inlined: [`Packet::read`]'s frame on top of the event's was the deepest stack of
@@ -186,13 +201,15 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
     let facts = unsafe { SocketFacts::of(socket) };
     let rewritten = facts.connected && !facts.peer.same(packet.destination);
+    // A TCP socket's packet, or one that may carry TCP (see `may_carry_tcp`).
+    let tcp = facts.protocol == u32::from(IPPROTO_TCP) || packet.may_carry_tcp();
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
     let remembered = unsafe {
         remembered(
             socket,
             packet.destination,
             generation,
-            (packet.protocol == IPPROTO_TCP).then_some(rewritten),
+            tcp.then_some(rewritten),
         )
     };
     let mut judged = match remembered {
@@ -218,11 +235,16 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         seen_by_hooks,
         rewritten,
         remember,
+        unfollowed_tcp,
     }) = opaque_found(Found {
         judged,
         seen_by_hooks: facts.seen_by_hooks,
         rewritten,
         remember: facts.remember(),
+        // What the message layer never follows: not a TCP socket's connection to a protected
+        // address's HTTP port that the socket hooks judged (a raw socket's, one NAT took
+        // there from another address or port).
+        unfollowed_tcp: tcp && (rewritten || !facts.seen_by_hooks || facts.peer_port != HTTP_PORT),
     })
     else {
         return DROP;
@@ -230,7 +252,7 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     let Decision { verdict, rule, .. } = judged.decide(
         generation,
         &SocketCgroup { skb, id: cgroup_id },
-        packet.protocol == IPPROTO_TCP && (rewritten || !seen_by_hooks),
+        unfollowed_tcp,
     );
     let value = judged.remembered(addr, family, verdict, generation, rewritten);
     if judged.again {
@@ -453,6 +475,10 @@ impl Judged {
 }
 
 /// What the judge keeps of the paths before the decision, for after it.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts, packed into one word for the verifier (`opaque_found`)"
+)]
 struct Found {
     judged: Judged,
     /// The socket hooks judged this socket's destination (see [`SocketFacts::seen_by_hooks`]).
@@ -461,6 +487,8 @@ struct Found {
     rewritten: bool,
     /// The verdict is remembered on the socket: a connected socket other than a datagram one.
     remember: bool,
+    /// TCP the message layer does not follow.
+    unfollowed_tcp: bool,
 }
 
 /// `found` as values the verifier cannot see through (see `opaque`), two words; `None` (never)
@@ -481,6 +509,7 @@ fn opaque_found(found: Found) -> Option<Found> {
             | u64::from(found.seen_by_hooks) << 8
             | u64::from(found.rewritten) << 9
             | u64::from(found.remember) << 10
+            | u64::from(found.unfollowed_tcp) << 14
             | u64::from(uid_known) << 11
             | u64::from(gid_known) << 12
             | u64::from(again) << 13
@@ -505,6 +534,7 @@ fn opaque_found(found: Found) -> Option<Found> {
         seen_by_hooks: word & 1 << 8 != 0,
         rewritten: word & 1 << 9 != 0,
         remember: word & 1 << 10 != 0,
+        unfollowed_tcp: word & 1 << 14 != 0,
     })
 }
 
@@ -615,6 +645,8 @@ struct SocketFacts {
     connected: bool,
     /// Where it is connected to (unset when not connected).
     peer: Destination,
+    /// The port it is connected to (0 when not connected).
+    peer_port: u16,
     /// The socket hooks judge what it sends: a TCP or UDP socket that is not raw (`connect4/6`
     /// its connect, `sendmsg4/6` each unconnected datagram); not a raw socket, nor another
     /// protocol (ICMP echo, UDP-Lite, SCTP).
@@ -645,13 +677,14 @@ impl SocketFacts {
             return Self {
                 connected: false,
                 peer: Destination::v4(0),
+                peer_port: 0,
                 seen_by_hooks: false,
                 kind: 0,
                 protocol: 0,
             };
         }
         // SAFETY: a full socket; the verifier allows 32-bit reads of these fields, one word at
-        // a time for `dst_ip6`.
+        // a time for `dst_ip6`, and a 16-bit read of `dst_port` (network byte order).
         unsafe {
             let (kind, protocol) = ((*socket).type_, (*socket).protocol);
             let peer = match (*socket).family {
@@ -673,6 +706,7 @@ impl SocketFacts {
             Self {
                 connected: peer.is_some(),
                 peer: peer.unwrap_or(Destination::v4(0)),
+                peer_port: u16::from_be(core::ptr::read_volatile(&raw const (*socket).dst_port)),
                 seen_by_hooks: kind != SOCK_RAW
                     && (protocol == u32::from(IPPROTO_TCP) || protocol == u32::from(IPPROTO_UDP)),
                 kind,

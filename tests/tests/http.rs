@@ -3,8 +3,8 @@
 //! once, and `paths`/`deny_paths` say what a workload may read.
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, EACCES, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox, TestCgroup,
-    assert_fields, free_port, http_get, imds_guard, sample, setup,
+    Agent, Client, ConfigFile, EACCES, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox,
+    TestCgroup, assert_fields, free_port, http_get, imds_guard, sample, setup,
 };
 use serde_json::{Value, json};
 
@@ -549,10 +549,59 @@ fn a_rule_that_judges_requests_refuses_connections_nat_rewrote_to_imds() {
             ("port", json!(80)),
         ],
     );
+    // A NAT in its namespace that changes only the port: IMDS's port 81 to its port 80. Where
+    // the rule judges requests, a TCP connect to IMDS goes to port 80 alone, which the message
+    // layer follows; elsewhere the NAT takes it there.
+    rules.sandbox.dnat(
+        "iptables",
+        "tcp",
+        "169.254.169.254",
+        81,
+        "169.254.169.254:80",
+    );
+    let port_rewritten =
+        |cgroup| Client::new(&rules.sandbox, cgroup, MODERN, MODERN).route("v1", IMDS_V4, 81);
+    port_rewritten(&rules.modern).assert_errno(EPERM);
+    port_rewritten(&rules.legacy).assert_ok(MOCK_INSTANCE_ID);
     // Directly, the message layer reads the requests: v2 answered, v1 refused at its write.
     Client::new(&rules.sandbox, &rules.modern, MODERN, MODERN)
         .route("v2", IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
     // The rule that judges no requests: through the same NAT, v1 answered.
     through_nat(&rules.legacy).assert_ok(MOCK_INSTANCE_ID);
+}
+
+/// A container under a rule that judges requests, let through to IMDS (its verdict remembered on
+/// the socket, the message layer following its connection), connects the same socket again, to
+/// an address its NAT takes to IMDS, and sends a v1 request there. Refused: the new connection
+/// gets neither the verdict remembered for the last one nor a pass for the bytes the message
+/// layer read of it. (Its SYN is dropped. Before the packet layer told a reconnected socket's
+/// packets from its last connection's, the message layer, still following the socket, refused
+/// the request at its write: a route closed twice over.)
+#[test]
+fn a_socket_connected_again_through_a_nat_keeps_nothing_of_its_last_connection() {
+    let Some((sandbox, attach)) = setup("http-reconnect") else {
+        return;
+    };
+    let container = attach
+        .child("system.slice")
+        .child(&format!("docker-{}.scope", "5d".repeat(32)));
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n\
+         [[allow]]\nname = \"web\"\ncgroup = \"{0}/system.slice/docker-*.scope\"\nimds = \"v2\"\n",
+        attach.path
+    ));
+    sandbox.answer_v1(true);
+    sandbox.dnat("iptables", "tcp", "127.0.0.1", 9080, "169.254.169.254:80");
+    let _agent = agent_with(&config);
+    let outcome = Client::new(&sandbox, &container, 0, 0)
+        .namespaces("pid,cgroup")
+        .path("/latest/meta-data/instance-id")
+        .route("reconnect-nat", std::net::Ipv4Addr::LOCALHOST, 9080);
+    assert_ne!(outcome.detail, MOCK_INSTANCE_ID, "{outcome:?}");
+    // The v2 conversation on IMDS itself went through: what failed is the second connection.
+    assert!(
+        !outcome.detail.starts_with("v2 on IMDS itself"),
+        "{outcome:?}"
+    );
 }

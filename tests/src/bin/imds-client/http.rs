@@ -297,3 +297,61 @@ fn errno_name(err: &io::Error) -> String {
         None => err.kind().to_string(),
     }
 }
+
+/// The v2 flow on a connection to IMDS itself (port 80 of `addr`'s family: followed by the
+/// message layer), then, on the same socket, disconnected (`connect(AF_UNSPEC)`) and connected
+/// to `addr` (a NAT's way to IMDS) for a tokenless GET of `path` there: its body, or an error.
+pub fn reconnect_nat(addr: SocketAddr, path: &str) -> io::Result<String> {
+    use std::os::fd::AsRawFd as _;
+    let imds = SocketAddr::new(
+        if addr.is_ipv4() {
+            [169, 254, 169, 254].into()
+        } else {
+            "fd00:ec2::254".parse().expect("the IMDS address")
+        },
+        80,
+    );
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.connect_timeout(&imds.into(), TIMEOUT)?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream.try_clone()?;
+    write!(writer, "{TOKEN_REQUEST}Host: {imds}\r\n\r\n")?;
+    let (_, token) = read_response(&mut reader)?;
+    write!(
+        writer,
+        "GET {path} HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\nHost: {imds}\r\n\r\n"
+    )?;
+    let (status, _) = read_response(&mut reader)?;
+    if status != 200 {
+        return Err(io::Error::other(format!("v2 on IMDS itself: {status}")));
+    }
+    let family = libc::sa_family_t::try_from(libc::AF_UNSPEC).expect("AF_UNSPEC");
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr>()).expect("a size");
+    // SAFETY: an `AF_UNSPEC` address, zeroed otherwise, on the stream's own descriptor.
+    let disconnected = unsafe {
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = family;
+        libc::connect(stream.as_raw_fd(), &raw const unspec, len)
+    };
+    if disconnected != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(reader);
+    let socket = socket2::Socket::from(stream);
+    socket.connect_timeout(&addr.into(), TIMEOUT)?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    write!(writer, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    match read_response(&mut reader)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(io::Error::other(format!("HTTP error: {status}"))),
+    }
+}

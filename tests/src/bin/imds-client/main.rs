@@ -6,7 +6,8 @@
 //!
 //! ACTION: imds, tcp, udp, the HTTP conversations of `http.rs` (`--path P`, default
 //! `/latest/meta-data/instance-id`): v1, v2, sdk-v2 (each request in one write), keepalive,
-//! split-v1, split-v2, pipelined, pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2;
+//! split-v1, split-v2, pipelined, pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2,
+//! reconnect-nat (v2 on IMDS itself, then the same socket connected again to ADDR, v1);
 //! or one of the routes in `routes.rs`: nonblocking-connect, fastopen-sendto, fastopen-connect,
 //! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
@@ -353,6 +354,7 @@ fn act_once(
         "keepalive" => http::keepalive(addr, path),
         "split-v2" => http::split(addr, path, true),
         "split-v1" => http::split(addr, path, false),
+        "reconnect-nat" => http::reconnect_nat(addr, path),
         "long-v2" => http::long(addr, path, true),
         "long-v1" => http::long(addr, path, false),
         "pipelined" => http::pipelined(addr, path),
