@@ -317,9 +317,10 @@ pub struct FoldValue {
 /// policy it decides again, for the identity judged (`uid`, `gid`, `task`) in the socket's
 /// cgroup, and remembers that verdict instead: a revoked rule ends what it let in.
 ///
-/// Four 8-byte words, no padding. The programs write an entry a word at a time, in order, so
-/// the last word (the epoch, family and verdict) is written after the others: a reader that
-/// finds the family of its packet finds the whole entry (a new entry is zeroed, family 0).
+/// Five 8-byte words, no padding. The programs write an entry a word at a time, in order, the
+/// last its [`SocketVerdict::check`] of the others; a reader takes an entry whose check does not
+/// match for none (one it read while another program wrote it, on any CPU, in any order: the
+/// words are not written atomically together).
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketVerdict {
@@ -341,8 +342,10 @@ pub struct SocketVerdict {
     /// Which ids the decision had, and of which packets: [`JUDGED_UID`], [`JUDGED_GID`],
     /// [`JUDGED_REWRITTEN`].
     pub known: u8,
+    /// [`SocketVerdict::check_of_fields`] when the entry is whole.
+    pub check: u64,
 }
-const _: () = assert!(core::mem::size_of::<SocketVerdict>() == 32);
+const _: () = assert!(core::mem::size_of::<SocketVerdict>() == 40);
 
 impl SocketVerdict {
     /// `TASK_*` (`TASK_HOST` or `TASK_CONTAINER`) as [`SocketVerdict::task`] keeps it.
@@ -353,6 +356,51 @@ impl SocketVerdict {
     )]
     pub const fn task_byte(task: u16) -> u8 {
         task as u8
+    }
+
+    /// A mix of every field but `check`: parts of two different entries (a read that raced a
+    /// write) give another value but by a chance of 2^-64. Not a secret: only the programs
+    /// write entries.
+    #[must_use]
+    #[inline]
+    pub const fn check_of_fields(&self) -> u64 {
+        const fn mix(x: u64) -> u64 {
+            (x ^ (x >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        }
+        let words = [
+            self.addr[0] as u64 | (self.addr[1] as u64) << 32,
+            self.addr[2] as u64 | (self.addr[3] as u64) << 32,
+            self.uid as u64 | (self.gid as u64) << 32,
+            self.epoch as u64
+                | (self.family as u64) << 32
+                | (self.verdict as u64) << 40
+                | (self.task as u64) << 48
+                | (self.known as u64) << 56,
+        ];
+        let mut check = 0x5ac3_e1d7_0b1e_77a5;
+        let mut i = 0;
+        while i < words.len() {
+            check = mix(check ^ words[i]);
+            i += 1;
+        }
+        check
+    }
+
+    /// The entry with its check.
+    #[must_use]
+    #[inline]
+    pub const fn sealed(self) -> Self {
+        Self {
+            check: self.check_of_fields(),
+            ..self
+        }
+    }
+
+    /// Whether the entry is whole: its check matches its fields (a zeroed one's does not).
+    #[must_use]
+    #[inline]
+    pub const fn whole(&self) -> bool {
+        self.check == self.check_of_fields()
     }
 }
 
@@ -372,4 +420,77 @@ mod user {
     unsafe impl aya::Pod for super::FoldKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FoldValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_verdict_read_half_written_is_not_taken_for_whole() {
+        let old = SocketVerdict {
+            addr: [0xfea9_fea9, 0, 0, 0],
+            uid: 1000,
+            gid: 3001,
+            epoch: 7,
+            family: FAMILY_INET,
+            verdict: VERDICT_ALLOW,
+            task: 1,
+            known: JUDGED_UID | JUDGED_GID,
+            check: 0,
+        }
+        .sealed();
+        let new = SocketVerdict {
+            uid: 0,
+            gid: 0,
+            epoch: 8,
+            verdict: VERDICT_DENY,
+            ..old
+        }
+        .sealed();
+        assert!(old.whole() && new.whole());
+        // A zeroed entry (new storage) is no entry.
+        assert!(!SocketVerdict::default().whole());
+        // Any mix of the two entries' words, in whichever order a read met a write.
+        let words = |entry: SocketVerdict| -> [u64; 5] {
+            [
+                u64::from(entry.addr[0]) | u64::from(entry.addr[1]) << 32,
+                u64::from(entry.addr[2]) | u64::from(entry.addr[3]) << 32,
+                u64::from(entry.uid) | u64::from(entry.gid) << 32,
+                u64::from(entry.epoch)
+                    | u64::from(entry.family) << 32
+                    | u64::from(entry.verdict) << 40
+                    | u64::from(entry.task) << 48
+                    | u64::from(entry.known) << 56,
+                entry.check,
+            ]
+        };
+        let (a, b) = (words(old), words(new));
+        for mask in 0..32u32 {
+            let mixed: [u64; 5] =
+                core::array::from_fn(|i| if mask & 1 << i != 0 { b[i] } else { a[i] });
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "the words' halves and bytes"
+            )]
+            let entry = SocketVerdict {
+                addr: [
+                    mixed[0] as u32,
+                    (mixed[0] >> 32) as u32,
+                    mixed[1] as u32,
+                    (mixed[1] >> 32) as u32,
+                ],
+                uid: mixed[2] as u32,
+                gid: (mixed[2] >> 32) as u32,
+                epoch: mixed[3] as u32,
+                family: (mixed[3] >> 32) as u8,
+                verdict: (mixed[3] >> 40) as u8,
+                task: (mixed[3] >> 48) as u8,
+                known: (mixed[3] >> 56) as u8,
+                check: mixed[4],
+            };
+            let whole = entry == old || entry == new;
+            assert_eq!(entry.whole(), whole, "words {mask:05b}: {entry:?}");
+        }
+    }
 }

@@ -82,7 +82,8 @@ pub const ALL: [&str; 16] = [
 /// 8: `Settings::epoch`, `SocketVerdict` of 32 bytes (the policy's epoch and the identity judged),
 /// `HttpSocket::epoch`.
 /// 9: `SocketVerdict`'s words reordered (the epoch, family and verdict in the last).
-pub const MAPS_LAYOUT_VERSION: u32 = 9;
+/// 10: `SocketVerdict` of 40 bytes (its check).
+pub const MAPS_LAYOUT_VERSION: u32 = 10;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.

@@ -32,20 +32,20 @@ pub static PROTECTED_FILTER: Array<ProtectedFilter> = Array::with_max_entries(1,
 #[btf_map(name = "SOCKET_VERDICTS")]
 pub static SOCKET_VERDICTS: SkStorage<SocketVerdict> = SkStorage::new();
 
-/// Writes `value` into a socket's `SOCKET_VERDICTS` entry a word at a time, in order (see
-/// `SocketVerdict`): a plain assignment compiled to a call of a byte-by-byte `memmove` (a
-/// 32-turn loop, and its frame on top of the program's, which the verifier counts).
+/// Writes `value`, sealed with its check, into a socket's `SOCKET_VERDICTS` entry a word at a
+/// time, the check last (see `SocketVerdict`). (A plain assignment compiled to a call of a
+/// byte-by-byte `memmove`: a 40-turn loop, and its frame on top of the program's.)
 ///
 /// # Safety
 /// `stored` is a live entry of `SOCKET_VERDICTS` (from `bpf_sk_storage_get`).
 #[inline(always)]
 pub unsafe fn store_socket_verdict(stored: *mut SocketVerdict, value: SocketVerdict) {
-    // SAFETY: `SocketVerdict` is four 8-byte words, 8-aligned, without padding.
-    let words: [u64; 4] = unsafe { core::mem::transmute(value) };
+    // SAFETY: `SocketVerdict` is five 8-byte words, 8-aligned, without padding.
+    let words: [u64; 5] = unsafe { core::mem::transmute(value.sealed()) };
     let stored = stored.cast::<u64>();
     for (i, word) in words.into_iter().enumerate() {
         // SAFETY: within the entry, as the caller promises; volatile, so that the stores stay
-        // four, in this order.
+        // five, in this order.
         unsafe { core::ptr::write_volatile(stored.add(i), word) };
     }
 }

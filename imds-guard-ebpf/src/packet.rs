@@ -459,6 +459,8 @@ impl Judged {
             known: if self.uid_known { JUDGED_UID } else { 0 }
                 | if self.gid_known { JUDGED_GID } else { 0 }
                 | if rewritten { JUDGED_REWRITTEN } else { 0 },
+            // Sealed as it is stored.
+            check: 0,
         }
     }
 
@@ -567,6 +569,7 @@ unsafe fn remembered(
     let (family, addr) = destination.words();
     if remembered.family != family
         || !protected::same_words(remembered.addr, addr)
+        || !remembered.whole()
         || tcp_rewritten
             .is_some_and(|rewritten| rewritten != (remembered.known & JUDGED_REWRITTEN != 0))
     {
