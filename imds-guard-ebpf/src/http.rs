@@ -162,7 +162,8 @@ pub fn unread_under(rule_flags: u32, unfollowed_tcp: bool) -> bool {
 
 /// The packet layer's part: whether `socket`'s outgoing segment to a protected address (its TCP
 /// header at `tcp_at`, when the packet has it there) carries a byte no write was read for, on a
-/// connection whose rule refuses requests. Such bytes were written before the connection reached the socket map: TCP
+/// connection whose rule refuses requests (`None`: the message layer does not follow the
+/// socket). Such bytes were written before the connection reached the socket map: TCP
 /// Fast Open's, in the SYN (with a cookie) or queued before the handshake ended (without). The
 /// SYN also tells the stream's first sequence number. Unread bytes leave the connection refused
 /// (its later writes fail with `EACCES` at once); anything that cannot be read here is unread:
@@ -176,19 +177,23 @@ pub unsafe fn carries_unread_bytes(
     ctx: &SkBuffContext,
     socket: *mut bpf_sock,
     tcp_at: Option<usize>,
-) -> bool {
+) -> Option<bool> {
     // SAFETY: as the caller promises; the storage, if any, is this socket's, valid while the
     // program runs.
     unsafe {
         let state = storage(socket, 0);
-        if state.is_null() || !refuses_requests((*state).rule_flags) {
-            // Not followed, or followed to be reported only (audit mode never refuses).
-            return false;
+        if state.is_null() {
+            // Not followed.
+            return None;
+        }
+        if !refuses_requests((*state).rule_flags) {
+            // Followed to be reported only (audit mode never refuses).
+            return Some(false);
         }
         let Some(transport) = tcp_at else {
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
-            return true;
+            return Some(true);
         };
         let unread = match (
             ctx.load::<u32>(transport + 4),
@@ -221,7 +226,7 @@ pub unsafe fn carries_unread_bytes(
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
         }
-        unread
+        Some(unread)
     }
 }
 

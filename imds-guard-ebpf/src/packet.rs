@@ -190,11 +190,14 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
     let socket = full_socket(ctx);
     // Bytes the message layer never read, where the rule judges requests: fail closed. Which
     // sockets it follows, their storage says (whatever the packet's next header claims).
+    let mut followed = false;
     if !socket.is_null() {
         let tcp_at = (packet.protocol == IPPROTO_TCP).then_some(packet.transport);
         // SAFETY: a full socket from `bpf_sk_fullsock`, not null.
-        if unsafe { http::carries_unread_bytes(ctx, socket, tcp_at) } {
-            return DROP;
+        match unsafe { http::carries_unread_bytes(ctx, socket, tcp_at) } {
+            Some(true) => return DROP,
+            Some(false) => followed = true,
+            None => {}
         }
     }
     let (family, addr) = packet.destination.words();
@@ -241,10 +244,12 @@ fn judge_protected(ctx: &SkBuffContext, packet: &Packet) -> i32 {
         seen_by_hooks: facts.seen_by_hooks,
         rewritten,
         remember: facts.remember(),
-        // What the message layer never follows: not a TCP socket's connection to a protected
-        // address's HTTP port that the socket hooks judged (a raw socket's, one NAT took
-        // there from another address or port).
-        unfollowed_tcp: tcp && (rewritten || !facts.seen_by_hooks || facts.peer_port != HTTP_PORT),
+        // What the message layer does not follow: not a TCP socket's connection to a protected
+        // address's HTTP port that the socket hooks judged and the message layer follows (a
+        // raw socket's, one NAT took there from another address or port, one connected before
+        // the agent started).
+        unfollowed_tcp: tcp
+            && (rewritten || !facts.seen_by_hooks || facts.peer_port != HTTP_PORT || !followed),
     })
     else {
         return DROP;

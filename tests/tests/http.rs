@@ -605,3 +605,45 @@ fn a_socket_connected_again_through_a_nat_keeps_nothing_of_its_last_connection()
         "{outcome:?}"
     );
 }
+
+/// A connection to IMDS opened before the agent started was never followed by the message layer:
+/// under a rule that judges requests, its requests cannot be judged, so it is refused at its next
+/// packet (the client reconnects and is judged). Before, its requests went through unread.
+#[test]
+fn a_connection_from_before_the_agent_is_refused_where_the_rule_judges_requests() {
+    let Some((sandbox, attach)) = setup("http-before") else {
+        return;
+    };
+    let modern = attach.child("modern");
+    let config = ConfigFile::new(&format!(
+        "cgroup = \"{0}\"\n[[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n",
+        attach.path
+    ));
+    let (held, agent) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            Client::new(&sandbox, &modern, MODERN, MODERN)
+                .hold(3000)
+                .route("held-imds", IMDS_V4, 80)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let agent = agent_with(&config);
+        (client.join().expect("client"), agent)
+    });
+    assert_ne!(held.detail, MOCK_INSTANCE_ID, "{held:?}");
+    // A new connection is followed: its v2 request is answered.
+    Client::new(&sandbox, &modern, MODERN, MODERN)
+        .route("v2", IMDS_V4, 80)
+        .assert_ok(MOCK_INSTANCE_ID);
+    let events: Vec<_> = (agent.events().into_iter())
+        .filter(|event| event["hook"] == "egress")
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_fields(
+        &events[0],
+        &[
+            ("verdict", json!("deny")),
+            ("rule", json!("modern")),
+            ("rewritten", json!(false)),
+        ],
+    );
+}

@@ -196,6 +196,20 @@ pub struct Kernel {
     task_layout: u32,
 }
 
+/// A random 32-bit number, from the standard library's per-process random hash keys.
+fn random_epoch() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low half of a random word"
+    )]
+    let epoch = random as u32;
+    epoch
+}
+
 impl Kernel {
     /// Whether the maps were adopted from an earlier agent: then a policy is (or may be) in
     /// force, and the first policy must be switched to, not installed.
@@ -332,8 +346,16 @@ impl Kernel {
                     source,
                 })
         });
+        let (replaced, other) = (replaced?, other?);
+        // A first policy starts from a random number: sockets may still carry the numbers of
+        // maps an agent left half-removed (their settings gone, their socket verdicts pinned).
+        let other = if other == 0 && replaced == 0 {
+            random_epoch()
+        } else {
+            other
+        };
         let value = Settings {
-            epoch: Settings::epoch_after(other?, replaced?),
+            epoch: Settings::epoch_after(other, replaced),
             ..entries.settings
         };
         settings
