@@ -53,6 +53,18 @@ impl TwoRules {
     }
 }
 
+/// The one event of the packet layer `agent` reported, once an attempt made after it in `denied`
+/// (a cgroup no rule lets through) is in.
+fn one_egress_event(agent: &Agent, sandbox: &Sandbox, denied: &TestCgroup) -> Value {
+    let barrier = Client::new(sandbox, denied, 4242, 4242).tcp(IMDS_V4, 80);
+    let _ = agent.wait_events_of(barrier.pid, 1);
+    let events: Vec<_> = (agent.events().into_iter())
+        .filter(|event| event["hook"] == "egress")
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    events[0].clone()
+}
+
 fn http_events(agent: &Agent, pid: u32) -> Vec<Value> {
     agent
         .events_of(pid)
@@ -533,15 +545,8 @@ fn a_rule_that_judges_requests_refuses_connections_nat_rewrote_to_imds() {
     let refused = through_nat(&rules.modern);
     assert_ne!(refused.detail, MOCK_INSTANCE_ID, "{refused:?}");
     assert_ne!(refused.errno, None, "{refused:?}");
-    // An attempt refused after it, reported after it too.
-    let barrier = Client::new(&rules.sandbox, &rules.attach, 4242, 4242).tcp(IMDS_V4, 80);
-    let _ = rules.agent.wait_events_of(barrier.pid, 1);
-    let events: Vec<_> = (rules.agent.events().into_iter())
-        .filter(|event| event["hook"] == "egress")
-        .collect();
-    assert_eq!(events.len(), 1, "{events:?}");
     assert_fields(
-        &events[0],
+        &one_egress_event(&rules.agent, &rules.sandbox, &rules.attach),
         &[
             ("verdict", json!("deny")),
             ("rule", json!("modern")),
@@ -634,12 +639,8 @@ fn a_connection_from_before_the_agent_is_refused_where_the_rule_judges_requests(
     Client::new(&sandbox, &modern, MODERN, MODERN)
         .route("v2", IMDS_V4, 80)
         .assert_ok(MOCK_INSTANCE_ID);
-    let events: Vec<_> = (agent.events().into_iter())
-        .filter(|event| event["hook"] == "egress")
-        .collect();
-    assert_eq!(events.len(), 1, "{events:?}");
     assert_fields(
-        &events[0],
+        &one_egress_event(&agent, &sandbox, &attach),
         &[
             ("verdict", json!("deny")),
             ("rule", json!("modern")),
