@@ -40,11 +40,11 @@ use imds_guard_common::{
         paths_refuse, pattern_says, refuses_requests, reported,
     },
     maps::{COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED, COUNTER_HTTP_UNJUDGED},
-    policy::TASK_CONTAINER,
+    policy::{MODE_ENFORCE, RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, TASK_CONTAINER},
 };
 
 use crate::{
-    maps::{HTTP_COUNTERS, HTTP_SOCKETS, HTTP_SOCKHASH, PATH_RULES},
+    maps::{HTTP_COUNTERS, HTTP_SOCKETS, HTTP_SOCKHASH, PATH_RULES, SETTINGS},
     opaque,
     protected::{self, Destination},
     record::{self, Attempt, Identity},
@@ -283,6 +283,17 @@ pub fn judge_write(ctx: &SkMsgContext) -> u32 {
     unsafe { judge_write_on(ctx, state) }
 }
 
+/// Whether a connection admitted with `rule_flags` was admitted in audit mode (the policy's or
+/// its rule's), and `generation`'s policy enforces: the rollout from audit to enforce must not
+/// leave the connections audit let in unjudged by the rules that now refuse requests.
+#[inline(always)]
+fn admitted_in_audit_now_enforced(rule_flags: u8, generation: u32) -> bool {
+    u32::from(rule_flags) & (RULE_FLAG_AUDIT | RULE_FLAG_MODE_AUDIT) != 0
+        && SETTINGS
+            .get(generation)
+            .is_some_and(|settings| settings.mode == MODE_ENFORCE)
+}
+
 /// [`judge_write`] on the socket's record.
 ///
 /// # Safety
@@ -297,11 +308,13 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
         let generation = protected::generation_in_force();
         // Audit mode (the rule's or the global one) never refuses, not even what it cannot read.
         let enforcing = refuses_requests((*state).rule_flags);
-        if enforcing && (*state).epoch != crate::verdict::epoch_of(generation) {
+        if (*state).epoch != crate::verdict::epoch_of(generation)
+            && (enforcing || admitted_in_audit_now_enforced((*state).rule_flags, generation))
+        {
             // The policy that admitted the connection is no longer in force, and its rule
-            // judged requests: the client reconnects and is judged by the new one. (By epoch,
-            // not generation: two switches later the slot holds another policy, whose rule of
-            // the same id is another rule.)
+            // judged requests, or audit admitted it and the mode is now enforce: the client
+            // reconnects and is judged by the new one. (By epoch, not generation: two switches
+            // later the slot holds another policy, whose rule of the same id is another rule.)
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
             return whole(ctx, SK_DROP);

@@ -648,3 +648,36 @@ fn a_connection_from_before_the_agent_is_refused_where_the_rule_judges_requests(
         ],
     );
 }
+
+/// From audit to enforce, the rollout: a keep-alive connection audit let in, still open when the
+/// policy switches to enforce, is refused at its next write (the client reconnects and is judged
+/// by the rules that now refuse v1). Before, it went on sending v1 requests unrefused.
+#[test]
+fn connections_audit_let_in_are_judged_again_once_the_policy_enforces() {
+    let Some((sandbox, attach)) = setup("http-rollout") else {
+        return;
+    };
+    let rule = format!("[[allow]]\nname = \"app\"\nuid = {LEGACY}\nimds = \"v2\"\n");
+    let audit = format!("cgroup = \"{}\"\nmode = \"audit\"\n{rule}", attach.path);
+    let enforce = format!("cgroup = \"{}\"\n{rule}", attach.path);
+    sandbox.answer_v1(true);
+    let config = ConfigFile::new(&audit);
+    let agent = agent_with(&config);
+    let held = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            Client::new(&sandbox, &attach, LEGACY, LEGACY)
+                .hold(1500)
+                .route("held-v1", IMDS_V4, 80)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        config.write(&enforce);
+        agent.signal(nix::sys::signal::Signal::SIGHUP);
+        agent.wait_reloads(1, 0);
+        client.join().expect("client")
+    });
+    assert_ne!(held.detail, MOCK_INSTANCE_ID, "{held:?}");
+    // Under the policy in force, a new connection's v1 request is refused at its write.
+    Client::new(&sandbox, &attach, LEGACY, LEGACY)
+        .route("v1", IMDS_V4, 80)
+        .assert_errno(EACCES);
+}

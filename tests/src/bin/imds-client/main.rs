@@ -12,7 +12,7 @@
 //! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
-//! request on a connection opened that long before), reconnect-held (the same on a socket
+//! request on a connection opened that long before; held-v1 the same tokenless), reconnect-held (the same on a socket
 //! refused by IMDS's port 81 that long before, connected again), passed-socket, passed-connection,
 //! connect-close, bulk-send and until-allowed (for the benchmarks), and `churn DIR SECS` (makes
 //! and removes cgroups below DIR for SECS seconds, as its uid).
@@ -365,6 +365,11 @@ fn act_once(
         "imds" => imds_v2(addr),
         "held-imds" => held_imds(addr, hold),
         "reconnect-held" => reconnect_held(addr, hold),
+        "held-v1" => request(
+            held(addr, hold)?,
+            addr,
+            "GET /latest/meta-data/instance-id HTTP/1.1\r\n",
+        ),
         "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(|_| String::new()),
         "udp" => udp_echo(addr),
         "nonblocking-connect" => routes::nonblocking_connect(addr),
@@ -555,6 +560,13 @@ fn held_imds(addr: SocketAddr, hold: Duration) -> io::Result<String> {
             "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"
         ),
     )
+}
+
+/// A connection to `addr`, `hold` after it was opened.
+fn held(addr: SocketAddr, hold: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    std::thread::sleep(hold);
+    Ok(stream)
 }
 
 /// `IMDSv2` through `addr` (a NAT's way to IMDS), with the metadata request on a socket first
