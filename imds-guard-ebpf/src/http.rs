@@ -40,11 +40,11 @@ use imds_guard_common::{
         paths_refuse, pattern_says, refuses_requests, reported,
     },
     maps::{COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED, COUNTER_HTTP_UNJUDGED},
-    policy::{MODE_ENFORCE, RULE_FLAG_AUDIT, RULE_FLAG_MODE_AUDIT, TASK_CONTAINER},
+    policy::TASK_CONTAINER,
 };
 
 use crate::{
-    maps::{HTTP_COUNTERS, HTTP_SOCKETS, HTTP_SOCKHASH, PATH_RULES, SETTINGS},
+    maps::{HTTP_COUNTERS, HTTP_SOCKETS, HTTP_SOCKHASH, PATH_RULES},
     opaque,
     protected::{self, Destination},
     record::{self, Attempt, Identity},
@@ -147,23 +147,37 @@ pub fn refuses_requests_of(rule_flags: u32) -> bool {
     refuses_requests(rule_flags as u8)
 }
 
-/// The packet layer's part, for a packet it decided itself, by `rule_flags`: whether it is TCP
-/// on a connection the message layer never reads (`unfollowed_tcp`: one NAT rewrote to a
-/// protected address, a raw socket's), where the rule refuses requests. Its requests would go
-/// unjudged: it is refused (fail closed), as any byte the message layer could not read is.
+/// The packet layer's part, for a packet it decided itself, by `rule_flags`: whether its
+/// requests would go unjudged (`unjudged_tcp`: TCP on a connection the message layer does not
+/// follow, one NAT took to a protected address, a raw socket's, or one it follows under a rule
+/// that judged less than this one), where this rule refuses requests. Then it is refused (fail
+/// closed), as any byte the message layer could not read is.
 #[inline(always)]
-pub fn unread_under(rule_flags: u32, unfollowed_tcp: bool) -> bool {
-    if unfollowed_tcp && refuses_requests_of(rule_flags) {
+pub fn unread_under(rule_flags: u32, unjudged_tcp: bool) -> bool {
+    if unjudged_tcp && refuses_requests_of(rule_flags) {
         record::count(COUNTER_HTTP_UNJUDGED);
         return true;
     }
     false
 }
 
+/// Whether a socket [`carries_unread_bytes`] said is followed as `followed` had its connection
+/// admitted by a rule that refuses no requests (audit mode's, or one that judges none): under
+/// a rule that refuses them now, its requests would go unjudged.
+#[inline(always)]
+pub fn admitted_judging_less(followed: u32) -> bool {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the flags are the low byte"
+    )]
+    let flags = followed as u8;
+    followed & FOLLOWED != 0 && !refuses_requests(flags)
+}
+
 /// The packet layer's part: whether `socket`'s outgoing segment to a protected address (its TCP
 /// header at `tcp_at`, when the packet has it there) carries a byte no write was read for, on a
-/// connection whose rule refuses requests (`None`: the message layer does not follow the
-/// socket). Such bytes were written before the connection reached the socket map: TCP
+/// connection whose rule refuses requests ([`UNREAD`]); else whether the message layer follows
+/// the socket, and with which rule's flags ([`FOLLOWED`], [`NOT_FOLLOWED`]). Such bytes were written before the connection reached the socket map: TCP
 /// Fast Open's, in the SYN (with a cookie) or queued before the handshake ended (without). The
 /// SYN also tells the stream's first sequence number. Unread bytes leave the connection refused
 /// (its later writes fail with `EACCES` at once); anything that cannot be read here is unread:
@@ -177,23 +191,23 @@ pub unsafe fn carries_unread_bytes(
     ctx: &SkBuffContext,
     socket: *mut bpf_sock,
     tcp_at: Option<usize>,
-) -> Option<bool> {
+) -> u32 {
     // SAFETY: as the caller promises; the storage, if any, is this socket's, valid while the
     // program runs.
     unsafe {
         let state = storage(socket, 0);
         if state.is_null() {
-            // Not followed.
-            return None;
+            return NOT_FOLLOWED;
         }
+        let followed = FOLLOWED | u32::from((*state).rule_flags);
         if !refuses_requests((*state).rule_flags) {
             // Followed to be reported only (audit mode never refuses).
-            return Some(false);
+            return followed;
         }
         let Some(transport) = tcp_at else {
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
-            return Some(true);
+            return UNREAD;
         };
         let unread = match (
             ctx.load::<u32>(transport + 4),
@@ -225,8 +239,36 @@ pub unsafe fn carries_unread_bytes(
         if unread {
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
+            return UNREAD;
         }
-        Some(unread)
+        followed
+    }
+}
+
+/// [`carries_unread_bytes`]: the message layer does not follow the socket.
+pub const NOT_FOLLOWED: u32 = 0;
+/// [`carries_unread_bytes`]: the segment carries unread bytes (drop it).
+pub const UNREAD: u32 = 0x200;
+/// [`carries_unread_bytes`]: followed, the connection admitted with the `RULE_FLAG_*` in the
+/// low byte.
+pub const FOLLOWED: u32 = 0x100;
+
+/// Refuses the socket's connection at its next write (the packet layer refused its rule's
+/// requests: see `unread_under`), so that the client fails at once and reconnects.
+///
+/// # Safety
+/// `socket` is a full socket from `bpf_sk_fullsock`, or null.
+#[inline(always)]
+pub unsafe fn refuse(socket: *mut bpf_sock) {
+    if socket.is_null() {
+        return;
+    }
+    // SAFETY: as the caller promises; the storage, if any, is this socket's.
+    unsafe {
+        let state = storage(socket, 0);
+        if !state.is_null() {
+            (*state).phase = PHASE_REFUSED;
+        }
     }
 }
 
@@ -283,17 +325,6 @@ pub fn judge_write(ctx: &SkMsgContext) -> u32 {
     unsafe { judge_write_on(ctx, state) }
 }
 
-/// Whether a connection admitted with `rule_flags` was admitted in audit mode (the policy's or
-/// its rule's), and `generation`'s policy enforces: the rollout from audit to enforce must not
-/// leave the connections audit let in unjudged by the rules that now refuse requests.
-#[inline(always)]
-fn admitted_in_audit_now_enforced(rule_flags: u8, generation: u32) -> bool {
-    u32::from(rule_flags) & (RULE_FLAG_AUDIT | RULE_FLAG_MODE_AUDIT) != 0
-        && SETTINGS
-            .get(generation)
-            .is_some_and(|settings| settings.mode == MODE_ENFORCE)
-}
-
 /// [`judge_write`] on the socket's record.
 ///
 /// # Safety
@@ -308,13 +339,12 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
         let generation = protected::generation_in_force();
         // Audit mode (the rule's or the global one) never refuses, not even what it cannot read.
         let enforcing = refuses_requests((*state).rule_flags);
-        if (*state).epoch != crate::verdict::epoch_of(generation)
-            && (enforcing || admitted_in_audit_now_enforced((*state).rule_flags, generation))
-        {
+        if enforcing && (*state).epoch != crate::verdict::epoch_of(generation) {
             // The policy that admitted the connection is no longer in force, and its rule
-            // judged requests, or audit admitted it and the mode is now enforce: the client
-            // reconnects and is judged by the new one. (By epoch, not generation: two switches
-            // later the slot holds another policy, whose rule of the same id is another rule.)
+            // judged requests: the client reconnects and is judged by the new one. (By epoch,
+            // not generation: two switches later the slot holds another policy, whose rule of
+            // the same id is another rule. A connection whose rule judged less than the rule
+            // now deciding it is refused by the packet layer: `refuse`.)
             (*state).phase = PHASE_REFUSED;
             record::count(COUNTER_HTTP_UNJUDGED);
             return whole(ctx, SK_DROP);

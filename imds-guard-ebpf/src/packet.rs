@@ -211,17 +211,10 @@ fn judge_protected(
     }
     let skb = ctx.skb.skb;
     let socket = full_socket(ctx);
-    // Bytes the message layer never read, where the rule judges requests: fail closed. Which
-    // sockets it follows, their storage says (whatever the packet's next header claims).
-    let mut followed = false;
-    if !socket.is_null() {
-        let tcp_at = (packet.protocol == IPPROTO_TCP).then_some(packet.transport);
-        // SAFETY: a full socket from `bpf_sk_fullsock`, not null.
-        match unsafe { http::carries_unread_bytes(ctx, socket, tcp_at) } {
-            Some(true) => return DROP,
-            Some(false) => followed = true,
-            None => {}
-        }
+    // Bytes the message layer never read, where the rule judges requests: fail closed.
+    let followed = followed_by_message_layer(ctx, socket, packet);
+    if followed == http::UNREAD {
+        return DROP;
     }
     let (family, addr) = packet.destination.words();
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
@@ -229,6 +222,7 @@ fn judge_protected(
     let rewritten = facts.connected && !facts.peer.same(packet.destination);
     // A TCP socket's packet, or one that may carry TCP (see `may_carry_tcp`).
     let tcp = facts.protocol == u32::from(IPPROTO_TCP) || packet.may_carry_tcp();
+    let unjudged_tcp = tcp && facts.unjudged_tcp(rewritten, followed);
     // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
     let remembered = unsafe {
         remembered(
@@ -236,6 +230,7 @@ fn judge_protected(
             packet.destination,
             generation,
             tcp.then_some(rewritten),
+            unjudged_tcp,
         )
     };
     let mut judged = match remembered {
@@ -261,18 +256,15 @@ fn judge_protected(
         seen_by_hooks,
         rewritten,
         remember,
-        unfollowed_tcp,
+        unjudged_tcp,
+        followed,
     }) = opaque_found(Found {
         judged,
         seen_by_hooks: facts.seen_by_hooks,
         rewritten,
         remember: facts.remember(),
-        // What the message layer does not follow: not a TCP socket's connection to a protected
-        // address's HTTP port that the socket hooks judged and the message layer follows (a
-        // raw socket's, one NAT took there from another address or port, one connected before
-        // the agent started).
-        unfollowed_tcp: tcp
-            && (rewritten || !facts.seen_by_hooks || facts.peer_port != HTTP_PORT || !followed),
+        unjudged_tcp,
+        followed: followed & http::FOLLOWED != 0,
     })
     else {
         return DROP;
@@ -280,8 +272,14 @@ fn judge_protected(
     let Decision { verdict, rule, .. } = judged.decide(
         generation,
         &SocketCgroup { skb, id: cgroup_id },
-        unfollowed_tcp,
+        unjudged_tcp,
     );
+    if verdict == VERDICT_DENY && followed {
+        // Its next write fails at once (the client reconnects), rather than waiting on a
+        // segment that is dropped.
+        // SAFETY: a full socket from `bpf_sk_fullsock`.
+        unsafe { http::refuse(socket) };
+    }
     let value = judged.remembered(addr, family, verdict, generation, rewritten);
     if judged.again {
         // SAFETY: as above.
@@ -330,6 +328,19 @@ fn judge_protected(
     let [low, high] = record::address_words(addr);
     report.write([decided, ids, low, high]);
     REPORT | if verdict == VERDICT_DENY { DROP } else { PASS }
+}
+
+/// Whether the message layer follows the packet's socket (`socket`, a full socket or null), as
+/// `http::carries_unread_bytes` says: which sockets it follows, their storage says (whatever
+/// the packet's next header claims).
+#[inline(always)]
+fn followed_by_message_layer(ctx: &SkBuffContext, socket: *mut bpf_sock, packet: &Packet) -> u32 {
+    if socket.is_null() {
+        return http::NOT_FOLLOWED;
+    }
+    let tcp_at = (packet.protocol == IPPROTO_TCP).then_some(packet.transport);
+    // SAFETY: a full socket from `bpf_sk_fullsock`, not null.
+    unsafe { http::carries_unread_bytes(ctx, socket, tcp_at) }
 }
 
 /// The packet's full socket, or null: none, or a request socket (a listener's SYN-ACK).
@@ -438,11 +449,11 @@ struct Judged {
 
 impl Judged {
     /// The decision for this identity in `cgroup` by `generation`. A packet knows no gid: gid
-    /// rules match only a remembered identity's packets. A TCP packet on a connection the
-    /// message layer does not follow (`unfollowed_tcp`) is refused where the rule judges
-    /// requests ([`http::unread_under`]).
+    /// rules match only a remembered identity's packets. A TCP packet whose requests the
+    /// message layer would not judge by this rule (`unjudged_tcp`) is refused where the rule
+    /// judges requests ([`http::unread_under`]).
     #[inline(always)]
-    fn decide(self, generation: u32, cgroup: &SocketCgroup, unfollowed_tcp: bool) -> Decision {
+    fn decide(self, generation: u32, cgroup: &SocketCgroup, unjudged_tcp: bool) -> Decision {
         let decision = decide(
             &verdict::KernelMaps,
             generation,
@@ -451,8 +462,7 @@ impl Judged {
             self.task,
             cgroup,
         );
-        if decision.verdict != VERDICT_DENY
-            && http::unread_under(decision.rule_flags, unfollowed_tcp)
+        if decision.verdict != VERDICT_DENY && http::unread_under(decision.rule_flags, unjudged_tcp)
         {
             Decision {
                 verdict: VERDICT_DENY,
@@ -516,8 +526,10 @@ struct Found {
     rewritten: bool,
     /// The verdict is remembered on the socket: a connected socket other than a datagram one.
     remember: bool,
-    /// TCP the message layer does not follow.
-    unfollowed_tcp: bool,
+    /// TCP whose requests the message layer would not judge by the rule deciding it.
+    unjudged_tcp: bool,
+    /// The message layer follows the socket.
+    followed: bool,
 }
 
 /// `found` as values the verifier cannot see through (see `opaque`), two words; `None` (never)
@@ -538,7 +550,8 @@ fn opaque_found(found: Found) -> Option<Found> {
             | u64::from(found.seen_by_hooks) << 8
             | u64::from(found.rewritten) << 9
             | u64::from(found.remember) << 10
-            | u64::from(found.unfollowed_tcp) << 14
+            | u64::from(found.unjudged_tcp) << 14
+            | u64::from(found.followed) << 15
             | u64::from(uid_known) << 11
             | u64::from(gid_known) << 12
             | u64::from(again) << 13
@@ -563,7 +576,8 @@ fn opaque_found(found: Found) -> Option<Found> {
         seen_by_hooks: word & 1 << 8 != 0,
         rewritten: word & 1 << 9 != 0,
         remember: word & 1 << 10 != 0,
-        unfollowed_tcp: word & 1 << 14 != 0,
+        unjudged_tcp: word & 1 << 14 != 0,
+        followed: word & 1 << 15 != 0,
     })
 }
 
@@ -586,6 +600,7 @@ unsafe fn remembered(
     destination: Destination,
     generation: u32,
     tcp_rewritten: Option<bool>,
+    unjudged_tcp: bool,
 ) -> Result<Judged, i32> {
     // SAFETY: as the caller promises.
     let Some(remembered) = (unsafe { socket_verdict(socket, false) }) else {
@@ -602,7 +617,12 @@ unsafe fn remembered(
     {
         return Ok(Judged::NOBODY);
     }
-    if remembered.epoch == verdict::epoch_of(generation) {
+    // A verdict of the policy in force stands, unless it lets through TCP whose requests the
+    // message layer would not judge: that is decided again (by the same identity), in case
+    // the rule judges requests.
+    if remembered.epoch == verdict::epoch_of(generation)
+        && (remembered.verdict == VERDICT_DENY || !unjudged_tcp)
+    {
         return Err(if remembered.verdict == VERDICT_DENY {
             DROP
         } else {
@@ -688,6 +708,21 @@ struct SocketFacts {
 }
 
 impl SocketFacts {
+    /// Whether TCP from this socket (`rewritten` by NAT or not), which the message layer follows
+    /// as `followed` says (`http::carries_unread_bytes`), has its requests go unjudged by the
+    /// rule deciding it: on a connection the message layer does not follow (not a TCP socket's
+    /// connection to a protected address's HTTP port that the socket hooks judged: a raw
+    /// socket's, one NAT took there from another address or port, one opened before the agent
+    /// started), or follows under a rule that judged less (`http::admitted_judging_less`).
+    #[inline(always)]
+    fn unjudged_tcp(&self, rewritten: bool, followed: u32) -> bool {
+        rewritten
+            || !self.seen_by_hooks
+            || self.peer_port != HTTP_PORT
+            || followed & http::FOLLOWED == 0
+            || http::admitted_judging_less(followed)
+    }
+
     /// Whether the verdict is remembered on the socket: a connected socket that is not a
     /// datagram one (UDP or UDP-Lite, not raw: every packet it sends is a datagram a system
     /// call of its sender sends; no timer sends for it, as TCP's and SCTP's retransmit).

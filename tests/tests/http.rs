@@ -649,35 +649,45 @@ fn a_connection_from_before_the_agent_is_refused_where_the_rule_judges_requests(
     );
 }
 
-/// From audit to enforce, the rollout: a keep-alive connection audit let in, still open when the
-/// policy switches to enforce, is refused at its next write (the client reconnects and is judged
-/// by the rules that now refuse v1). Before, it went on sending v1 requests unrefused.
+/// A keep-alive connection a rule let in while it judged fewer requests (audit mode's, or one
+/// that judged none), still open when a reload makes the rule refuse v1, has its v1 request
+/// refused: the packet layer, deciding its packets by the rule now in force, drops what the
+/// message layer judged by the old one (and its next write fails at once). Before, it went on
+/// sending v1 requests unrefused: the rollouts from audit to enforce and from v1 to v2.
 #[test]
-fn connections_audit_let_in_are_judged_again_once_the_policy_enforces() {
+fn connections_a_rule_let_in_while_it_judged_less_are_judged_by_it_now() {
     let Some((sandbox, attach)) = setup("http-rollout") else {
         return;
     };
-    let rule = format!("[[allow]]\nname = \"app\"\nuid = {LEGACY}\nimds = \"v2\"\n");
-    let audit = format!("cgroup = \"{}\"\nmode = \"audit\"\n{rule}", attach.path);
-    let enforce = format!("cgroup = \"{}\"\n{rule}", attach.path);
+    let rule = |imds: &str| format!("[[allow]]\nname = \"app\"\nuid = {LEGACY}\n{imds}");
+    let v2 = format!("cgroup = \"{}\"\n{}", attach.path, rule("imds = \"v2\"\n"));
     sandbox.answer_v1(true);
-    let config = ConfigFile::new(&audit);
-    let agent = agent_with(&config);
-    let held = std::thread::scope(|scope| {
-        let client = scope.spawn(|| {
-            Client::new(&sandbox, &attach, LEGACY, LEGACY)
-                .hold(1500)
-                .route("held-v1", IMDS_V4, 80)
+    for before in [
+        format!(
+            "cgroup = \"{}\"\nmode = \"audit\"\n{}",
+            attach.path,
+            rule("imds = \"v2\"\n")
+        ),
+        format!("cgroup = \"{}\"\n{}", attach.path, rule("")),
+    ] {
+        let config = ConfigFile::new(&before);
+        let agent = agent_with(&config);
+        let held = std::thread::scope(|scope| {
+            let client = scope.spawn(|| {
+                Client::new(&sandbox, &attach, LEGACY, LEGACY)
+                    .hold(1500)
+                    .route("held-v1", IMDS_V4, 80)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            config.write(&v2);
+            agent.signal(nix::sys::signal::Signal::SIGHUP);
+            agent.wait_reloads(1, 0);
+            client.join().expect("client")
         });
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        config.write(&enforce);
-        agent.signal(nix::sys::signal::Signal::SIGHUP);
-        agent.wait_reloads(1, 0);
-        client.join().expect("client")
-    });
-    assert_ne!(held.detail, MOCK_INSTANCE_ID, "{held:?}");
-    // Under the policy in force, a new connection's v1 request is refused at its write.
-    Client::new(&sandbox, &attach, LEGACY, LEGACY)
-        .route("v1", IMDS_V4, 80)
-        .assert_errno(EACCES);
+        assert_ne!(held.detail, MOCK_INSTANCE_ID, "{before}: {held:?}");
+        // Under the policy in force, a new connection's v1 request is refused at its write.
+        Client::new(&sandbox, &attach, LEGACY, LEGACY)
+            .route("v1", IMDS_V4, 80)
+            .assert_errno(EACCES);
+    }
 }
