@@ -31,7 +31,7 @@ const STYLES: [(&str, &str); 2] = [
 /// Table 7: an IMDSv2 request (token, then metadata, each on its own connection) through the
 /// message layer (IMDS port 80: `sock_ops` follows the connection, `sk_msg` reads each write)
 /// against the same flow the connect hooks judge alone (port 8080, which the message layer does
-/// not follow), one client alternating between them, for each of [`STYLES`]; then, with the kernel's
+/// not follow, from a cgroup whose rule judges no requests), one client alternating between them, for each of [`STYLES`]; then, with the kernel's
 /// statistics on, what a run of `http_msg` costs and what `sock_ops` costs every other TCP
 /// connection of the attach cgroup.
 pub fn http_costs(
@@ -41,10 +41,17 @@ pub fn http_costs(
     workload: &TestCgroup,
 ) {
     let pins = Pins::new();
+    // The connect hooks' arm: a cgroup beside the workload's whose rule judges no requests
+    // (under a rule that judges them, a connect to IMDS goes to port 80 alone).
+    let hooks_only = attach.child("hooks-only");
     let (agent, config) = agent(
         attach,
         &pins,
-        &format!("[[allow]]\nname = \"bench\"\nuid = {USER}\nimds = \"v2\"\n"),
+        &format!(
+            "[[allow]]\nname = \"bench\"\ncgroup = \"{}\"\nimds = \"v2\"\n\
+             [[allow]]\nname = \"hooks only\"\ncgroup = \"{}\"\n",
+            workload.path, hooks_only.path
+        ),
         DEFAULT_WINDOW,
     );
     let flows = |route: &str, port: u16| {
@@ -64,7 +71,7 @@ pub fn http_costs(
             check_abort();
             let blocks = Client::new(sandbox, workload, USER, USER)
                 .repeat(HTTP_BLOCK)
-                .alternate(&[workload, workload], HTTP_ROUNDS, HTTP_BLOCK / 10)
+                .alternate(&[&hooks_only, workload], HTTP_ROUNDS, HTTP_BLOCK / 10)
                 .alternate_ports(&[8080, 80])
                 .route(route, IMDS_V4, 80)
                 .blocks
@@ -77,10 +84,12 @@ pub fn http_costs(
     let _ = writeln!(
         report,
         "## 7. The message layer: an IMDSv2 request\n\n\
-         Token then metadata (two connections), as uid {USER} under a rule with `imds = \"v2\"`, \
-         for each way of writing a request. Port 8080 is judged by the connect hooks alone, port \
-         80 also by `sock_ops` and `sk_msg` (every write read). One client process alternates \
-         between them: {HTTP_ROUNDS} rounds of a block of {HTTP_BLOCK} flows to each (after {} \
+         Token then metadata (two connections), as uid {USER} in a cgroup whose rule has `imds = \
+         \"v2\"`, for each way of writing a request: port 80, judged by the connect hooks, \
+         `sock_ops` and `sk_msg` (every write read). Against port 8080 from a cgroup beside it \
+         whose rule judges no requests, judged by the connect hooks alone (a rule that judges \
+         requests refuses a connect to IMDS on another port than 80). One client process \
+         alternates between them: {HTTP_ROUNDS} rounds of a block of {HTTP_BLOCK} flows to each (after {} \
          untimed ones, the order rotating each round); a round's figure is its block's median \
          flow, the ratio each round's, as the median and 95% confidence interval of the \
          rounds.\n\n\
