@@ -524,6 +524,30 @@ impl Agent {
         self.stop_with(Signal::SIGTERM)
     }
 
+    /// Runs `client` (a workload holding a connection open, say) in a thread, and 700 ms after
+    /// it started writes each of `policies` to `config` in turn, each taken by a reload
+    /// (SIGHUP): what the client got across them. The agent has taken no reload before.
+    ///
+    /// # Panics
+    /// When the client panics or a reload is not taken in time.
+    pub fn across_reloads<T: Send>(
+        &self,
+        config: &crate::ConfigFile,
+        policies: &[&str],
+        client: impl FnOnce() -> T + Send,
+    ) -> T {
+        std::thread::scope(|scope| {
+            let client = scope.spawn(client);
+            std::thread::sleep(Duration::from_millis(700));
+            for (round, policy) in policies.iter().enumerate() {
+                config.write(policy);
+                self.signal(Signal::SIGHUP);
+                self.wait_reloads(round + 1, 0);
+            }
+            client.join().expect("client")
+        })
+    }
+
     /// Sends `signal` to the agent without waiting (`SIGSTOP`/`SIGCONT` to freeze and thaw it).
     ///
     /// # Panics

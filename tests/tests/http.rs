@@ -491,19 +491,10 @@ fn a_connection_is_not_judged_by_another_policys_rule_of_the_same_id() {
     let after = rules(("app", LEGACY, token), ("other", 4242, token_and_id));
     let config = ConfigFile::new(&before);
     let agent = agent_with(&config);
-    let held = std::thread::scope(|scope| {
-        let client = scope.spawn(|| {
-            Client::new(&sandbox, &attach, LEGACY, LEGACY)
-                .hold(2500)
-                .route("held-imds", IMDS_V4, 80)
-        });
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        for (round, policy) in [(1, &before), (2, &after)] {
-            config.write(policy);
-            agent.signal(nix::sys::signal::Signal::SIGHUP);
-            agent.wait_reloads(round, 0);
-        }
-        client.join().expect("client")
+    let held = agent.across_reloads(&config, &[&before, &after], || {
+        Client::new(&sandbox, &attach, LEGACY, LEGACY)
+            .hold(2500)
+            .route("held-imds", IMDS_V4, 80)
     });
     assert_ne!(
         held.detail, MOCK_INSTANCE_ID,
@@ -672,17 +663,10 @@ fn connections_a_rule_let_in_while_it_judged_less_are_judged_by_it_now() {
     ] {
         let config = ConfigFile::new(&before);
         let agent = agent_with(&config);
-        let held = std::thread::scope(|scope| {
-            let client = scope.spawn(|| {
-                Client::new(&sandbox, &attach, LEGACY, LEGACY)
-                    .hold(1500)
-                    .route("held-v1", IMDS_V4, 80)
-            });
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            config.write(&v2);
-            agent.signal(nix::sys::signal::Signal::SIGHUP);
-            agent.wait_reloads(1, 0);
-            client.join().expect("client")
+        let held = agent.across_reloads(&config, &[&v2], || {
+            Client::new(&sandbox, &attach, LEGACY, LEGACY)
+                .hold(1500)
+                .route("held-v1", IMDS_V4, 80)
         });
         assert_ne!(held.detail, MOCK_INSTANCE_ID, "{before}: {held:?}");
         // Under the policy in force, a new connection's v1 request is refused at its write.

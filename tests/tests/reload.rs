@@ -230,26 +230,25 @@ fn held_across_reload(
     config: &ConfigFile,
     next: &str,
 ) -> [Outcome; 3] {
-    std::thread::scope(|scope| {
-        let held = |uid, gid, in_container: bool| {
-            scope.spawn(move || {
-                let client = if in_container {
-                    Client::new(sandbox, container, uid, gid).namespaces("pid,cgroup")
-                } else {
-                    Client::new(sandbox, attach, uid, gid)
-                };
-                client.hold(1500).route("held-imds", IMDS_V4, 80)
-            })
-        };
-        let clients = [
-            held(ALLOWED, ALLOWED, false),
-            held(MEMBER, GROUP, false),
-            held(0, 0, true),
-        ];
-        std::thread::sleep(Duration::from_millis(700));
-        config.write(next);
-        reload_and_wait(agent, 1, 0);
-        clients.map(|client| client.join().expect("client"))
+    agent.across_reloads(config, &[next], || {
+        std::thread::scope(|scope| {
+            let held = |uid, gid, in_container: bool| {
+                scope.spawn(move || {
+                    let client = if in_container {
+                        Client::new(sandbox, container, uid, gid).namespaces("pid,cgroup")
+                    } else {
+                        Client::new(sandbox, attach, uid, gid)
+                    };
+                    client.hold(1500).route("held-imds", IMDS_V4, 80)
+                })
+            };
+            [
+                held(ALLOWED, ALLOWED, false),
+                held(MEMBER, GROUP, false),
+                held(0, 0, true),
+            ]
+            .map(|client| client.join().expect("client"))
+        })
     })
 }
 
@@ -343,19 +342,11 @@ fn a_verdict_remembered_on_a_socket_ends_with_its_policy() {
     let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
     let revoked = format!("cgroup = \"{}\"\n[[allow]]\nuid = {ALLOWED}\n", attach.path);
     let container = docker_container(&attach);
-    let reused = std::thread::scope(|scope| {
-        let client = scope.spawn(|| {
-            Client::new(&sandbox, &container, 0, 0)
-                .namespaces("pid,cgroup")
-                .hold(2500)
-                .route("reconnect-held", std::net::Ipv4Addr::LOCALHOST, 9080)
-        });
-        std::thread::sleep(Duration::from_millis(700));
-        config.write(&revoked);
-        for round in [1, 2] {
-            reload_and_wait(&agent, round, 0);
-        }
-        client.join().expect("client")
+    let reused = agent.across_reloads(&config, &[&revoked, &revoked], || {
+        Client::new(&sandbox, &container, 0, 0)
+            .namespaces("pid,cgroup")
+            .hold(2500)
+            .route("reconnect-held", std::net::Ipv4Addr::LOCALHOST, 9080)
     });
     assert_ne!(
         reused.detail, MOCK_INSTANCE_ID,
