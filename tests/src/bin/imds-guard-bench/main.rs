@@ -11,6 +11,7 @@ mod footprint;
 mod http;
 mod kernel;
 mod pipeline;
+mod placement;
 mod report;
 mod scale;
 mod setup;
@@ -43,8 +44,9 @@ pub(crate) const BULK_PORT: u16 = 9001;
 pub(crate) const USER: u32 = 1000;
 
 /// The tables, by the names `cargo xtask bench NAME...` selects them with.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "kernel",
+    "placement",
     "connect",
     "scaling",
     "throughput",
@@ -135,6 +137,9 @@ fn measure() {
     println!("{}", machine());
     section("kernel", &|out| {
         kernel::kernel_costs(out, &sandbox, &attach, &workload);
+    });
+    section("placement", &|out| {
+        placement::placement(out, &sandbox, &attach, &workload);
     });
     section("connect", &|out| {
         connect::connect_costs(out, &sandbox, &attach, &workload);

@@ -1,0 +1,184 @@
+//! Table 0b: the fast paths of table 0 (`connect4` and `egress`, destination not protected) by
+//! where the kernel put the agent's code. The JIT allocates every program's image first-fit
+//! in shared pages, so where the agent's images land depends on what the machine loaded
+//! before. Here the bench loads programs of its own that never run ("spacers": a few more
+//! each time) before each start of the agent, and measures the same agent at each placement.
+
+use std::{
+    fmt::Write as _,
+    os::fd::{FromRawFd as _, OwnedFd},
+};
+
+use imds_guard_tests::{Pins, Sandbox, TestCgroup};
+
+use crate::{
+    USER,
+    report::Report,
+    setup::{
+        Alone, DEFAULT_WINDOW, agent, bulk_once, connect_once, enable_stats, image_offset,
+        loopback, per_run, program_id, run_stats,
+    },
+    stats::estimate,
+};
+
+/// Starts of the agent, each after one more spacer than the one before.
+const PLACEMENTS: usize = 12;
+/// Measurements per program and start: blocks of connects, or 1 GiB transfers.
+const SAMPLES: usize = 3;
+const CONNECTS: u32 = 10_000;
+/// Instructions of a spacer (`r0 = 1` and `exit`): its JIT image a little over one of the
+/// allocator's 64-byte chunks.
+const SPACER_INSNS: usize = 12;
+
+pub fn placement(
+    report: &mut Report,
+    sandbox: &Sandbox,
+    attach: &TestCgroup,
+    workload: &TestCgroup,
+) {
+    let noop4 = Alone::attach("bench_noop4", attach);
+    let noop_skb = Alone::attach("bench_noop_skb", attach);
+    let mut rows = Vec::new();
+    for placement in 0..PLACEMENTS {
+        let spacers: Vec<OwnedFd> = (0..placement).map(|_| spacer()).collect();
+        let pins = Pins::new();
+        let (agent, config) = agent(attach, &pins, "", DEFAULT_WINDOW);
+        let stats = enable_stats();
+        let measure = |program: &str, noop: &Alone, run: &dyn Fn()| {
+            let id = program_id(&pins, program);
+            let over: Vec<f64> = (0..SAMPLES)
+                .map(|_| {
+                    let before = (run_stats(id), run_stats(noop.id));
+                    run();
+                    let after = (run_stats(id), run_stats(noop.id));
+                    per_run(before.0, after.0).expect("the program ran")
+                        - per_run(before.1, after.1).expect("the no-op ran")
+                })
+                .collect();
+            (image_offset(id), estimate(&over).median)
+        };
+        let connect4 = measure("connect4", &noop4, &|| {
+            connect_once(sandbox, workload, USER, loopback(), CONNECTS);
+        });
+        let egress = measure("egress", &noop_skb, &|| {
+            bulk_once(sandbox, workload);
+        });
+        drop(stats);
+        drop((agent, config, pins, spacers));
+        rows.push((placement, connect4, egress));
+    }
+    let offset = |id: u32| image_offset(id).map_or_else(|| "?".to_owned(), hex);
+    let _ = writeln!(
+        report,
+        "## 0b. The fast paths by where the kernel put their code\n\n\
+         Table 0's two rows for a destination not protected (`connect4`: {CONNECTS} connects to \
+         127.0.0.1; `egress`: a 1 GiB loopback transfer), over the no-op beside them, for \
+         {PLACEMENTS} starts of the same agent, each after one more spacer (a program of \
+         {SPACER_INSNS} instructions, loaded and never attached): the kernel's first-fit \
+         allocator then puts the agent's code elsewhere. An image's offset in its 4 KiB page \
+         decides which instruction-cache sets its lines use. The median of {SAMPLES} \
+         measurements each; the no-ops stayed where they were (`bench_noop4` at {}, \
+         `bench_noop_skb` at {}).\n\n\
+         | spacers | `connect4` at | over the no-op | `egress` at | over the no-op |\n\
+         |---|---|---|---|---|",
+        offset(noop4.id),
+        offset(noop_skb.id)
+    );
+    for (spacers, (c_at, c_ns), (e_at, e_ns)) in &rows {
+        let at = |offset: &Option<u64>| offset.map_or_else(|| "?".to_owned(), hex);
+        let _ = writeln!(
+            report,
+            "| {spacers} | {} | {c_ns:.0} ns | {} | {e_ns:.0} ns |",
+            at(c_at),
+            at(e_at)
+        );
+    }
+    for (name, figures) in [
+        (
+            "connect4",
+            rows.iter().map(|row| row.1.1).collect::<Vec<_>>(),
+        ),
+        ("egress", rows.iter().map(|row| row.2.1).collect::<Vec<_>>()),
+    ] {
+        let (low, high) = figures
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(low, high), &ns| {
+                (low.min(ns), high.max(ns))
+            });
+        let _ = write!(
+            report,
+            "\n`{name}`: {low:.0}–{high:.0} ns over the no-op, median {:.0} ns, for the same code.",
+            estimate(&figures).median
+        );
+    }
+    report.text.push_str("\n\n");
+}
+
+/// An image offset as the table shows it.
+fn hex(offset: u64) -> String {
+    format!("0x{offset:03x}")
+}
+
+/// Loads a `cgroup_skb` program that returns 1 ([`SPACER_INSNS`] instructions) and never
+/// attaches it: it only takes room in the JIT's pages. Unloaded when its descriptor closes.
+fn spacer() -> OwnedFd {
+    /// `BPF_PROG_LOAD`'s attributes up to `expected_attach_type`, and zeroes.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        rest: [u8; 56],
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+    // `r0 = 1` (BPF_ALU64 | BPF_MOV | BPF_K, imm 1), then `exit`.
+    const MOV_R0_1: u64 = 0xb7 | (1 << 32);
+    const EXIT: u64 = 0x95;
+    let mut insns = vec![MOV_R0_1; SPACER_INSNS - 1];
+    insns.push(EXIT);
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..12].copy_from_slice(b"bench_spacer");
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_SKB,
+        insn_cnt: u32::try_from(insns.len()).expect("a few instructions"),
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type: 0,
+        rest: [0; 56],
+    };
+    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block of the size given, whose
+    // pointers reach live memory for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw const attr,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading a spacer program: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave this process, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor")) }
+}
