@@ -1,4 +1,5 @@
-//! Table 0b: the fast paths of table 0 (`connect4` and `egress`, destination not protected) by
+//! Table 0b: the fast paths of table 0 (`connect4`, `connect6`, `egress`: a destination not
+//! protected) by
 //! where the kernel put the agent's code. The JIT allocates every program's image first-fit
 //! in shared pages, so where the agent's images land depends on what the machine loaded
 //! before. Here the bench loads programs of its own that never run ("spacers": a few more
@@ -16,7 +17,7 @@ use crate::{
     report::Report,
     setup::{
         Alone, DEFAULT_WINDOW, agent, bulk_once, connect_once, enable_stats, image_offset,
-        loopback, per_run, program_id, run_stats,
+        loopback, per_run, program_id, run_stats, sink,
     },
     stats::estimate,
 };
@@ -37,6 +38,7 @@ pub fn placement(
     workload: &TestCgroup,
 ) {
     let noop4 = Alone::attach("bench_noop4", attach);
+    let noop6 = Alone::attach("bench_noop6", attach);
     let noop_skb = Alone::attach("bench_noop_skb", attach);
     let mut rows = Vec::new();
     for placement in 0..PLACEMENTS {
@@ -60,46 +62,51 @@ pub fn placement(
         let connect4 = measure("connect4", &noop4, &|| {
             connect_once(sandbox, workload, USER, loopback(), CONNECTS);
         });
+        let connect6 = measure("connect6", &noop6, &|| {
+            connect_once(
+                sandbox,
+                workload,
+                USER,
+                sink("::1".parse().expect("::1")),
+                CONNECTS,
+            );
+        });
         let egress = measure("egress", &noop_skb, &|| {
             bulk_once(sandbox, workload);
         });
         drop(stats);
         drop((agent, config, pins, spacers));
-        rows.push((placement, connect4, egress));
+        rows.push((placement, [connect4, connect6, egress]));
     }
     let offset = |id: u32| image_offset(id).map_or_else(|| "?".to_owned(), hex);
     let _ = writeln!(
         report,
         "## 0b. The fast paths by where the kernel put their code\n\n\
-         Table 0's two rows for a destination not protected (`connect4`: {CONNECTS} connects to \
-         127.0.0.1; `egress`: a 1 GiB loopback transfer), over the no-op beside them, for \
+         Table 0's three rows for a destination not protected (`connect4` and `connect6`: \
+         {CONNECTS} connects to 127.0.0.1 or ::1; `egress`: a 1 GiB loopback transfer), over the \
+         no-op beside them, for \
          {PLACEMENTS} starts of the same agent, each after one more spacer (a program of \
          {SPACER_INSNS} instructions, loaded and never attached): the kernel's first-fit \
          allocator then puts the agent's code elsewhere. An image's offset in its 4 KiB page \
          decides which instruction-cache sets its lines use. The median of {SAMPLES} \
          measurements each; the no-ops stayed where they were (`bench_noop4` at {}, \
-         `bench_noop_skb` at {}).\n\n\
-         | spacers | `connect4` at | over the no-op | `egress` at | over the no-op |\n\
-         |---|---|---|---|---|",
+         `bench_noop6` at {}, `bench_noop_skb` at {}).\n\n\
+         | spacers | `connect4` at | over the no-op | `connect6` at | over the no-op | `egress` at \
+         | over the no-op |\n|---|---|---|---|---|---|---|",
         offset(noop4.id),
+        offset(noop6.id),
         offset(noop_skb.id)
     );
-    for (spacers, (c_at, c_ns), (e_at, e_ns)) in &rows {
-        let at = |offset: &Option<u64>| offset.map_or_else(|| "?".to_owned(), hex);
-        let _ = writeln!(
-            report,
-            "| {spacers} | {} | {c_ns:.0} ns | {} | {e_ns:.0} ns |",
-            at(c_at),
-            at(e_at)
-        );
+    for (spacers, programs) in &rows {
+        let _ = write!(report, "| {spacers} |");
+        for (at, ns) in programs {
+            let at = at.map_or_else(|| "?".to_owned(), hex);
+            let _ = write!(report, " {at} | {ns:.0} ns |");
+        }
+        report.text.push('\n');
     }
-    for (name, figures) in [
-        (
-            "connect4",
-            rows.iter().map(|row| row.1.1).collect::<Vec<_>>(),
-        ),
-        ("egress", rows.iter().map(|row| row.2.1).collect::<Vec<_>>()),
-    ] {
+    for (i, name) in ["connect4", "connect6", "egress"].into_iter().enumerate() {
+        let figures: Vec<f64> = rows.iter().map(|(_, programs)| programs[i].1).collect();
         let (low, high) = figures
             .iter()
             .fold((f64::MAX, f64::MIN), |(low, high), &ns| {
