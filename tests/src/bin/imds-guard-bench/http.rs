@@ -114,6 +114,7 @@ pub fn http_costs(
             (after.0 - before.0).checked_div(runs).unwrap_or(0),
         ));
     }
+    let per_connection = program_costs(sandbox, &pins, [(&hooks_only, 8080), (workload, 80)]);
     // What `sock_ops` costs a connection it does not follow: loopback connects.
     let before = run_stats(sock_ops);
     Client::new(sandbox, workload, USER, USER)
@@ -139,6 +140,80 @@ pub fn http_costs(
             let r = runs as f64 / f64::from(CONNECTS);
             r
         },
+    );
+    breakdown(report, &rounds[0], &per_connection);
+}
+
+/// Where a connection's time goes in the programs, on each arm (`(cgroup, port)`; each request
+/// in one write, statistics on): `[arm][connect4, sock_ops, http_msg, egress]`, ns per
+/// connection.
+fn program_costs(sandbox: &Sandbox, pins: &Pins, arms: [(&TestCgroup, u16); 2]) -> [[f64; 4]; 2] {
+    let programs = [
+        program_id(pins, "connect4"),
+        program_id(pins, "sock_ops"),
+        newest_program("http_msg"),
+        program_id(pins, "egress"),
+    ];
+    arms.map(|(cgroup, port)| {
+        check_abort();
+        let before = programs.map(run_stats);
+        let outcome = Client::new(sandbox, cgroup, USER, USER)
+            .repeat(HTTP_FLOWS)
+            .route(STYLES[0].0, IMDS_V4, port);
+        assert_eq!(outcome.errno, None, "flows: {outcome:?}");
+        let after = programs.map(run_stats);
+        // Two connections a flow.
+        let connections = 2.0 * f64::from(HTTP_FLOWS);
+        #[expect(clippy::cast_precision_loss, reason = "figures for people")]
+        let spent = |i: usize| (after[i].0 - before[i].0) as f64 / connections;
+        [spent(0), spent(1), spent(2), spent(3)]
+    })
+}
+
+/// Where the message layer's time goes: the programs' time per connection on each arm (each
+/// request in one write), against what a connection cost more in the rounds (half a flow's).
+fn breakdown(report: &mut Report, rounds: &[Vec<f64>; 2], per_connection: &[[f64; 4]; 2]) {
+    let micros = |ns: f64| format!("{:.2} µs", ns / 1000.0);
+    let _ = writeln!(
+        report,
+        "Per connection (two a flow; each request in one write; statistics on, {HTTP_FLOWS} \
+         flows an arm), the programs' time:\n\n\
+         | program | connect hooks alone (port 8080) | with the message layer (port 80) | more |\n\
+         |---|---|---|---|"
+    );
+    let names = [
+        "`connect4`",
+        "`sock_ops`",
+        "`http_msg`",
+        "`egress` (the connection's packets to IMDS)",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let [hooks, read] = [per_connection[0][i], per_connection[1][i]];
+        let _ = writeln!(
+            report,
+            "| {name} | {} | {} | {} |",
+            micros(hooks),
+            micros(read),
+            micros(read - hooks)
+        );
+    }
+    let sum = |arm: usize| per_connection[arm].iter().sum::<f64>();
+    let programs_more = sum(1) - sum(0);
+    let [hooks, read] = [estimate(&rounds[0]).median, estimate(&rounds[1]).median];
+    let connection_more = (read - hooks) / 2.0;
+    let _ = writeln!(
+        report,
+        "| all four | {} | {} | {} |\n\n\
+         A connection took {} more in the rounds (half the difference of the median flows): \
+         the programs {}, and {} outside them, where what differs is the kernel's socket map \
+         (a `sk_psock` made at `sock_ops`, each write through `tcp_bpf_sendmsg`, each read \
+         through `tcp_bpf_recvmsg`, the teardown at close).\n",
+        micros(sum(0)),
+        micros(sum(1)),
+        micros(programs_more),
+        micros(connection_more),
+        micros(programs_more),
+        micros(connection_more - programs_more),
     );
 }
 
