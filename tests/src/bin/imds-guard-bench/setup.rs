@@ -166,22 +166,21 @@ pub fn run_stats(id: u32) -> (u64, u64) {
 
 /// Where the kernel put program `id`'s code: its JIT image's offset in its 4 KiB page, which
 /// decides the instruction-cache sets its lines use. From `/proc/kallsyms`, where the image is
-/// `bpf_prog_<tag>_<name>`; `None` when the symbol is not there (or addresses are hidden).
+/// `bpf_prog_<tag>_<name>`; `None` when the symbol is not there, when addresses are hidden, or
+/// when another program has the same code and name (another agent of the same build).
 pub fn image_offset(id: u32) -> Option<u64> {
     let info = aya::programs::loaded_programs()
         .flatten()
         .find(|info: &ProgramInfo| info.id() == id)?;
     let symbol = format!("bpf_prog_{:016x}_{}", info.tag(), info.name_as_str()?);
-    std::fs::read_to_string("/proc/kallsyms")
-        .ok()?
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = fields.next()?;
-            (fields.nth(1)? == symbol).then(|| u64::from_str_radix(address, 16).ok())?
-        })
-        .filter(|&address| address != 0)
-        .map(|address| address % 4096)
+    let symbols = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    let mut found = symbols.lines().filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        let address = fields.next()?;
+        (fields.nth(1)? == symbol).then_some(address)
+    });
+    let address = u64::from_str_radix(found.next()?, 16).ok()?;
+    (found.next().is_none() && address != 0).then_some(address % 4096)
 }
 
 /// The id of the agent's program on `hook`, from `status --json`.
