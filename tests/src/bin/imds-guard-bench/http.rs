@@ -201,17 +201,24 @@ fn breakdown(report: &mut Report, rounds: &[Vec<f64>; 2], per_connection: &[[f64
     let programs_more = sum(1) - sum(0);
     let [hooks, read] = [estimate(&rounds[0]).median, estimate(&rounds[1]).median];
     let connection_more = (read - hooks) / 2.0;
+    let allowed = (MESSAGE_LAYER_TARGET - 1.0) * hooks / 2.0;
     let _ = writeln!(
         report,
         "| all four | {} | {} | {} |\n\n\
-         A connection took {} more in the rounds (half the difference of the median flows): \
-         the programs {}, and {} outside them, where what differs is the kernel's socket map \
-         (a `sk_psock` made at `sock_ops`, each write through `tcp_bpf_sendmsg`, each read \
-         through `tcp_bpf_recvmsg`, the teardown at close).\n",
+         A connection took {} more in the rounds (half the difference of the median flows, \
+         statistics off); the target allows {} ({:.0}% of a connection judged by the connect \
+         hooks alone, {}). Of it, the programs' share above (statistics on, in flows of their \
+         own) is {}; the rest, {}, is an estimate of what happens outside the programs, where \
+         what differs is the kernel's socket map (a `sk_psock` made at `sock_ops`, each write \
+         through `tcp_bpf_sendmsg`, each read through `tcp_bpf_recvmsg`, the teardown at \
+         close).\n",
         micros(sum(0)),
         micros(sum(1)),
         micros(programs_more),
         micros(connection_more),
+        micros(allowed),
+        (MESSAGE_LAYER_TARGET - 1.0) * 100.0,
+        micros(hooks / 2.0),
         micros(programs_more),
         micros(connection_more - programs_more),
     );

@@ -1,9 +1,9 @@
 //! Table 0b: the fast paths of table 0 (`connect4`, `connect6`, `egress`: a destination not
-//! protected) by
-//! where the kernel put the agent's code. The JIT allocates every program's image first-fit
-//! in shared pages, so where the agent's images land depends on what the machine loaded
-//! before. Here the bench loads programs of its own that never run ("spacers": a few more
-//! each time) before each start of the agent, and measures the same agent at each placement.
+//! protected) by where the kernel put the agent's code. The JIT allocates every program's
+//! image first-fit, in 64-byte chunks of pages all programs share, and starts it at a random
+//! point of its first chunk: where the agent's images land depends on what the machine loaded
+//! before. Here the bench loads programs of its own that never run ("spacers": one more each
+//! time) before each start of the agent, and measures the same agent wherever it landed.
 
 use std::{
     fmt::Write as _,
@@ -86,10 +86,11 @@ pub fn placement(
          {CONNECTS} connects to 127.0.0.1 or ::1; `egress`: a 1 GiB loopback transfer), over the \
          no-op beside them, for \
          {PLACEMENTS} starts of the same agent, each after one more spacer (a program of \
-         {SPACER_INSNS} instructions, loaded and never attached): the kernel's first-fit \
-         allocator then puts the agent's code elsewhere. An image's offset in its 4 KiB page \
-         decides which instruction-cache sets its lines use. The median of {SAMPLES} \
-         measurements each; the no-ops stayed where they were (`bench_noop4` at {}, \
+         {SPACER_INSNS} instructions, loaded and never attached), which moves the agent's code: \
+         the kernel allocates images first-fit in 64-byte chunks and starts each at a random \
+         point of its first chunk. An image's offset in its 4 KiB page decides which \
+         instruction-cache sets its lines use. The median of {SAMPLES} measurements each (part \
+         of a column's spread is the measurement's own); the no-ops stayed where they were (`bench_noop4` at {}, \
          `bench_noop6` at {}, `bench_noop_skb` at {}).\n\n\
          | spacers | `connect4` at | over the no-op | `connect6` at | over the no-op | `egress` at \
          | over the no-op |\n|---|---|---|---|---|---|---|",

@@ -166,8 +166,10 @@ pub fn run_stats(id: u32) -> (u64, u64) {
 
 /// Where the kernel put program `id`'s code: its JIT image's offset in its 4 KiB page, which
 /// decides the instruction-cache sets its lines use. From `/proc/kallsyms`, where the image is
-/// `bpf_prog_<tag>_<name>`; `None` when the symbol is not there, when addresses are hidden, or
-/// when another program has the same code and name (another agent of the same build).
+/// `bpf_prog_<tag>_<name>`; `None` when the symbol is not there (the kernel names it after the
+/// program's function, which the program's name only matches up to 15 characters), when
+/// addresses are hidden, or when another program has the same code and name (another agent of
+/// the same build).
 pub fn image_offset(id: u32) -> Option<u64> {
     let info = aya::programs::loaded_programs()
         .flatten()
