@@ -451,44 +451,17 @@ mod tests {
         assert!(old.whole() && new.whole());
         // A zeroed entry (new storage) is no entry.
         assert!(!SocketVerdict::default().whole());
-        // Any mix of the two entries' words, in whichever order a read met a write.
-        let words = |entry: SocketVerdict| -> [u64; 5] {
-            [
-                u64::from(entry.addr[0]) | u64::from(entry.addr[1]) << 32,
-                u64::from(entry.addr[2]) | u64::from(entry.addr[3]) << 32,
-                u64::from(entry.uid) | u64::from(entry.gid) << 32,
-                u64::from(entry.epoch)
-                    | u64::from(entry.family) << 32
-                    | u64::from(entry.verdict) << 40
-                    | u64::from(entry.task) << 48
-                    | u64::from(entry.known) << 56,
-                entry.check,
-            ]
-        };
+        // Any mix of the two entries' words, in whichever order a read met a write: the words
+        // as they lie in memory, which the programs store one at a time.
+        // SAFETY: `SocketVerdict` is five 8-byte words, 8-aligned, without padding, and any bit
+        // pattern is a value of it.
+        let words = |entry: SocketVerdict| -> [u64; 5] { unsafe { core::mem::transmute(entry) } };
         let (a, b) = (words(old), words(new));
         for mask in 0..32u32 {
             let mixed: [u64; 5] =
                 core::array::from_fn(|i| if mask & 1 << i != 0 { b[i] } else { a[i] });
-            #[expect(
-                clippy::cast_possible_truncation,
-                reason = "the words' halves and bytes"
-            )]
-            let entry = SocketVerdict {
-                addr: [
-                    mixed[0] as u32,
-                    (mixed[0] >> 32) as u32,
-                    mixed[1] as u32,
-                    (mixed[1] >> 32) as u32,
-                ],
-                uid: mixed[2] as u32,
-                gid: (mixed[2] >> 32) as u32,
-                epoch: mixed[3] as u32,
-                family: (mixed[3] >> 32) as u8,
-                verdict: (mixed[3] >> 40) as u8,
-                task: (mixed[3] >> 48) as u8,
-                known: (mixed[3] >> 56) as u8,
-                check: mixed[4],
-            };
+            // SAFETY: as above.
+            let entry: SocketVerdict = unsafe { core::mem::transmute(mixed) };
             let whole = entry == old || entry == new;
             assert_eq!(entry.whole(), whole, "words {mask:05b}: {entry:?}");
         }

@@ -177,9 +177,10 @@ pub fn admitted_judging_less(followed: u32) -> bool {
 /// The packet layer's part: whether `socket`'s outgoing segment to a protected address (its TCP
 /// header at `tcp_at`, when the packet has it there) carries a byte no write was read for, on a
 /// connection whose rule refuses requests ([`UNREAD`]); else whether the message layer follows
-/// the socket, and with which rule's flags ([`FOLLOWED`], [`NOT_FOLLOWED`]). Such bytes were written before the connection reached the socket map: TCP
-/// Fast Open's, in the SYN (with a cookie) or queued before the handshake ended (without). The
-/// SYN also tells the stream's first sequence number. Unread bytes leave the connection refused
+/// the socket, and with which rule's flags ([`FOLLOWED`], [`NOT_FOLLOWED`]). Such bytes were
+/// written before the connection reached the socket map: TCP Fast Open's, in the SYN (with a
+/// cookie) or queued before the handshake ended (without). The SYN also tells the stream's
+/// first sequence number. Unread bytes leave the connection refused
 /// (its later writes fail with `EACCES` at once); anything that cannot be read here is unread:
 /// a TCP header not where `tcp_at` says (IPv6 extension headers, which an unprivileged socket
 /// can ask for with `IPV6_RTHDR`), and urgent data (a server may take it out of the stream).

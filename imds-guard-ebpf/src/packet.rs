@@ -562,11 +562,11 @@ fn opaque_found(found: Found) -> Option<Found> {
             | u64::from(found.seen_by_hooks) << 8
             | u64::from(found.rewritten) << 9
             | u64::from(found.remember) << 10
-            | u64::from(found.unjudged_tcp) << 14
-            | u64::from(found.followed) << 15
             | u64::from(uid_known) << 11
             | u64::from(gid_known) << 12
             | u64::from(again) << 13
+            | u64::from(found.unjudged_tcp) << 14
+            | u64::from(found.followed) << 15
             | u64::from(previous) << 16
             | u64::from(uid) << 32,
     )?;
