@@ -303,14 +303,7 @@ fn errno_name(err: &io::Error) -> String {
 /// to `addr` (a NAT's way to IMDS) for a tokenless GET of `path` there: its body, or an error.
 pub fn reconnect_nat(addr: SocketAddr, path: &str) -> io::Result<String> {
     use std::os::fd::AsRawFd as _;
-    let imds = SocketAddr::new(
-        if addr.is_ipv4() {
-            [169, 254, 169, 254].into()
-        } else {
-            "fd00:ec2::254".parse().expect("the IMDS address")
-        },
-        80,
-    );
+    let imds = SocketAddr::new(crate::imds_of_family(addr), 80);
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,

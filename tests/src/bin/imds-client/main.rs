@@ -12,10 +12,11 @@
 //! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect,
 //! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
-//! request on a connection opened that long before; held-v1 the same tokenless), reconnect-held (the same on a socket
-//! refused by IMDS's port 81 that long before, connected again), passed-socket, passed-connection,
-//! connect-close, bulk-send and until-allowed (for the benchmarks), and `churn DIR SECS` (makes
-//! and removes cgroups below DIR for SECS seconds, as its uid).
+//! request on a connection opened that long before; held-v1 the same tokenless),
+//! reconnect-held (the same on a socket refused by IMDS's port 81 that long before, connected
+//! again), passed-socket, passed-connection, connect-close, bulk-send and until-allowed (for
+//! the benchmarks), and `churn DIR SECS` (makes and removes cgroups below DIR for SECS
+//! seconds, as its uid).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
 //! repeated attempts. `--alternate DIR,DIR,... --blocks N` (with `--repeat` and `--warmup`)
@@ -578,11 +579,7 @@ fn reconnect_held(addr: SocketAddr, hold: Duration) -> io::Result<String> {
         addr,
         "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
     )?;
-    let imds: IpAddr = if addr.is_ipv4() {
-        [169, 254, 169, 254].into()
-    } else {
-        "fd00:ec2::254".parse().expect("the IMDS address")
-    };
+    let imds = imds_of_family(addr);
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -604,6 +601,15 @@ fn reconnect_held(addr: SocketAddr, hold: Duration) -> io::Result<String> {
             "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {token}\r\n"
         ),
     )
+}
+
+/// The IMDS address of `addr`'s family.
+pub(crate) fn imds_of_family(addr: SocketAddr) -> IpAddr {
+    if addr.is_ipv4() {
+        imds_guard_tests::IMDS_V4.into()
+    } else {
+        imds_guard_tests::IMDS_V6.into()
+    }
 }
 
 /// One request on a fresh connection; the body of a 200 response, or an error.
