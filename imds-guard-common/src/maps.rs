@@ -20,8 +20,8 @@ pub const ALLOW: &str = "ALLOW";
 pub const EVENTS: &str = "EVENTS";
 /// Per-CPU `u64` counters indexed by the `COUNTER_*` constants below.
 pub const COUNTERS: &str = "COUNTERS";
-/// Per-CPU `u64` counts of attempts to protected addresses by deciding rule, indexed by
-/// [`rule_counter_index`].
+/// Per-CPU [`RuleCounts`] of attempts to protected addresses by deciding rule and verdict,
+/// indexed by [`rule_counter_index`]: a judged attempt's one counter update.
 pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
 /// Repeats being folded: [`crate::event::FoldKey`] → [`crate::event::FoldValue`], an LRU hash.
 /// An attempt identical to one reported less than the fold window ago is counted here instead
@@ -83,13 +83,56 @@ pub const ALL: [&str; 16] = [
 /// `HttpSocket::epoch`.
 /// 9: `SocketVerdict`'s words reordered (the epoch, family and verdict in the last).
 /// 10: `SocketVerdict` of 40 bytes (its check).
-pub const MAPS_LAYOUT_VERSION: u32 = 10;
+/// 11: `RULE_COUNTERS` of [`RuleCounts`] (by verdict); `COUNTER_ALLOWED`, `_DENIED` and
+/// `_AUDITED` written by the agent only (the counts of reused generations).
+pub const MAPS_LAYOUT_VERSION: u32 = 11;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.
 pub const MAX_RULES: u32 = 1024;
 /// Entries of [`RULE_COUNTERS`]: one slot per rule id (0 for no rule), per generation.
 pub const RULE_COUNTER_SLOTS: u32 = 2 * (MAX_RULES + 1);
+
+/// Attempts a rule (or no rule) of a generation decided, by verdict: the value of
+/// [`RULE_COUNTERS`]. An attempt adds one to one of them, and to nothing else: the totals by
+/// verdict are these summed over rules and generations, plus what the agent moved into
+/// [`COUNTER_ALLOWED`], [`COUNTER_AUDITED`] and [`COUNTER_DENIED`] before it zeroed a
+/// generation's slots for reuse.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    /// Allowed (`VERDICT_ALLOW`).
+    pub allowed: u64,
+    /// Allowed and reported (`VERDICT_AUDIT`).
+    pub audited: u64,
+    /// Refused (`VERDICT_DENY`).
+    pub denied: u64,
+}
+const _: () = assert!(core::mem::size_of::<RuleCounts>() == 24);
+
+impl RuleCounts {
+    /// Every attempt counted, whatever its verdict.
+    #[must_use]
+    pub const fn total(&self) -> u64 {
+        self.allowed
+            .wrapping_add(self.audited)
+            .wrapping_add(self.denied)
+    }
+
+    /// These counts and `other`'s, each verdict's added (wrapping, as the kernel's do).
+    #[must_use]
+    pub const fn plus(self, other: Self) -> Self {
+        Self {
+            allowed: self.allowed.wrapping_add(other.allowed),
+            audited: self.audited.wrapping_add(other.audited),
+            denied: self.denied.wrapping_add(other.denied),
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: three `u64`s, `#[repr(C)]`: no padding; every bit pattern is valid.
+unsafe impl aya::Pod for RuleCounts {}
 
 /// Index in [`RULE_COUNTERS`] of `rule` (0 for no rule) of `generation`.
 #[must_use]
@@ -102,11 +145,14 @@ pub const fn rule_counter_index(generation: u32, rule: u32) -> u32 {
 /// 6,500 events of 640 bytes (632 + the 8-byte record header) before the agent must drain.
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
-/// Connects and datagrams to a protected address that the policy allowed.
+/// Connects and datagrams to a protected address that the policy allowed, counted by a
+/// generation whose slots of [`RULE_COUNTERS`] were since reused (the agent moves them here;
+/// the programs count in [`RULE_COUNTERS`] alone).
 pub const COUNTER_ALLOWED: u32 = 0;
-/// Attempts to a protected address that were refused (enforce mode).
+/// Attempts to a protected address that were refused (enforce mode): as [`COUNTER_ALLOWED`].
 pub const COUNTER_DENIED: u32 = 1;
-/// Attempts to a protected address that were allowed but reported (audit mode or an audit rule).
+/// Attempts to a protected address that were allowed but reported (audit mode or an audit
+/// rule): as [`COUNTER_ALLOWED`].
 pub const COUNTER_AUDITED: u32 = 2;
 /// Denied or audited attempts whose event could not be reserved in the ring buffer.
 pub const COUNTER_EVENTS_LOST: u32 = 3;

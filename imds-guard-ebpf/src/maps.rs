@@ -13,7 +13,7 @@ use imds_guard_common::{
     maps::{
         ALLOW_MAX_ENTRIES, CGROUP_RULESETS_MAX_ENTRIES, COUNTER_COUNT, EVENTS_RING_BYTES,
         FOLDS_MAX_ENTRIES, HTTP_COUNTER_SLOTS, HTTP_SOCKHASH_MAX_ENTRIES, MAP_FLAGS_NO_PREALLOC,
-        PATH_RULES_MAX_ENTRIES, RULE_COUNTER_SLOTS,
+        PATH_RULES_MAX_ENTRIES, RULE_COUNTER_SLOTS, RuleCounts,
     },
     policy::{CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings},
 };
@@ -76,10 +76,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
-/// Attempts to protected addresses by deciding rule, per generation (see
+/// Attempts to protected addresses by deciding rule and verdict, per generation (see
 /// `imds_guard_common::maps::rule_counter_index`).
 #[map(name = "RULE_COUNTERS")]
-pub static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RULE_COUNTER_SLOTS, 0);
+pub static RULE_COUNTERS: PerCpuArray<RuleCounts> =
+    PerCpuArray::with_max_entries(RULE_COUNTER_SLOTS, 0);
 
 /// Repeats being folded instead of queued as events.
 #[map(name = "FOLDS")]

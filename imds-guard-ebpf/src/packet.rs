@@ -317,7 +317,7 @@ fn judge_protected(
             unsafe { keep(socket, value) };
         }
     }
-    verdict::count(generation, verdict, rule);
+    record::count_attempt(generation, rule, verdict);
     if verdict == VERDICT_ALLOW {
         return PASS;
     }

@@ -8,6 +8,7 @@ use aya_ebpf::helpers::{
 use imds_guard_common::{
     event::{
         COMM_LEN, Event, FOLD_FLAGS, FoldKey, FoldValue, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
+        VERDICT_ALLOW, VERDICT_AUDIT,
     },
     http::HTTP_REQUEST_BYTES,
     maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
@@ -205,11 +206,17 @@ pub fn count(index: u32) {
     }
 }
 
-/// Adds one to the current CPU's count of attempts decided by `rule` of `generation`.
-pub fn count_rule(generation: u32, rule: u32) {
-    if let Some(counter) = RULE_COUNTERS.get_ptr_mut(rule_counter_index(generation, rule)) {
+/// Counts a judged attempt: one added to the current CPU's count of `verdict`s by `rule` of
+/// `generation`, the attempt's one counter update (the totals by verdict are the agent's sum).
+pub fn count_attempt(generation: u32, rule: u32, verdict: u8) {
+    if let Some(counts) = RULE_COUNTERS.get_ptr_mut(rule_counter_index(generation, rule)) {
         // SAFETY: a per-CPU slot; the program cannot migrate while it runs.
-        unsafe { *counter += 1 };
+        let counts = unsafe { &mut *counts };
+        match verdict {
+            VERDICT_ALLOW => counts.allowed += 1,
+            VERDICT_AUDIT => counts.audited += 1,
+            _ => counts.denied += 1,
+        }
     }
 }
 

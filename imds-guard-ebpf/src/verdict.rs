@@ -16,7 +16,6 @@ use imds_guard_common::{
         VERDICT_AUDIT, VERDICT_DENY,
     },
     http::HTTP_PORT,
-    maps::{COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED},
     policy::{CgroupKey, RuleKey, RuleValue, Settings, TASK_CONTAINER},
 };
 
@@ -165,7 +164,7 @@ fn judge_protected(
     } else {
         verdict
     };
-    count(generation, verdict, rule);
+    record::count_attempt(generation, rule, verdict);
     // The packet layer judges the socket's packets again by its owner and cgroup, as a host
     // task's, which gives the same for uid and cgroup rules on the host. A gid rule it cannot
     // see, a container it cannot tell, an audited attempt it would report again, a task whose
@@ -311,16 +310,6 @@ pub fn epoch_of(generation: u32) -> u32 {
     SETTINGS
         .get(generation)
         .map_or(0, |settings| settings.epoch)
-}
-
-/// Counts a judged attempt by verdict and by rule.
-pub fn count(generation: u32, verdict: u8, rule: u32) {
-    record::count_rule(generation, rule);
-    record::count(match verdict {
-        VERDICT_ALLOW => COUNTER_ALLOWED,
-        VERDICT_AUDIT => COUNTER_AUDITED,
-        _ => COUNTER_DENIED,
-    });
 }
 
 /// The kernel's maps, as the decision reads them.

@@ -16,12 +16,12 @@ use imds_guard_common::{
         AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
         COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED,
         COUNTER_HTTP_UNJUDGED, COUNTERS, EVENTS, FOLDS, GENERATION, HTTP_COUNTERS, PATH_RULES,
-        PROTECTED, PROTECTED_FILTER, RULE_COUNTERS, SETTINGS,
+        PROTECTED, PROTECTED_FILTER, RULE_COUNTER_SLOTS, RULE_COUNTERS, RuleCounts, SETTINGS,
     },
     policy::{CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings},
 };
 
-use super::{KernelError, pins::PinDir};
+use super::{KernelError, pins::PinDir, sys};
 
 /// Where the maps come from.
 pub trait Source {
@@ -156,8 +156,48 @@ pub fn protected_filter(
 /// As for [`generation`].
 pub fn rule_counters(
     source: &mut impl Source,
-) -> Result<PerCpuArray<&mut MapData, u64>, KernelError> {
+) -> Result<PerCpuArray<&mut MapData, RuleCounts>, KernelError> {
     typed(source, RULE_COUNTERS)
+}
+
+/// Indices of `RULE_COUNTERS` the kernel hands over per call of a batch read: all of them.
+const RULE_COUNTERS_BATCH: usize = RULE_COUNTER_SLOTS as usize;
+
+/// Every slot of `RULE_COUNTERS` (by `rule_counter_index`), summed over CPUs: in one batch
+/// read, or, where the kernel refuses that, index by index.
+///
+/// # Errors
+/// As for [`generation`]; [`KernelError::ReadMap`] when a slot cannot be read.
+pub fn rule_counts(source: &mut impl Source) -> Result<Vec<RuleCounts>, KernelError> {
+    let map = rule_counters(source)?;
+    if let Ok(sums) = sys::per_cpu_sums(&map, RULE_COUNTERS_BATCH, RuleCounts::plus) {
+        return Ok(sums);
+    }
+    (0..RULE_COUNTER_SLOTS)
+        .map(|index| {
+            map.get(&index, 0)
+                .map(|values| {
+                    values
+                        .iter()
+                        .copied()
+                        .fold(RuleCounts::default(), RuleCounts::plus)
+                })
+                .map_err(|source| KernelError::ReadMap {
+                    map: RULE_COUNTERS,
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// `COUNTERS`, indexed by the `imds_guard_common::maps::COUNTER_*` constants.
+///
+/// # Errors
+/// As for [`generation`].
+pub fn counters_map(
+    source: &mut impl Source,
+) -> Result<PerCpuArray<&mut MapData, u64>, KernelError> {
+    typed(source, COUNTERS)
 }
 
 /// `HTTP_COUNTERS`, indexed by `imds_guard_common::http::http_counter_index`.
@@ -243,19 +283,24 @@ pub struct Counters {
 /// # Errors
 /// When the map is missing, not of this layout, or a value cannot be read.
 pub fn counters(source: &mut impl Source) -> Result<Counters, KernelError> {
-    let map: PerCpuArray<&mut MapData, u64> = typed(source, COUNTERS)?;
+    // The programs count an attempt in its rule's slot alone; the agent moved the counts of
+    // reused slots into `COUNTERS`.
+    let judged = rule_counts(source)?
+        .into_iter()
+        .fold(RuleCounts::default(), RuleCounts::plus);
+    let map = counters_map(source)?;
     let total = |index: u32| {
         map.get(&index, 0)
-            .map(|values| values.iter().sum())
+            .map(|values| values.iter().sum::<u64>())
             .map_err(|source| KernelError::ReadMap {
                 map: COUNTERS,
                 source,
             })
     };
     Ok(Counters {
-        allowed: total(COUNTER_ALLOWED)?,
-        denied: total(COUNTER_DENIED)?,
-        audited: total(COUNTER_AUDITED)?,
+        allowed: total(COUNTER_ALLOWED)?.wrapping_add(judged.allowed),
+        denied: total(COUNTER_DENIED)?.wrapping_add(judged.denied),
+        audited: total(COUNTER_AUDITED)?.wrapping_add(judged.audited),
         events_lost: total(COUNTER_EVENTS_LOST)?,
         folded: total(COUNTER_FOLDED)?,
         http_refused: total(COUNTER_HTTP_REFUSED)?,

@@ -18,8 +18,9 @@ use imds_guard_common::{
     event::{FoldKey, FoldValue},
     http::{COUNTED_VERSIONS, IMDS_VERSIONS, PathRules, PathRulesKey, http_counter_index},
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES, PROTECTED,
-        PROTECTED_FILTER, RULE_COUNTERS, SETTINGS, rule_counter_index,
+        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTERS,
+        GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES, PROTECTED, PROTECTED_FILTER,
+        RULE_COUNTERS, RuleCounts, SETTINGS, rule_counter_index,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings, filter_set,
@@ -506,22 +507,20 @@ impl Kernel {
         })
     }
 
-    /// Attempts decided by each rule of `generation` (index 0: by no rule), summed over CPUs.
+    /// Attempts decided by each rule of `generation` (index 0: by no rule), whatever their
+    /// verdict, summed over CPUs.
     ///
     /// # Errors
     /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
     pub fn rule_counts(&mut self, generation: u32, rules: u32) -> Result<Vec<u64>, KernelError> {
-        let map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
-        (0..=rules.min(MAX_RULES))
+        let counts = maps::rule_counts(&mut self.ebpf)?;
+        Ok((0..=rules.min(MAX_RULES))
             .map(|rule| {
-                map.get(&rule_counter_index(generation, rule), 0)
-                    .map(|values| values.iter().sum())
-                    .map_err(|source| KernelError::ReadMap {
-                        map: RULE_COUNTERS,
-                        source,
-                    })
+                counts
+                    .get(rule_counter_index(generation, rule) as usize)
+                    .map_or(0, RuleCounts::total)
             })
-            .collect()
+            .collect())
     }
 
     /// HTTP requests decided by each rule of `generation` (index 0: by no rule), by version
@@ -554,16 +553,58 @@ impl Kernel {
             .collect()
     }
 
+    /// Adds what `generation`'s rules counted, by verdict, to the totals the agent keeps in
+    /// `COUNTERS` (the programs never write those three), before its slots are zeroed: the
+    /// totals by verdict stay whole across switches. Only the agent writes them, one switch at
+    /// a time; a reader between this and the zeroing counts the generation twice.
+    fn keep_verdict_counts(&mut self, generation: u32) -> Result<(), KernelError> {
+        let counts = maps::rule_counts(&mut self.ebpf)?;
+        let of_generation = (0..=MAX_RULES)
+            .filter_map(|rule| counts.get(rule_counter_index(generation, rule) as usize))
+            .fold(RuleCounts::default(), |sum, &counts| sum.plus(counts));
+        let mut map: PerCpuArray<_, u64> = maps::counters_map(&mut self.ebpf)?;
+        for (index, count) in [
+            (COUNTER_ALLOWED, of_generation.allowed),
+            (COUNTER_AUDITED, of_generation.audited),
+            (COUNTER_DENIED, of_generation.denied),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            let mut values = map
+                .get(&index, 0)
+                .map_err(|source| KernelError::ReadMap {
+                    map: COUNTERS,
+                    source,
+                })?
+                .to_vec();
+            // The first CPU's value takes the sum; the total is what is read.
+            if let Some(first) = values.first_mut() {
+                *first = first.wrapping_add(count);
+            }
+            let values = aya::maps::PerCpuValues::try_from(values)
+                .map_err(|source| KernelError::PossibleCpus { source })?;
+            map.set(index, values, 0)
+                .map_err(|source| KernelError::WriteMap {
+                    map: COUNTERS,
+                    what: format!("the total of counter {index}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Zeroes `generation`'s per-rule counts (attempts and HTTP requests) before it is reused.
     fn zero_rule_counts(&mut self, generation: u32) -> Result<(), KernelError> {
         let cpus =
             aya::util::nr_cpus().map_err(|(_, source)| KernelError::PossibleCpus { source })?;
         // One value per possible CPU, as many as were just counted: only a wrong count fails.
+        self.keep_verdict_counts(generation)?;
+        let mut map: PerCpuArray<_, RuleCounts> = maps::rule_counters(&mut self.ebpf)?;
         let zeroes = || {
-            aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+            aya::maps::PerCpuValues::try_from(vec![RuleCounts::default(); cpus])
                 .map_err(|source| KernelError::PossibleCpus { source })
         };
-        let mut map: PerCpuArray<_, u64> = maps::rule_counters(&mut self.ebpf)?;
         for rule in 0..=MAX_RULES {
             map.set(rule_counter_index(generation, rule), zeroes()?, 0)
                 .map_err(|source| KernelError::WriteMap {
@@ -572,6 +613,10 @@ impl Kernel {
                     source,
                 })?;
         }
+        let zeroes = || {
+            aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(|source| KernelError::PossibleCpus { source })
+        };
         let mut map: PerCpuArray<_, u64> = maps::http_counters(&mut self.ebpf)?;
         for rule in 0..=MAX_RULES {
             for version in COUNTED_VERSIONS {

@@ -229,6 +229,50 @@ pub fn map_entries<K: Pod, V: Pod>(
     map: &impl IterableMap<K, V>,
     batch: usize,
 ) -> io::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    lookup_batches(map.map(), batch, 1, |key: K, values: &[V]| {
+        entries.extend(values.first().map(|&value| (key, value)));
+    })?;
+    Ok(entries)
+}
+
+/// Every entry of the per-CPU array `map`, by index, each as its values summed over the
+/// possible CPUs with `add`, read `batch` indices at a time (`BPF_MAP_LOOKUP_BATCH`, 5.6+): a
+/// call per batch where `PerCpuArray::get` takes one per index. Each index's values are read
+/// at once; the indices one after another.
+///
+/// # Errors
+/// When the possible CPUs cannot be counted, or the kernel refuses the call.
+pub fn per_cpu_sums<V: Pod + Default>(
+    map: &impl IterableMap<u32, aya::maps::PerCpuValues<V>>,
+    batch: usize,
+    add: impl Fn(V, V) -> V,
+) -> io::Result<Vec<V>> {
+    // The kernel copies each CPU's value at a multiple of 8 bytes.
+    if !size_of::<V>().is_multiple_of(8) {
+        return Err(io::Error::other(
+            "a per-CPU value of a size not a multiple of 8",
+        ));
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
+    let mut sums = Vec::new();
+    lookup_batches(map.map(), batch, cpus, |index: u32, values: &[V]| {
+        // Indices come in order from 0: the array has no holes.
+        debug_assert_eq!(index as usize, sums.len());
+        sums.push(values.iter().copied().fold(V::default(), &add));
+    })?;
+    Ok(sums)
+}
+
+/// Reads every entry of `map` with `BPF_MAP_LOOKUP_BATCH`, `batch` keys a call, handing each
+/// key and its `values_per_key` values (one per possible CPU for a per-CPU map, else one) to
+/// `each`.
+fn lookup_batches<K: Pod, V: Pod>(
+    map: &aya::maps::MapData,
+    batch: usize,
+    values_per_key: usize,
+    mut each: impl FnMut(K, &[V]),
+) -> io::Result<()> {
     #[repr(C)]
     #[expect(
         clippy::struct_field_names,
@@ -244,12 +288,12 @@ pub fn map_entries<K: Pod, V: Pod>(
         elem_flags: u64,
         flags: u64,
     }
-    let map_fd = u32::try_from(map.map().fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
+    let map_fd = u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
     let count = u32::try_from(batch).map_err(io::Error::other)?;
     let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(batch);
-    let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(batch);
-    let mut entries = Vec::new();
-    // Where the next batch starts: for a hash map, a bucket index the kernel writes (4 bytes).
+    let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(batch * values_per_key);
+    // Where the next batch starts: the last key read (an array's) or a bucket index (a hash
+    // map's), which the kernel writes; 8 bytes hold either.
     let (mut cursor, mut next) = (0u64, 0u64);
     let mut first = true;
     loop {
@@ -269,20 +313,25 @@ pub fn map_entries<K: Pod, V: Pod>(
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let read = (attr.count as usize).min(batch);
-        entries.extend((0..read).map(|at| {
-            // SAFETY: the kernel wrote `count` keys and values into the buffers, which hold
-            // `batch` of each; `K` and `V` are plain data of the map's key and value sizes.
-            unsafe {
+        for at in 0..read {
+            // SAFETY: the kernel wrote `count` keys and as many times `values_per_key` values
+            // into the buffers, which hold `batch` of each; `K` and `V` are plain data of the
+            // map's key and value sizes (a per-CPU value's is a multiple of 8: no gaps).
+            let (key, values) = unsafe {
                 (
                     keys.as_ptr().add(at).read().assume_init(),
-                    values.as_ptr().add(at).read().assume_init(),
+                    std::slice::from_raw_parts(
+                        values.as_ptr().add(at * values_per_key).cast::<V>(),
+                        values_per_key,
+                    ),
                 )
-            }
-        }));
+            };
+            each(key, values);
+        }
         match result {
             Ok(_) => (cursor, first) = (next, false),
             // The end of the map: this call read what was left.
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(err) => return Err(err),
         }
     }
@@ -385,6 +434,56 @@ mod tests {
             read.sort_unstable();
             inserted.sort_unstable();
             assert_eq!(read, inserted, "batches of {batch}");
+        }
+    }
+
+    #[test]
+    fn a_per_cpu_batch_read_sums_every_index_over_the_cpus() {
+        #[repr(C)]
+        struct MapCreate {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+        const ENTRIES: u32 = 300;
+        let mut attr = MapCreate {
+            map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+            key_size: 4,
+            value_size: 16,
+            max_entries: ENTRIES,
+            map_flags: 0,
+        };
+        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr).unwrap()).unwrap();
+        let data = aya::maps::MapData::from_fd(fd).unwrap();
+        let mut map: aya::maps::PerCpuArray<_, [u64; 2]> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        // Each CPU's value differs, so that a sum of the wrong CPUs or indices shows.
+        let value = |index: u64, cpu: u64| [index * 1000 + cpu, cpu + 1];
+        for index in 0..ENTRIES {
+            let values = (0..cpus as u64).map(|cpu| value(u64::from(index), cpu));
+            let values = aya::maps::PerCpuValues::try_from(values.collect::<Vec<_>>()).unwrap();
+            map.set(index, values, 0).unwrap();
+        }
+        let add = |a: [u64; 2], b: [u64; 2]| [a[0] + b[0], a[1] + b[1]];
+        let expected: Vec<[u64; 2]> = (0..u64::from(ENTRIES))
+            .map(|index| {
+                (0..cpus as u64)
+                    .map(|cpu| value(index, cpu))
+                    .fold([0, 0], add)
+            })
+            .collect();
+        // Batches smaller than the map: the read goes on where each left off.
+        for batch in [7, 300, 1024] {
+            assert_eq!(
+                per_cpu_sums(&map, batch, add).unwrap(),
+                expected,
+                "batches of {batch}"
+            );
         }
     }
 
