@@ -47,7 +47,7 @@ enum Task {
     /// Measure imds-guard against no firewall and iptables, in a sandbox (as root); prints the
     /// tables BENCHMARKS.md holds.
     Bench {
-        /// Only these tables: kernel, placement, connect, scaling, throughput, pipeline,
+        /// Only these tables: kernel, placement, calls, connect, scaling, throughput, pipeline,
         /// footprint, churn, http (default: all).
         tables: Vec<String>,
     },

@@ -5,6 +5,7 @@
 //! Everything happens in a network namespace and cgroups of its own (iptables rules exist only
 //! in that namespace), removed at the end. Prints Markdown tables.
 
+mod calls;
 mod churn;
 mod connect;
 mod footprint;
@@ -44,9 +45,10 @@ pub(crate) const BULK_PORT: u16 = 9001;
 pub(crate) const USER: u32 = 1000;
 
 /// The tables, by the names `cargo xtask bench NAME...` selects them with.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "kernel",
     "placement",
+    "calls",
     "connect",
     "scaling",
     "throughput",
@@ -141,6 +143,7 @@ fn measure() {
     section("placement", &|out| {
         placement::placement(out, &sandbox, &attach, &workload);
     });
+    section("calls", &|out| calls::call_costs(out));
     section("connect", &|out| {
         connect::connect_costs(out, &sandbox, &attach, &workload);
     });

@@ -1,0 +1,259 @@
+//! Table 0c: what a call costs in a BPF program on this machine. The programs' paths in table
+//! 0 are mostly calls (helpers, and BPF-to-BPF calls into the agent's global functions) and
+//! the memory they read; a call's price is the machine's (its CPU's return and indirect-branch
+//! mitigations, a virtual machine's clock), not imds-guard's, and it differs several times over
+//! from one machine to another. Measured with `BPF_PROG_TEST_RUN` on programs of the bench's
+//! own, attached nowhere.
+
+use std::{
+    fmt::Write as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use crate::{report::Report, stats};
+
+/// Calls in each measured program: its cost over the empty program, divided by this.
+const CALLS: usize = 16;
+/// Runs of a program per `BPF_PROG_TEST_RUN` (the kernel reports their mean).
+const REPEAT: u32 = 200_000;
+/// Interleaved rounds: each program once per round.
+const ROUNDS: usize = 11;
+
+/// `BPF_FUNC_*` numbers of the helpers measured.
+const BPF_FUNC_GET_CURRENT_PID_TGID: i32 = 14;
+const BPF_FUNC_GET_CURRENT_UID_GID: i32 = 15;
+const BPF_FUNC_KTIME_GET_BOOT_NS: i32 = 125;
+
+/// One eBPF instruction: `code`, registers `dst` and `src`, `off`, `imm`.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let [off0, off1] = off.to_le_bytes();
+    let [i0, i1, i2, i3] = imm.to_le_bytes();
+    u64::from_le_bytes([code, (src << 4) | dst, off0, off1, i0, i1, i2, i3])
+}
+
+/// `r0 = 0`, then `exit`.
+fn ret0() -> [u64; 2] {
+    [insn(0xb7, 0, 0, 0, 0), insn(0x95, 0, 0, 0, 0)]
+}
+
+/// The programs measured, by what they call [`CALLS`] times (the first calls nothing).
+fn programs() -> Vec<(&'static str, Vec<u64>)> {
+    let helper = |id| {
+        let mut insns = vec![insn(0x85, 0, 0, 0, id); CALLS];
+        insns.extend(ret0());
+        insns
+    };
+    // Calls into a subprogram after the main one's `exit` (`src` 1: `imm` is the offset from
+    // the next instruction), which returns at once.
+    let mut local: Vec<u64> = (0..CALLS)
+        .map(|at| {
+            let to = i32::try_from(CALLS + 2 - (at + 1)).expect("a few instructions");
+            insn(0x85, 0, 1, 0, to)
+        })
+        .collect();
+    local.extend(ret0());
+    local.extend(ret0());
+    vec![
+        ("nothing (the program's entry and exit)", ret0().to_vec()),
+        (
+            "a helper that reads a field (`bpf_get_current_pid_tgid`)",
+            helper(BPF_FUNC_GET_CURRENT_PID_TGID),
+        ),
+        (
+            "a helper that maps ids through the user namespace (`bpf_get_current_uid_gid`)",
+            helper(BPF_FUNC_GET_CURRENT_UID_GID),
+        ),
+        (
+            "the clock (`bpf_ktime_get_boot_ns`, at every event and fold)",
+            helper(BPF_FUNC_KTIME_GET_BOOT_NS),
+        ),
+        (
+            "a BPF-to-BPF call (as into the agent's global functions)",
+            local,
+        ),
+    ]
+}
+
+pub fn call_costs(out: &mut Report) {
+    let programs: Vec<(&str, OwnedFd)> = programs()
+        .into_iter()
+        .map(|(what, insns)| (what, load(&insns)))
+        .collect();
+    let mut arms: Vec<Box<dyn FnMut() -> f64>> = programs
+        .iter()
+        .map(|(_, fd)| {
+            let fd = fd.as_raw_fd();
+            Box::new(move || f64::from(test_run(fd))) as Box<dyn FnMut() -> f64>
+        })
+        .collect();
+    let mut arms: Vec<&mut dyn FnMut() -> f64> = arms
+        .iter_mut()
+        .map(|arm| arm.as_mut() as &mut dyn FnMut() -> f64)
+        .collect();
+    let samples = stats::interleave(ROUNDS, &mut arms);
+    let _ = writeln!(
+        out,
+        "## 0c. What a call costs in a BPF program here\n\n\
+         The programs' paths in tables 0 and 7 are mostly calls (helpers, and BPF-to-BPF calls \
+         into the agent's global functions) and the memory they read. What a call costs is the \
+         machine's: its CPU's return and indirect-branch mitigations (`/sys/devices/system/cpu/\
+         vulnerabilities`), a virtual machine's clock. Programs of the bench's own (socket \
+         filters attached nowhere), each making {CALLS} of one call, run {REPEAT} times per \
+         `BPF_PROG_TEST_RUN`, {ROUNDS} interleaved rounds; a call's cost is the round's mean run \
+         less the empty program's, divided by {CALLS} (the median of the rounds and its 95% \
+         confidence interval).\n\n\
+         | a call of | per run | per call |\n|---|---|---|"
+    );
+    let nothing = &samples[0];
+    for ((what, _), runs) in programs.iter().zip(&samples) {
+        let run = stats::estimate(runs);
+        let per_call = if std::ptr::eq(runs, nothing) {
+            String::new()
+        } else {
+            #[expect(clippy::cast_precision_loss, reason = "a small count")]
+            let per_call: Vec<f64> = runs
+                .iter()
+                .zip(nothing)
+                .map(|(run, base)| (run - base) / CALLS as f64)
+                .collect();
+            stats::estimate(&per_call).show(|ns| format!("{ns:.1} ns"))
+        };
+        let _ = writeln!(out, "| {what} | {:.0} ns | {per_call} |", run.median);
+    }
+    let _ = writeln!(
+        out,
+        "\n{}\n",
+        mitigations()
+            .map(|line| format!("This machine's return and branch mitigations: {line}."))
+            .unwrap_or_default()
+    );
+}
+
+/// What the kernel says of the CPU's Spectre v2 and return-address mitigations.
+fn mitigations() -> Option<String> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{name}"))
+            .ok()
+            .map(|text| format!("{name}: {}", text.trim()))
+    };
+    let lines: Vec<String> = ["spectre_v2", "retbleed", "spec_rstack_overflow"]
+        .into_iter()
+        .filter_map(read)
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("; "))
+}
+
+/// Loads `insns` as a socket filter (`BPF_PROG_TYPE_SOCKET_FILTER`), attached nowhere;
+/// unloaded when its descriptor closes.
+fn load(insns: &[u64]) -> OwnedFd {
+    /// `BPF_PROG_LOAD`'s attributes up to `prog_name`, and zeroes.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        rest: [u8; 64],
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..10].copy_from_slice(b"bench_call");
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+        insn_cnt: u32::try_from(insns.len()).expect("a few instructions"),
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        rest: [0; 64],
+    };
+    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block of the size given, whose
+    // pointers reach live memory for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw const attr,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading a program of table 0c: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave this process, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor")) }
+}
+
+/// Runs the program `fd` [`REPEAT`] times on a zeroed 64-byte packet; the mean run in ns.
+fn test_run(fd: i32) -> u32 {
+    /// `BPF_PROG_TEST_RUN`'s attributes up to `ctx_out`.
+    #[repr(C)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let packet = [0u8; 64];
+    let mut attr = TestRun {
+        prog_fd: u32::try_from(fd).expect("a descriptor"),
+        retval: 0,
+        data_size_in: 64,
+        data_size_out: 0,
+        data_in: packet.as_ptr() as u64,
+        data_out: 0,
+        repeat: REPEAT,
+        duration: 0,
+        ctx_size_in: 0,
+        ctx_size_out: 0,
+        ctx_in: 0,
+        ctx_out: 0,
+        flags: 0,
+        cpu: 0,
+        batch_size: 0,
+        pad: 0,
+    };
+    // SAFETY: `attr` is a valid `BPF_PROG_TEST_RUN` attribute block of the size given, whose
+    // pointers reach live memory for the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            std::mem::size_of::<TestRun>(),
+        )
+    };
+    assert!(
+        result == 0,
+        "running a program of table 0c: {}",
+        std::io::Error::last_os_error()
+    );
+    attr.duration
+}
