@@ -1,5 +1,5 @@
 //! Table 0b: the fast paths of table 0 (`connect4`, `connect6`, `egress`: a destination not
-//! protected) by where the kernel put the agent's code. The JIT allocates every program's
+//! protected), and its allowed path, by where the kernel put the agent's code. The JIT allocates every program's
 //! image first-fit, in 64-byte chunks of pages all programs share, and starts it at a random
 //! point of its first chunk: where the agent's images land depends on what the machine loaded
 //! before. Here the bench loads programs of its own that never run ("spacers": one more each
@@ -10,7 +10,7 @@ use std::{
     os::fd::{FromRawFd as _, OwnedFd},
 };
 
-use imds_guard_tests::{Pins, Sandbox, TestCgroup};
+use imds_guard_tests::{IMDS_V4, Pins, Sandbox, TestCgroup};
 
 use crate::{
     USER,
@@ -74,17 +74,23 @@ pub fn placement(
         let egress = measure("egress", &noop_skb, &|| {
             bulk_once(sandbox, workload);
         });
+        // The allowed path: `connect4`'s entry, then its functions, which the JIT places right
+        // after it.
+        let (_, allowed) = measure("connect4", &noop4, &|| {
+            connect_once(sandbox, workload, 0, sink(IMDS_V4.into()), CONNECTS);
+        });
         drop(stats);
         drop((agent, config, pins, spacers));
-        rows.push((placement, [connect4, connect6, egress]));
+        rows.push((placement, [connect4, connect6, egress], allowed));
     }
     let offset = |id: u32| image_offset(id).map_or_else(|| "?".to_owned(), hex);
     let _ = writeln!(
         report,
         "## 0b. The fast paths by where the kernel put their code\n\n\
          Table 0's three rows for a destination not protected (`connect4` and `connect6`: \
-         {CONNECTS} connects to 127.0.0.1 or ::1; `egress`: a 1 GiB loopback transfer), over the \
-         no-op beside them, for \
+         {CONNECTS} connects to 127.0.0.1 or ::1; `egress`: a 1 GiB loopback transfer), and its \
+         allowed row (`connect4`: {CONNECTS} connects to IMDS as uid 0, through the functions \
+         the JIT places after the entry point), over the no-op beside them, for \
          {PLACEMENTS} starts of the same agent, each after one more spacer (a program of \
          {SPACER_INSNS} instructions, loaded and never attached), which moves the agent's code: \
          the kernel allocates images first-fit in 64-byte chunks and starts each at a random \
@@ -93,21 +99,30 @@ pub fn placement(
          of a column's spread is the measurement's own); the no-ops stayed where they were (`bench_noop4` at {}, \
          `bench_noop6` at {}, `bench_noop_skb` at {}).\n\n\
          | spacers | `connect4` at | over the no-op | `connect6` at | over the no-op | `egress` at \
-         | over the no-op |\n|---|---|---|---|---|---|---|",
+         | over the no-op | `connect4`, IMDS allowed |\n|---|---|---|---|---|---|---|---|",
         offset(noop4.id),
         offset(noop6.id),
         offset(noop_skb.id)
     );
-    for (spacers, programs) in &rows {
+    for (spacers, programs, allowed) in &rows {
         let _ = write!(report, "| {spacers} |");
         for (at, ns) in programs {
             let at = at.map_or_else(|| "?".to_owned(), hex);
             let _ = write!(report, " {at} | {ns:.0} ns |");
         }
-        report.text.push('\n');
+        let _ = writeln!(report, " {allowed:.0} ns |");
     }
-    for (i, name) in ["connect4", "connect6", "egress"].into_iter().enumerate() {
-        let figures: Vec<f64> = rows.iter().map(|(_, programs)| programs[i].1).collect();
+    let columns = [
+        "`connect4`",
+        "`connect6`",
+        "`egress`",
+        "`connect4`, IMDS allowed,",
+    ];
+    for (i, name) in columns.into_iter().enumerate() {
+        let figures: Vec<f64> = rows
+            .iter()
+            .map(|(_, programs, allowed)| programs.get(i).map_or(*allowed, |program| program.1))
+            .collect();
         let (low, high) = figures
             .iter()
             .fold((f64::MAX, f64::MIN), |(low, high), &ns| {
@@ -115,7 +130,7 @@ pub fn placement(
             });
         let _ = write!(
             report,
-            "\n`{name}`: {low:.0}–{high:.0} ns over the no-op, median {:.0} ns, for the same code.",
+            "\n{name}: {low:.0}–{high:.0} ns over the no-op, median {:.0} ns, for the same code.",
             estimate(&figures).median
         );
     }
