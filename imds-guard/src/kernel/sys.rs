@@ -400,8 +400,13 @@ mod tests {
         assert_eq!(program_info(u32::MAX).unwrap(), None);
     }
 
-    #[test]
-    fn a_batch_read_yields_every_entry_of_a_map_once() {
+    /// A new map of `map_type` (`BPF_MAP_TYPE_*`), with no flags, of this process alone.
+    fn create_map(
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    ) -> aya::maps::MapData {
         #[repr(C)]
         struct MapCreate {
             map_type: u32,
@@ -411,16 +416,21 @@ mod tests {
             map_flags: u32,
         }
         const BPF_MAP_CREATE: libc::c_long = 0;
-        const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
         let mut attr = MapCreate {
-            map_type: BPF_MAP_TYPE_LRU_HASH,
-            key_size: 8,
-            value_size: 4,
-            max_entries: 1024,
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
             map_flags: 0,
         };
         let fd = owned(bpf(BPF_MAP_CREATE, &mut attr).unwrap()).unwrap();
-        let data = aya::maps::MapData::from_fd(fd).unwrap();
+        aya::maps::MapData::from_fd(fd).unwrap()
+    }
+
+    #[test]
+    fn a_batch_read_yields_every_entry_of_a_map_once() {
+        const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+        let data = create_map(BPF_MAP_TYPE_LRU_HASH, 8, 4, 1024);
         let mut map: aya::maps::HashMap<_, u64, u32> =
             aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
         assert!(map_entries(&map, 16).unwrap().is_empty());
@@ -439,26 +449,9 @@ mod tests {
 
     #[test]
     fn a_per_cpu_batch_read_sums_every_index_over_the_cpus() {
-        #[repr(C)]
-        struct MapCreate {
-            map_type: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            map_flags: u32,
-        }
-        const BPF_MAP_CREATE: libc::c_long = 0;
         const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
         const ENTRIES: u32 = 300;
-        let mut attr = MapCreate {
-            map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
-            key_size: 4,
-            value_size: 16,
-            max_entries: ENTRIES,
-            map_flags: 0,
-        };
-        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr).unwrap()).unwrap();
-        let data = aya::maps::MapData::from_fd(fd).unwrap();
+        let data = create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, ENTRIES);
         let mut map: aya::maps::PerCpuArray<_, [u64; 2]> =
             aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).unwrap();
         let cpus = aya::util::nr_cpus().unwrap();

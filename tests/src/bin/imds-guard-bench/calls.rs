@@ -7,10 +7,10 @@
 
 use std::{
     fmt::Write as _,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
-use crate::{report::Report, stats};
+use crate::{report::Report, setup::load_raw_program, stats};
 
 /// Calls in each measured program: its cost over the empty program, divided by this.
 const CALLS: usize = 16;
@@ -143,59 +143,10 @@ fn mitigations() -> Option<String> {
     (!lines.is_empty()).then(|| lines.join("; "))
 }
 
-/// Loads `insns` as a socket filter (`BPF_PROG_TYPE_SOCKET_FILTER`), attached nowhere;
-/// unloaded when its descriptor closes.
+/// Loads `insns` as a socket filter (`BPF_PROG_TYPE_SOCKET_FILTER`), attached nowhere.
 fn load(insns: &[u64]) -> OwnedFd {
-    /// `BPF_PROG_LOAD`'s attributes up to `prog_name`, and zeroes.
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        rest: [u8; 64],
-    }
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-    let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"bench_call");
-    let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
-        insn_cnt: u32::try_from(insns.len()).expect("a few instructions"),
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: name,
-        rest: [0; 64],
-    };
-    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block of the size given, whose
-    // pointers reach live memory for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &raw const attr,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "loading a program of table 0c: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a descriptor the kernel just gave this process, owned by nothing else.
-    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor")) }
+    load_raw_program(BPF_PROG_TYPE_SOCKET_FILTER, insns, "bench_call")
 }
 
 /// Runs the program `fd` [`REPEAT`] times on a zeroed 64-byte packet; the mean run in ns.

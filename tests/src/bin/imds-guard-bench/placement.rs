@@ -5,10 +5,7 @@
 //! before. Here the bench loads programs of its own that never run ("spacers": one more each
 //! time) before each start of the agent, and measures the same agent wherever it landed.
 
-use std::{
-    fmt::Write as _,
-    os::fd::{FromRawFd as _, OwnedFd},
-};
+use std::{fmt::Write as _, os::fd::OwnedFd};
 
 use imds_guard_tests::{IMDS_V4, Pins, Sandbox, TestCgroup};
 
@@ -17,7 +14,7 @@ use crate::{
     report::Report,
     setup::{
         Alone, DEFAULT_WINDOW, agent, bulk_once, connect_once, enable_stats, image_offset,
-        loopback, per_run, program_id, run_stats, sink,
+        load_raw_program, loopback, per_run, program_id, run_stats, sink,
     },
     stats::estimate,
 };
@@ -145,63 +142,11 @@ fn hex(offset: u64) -> String {
 /// Loads a `cgroup_skb` program that returns 1 ([`SPACER_INSNS`] instructions) and never
 /// attaches it: it only takes room in the JIT's pages. Unloaded when its descriptor closes.
 fn spacer() -> OwnedFd {
-    /// `BPF_PROG_LOAD`'s attributes up to `expected_attach_type`, and zeroes.
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-        rest: [u8; 56],
-    }
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
     // `r0 = 1` (BPF_ALU64 | BPF_MOV | BPF_K, imm 1), then `exit`.
     const MOV_R0_1: u64 = 0xb7 | (1 << 32);
     const EXIT: u64 = 0x95;
     let mut insns = vec![MOV_R0_1; SPACER_INSNS - 1];
     insns.push(EXIT);
-    let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..12].copy_from_slice(b"bench_spacer");
-    let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_CGROUP_SKB,
-        insn_cnt: u32::try_from(insns.len()).expect("a few instructions"),
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: name,
-        prog_ifindex: 0,
-        expected_attach_type: 0,
-        rest: [0; 56],
-    };
-    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block of the size given, whose
-    // pointers reach live memory for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &raw const attr,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "loading a spacer program: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a descriptor the kernel just gave this process, owned by nothing else.
-    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor")) }
+    load_raw_program(BPF_PROG_TYPE_CGROUP_SKB, &insns, "bench_spacer")
 }

@@ -335,3 +335,64 @@ pub fn bulk_once(sandbox: &Sandbox, cgroup: &TestCgroup) -> f64 {
     );
     outcome.detail.parse().expect("Gbit/s")
 }
+
+/// Loads `insns` as a program of `prog_type` named `name` (at most 15 bytes), attached nowhere:
+/// the bench's own programs (table 0b's spacers, table 0c's calls). Unloaded when its
+/// descriptor closes.
+pub fn load_raw_program(prog_type: u32, insns: &[u64], name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    /// `BPF_PROG_LOAD`'s attributes up to `expected_attach_type`, and zeroes.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        rest: [u8; 56],
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    let length = name.len().min(15);
+    prog_name[..length].copy_from_slice(&name.as_bytes()[..length]);
+    let attr = ProgLoad {
+        prog_type,
+        insn_cnt: u32::try_from(insns.len()).expect("a few instructions"),
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name,
+        prog_ifindex: 0,
+        expected_attach_type: 0,
+        rest: [0; 56],
+    };
+    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block of the size given, whose
+    // pointers reach live memory for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw const attr,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading the bench's program {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave this process, owned by nothing else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor")) }
+}
