@@ -18,7 +18,8 @@ pub const CGROUP_RULESETS: &str = "CGROUP_RULESETS";
 pub const ALLOW: &str = "ALLOW";
 /// Denied and audited attempts: a ring buffer of [`crate::event::Event`].
 pub const EVENTS: &str = "EVENTS";
-/// Per-CPU `u64` counters indexed by the `COUNTER_*` constants below.
+/// Per-CPU `u64` counters indexed by the `COUNTER_*` constants below (the totals by verdict are
+/// [`RULE_COUNTERS`]' sum).
 pub const COUNTERS: &str = "COUNTERS";
 /// Per-CPU [`RuleCounts`] of attempts to protected addresses by deciding rule and verdict,
 /// indexed by [`rule_counter_index`]: a judged attempt's one counter update.
@@ -83,8 +84,8 @@ pub const ALL: [&str; 16] = [
 /// `HttpSocket::epoch`.
 /// 9: `SocketVerdict`'s words reordered (the epoch, family and verdict in the last).
 /// 10: `SocketVerdict` of 40 bytes (its check).
-/// 11: `RULE_COUNTERS` of [`RuleCounts`] (by verdict); `COUNTER_ALLOWED`, `_DENIED` and
-/// `_AUDITED` written by the agent only (the counts of reused generations).
+/// 11: `RULE_COUNTERS` of [`RuleCounts`] (by verdict), never zeroed; `COUNTERS` without the
+/// totals by verdict (their sum).
 pub const MAPS_LAYOUT_VERSION: u32 = 11;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
@@ -94,10 +95,10 @@ pub const MAX_RULES: u32 = 1024;
 pub const RULE_COUNTER_SLOTS: u32 = 2 * (MAX_RULES + 1);
 
 /// Attempts a rule (or no rule) of a generation decided, by verdict: the value of
-/// [`RULE_COUNTERS`]. An attempt adds one to one of them, and to nothing else: the totals by
-/// verdict are these summed over rules and generations, plus what the agent moved into
-/// [`COUNTER_ALLOWED`], [`COUNTER_AUDITED`] and [`COUNTER_DENIED`] before it zeroed a
-/// generation's slots for reuse.
+/// [`RULE_COUNTERS`]. An attempt adds one to one of them, and to nothing else. The slots are
+/// never zeroed (a generation's reuse adds to what its earlier policies counted), so the totals
+/// by verdict are their sum over rules and generations, which only grows; a policy's own counts
+/// are what its slots gained since it was put in force (the agent's metrics keep that start).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleCounts {
@@ -145,30 +146,21 @@ pub const fn rule_counter_index(generation: u32, rule: u32) -> u32 {
 /// 6,500 events of 640 bytes (632 + the 8-byte record header) before the agent must drain.
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
-/// Connects and datagrams to a protected address that the policy allowed, counted by a
-/// generation whose slots of [`RULE_COUNTERS`] were since reused (the agent moves them here;
-/// the programs count in [`RULE_COUNTERS`] alone).
-pub const COUNTER_ALLOWED: u32 = 0;
-/// Attempts to a protected address that were refused (enforce mode): as [`COUNTER_ALLOWED`].
-pub const COUNTER_DENIED: u32 = 1;
-/// Attempts to a protected address that were allowed but reported (audit mode or an audit
-/// rule): as [`COUNTER_ALLOWED`].
-pub const COUNTER_AUDITED: u32 = 2;
 /// Denied or audited attempts whose event could not be reserved in the ring buffer.
-pub const COUNTER_EVENTS_LOST: u32 = 3;
+pub const COUNTER_EVENTS_LOST: u32 = 0;
 /// Denied or audited attempts folded into [`FOLDS`] as repeats instead of queued as events.
-pub const COUNTER_FOLDED: u32 = 4;
+pub const COUNTER_FOLDED: u32 = 1;
 /// HTTP requests the message layer refused (the write failed with `EACCES`).
-pub const COUNTER_HTTP_REFUSED: u32 = 5;
+pub const COUNTER_HTTP_REFUSED: u32 = 2;
 /// Writes on a connection to a protected address that the message layer refused because it
 /// had no record of the connect (its socket storage could not be made), or because the policy
 /// that admitted the connection is no longer in force and it had rules on requests.
-pub const COUNTER_HTTP_UNJUDGED: u32 = 6;
+pub const COUNTER_HTTP_UNJUDGED: u32 = 3;
 /// Connections to a protected address that the message layer could not follow (its map was
 /// full): their writes are not read.
-pub const COUNTER_HTTP_UNFOLLOWED: u32 = 7;
+pub const COUNTER_HTTP_UNFOLLOWED: u32 = 4;
 /// Number of counters in [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 5;
 
 /// `BPF_F_NO_PREALLOC`: the policy maps take memory per entry in use, not for their capacity.
 pub const MAP_FLAGS_NO_PREALLOC: u32 = 1;

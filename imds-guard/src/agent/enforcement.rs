@@ -6,6 +6,7 @@ use imds_guard_common::{
         AgentInfo, POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED, POSTURE_TOKENS_UNCHECKED,
         POSTURE_TOKENS_UNKNOWN, VERSION_LEN,
     },
+    maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED},
     policy::{ALL_CGROUPS_SEEN, MAX_CGROUP_LEVEL, NO_ENTRY_LEVELS, entry_levels},
 };
 use tracing::{debug, error, info, warn};
@@ -244,7 +245,7 @@ impl<'a> Enforcement<'a> {
 
     /// The kernel's total of folded repeats, if it can be read.
     pub fn folded_total(&mut self) -> Option<u64> {
-        self.counters().ok().map(|counters| counters.folded)
+        self.kernel.counter(COUNTER_FOLDED).ok()
     }
 
     /// The kernel's counters now.
@@ -257,14 +258,14 @@ impl<'a> Enforcement<'a> {
 
     /// Events the kernel could not queue are counted there; says so as soon as the count grows.
     pub fn warn_of_new_losses(&mut self) {
-        match self.kernel.counters() {
-            Ok(counters) if counters.events_lost > self.lost_warned => {
+        match self.kernel.counter(COUNTER_EVENTS_LOST) {
+            Ok(events_lost) if events_lost > self.lost_warned => {
                 warn!(
-                    events_lost = counters.events_lost,
+                    events_lost,
                     "{} events did not fit in the ring buffer (verdicts stood; reports are missing)",
-                    counters.events_lost - self.lost_warned
+                    events_lost - self.lost_warned
                 );
-                self.lost_warned = counters.events_lost;
+                self.lost_warned = events_lost;
             }
             Ok(_) => {}
             Err(err) => warn!("cannot read the counters: {err}"),

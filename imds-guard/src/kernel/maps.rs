@@ -13,13 +13,15 @@ use imds_guard_common::{
     event::{FoldKey, FoldValue},
     http::{PathRules, PathRulesKey},
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
-        COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTER_HTTP_REFUSED, COUNTER_HTTP_UNFOLLOWED,
-        COUNTER_HTTP_UNJUDGED, COUNTERS, EVENTS, FOLDS, GENERATION, HTTP_COUNTERS, PATH_RULES,
-        PROTECTED, PROTECTED_FILTER, RULE_COUNTER_SLOTS, RULE_COUNTERS, RuleCounts, SETTINGS,
+        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_EVENTS_LOST, COUNTER_FOLDED, COUNTER_HTTP_REFUSED,
+        COUNTER_HTTP_UNFOLLOWED, COUNTER_HTTP_UNJUDGED, COUNTERS, EVENTS, FOLDS, GENERATION,
+        HTTP_COUNTERS, PATH_RULES, PROTECTED, PROTECTED_FILTER, RULE_COUNTER_SLOTS, RULE_COUNTERS,
+        RuleCounts, SETTINGS,
     },
     policy::{CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings},
 };
+
+use tracing::warn;
 
 use super::{KernelError, pins::PinDir, sys};
 
@@ -160,18 +162,25 @@ pub fn rule_counters(
     typed(source, RULE_COUNTERS)
 }
 
-/// Indices of `RULE_COUNTERS` the kernel hands over per call of a batch read: all of them.
-const RULE_COUNTERS_BATCH: usize = RULE_COUNTER_SLOTS as usize;
+/// Indices of `RULE_COUNTERS` the kernel hands over per call of a batch read: its 2,050 slots
+/// in 9 calls, each copying 256 × 24 bytes per possible CPU (768 KiB with 128 CPUs).
+const RULE_COUNTERS_BATCH: usize = 256;
 
-/// Every slot of `RULE_COUNTERS` (by `rule_counter_index`), summed over CPUs: in one batch
-/// read, or, where the kernel refuses that, index by index.
+/// Every slot of `RULE_COUNTERS` (by `rule_counter_index`), summed over CPUs: in batches, or,
+/// where the kernel refuses that (said once), index by index.
 ///
 /// # Errors
 /// As for [`generation`]; [`KernelError::ReadMap`] when a slot cannot be read.
 pub fn rule_counts(source: &mut impl Source) -> Result<Vec<RuleCounts>, KernelError> {
     let map = rule_counters(source)?;
-    if let Ok(sums) = sys::per_cpu_sums(&map, RULE_COUNTERS_BATCH, RuleCounts::plus) {
-        return Ok(sums);
+    match sys::per_cpu_sums(&map, RULE_COUNTERS_BATCH, RuleCounts::plus) {
+        Ok(sums) => return Ok(sums),
+        Err(err) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!("the kernel refused a batch read of {RULE_COUNTERS} ({err}): reading it slot by slot");
+            });
+        }
     }
     (0..RULE_COUNTER_SLOTS)
         .map(|index| {
@@ -255,7 +264,8 @@ where
     T::try_from(map).map_err(|source| KernelError::OpenMap { map: name, source })
 }
 
-/// The kernel's totals, summed over CPUs.
+/// The kernel's totals, summed over CPUs (and, for the attempts by verdict, over rules and
+/// generations: see [`counters`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// Attempts to protected addresses that a rule allowed.
@@ -278,35 +288,42 @@ pub struct Counters {
     pub http_unfollowed: u64,
 }
 
-/// `COUNTERS`, summed over CPUs.
+/// The kernel's totals: `RULE_COUNTERS` summed over rules, generations and CPUs for the
+/// attempts by verdict, and `COUNTERS` summed over CPUs for the rest.
 ///
 /// # Errors
-/// When the map is missing, not of this layout, or a value cannot be read.
+/// When a map is missing, not of this layout, or a value cannot be read.
 pub fn counters(source: &mut impl Source) -> Result<Counters, KernelError> {
-    // The programs count an attempt in its rule's slot alone; the agent moved the counts of
-    // reused slots into `COUNTERS`.
+    // Each attempt is counted in its rule's slot alone, and no slot is ever zeroed.
     let judged = rule_counts(source)?
         .into_iter()
         .fold(RuleCounts::default(), RuleCounts::plus);
-    let map = counters_map(source)?;
-    let total = |index: u32| {
-        map.get(&index, 0)
-            .map(|values| values.iter().sum::<u64>())
-            .map_err(|source| KernelError::ReadMap {
-                map: COUNTERS,
-                source,
-            })
-    };
+    let mut total = |index| counter(source, index);
     Ok(Counters {
-        allowed: total(COUNTER_ALLOWED)?.wrapping_add(judged.allowed),
-        denied: total(COUNTER_DENIED)?.wrapping_add(judged.denied),
-        audited: total(COUNTER_AUDITED)?.wrapping_add(judged.audited),
+        allowed: judged.allowed,
+        denied: judged.denied,
+        audited: judged.audited,
         events_lost: total(COUNTER_EVENTS_LOST)?,
         folded: total(COUNTER_FOLDED)?,
         http_refused: total(COUNTER_HTTP_REFUSED)?,
         http_unjudged: total(COUNTER_HTTP_UNJUDGED)?,
         http_unfollowed: total(COUNTER_HTTP_UNFOLLOWED)?,
     })
+}
+
+/// `COUNTERS`' counter `index` (`imds_guard_common::maps::COUNTER_*`), summed over CPUs: one
+/// lookup, for what is read often (the folded repeats every second, the lost events).
+///
+/// # Errors
+/// When the map is missing, not of this layout, or the value cannot be read.
+pub fn counter(source: &mut impl Source, index: u32) -> Result<u64, KernelError> {
+    counters_map(source)?
+        .get(&index, 0)
+        .map(|values| values.iter().sum::<u64>())
+        .map_err(|source| KernelError::ReadMap {
+            map: COUNTERS,
+            source,
+        })
 }
 
 /// The generation in force.

@@ -18,9 +18,8 @@ use imds_guard_common::{
     event::{FoldKey, FoldValue},
     http::{COUNTED_VERSIONS, IMDS_VERSIONS, PathRules, PathRulesKey, http_counter_index},
     maps::{
-        AGENT, ALLOW, CGROUP_RULESETS, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTERS,
-        GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES, PROTECTED, PROTECTED_FILTER,
-        RULE_COUNTERS, RuleCounts, SETTINGS, rule_counter_index,
+        AGENT, ALLOW, CGROUP_RULESETS, GENERATION, HTTP_COUNTERS, MAX_RULES, PATH_RULES, PROTECTED,
+        PROTECTED_FILTER, RuleCounts, SETTINGS, rule_counter_index,
     },
     policy::{
         CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings, filter_set,
@@ -225,7 +224,7 @@ impl Kernel {
     /// # Errors
     /// [`KernelError::OpenMap`] or [`KernelError::WriteMap`].
     pub fn install(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
-        self.zero_rule_counts(compiled.generation())?;
+        self.zero_http_counts(compiled.generation())?;
         self.write_generation(&compiled.entries(), compiled.generation())?;
         self.activate(compiled.generation())
     }
@@ -261,7 +260,7 @@ impl Kernel {
         }
         // Leftovers of an earlier switch whose clean-up failed.
         self.clear_generation(new)?;
-        self.zero_rule_counts(new)?;
+        self.zero_http_counts(new)?;
         let written = self
             .write_generation(&compiled.entries(), new)
             .and_then(|()| self.activate(new));
@@ -553,66 +552,12 @@ impl Kernel {
             .collect()
     }
 
-    /// Adds what `generation`'s rules counted, by verdict, to the totals the agent keeps in
-    /// `COUNTERS` (the programs never write those three), before its slots are zeroed: the
-    /// totals by verdict stay whole across switches. Only the agent writes them, one switch at
-    /// a time; a reader between this and the zeroing counts the generation twice.
-    fn keep_verdict_counts(&mut self, generation: u32) -> Result<(), KernelError> {
-        let counts = maps::rule_counts(&mut self.ebpf)?;
-        let of_generation = (0..=MAX_RULES)
-            .filter_map(|rule| counts.get(rule_counter_index(generation, rule) as usize))
-            .fold(RuleCounts::default(), |sum, &counts| sum.plus(counts));
-        let mut map: PerCpuArray<_, u64> = maps::counters_map(&mut self.ebpf)?;
-        for (index, count) in [
-            (COUNTER_ALLOWED, of_generation.allowed),
-            (COUNTER_AUDITED, of_generation.audited),
-            (COUNTER_DENIED, of_generation.denied),
-        ] {
-            if count == 0 {
-                continue;
-            }
-            let mut values = map
-                .get(&index, 0)
-                .map_err(|source| KernelError::ReadMap {
-                    map: COUNTERS,
-                    source,
-                })?
-                .to_vec();
-            // The first CPU's value takes the sum; the total is what is read.
-            if let Some(first) = values.first_mut() {
-                *first = first.wrapping_add(count);
-            }
-            let values = aya::maps::PerCpuValues::try_from(values)
-                .map_err(|source| KernelError::PossibleCpus { source })?;
-            map.set(index, values, 0)
-                .map_err(|source| KernelError::WriteMap {
-                    map: COUNTERS,
-                    what: format!("the total of counter {index}"),
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Zeroes `generation`'s per-rule counts (attempts and HTTP requests) before it is reused.
-    fn zero_rule_counts(&mut self, generation: u32) -> Result<(), KernelError> {
+    /// Zeroes `generation`'s per-rule counts of HTTP requests before it is reused. (Its counts
+    /// of attempts are never zeroed: the totals by verdict are their sum.)
+    fn zero_http_counts(&mut self, generation: u32) -> Result<(), KernelError> {
         let cpus =
             aya::util::nr_cpus().map_err(|(_, source)| KernelError::PossibleCpus { source })?;
         // One value per possible CPU, as many as were just counted: only a wrong count fails.
-        self.keep_verdict_counts(generation)?;
-        let mut map: PerCpuArray<_, RuleCounts> = maps::rule_counters(&mut self.ebpf)?;
-        let zeroes = || {
-            aya::maps::PerCpuValues::try_from(vec![RuleCounts::default(); cpus])
-                .map_err(|source| KernelError::PossibleCpus { source })
-        };
-        for rule in 0..=MAX_RULES {
-            map.set(rule_counter_index(generation, rule), zeroes()?, 0)
-                .map_err(|source| KernelError::WriteMap {
-                    map: RULE_COUNTERS,
-                    what: format!("zero count of rule {rule}"),
-                    source,
-                })?;
-        }
         let zeroes = || {
             aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
                 .map_err(|source| KernelError::PossibleCpus { source })
@@ -647,12 +592,20 @@ impl Kernel {
         maps::take_folds(&mut self.ebpf)
     }
 
-    /// Sums the per-CPU counters.
+    /// The kernel's totals ([`maps::counters`]).
     ///
     /// # Errors
     /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
     pub fn counters(&mut self) -> Result<Counters, KernelError> {
         maps::counters(&mut self.ebpf)
+    }
+
+    /// One of `COUNTERS`' counters, summed over CPUs ([`maps::counter`]).
+    ///
+    /// # Errors
+    /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
+    pub fn counter(&mut self, index: u32) -> Result<u64, KernelError> {
+        maps::counter(&mut self.ebpf, index)
     }
 }
 

@@ -288,6 +288,10 @@ fn lookup_batches<K: Pod, V: Pod>(
         elem_flags: u64,
         flags: u64,
     }
+    // With no room, the kernel reads nothing and says nothing of where it stopped.
+    if batch == 0 {
+        return Err(io::Error::other("a batch read of no entries"));
+    }
     let map_fd = u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
     let count = u32::try_from(batch).map_err(io::Error::other)?;
     let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(batch);

@@ -113,7 +113,7 @@ pub fn placement(
         "`connect4`",
         "`connect6`",
         "`egress`",
-        "`connect4`, IMDS allowed,",
+        "`connect4` (IMDS, allowed)",
     ];
     for (i, name) in columns.into_iter().enumerate() {
         let figures: Vec<f64> = rows
