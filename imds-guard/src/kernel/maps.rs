@@ -178,7 +178,7 @@ pub fn rule_counts(source: &mut impl Source) -> Result<Vec<RuleCounts>, KernelEr
         Err(err) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                warn!("the kernel refused a batch read of {RULE_COUNTERS} ({err}): reading it slot by slot");
+                warn!("batch read of {RULE_COUNTERS} refused ({err}): reading it slot by slot");
             });
         }
     }
