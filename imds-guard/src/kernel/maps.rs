@@ -21,7 +21,7 @@ use imds_guard_common::{
     policy::{CgroupKey, ProtectedFilter, ProtectedSet, RuleKey, RuleValue, Settings},
 };
 
-use tracing::warn;
+use tracing::info;
 
 use super::{KernelError, pins::PinDir, sys};
 
@@ -167,7 +167,8 @@ pub fn rule_counters(
 const RULE_COUNTERS_BATCH: usize = 256;
 
 /// Every slot of `RULE_COUNTERS` (by `rule_counter_index`), summed over CPUs: in batches, or,
-/// where the kernel refuses that (said once), index by index.
+/// where the kernel has no batch reads of a per-CPU array (Linux 5.10; said once), slot by
+/// slot.
 ///
 /// # Errors
 /// As for [`generation`]; [`KernelError::ReadMap`] when a slot cannot be read.
@@ -176,27 +177,46 @@ pub fn rule_counts(source: &mut impl Source) -> Result<Vec<RuleCounts>, KernelEr
     match sys::per_cpu_sums(&map, RULE_COUNTERS_BATCH, RuleCounts::plus) {
         Ok(sums) => return Ok(sums),
         Err(err) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                warn!("batch read of {RULE_COUNTERS} refused ({err}): reading it slot by slot");
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                info!("no batch read of {RULE_COUNTERS} here ({err}): it is read slot by slot");
             });
         }
     }
     (0..RULE_COUNTER_SLOTS)
-        .map(|index| {
-            map.get(&index, 0)
-                .map(|values| {
-                    values
-                        .iter()
-                        .copied()
-                        .fold(RuleCounts::default(), RuleCounts::plus)
-                })
-                .map_err(|source| KernelError::ReadMap {
-                    map: RULE_COUNTERS,
-                    source,
-                })
-        })
+        .map(|index| rule_count(&map, index))
         .collect()
+}
+
+/// The slots of `RULE_COUNTERS` at `indices`, summed over CPUs, one lookup each: for the few
+/// slots of one generation's rules.
+///
+/// # Errors
+/// As for [`rule_counts`].
+pub fn rule_counts_at(
+    source: &mut impl Source,
+    indices: impl Iterator<Item = u32>,
+) -> Result<Vec<RuleCounts>, KernelError> {
+    let map = rule_counters(source)?;
+    indices.map(|index| rule_count(&map, index)).collect()
+}
+
+/// Slot `index` of `RULE_COUNTERS`, summed over CPUs.
+fn rule_count(
+    map: &PerCpuArray<&mut MapData, RuleCounts>,
+    index: u32,
+) -> Result<RuleCounts, KernelError> {
+    map.get(&index, 0)
+        .map(|values| {
+            values
+                .iter()
+                .copied()
+                .fold(RuleCounts::default(), RuleCounts::plus)
+        })
+        .map_err(|source| KernelError::ReadMap {
+            map: RULE_COUNTERS,
+            source,
+        })
 }
 
 /// `COUNTERS`, indexed by the `imds_guard_common::maps::COUNTER_*` constants.

@@ -512,13 +512,10 @@ impl Kernel {
     /// # Errors
     /// [`KernelError::OpenMap`] or [`KernelError::ReadMap`].
     pub fn rule_counts(&mut self, generation: u32, rules: u32) -> Result<Vec<u64>, KernelError> {
-        let counts = maps::rule_counts(&mut self.ebpf)?;
-        Ok((0..=rules.min(MAX_RULES))
-            .map(|rule| {
-                counts
-                    .get(rule_counter_index(generation, rule) as usize)
-                    .map_or(0, RuleCounts::total)
-            })
+        let slots = (0..=rules.min(MAX_RULES)).map(|rule| rule_counter_index(generation, rule));
+        Ok(maps::rule_counts_at(&mut self.ebpf, slots)?
+            .iter()
+            .map(RuleCounts::total)
             .collect())
     }
 
