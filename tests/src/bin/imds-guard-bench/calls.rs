@@ -10,7 +10,11 @@ use std::{
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
-use crate::{report::Report, setup::load_raw_program, stats};
+use crate::{
+    report::Report,
+    setup::{insn, load_raw_program},
+    stats,
+};
 
 /// Calls in each measured program: its cost over the empty program, divided by this.
 const CALLS: usize = 16;
@@ -23,13 +27,6 @@ const ROUNDS: usize = 11;
 const BPF_FUNC_GET_CURRENT_PID_TGID: i32 = 14;
 const BPF_FUNC_GET_CURRENT_UID_GID: i32 = 15;
 const BPF_FUNC_KTIME_GET_BOOT_NS: i32 = 125;
-
-/// One eBPF instruction: `code`, registers `dst` and `src`, `off`, `imm`.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    let [off0, off1] = off.to_le_bytes();
-    let [i0, i1, i2, i3] = imm.to_le_bytes();
-    u64::from_le_bytes([code, (src << 4) | dst, off0, off1, i0, i1, i2, i3])
-}
 
 /// `r0 = 0`, then `exit`.
 fn ret0() -> [u64; 2] {
@@ -79,16 +76,16 @@ pub fn call_costs(out: &mut Report) {
         .into_iter()
         .map(|(what, insns)| (what, load(&insns)))
         .collect();
-    let mut arms: Vec<Box<dyn FnMut() -> f64>> = programs
+    let mut runs: Vec<_> = programs
         .iter()
         .map(|(_, fd)| {
             let fd = fd.as_raw_fd();
-            Box::new(move || f64::from(test_run(fd))) as Box<dyn FnMut() -> f64>
+            move || f64::from(test_run(fd))
         })
         .collect();
-    let mut arms: Vec<&mut dyn FnMut() -> f64> = arms
+    let mut arms: Vec<&mut dyn FnMut() -> f64> = runs
         .iter_mut()
-        .map(|arm| arm.as_mut() as &mut dyn FnMut() -> f64)
+        .map(|run| run as &mut dyn FnMut() -> f64)
         .collect();
     let samples = stats::interleave(ROUNDS, &mut arms);
     let _ = writeln!(
@@ -105,9 +102,10 @@ pub fn call_costs(out: &mut Report) {
          | a call of | per run | per call |\n|---|---|---|"
     );
     let nothing = &samples[0];
-    for ((what, _), runs) in programs.iter().zip(&samples) {
+    for (at, ((what, _), runs)) in programs.iter().zip(&samples).enumerate() {
         let run = stats::estimate(runs);
-        let per_call = if std::ptr::eq(runs, nothing) {
+        // The first program calls nothing: the others' baseline.
+        let per_call = if at == 0 {
             String::new()
         } else {
             #[expect(clippy::cast_precision_loss, reason = "a small count")]

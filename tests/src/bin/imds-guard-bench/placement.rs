@@ -1,7 +1,7 @@
 //! Table 0b: the fast paths of table 0 (`connect4`, `connect6`, `egress`: a destination not
-//! protected), and its allowed path, by where the kernel put the agent's code. The JIT allocates every program's
-//! image first-fit, in 64-byte chunks of pages all programs share, and starts it at a random
-//! point of its first chunk: where the agent's images land depends on what the machine loaded
+//! protected), and its allowed path, by where the kernel put the agent's code. The JIT
+//! allocates every program's image first-fit, in 64-byte chunks of pages all programs share,
+//! and starts it at a random point of its first chunk: where the agent's images land depends on what the machine loaded
 //! before. Here the bench loads programs of its own that never run ("spacers": one more each
 //! time) before each start of the agent, and measures the same agent wherever it landed.
 
@@ -13,7 +13,7 @@ use crate::{
     USER,
     report::Report,
     setup::{
-        Alone, DEFAULT_WINDOW, agent, bulk_once, connect_once, enable_stats, image_offset,
+        Alone, DEFAULT_WINDOW, agent, bulk_once, connect_once, enable_stats, image_offset, insn,
         load_raw_program, loopback, per_run, program_id, run_stats, sink,
     },
     stats::estimate,
@@ -96,7 +96,7 @@ pub fn placement(
          of a column's spread is the measurement's own); the no-ops stayed where they were (`bench_noop4` at {}, \
          `bench_noop6` at {}, `bench_noop_skb` at {}).\n\n\
          | spacers | `connect4` at | over the no-op | `connect6` at | over the no-op | `egress` at \
-         | over the no-op | `connect4`, IMDS allowed |\n|---|---|---|---|---|---|---|---|",
+         | over the no-op | `connect4` (IMDS, allowed), over the no-op |\n|---|---|---|---|---|---|---|---|",
         offset(noop4.id),
         offset(noop6.id),
         offset(noop_skb.id)
@@ -143,10 +143,8 @@ fn hex(offset: u64) -> String {
 /// attaches it: it only takes room in the JIT's pages. Unloaded when its descriptor closes.
 fn spacer() -> OwnedFd {
     const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
-    // `r0 = 1` (BPF_ALU64 | BPF_MOV | BPF_K, imm 1), then `exit`.
-    const MOV_R0_1: u64 = 0xb7 | (1 << 32);
-    const EXIT: u64 = 0x95;
-    let mut insns = vec![MOV_R0_1; SPACER_INSNS - 1];
-    insns.push(EXIT);
+    // `r0 = 1` (BPF_ALU64 | BPF_MOV | BPF_K), then `exit`.
+    let mut insns = vec![insn(0xb7, 0, 0, 0, 1); SPACER_INSNS - 1];
+    insns.push(insn(0x95, 0, 0, 0, 0));
     load_raw_program(BPF_PROG_TYPE_CGROUP_SKB, &insns, "bench_spacer")
 }

@@ -336,6 +336,13 @@ pub fn bulk_once(sandbox: &Sandbox, cgroup: &TestCgroup) -> f64 {
     outcome.detail.parse().expect("Gbit/s")
 }
 
+/// One eBPF instruction: `code`, registers `dst` and `src`, `off`, `imm`.
+pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let [off0, off1] = off.to_le_bytes();
+    let [i0, i1, i2, i3] = imm.to_le_bytes();
+    u64::from_le_bytes([code, (src << 4) | dst, off0, off1, i0, i1, i2, i3])
+}
+
 /// Loads `insns` as a program of `prog_type` named `name` (at most 15 bytes), attached nowhere:
 /// the bench's own programs (table 0b's spacers, table 0c's calls). Unloaded when its
 /// descriptor closes.
