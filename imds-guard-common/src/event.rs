@@ -233,6 +233,17 @@ unsafe impl aya::Pod for TaskLayout {}
 /// queued as an event).
 pub const FOLD_WINDOW_GLOBAL: &str = "FOLD_WINDOW_NS";
 
+/// The name of the `u32` global saying which clock times fold windows ([`FoldValue`]'s times):
+/// [`FOLD_CLOCK_BOOT`] or [`FOLD_CLOCK_COARSE`], set by the agent before loading.
+pub const FOLD_CLOCK_GLOBAL: &str = "FOLD_CLOCK";
+/// Fold windows in `CLOCK_BOOTTIME` (`bpf_ktime_get_boot_ns`, read precisely: about 40 ns on a
+/// virtual machine's clock): kernels without the coarse clock's helper (before 5.11).
+pub const FOLD_CLOCK_BOOT: u32 = 0;
+/// Fold windows in `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`, Linux 5.11+: the time
+/// at the last tick, read without the clock source). A repeat, the attempt a flood makes most
+/// often, reads no other clock; a window lasts what it says to a tick's resolution.
+pub const FOLD_CLOCK_COARSE: u32 = 1;
+
 /// What makes two attempts the same: the same process (cgroup, uid, gid, tgid) tried the same
 /// protected address and port through the same hook, and the same rule of the same policy gave
 /// the same verdict. Only when does not count. An aggregate therefore only ever counts the
@@ -299,8 +310,9 @@ impl FoldKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FoldValue {
-    /// When the attempt that opened the current window was made (`CLOCK_BOOTTIME` ns); that
-    /// attempt was queued as an event.
+    /// When the attempt that opened the current window was made, in the fold clock
+    /// ([`FOLD_CLOCK_GLOBAL`]: nanoseconds of `CLOCK_MONOTONIC_COARSE`, or `CLOCK_BOOTTIME`);
+    /// that attempt was queued as an event (whose time is `CLOCK_BOOTTIME`, read precisely).
     pub window_start_ns: u64,
     /// When the last repeat was made.
     pub last_ns: u64,

@@ -86,7 +86,8 @@ pub const ALL: [&str; 16] = [
 /// 10: `SocketVerdict` of 40 bytes (its check).
 /// 11: `RULE_COUNTERS` of [`RuleCounts`] (by verdict), never zeroed; `COUNTERS` without the
 /// totals by verdict (their sum).
-pub const MAPS_LAYOUT_VERSION: u32 = 11;
+/// 12: `FOLDS`' times in the fold clock (`CLOCK_MONOTONIC_COARSE` where the kernel offers it).
+pub const MAPS_LAYOUT_VERSION: u32 = 12;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.

@@ -3,12 +3,12 @@
 
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
 };
 use imds_guard_common::{
     event::{
-        COMM_LEN, Event, FOLD_FLAGS, FoldKey, FoldValue, UNREAD_COMM, UNREAD_EXE, UNREAD_PARENT,
-        VERDICT_ALLOW, VERDICT_AUDIT,
+        COMM_LEN, Event, FOLD_CLOCK_COARSE, FOLD_FLAGS, FoldKey, FoldValue, UNREAD_COMM,
+        UNREAD_EXE, UNREAD_PARENT, VERDICT_ALLOW, VERDICT_AUDIT,
     },
     http::HTTP_REQUEST_BYTES,
     maps::{COUNTER_EVENTS_LOST, COUNTER_FOLDED, rule_counter_index},
@@ -31,6 +31,26 @@ const BUILD_VARIANT: u8 = if cfg!(feature = "upgrade-test-variant") {
 /// folded (set by the agent before loading; 0 folds nothing).
 #[unsafe(no_mangle)]
 static FOLD_WINDOW_NS: u64 = 0;
+
+/// The clock of fold windows, `FOLD_CLOCK_*` (set by the agent before loading: the coarse one
+/// where the kernel offers its helper; with the boot clock the verifier never reaches that
+/// call, which an older kernel would refuse).
+#[unsafe(no_mangle)]
+static FOLD_CLOCK: u32 = 0;
+
+/// Now, in the fold clock (see `FOLD_CLOCK`).
+#[inline(always)]
+fn fold_clock_ns() -> u64 {
+    // SAFETY: a read-only global the agent sets before loading; helpers without arguments
+    // (Linux 5.11+ and 5.8+: the agent chose the first only where the kernel has it).
+    unsafe {
+        if core::ptr::read_volatile(&raw const FOLD_CLOCK) == FOLD_CLOCK_COARSE {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_boot_ns()
+        }
+    }
+}
 
 /// What the verdict code knows about an attempt; the rest is read here.
 pub struct Attempt {
@@ -238,12 +258,14 @@ pub fn event(
     who: impl FnOnce() -> Identity,
     request: Option<(&[u8; HTTP_REQUEST_BYTES], u16)>,
 ) {
-    // SAFETY: a helper without arguments (Linux 5.8+).
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    if fold(attempt, cgroup_id, tgid, now) {
+    if fold(attempt, cgroup_id, tgid) {
         count(COUNTER_FOLDED);
         return;
     }
+    // The event's own time, read precisely (a second read of the clock where windows are
+    // timed by the coarse one: a repeat is what must cost little, an event costs more anyway).
+    // SAFETY: a helper without arguments (Linux 5.8+).
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(COUNTER_EVENTS_LOST);
         return;
@@ -317,13 +339,14 @@ unsafe fn zero_words(at: *mut u64, words: usize) {
 }
 
 /// Counts `attempt` as a repeat if an identical one opened a window less than the fold window
-/// before `now`; otherwise opens a window at `now` and returns `false` (report it).
-fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32, now: u64) -> bool {
+/// before now (the fold clock's); otherwise opens a window now and returns `false` (report it).
+fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32) -> bool {
     // SAFETY: a read-only global the agent sets before loading.
     let window = unsafe { core::ptr::read_volatile(&raw const FOLD_WINDOW_NS) };
     if window == 0 {
         return false;
     }
+    let now = fold_clock_ns();
     let key = FoldKey {
         cgroup_id,
         uid: attempt.uid,

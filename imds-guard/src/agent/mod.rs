@@ -65,6 +65,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         Hierarchy::at(prepared.hierarchy.mount().to_owned()),
         fold_map,
         fold_window_ns,
+        kernel.fold_clock(),
         folded_at_start,
     );
     let earlier = reporter.drain_all(&mut events);

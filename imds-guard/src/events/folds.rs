@@ -44,7 +44,8 @@ pub struct Aggregate<V> {
     pub first: Option<V>,
     /// Repeats not reported before.
     pub repeats: u64,
-    /// When the window opened (the first attempt, `CLOCK_BOOTTIME` ns).
+    /// When the window opened (the first attempt, to the fold clock's resolution), in the
+    /// fold clock's nanoseconds (see `FoldValue`).
     pub window_start_ns: u64,
     /// When the last repeat was made.
     pub last_ns: u64,
@@ -246,7 +247,7 @@ impl<V: Clone> Folds<V> {
         self.known.is_empty()
     }
 
-    /// Compares the kernel's entries now (`walk`, at `now_ns`, `CLOCK_BOOTTIME`) with what was
+    /// Compares the kernel's entries now (`walk`, at `now_ns`, in the fold clock) with what was
     /// reported: returns the repeats to report, of closed windows only unless `all` (the agent
     /// is stopping), and forgets the entries the kernel no longer has. After a walk cut short,
     /// the entries it did not meet may still be there: they are kept (up to the kernel's

@@ -20,10 +20,7 @@ use crate::{
         folds::{Aggregate, Folds, Walk},
         output::Output,
     },
-    host::{
-        cgroups::Hierarchy,
-        clock::{boot_time_ns, boot_to_unix_ns},
-    },
+    host::{cgroups::Hierarchy, clock::Clock},
     kernel::sys,
     policy::Policy,
 };
@@ -55,6 +52,8 @@ pub struct Reporter {
     enricher: Enricher,
     /// The kernel's fold entries (`None`: folding is off).
     fold_map: Option<FoldMap>,
+    /// The clock of their times.
+    fold_clock: Clock,
     folds: Folds<Record>,
     /// The kernel's total of folded repeats when the map was last walked.
     folded_seen: u64,
@@ -71,6 +70,7 @@ impl Reporter {
         hierarchy: Hierarchy,
         fold_map: Option<FoldMap>,
         fold_window_ns: u64,
+        fold_clock: Clock,
         folded_at_start: u64,
     ) -> Self {
         let mut folds = Folds::new(fold_window_ns);
@@ -86,6 +86,7 @@ impl Reporter {
             cgroups: HashMap::new(),
             enricher,
             fold_map,
+            fold_clock,
             folds,
             folded_seen: 0,
             accounting: Accounting::new(folded_at_start),
@@ -153,7 +154,7 @@ impl Reporter {
     /// Reports the records in the ring, at most `DRAIN_BATCH_RECORDS`, then flushes stdout
     /// once. Returns whether the ring is now empty.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let offset = clock_offset();
+        let offset = clock_offset(Clock::Boot);
         let now = Now::read();
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
@@ -211,7 +212,7 @@ impl Reporter {
             self.folded_seen = total;
         }
         let walk = fold_entries(map);
-        let due = self.folds.collect(&walk, boot_time_ns(), all);
+        let due = self.folds.collect(&walk, self.fold_clock.now_ns(), all);
         self.emit_aggregates(due);
         if let (Some(total), Some(pending)) = (folded_total, self.folds.pending_repeats()) {
             self.accounting.after_walk(total, pending);
@@ -257,7 +258,8 @@ impl Reporter {
         if due.is_empty() {
             return;
         }
-        let offset = clock_offset();
+        // The fold clock's: the aggregate's times are its (the first attempt's, the event's).
+        let offset = clock_offset(self.fold_clock);
         for aggregate in due {
             let Some(first) = aggregate
                 .first
@@ -307,10 +309,13 @@ fn cgroup_facts<'a>(
         .or_insert_with(|| Arc::new(CgroupFacts::of(hierarchy.path_of(id))))
 }
 
-/// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).
-fn clock_offset() -> i128 {
-    boot_to_unix_ns().unwrap_or_else(|err| {
-        warn!("cannot read the clocks ({err}): event times are since boot");
+/// Nanoseconds from `clock` to Unix time now (0, with a warning, if unreadable).
+fn clock_offset(clock: Clock) -> i128 {
+    clock.to_unix_ns().unwrap_or_else(|err| {
+        warn!(
+            "cannot read the clocks ({err}): event times are {}'s",
+            clock.name()
+        );
         0
     })
 }

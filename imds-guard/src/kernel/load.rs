@@ -6,19 +6,24 @@
 use aya::{
     Ebpf, EbpfLoader,
     programs::{Program, ProgramType},
+    sys::BpfHelper,
 };
 use imds_guard_common::{
     event::{
-        FOLD_WINDOW_GLOBAL, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES, TASK_LAYOUT_GLOBAL, TaskLayout,
+        FOLD_CLOCK_GLOBAL, FOLD_WINDOW_GLOBAL, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES,
+        TASK_LAYOUT_GLOBAL, TaskLayout,
     },
     maps::GENERATION,
     programs,
 };
 use rustix::thread::CapabilitySet;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Kernel, KernelError, PACKET_PROGRAM};
-use crate::kernel::pins::{PinDir, PinError};
+use crate::{
+    host::clock::Clock,
+    kernel::pins::{PinDir, PinError},
+};
 
 /// The kernel object built by `build.rs` from `imds-guard-ebpf` (public for the benchmarks,
 /// which attach its `bench_noop4` baseline program).
@@ -104,6 +109,12 @@ impl Kernel {
     /// [`KernelError::LoadProgram`] (with the verifier log).
     pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self, KernelError> {
         check_pinned_layouts(pins)?;
+        let clock = fold_clock();
+        let folding = Folding {
+            window_ns: fold_window_ns,
+            clock,
+            clock_global: clock.fold_clock_global(),
+        };
         // Before loading, which pins the maps: a retry must not take its own pins for a
         // predecessor's.
         let adopted = pins.map(GENERATION).exists();
@@ -146,7 +157,7 @@ impl Kernel {
             },
             _ => btf,
         };
-        let loaded = match Self::load_with(prepared, pins, adopted, &fold_window_ns, &first) {
+        let loaded = match Self::load_with(prepared, pins, adopted, &folding, &first) {
             Err(KernelError::LoadProgram { program, source })
                 if first.known & LAYOUT_BTF_TASK != 0 && found.layout.known != 0 =>
             {
@@ -155,13 +166,7 @@ impl Kernel {
                      pointer ({}); trying again with bpf_probe_read_kernel (slower)",
                     refusal(&source)
                 );
-                Self::load_with(
-                    EbpfLoader::new(),
-                    pins,
-                    adopted,
-                    &fold_window_ns,
-                    &found.layout,
-                )
+                Self::load_with(EbpfLoader::new(), pins, adopted, &folding, &found.layout)
             }
             loaded => loaded,
         };
@@ -178,7 +183,7 @@ impl Kernel {
                     EbpfLoader::new(),
                     pins,
                     adopted,
-                    &fold_window_ns,
+                    &folding,
                     &TaskLayout::default(),
                 )
             }
@@ -186,22 +191,19 @@ impl Kernel {
         }
     }
 
-    #[expect(
-        clippy::trivially_copy_pass_by_ref,
-        reason = "aya's loader keeps a reference to each global's value until it loads"
-    )]
     fn load_with<'a>(
         mut loader: EbpfLoader<'a>,
         pins: &PinDir,
         adopted: bool,
-        fold_window_ns: &'a u64,
+        folding: &'a Folding,
         task_layout: &'a TaskLayout,
     ) -> Result<Self, KernelError> {
         for name in imds_guard_common::maps::ALL {
             loader.map_pin_path(name, pins.map(name));
         }
         loader.override_global(TASK_LAYOUT_GLOBAL, task_layout, true);
-        loader.override_global(FOLD_WINDOW_GLOBAL, fold_window_ns, true);
+        loader.override_global(FOLD_WINDOW_GLOBAL, &folding.window_ns, true);
+        loader.override_global(FOLD_CLOCK_GLOBAL, &folding.clock_global, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| KernelError::LoadObject { source })?;
@@ -216,7 +218,14 @@ impl Kernel {
             pins: pins.clone(),
             adopted,
             task_layout: task_layout.known,
+            fold_clock: folding.clock,
         })
+    }
+
+    /// The clock that times the programs' fold windows (the times in `FOLDS`).
+    #[must_use]
+    pub fn fold_clock(&self) -> Clock {
+        self.fold_clock
     }
 
     /// How the programs tell a container's task: by its namespaces (the kernel's view, at the
@@ -232,6 +241,53 @@ impl Kernel {
             (true, false) => "namespaces (probe reads) and cgroup paths",
             (false, _) => "cgroup paths only",
         }
+    }
+}
+
+/// The globals every try sets alike (aya's loader keeps a reference to each value until it
+/// loads).
+struct Folding {
+    /// `FOLD_WINDOW_NS`.
+    window_ns: u64,
+    /// The clock that times fold windows, and its `FOLD_CLOCK`.
+    clock: Clock,
+    clock_global: u32,
+}
+
+/// The program types that fold repeats (every one that reports an attempt).
+const FOLDING_PROGRAM_TYPES: [ProgramType; 3] = [
+    ProgramType::CgroupSockAddr,
+    ProgramType::CgroupSkb,
+    ProgramType::SkMsg,
+];
+
+/// The clock to time fold windows with: the coarse one where each program type that folds may
+/// call `bpf_ktime_get_coarse_ns` (Linux 5.11+), else the boot clock (a repeat then costs the
+/// clock source's read, about 40 ns on a virtual machine's).
+fn fold_clock() -> Clock {
+    let refused: Vec<String> = FOLDING_PROGRAM_TYPES
+        .into_iter()
+        .filter_map(|program_type| {
+            match aya::sys::is_helper_supported(
+                program_type,
+                BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
+            ) {
+                Ok(true) => None,
+                Ok(false) => Some(format!("{program_type:?}: no")),
+                Err(err) => Some(format!("{program_type:?}: {err}")),
+            }
+        })
+        .collect();
+    if refused.is_empty() {
+        debug!("fold windows are timed by CLOCK_MONOTONIC_COARSE");
+        Clock::MonotonicCoarse
+    } else {
+        info!(
+            "the kernel offers no coarse clock to these programs ({}; Linux 5.11+ does): fold \
+             windows are timed by CLOCK_BOOTTIME, which costs each folded repeat more",
+            refused.join(", ")
+        );
+        Clock::Boot
     }
 }
 

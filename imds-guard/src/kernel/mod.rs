@@ -194,6 +194,8 @@ pub struct Kernel {
     adopted: bool,
     /// `LAYOUT_*` bits of what the loaded programs read of tasks.
     task_layout: u32,
+    /// The clock that times fold windows.
+    fold_clock: crate::host::clock::Clock,
 }
 
 /// A random 32-bit number, from the standard library's per-process random hash keys.

@@ -27,6 +27,7 @@ const ROUNDS: usize = 11;
 const BPF_FUNC_GET_CURRENT_PID_TGID: i32 = 14;
 const BPF_FUNC_GET_CURRENT_UID_GID: i32 = 15;
 const BPF_FUNC_KTIME_GET_BOOT_NS: i32 = 125;
+const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
 
 /// `r0 = 0`, then `exit`.
 fn ret0() -> [u64; 2] {
@@ -61,8 +62,12 @@ fn programs() -> Vec<(&'static str, Vec<u64>)> {
             helper(BPF_FUNC_GET_CURRENT_UID_GID),
         ),
         (
-            "the clock (`bpf_ktime_get_boot_ns`, at every event and fold)",
+            "the clock (`bpf_ktime_get_boot_ns`, at every event; every fold before Linux 5.11)",
             helper(BPF_FUNC_KTIME_GET_BOOT_NS),
+        ),
+        (
+            "the coarse clock (`bpf_ktime_get_coarse_ns`, at every fold from Linux 5.11)",
+            helper(BPF_FUNC_KTIME_GET_COARSE_NS),
         ),
         (
             "a BPF-to-BPF call (as into the agent's global functions)",

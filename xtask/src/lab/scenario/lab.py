@@ -7,6 +7,8 @@
   lab.py prober ADDR SECONDS EXPECT OUT
                                probes every 20 ms for SECONDS, writes `total wrong` to OUT:
                                how many outcomes were not EXPECT (`ok` or `EPERM`)
+  lab.py flood ADDR N          N probes in a row from this one process; prints each distinct
+                               outcome with how many times it came (`errno EPERM x20`)
   lab.py events [KEY=VALUE ...]
                                the agent's events in the journal whose fields match (a value
                                `*` matches anything present); prints them, fails if none
@@ -101,6 +103,14 @@ def main():
             time.sleep(0.02)
         with open(out, "w") as f:
             f.write(f"{total} {wrong}\n")
+    elif command == "flood":
+        addr, count = args[0], int(args[1])
+        seen = {}
+        for _ in range(count):
+            got = probe(addr)
+            seen[got] = seen.get(got, 0) + 1
+        for got, times in seen.items():
+            print(f"{got} x{times}")
     elif command == "events":
         found = events([arg.split("=", 1) for arg in args])
         for event in found:
