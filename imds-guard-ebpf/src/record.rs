@@ -376,8 +376,11 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32) -> bool {
     // SAFETY: a live map value; concurrent programs update it too: the count with an atomic
     // add (exact), the times with plain stores (a race only blurs a time).
     unsafe {
-        // Another CPU may have opened the window a little after `now`: still within.
-        if now.saturating_sub((*value).window_start_ns) < window {
+        let start = (*value).window_start_ns;
+        // Another CPU may have opened the window a little after `now`: still within. One that
+        // opened a whole window after `now` was timed by another clock (a predecessor agent's,
+        // whose probe chose the other one): closed, so that it cannot fold for longer.
+        if now.saturating_sub(start) < window && start.saturating_sub(now) < window {
             atomic_increment(&raw mut (*value).folded);
             (*value).last_ns = now;
             return true;

@@ -161,6 +161,7 @@ fn start<'a>(
         mode = %compiled.policy.mode,
         rules_from = %prepared.config.rules_source(),
         containers_by = kernel.container_detection(),
+        fold_clock = kernel.fold_clock().name(),
         rules = compiled.policy.rules.len(),
         protected = ?compiled.policy.protect,
         cgroup_entries = compiled.cgroup_entries(),

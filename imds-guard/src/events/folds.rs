@@ -270,6 +270,9 @@ impl<V: Clone> Folds<V> {
             let window_start_ns = *known.window_start_ns.get_or_insert(value.window_start_ns);
             let closed = all
                 || now_ns.saturating_sub(value.window_start_ns) >= self.window_ns
+                // Opened a window or more after now: timed by another clock than this agent's
+                // (a predecessor's), which the kernel takes for closed too.
+                || value.window_start_ns.saturating_sub(now_ns) >= self.window_ns
                 // A window opened since: the repeats counted so far belong to earlier ones.
                 || value.window_start_ns != window_start_ns;
             if repeats > 0 && closed {
@@ -427,6 +430,20 @@ mod tests {
         let due = folds.collect(&complete(&later), 31 * SECOND, false);
         assert_eq!(due.len(), 1, "a new window closes the old one's count");
         assert_eq!((due[0].repeats, due[0].first), (9, Some("second window")));
+    }
+
+    #[test]
+    fn a_window_timed_by_another_clock_is_closed() {
+        // A predecessor's window, opened an hour "after" now by its clock.
+        let mut folds: Folds<&str> = Folds::new(10 * SECOND);
+        let entries = complete(&[(key(1), value(3600 * SECOND, 3600 * SECOND, 4))]);
+        let due = folds.collect(&entries, 5 * SECOND, false);
+        assert_eq!(due.len(), 1, "reported, not left pending: {due:?}");
+        assert_eq!(due[0].repeats, 4);
+        // Within a window after now (another CPU opened it a little later): still open.
+        let mut folds: Folds<&str> = Folds::new(10 * SECOND);
+        let entries = complete(&[(key(1), value(6 * SECOND, 6 * SECOND, 4))]);
+        assert!(folds.collect(&entries, 5 * SECOND, false).is_empty());
     }
 
     #[test]

@@ -640,15 +640,14 @@ impl Record {
         Ok(record)
     }
 
-    /// The line for `repeats` more attempts like this one, from `first_ns` to `last_ns`.
+    /// The line for `repeats` more attempts like this one, from `first` to `last`.
     #[must_use]
-    pub fn aggregate(&self, repeats: u64, first_ns: u64, last_ns: u64, offset: i128) -> Self {
-        let last = unix_time(last_ns, offset);
+    pub fn aggregate(&self, repeats: u64, first: UnixTime, last: UnixTime) -> Self {
         Self {
             time: last,
             count: repeats,
             aggregated: true,
-            first_seen: unix_time(first_ns, offset),
+            first_seen: first,
             last_seen: last,
             ..self.clone()
         }
@@ -859,7 +858,7 @@ mod tests {
     fn an_aggregate_counts_repeats_between_its_times() {
         let record = record_of(&event());
         assert_eq!(record.unread, ["cgroup"]);
-        let aggregate = record.aggregate(41, 2_000_000_000, 3_000_000_000, 0);
+        let aggregate = record.aggregate(41, UnixTime(2_000_000_000), UnixTime(3_000_000_000));
         assert_eq!((aggregate.count, aggregate.aggregated), (41, true));
         assert_eq!(aggregate.first_seen.to_string(), "1970-01-01T00:00:02Z");
         assert_eq!(aggregate.last_seen.to_string(), "1970-01-01T00:00:03Z");

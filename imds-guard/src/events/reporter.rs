@@ -14,13 +14,16 @@ use tracing::warn;
 
 use crate::{
     events::{
-        self, CgroupFacts, Record,
+        self, CgroupFacts, Record, UnixTime,
         accounting::Accounting,
         enrich::{Enricher, Now},
         folds::{Aggregate, Folds, Walk},
         output::Output,
     },
-    host::{cgroups::Hierarchy, clock::Clock},
+    host::{
+        cgroups::Hierarchy,
+        clock::{Clock, FoldTimes, boot_to_unix_ns},
+    },
     kernel::sys,
     policy::Policy,
 };
@@ -52,8 +55,8 @@ pub struct Reporter {
     enricher: Enricher,
     /// The kernel's fold entries (`None`: folding is off).
     fold_map: Option<FoldMap>,
-    /// The clock of their times.
-    fold_clock: Clock,
+    /// Their times, as Unix time.
+    fold_times: FoldTimes,
     folds: Folds<Record>,
     /// The kernel's total of folded repeats when the map was last walked.
     folded_seen: u64,
@@ -86,7 +89,7 @@ impl Reporter {
             cgroups: HashMap::new(),
             enricher,
             fold_map,
-            fold_clock,
+            fold_times: FoldTimes::new(fold_clock),
             folds,
             folded_seen: 0,
             accounting: Accounting::new(folded_at_start),
@@ -154,7 +157,7 @@ impl Reporter {
     /// Reports the records in the ring, at most `DRAIN_BATCH_RECORDS`, then flushes stdout
     /// once. Returns whether the ring is now empty.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let offset = clock_offset(Clock::Boot);
+        let offset = clock_offset();
         let now = Now::read();
         let mut empty = false;
         for _ in 0..DRAIN_BATCH_RECORDS {
@@ -205,6 +208,9 @@ impl Reporter {
         let Some(map) = &self.fold_map else {
             return;
         };
+        // Every second, whether the map is walked or not: a hibernation is noted before the
+        // windows opened after it are reported.
+        self.fold_times.sample();
         if !all && folded_total == Some(self.folded_seen) && !self.folds.pending() {
             return;
         }
@@ -212,7 +218,9 @@ impl Reporter {
             self.folded_seen = total;
         }
         let walk = fold_entries(map);
-        let due = self.folds.collect(&walk, self.fold_clock.now_ns(), all);
+        let due = self
+            .folds
+            .collect(&walk, self.fold_times.clock().now_ns(), all);
         self.emit_aggregates(due);
         if let (Some(total), Some(pending)) = (folded_total, self.folds.pending_repeats()) {
             self.accounting.after_walk(total, pending);
@@ -258,8 +266,7 @@ impl Reporter {
         if due.is_empty() {
             return;
         }
-        // The fold clock's: the aggregate's times are its (the first attempt's, the event's).
-        let offset = clock_offset(self.fold_clock);
+        let offset = clock_offset();
         for aggregate in due {
             let Some(first) = aggregate
                 .first
@@ -268,11 +275,13 @@ impl Reporter {
                 continue;
             };
             self.accounting.aggregated(aggregate.repeats);
+            // The fold clock's times (the first attempt's identity, from its event, is the
+            // event's own).
+            let unix = |ns| UnixTime(self.fold_times.unix_ns(ns, offset));
             self.output.emit(&first.aggregate(
                 aggregate.repeats,
-                aggregate.window_start_ns,
-                aggregate.last_ns,
-                offset,
+                unix(aggregate.window_start_ns),
+                unix(aggregate.last_ns),
             ));
         }
         self.output.flush();
@@ -309,13 +318,10 @@ fn cgroup_facts<'a>(
         .or_insert_with(|| Arc::new(CgroupFacts::of(hierarchy.path_of(id))))
 }
 
-/// Nanoseconds from `clock` to Unix time now (0, with a warning, if unreadable).
-fn clock_offset(clock: Clock) -> i128 {
-    clock.to_unix_ns().unwrap_or_else(|err| {
-        warn!(
-            "cannot read the clocks ({err}): event times are {}'s",
-            clock.name()
-        );
+/// Nanoseconds from `CLOCK_BOOTTIME` to Unix time now (0, with a warning, if unreadable).
+fn clock_offset() -> i128 {
+    boot_to_unix_ns().unwrap_or_else(|err| {
+        warn!("cannot read the clocks ({err}): event times are since boot");
         0
     })
 }

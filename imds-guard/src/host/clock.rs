@@ -13,7 +13,13 @@ pub fn boot_time_ns() -> u64 {
 /// # Errors
 /// When a clock cannot be read.
 pub fn boot_to_unix_ns() -> nix::Result<i128> {
-    Clock::Boot.to_unix_ns()
+    use nix::time::{ClockId, clock_gettime};
+    let nanos = |t: nix::sys::time::TimeSpec| {
+        i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+    };
+    let real = nanos(clock_gettime(ClockId::CLOCK_REALTIME)?);
+    let boot = nanos(clock_gettime(ClockId::CLOCK_BOOTTIME)?);
+    Ok(real - boot)
 }
 
 /// A clock the programs read: events' times are `Boot`; fold windows (`FoldValue`'s times,
@@ -53,27 +59,6 @@ impl Clock {
         })
     }
 
-    /// Nanoseconds to add to a reading of this clock to get Unix time, sampled now. A coarse
-    /// reading is the monotonic clock's at the last tick: it is turned into the Unix time of
-    /// that tick (at most a tick before the moment read), by the offset of the precise clock
-    /// (the coarse one's own, read between two ticks too, would add a random part of a tick).
-    ///
-    /// # Errors
-    /// When a clock cannot be read.
-    pub fn to_unix_ns(self) -> nix::Result<i128> {
-        use nix::time::{ClockId, clock_gettime};
-        let nanos = |t: nix::sys::time::TimeSpec| {
-            i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
-        };
-        let precise = match self {
-            Self::Boot => ClockId::CLOCK_BOOTTIME,
-            Self::MonotonicCoarse => ClockId::CLOCK_MONOTONIC,
-        };
-        let real = nanos(clock_gettime(ClockId::CLOCK_REALTIME)?);
-        let this = nanos(clock_gettime(precise)?);
-        Ok(real - this)
-    }
-
     /// What it is, for the log.
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -81,6 +66,97 @@ impl Clock {
             Self::Boot => "CLOCK_BOOTTIME",
             Self::MonotonicCoarse => "CLOCK_MONOTONIC_COARSE",
         }
+    }
+}
+
+/// Suspensions remembered (one entry each; a machine hibernated more often within a fold window
+/// has its oldest windows' times read with a later suspension's length).
+const SUSPENSIONS_KEPT: usize = 64;
+
+/// Turns the times of fold windows ([`Clock`]'s readings) into Unix time. The boot clock's
+/// by its offset now. `CLOCK_MONOTONIC_COARSE` stops while the machine is suspended (an EC2
+/// instance's hibernation), so its readings go through the boot clock: plus how long the
+/// machine had been suspended when each was taken (`CLOCK_BOOTTIME` less `CLOCK_MONOTONIC`,
+/// [`FoldTimes::sample`]d at every walk of the fold map, once a second at least), then the boot
+/// clock's offset now. (With the monotonic clock's offset now, a window that was open across a
+/// hibernation would be reported as late as the machine slept.) A reading between the last
+/// sample before a resume and the first after it is taken as before the suspension.
+pub struct FoldTimes {
+    clock: Clock,
+    /// (`CLOCK_MONOTONIC` ns, how long suspended then), one per change, oldest first.
+    suspended: std::collections::VecDeque<(u64, i128)>,
+}
+
+impl FoldTimes {
+    /// For readings of `clock`.
+    #[must_use]
+    pub fn new(clock: Clock) -> Self {
+        let mut times = Self {
+            clock,
+            suspended: std::collections::VecDeque::new(),
+        };
+        times.sample();
+        times
+    }
+
+    /// The clock of the readings.
+    #[must_use]
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Notes how long the machine has been suspended, now (nothing for the boot clock).
+    pub fn sample(&mut self) {
+        if self.clock == Clock::Boot {
+            return;
+        }
+        let read = |id| {
+            nix::time::clock_gettime(id)
+                .ok()
+                .map(|time| i128::from(time.tv_sec()) * 1_000_000_000 + i128::from(time.tv_nsec()))
+        };
+        let (Some(monotonic), Some(boot)) = (
+            read(nix::time::ClockId::CLOCK_MONOTONIC),
+            read(nix::time::ClockId::CLOCK_BOOTTIME),
+        ) else {
+            return;
+        };
+        self.note(u64::try_from(monotonic).unwrap_or(0), boot - monotonic);
+    }
+
+    /// Notes that the machine had been suspended for `suspended` ns at `monotonic`.
+    fn note(&mut self, monotonic: u64, suspended: i128) {
+        // Two readings of one suspension differ by the time between the two clocks' reads.
+        const SAME: i128 = 1_000_000;
+        if self
+            .suspended
+            .back()
+            .is_some_and(|&(_, last)| (suspended - last).abs() < SAME)
+        {
+            return;
+        }
+        if self.suspended.len() == SUSPENSIONS_KEPT {
+            self.suspended.pop_front();
+        }
+        self.suspended.push_back((monotonic, suspended));
+    }
+
+    /// The Unix time of `reading`, a time of a fold window, where `boot_to_unix_ns` is the boot
+    /// clock's offset to Unix time now ([`boot_to_unix_ns`]).
+    #[must_use]
+    pub fn unix_ns(&self, reading: u64, boot_to_unix_ns: i128) -> i128 {
+        let suspended = match self.clock {
+            Clock::Boot => 0,
+            // The last change noted at or before the reading; before the first, the first.
+            Clock::MonotonicCoarse => self
+                .suspended
+                .iter()
+                .rev()
+                .find(|&&(at, _)| at <= reading)
+                .or(self.suspended.front())
+                .map_or(0, |&(_, suspended)| suspended),
+        };
+        i128::from(reading) + suspended + boot_to_unix_ns
     }
 }
 
@@ -100,19 +176,58 @@ mod tests {
         let tick = clock_getres(ClockId::CLOCK_MONOTONIC_COARSE).expect("its resolution");
         let tick = i128::from(tick.tv_sec()) * 1_000_000_000 + i128::from(tick.tv_nsec());
         for (clock, early) in [(Clock::Boot, 0), (Clock::MonotonicCoarse, tick)] {
+            let times = FoldTimes::new(clock);
             let before = unix_now();
-            let read = i128::from(clock.now_ns());
-            let offset = clock.to_unix_ns().expect("the clocks");
+            let read = clock.now_ns();
+            let unix = times.unix_ns(read, boot_to_unix_ns().expect("the clocks"));
             let after = unix_now();
             // A coarse reading is its last tick's time: at most a tick early, never late. (The
             // offset's two readings are apart by what it takes to read a clock: a millisecond's
             // slack covers that.)
-            let unix = read + offset;
             assert!(
                 before - early - 1_000_000 <= unix && unix <= after,
                 "{}: {unix} not in [{before} - {early}, {after}]",
                 clock.name()
             );
         }
+    }
+
+    #[test]
+    fn a_coarse_reading_keeps_the_suspension_it_was_taken_after() {
+        const HOUR: i128 = 3_600_000_000_000;
+        let mut times = FoldTimes {
+            clock: Clock::MonotonicCoarse,
+            suspended: std::collections::VecDeque::new(),
+        };
+        times.note(1_000, 5);
+        // The same suspension read again, a little apart: nothing new.
+        times.note(2_000, 7);
+        // An hour's hibernation, seen at the next sample after the resume.
+        times.note(10_000, HOUR + 5);
+        let boot_to_unix = 1_000_000;
+        // A window opened before the hibernation keeps its time; one after is an hour later.
+        assert_eq!(times.unix_ns(9_000, boot_to_unix), 9_000 + 5 + boot_to_unix);
+        assert_eq!(
+            times.unix_ns(10_500, boot_to_unix),
+            10_500 + HOUR + 5 + boot_to_unix
+        );
+        // Before the first sample: the first's.
+        assert_eq!(times.unix_ns(10, boot_to_unix), 10 + 5 + boot_to_unix);
+        // The boot clock's readings need none of this.
+        let boot = FoldTimes::new(Clock::Boot);
+        assert_eq!(boot.unix_ns(9_000, boot_to_unix), 9_000 + boot_to_unix);
+    }
+
+    #[test]
+    fn suspensions_kept_are_bounded() {
+        let mut times = FoldTimes {
+            clock: Clock::MonotonicCoarse,
+            suspended: std::collections::VecDeque::new(),
+        };
+        for n in 0..1_000u64 {
+            times.note(n * 10, i128::from(n) * 1_000_000_000);
+        }
+        assert_eq!(times.suspended.len(), SUSPENSIONS_KEPT);
+        assert_eq!(times.suspended.back(), Some(&(9_990, 999_000_000_000)));
     }
 }

@@ -150,6 +150,16 @@ step_install() {
     check "posture command" grep -q '"http_tokens": "optional"' /tmp/posture.json
     check "posture command's hop limit" grep -q '"hop_limit": 64' /tmp/posture.json
     journalctl -u imds-guard -o cat --no-pager | grep "imds-guard is enforcing" | tail -1 >"$OUT/start-line.txt"
+    # What this kernel must give the agent (a fallback would hide a verifier's refusal): from
+    # Linux 5.11, tasks read by BTF-typed loads and fold windows on the coarse clock; before,
+    # bpf_probe_read_kernel and the boot clock.
+    if [ "$(printf '%s\n' 5.11 "$(uname -r)" | sort -V | head -1)" = 5.11 ]; then
+        check "tasks read by BTF loads" grep -q 'containers_by="namespaces (BTF loads)' "$OUT/start-line.txt"
+        check "fold windows on the coarse clock" grep -q 'fold_clock="CLOCK_MONOTONIC_COARSE"' "$OUT/start-line.txt"
+    else
+        check "tasks read by probe reads" grep -q 'containers_by="namespaces (probe reads)' "$OUT/start-line.txt"
+        check "fold windows on the boot clock" grep -q 'fold_clock="CLOCK_BOOTTIME"' "$OUT/start-line.txt"
+    fi
     # The agent's log lines reach the journal at one priority: its warnings say WARN.
     journalctl -u imds-guard -o cat --no-pager | grep -E '^[^ ]+ +WARN ' >"$OUT/warnings.txt" || true
 }
