@@ -168,20 +168,27 @@ fn read_results(out: &Path) -> Vec<(String, bool, String)> {
         .collect()
 }
 
-/// How the agent tells containers on this kernel, and how many warnings it gave at start.
+/// Field `name` of a log line (`name=value` or `name="a value"`).
+fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let rest = line.split(&format!(" {name}=")).nth(1)?;
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next(),
+        None => rest.split_whitespace().next(),
+    }
+}
+
+/// How the agent tells containers and times fold windows on this kernel, and how many
+/// warnings it gave at start.
 fn notes(out: &Path) -> String {
     let start = std::fs::read_to_string(out.join("start-line.txt")).unwrap_or_default();
-    let containers_by = start.split(" containers_by=").nth(1).map_or("?", |rest| {
-        rest.split(" rules=")
-            .next()
-            .unwrap_or(rest)
-            .trim_matches('"')
-    });
+    let containers_by = log_field(&start, "containers_by").unwrap_or("?");
+    let fold_clock = log_field(&start, "fold_clock").unwrap_or("?");
     let warnings = std::fs::read_to_string(out.join("warnings.txt")).map_or(0, |text| {
         text.lines().filter(|line| !line.trim().is_empty()).count()
     });
     format!(
-        "containers told by {containers_by}; {warnings} warning(s) at start{}",
+        "containers told by {containers_by}; fold windows on {fold_clock}; {warnings} \
+         warning(s) at start{}",
         if warnings > 0 {
             format!(" (see {})", out.join("warnings.txt").display())
         } else {
@@ -375,19 +382,28 @@ mod tests {
         std::fs::write(
             out.0.join("start-line.txt"),
             "INFO imds-guard is enforcing cgroup=/ mode=audit rules_from=\"/etc/imds-guard/imds-guard.toml\" \
-             containers_by=\"BTF loads\" rules=1 protected=[..]\n",
+             containers_by=\"BTF loads\" fold_clock=\"CLOCK_MONOTONIC_COARSE\" rules=1 \
+             protected=[..]\n",
         )
         .unwrap();
         std::fs::write(out.0.join("warnings.txt"), "WARN one\n\nWARN two\n").unwrap();
         let notes = notes(&out.0);
         assert!(
-            notes.starts_with("containers told by BTF loads; 2 warning(s) at start (see "),
+            notes.starts_with(
+                "containers told by BTF loads; fold windows on CLOCK_MONOTONIC_COARSE; 2 \
+                 warning(s) at start (see "
+            ),
             "{notes}"
         );
         std::fs::remove_file(out.0.join("warnings.txt")).unwrap();
+        std::fs::write(
+            out.0.join("start-line.txt"),
+            "INFO imds-guard is enforcing containers_by=\"BTF loads\" fold_clock=CLOCK_BOOTTIME\n",
+        )
+        .unwrap();
         assert_eq!(
             super::notes(&out.0),
-            "containers told by BTF loads; 0 warning(s) at start"
+            "containers told by BTF loads; fold windows on CLOCK_BOOTTIME; 0 warning(s) at start"
         );
     }
 
