@@ -149,43 +149,19 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 /// The kind is in the low bits ([`kind_of`]); [`FSUID_NOT_UID`] is set when the sockets the
 /// task makes are owned by another uid than its own ([`owns_sockets_as_another`]).
 ///
-/// A global function, for the packet program ([`sender_kind`]), which the verifier checks
-/// once on its own, and whose result it knows only as a number: the paths that computed the
-/// kind do not multiply its states after the call (what a value passed through a map did
-/// before: see `opaque`), and no map is read for it. The socket hooks read the same inlined
-/// ([`current_ids_and_kind`]).
+/// A global function, which the verifier checks once on its own, and whose result it knows
+/// only as a number: the paths that computed the kind do not multiply its states after the
+/// call (what a value passed through a map did before: see `opaque`), and no map is read for it
+/// (the map's per-CPU slot was a fifth of this function's cost on an allowed `connect()`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn current_task_kind() -> u64 {
     if !known(LAYOUT_NAMESPACES) {
         return u64::from(TASK_HOST) | FSUID_NOT_UID;
     }
-    kind_of_current(current())
-}
-
-/// [`current_task_kind`]'s result, of `task` (the current task, from [`current`]).
-#[inline(always)]
-fn kind_of_current(task: *const u8) -> u64 {
+    let task = current();
     let fsuid_is_uid = fsuid_is_uid(task);
     u64::from(current_kind(task)) | if fsuid_is_uid { 0 } else { FSUID_NOT_UID }
-}
-
-/// The current task's ids ([`uid_gid_of_current`]) and kind ([`current_task_kind`]'s result),
-/// for the socket hooks: inlined, from one pointer to the task (a helper's call and a
-/// BPF-to-BPF call fewer than asking each). What the kind's reads found multiplies the states
-/// the verifier explores after it only by the two kinds and the file system uid's flag: Linux
-/// 5.10's and 6.1's verifiers take the socket hooks so (the lab), where the packet program,
-/// which decides after many more facts, asks [`current_task_kind`] (see `opaque`).
-#[inline(always)]
-pub fn current_ids_and_kind() -> (u64, u64) {
-    if !known(LAYOUT_NAMESPACES) {
-        return (
-            bpf_get_current_uid_gid(),
-            u64::from(TASK_HOST) | FSUID_NOT_UID,
-        );
-    }
-    let task = current();
-    (uid_gid_of_current(task), kind_of_current(task))
 }
 
 /// In [`current_task_kind`]'s result: the task's file system uid (`cred.fsuid`, which owns the
@@ -242,15 +218,16 @@ fn current_kind(task: *const u8) -> u16 {
     }
 }
 
-/// The uid (low half) and gid (high half) of `task`, the current task (from [`current`]), as
-/// `bpf_get_current_uid_gid` gives them: its credentials (`task->cred`, whose ids are the initial user namespace's, the ones
+/// The current task's uid (low half) and gid (high half), as `bpf_get_current_uid_gid` gives
+/// them: its credentials (`task->cred`, whose ids are the initial user namespace's, the ones
 /// the helper maps them to). With `LAYOUT_BTF_TASK`, two loads from the task's credentials,
 /// which the allowed path reads next to its namespaces: the helper's call and its mapping
 /// through the user namespace were 6% of that path's samples. Otherwise, and should the credentials' pointer
 /// read null (a load that faults reads 0: uid 0 would be root's), the helper.
 #[inline(always)]
-fn uid_gid_of_current(task: *const u8) -> u64 {
-    if known(LAYOUT_BTF_TASK) {
+pub fn current_uid_gid() -> u64 {
+    if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {
+        let task = current();
         // SAFETY: BTF-typed loads (see `read`), from the current task and its credentials.
         let ids = unsafe {
             read::<*const u8>(task, layout(|l| &l.cred))

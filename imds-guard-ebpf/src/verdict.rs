@@ -119,13 +119,15 @@ fn judge_protected(
     if !destination.protected_in(generation) {
         return PROCEED;
     }
-    let (uid_gid, facts) = task::current_ids_and_kind();
+    let uid_gid = task::current_uid_gid();
     // Truncation intended: the low half is the uid, the high half the gid.
     #[expect(
         clippy::cast_possible_truncation,
         reason = "splitting a u64 into halves"
     )]
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    // The kind of task, as one value the verifier explores once (see `current_task_kind`).
+    let facts = task::current_task_kind();
     let task = task::kind_of(facts);
     let Decision {
         verdict,
