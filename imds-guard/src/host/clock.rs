@@ -13,13 +13,15 @@ pub fn boot_time_ns() -> u64 {
 /// # Errors
 /// When a clock cannot be read.
 pub fn boot_to_unix_ns() -> nix::Result<i128> {
-    use nix::time::{ClockId, clock_gettime};
-    let nanos = |t: nix::sys::time::TimeSpec| {
-        i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
-    };
-    let real = nanos(clock_gettime(ClockId::CLOCK_REALTIME)?);
-    let boot = nanos(clock_gettime(ClockId::CLOCK_BOOTTIME)?);
+    let real = read_ns(nix::time::ClockId::CLOCK_REALTIME)?;
+    let boot = read_ns(nix::time::ClockId::CLOCK_BOOTTIME)?;
     Ok(real - boot)
+}
+
+/// Clock `id` now, in nanoseconds.
+fn read_ns(id: nix::time::ClockId) -> nix::Result<i128> {
+    let time = nix::time::clock_gettime(id)?;
+    Ok(i128::from(time.tv_sec()) * 1_000_000_000 + i128::from(time.tv_nsec()))
 }
 
 /// A clock the programs read: events' times are `Boot`; fold windows (`FoldValue`'s times,
@@ -53,10 +55,7 @@ impl Clock {
     /// Now, in this clock's nanoseconds; 0 if it cannot be read.
     #[must_use]
     pub fn now_ns(self) -> u64 {
-        nix::time::clock_gettime(self.id()).map_or(0, |time| {
-            u64::try_from(time.tv_sec()).unwrap_or(0) * 1_000_000_000
-                + u64::try_from(time.tv_nsec()).unwrap_or(0)
-        })
+        read_ns(self.id()).map_or(0, |ns| u64::try_from(ns).unwrap_or(0))
     }
 
     /// What it is, for the log.
@@ -110,14 +109,9 @@ impl FoldTimes {
         if self.clock == Clock::Boot {
             return;
         }
-        let read = |id| {
-            nix::time::clock_gettime(id)
-                .ok()
-                .map(|time| i128::from(time.tv_sec()) * 1_000_000_000 + i128::from(time.tv_nsec()))
-        };
-        let (Some(monotonic), Some(boot)) = (
-            read(nix::time::ClockId::CLOCK_MONOTONIC),
-            read(nix::time::ClockId::CLOCK_BOOTTIME),
+        let (Ok(monotonic), Ok(boot)) = (
+            read_ns(nix::time::ClockId::CLOCK_MONOTONIC),
+            read_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         ) else {
             return;
         };
@@ -162,13 +156,12 @@ impl FoldTimes {
 
 #[cfg(test)]
 mod tests {
-    use nix::time::{ClockId, clock_getres, clock_gettime};
+    use nix::time::{ClockId, clock_getres};
 
     use super::*;
 
     fn unix_now() -> i128 {
-        let now = clock_gettime(ClockId::CLOCK_REALTIME).expect("the real-time clock");
-        i128::from(now.tv_sec()) * 1_000_000_000 + i128::from(now.tv_nsec())
+        read_ns(ClockId::CLOCK_REALTIME).expect("the real-time clock")
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     report::Report,
-    setup::{insn, load_raw_program},
+    setup::{bpf, insn, load_raw_program},
     stats,
 };
 
@@ -194,20 +194,14 @@ fn test_run(fd: i32) -> u32 {
         batch_size: 0,
         pad: 0,
     };
-    // SAFETY: `attr` is a valid `BPF_PROG_TEST_RUN` attribute block of the size given, whose
-    // pointers reach live memory for the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+    // SAFETY: `attr` is a valid `BPF_PROG_TEST_RUN` attribute block, whose pointers reach live
+    // memory for the call.
+    unsafe {
+        bpf(
             BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            std::mem::size_of::<TestRun>(),
+            &mut attr,
+            "running a program of table 0c",
         )
     };
-    assert!(
-        result == 0,
-        "running a program of table 0c: {}",
-        std::io::Error::last_os_error()
-    );
     attr.duration
 }

@@ -134,21 +134,21 @@ pub fn enable_stats() -> std::os::fd::OwnedFd {
     const BPF_ENABLE_STATS: libc::c_long = 32;
     let mut attr = EnableStats { kind: 0 }; // BPF_STATS_RUN_TIME
     // SAFETY: a valid attr for BPF_ENABLE_STATS.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            std::ptr::from_mut(&mut attr),
-            size_of::<EnableStats>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_ENABLE_STATS: {}",
-        std::io::Error::last_os_error()
-    );
+    let fd = unsafe { bpf(BPF_ENABLE_STATS, &mut attr, "BPF_ENABLE_STATS") };
     // SAFETY: a new descriptor the kernel just returned.
     unsafe { std::os::fd::FromRawFd::from_raw_fd(i32::try_from(fd).expect("fd")) }
+}
+
+/// `bpf(cmd, attr)`, its non-negative result; panics naming `what` when it fails.
+///
+/// # Safety
+/// `attr` is a valid attribute block for `cmd`, whose pointers reach live memory for the call.
+pub unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> i64 {
+    // SAFETY: as the caller promises.
+    let result =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    assert!(result >= 0, "{what}: {}", std::io::Error::last_os_error());
+    result
 }
 
 /// (run time ns, run count) of the program `id`.
@@ -370,7 +370,7 @@ pub fn load_raw_program(prog_type: u32, insns: &[u64], name: &str) -> std::os::f
     let mut prog_name = [0u8; 16];
     let length = name.len().min(15);
     prog_name[..length].copy_from_slice(&name.as_bytes()[..length]);
-    let attr = ProgLoad {
+    let mut attr = ProgLoad {
         prog_type,
         insn_cnt: u32::try_from(insns.len()).expect("a few instructions"),
         insns: insns.as_ptr() as u64,
@@ -385,21 +385,15 @@ pub fn load_raw_program(prog_type: u32, insns: &[u64], name: &str) -> std::os::f
         expected_attach_type: 0,
         rest: [0; 56],
     };
-    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block of the size given, whose
-    // pointers reach live memory for the call.
+    // SAFETY: `attr` is a valid `BPF_PROG_LOAD` attribute block, whose pointers reach live
+    // memory for the call.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+        bpf(
             BPF_PROG_LOAD,
-            &raw const attr,
-            std::mem::size_of::<ProgLoad>(),
+            &mut attr,
+            &format!("loading the bench's program {name}"),
         )
     };
-    assert!(
-        fd >= 0,
-        "loading the bench's program {name}: {}",
-        std::io::Error::last_os_error()
-    );
     // SAFETY: a descriptor the kernel just gave this process, owned by nothing else.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor")) }
 }
