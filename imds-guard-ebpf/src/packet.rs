@@ -160,6 +160,37 @@ impl Packet {
     /// the packet program, at the verifier's 512 bytes.
     #[inline(always)]
     fn protocol_and_port(ctx: &SkBuffContext) -> (u8, u16) {
+        // The destination port, big-endian, two bytes into each of these headers.
+        let has_port = |protocol| {
+            matches!(
+                protocol,
+                IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP
+            )
+        };
+        // The usual headers (IPv4 without options, IPv6), linear up to the port: read in place.
+        if let Some(header) = Linear::<24>::of(ctx) {
+            let first = header.byte(0);
+            if first == 0x45 {
+                let protocol = header.byte(9);
+                let port = if has_port(protocol) {
+                    header.port(22)
+                } else {
+                    0
+                };
+                return (protocol, port);
+            }
+            if first >> 4 == 6
+                && let Some(header) = Linear::<44>::of(ctx)
+            {
+                let protocol = header.byte(6);
+                let port = if has_port(protocol) {
+                    header.port(42)
+                } else {
+                    0
+                };
+                return (protocol, port);
+            }
+        }
         let Ok(first) = ctx.load::<u8>(0) else {
             return (0, 0);
         };
@@ -171,19 +202,52 @@ impl Packet {
         let Ok(protocol) = ctx.load::<u8>(at) else {
             return (0, 0);
         };
-        let port = match protocol {
-            // The destination port, big-endian, two bytes into each of these headers.
-            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
-                ctx.load::<u16>(transport + 2).map_or(0, u16::from_be)
-            }
-            _ => 0,
+        let port = if has_port(protocol) {
+            ctx.load::<u16>(transport + 2).map_or(0, u16::from_be)
+        } else {
+            0
         };
         (protocol, port)
     }
 
-    /// The header fields, through `bpf_skb_load_bytes` (whatever part of the header is
-    /// linear): the slow path only, for destinations the filter did not rule out.
+    /// The header fields: read in place from the linear header where it holds them (as the
+    /// fast path reads the destination), else through `bpf_skb_load_bytes` (a header split
+    /// over fragments). The slow path only, for destinations the filter did not rule out.
+    #[inline(always)]
     fn read(ctx: &SkBuffContext) -> Option<Self> {
+        if let Some(header) = Linear::<20>::of(ctx) {
+            let first = header.byte(0);
+            match first >> 4 {
+                4 => {
+                    return Some(Self {
+                        destination: Destination::v4(header.word(16)),
+                        protocol: header.byte(9),
+                        transport: usize::from(first & 0x0f) * 4,
+                    });
+                }
+                6 => {
+                    if let Some(header) = Linear::<40>::of(ctx) {
+                        return Some(Self {
+                            destination: Destination::v6([
+                                header.word(24),
+                                header.word(28),
+                                header.word(32),
+                                header.word(36),
+                            ]),
+                            protocol: header.byte(6),
+                            transport: 40,
+                        });
+                    }
+                }
+                _ => return None,
+            }
+        }
+        Self::read_through_helper(ctx)
+    }
+
+    /// [`Packet::read`] through `bpf_skb_load_bytes`, for a header the linear part does not
+    /// hold whole (or a packet shorter than an IPv6 header).
+    fn read_through_helper(ctx: &SkBuffContext) -> Option<Self> {
         let first: u8 = ctx.load(0).ok()?;
         match first >> 4 {
             4 => Some(Self {
@@ -206,6 +270,53 @@ impl Packet {
     }
 }
 
+/// The first `N` bytes of a packet, when its linear part holds them: read with plain loads at
+/// constant offsets, each within the one bound the verifier checked (`data + N <= data_end`).
+/// A `bpf_skb_load_bytes` call and its copy cost some 9 ns a field here (BENCHMARKS.md, the
+/// NAT datagram's profile); a load, one.
+#[derive(Clone, Copy)]
+struct Linear<const N: usize> {
+    data: usize,
+}
+
+impl<const N: usize> Linear<N> {
+    /// `None` when the linear part is shorter than `N` bytes.
+    #[inline(always)]
+    fn of(ctx: &SkBuffContext) -> Option<Self> {
+        // SAFETY: the kernel hands cgroup_skb programs a valid context; the verifier turns
+        // these two fields into packet pointers.
+        let (data, end) = unsafe {
+            let skb = ctx.skb.skb;
+            ((*skb).data as usize, (*skb).data_end as usize)
+        };
+        (data + N <= end).then_some(Self { data })
+    }
+
+    #[inline(always)]
+    fn byte(self, at: usize) -> u8 {
+        debug_assert!(at < N);
+        // SAFETY: within the first `N` bytes, which `of` checked (the callers' offsets are
+        // constants the verifier checks against that bound).
+        unsafe { *((self.data + at) as *const u8) }
+    }
+
+    /// A 32-bit word as it lies in the packet (network byte order), at a multiple of 4.
+    #[inline(always)]
+    fn word(self, at: usize) -> u32 {
+        debug_assert!(at + 4 <= N && at.is_multiple_of(4));
+        // SAFETY: as for `byte`; aligned as the header is.
+        unsafe { *((self.data + at) as *const u32) }
+    }
+
+    /// A big-endian port at an even offset, in host byte order.
+    #[inline(always)]
+    fn port(self, at: usize) -> u16 {
+        debug_assert!(at + 2 <= N && at.is_multiple_of(2));
+        // SAFETY: as for `byte`; aligned as the header is.
+        u16::from_be(unsafe { *((self.data + at) as *const u16) })
+    }
+}
+
 /// The slow path: the destination may be protected. A function of its own, so that
 /// [`judge_closer`]'s frame stays small: the deepest stack is the entry point's, `judge_closer`'s,
 /// this one's and its calls' (448 bytes as Linux 5.10 counts them, of 512). Returns the
@@ -223,14 +334,14 @@ fn judge_protected(
     }
     let skb = ctx.skb.skb;
     let socket = full_socket(ctx);
+    // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
+    let facts = unsafe { SocketFacts::of(socket) };
     // Bytes the message layer never read, where the rule judges requests: fail closed.
-    let followed = followed_by_message_layer(ctx, socket, packet);
+    let followed = followed_by_message_layer(ctx, socket, &facts, packet);
     if followed == http::UNREAD {
         return DROP;
     }
     let (family, addr) = packet.destination.words();
-    // SAFETY: a full socket from `bpf_sk_fullsock`, or null.
-    let facts = unsafe { SocketFacts::of(socket) };
     let rewritten = facts.connected && !facts.peer.same(packet.destination);
     // A TCP socket's packet, or one that may carry TCP (see `may_carry_tcp`).
     let tcp = facts.protocol == u32::from(IPPROTO_TCP) || packet.may_carry_tcp();
@@ -342,12 +453,18 @@ fn judge_protected(
     REPORT | if verdict == VERDICT_DENY { DROP } else { PASS }
 }
 
-/// Whether the message layer follows the packet's socket (`socket`, a full socket or null), as
-/// `http::carries_unread_bytes` says: which sockets it follows, their storage says (whatever
-/// the packet's next header claims).
+/// Whether the message layer follows the packet's socket (`socket`, a full socket or null, of
+/// which `facts` tell), as `http::carries_unread_bytes` says: which sockets it follows, their
+/// storage says (whatever the packet's next header claims). It follows TCP sockets only (the
+/// connect hooks record a TCP socket's connect): another's storage is not looked up.
 #[inline(always)]
-fn followed_by_message_layer(ctx: &SkBuffContext, socket: *mut bpf_sock, packet: &Packet) -> u32 {
-    if socket.is_null() {
+fn followed_by_message_layer(
+    ctx: &SkBuffContext,
+    socket: *mut bpf_sock,
+    facts: &SocketFacts,
+    packet: &Packet,
+) -> u32 {
+    if socket.is_null() || facts.protocol != u32::from(IPPROTO_TCP) {
         return http::NOT_FOLLOWED;
     }
     let tcp_at = (packet.protocol == IPPROTO_TCP).then_some(packet.transport);

@@ -159,7 +159,12 @@ pub extern "C" fn current_task_kind() -> u64 {
     if !known(LAYOUT_NAMESPACES) {
         return u64::from(TASK_HOST) | FSUID_NOT_UID;
     }
-    let task = current();
+    kind_of_current(current())
+}
+
+/// [`current_task_kind`]'s result, for `task` (the current task, as [`current`] gave it).
+#[inline(always)]
+fn kind_of_current(task: *const u8) -> u64 {
     let fsuid_is_uid = fsuid_is_uid(task);
     u64::from(current_kind(task)) | if fsuid_is_uid { 0 } else { FSUID_NOT_UID }
 }
@@ -290,7 +295,9 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
     if !is_sender {
         return u64::from(TASK_CONTAINER) | SENDER_UNCONFIRMED;
     }
-    let kind = current_task_kind();
+    // The kind from the task already in hand (not a call of `current_task_kind`, which would
+    // ask for it again).
+    let kind = kind_of_current(task);
     if owns_sockets_as_another(kind) {
         kind | SENDER_UNCONFIRMED
     } else {

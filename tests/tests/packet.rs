@@ -242,6 +242,46 @@ fn each_datagram_of_a_connected_udp_socket_is_an_attempt() {
     }
 }
 
+/// A datagram whose IPv4 header carries options (longer than the 20 bytes the packet layer
+/// reads in place) is judged as any other, and reported with its protocol and port, read
+/// behind the options.
+#[test]
+fn a_datagram_with_ip_options_through_nat_is_judged_and_reported_whole() {
+    if !privileged() {
+        return;
+    }
+    let (sandbox, attach) = (Sandbox::new(), TestCgroup::new("test"));
+    add_nat_to_imds(&sandbox);
+    let denied = attach.child("denied");
+    let config = config(&attach, "enforce");
+    let agent = Agent::start(&["--config", &config.arg(), "--aggregate-window", "0"]);
+    let entry = nat_entry(IMDS_V4.into());
+    let send = |cgroup, uid| {
+        Client::new(&sandbox, cgroup, uid, uid).route(
+            "connected-udp-ip-options",
+            entry,
+            NAT_UDP_PORT,
+        )
+    };
+    send(&attach, 0).assert_ok("sent");
+    let refused = send(&denied, USER);
+    assert_eq!(refused.errno, Some(EPERM), "with IP options: {refused:?}");
+    let barrier = Client::new(&sandbox, &attach, USER, USER).tcp(IMDS_V4, 80);
+    let events = agent.packet_events_in(&denied, &barrier);
+    assert_eq!(events.len(), 1, "one datagram, one attempt: {events:?}");
+    assert_fields(
+        &events[0],
+        &[
+            ("verdict", json!("deny")),
+            ("uid", json!(USER)),
+            ("dst", json!(IpAddr::from(IMDS_V4).to_string())),
+            ("port", json!(53)),
+            ("protocol", json!("udp")),
+            ("rewritten", json!(true)),
+        ],
+    );
+}
+
 /// A datagram sent with an explicit address to IMDS on a UDP socket connected elsewhere is one
 /// attempt: `sendmsg4/6` judge and count it, and the packet layer, which sees a destination
 /// that is not the socket's peer, neither counts it again nor refuses it (root's, root's

@@ -9,8 +9,9 @@
 //! split-v1, split-v2, pipelined, pipelined-padded, fastopen-v1, fastopen-v1-rthdr, urgent-v2,
 //! reconnect-nat (v2 on IMDS itself, then the same socket connected again to ADDR, v1);
 //! or one of the routes in `routes.rs`: nonblocking-connect, fastopen-sendto, fastopen-connect,
-//! connected-udp, connected-udp-thrice, sendto-on-connected-udp, sendmmsg, io-uring-connect,
-//! io-uring-connect-async, io-uring-sendmsg, thread-connect, child-connect, raw-udp, raw-syn,
+//! connected-udp, connected-udp-thrice, connected-udp-ip-options, sendto-on-connected-udp,
+//! sendmmsg, io-uring-connect, io-uring-connect-async, io-uring-sendmsg, thread-connect,
+//! child-connect, raw-udp, raw-syn,
 //! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
 //! request on a connection opened that long before; held-v1 the same tokenless),
 //! reconnect-held (the same on a socket refused by IMDS's port 81 that long before, connected
@@ -378,6 +379,7 @@ fn act_once(
         "fastopen-connect" => routes::fastopen_connect(addr),
         "connected-udp" => routes::connected_udp(addr),
         "connected-udp-thrice" => routes::connected_udp_thrice(addr),
+        "connected-udp-ip-options" => routes::connected_udp_ip_options(addr),
         "sendto-on-connected-udp" => routes::sendto_on_connected_udp(addr),
         "sendmmsg" => routes::sendmmsg(addr),
         "io-uring-connect" => routes::io_uring_connect(addr, false),
