@@ -246,7 +246,9 @@ impl Packet {
     }
 
     /// [`Packet::read`] through `bpf_skb_load_bytes`, for a header the linear part does not
-    /// hold whole (or a packet shorter than an IPv6 header).
+    /// hold whole (or a packet shorter than an IPv6 header). The output path builds the IP
+    /// header linear, so the local stack's packets do not come here; one that did would still
+    /// be judged, not passed unread.
     fn read_through_helper(ctx: &SkBuffContext) -> Option<Self> {
         let first: u8 = ctx.load(0).ok()?;
         match first >> 4 {
@@ -304,7 +306,9 @@ impl<const N: usize> Linear<N> {
     #[inline(always)]
     fn word(self, at: usize) -> u32 {
         debug_assert!(at + 4 <= N && at.is_multiple_of(4));
-        // SAFETY: as for `byte`; aligned as the header is.
+        // SAFETY: as for `byte`. Aligned: the output path starts the IP header on a 4-byte
+        // boundary (the fast path reads the destination so too), and the x86-64 and arm64
+        // JITs need no alignment of packet loads.
         unsafe { *((self.data + at) as *const u32) }
     }
 
@@ -312,7 +316,7 @@ impl<const N: usize> Linear<N> {
     #[inline(always)]
     fn port(self, at: usize) -> u16 {
         debug_assert!(at + 2 <= N && at.is_multiple_of(2));
-        // SAFETY: as for `byte`; aligned as the header is.
+        // SAFETY: as for `word`.
         u16::from_be(unsafe { *((self.data + at) as *const u16) })
     }
 }
@@ -455,8 +459,10 @@ fn judge_protected(
 
 /// Whether the message layer follows the packet's socket (`socket`, a full socket or null, of
 /// which `facts` tell), as `http::carries_unread_bytes` says: which sockets it follows, their
-/// storage says (whatever the packet's next header claims). It follows TCP sockets only (the
-/// connect hooks record a TCP socket's connect): another's storage is not looked up.
+/// storage says (whatever the packet's next header claims). It follows TCP sockets only:
+/// `http::follow` makes the storage in the connect hooks, for a socket whose protocol is TCP
+/// (`tcp_connect` in `verdict::judge_protected`; an MPTCP connection's subflows are such
+/// sockets, and raw sockets reach no connect hook), so another's storage is not looked up.
 #[inline(always)]
 fn followed_by_message_layer(
     ctx: &SkBuffContext,
