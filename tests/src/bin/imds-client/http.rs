@@ -91,19 +91,7 @@ pub fn fastopen(addr: SocketAddr, path: &str, routing_header: bool) -> io::Resul
         // the one segment.
         let mut header = vec![0u8, 2, 4, 0, 0, 0, 0, 0];
         header.extend_from_slice(&v6.ip().octets());
-        // SAFETY: a valid descriptor and a buffer of the length given.
-        let set = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_RTHDR,
-                header.as_ptr().cast(),
-                libc::socklen_t::try_from(header.len()).expect("24 bytes"),
-            )
-        };
-        if set != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::routes::set_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_RTHDR, &header)?;
     }
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     socket.send_to_with_flags(request.as_bytes(), &addr.into(), libc::MSG_FASTOPEN)?;

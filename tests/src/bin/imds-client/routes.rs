@@ -6,6 +6,25 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const REQUEST: &[u8] = b"GET /latest/meta-data/ HTTP/1.0\r\n\r\n";
 
+/// `setsockopt(socket, level, name, value)`: an option socket2 does not offer, its value as
+/// the kernel reads it (a `c_int`'s native bytes, or a header's).
+pub fn set_option(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(value.len()).map_err(io::Error::other)?;
+    // SAFETY: a valid descriptor and a buffer of the length given.
+    let result =
+        unsafe { libc::setsockopt(socket.as_raw_fd(), level, name, value.as_ptr().cast(), len) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `connect()` on a non-blocking TCP socket: `EINPROGRESS` means the SYN went out.
 pub fn nonblocking_connect(addr: SocketAddr) -> io::Result<String> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -28,19 +47,12 @@ pub fn fastopen_sendto(addr: SocketAddr) -> io::Result<String> {
 pub fn fastopen_connect(addr: SocketAddr) -> io::Result<String> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     let on: libc::c_int = 1;
-    // SAFETY: a valid fd and a c_int option value of the right size.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_FASTOPEN_CONNECT,
-            (&raw const on).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).expect("size"),
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_option(
+        &socket,
+        libc::IPPROTO_TCP,
+        libc::TCP_FASTOPEN_CONNECT,
+        &on.to_ne_bytes(),
+    )?;
     socket.connect(&addr.into())?;
     socket.send(REQUEST)?;
     Ok("sent".into())
@@ -60,19 +72,7 @@ pub fn connected_udp(addr: SocketAddr) -> io::Result<String> {
 pub fn connected_udp_ip_options(addr: SocketAddr) -> io::Result<String> {
     const OPTIONS: [u8; 4] = [1, 1, 1, 0];
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    // SAFETY: a valid fd and an option value of the size given.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_OPTIONS,
-            OPTIONS.as_ptr().cast(),
-            libc::socklen_t::try_from(OPTIONS.len()).expect("4 bytes"),
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_option(&socket, libc::IPPROTO_IP, libc::IP_OPTIONS, &OPTIONS)?;
     socket.connect(&addr.into())?;
     socket.send(b"ping")?;
     Ok("sent".into())
@@ -321,19 +321,12 @@ pub fn raw_udp(addr: SocketAddr) -> io::Result<String> {
     if addr.is_ipv6() {
         // IPv6 requires the UDP checksum: let the kernel compute it (offset 6 in our header).
         let offset: libc::c_int = 6;
-        // SAFETY: a valid fd and a c_int option value.
-        let result = unsafe {
-            libc::setsockopt(
-                raw.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_CHECKSUM,
-                (&raw const offset).cast(),
-                libc::socklen_t::try_from(size_of::<libc::c_int>()).map_err(io::Error::other)?,
-            )
-        };
-        if result != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_option(
+            &raw,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_CHECKSUM,
+            &offset.to_ne_bytes(),
+        )?;
     }
     let payload = b"ping";
     let length = u16::try_from(8 + payload.len()).map_err(io::Error::other)?;
