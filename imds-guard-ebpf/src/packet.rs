@@ -274,8 +274,8 @@ impl Packet {
 
 /// The first `N` bytes of a packet, when its linear part holds them: read with plain loads at
 /// constant offsets, each within the one bound the verifier checked (`data + N <= data_end`).
-/// A `bpf_skb_load_bytes` call and its copy cost some 9 ns a field here (BENCHMARKS.md, the
-/// NAT datagram's profile); a load, one.
+/// A `bpf_skb_load_bytes` call and its copy cost some 20 ns a field on the AMD machine of
+/// BENCHMARKS.md (history: "the header read in place"); a load, about one.
 #[derive(Clone, Copy)]
 struct Linear<const N: usize> {
     data: usize,
