@@ -277,14 +277,14 @@ impl Packet {
 /// A `bpf_skb_load_bytes` call and its copy cost some 20 ns a field on the AMD machine of
 /// BENCHMARKS.md (history: "the header read in place"); a load, about one.
 #[derive(Clone, Copy)]
-struct Linear<const N: usize> {
+pub struct Linear<const N: usize> {
     data: usize,
 }
 
 impl<const N: usize> Linear<N> {
     /// `None` when the linear part is shorter than `N` bytes.
     #[inline(always)]
-    fn of(ctx: &SkBuffContext) -> Option<Self> {
+    pub fn of(ctx: &SkBuffContext) -> Option<Self> {
         // SAFETY: the kernel hands cgroup_skb programs a valid context; the verifier turns
         // these two fields into packet pointers.
         let (data, end) = unsafe {
@@ -304,7 +304,7 @@ impl<const N: usize> Linear<N> {
 
     /// A 32-bit word as it lies in the packet (network byte order), at a multiple of 4.
     #[inline(always)]
-    fn word(self, at: usize) -> u32 {
+    pub fn word(self, at: usize) -> u32 {
         debug_assert!(at + 4 <= N && at.is_multiple_of(4));
         // SAFETY: as for `byte`. Aligned: the output path starts the IP header on a 4-byte
         // boundary (the fast path reads the destination so too), and the x86-64 and arm64
@@ -312,12 +312,18 @@ impl<const N: usize> Linear<N> {
         unsafe { *((self.data + at) as *const u32) }
     }
 
+    /// A 16-bit word as it lies in the packet (network byte order), at an even offset.
+    #[inline(always)]
+    pub fn half(self, at: usize) -> u16 {
+        debug_assert!(at + 2 <= N && at.is_multiple_of(2));
+        // SAFETY: as for `word`.
+        unsafe { *((self.data + at) as *const u16) }
+    }
+
     /// A big-endian port at an even offset, in host byte order.
     #[inline(always)]
     fn port(self, at: usize) -> u16 {
-        debug_assert!(at + 2 <= N && at.is_multiple_of(2));
-        // SAFETY: as for `word`.
-        u16::from_be(unsafe { *((self.data + at) as *const u16) })
+        u16::from_be(self.half(at))
     }
 }
 
