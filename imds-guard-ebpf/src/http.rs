@@ -212,7 +212,7 @@ pub unsafe fn carries_unread_bytes(
             return UNREAD;
         };
         let unread = match tcp_fields(ctx, transport) {
-            (Ok(seq), Ok(offset_flags)) => {
+            Some((seq, offset_flags)) => {
                 let seq = u32::from_be(seq);
                 let [offset, flags] = offset_flags.to_ne_bytes();
                 let header = u32::from(offset >> 4) * 4;
@@ -246,27 +246,20 @@ pub unsafe fn carries_unread_bytes(
 
 /// The sequence number and the word of data offset and flags of the TCP header at `transport`
 /// (as the packet carries them): in place behind the usual headers (IPv4 without options,
-/// IPv6 without extension headers), else through `bpf_skb_load_bytes`.
+/// IPv6 without extension headers), else through `bpf_skb_load_bytes`; `None` when unreadable.
 #[inline(always)]
-fn tcp_fields(
-    ctx: &SkBuffContext,
-    transport: usize,
-) -> (
-    Result<u32, aya_ebpf::cty::c_long>,
-    Result<u16, aya_ebpf::cty::c_long>,
-) {
-    let in_place = match transport {
+fn tcp_fields(ctx: &SkBuffContext, transport: usize) -> Option<(u32, u16)> {
+    match transport {
         20 => Linear::<34>::of(ctx).map(|header| (header.word(24), header.half(32))),
         40 => Linear::<54>::of(ctx).map(|header| (header.word(44), header.half(52))),
         _ => None,
-    };
-    match in_place {
-        Some((seq, offset_flags)) => (Ok(seq), Ok(offset_flags)),
-        None => (
-            ctx.load::<u32>(transport + 4),
-            ctx.load::<u16>(transport + 12),
-        ),
     }
+    .or_else(|| {
+        Some((
+            ctx.load::<u32>(transport + 4).ok()?,
+            ctx.load::<u16>(transport + 12).ok()?,
+        ))
+    })
 }
 
 /// [`carries_unread_bytes`]: the message layer does not follow the socket.

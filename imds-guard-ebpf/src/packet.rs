@@ -218,25 +218,11 @@ impl Packet {
         if let Some(header) = Linear::<20>::of(ctx) {
             let first = header.byte(0);
             match first >> 4 {
-                4 => {
-                    return Some(Self {
-                        destination: Destination::v4(header.word(16)),
-                        protocol: header.byte(9),
-                        transport: usize::from(first & 0x0f) * 4,
-                    });
-                }
+                4 => return Some(Self::v4(first, header.word(16), header.byte(9))),
                 6 => {
                     if let Some(header) = Linear::<40>::of(ctx) {
-                        return Some(Self {
-                            destination: Destination::v6([
-                                header.word(24),
-                                header.word(28),
-                                header.word(32),
-                                header.word(36),
-                            ]),
-                            protocol: header.byte(6),
-                            transport: 40,
-                        });
+                        let destination = [24, 28, 32, 36].map(|at| header.word(at));
+                        return Some(Self::v6(destination, header.byte(6)));
                     }
                 }
                 _ => return None,
@@ -252,22 +238,37 @@ impl Packet {
     fn read_through_helper(ctx: &SkBuffContext) -> Option<Self> {
         let first: u8 = ctx.load(0).ok()?;
         match first >> 4 {
-            4 => Some(Self {
-                destination: Destination::v4(ctx.load(16).ok()?),
-                protocol: ctx.load(9).ok()?,
-                transport: usize::from(first & 0x0f) * 4,
-            }),
-            6 => Some(Self {
-                destination: Destination::v6([
+            4 => Some(Self::v4(first, ctx.load(16).ok()?, ctx.load(9).ok()?)),
+            6 => Some(Self::v6(
+                [
                     ctx.load(24).ok()?,
                     ctx.load(28).ok()?,
                     ctx.load(32).ok()?,
                     ctx.load(36).ok()?,
-                ]),
-                protocol: ctx.load(6).ok()?,
-                transport: 40,
-            }),
+                ],
+                ctx.load(6).ok()?,
+            )),
             _ => None,
+        }
+    }
+
+    /// An IPv4 packet whose header begins with `first` (version and length).
+    #[inline(always)]
+    fn v4(first: u8, destination: u32, protocol: u8) -> Self {
+        Self {
+            destination: Destination::v4(destination),
+            protocol,
+            transport: usize::from(first & 0x0f) * 4,
+        }
+    }
+
+    /// An IPv6 packet (its next header is `protocol`: extension headers are not followed).
+    #[inline(always)]
+    fn v6(destination: [u32; 4], protocol: u8) -> Self {
+        Self {
+            destination: Destination::v6(destination),
+            protocol,
+            transport: 40,
         }
     }
 }
