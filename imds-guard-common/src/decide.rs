@@ -59,6 +59,10 @@ pub struct Decision {
 /// packet layer knows no gid, `explain` may be asked without a uid), a task
 /// of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in `cgroup`, by `generation` of `maps`.
 ///
+/// `gid` is asked only when some rule set of the generation has gid rules for tasks of the
+/// kind: the socket hooks read it from the task's credentials, a helper call that an allowed
+/// attempt under a policy without gid rules (the default's) need not make.
+///
 /// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
 /// id decides: the first in the config file. With none, the generation's mode decides. If the
 /// settings cannot be read (the agent writes them before anything can run), the attempt is
@@ -68,7 +72,7 @@ pub fn decide(
     maps: &impl PolicyMaps,
     generation: u32,
     uid: Option<u32>,
-    gid: Option<u32>,
+    gid: impl FnOnce() -> Option<u32>,
     task: u16,
     cgroup: &impl Cgroup,
 ) -> Decision {
@@ -130,7 +134,9 @@ pub fn decide(
         }
     };
     consider(KIND_UID, uid);
-    consider(KIND_GID, gid);
+    if settings.absent_keys & key_bit(KIND_GID, task) == 0 {
+        consider(KIND_GID, gid());
+    }
     consider(KIND_ANY, Some(0));
     let first = (best_kind != NOT_FOUND).then_some(best);
     let (verdict, rule) = verdict_of(first, settings.mode);
@@ -275,17 +281,26 @@ mod tests {
             .insert(key(RULESET_DEFAULT, KIND_GID, TASK_HOST, 0), allow(1));
         maps.rules
             .insert(key(RULESET_DEFAULT, KIND_ANY, TASK_HOST, 0), allow(2));
-        let by_uid = decide(&maps, 0, Some(0), Some(0), TASK_HOST, &Path(&[1]));
+        let by_uid = decide(&maps, 0, Some(0), || Some(0), TASK_HOST, &Path(&[1]));
         assert_eq!((by_uid.verdict, by_uid.rule), (VERDICT_ALLOW, 3));
+        // Nor is the gid asked for: reading it is a helper call in the socket hooks.
+        let asked = std::cell::Cell::new(false);
+        let gid = || {
+            asked.set(true);
+            Some(0)
+        };
+        decide(&maps, 0, Some(0), gid, TASK_HOST, &Path(&[1]));
+        assert!(!asked.get(), "the gid was asked for without gid rules");
         // Not absent for containers' tasks: read.
         maps.rules
             .insert(key(RULESET_DEFAULT, KIND_ANY, TASK_CONTAINER, 0), allow(2));
-        let any = decide(&maps, 0, Some(5), Some(5), TASK_CONTAINER, &Path(&[1]));
+        let any = decide(&maps, 0, Some(5), || Some(5), TASK_CONTAINER, &Path(&[1]));
         assert_eq!((any.verdict, any.rule), (VERDICT_ALLOW, 2));
         // With nothing absent, the lowest rule decides.
         maps.settings = Some(Settings::default());
-        let first = decide(&maps, 0, Some(0), Some(0), TASK_HOST, &Path(&[1]));
+        let first = decide(&maps, 0, Some(0), gid, TASK_HOST, &Path(&[1]));
         assert_eq!((first.verdict, first.rule), (VERDICT_ALLOW, 1));
+        assert!(asked.get(), "the gid was not asked for, with gid rules");
     }
 
     #[test]
@@ -322,7 +337,7 @@ mod tests {
             1,
         );
         let rule_of = |maps: &Maps, uid, task, path: &'static [u64]| {
-            let decision = decide(maps, 0, Some(uid), None, task, &Path(path));
+            let decision = decide(maps, 0, Some(uid), || None, task, &Path(path));
             (decision.verdict, decision.rule)
         };
         // Host tasks of the default rule set: the settings' slots, either of them.
@@ -365,7 +380,7 @@ mod tests {
         maps.rules
             .insert(key(RULESET_DEFAULT, KIND_ANY, TASK_HOST, 0), allow(6));
         let decided = |uid, gid| {
-            let decision = decide(&maps, 0, Some(uid), Some(gid), TASK_HOST, &Path(&[1, 2]));
+            let decision = decide(&maps, 0, Some(uid), || Some(gid), TASK_HOST, &Path(&[1, 2]));
             (decision.rule, decision.by_gid)
         };
         assert_eq!(decided(0, 50), (2, true));
@@ -425,7 +440,7 @@ mod tests {
         maps.rules
             .insert(key(2, KIND_UID, TASK_CONTAINER, 5), allow(4));
         let host = |maps: &Maps, uid, gid, path: &'static [u64]| {
-            decide(maps, 0, Some(uid), gid, TASK_HOST, &Path(path))
+            decide(maps, 0, Some(uid), || gid, TASK_HOST, &Path(path))
         };
         assert_eq!(host(&maps, 0, None, &[1]).verdict, VERDICT_ALLOW);
         // In rule set 1: the any-task rule (2) comes before the gid rule (3).
@@ -436,12 +451,27 @@ mod tests {
         );
         // Rule set 2, nearer: only for a container's uid 5.
         assert_eq!(host(&maps, 5, None, &[1, 10, 20]).verdict, VERDICT_DENY);
-        let d = decide(&maps, 0, Some(5), None, TASK_CONTAINER, &Path(&[1, 10, 20]));
+        let d = decide(
+            &maps,
+            0,
+            Some(5),
+            || None,
+            TASK_CONTAINER,
+            &Path(&[1, 10, 20]),
+        );
         assert_eq!((d.verdict, d.rule, d.ruleset), (VERDICT_ALLOW, 4, 2));
         // A cgroup newer than the agent's view gets the unseen rule set.
         maps.settings.as_mut().unwrap().unseen_after = 15;
         assert_eq!(
-            decide(&maps, 0, Some(5), None, TASK_CONTAINER, &Path(&[1, 10, 20])).ruleset,
+            decide(
+                &maps,
+                0,
+                Some(5),
+                || None,
+                TASK_CONTAINER,
+                &Path(&[1, 10, 20])
+            )
+            .ruleset,
             RULESET_UNSEEN
         );
         // Unreadable settings: enforce mode, every cgroup unseen.

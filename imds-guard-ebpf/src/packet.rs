@@ -102,9 +102,9 @@ fn judge_closer(ctx: &SkBuffContext) -> i32 {
     let outcome = judge_protected(ctx, &packet, &mut report);
     if outcome & REPORT != 0 {
         // SAFETY: `judge_protected` wrote the report when it said to report it.
-        let [decided, ids, low, high] = unsafe { report.assume_init_read() };
+        let [decided, ids, cgroup_id] = unsafe { report.assume_init_read() };
         // SAFETY: the program's own context.
-        unsafe { packet_event(ctx.skb.skb, decided, ids, low, high) };
+        unsafe { packet_event(ctx.skb.skb, decided, ids, cgroup_id) };
     }
     outcome & !REPORT
 }
@@ -154,12 +154,16 @@ impl Packet {
                 ))
     }
 
-    /// The protocol and destination port, read as [`Packet::read`] reads the header, for the
-    /// event: a header that cannot be read now is reported without them (0). Only what the event
-    /// needs, inlined: [`Packet::read`]'s frame on top of the event's was the deepest stack of
-    /// the packet program, at the verifier's 512 bytes.
+    /// What an event reports of the packet: its destination address (as [`Destination`]'s
+    /// words), protocol and destination port, read as [`Packet::read`] reads the header. The
+    /// address is the one judged a moment before (nothing changes the packet while the program
+    /// runs), read again rather than passed to the event function, whose arguments carry the
+    /// cgroup id instead (a helper call fewer). A header that cannot be read now (it was, by
+    /// the judgement) is reported without what could not be (0). Only what the event needs,
+    /// inlined: [`Packet::read`]'s frame on top of the event's was the deepest stack of the
+    /// packet program, at the verifier's 512 bytes.
     #[inline(always)]
-    fn protocol_and_port(ctx: &SkBuffContext) -> (u8, u16) {
+    fn reported(ctx: &SkBuffContext) -> ([u32; 4], u8, u16) {
         // The destination port, big-endian, two bytes into each of these headers.
         let has_port = |protocol| {
             matches!(
@@ -177,7 +181,7 @@ impl Packet {
                 } else {
                     0
                 };
-                return (protocol, port);
+                return ([header.word(16), 0, 0, 0], protocol, port);
             }
             if first >> 4 == 6
                 && let Some(header) = Linear::<44>::of(ctx)
@@ -188,26 +192,35 @@ impl Packet {
                 } else {
                     0
                 };
-                return (protocol, port);
+                let addr = [24, 28, 32, 36].map(|at| header.word(at));
+                return (addr, protocol, port);
             }
         }
         let Ok(first) = ctx.load::<u8>(0) else {
-            return (0, 0);
+            return ([0; 4], 0, 0);
         };
-        let (at, transport) = match first >> 4 {
-            4 => (9, usize::from(first & 0x0f) * 4),
-            6 => (6, 40),
-            _ => return (0, 0),
+        let (addr, at, transport) = match first >> 4 {
+            4 => (
+                [ctx.load::<u32>(16).unwrap_or(0), 0, 0, 0],
+                9,
+                usize::from(first & 0x0f) * 4,
+            ),
+            6 => (
+                [24, 28, 32, 36].map(|at| ctx.load::<u32>(at).unwrap_or(0)),
+                6,
+                40,
+            ),
+            _ => return ([0; 4], 0, 0),
         };
         let Ok(protocol) = ctx.load::<u8>(at) else {
-            return (0, 0);
+            return (addr, 0, 0);
         };
         let port = if has_port(protocol) {
             ctx.load::<u16>(transport + 2).map_or(0, u16::from_be)
         } else {
             0
         };
-        (protocol, port)
+        (addr, protocol, port)
     }
 
     /// The header fields: read in place from the linear header where it holds them (as the
@@ -332,15 +345,15 @@ impl<const N: usize> Linear<N> {
 /// [`judge_closer`]'s frame stays small: the deepest stack is the entry point's, `judge_closer`'s,
 /// this one's and its calls' (448 bytes as Linux 5.10 counts them, of 512). Returns the
 /// verdict, with [`REPORT`] when the packet is to be reported as `report` says
-/// ([`Decided::words`], [`record::address_words`]).
+/// ([`Decided::words`], then the socket's cgroup id).
 #[inline(never)]
 fn judge_protected(
     ctx: &SkBuffContext,
     packet: &Packet,
-    report: &mut MaybeUninit<[u64; 4]>,
+    report: &mut MaybeUninit<[u64; 3]>,
 ) -> i32 {
     let generation = protected::generation_in_force();
-    if !packet.destination.protected_in_outlined(generation) {
+    if !packet.destination.protected_in(generation) {
         return PASS;
     }
     let skb = ctx.skb.skb;
@@ -414,10 +427,11 @@ fn judge_protected(
         // SAFETY: a full socket from `bpf_sk_fullsock`.
         unsafe { http::refuse(socket) };
     }
-    let value = judged.remembered(addr, family, verdict, generation, rewritten);
+    // Built where it is kept (the policy's epoch is one more lookup).
+    let value = || judged.remembered(addr, family, verdict, generation, rewritten);
     if judged.again {
         // SAFETY: as above.
-        unsafe { keep(socket, value) };
+        unsafe { keep(socket, value()) };
         if verdict == judged.previous {
             // The same verdict for the same identity: not a new attempt.
             return if verdict == VERDICT_DENY { DROP } else { PASS };
@@ -436,7 +450,7 @@ fn judge_protected(
             // `sendmsg4/6`, each judged as its sender's (storage for them cost a new socket's
             // first datagram four times the rest of this program).
             // SAFETY: as above.
-            unsafe { keep(socket, value) };
+            unsafe { keep(socket, value()) };
         }
     }
     record::count_attempt(generation, rule, verdict);
@@ -459,8 +473,7 @@ fn judge_protected(
         },
     }
     .words();
-    let [low, high] = record::address_words(addr);
-    report.write([decided, ids, low, high]);
+    report.write([decided, ids, cgroup_id]);
     REPORT | if verdict == VERDICT_DENY { DROP } else { PASS }
 }
 
@@ -526,9 +539,9 @@ unsafe fn keep(socket: *mut bpf_sock, value: SocketVerdict) {
     }
 }
 
-/// Reports the packet judged as `decided` and `ids` say ([`Decided::words`]), to the address
-/// `low` and `high` say ([`record::address_words`]), reading its protocol, port and cgroup
-/// again. A global function, checked once on its own (see [`crate::verdict::sock_addr_event`]).
+/// Reports the packet judged as `decided` and `ids` say ([`Decided::words`]), from a socket in
+/// `cgroup_id`, reading its destination, protocol and port again ([`Packet::reported`]). A
+/// global function, checked once on its own (see [`crate::verdict::sock_addr_event`]).
 ///
 /// # Safety
 /// `skb` is the running `cgroup_skb` program's context.
@@ -538,15 +551,12 @@ pub unsafe extern "C" fn packet_event(
     skb: *mut __sk_buff,
     decided: u64,
     ids: u64,
-    low: u64,
-    high: u64,
+    cgroup_id: u64,
 ) -> u64 {
     let ctx = SkBuffContext::new(skb);
-    let (protocol, port) = Packet::protocol_and_port(&ctx);
-    // SAFETY: a helper on the valid context (Linux 4.18+).
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    let (addr, protocol, port) = Packet::reported(&ctx);
     record::event(
-        &Decided::of_words([decided, ids]).attempt([low, high], port, protocol),
+        &Decided::of_words([decided, ids]).attempt(addr, port, protocol),
         cgroup_id,
         0,
         Identity::socket,
@@ -600,7 +610,7 @@ impl Judged {
             &verdict::KernelMaps,
             generation,
             self.uid_known.then_some(self.uid),
-            self.gid_known.then_some(self.gid),
+            || self.gid_known.then_some(self.gid),
             self.task,
             cgroup,
         );

@@ -81,10 +81,10 @@ impl Destination {
         })
     }
 
-    /// [`Destination::protected_in`] as a function of its own, for the packet and message
-    /// layers, whose frames stay as they were: Linux 5.10's verifier allows 512 bytes of stack
-    /// across a program's frame and those of the functions it calls, and the packet program's
-    /// is the largest (192 bytes, 256 as 5.10 counts it, beside its event function's 256).
+    /// [`Destination::protected_in`] as a function of its own, for the message layer, whose
+    /// frames stay as they were: Linux 5.10's verifier allows 512 bytes of stack across a
+    /// program's frame and those of the functions it calls. (The packet layer's slow path has
+    /// it inlined: its frame stayed at 224 bytes.)
     #[inline(never)]
     pub fn protected_in_outlined(self, generation: u32) -> bool {
         self.protected_in(generation)
@@ -120,6 +120,21 @@ pub fn v6_may_be_protected(addr: [u32; 4]) -> bool {
     PROTECTED_FILTER
         .get(0)
         .is_none_or(|filter| filter_has(&filter.v6, filter_slot_v6(addr)))
+}
+
+/// Whether a socket's IPv6 address may be protected: as [`Destination::of_v6`] then
+/// [`Destination::may_be_protected`] say, from the words alone (`::ffff:a.b.c.d` by the IPv4
+/// filter, whose slot is the same last byte), so that the fast path of `connect6` and
+/// `sendmsg6` builds no destination before it knows it needs one (LLVM wrote the struct to the
+/// stack before the bit test: half of that path's instructions). `::` may come out `true`
+/// (slot 0), and [`Destination::of_v6`] then says it is nothing to judge.
+#[inline(always)]
+pub fn socket_v6_may_be_protected(words: [u32; 4]) -> bool {
+    let mapped = matches!(words, [0, 0, V4_MAPPED_WORD, _]);
+    PROTECTED_FILTER.get(0).is_none_or(|filter| {
+        let half = if mapped { &filter.v4 } else { &filter.v6 };
+        filter_has(half, filter_slot_v6(words))
+    })
 }
 
 /// The generation in force. An attempt reads it once and makes every lookup with it, so it is

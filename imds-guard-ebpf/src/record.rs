@@ -74,9 +74,10 @@ pub struct Attempt {
 
 /// What a program's verdict code hands its event function ([`crate::verdict::sock_addr_event`],
 /// [`crate::packet::packet_event`]): an [`Attempt`] but for its address (two more words,
-/// [`address_words`]) and what that function reads again itself (port, protocol), in the
-/// scalar arguments a global function allows beside its context (a pointer needs Linux 5.12+).
-/// The one place that knows their layout.
+/// [`address_words`], for the socket hooks; the packet's event function reads it from the
+/// packet) and what that function reads again itself (port, protocol), in the scalar arguments
+/// a global function allows beside its context (a pointer needs Linux 5.12+). The one place
+/// that knows their layout.
 pub struct Decided {
     pub verdict: u8,
     pub rule: u32,
@@ -122,19 +123,10 @@ impl Decided {
         }
     }
 
-    /// The attempt to `addr` ([`address_words`]), with what the event function read.
+    /// The attempt to `addr` (four words, as [`crate::protected::bytes_of`] takes them), with
+    /// what the event function read.
     #[inline(always)]
-    pub fn attempt(&self, addr: [u64; 2], port: u16, protocol: u8) -> Attempt {
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "words packed by `address_words`"
-        )]
-        let words = [
-            addr[0] as u32,
-            (addr[0] >> 32) as u32,
-            addr[1] as u32,
-            (addr[1] >> 32) as u32,
-        ];
+    pub fn attempt(&self, words: [u32; 4], port: u16, protocol: u8) -> Attempt {
         Attempt {
             verdict: self.verdict,
             rule: self.rule,
@@ -160,6 +152,21 @@ pub fn address_words(addr: [u32; 4]) -> [u64; 2] {
     [
         u64::from(addr[0]) | u64::from(addr[1]) << 32,
         u64::from(addr[2]) | u64::from(addr[3]) << 32,
+    ]
+}
+
+/// The four words of an address [`address_words`] made two.
+#[inline(always)]
+pub fn address_of_words([low, high]: [u64; 2]) -> [u32; 4] {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "words packed by `address_words`"
+    )]
+    [
+        low as u32,
+        (low >> 32) as u32,
+        high as u32,
+        (high >> 32) as u32,
     ]
 }
 
@@ -427,7 +434,11 @@ mod tests {
             gid: 0x8000_0001,
         };
         let addr = [0xfd00_0ec2, 0, 0x1234_5678, 0x0254_0000];
-        let back = Decided::of_words(decided.words()).attempt(address_words(addr), 80, 17);
+        let back = Decided::of_words(decided.words()).attempt(
+            address_of_words(address_words(addr)),
+            80,
+            17,
+        );
         assert_eq!(
             (
                 back.verdict,

@@ -139,15 +139,18 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
     }
 }
 
-/// Which `ALLOW` keys judge the current task: [`TASK_CONTAINER`] when its pid or cgroup
-/// namespace is not the host's initial one (container runtimes make both; systemd services
-/// make neither), [`TASK_HOST`] otherwise. Read at the attempt, so a container is one from its
-/// first instruction, whether or not the agent has seen its cgroup yet. A failed read counts as
-/// a container (fail closed). Without the layout (a kernel that refused the reads) every task
-/// is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
+/// Which `ALLOW` keys judge the current task, and its uid: [`TASK_CONTAINER`] when its pid or
+/// cgroup namespace is not the host's initial one (container runtimes make both; systemd
+/// services make neither), [`TASK_HOST`] otherwise. Read at the attempt, so a container is one
+/// from its first instruction, whether or not the agent has seen its cgroup yet. A failed read
+/// counts as a container (fail closed). Without the layout (a kernel that refused the reads)
+/// every task is [`TASK_HOST`] here, and containers are known by their cgroup path alone.
 ///
 /// The kind is in the low bits ([`kind_of`]); [`FSUID_NOT_UID`] is set when the sockets the
-/// task makes are owned by another uid than its own ([`owns_sockets_as_another`]).
+/// task makes are owned by another uid than its own ([`owns_sockets_as_another`]); the uid is
+/// the high half ([`uid_of`]), read from the credentials this reads for the file system uid
+/// (one task pointer, one helper call and one function call where the uid read on its own made
+/// two of each), or asked of `bpf_get_current_uid_gid` where [`current_uid_gid`] would.
 ///
 /// A global function, which the verifier checks once on its own, and whose result it knows
 /// only as a number: the paths that computed the kind do not multiply its states after the
@@ -157,22 +160,29 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 #[inline(never)]
 pub extern "C" fn current_task_kind() -> u64 {
     if !known(LAYOUT_NAMESPACES) {
-        return u64::from(TASK_HOST) | FSUID_NOT_UID;
+        return u64::from(TASK_HOST) | FSUID_NOT_UID | helper_uid();
     }
-    kind_of_current(current())
+    let task = current();
+    let credentials = credentials(task);
+    let uid = if credentials.uid_trusted {
+        u64::from(credentials.uid) << 32
+    } else {
+        helper_uid()
+    };
+    kind_of_current(task, credentials.fsuid_is_uid()) | uid
 }
 
-/// [`current_task_kind`]'s result, for `task` (the current task, as [`current`] gave it).
+/// [`current_task_kind`]'s kind and [`FSUID_NOT_UID`], for `task` (the current task, as
+/// [`current`] gave it), whose file system uid is its uid as `fsuid_is_uid` says.
 #[inline(always)]
-fn kind_of_current(task: *const u8) -> u64 {
-    let fsuid_is_uid = fsuid_is_uid(task);
+fn kind_of_current(task: *const u8, fsuid_is_uid: bool) -> u64 {
     u64::from(current_kind(task)) | if fsuid_is_uid { 0 } else { FSUID_NOT_UID }
 }
 
 /// In [`current_task_kind`]'s result: the task's file system uid (`cred.fsuid`, which owns the
 /// sockets it makes, and which `seteuid` and `setfsuid` set) is not its uid, or could not be
-/// read.
-const FSUID_NOT_UID: u64 = 1 << 32;
+/// read. (Above the kind's bits, below the uid's.)
+const FSUID_NOT_UID: u64 = 1 << 16;
 
 /// Whether a task of which [`current_task_kind`] returned `returned` makes sockets another uid
 /// owns ([`FSUID_NOT_UID`]).
@@ -181,17 +191,59 @@ pub fn owns_sockets_as_another(returned: u64) -> bool {
     returned & FSUID_NOT_UID != 0
 }
 
-/// Whether `task`'s file system uid is its uid: both read from its credentials, in the line the
-/// caller's uid came from. `false` when a read fails, as without the layout: the caller then
-/// remembers the verdict its connect hook gave on the socket, rather than have the packet layer
-/// judge the socket's packets by an owner it could not compare.
+/// The uid in [`current_task_kind`]'s result: the high half.
 #[inline(always)]
-fn fsuid_is_uid(task: *const u8) -> bool {
+pub fn uid_of(returned: u64) -> u32 {
+    (returned >> 32) as u32
+}
+
+/// The current task's uid as `bpf_get_current_uid_gid` gives it, in the high half.
+#[inline(always)]
+fn helper_uid() -> u64 {
+    bpf_get_current_uid_gid() << 32
+}
+
+/// What [`credentials`] read of a task's credentials.
+#[derive(Clone, Copy)]
+struct Credentials {
+    uid: u32,
+    /// `uid` is the task's as [`current_uid_gid`] would read it: from a credentials pointer
+    /// that is not null, with BTF-typed loads (a load that faults reads 0, which would be
+    /// root's). From `bpf_probe_read_kernel` reads the helper is asked instead.
+    uid_trusted: bool,
+    /// The file system uid (`cred.fsuid`, which owns the sockets the task makes, and which
+    /// `seteuid` and `setfsuid` set).
+    fsuid: u32,
+    /// Each read succeeded (always, with BTF-typed loads).
+    uid_read: bool,
+    fsuid_read: bool,
+}
+
+impl Credentials {
+    /// Whether the file system uid is the uid: `false` when a read failed, as without the
+    /// layout (the caller then remembers the verdict its connect hook gave on the socket, rather
+    /// than have the packet layer judge the socket's packets by an owner it could not compare).
+    #[inline(always)]
+    fn fsuid_is_uid(self) -> bool {
+        self.uid_read && self.fsuid_read && self.uid == self.fsuid
+    }
+}
+
+/// The uid and file system uid of `task` (the current task, as [`current`] gave it), read from
+/// its credentials, one line, once for all their uses.
+#[inline(always)]
+fn credentials(task: *const u8) -> Credentials {
     // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
     unsafe {
         let Some(cred) = read::<*const u8>(task, layout(|l| &l.cred)).filter(|c| !c.is_null())
         else {
-            return false;
+            return Credentials {
+                uid: 0,
+                uid_trusted: false,
+                fsuid: 0,
+                uid_read: false,
+                fsuid_read: false,
+            };
         };
         // Both words always defined, failed or not: with `Option`s (and sentinels for `None`)
         // LLVM compared the two words first and checked that both reads succeeded after,
@@ -199,7 +251,13 @@ fn fsuid_is_uid(task: *const u8) -> bool {
         // refuses ("R1 !read_ok").
         let (uid, uid_failed) = read_flagged::<u32>(cred, layout(|l| &l.uid));
         let (fsuid, fsuid_failed) = read_flagged::<u32>(cred, layout(|l| &l.fsuid));
-        !uid_failed && !fsuid_failed && uid == fsuid
+        Credentials {
+            uid,
+            uid_trusted: known(LAYOUT_BTF_TASK),
+            fsuid,
+            uid_read: !uid_failed,
+            fsuid_read: !fsuid_failed,
+        }
     }
 }
 
@@ -250,6 +308,13 @@ pub fn current_uid_gid() -> u64 {
     bpf_get_current_uid_gid()
 }
 
+/// The current task's gid, as [`current_uid_gid`] reads it: for the decision where a rule set
+/// has gid rules, and for what is remembered or reported (the uid is [`current_task_kind`]'s).
+#[inline(always)]
+pub fn current_gid() -> u32 {
+    (current_uid_gid() >> 32) as u32
+}
+
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
 /// protocol without them, a destination NAT rewrote): the current task's, as
 /// [`current_task_kind`] tells, when it is the packet's sender: in its socket's cgroup
@@ -276,28 +341,27 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
         return u64::from(TASK_HOST) | SENDER_UNCONFIRMED;
     }
     let task = current();
-    // A failed read is a value no socket has (no cgroup's id; a uid has 32 bits). (An
-    // `Option` compared whole made LLVM read a `None`'s payload from the stack and mask it
-    // away: a read of stack never written, which Linux 5.10's verifier refuses.)
+    let credentials = credentials(task);
+    // A failed read is a value no socket has (no cgroup's id). (An `Option` compared whole
+    // made LLVM read a `None`'s payload from the stack and mask it away: a read of stack never
+    // written, which Linux 5.10's verifier refuses.)
     // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
-    let is_sender = unsafe {
-        let cgroup = read::<*const u8>(task, layout(|l| &l.cgroups))
+    let cgroup = unsafe {
+        read::<*const u8>(task, layout(|l| &l.cgroups))
             .and_then(|set| read::<*const u8>(set, layout(|l| &l.dfl_cgrp)))
             .and_then(|cgroup| read::<*const u8>(cgroup, layout(|l| &l.cgroup_kn)))
             .and_then(|node| read::<u64>(node, layout(|l| &l.kn_id)))
-            .unwrap_or(u64::MAX);
-        let uid = read::<*const u8>(task, layout(|l| &l.cred))
-            .filter(|cred| !cred.is_null())
-            .and_then(|cred| read::<u32>(cred, layout(|l| &l.fsuid)))
-            .map_or(u64::MAX, u64::from);
-        cgroup == socket_cgroup && uid == socket_uid
+            .unwrap_or(u64::MAX)
     };
+    let is_sender = cgroup == socket_cgroup
+        && credentials.fsuid_read
+        && u64::from(credentials.fsuid) == socket_uid;
     if !is_sender {
         return u64::from(TASK_CONTAINER) | SENDER_UNCONFIRMED;
     }
-    // The kind from the task already in hand (not a call of `current_task_kind`, which would
-    // ask for it again).
-    let kind = kind_of_current(task);
+    // The kind from the task and credentials already in hand (not a call of
+    // `current_task_kind`, which would ask for them again).
+    let kind = kind_of_current(task, credentials.fsuid_is_uid());
     if owns_sockets_as_another(kind) {
         kind | SENDER_UNCONFIRMED
     } else {
@@ -307,7 +371,7 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
 
 /// In [`sender_kind`]'s result: the current task is not known to be the packet's sender, so the
 /// socket's uid says nothing about who sent it ([`sender_confirmed`]).
-const SENDER_UNCONFIRMED: u64 = 1 << 33;
+const SENDER_UNCONFIRMED: u64 = 1 << 17;
 
 /// Whether [`sender_kind`], which returned `returned`, found the current task to be the sender.
 #[inline(always)]

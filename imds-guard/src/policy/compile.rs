@@ -657,7 +657,7 @@ pub fn judge(
     } else {
         TASK_HOST
     };
-    decide(&view, generation, uid, gid, task, &Ancestors(ancestors))
+    decide(&view, generation, uid, || gid, task, &Ancestors(ancestors))
 }
 
 /// `Settings::host_uid_rules`: the default rule set's uid rules for host tasks, from a
