@@ -343,7 +343,7 @@ impl<const N: usize> Linear<N> {
 
 /// The slow path: the destination may be protected. A function of its own, so that
 /// [`judge_closer`]'s frame stays small: the deepest stack is the entry point's, `judge_closer`'s,
-/// this one's and its calls' (448 bytes as Linux 5.10 counts them, of 512). Returns the
+/// this one's and its calls' (416 bytes as Linux 5.10 counts them, of 512). Returns the
 /// verdict, with [`REPORT`] when the packet is to be reported as `report` says
 /// ([`Decided::words`], then the socket's cgroup id).
 #[inline(never)]

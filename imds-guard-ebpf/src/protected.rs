@@ -84,7 +84,7 @@ impl Destination {
     /// [`Destination::protected_in`] as a function of its own, for the message layer, whose
     /// frames stay as they were: Linux 5.10's verifier allows 512 bytes of stack across a
     /// program's frame and those of the functions it calls. (The packet layer's slow path has
-    /// it inlined: its frame stayed at 224 bytes.)
+    /// it inlined, in a frame of 224 bytes.)
     #[inline(never)]
     pub fn protected_in_outlined(self, generation: u32) -> bool {
         self.protected_in(generation)

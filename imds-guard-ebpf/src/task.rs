@@ -149,8 +149,9 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 /// The kind is in the low bits ([`kind_of`]); [`FSUID_NOT_UID`] is set when the sockets the
 /// task makes are owned by another uid than its own ([`owns_sockets_as_another`]); the uid is
 /// the high half ([`uid_of`]), read from the credentials this reads for the file system uid
-/// (one task pointer, one helper call and one function call where the uid read on its own made
-/// two of each), or asked of `bpf_get_current_uid_gid` where [`current_uid_gid`] would.
+/// (the uid read on its own, as [`current_uid_gid`] reads it, cost the allowed path a second
+/// task pointer from a helper and a second walk to the credentials), or asked of
+/// `bpf_get_current_uid_gid` where [`current_uid_gid`] would.
 ///
 /// A global function, which the verifier checks once on its own, and whose result it knows
 /// only as a number: the paths that computed the kind do not multiply its states after the
@@ -253,7 +254,8 @@ fn credentials(task: *const u8) -> Credentials {
         let (fsuid, fsuid_failed) = read_flagged::<u32>(cred, layout(|l| &l.fsuid));
         Credentials {
             uid,
-            uid_trusted: known(LAYOUT_BTF_TASK),
+            // Never a failed read's 0 (root's): with BTF-typed loads none fails.
+            uid_trusted: known(LAYOUT_BTF_TASK) && !uid_failed,
             fsuid,
             uid_read: !uid_failed,
             fsuid_read: !fsuid_failed,
@@ -283,10 +285,11 @@ fn current_kind(task: *const u8) -> u16 {
 
 /// The current task's uid (low half) and gid (high half), as `bpf_get_current_uid_gid` gives
 /// them: its credentials (`task->cred`, whose ids are the initial user namespace's, the ones
-/// the helper maps them to). With `LAYOUT_BTF_TASK`, two loads from the task's credentials,
-/// which the allowed path reads next to its namespaces: the helper's call and its mapping
-/// through the user namespace were 6% of that path's samples. Otherwise, and should the credentials' pointer
-/// read null (a load that faults reads 0: uid 0 would be root's), the helper.
+/// the helper maps them to). With `LAYOUT_BTF_TASK`, two loads from the task's credentials
+/// (the helper's call and its mapping through the user namespace were 6% of the allowed path's
+/// samples, when it read both ids here). Otherwise, and should the credentials' pointer read
+/// null (a load that faults reads 0: uid 0 would be root's), the helper. The socket hooks read
+/// the uid with the task's kind ([`current_task_kind`]) and the gid here ([`current_gid`]).
 #[inline(always)]
 pub fn current_uid_gid() -> u64 {
     if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {

@@ -57,7 +57,8 @@ pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     if !protected::socket_v6_may_be_protected(user_ip6(ctx)) {
         return PROCEED;
     }
-    // Read again rather than kept across the fast path's lookup (which would spill them).
+    // Read again: the context's copy of the address, which nothing writes while the program
+    // runs.
     let words = user_ip6(ctx);
     // `::` is never protected.
     let Some(destination) = Destination::of_v6(words) else {
@@ -177,20 +178,27 @@ fn judge_protected(
     // peer, which it would judge and count as a new attempt): those verdicts are remembered on
     // the socket. (Only those: creating socket storage costs more than the rest of this
     // program.)
-    if by_gid
+    let kept = by_gid
         || verdict == VERDICT_AUDIT
         || (verdict == VERDICT_ALLOW
             && (task == TASK_CONTAINER
                 || task::owns_sockets_as_another(facts)
-                || sent_on_connected_socket(ctx, hook)))
-    {
+                || sent_on_connected_socket(ctx, hook)));
+    // The gid, once, for what is kept or reported (an allowed attempt that is neither reads
+    // none; the decision asked for it only where a rule set has gid rules).
+    let gid = if kept || verdict != VERDICT_ALLOW {
+        task::current_gid()
+    } else {
+        0
+    };
+    if kept {
         remember(
             ctx,
             destination,
             SocketVerdict {
                 epoch: epoch_of(generation),
                 uid,
-                gid: task::current_gid(),
+                gid,
                 verdict,
                 task: SocketVerdict::task_byte(task),
                 known: JUDGED_UID | JUDGED_GID,
@@ -218,7 +226,7 @@ fn judge_protected(
                 0
             },
             uid,
-            gid: task::current_gid(),
+            gid,
         }
         .words(),
     );
