@@ -122,21 +122,6 @@ pub fn v6_may_be_protected(addr: [u32; 4]) -> bool {
         .is_none_or(|filter| filter_has(&filter.v6, filter_slot_v6(addr)))
 }
 
-/// Whether a socket's IPv6 address may be protected: as [`Destination::of_v6`] then
-/// [`Destination::may_be_protected`] say, from the words alone (`::ffff:a.b.c.d` by the IPv4
-/// filter, whose slot is the same last byte), so that the fast path of `connect6` and
-/// `sendmsg6` builds no destination before it knows it needs one (LLVM wrote the struct to the
-/// stack before the bit test: half of that path's instructions). `::` may come out `true`
-/// (slot 0), and [`Destination::of_v6`] then says it is nothing to judge.
-#[inline(always)]
-pub fn socket_v6_may_be_protected(words: [u32; 4]) -> bool {
-    let mapped = matches!(words, [0, 0, V4_MAPPED_WORD, _]);
-    PROTECTED_FILTER.get(0).is_none_or(|filter| {
-        let half = if mapped { &filter.v4 } else { &filter.v6 };
-        filter_has(half, filter_slot_v6(words))
-    })
-}
-
 /// The generation in force. An attempt reads it once and makes every lookup with it, so it is
 /// judged by one generation's complete policy: the agent removes a generation's entries only
 /// after a grace period that outlasts every program that read it as in force.

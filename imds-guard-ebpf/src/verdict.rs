@@ -53,30 +53,11 @@ pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
 /// function of its own, and the fast path a call.
 #[inline(always)]
 pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
-    // Fast path: one array read and a bit test, as for IPv4, with nothing built before it.
-    if !protected::socket_v6_may_be_protected(user_ip6(ctx)) {
-        return PROCEED;
-    }
-    // Read again: the context's copy of the address, which nothing writes while the program
-    // runs.
-    let words = user_ip6(ctx);
-    // `::` is never protected.
-    let Some(destination) = Destination::of_v6(words) else {
-        return PROCEED;
-    };
-    let mut report = MaybeUninit::uninit();
-    let outcome = judge_protected(ctx, hook, FAMILY_INET6, destination, &mut report);
-    reported(ctx, outcome, &report, words)
-}
-
-/// The socket's IPv6 destination, as four words of network-order bytes.
-#[inline(always)]
-fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
     // The verifier only allows `user_ip6` to be read one aligned 32-bit word at a time
     // ("invalid bpf_context access" otherwise), so each word is a separate volatile read that
     // the compiler cannot merge into a 64-bit load.
     // SAFETY: the kernel hands sock_addr programs a valid context.
-    unsafe {
+    let words = unsafe {
         let ip6 = &raw const (*ctx.sock_addr).user_ip6;
         [
             core::ptr::read_volatile(ip6.cast::<u32>()),
@@ -84,7 +65,17 @@ fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
             core::ptr::read_volatile(ip6.cast::<u32>().add(2)),
             core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
         ]
+    };
+    // `::` is never protected.
+    let Some(destination) = Destination::of_v6(words) else {
+        return PROCEED;
+    };
+    if !destination.may_be_protected() {
+        return PROCEED;
     }
+    let mut report = MaybeUninit::uninit();
+    let outcome = judge_protected(ctx, hook, FAMILY_INET6, destination, &mut report);
+    reported(ctx, outcome, &report, words)
 }
 
 /// [`judge_protected`]'s outcome: it asked for `report` to be reported
@@ -178,27 +169,20 @@ fn judge_protected(
     // peer, which it would judge and count as a new attempt): those verdicts are remembered on
     // the socket. (Only those: creating socket storage costs more than the rest of this
     // program.)
-    let kept = by_gid
+    if by_gid
         || verdict == VERDICT_AUDIT
         || (verdict == VERDICT_ALLOW
             && (task == TASK_CONTAINER
                 || task::owns_sockets_as_another(facts)
-                || sent_on_connected_socket(ctx, hook)));
-    // The gid, once, for what is kept or reported (an allowed attempt that is neither reads
-    // none; the decision asked for it only where a rule set has gid rules).
-    let gid = if kept || verdict != VERDICT_ALLOW {
-        task::current_gid()
-    } else {
-        0
-    };
-    if kept {
+                || sent_on_connected_socket(ctx, hook)))
+    {
         remember(
             ctx,
             destination,
             SocketVerdict {
                 epoch: epoch_of(generation),
                 uid,
-                gid,
+                gid: task::current_gid(),
                 verdict,
                 task: SocketVerdict::task_byte(task),
                 known: JUDGED_UID | JUDGED_GID,
@@ -226,7 +210,7 @@ fn judge_protected(
                 0
             },
             uid,
-            gid,
+            gid: task::current_gid(),
         }
         .words(),
     );
