@@ -60,8 +60,9 @@ pub struct Decision {
 /// of kind `task` (`TASK_HOST` or `TASK_CONTAINER`), in `cgroup`, by `generation` of `maps`.
 ///
 /// `gid` is asked only when some rule set of the generation has gid rules for tasks of the
-/// kind: the socket hooks read it from the task's credentials, a helper call that an allowed
-/// attempt under a policy without gid rules (the default's) need not make.
+/// kind: the socket hooks read it from the task's credentials, a function of their own (and a
+/// helper call in it) that an allowed attempt under a policy without gid rules (the default's)
+/// need not make.
 ///
 /// Of the rules that match (by uid, by gid, or any task of the rule set), the one with the lowest
 /// id decides: the first in the config file. With none, the generation's mode decides. If the
