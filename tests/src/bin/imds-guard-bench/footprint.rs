@@ -7,12 +7,10 @@ use std::{
 
 use imds_guard_tests::{Pins, TestCgroup, process};
 
-use aya::programs::ProgramInfo;
-
 use crate::{
     RUNS,
     report::Report,
-    setup::{DEFAULT_WINDOW, agent, newest_program, program_id},
+    setup::{DEFAULT_WINDOW, agent, newest_program, program_id, program_info},
 };
 
 /// The agent's programs, by the hook `status` names them with (the message program by its
@@ -81,9 +79,7 @@ pub fn footprint(report: &mut Report, attach: &TestCgroup) {
 /// `pins`), as the kernel reports it (Linux 5.16+; "unknown" before).
 fn verified_instructions(pins: &Pins) -> Vec<(&'static str, String)> {
     let count = |id: u32| {
-        aya::programs::loaded_programs()
-            .flatten()
-            .find(|info: &ProgramInfo| info.id() == id)
+        program_info(id)
             .and_then(|info| info.verified_instruction_count())
             .map_or_else(|| "unknown".to_owned(), |count| count.to_string())
     };

@@ -151,17 +151,21 @@ pub unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> i64 {
     result
 }
 
-/// (run time ns, run count) of the program `id`.
-pub fn run_stats(id: u32) -> (u64, u64) {
+/// What the kernel says of the loaded program `id` (`None` once it is gone).
+pub fn program_info(id: u32) -> Option<ProgramInfo> {
     aya::programs::loaded_programs()
         .flatten()
         .find(|info: &ProgramInfo| info.id() == id)
-        .map_or((0, 0), |info| {
-            (
-                u64::try_from(info.run_time().as_nanos()).unwrap_or(0),
-                info.run_count(),
-            )
-        })
+}
+
+/// (run time ns, run count) of the program `id`.
+pub fn run_stats(id: u32) -> (u64, u64) {
+    program_info(id).map_or((0, 0), |info| {
+        (
+            u64::try_from(info.run_time().as_nanos()).unwrap_or(0),
+            info.run_count(),
+        )
+    })
 }
 
 /// Where the kernel put program `id`'s code: its JIT image's offset in its 4 KiB page, which
@@ -171,9 +175,7 @@ pub fn run_stats(id: u32) -> (u64, u64) {
 /// addresses are hidden, or when another program has the same code and name (another agent of
 /// the same build).
 pub fn image_offset(id: u32) -> Option<u64> {
-    let info = aya::programs::loaded_programs()
-        .flatten()
-        .find(|info: &ProgramInfo| info.id() == id)?;
+    let info = program_info(id)?;
     let symbol = format!("bpf_prog_{:016x}_{}", info.tag(), info.name_as_str()?);
     let symbols = std::fs::read_to_string("/proc/kallsyms").ok()?;
     let mut found = symbols.lines().filter_map(|line| {
