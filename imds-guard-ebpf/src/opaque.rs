@@ -7,7 +7,8 @@
 //! program went past the verifier's million instructions that way, while 6.18 needed 90
 //! thousand. Passed through a map value, each fact becomes one unknown the verifier explores
 //! once, whatever path computed it. (A global function's result is such an unknown too, without
-//! the map: the socket hooks get the kind of task so, from `task::current_task_kind`.)
+//! the map, and so is a value computed from loaded ones without a branch: the socket hooks get
+//! the kind of task so, from `task::current_task_kind`.)
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 

@@ -102,13 +102,22 @@ unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
     // SAFETY: as the function says.
     unsafe {
         if known(LAYOUT_BTF_TASK) {
-            Some(core::ptr::read_volatile(
-                base.add(offset as usize).cast::<T>(),
-            ))
+            Some(load(base, offset))
         } else {
             bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()).ok()
         }
     }
+}
+
+/// A BTF-typed load of a `T` at `offset` bytes into the kernel object at `base`: the verifier
+/// checks it against the kernel's BTF and makes it one that reads 0 instead of faulting.
+///
+/// # Safety
+/// `LAYOUT_BTF_TASK` is set, and `base` is a pointer [`current`] gave or one read from it so.
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: as the caller promises.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
 /// As [`read`], but the value is always defined (0 for a failed read) and the outcome a flag
@@ -122,10 +131,7 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
     // SAFETY: as the function says.
     unsafe {
         if known(LAYOUT_BTF_TASK) {
-            (
-                core::ptr::read_volatile(base.add(offset as usize).cast::<T>()),
-                false,
-            )
+            (load(base, offset), false)
         } else {
             let mut value = T::default();
             #[expect(clippy::cast_possible_truncation, reason = "a word or two")]
@@ -153,13 +159,48 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 /// task pointer from a helper and a second walk to the credentials), or asked of
 /// `bpf_get_current_uid_gid` where [`current_uid_gid`] would.
 ///
-/// A global function, which the verifier checks once on its own, and whose result it knows
-/// only as a number: the paths that computed the kind do not multiply its states after the
-/// call (what a value passed through a map did before: see `opaque`), and no map is read for it
-/// (the map's per-CPU slot was a fifth of this function's cost on an allowed `connect()`).
+/// Read in place where the task's fields are BTF-typed loads and its credentials' pointer is
+/// not null (always, for a task making a system call): straight-line loads, one test of the
+/// layout and one of the pointer. Otherwise (`bpf_probe_read_kernel` reads, whose every read
+/// may fail, or the helper's uid) by the global function [`current_task_kind_fallback`]. Both
+/// make the kind and the flag of the same fields with [`kind_bits`], without branches: after
+/// it the verifier explores the decision once, with both as numbers, as after the global
+/// function's return. (The reads with branches made it explore the decision once per way they
+/// went, and the agent's start took 55 ms longer; the global function's call on every attempt,
+/// and the reads written for both ways of reading, each testing the layout, cost an allowed
+/// attempt 10-30 ns by table 0b of BENCHMARKS.md.)
+#[inline(always)]
+pub fn current_task_kind() -> u64 {
+    if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {
+        // SAFETY: a helper without arguments (Linux 5.11+, offered where `LAYOUT_BTF_TASK` is
+        // set), and BTF-typed loads from its result and through the pointers read from it.
+        unsafe {
+            let task = bpf_get_current_task_btf() as *const u8;
+            let cred = load::<*const u8>(task, layout(|l| &l.cred));
+            if !cred.is_null() {
+                let uid = load::<u32>(cred, layout(|l| &l.uid));
+                let pid = load::<*const u8>(task, layout(|l| &l.thread_pid));
+                let nsproxy = load::<*const u8>(task, layout(|l| &l.nsproxy));
+                let cgroup_ns = load::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns));
+                return kind_bits(
+                    Some(load(pid, layout(|l| &l.pid_level))),
+                    Some(load(cgroup_ns, layout(|l| &l.cgroup_ns_inum))),
+                    Some(uid),
+                    Some(load(cred, layout(|l| &l.fsuid))),
+                ) | u64::from(uid) << 32;
+            }
+        }
+    }
+    current_task_kind_fallback()
+}
+
+/// [`current_task_kind`] where its reads are not BTF-typed loads, or the credentials' pointer
+/// read null: a global function, which the verifier checks once on its own, and whose result
+/// it knows only as a number (the paths that computed it do not multiply its states after the
+/// call, what a value passed through a map did before: see `opaque`).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn current_task_kind() -> u64 {
+pub extern "C" fn current_task_kind_fallback() -> u64 {
     if !known(LAYOUT_NAMESPACES) {
         return u64::from(TASK_HOST) | FSUID_NOT_UID | helper_uid();
     }
@@ -170,14 +211,73 @@ pub extern "C" fn current_task_kind() -> u64 {
     } else {
         helper_uid()
     };
-    kind_of_current(task, credentials.fsuid_is_uid()) | uid
+    kind_of_current(task, credentials) | uid
 }
 
 /// [`current_task_kind`]'s kind and [`FSUID_NOT_UID`], for `task` (the current task, as
-/// [`current`] gave it), whose file system uid is its uid as `fsuid_is_uid` says.
+/// [`current`] gave it) with `credentials` ([`kind_bits`]).
 #[inline(always)]
-fn kind_of_current(task: *const u8, fsuid_is_uid: bool) -> u64 {
-    u64::from(current_kind(task)) | if fsuid_is_uid { 0 } else { FSUID_NOT_UID }
+fn kind_of_current(task: *const u8, credentials: Credentials) -> u64 {
+    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
+    let (level, cgroup_ns_inum) = unsafe {
+        (
+            read::<*const u8>(task, layout(|l| &l.thread_pid))
+                .and_then(|pid| read::<u32>(pid, layout(|l| &l.pid_level))),
+            read::<*const u8>(task, layout(|l| &l.nsproxy))
+                .and_then(|nsproxy| read::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns)))
+                .and_then(|ns| read::<u32>(ns, layout(|l| &l.cgroup_ns_inum))),
+        )
+    };
+    kind_bits(
+        level,
+        cgroup_ns_inum,
+        credentials.uid_read.then_some(credentials.uid),
+        credentials.fsuid_read.then_some(credentials.fsuid),
+    )
+}
+
+/// The kind of task and [`FSUID_NOT_UID`] of [`current_task_kind`]'s result, from what was read
+/// (`None`: the read failed). [`TASK_HOST`] when the task's pid namespace's level is 0 and its
+/// cgroup namespace is the initial one, else [`TASK_CONTAINER`]: a failed read counts as a
+/// container, and so does a null pointer on the way to the namespace (a BTF-typed load through
+/// it reads 0, which is no cgroup namespace's inode). The flag is set unless both uids were read
+/// and are the same (where a read failed, as without the layout, the caller remembers the
+/// verdict its connect hook gave on the socket, rather than have the packet layer judge the
+/// socket's packets by an owner it could not compare). Without a branch where every read is
+/// `Some` (BTF-typed loads: the verifier knows the layout's bits).
+#[inline(always)]
+fn kind_bits(
+    level: Option<u32>,
+    cgroup_ns_inum: Option<u32>,
+    uid: Option<u32>,
+    fsuid: Option<u32>,
+) -> u64 {
+    let kind = match (level, cgroup_ns_inum) {
+        (Some(level), Some(inum)) => {
+            nonzero(u64::from(level) | u64::from(inum ^ INIT_CGROUP_NS_INO))
+        }
+        _ => u64::from(TASK_CONTAINER),
+    };
+    let fsuid_not_uid = match (uid, fsuid) {
+        (Some(uid), Some(fsuid)) => nonzero(u64::from(uid ^ fsuid)),
+        _ => 1,
+    };
+    kind | fsuid_not_uid << FSUID_NOT_UID.trailing_zeros()
+}
+
+// `kind_bits`'s arithmetic: 1 for a container, 0 for the host.
+const _: () = assert!(TASK_HOST == 0 && TASK_CONTAINER == 1);
+
+/// 1 when `x` (below 2^63) is not 0, else 0, without a branch: `-x` has its top bit set exactly
+/// when `x` is not 0. The negation passes through a volatile stack slot, so that LLVM cannot see
+/// the comparison it is and make it one (a branch: BPF has no conditional move).
+#[inline(always)]
+fn nonzero(x: u64) -> u64 {
+    debug_assert!(x < 1 << 63);
+    let negated = x.wrapping_neg();
+    // SAFETY: a local's own address.
+    let negated = unsafe { core::ptr::read_volatile(&raw const negated) };
+    (x | negated) >> 63
 }
 
 /// In [`current_task_kind`]'s result: the task's file system uid (`cred.fsuid`, which owns the
@@ -220,16 +320,6 @@ struct Credentials {
     fsuid_read: bool,
 }
 
-impl Credentials {
-    /// Whether the file system uid is the uid: `false` when a read failed, as without the
-    /// layout (the caller then remembers the verdict its connect hook gave on the socket, rather
-    /// than have the packet layer judge the socket's packets by an owner it could not compare).
-    #[inline(always)]
-    fn fsuid_is_uid(self) -> bool {
-        self.uid_read && self.fsuid_read && self.uid == self.fsuid
-    }
-}
-
 /// The uid and file system uid of `task` (the current task, as [`current`] gave it), read from
 /// its credentials, one line, once for all their uses.
 #[inline(always)]
@@ -260,26 +350,6 @@ fn credentials(task: *const u8) -> Credentials {
             uid_read: !uid_failed,
             fsuid_read: !fsuid_failed,
         }
-    }
-}
-
-/// The kind [`current_task_kind`] returns, of `task` (the current task).
-#[inline(always)]
-fn current_kind(task: *const u8) -> u16 {
-    // SAFETY: reads through `bpf_probe_read_kernel` (see `read`).
-    let in_container = unsafe {
-        let level = read::<*const u8>(task, layout(|l| &l.thread_pid))
-            .and_then(|pid| read::<u32>(pid, layout(|l| &l.pid_level)));
-        let cgroup_ns = read::<*const u8>(task, layout(|l| &l.nsproxy))
-            .filter(|nsproxy| !nsproxy.is_null())
-            .and_then(|nsproxy| read::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns)))
-            .and_then(|ns| read::<u32>(ns, layout(|l| &l.cgroup_ns_inum)));
-        !matches!((level, cgroup_ns), (Some(0), Some(INIT_CGROUP_NS_INO)))
-    };
-    if in_container {
-        TASK_CONTAINER
-    } else {
-        TASK_HOST
     }
 }
 
@@ -380,7 +450,7 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
     }
     // The kind from the task and credentials already in hand (not a call of
     // `current_task_kind`, which would ask for them again).
-    let kind = kind_of_current(task, credentials.fsuid_is_uid());
+    let kind = kind_of_current(task, credentials);
     if owns_sockets_as_another(kind) {
         kind | SENDER_UNCONFIRMED
     } else {
