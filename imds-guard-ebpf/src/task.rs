@@ -268,12 +268,11 @@ fn kind_bits(
 // `kind_bits`'s arithmetic: 1 for a container, 0 for the host.
 const _: () = assert!(TASK_HOST == 0 && TASK_CONTAINER == 1);
 
-/// 1 when `x` (below 2^63) is not 0, else 0, without a branch: `-x` has its top bit set exactly
-/// when `x` is not 0. The negation passes through a volatile stack slot, so that LLVM cannot see
-/// the comparison it is and make it one (a branch: BPF has no conditional move).
+/// 1 when `x` is not 0, else 0, without a branch: `x | -x` has its top bit set exactly when `x`
+/// is not 0. The negation passes through a volatile stack slot, so that LLVM cannot see the
+/// comparison it is and make it one (a branch: BPF has no conditional move).
 #[inline(always)]
 fn nonzero(x: u64) -> u64 {
-    debug_assert!(x < 1 << 63);
     let negated = x.wrapping_neg();
     // SAFETY: a local's own address.
     let negated = unsafe { core::ptr::read_volatile(&raw const negated) };
@@ -578,5 +577,41 @@ pub unsafe fn write_path(exe: &Executable, path: *mut u8) -> (u8, u8) {
     match unsafe { read::<*const u8>(dentry, layout(|l| &l.d_parent)) } {
         Some(parent) if parent == dentry => (parts, 0),
         _ => (parts, EXE_FLAG_TRUNCATED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_is_one_for_every_value_but_zero() {
+        for x in [1, 2, 0xffff_ffff, 1 << 32, (1 << 63) - 1, 1 << 63, u64::MAX] {
+            assert_eq!(nonzero(x), 1, "{x:#x}");
+        }
+        assert_eq!(nonzero(0), 0);
+    }
+
+    #[test]
+    fn the_host_is_the_initial_pid_and_cgroup_namespaces_and_any_failed_read_a_container() {
+        let kind = |level, inum| kind_of(kind_bits(level, inum, Some(0), Some(0)));
+        assert_eq!(kind(Some(0), Some(INIT_CGROUP_NS_INO)), TASK_HOST);
+        assert_eq!(kind(Some(1), Some(INIT_CGROUP_NS_INO)), TASK_CONTAINER);
+        assert_eq!(kind(Some(0), Some(INIT_CGROUP_NS_INO - 1)), TASK_CONTAINER);
+        // What a null namespace pointer reads with BTF-typed loads.
+        assert_eq!(kind(Some(0), Some(0)), TASK_CONTAINER);
+        assert_eq!(kind(None, Some(INIT_CGROUP_NS_INO)), TASK_CONTAINER);
+        assert_eq!(kind(Some(0), None), TASK_CONTAINER);
+    }
+
+    #[test]
+    fn sockets_are_owned_as_another_unless_both_uids_were_read_and_are_the_same() {
+        let host = |uid, fsuid| kind_bits(Some(0), Some(INIT_CGROUP_NS_INO), uid, fsuid);
+        assert!(!owns_sockets_as_another(host(Some(1000), Some(1000))));
+        assert!(owns_sockets_as_another(host(Some(0), Some(1000))));
+        assert!(owns_sockets_as_another(host(Some(1000), Some(0))));
+        assert!(owns_sockets_as_another(host(None, Some(0))));
+        assert!(owns_sockets_as_another(host(Some(0), None)));
+        assert_eq!(kind_of(host(Some(0), Some(1000))), TASK_HOST);
     }
 }
