@@ -62,8 +62,8 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
 ///
 /// One volatile read of that field alone: a volatile read of the whole struct made LLVM load
 /// every one of its 25 words at each use, and the verifier, though it knows their values, keeps
-/// the loads: 150 of them in `current_kind`, most of its 23% of an allowed `connect()`'s time
-/// in the program.
+/// the loads: 150 of them in what is now [`kind_of_current`], most of its 23% of an allowed
+/// `connect()`'s time in the program.
 #[inline(always)]
 fn layout(field: fn(&TaskLayout) -> &u32) -> u32 {
     // SAFETY: a read-only global the agent sets before loading; `field` picks one of its fields.
@@ -145,6 +145,85 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
     }
 }
 
+/// How a group of reads reaches the task's fields, so that one walk serves both ways:
+/// [`Loads`] where the caller tested `LAYOUT_BTF_TASK` once (straight-line BTF-typed loads,
+/// none of which fails), [`AsTheLayoutSays`] otherwise (each read tests the layout: BTF-typed
+/// loads or `bpf_probe_read_kernel`; the JIT keeps each test's load and a jump, where the
+/// verifier removed the way not taken).
+trait Reads {
+    /// Whether the reads are BTF-typed loads (a load through a null pointer reads 0).
+    fn btf() -> bool;
+    /// The current task ([`current`]).
+    fn current() -> *const u8;
+    /// [`read`].
+    ///
+    /// # Safety
+    /// As [`read`].
+    unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T>;
+    /// [`read_flagged`].
+    ///
+    /// # Safety
+    /// As [`read`].
+    unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, bool);
+}
+
+/// BTF-typed loads: only where the caller tested `LAYOUT_BTF_TASK` (so that the verifier never
+/// reaches these reads, nor `bpf_get_current_task_btf`, on a kernel without them).
+struct Loads;
+
+impl Reads for Loads {
+    #[inline(always)]
+    fn btf() -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn current() -> *const u8 {
+        // SAFETY: a helper without arguments (Linux 5.11+, where the agent sets
+        // `LAYOUT_BTF_TASK`); its result is only loaded from, as `load` says.
+        unsafe { bpf_get_current_task_btf() as *const u8 }
+    }
+
+    #[inline(always)]
+    unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        // SAFETY: as the caller promises, with `LAYOUT_BTF_TASK` tested.
+        Some(unsafe { load(base, offset) })
+    }
+
+    #[inline(always)]
+    unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, bool) {
+        // SAFETY: as above.
+        (unsafe { load(base, offset) }, false)
+    }
+}
+
+/// Each read as `LAYOUT_BTF_TASK` says ([`read`]).
+struct AsTheLayoutSays;
+
+impl Reads for AsTheLayoutSays {
+    #[inline(always)]
+    fn btf() -> bool {
+        known(LAYOUT_BTF_TASK)
+    }
+
+    #[inline(always)]
+    fn current() -> *const u8 {
+        current()
+    }
+
+    #[inline(always)]
+    unsafe fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        // SAFETY: as the caller promises.
+        unsafe { read(base, offset) }
+    }
+
+    #[inline(always)]
+    unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, bool) {
+        // SAFETY: as the caller promises.
+        unsafe { read_flagged(base, offset) }
+    }
+}
+
 /// Which `ALLOW` keys judge the current task, and its uid: [`TASK_CONTAINER`] when its pid or
 /// cgroup namespace is not the host's initial one (container runtimes make both; systemd
 /// services make neither), [`TASK_HOST`] otherwise. Read at the attempt, so a container is one
@@ -160,44 +239,34 @@ unsafe fn read_flagged<T: Copy + Default>(base: *const u8, offset: u32) -> (T, b
 /// `bpf_get_current_uid_gid` where [`current_uid_gid`] would.
 ///
 /// Read in place where the task's fields are BTF-typed loads and its credentials' pointer is
-/// not null (always, for a task making a system call): straight-line loads, one test of the
-/// layout and one of the pointer. Otherwise (`bpf_probe_read_kernel` reads, whose every read
-/// may fail, or the helper's uid) by the global function [`current_task_kind_fallback`]. Both
-/// make the kind and the flag of the same fields with [`kind_bits`], without branches: after
-/// it the verifier explores the decision once, with both as numbers, as after the global
-/// function's return. (The reads with branches made it explore the decision once per way they
-/// went, and the agent's start took 55 ms longer; the global function's call on every attempt,
-/// and the reads written for both ways of reading, each testing the layout, cost an allowed
-/// attempt 10-30 ns by table 0b of BENCHMARKS.md.)
+/// not null (always, for a task making a system call): straight-line loads ([`Loads`]) after
+/// one test of the layout and one of the pointer. Otherwise (without the namespaces' layout,
+/// with `bpf_probe_read_kernel` reads, each of which may fail, or for the helper's uid) by the
+/// global function [`current_task_kind_fallback`]: the same walks ([`credentials`],
+/// [`kind_of_current`]) and the same arithmetic ([`kind_bits`]), which has no branch where
+/// every read is a load: after it the verifier explores the decision once, with the kind and
+/// the flag as numbers, as after the global function's return. (The reads with branches made
+/// it explore the decision once per way they went, and the agent's start took 55 ms longer;
+/// the global function's call on every attempt, and reads that each tested the layout, cost an
+/// allowed attempt 10-30 ns by table 0b of BENCHMARKS.md.)
 #[inline(always)]
 pub fn current_task_kind() -> u64 {
     if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {
-        // SAFETY: a helper without arguments (Linux 5.11+, offered where `LAYOUT_BTF_TASK` is
-        // set), and BTF-typed loads from its result and through the pointers read from it.
-        unsafe {
-            let task = bpf_get_current_task_btf() as *const u8;
-            let cred = load::<*const u8>(task, layout(|l| &l.cred));
-            if !cred.is_null() {
-                let uid = load::<u32>(cred, layout(|l| &l.uid));
-                let pid = load::<*const u8>(task, layout(|l| &l.thread_pid));
-                let nsproxy = load::<*const u8>(task, layout(|l| &l.nsproxy));
-                let cgroup_ns = load::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns));
-                return kind_bits(
-                    Some(load(pid, layout(|l| &l.pid_level))),
-                    Some(load(cgroup_ns, layout(|l| &l.cgroup_ns_inum))),
-                    Some(uid),
-                    Some(load(cred, layout(|l| &l.fsuid))),
-                ) | u64::from(uid) << 32;
-            }
+        let task = Loads::current();
+        let credentials = credentials::<Loads>(task);
+        // With loads, only a null credentials' pointer leaves the uid untrusted.
+        if credentials.uid_trusted {
+            return kind_of_current::<Loads>(task, credentials) | u64::from(credentials.uid) << 32;
         }
     }
     current_task_kind_fallback()
 }
 
-/// [`current_task_kind`] where its reads are not BTF-typed loads, or the credentials' pointer
-/// read null: a global function, which the verifier checks once on its own, and whose result
-/// it knows only as a number (the paths that computed it do not multiply its states after the
-/// call, what a value passed through a map did before: see `opaque`).
+/// [`current_task_kind`] without the namespaces' layout, where its reads are not BTF-typed
+/// loads, or when the credentials' pointer read null: a global function, which the verifier
+/// checks once on its own, and whose result it knows only as a number (the paths that computed
+/// it do not multiply its states after the call, what a value passed through a map did before:
+/// see `opaque`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn current_task_kind_fallback() -> u64 {
@@ -205,27 +274,30 @@ pub extern "C" fn current_task_kind_fallback() -> u64 {
         return u64::from(TASK_HOST) | FSUID_NOT_UID | helper_uid();
     }
     let task = current();
-    let credentials = credentials(task);
+    let credentials = credentials::<AsTheLayoutSays>(task);
     let uid = if credentials.uid_trusted {
         u64::from(credentials.uid) << 32
     } else {
         helper_uid()
     };
-    kind_of_current(task, credentials) | uid
+    kind_of_current::<AsTheLayoutSays>(task, credentials) | uid
 }
 
 /// [`current_task_kind`]'s kind and [`FSUID_NOT_UID`], for `task` (the current task, as
-/// [`current`] gave it) with `credentials` ([`kind_bits`]).
+/// `R::current` gave it) with `credentials` ([`kind_bits`]). A null `nsproxy` (an exiting
+/// task's) is not read through with `bpf_probe_read_kernel` (that a read at a small address
+/// fails is each architecture's rule); a load through it reads 0, no namespace's inode.
 #[inline(always)]
-fn kind_of_current(task: *const u8, credentials: Credentials) -> u64 {
-    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
+fn kind_of_current<R: Reads>(task: *const u8, credentials: Credentials) -> u64 {
+    // SAFETY: reads as `R` says, from the task and through the pointers read from it.
     let (level, cgroup_ns_inum) = unsafe {
         (
-            read::<*const u8>(task, layout(|l| &l.thread_pid))
-                .and_then(|pid| read::<u32>(pid, layout(|l| &l.pid_level))),
-            read::<*const u8>(task, layout(|l| &l.nsproxy))
-                .and_then(|nsproxy| read::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns)))
-                .and_then(|ns| read::<u32>(ns, layout(|l| &l.cgroup_ns_inum))),
+            R::read::<*const u8>(task, layout(|l| &l.thread_pid))
+                .and_then(|pid| R::read::<u32>(pid, layout(|l| &l.pid_level))),
+            R::read::<*const u8>(task, layout(|l| &l.nsproxy))
+                .filter(|nsproxy| R::btf() || !nsproxy.is_null())
+                .and_then(|nsproxy| R::read::<*const u8>(nsproxy, layout(|l| &l.cgroup_ns)))
+                .and_then(|ns| R::read::<u32>(ns, layout(|l| &l.cgroup_ns_inum))),
         )
     };
     kind_bits(
@@ -239,12 +311,13 @@ fn kind_of_current(task: *const u8, credentials: Credentials) -> u64 {
 /// The kind of task and [`FSUID_NOT_UID`] of [`current_task_kind`]'s result, from what was read
 /// (`None`: the read failed). [`TASK_HOST`] when the task's pid namespace's level is 0 and its
 /// cgroup namespace is the initial one, else [`TASK_CONTAINER`]: a failed read counts as a
-/// container, and so does a null pointer on the way to the namespace (a BTF-typed load through
-/// it reads 0, which is no cgroup namespace's inode). The flag is set unless both uids were read
-/// and are the same (where a read failed, as without the layout, the caller remembers the
-/// verdict its connect hook gave on the socket, rather than have the packet layer judge the
-/// socket's packets by an owner it could not compare). Without a branch where every read is
-/// `Some` (BTF-typed loads: the verifier knows the layout's bits).
+/// container, and so does a null pointer on the way to the cgroup namespace (a BTF-typed load
+/// through it reads 0, which is no cgroup namespace's inode; a null pid reads level 0, and the
+/// task is the host's only if its cgroup namespace is too). The flag is set unless both uids
+/// were read and are the same (where a read failed, as without the layout, the caller
+/// remembers the verdict its connect hook gave on the socket, rather than have the packet
+/// layer judge the socket's packets by an owner it could not compare). Without a branch where
+/// every read is `Some` ([`Loads`]).
 #[inline(always)]
 fn kind_bits(
     level: Option<u32>,
@@ -322,10 +395,10 @@ struct Credentials {
 /// The uid and file system uid of `task` (the current task, as [`current`] gave it), read from
 /// its credentials, one line, once for all their uses.
 #[inline(always)]
-fn credentials(task: *const u8) -> Credentials {
-    // SAFETY: reads through BTF-typed loads or `bpf_probe_read_kernel` (see `read`).
+fn credentials<R: Reads>(task: *const u8) -> Credentials {
+    // SAFETY: reads as `R` says, from the task and through the credentials' pointer.
     unsafe {
-        let Some(cred) = read::<*const u8>(task, layout(|l| &l.cred)).filter(|c| !c.is_null())
+        let Some(cred) = R::read::<*const u8>(task, layout(|l| &l.cred)).filter(|c| !c.is_null())
         else {
             return Credentials {
                 uid: 0,
@@ -339,12 +412,12 @@ fn credentials(task: *const u8) -> Credentials {
         // LLVM compared the two words first and checked that both reads succeeded after,
         // reading a register the failed helper call had left unset, which every verifier
         // refuses ("R1 !read_ok").
-        let (uid, uid_failed) = read_flagged::<u32>(cred, layout(|l| &l.uid));
-        let (fsuid, fsuid_failed) = read_flagged::<u32>(cred, layout(|l| &l.fsuid));
+        let (uid, uid_failed) = R::read_flagged::<u32>(cred, layout(|l| &l.uid));
+        let (fsuid, fsuid_failed) = R::read_flagged::<u32>(cred, layout(|l| &l.fsuid));
         Credentials {
             uid,
             // Never a failed read's 0 (root's): with BTF-typed loads none fails.
-            uid_trusted: known(LAYOUT_BTF_TASK) && !uid_failed,
+            uid_trusted: R::btf() && !uid_failed,
             fsuid,
             uid_read: !uid_failed,
             fsuid_read: !fsuid_failed,
@@ -419,9 +492,10 @@ pub extern "C" fn current_task_gid() -> u64 {
 /// (containers known by their cgroup path alone) no sender can be confirmed: a host task's,
 /// with its uid unknown.
 ///
-/// A global function, as [`current_task_kind`] is (`TASK_*` in the low bits, [`kind_of`]):
-/// checked once on its own, its result only a number to the caller, whatever paths its reads
-/// took.
+/// A global function, as [`current_task_kind_fallback`] is (`TASK_*` in the low bits,
+/// [`kind_of`]): checked once on its own, its result only a number to the caller, whatever
+/// paths its reads took. (Read in place as [`current_task_kind`] reads, it measured the same on
+/// the NAT datagram's path: BENCHMARKS.md, "The task's kind read in place".)
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
@@ -429,7 +503,7 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
         return u64::from(TASK_HOST) | SENDER_UNCONFIRMED;
     }
     let task = current();
-    let credentials = credentials(task);
+    let credentials = credentials::<AsTheLayoutSays>(task);
     // A failed read is a value no socket has (no cgroup's id). (An `Option` compared whole
     // made LLVM read a `None`'s payload from the stack and mask it away: a read of stack never
     // written, which Linux 5.10's verifier refuses.)
@@ -449,7 +523,7 @@ pub extern "C" fn sender_kind(socket_uid: u64, socket_cgroup: u64) -> u64 {
     }
     // The kind from the task and credentials already in hand (not a call of
     // `current_task_kind`, which would ask for them again).
-    let kind = kind_of_current(task, credentials);
+    let kind = kind_of_current::<AsTheLayoutSays>(task, credentials);
     if owns_sockets_as_another(kind) {
         kind | SENDER_UNCONFIRMED
     } else {

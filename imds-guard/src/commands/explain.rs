@@ -62,7 +62,7 @@ fn workload(args: &ExplainArgs, hierarchy: &Hierarchy) -> Result<Workload> {
 /// A running process, as the kernel sees it.
 fn process(pid: u32) -> Result<Workload> {
     let (uid, gid) = procfs::real_ids(pid)?;
-    // As the kernel tells (see the programs' `task::current_kind`): a namespace that is not
+    // As the kernel tells (see the programs' `task::kind_bits`): a namespace that is not
     // the initial one, by its inode number.
     let namespaced = if procfs::namespace(pid, "pid")? != u64::from(INIT_PID_NS_INO) {
         Some("its pid namespace is not the host's")
