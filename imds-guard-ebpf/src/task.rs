@@ -392,8 +392,8 @@ struct Credentials {
     fsuid_read: bool,
 }
 
-/// The uid and file system uid of `task` (the current task, as [`current`] gave it), read from
-/// its credentials, one line, once for all their uses.
+/// The uid and file system uid of `task` (the current task, as `R::current` gave it), read
+/// from its credentials, one line, once for all their uses, as `R` reads.
 #[inline(always)]
 fn credentials<R: Reads>(task: *const u8) -> Credentials {
     // SAFETY: reads as `R` says, from the task and through the credentials' pointer.
