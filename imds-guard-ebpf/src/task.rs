@@ -234,9 +234,9 @@ impl Reads for AsTheLayoutSays {
 /// The kind is in the low bits ([`kind_of`]); [`FSUID_NOT_UID`] is set when the sockets the
 /// task makes are owned by another uid than its own ([`owns_sockets_as_another`]); the uid is
 /// the high half ([`uid_of`]), read from the credentials this reads for the file system uid
-/// (the uid read on its own, as [`current_uid_gid`] reads it, cost the allowed path a second
-/// task pointer from a helper and a second walk to the credentials), or asked of
-/// `bpf_get_current_uid_gid` where [`current_uid_gid`] would.
+/// (the uid read on its own cost the allowed path a second task pointer from a helper and a
+/// second walk to the credentials), or asked of `bpf_get_current_uid_gid` where they cannot be
+/// trusted (`Credentials::uid_trusted`).
 ///
 /// Read in place where the task's fields are BTF-typed loads and its credentials' pointer is
 /// not null (always, for a task making a system call): straight-line loads ([`Loads`]) after
@@ -380,9 +380,10 @@ fn helper_uid() -> u64 {
 #[derive(Clone, Copy)]
 struct Credentials {
     uid: u32,
-    /// `uid` is the task's as [`current_uid_gid`] would read it: from a credentials pointer
-    /// that is not null, with BTF-typed loads (a load that faults reads 0, which would be
-    /// root's). From `bpf_probe_read_kernel` reads the helper is asked instead.
+    /// `uid` is the task's, as `bpf_get_current_uid_gid` gives it (the credentials' ids are
+    /// the initial user namespace's, which the helper maps them to): read from a credentials
+    /// pointer that is not null, with BTF-typed loads (a load that faults reads 0, which would
+    /// be root's). From `bpf_probe_read_kernel` reads the helper is asked instead.
     uid_trusted: bool,
     /// The file system uid (`cred.fsuid`, which owns the sockets the task makes, and which
     /// `seteuid` and `setfsuid` set).
@@ -425,37 +426,9 @@ fn credentials<R: Reads>(task: *const u8) -> Credentials {
     }
 }
 
-/// The current task's uid (low half) and gid (high half), as `bpf_get_current_uid_gid` gives
-/// them: its credentials (`task->cred`, whose ids are the initial user namespace's, the ones
-/// the helper maps them to). With `LAYOUT_BTF_TASK`, two loads from the task's credentials
-/// (the helper's call and its mapping through the user namespace were 6% of the allowed path's
-/// samples, when it read both ids here). Otherwise, and should the credentials' pointer read
-/// null (a load that faults reads 0: uid 0 would be root's), the helper. The socket hooks read
-/// the uid with the task's kind ([`current_task_kind`]) and the gid here ([`current_gid`]).
-#[inline(always)]
-pub fn current_uid_gid() -> u64 {
-    if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {
-        let task = current();
-        // SAFETY: BTF-typed loads (see `read`), from the current task and its credentials.
-        let ids = unsafe {
-            read::<*const u8>(task, layout(|l| &l.cred))
-                .filter(|cred| !cred.is_null())
-                .and_then(|cred| {
-                    let uid = read::<u32>(cred, layout(|l| &l.uid))?;
-                    let gid = read::<u32>(cred, layout(|l| &l.gid))?;
-                    Some(u64::from(uid) | u64::from(gid) << 32)
-                })
-        };
-        if let Some(ids) = ids {
-            return ids;
-        }
-    }
-    bpf_get_current_uid_gid()
-}
-
-/// The current task's gid, as [`current_uid_gid`] reads it: for the decision where a rule set
-/// has gid rules, and for what is remembered or reported (the uid is [`current_task_kind`]'s).
-/// Asked on those paths alone, each a call of [`current_task_gid`].
+/// The current task's gid, as `bpf_get_current_uid_gid` gives it: for the decision where a
+/// rule set has gid rules, and for what is remembered or reported (the uid is
+/// [`current_task_kind`]'s). Asked on those paths alone, each a call of [`current_task_gid`].
 #[inline(always)]
 pub fn current_gid() -> u32 {
     // Truncation intended: a gid is 32 bits.
@@ -469,11 +442,24 @@ pub fn current_gid() -> u32 {
 /// the decision asks for the gid and again where it is kept or reported, its reads (the task's
 /// credentials, or the helper where they cannot be trusted) were explored once per path that
 /// reached each of them, and the socket hooks' verification took half as long again (the
-/// agent's start: 199 -> 427 ms).
+/// agent's start: 199 -> 427 ms). With `LAYOUT_BTF_TASK`, a load from the task's credentials
+/// (the helper's call and its mapping through the user namespace were 6% of the allowed path's
+/// samples, when it read the ids there); otherwise, and should the credentials' pointer read
+/// null (a load through it reads 0, root's group), the helper.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn current_task_gid() -> u64 {
-    current_uid_gid() >> 32
+    if known(LAYOUT_BTF_TASK) && known(LAYOUT_NAMESPACES) {
+        // SAFETY: BTF-typed loads with the layout tested, from the current task and through
+        // its credentials' pointer, which is tested for null first.
+        unsafe {
+            let cred = load::<*const u8>(Loads::current(), layout(|l| &l.cred));
+            if !cred.is_null() {
+                return u64::from(load::<u32>(cred, layout(|l| &l.gid)));
+            }
+        }
+    }
+    bpf_get_current_uid_gid() >> 32
 }
 
 /// The kind of task that sent a packet the socket hooks did not judge (a raw socket's, one of a
