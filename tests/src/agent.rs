@@ -524,9 +524,13 @@ impl Agent {
         self.stop_with(Signal::SIGTERM)
     }
 
-    /// Runs `client` (a workload holding a connection open, say) in a thread, and 700 ms after
-    /// it started writes each of `policies` to `config` in turn, each taken by a reload
-    /// (SIGHUP): what the client got across them. The agent has taken no reload before.
+    /// Runs `client` in a thread: `clients` workloads that hold a connection open at the gate
+    /// it is given ([`crate::Client::hold_at`]). Once they are all there, writes each of
+    /// `policies` to `config` in turn, each taken by a reload (SIGHUP), then opens the gate:
+    /// what the workloads got across the reloads. The agent has taken no reload before.
+    ///
+    /// A workload that ends before the gate (its connect refused, say) is waited for no
+    /// longer than 30 s; the reloads are made all the same, and its outcome says what happened.
     ///
     /// # Panics
     /// When the client panics or a reload is not taken in time.
@@ -534,16 +538,24 @@ impl Agent {
         &self,
         config: &crate::ConfigFile,
         policies: &[&str],
-        client: impl FnOnce() -> T + Send,
+        clients: usize,
+        client: impl FnOnce(&crate::Gate) -> T + Send,
     ) -> T {
+        let gate = crate::Gate::new();
         std::thread::scope(|scope| {
-            let client = scope.spawn(client);
-            std::thread::sleep(Duration::from_millis(700));
+            let client = scope.spawn(|| client(&gate));
+            if !gate.wait_for(clients, Duration::from_secs(30), || client.is_finished()) {
+                eprintln!(
+                    "{} of {clients} held workload(s) reached the gate; reloading all the same",
+                    gate.arrived()
+                );
+            }
             for (round, policy) in policies.iter().enumerate() {
                 config.write(policy);
                 self.signal(Signal::SIGHUP);
                 self.wait_reloads(round + 1, 0);
             }
+            gate.open();
             client.join().expect("client")
         })
     }

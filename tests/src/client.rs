@@ -186,10 +186,12 @@ impl<'a> Client<'a> {
         self
     }
 
-    /// Makes `held-imds` send its request `millis` after opening its connection.
+    /// Makes the held routes (`held-imds`, `held-v1`, `reconnect-held`) wait at `gate` once
+    /// their connection is open (or refused, for `reconnect-held`), and go on when it opens.
     #[must_use]
-    pub fn hold(mut self, millis: u32) -> Self {
-        self.options.push(("--hold", millis.to_string()));
+    pub fn hold_at(mut self, gate: &crate::Gate) -> Self {
+        self.options
+            .push(("--hold-at", gate.dir().to_string_lossy().into_owned()));
         self
     }
 

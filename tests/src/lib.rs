@@ -9,6 +9,7 @@ mod agent;
 mod cgroup;
 mod client;
 mod config;
+mod gate;
 mod metrics;
 mod pins;
 mod prober;
@@ -19,6 +20,7 @@ pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary, test
 pub use cgroup::TestCgroup;
 pub use client::{Client, Outcome, Timings};
 pub use config::ConfigFile;
+pub use gate::Gate;
 pub use metrics::{free_port, http_get, sample};
 pub use pins::Pins;
 pub use prober::{StopOnDrop, probe};

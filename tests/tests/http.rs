@@ -3,7 +3,7 @@
 //! once, and `paths`/`deny_paths` say what a workload may read.
 
 use imds_guard_tests::{
-    Agent, Client, ConfigFile, EACCES, EPERM, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox,
+    Agent, Client, ConfigFile, EACCES, EPERM, Gate, IMDS_V4, IMDS_V6, MOCK_INSTANCE_ID, Sandbox,
     TestCgroup, assert_fields, free_port, http_get, imds_guard, sample, setup,
 };
 use serde_json::{Value, json};
@@ -433,10 +433,11 @@ fn requests_on_a_connection_from_before_a_reload_are_counted() {
     let Some((sandbox, attach)) = setup("http-reload") else {
         return;
     };
-    let config = ConfigFile::new(&format!(
+    let policy = format!(
         "cgroup = \"{0}\"\n[[allow]]\nname = \"legacy\"\ncgroup = \"{0}/legacy\"\n",
         attach.path
-    ));
+    );
+    let config = ConfigFile::new(&policy);
     let port = free_port();
     let agent = Agent::start(&[
         "--config",
@@ -445,17 +446,12 @@ fn requests_on_a_connection_from_before_a_reload_are_counted() {
         &format!("127.0.0.1:{port}"),
     ]);
     let legacy = attach.child("legacy");
-    let outcome = std::thread::scope(|scope| {
-        let client = scope.spawn(|| {
-            Client::new(&sandbox, &legacy, LEGACY, LEGACY)
-                .hold(1500)
-                .route("held-imds", IMDS_V4, 80)
-        });
-        // The token is asked for and the connection opened; then the policy is switched.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        agent.signal(nix::sys::signal::Signal::SIGHUP);
-        agent.wait_reloads(1, 0);
-        client.join().expect("client")
+    // The token is asked for and the connection opened; then the policy is switched (to the
+    // same rules, in another generation).
+    let outcome = agent.across_reloads(&config, &[&policy], 1, |gate| {
+        Client::new(&sandbox, &legacy, LEGACY, LEGACY)
+            .hold_at(gate)
+            .route("held-imds", IMDS_V4, 80)
     });
     outcome.assert_ok(MOCK_INSTANCE_ID);
     let (_, metrics) = http_get(port, "/metrics");
@@ -491,9 +487,9 @@ fn a_connection_is_not_judged_by_another_policys_rule_of_the_same_id() {
     let after = rules(("app", LEGACY, token), ("other", 4242, token_and_id));
     let config = ConfigFile::new(&before);
     let agent = agent_with(&config);
-    let held = agent.across_reloads(&config, &[&before, &after], || {
+    let held = agent.across_reloads(&config, &[&before, &after], 1, |gate| {
         Client::new(&sandbox, &attach, LEGACY, LEGACY)
-            .hold(2500)
+            .hold_at(gate)
             .route("held-imds", IMDS_V4, 80)
     });
     assert_ne!(
@@ -615,14 +611,20 @@ fn a_connection_from_before_the_agent_is_refused_where_the_rule_judges_requests(
         "cgroup = \"{0}\"\n[[allow]]\nname = \"modern\"\ncgroup = \"{0}/modern\"\nimds = \"v2\"\n",
         attach.path
     ));
+    let gate = Gate::new();
     let (held, agent) = std::thread::scope(|scope| {
         let client = scope.spawn(|| {
             Client::new(&sandbox, &modern, MODERN, MODERN)
-                .hold(3000)
+                .hold_at(&gate)
                 .route("held-imds", IMDS_V4, 80)
         });
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(
+            gate.wait_for(1, std::time::Duration::from_secs(30), || client
+                .is_finished()),
+            "the connection was not opened before the agent started"
+        );
         let agent = agent_with(&config);
+        gate.open();
         (client.join().expect("client"), agent)
     });
     assert_ne!(held.detail, MOCK_INSTANCE_ID, "{held:?}");
@@ -663,9 +665,9 @@ fn connections_a_rule_let_in_while_it_judged_less_are_judged_by_it_now() {
     ] {
         let config = ConfigFile::new(&before);
         let agent = agent_with(&config);
-        let held = agent.across_reloads(&config, &[&v2], || {
+        let held = agent.across_reloads(&config, &[&v2], 1, |gate| {
             Client::new(&sandbox, &attach, LEGACY, LEGACY)
-                .hold(1500)
+                .hold_at(gate)
                 .route("held-v1", IMDS_V4, 80)
         });
         assert_ne!(held.detail, MOCK_INSTANCE_ID, "{before}: {held:?}");

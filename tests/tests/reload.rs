@@ -220,8 +220,8 @@ fn three_rules(attach: &TestCgroup, extra: &str) -> String {
 }
 
 /// Connections by each of `three_rules`' workloads, each opened under the agent's policy and
-/// its request sent 1.5 s later, after a reload to `next`: what the uid rule's, the gid rule's
-/// and the container's root's got.
+/// its request sent after a reload to `next`: what the uid rule's, the gid rule's and the
+/// container's root's got.
 fn held_across_reload(
     sandbox: &Sandbox,
     attach: &TestCgroup,
@@ -230,7 +230,7 @@ fn held_across_reload(
     config: &ConfigFile,
     next: &str,
 ) -> [Outcome; 3] {
-    agent.across_reloads(config, &[next], || {
+    agent.across_reloads(config, &[next], 3, |gate| {
         std::thread::scope(|scope| {
             let held = |uid, gid, in_container: bool| {
                 scope.spawn(move || {
@@ -239,7 +239,7 @@ fn held_across_reload(
                     } else {
                         Client::new(sandbox, attach, uid, gid)
                     };
-                    client.hold(1500).route("held-imds", IMDS_V4, 80)
+                    client.hold_at(gate).route("held-imds", IMDS_V4, 80)
                 })
             };
             [
@@ -342,10 +342,10 @@ fn a_verdict_remembered_on_a_socket_ends_with_its_policy() {
     let agent = Agent::start(&["--config", &config.path().to_string_lossy()]);
     let revoked = format!("cgroup = \"{}\"\n[[allow]]\nuid = {ALLOWED}\n", attach.path);
     let container = docker_container(&attach);
-    let reused = agent.across_reloads(&config, &[&revoked, &revoked], || {
+    let reused = agent.across_reloads(&config, &[&revoked, &revoked], 1, |gate| {
         Client::new(&sandbox, &container, 0, 0)
             .namespaces("pid,cgroup")
-            .hold(2500)
+            .hold_at(gate)
             .route("reconnect-held", std::net::Ipv4Addr::LOCALHOST, 9080)
     });
     assert_ne!(

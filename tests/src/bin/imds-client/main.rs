@@ -12,10 +12,10 @@
 //! connected-udp, connected-udp-thrice, connected-udp-ip-options, sendto-on-connected-udp,
 //! sendmmsg, io-uring-connect, io-uring-connect-async, io-uring-sendmsg, thread-connect,
 //! child-connect, raw-udp, raw-syn,
-//! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold MILLIS`: the metadata
-//! request on a connection opened that long before; held-v1 the same tokenless),
-//! reconnect-held (the same on a socket refused by IMDS's port 81 that long before, connected
-//! again), passed-socket, passed-connection, connect-close, bulk-send and until-allowed (for
+//! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold-at DIR`: the metadata
+//! request on a connection opened before the test opened the gate DIR; held-v1 the same
+//! tokenless), reconnect-held (the same on a socket refused by IMDS's port 81 before the gate
+//! opened, connected again after), passed-socket, passed-connection, connect-close, bulk-send and until-allowed (for
 //! the benchmarks), and `churn DIR SECS` (makes and removes cgroups below DIR for SECS
 //! seconds, as its uid).
 //!
@@ -90,12 +90,8 @@ fn main() {
     }
 
     let (addr, moved) = become_workload(&options, host, port);
-    // `--hold MILLIS`: how long `held-imds` keeps its connection open before the request.
-    let hold = Duration::from_millis(
-        options
-            .get("hold")
-            .map_or(0, |ms| ms.parse().expect("hold")),
-    );
+    // `--hold-at DIR`: the gate `held-imds` waits at with its connection open.
+    let hold = Hold(options.get("hold-at").map(std::path::PathBuf::from));
     let path = options
         .get("path")
         .cloned()
@@ -132,7 +128,7 @@ fn main() {
         }
         attempt += 1;
         let addr = SocketAddr::new(base.ip(), port.get().wrapping_add(offset));
-        act_once(action, addr, drop_to, hold, &path, &mut child_pid)
+        act_once(action, addr, drop_to, &hold, &path, &mut child_pid)
     };
     let repeat: u32 = options
         .get("repeat")
@@ -345,7 +341,7 @@ fn act_once(
     action: &str,
     addr: SocketAddr,
     drop_to: Option<(u32, u32)>,
-    hold: Duration,
+    hold: &Hold,
     path: &str,
     child_pid: &mut Option<u32>,
 ) -> io::Result<String> {
@@ -547,15 +543,50 @@ fn imds_v2(addr: SocketAddr) -> io::Result<String> {
     )
 }
 
-/// `IMDSv2` with the metadata request on a connection opened `hold` before it is sent: what an
+/// Where a held connection waits before its request: the gate `--hold-at DIR` of
+/// `imds-guard-tests`' `Gate`. The client marks that it is there (a new file `DIR/ready-*`),
+/// then waits until the test opens the gate (makes `DIR/open`): what the test does meanwhile (a
+/// reload, the agent's start) comes after the connection's opening and before its request,
+/// however loaded the machine.
+struct Hold(Option<std::path::PathBuf>);
+
+impl Hold {
+    /// How long a client waits for its gate before it gives up.
+    const PATIENCE: Duration = Duration::from_mins(1);
+
+    fn wait(&self) -> io::Result<()> {
+        let Some(dir) = &self.0 else {
+            return Err(io::Error::other("a held route needs --hold-at DIR"));
+        };
+        // Unique among clients of other pid namespaces too, where each may be pid 1.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        std::fs::File::create_new(dir.join(format!("ready-{}-{stamp}", std::process::id())))?;
+        let deadline = std::time::Instant::now() + Self::PATIENCE;
+        while !dir.join("open").exists() {
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "the gate {} was not opened within {:?}",
+                    dir.display(),
+                    Self::PATIENCE
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+/// `IMDSv2` with the metadata request on a connection opened before the gate: what an
 /// established connection gets when the policy changes meanwhile.
-fn held_imds(addr: SocketAddr, hold: Duration) -> io::Result<String> {
+fn held_imds(addr: SocketAddr, hold: &Hold) -> io::Result<String> {
     let token = http(
         addr,
         "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
     )?;
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    std::thread::sleep(hold);
+    hold.wait()?;
     request(
         stream,
         addr,
@@ -565,18 +596,18 @@ fn held_imds(addr: SocketAddr, hold: Duration) -> io::Result<String> {
     )
 }
 
-/// A connection to `addr`, `hold` after it was opened.
-fn held(addr: SocketAddr, hold: Duration) -> io::Result<TcpStream> {
+/// A connection to `addr`, opened before the gate, once the gate is open.
+fn held(addr: SocketAddr, hold: &Hold) -> io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    std::thread::sleep(hold);
+    hold.wait()?;
     Ok(stream)
 }
 
 /// `IMDSv2` through `addr` (a NAT's way to IMDS), with the metadata request on a socket first
-/// connected to IMDS itself, on a port nothing listens on (port 81, refused), then, `hold`
-/// later, connected again to `addr`: a socket whose verdict was remembered for IMDS under
-/// the policy of its first connect, reused under the one in force at its second.
-fn reconnect_held(addr: SocketAddr, hold: Duration) -> io::Result<String> {
+/// connected to IMDS itself, on a port nothing listens on (port 81, refused), then, once the
+/// gate is open, connected again to `addr`: a socket whose verdict was remembered for IMDS
+/// under the policy of its first connect, reused under the one in force at its second.
+fn reconnect_held(addr: SocketAddr, hold: &Hold) -> io::Result<String> {
     let token = http(
         addr,
         "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
@@ -594,7 +625,7 @@ fn reconnect_held(addr: SocketAddr, hold: Duration) -> io::Result<String> {
         Err(err) => return Err(err),
         Ok(()) => return Err(io::Error::other("IMDS port 81 accepted the connection")),
     }
-    std::thread::sleep(hold);
+    hold.wait()?;
     socket.connect_timeout(&addr.into(), TIMEOUT)?;
     request(
         socket.into(),
