@@ -427,9 +427,7 @@ unsafe fn judge_write_on(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
         let complete = stepped == STEP_COMPLETE;
         // How far the loop got, as one value the verifier cannot see through (see `opaque`):
         // otherwise it would verify what follows once for each byte the loop can stop at.
-        let Some(outcome) = opaque::word(u64::from(read) | (u64::from(complete) << 32)) else {
-            return whole(ctx, unreadable(state, enforcing));
-        };
+        let outcome = opaque::opaque_word(u64::from(read) | (u64::from(complete) << 32));
         #[expect(clippy::cast_possible_truncation, reason = "the low half")]
         let read = outcome as u32;
         let complete = outcome >> 32 != 0;

@@ -5,48 +5,28 @@
 //! A few such facts (the kind of task, whether the socket is connected, ...) computed on
 //! different paths before the cgroup walk multiply its states: on Linux 6.1 the packet
 //! program went past the verifier's million instructions that way, while 6.18 needed 90
-//! thousand. Passed through a map value, each fact becomes one unknown the verifier explores
-//! once, whatever path computed it. (A global function's result is such an unknown too, without
-//! the map, and so is a value computed from loaded ones without a branch: the socket hooks get
-//! the kind of task so, from `task::current_task_kind`.)
+//! thousand. Made into a value the verifier knows only as a number, each fact becomes one
+//! unknown it explores once, whatever path computed it. Three ways to such a value here: a
+//! global function's result ([`opaque_word`]; the socket hooks' `task::current_task_kind_fallback`);
+//! a load from the program's context of what it stored there (the packet layer's
+//! `opaque_found`, through the packet's control block); a value computed from loaded ones
+//! without a branch (the socket hooks' `task::current_task_kind`).
+//!
+//! (Through a per-CPU map slot before: a program that interrupted another holding the slot on
+//! its CPU found it busy and had to fail closed, unreported.)
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-
-/// A CPU's slot, and whether a program on it is using the slot now.
-#[repr(C)]
-pub struct Slot {
-    busy: u64,
-    value: u64,
-}
-
-/// Not pinned: nothing in it outlives one call of [`word`].
-#[map(name = "OPAQUE")]
-static OPAQUE: PerCpuArray<Slot> = PerCpuArray::with_max_entries(1, 0);
-
-/// `value`, as the verifier sees a map value: unknown. `None` when the slot cannot be had, for
-/// the caller to fail closed.
-///
-/// A program can be interrupted on its CPU by another that comes here too (a packet sent from
-/// a softirq while a task's packet is judged). The interrupted one has marked the slot busy
-/// before writing it, so the interrupting one finds it busy and fails closed: its packet is
-/// dropped once (TCP sends it again), and the value the interrupted one reads back is its own.
-/// An interruption before the mark finishes before the interrupted program touches the slot.
-/// (Interruptions nest, so the plain per-CPU flag needs no atomics. A slot per nesting level
-/// would spare that packet, but a variable offset into the map value tripled what the
-/// socket hooks cost Linux 6.1's verifier.)
-#[inline]
-pub fn word(value: u64) -> Option<u64> {
-    let slot = OPAQUE.get_ptr_mut(0)?;
-    // SAFETY: this CPU's entry of a one-entry array, valid while the program runs; the
-    // volatile accesses keep LLVM from passing the value around the map, or reordering them.
+/// `value`, as the verifier sees a global function's result: unknown. A global function is
+/// verified once on its own, and its caller only knows that it returns a number. The value
+/// goes through a volatile slot of the function's stack, so that LLVM cannot pass it around
+/// the call either (it would know the function returns its argument). Cannot fail: the slot
+/// is this call's own.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn opaque_word(value: u64) -> u64 {
+    let mut slot = 0u64;
+    // SAFETY: a local of this frame.
     unsafe {
-        if core::ptr::read_volatile(&raw const (*slot).busy) != 0 {
-            return None;
-        }
-        core::ptr::write_volatile(&raw mut (*slot).busy, 1);
-        core::ptr::write_volatile(&raw mut (*slot).value, value);
-        let value = core::ptr::read_volatile(&raw const (*slot).value);
-        core::ptr::write_volatile(&raw mut (*slot).busy, 0);
-        Some(value)
+        core::ptr::write_volatile(&raw mut slot, value);
+        core::ptr::read_volatile(&raw const slot)
     }
 }

@@ -43,7 +43,6 @@ use imds_guard_common::{
 use crate::{
     http,
     maps::{self, SOCKET_VERDICTS},
-    opaque,
     protected::{self, Destination},
     record::{self, Decided, Identity},
     task, verdict,
@@ -397,24 +396,28 @@ fn judge_protected(
         };
     }
     // What the paths above found, as values the verifier explores once from here on (see
-    // `opaque`); the decision and the record after it are the heaviest part of the program.
-    let Some(Found {
+    // `opaque_found`); the decision and the record after it are the heaviest part of the
+    // program.
+    // SAFETY: the running program's context.
+    let Found {
         judged,
         seen_by_hooks,
         rewritten,
         remember,
         unjudged_tcp,
         followed,
-    }) = opaque_found(Found {
-        judged,
-        seen_by_hooks: facts.seen_by_hooks,
-        rewritten,
-        remember: facts.remember(),
-        unjudged_tcp,
-        followed: followed & http::FOLLOWED != 0,
-    })
-    else {
-        return DROP;
+    } = unsafe {
+        opaque_found(
+            skb,
+            Found {
+                judged,
+                seen_by_hooks: facts.seen_by_hooks,
+                rewritten,
+                remember: facts.remember(),
+                unjudged_tcp,
+                followed: followed & http::FOLLOWED != 0,
+            },
+        )
     };
     let Decision { verdict, rule, .. } = judged.decide(
         generation,
@@ -684,10 +687,19 @@ struct Found {
     followed: bool,
 }
 
-/// `found` as values the verifier cannot see through (see `opaque`), two words; `None` (never)
-/// for the caller to fail closed.
-#[inline]
-fn opaque_found(found: Found) -> Option<Found> {
+/// `found` as values the verifier cannot see through: two words written to the packet's control
+/// block (`__sk_buff.cb`) and read back. The verifier knows a value loaded from the context
+/// only as a number, whatever was stored there, so it explores what follows once, whatever
+/// path computed `found` (see `opaque` for why that matters). The block is the packet's own:
+/// no other program shares it (on this CPU or another, interrupting this one or interrupted),
+/// so this cannot fail, where a per-CPU map slot could be another run's at the time. The
+/// kernel saves the block before a `cgroup_skb` program that uses it and restores it after
+/// (`bpf_prog_run_save_cb`): nothing outside the program sees what it wrote.
+///
+/// # Safety
+/// `skb` is the running `cgroup_skb` program's context.
+#[inline(always)]
+unsafe fn opaque_found(skb: *mut __sk_buff, found: Found) -> Found {
     let Judged {
         task,
         uid_known,
@@ -697,25 +709,34 @@ fn opaque_found(found: Found) -> Option<Found> {
         again,
         previous,
     } = found.judged;
-    let word = opaque::word(
-        u64::from(task & 0xff)
-            | u64::from(found.seen_by_hooks) << 8
-            | u64::from(found.rewritten) << 9
-            | u64::from(found.remember) << 10
-            | u64::from(uid_known) << 11
-            | u64::from(gid_known) << 12
-            | u64::from(again) << 13
-            | u64::from(found.unjudged_tcp) << 14
-            | u64::from(found.followed) << 15
-            | u64::from(previous) << 16
-            | u64::from(uid) << 32,
-    )?;
-    let gid = opaque::word(u64::from(gid))?;
+    let word = u64::from(task & 0xff)
+        | u64::from(found.seen_by_hooks) << 8
+        | u64::from(found.rewritten) << 9
+        | u64::from(found.remember) << 10
+        | u64::from(uid_known) << 11
+        | u64::from(gid_known) << 12
+        | u64::from(again) << 13
+        | u64::from(found.unjudged_tcp) << 14
+        | u64::from(found.followed) << 15
+        | u64::from(previous) << 16
+        | u64::from(uid) << 32;
+    // SAFETY: the context's `cb`, five `u32`s from offset 48: two words, 8-aligned, which the
+    // verifier lets a `cgroup_skb` program read and write (Linux 4.10+). Volatile, so that
+    // LLVM neither passes the values around the block nor drops the stores.
+    let (word, gid) = unsafe {
+        let cb = (&raw mut (*skb).cb).cast::<u64>();
+        core::ptr::write_volatile(cb, word);
+        core::ptr::write_volatile(cb.add(1), u64::from(gid));
+        (
+            core::ptr::read_volatile(cb),
+            core::ptr::read_volatile(cb.add(1)),
+        )
+    };
     #[expect(
         clippy::cast_possible_truncation,
         reason = "fields of the words, masked or shifted into place"
     )]
-    Some(Found {
+    Found {
         judged: Judged {
             task: (word & 0xff) as u16,
             uid_known: word & 1 << 11 != 0,
@@ -730,7 +751,7 @@ fn opaque_found(found: Found) -> Option<Found> {
         remember: word & 1 << 10 != 0,
         unjudged_tcp: word & 1 << 14 != 0,
         followed: word & 1 << 15 != 0,
-    })
+    }
 }
 
 /// The verdict remembered on `socket` for `destination` (for a TCP packet, `tcp_rewritten`
