@@ -694,7 +694,7 @@ struct Found {
 /// no other program shares it (on this CPU or another, interrupting this one or interrupted),
 /// so this cannot fail, where a per-CPU map slot could be another run's at the time. The
 /// kernel saves the block before a `cgroup_skb` program that uses it and restores it after
-/// (`bpf_prog_run_save_cb`): nothing outside the program sees what it wrote.
+/// (`__bpf_prog_run_save_cb`): nothing outside the program sees what it wrote.
 ///
 /// # Safety
 /// `skb` is the running `cgroup_skb` program's context.
