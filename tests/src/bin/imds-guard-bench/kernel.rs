@@ -129,7 +129,10 @@ pub fn kernel_costs(
          From `BPF_ENABLE_STATS` (run_time_ns / run_cnt) of the agent's program minus the same \
          for a program that returns at once, attached beside it and run by the same attempts \
          ({ROUNDS} rounds of {ATTEMPTS} attempts, or one 1 GiB transfer; the median of the \
-         rounds' differences and its 95% confidence interval).\n\n\
+         rounds' differences and its 95% confidence interval). Neither figure holds the \
+         kernel's work around a program: for `egress`, that includes the save and restore of \
+         the packet's control block, which the agent's program uses and the no-op does not (20 \
+         bytes copied, zeroed and copied back; BENCHMARKS.md, history).\n\n\
          | program | destination | per run | no-op | over the no-op | target |\n\
          |---|---|---|---|---|---|"
     );
