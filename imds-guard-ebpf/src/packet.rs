@@ -398,7 +398,6 @@ fn judge_protected(
     // What the paths above found, as values the verifier explores once from here on (see
     // `opaque_found`); the decision and the record after it are the heaviest part of the
     // program.
-    // SAFETY: the running program's context.
     let Found {
         judged,
         seen_by_hooks,
@@ -406,19 +405,17 @@ fn judge_protected(
         remember,
         unjudged_tcp,
         followed,
-    } = unsafe {
-        opaque_found(
-            skb,
-            Found {
-                judged,
-                seen_by_hooks: facts.seen_by_hooks,
-                rewritten,
-                remember: facts.remember(),
-                unjudged_tcp,
-                followed: followed & http::FOLLOWED != 0,
-            },
-        )
-    };
+    } = opaque_found(
+        ctx,
+        Found {
+            judged,
+            seen_by_hooks: facts.seen_by_hooks,
+            rewritten,
+            remember: facts.remember(),
+            unjudged_tcp,
+            followed: followed & http::FOLLOWED != 0,
+        },
+    );
     let Decision { verdict, rule, .. } = judged.decide(
         generation,
         &SocketCgroup { skb, id: cgroup_id },
@@ -695,11 +692,8 @@ struct Found {
 /// so this cannot fail, where a per-CPU map slot could be another run's at the time. The
 /// kernel saves the block before a `cgroup_skb` program that uses it and restores it after
 /// (`__bpf_prog_run_save_cb`): nothing outside the program sees what it wrote.
-///
-/// # Safety
-/// `skb` is the running `cgroup_skb` program's context.
 #[inline(always)]
-unsafe fn opaque_found(skb: *mut __sk_buff, found: Found) -> Found {
+fn opaque_found(ctx: &SkBuffContext, found: Found) -> Found {
     let Judged {
         task,
         uid_known,
@@ -720,11 +714,18 @@ unsafe fn opaque_found(skb: *mut __sk_buff, found: Found) -> Found {
         | u64::from(found.followed) << 15
         | u64::from(previous) << 16
         | u64::from(uid) << 32;
-    // SAFETY: the context's `cb`, five `u32`s from offset 48: two words, 8-aligned, which the
-    // verifier lets a `cgroup_skb` program read and write (Linux 4.10+). Volatile, so that
-    // LLVM neither passes the values around the block nor drops the stores.
+    // SAFETY: the running program's context, whose `cb` is five `u32`s from offset 48: two
+    // words, 8-aligned, which the verifier lets a `cgroup_skb` program read and write (Linux
+    // 4.10+). Volatile, so that LLVM neither passes the values around the block nor drops the
+    // stores.
     let (word, gid) = unsafe {
-        let cb = (&raw mut (*skb).cb).cast::<u64>();
+        #[expect(
+            clippy::cast_ptr_alignment,
+            reason = "`cb` is at offset 48 of the context (the verifier refuses an access not \
+                      aligned to its size), and what the kernel makes of it, the control \
+                      block's data, is 8-aligned in the `sk_buff`"
+        )]
+        let cb = (&raw mut (*ctx.skb.skb).cb).cast::<u64>();
         core::ptr::write_volatile(cb, word);
         core::ptr::write_volatile(cb.add(1), u64::from(gid));
         (
