@@ -95,6 +95,18 @@ pub fn bench_noop6(_ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// The same beside `sendmsg4` (an unconnected datagram's send).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bench_noop_sendmsg4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+/// The same beside `sendmsg6`.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn bench_noop_sendmsg6(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
 /// The same beside `egress`.
 #[cgroup_skb(egress)]
 pub fn bench_noop_skb(_ctx: SkBuffContext) -> i32 {

@@ -22,10 +22,14 @@ const ROUNDS: usize = 11;
 const ATTEMPTS: u32 = 10_000;
 /// The UDP port the sandbox's NAT rewrites to IMDS (port 53).
 const NAT_PORT: u16 = 9053;
+/// The sandbox's UDP echo, on every address of its loopback.
+const ECHO_PORT: u16 = 53;
 
 /// What a round does to make the program run.
 enum Load {
     Connects(u32, SocketAddr),
+    /// Unconnected UDP datagrams (`sendto`, each on a new socket) to the sandbox's echo.
+    Datagrams(SocketAddr),
     Bulk,
     /// Connected UDP datagrams to `127.0.0.1:NAT_PORT`, which NAT rewrites to IMDS: the
     /// socket hooks see loopback, the packet layer judges IMDS.
@@ -42,7 +46,7 @@ struct Case {
 }
 
 /// The cases measured with the default fold window, and those without folding.
-fn cases() -> ([Case; 6], [Case; 1]) {
+fn cases() -> ([Case; 8], [Case; 1]) {
     let imds = sink(IMDS_V4.into());
     let folded = [
         Case {
@@ -57,6 +61,23 @@ fn cases() -> ([Case; 6], [Case; 1]) {
             program: "connect6",
             noop: "bench_noop6",
             load: Load::Connects(USER, sink("::1".parse().expect("::1"))),
+            target_ns: 10.0,
+        },
+        Case {
+            what: "not protected (127.0.0.1), an unconnected datagram",
+            program: "sendmsg4",
+            noop: "bench_noop_sendmsg4",
+            load: Load::Datagrams(SocketAddr::new([127, 0, 0, 1].into(), ECHO_PORT)),
+            target_ns: 10.0,
+        },
+        Case {
+            what: "not protected (::1), an unconnected datagram",
+            program: "sendmsg6",
+            noop: "bench_noop_sendmsg6",
+            load: Load::Datagrams(SocketAddr::new(
+                std::net::Ipv6Addr::LOCALHOST.into(),
+                ECHO_PORT,
+            )),
             target_ns: 10.0,
         },
         Case {
@@ -105,10 +126,16 @@ pub fn kernel_costs(
     workload: &TestCgroup,
 ) {
     let (folded, queued) = cases();
-    let noops: Vec<(&str, Alone)> = ["bench_noop4", "bench_noop6", "bench_noop_skb"]
-        .into_iter()
-        .map(|name| (name, Alone::attach(name, attach)))
-        .collect();
+    let noops: Vec<(&str, Alone)> = [
+        "bench_noop4",
+        "bench_noop6",
+        "bench_noop_sendmsg4",
+        "bench_noop_sendmsg6",
+        "bench_noop_skb",
+    ]
+    .into_iter()
+    .map(|name| (name, Alone::attach(name, attach)))
+    .collect();
     let noop_id = |name: &str| {
         noops
             .iter()
@@ -188,6 +215,13 @@ fn make_run(sandbox: &Sandbox, workload: &TestCgroup, load: &Load) {
     match *load {
         Load::Connects(uid, addr) => {
             connect_once(sandbox, workload, uid, addr, ATTEMPTS);
+        }
+        Load::Datagrams(addr) => {
+            let outcome = Client::new(sandbox, workload, USER, USER)
+                .repeat(ATTEMPTS)
+                .timings(0)
+                .udp(addr.ip(), addr.port());
+            outcome.assert_ok("ping");
         }
         Load::Bulk => {
             bulk_once(sandbox, workload);
