@@ -7,10 +7,10 @@
 //! program went past the verifier's million instructions that way, while 6.18 needed 90
 //! thousand. Made into a value the verifier knows only as a number, each fact becomes one
 //! unknown it explores once, whatever path computed it. Three ways to such a value here: a
-//! global function's result ([`opaque_word`]; the socket hooks' `task::current_task_kind_fallback`);
-//! a load from the program's context of what it stored there (the packet layer's
-//! `opaque_found`, through the packet's control block); a value computed from loaded ones
-//! without a branch (the socket hooks' `task::current_task_kind`).
+//! global function's result ([`opaque_word`]; the socket hooks'
+//! `task::current_task_kind_fallback`); a load from the program's context of what it stored
+//! there (the packet layer's `opaque_found`, through the packet's control block); a value
+//! computed from loaded ones without a branch (the socket hooks' `task::current_task_kind`).
 //!
 //! (Through a per-CPU map slot before: a program that interrupted another holding the slot on
 //! its CPU found it busy and had to fail closed, unreported.)

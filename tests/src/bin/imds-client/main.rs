@@ -11,13 +11,12 @@
 //! or one of the routes in `routes.rs`: nonblocking-connect, fastopen-sendto, fastopen-connect,
 //! connected-udp, connected-udp-thrice, connected-udp-ip-options, sendto-on-connected-udp,
 //! sendmmsg, io-uring-connect, io-uring-connect-async, io-uring-sendmsg, thread-connect,
-//! child-connect, raw-udp, raw-syn,
-//! ping-echo, udplite-connected, mptcp-connect, held-imds (`--hold-at DIR`: the metadata
-//! request on a connection opened before the test opened the gate DIR; held-v1 the same
-//! tokenless), reconnect-held (the same on a socket refused by IMDS's port 81 before the gate
-//! opened, connected again after), passed-socket, passed-connection, connect-close, bulk-send and until-allowed (for
-//! the benchmarks), and `churn DIR SECS` (makes and removes cgroups below DIR for SECS
-//! seconds, as its uid).
+//! child-connect, raw-udp, raw-syn, ping-echo, udplite-connected, mptcp-connect, held-imds
+//! (`--hold-at DIR`: the metadata request on a connection opened before the test opened the
+//! gate DIR; held-v1 the same tokenless), reconnect-held (the same on a socket refused by
+//! IMDS's port 81 before the gate opened, connected again after), passed-socket,
+//! passed-connection, connect-close, bulk-send and until-allowed (for the benchmarks), and
+//! `churn DIR SECS` (makes and removes cgroups below DIR for SECS seconds, as its uid).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
 //! repeated attempts. `--alternate DIR,DIR,... --blocks N` (with `--repeat` and `--warmup`)
