@@ -94,6 +94,47 @@ fn by_default_host_root_gets_through_and_root_in_any_container_does_not() {
         .assert_errno(EPERM);
 }
 
+/// Where the kernel's BTF has the namespaces' fields (this machine's), the agent tells
+/// containers by them: a program refused with the task's reads would make it fall back to
+/// cgroup paths alone, where a namespaced task in an ordinary cgroup passes for the host's.
+/// Said here at once, rather than by the container tests' verdicts alone.
+#[test]
+fn where_the_kernel_has_the_fields_containers_are_told_by_their_namespaces() {
+    let Some((_sandbox, attach)) = setup("containers-by") else {
+        return;
+    };
+    let found = imds_guard::kernel::btf::task_layout();
+    if found.layout.known & imds_guard_common::event::LAYOUT_NAMESPACES == 0 {
+        eprintln!(
+            "this kernel's BTF lacks the namespaces' fields: {:?}",
+            found.missing
+        );
+        return;
+    }
+    let agent = Agent::start(&["--cgroup", &attach.path]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let start = loop {
+        let log = agent.stderr();
+        if let Some(line) = log
+            .lines()
+            .find(|line| line.contains("imds-guard is enforcing"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start line:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        start.contains("containers_by=\"namespaces (BTF loads) and cgroup paths\"")
+            || start.contains("containers_by=\"namespaces (probe reads) and cgroup paths\""),
+        "the agent fell back from the namespaces:\n{}",
+        agent.stderr()
+    );
+}
+
 #[test]
 fn each_option_alone_replaces_the_default() {
     let Some((sandbox, attach)) = setup("ctr") else {

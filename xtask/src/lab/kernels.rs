@@ -42,6 +42,20 @@ impl Line {
         }
     }
 
+    /// How the agent must tell containers on this line's kernel (its start line's
+    /// `containers_by`): by their namespaces, read as that kernel lets these programs read a
+    /// task. Anything else means a program was refused with the task's reads and the agent fell
+    /// back to cgroup paths alone, where a namespaced task in an ordinary cgroup passes for the
+    /// host's: a failure of the lab, though every scenario's container (in Docker's cgroups)
+    /// would still be told.
+    pub fn containers_by(self) -> &'static str {
+        match self {
+            // `bpf_get_current_task_btf` is not offered to cgroup programs before 5.11.
+            Self::V5_10 => "namespaces (probe reads) and cgroup paths",
+            Self::V6_1 | Self::V6_12 => "namespaces (BTF loads) and cgroup paths",
+        }
+    }
+
     fn suite(self) -> &'static str {
         match self {
             Self::V5_10 => "bullseye",

@@ -143,6 +143,8 @@ fn run_line(image: &image::Image, line: Line, lab: &Path, scenario: &Path, keep:
                     "the scenario did not finish; see {}",
                     dir.join("console.log").display()
                 ));
+            } else if let Err(error) = containers_told_as_expected(&out, line) {
+                row.error = Some(error);
             }
         }
         Err(err) => row.error = Some(format!("{err:#}")),
@@ -175,6 +177,21 @@ fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         Some(quoted) => quoted.split('"').next(),
         None => rest.split_whitespace().next(),
     }
+}
+
+/// Whether the agent told containers on `line`'s kernel as it must there
+/// ([`Line::containers_by`]); if not, why the line fails.
+fn containers_told_as_expected(out: &Path, line: Line) -> std::result::Result<(), String> {
+    let start = std::fs::read_to_string(out.join("start-line.txt")).unwrap_or_default();
+    let told = log_field(&start, "containers_by").unwrap_or("(no start line)");
+    if told == line.containers_by() {
+        return Ok(());
+    }
+    Err(format!(
+        "the agent told containers by {told:?} where this kernel lets it tell them by {:?}:          a program was refused with the task's reads (see {})",
+        line.containers_by(),
+        out.join("warnings.txt").display()
+    ))
 }
 
 /// How the agent tells containers and times fold windows on this kernel, and how many
@@ -336,7 +353,7 @@ fn on_path(tool: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Line, Row, Table, notes, read_results};
+    use super::{Line, Row, Table, containers_told_as_expected, notes, read_results};
 
     /// A directory of its own under the system's temporary directory, removed when dropped.
     struct Scratch(std::path::PathBuf);
@@ -405,6 +422,36 @@ mod tests {
             super::notes(&out.0),
             "containers told by BTF loads; fold windows on CLOCK_BOOTTIME; 0 warning(s) at start"
         );
+    }
+
+    #[test]
+    fn a_kernel_where_the_agent_fell_back_to_cgroup_paths_fails() {
+        let out = Scratch::new("containers-by");
+        let start = |containers_by: &str| {
+            std::fs::write(
+                out.0.join("start-line.txt"),
+                format!(
+                    "INFO imds-guard is enforcing cgroup=/ containers_by=\"{containers_by}\" \
+                     fold_clock=\"CLOCK_MONOTONIC_COARSE\" rules=1\n"
+                ),
+            )
+            .unwrap();
+        };
+        start("namespaces (BTF loads) and cgroup paths");
+        assert_eq!(containers_told_as_expected(&out.0, Line::V6_1), Ok(()));
+        assert_eq!(containers_told_as_expected(&out.0, Line::V6_12), Ok(()));
+        // 5.10 must read tasks with probe reads; BTF loads there would be news, not a pass.
+        assert!(containers_told_as_expected(&out.0, Line::V5_10).is_err());
+        start("namespaces (probe reads) and cgroup paths");
+        assert_eq!(containers_told_as_expected(&out.0, Line::V5_10), Ok(()));
+        assert!(containers_told_as_expected(&out.0, Line::V6_1).is_err());
+        start("cgroup paths only");
+        for line in Line::ALL {
+            let error = containers_told_as_expected(&out.0, line).unwrap_err();
+            assert!(error.contains("\"cgroup paths only\""), "{error}");
+        }
+        std::fs::remove_file(out.0.join("start-line.txt")).unwrap();
+        assert!(containers_told_as_expected(&out.0, Line::V6_1).is_err());
     }
 
     #[test]
