@@ -283,12 +283,25 @@ pub extern "C" fn current_task_kind_fallback() -> u64 {
     kind_of_current::<AsTheLayoutSays>(task, credentials) | uid
 }
 
+/// In the build with feature `refused-task-reads-test-variant` only: a load from a plain number,
+/// which the verifier refuses, on the paths that read a task's namespaces (the agent then meets
+/// a kernel that refuses the task's reads). Nothing in any other build.
+#[inline(always)]
+fn refused_in_test_variant() {
+    #[cfg(feature = "refused-task-reads-test-variant")]
+    // SAFETY: never runs: the verifier refuses the program that holds it.
+    unsafe {
+        core::ptr::read_volatile(core::ptr::without_provenance::<u64>(8));
+    }
+}
+
 /// [`current_task_kind`]'s kind and [`FSUID_NOT_UID`], for `task` (the current task, as
 /// `R::current` gave it) with `credentials` ([`kind_bits`]). A null `nsproxy` (an exiting
 /// task's) is not read through with `bpf_probe_read_kernel` (that a read at a small address
 /// fails is each architecture's rule); a load through it reads 0, no namespace's inode.
 #[inline(always)]
 fn kind_of_current<R: Reads>(task: *const u8, credentials: Credentials) -> u64 {
+    refused_in_test_variant();
     // SAFETY: reads as `R` says, from the task and through the pointers read from it.
     let (level, cgroup_ns_inum) = unsafe {
         (

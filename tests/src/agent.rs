@@ -37,6 +37,19 @@ pub fn test_variant_binary() -> PathBuf {
     target_binary("imds-guard-upgrade-variant", "IMDS_GUARD_VARIANT_BIN")
 }
 
+/// The third agent `cargo xtask test` builds: the verifier refuses its programs wherever they
+/// read tasks, as a kernel that refuses those reads would.
+///
+/// # Panics
+/// When it does not exist.
+#[must_use]
+pub fn refused_reads_variant_binary() -> PathBuf {
+    target_binary(
+        "imds-guard-refused-reads-variant",
+        "IMDS_GUARD_REFUSED_READS_BIN",
+    )
+}
+
 /// A binary of this workspace: `$env_var` if set, else `name` in the first ancestor directory
 /// of the running executable that has it (`target/<profile>/` for `target/<profile>/deps/t`).
 ///

@@ -16,7 +16,10 @@ mod prober;
 pub mod process;
 mod sandbox;
 
-pub use agent::{Agent, agent_binary, imds_guard, run_to_end, target_binary, test_variant_binary};
+pub use agent::{
+    Agent, agent_binary, imds_guard, refused_reads_variant_binary, run_to_end, target_binary,
+    test_variant_binary,
+};
 pub use cgroup::TestCgroup;
 pub use client::{Client, Outcome, Timings};
 pub use config::ConfigFile;

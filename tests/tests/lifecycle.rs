@@ -411,3 +411,172 @@ fn every_program_stays_well_within_the_verifiers_limit() {
         );
     }
 }
+
+/// Runs `binary run ARGS...` behind `wrapper` to its end, for a start expected to fail: its exit
+/// status and stderr. One that has not ended within 60 s is killed (by its PID) and fails the
+/// test.
+fn run_binary_to_end(
+    wrapper: &[&str],
+    binary: &std::path::Path,
+    args: &[&str],
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read as _;
+    let mut command = match wrapper {
+        [] => std::process::Command::new(binary),
+        [program, rest @ ..] => {
+            let mut command = std::process::Command::new(program);
+            command.args(rest).arg(binary);
+            command
+        }
+    };
+    let mut child = command
+        .arg("run")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn imds-guard");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the agent still ran after 60 s:\n{}",
+                reader.join().expect("stderr")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().expect("stderr"))
+}
+
+/// `status --json`'s `agent.containers_by`.
+fn containers_by(pins: &Pins, pid_file: &str) -> Value {
+    status(pins, pid_file).1["agent"]["containers_by"].clone()
+}
+
+/// On a kernel that refuses the programs' reads of tasks (a build whose programs the verifier
+/// refuses there stands in for it), the agent tells containers by their cgroup paths alone
+/// only where that weakens nothing in force: on a first start, after an agent that ran so, or
+/// when asked (`IMDS_GUARD_TASK_READS=none`); and says so in its start line, `status` and the
+/// metrics. On an upgrade from programs that tell containers by their namespaces it does not
+/// start, and those programs stay in force: root in a namespaced task outside a container
+/// runtime's cgroup stays refused.
+#[test]
+fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
+    let Some((sandbox, attach)) = setup("reads") else {
+        return;
+    };
+    let refused = imds_guard_tests::refused_reads_variant_binary();
+    let pins = Pins::new();
+    let pid_file = pins.pid_file().to_string_lossy().into_owned();
+    let port = imds_guard_tests::free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let (pins_arg, cgroup) = (pins.arg(), attach.path.clone());
+    let args = [
+        "--cgroup",
+        cgroup.as_str(),
+        "--pin-dir",
+        pins_arg.as_str(),
+        "--pid-file",
+        pid_file.as_str(),
+        "--metrics-addr",
+        metrics_addr.as_str(),
+    ];
+    // Root in namespaces of its own, in an ordinary cgroup: a container's root to the programs
+    // that read namespaces, the host's root (allowed by default) to those that cannot.
+    let namespaced_root = || {
+        Client::new(&sandbox, &attach, 0, 0)
+            .namespaces("pid,cgroup")
+            .imds(IMDS_V4, 80)
+    };
+    let metrics = || imds_guard_tests::http_get(port, "/metrics").1;
+
+    // A first start of the default build: namespaces.
+    let mut first = Agent::start(&args);
+    first.wait_log("imds-guard is enforcing");
+    assert_eq!(
+        containers_by(&pins, &pid_file),
+        json!("namespaces (BTF loads) and cgroup paths")
+    );
+    assert_eq!(
+        imds_guard_tests::sample(
+            &metrics(),
+            "imds_guard_containers_by{mode=\"namespaces_btf\"}"
+        ),
+        1
+    );
+    namespaced_root().assert_errno(EPERM);
+    let (_, before) = status(&pins, &pid_file);
+    assert!(first.stop().success(), "{}", first.stderr());
+
+    // The upgrade to a build the kernel refuses with the reads: it does not start, and says
+    // what to do; the programs in force stay, and still refuse the namespaced root.
+    let (exit, log) = run_binary_to_end(&[], &refused, &args);
+    assert_eq!(exit.code(), Some(1), "{log}");
+    for said in [
+        "the kernel refused program",
+        "they stay in force, and this agent does not start",
+        "tell them namespaces (BTF loads) and cgroup paths",
+        "IMDS_GUARD_TASK_READS=none",
+    ] {
+        assert!(log.contains(said), "not said: {said}\n{log}");
+    }
+    let (_, after) = status(&pins, &pid_file);
+    assert_eq!(after["enforcing"], json!(true), "{after}");
+    assert_eq!(program_tags(&after), program_tags(&before));
+    namespaced_root().assert_errno(EPERM);
+
+    // Asked for: the same build starts without the reads, and says so everywhere.
+    let mut asked = Agent::start_wrapped(&["env", "IMDS_GUARD_TASK_READS=none"], &refused, &args);
+    asked.wait_log("containers_by=\"cgroup paths only\"");
+    assert_eq!(containers_by(&pins, &pid_file), json!("cgroup paths only"));
+    let text = imds_guard(&["status", "--pin-dir", &pins_arg, "--pid-file", &pid_file]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("containers: told by cgroup paths only (root in a namespaced task"),
+        "{text}"
+    );
+    let scraped = metrics();
+    assert_eq!(
+        imds_guard_tests::sample(&scraped, "imds_guard_containers_by{mode=\"cgroup_paths\"}"),
+        1,
+        "{scraped}"
+    );
+    assert!(!scraped.contains("mode=\"namespaces_btf\""), "{scraped}");
+    namespaced_root().assert_ok(MOCK_INSTANCE_ID);
+    assert!(asked.stop().success(), "{}", asked.stderr());
+
+    // After an agent that ran so, an upgrade (here: a restart) falls back by itself: it
+    // weakens nothing in force.
+    let mut after_weaker = Agent::start_binary(&refused, &args);
+    after_weaker.wait_log("trying again without reading tasks");
+    after_weaker.wait_log("containers_by=\"cgroup paths only\"");
+    assert!(after_weaker.stop().success(), "{}", after_weaker.stderr());
+
+    // A first start (nothing in force): the agent falls back rather than enforce nothing.
+    let detached = imds_guard(&["detach", "--pin-dir", &pins_arg, "--pid-file", &pid_file]);
+    assert!(
+        detached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detached.stderr)
+    );
+    let fresh = Agent::start_binary(&refused, &args);
+    fresh.wait_log("trying again without reading tasks");
+    fresh.wait_log("containers_by=\"cgroup paths only\"");
+    assert_eq!(containers_by(&pins, &pid_file), json!("cgroup paths only"));
+    Client::new(&sandbox, &attach, DENIED, DENIED)
+        .tcp(IMDS_V4, 80)
+        .assert_errno(EPERM);
+}

@@ -73,7 +73,7 @@ fn main() -> Result<()> {
             }
             // The end-to-end tests run the agent and client binaries: build them first.
             cargo(&["build", "--workspace", "--bins"])?;
-            build_upgrade_variant()?;
+            build_test_variants()?;
             // The packaging tests read the packages.
             package()?;
             let mut test = vec!["test", "--workspace"];
@@ -247,30 +247,45 @@ fn lab_packages() -> Result<lab::Packages> {
     Ok(lab::Packages { deb, upgrade })
 }
 
-/// Builds a second agent whose kernel program differs (feature `upgrade-test-variant` of
-/// `imds-guard-ebpf`) as `target/debug/imds-guard-upgrade-variant`: the lifecycle tests upgrade
-/// a running enforcement to it, and the switch race test runs it for its widened window
-/// (feature `switch-race-window`). Its own target directory keeps both builds incremental.
-fn build_upgrade_variant() -> Result<()> {
+/// The agents `cargo xtask test` builds beside the default one, each with features of
+/// `imds-guard-ebpf` that only tests use, as `target/debug/<name>`, each in a target directory
+/// of its own (which keeps every build incremental):
+/// - `imds-guard-upgrade-variant`, whose kernel programs differ (`upgrade-test-variant`): the
+///   lifecycle tests upgrade a running enforcement to it, and the switch race test runs it for
+///   its widened window (`switch-race-window`);
+/// - `imds-guard-refused-reads-variant`, whose programs the verifier refuses where they read
+///   tasks (`refused-task-reads-test-variant`): the agent on a kernel that refuses those reads.
+const TEST_VARIANTS: [(&str, &str); 2] = [
+    (
+        "imds-guard-upgrade-variant",
+        "upgrade-test-variant,switch-race-window",
+    ),
+    (
+        "imds-guard-refused-reads-variant",
+        "refused-task-reads-test-variant",
+    ),
+];
+
+/// Builds [`TEST_VARIANTS`].
+fn build_test_variants() -> Result<()> {
     let target = target_dir()?;
-    let variant_target = target.join("upgrade-variant");
     let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo_bin)
-        .args(["build", "--package", "imds-guard", "--target-dir"])
-        .arg(&variant_target)
-        .env(
-            "IMDS_GUARD_EBPF_FEATURES",
-            "upgrade-test-variant,switch-race-window",
-        )
-        .status()
-        .context("building the upgrade test variant")?;
-    if !status.success() {
-        bail!("building the upgrade test variant failed ({status})");
+    for (name, features) in TEST_VARIANTS {
+        let variant_target = target.join(name.trim_start_matches("imds-guard-"));
+        let status = Command::new(&cargo_bin)
+            .args(["build", "--package", "imds-guard", "--target-dir"])
+            .arg(&variant_target)
+            .env("IMDS_GUARD_EBPF_FEATURES", features)
+            .status()
+            .with_context(|| format!("building the test variant {name}"))?;
+        if !status.success() {
+            bail!("building the test variant {name} failed ({status})");
+        }
+        let built = variant_target.join("debug/imds-guard");
+        let destination = target.join("debug").join(name);
+        std::fs::copy(&built, &destination)
+            .with_context(|| format!("copying {} to {}", built.display(), destination.display()))?;
     }
-    let built = variant_target.join("debug/imds-guard");
-    let destination = target.join("debug/imds-guard-upgrade-variant");
-    std::fs::copy(&built, &destination)
-        .with_context(|| format!("copying {} to {}", built.display(), destination.display()))?;
     Ok(())
 }
 

@@ -53,6 +53,11 @@ struct PostureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainersByLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     rule: String,
     imds_version: &'static str,
@@ -71,6 +76,7 @@ pub struct Metrics {
     http: HttpMetrics,
     posture: Family<PostureLabels, Gauge>,
     hop_limit: Gauge,
+    containers_by: Family<ContainersByLabels, Gauge>,
     events: EventMetrics,
     reloads: Counter,
     failed_reloads: Counter,
@@ -267,6 +273,15 @@ impl Metrics {
             "posture_hop_limit",
             "The hop limit of IMDS's token responses at the last posture check; 0 when unread",
         );
+        let containers_by = Family::<ContainersByLabels, Gauge>::default();
+        registry.register(
+            "containers_by",
+            "1 for how the programs tell a container's task: namespaces_btf or namespaces_probe \
+             (its namespaces, and cgroup paths), cgroup_paths (its cgroup path alone: the kernel \
+             refused the task's reads or its BTF lacks them; root in a namespaced task outside a \
+             container runtime's cgroup passes for the host's root)",
+            containers_by.clone(),
+        );
         let events = EventMetrics::register(&mut registry);
         let reloads = counter(&mut registry, "reloads", "Policy reloads that took effect");
         let failed_reloads = counter(
@@ -283,6 +298,7 @@ impl Metrics {
             http,
             posture,
             hop_limit,
+            containers_by,
             events,
             reloads,
             failed_reloads,
@@ -417,6 +433,15 @@ impl Metrics {
             .inc_by(u64::from(reloads.1.saturating_sub(self.reloads_seen.1)));
         self.reloads_seen = reloads;
         self.policy.set(compiled, unseen);
+    }
+
+    /// Shows how the programs tell a container's task (`CONTAINERS_BY_*`).
+    pub fn set_containers_by(&self, containers_by: u32) {
+        let (_, mode) = imds_guard_common::agent::containers_by_names(containers_by);
+        self.containers_by.clear();
+        self.containers_by
+            .get_or_create(&ContainersByLabels { mode })
+            .set(1);
     }
 
     /// Shows what a posture check found.

@@ -154,6 +154,7 @@ fn start<'a>(
         reporter.set_policy(generation, compiled.policy.clone());
     }
     let mut metrics = Metrics::new(kernel.counters()?);
+    metrics.set_containers_by(kernel.containers_by());
     metrics.start_generation(&mut kernel, generation, compiled.policy.rules.len());
     let links = kernel.attach(&prepared.attach)?;
     info!(

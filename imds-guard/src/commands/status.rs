@@ -5,8 +5,9 @@ use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use imds_guard_common::{
     agent::{
-        AgentInfo, HEARTBEAT_INTERVAL_SECS, POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED,
-        POSTURE_TOKENS_UNCHECKED,
+        AgentInfo, CONTAINERS_BY_CGROUP_PATHS, CONTAINERS_BY_UNRECORDED, HEARTBEAT_INTERVAL_SECS,
+        POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED, POSTURE_TOKENS_UNCHECKED,
+        containers_by_names,
     },
     policy::{ALL_CGROUPS_SEEN, MODE_AUDIT},
 };
@@ -102,6 +103,10 @@ pub struct AgentStatus {
     pub problem: Option<String>,
     /// Its last check of the instance's posture (`posture = true`); `null` before one.
     pub posture: Option<PostureStatus>,
+    /// How its programs tell a container's task: `namespaces (BTF loads) and cgroup paths`,
+    /// `namespaces (probe reads) and cgroup paths` or `cgroup paths only`; `null` when not
+    /// recorded.
+    pub containers_by: Option<&'static str>,
 }
 
 /// What the agent's last posture check found.
@@ -177,6 +182,8 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
         let now = crate::host::clock::boot_time_ns();
         status.heartbeat_age_secs = Some(now.saturating_sub(info.heartbeat_ns) / 1_000_000_000);
         status.reloads = Some(info.reloads);
+        status.containers_by = (info.containers_by != CONTAINERS_BY_UNRECORDED)
+            .then(|| containers_by_names(info.containers_by).0);
         status.failed_reloads = Some(info.failed_reloads);
         status.posture =
             (info.posture_http_tokens != POSTURE_TOKENS_UNCHECKED).then(|| PostureStatus {
@@ -388,6 +395,18 @@ fn describe_agent(out: &mut String, agent: &AgentStatus) {
             agent.heartbeat_age_secs.unwrap_or_default(),
             agent.reloads.unwrap_or_default(),
             agent.failed_reloads.unwrap_or_default()
+        );
+    }
+    if let Some(containers_by) = agent.containers_by {
+        let _ = writeln!(
+            out,
+            "containers: told by {containers_by}{}",
+            if containers_by == containers_by_names(CONTAINERS_BY_CGROUP_PATHS).0 {
+                " (root in a namespaced task outside a container runtime's cgroup passes for \
+                 the host's root; the agent's start log says why)"
+            } else {
+                ""
+            }
         );
     }
     if let Some(posture) = &agent.posture {

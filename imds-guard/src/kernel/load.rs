@@ -9,6 +9,10 @@ use aya::{
     sys::BpfHelper,
 };
 use imds_guard_common::{
+    agent::{
+        CONTAINERS_BY_CGROUP_PATHS, CONTAINERS_BY_NAMESPACES_BTF, CONTAINERS_BY_NAMESPACES_PROBE,
+        CONTAINERS_BY_UNRECORDED, containers_by_names,
+    },
     event::{
         FOLD_CLOCK_GLOBAL, FOLD_WINDOW_GLOBAL, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES,
         TASK_LAYOUT_GLOBAL, TaskLayout,
@@ -19,7 +23,7 @@ use imds_guard_common::{
 use rustix::thread::CapabilitySet;
 use tracing::{debug, info, warn};
 
-use super::{Kernel, KernelError, PACKET_PROGRAM};
+use super::{Kernel, KernelError, PACKET_PROGRAM, maps, sys};
 use crate::{
     host::clock::Clock,
     kernel::pins::{PinDir, PinError},
@@ -118,6 +122,7 @@ impl Kernel {
         // Before loading, which pins the maps: a retry must not take its own pins for a
         // predecessor's.
         let adopted = pins.map(GENERATION).exists();
+        let predecessor = Predecessor::of(pins);
         // The kernel's BTF is read twice, for the task layout and by aya's loader (for its
         // relocations): at once, on two threads.
         // A thread that cannot be made (the agent at its pids limit) is not a reason to fail:
@@ -172,6 +177,18 @@ impl Kernel {
         };
         match loaded {
             Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
+                if let Some(containers_by) = predecessor.stronger_than_cgroup_paths() {
+                    return Err(KernelError::TaskReadsRefused {
+                        program,
+                        refusal: refusal(&source),
+                        pin_dir: pins.root().to_owned(),
+                        predecessor: if containers_by == CONTAINERS_BY_UNRECORDED {
+                            "as their agent did not record (an earlier version's)"
+                        } else {
+                            containers_by_names(containers_by).0
+                        },
+                    });
+                }
                 warn!(
                     "the kernel refused program {program} ({}); trying again without \
                      reading tasks' parents, namespaces and executables, in case those reads \
@@ -228,18 +245,75 @@ impl Kernel {
         self.fold_clock
     }
 
-    /// How the programs tell a container's task: by its namespaces (the kernel's view, at the
-    /// attempt, read with plain BTF-checked loads or `bpf_probe_read_kernel`) and cgroup path,
-    /// or by its cgroup path alone (the kernel refused the reads, or its BTF lacks the fields).
+    /// How the programs tell a container's task (`CONTAINERS_BY_*`): by its namespaces (the
+    /// kernel's view, at the attempt, read with plain BTF-checked loads or
+    /// `bpf_probe_read_kernel`) and cgroup path, or by its cgroup path alone (the kernel refused
+    /// the reads, or its BTF lacks the fields).
     #[must_use]
-    pub fn container_detection(&self) -> &'static str {
+    pub fn containers_by(&self) -> u32 {
         match (
             self.task_layout & LAYOUT_NAMESPACES != 0,
             self.task_layout & LAYOUT_BTF_TASK != 0,
         ) {
-            (true, true) => "namespaces (BTF loads) and cgroup paths",
-            (true, false) => "namespaces (probe reads) and cgroup paths",
-            (false, _) => "cgroup paths only",
+            (true, true) => CONTAINERS_BY_NAMESPACES_BTF,
+            (true, false) => CONTAINERS_BY_NAMESPACES_PROBE,
+            (false, _) => CONTAINERS_BY_CGROUP_PATHS,
+        }
+    }
+
+    /// [`Kernel::containers_by`] in words.
+    #[must_use]
+    pub fn container_detection(&self) -> &'static str {
+        containers_by_names(self.containers_by()).0
+    }
+}
+
+/// What an earlier agent left in force when this one loads: whether this one may start telling
+/// containers less well than the programs in force. A refusal of the programs reading tasks
+/// makes an agent load them again without those reads (containers known by their cgroup path
+/// alone) only where that weakens nothing in force: on a first start (nothing is enforced until
+/// it attaches, and weaker enforcement beats none), or after an agent that ran so too. On an
+/// upgrade from programs that tell containers by their namespaces, the new agent does not start
+/// ([`KernelError::TaskReadsRefused`]): those programs stay in force, as strong as they were.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Predecessor {
+    /// No live link is pinned: nothing enforces until this agent attaches.
+    None,
+    /// An earlier agent's links are pinned on a live cgroup: its programs enforce, telling
+    /// containers as its record says (`CONTAINERS_BY_*`; `CONTAINERS_BY_UNRECORDED` when its
+    /// maps are of another layout, or it recorded nothing).
+    Enforcing { containers_by: u32 },
+}
+
+impl Predecessor {
+    /// How the programs in force tell containers (`CONTAINERS_BY_*`), where that is (or may
+    /// be) by more than their cgroup paths: then this agent must not fall back to those alone.
+    fn stronger_than_cgroup_paths(self) -> Option<u32> {
+        match self {
+            Self::Enforcing { containers_by } if containers_by != CONTAINERS_BY_CGROUP_PATHS => {
+                Some(containers_by)
+            }
+            _ => None,
+        }
+    }
+
+    fn of(pins: &PinDir) -> Self {
+        let linked = programs::ALL.iter().any(|name| {
+            sys::open_pinned(&pins.link(name))
+                .ok()
+                .flatten()
+                .and_then(|link| sys::link_info(link.as_fd_borrowed()).ok())
+                .is_some_and(|state| state.cgroup_id != 0)
+        });
+        if !linked {
+            return Self::None;
+        }
+        let recorded = maps::agent_info(&mut maps::Pinned::new(pins))
+            .ok()
+            .flatten()
+            .map_or(CONTAINERS_BY_UNRECORDED, |info| info.containers_by);
+        Self::Enforcing {
+            containers_by: recorded,
         }
     }
 }
@@ -352,7 +426,7 @@ where
 
 /// Why the kernel refused a program, in a line: the error, and the verifier's last words
 /// (its whole log, thousands of lines when a program is too complex, is for the fatal error).
-fn refusal(source: &aya::programs::ProgramError) -> String {
+pub(super) fn refusal(source: &aya::programs::ProgramError) -> String {
     match source {
         aya::programs::ProgramError::LoadError {
             io_error,
@@ -499,6 +573,26 @@ pub(super) fn verifier_hint(source: &aya::programs::ProgramError) -> &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_falls_back_to_cgroup_paths_only_where_that_weakens_nothing_in_force() {
+        assert_eq!(Predecessor::None.stronger_than_cgroup_paths(), None);
+        let enforcing = |containers_by| Predecessor::Enforcing { containers_by };
+        assert_eq!(
+            enforcing(CONTAINERS_BY_CGROUP_PATHS).stronger_than_cgroup_paths(),
+            None
+        );
+        for stronger in [
+            CONTAINERS_BY_NAMESPACES_BTF,
+            CONTAINERS_BY_NAMESPACES_PROBE,
+            CONTAINERS_BY_UNRECORDED,
+        ] {
+            assert_eq!(
+                enforcing(stronger).stronger_than_cgroup_paths(),
+                Some(stronger)
+            );
+        }
+    }
 
     #[test]
     fn every_program_is_verified_once() {

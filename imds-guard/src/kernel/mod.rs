@@ -153,6 +153,29 @@ pub enum KernelError {
         /// Why, with the verifier log.
         source: aya::programs::ProgramError,
     },
+    /// The kernel refused the programs reading tasks, and running without those reads would
+    /// tell containers less well than the programs an earlier agent left in force.
+    #[error(
+        "the kernel refused program {program} reading tasks ({refusal}). Without those reads \
+         containers would be known by their cgroup path alone (root in a namespaced task \
+         outside a container runtime's cgroup taken for the host's root), where the programs \
+         in force, pinned in {} by an earlier agent, tell them {predecessor}: they stay in \
+         force, and this agent does not start. To run without reading tasks, set \
+         {}=none",
+        pin_dir.display(),
+        load::TASK_READS_ENV
+    )]
+    TaskReadsRefused {
+        /// The program refused last.
+        program: &'static str,
+        /// The verifier's last words ([`load::refusal`]).
+        refusal: String,
+        /// The pin directory.
+        pin_dir: std::path::PathBuf,
+        /// How the programs in force tell containers (`containers_by_names`' text, or that
+        /// their agent did not record it).
+        predecessor: &'static str,
+    },
     /// A program could not be attached to the cgroup.
     #[error("attaching program {program} to cgroup {} failed: {source}", cgroup.display())]
     Attach {
