@@ -11,10 +11,6 @@ pub const VERSION_LEN: usize = 32;
 /// `CLOCK_BOOTTIME` nanoseconds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[expect(
-    clippy::pub_underscore_fields,
-    reason = "padding is written out and zeroed by both sides, never read"
-)]
 pub struct AgentInfo {
     /// Version of the agent that installed the programs and policy in force (`0.1.0`).
     pub version: [u8; VERSION_LEN],
@@ -50,39 +46,8 @@ pub struct AgentInfo {
     pub posture_http_tokens: u32,
     /// The hop limit of IMDS's token responses it read; 0 when it could not.
     pub posture_hop_limit: u32,
-    /// How its programs tell a container's task: one of the `CONTAINERS_BY_*` values.
-    pub containers_by: u32,
-    /// Explicit padding, always 0.
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<AgentInfo>() == 112);
-
-/// [`AgentInfo::containers_by`]: not recorded (never written by an agent).
-pub const CONTAINERS_BY_UNRECORDED: u32 = 0;
-/// By their namespaces, read with BTF-typed loads, and by their cgroup paths.
-pub const CONTAINERS_BY_NAMESPACES_BTF: u32 = 1;
-/// By their namespaces, read with `bpf_probe_read_kernel`, and by their cgroup paths.
-pub const CONTAINERS_BY_NAMESPACES_PROBE: u32 = 2;
-/// By their cgroup paths alone: the programs read nothing of tasks (the kernel refused those
-/// reads, its BTF lacks the fields, or `IMDS_GUARD_TASK_READS=none` asked for it).
-pub const CONTAINERS_BY_CGROUP_PATHS: u32 = 3;
-
-/// What the start line, `status` and the metrics say of a `CONTAINERS_BY_*` value: its text
-/// and the metrics' label.
-#[must_use]
-pub fn containers_by_names(containers_by: u32) -> (&'static str, &'static str) {
-    match containers_by {
-        CONTAINERS_BY_NAMESPACES_BTF => {
-            ("namespaces (BTF loads) and cgroup paths", "namespaces_btf")
-        }
-        CONTAINERS_BY_NAMESPACES_PROBE => (
-            "namespaces (probe reads) and cgroup paths",
-            "namespaces_probe",
-        ),
-        CONTAINERS_BY_CGROUP_PATHS => ("cgroup paths only", "cgroup_paths"),
-        _ => ("not recorded", "unrecorded"),
-    }
-}
+const _: () = assert!(core::mem::size_of::<AgentInfo>() == 104);
 
 /// [`AgentInfo::posture_http_tokens`]: no check yet.
 pub const POSTURE_TOKENS_UNCHECKED: u32 = 0;
@@ -111,8 +76,6 @@ impl Default for AgentInfo {
             posture_checked_ns: 0,
             posture_http_tokens: POSTURE_TOKENS_UNCHECKED,
             posture_hop_limit: 0,
-            containers_by: CONTAINERS_BY_UNRECORDED,
-            _pad: 0,
         }
     }
 }

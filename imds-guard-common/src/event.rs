@@ -222,8 +222,47 @@ pub const LAYOUT_EXE: u32 = 4;
 /// Kernels that do not offer the helper to these programs load a build without it.
 pub const LAYOUT_BTF_TASK: u32 = 8;
 
-/// The name of the [`TaskLayout`] global in the object.
+/// The name of the [`TaskLayout`] global in the object. The agent and `status` read its `known`
+/// in the programs in force, by this name and the field's (located by the programs' own BTF):
+/// keep both.
 pub const TASK_LAYOUT_GLOBAL: &str = "TASK_LAYOUT";
+
+/// How programs tell a container's task ([`containers_by_of`]): by its namespaces, read with
+/// BTF-typed loads, and by its cgroup path.
+pub const CONTAINERS_BY_NAMESPACES_BTF: u32 = 1;
+/// By its namespaces, read with `bpf_probe_read_kernel`, and by its cgroup path.
+pub const CONTAINERS_BY_NAMESPACES_PROBE: u32 = 2;
+/// By its cgroup path alone: the programs read nothing of tasks (the kernel refused those
+/// reads, its BTF lacks the fields, or `IMDS_GUARD_TASK_READS=none` asked for it).
+pub const CONTAINERS_BY_CGROUP_PATHS: u32 = 3;
+
+/// How programs whose [`TaskLayout::known`] is `known` tell a container's task:
+/// `CONTAINERS_BY_*`.
+#[must_use]
+pub const fn containers_by_of(known: u32) -> u32 {
+    match (known & LAYOUT_NAMESPACES != 0, known & LAYOUT_BTF_TASK != 0) {
+        (true, true) => CONTAINERS_BY_NAMESPACES_BTF,
+        (true, false) => CONTAINERS_BY_NAMESPACES_PROBE,
+        (false, _) => CONTAINERS_BY_CGROUP_PATHS,
+    }
+}
+
+/// What the start line, `status` and the metrics say of a `CONTAINERS_BY_*` value: its text
+/// and the metrics' label.
+#[must_use]
+pub fn containers_by_names(containers_by: u32) -> (&'static str, &'static str) {
+    match containers_by {
+        CONTAINERS_BY_NAMESPACES_BTF => {
+            ("namespaces (BTF loads) and cgroup paths", "namespaces_btf")
+        }
+        CONTAINERS_BY_NAMESPACES_PROBE => (
+            "namespaces (probe reads) and cgroup paths",
+            "namespaces_probe",
+        ),
+        CONTAINERS_BY_CGROUP_PATHS => ("cgroup paths only", "cgroup_paths"),
+        _ => ("unknown", "unknown"),
+    }
+}
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` plain integers without padding.

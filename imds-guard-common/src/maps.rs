@@ -87,8 +87,7 @@ pub const ALL: [&str; 16] = [
 /// 11: `RULE_COUNTERS` of [`RuleCounts`] (by verdict), never zeroed; `COUNTERS` without the
 /// totals by verdict (their sum).
 /// 12: `FOLDS`' times in the fold clock (`CLOCK_MONOTONIC_COARSE` where the kernel offers it).
-/// 13: `AgentInfo` of 112 bytes (how the programs tell containers).
-pub const MAPS_LAYOUT_VERSION: u32 = 13;
+pub const MAPS_LAYOUT_VERSION: u32 = 12;
 
 /// Rules a policy may have (rule ids run from 1 to this); one more slot per generation counts
 /// the attempts no rule decided.

@@ -461,18 +461,18 @@ fn run_binary_to_end(
     (status, reader.join().expect("stderr"))
 }
 
-/// `status --json`'s `agent.containers_by`.
+/// `status --json`'s `containers_by`: how the programs in force tell containers.
 fn containers_by(pins: &Pins, pid_file: &str) -> Value {
-    status(pins, pid_file).1["agent"]["containers_by"].clone()
+    status(pins, pid_file).1["containers_by"].clone()
 }
 
 /// On a kernel that refuses the programs' reads of tasks (a build whose programs the verifier
 /// refuses there stands in for it), the agent tells containers by their cgroup paths alone
 /// only where that weakens nothing in force: on a first start, after an agent that ran so, or
-/// when asked (`IMDS_GUARD_TASK_READS=none`); and says so in its start line, `status` and the
-/// metrics. On an upgrade from programs that tell containers by their namespaces it does not
-/// start, and those programs stay in force: root in a namespaced task outside a container
-/// runtime's cgroup stays refused.
+/// when asked (`IMDS_GUARD_TASK_READS=none`); and says so in its start line and the metrics,
+/// as `status` does, from the programs in force. On an upgrade from programs that tell
+/// containers by their namespaces it does not start, and those programs stay in force: root in
+/// a namespaced task outside a container runtime's cgroup stays refused.
 #[test]
 fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
     let Some((sandbox, attach)) = setup("reads") else {
@@ -528,7 +528,7 @@ fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
     for said in [
         "the kernel refused program",
         "they stay in force, and this agent does not start",
-        "tell them namespaces (BTF loads) and cgroup paths",
+        "tell them by namespaces (BTF loads) and cgroup paths",
         "IMDS_GUARD_TASK_READS=none",
     ] {
         assert!(log.contains(said), "not said: {said}\n{log}");
@@ -536,6 +536,11 @@ fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
     let (_, after) = status(&pins, &pid_file);
     assert_eq!(after["enforcing"], json!(true), "{after}");
     assert_eq!(program_tags(&after), program_tags(&before));
+    assert_eq!(
+        after["containers_by"],
+        json!("namespaces (BTF loads) and cgroup paths"),
+        "{after}"
+    );
     namespaced_root().assert_errno(EPERM);
 
     // Asked for: the same build starts without the reads, and says so everywhere.
@@ -545,7 +550,7 @@ fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
     let text = imds_guard(&["status", "--pin-dir", &pins_arg, "--pid-file", &pid_file]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.contains("containers: told by cgroup paths only (root in a namespaced task"),
+        text.contains("containers: told by cgroup paths only (where a program tells them"),
         "{text}"
     );
     let scraped = metrics();

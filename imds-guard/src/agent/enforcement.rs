@@ -437,8 +437,6 @@ impl<'a> Enforcement<'a> {
             posture_hop_limit: (self.posture.as_ref())
                 .and_then(|(p, _)| p.hop_limit)
                 .map_or(0, u32::from),
-            containers_by: self.kernel.containers_by(),
-            _pad: 0,
         };
         if let Err(err) = self.kernel.set_agent_info(&info) {
             warn!("cannot record the agent's state for `status`: {err}");

@@ -437,7 +437,7 @@ impl Metrics {
 
     /// Shows how the programs tell a container's task (`CONTAINERS_BY_*`).
     pub fn set_containers_by(&self, containers_by: u32) {
-        let (_, mode) = imds_guard_common::agent::containers_by_names(containers_by);
+        let (_, mode) = imds_guard_common::event::containers_by_names(containers_by);
         self.containers_by.clear();
         self.containers_by
             .get_or_create(&ContainersByLabels { mode })

@@ -5,10 +5,10 @@ use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use imds_guard_common::{
     agent::{
-        AgentInfo, CONTAINERS_BY_CGROUP_PATHS, CONTAINERS_BY_UNRECORDED, HEARTBEAT_INTERVAL_SECS,
-        POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED, POSTURE_TOKENS_UNCHECKED,
-        containers_by_names,
+        AgentInfo, HEARTBEAT_INTERVAL_SECS, POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED,
+        POSTURE_TOKENS_UNCHECKED,
     },
+    event::{CONTAINERS_BY_NAMESPACES_BTF, CONTAINERS_BY_NAMESPACES_PROBE, containers_by_names},
     policy::{ALL_CGROUPS_SEEN, MODE_AUDIT},
 };
 use serde::Serialize;
@@ -18,7 +18,7 @@ use crate::{
     host::cgroups::Hierarchy,
     host::pidfile,
     kernel::pins::PinDir,
-    kernel::{Counters, maps, sys},
+    kernel::{Counters, in_force::InForce, maps, sys},
 };
 
 /// Everything `status` reports.
@@ -30,6 +30,10 @@ pub struct Status {
     pub pin_dir: String,
     /// The programs, by hook.
     pub programs: Vec<Hook>,
+    /// How the programs in force tell a container's task, read from them: `namespaces (BTF
+    /// loads) and cgroup paths`, `namespaces (probe reads) and cgroup paths`, `cgroup paths
+    /// only`, `mixed: ...` or `unknown (...)`; `null` when none is in force.
+    pub containers_by: Option<String>,
     /// The policy in force, when the maps are pinned.
     pub policy: Option<PolicySummary>,
     /// Totals since the maps were created.
@@ -103,10 +107,6 @@ pub struct AgentStatus {
     pub problem: Option<String>,
     /// Its last check of the instance's posture (`posture = true`); `null` before one.
     pub posture: Option<PostureStatus>,
-    /// How its programs tell a container's task: `namespaces (BTF loads) and cgroup paths`,
-    /// `namespaces (probe reads) and cgroup paths` or `cgroup paths only`; `null` when not
-    /// recorded.
-    pub containers_by: Option<&'static str>,
 }
 
 /// What the agent's last posture check found.
@@ -153,12 +153,14 @@ pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> S
         })
         .collect();
     let enforcing = programs.iter().all(|hook| hook.attached);
+    let containers_by = InForce::read(&pins).describe();
     let mut maps = maps::Pinned::new(&pins);
     let info = maps::agent_info(&mut maps).ok().flatten();
     Status {
         enforcing,
         pin_dir: pin_dir.display().to_string(),
         programs,
+        containers_by,
         policy: policy(&mut maps, info.as_ref()),
         counters: maps::counters(&mut maps).ok(),
         agent: agent_status(pid_file, info.as_ref()),
@@ -182,8 +184,6 @@ fn agent_status(pid_file: &Path, info: Option<&AgentInfo>) -> AgentStatus {
         let now = crate::host::clock::boot_time_ns();
         status.heartbeat_age_secs = Some(now.saturating_sub(info.heartbeat_ns) / 1_000_000_000);
         status.reloads = Some(info.reloads);
-        status.containers_by = (info.containers_by != CONTAINERS_BY_UNRECORDED)
-            .then(|| containers_by_names(info.containers_by).0);
         status.failed_reloads = Some(info.failed_reloads);
         status.posture =
             (info.posture_http_tokens != POSTURE_TOKENS_UNCHECKED).then(|| PostureStatus {
@@ -315,6 +315,21 @@ pub fn describe(status: &Status) -> String {
             _ => writeln!(out, "  {:<9} not attached", hook.hook),
         };
     }
+    if let Some(containers_by) = &status.containers_by {
+        let _ = writeln!(
+            out,
+            "containers: told by {containers_by}{}",
+            if containers_by != containers_by_names(CONTAINERS_BY_NAMESPACES_BTF).0
+                && containers_by != containers_by_names(CONTAINERS_BY_NAMESPACES_PROBE).0
+            {
+                " (where a program tells them by cgroup path alone, root in namespaces of its \
+                 own outside a container runtime's cgroup passes for the host's root; the \
+                 agent's start log says why)"
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(policy) = &status.policy {
         describe_policy(&mut out, policy);
     }
@@ -395,18 +410,6 @@ fn describe_agent(out: &mut String, agent: &AgentStatus) {
             agent.heartbeat_age_secs.unwrap_or_default(),
             agent.reloads.unwrap_or_default(),
             agent.failed_reloads.unwrap_or_default()
-        );
-    }
-    if let Some(containers_by) = agent.containers_by {
-        let _ = writeln!(
-            out,
-            "containers: told by {containers_by}{}",
-            if containers_by == containers_by_names(CONTAINERS_BY_CGROUP_PATHS).0 {
-                " (root in a namespaced task outside a container runtime's cgroup passes for \
-                 the host's root; the agent's start log says why)"
-            } else {
-                ""
-            }
         );
     }
     if let Some(posture) = &agent.posture {

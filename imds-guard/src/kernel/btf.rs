@@ -9,7 +9,9 @@
 use std::{cell::RefCell, collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use imds_guard_common::event::{LAYOUT_EXE, LAYOUT_NAMESPACES, LAYOUT_PARENT, TaskLayout};
+use imds_guard_common::event::{
+    LAYOUT_EXE, LAYOUT_NAMESPACES, LAYOUT_PARENT, TASK_LAYOUT_GLOBAL, TaskLayout,
+};
 
 /// The running kernel's BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -266,7 +268,11 @@ fn member_offset(
 
 /// A member's type through typedefs, `const` and `volatile`.
 fn resolved_type(btf: &Btf, member: &btf_rs::Member) -> Option<Type> {
-    let mut ty = btf.resolve_chained_type(member).ok()?;
+    unqualified(btf, btf.resolve_chained_type(member).ok()?)
+}
+
+/// `ty` with its typedefs and qualifiers resolved.
+fn unqualified(btf: &Btf, mut ty: Type) -> Option<Type> {
     for _ in 0..16 {
         ty = match ty {
             Type::Typedef(ref inner) => btf.resolve_chained_type(inner).ok()?,
@@ -277,6 +283,49 @@ fn resolved_type(btf: &Btf, member: &btf_rs::Member) -> Option<Type> {
         };
     }
     None
+}
+
+/// `TASK_LAYOUT.known` (the `LAYOUT_*` bits) of a loaded build, from its read-only data
+/// section (`sys::program_rodata`): where the variable lies in the section, and `known` in it,
+/// the build's own BTF says, so this reads any build's, whatever it moved since.
+///
+/// # Errors
+/// Why it cannot be read, in words.
+pub fn task_layout_known(rodata: &crate::kernel::sys::Rodata) -> Result<u32, String> {
+    use btf_rs::BtfType as _;
+    let btf = Btf::from_bytes(&rodata.btf).map_err(|err| format!("its BTF: {err}"))?;
+    let sections = btf
+        .resolve_types_by_name(".rodata")
+        .map_err(|err| format!("no .rodata in its BTF: {err}"))?;
+    let (offset, ty) = sections
+        .iter()
+        .filter_map(|ty| match ty {
+            Type::Datasec(section) => Some(section),
+            _ => None,
+        })
+        .flat_map(|section| &section.variables)
+        .find_map(|entry| {
+            let Ok(Type::Var(var)) = btf.resolve_type_by_id(entry.get_type_id()?) else {
+                return None;
+            };
+            (btf.resolve_name(&var).ok()? == TASK_LAYOUT_GLOBAL).then(|| {
+                let ty = btf.resolve_chained_type(&var).ok();
+                (entry.offset(), ty.and_then(|ty| unqualified(&btf, ty)))
+            })
+        })
+        .ok_or_else(|| format!("no {TASK_LAYOUT_GLOBAL} in its .rodata"))?;
+    let Some(Type::Struct(layout)) = ty else {
+        return Err(format!("{TASK_LAYOUT_GLOBAL} is not a struct"));
+    };
+    let (bits, _) = member_offset(&btf, &layout, "known", 0)
+        .ok_or_else(|| format!("no {TASK_LAYOUT_GLOBAL}.known"))?;
+    let at = offset as usize + bits as usize / 8;
+    rodata
+        .value
+        .get(at..at + 4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u32::from_ne_bytes)
+        .ok_or_else(|| format!("{TASK_LAYOUT_GLOBAL}.known is past the section's end"))
 }
 
 #[cfg(test)]

@@ -9,13 +9,9 @@ use aya::{
     sys::BpfHelper,
 };
 use imds_guard_common::{
-    agent::{
-        CONTAINERS_BY_CGROUP_PATHS, CONTAINERS_BY_NAMESPACES_BTF, CONTAINERS_BY_NAMESPACES_PROBE,
-        CONTAINERS_BY_UNRECORDED, containers_by_names,
-    },
     event::{
-        FOLD_CLOCK_GLOBAL, FOLD_WINDOW_GLOBAL, LAYOUT_BTF_TASK, LAYOUT_NAMESPACES,
-        TASK_LAYOUT_GLOBAL, TaskLayout,
+        CONTAINERS_BY_CGROUP_PATHS, FOLD_CLOCK_GLOBAL, FOLD_WINDOW_GLOBAL, LAYOUT_BTF_TASK,
+        TASK_LAYOUT_GLOBAL, TaskLayout, containers_by_names, containers_by_of,
     },
     maps::GENERATION,
     programs,
@@ -23,7 +19,7 @@ use imds_guard_common::{
 use rustix::thread::CapabilitySet;
 use tracing::{debug, info, warn};
 
-use super::{Kernel, KernelError, PACKET_PROGRAM, maps, sys};
+use super::{Kernel, KernelError, PACKET_PROGRAM, in_force::InForce};
 use crate::{
     host::clock::Clock,
     kernel::pins::{PinDir, PinError},
@@ -122,7 +118,8 @@ impl Kernel {
         // Before loading, which pins the maps: a retry must not take its own pins for a
         // predecessor's.
         let adopted = pins.map(GENERATION).exists();
-        let predecessor = Predecessor::of(pins);
+        // What this agent may not weaken (see `weaker_than_in_force`).
+        let in_force = InForce::read(pins);
         // The kernel's BTF is read twice, for the task layout and by aya's loader (for its
         // relocations): at once, on two threads.
         // A thread that cannot be made (the agent at its pids limit) is not a reason to fail:
@@ -154,7 +151,8 @@ impl Kernel {
         };
         // `IMDS_GUARD_TASK_READS=probe` skips the first try (to compare, or on a kernel whose
         // BTF loads misbehave); `none` the first two.
-        let first = match std::env::var(TASK_READS_ENV).as_deref() {
+        let asked = std::env::var(TASK_READS_ENV);
+        let first = match asked.as_deref() {
             Ok("probe") => found.layout,
             Ok("none") => TaskLayout {
                 known: 0,
@@ -175,20 +173,15 @@ impl Kernel {
             }
             loaded => loaded,
         };
-        match loaded {
+        let kernel = match loaded {
             Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
-                if let Some(containers_by) = predecessor.stronger_than_cgroup_paths() {
-                    return Err(KernelError::TaskReadsRefused {
-                        program,
-                        refusal: refusal(&source),
-                        pin_dir: pins.root().to_owned(),
-                        predecessor: if containers_by == CONTAINERS_BY_UNRECORDED {
-                            "as their agent did not record (an earlier version's)"
-                        } else {
-                            containers_by_names(containers_by).0
-                        },
-                    });
-                }
+                // Before a third try: it would pin maps a predecessor of another layout lacks.
+                weaker_than_in_force(&in_force, pins, || {
+                    format!(
+                        "the kernel refused program {program} reading tasks ({})",
+                        refusal(&source)
+                    )
+                })?;
                 warn!(
                     "the kernel refused program {program} ({}); trying again without \
                      reading tasks' parents, namespaces and executables, in case those reads \
@@ -205,7 +198,17 @@ impl Kernel {
                 )
             }
             loaded => loaded,
+        }?;
+        // The reads were never tried: this kernel's BTF lacks their fields.
+        if kernel.containers_by() == CONTAINERS_BY_CGROUP_PATHS && asked.as_deref() != Ok("none") {
+            weaker_than_in_force(&in_force, pins, || {
+                format!(
+                    "this kernel's BTF lacks what the programs read of tasks ({})",
+                    found.missing.join("; ")
+                )
+            })?;
         }
+        Ok(kernel)
     }
 
     fn load_with<'a>(
@@ -251,14 +254,7 @@ impl Kernel {
     /// the reads, or its BTF lacks the fields).
     #[must_use]
     pub fn containers_by(&self) -> u32 {
-        match (
-            self.task_layout & LAYOUT_NAMESPACES != 0,
-            self.task_layout & LAYOUT_BTF_TASK != 0,
-        ) {
-            (true, true) => CONTAINERS_BY_NAMESPACES_BTF,
-            (true, false) => CONTAINERS_BY_NAMESPACES_PROBE,
-            (false, _) => CONTAINERS_BY_CGROUP_PATHS,
-        }
+        containers_by_of(self.task_layout)
     }
 
     /// [`Kernel::containers_by`] in words.
@@ -268,54 +264,24 @@ impl Kernel {
     }
 }
 
-/// What an earlier agent left in force when this one loads: whether this one may start telling
-/// containers less well than the programs in force. A refusal of the programs reading tasks
-/// makes an agent load them again without those reads (containers known by their cgroup path
-/// alone) only where that weakens nothing in force: on a first start (nothing is enforced until
-/// it attaches, and weaker enforcement beats none), or after an agent that ran so too. On an
-/// upgrade from programs that tell containers by their namespaces, the new agent does not start
-/// ([`KernelError::TaskReadsRefused`]): those programs stay in force, as strong as they were.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Predecessor {
-    /// No live link is pinned: nothing enforces until this agent attaches.
-    None,
-    /// An earlier agent's links are pinned on a live cgroup: its programs enforce, telling
-    /// containers as its record says (`CONTAINERS_BY_*`; `CONTAINERS_BY_UNRECORDED` when its
-    /// maps are of another layout, or it recorded nothing).
-    Enforcing { containers_by: u32 },
-}
-
-impl Predecessor {
-    /// How the programs in force tell containers (`CONTAINERS_BY_*`), where that is (or may
-    /// be) by more than their cgroup paths: then this agent must not fall back to those alone.
-    fn stronger_than_cgroup_paths(self) -> Option<u32> {
-        match self {
-            Self::Enforcing { containers_by } if containers_by != CONTAINERS_BY_CGROUP_PATHS => {
-                Some(containers_by)
-            }
-            _ => None,
-        }
+/// Refuses to run with containers known by their cgroup path alone (`why`) where the programs
+/// in force tell (or may tell) them by more: those stay, as strong as they are
+/// ([`KernelError::WeakerThanInForce`]). Falling back to the cgroup paths weakens nothing on a
+/// first start (nothing is enforced until this agent attaches, and weaker enforcement beats
+/// none), nor after an agent that ran so; `IMDS_GUARD_TASK_READS=none` asks for it anyway.
+fn weaker_than_in_force(
+    in_force: &InForce,
+    pins: &PinDir,
+    why: impl FnOnce() -> String,
+) -> Result<(), KernelError> {
+    if !in_force.stronger_than_cgroup_paths() {
+        return Ok(());
     }
-
-    fn of(pins: &PinDir) -> Self {
-        let linked = programs::ALL.iter().any(|name| {
-            sys::open_pinned(&pins.link(name))
-                .ok()
-                .flatten()
-                .and_then(|link| sys::link_info(link.as_fd_borrowed()).ok())
-                .is_some_and(|state| state.cgroup_id != 0)
-        });
-        if !linked {
-            return Self::None;
-        }
-        let recorded = maps::agent_info(&mut maps::Pinned::new(pins))
-            .ok()
-            .flatten()
-            .map_or(CONTAINERS_BY_UNRECORDED, |info| info.containers_by);
-        Self::Enforcing {
-            containers_by: recorded,
-        }
-    }
+    Err(KernelError::WeakerThanInForce {
+        why: why(),
+        pin_dir: pins.root().to_owned(),
+        in_force: in_force.describe().unwrap_or_default(),
+    })
 }
 
 /// The globals every try sets alike (aya's loader keeps a reference to each value until it
@@ -573,26 +539,6 @@ pub(super) fn verifier_hint(source: &aya::programs::ProgramError) -> &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_agent_falls_back_to_cgroup_paths_only_where_that_weakens_nothing_in_force() {
-        assert_eq!(Predecessor::None.stronger_than_cgroup_paths(), None);
-        let enforcing = |containers_by| Predecessor::Enforcing { containers_by };
-        assert_eq!(
-            enforcing(CONTAINERS_BY_CGROUP_PATHS).stronger_than_cgroup_paths(),
-            None
-        );
-        for stronger in [
-            CONTAINERS_BY_NAMESPACES_BTF,
-            CONTAINERS_BY_NAMESPACES_PROBE,
-            CONTAINERS_BY_UNRECORDED,
-        ] {
-            assert_eq!(
-                enforcing(stronger).stronger_than_cgroup_paths(),
-                Some(stronger)
-            );
-        }
-    }
 
     #[test]
     fn every_program_is_verified_once() {

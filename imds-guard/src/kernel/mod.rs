@@ -3,6 +3,7 @@
 //! (`links.rs`) and keeps them pinned ([`pins`]).
 
 pub mod btf;
+pub mod in_force;
 mod links;
 mod load;
 pub mod maps;
@@ -153,28 +154,23 @@ pub enum KernelError {
         /// Why, with the verifier log.
         source: aya::programs::ProgramError,
     },
-    /// The kernel refused the programs reading tasks, and running without those reads would
-    /// tell containers less well than the programs an earlier agent left in force.
+    /// This agent would tell containers by their cgroup path alone, where the programs in force
+    /// tell them (or may) by more: it does not start, and they stay.
     #[error(
-        "the kernel refused program {program} reading tasks ({refusal}). Without those reads \
-         containers would be known by their cgroup path alone (root in a namespaced task \
-         outside a container runtime's cgroup taken for the host's root), where the programs \
-         in force, pinned in {} by an earlier agent, tell them {predecessor}: they stay in \
-         force, and this agent does not start. To run without reading tasks, set \
-         {}=none",
+        "{why}. Without those reads containers would be known by their cgroup path alone (root \
+         in a namespaced task outside a container runtime's cgroup taken for the host's root), \
+         where the programs in force, linked through {}, tell them by {in_force}: they stay in \
+         force, and this agent does not start. To run without reading tasks, set {}=none",
         pin_dir.display(),
         load::TASK_READS_ENV
     )]
-    TaskReadsRefused {
-        /// The program refused last.
-        program: &'static str,
-        /// The verifier's last words ([`load::refusal`]).
-        refusal: String,
+    WeakerThanInForce {
+        /// Why this agent cannot read tasks.
+        why: String,
         /// The pin directory.
         pin_dir: std::path::PathBuf,
-        /// How the programs in force tell containers (`containers_by_names`' text, or that
-        /// their agent did not record it).
-        predecessor: &'static str,
+        /// How the programs in force tell containers (`InForce::describe`).
+        in_force: String,
     },
     /// A program could not be attached to the cgroup.
     #[error("attaching program {program} to cgroup {} failed: {source}", cgroup.display())]

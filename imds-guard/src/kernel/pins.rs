@@ -340,7 +340,7 @@ mod tests {
         let pins = PinDir::new(Path::new("/sys/fs/bpf/imds-guard"));
         assert_eq!(
             pins.map("ALLOW"),
-            Path::new("/sys/fs/bpf/imds-guard/maps-v13/ALLOW")
+            Path::new("/sys/fs/bpf/imds-guard/maps-v12/ALLOW")
         );
         assert_eq!(
             pins.link("connect4"),

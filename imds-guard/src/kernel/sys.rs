@@ -7,7 +7,10 @@
 //! the cgroup a link is on; `bpf_link_update` is crate-private; and there is no
 //! `BPF_LINK_DETACH` (`FdLink::detach` only closes the descriptor). `status` looks up the
 //! program a link runs by its id, which `ProgramInfo` cannot be made from (`loaded_programs()`
-//! walks them all, and fails whole when one is unloaded during the walk).
+//! walks them all, and fails whole when one is unloaded during the walk). The agent and `status`
+//! read the read-only data of the programs in force ([`program_rodata`]): aya opens a map by id
+//! (`MapData::from_id`) but reads an array's value only as a type it knows at compile time,
+//! and has no way to a program's maps, nor to an object's BTF by its id.
 
 use std::{
     ffi::CString,
@@ -49,7 +52,10 @@ pub struct LinkState {
     pub attach_type: u32,
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -358,21 +364,8 @@ pub struct ProgramInfo {
 /// # Errors
 /// Any other failure of `BPF_PROG_GET_FD_BY_ID` or `BPF_OBJ_GET_INFO_BY_FD`.
 pub fn program_info(id: u32) -> io::Result<Option<ProgramInfo>> {
-    #[repr(C)]
-    struct GetFdById {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    let mut attr = GetFdById {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let fd = match bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
-        Ok(fd) => owned(fd)?,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(err),
+    let Some(fd) = fd_by_id(BPF_PROG_GET_FD_BY_ID, id)? else {
+        return Ok(None);
     };
     let mut buffer = [0u8; 128];
     object_info(std::os::fd::AsFd::as_fd(&fd), &mut buffer)?;
@@ -392,6 +385,120 @@ pub fn program_info(id: u32) -> io::Result<Option<ProgramInfo>> {
         name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(),
         tag,
     }))
+}
+
+/// The object (program, map or BTF, as `cmd` says) with `id`; `None` when there is none.
+fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<Option<OwnedFd>> {
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = GetFdById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    match bpf(cmd, &mut attr) {
+        Ok(fd) => owned(fd).map(Some),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// A map's read-only data section as a program holds it: the value of its one entry, and the
+/// BTF of the object it came from (which says where each variable lies in it).
+#[derive(Debug)]
+pub struct Rodata {
+    /// The section's bytes.
+    pub value: Vec<u8>,
+    /// The object's BTF, raw.
+    pub btf: Vec<u8>,
+}
+
+/// Names the kernel gives a program's `.rodata` map: aya names it after its section (libbpf
+/// after its object, `<object>.rodata`, cut to 15 bytes).
+fn is_rodata_name(name: &[u8]) -> bool {
+    name == b".rodata" || name.ends_with(b".rodata")
+}
+
+/// The read-only data section of the loaded program with `id` (an array map of one entry
+/// named `.rodata`, among the maps it uses), with its object's BTF (the program's: aya loads
+/// data maps without one). `struct bpf_prog_info`: `nr_map_ids` at 52, `map_ids` at 56,
+/// `btf_id` at 128; `struct bpf_map_info`: `value_size` at 12, `name` at 24. `None` when there
+/// is no such program, or it has no such map.
+///
+/// # Errors
+/// When the kernel refuses one of the calls.
+pub fn program_rodata(id: u32) -> io::Result<Option<Rodata>> {
+    let Some(program) = fd_by_id(BPF_PROG_GET_FD_BY_ID, id)? else {
+        return Ok(None);
+    };
+    let mut map_ids = [0u32; 64];
+    let mut info = [0u8; 136];
+    let capacity = u32::try_from(map_ids.len()).map_err(io::Error::other)?;
+    info[52..56].copy_from_slice(&capacity.to_ne_bytes());
+    info[56..64].copy_from_slice(&(map_ids.as_mut_ptr() as u64).to_ne_bytes());
+    object_info(std::os::fd::AsFd::as_fd(&program), &mut info)?;
+    let count = (u32_at(&info, 52) as usize).min(map_ids.len());
+    let btf_id = u32_at(&info, 128);
+    for &map_id in &map_ids[..count] {
+        let Some(map) = fd_by_id(BPF_MAP_GET_FD_BY_ID, map_id)? else {
+            continue;
+        };
+        let mut info = [0u8; 96];
+        object_info(std::os::fd::AsFd::as_fd(&map), &mut info)?;
+        let name = &info[24..40];
+        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+        if !is_rodata_name(name) {
+            continue;
+        }
+        let mut value = vec![0u8; u32_at(&info, 12) as usize];
+        lookup(std::os::fd::AsFd::as_fd(&map), 0, &mut value)?;
+        let btf = btf_by_id(btf_id)?;
+        return Ok(Some(Rodata { value, btf }));
+    }
+    Ok(None)
+}
+
+/// Reads the value of key `key` of array map `map` into `value` (its whole size).
+fn lookup(map: BorrowedFd<'_>, key: u32, value: &mut [u8]) -> io::Result<()> {
+    #[repr(C)]
+    struct Lookup {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = Lookup {
+        map_fd: u32::try_from(map.as_raw_fd()).map_err(io::Error::other)?,
+        _pad: 0,
+        key: std::ptr::from_ref(&key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
+/// The raw BTF with `id` (`struct bpf_btf_info`: `btf` at 0, `btf_size` at 8): asked once for
+/// its size, then for its bytes.
+fn btf_by_id(id: u32) -> io::Result<Vec<u8>> {
+    let btf = fd_by_id(BPF_BTF_GET_FD_BY_ID, id)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no BTF {id}")))?;
+    let mut info = [0u8; 32];
+    object_info(std::os::fd::AsFd::as_fd(&btf), &mut info)?;
+    let mut bytes = vec![0u8; u32_at(&info, 8) as usize];
+    let mut info = [0u8; 32];
+    info[0..8].copy_from_slice(&(bytes.as_mut_ptr() as u64).to_ne_bytes());
+    info[8..12].copy_from_slice(
+        &u32::try_from(bytes.len())
+            .map_err(io::Error::other)?
+            .to_ne_bytes(),
+    );
+    object_info(std::os::fd::AsFd::as_fd(&btf), &mut info)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
