@@ -466,6 +466,21 @@ fn containers_by(pins: &Pins, pid_file: &str) -> Value {
     status(pins, pid_file).1["containers_by"].clone()
 }
 
+/// Runs `refused` (the build whose task reads the verifier refuses) over programs that read
+/// namespaces: it must exit 1 saying why and what to do.
+fn refused_over_namespaces(refused: &std::path::Path, args: &[&str]) {
+    let (exit, log) = run_binary_to_end(&[], refused, args);
+    assert_eq!(exit.code(), Some(1), "{log}");
+    for said in [
+        "the kernel refused program",
+        "they stay in force, and this agent does not start",
+        "tell them by namespaces (BTF loads) and cgroup paths",
+        "IMDS_GUARD_TASK_READS=none",
+    ] {
+        assert!(log.contains(said), "not said: {said}\n{log}");
+    }
+}
+
 /// On a kernel that refuses the programs' reads of tasks (a build whose programs the verifier
 /// refuses there stands in for it), the agent tells containers by their cgroup paths alone
 /// only where that weakens nothing in force: on a first start, after an agent that ran so, or
@@ -523,16 +538,7 @@ fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
 
     // The upgrade to a build the kernel refuses with the reads: it does not start, and says
     // what to do; the programs in force stay, and still refuse the namespaced root.
-    let (exit, log) = run_binary_to_end(&[], &refused, &args);
-    assert_eq!(exit.code(), Some(1), "{log}");
-    for said in [
-        "the kernel refused program",
-        "they stay in force, and this agent does not start",
-        "tell them by namespaces (BTF loads) and cgroup paths",
-        "IMDS_GUARD_TASK_READS=none",
-    ] {
-        assert!(log.contains(said), "not said: {said}\n{log}");
-    }
+    refused_over_namespaces(&refused, &args);
     let (_, after) = status(&pins, &pid_file);
     assert_eq!(after["enforcing"], json!(true), "{after}");
     assert_eq!(program_tags(&after), program_tags(&before));
@@ -543,14 +549,28 @@ fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
     );
     namespaced_root().assert_errno(EPERM);
 
+    // The same over the programs of an agent whose maps are of another layout (its maps moved
+    // aside, as such an agent's lie): how they tell containers is read from them, and the
+    // refused start leaves no maps of its own behind for a later start to take for a policy.
+    let maps = pins.dir().join(format!(
+        "maps-v{}",
+        imds_guard_common::maps::MAPS_LAYOUT_VERSION
+    ));
+    let aside = pins.dir().join("maps-v0");
+    std::fs::rename(&maps, &aside).expect("move the maps aside");
+    refused_over_namespaces(&refused, &args);
+    assert!(!maps.exists(), "left behind: {:?}", pins.listing());
+    std::fs::rename(&aside, &maps).expect("move the maps back");
+    namespaced_root().assert_errno(EPERM);
+
     // Asked for: the same build starts without the reads, and says so everywhere.
     let mut asked = Agent::start_wrapped(&["env", "IMDS_GUARD_TASK_READS=none"], &refused, &args);
     asked.wait_log("containers_by=\"cgroup paths only\"");
     assert_eq!(containers_by(&pins, &pid_file), json!("cgroup paths only"));
-    let text = imds_guard(&["status", "--pin-dir", &pins_arg, "--pid-file", &pid_file]);
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = imds_guard(&["status", "--pin-dir", &pins_arg, "--pid-file", &pid_file]).stdout;
+    let text = String::from_utf8_lossy(&text);
     assert!(
-        text.contains("containers: told by cgroup paths only (where a program tells them"),
+        text.contains("containers: told by cgroup paths only (where"),
         "{text}"
     );
     let scraped = metrics();
@@ -572,11 +592,7 @@ fn a_kernel_refusing_the_task_reads_never_weakens_the_programs_in_force() {
 
     // A first start (nothing in force): the agent falls back rather than enforce nothing.
     let detached = imds_guard(&["detach", "--pin-dir", &pins_arg, "--pid-file", &pid_file]);
-    assert!(
-        detached.status.success(),
-        "{}",
-        String::from_utf8_lossy(&detached.stderr)
-    );
+    assert!(detached.status.success(), "{detached:?}");
     let fresh = Agent::start_binary(&refused, &args);
     fresh.wait_log("trying again without reading tasks");
     fresh.wait_log("containers_by=\"cgroup paths only\"");

@@ -285,15 +285,15 @@ fn unqualified(btf: &Btf, mut ty: Type) -> Option<Type> {
     None
 }
 
-/// `TASK_LAYOUT.known` (the `LAYOUT_*` bits) of a loaded build, from its read-only data
-/// section (`sys::program_rodata`): where the variable lies in the section, and `known` in it,
-/// the build's own BTF says, so this reads any build's, whatever it moved since.
+/// Where a build keeps `TASK_LAYOUT.known` (the `LAYOUT_*` bits) in its read-only data section
+/// (`sys::program_rodata`), from the build's BTF (`btf`, raw): the variable's offset in the
+/// section and the member's in it, so this finds any build's, whatever it moved since.
 ///
 /// # Errors
-/// Why it cannot be read, in words.
-pub fn task_layout_known(rodata: &crate::kernel::sys::Rodata) -> Result<u32, String> {
+/// Why it cannot be found, in words.
+pub fn task_layout_offset(btf: &[u8]) -> Result<usize, String> {
     use btf_rs::BtfType as _;
-    let btf = Btf::from_bytes(&rodata.btf).map_err(|err| format!("its BTF: {err}"))?;
+    let btf = Btf::from_bytes(btf).map_err(|err| format!("its BTF: {err}"))?;
     let sections = btf
         .resolve_types_by_name(".rodata")
         .map_err(|err| format!("no .rodata in its BTF: {err}"))?;
@@ -319,10 +319,16 @@ pub fn task_layout_known(rodata: &crate::kernel::sys::Rodata) -> Result<u32, Str
     };
     let (bits, _) = member_offset(&btf, &layout, "known", 0)
         .ok_or_else(|| format!("no {TASK_LAYOUT_GLOBAL}.known"))?;
-    let at = offset as usize + bits as usize / 8;
-    rodata
-        .value
-        .get(at..at + 4)
+    Ok(offset as usize + bits as usize / 8)
+}
+
+/// The `TASK_LAYOUT.known` at `offset` ([`task_layout_offset`]) of a read-only data section.
+///
+/// # Errors
+/// When the section is shorter.
+pub fn known_at(section: &[u8], offset: usize) -> Result<u32, String> {
+    section
+        .get(offset..offset + 4)
         .and_then(|bytes| bytes.try_into().ok())
         .map(u32::from_ne_bytes)
         .ok_or_else(|| format!("{TASK_LAYOUT_GLOBAL}.known is past the section's end"))

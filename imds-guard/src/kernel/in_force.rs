@@ -3,7 +3,7 @@
 //! or not an agent runs: for `status`, and for an agent deciding whether it may run with less
 //! ([`super::Kernel::load`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use imds_guard_common::{
     event::{CONTAINERS_BY_CGROUP_PATHS, containers_by_names, containers_by_of},
@@ -15,7 +15,7 @@ use super::{btf, pins::PinDir, sys};
 /// What the programs linked through the pins tell containers by.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InForce {
-    /// A link is pinned on a live cgroup: programs are in force.
+    /// A link is pinned on a live cgroup (or one could not be read): programs are in force.
     pub linked: bool,
     /// The `CONTAINERS_BY_*` of each program in force that reads tasks, once each.
     pub containers_by: BTreeSet<u32>,
@@ -29,8 +29,10 @@ impl InForce {
     #[must_use]
     pub fn read(pins: &PinDir) -> Self {
         let mut found = Self::default();
+        let mut known_by_btf: HashMap<u32, Result<usize, String>> = HashMap::new();
         for name in programs::ALL {
             let mut unreadable = |why: String| found.unreadable.push(format!("{name}: {why}"));
+            // A link that cannot be read may be in force: it counts as one (fail closed).
             let link = match sys::open_pinned(&pins.link(name)) {
                 Ok(Some(link)) => link,
                 Ok(None) => continue,
@@ -48,18 +50,40 @@ impl InForce {
                 }
             };
             found.linked = true;
-            match sys::program_rodata(state.program_id) {
-                // No read-only data: it reads nothing of tasks (`sock_ops`).
-                Ok(None) => {}
-                Ok(Some(rodata)) => match btf::task_layout_known(&rodata) {
-                    Ok(known) => {
-                        found.containers_by.insert(containers_by_of(known));
-                    }
-                    Err(why) => unreadable(format!("its read-only data: {why}")),
-                },
-                Err(err) => unreadable(format!("reading program {}: {err}", state.program_id)),
+            let rodata = match sys::program_rodata(state.program_id) {
+                Ok(Some(rodata)) => rodata,
+                // The one program that reads no global.
+                Ok(None) if name == programs::SOCK_OPS => continue,
+                Ok(None) => {
+                    unreadable(format!(
+                        "program {} has no read-only data",
+                        state.program_id
+                    ));
+                    continue;
+                }
+                Err(err) => {
+                    unreadable(format!("reading program {}: {err}", state.program_id));
+                    continue;
+                }
+            };
+            // The programs of one build share their BTF: read and parsed once.
+            let known = known_by_btf
+                .entry(rodata.btf_id)
+                .or_insert_with(|| {
+                    sys::btf_by_id(rodata.btf_id)
+                        .map_err(|err| format!("its BTF: {err}"))
+                        .and_then(|btf| btf::task_layout_offset(&btf))
+                })
+                .clone()
+                .and_then(|offset| btf::known_at(&rodata.value, offset));
+            match known {
+                Ok(known) => {
+                    found.containers_by.insert(containers_by_of(known));
+                }
+                Err(why) => unreadable(format!("its read-only data: {why}")),
             }
         }
+        found.linked |= !found.unreadable.is_empty();
         found
     }
 

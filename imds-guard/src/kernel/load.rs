@@ -105,19 +105,38 @@ impl Kernel {
     ///
     /// # Errors
     /// [`PinError::MapMismatch`] when pinned maps differ from this build's,
-    /// [`KernelError::LoadObject`], [`KernelError::MissingInObject`] or
-    /// [`KernelError::LoadProgram`] (with the verifier log).
+    /// [`KernelError::LoadObject`], [`KernelError::MissingInObject`],
+    /// [`KernelError::LoadProgram`] (with the verifier log) or
+    /// [`KernelError::WeakerThanInForce`]. The maps a failed load pinned where none were (its
+    /// own) are removed again: nothing may take them for a policy in force.
     pub fn load(pins: &PinDir, fold_window_ns: u64) -> Result<Self, KernelError> {
         check_pinned_layouts(pins)?;
+        // Before loading, which pins the maps: a retry must not take its own pins for a
+        // predecessor's.
+        let adopted = pins.map(GENERATION).exists();
+        let loaded = Self::load_tries(pins, fold_window_ns, adopted);
+        if loaded.is_err() && !adopted {
+            let maps = pins.maps_dir();
+            if let Err(err) = std::fs::remove_dir_all(&maps)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(
+                    "cannot remove the maps this start pinned in {}: {err}",
+                    maps.display()
+                );
+            }
+        }
+        loaded
+    }
+
+    /// [`Kernel::load`]'s tries.
+    fn load_tries(pins: &PinDir, fold_window_ns: u64, adopted: bool) -> Result<Self, KernelError> {
         let clock = fold_clock();
         let folding = Folding {
             window_ns: fold_window_ns,
             clock,
             clock_global: clock.fold_clock_global(),
         };
-        // Before loading, which pins the maps: a retry must not take its own pins for a
-        // predecessor's.
-        let adopted = pins.map(GENERATION).exists();
         // What this agent may not weaken (see `weaker_than_in_force`).
         let in_force = InForce::read(pins);
         // The kernel's BTF is read twice, for the task layout and by aya's loader (for its
@@ -178,7 +197,8 @@ impl Kernel {
                 // Before a third try: it would pin maps a predecessor of another layout lacks.
                 weaker_than_in_force(&in_force, pins, || {
                     format!(
-                        "the kernel refused program {program} reading tasks ({})",
+                        "the kernel refused program {program} as it reads tasks, perhaps for \
+                         those reads ({})",
                         refusal(&source)
                     )
                 })?;

@@ -408,13 +408,13 @@ fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<Option<OwnedFd>> {
 }
 
 /// A map's read-only data section as a program holds it: the value of its one entry, and the
-/// BTF of the object it came from (which says where each variable lies in it).
+/// id of the BTF of the object it came from (which says where each variable lies in it).
 #[derive(Debug)]
 pub struct Rodata {
     /// The section's bytes.
     pub value: Vec<u8>,
-    /// The object's BTF, raw.
-    pub btf: Vec<u8>,
+    /// The program's BTF ([`btf_by_id`]).
+    pub btf_id: u32,
 }
 
 /// Names the kernel gives a program's `.rodata` map: aya names it after its section (libbpf
@@ -423,11 +423,15 @@ fn is_rodata_name(name: &[u8]) -> bool {
     name == b".rodata" || name.ends_with(b".rodata")
 }
 
-/// The read-only data section of the loaded program with `id` (an array map of one entry
-/// named `.rodata`, among the maps it uses), with its object's BTF (the program's: aya loads
-/// data maps without one). `struct bpf_prog_info`: `nr_map_ids` at 52, `map_ids` at 56,
-/// `btf_id` at 128; `struct bpf_map_info`: `value_size` at 12, `name` at 24. `None` when there
-/// is no such program, or it has no such map.
+/// `BPF_MAP_TYPE_ARRAY`.
+const MAP_TYPE_ARRAY: u32 = 2;
+
+/// The read-only data section of the loaded program with `id` (an array map of one 4-byte key
+/// named `.rodata`, among the maps it uses), with the id of its object's BTF (the program's:
+/// aya loads data maps without one). `struct bpf_prog_info`: `nr_map_ids` at 52, `map_ids` at
+/// 56, `btf_id` at 128; `struct bpf_map_info`: `type` at 0, `key_size` at 8, `value_size` at
+/// 12, `max_entries` at 16, `name` at 24. `None` when there is no such program, or it has no
+/// such map.
 ///
 /// # Errors
 /// When the kernel refuses one of the calls.
@@ -435,14 +439,20 @@ pub fn program_rodata(id: u32) -> io::Result<Option<Rodata>> {
     let Some(program) = fd_by_id(BPF_PROG_GET_FD_BY_ID, id)? else {
         return Ok(None);
     };
-    let mut map_ids = [0u32; 64];
-    let mut info = [0u8; 136];
-    let capacity = u32::try_from(map_ids.len()).map_err(io::Error::other)?;
-    info[52..56].copy_from_slice(&capacity.to_ne_bytes());
-    info[56..64].copy_from_slice(&(map_ids.as_mut_ptr() as u64).to_ne_bytes());
-    object_info(std::os::fd::AsFd::as_fd(&program), &mut info)?;
-    let count = (u32_at(&info, 52) as usize).min(map_ids.len());
-    let btf_id = u32_at(&info, 128);
+    // Asked with room for 16 ids, then again with room for as many as it has.
+    let mut map_ids = vec![0u32; 16];
+    let (count, btf_id) = loop {
+        let mut info = [0u8; 136];
+        let capacity = u32::try_from(map_ids.len()).map_err(io::Error::other)?;
+        info[52..56].copy_from_slice(&capacity.to_ne_bytes());
+        info[56..64].copy_from_slice(&(map_ids.as_mut_ptr() as u64).to_ne_bytes());
+        object_info(std::os::fd::AsFd::as_fd(&program), &mut info)?;
+        let count = u32_at(&info, 52) as usize;
+        if count <= map_ids.len() {
+            break (count, u32_at(&info, 128));
+        }
+        map_ids = vec![0u32; count];
+    };
     for &map_id in &map_ids[..count] {
         let Some(map) = fd_by_id(BPF_MAP_GET_FD_BY_ID, map_id)? else {
             continue;
@@ -451,13 +461,17 @@ pub fn program_rodata(id: u32) -> io::Result<Option<Rodata>> {
         object_info(std::os::fd::AsFd::as_fd(&map), &mut info)?;
         let name = &info[24..40];
         let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-        if !is_rodata_name(name) {
+        // Read only as what it must be: a per-CPU value or a wider key would not fit.
+        if !is_rodata_name(name)
+            || u32_at(&info, 0) != MAP_TYPE_ARRAY
+            || u32_at(&info, 8) != 4
+            || u32_at(&info, 16) == 0
+        {
             continue;
         }
         let mut value = vec![0u8; u32_at(&info, 12) as usize];
         lookup(std::os::fd::AsFd::as_fd(&map), 0, &mut value)?;
-        let btf = btf_by_id(btf_id)?;
-        return Ok(Some(Rodata { value, btf }));
+        return Ok(Some(Rodata { value, btf_id }));
     }
     Ok(None)
 }
@@ -484,7 +498,10 @@ fn lookup(map: BorrowedFd<'_>, key: u32, value: &mut [u8]) -> io::Result<()> {
 
 /// The raw BTF with `id` (`struct bpf_btf_info`: `btf` at 0, `btf_size` at 8): asked once for
 /// its size, then for its bytes.
-fn btf_by_id(id: u32) -> io::Result<Vec<u8>> {
+///
+/// # Errors
+/// When there is none, or the kernel refuses a call.
+pub fn btf_by_id(id: u32) -> io::Result<Vec<u8>> {
     let btf = fd_by_id(BPF_BTF_GET_FD_BY_ID, id)?
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no BTF {id}")))?;
     let mut info = [0u8; 32];
