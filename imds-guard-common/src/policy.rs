@@ -205,6 +205,15 @@ pub const fn filter_slot_v6(addr: [u32; 4]) -> u32 {
     addr[3].to_ne_bytes()[3] as u32
 }
 
+/// The filter slot of an IPv6 socket address whose last word is `last`, whichever half it is
+/// looked up in: [`filter_slot_v6`] of the address, and [`filter_slot_v4`] of the IPv4 address
+/// an `::ffff:a.b.c.d` one maps to (its last word), are both that word's last byte. So a slot
+/// clear in both halves rules the address out, mapped or not, before its other words are read.
+#[must_use]
+pub const fn filter_slot_of_last_word(last: u32) -> u32 {
+    last.to_ne_bytes()[3] as u32
+}
+
 /// Whether `slot` is set in `half` (one half of a [`ProtectedFilter`]).
 #[must_use]
 #[inline]
@@ -473,5 +482,26 @@ mod tests {
         let v6 = [0x00fd_u32.to_be(), 0, 0, 0x0254_u32.to_be()];
         assert_eq!(filter_slot_v6(v6), 0x54);
         assert_eq!(filter_slot_v4(imds), 254);
+    }
+
+    #[test]
+    fn an_ipv6_socket_address_has_one_slot_from_its_last_word_mapped_or_not() {
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        for last in [
+            u32::from_ne_bytes([169, 254, 169, 254]),
+            u32::from_ne_bytes([0, 0, 0x02, 0x54]),
+            u32::from_ne_bytes([0, 0, 0, 1]),
+            u32::MAX,
+            0,
+        ] {
+            let slot = filter_slot_of_last_word(last);
+            assert_eq!(slot, filter_slot_v6([0xfd00_0ec2_u32.to_be(), 0, 0, last]));
+            assert_eq!(slot, filter_slot_v6([0, 0, mapped, last]));
+            assert_eq!(
+                slot,
+                filter_slot_v4(last),
+                "the IPv4 address ::ffff:x maps to"
+            );
+        }
     }
 }

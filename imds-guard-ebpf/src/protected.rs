@@ -5,7 +5,7 @@
 pub use imds_guard_common::policy::same_words;
 use imds_guard_common::{
     event::{FAMILY_INET, FAMILY_INET6},
-    policy::{filter_has, filter_slot_v4, filter_slot_v6},
+    policy::{filter_has, filter_slot_of_last_word, filter_slot_v4, filter_slot_v6},
 };
 
 use crate::maps::{GENERATION, PROTECTED, PROTECTED_FILTER};
@@ -120,6 +120,18 @@ pub fn v6_may_be_protected(addr: [u32; 4]) -> bool {
     PROTECTED_FILTER
         .get(0)
         .is_none_or(|filter| filter_has(&filter.v6, filter_slot_v6(addr)))
+}
+
+/// Whether an IPv6 socket address whose last word is `last` may be protected in some
+/// generation, as an IPv6 address or as the IPv4 address `::ffff:a.b.c.d` maps to: `false` is
+/// certain ([`filter_slot_of_last_word`]). The IPv6 socket hooks' fast path: one word of the
+/// address read, not four.
+#[inline(always)]
+pub fn v6_socket_address_may_be_protected(last: u32) -> bool {
+    let slot = filter_slot_of_last_word(last);
+    PROTECTED_FILTER
+        .get(0)
+        .is_none_or(|filter| filter_has(&filter.v6, slot) || filter_has(&filter.v4, slot))
 }
 
 /// The generation in force. An attempt reads it once and makes every lookup with it, so it is

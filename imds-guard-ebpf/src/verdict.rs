@@ -55,17 +55,22 @@ pub fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
 pub fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // The verifier only allows `user_ip6` to be read one aligned 32-bit word at a time
     // ("invalid bpf_context access" otherwise), so each word is a separate volatile read that
-    // the compiler cannot merge into a 64-bit load.
-    // SAFETY: the kernel hands sock_addr programs a valid context.
-    let words = unsafe {
-        let ip6 = &raw const (*ctx.sock_addr).user_ip6;
-        [
-            core::ptr::read_volatile(ip6.cast::<u32>()),
-            core::ptr::read_volatile(ip6.cast::<u32>().add(1)),
-            core::ptr::read_volatile(ip6.cast::<u32>().add(2)),
-            core::ptr::read_volatile(ip6.cast::<u32>().add(3)),
-        ]
+    // the compiler cannot merge into a 64-bit load. Each is two loads (the context's pointer to
+    // the address, then the word).
+    let ip6 = {
+        // SAFETY: the kernel hands sock_addr programs a valid context.
+        let ip6 = unsafe { &raw const (*ctx.sock_addr).user_ip6 };
+        move |word: usize| {
+            // SAFETY: one of the four words, read alone as the verifier requires.
+            unsafe { core::ptr::read_volatile(ip6.cast::<u32>().add(word)) }
+        }
     };
+    // Fast path: the last word alone rules out almost every destination, mapped or not.
+    let last = ip6(3);
+    if !protected::v6_socket_address_may_be_protected(last) {
+        return PROCEED;
+    }
+    let words = [ip6(0), ip6(1), ip6(2), last];
     // `::` is never protected.
     let Some(destination) = Destination::of_v6(words) else {
         return PROCEED;
