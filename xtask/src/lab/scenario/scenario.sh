@@ -156,9 +156,12 @@ step_install() {
     if [ "$(printf '%s\n' 5.11 "$(uname -r)" | sort -V | head -1)" = 5.11 ]; then
         check "tasks read by BTF loads" grep -q 'containers_by="namespaces (BTF loads)' "$OUT/start-line.txt"
         check "fold windows on the coarse clock" grep -q 'fold_clock="CLOCK_MONOTONIC_COARSE"' "$OUT/start-line.txt"
+        # `status` reads it from the programs in force (their TASK_LAYOUT, by their BTF).
+        check "status reads the programs' task reads" grep -q '^containers: told by namespaces (BTF loads) and cgroup paths$' /tmp/status
     else
         check "tasks read by probe reads" grep -q 'containers_by="namespaces (probe reads)' "$OUT/start-line.txt"
         check "fold windows on the boot clock" grep -q 'fold_clock="CLOCK_BOOTTIME"' "$OUT/start-line.txt"
+        check "status reads the programs' task reads" grep -q '^containers: told by namespaces (probe reads) and cgroup paths$' /tmp/status
     fi
     # The agent's log lines reach the journal at one priority: its warnings say WARN.
     journalctl -u imds-guard -o cat --no-pager | grep -E '^[^ ]+ +WARN ' >"$OUT/warnings.txt" || true
