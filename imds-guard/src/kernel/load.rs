@@ -194,7 +194,7 @@ impl Kernel {
         };
         let kernel = match loaded {
             Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
-                // Before a third try: it would pin maps a predecessor of another layout lacks.
+                // Before a third try: what would not start is not loaded.
                 weaker_than_in_force(&in_force, pins, || {
                     format!(
                         "the kernel refused program {program} as it reads tasks, perhaps for \
@@ -219,7 +219,8 @@ impl Kernel {
             }
             loaded => loaded,
         }?;
-        // The reads were never tried: this kernel's BTF lacks their fields.
+        // Without the reads by the third try (checked above), or because they were never
+        // tried: this kernel's BTF lacks their fields.
         if kernel.containers_by() == CONTAINERS_BY_CGROUP_PATHS && asked.as_deref() != Ok("none") {
             weaker_than_in_force(&in_force, pins, || {
                 format!(
