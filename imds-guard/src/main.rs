@@ -49,7 +49,24 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("imds-guard: error: {}", imds_guard::error::report(&err));
-            ExitCode::FAILURE
+            exit_code(&err)
         }
+    }
+}
+
+/// The agent's exit status for `err`: `WEAKER_THAN_IN_FORCE_EXIT` when it did not start
+/// rather than weaken the programs in force (the unit does not restart it: the next try would
+/// meet the same kernel), 1 otherwise.
+fn exit_code(err: &imds_guard::error::Error) -> ExitCode {
+    match err {
+        imds_guard::error::Error::Kernel(kernel)
+            if matches!(
+                **kernel,
+                imds_guard::kernel::KernelError::WeakerThanInForce { .. }
+            ) =>
+        {
+            ExitCode::from(imds_guard::kernel::WEAKER_THAN_IN_FORCE_EXIT)
+        }
+        _ => ExitCode::FAILURE,
     }
 }

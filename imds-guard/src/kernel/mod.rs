@@ -205,6 +205,10 @@ pub enum KernelError {
     },
 }
 
+/// `imds-guard run`'s exit status when it does not start rather than weaken the programs in
+/// force ([`KernelError::WeakerThanInForce`]); the unit's `RestartPreventExitStatus=`.
+pub const WEAKER_THAN_IN_FORCE_EXIT: u8 = 4;
+
 /// The loaded object: maps created or adopted from the pins, programs verified.
 pub struct Kernel {
     ebpf: Ebpf,
