@@ -196,19 +196,19 @@ const _: () = assert!(core::mem::size_of::<ProtectedFilter>() == 64);
 /// path one shift.
 #[must_use]
 pub const fn filter_slot_v4(addr: u32) -> u32 {
-    addr.to_ne_bytes()[3] as u32
+    filter_slot_of_last_word(addr)
 }
 
 /// The filter slot of an IPv6 address (as in [`ProtectedSet::v6`]): its last byte.
 #[must_use]
 pub const fn filter_slot_v6(addr: [u32; 4]) -> u32 {
-    addr[3].to_ne_bytes()[3] as u32
+    filter_slot_of_last_word(addr[3])
 }
 
-/// The filter slot of an IPv6 socket address whose last word is `last`, whichever half it is
-/// looked up in: [`filter_slot_v6`] of the address, and [`filter_slot_v4`] of the IPv4 address
-/// an `::ffff:a.b.c.d` one maps to (its last word), are both that word's last byte. So a slot
-/// clear in both halves rules the address out, mapped or not, before its other words are read.
+/// The one slot function of both halves: the last byte of an address's last word. So
+/// [`filter_slot_v6`] of an IPv6 socket address and [`filter_slot_v4`] of the IPv4 address an
+/// `::ffff:a.b.c.d` one maps to (its last word) are both this of its last word, and a slot clear
+/// in both halves rules the address out, mapped or not, before its other words are read.
 #[must_use]
 pub const fn filter_slot_of_last_word(last: u32) -> u32 {
     last.to_ne_bytes()[3] as u32

@@ -137,8 +137,6 @@ impl Kernel {
             clock,
             clock_global: clock.fold_clock_global(),
         };
-        // What this agent may not weaken (see `weaker_than_in_force`).
-        let in_force = InForce::read(pins);
         // The kernel's BTF is read twice, for the task layout and by aya's loader (for its
         // relocations): at once, on two threads.
         // A thread that cannot be made (the agent at its pids limit) is not a reason to fail:
@@ -195,7 +193,7 @@ impl Kernel {
         let kernel = match loaded {
             Err(KernelError::LoadProgram { program, source }) if found.layout.known != 0 => {
                 // Before a third try: what would not start is not loaded.
-                weaker_than_in_force(&in_force, pins, || {
+                weaker_than_in_force(pins, || {
                     format!(
                         "the kernel refused program {program} as it reads tasks, perhaps for \
                          those reads ({})",
@@ -222,7 +220,7 @@ impl Kernel {
         // Without the reads by the third try (checked above), or because they were never
         // tried: this kernel's BTF lacks their fields.
         if kernel.containers_by() == CONTAINERS_BY_CGROUP_PATHS && asked.as_deref() != Ok("none") {
-            weaker_than_in_force(&in_force, pins, || {
+            weaker_than_in_force(pins, || {
                 format!(
                     "this kernel's BTF lacks what the programs read of tasks ({})",
                     found.missing.join("; ")
@@ -290,11 +288,11 @@ impl Kernel {
 /// ([`KernelError::WeakerThanInForce`]). Falling back to the cgroup paths weakens nothing on a
 /// first start (nothing is enforced until this agent attaches, and weaker enforcement beats
 /// none), nor after an agent that ran so; `IMDS_GUARD_TASK_READS=none` asks for it anyway.
-fn weaker_than_in_force(
-    in_force: &InForce,
-    pins: &PinDir,
-    why: impl FnOnce() -> String,
-) -> Result<(), KernelError> {
+///
+/// The programs in force are read here, only when this agent would run without the reads (a
+/// load neither reads nor changes the links), not at every start.
+fn weaker_than_in_force(pins: &PinDir, why: impl FnOnce() -> String) -> Result<(), KernelError> {
+    let in_force = InForce::read(pins);
     if !in_force.stronger_than_cgroup_paths() {
         return Ok(());
     }
