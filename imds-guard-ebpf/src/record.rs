@@ -228,8 +228,8 @@ impl Identity {
 /// Adds one to the current CPU's counter `index`.
 pub fn count(index: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot; the program cannot migrate while it runs.
-        unsafe { *counter += 1 };
+        // SAFETY: a live per-CPU slot (see `count_in_slot`).
+        unsafe { count_in_slot(counter) };
     }
 }
 
@@ -237,14 +237,29 @@ pub fn count(index: u32) {
 /// `generation`, the attempt's one counter update (the totals by verdict are the agent's sum).
 pub fn count_attempt(generation: u32, rule: u32, verdict: u8) {
     if let Some(counts) = RULE_COUNTERS.get_ptr_mut(rule_counter_index(generation, rule)) {
-        // SAFETY: a per-CPU slot; the program cannot migrate while it runs.
-        let counts = unsafe { &mut *counts };
-        match verdict {
-            VERDICT_ALLOW => counts.allowed += 1,
-            VERDICT_AUDIT => counts.audited += 1,
-            _ => counts.denied += 1,
+        // SAFETY: a live per-CPU slot (see `count_in_slot`).
+        unsafe {
+            count_in_slot(match verdict {
+                VERDICT_ALLOW => &raw mut (*counts).allowed,
+                VERDICT_AUDIT => &raw mut (*counts).audited,
+                _ => &raw mut (*counts).denied,
+            });
         }
     }
+}
+
+/// Adds one to `*counter`, a current CPU's slot of a per-CPU map. Atomically, although no other
+/// CPU writes the slot: a program cannot migrate while it runs, but it can be preempted (Linux
+/// 5.11+ runs cgroup programs with migration disabled, not preemption) or interrupted by a
+/// packet program in a softirq, whose count of the same slot a plain load, add and store
+/// would then overwrite.
+///
+/// # Safety
+/// `counter` points to a live, aligned `u64`.
+#[inline(always)]
+pub unsafe fn count_in_slot(counter: *mut u64) {
+    // SAFETY: as the caller promises.
+    unsafe { atomic_increment(counter) };
 }
 
 /// The cgroup of the task making the system call.
@@ -401,6 +416,7 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32) -> bool {
 ///
 /// # Safety
 /// `counter` points to a live, aligned `u64`.
+#[inline(always)]
 unsafe fn atomic_increment(counter: *mut u64) {
     #[cfg(target_arch = "bpf")]
     // SAFETY: as the caller promises.
