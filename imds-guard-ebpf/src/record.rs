@@ -412,7 +412,8 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32) -> bool {
     false
 }
 
-/// Adds one to `*counter`, atomically with respect to other CPUs.
+/// Adds one to `*counter`, atomically: with respect to other CPUs (a map value's), and to a
+/// program that interrupts or preempts this one on the same CPU (a per-CPU slot's).
 ///
 /// # Safety
 /// `counter` points to a live, aligned `u64`.

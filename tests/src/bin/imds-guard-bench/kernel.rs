@@ -19,11 +19,12 @@ use crate::{
 
 /// Rounds per case, attempts per round.
 const ROUNDS: usize = 11;
-/// The targets of a destination not protected and of an allowed attempt, per run over a no-op
-/// (table 0b judges the same targets across places of the agent's code).
-pub const NOT_PROTECTED_TARGET_NS: f64 = 10.0;
-pub const ALLOWED_TARGET_NS: f64 = 100.0;
 const ATTEMPTS: u32 = 10_000;
+/// The target of a destination not protected, per run over a no-op (table 0b judges it too,
+/// across starts of the agent).
+pub const NOT_PROTECTED_TARGET_NS: f64 = 10.0;
+/// The target of an allowed attempt, per run over a no-op (table 0b judges it too).
+pub const ALLOWED_TARGET_NS: f64 = 100.0;
 /// The UDP port the sandbox's NAT rewrites to IMDS (port 53).
 const NAT_PORT: u16 = 9053;
 /// The sandbox's UDP echo, on every address of its loopback.

@@ -156,11 +156,11 @@ fn columns(report: &mut Report, rows: &[Row]) {
             across.median
         );
         // The place is drawn anew at every load, so a user's agent gets any of them: the
-        // target judged on the median over the places, beside table 0's one place.
+        // target judged on the median over the starts, beside table 0's one start.
         report.target(
             format!(
-                "{program}, {what}, the median over {PLACEMENTS} places of its code (table 0b): \
-                 ≤ {target_ns:.0} ns per run over a no-op"
+                "{program}, {what}, the median over {PLACEMENTS} starts of the agent, its code \
+                 placed anew at each (table 0b): ≤ {target_ns:.0} ns per run over a no-op"
             ),
             nanos(&across),
             across.median <= target_ns,

@@ -40,8 +40,10 @@ impl fmt::Write for Report {
 pub fn summary(targets: &[Target]) -> String {
     let mut text = String::from(
         "## Against the targets\n\n\
-         A ratio's target is met when its median over the interleaved rounds meets it; the \
-         brackets are the median's 95% confidence interval.\n\n\
+         A target is met when the median of its samples meets it (a ratio's: over the \
+         interleaved rounds; table 0's: over its rounds; table 0b's: over the agent's starts, \
+         each placing its code anew); the brackets are the median's 95% confidence \
+         interval.\n\n\
          | target | measured | met |\n|---|---|---|\n",
     );
     for target in targets {
