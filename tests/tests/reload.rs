@@ -285,7 +285,7 @@ fn a_new_policy_applies_to_established_connections_its_rules_no_longer_allow() {
         );
     }
     let cut = egress_events(&agent, &sandbox, &attach);
-    assert_eq!(cut.len(), 3, "{cut:?}");
+    assert_eq!(cut.len(), 3, "events {cut:?}, held connections {held:?}");
     for (uid, gid, in_container) in [
         (ALLOWED, serde_json::Value::Null, false),
         (MEMBER, serde_json::json!(GROUP), false),
