@@ -8,7 +8,6 @@ use imds_guard_common::{
         AgentInfo, HEARTBEAT_INTERVAL_SECS, POSTURE_TOKENS_OPTIONAL, POSTURE_TOKENS_REQUIRED,
         POSTURE_TOKENS_UNCHECKED,
     },
-    event::{CONTAINERS_BY_NAMESPACES_BTF, CONTAINERS_BY_NAMESPACES_PROBE, containers_by_names},
     policy::{ALL_CGROUPS_SEEN, MODE_AUDIT},
 };
 use serde::Serialize;
@@ -34,6 +33,10 @@ pub struct Status {
     /// loads) and cgroup paths`, `namespaces (probe reads) and cgroup paths`, `cgroup paths
     /// only`, `mixed: ...` or `unknown (...)`; `null` when none is in force.
     pub containers_by: Option<String>,
+    /// A program in force tells (or may tell) containers by their cgroup paths alone
+    /// ([`InForce::may_tell_by_cgroup_paths_alone`]): the text says what that lets through.
+    #[serde(skip)]
+    pub containers_warning: bool,
     /// The policy in force, when the maps are pinned.
     pub policy: Option<PolicySummary>,
     /// Totals since the maps were created.
@@ -153,14 +156,15 @@ pub fn read(pin_dir: &Path, pid_file: &Path, hierarchy: Option<&Hierarchy>) -> S
         })
         .collect();
     let enforcing = programs.iter().all(|hook| hook.attached);
-    let containers_by = InForce::read(&pins).describe();
+    let in_force = InForce::read(&pins);
     let mut maps = maps::Pinned::new(&pins);
     let info = maps::agent_info(&mut maps).ok().flatten();
     Status {
         enforcing,
         pin_dir: pin_dir.display().to_string(),
         programs,
-        containers_by,
+        containers_by: in_force.describe(),
+        containers_warning: in_force.may_tell_by_cgroup_paths_alone(),
         policy: policy(&mut maps, info.as_ref()),
         counters: maps::counters(&mut maps).ok(),
         agent: agent_status(pid_file, info.as_ref()),
@@ -319,9 +323,7 @@ pub fn describe(status: &Status) -> String {
         let _ = writeln!(
             out,
             "containers: told by {containers_by}{}",
-            if containers_by != containers_by_names(CONTAINERS_BY_NAMESPACES_BTF).0
-                && containers_by != containers_by_names(CONTAINERS_BY_NAMESPACES_PROBE).0
-            {
+            if status.containers_warning {
                 " (where a program tells them by cgroup path alone, root in namespaces of its \
                  own outside a container runtime's cgroup passes for the host's root; the \
                  agent's start log says why)"

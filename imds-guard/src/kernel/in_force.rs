@@ -100,6 +100,16 @@ impl InForce {
                     .any(|&by| by != CONTAINERS_BY_CGROUP_PATHS))
     }
 
+    /// Whether a program in force tells (or may tell) containers by their cgroup paths alone:
+    /// one does, one could not be read, or none said. `status` warns of it.
+    #[must_use]
+    pub fn may_tell_by_cgroup_paths_alone(&self) -> bool {
+        self.linked
+            && (!self.unreadable.is_empty()
+                || self.containers_by.is_empty()
+                || self.containers_by.contains(&CONTAINERS_BY_CGROUP_PATHS))
+    }
+
     /// In words: one way, `mixed: ...` when the programs differ, `unknown (...)` when one could
     /// not be read; `None` when nothing is in force.
     #[must_use]
@@ -156,6 +166,35 @@ mod tests {
             in_force(&[], &[]),
         ] {
             assert!(stronger.stronger_than_cgroup_paths(), "{stronger:?}");
+        }
+    }
+
+    #[test]
+    fn warns_where_a_program_in_force_may_tell_containers_by_cgroup_paths_alone() {
+        assert!(!InForce::default().may_tell_by_cgroup_paths_alone());
+        for namespaces in [
+            in_force(&[CONTAINERS_BY_NAMESPACES_BTF], &[]),
+            in_force(&[CONTAINERS_BY_NAMESPACES_PROBE], &[]),
+            in_force(
+                &[CONTAINERS_BY_NAMESPACES_BTF, CONTAINERS_BY_NAMESPACES_PROBE],
+                &[],
+            ),
+        ] {
+            assert!(
+                !namespaces.may_tell_by_cgroup_paths_alone(),
+                "{namespaces:?}"
+            );
+        }
+        for weaker in [
+            in_force(&[CONTAINERS_BY_CGROUP_PATHS], &[]),
+            in_force(
+                &[CONTAINERS_BY_NAMESPACES_BTF, CONTAINERS_BY_CGROUP_PATHS],
+                &[],
+            ),
+            in_force(&[CONTAINERS_BY_NAMESPACES_BTF], &["egress: gone"]),
+            in_force(&[], &[]),
+        ] {
+            assert!(weaker.may_tell_by_cgroup_paths_alone(), "{weaker:?}");
         }
     }
 
