@@ -36,6 +36,10 @@ pub const EPERM: i32 = libc::EPERM;
 /// `EACCES`: what a write refused by the message layer fails with.
 pub const EACCES: i32 = libc::EACCES;
 
+/// The block of `imds-client`'s `bulk-rounds`: it writes this many bytes, then waits for the
+/// receiver's one-byte acknowledgement of them (the bench's block sink sends one per block).
+pub const BULK_BLOCK_BYTES: usize = 64 << 20;
+
 /// A sandbox and a new cgroup `tag` to attach to, or `None` where privileged tests cannot run
 /// (see [`privileged`]).
 #[must_use]

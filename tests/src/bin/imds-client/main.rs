@@ -15,7 +15,8 @@
 //! (`--hold-at DIR`: the metadata request on a connection opened before the test opened the
 //! gate DIR; held-v1 the same tokenless), reconnect-held (the same on a socket refused by
 //! IMDS's port 81 before the gate opened, connected again after), passed-socket,
-//! passed-connection, connect-close, bulk-send and until-allowed (for the benchmarks), and
+//! passed-connection, connect-close, bulk-send, bulk-rounds (with `--alternate`: see
+//! `bulk_rounds`) and until-allowed (for the benchmarks), and
 //! `churn DIR SECS` (makes and removes cgroups below DIR for SECS seconds, as its uid).
 //!
 //! `--timings` (with `--warmup N`) adds the median, 10th and 90th percentile durations of the
@@ -138,6 +139,9 @@ fn main() {
         .get("warmup")
         .map_or(0, |n| n.parse().expect("warmup"));
     if let Some(cgroups) = options.get("alternate") {
+        if action == "bulk-rounds" {
+            return bulk_rounds(&options, cgroups, addr, moved);
+        }
         return alternate(&options, cgroups, &port, &mut act, repeat, warmup, moved);
     }
     let Repeated {
@@ -223,11 +227,7 @@ fn alternate(
     for block in 0..blocks {
         for turn in 0..cgroups.len() {
             let arm = (block + turn) % cgroups.len();
-            // Back to euid 0 (the saved uid) to move, then the workload's uid again.
-            let keep = Uid::from_raw(u32::MAX);
-            setresuid(keep, Uid::from_raw(0), keep).expect("seteuid 0");
-            std::fs::write(format!("{}/cgroup.procs", cgroups[arm]), "0").expect("move");
-            setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
+            enter_arm(cgroups[arm], uid);
             port.set(ports[arm]);
             let run = repeated(act, repeat, true, warmup);
             // An attempt that ends otherwise than the arm's do is not the arm's time: the
@@ -252,6 +252,78 @@ fn alternate(
         "{}",
         serde_json::json!({"pid": host_pid(), "ok": true, "body": "", "eperm": 0,
                            "moved": moved, "blocks": medians})
+    );
+}
+
+/// Moves the client into the cgroup `dir`: back to euid 0 (the saved uid the `--alternate`
+/// options keep) to move, then `uid` again (real and effective).
+fn enter_arm(dir: &str, uid: Uid) {
+    let keep = Uid::from_raw(u32::MAX);
+    setresuid(keep, Uid::from_raw(0), keep).expect("seteuid 0");
+    std::fs::write(format!("{dir}/cgroup.procs"), "0").expect("move");
+    setresuid(uid, uid, Uid::from_raw(0)).expect("setresuid");
+}
+
+/// Timed blocks of each connection of `bulk-rounds` in a round.
+const BULK_BLOCKS_PER_ROUND: usize = (1 << 30) / imds_guard_tests::BULK_BLOCK_BYTES;
+
+/// `bulk-rounds` with `--alternate DIR,DIR,... --blocks N`: an established flow's throughput
+/// in N rounds. In each, the client opens a connection to `addr` from every cgroup (moving into
+/// it to make the socket, which stays that cgroup's), writes one untimed block on each, then
+/// 1 GiB on each as blocks of [`imds_guard_tests::BULK_BLOCK_BYTES`], one connection after the
+/// other (the order rotating by one each block), each block timed until the receiver
+/// acknowledges it. Prints each arm's time for its GiB by round (`"blocks": [[ns, ...], ...]`,
+/// `[arm][round]`). One process for every arm, alternating every few tens of milliseconds: the
+/// arms share its CPU, memory and the machine's drift, which a transfer per arm cannot.
+fn bulk_rounds(
+    options: &std::collections::HashMap<String, String>,
+    cgroups: &str,
+    addr: SocketAddr,
+    moved: Option<bool>,
+) {
+    let rounds: usize = options
+        .get("blocks")
+        .map_or(1, |n| n.parse().expect("blocks"));
+    let cgroups: Vec<&str> = cgroups.split(',').collect();
+    let uid = Uid::from_raw(options["uid"].parse().expect("uid"));
+    let block = vec![0x5au8; imds_guard_tests::BULK_BLOCK_BYTES];
+    let send = |stream: &mut TcpStream| -> Duration {
+        let start = std::time::Instant::now();
+        stream.write_all(&block).expect("write a block");
+        let mut ack = [0u8; 1];
+        stream
+            .read_exact(&mut ack)
+            .expect("the block's acknowledgement");
+        start.elapsed()
+    };
+    let mut totals = vec![Vec::with_capacity(rounds); cgroups.len()];
+    for round in 0..rounds {
+        let mut streams: Vec<TcpStream> = cgroups
+            .iter()
+            .map(|dir| {
+                enter_arm(dir, uid);
+                let mut stream = TcpStream::connect(addr).expect("connect");
+                // Untimed: the connection's first block grows its window.
+                send(&mut stream);
+                stream
+            })
+            .collect();
+        let mut elapsed = vec![Duration::ZERO; cgroups.len()];
+        for step in 0..BULK_BLOCKS_PER_ROUND {
+            for turn in 0..cgroups.len() {
+                let arm = (round + step + turn) % cgroups.len();
+                elapsed[arm] += send(&mut streams[arm]);
+            }
+        }
+        for (total, elapsed) in totals.iter_mut().zip(elapsed) {
+            total.push(u64::try_from(elapsed.as_nanos()).expect("a round's nanoseconds"));
+        }
+        streams.clear();
+    }
+    println!(
+        "{}",
+        serde_json::json!({"pid": host_pid(), "ok": true, "body": "", "eperm": 0,
+                           "moved": moved, "blocks": totals})
     );
 }
 

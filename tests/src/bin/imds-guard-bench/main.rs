@@ -42,6 +42,9 @@ pub(crate) const SINK_PORT: u16 = 9000;
 
 pub(crate) const BULK_PORT: u16 = 9001;
 
+/// The block sink: acknowledges each block of `imds-client`'s `bulk-rounds`.
+pub(crate) const BULK_BLOCKS_PORT: u16 = 9002;
+
 pub(crate) const USER: u32 = 1000;
 
 /// The tables, by the names `cargo xtask bench NAME...` selects them with.

@@ -13,9 +13,11 @@ use std::{
 };
 
 use aya::programs::{CgroupAttachMode, ProgramInfo};
-use imds_guard_tests::{Agent, Client, ConfigFile, Pins, Sandbox, TestCgroup, Timings};
+use imds_guard_tests::{
+    Agent, BULK_BLOCK_BYTES, Client, ConfigFile, Pins, Sandbox, TestCgroup, Timings,
+};
 
-use crate::{BULK_PORT, RUNS, SINK_PORT, USER, WARMUP, check_abort};
+use crate::{BULK_BLOCKS_PORT, BULK_PORT, RUNS, SINK_PORT, USER, WARMUP, check_abort};
 
 /// Listeners inside the namespace: one that accepts and closes (connect benchmarks, on every
 /// address: the IMDS ones too), one that swallows a bulk transfer.
@@ -28,6 +30,7 @@ pub fn start_sinks(sandbox: &Sandbox, stop: &Arc<AtomicBool>) {
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let sink = listen(SINK_PORT);
         let bulk = listen(BULK_PORT);
+        let blocks = listen(BULK_BLOCKS_PORT);
         ready_send.send(()).expect("ready");
         // A second acceptor: a full accept queue drops SYNs, and a dropped SYN costs the
         // client a one-second retransmission, which would be measured as the hook's cost.
@@ -50,6 +53,11 @@ pub fn start_sinks(sandbox: &Sandbox, stop: &Arc<AtomicBool>) {
                 });
             }
         });
+        std::thread::spawn(move || {
+            for stream in blocks.incoming().flatten() {
+                std::thread::spawn(move || acknowledge_blocks(stream));
+            }
+        });
         for stream in sink.incoming() {
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -58,6 +66,26 @@ pub fn start_sinks(sandbox: &Sandbox, stop: &Arc<AtomicBool>) {
         }
     });
     ready.recv().expect("sinks ready");
+}
+
+/// Reads `stream` to its end, acknowledging each [`BULK_BLOCK_BYTES`] with a byte (the other
+/// end of `imds-client`'s `bulk-rounds`, which times a block until its acknowledgement).
+fn acknowledge_blocks(mut stream: std::net::TcpStream) {
+    use std::io::Write as _;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut unacknowledged = 0;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => unacknowledged += n,
+        }
+        while unacknowledged >= BULK_BLOCK_BYTES {
+            unacknowledged -= BULK_BLOCK_BYTES;
+            if stream.write_all(&[1]).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// A dual-stack listener on every address of the namespace, with a deep accept queue.
@@ -336,6 +364,22 @@ pub fn bulk_once(sandbox: &Sandbox, cgroup: &TestCgroup) -> f64 {
         BULK_PORT,
     );
     outcome.detail.parse().expect("Gbit/s")
+}
+
+/// `rounds` rounds of an established flow from each of `arms`, interleaved block by block in
+/// one client (`imds-client`'s `bulk-rounds`): each arm's seconds for its GiB, `[arm][round]`.
+pub fn bulk_rounds(sandbox: &Sandbox, arms: &[&TestCgroup], rounds: usize) -> Vec<Vec<f64>> {
+    check_abort();
+    let blocks = Client::new(sandbox, arms[0], USER, USER)
+        .alternate(arms, rounds, 0)
+        .route("bulk-rounds", Ipv4Addr::LOCALHOST, BULK_BLOCKS_PORT)
+        .blocks
+        .expect("blocks");
+    #[expect(clippy::cast_precision_loss, reason = "figures for people")]
+    blocks
+        .iter()
+        .map(|arm| arm.iter().map(|&ns| ns as f64 / 1e9).collect())
+        .collect()
 }
 
 /// One eBPF instruction: `code`, registers `dst` and `src`, `off`, `imm`.
