@@ -2,7 +2,7 @@
 //! imds-guard (the agent, every program), a packet program that does nothing (what the
 //! kernel's hook costs by itself), each of the per-packet and per-connection programs alone,
 //! and the iptables owner-match rules. Every arm but iptables has a cgroup of its own (the
-//! agent runs throughout), and one client sends each round's GiB on each of their connections
+//! agent runs throughout), and in each round one client sends a GiB on a connection from each
 //! in blocks, one connection after the other ([`bulk_rounds`]); iptables' rules are the
 //! namespace's, so they are put in place for their arm only, after the others in each round.
 
@@ -48,14 +48,20 @@ pub fn throughput(
     let arms = [&open, workload, &noop_only, &egress_only, &sock_ops_only];
     // `[arm][round]` in Gbit/s: the cgroups' arms, then iptables'.
     let mut samples = vec![Vec::with_capacity(ROUNDS); arms.len() + 1];
-    for _ in 0..ROUNDS {
-        let round = bulk_rounds(sandbox, &arms, 1);
+    for round in 0..ROUNDS {
+        // A client per round, which rotates the arms' order by one each block; the order it
+        // starts from rotates by one each round.
+        let mut order: Vec<usize> = (0..arms.len()).collect();
+        order.rotate_left(round % arms.len());
+        let ordered: Vec<&TestCgroup> = order.iter().map(|&arm| arms[arm]).collect();
+        let measured = bulk_rounds(sandbox, &ordered, 1);
+        for (seconds, &arm) in measured.iter().zip(&order) {
+            samples[arm].push(GIB_GBITS / seconds[0]);
+        }
         iptables(sandbox, &rules, &rules6);
         let theirs = bulk_rounds(sandbox, &[&open], 1);
         iptables_flush(sandbox);
-        for (arm, seconds) in round.iter().chain(&theirs).enumerate() {
-            samples[arm].push(GIB_GBITS / seconds[0]);
-        }
+        samples[arms.len()].push(GIB_GBITS / theirs[0][0]);
     }
     #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
     let agent_cpu = (process::cpu_ticks(agent.pid()) - ticks_before) as f64
@@ -67,8 +73,8 @@ pub fn throughput(
         "## 3. Established flow: 1 GiB over loopback TCP\n\n\
          {ROUNDS} rounds. In each, one client process opens a connection from each arm's \
          cgroup and sends 1 GiB on each as blocks of {} MiB, one connection after the other \
-         (the order rotating by one each block), each block timed until the receiver \
-         acknowledges it; then, with the iptables rules in place, another client sends 1 GiB the \
+         (the order rotating by one each block, and its start each round), each block timed \
+         until the receiver acknowledges it; then, with the iptables rules in place, another client sends 1 GiB the \
          same way from the cgroup without a firewall. The ratio is each round's Gbit/s over the same \
          round's without a firewall (median and 95% confidence interval). The agent's own \
          CPU during the rounds: {:.1}% of a CPU.\n\n\
