@@ -644,7 +644,8 @@ unsafe fn finish(ctx: &SkMsgContext, state: *mut HttpSocket) -> u32 {
         if let Some(counter) =
             HTTP_COUNTERS.get_ptr_mut(http_counter_index(socket_generation, rule, judged.version))
         {
-            record::count_in_slot(counter);
+            // A live per-CPU slot.
+            record::atomic_increment(counter);
         }
         if reported(&judged) {
             report(ctx, state, &judged);

@@ -228,8 +228,8 @@ impl Identity {
 /// Adds one to the current CPU's counter `index`.
 pub fn count(index: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a live per-CPU slot (see `count_in_slot`).
-        unsafe { count_in_slot(counter) };
+        // SAFETY: a live per-CPU slot.
+        unsafe { atomic_increment(counter) };
     }
 }
 
@@ -237,29 +237,15 @@ pub fn count(index: u32) {
 /// `generation`, the attempt's one counter update (the totals by verdict are the agent's sum).
 pub fn count_attempt(generation: u32, rule: u32, verdict: u8) {
     if let Some(counts) = RULE_COUNTERS.get_ptr_mut(rule_counter_index(generation, rule)) {
-        // SAFETY: a live per-CPU slot (see `count_in_slot`).
+        // SAFETY: a live per-CPU slot.
         unsafe {
-            count_in_slot(match verdict {
+            atomic_increment(match verdict {
                 VERDICT_ALLOW => &raw mut (*counts).allowed,
                 VERDICT_AUDIT => &raw mut (*counts).audited,
                 _ => &raw mut (*counts).denied,
             });
         }
     }
-}
-
-/// Adds one to `*counter`, a current CPU's slot of a per-CPU map. Atomically, although no other
-/// CPU writes the slot: a program cannot migrate while it runs, but it can be preempted (Linux
-/// 5.11+ runs cgroup programs with migration disabled, not preemption) or interrupted by a
-/// packet program in a softirq, whose count of the same slot a plain load, add and store
-/// would then overwrite.
-///
-/// # Safety
-/// `counter` points to a live, aligned `u64`.
-#[inline(always)]
-pub unsafe fn count_in_slot(counter: *mut u64) {
-    // SAFETY: as the caller promises.
-    unsafe { atomic_increment(counter) };
 }
 
 /// The cgroup of the task making the system call.
@@ -413,12 +399,15 @@ fn fold(attempt: &Attempt, cgroup_id: u64, tgid: u32) -> bool {
 }
 
 /// Adds one to `*counter`, atomically: with respect to other CPUs (a map value's), and to a
-/// program that interrupts or preempts this one on the same CPU (a per-CPU slot's).
+/// program that interrupts or preempts this one on the same CPU (a per-CPU slot's: a program
+/// cannot migrate while it runs, but Linux 5.11+ runs cgroup programs with migration disabled,
+/// not preemption, and a packet program in a softirq can interrupt a socket hook, so a plain
+/// load, add and store could overwrite the other's count of the same slot).
 ///
 /// # Safety
 /// `counter` points to a live, aligned `u64`.
 #[inline(always)]
-unsafe fn atomic_increment(counter: *mut u64) {
+pub unsafe fn atomic_increment(counter: *mut u64) {
     #[cfg(target_arch = "bpf")]
     // SAFETY: as the caller promises.
     unsafe {

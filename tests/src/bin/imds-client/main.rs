@@ -275,7 +275,8 @@ const BULK_BLOCKS_PER_ROUND: usize = (1 << 30) / imds_guard_tests::BULK_BLOCK_BY
 /// acknowledges it. Prints each arm's time for its GiB by round (`"blocks": [[ns, ...], ...]`,
 /// `[arm][round]`). One process for every arm, alternating every few tens of milliseconds: the
 /// arms share its CPU, memory and the machine's drift, which a transfer per arm cannot. (The
-/// first block of a round starts with the first arm: the bench rotates the order it gives.)
+/// bench runs a client per round, whose first block is the first arm's: it rotates the order
+/// of the arms it gives.)
 fn bulk_rounds(
     options: &std::collections::HashMap<String, String>,
     cgroups: &str,

@@ -75,15 +75,16 @@ pub fn placement(
         drop((agent, config, pins, spacers));
         rows.push((placement, row));
     }
-    let mut noops_at = noops
+    let offsets: Vec<(&str, Option<u64>)> = noops
         .iter()
-        .filter_map(|(name, alone)| Some(format!("`{name}` at {}", hex(image_offset(alone.id)?))))
+        .map(|(name, alone)| (*name, image_offset(alone.id)))
+        .collect();
+    let mut noops_at = offsets
+        .iter()
+        .filter_map(|(name, at)| Some(format!("`{name}` at {}", hex((*at)?))))
         .collect::<Vec<_>>()
         .join(", ");
-    if noops
-        .iter()
-        .any(|(_, alone)| image_offset(alone.id).is_none())
-    {
+    if offsets.iter().any(|(_, at)| at.is_none()) {
         // `bench_noop_sendmsg4` and `bench_noop_sendmsg6`: the kernel names an image by its
         // code's tag and its name's first 15 bytes.
         noops_at.push_str(
